@@ -1,0 +1,152 @@
+#define _GNU_SOURCE
+#include "pool.h"
+#include "err.h"
+#include "log.h"
+
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+struct pool {
+	int n;
+	pthread_t *threads;
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	pool_fn fn;
+	void *ctx;
+	atomic_uint gen;      /* bumped for each run; workers wait for a change */
+	atomic_int remaining; /* workers still running the current job */
+	atomic_int quit;
+};
+
+struct pool_arg {
+	pool *p;
+	int ith;
+};
+
+enum { POOL_SPIN = 20000 };
+
+static void *pool_main(void *arg)
+{
+	struct pool_arg a = *(struct pool_arg *)arg;
+	free(arg);
+	pool *p = a.p;
+	unsigned seen = 0;
+	for (;;) {
+		unsigned g;
+		int spins = 0;
+		while ((g = atomic_load_explicit(&p->gen, memory_order_acquire)) == seen) {
+			if (atomic_load(&p->quit))
+				return NULL;
+			if (++spins < POOL_SPIN) {
+#if defined(__x86_64__) || defined(__i386__)
+				__builtin_ia32_pause();
+#endif
+				continue;
+			}
+			pthread_mutex_lock(&p->mu);
+			while (atomic_load(&p->gen) == seen && !atomic_load(&p->quit))
+				pthread_cond_wait(&p->cv, &p->mu);
+			pthread_mutex_unlock(&p->mu);
+		}
+		seen = g;
+		if (atomic_load(&p->quit))
+			return NULL;
+		p->fn(p->ctx, a.ith, p->n);
+		atomic_fetch_sub_explicit(&p->remaining, 1, memory_order_release);
+	}
+}
+
+int pool_new(int n_threads, pool **out)
+{
+	*out = NULL;
+	if (n_threads <= 0) {
+		long c = sysconf(_SC_NPROCESSORS_ONLN);
+		n_threads = c > 0 ? (int)c : 1;
+	}
+	if (n_threads > 256) {
+		log_error("thread count %d is too large (at most 256)", n_threads);
+		return ERR_CONFIG;
+	}
+	pool *p = calloc(1, sizeof(*p));
+	if (!p)
+		return ERR_NOMEM;
+	p->n = n_threads;
+	pthread_mutex_init(&p->mu, NULL);
+	pthread_cond_init(&p->cv, NULL);
+	p->threads = calloc((size_t)n_threads, sizeof(pthread_t));
+	if (!p->threads) {
+		pool_destroy(&p);
+		return ERR_NOMEM;
+	}
+	for (int i = 1; i < n_threads; i++) {
+		struct pool_arg *a = malloc(sizeof(*a));
+		if (!a || pthread_create(&p->threads[i], NULL, pool_main, a) != 0) {
+			free(a);
+			p->n = i; /* destroy joins only the started ones */
+			pool_destroy(&p);
+			log_error("cannot start thread %d", i);
+			return ERR_NOMEM;
+		}
+		a->p = p;
+		a->ith = i;
+	}
+	*out = p;
+	return 0;
+}
+
+void pool_destroy(pool **pp)
+{
+	pool *p = *pp;
+	if (!p)
+		return;
+	pthread_mutex_lock(&p->mu);
+	atomic_store(&p->quit, 1);
+	pthread_cond_broadcast(&p->cv);
+	pthread_mutex_unlock(&p->mu);
+	for (int i = 1; i < p->n; i++)
+		if (p->threads && p->threads[i])
+			pthread_join(p->threads[i], NULL);
+	pthread_mutex_destroy(&p->mu);
+	pthread_cond_destroy(&p->cv);
+	free(p->threads);
+	free(p);
+	*pp = NULL;
+}
+
+int pool_size(const pool *p) { return p ? p->n : 1; }
+
+void pool_run(pool *p, pool_fn fn, void *ctx)
+{
+	if (!p || p->n == 1) {
+		fn(ctx, 0, 1);
+		return;
+	}
+	p->fn = fn;
+	p->ctx = ctx;
+	atomic_store_explicit(&p->remaining, p->n - 1, memory_order_relaxed);
+	pthread_mutex_lock(&p->mu);
+	atomic_fetch_add_explicit(&p->gen, 1, memory_order_release);
+	pthread_cond_broadcast(&p->cv);
+	pthread_mutex_unlock(&p->mu);
+	fn(ctx, 0, p->n);
+	while (atomic_load_explicit(&p->remaining, memory_order_acquire) > 0) {
+#if defined(__x86_64__) || defined(__i386__)
+		__builtin_ia32_pause();
+#endif
+	}
+}
+
+void pool_split(int64_t n, int ith, int nth, int64_t align, int64_t *lo, int64_t *hi)
+{
+	if (align < 1)
+		align = 1;
+	int64_t chunks = (n + align - 1) / align;
+	int64_t per = chunks / nth, extra = chunks % nth;
+	int64_t c0 = ith * per + (ith < extra ? ith : extra);
+	int64_t c1 = c0 + per + (ith < extra ? 1 : 0);
+	*lo = c0 * align < n ? c0 * align : n;
+	*hi = c1 * align < n ? c1 * align : n;
+}

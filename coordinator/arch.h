@@ -1,0 +1,60 @@
+/* arch: the contract between model.c and one architecture's forward pass.
+ *
+ * Each coordinator/arch_*.c file exports one `const struct arch_vtable` and
+ * nothing else.  load() reads hyper-parameters and tensors from env->g,
+ * validating every shape, fills *info (including the moe_spec its routed
+ * experts need), allocates its KV cache and scratch for env->n_batch tokens
+ * and env->n_seq x env->n_ctx positions, and returns its private state.
+ * forward() runs a micro-batch of at most n_batch tokens (model.c has checked
+ * token ids, sequence slots and positions) and writes the requested logits.
+ * Routed experts are computed only through env->experts, which model.c sets
+ * after load() and may replace between calls. */
+#ifndef MOEFLEET_ARCH_H
+#define MOEFLEET_ARCH_H
+
+#include <stddef.h>
+
+#include "model.h"
+
+struct arch_env {
+	const gguf *g;
+	pool *pool;
+	expert_backend *experts;
+	int n_ctx;
+	int n_seq;
+	int n_batch;
+};
+
+struct arch_vtable {
+	const char *name; /* general.architecture */
+	int (*load)(const struct arch_env *env, struct model_info *info, void **state);
+	void (*destroy)(void **state);
+	int (*forward)(void *state, const model_batch *b, float *logits);
+	void (*reset_seq)(void *state, int seq);
+};
+
+/* Hyper-parameter helpers: read "<arch>.<key>" with the exact GGUF type.
+ * The _req forms log "FILE: missing key K" and return ERR_FORMAT when absent;
+ * the _opt forms leave *out unchanged when absent. */
+int arch_u32_req(const struct arch_env *env, const char *arch, const char *key, uint32_t *out);
+int arch_u32_opt(const struct arch_env *env, const char *arch, const char *key, uint32_t *out);
+int arch_f32_req(const struct arch_env *env, const char *arch, const char *key, float *out);
+int arch_f32_opt(const struct arch_env *env, const char *arch, const char *key, float *out);
+int arch_bool_opt(const struct arch_env *env, const char *arch, const char *key, int *out);
+int arch_str_opt(const struct arch_env *env, const char *arch, const char *key, char *buf, size_t cap);
+
+/* Tensor lookup by printf-style name with a shape check (see gguf_expect_tensor).
+ * ne0..ne2: expected extents; pass 0 for dimensions the tensor does not have.
+ * arch_tensor_opt returns 0 with *out = NULL when the tensor is absent. */
+int arch_tensor(const struct arch_env *env, const gguf_tensor **out, int64_t ne0,
+		int64_t ne1, int64_t ne2, const char *fmt, ...)
+	__attribute__((format(printf, 6, 7)));
+int arch_tensor_opt(const struct arch_env *env, const gguf_tensor **out, int64_t ne0,
+		    int64_t ne1, int64_t ne2, const char *fmt, ...)
+	__attribute__((format(printf, 6, 7)));
+
+extern const struct arch_vtable arch_deepseek2;
+extern const struct arch_vtable arch_qwen3moe;
+extern const struct arch_vtable arch_gptoss;
+
+#endif

@@ -1,0 +1,74 @@
+/* attn: causal multi-head attention over a per-sequence KV cache.
+ *
+ * The cache keeps, for every layer, sequence slot and position, one key vector
+ * of k_width values and one value vector of v_width values, stored as F16 (as
+ * llama.cpp's default KV cache; values are rounded when stored).  One cache
+ * serves GQA (qwen3moe, gpt-oss: k_width = n_head_kv * head_dim) and MLA in the
+ * absorbed form (deepseek2: one shared KV head, key = [c, k_pe], value = c).
+ *
+ * attn_forward() follows llama.cpp's CPU flash-attention numerics: the query
+ * is rounded to F16, scores are F32 dot products of F16 values times `scale`,
+ * an online softmax runs over the visible keys in position order with the
+ * value accumulator rounded to F16 after each update, optional per-head sink
+ * logits join the denominator only.  Token t of the batch (sequence s, position
+ * p) sees the entries j <= p of s, and only j > p - window when window > 0.
+ * Entries for the batch's own tokens must be stored (attn_cache_store) before
+ * attn_forward() is called. */
+#ifndef MOEFLEET_ATTN_H
+#define MOEFLEET_ATTN_H
+
+#include <stdint.h>
+
+#include "../common/pool.h"
+#include "model.h"
+
+typedef struct attn_cache attn_cache;
+
+/* Largest head size (key or value) attn_forward supports; its per-thread
+ * buffers live on the stack. */
+#define ATTN_MAX_HEAD_DIM 1024
+
+int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width,
+		   attn_cache **out);
+void attn_cache_destroy(attn_cache **c);
+void attn_cache_reset_seq(attn_cache *c, int seq);
+/* k: k_width floats, v: v_width floats (rounded to F16). */
+void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k,
+		      const float *v);
+
+struct attn_params {
+	int n_head;
+	int n_head_kv;	/* query head h uses KV head h / (n_head / n_head_kv) */
+	int head_dim_k; /* per head; k_width = n_head_kv * head_dim_k */
+	int head_dim_v;
+	float scale;
+	int window;	     /* 0: none */
+	const float *sinks;  /* [n_head] or NULL */
+};
+
+/* Checks attention parameters against a cache once, at load time: head sizes
+ * in [1, ATTN_MAX_HEAD_DIM], n_head a multiple of n_head_kv, the per-head
+ * sizes times n_head_kv equal to the cache's widths, window >= 0, a finite
+ * scale.  Logs "WHAT: problem" (what: e.g. the model file) and returns
+ * ERR_FORMAT on failure.  attn_forward() assumes parameters that passed. */
+int attn_check_params(const attn_cache *c, const struct attn_params *ap, const char *what);
+
+/* q: [n_tokens][n_head][head_dim_k]; out: [n_tokens][n_head][head_dim_v].
+ * Threaded over (token, head) with the pool.
+ *
+ * Two code paths, chosen as ggml's CPU flash attention chooses them (it picks
+ * by the number of query rows in the micro-batch):
+ *  - fewer than ATTN_TILE_Q tokens (decode steps, short prefills): per key,
+ *    score = F16(q) . k accumulated exactly (double), online softmax with the
+ *    value accumulator kept in F16 (ggml_compute_forward_flash_attn_ext_f16_one_chunk);
+ *  - ATTN_TILE_Q tokens or more (and head_dim_v a multiple of 8): keys in
+ *    tiles of ATTN_TILE_KV positions, F32 query, scores as sequential FMA
+ *    chains, one max/sum update per tile with ggml's vector expf, F32 value
+ *    accumulator (ggml_compute_forward_flash_attn_ext_tiled).
+ * Both then add the sink, if any, and multiply by 1/sum. */
+#define ATTN_TILE_Q  64
+#define ATTN_TILE_KV 64
+void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_params *ap,
+		  const model_batch *b, const float *q, float *out);
+
+#endif

@@ -1,0 +1,645 @@
+#define _GNU_SOURCE
+#include "cli.h"
+#include "model.h"
+#include "../common/err.h"
+#include "../common/log.h"
+#include "../kernels/kern.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+enum { CLI_OK = 0, CLI_FAIL = 1, CLI_USAGE = 2 };
+
+/* ------------------------------------------------------------ arguments */
+
+/* Options common to every subcommand that loads a model. */
+struct cli_opts {
+	const char *model;
+	const char *tokens;
+	const char *prompt;
+	const char *out;
+	long n_prompt;
+	long n_predict;
+	long threads;
+	long pp, tg, reps;
+	long top_k;
+	double temp, top_p;
+	unsigned long long seed;
+	int print_ids;
+	int help;
+};
+
+static int cli_parse_long(const char *opt, const char *s, long lo, long hi, long *out)
+{
+	char *end;
+	errno = 0;
+	long v = strtol(s, &end, 10);
+	if (errno || end == s || *end || v < lo || v > hi) {
+		fprintf(stderr, "moefleet: %s: '%s' is not an integer in [%ld, %ld]\n", opt, s, lo,
+			hi);
+		return -1;
+	}
+	*out = v;
+	return 0;
+}
+
+static int cli_parse_double(const char *opt, const char *s, double lo, double hi, double *out)
+{
+	char *end;
+	errno = 0;
+	double v = strtod(s, &end);
+	if (errno || end == s || *end || !(v >= lo && v <= hi)) {
+		fprintf(stderr, "moefleet: %s: '%s' is not a number in [%g, %g]\n", opt, s, lo, hi);
+		return -1;
+	}
+	*out = v;
+	return 0;
+}
+
+/* Parses the options allowed by `allowed` (a space-separated list of long
+ * names, e.g. "-m --tokens").  Returns 0, or -1 after printing the problem. */
+static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts *o)
+{
+	for (int i = 0; i < argc; i++) {
+		const char *a = argv[i];
+		if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+			o->help = 1;
+			continue;
+		}
+		char key[64];
+		snprintf(key, sizeof(key), " %s ", a);
+		char list[512];
+		snprintf(list, sizeof(list), " %s ", allowed);
+		if (a[0] != '-' || !strstr(list, key)) {
+			fprintf(stderr, "moefleet: unknown argument '%s'\n", a);
+			return -1;
+		}
+		if (!strcmp(a, "--print-ids")) {
+			o->print_ids = 1;
+			continue;
+		}
+		if (i + 1 >= argc) {
+			fprintf(stderr, "moefleet: %s needs a value\n", a);
+			return -1;
+		}
+		const char *v = argv[++i];
+		long l;
+		if (!strcmp(a, "-m") || !strcmp(a, "--model"))
+			o->model = v;
+		else if (!strcmp(a, "--tokens"))
+			o->tokens = v;
+		else if (!strcmp(a, "-p") || !strcmp(a, "--prompt"))
+			o->prompt = v;
+		else if (!strcmp(a, "--out") || !strcmp(a, "-o"))
+			o->out = v;
+		else if (!strcmp(a, "--n-prompt")) {
+			if (cli_parse_long(a, v, 0, 1L << 24, &o->n_prompt))
+				return -1;
+		} else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) {
+			if (cli_parse_long(a, v, 0, 1L << 24, &o->n_predict))
+				return -1;
+		} else if (!strcmp(a, "--threads") || !strcmp(a, "-t")) {
+			if (cli_parse_long(a, v, 1, 256, &o->threads))
+				return -1;
+		} else if (!strcmp(a, "--pp")) {
+			if (cli_parse_long(a, v, 0, 1L << 20, &o->pp))
+				return -1;
+		} else if (!strcmp(a, "--tg")) {
+			if (cli_parse_long(a, v, 0, 1L << 20, &o->tg))
+				return -1;
+		} else if (!strcmp(a, "--reps")) {
+			if (cli_parse_long(a, v, 1, 1000, &o->reps))
+				return -1;
+		} else if (!strcmp(a, "--top-k")) {
+			if (cli_parse_long(a, v, 0, 1L << 30, &o->top_k))
+				return -1;
+		} else if (!strcmp(a, "--temp")) {
+			if (cli_parse_double(a, v, 0.0, 100.0, &o->temp))
+				return -1;
+		} else if (!strcmp(a, "--top-p")) {
+			if (cli_parse_double(a, v, 0.0, 1.0, &o->top_p))
+				return -1;
+		} else if (!strcmp(a, "--seed")) {
+			if (cli_parse_long(a, v, 0, 0x7fffffffL, &l))
+				return -1;
+			o->seed = (unsigned long long)l;
+		} else {
+			fprintf(stderr, "moefleet: unknown argument '%s'\n", a);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* Reads token ids: "1,2,3" or "@file" (ids separated by commas or white space). */
+static int cli_read_ids(const char *spec, int32_t **ids_out, int *n_out)
+{
+	int rc = 0;
+	char *text = NULL;
+	int32_t *ids = NULL;
+	*ids_out = NULL;
+	*n_out = 0;
+	if (spec[0] == '@') {
+		FILE *f = fopen(spec + 1, "rb");
+		if (!f) {
+			log_error("%s: cannot open: %s", spec + 1, strerror(errno));
+			return ERR_IO;
+		}
+		size_t cap = 4096, len = 0;
+		text = malloc(cap);
+		while (text) {
+			size_t r = fread(text + len, 1, cap - len - 1, f);
+			len += r;
+			if (r == 0)
+				break;
+			if (len + 1 == cap) {
+				if (cap > (64u << 20)) {
+					log_error("%s: token file is too large", spec + 1);
+					rc = ERR_RANGE;
+					break;
+				}
+				char *t = realloc(text, cap *= 2);
+				if (!t) {
+					free(text);
+					text = NULL;
+				}
+				text = t;
+			}
+		}
+		fclose(f);
+		if (!text)
+			return ERR_NOMEM;
+		if (rc)
+			goto out;
+		text[len] = 0;
+	} else {
+		text = strdup(spec);
+		if (!text)
+			return ERR_NOMEM;
+	}
+	size_t n = 0, cap = 0;
+	const char *p = text;
+	for (;;) {
+		while (*p == ',' || *p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
+			p++;
+		if (!*p)
+			break;
+		char *end;
+		errno = 0;
+		long v = strtol(p, &end, 10);
+		if (end == p || errno || v < 0 || v > 0x7fffffff ||
+		    (*end && *end != ',' && *end != ' ' && *end != '\t' && *end != '\n' &&
+		     *end != '\r')) {
+			log_error("invalid token id near '%.20s' (expected non-negative integers "
+				  "separated by commas or white space)",
+				  p);
+			rc = ERR_CONFIG;
+			goto out;
+		}
+		if (n == cap) {
+			cap = cap ? cap * 2 : 256;
+			int32_t *t = realloc(ids, cap * sizeof(int32_t));
+			if (!t) {
+				rc = ERR_NOMEM;
+				goto out;
+			}
+			ids = t;
+		}
+		ids[n++] = (int32_t)v;
+		p = end;
+	}
+	if (n == 0) {
+		log_error("no token ids given");
+		rc = ERR_CONFIG;
+		goto out;
+	}
+	if (n > (1u << 24)) {
+		log_error("too many tokens (%zu)", n);
+		rc = ERR_RANGE;
+		goto out;
+	}
+	*ids_out = ids;
+	*n_out = (int)n;
+	ids = NULL;
+out:
+	free(ids);
+	free(text);
+	return rc;
+}
+
+static double cli_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------ info */
+
+static const char *cli_usage_info = "usage: moefleet info -m MODEL.gguf\n"
+				    "  Prints the architecture, hyper-parameters, every tensor's\n"
+				    "  type and size, and the bytes of routed experts versus the rest.\n";
+
+static void cli_print_kv(const gguf *g, uint64_t i)
+{
+	const char *key = gguf_kv_key(g, i);
+	enum gguf_type t = gguf_kv_type(g, i);
+	printf("  %-48s ", key);
+	switch (t) {
+	case GGUF_TYPE_U32: {
+		uint32_t v;
+		gguf_get_u32(g, key, &v);
+		printf("%u\n", v);
+		break;
+	}
+	case GGUF_TYPE_I32: {
+		int32_t v;
+		gguf_get_i32(g, key, &v);
+		printf("%d\n", v);
+		break;
+	}
+	case GGUF_TYPE_F32: {
+		float v;
+		gguf_get_f32(g, key, &v);
+		printf("%g\n", v);
+		break;
+	}
+	case GGUF_TYPE_BOOL: {
+		int v;
+		gguf_get_bool(g, key, &v);
+		printf("%s\n", v ? "true" : "false");
+		break;
+	}
+	case GGUF_TYPE_STRING: {
+		gguf_str s;
+		gguf_get_str(g, key, &s);
+		int n = s.len > 60 ? 60 : (int)s.len;
+		printf("\"%.*s\"%s\n", n, s.ptr, s.len > 60 ? "..." : "");
+		break;
+	}
+	case GGUF_TYPE_ARRAY: {
+		enum gguf_type et;
+		uint64_t count;
+		const void *d;
+		gguf_get_arr(g, key, &et, &count, &d);
+		printf("[array of %llu]\n", (unsigned long long)count);
+		break;
+	}
+	default: printf("(type %d)\n", (int)t); break;
+	}
+}
+
+static int cli_info(int argc, char **argv)
+{
+	struct cli_opts o = {0};
+	if (cli_parse(argc, argv, "-m --model", &o) || (!o.help && !o.model)) {
+		fputs(cli_usage_info, stderr);
+		return CLI_USAGE;
+	}
+	if (o.help) {
+		fputs(cli_usage_info, stdout);
+		return CLI_OK;
+	}
+	kern_init();
+	gguf *g = NULL;
+	if (gguf_open(o.model, &g))
+		return CLI_FAIL;
+	char arch[64] = "?";
+	gguf_get_cstr(g, "general.architecture", arch, sizeof(arch));
+	printf("file: %s (%llu bytes)\narchitecture: %s\nhyper-parameters:\n", o.model,
+	       (unsigned long long)gguf_file_size(g), arch);
+	size_t al = strlen(arch);
+	for (uint64_t i = 0; i < gguf_n_kv(g); i++) {
+		const char *k = gguf_kv_key(g, i);
+		if (!strncmp(k, arch, al) && k[al] == '.')
+			cli_print_kv(g, i);
+	}
+	printf("other metadata:\n");
+	for (uint64_t i = 0; i < gguf_n_kv(g); i++) {
+		const char *k = gguf_kv_key(g, i);
+		if (!(!strncmp(k, arch, al) && k[al] == '.'))
+			cli_print_kv(g, i);
+	}
+	printf("tensors (%llu):\n", (unsigned long long)gguf_n_tensors(g));
+	uint64_t experts = 0, rest = 0;
+	for (uint64_t i = 0; i < gguf_n_tensors(g); i++) {
+		const gguf_tensor *t = gguf_tensor_at(g, i);
+		char shape[96];
+		int n = 0;
+		for (uint32_t d = 0; d < t->n_dims; d++)
+			n += snprintf(shape + n, sizeof(shape) - (size_t)n, "%s%llu", d ? " x " : "",
+				      (unsigned long long)t->ne[d]);
+		printf("  %-40s %-6s %-24s %12llu bytes\n", t->name, kern_type_name(t->type), shape,
+		       (unsigned long long)t->n_bytes);
+		if (strstr(t->name, "_exps."))
+			experts += t->n_bytes;
+		else
+			rest += t->n_bytes;
+	}
+	printf("routed experts: %llu bytes (%.1f MiB)\n", (unsigned long long)experts,
+	       (double)experts / 1048576.0);
+	printf("everything else: %llu bytes (%.1f MiB)\n", (unsigned long long)rest,
+	       (double)rest / 1048576.0);
+	gguf_destroy(&g);
+	return CLI_OK;
+}
+
+/* ------------------------------------------------------------ logits */
+
+static const char *cli_usage_logits =
+	"usage: moefleet logits -m MODEL.gguf --tokens IDS --out FILE.f32 [--n-prompt P]\n"
+	"                       [--threads T]\n"
+	"  IDS: comma-separated token ids, or @path to a file of ids separated by commas\n"
+	"  or white space.  Writes float32 little-endian logits, one row of n_vocab per\n"
+	"  input position.  Positions before P (default: all) are one batch; each later\n"
+	"  position is a single-token decode reusing the KV cache.\n";
+
+/* Writes all of buf to a temporary file next to path and renames it into
+ * place, so that a failure leaves no partial output. */
+static int cli_open_out(const char *path, char **tmp_out, int *fd_out)
+{
+	size_t n = strlen(path) + 32;
+	char *tmp = malloc(n);
+	if (!tmp)
+		return ERR_NOMEM;
+	snprintf(tmp, n, "%s.tmp.%ld", path, (long)getpid());
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0) {
+		log_error("%s: cannot write: %s", path, strerror(errno));
+		free(tmp);
+		return ERR_IO;
+	}
+	*tmp_out = tmp;
+	*fd_out = fd;
+	return 0;
+}
+
+static int cli_write_all(int fd, const void *buf, size_t n)
+{
+	const char *p = buf;
+	while (n) {
+		ssize_t w = write(fd, p, n);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return ERR_IO;
+		p += w;
+		n -= (size_t)w;
+	}
+	return 0;
+}
+
+static int cli_logits(int argc, char **argv)
+{
+	struct cli_opts o = {.n_prompt = -1};
+	int rc = CLI_FAIL;
+	if (cli_parse(argc, argv, "-m --model --tokens --out -o --n-prompt --threads -t", &o) ||
+	    (!o.help && (!o.model || !o.tokens || !o.out))) {
+		fputs(cli_usage_logits, stderr);
+		return CLI_USAGE;
+	}
+	if (o.help) {
+		fputs(cli_usage_logits, stdout);
+		return CLI_OK;
+	}
+	int32_t *ids = NULL;
+	int n = 0;
+	model *m = NULL;
+	float *logits = NULL;
+	char *tmp = NULL;
+	int fd = -1;
+	if (cli_read_ids(o.tokens, &ids, &n))
+		goto out;
+	if (o.n_prompt < 0)
+		o.n_prompt = n;
+	if (o.n_prompt > n) {
+		log_error("--n-prompt %ld is larger than the number of tokens (%d)", o.n_prompt, n);
+		goto out;
+	}
+	struct model_params mp;
+	model_params_default(&mp);
+	mp.n_threads = (int)o.threads;
+	mp.n_ctx = n;
+	if (model_open(o.model, &mp, &m))
+		goto out;
+	const struct model_info *info = model_get_info(m);
+	for (int i = 0; i < n; i++) {
+		if (ids[i] >= info->n_vocab) {
+			log_error("token id %d at position %d is out of range (vocabulary %d)", ids[i],
+				  i, info->n_vocab);
+			goto out;
+		}
+	}
+	logits = malloc((size_t)n * (size_t)info->n_vocab * sizeof(float));
+	int32_t *pos = malloc((size_t)n * sizeof(int32_t));
+	int32_t *seq = calloc((size_t)n, sizeof(int32_t));
+	if (!logits || !pos || !seq) {
+		free(pos);
+		free(seq);
+		log_error("out of memory for %d rows of logits", n);
+		goto out;
+	}
+	for (int i = 0; i < n; i++)
+		pos[i] = i;
+	if (cli_open_out(o.out, &tmp, &fd)) {
+		free(pos);
+		free(seq);
+		goto out;
+	}
+	int frc = 0;
+	if (o.n_prompt > 0) {
+		model_batch b = {(int)o.n_prompt, ids, pos, seq, NULL};
+		frc = model_forward(m, &b, logits);
+	}
+	for (int i = (int)o.n_prompt; i < n && !frc; i++) {
+		model_batch b = {1, ids + i, pos + i, seq + i, NULL};
+		frc = model_forward(m, &b, logits + (size_t)i * (size_t)info->n_vocab);
+	}
+	free(pos);
+	free(seq);
+	if (frc)
+		goto out;
+	if (cli_write_all(fd, logits, (size_t)n * (size_t)info->n_vocab * sizeof(float)) ||
+	    close(fd) != 0) {
+		fd = -1;
+		log_error("%s: write failed: %s", o.out, strerror(errno));
+		goto out;
+	}
+	fd = -1;
+	if (rename(tmp, o.out) != 0) {
+		log_error("%s: cannot write: %s", o.out, strerror(errno));
+		goto out;
+	}
+	free(tmp);
+	tmp = NULL;
+	rc = CLI_OK;
+out:
+	if (fd >= 0)
+		close(fd);
+	if (tmp) {
+		unlink(tmp);
+		free(tmp);
+	}
+	free(logits);
+	free(ids);
+	model_destroy(&m);
+	return rc;
+}
+
+/* ------------------------------------------------------------ bench */
+
+static const char *cli_usage_bench =
+	"usage: moefleet bench -m MODEL.gguf [--pp 512] [--tg 128] [--reps 5] [--threads T]\n"
+	"  pp: one batch of N tokens into an empty context; tg: N single-token decodes,\n"
+	"  each producing logits.  Prints medians; the last line is\n"
+	"  'bench: ppN X tok/s, tgM Y tok/s'.\n";
+
+static int cli_cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return x < y ? -1 : x > y;
+}
+
+static double cli_median(double *v, int n)
+{
+	qsort(v, (size_t)n, sizeof(double), cli_cmp_double);
+	return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static int cli_bench(int argc, char **argv)
+{
+	struct cli_opts o = {.pp = 512, .tg = 128, .reps = 5};
+	if (cli_parse(argc, argv, "-m --model --pp --tg --reps --threads -t", &o) ||
+	    (!o.help && !o.model)) {
+		fputs(cli_usage_bench, stderr);
+		return CLI_USAGE;
+	}
+	if (o.help) {
+		fputs(cli_usage_bench, stdout);
+		return CLI_OK;
+	}
+	int rc = CLI_FAIL;
+	model *m = NULL;
+	struct model_params mp;
+	model_params_default(&mp);
+	mp.n_threads = (int)o.threads;
+	mp.n_ctx = (int)(o.pp > o.tg + 1 ? o.pp : o.tg + 1);
+	mp.n_batch = o.pp > 0 ? (int)o.pp : 1;
+	int n = mp.n_ctx;
+	int32_t *ids = malloc((size_t)n * sizeof(int32_t));
+	int32_t *pos = malloc((size_t)n * sizeof(int32_t));
+	int32_t *seq = calloc((size_t)n, sizeof(int32_t));
+	uint8_t *want = calloc((size_t)n, 1);
+	double *pp_t = calloc((size_t)o.reps, sizeof(double));
+	double *tg_t = calloc((size_t)o.reps, sizeof(double));
+	float *logits = NULL;
+	if (!ids || !pos || !seq || !want || !pp_t || !tg_t)
+		goto out;
+	if (model_open(o.model, &mp, &m))
+		goto out;
+	const struct model_info *info = model_get_info(m);
+	logits = malloc((size_t)info->n_vocab * sizeof(float));
+	if (!logits)
+		goto out;
+	uint64_t st = 12345;
+	for (int i = 0; i < n; i++) {
+		st = st * 6364136223846793005ULL + 1442695040888963407ULL;
+		ids[i] = (int32_t)((st >> 33) % (uint64_t)info->n_vocab);
+		pos[i] = i;
+	}
+	printf("model: %s (%s), threads %d, kernels %s\n", o.model, info->arch,
+	       pool_size(model_get_pool(m)), kern_isa_name());
+	printf("%-8s %6s %12s %12s\n", "test", "rep", "seconds", "tok/s");
+	for (int r = 0; r < o.reps; r++) {
+		if (o.pp > 0) {
+			model_reset_seq(m, 0);
+			want[o.pp - 1] = 1;
+			model_batch b = {(int)o.pp, ids, pos, seq, want};
+			double t0 = cli_now();
+			if (model_forward(m, &b, logits))
+				goto out;
+			pp_t[r] = cli_now() - t0;
+			printf("pp%-6ld %6d %12.4f %12.2f\n", o.pp, r, pp_t[r],
+			       (double)o.pp / pp_t[r]);
+		}
+		if (o.tg > 0) {
+			model_reset_seq(m, 0);
+			double t0 = cli_now();
+			for (int i = 0; i < o.tg; i++) {
+				model_batch b = {1, ids + i, pos + i, seq, NULL};
+				if (model_forward(m, &b, logits))
+					goto out;
+			}
+			tg_t[r] = cli_now() - t0;
+			printf("tg%-6ld %6d %12.4f %12.2f\n", o.tg, r, tg_t[r],
+			       (double)o.tg / tg_t[r]);
+		}
+		fflush(stdout);
+	}
+	double pp = o.pp > 0 ? (double)o.pp / cli_median(pp_t, (int)o.reps) : 0.0;
+	double tg = o.tg > 0 ? (double)o.tg / cli_median(tg_t, (int)o.reps) : 0.0;
+	printf("bench: pp%ld %.2f tok/s, tg%ld %.2f tok/s\n", o.pp, pp, o.tg, tg);
+	rc = CLI_OK;
+out:
+	free(ids);
+	free(pos);
+	free(seq);
+	free(want);
+	free(pp_t);
+	free(tg_t);
+	free(logits);
+	model_destroy(&m);
+	return rc;
+}
+
+/* ------------------------------------------------------------ dispatch */
+
+static const char *cli_usage_main =
+	"usage: moefleet <command> [options]\n"
+	"commands:\n"
+	"  info      print a GGUF model's architecture, hyper-parameters and tensors\n"
+	"  logits    write the logits of every position of a token sequence\n"
+	"  generate  generate text from a prompt\n"
+	"  bench     measure prompt processing and token generation speed\n"
+	"Run 'moefleet <command> --help' for the options of a command.\n";
+
+int cli_generate(int argc, char **argv);
+
+int cli_main(int argc, char **argv)
+{
+	if (argc < 2) {
+		fputs(cli_usage_main, stderr);
+		return CLI_USAGE;
+	}
+	const char *cmd = argv[1];
+	if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help") || !strcmp(cmd, "help")) {
+		fputs(cli_usage_main, stdout);
+		return CLI_OK;
+	}
+	if (!strcmp(cmd, "info"))
+		return cli_info(argc - 2, argv + 2);
+	if (!strcmp(cmd, "logits"))
+		return cli_logits(argc - 2, argv + 2);
+	if (!strcmp(cmd, "bench"))
+		return cli_bench(argc - 2, argv + 2);
+	if (!strcmp(cmd, "generate"))
+		return cli_generate(argc - 2, argv + 2);
+	fprintf(stderr, "moefleet: unknown command '%s'\n", cmd);
+	fputs(cli_usage_main, stderr);
+	return CLI_USAGE;
+}
+
+/* ------------------------------------------------------------ generate */
+
+int cli_generate(int argc, char **argv)
+{
+	(void)argc;
+	(void)argv;
+	log_error("generate: not built yet");
+	return CLI_FAIL;
+}

@@ -1,0 +1,37 @@
+/* experts: the seam between the forward pass and whoever computes routed experts.
+ *
+ * A forward pass hands one layer's routed work to expert_backend_compute():
+ * token rows, the chosen expert ids and routing weights per row, and receives
+ * each (row, slot) output already multiplied by its weight.  The caller sums
+ * the k slot outputs of a row in slot order, so the result does not depend on
+ * where or in which order experts were computed.  Backends: in-process
+ * (experts_new_local, a shard over the model's own mapping); remote workers
+ * come behind the same interface. */
+#ifndef MOEFLEET_EXPERTS_H
+#define MOEFLEET_EXPERTS_H
+
+#include <stdint.h>
+
+#include "../common/gguf.h"
+#include "../common/moe.h"
+#include "../common/pool.h"
+
+struct expert_job {
+	int layer;
+	int n_rows;
+	int n_embd;
+	int k;
+	const float *x;	      /* [n_rows][n_embd] */
+	const int32_t *ids;   /* [n_rows][k] */
+	const float *weights; /* [n_rows][k] */
+	float *out;	      /* [n_rows][k][n_embd] weighted outputs */
+};
+
+typedef struct expert_backend expert_backend;
+
+int experts_new_local(const gguf *g, const struct moe_spec *spec, pool *p,
+		      expert_backend **out);
+int expert_backend_compute(expert_backend *b, const struct expert_job *job);
+void expert_backend_destroy(expert_backend **b);
+
+#endif

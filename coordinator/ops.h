@@ -1,0 +1,58 @@
+/* ops: the numeric building blocks of the forward passes, written to match
+ * llama.cpp's CPU results (ggml's order of operations and precisions).
+ *
+ * ops_matmul is threaded over the process pool; the elementwise ops run on the
+ * calling thread (their callers parallelise over rows or heads when it pays).
+ * Buffers are the caller's: nothing here allocates. */
+#ifndef MOEFLEET_OPS_H
+#define MOEFLEET_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../common/gguf.h"
+#include "../common/pool.h"
+
+/* Bytes of scratch ops_matmul needs for n_rows rows of n_in values (any type). */
+size_t ops_matmul_scratch(int64_t n_in, int64_t n_rows);
+
+/* y[r][o] = sum_i W[o][i] * x[r][i] for a 2-D weight W (ne0 = n_in,
+ * ne1 = n_out), with the activations first converted to the weight's
+ * activation type (kern_act_type) into scratch.  x rows are x_stride floats
+ * apart, y rows y_stride floats apart. */
+void ops_matmul(pool *p, const gguf_tensor *w, const float *x, int64_t x_stride,
+		int64_t n_rows, float *y, int64_t y_stride, void *scratch);
+/* The same for a raw weight matrix (e.g. one slice of a 3-D tensor). */
+void ops_matmul_raw(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t n_out,
+		    const float *x, int64_t x_stride, int64_t n_rows, float *y,
+		    int64_t y_stride, void *scratch);
+
+/* y = x / sqrt(mean(x^2) + eps) (* w if w != NULL); sum in double as ggml. y may be x. */
+void ops_rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps);
+/* In-place softmax over n values (max-subtracted, sum in double). */
+void ops_softmax(float *x, int64_t n);
+static inline float ops_silu(float x);
+void ops_add(float *y, const float *a, const float *b, int64_t n); /* y = a + b */
+
+/* RoPE with YaRN, as ggml_rope_ext. */
+struct ops_rope {
+	int n_dims;	/* rotated dimensions (pairs: n_dims / 2) */
+	int neox;	/* 0: pairs (2i, 2i+1); 1: pairs (i, i + n_dims/2) */
+	float freq_base;
+	float freq_scale; /* 1 / scaling factor (1 without YaRN) */
+	float ext_factor; /* YaRN extrapolation mix; 0 = off */
+	float attn_factor;
+	float beta_fast;
+	float beta_slow;
+	int n_ctx_orig;
+};
+/* Rotates the first n_dims values of x in place for position pos. */
+void ops_rope_apply(const struct ops_rope *r, float *x, int64_t pos);
+
+/* Round-trips a value through f16 (as storing to an F16 KV cache does). */
+float ops_f16_round(float x);
+
+#include <math.h>
+static inline float ops_silu(float x) { return x / (1.0f + expf(-x)); }
+
+#endif

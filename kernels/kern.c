@@ -1,0 +1,250 @@
+/* kern: type table, scalar conversions, and run-time dispatch between the
+ * scalar (kern_ref.c) and AVX2 (kern_avx2.c) implementations. */
+#include <stdatomic.h>
+#include <string.h>
+
+#include "kernels/kern.h"
+#include "kernels/kern_impl.h"
+
+/* ---------------------------------------------------------------- types */
+
+int kern_type_known(uint32_t type)
+{
+	switch (type) {
+	case KERN_F32:
+	case KERN_F16:
+	case KERN_Q4_0:
+	case KERN_Q8_0:
+	case KERN_BF16:
+	case KERN_MXFP4: return 1;
+	default: return 0;
+	}
+}
+
+const char *kern_type_name(uint32_t type)
+{
+	switch (type) {
+	case KERN_F32: return "F32";
+	case KERN_F16: return "F16";
+	case KERN_Q4_0: return "Q4_0";
+	case KERN_Q8_0: return "Q8_0";
+	case KERN_BF16: return "BF16";
+	case KERN_MXFP4: return "MXFP4";
+	default: return "?";
+	}
+}
+
+int kern_type_block(uint32_t type)
+{
+	switch (type) {
+	case KERN_Q4_0:
+	case KERN_Q8_0:
+	case KERN_MXFP4: return KERN_QK;
+	default: return 1;
+	}
+}
+
+size_t kern_type_block_bytes(uint32_t type)
+{
+	switch (type) {
+	case KERN_F32: return 4;
+	case KERN_F16: return 2;
+	case KERN_BF16: return 2;
+	case KERN_Q4_0: return sizeof(struct kern_block_q4_0);
+	case KERN_Q8_0: return sizeof(struct kern_block_q8_0);
+	case KERN_MXFP4: return sizeof(struct kern_block_mxfp4);
+	default: return 0;
+	}
+}
+
+size_t kern_row_bytes(uint32_t type, int64_t n)
+{
+	int blk = kern_type_block(type);
+	if (n < 0)
+		return 0;
+	return (size_t)(n / blk) * kern_type_block_bytes(type);
+}
+
+enum kern_type kern_act_type(uint32_t weight_type)
+{
+	switch (weight_type) {
+	case KERN_Q4_0:
+	case KERN_Q8_0:
+	case KERN_MXFP4: return KERN_Q8_0;
+	case KERN_F16: return KERN_F16;
+	case KERN_BF16: return KERN_BF16;
+	default: return KERN_F32;
+	}
+}
+
+/* ---------------------------------------------------------- conversions */
+
+static inline uint32_t f32_bits(float f)
+{
+	uint32_t u;
+	memcpy(&u, &f, sizeof(u));
+	return u;
+}
+
+static inline float bits_f32(uint32_t u)
+{
+	float f;
+	memcpy(&f, &u, sizeof(f));
+	return f;
+}
+
+/* Matches F16C's VCVTPH2PS: subnormals exact, NaNs quieted, payload kept. */
+float kern_f16_to_f32(uint16_t h)
+{
+	uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+	uint32_t exp = (h >> 10) & 0x1f;
+	uint32_t mant = h & 0x3ff;
+
+	if (exp == 0x1f)
+		return bits_f32(sign | 0x7f800000u | (mant << 13) | (mant ? 0x400000u : 0));
+	if (exp != 0)
+		return bits_f32(sign | ((exp + 112) << 23) | (mant << 13));
+	if (mant == 0)
+		return bits_f32(sign);
+	/* subnormal: mant * 2^-24, exact in f32 */
+	int e = 113;
+	while (!(mant & 0x400)) {
+		mant <<= 1;
+		e--;
+	}
+	return bits_f32(sign | ((uint32_t)e << 23) | ((mant & 0x3ff) << 13));
+}
+
+/* Matches F16C's VCVTPS2PH with round-to-nearest-even. */
+uint16_t kern_f32_to_f16(float f)
+{
+	uint32_t u = f32_bits(f);
+	uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+	uint32_t a = u & 0x7fffffffu;
+
+	if (a > 0x7f800000u) /* NaN: quiet, top payload bits kept */
+		return (uint16_t)(sign | 0x7e00 | ((a >> 13) & 0x3ff));
+	if (a >= 0x477ff000u) /* rounds to (or is) infinity */
+		return (uint16_t)(sign | 0x7c00);
+	if (a >= 0x38800000u) { /* normal half */
+		uint32_t r = a + 0x0fffu + ((a >> 13) & 1);
+		return (uint16_t)(sign | ((r >> 13) - (112u << 10)));
+	}
+	if (a <= 0x33000000u) /* at most half the smallest subnormal */
+		return sign;
+	/* subnormal half: value in units of 2^-24 is mant * 2^(exp - 126) */
+	uint32_t exp = a >> 23;
+	uint32_t mant = (a & 0x7fffffu) | 0x800000u;
+	uint32_t shift = 126 - exp; /* 14..24 */
+	uint32_t h = mant >> shift;
+	uint32_t rem = mant & ((1u << shift) - 1);
+	uint32_t half = 1u << (shift - 1);
+	if (rem > half || (rem == half && (h & 1)))
+		h++;
+	return (uint16_t)(sign | h);
+}
+
+float kern_bf16_to_f32(uint16_t h)
+{
+	return bits_f32((uint32_t)h << 16);
+}
+
+/* ggml's rounding: nearest even, NaN forced quiet. */
+uint16_t kern_f32_to_bf16(float f)
+{
+	uint32_t u = f32_bits(f);
+	if ((u & 0x7fffffffu) > 0x7f800000u)
+		return (uint16_t)((u >> 16) | 64);
+	return (uint16_t)((u + (0x7fffu + ((u >> 16) & 1))) >> 16);
+}
+
+int8_t kern_q8_round(float v)
+{
+	/* _mm256_cvtps_epi32 gives INT32_MIN for NaN and out-of-range inputs;
+	 * the int32 -> int8 packs then saturate. */
+	if (!(v > -2147483648.0f && v < 2147483648.0f))
+		return -128;
+	if (v >= 127.0f)
+		return 127;
+	if (v <= -128.0f)
+		return -128;
+	/* |v| < 128: adding 2^23 rounds to an integer, ties to even */
+	float r = v >= 0 ? (v + 8388608.0f) - 8388608.0f : (v - 8388608.0f) + 8388608.0f;
+	return (int8_t)(int)r;
+}
+
+/* ------------------------------------------------------------- dispatch */
+
+enum kern_isa { KERN_ISA_SCALAR = 0, KERN_ISA_AVX2 = 1 };
+
+static atomic_int kern_isa_found = -1; /* -1: kern_init() not yet run */
+static atomic_int kern_ref_forced;
+
+void kern_init(void)
+{
+	if (atomic_load(&kern_isa_found) >= 0)
+		return;
+	int isa = KERN_ISA_SCALAR;
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_cpu_init();
+	if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+	    __builtin_cpu_supports("f16c"))
+		isa = KERN_ISA_AVX2;
+#endif
+	atomic_store(&kern_isa_found, isa);
+}
+
+void kern_force_ref(int on)
+{
+	atomic_store(&kern_ref_forced, on ? 1 : 0);
+}
+
+static inline int use_avx2(void)
+{
+	return atomic_load_explicit(&kern_isa_found, memory_order_relaxed) == KERN_ISA_AVX2 &&
+	       !atomic_load_explicit(&kern_ref_forced, memory_order_relaxed);
+}
+
+const char *kern_isa_name(void)
+{
+	return use_avx2() ? "avx2" : "scalar";
+}
+
+void kern_dequant_row(uint32_t type, const void *src, float *dst, int64_t n)
+{
+	if (use_avx2())
+		kern_dequant_row_avx2(type, src, dst, n);
+	else
+		kern_dequant_row_ref(type, src, dst, n);
+}
+
+void kern_convert_row(enum kern_type act_type, const float *x, void *dst, int64_t n)
+{
+	if (use_avx2())
+		kern_convert_row_avx2(act_type, x, dst, n);
+	else
+		kern_convert_row_ref(act_type, x, dst, n);
+}
+
+float kern_dot(uint32_t weight_type, int64_t n, const void *w, const void *x)
+{
+	if (use_avx2())
+		return kern_dot_avx2(weight_type, n, w, x);
+	return kern_dot_ref(weight_type, n, w, x);
+}
+
+void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+		 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
+{
+	if (use_avx2()) {
+		kern_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride);
+		return;
+	}
+	size_t w_row = kern_row_bytes(weight_type, n_in);
+	const uint8_t *wb = w;
+	const uint8_t *xb = x;
+	for (int64_t o = o0; o < o1; o++)
+		for (int64_t r = 0; r < n_rows; r++)
+			y[r * y_stride + o] =
+			    kern_dot_ref(weight_type, n_in, wb + (size_t)o * w_row, xb + (size_t)r * x_stride);
+}

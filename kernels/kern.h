@@ -1,0 +1,86 @@
+/* kern: tensor element types and the dot-product kernels behind every matmul.
+ *
+ * Types use GGML's ids and block layouts so weights are used straight from the
+ * mmapped GGUF (little-endian):
+ *   F32   (0)  4 bytes per value
+ *   F16   (1)  2 bytes per value, IEEE half
+ *   Q4_0  (2)  18 bytes per 32: f16 d, 16 bytes; byte j = value j (low nibble),
+ *              value j+16 (high nibble); x = (nibble - 8) * d
+ *   Q8_0  (8)  34 bytes per 32: f16 d, 32 x int8; x = q * d
+ *   BF16  (30) 2 bytes per value, upper half of an f32
+ *   MXFP4 (39) 17 bytes per 32: u8 E8M0 exponent e, 16 bytes in Q4_0's nibble
+ *              order; a nibble is an E2M1 code (bit 3 sign, bits 0-2 index into
+ *              {0, .5, 1, 1.5, 2, 3, 4, 6}); x = E2M1 * 2^(e-127)  (OCP MX v1.0)
+ *
+ * Matching llama.cpp's CPU numerics: a weight type multiplies activations
+ * converted to its "activation type" (kern_act_type): quantised weights
+ * (Q4_0, Q8_0, MXFP4) take activations quantised to Q8_0 blocks of 32
+ * (d = amax / 127 rounded to f16, q = round-to-nearest(x / d)); F16 weights take
+ * F16 activations, BF16 weights BF16 activations, F32 weights F32.  Integer
+ * block dot products are summed in int32 per block and scaled in float, as
+ * ggml does.
+ *
+ * Every SIMD function has a scalar twin named *_ref with the same signature;
+ * tests/test_kern.c checks one against the other.  kern_init() picks the best
+ * implementation for this CPU once (AVX2+FMA+F16C, else scalar); the dispatched
+ * entry points below may be called from any thread afterwards. */
+#ifndef MOEFLEET_KERN_H
+#define MOEFLEET_KERN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum kern_type {
+	KERN_F32 = 0,
+	KERN_F16 = 1,
+	KERN_Q4_0 = 2,
+	KERN_Q8_0 = 8,
+	KERN_BF16 = 30,
+	KERN_MXFP4 = 39,
+};
+
+#define KERN_QK 32 /* values per block of the block-quantised types */
+
+/* Type table. */
+int kern_type_known(uint32_t type);	 /* 1 for the types above */
+const char *kern_type_name(uint32_t type); /* "Q4_0", ...; "?" if unknown */
+int kern_type_block(uint32_t type);	 /* values per block: 1 or 32 */
+size_t kern_type_block_bytes(uint32_t type);
+/* Bytes of a row of n values (n a multiple of the block). */
+size_t kern_row_bytes(uint32_t type, int64_t n);
+enum kern_type kern_act_type(uint32_t weight_type);
+
+/* Scalar conversions (exact, round-to-nearest-even like ggml). */
+float kern_f16_to_f32(uint16_t h);
+uint16_t kern_f32_to_f16(float f);
+float kern_bf16_to_f32(uint16_t h);
+uint16_t kern_f32_to_bf16(float f);
+
+/* Detects CPU features and selects implementations.  Idempotent.
+ * kern_force_ref(1) makes every dispatched call use the scalar twin. */
+void kern_init(void);
+void kern_force_ref(int on);
+const char *kern_isa_name(void); /* "avx2" or "scalar" */
+
+/* Row conversions. */
+void kern_dequant_row(uint32_t type, const void *src, float *dst, int64_t n);
+void kern_dequant_row_ref(uint32_t type, const void *src, float *dst, int64_t n);
+/* Converts n floats into the activation type (F32 copies). */
+void kern_convert_row(enum kern_type act_type, const float *x, void *dst, int64_t n);
+void kern_convert_row_ref(enum kern_type act_type, const float *x, void *dst, int64_t n);
+
+/* One dot product: weight row (weight_type) x activation row
+ * (kern_act_type(weight_type)), n values. */
+float kern_dot(uint32_t weight_type, int64_t n, const void *w, const void *x);
+float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x);
+
+/* Matrix product over a range of output rows:
+ *   y[r * y_stride + o] = dot(W row o, x row r)   for o in [o0, o1), r in [0, n_rows)
+ * W is n_out rows of n_in values of weight_type, rows packed; x holds n_rows
+ * rows already converted to the activation type, x_stride bytes apart.  Computes
+ * several rows per weight pass where it pays; results equal kern_dot's. */
+void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0,
+		 int64_t o1, const void *x, size_t x_stride, int64_t n_rows,
+		 float *y, int64_t y_stride);
+
+#endif

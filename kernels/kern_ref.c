@@ -1,0 +1,188 @@
+/* kern_ref: scalar reference implementations (the *_ref twins in kern.h).
+ * Plain C, no SIMD; tests compare the AVX2 kernels against these. */
+#include <math.h>
+#include <string.h>
+
+#include "kernels/kern.h"
+#include "kernels/kern_impl.h"
+
+const int8_t kern_mxfp4_values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+/* ------------------------------------------------------------- dequant */
+
+void kern_dequant_row_ref(uint32_t type, const void *src, float *dst, int64_t n)
+{
+	switch (type) {
+	case KERN_F32: memcpy(dst, src, (size_t)n * sizeof(float)); break;
+	case KERN_F16: {
+		const uint8_t *s = src;
+		for (int64_t i = 0; i < n; i++)
+			dst[i] = kern_f16_to_f32(kern_load_u16(s + 2 * i));
+		break;
+	}
+	case KERN_BF16: {
+		const uint8_t *s = src;
+		for (int64_t i = 0; i < n; i++)
+			dst[i] = kern_bf16_to_f32(kern_load_u16(s + 2 * i));
+		break;
+	}
+	case KERN_Q4_0: {
+		const struct kern_block_q4_0 *b = src;
+		for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
+			float d = kern_f16_to_f32(kern_load_u16(&b[ib].d));
+			float *y = dst + ib * KERN_QK;
+			for (int j = 0; j < KERN_QK / 2; j++) {
+				y[j] = (float)((b[ib].qs[j] & 0x0f) - 8) * d;
+				y[j + 16] = (float)((b[ib].qs[j] >> 4) - 8) * d;
+			}
+		}
+		break;
+	}
+	case KERN_Q8_0: {
+		const struct kern_block_q8_0 *b = src;
+		for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
+			float d = kern_f16_to_f32(kern_load_u16(&b[ib].d));
+			float *y = dst + ib * KERN_QK;
+			for (int j = 0; j < KERN_QK; j++)
+				y[j] = (float)b[ib].qs[j] * d;
+		}
+		break;
+	}
+	case KERN_MXFP4: {
+		const struct kern_block_mxfp4 *b = src;
+		for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
+			float d = kern_e8m0_half(b[ib].e);
+			float *y = dst + ib * KERN_QK;
+			for (int j = 0; j < KERN_QK / 2; j++) {
+				y[j] = (float)kern_mxfp4_values[b[ib].qs[j] & 0x0f] * d;
+				y[j + 16] = (float)kern_mxfp4_values[b[ib].qs[j] >> 4] * d;
+			}
+		}
+		break;
+	}
+	default: break;
+	}
+}
+
+/* ------------------------------------------------------------- convert */
+
+static void quantize_row_q8_0_ref(const float *x, struct kern_block_q8_0 *y, int64_t n)
+{
+	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
+		const float *v = x + ib * KERN_QK;
+		float amax = 0.0f;
+		for (int j = 0; j < KERN_QK; j++) {
+			float a = fabsf(v[j]);
+			amax = a > amax ? a : amax;
+		}
+		float d = amax / 127.0f;
+		float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+		y[ib].d = kern_f32_to_f16(d);
+		for (int j = 0; j < KERN_QK; j++)
+			y[ib].qs[j] = kern_q8_round(v[j] * id);
+	}
+}
+
+void kern_convert_row_ref(enum kern_type act_type, const float *x, void *dst, int64_t n)
+{
+	switch (act_type) {
+	case KERN_F32: memcpy(dst, x, (size_t)n * sizeof(float)); break;
+	case KERN_F16: {
+		uint16_t *d = dst;
+		for (int64_t i = 0; i < n; i++)
+			d[i] = kern_f32_to_f16(x[i]);
+		break;
+	}
+	case KERN_BF16: {
+		uint16_t *d = dst;
+		for (int64_t i = 0; i < n; i++)
+			d[i] = kern_f32_to_bf16(x[i]);
+		break;
+	}
+	case KERN_Q8_0: quantize_row_q8_0_ref(x, dst, n); break;
+	default: break;
+	}
+}
+
+/* ----------------------------------------------------------------- dot */
+
+static float dot_q4_0_q8_0(int64_t n, const struct kern_block_q4_0 *w,
+			   const struct kern_block_q8_0 *x)
+{
+	float acc = 0.0f;
+	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
+		int sumi = 0;
+		for (int j = 0; j < KERN_QK / 2; j++) {
+			sumi += ((w[ib].qs[j] & 0x0f) - 8) * x[ib].qs[j];
+			sumi += ((w[ib].qs[j] >> 4) - 8) * x[ib].qs[j + 16];
+		}
+		float d = kern_f16_to_f32(kern_load_u16(&w[ib].d)) *
+			  kern_f16_to_f32(kern_load_u16(&x[ib].d));
+		acc += d * (float)sumi;
+	}
+	return acc;
+}
+
+static float dot_q8_0_q8_0(int64_t n, const struct kern_block_q8_0 *w,
+			   const struct kern_block_q8_0 *x)
+{
+	float acc = 0.0f;
+	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
+		int sumi = 0;
+		for (int j = 0; j < KERN_QK; j++)
+			sumi += w[ib].qs[j] * x[ib].qs[j];
+		float d = kern_f16_to_f32(kern_load_u16(&w[ib].d)) *
+			  kern_f16_to_f32(kern_load_u16(&x[ib].d));
+		acc += d * (float)sumi;
+	}
+	return acc;
+}
+
+static float dot_mxfp4_q8_0(int64_t n, const struct kern_block_mxfp4 *w,
+			    const struct kern_block_q8_0 *x)
+{
+	float acc = 0.0f;
+	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
+		int sumi = 0;
+		for (int j = 0; j < KERN_QK / 2; j++) {
+			sumi += kern_mxfp4_values[w[ib].qs[j] & 0x0f] * x[ib].qs[j];
+			sumi += kern_mxfp4_values[w[ib].qs[j] >> 4] * x[ib].qs[j + 16];
+		}
+		float d = kern_e8m0_half(w[ib].e) * kern_f16_to_f32(kern_load_u16(&x[ib].d));
+		acc += d * (float)sumi;
+	}
+	return acc;
+}
+
+float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x)
+{
+	switch (weight_type) {
+	case KERN_F32: {
+		const float *a = w, *b = x;
+		float acc = 0.0f;
+		for (int64_t i = 0; i < n; i++)
+			acc += a[i] * b[i];
+		return acc;
+	}
+	case KERN_F16: {
+		const uint8_t *a = w, *b = x;
+		float acc = 0.0f;
+		for (int64_t i = 0; i < n; i++)
+			acc += kern_f16_to_f32(kern_load_u16(a + 2 * i)) *
+			       kern_f16_to_f32(kern_load_u16(b + 2 * i));
+		return acc;
+	}
+	case KERN_BF16: {
+		const uint8_t *a = w, *b = x;
+		float acc = 0.0f;
+		for (int64_t i = 0; i < n; i++)
+			acc += kern_bf16_to_f32(kern_load_u16(a + 2 * i)) *
+			       kern_bf16_to_f32(kern_load_u16(b + 2 * i));
+		return acc;
+	}
+	case KERN_Q4_0: return dot_q4_0_q8_0(n, w, x);
+	case KERN_Q8_0: return dot_q8_0_q8_0(n, w, x);
+	case KERN_MXFP4: return dot_mxfp4_q8_0(n, w, x);
+	default: return 0.0f;
+	}
+}
