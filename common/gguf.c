@@ -639,3 +639,29 @@ int gguf_expect_tensor(const gguf *g, const char *name, uint32_t n_dims, const u
 	*out = t;
 	return 0;
 }
+
+int gguf_kv_raw(const gguf *g, uint64_t i, const void **p, size_t *n)
+{
+	if (i >= g->n_kv)
+		return ERR_RANGE;
+	const struct gguf_kv *kv = &g->kv[i];
+	const uint8_t *start = (const uint8_t *)kv->key.ptr - 8;
+	const uint8_t *end;
+	uint64_t len;
+	if (kv->type == GGUF_TYPE_STRING) {
+		memcpy(&len, kv->value, 8);
+		end = kv->value + 8 + len;
+	} else if (kv->type != GGUF_TYPE_ARRAY) {
+		end = kv->value + gguf_type_size(kv->type);
+	} else if (kv->elem_type != GGUF_TYPE_STRING) {
+		end = kv->value + kv->count * gguf_type_size(kv->elem_type);
+	} else if (kv->count == 0) {
+		end = kv->value;
+	} else {
+		memcpy(&len, kv->strs[kv->count - 1], 8);
+		end = kv->strs[kv->count - 1] + 8 + len;
+	}
+	*p = start;
+	*n = (size_t)(end - start);
+	return 0;
+}

@@ -76,6 +76,12 @@ const char *gguf_kv_key(const gguf *g, uint64_t i);
 enum gguf_type gguf_kv_type(const gguf *g, uint64_t i);
 int64_t gguf_find_kv(const gguf *g, const char *key); /* index or -1 */
 
+/* The encoded bytes of metadata entry i exactly as stored in the file: the key
+ * (u64 length + bytes), the u32 value type and the value (for arrays: element
+ * type, count and elements).  *p points into the mapping.  ERR_RANGE if i is
+ * out of range.  Lets a writer copy an entry without decoding it. */
+int gguf_kv_raw(const gguf *g, uint64_t i, const void **p, size_t *n);
+
 int gguf_get_u32(const gguf *g, const char *key, uint32_t *out);
 int gguf_get_i32(const gguf *g, const char *key, int32_t *out);
 int gguf_get_f32(const gguf *g, const char *key, float *out);

@@ -83,6 +83,10 @@ int pool_new(int n_threads, pool **out)
 	}
 	for (int i = 1; i < n_threads; i++) {
 		struct pool_arg *a = malloc(sizeof(*a));
+		if (a) {
+			a->p = p;
+			a->ith = i;
+		}
 		if (!a || pthread_create(&p->threads[i], NULL, pool_main, a) != 0) {
 			free(a);
 			p->n = i; /* destroy joins only the started ones */
@@ -90,8 +94,6 @@ int pool_new(int n_threads, pool **out)
 			log_error("cannot start thread %d", i);
 			return ERR_NOMEM;
 		}
-		a->p = p;
-		a->ith = i;
 	}
 	*out = p;
 	return 0;

@@ -259,12 +259,13 @@ static int ds2_load_hparams(const struct arch_env *env, struct ds2_hparams *hp,
 	v = 0;
 	if ((rc = ds2_u32(env, "expert_gating_func", 0, 0, 16, &v)))
 		return rc;
-	if (v == 0) /* absent: llama.cpp's defaults for old DeepSeek-V2 files and GLM 4.7 Lite */
-		v = (hp->n_layer == 47 || hp->n_layer == 48) &&
-				    gguf_find_tensor(env->g, "token_embd.weight") &&
-				    gguf_find_tensor(env->g, "token_embd.weight")->ne[1] == 154880
-			    ? DS2_GATING_SIGMOID
-			    : DS2_GATING_SOFTMAX;
+	if (v == 0) {
+		/* absent: llama.cpp's defaults (old DeepSeek-V2 files; GLM 4.7 Lite) */
+		const gguf_tensor *te = gguf_find_tensor(env->g, "token_embd.weight");
+		const int glm = (hp->n_layer == 47 || hp->n_layer == 48) && te &&
+				te->ne[1] == 154880;
+		v = glm ? DS2_GATING_SIGMOID : DS2_GATING_SOFTMAX;
+	}
 	if (v != DS2_GATING_SOFTMAX && v != DS2_GATING_SIGMOID)
 		return ds2_bad(env, "expert_gating_func must be 1 (softmax) or 2 (sigmoid)");
 	hp->gating = (enum ds2_gating)v;
@@ -435,7 +436,7 @@ static int ds2_load_layer(const struct arch_env *env, const struct ds2_hparams *
 	return 0;
 }
 
-/* calloc of n elements of size sz, with overflow check; counts into *total. */
+/* calloc of n elements of size sz with an overflow check; sets *failed on failure. */
 static void *ds2_alloc(size_t n, size_t sz, int *failed)
 {
 	if (n == 0)

@@ -27,6 +27,7 @@
 #include "../kernels/kern.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,8 +60,8 @@ struct gptoss_layer {
 	const float *post_norm;	      /* [n_embd] */
 	const gguf_tensor *router;    /* n_embd x n_expert */
 	const float *router_b;	      /* [n_expert] */
-	int window;		      /* sliding window in positions; 0 = full attention */
 	struct ops_rope rope;	      /* this layer's RoPE (SWA layers have their own base) */
+	struct attn_params attn;      /* heads, scale 1/sqrt(head_dim), window, sinks */
 };
 
 struct gptoss_hparams {
@@ -368,21 +369,31 @@ static int gptoss_load_rope(const struct arch_env *env, const struct gptoss_hpar
 		r->beta_fast = GPTOSS_YARN_BETA_FAST;
 		r->beta_slow = GPTOSS_YARN_BETA_SLOW;
 		r->n_ctx_orig = (int)n_ctx_orig;
-		layers[il].window = hp->is_swa[il] ? hp->n_swa : 0;
 	}
 	return 0;
 }
 
 /* ------------------------------------------------------------------ tensors */
 
-/* An F32 vector or matrix (norm weights, biases, sinks) with the given extents. */
+/* An F32 vector or matrix (norm weights, biases, sinks) with the given extents,
+ * named printf-style; optional ones may be absent (*out = NULL). */
 static int gptoss_f32(const struct arch_env *env, const float **out, int64_t ne0, int64_t ne1,
-		      int optional, const char *name)
+		      int optional, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+
+static int gptoss_f32(const struct arch_env *env, const float **out, int64_t ne0, int64_t ne1,
+		      int optional, const char *fmt, ...)
 {
+	char name[128];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(name, sizeof(name), fmt, ap);
+	va_end(ap);
+	*out = NULL;
+	if (n < 0 || (size_t)n >= sizeof(name))
+		return ERR_CONFIG;
 	const gguf_tensor *t;
 	int rc = optional ? arch_tensor_opt(env, &t, ne0, ne1, 0, "%s", name)
 			  : arch_tensor(env, &t, ne0, ne1, 0, "%s", name);
-	*out = NULL;
 	if (rc || !t)
 		return rc;
 	if (t->type != KERN_F32) {
@@ -398,11 +409,9 @@ static int gptoss_load_layer(const struct arch_env *env, const struct gptoss_hpa
 			     int q_width, int kv_width, struct gptoss_layer *l)
 {
 	const int64_t E = hp->n_embd, X = hp->n_expert, F = hp->n_ff_exp;
-	char n[128];
 	int rc;
 
-#define GPTOSS_NAME(suffix) (snprintf(n, sizeof(n), "blk.%d." suffix, il), n)
-	rc = gptoss_f32(env, &l->attn_norm, E, 0, 0, GPTOSS_NAME("attn_norm.weight"));
+	rc = gptoss_f32(env, &l->attn_norm, E, 0, 0, "blk.%d.attn_norm.weight", il);
 	if (!rc)
 		rc = arch_tensor(env, &l->wq, E, q_width, 0, "blk.%d.attn_q.weight", il);
 	if (!rc)
@@ -410,24 +419,24 @@ static int gptoss_load_layer(const struct arch_env *env, const struct gptoss_hpa
 	if (!rc)
 		rc = arch_tensor(env, &l->wv, E, kv_width, 0, "blk.%d.attn_v.weight", il);
 	if (!rc)
-		rc = gptoss_f32(env, &l->bq, q_width, 0, 1, GPTOSS_NAME("attn_q.bias"));
+		rc = gptoss_f32(env, &l->bq, q_width, 0, 1, "blk.%d.attn_q.bias", il);
 	if (!rc)
-		rc = gptoss_f32(env, &l->bk, kv_width, 0, 1, GPTOSS_NAME("attn_k.bias"));
+		rc = gptoss_f32(env, &l->bk, kv_width, 0, 1, "blk.%d.attn_k.bias", il);
 	if (!rc)
-		rc = gptoss_f32(env, &l->bv, kv_width, 0, 1, GPTOSS_NAME("attn_v.bias"));
+		rc = gptoss_f32(env, &l->bv, kv_width, 0, 1, "blk.%d.attn_v.bias", il);
 	if (!rc)
 		rc = arch_tensor(env, &l->wo, q_width, E, 0, "blk.%d.attn_output.weight", il);
 	if (!rc)
-		rc = gptoss_f32(env, &l->bo, E, 0, 0, GPTOSS_NAME("attn_output.bias"));
+		rc = gptoss_f32(env, &l->bo, E, 0, 0, "blk.%d.attn_output.bias", il);
 	if (!rc)
-		rc = gptoss_f32(env, &l->sinks, hp->n_head, 0, 0, GPTOSS_NAME("attn_sinks.weight"));
+		rc = gptoss_f32(env, &l->sinks, hp->n_head, 0, 0, "blk.%d.attn_sinks.weight", il);
 	if (!rc)
 		rc = gptoss_f32(env, &l->post_norm, E, 0, 0,
-				GPTOSS_NAME("post_attention_norm.weight"));
+				"blk.%d.post_attention_norm.weight", il);
 	if (!rc)
 		rc = arch_tensor(env, &l->router, E, X, 0, "blk.%d.ffn_gate_inp.weight", il);
 	if (!rc)
-		rc = gptoss_f32(env, &l->router_b, X, 0, 0, GPTOSS_NAME("ffn_gate_inp.bias"));
+		rc = gptoss_f32(env, &l->router_b, X, 0, 0, "blk.%d.ffn_gate_inp.bias", il);
 	if (rc)
 		return rc;
 
@@ -441,15 +450,12 @@ static int gptoss_load_layer(const struct arch_env *env, const struct gptoss_hpa
 	if (!rc)
 		rc = arch_tensor(env, &t, F, E, X, "blk.%d.ffn_down_exps.weight", il);
 	if (!rc)
-		rc = gptoss_f32(env, &b, F, X, 0, GPTOSS_NAME("ffn_gate_exps.bias"));
+		rc = gptoss_f32(env, &b, F, X, 0, "blk.%d.ffn_gate_exps.bias", il);
 	if (!rc)
-		rc = gptoss_f32(env, &b, F, X, 0, GPTOSS_NAME("ffn_up_exps.bias"));
+		rc = gptoss_f32(env, &b, F, X, 0, "blk.%d.ffn_up_exps.bias", il);
 	if (!rc)
-		rc = gptoss_f32(env, &b, E, X, 0, GPTOSS_NAME("ffn_down_exps.bias"));
-	if (rc)
-		return rc;
-#undef GPTOSS_NAME
-	return 0;
+		rc = gptoss_f32(env, &b, E, X, 0, "blk.%d.ffn_down_exps.bias", il);
+	return rc;
 }
 
 static int gptoss_load_tensors(const struct arch_env *env, struct gptoss *s)
@@ -551,6 +557,21 @@ static int gptoss_load(const struct arch_env *env, struct model_info *info, void
 			    &s->cache);
 	if (rc)
 		goto out;
+	for (int il = 0; il < hp->n_layer; il++) {
+		struct gptoss_layer *l = &s->layers[il];
+		l->attn = (struct attn_params){
+			.n_head = hp->n_head,
+			.n_head_kv = hp->n_head_kv,
+			.head_dim_k = hp->head_dim,
+			.head_dim_v = hp->head_dim,
+			.scale = 1.0f / sqrtf((float)hp->head_dim),
+			.window = hp->is_swa[il] ? hp->n_swa : 0, /* j visible iff pos - j < n_swa */
+			.sinks = l->sinks,
+		};
+		rc = attn_check_params(s->cache, &l->attn, gguf_path(env->g));
+		if (rc)
+			goto out;
+	}
 
 	const size_t nb = (size_t)env->n_batch, E = (size_t)hp->n_embd;
 	const size_t K = (size_t)hp->n_expert_used;
@@ -617,25 +638,55 @@ static void gptoss_add_bias(float *y, const float *bias, int n_rows, int n)
 		ops_add(y + (size_t)r * n, y + (size_t)r * n, bias, n);
 }
 
-/* Router: the k largest raw logits (ties: lower expert id first), best first, and
- * their weights = softmax over those k logits (build_moe_ffn, SOFTMAX_WEIGHT). */
+/* Router: the k largest raw logits, best first (equal logits: lower expert id
+ * first), and their weights = softmax over those k logits (build_moe_ffn,
+ * SOFTMAX_WEIGHT: no renormalisation, no scale).  Insertion into the sorted list
+ * of the k best so far: O(n_expert * k). */
 static void gptoss_route(const float *logits, int n_expert, int k, int32_t *ids, float *w)
 {
-	for (int s = 0; s < k; s++) {
-		int best = -1;
-		for (int e = 0; e < n_expert; e++) {
-			int taken = 0;
-			for (int j = 0; j < s; j++)
-				taken |= ids[j] == e;
-			if (taken)
-				continue;
-			if (best < 0 || logits[e] > logits[best])
-				best = e;
+	int n = 0;
+	for (int e = 0; e < n_expert; e++) {
+		const float v = logits[e];
+		if (n == k && !(v > w[k - 1]))
+			continue;
+		int i = n < k ? n++ : k - 1;
+		for (; i > 0 && v > w[i - 1]; i--) {
+			w[i] = w[i - 1];
+			ids[i] = ids[i - 1];
 		}
-		ids[s] = best;
-		w[s] = logits[best];
+		w[i] = v;
+		ids[i] = e;
 	}
 	ops_softmax(w, k);
+}
+
+/* RoPE of q and k, and the cache store, for one thread's share of the batch rows
+ * (each row has its own (sequence, position), so the stores do not overlap). */
+struct gptoss_rope_job {
+	struct gptoss *s;
+	int il;
+	const model_batch *b;
+};
+
+static void gptoss_rope_rows(void *ctx, int ith, int nth)
+{
+	const struct gptoss_rope_job *j = ctx;
+	struct gptoss *s = j->s;
+	const struct gptoss_layer *l = &s->layers[j->il];
+	const int D = s->hp.head_dim;
+	int64_t lo, hi;
+	pool_split(j->b->n_tokens, ith, nth, 1, &lo, &hi);
+	for (int64_t t = lo; t < hi; t++) {
+		float *q = s->q + (size_t)t * s->q_width;
+		float *k = s->k + (size_t)t * s->kv_width;
+		const int32_t pos = j->b->pos[t];
+		for (int h = 0; h < s->hp.n_head; h++)
+			ops_rope_apply(&l->rope, q + (size_t)h * D, pos);
+		for (int h = 0; h < s->hp.n_head_kv; h++)
+			ops_rope_apply(&l->rope, k + (size_t)h * D, pos);
+		attn_cache_store(s->cache, j->il, j->b->seq[t], pos, k,
+				 s->v + (size_t)t * s->kv_width);
+	}
 }
 
 /* Attention block of layer il for n rows: s->x -> s->o (= Wo attn + bo), and the
@@ -661,28 +712,14 @@ static void gptoss_attention(struct gptoss *s, int il, const model_batch *b)
 	gptoss_add_bias(s->v, l->bv, n, s->kv_width);
 
 	/* RoPE on every head of q and k at the token's position, then cache k, v */
-	for (int t = 0; t < n; t++) {
-		for (int h = 0; h < hp->n_head; h++)
-			ops_rope_apply(&l->rope, s->q + (size_t)t * s->q_width + (size_t)h * D,
-				       b->pos[t]);
-		for (int h = 0; h < hp->n_head_kv; h++)
-			ops_rope_apply(&l->rope, s->k + (size_t)t * s->kv_width + (size_t)h * D,
-				       b->pos[t]);
-		attn_cache_store(s->cache, il, b->seq[t], b->pos[t], s->k + (size_t)t * s->kv_width,
-				 s->v + (size_t)t * s->kv_width);
-	}
+	struct gptoss_rope_job rj = {.s = s, .il = il, .b = b};
+	if (n * (hp->n_head + hp->n_head_kv) * D < 8192)
+		gptoss_rope_rows(&rj, 0, 1);
+	else
+		pool_run(p, gptoss_rope_rows, &rj);
 
-	/* attn = softmax(q k^T / sqrt(D), with sinks, window) v      (n, q_width) */
-	const struct attn_params ap = {
-		.n_head = hp->n_head,
-		.n_head_kv = hp->n_head_kv,
-		.head_dim_k = D,
-		.head_dim_v = D,
-		.scale = 1.0f / sqrtf((float)D),
-		.window = l->window,
-		.sinks = l->sinks,
-	};
-	attn_forward(p, s->cache, il, &ap, b, s->q, s->attn);
+	/* attn = softmax(q k^T / sqrt(D) + sink, window) v             (n, q_width) */
+	attn_forward(p, s->cache, il, &l->attn, b, s->q, s->attn);
 
 	/* o = Wo attn + bo                                 (n, q_width) -> (n, E) */
 	ops_matmul(p, l->wo, s->attn, s->q_width, n, s->o, E, s->mm_scratch);
@@ -747,8 +784,8 @@ static int gptoss_forward(void *state, const model_batch *b, float *logits)
 	int rc;
 
 	if (n < 0 || n > s->env->n_batch) {
-		log_error("gpt-oss: batch of %d tokens exceeds the batch size %d", n,
-			  s->env->n_batch);
+		log_error("%s: batch of %d tokens exceeds the batch size %d",
+			  gguf_path(s->env->g), n, s->env->n_batch);
 		return ERR_RANGE;
 	}
 	if (n == 0)

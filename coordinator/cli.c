@@ -1,6 +1,12 @@
 #define _GNU_SOURCE
 #include "cli.h"
+#include "cluster.h"
 #include "model.h"
+#include "../common/transport.h"
+#include "../common/wire.h"
+#include "../worker/worker.h"
+#include "sampler.h"
+#include "../common/tokenizer.h"
 #include "../common/err.h"
 #include "../common/log.h"
 #include "../kernels/kern.h"
@@ -12,6 +18,9 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 
 enum { CLI_OK = 0, CLI_FAIL = 1, CLI_USAGE = 2 };
 
@@ -32,7 +41,21 @@ struct cli_opts {
 	unsigned long long seed;
 	int print_ids;
 	int help;
+	/* cluster */
+	long workers;	     /* --workers N: spawn N local workers over ipc:// */
+	const char *listen;  /* --listen tcp://0.0.0.0:PORT */
+	long expect_workers; /* with --listen */
+	const char *transport_name;
+	long worker_timeout; /* ms */
+	long replicas;
+	const char *wire_dtype;
+	int stream_weights;
+	int stats;
 };
+
+#define CLI_CLUSTER_OPTS \
+	" --workers --listen --expect-workers --transport --worker-timeout --replicas" \
+	" --wire-dtype --stream-weights --stats"
 
 static int cli_parse_long(const char *opt, const char *s, long lo, long hi, long *out)
 {
@@ -83,6 +106,14 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 			o->print_ids = 1;
 			continue;
 		}
+		if (!strcmp(a, "--stream-weights")) {
+			o->stream_weights = 1;
+			continue;
+		}
+		if (!strcmp(a, "--stats")) {
+			o->stats = 1;
+			continue;
+		}
 		if (i + 1 >= argc) {
 			fprintf(stderr, "moefleet: %s needs a value\n", a);
 			return -1;
@@ -124,6 +155,32 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 		} else if (!strcmp(a, "--top-p")) {
 			if (cli_parse_double(a, v, 0.0, 1.0, &o->top_p))
 				return -1;
+		} else if (!strcmp(a, "--workers")) {
+			if (cli_parse_long(a, v, 0, 64, &o->workers))
+				return -1;
+		} else if (!strcmp(a, "--expect-workers")) {
+			if (cli_parse_long(a, v, 1, 4096, &o->expect_workers))
+				return -1;
+		} else if (!strcmp(a, "--worker-timeout")) {
+			if (cli_parse_long(a, v, 1, 3600000, &o->worker_timeout))
+				return -1;
+		} else if (!strcmp(a, "--replicas")) {
+			if (cli_parse_long(a, v, 1, 64, &o->replicas))
+				return -1;
+		} else if (!strcmp(a, "--listen")) {
+			o->listen = v;
+		} else if (!strcmp(a, "--transport")) {
+			if (strcmp(v, "inproc") && strcmp(v, "zmq") && strcmp(v, "mpi")) {
+				fprintf(stderr, "moefleet: --transport: '%s' is not inproc, zmq or mpi\n", v);
+				return -1;
+			}
+			o->transport_name = v;
+		} else if (!strcmp(a, "--wire-dtype")) {
+			if (strcmp(v, "q8_0") && strcmp(v, "bf16") && strcmp(v, "f32")) {
+				fprintf(stderr, "moefleet: --wire-dtype: '%s' is not q8_0, bf16 or f32\n", v);
+				return -1;
+			}
+			o->wire_dtype = v;
 		} else if (!strcmp(a, "--seed")) {
 			if (cli_parse_long(a, v, 0, 0x7fffffffL, &l))
 				return -1;
@@ -237,6 +294,172 @@ static double cli_now(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------ cluster */
+
+static transport *cli_mpi; /* set when started under mpirun (rank 0) */
+static int cli_mpi_size;
+
+static const char *cli_usage_cluster =
+	"cluster options (any command that runs a model):\n"
+	"  --workers N            spawn N local expert workers over ZeroMQ ipc://\n"
+	"  --listen ENDPOINT      wait for remote workers (moefleet-worker --connect ...)\n"
+	"  --expect-workers N     how many workers --listen waits for (default 1)\n"
+	"  --transport T          inproc (default), zmq, or mpi (under mpirun)\n"
+	"  --worker-timeout MS    fail a step when a worker is silent this long (10000)\n"
+	"  --replicas R           copies of each expert (default 1)\n"
+	"  --wire-dtype D         q8_0 | bf16 | f32 activations on the wire (default: the\n"
+	"                         experts' own activation type, Q8_0 for quantised experts)\n"
+	"  --stream-weights       send expert weights to workers even if they have the file\n"
+	"  --stats                print per-worker statistics at the end\n";
+
+struct cli_cluster {
+	pid_t *children;
+	int n_children;
+	cluster *c; /* owned by the model's backend once attached */
+	char ipc_path[128];
+};
+
+static int cli_spawn_workers(const struct cli_opts *o, const char *endpoint,
+			     struct cli_cluster *cc)
+{
+	char self[4096];
+	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 32);
+	if (n <= 0) {
+		log_error("cannot find this program's path to start workers");
+		return ERR_CONFIG;
+	}
+	self[n] = 0;
+	char *slash = strrchr(self, '/');
+	snprintf(slash + 1, sizeof(self) - (size_t)(slash + 1 - self), "moefleet-worker");
+	if (access(self, X_OK) != 0) {
+		log_error("%s: cannot start workers: %s", self, strerror(errno));
+		return ERR_CONFIG;
+	}
+	cc->children = calloc((size_t)o->workers, sizeof(pid_t));
+	if (!cc->children)
+		return ERR_NOMEM;
+	pid_t parent = getpid();
+	for (int i = 0; i < o->workers; i++) {
+		char name[32];
+		snprintf(name, sizeof(name), "local-%d", i);
+		pid_t pid = fork();
+		if (pid < 0) {
+			log_error("cannot start worker %d: %s", i, strerror(errno));
+			return ERR_CONFIG;
+		}
+		if (pid == 0) {
+			prctl(PR_SET_PDEATHSIG, SIGTERM);
+			if (getppid() != parent)
+				_exit(1);
+			char *args[] = {self, "--connect", (char *)endpoint, "-m", (char *)o->model,
+					"--threads", "1", "--name", name, NULL};
+			if (o->stream_weights)
+				args[3] = NULL; /* no model copy: weights are streamed */
+			execv(self, args);
+			_exit(127);
+		}
+		cc->children[cc->n_children++] = pid;
+	}
+	return 0;
+}
+
+/* Attaches remote experts to m as the options ask; nothing for in-process. */
+static int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_cluster *cc)
+{
+	memset(cc, 0, sizeof(*cc));
+	transport *t = NULL;
+	int n_workers = 0;
+	int rc = 0;
+	const char *tn = o->transport_name ? o->transport_name : "";
+	if (!strcmp(tn, "mpi") || (cli_mpi && strcmp(tn, "inproc"))) {
+		if (!cli_mpi) {
+			log_error("--transport mpi: not started by mpirun");
+			return ERR_CONFIG;
+		}
+		t = cli_mpi;
+		cli_mpi = NULL;
+		n_workers = cli_mpi_size - 1;
+		if (n_workers < 1) {
+			log_error("--transport mpi needs at least 2 ranks (1 coordinator + workers)");
+			transport_destroy(&t);
+			return ERR_CONFIG;
+		}
+	} else if (o->workers > 0) {
+		snprintf(cc->ipc_path, sizeof(cc->ipc_path), "ipc:///tmp/moefleet-%ld.sock",
+			 (long)getpid());
+		rc = transport_zmq_listen(cc->ipc_path, &t);
+		if (rc)
+			return rc;
+		rc = cli_spawn_workers(o, cc->ipc_path, cc);
+		if (rc) {
+			transport_destroy(&t);
+			return rc;
+		}
+		n_workers = (int)o->workers;
+	} else if (o->listen) {
+		rc = transport_zmq_listen(o->listen, &t);
+		if (rc)
+			return rc;
+		n_workers = o->expect_workers > 0 ? (int)o->expect_workers : 1;
+		log_info("listening on %s for %d worker(s)", o->listen, n_workers);
+	} else {
+		return 0;
+	}
+	struct cluster_config cfg = {
+		.g = model_get_gguf(m),
+		.spec = &model_get_info(m)->moe,
+		.n_workers = n_workers,
+		.replicas = o->replicas > 0 ? (int)o->replicas : 1,
+		.timeout_ms = o->worker_timeout > 0 ? (int)o->worker_timeout : 10000,
+		.join_timeout_ms = o->listen ? 600000 : 60000,
+		.wire_dtype = !o->wire_dtype		     ? 0
+			      : !strcmp(o->wire_dtype, "q8_0") ? KERN_Q8_0
+			      : !strcmp(o->wire_dtype, "bf16") ? KERN_BF16
+							       : KERN_F32,
+		.stream = o->stream_weights,
+	};
+	rc = cluster_new(t, &cfg, model_get_pool(m), &cc->c);
+	if (rc)
+		return rc;
+	expert_backend *b = NULL;
+	cluster *c = cc->c;
+	rc = cluster_backend(c, &b);
+	if (rc) {
+		cc->c = NULL;
+		return rc;
+	}
+	model_set_experts(m, b);
+	return 0;
+}
+
+static void cli_cluster_stats(const struct cli_opts *o, const struct cli_cluster *cc)
+{
+	if (o->stats && cc->c)
+		cluster_print_stats(cc->c);
+}
+
+/* After the model (and with it the cluster) is destroyed: reap local workers. */
+static void cli_cluster_finish(struct cli_cluster *cc)
+{
+	for (int i = 0; i < cc->n_children; i++) {
+		int st;
+		for (int tries = 0; tries < 50; tries++) {
+			if (waitpid(cc->children[i], &st, WNOHANG) != 0)
+				break;
+			if (tries == 49) {
+				kill(cc->children[i], SIGKILL);
+				waitpid(cc->children[i], &st, 0);
+			}
+			struct timespec ts = {0, 20 * 1000 * 1000};
+			nanosleep(&ts, NULL);
+		}
+	}
+	free(cc->children);
+	cc->children = NULL;
+	cc->n_children = 0;
+	cc->c = NULL;
 }
 
 /* ------------------------------------------------------------ info */
@@ -398,18 +621,20 @@ static int cli_logits(int argc, char **argv)
 {
 	struct cli_opts o = {.n_prompt = -1};
 	int rc = CLI_FAIL;
-	if (cli_parse(argc, argv, "-m --model --tokens --out -o --n-prompt --threads -t", &o) ||
+	if (cli_parse(argc, argv, "-m --model --tokens --out -o --n-prompt --threads -t" CLI_CLUSTER_OPTS, &o) ||
 	    (!o.help && (!o.model || !o.tokens || !o.out))) {
 		fputs(cli_usage_logits, stderr);
 		return CLI_USAGE;
 	}
 	if (o.help) {
 		fputs(cli_usage_logits, stdout);
+		fputs(cli_usage_cluster, stdout);
 		return CLI_OK;
 	}
 	int32_t *ids = NULL;
 	int n = 0;
 	model *m = NULL;
+	struct cli_cluster cc = {0};
 	float *logits = NULL;
 	char *tmp = NULL;
 	int fd = -1;
@@ -425,7 +650,7 @@ static int cli_logits(int argc, char **argv)
 	model_params_default(&mp);
 	mp.n_threads = (int)o.threads;
 	mp.n_ctx = n;
-	if (model_open(o.model, &mp, &m))
+	if (model_open(o.model, &mp, &m) || cli_cluster_setup(&o, m, &cc))
 		goto out;
 	const struct model_info *info = model_get_info(m);
 	for (int i = 0; i < n; i++) {
@@ -435,9 +660,9 @@ static int cli_logits(int argc, char **argv)
 			goto out;
 		}
 	}
-	logits = malloc((size_t)n * (size_t)info->n_vocab * sizeof(float));
-	int32_t *pos = malloc((size_t)n * sizeof(int32_t));
-	int32_t *seq = calloc((size_t)n, sizeof(int32_t));
+	logits = malloc((size_t)(unsigned)n * (size_t)info->n_vocab * sizeof(float));
+	int32_t *pos = malloc((size_t)(unsigned)n * sizeof(int32_t));
+	int32_t *seq = calloc((size_t)(unsigned)n, sizeof(int32_t));
 	if (!logits || !pos || !seq) {
 		free(pos);
 		free(seq);
@@ -487,7 +712,9 @@ out:
 	}
 	free(logits);
 	free(ids);
+	cli_cluster_stats(&o, &cc);
 	model_destroy(&m);
+	cli_cluster_finish(&cc);
 	return rc;
 }
 
@@ -514,17 +741,19 @@ static double cli_median(double *v, int n)
 static int cli_bench(int argc, char **argv)
 {
 	struct cli_opts o = {.pp = 512, .tg = 128, .reps = 5};
-	if (cli_parse(argc, argv, "-m --model --pp --tg --reps --threads -t", &o) ||
+	if (cli_parse(argc, argv, "-m --model --pp --tg --reps --threads -t" CLI_CLUSTER_OPTS, &o) ||
 	    (!o.help && !o.model)) {
 		fputs(cli_usage_bench, stderr);
 		return CLI_USAGE;
 	}
 	if (o.help) {
 		fputs(cli_usage_bench, stdout);
+		fputs(cli_usage_cluster, stdout);
 		return CLI_OK;
 	}
 	int rc = CLI_FAIL;
 	model *m = NULL;
+	struct cli_cluster cc = {0};
 	struct model_params mp;
 	model_params_default(&mp);
 	mp.n_threads = (int)o.threads;
@@ -540,7 +769,7 @@ static int cli_bench(int argc, char **argv)
 	float *logits = NULL;
 	if (!ids || !pos || !seq || !want || !pp_t || !tg_t)
 		goto out;
-	if (model_open(o.model, &mp, &m))
+	if (model_open(o.model, &mp, &m) || cli_cluster_setup(&o, m, &cc))
 		goto out;
 	const struct model_info *info = model_get_info(m);
 	logits = malloc((size_t)info->n_vocab * sizeof(float));
@@ -593,7 +822,9 @@ out:
 	free(pp_t);
 	free(tg_t);
 	free(logits);
+	cli_cluster_stats(&o, &cc);
 	model_destroy(&m);
+	cli_cluster_finish(&cc);
 	return rc;
 }
 
@@ -608,9 +839,64 @@ static const char *cli_usage_main =
 	"  bench     measure prompt processing and token generation speed\n"
 	"Run 'moefleet <command> --help' for the options of a command.\n";
 
-int cli_generate(int argc, char **argv);
+static int cli_generate(int argc, char **argv);
+
+/* Under mpirun every rank runs this program: rank 0 is the coordinator and
+ * runs the command; the other ranks serve experts from the -m model. */
+static int cli_mpi_start(int argc, char **argv, int *done)
+{
+	*done = 0;
+	if (!transport_mpi_launched())
+		return CLI_OK;
+	int rank = 0;
+	transport *t = NULL;
+	if (transport_mpi_new(&rank, &cli_mpi_size, &t)) {
+		*done = 1;
+		return CLI_FAIL;
+	}
+	if (rank == 0) {
+		cli_mpi = t;
+		return CLI_OK;
+	}
+	*done = 1;
+	struct worker_config cfg = {0};
+	char name[32];
+	snprintf(name, sizeof(name), "mpi-rank-%d", rank);
+	cfg.name = name;
+	cfg.n_threads = 1;
+	for (int i = 1; i + 1 < argc; i++)
+		if (!strcmp(argv[i], "-m") || !strcmp(argv[i], "--model"))
+			cfg.model_path = argv[i + 1];
+	int rc = worker_run(t, &cfg);
+	transport_destroy(&t);
+	return rc ? CLI_FAIL : CLI_OK;
+}
+
+static int cli_dispatch(int argc, char **argv);
 
 int cli_main(int argc, char **argv)
+{
+	int done;
+	int rc = cli_mpi_start(argc, argv, &done);
+	if (done)
+		return rc;
+	rc = cli_dispatch(argc, argv);
+	if (cli_mpi) {
+		/* the command did not use the workers: release them */
+		struct wire_msg m = {.kind = WIRE_SHUTDOWN};
+		snprintf(m.u.text, sizeof(m.u.text), "coordinator done");
+		uint8_t *buf = NULL;
+		size_t cap = 0, len = 0;
+		if (wire_encode(&m, &buf, &cap, &len) == 0)
+			for (int i = 0; i + 1 < cli_mpi_size; i++)
+				transport_send(cli_mpi, i, buf, len, NULL, 0);
+		free(buf);
+		transport_destroy(&cli_mpi);
+	}
+	return rc;
+}
+
+static int cli_dispatch(int argc, char **argv)
 {
 	if (argc < 2) {
 		fputs(cli_usage_main, stderr);
@@ -636,10 +922,157 @@ int cli_main(int argc, char **argv)
 
 /* ------------------------------------------------------------ generate */
 
-int cli_generate(int argc, char **argv)
+static const char *cli_usage_generate =
+	"usage: moefleet generate -m MODEL.gguf (--tokens IDS | -p TEXT) -n N [--temp T]\n"
+	"                         [--top-k K] [--top-p P] [--seed S] [--print-ids] [--threads T]\n"
+	"  Greedy at temperature 0 (the default).  Streams text as it is generated;\n"
+	"  --print-ids also prints the generated ids as one comma-separated line.\n";
+
+static int cli_emit(tokenizer_stream *ts, int32_t id, char *buf, size_t cap)
 {
-	(void)argc;
-	(void)argv;
-	log_error("generate: not built yet");
-	return CLI_FAIL;
+	size_t n = 0;
+	if (tokenizer_stream_push(ts, id, buf, cap, &n))
+		return ERR_RANGE;
+	fwrite(buf, 1, n, stdout);
+	fflush(stdout);
+	return 0;
+}
+
+static int cli_generate(int argc, char **argv)
+{
+	struct cli_opts o = {.n_predict = -1, .top_p = 1.0};
+	if (cli_parse(argc, argv,
+		      "-m --model --tokens -p --prompt -n --n-predict --temp --top-k --top-p --seed "
+		      "--print-ids --threads -t" CLI_CLUSTER_OPTS,
+		      &o) ||
+	    (!o.help && (!o.model || (!o.tokens == !o.prompt) || o.n_predict < 0))) {
+		fputs(cli_usage_generate, stderr);
+		return CLI_USAGE;
+	}
+	if (o.help) {
+		fputs(cli_usage_generate, stdout);
+		fputs(cli_usage_cluster, stdout);
+		return CLI_OK;
+	}
+	int rc = CLI_FAIL;
+	model *m = NULL;
+	struct cli_cluster cc = {0};
+	tokenizer *tok = NULL;
+	tokenizer_stream *ts = NULL;
+	sampler *smp = NULL;
+	int32_t *ids = NULL, *out_ids = NULL;
+	float *logits = NULL;
+	char *piece = NULL;
+	int n = 0;
+	struct model_params mp;
+	model_params_default(&mp);
+	mp.n_threads = (int)o.threads;
+	/* the model's file is opened first so that a bad file is reported as such */
+	if (o.tokens && cli_read_ids(o.tokens, &ids, &n))
+		goto out;
+	mp.n_ctx = 1; /* set below, once the prompt length is known */
+	gguf *g = NULL;
+	if (gguf_open(o.model, &g))
+		goto out;
+	int trc = tokenizer_new(g, &tok);
+	gguf_destroy(&g);
+	if (trc)
+		goto out;
+	if (o.prompt) {
+		size_t len = strlen(o.prompt), need = 0;
+		size_t cap = len + 2;
+		ids = malloc(cap * sizeof(int32_t));
+		if (!ids)
+			goto out;
+		size_t off = 0;
+		if (tokenizer_add_bos(tok) && tokenizer_bos(tok) >= 0)
+			ids[off++] = tokenizer_bos(tok);
+		if (tokenizer_encode(tok, o.prompt, len, 1, ids + off, cap - off, &need)) {
+			log_error("cannot tokenize the prompt");
+			goto out;
+		}
+		n = (int)(off + need);
+		if (n == 0) {
+			log_error("the prompt is empty");
+			goto out;
+		}
+	}
+	mp.n_ctx = n + (int)o.n_predict;
+	if (model_open(o.model, &mp, &m) || cli_cluster_setup(&o, m, &cc))
+		goto out;
+	const struct model_info *info = model_get_info(m);
+	for (int i = 0; i < n; i++) {
+		if (ids[i] >= info->n_vocab) {
+			log_error("token id %d at position %d is out of range (vocabulary %d)", ids[i],
+				  i, info->n_vocab);
+			goto out;
+		}
+	}
+	struct sampler_params sp = {(float)o.temp, (int)o.top_k, (float)o.top_p, o.seed};
+	if (sampler_new(&sp, info->n_vocab, &smp) || tokenizer_stream_new(tok, 0, &ts))
+		goto out;
+	size_t pcap = tokenizer_stream_bound(ts);
+	piece = malloc(pcap);
+	logits = malloc((size_t)info->n_vocab * sizeof(float));
+	out_ids = malloc(((size_t)o.n_predict + 1) * sizeof(int32_t));
+	int32_t *pos = malloc((size_t)(n > 0 ? n : 1) * sizeof(int32_t));
+	int32_t *seq = calloc((size_t)(n > 0 ? n : 1), sizeof(int32_t));
+	uint8_t *want = calloc((size_t)(n > 0 ? n : 1), 1);
+	if (!piece || !logits || !out_ids || !pos || !seq || !want) {
+		free(pos);
+		free(seq);
+		free(want);
+		goto out;
+	}
+	for (int i = 0; i < n; i++)
+		pos[i] = i;
+	want[n - 1] = 1;
+	model_batch b = {n, ids, pos, seq, want};
+	int frc = model_forward(m, &b, logits);
+	free(pos);
+	free(seq);
+	free(want);
+	if (frc)
+		goto out;
+	if (o.prompt)
+		fputs(o.prompt, stdout);
+	int n_out = 0;
+	double t0 = cli_now();
+	for (int i = 0; i < o.n_predict; i++) {
+		int32_t next = sampler_sample(smp, logits);
+		out_ids[n_out++] = next;
+		if (cli_emit(ts, next, piece, pcap))
+			goto out;
+		if (tokenizer_is_eog(tok, next) || i + 1 == o.n_predict)
+			break;
+		int32_t p = n + i, s0 = 0;
+		model_batch d = {1, &next, &p, &s0, NULL};
+		if (model_forward(m, &d, logits))
+			goto out;
+	}
+	size_t fl = 0;
+	if (tokenizer_stream_flush(ts, piece, pcap, &fl) == 0)
+		fwrite(piece, 1, fl, stdout);
+	fputc('\n', stdout);
+	if (o.print_ids) {
+		for (int i = 0; i < n_out; i++)
+			printf("%s%d", i ? "," : "", out_ids[i]);
+		fputc('\n', stdout);
+	}
+	double dt = cli_now() - t0;
+	log_info("generated %d tokens in %.2f s (%.1f tok/s)", n_out, dt,
+		 dt > 0 ? (double)n_out / dt : 0.0);
+	rc = CLI_OK;
+out:
+	free(ids);
+	free(out_ids);
+	free(logits);
+	free(piece);
+	sampler_destroy(&smp);
+	tokenizer_stream_destroy(&ts);
+	tokenizer_destroy(&tok);
+	cli_cluster_stats(&o, &cc);
+	model_destroy(&m);
+	cli_cluster_finish(&cc);
+	return rc;
 }

@@ -29,6 +29,15 @@ struct expert_job {
 
 typedef struct expert_backend expert_backend;
 
+/* What a backend implementation provides (see experts_new_local, cluster.h). */
+struct expert_backend_ops {
+	int (*compute)(void *self, const struct expert_job *job);
+	void (*destroy)(void *self);
+};
+
+/* Wraps an implementation; on failure self is destroyed with ops->destroy. */
+int expert_backend_new(const struct expert_backend_ops *ops, void *self, expert_backend **out);
+
 int experts_new_local(const gguf *g, const struct moe_spec *spec, pool *p,
 		      expert_backend **out);
 int expert_backend_compute(expert_backend *b, const struct expert_job *job);

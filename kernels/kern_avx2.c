@@ -1,30 +1,450 @@
-/* kern_avx2: AVX2/FMA/F16C kernels (temporary: forwards to the scalar twins). */
+/* kern_avx2: AVX2/FMA/F16C kernels, compiled with -mavx2 -mfma -mf16c.
+ *
+ * Only called through kern.c's dispatch after kern_init() found the features.
+ * Every dot product goes through one "tile" routine that computes nr (1..4)
+ * activation rows against one weight row with a fixed per-(row, output)
+ * operation sequence, so kern_matmul's results are bit-identical to kern_dot's
+ * whatever the batch composition.
+ *
+ * Q8_0-activation dots follow ggml: per block the int8 products are summed in
+ * int32 lanes (maddubs/madd with the sign trick), converted to float and
+ * accumulated with an FMA by d_w * d_x (details at tile_q8).  Float dots
+ * accumulate in four 8-lane f32 accumulators (details at tile_fl). */
+#include <immintrin.h>
+#include <string.h>
+
 #include "kernels/kern.h"
 #include "kernels/kern_impl.h"
 
-void kern_dequant_row_avx2(uint32_t type, const void *src, float *dst, int64_t n)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+#define TILE_ROWS 4 /* activation rows per weight pass */
+
+static ALWAYS_INLINE float hsum8(__m256 v)
 {
-	kern_dequant_row_ref(type, src, dst, n);
+	__m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+	r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+	r = _mm_add_ss(r, _mm_movehdup_ps(r));
+	return _mm_cvtss_f32(r);
 }
 
-void kern_convert_row_avx2(enum kern_type act_type, const float *x, void *dst, int64_t n)
+static ALWAYS_INLINE float f16_load(const uint8_t *p)
 {
-	kern_convert_row_ref(act_type, x, dst, n);
+	return _cvtsh_ss(kern_load_u16(p));
+}
+
+/* ------------------------------------------------------ quantised dots */
+
+/* Blocks go in pairs: the int8 products of each block are summed pairwise
+ * into int16 (maddubs, with the sign trick), the two blocks' vectors are
+ * folded together with one horizontal add and widened to int32, so that each
+ * 128-bit half holds [b0, b0, b1, b1] partial sums; one convert and one FMA by
+ * [d0, d0, d1, d1 | ...] (d = d_w * d_x) then serve both blocks.  One
+ * accumulator per (row, output). */
+
+struct q8w {
+	__m256i w; /* the 32 weights as int8, in value order */
+	__m256i a; /* their absolute values (unsigned; -128 gives 128) */
+};
+
+static ALWAYS_INLINE struct q8w q8w_unpack(uint32_t type, const uint8_t *blk)
+{
+	const __m128i m4 = _mm_set1_epi8(0x0f);
+	struct q8w r;
+	switch (type) {
+	case KERN_Q8_0: r.w = _mm256_loadu_si256((const __m256i *)(blk + 2)); break;
+	case KERN_Q4_0: {
+		__m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
+		__m128i lo = _mm_and_si128(q, m4);
+		__m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+		r.w = _mm256_sub_epi8(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1),
+				      _mm256_set1_epi8(8));
+		break;
+	}
+	default: { /* MXFP4 */
+		const __m128i tab = _mm_loadu_si128((const __m128i *)kern_mxfp4_values);
+		__m128i q = _mm_loadu_si128((const __m128i *)(blk + 1));
+		__m128i lo = _mm_shuffle_epi8(tab, _mm_and_si128(q, m4));
+		__m128i hi = _mm_shuffle_epi8(tab, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
+		r.w = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+		break;
+	}
+	}
+	r.a = _mm256_abs_epi8(r.w);
+	return r;
+}
+
+static ALWAYS_INLINE size_t q8w_block_bytes(uint32_t type)
+{
+	return type == KERN_Q8_0 ? 34 : type == KERN_Q4_0 ? 18 : 17;
+}
+
+/* f16 scales at p0 and p1 (p1 NULL: 0) in lanes 0 and 1. */
+static ALWAYS_INLINE __m128 f16_pair(const uint8_t *p0, const uint8_t *p1)
+{
+	__m128i h = _mm_cvtsi32_si128(kern_load_u16(p0));
+	if (p1)
+		h = _mm_insert_epi16(h, kern_load_u16(p1), 1);
+	return _mm_cvtph_ps(h);
+}
+
+/* Weight scales of blocks b0 and b1 in lanes 0 and 1 (b1 NULL: 0). */
+static ALWAYS_INLINE __m128 q8w_scales(uint32_t type, const uint8_t *b0, const uint8_t *b1)
+{
+	if (type == KERN_MXFP4)
+		return _mm_setr_ps(kern_e8m0_half(b0[0]), b1 ? kern_e8m0_half(b1[0]) : 0.0f, 0.0f,
+				   0.0f);
+	return f16_pair(b0, b1);
+}
+
+/* int16 pair sums of one block's products w * x. */
+static ALWAYS_INLINE __m256i q8_block_i16(const struct q8w *w, const uint8_t *xb)
+{
+	__m256i xq = _mm256_loadu_si256((const __m256i *)(xb + 2));
+	return _mm256_maddubs_epi16(w->a, _mm256_sign_epi8(xq, w->w));
+}
+
+/* acc += [d0 d0 d1 d1 | d0 d0 d1 d1] * float(folded p0, p1); x1 NULL when the
+ * second block is absent (p1 zero). */
+static ALWAYS_INLINE __m256 q8_pair_fma(uint32_t type, __m128 dw, const uint8_t *x0,
+					const uint8_t *x1, __m256i p0, __m256i p1, __m256 acc)
+{
+	const __m256i ones = _mm256_set1_epi16(1);
+	__m256i h;
+	if (type == KERN_Q8_0) /* pair sums up to 32512: widen before adding */
+		h = _mm256_hadd_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+	else /* |w| <= 12: sums of four products fit in int16 */
+		h = _mm256_madd_epi16(_mm256_hadd_epi16(p0, p1), ones);
+	__m128 s = _mm_mul_ps(dw, f16_pair(x0, x1));
+	__m128 t = _mm_unpacklo_ps(s, s);
+	__m256 d = _mm256_insertf128_ps(_mm256_castps128_ps256(t), t, 1);
+	return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(h), acc);
+}
+
+static ALWAYS_INLINE void tile_q8(uint32_t type, int nr, const uint8_t *w, const uint8_t *x,
+				  size_t xs, int64_t n, float *out)
+{
+	const size_t bs = q8w_block_bytes(type);
+	const int64_t nb = n / KERN_QK;
+	__m256 acc[TILE_ROWS];
+
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++)
+		acc[r] = _mm256_setzero_ps();
+	int64_t ib = 0;
+	for (; ib + 1 < nb; ib += 2) {
+		const uint8_t *w0 = w + (size_t)ib * bs, *w1 = w0 + bs;
+		struct q8w q0 = q8w_unpack(type, w0), q1 = q8w_unpack(type, w1);
+		__m128 dw = q8w_scales(type, w0, w1);
+#pragma GCC unroll 4
+		for (int r = 0; r < nr; r++) {
+			const uint8_t *xb = x + r * xs + (size_t)ib * 34;
+			__m256i p0 = q8_block_i16(&q0, xb);
+			__m256i p1 = q8_block_i16(&q1, xb + 34);
+			acc[r] = q8_pair_fma(type, dw, xb, xb + 34, p0, p1, acc[r]);
+		}
+	}
+	if (ib < nb) { /* odd block out: the second is zeros */
+		const uint8_t *w0 = w + (size_t)ib * bs;
+		struct q8w q0 = q8w_unpack(type, w0);
+		__m128 dw = q8w_scales(type, w0, NULL);
+#pragma GCC unroll 4
+		for (int r = 0; r < nr; r++) {
+			const uint8_t *xb = x + r * xs + (size_t)ib * 34;
+			__m256i p0 = q8_block_i16(&q0, xb);
+			acc[r] = q8_pair_fma(type, dw, xb, NULL, p0, _mm256_setzero_si256(), acc[r]);
+		}
+	}
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++)
+		out[r] = hsum8(acc[r]);
+}
+
+/* ---------------------------------------------------------- float dots */
+
+/* Float dots take 32 values per step into four accumulators (FMA latency);
+ * a partial last step runs on zero-padded copies.  BF16 values are widened
+ * by interleaving with zeros, which permutes them within the step the same
+ * way for weights and activations. */
+#define FL_STEP 32
+
+static ALWAYS_INLINE void fl_load32(uint32_t type, const uint8_t *p, __m256 v[4])
+{
+	switch (type) {
+	case KERN_F32:
+		for (int k = 0; k < 4; k++)
+			v[k] = _mm256_loadu_ps((const float *)p + 8 * k);
+		break;
+	case KERN_F16:
+		for (int k = 0; k < 4; k++)
+			v[k] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * k)));
+		break;
+	default: { /* BF16 */
+		const __m256i z = _mm256_setzero_si256();
+		for (int k = 0; k < 2; k++) {
+			__m256i q = _mm256_loadu_si256((const __m256i *)(p + 32 * k));
+			v[2 * k] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, q));
+			v[2 * k + 1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, q));
+		}
+		break;
+	}
+	}
+}
+
+static ALWAYS_INLINE void tile_fl(uint32_t type, int nr, const uint8_t *w, const uint8_t *x,
+				  size_t xs, int64_t n, float *out)
+{
+	const size_t es = type == KERN_F32 ? 4 : 2;
+	__m256 acc[TILE_ROWS][4];
+	__m256 wv[4], xv[4];
+
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++)
+		for (int k = 0; k < 4; k++)
+			acc[r][k] = _mm256_setzero_ps();
+	int64_t i = 0;
+	for (; i + FL_STEP <= n; i += FL_STEP) {
+		fl_load32(type, w + i * es, wv);
+#pragma GCC unroll 4
+		for (int r = 0; r < nr; r++) {
+			fl_load32(type, x + r * xs + i * es, xv);
+			for (int k = 0; k < 4; k++)
+				acc[r][k] = _mm256_fmadd_ps(wv[k], xv[k], acc[r][k]);
+		}
+	}
+	if (i < n) {
+		uint8_t buf[FL_STEP * 4] __attribute__((aligned(32)));
+		size_t m = (size_t)(n - i) * es;
+		memset(buf, 0, sizeof(buf));
+		memcpy(buf, w + i * es, m);
+		fl_load32(type, buf, wv);
+#pragma GCC unroll 4
+		for (int r = 0; r < nr; r++) {
+			memcpy(buf, x + r * xs + i * es, m);
+			fl_load32(type, buf, xv);
+			for (int k = 0; k < 4; k++)
+				acc[r][k] = _mm256_fmadd_ps(wv[k], xv[k], acc[r][k]);
+		}
+	}
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++)
+		out[r] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]),
+					     _mm256_add_ps(acc[r][2], acc[r][3])));
+}
+
+/* --------------------------------------------------- tile instantiation */
+
+typedef void (*tile_fn)(const uint8_t *w, const uint8_t *x, size_t xs, int64_t n, float *out);
+
+#define TILE_DEF(name, kind, type, nr)                                                             \
+	static void name##_##nr(const uint8_t *w, const uint8_t *x, size_t xs, int64_t n,          \
+				float *out)                                                        \
+	{                                                                                          \
+		kind(type, nr, w, x, xs, n, out);                                                  \
+	}
+/* quantised types: up to 4 rows per weight pass; float types (four
+ * accumulators per row): up to 2 */
+#define TILE_SET4(name, kind, type)                                                                \
+	TILE_DEF(name, kind, type, 1)                                                              \
+	TILE_DEF(name, kind, type, 2)                                                              \
+	TILE_DEF(name, kind, type, 3)                                                              \
+	TILE_DEF(name, kind, type, 4)                                                              \
+	static const tile_fn name[TILE_ROWS] = {name##_1, name##_2, name##_3, name##_4};
+#define TILE_SET2(name, kind, type)                                                                \
+	TILE_DEF(name, kind, type, 1)                                                              \
+	TILE_DEF(name, kind, type, 2)                                                              \
+	static const tile_fn name[TILE_ROWS] = {name##_1, name##_2, NULL, NULL};
+
+TILE_SET4(tiles_q4_0, tile_q8, KERN_Q4_0)
+TILE_SET4(tiles_q8_0, tile_q8, KERN_Q8_0)
+TILE_SET4(tiles_mxfp4, tile_q8, KERN_MXFP4)
+TILE_SET2(tiles_f32, tile_fl, KERN_F32)
+TILE_SET2(tiles_f16, tile_fl, KERN_F16)
+TILE_SET2(tiles_bf16, tile_fl, KERN_BF16)
+
+/* The tiles of a weight type and how many rows they take at most. */
+static const tile_fn *tiles_for(uint32_t type, int *max_rows)
+{
+	*max_rows = TILE_ROWS;
+	switch (type) {
+	case KERN_Q4_0: return tiles_q4_0;
+	case KERN_Q8_0: return tiles_q8_0;
+	case KERN_MXFP4: return tiles_mxfp4;
+	}
+	*max_rows = 2;
+	switch (type) {
+	case KERN_F32: return tiles_f32;
+	case KERN_F16: return tiles_f16;
+	case KERN_BF16: return tiles_bf16;
+	default: return NULL;
+	}
 }
 
 float kern_dot_avx2(uint32_t weight_type, int64_t n, const void *w, const void *x)
 {
-	return kern_dot_ref(weight_type, n, w, x);
+	int max_rows;
+	const tile_fn *t = tiles_for(weight_type, &max_rows);
+	float out = 0.0f;
+	if (t && n > 0)
+		t[0](w, x, 0, n, &out);
+	return out;
 }
 
 void kern_matmul_avx2(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		      const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
 {
-	size_t w_row = kern_row_bytes(weight_type, n_in);
-	const uint8_t *wb = w;
-	const uint8_t *xb = x;
-	for (int64_t o = o0; o < o1; o++)
-		for (int64_t r = 0; r < n_rows; r++)
-			y[r * y_stride + o] = kern_dot_avx2(weight_type, n_in, wb + (size_t)o * w_row,
-							    xb + (size_t)r * x_stride);
+	int max_rows;
+	const tile_fn *t = tiles_for(weight_type, &max_rows);
+	if (!t || n_rows <= 0 || o1 <= o0)
+		return;
+	const size_t w_row = kern_row_bytes(weight_type, n_in);
+	const uint8_t *wb = w, *xb = x;
+	/* Outputs in chunks of about 64 KiB of weights (stay in L2) while each
+	 * activation tile is reused from L1 across the chunk. */
+	int64_t chunk = w_row ? (int64_t)(65536 / w_row) : 1;
+	if (chunk < 1)
+		chunk = 1;
+	if (n_rows <= max_rows)
+		chunk = o1 - o0;
+	for (int64_t oc = o0; oc < o1; oc += chunk) {
+		int64_t oe = oc + chunk < o1 ? oc + chunk : o1;
+		for (int64_t r = 0; r < n_rows; r += max_rows) {
+			int nr = n_rows - r < max_rows ? (int)(n_rows - r) : max_rows;
+			const uint8_t *xr = xb + (size_t)r * x_stride;
+			float out[TILE_ROWS] = {0};
+			for (int64_t o = oc; o < oe; o++) {
+				if (n_in > 0)
+					t[nr - 1](wb + (size_t)o * w_row, xr, x_stride, n_in, out);
+				for (int i = 0; i < nr; i++)
+					y[(r + i) * y_stride + o] = out[i];
+			}
+		}
+	}
+}
+
+/* ------------------------------------------------------------- convert */
+
+static void quantize_row_q8_0_avx2(const float *x, struct kern_block_q8_0 *y, int64_t n)
+{
+	const __m256 sign = _mm256_set1_ps(-0.0f);
+	const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
+		const float *p = x + ib * KERN_QK;
+		__m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);
+		__m256 v2 = _mm256_loadu_ps(p + 16), v3 = _mm256_loadu_ps(p + 24);
+		__m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1));
+		m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v2));
+		m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v3));
+		__m128 m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+		m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+		m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+		const float amax = _mm_cvtss_f32(m4);
+		const float d = amax / 127.0f;
+		const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+		y[ib].d = _cvtss_sh(d, 0);
+		const __m256 mul = _mm256_set1_ps(id);
+		const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+		__m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), rnd));
+		__m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), rnd));
+		__m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), rnd));
+		__m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), rnd));
+		i0 = _mm256_packs_epi32(i0, i1);
+		i2 = _mm256_packs_epi32(i2, i3);
+		i0 = _mm256_packs_epi16(i0, i2);
+		i0 = _mm256_permutevar8x32_epi32(i0, perm);
+		_mm256_storeu_si256((__m256i *)y[ib].qs, i0);
+	}
+}
+
+static void convert_f16_avx2(const float *x, uint16_t *d, int64_t n)
+{
+	int64_t i = 0;
+	for (; i + 8 <= n; i += 8)
+		_mm_storeu_si128((__m128i *)(d + i),
+				 _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+	for (; i < n; i++)
+		d[i] = _cvtss_sh(x[i], 0);
+}
+
+static ALWAYS_INLINE __m256i bf16_round8(__m256 v)
+{
+	__m256i u = _mm256_castps_si256(v);
+	__m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+	__m256i r = _mm256_srli_epi32(
+	    _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+	__m256i q = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(64));
+	__m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+	return _mm256_blendv_epi8(r, q, nan);
+}
+
+static void convert_bf16_avx2(const float *x, uint16_t *d, int64_t n)
+{
+	int64_t i = 0;
+	for (; i + 16 <= n; i += 16) {
+		__m256i a = bf16_round8(_mm256_loadu_ps(x + i));
+		__m256i b = bf16_round8(_mm256_loadu_ps(x + i + 8));
+		__m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xd8);
+		_mm256_storeu_si256((__m256i *)(d + i), p);
+	}
+	for (; i < n; i++)
+		d[i] = kern_f32_to_bf16(x[i]);
+}
+
+void kern_convert_row_avx2(enum kern_type act_type, const float *x, void *dst, int64_t n)
+{
+	switch (act_type) {
+	case KERN_Q8_0: quantize_row_q8_0_avx2(x, dst, n); break;
+	case KERN_F16: convert_f16_avx2(x, dst, n); break;
+	case KERN_BF16: convert_bf16_avx2(x, dst, n); break;
+	default: kern_convert_row_ref(act_type, x, dst, n); break;
+	}
+}
+
+/* ------------------------------------------------------------- dequant */
+
+static ALWAYS_INLINE void store_i8x16(__m128i q, __m256 d, float *y)
+{
+	_mm256_storeu_ps(y, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d));
+	_mm256_storeu_ps(y + 8, _mm256_mul_ps(
+				    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), d));
+}
+
+static ALWAYS_INLINE void dequant_q8w(uint32_t type, const uint8_t *src, float *dst, int64_t n)
+{
+	const size_t bs = q8w_block_bytes(type);
+	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
+		const uint8_t *b = src + (size_t)ib * bs;
+		struct q8w q = q8w_unpack(type, b);
+		__m256 d = _mm256_broadcastss_ps(q8w_scales(type, b, NULL));
+		store_i8x16(_mm256_castsi256_si128(q.w), d, dst + ib * KERN_QK);
+		store_i8x16(_mm256_extracti128_si256(q.w, 1), d, dst + ib * KERN_QK + 16);
+	}
+}
+
+void kern_dequant_row_avx2(uint32_t type, const void *src, float *dst, int64_t n)
+{
+	const uint8_t *s = src;
+	int64_t i = 0;
+	switch (type) {
+	case KERN_Q4_0: dequant_q8w(KERN_Q4_0, s, dst, n); break;
+	case KERN_Q8_0: dequant_q8w(KERN_Q8_0, s, dst, n); break;
+	case KERN_MXFP4: dequant_q8w(KERN_MXFP4, s, dst, n); break;
+	case KERN_F16:
+		for (; i + 8 <= n; i += 8)
+			_mm256_storeu_ps(dst + i,
+					 _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 2 * i))));
+		for (; i < n; i++)
+			dst[i] = _cvtsh_ss(kern_load_u16(s + 2 * i));
+		break;
+	case KERN_BF16:
+		for (; i + 8 <= n; i += 8)
+			_mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+						      _mm256_cvtepu16_epi32(_mm_loadu_si128(
+							  (const __m128i *)(s + 2 * i))),
+						      16)));
+		for (; i < n; i++)
+			dst[i] = kern_bf16_to_f32(kern_load_u16(s + 2 * i));
+		break;
+	default: kern_dequant_row_ref(type, src, dst, n); break;
+	}
 }

@@ -4,13 +4,15 @@
 #include "../kernels/kern.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 struct shard_layer {
-	const gguf_tensor *gate, *up, *down;	     /* weights */
-	const gguf_tensor *gate_b, *up_b, *down_b; /* biases or NULL */
+	uint32_t types[3];		   /* weight types shared by the layer's experts */
+	int has_types;
+	struct shard_expert_src *experts; /* [n_expert]; weights[0] == NULL if not held */
 };
 
 /* Per-call working set, grown on demand and then reused (no allocation in the
@@ -19,90 +21,179 @@ struct shard_work {
 	size_t cap_items;   /* (row, slot) pairs */
 	int32_t *item_row;  /* sorted by expert: row index */
 	int32_t *item_slot; /* slot index */
-	int32_t *group_start; /* [n_expert + 1] offsets into the sorted items */
-	int32_t *group_fill;
+	int32_t *item_expert;
+	float *xf;	/* [items][n_embd] rows dequantised when they arrive converted */
 	float *g, *u;	/* [items][n_ff] */
 	float *d;	/* [items][n_embd] */
 	void *xa_gate, *xa_up; /* activations converted for the gate / up weights */
 	void *ha;	/* activated hidden rows converted for the down weights */
+	int32_t *group_start; /* [n_expert + 1] offsets into the sorted items */
+	int32_t *group_fill;
 };
 
 struct shard {
-	const gguf *g;
 	struct moe_spec spec;
 	struct shard_layer layers[MOE_MAX_LAYERS];
+	int n_held;
 	struct shard_work w;
 };
 
-static int shard_expect(const gguf *g, const char *name, uint64_t a, uint64_t b, uint64_t c,
-			int optional, const gguf_tensor **out)
+int shard_new(const struct moe_spec *spec, shard **out)
 {
-	*out = NULL;
-	if (optional && !gguf_find_tensor(g, name))
-		return 0;
-	uint64_t ne[3] = {a, b, c};
-	return gguf_expect_tensor(g, name, c ? 3 : 2, ne, out);
-}
-
-int shard_new(const gguf *g, const struct moe_spec *spec, shard **out)
-{
-	int rc = 0;
 	*out = NULL;
 	if (spec->n_layer < 0 || spec->n_layer > MOE_MAX_LAYERS || spec->n_embd <= 0 ||
-	    spec->n_ff_exp < 0 || spec->n_expert < 0 || spec->n_expert_used > spec->n_expert) {
-		log_error("%s: invalid expert specification", gguf_path(g));
+	    spec->n_ff_exp <= 0 || spec->n_expert < 0 || spec->n_expert_used > spec->n_expert) {
+		log_error("invalid expert specification");
 		return ERR_FORMAT;
 	}
 	shard *s = calloc(1, sizeof(*s));
 	if (!s)
 		return ERR_NOMEM;
-	s->g = g;
 	s->spec = *spec;
-	const uint64_t E = (uint64_t)spec->n_embd, F = (uint64_t)spec->n_ff_exp,
-		       X = (uint64_t)spec->n_expert;
-	for (int l = 0; l < spec->n_layer; l++) {
+	int rc = 0;
+	for (int l = 0; l < spec->n_layer && !rc; l++) {
 		if (!spec->layer_moe[l])
 			continue;
-		struct shard_layer *L = &s->layers[l];
-		char name[128];
-#define SHARD_T(field, suffix, a, b, c, opt)                                              \
-	do {                                                                              \
-		snprintf(name, sizeof(name), "blk.%d.%s", l, suffix);                     \
-		rc = shard_expect(g, name, a, b, c, opt, &L->field);                      \
-		if (rc)                                                                   \
-			goto out;                                                         \
-	} while (0)
-		SHARD_T(gate, "ffn_gate_exps.weight", E, F, X, 0);
-		SHARD_T(up, "ffn_up_exps.weight", E, F, X, 0);
-		SHARD_T(down, "ffn_down_exps.weight", F, E, X, 0);
-		if (spec->has_bias) {
-			SHARD_T(gate_b, "ffn_gate_exps.bias", F, X, 0, 0);
-			SHARD_T(up_b, "ffn_up_exps.bias", F, X, 0, 0);
-			SHARD_T(down_b, "ffn_down_exps.bias", E, X, 0, 0);
-			if (L->gate_b->type != KERN_F32 || L->up_b->type != KERN_F32 ||
-			    L->down_b->type != KERN_F32) {
-				log_error("%s: blk.%d: expert biases must be F32", gguf_path(g), l);
-				rc = ERR_FORMAT;
-				goto out;
-			}
-		}
-#undef SHARD_T
+		s->layers[l].experts = calloc((size_t)spec->n_expert, sizeof(struct shard_expert_src));
+		if (!s->layers[l].experts)
+			rc = ERR_NOMEM;
 	}
 	s->w.group_start = calloc((size_t)spec->n_expert + 1, sizeof(int32_t));
 	s->w.group_fill = calloc((size_t)spec->n_expert + 1, sizeof(int32_t));
 	if (!s->w.group_start || !s->w.group_fill)
 		rc = ERR_NOMEM;
-out:
 	if (rc)
 		shard_destroy(&s);
 	*out = s;
 	return rc;
 }
 
+const struct moe_spec *shard_spec(const shard *s) { return &s->spec; }
+int shard_n_experts(const shard *s) { return s->n_held; }
+
+int shard_has(const shard *s, int layer, int expert)
+{
+	return layer >= 0 && layer < s->spec.n_layer && s->layers[layer].experts && expert >= 0 &&
+	       expert < s->spec.n_expert && s->layers[layer].experts[expert].weights[0] != NULL;
+}
+
+uint32_t shard_act_type(const shard *s, int layer)
+{
+	if (layer < 0 || layer >= s->spec.n_layer || !s->layers[layer].has_types)
+		return KERN_F32;
+	return kern_act_type(s->layers[layer].types[SHARD_GATE]);
+}
+
+size_t shard_expert_bytes(const struct moe_spec *spec, const uint32_t types[3])
+{
+	const int64_t E = spec->n_embd, F = spec->n_ff_exp;
+	return kern_row_bytes(types[0], E) * (size_t)F + kern_row_bytes(types[1], E) * (size_t)F +
+	       kern_row_bytes(types[2], F) * (size_t)E;
+}
+
+int shard_add_expert(shard *s, int layer, int expert, const struct shard_expert_src *src)
+{
+	const struct moe_spec *sp = &s->spec;
+	if (layer < 0 || layer >= sp->n_layer || !sp->layer_moe[layer] || expert < 0 ||
+	    expert >= sp->n_expert) {
+		log_error("expert %d of layer %d does not exist in this model", expert, layer);
+		return ERR_RANGE;
+	}
+	struct shard_layer *L = &s->layers[layer];
+	for (int t = 0; t < 3; t++) {
+		int64_t n_in = t == SHARD_DOWN ? sp->n_ff_exp : sp->n_embd;
+		if (!src->weights[t] || !kern_type_known(src->types[t]) ||
+		    n_in % kern_type_block(src->types[t]) != 0) {
+			log_error("layer %d expert %d: unusable weights (type %u)", layer, expert,
+				  src->types[t]);
+			return ERR_FORMAT;
+		}
+		if (L->has_types && L->types[t] != src->types[t]) {
+			log_error("layer %d expert %d: weight type %s differs from the layer's %s",
+				  layer, expert, kern_type_name(src->types[t]),
+				  kern_type_name(L->types[t]));
+			return ERR_FORMAT;
+		}
+		if (sp->has_bias && !src->biases[t]) {
+			log_error("layer %d expert %d: missing bias", layer, expert);
+			return ERR_FORMAT;
+		}
+	}
+	if (!L->has_types) {
+		memcpy(L->types, src->types, sizeof(L->types));
+		L->has_types = 1;
+	}
+	if (!L->experts[expert].weights[0])
+		s->n_held++;
+	L->experts[expert] = *src;
+	return 0;
+}
+
+static int shard_expect(const gguf *g, const char *name, uint64_t a, uint64_t b, uint64_t c,
+			const gguf_tensor **out)
+{
+	uint64_t ne[3] = {a, b, c};
+	return gguf_expect_tensor(g, name, c ? 3 : 2, ne, out);
+}
+
+int shard_add_from_gguf(shard *s, const gguf *g, int layer, int expert)
+{
+	const struct moe_spec *sp = &s->spec;
+	if (layer < 0 || layer >= sp->n_layer || !sp->layer_moe[layer] || expert < 0 ||
+	    expert >= sp->n_expert) {
+		log_error("%s: expert %d of layer %d does not exist", gguf_path(g), expert, layer);
+		return ERR_RANGE;
+	}
+	static const char *names[3] = {"gate", "up", "down"};
+	const uint64_t E = (uint64_t)sp->n_embd, F = (uint64_t)sp->n_ff_exp,
+		       X = (uint64_t)sp->n_expert;
+	struct shard_expert_src src = {0};
+	for (int t = 0; t < 3; t++) {
+		char name[128];
+		const gguf_tensor *w, *b;
+		uint64_t n_in = t == SHARD_DOWN ? F : E, n_out = t == SHARD_DOWN ? E : F;
+		snprintf(name, sizeof(name), "blk.%d.ffn_%s_exps.weight", layer, names[t]);
+		int rc = shard_expect(g, name, n_in, n_out, X, &w);
+		if (rc)
+			return rc;
+		size_t per = kern_row_bytes(w->type, (int64_t)n_in) * n_out;
+		src.weights[t] = (const char *)w->data + per * (size_t)expert;
+		src.types[t] = w->type;
+		if (sp->has_bias) {
+			snprintf(name, sizeof(name), "blk.%d.ffn_%s_exps.bias", layer, names[t]);
+			rc = shard_expect(g, name, n_out, X, 0, &b);
+			if (rc)
+				return rc;
+			if (b->type != KERN_F32) {
+				log_error("%s: tensor %s must be F32", gguf_path(g), name);
+				return ERR_FORMAT;
+			}
+			src.biases[t] = (const float *)b->data + n_out * (size_t)expert;
+		}
+	}
+	return shard_add_expert(s, layer, expert, &src);
+}
+
+int shard_add_all_from_gguf(shard *s, const gguf *g)
+{
+	for (int l = 0; l < s->spec.n_layer; l++) {
+		if (!s->spec.layer_moe[l])
+			continue;
+		for (int e = 0; e < s->spec.n_expert; e++) {
+			int rc = shard_add_from_gguf(s, g, l, e);
+			if (rc)
+				return rc;
+		}
+	}
+	return 0;
+}
+
 static void shard_work_free(struct shard_work *w)
 {
 	free(w->item_row);
 	free(w->item_slot);
+	free(w->item_expert);
+	free(w->xf);
 	free(w->g);
 	free(w->u);
 	free(w->d);
@@ -118,6 +209,8 @@ void shard_destroy(shard **ps)
 	if (!s)
 		return;
 	shard_work_free(&s->w);
+	for (int l = 0; l < s->spec.n_layer; l++)
+		free(s->layers[l].experts);
 	free(s->w.group_start);
 	free(s->w.group_fill);
 	free(s);
@@ -134,13 +227,15 @@ static int shard_reserve(shard *s, size_t items)
 	size_t maxin = E > F ? E : F;
 	w->item_row = malloc(items * sizeof(int32_t));
 	w->item_slot = malloc(items * sizeof(int32_t));
+	w->item_expert = malloc(items * sizeof(int32_t));
+	w->xf = malloc(items * E * sizeof(float));
 	w->g = malloc(items * F * sizeof(float));
 	w->u = malloc(items * F * sizeof(float));
 	w->d = malloc(items * E * sizeof(float));
 	w->xa_gate = malloc(items * maxin * sizeof(float) + 64);
 	w->xa_up = malloc(items * maxin * sizeof(float) + 64);
 	w->ha = malloc(items * maxin * sizeof(float) + 64);
-	if (!w->item_row || !w->item_slot || !w->g || !w->u || !w->d || !w->xa_gate ||
+	if (!w->item_row || !w->item_slot || !w->item_expert || !w->xf || !w->g || !w->u || !w->d || !w->xa_gate ||
 	    !w->xa_up || !w->ha) {
 		shard_work_free(w);
 		return ERR_NOMEM;
@@ -152,24 +247,20 @@ static int shard_reserve(shard *s, size_t items)
 struct shard_call {
 	shard *s;
 	const struct shard_layer *L;
+	int layer;
 	int n_items;
 	int k;
-	const float *x;
+	const void *x;
+	uint32_t x_type;
+	size_t x_stride;
 	const float *wts;
 	float *out;
-	int layer;
 	size_t xg_stride, xu_stride, h_stride;
 	enum kern_type at_gate, at_up, at_down;
-	int up_separate; /* up needs its own activation conversion */
 };
 
-static const void *shard_expert_w(const gguf_tensor *t, int e)
-{
-	size_t per = kern_row_bytes(t->type, (int64_t)t->ne[0]) * t->ne[1];
-	return (const char *)t->data + per * (size_t)e;
-}
-
-/* gather each item's input row, converted for the gate and up weights */
+/* Each item's input row, converted for the gate and up weights.  A row that
+ * arrives already in a weight's activation type is copied as it is. */
 static void shard_gather(void *ctx, int ith, int nth)
 {
 	struct shard_call *c = ctx;
@@ -178,10 +269,22 @@ static void shard_gather(void *ctx, int ith, int nth)
 	int64_t lo, hi;
 	pool_split(c->n_items, ith, nth, 1, &lo, &hi);
 	for (int64_t i = lo; i < hi; i++) {
-		const float *xr = c->x + (size_t)w->item_row[i] * E;
-		kern_convert_row(c->at_gate, xr, (char *)w->xa_gate + i * c->xg_stride, E);
-		if (c->up_separate)
-			kern_convert_row(c->at_up, xr, (char *)w->xa_up + i * c->xu_stride, E);
+		const char *xr = (const char *)c->x + (size_t)w->item_row[i] * c->x_stride;
+		const float *xf = (const float *)xr;
+		if (c->x_type != KERN_F32 && (c->x_type != c->at_gate || c->x_type != c->at_up)) {
+			kern_dequant_row(c->x_type, xr, w->xf + i * E, E);
+			xf = w->xf + i * E;
+		}
+		if (c->x_type == c->at_gate && c->x_type != KERN_F32)
+			memcpy((char *)w->xa_gate + i * c->xg_stride, xr, c->xg_stride);
+		else
+			kern_convert_row(c->at_gate, xf, (char *)w->xa_gate + i * c->xg_stride, E);
+		if (c->at_up == c->at_gate)
+			continue;
+		if (c->x_type == c->at_up && c->x_type != KERN_F32)
+			memcpy((char *)w->xa_up + i * c->xu_stride, xr, c->xu_stride);
+		else
+			kern_convert_row(c->at_up, xf, (char *)w->xa_up + i * c->xu_stride, E);
 	}
 }
 
@@ -200,20 +303,21 @@ static void shard_gate_up(void *ctx, int ith, int nth)
 	int64_t lo, hi;
 	pool_split(n_units, ith, nth, 1, &lo, &hi);
 	int64_t unit = 0;
+	const int up_own = c->at_up != c->at_gate;
 	for (int e = 0; e < n_exp && unit < hi; e++) {
 		int n = w->group_start[e + 1] - w->group_start[e];
 		if (n == 0)
 			continue;
+		const struct shard_expert_src *src = &c->L->experts[e];
 		for (int m = 0; m < 2; m++) {
 			for (int64_t ch = 0; ch < chunks; ch++, unit++) {
 				if (unit < lo || unit >= hi)
 					continue;
-				const gguf_tensor *t = m == 0 ? c->L->gate : c->L->up;
-				const void *xa = m == 0 || !c->up_separate ? w->xa_gate : w->xa_up;
-				size_t xs = m == 0 || !c->up_separate ? c->xg_stride : c->xu_stride;
+				const void *xa = m == 1 && up_own ? w->xa_up : w->xa_gate;
+				size_t xs = m == 1 && up_own ? c->xu_stride : c->xg_stride;
 				float *y = (m == 0 ? w->g : w->u) + (size_t)w->group_start[e] * F;
 				int64_t o0 = ch * 16, o1 = o0 + 16 < F ? o0 + 16 : F;
-				kern_matmul(t->type, shard_expert_w(t, e), E, o0, o1,
+				kern_matmul(src->types[m], src->weights[m], E, o0, o1,
 					    (const char *)xa + (size_t)w->group_start[e] * xs, xs, n,
 					    y, F);
 			}
@@ -228,19 +332,16 @@ static void shard_act(void *ctx, int ith, int nth)
 	struct shard_work *w = &c->s->w;
 	const struct moe_spec *sp = &c->s->spec;
 	const int64_t F = sp->n_ff_exp;
+	const float lim = sp->act_limit[c->layer], alpha = sp->act_alpha;
 	int64_t lo, hi;
 	pool_split(c->n_items, ith, nth, 1, &lo, &hi);
 	for (int64_t i = lo; i < hi; i++) {
 		float *g = w->g + i * F, *u = w->u + i * F;
-		if (c->L->gate_b) {
-			int e = 0; /* find this item's expert */
-			while (w->group_start[e + 1] <= i)
-				e++;
-			const float *bg = (const float *)c->L->gate_b->data + (size_t)e * F;
-			const float *bu = (const float *)c->L->up_b->data + (size_t)e * F;
+		const struct shard_expert_src *src = &c->L->experts[w->item_expert[i]];
+		if (src->biases[SHARD_GATE]) {
 			for (int64_t j = 0; j < F; j++) {
-				g[j] += bg[j];
-				u[j] += bu[j];
+				g[j] += src->biases[SHARD_GATE][j];
+				u[j] += src->biases[SHARD_UP][j];
 			}
 		}
 		switch (sp->act) {
@@ -248,24 +349,20 @@ static void shard_act(void *ctx, int ith, int nth)
 			for (int64_t j = 0; j < F; j++)
 				g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
 			break;
-		case MOE_ACT_SWIGLU_OAI: {
-			const float lim = sp->act_limit[c->layer], alpha = sp->act_alpha;
+		case MOE_ACT_SWIGLU_OAI:
 			for (int64_t j = 0; j < F; j++) {
 				float x = fminf(g[j], lim);
 				float y = fminf(fmaxf(u[j], -lim), lim);
 				g[j] = x / (1.0f + expf(alpha * (-x))) * (y + 1.0f);
 			}
 			break;
-		}
-		case MOE_ACT_SWIGLU_CLAMP: {
-			const float lim = sp->act_limit[c->layer];
+		case MOE_ACT_SWIGLU_CLAMP:
 			for (int64_t j = 0; j < F; j++) {
 				float x = fminf(g[j], lim);
 				float y = fminf(fmaxf(u[j], -lim), lim);
 				g[j] = x / (1.0f + expf(-x)) * y;
 			}
 			break;
-		}
 		}
 		kern_convert_row(c->at_down, g, (char *)w->ha + i * c->h_stride, F);
 	}
@@ -290,11 +387,12 @@ static void shard_down(void *ctx, int ith, int nth)
 		int n = w->group_start[e + 1] - w->group_start[e];
 		if (n == 0)
 			continue;
+		const struct shard_expert_src *src = &c->L->experts[e];
 		for (int64_t ch = 0; ch < chunks; ch++, unit++) {
 			if (unit < lo || unit >= hi)
 				continue;
 			int64_t o0 = ch * 16, o1 = o0 + 16 < E ? o0 + 16 : E;
-			kern_matmul(c->L->down->type, shard_expert_w(c->L->down, e), F, o0, o1,
+			kern_matmul(src->types[SHARD_DOWN], src->weights[SHARD_DOWN], F, o0, o1,
 				    (const char *)w->ha + (size_t)w->group_start[e] * c->h_stride,
 				    c->h_stride, n, w->d + (size_t)w->group_start[e] * E, E);
 		}
@@ -313,21 +411,17 @@ static void shard_scatter(void *ctx, int ith, int nth)
 		const size_t rs = (size_t)w->item_row[i] * (size_t)c->k + (size_t)w->item_slot[i];
 		const float wt = c->wts[rs];
 		float *d = w->d + i * E, *o = c->out + rs * (size_t)E;
-		if (c->L->down_b) {
-			int e = 0;
-			while (w->group_start[e + 1] <= i)
-				e++;
-			const float *b = (const float *)c->L->down_b->data + (size_t)e * E;
+		const float *b = c->L->experts[w->item_expert[i]].biases[SHARD_DOWN];
+		if (b)
 			for (int64_t j = 0; j < E; j++)
 				d[j] += b[j];
-		}
 		for (int64_t j = 0; j < E; j++)
 			o[j] = d[j] * wt;
 	}
 }
 
-int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const float *x,
-		  const int32_t *ids, const float *wts, float *out)
+int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const void *x,
+		  uint32_t x_type, const int32_t *ids, const float *wts, float *out)
 {
 	const struct moe_spec *sp = &s->spec;
 	if (layer < 0 || layer >= sp->n_layer || !sp->layer_moe[layer]) {
@@ -336,20 +430,39 @@ int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const float *
 	}
 	if (n_rows < 0 || k < 1 || k > sp->n_expert)
 		return ERR_RANGE;
+	const struct shard_layer *L = &s->layers[layer];
 	struct shard_work *w = &s->w;
 	size_t n_items = 0;
 	memset(w->group_start, 0, ((size_t)sp->n_expert + 1) * sizeof(int32_t));
 	for (size_t i = 0; i < (size_t)n_rows * (size_t)k; i++) {
 		if (ids[i] < 0)
 			continue;
-		if (ids[i] >= sp->n_expert) {
-			log_error("expert id %d out of range (%d experts)", ids[i], sp->n_expert);
+		if (!shard_has(s, layer, ids[i])) {
+			log_error("expert %d of layer %d is not held here", ids[i], layer);
 			return ERR_RANGE;
 		}
 		w->group_start[ids[i] + 1]++;
 		n_items++;
 	}
-	int rc = shard_reserve(s, n_items ? n_items : 1);
+	if (n_items == 0)
+		return 0;
+	struct shard_call c = {
+		.s = s, .L = L, .layer = layer, .n_items = (int)n_items, .k = k, .x = x,
+		.x_type = x_type, .wts = wts, .out = out,
+		.at_gate = kern_act_type(L->types[SHARD_GATE]),
+		.at_up = kern_act_type(L->types[SHARD_UP]),
+		.at_down = kern_act_type(L->types[SHARD_DOWN]),
+	};
+	if (x_type != KERN_F32 && x_type != c.at_gate) {
+		log_error("layer %d: rows arrived as %s, expected F32 or %s", layer,
+			  kern_type_name(x_type), kern_type_name(c.at_gate));
+		return ERR_RANGE;
+	}
+	c.x_stride = kern_row_bytes(x_type, sp->n_embd);
+	c.xg_stride = kern_row_bytes(c.at_gate, sp->n_embd);
+	c.xu_stride = kern_row_bytes(c.at_up, sp->n_embd);
+	c.h_stride = kern_row_bytes(c.at_down, sp->n_ff_exp);
+	int rc = shard_reserve(s, n_items);
 	if (rc)
 		return rc;
 	for (int e = 0; e < sp->n_expert; e++)
@@ -364,21 +477,9 @@ int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const float *
 			int32_t at = w->group_fill[e]++;
 			w->item_row[at] = r;
 			w->item_slot[at] = j;
+			w->item_expert[at] = e;
 		}
 	}
-	const struct shard_layer *L = &s->layers[layer];
-	struct shard_call c = {
-		.s = s, .L = L, .layer = layer, .n_items = (int)n_items, .k = k, .x = x, .wts = wts, .out = out,
-		.at_gate = kern_act_type(L->gate->type),
-		.at_up = kern_act_type(L->up->type),
-		.at_down = kern_act_type(L->down->type),
-	};
-	c.up_separate = c.at_up != c.at_gate;
-	c.xg_stride = kern_row_bytes(c.at_gate, sp->n_embd);
-	c.xu_stride = kern_row_bytes(c.at_up, sp->n_embd);
-	c.h_stride = kern_row_bytes(c.at_down, sp->n_ff_exp);
-	if (n_items == 0)
-		return 0;
 	pool_run(p, shard_gather, &c);
 	pool_run(p, shard_gate_up, &c);
 	pool_run(p, shard_act, &c);

@@ -1,0 +1,113 @@
+/* bench_kern: micro-benchmark of the dot-product kernels (not part of make check).
+ *
+ * Build (from a configured build dir):
+ *   cc -std=c11 -O2 -D_POSIX_C_SOURCE=200809L -I$SRC $SRC/bench/bench_kern.c \
+ *      libmoefleet.a libkern_avx2.a -lm -lpthread -o bench_kern
+ * Usage: bench_kern [--ref]
+ *
+ * For each quantised weight type and row length, reports the weight bandwidth
+ * of single-row matmuls (decode) over a matrix larger than the caches and over
+ * one that fits in L2, and the throughput of a 64-row matmul (prefill). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels/kern.h"
+
+/* Thread CPU time: the machine is shared, so wall time would count other
+ * processes' time slices. */
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint32_t rng = 12345;
+
+static uint32_t next(void)
+{
+	rng ^= rng << 13;
+	rng ^= rng >> 17;
+	rng ^= rng << 5;
+	return rng;
+}
+
+static void fill(uint32_t t, uint8_t *w, size_t bytes)
+{
+	size_t bs = kern_type_block_bytes(t);
+	for (size_t i = 0; i < bytes; i++)
+		w[i] = (uint8_t)next();
+	for (size_t b = 0; b < bytes; b += bs) {
+		if (t == KERN_MXFP4) {
+			w[b] = (uint8_t)(120 + next() % 8);
+		} else {
+			uint16_t d = kern_f32_to_f16(0.01f);
+			memcpy(w + b, &d, 2);
+		}
+	}
+}
+
+/* Seconds per call of a matmul with n_rows rows, best of a few runs. */
+static double time_matmul(uint32_t t, const uint8_t *w, int64_t n_in, int64_t n_out,
+			  const uint8_t *x, size_t xs, int64_t n_rows, float *y, int reps)
+{
+	double best = 1e30;
+	for (int k = 0; k < 5; k++) {
+		double t0 = now();
+		for (int r = 0; r < reps; r++)
+			kern_matmul(t, w, n_in, 0, n_out, x, xs, n_rows, y, n_out);
+		double dt = (now() - t0) / reps;
+		if (dt < best)
+			best = dt;
+	}
+	return best;
+}
+
+int main(int argc, char **argv)
+{
+	kern_init();
+	if (argc > 1 && strcmp(argv[1], "--ref") == 0)
+		kern_force_ref(1);
+	printf("isa: %s\n", kern_isa_name());
+	printf("%-6s %5s %14s %14s %18s\n", "type", "n_in", "decode GB/s", "in-L2 GB/s",
+	       "prefill64 Gop/s");
+	const uint32_t types[] = {KERN_MXFP4, KERN_Q4_0, KERN_Q8_0, KERN_F16, KERN_BF16, KERN_F32};
+	const int64_t ns[] = {1024, 2048, 2880, 4096};
+	const size_t big = (size_t)192 << 20; /* bytes of weights for the decode run */
+	uint8_t *w = malloc(big + 4096);
+	uint8_t *x = malloc((size_t)64 * 4096 * 4);
+	float *xf = malloc(4096 * sizeof(float));
+	float *y = malloc((size_t)64 * (big / 512) * sizeof(float));
+	if (!w || !x || !xf || !y)
+		return 1;
+	for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
+		uint32_t t = types[ti];
+		fill(t, w, big);
+		for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
+			int64_t n = ns[ni];
+			size_t wr = kern_row_bytes(t, n), xs = kern_row_bytes(kern_act_type(t), n);
+			for (int r = 0; r < 64; r++) {
+				for (int64_t i = 0; i < n; i++)
+					xf[i] = (float)((int)(next() % 2001) - 1000) * 1e-3f;
+				kern_convert_row(kern_act_type(t), xf, x + (size_t)r * xs, n);
+			}
+			int64_t n_out_big = (int64_t)(big / wr);
+			double s1 = time_matmul(t, w, n, n_out_big, x, xs, 1, y, 2);
+			int64_t n_out_l2 = (int64_t)((128 << 10) / wr);
+			double s2 = time_matmul(t, w, n, n_out_l2, x, xs, 1, y, 200);
+			int64_t n_out_pf = 256;
+			double s3 = time_matmul(t, w, n, n_out_pf, x, xs, 64, y, 3);
+			printf("%-6s %5lld %14.2f %14.2f %18.2f\n", kern_type_name(t), (long long)n,
+			       (double)(wr * n_out_big) / s1 * 1e-9, (double)(wr * n_out_l2) / s2 * 1e-9,
+			       2.0 * (double)n * (double)n_out_pf * 64 / s3 * 1e-9);
+			fflush(stdout);
+		}
+	}
+	free(w);
+	free(x);
+	free(xf);
+	free(y);
+	return 0;
+}

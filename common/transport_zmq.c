@@ -1,0 +1,498 @@
+/* transport_zmq: the transport over ZeroMQ; the only file that includes zmq.h.
+ *
+ * Coordinator: a ROUTER bound to the endpoint.  Every message arrives as
+ * [routing id, header, frame?]; routing ids map to peer indices in order of
+ * first message (a linear table: a cluster has tens of workers, not
+ * thousands).  Worker: a DEALER connected to the endpoint, messages are
+ * [header, frame?].  The parts of the last received message are kept as
+ * zmq_msg_t until the next receive, so receiving copies nothing. */
+#include "transport.h"
+#include "err.h"
+#include "log.h"
+#include "wire.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <zmq.h>
+
+#ifndef WIRE_MAX_HEADER
+#define WIRE_MAX_HEADER (16u << 20)
+#endif
+
+#define ZMQ_ID_MAX 255 /* libzmq's limit on routing ids */
+
+struct zmq_peer {
+	uint8_t id[ZMQ_ID_MAX];
+	size_t id_len;
+	int active; /* 0 once dropped: the id no longer maps to this index */
+	char name[32];
+};
+
+struct transport_zmq {
+	transport base;
+	void *ctx;
+	void *sock;
+	int router;		/* 1: coordinator (ROUTER), 0: worker (DEALER) */
+	char endpoint[512];	/* as bound / connected (ZMQ_LAST_ENDPOINT) */
+	char ipc_path[512];	/* socket file to remove on destroy, "" if none */
+	struct zmq_peer *peers; /* router: index -> routing id */
+	int n_peers, cap_peers;
+	zmq_msg_t part[2]; /* header and frame of the last message */
+	int n_held;
+};
+
+static const struct transport_ops zmq_transport_ops;
+static const uint8_t zmq_empty_frame[1];
+
+static double zmq_now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static void zmq_release_held(struct transport_zmq *tz)
+{
+	for (int i = 0; i < tz->n_held; i++)
+		zmq_msg_close(&tz->part[i]);
+	tz->n_held = 0;
+}
+
+/* libzmq's own ceiling, so an absurd frame is refused before it is
+ * allocated: twice our caps, so frames a little above them arrive and are
+ * reported as bad instead of closing the connection. */
+static int64_t zmq_hard_cap(const transport *t)
+{
+	uint64_t cap = t->frame_cap > WIRE_MAX_HEADER ? t->frame_cap : WIRE_MAX_HEADER;
+	if (cap > (uint64_t)INT64_MAX / 2)
+		return -1; /* no limit */
+	return (int64_t)(cap * 2);
+}
+
+static int zmq_apply_limits(struct transport_zmq *tz)
+{
+	int64_t hard = zmq_hard_cap(&tz->base);
+	int sndtimeo = tz->base.send_timeout_ms;
+	if (zmq_setsockopt(tz->sock, ZMQ_MAXMSGSIZE, &hard, sizeof(hard)) ||
+	    zmq_setsockopt(tz->sock, ZMQ_SNDTIMEO, &sndtimeo, sizeof(sndtimeo))) {
+		log_error("%s: cannot set socket limits: %s", tz->endpoint, zmq_strerror(errno));
+		return ERR_IO;
+	}
+	return 0;
+}
+
+static void zmq_limits_changed(transport *t)
+{
+	zmq_apply_limits((struct transport_zmq *)t);
+}
+
+/* A routing id unlikely to collide with another worker's: 16 bytes mixed from
+ * the clock, the pid and an address.  The first byte is not 0 (libzmq keeps
+ * ids starting with 0 for the ones it generates). */
+static void zmq_make_routing_id(const void *salt, uint8_t id[16])
+{
+	static unsigned counter;
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	uint64_t x = (uint64_t)ts.tv_sec * 1000000007u ^ (uint64_t)ts.tv_nsec ^
+		     ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)salt ^ (uint64_t)++counter;
+	for (int i = 0; i < 2; i++) {
+		/* splitmix64 */
+		x += 0x9e3779b97f4a7c15ull;
+		uint64_t z = x;
+		z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+		z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+		z ^= z >> 31;
+		memcpy(id + 8 * i, &z, 8);
+	}
+	if (id[0] == 0)
+		id[0] = 1;
+}
+
+static int zmq_check_endpoint(const char *endpoint)
+{
+	if (!endpoint || (strncmp(endpoint, "tcp://", 6) && strncmp(endpoint, "ipc://", 6)) ||
+	    strlen(endpoint) <= 6) {
+		log_error("transport: endpoint '%s' must be tcp://HOST:PORT or ipc://PATH",
+			  endpoint ? endpoint : "(null)");
+		return ERR_CONFIG;
+	}
+	if (strlen(endpoint) >= sizeof(((struct transport_zmq *)0)->endpoint)) {
+		log_error("transport: endpoint '%.40s...' is too long", endpoint);
+		return ERR_CONFIG;
+	}
+	return 0;
+}
+
+static int zmq_open(const char *endpoint, int router, transport **out)
+{
+	*out = NULL;
+	int rc = zmq_check_endpoint(endpoint);
+	if (rc)
+		return rc;
+	struct transport_zmq *tz = calloc(1, sizeof(*tz));
+	if (!tz) {
+		log_error("%s: out of memory", endpoint);
+		return ERR_NOMEM;
+	}
+	transport_init_base(&tz->base, &zmq_transport_ops);
+	tz->router = router;
+	snprintf(tz->endpoint, sizeof(tz->endpoint), "%s", endpoint);
+
+	rc = ERR_IO;
+	tz->ctx = zmq_ctx_new();
+	if (!tz->ctx) {
+		log_error("%s: cannot create a ZeroMQ context: %s", endpoint, zmq_strerror(errno));
+		goto out;
+	}
+	zmq_ctx_set(tz->ctx, ZMQ_BLOCKY, 0);
+	tz->sock = zmq_socket(tz->ctx, router ? ZMQ_ROUTER : ZMQ_DEALER);
+	if (!tz->sock) {
+		log_error("%s: cannot create a ZeroMQ socket: %s", endpoint, zmq_strerror(errno));
+		goto out;
+	}
+	int zero = 0, one = 1;
+	if (zmq_setsockopt(tz->sock, ZMQ_LINGER, &zero, sizeof(zero))) {
+		log_error("%s: cannot set ZMQ_LINGER: %s", endpoint, zmq_strerror(errno));
+		goto out;
+	}
+	if (router) {
+		/* unknown peers fail loudly; a reconnecting worker takes its id back */
+		if (zmq_setsockopt(tz->sock, ZMQ_ROUTER_MANDATORY, &one, sizeof(one)) ||
+		    zmq_setsockopt(tz->sock, ZMQ_ROUTER_HANDOVER, &one, sizeof(one))) {
+			log_error("%s: cannot set ROUTER options: %s", endpoint,
+				  zmq_strerror(errno));
+			goto out;
+		}
+	} else {
+		uint8_t id[16];
+		zmq_make_routing_id(tz, id);
+		if (zmq_setsockopt(tz->sock, ZMQ_ROUTING_ID, id, sizeof(id))) {
+			log_error("%s: cannot set ZMQ_ROUTING_ID: %s", endpoint,
+				  zmq_strerror(errno));
+			goto out;
+		}
+	}
+	rc = zmq_apply_limits(tz);
+	if (rc)
+		goto out;
+
+	rc = ERR_IO;
+	if (router ? zmq_bind(tz->sock, endpoint) : zmq_connect(tz->sock, endpoint)) {
+		int e = errno;
+		log_error("%s: cannot %s: %s", endpoint, router ? "bind" : "connect",
+			  zmq_strerror(e));
+		rc = (e == EINVAL || e == EPROTONOSUPPORT) ? ERR_CONFIG : ERR_IO;
+		goto out;
+	}
+	char last[sizeof(tz->endpoint)];
+	size_t last_len = sizeof(last);
+	if (zmq_getsockopt(tz->sock, ZMQ_LAST_ENDPOINT, last, &last_len) == 0 && last_len > 1 &&
+	    last[0])
+		snprintf(tz->endpoint, sizeof(tz->endpoint), "%s", last);
+	/* the socket file of an ipc:// listener (not an abstract "@name") */
+	if (router && !strncmp(tz->endpoint, "ipc://", 6) && tz->endpoint[6] != '@')
+		snprintf(tz->ipc_path, sizeof(tz->ipc_path), "%s", tz->endpoint + 6);
+	rc = 0;
+out:
+	if (rc)
+		zmq_transport_ops.destroy(&tz->base);
+	else
+		*out = &tz->base;
+	return rc;
+}
+
+int transport_zmq_listen(const char *endpoint, transport **out)
+{
+	return zmq_open(endpoint, 1, out);
+}
+
+int transport_zmq_connect(const char *endpoint, transport **out)
+{
+	return zmq_open(endpoint, 0, out);
+}
+
+const char *transport_zmq_endpoint(const transport *t)
+{
+	if (!t || t->ops != &zmq_transport_ops)
+		return NULL;
+	return ((const struct transport_zmq *)t)->endpoint;
+}
+
+static void zmq_destroy(transport *t)
+{
+	struct transport_zmq *tz = (struct transport_zmq *)t;
+	zmq_release_held(tz);
+	if (tz->sock)
+		zmq_close(tz->sock);
+	if (tz->ctx)
+		zmq_ctx_term(tz->ctx);
+	if (tz->ipc_path[0] && unlink(tz->ipc_path) && errno != ENOENT)
+		log_warn("%s: cannot remove the socket file: %s", tz->ipc_path, strerror(errno));
+	free(tz->peers);
+	free(tz);
+}
+
+/* ------------------------------------------------------------ peers */
+
+static int zmq_find_peer(const struct transport_zmq *tz, const uint8_t *id, size_t len)
+{
+	for (int i = 0; i < tz->n_peers; i++) {
+		const struct zmq_peer *p = &tz->peers[i];
+		if (p->active && p->id_len == len && !memcmp(p->id, id, len))
+			return i;
+	}
+	return -1;
+}
+
+static int zmq_add_peer(struct transport_zmq *tz, const uint8_t *id, size_t len, int *index)
+{
+	if (tz->n_peers == tz->cap_peers) {
+		int cap = tz->cap_peers ? tz->cap_peers * 2 : 16;
+		struct zmq_peer *p = realloc(tz->peers, (size_t)cap * sizeof(*p));
+		if (!p) {
+			log_error("%s: out of memory for peer %d", tz->endpoint, tz->n_peers);
+			return ERR_NOMEM;
+		}
+		tz->peers = p;
+		tz->cap_peers = cap;
+	}
+	struct zmq_peer *p = &tz->peers[tz->n_peers];
+	memcpy(p->id, id, len);
+	p->id_len = len;
+	p->active = 1;
+	snprintf(p->name, sizeof(p->name), "zmq peer %d", tz->n_peers);
+	*index = tz->n_peers++;
+	return 0;
+}
+
+static void zmq_drop_peer(transport *t, int peer)
+{
+	struct transport_zmq *tz = (struct transport_zmq *)t;
+	if (tz->router && peer >= 0 && peer < tz->n_peers)
+		tz->peers[peer].active = 0;
+}
+
+static int zmq_n_peers(const transport *t)
+{
+	const struct transport_zmq *tz = (const struct transport_zmq *)t;
+	return tz->router ? tz->n_peers : 1;
+}
+
+static const char *zmq_peer_name(const transport *t, int peer)
+{
+	const struct transport_zmq *tz = (const struct transport_zmq *)t;
+	if (!tz->router)
+		return peer == 0 ? "zmq coordinator" : "zmq peer (invalid)";
+	if (peer < 0 || peer >= tz->n_peers)
+		return "zmq peer (invalid)";
+	return tz->peers[peer].name;
+}
+
+/* ------------------------------------------------------------ send */
+
+static int zmq_send_part(struct transport_zmq *tz, int peer, const void *buf, size_t len,
+			 int more)
+{
+	if (zmq_send(tz->sock, buf, len, more ? ZMQ_SNDMORE : 0) >= 0)
+		return 0;
+	int e = errno;
+	const char *who = zmq_peer_name(&tz->base, peer);
+	if (e == EAGAIN)
+		log_error("%s: did not take a message within %d ms", who,
+			  tz->base.send_timeout_ms);
+	else if (e == EHOSTUNREACH)
+		log_error("%s: not connected", who);
+	else
+		log_error("%s: send failed: %s", who, zmq_strerror(e));
+	return ERR_PEER;
+}
+
+static int zmq_send_msg(transport *t, int peer, const void *hdr, size_t hdr_len, const void *data,
+			size_t data_len)
+{
+	struct transport_zmq *tz = (struct transport_zmq *)t;
+	int rc;
+	if (tz->router) {
+		if (peer < 0 || peer >= tz->n_peers) {
+			log_error("%s: send to zmq peer %d, which never connected", tz->endpoint,
+				  peer);
+			return ERR_RANGE;
+		}
+		if (!tz->peers[peer].active) {
+			log_error("%s: send to a dropped peer", tz->peers[peer].name);
+			return ERR_PEER;
+		}
+		/* the routing id is copied by zmq_send: the table may move later */
+		rc = zmq_send_part(tz, peer, tz->peers[peer].id, tz->peers[peer].id_len, 1);
+		if (rc)
+			return rc;
+	} else if (peer != 0) {
+		log_error("%s: a worker can only send to peer 0, not %d", tz->endpoint, peer);
+		return ERR_RANGE;
+	}
+	rc = zmq_send_part(tz, peer, hdr, hdr_len, data != NULL);
+	if (rc || !data)
+		return rc;
+	return zmq_send_part(tz, peer, data, data_len, 0);
+}
+
+/* ------------------------------------------------------------ receive */
+
+/* Waits until the socket has a message: 0, or ERR_PEER on time-out. */
+static int zmq_wait(struct transport_zmq *tz, int timeout_ms, double deadline)
+{
+	for (;;) {
+		long wait = -1;
+		if (timeout_ms >= 0) {
+			double left = deadline - zmq_now_ms();
+			wait = left > 0 ? (long)(left + 0.999) : 0;
+		}
+		zmq_pollitem_t it = {.socket = tz->sock, .events = ZMQ_POLLIN};
+		int n = zmq_poll(&it, 1, wait);
+		if (n > 0)
+			return 0;
+		if (n == 0) {
+			if (timeout_ms >= 0 && zmq_now_ms() >= deadline)
+				return ERR_PEER;
+			continue;
+		}
+		if (errno == EINTR)
+			continue;
+		log_error("%s: poll failed: %s", tz->endpoint, zmq_strerror(errno));
+		return ERR_IO;
+	}
+}
+
+/* Receives the next part of the current message into m (initialised here);
+ * *more says whether others follow. */
+static int zmq_recv_part(struct transport_zmq *tz, zmq_msg_t *m, int *more)
+{
+	zmq_msg_init(m);
+	for (;;) {
+		if (zmq_msg_recv(m, tz->sock, 0) >= 0)
+			break;
+		if (errno == EINTR)
+			continue;
+		log_error("%s: receive failed: %s", tz->endpoint, zmq_strerror(errno));
+		zmq_msg_close(m);
+		return ERR_IO;
+	}
+	*more = zmq_msg_more(m);
+	return 0;
+}
+
+static int zmq_recv_msg(transport *t, int timeout_ms, struct transport_frame *out)
+{
+	struct transport_zmq *tz = (struct transport_zmq *)t;
+	memset(out, 0, sizeof(*out));
+	zmq_release_held(tz);
+
+	double deadline = zmq_now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+	uint8_t id[ZMQ_ID_MAX];
+	size_t id_len = 0;
+	zmq_msg_t m;
+	int more = 0, rc;
+	for (;;) {
+		rc = zmq_wait(tz, timeout_ms, deadline);
+		if (rc)
+			return rc;
+		/* a whole message is there once its first part is: parts are atomic */
+		zmq_msg_init(&m);
+		if (zmq_msg_recv(&m, tz->sock, ZMQ_DONTWAIT) >= 0)
+			break;
+		int e = errno;
+		zmq_msg_close(&m);
+		if (e != EAGAIN && e != EINTR) {
+			log_error("%s: receive failed: %s", tz->endpoint, zmq_strerror(e));
+			return ERR_IO;
+		}
+	}
+	more = zmq_msg_more(&m);
+	if (tz->router) {
+		id_len = zmq_msg_size(&m);
+		if (id_len > sizeof(id))
+			id_len = sizeof(id); /* libzmq never makes longer ids */
+		memcpy(id, zmq_msg_data(&m), id_len);
+		zmq_msg_close(&m);
+	} else {
+		tz->part[tz->n_held++] = m;
+	}
+
+	/* the payload parts: keep two, count and discard the rest */
+	int n_parts = tz->n_held;
+	while (more) {
+		zmq_msg_t *p = tz->n_held < 2 ? &tz->part[tz->n_held] : &m;
+		rc = zmq_recv_part(tz, p, &more);
+		if (rc) {
+			zmq_release_held(tz);
+			return rc;
+		}
+		n_parts++;
+		if (p == &m)
+			zmq_msg_close(&m);
+		else
+			tz->n_held++;
+	}
+
+	int peer = 0;
+	if (tz->router) {
+		peer = zmq_find_peer(tz, id, id_len);
+		if (peer < 0) {
+			rc = zmq_add_peer(tz, id, id_len, &peer);
+			if (rc) {
+				zmq_release_held(tz);
+				return rc;
+			}
+		}
+	}
+	out->peer = peer;
+
+	const char *who = zmq_peer_name(t, peer);
+	size_t hdr_len = n_parts >= 1 ? zmq_msg_size(&tz->part[0]) : 0;
+	size_t data_len = n_parts >= 2 ? zmq_msg_size(&tz->part[1]) : 0;
+	if (n_parts == 0 || n_parts > 2) {
+		log_error("%s: message of %d parts (expected a header and at most one frame); "
+			  "dropped",
+			  who, n_parts);
+		out->bad = 1;
+	} else if (hdr_len > WIRE_MAX_HEADER) {
+		log_error("%s: header of %zu bytes exceeds the %u-byte cap; message dropped", who,
+			  hdr_len, (unsigned)WIRE_MAX_HEADER);
+		out->bad = 1;
+	} else if (n_parts == 2 && data_len > t->frame_cap) {
+		log_error("%s: frame of %zu bytes exceeds the %zu-byte cap; message dropped", who,
+			  data_len, t->frame_cap);
+		out->bad = 1;
+	}
+	if (out->bad) {
+		zmq_release_held(tz);
+		return 0;
+	}
+	out->hdr = zmq_msg_data(&tz->part[0]);
+	out->hdr_len = hdr_len;
+	if (!out->hdr)
+		out->hdr = zmq_empty_frame;
+	if (n_parts == 2) {
+		out->data = zmq_msg_data(&tz->part[1]);
+		out->data_len = data_len;
+		if (!out->data)
+			out->data = zmq_empty_frame;
+	}
+	return 0;
+}
+
+static const struct transport_ops zmq_transport_ops = {
+	.send = zmq_send_msg,
+	.recv = zmq_recv_msg,
+	.drop_peer = zmq_drop_peer,
+	.n_peers = zmq_n_peers,
+	.peer_name = zmq_peer_name,
+	.destroy = zmq_destroy,
+	.limits_changed = zmq_limits_changed,
+};

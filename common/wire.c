@@ -1,0 +1,429 @@
+#include "wire.h"
+#include "err.h"
+#include "log.h"
+#include "../kernels/kern.h"
+#include "proto/moefleet.pb-c.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *wire_kind_name(enum wire_kind k)
+{
+	static const char *names[] = {"none",  "hello", "assign",    "weight_chunk",
+				      "ready", "batch", "result",    "heartbeat",
+				      "stats", "shutdown", "error"};
+	return (unsigned)k <= WIRE_ERROR ? names[k] : "?";
+}
+
+static int wire_dtype_ok(uint32_t t) { return t == KERN_F32 || t == KERN_BF16 || t == KERN_Q8_0; }
+
+size_t wire_batch_frame_bytes(const struct wire_batch *b, uint32_t n_embd)
+{
+	return kern_row_bytes(b->dtype, n_embd) * b->n_rows;
+}
+
+size_t wire_result_frame_bytes(const struct wire_result *r, uint32_t n_embd)
+{
+	return (size_t)r->n_items * n_embd * sizeof(float);
+}
+
+/* ------------------------------------------------------------ encode */
+
+int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *len)
+{
+	int rc = 0;
+	Moefleet__Envelope env = MOEFLEET__ENVELOPE__INIT;
+	Moefleet__Hello hello = MOEFLEET__HELLO__INIT;
+	Moefleet__Assign assign = MOEFLEET__ASSIGN__INIT;
+	Moefleet__ExpertSpec spec = MOEFLEET__EXPERT_SPEC__INIT;
+	Moefleet__WeightChunk chunk = MOEFLEET__WEIGHT_CHUNK__INIT;
+	Moefleet__Ready ready = MOEFLEET__READY__INIT;
+	Moefleet__Batch batch = MOEFLEET__BATCH__INIT;
+	Moefleet__Result result = MOEFLEET__RESULT__INIT;
+	Moefleet__Heartbeat hb = MOEFLEET__HEARTBEAT__INIT;
+	Moefleet__Stats stats = MOEFLEET__STATS__INIT;
+	Moefleet__Shutdown shutdown = MOEFLEET__SHUTDOWN__INIT;
+	Moefleet__Error error = MOEFLEET__ERROR__INIT;
+	Moefleet__LayerExperts *layers = NULL, **layer_ptrs = NULL;
+	protobuf_c_boolean *moe_flags = NULL;
+	env.version = WIRE_VERSION;
+	switch (m->kind) {
+	case WIRE_HELLO:
+		hello.cores = m->u.hello.cores;
+		hello.memory_bytes = m->u.hello.memory_bytes;
+		hello.expert_rows_per_sec = m->u.hello.expert_rows_per_sec;
+		hello.has_model = m->u.hello.has_model;
+		hello.model_sha = (char *)m->u.hello.model_sha;
+		hello.name = (char *)m->u.hello.name;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_HELLO;
+		env.hello = &hello;
+		break;
+	case WIRE_ASSIGN: {
+		const struct wire_assign *a = &m->u.assign;
+		const struct moe_spec *s = &a->spec;
+		if (s->n_layer < 0 || s->n_layer > MOE_MAX_LAYERS)
+			return ERR_RANGE;
+		spec.n_layer = (uint32_t)s->n_layer;
+		spec.n_embd = (uint32_t)s->n_embd;
+		spec.n_ff_exp = (uint32_t)s->n_ff_exp;
+		spec.n_expert = (uint32_t)s->n_expert;
+		spec.n_expert_used = (uint32_t)s->n_expert_used;
+		spec.act = (uint32_t)s->act;
+		spec.act_alpha = s->act_alpha;
+		spec.n_act_limit = (size_t)s->n_layer;
+		spec.act_limit = (float *)s->act_limit;
+		moe_flags = calloc((size_t)s->n_layer + 1, sizeof(*moe_flags));
+		/* group the (layer, expert) pairs by layer, keeping their order */
+		layers = calloc((size_t)s->n_layer + 1, sizeof(*layers));
+		layer_ptrs = calloc((size_t)s->n_layer + 1, sizeof(*layer_ptrs));
+		if (!moe_flags || !layers || !layer_ptrs) {
+			rc = ERR_NOMEM;
+			goto out;
+		}
+		for (int l = 0; l < s->n_layer; l++)
+			moe_flags[l] = s->layer_moe[l];
+		spec.n_layer_moe = (size_t)s->n_layer;
+		spec.layer_moe = moe_flags;
+		spec.has_bias = s->has_bias;
+		size_t n_layers = 0;
+		for (int l = 0; l < s->n_layer; l++) {
+			size_t cnt = 0;
+			for (uint32_t i = 0; i < a->n_pairs; i++)
+				cnt += a->pair_layer[i] == (uint32_t)l;
+			if (!cnt)
+				continue;
+			Moefleet__LayerExperts *le = &layers[n_layers];
+			moefleet__layer_experts__init(le);
+			le->layer = (uint32_t)l;
+			le->experts = malloc(cnt * sizeof(uint32_t));
+			if (!le->experts) {
+				rc = ERR_NOMEM;
+				goto out;
+			}
+			for (uint32_t i = 0; i < a->n_pairs; i++)
+				if (a->pair_layer[i] == (uint32_t)l)
+					le->experts[le->n_experts++] = a->pair_expert[i];
+			layer_ptrs[n_layers] = le;
+			n_layers++;
+		}
+		assign.worker_id = a->worker_id;
+		assign.spec = &spec;
+		assign.n_experts = n_layers;
+		assign.experts = layer_ptrs;
+		assign.stream = a->stream;
+		assign.placement_epoch = a->placement_epoch;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_ASSIGN;
+		env.assign = &assign;
+		break;
+	}
+	case WIRE_WEIGHT_CHUNK:
+		chunk.layer = m->u.chunk.layer;
+		chunk.expert = m->u.chunk.expert;
+		chunk.tensor = m->u.chunk.tensor;
+		chunk.type = m->u.chunk.type;
+		chunk.offset = m->u.chunk.offset;
+		chunk.total = m->u.chunk.total;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_WEIGHT_CHUNK;
+		env.weight_chunk = &chunk;
+		break;
+	case WIRE_READY:
+		ready.placement_epoch = m->u.ready.placement_epoch;
+		ready.n_experts = m->u.ready.n_experts;
+		ready.bytes = m->u.ready.bytes;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_READY;
+		env.ready = &ready;
+		break;
+	case WIRE_BATCH: {
+		const struct wire_batch *b = &m->u.batch;
+		if (b->n_rows > WIRE_MAX_ROWS || b->k > WIRE_MAX_K)
+			return ERR_RANGE;
+		batch.step = b->step;
+		batch.layer = b->layer;
+		batch.n_rows = b->n_rows;
+		batch.k = b->k;
+		batch.dtype = b->dtype;
+		batch.n_ids = (size_t)b->n_rows * b->k;
+		batch.ids = b->ids;
+		batch.n_weights = batch.n_ids;
+		batch.weights = b->weights;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_BATCH;
+		env.batch = &batch;
+		break;
+	}
+	case WIRE_RESULT:
+		result.step = m->u.result.step;
+		result.layer = m->u.result.layer;
+		result.n_items = m->u.result.n_items;
+		result.compute_seconds = m->u.result.compute_seconds;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_RESULT;
+		env.result = &result;
+		break;
+	case WIRE_HEARTBEAT:
+		hb.nonce = m->u.heartbeat_nonce;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_HEARTBEAT;
+		env.heartbeat = &hb;
+		break;
+	case WIRE_STATS:
+		stats.rows = m->u.stats.rows;
+		stats.items = m->u.stats.items;
+		stats.bytes_in = m->u.stats.bytes_in;
+		stats.bytes_out = m->u.stats.bytes_out;
+		stats.compute_seconds = m->u.stats.compute_seconds;
+		stats.idle_seconds = m->u.stats.idle_seconds;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_STATS;
+		env.stats = &stats;
+		break;
+	case WIRE_SHUTDOWN:
+		shutdown.reason = (char *)m->u.text;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_SHUTDOWN;
+		env.shutdown = &shutdown;
+		break;
+	case WIRE_ERROR:
+		error.message = (char *)m->u.text;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_ERROR;
+		env.error = &error;
+		break;
+	default:
+		return ERR_RANGE;
+	}
+	size_t need = moefleet__envelope__get_packed_size(&env);
+	if (need > WIRE_MAX_HEADER) {
+		rc = ERR_RANGE;
+		goto out;
+	}
+	if (need > *cap || !*buf) {
+		uint8_t *nb = realloc(*buf, need + 64);
+		if (!nb) {
+			rc = ERR_NOMEM;
+			goto out;
+		}
+		*buf = nb;
+		*cap = need + 64;
+	}
+	*len = moefleet__envelope__pack(&env, *buf);
+out:
+	if (layers)
+		for (int l = 0; l <= m->u.assign.spec.n_layer; l++)
+			free(layers[l].experts);
+	free(layers);
+	free(layer_ptrs);
+	free(moe_flags);
+	return rc;
+}
+
+/* ------------------------------------------------------------ decode */
+
+static int wire_bad(const char *peer, const char *what)
+{
+	log_error("%s: invalid message: %s", peer ? peer : "peer", what);
+	return ERR_PROTO;
+}
+
+static void wire_copy_str(char *dst, size_t cap, const char *src)
+{
+	snprintf(dst, cap, "%s", src ? src : "");
+}
+
+static int wire_decode_spec(const Moefleet__ExpertSpec *s, const char *peer,
+			    struct moe_spec *out)
+{
+	if (!s)
+		return wire_bad(peer, "assign without expert spec");
+	if (s->n_layer > MOE_MAX_LAYERS || s->n_embd == 0 || s->n_embd > (1u << 20) ||
+	    s->n_ff_exp == 0 || s->n_ff_exp > (1u << 20) || s->n_expert == 0 ||
+	    s->n_expert > WIRE_MAX_EXPERTS || s->n_expert_used == 0 ||
+	    s->n_expert_used > s->n_expert || s->n_expert_used > WIRE_MAX_K ||
+	    s->act > MOE_ACT_SWIGLU_CLAMP || s->n_act_limit != s->n_layer ||
+	    s->n_layer_moe != s->n_layer)
+		return wire_bad(peer, "expert spec out of range");
+	memset(out, 0, sizeof(*out));
+	out->n_layer = (int)s->n_layer;
+	out->n_embd = (int)s->n_embd;
+	out->n_ff_exp = (int)s->n_ff_exp;
+	out->n_expert = (int)s->n_expert;
+	out->n_expert_used = (int)s->n_expert_used;
+	out->act = (enum moe_act)s->act;
+	out->act_alpha = s->act_alpha;
+	out->has_bias = s->has_bias != 0;
+	for (uint32_t l = 0; l < s->n_layer; l++) {
+		out->act_limit[l] = s->act_limit[l];
+		out->layer_moe[l] = s->layer_moe[l] != 0;
+	}
+	return 0;
+}
+
+int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_msg *out)
+{
+	int rc = 0;
+	memset(out, 0, sizeof(*out));
+	if (len > WIRE_MAX_HEADER)
+		return wire_bad(peer, "header larger than the cap");
+	Moefleet__Envelope *env = moefleet__envelope__unpack(NULL, len, buf);
+	if (!env)
+		return wire_bad(peer, "undecodable envelope");
+	if (env->version != WIRE_VERSION) {
+		char why[96];
+		snprintf(why, sizeof(why), "protocol version %u, expected %u", env->version,
+			 WIRE_VERSION);
+		rc = wire_bad(peer, why);
+		goto out;
+	}
+	switch (env->body_case) {
+	case MOEFLEET__ENVELOPE__BODY_HELLO: {
+		const Moefleet__Hello *h = env->hello;
+		out->kind = WIRE_HELLO;
+		out->u.hello.cores = h->cores;
+		out->u.hello.memory_bytes = h->memory_bytes;
+		out->u.hello.expert_rows_per_sec = h->expert_rows_per_sec;
+		out->u.hello.has_model = h->has_model;
+		wire_copy_str(out->u.hello.model_sha, sizeof(out->u.hello.model_sha), h->model_sha);
+		wire_copy_str(out->u.hello.name, sizeof(out->u.hello.name), h->name);
+		break;
+	}
+	case MOEFLEET__ENVELOPE__BODY_ASSIGN: {
+		const Moefleet__Assign *a = env->assign;
+		struct wire_assign *o = &out->u.assign;
+		out->kind = WIRE_ASSIGN;
+		rc = wire_decode_spec(a->spec, peer, &o->spec);
+		if (rc)
+			goto out;
+		o->worker_id = a->worker_id;
+		o->stream = a->stream;
+		o->placement_epoch = a->placement_epoch;
+		uint64_t total = 0;
+		for (size_t i = 0; i < a->n_experts; i++) {
+			const Moefleet__LayerExperts *le = a->experts[i];
+			if (le->layer >= (uint32_t)o->spec.n_layer || !o->spec.layer_moe[le->layer]) {
+				rc = wire_bad(peer, "assigned layer has no routed experts");
+				goto out;
+			}
+			total += le->n_experts;
+		}
+		if (total > (uint64_t)o->spec.n_layer * (uint64_t)o->spec.n_expert) {
+			rc = wire_bad(peer, "more experts assigned than exist");
+			goto out;
+		}
+		o->pair_layer = malloc((total ? total : 1) * sizeof(uint32_t));
+		o->pair_expert = malloc((total ? total : 1) * sizeof(uint32_t));
+		if (!o->pair_layer || !o->pair_expert) {
+			rc = ERR_NOMEM;
+			goto out;
+		}
+		for (size_t i = 0; i < a->n_experts; i++) {
+			const Moefleet__LayerExperts *le = a->experts[i];
+			for (size_t j = 0; j < le->n_experts; j++) {
+				if (le->experts[j] >= (uint32_t)o->spec.n_expert) {
+					rc = wire_bad(peer, "assigned expert id out of range");
+					goto out;
+				}
+				o->pair_layer[o->n_pairs] = le->layer;
+				o->pair_expert[o->n_pairs] = le->experts[j];
+				o->n_pairs++;
+			}
+		}
+		break;
+	}
+	case MOEFLEET__ENVELOPE__BODY_WEIGHT_CHUNK: {
+		const Moefleet__WeightChunk *c = env->weight_chunk;
+		out->kind = WIRE_WEIGHT_CHUNK;
+		if (c->tensor > 5 || !kern_type_known(c->type) || c->total > (1ull << 40) ||
+		    c->offset > c->total) {
+			rc = wire_bad(peer, "weight chunk out of range");
+			goto out;
+		}
+		out->u.chunk = (struct wire_weight_chunk){c->layer,  c->expert, c->tensor,
+							  c->type,   c->offset, c->total};
+		break;
+	}
+	case MOEFLEET__ENVELOPE__BODY_READY:
+		out->kind = WIRE_READY;
+		out->u.ready.placement_epoch = env->ready->placement_epoch;
+		out->u.ready.n_experts = env->ready->n_experts;
+		out->u.ready.bytes = env->ready->bytes;
+		break;
+	case MOEFLEET__ENVELOPE__BODY_BATCH: {
+		const Moefleet__Batch *b = env->batch;
+		struct wire_batch *o = &out->u.batch;
+		out->kind = WIRE_BATCH;
+		if (b->n_rows > WIRE_MAX_ROWS || b->k == 0 || b->k > WIRE_MAX_K ||
+		    !wire_dtype_ok(b->dtype) || b->n_ids != (size_t)b->n_rows * b->k ||
+		    b->n_weights != b->n_ids) {
+			rc = wire_bad(peer, "batch header out of range");
+			goto out;
+		}
+		o->step = b->step;
+		o->layer = b->layer;
+		o->n_rows = b->n_rows;
+		o->k = b->k;
+		o->dtype = b->dtype;
+		size_t n = b->n_ids ? b->n_ids : 1;
+		o->ids = malloc(n * sizeof(int32_t));
+		o->weights = malloc(n * sizeof(float));
+		if (!o->ids || !o->weights) {
+			rc = ERR_NOMEM;
+			goto out;
+		}
+		memcpy(o->ids, b->ids, b->n_ids * sizeof(int32_t));
+		memcpy(o->weights, b->weights, b->n_ids * sizeof(float));
+		for (size_t i = 0; i < b->n_ids; i++) {
+			if (o->ids[i] < -1 || o->ids[i] >= WIRE_MAX_EXPERTS) {
+				rc = wire_bad(peer, "batch expert id out of range");
+				goto out;
+			}
+		}
+		break;
+	}
+	case MOEFLEET__ENVELOPE__BODY_RESULT: {
+		const Moefleet__Result *r = env->result;
+		out->kind = WIRE_RESULT;
+		if (r->n_items > (uint64_t)WIRE_MAX_ROWS * WIRE_MAX_K) {
+			rc = wire_bad(peer, "result item count out of range");
+			goto out;
+		}
+		out->u.result = (struct wire_result){r->step, r->layer, r->n_items,
+						     r->compute_seconds};
+		break;
+	}
+	case MOEFLEET__ENVELOPE__BODY_HEARTBEAT:
+		out->kind = WIRE_HEARTBEAT;
+		out->u.heartbeat_nonce = env->heartbeat->nonce;
+		break;
+	case MOEFLEET__ENVELOPE__BODY_STATS: {
+		const Moefleet__Stats *s = env->stats;
+		out->kind = WIRE_STATS;
+		out->u.stats = (struct wire_stats){s->rows,	       s->items,
+						   s->bytes_in,	       s->bytes_out,
+						   s->compute_seconds, s->idle_seconds};
+		break;
+	}
+	case MOEFLEET__ENVELOPE__BODY_SHUTDOWN:
+		out->kind = WIRE_SHUTDOWN;
+		wire_copy_str(out->u.text, sizeof(out->u.text), env->shutdown->reason);
+		break;
+	case MOEFLEET__ENVELOPE__BODY_ERROR:
+		out->kind = WIRE_ERROR;
+		wire_copy_str(out->u.text, sizeof(out->u.text), env->error->message);
+		break;
+	default:
+		rc = wire_bad(peer, "envelope without a body");
+		goto out;
+	}
+out:
+	moefleet__envelope__free_unpacked(env, NULL);
+	if (rc)
+		wire_msg_free(out);
+	return rc;
+}
+
+void wire_msg_free(struct wire_msg *m)
+{
+	if (m->kind == WIRE_ASSIGN) {
+		free(m->u.assign.pair_layer);
+		free(m->u.assign.pair_expert);
+	} else if (m->kind == WIRE_BATCH) {
+		free(m->u.batch.ids);
+		free(m->u.batch.weights);
+	}
+	memset(m, 0, sizeof(*m));
+}

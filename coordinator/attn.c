@@ -1,0 +1,461 @@
+/* attn: causal attention over an F16 KV cache, with llama.cpp's CPU
+ * flash-attention numerics (ggml/src/ggml-cpu/ops.cpp,
+ * ggml_compute_forward_flash_attn_ext_f16 and its two row kernels).
+ *
+ * Cache layout: k[layer][seq][pos][k_width] and v[layer][seq][pos][v_width],
+ * uint16_t IEEE halves, allocated once.  A query at position p of sequence s
+ * reads positions j0..p of s in increasing order (j0 = 0, or p - window + 1
+ * with a sliding window), which is the order llama.cpp visits the cells of a
+ * single-sequence cache.  Positions of one sequence are written before they
+ * are read (model.c keeps them consecutive), so resetting a slot needs no work.
+ *
+ * What each path rounds (see attn.h for when each is used):
+ *   one-row path  q -> F16; s = (float)(sum_d (float)(q16[d] * k[d]) in double);
+ *                 s *= scale; online softmax per key: a new maximum rescales
+ *                 the F16 accumulator (acc = f16(acc * ms)), then
+ *                 acc = f16(fma(v, vs, acc)); S = fma(S, ms, vs).
+ *   tiled path    per tile of 64 positions: s = fma chain over d of q[d]*k[d]
+ *                 (F32 query), s *= scale; M' = max(M, tile max); a new
+ *                 maximum rescales the F32 accumulator and S by expf(M - M');
+ *                 e = vexpf(s - M'), S += sum e (groups of 8, as the AVX2
+ *                 kernel adds them); acc[d] = fma chain over the tile of e*v[d].
+ *   both          acc -> F32; a sink logit t joins: if t > M the accumulator
+ *                 and S are scaled by expf(M - t), else S += expf(t - M);
+ *                 out = acc * (1 / S). */
+#include "attn.h"
+
+#include <assert.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../common/err.h"
+#include "../common/log.h"
+#include "../kernels/kern.h"
+
+struct attn_cache {
+	int n_layer;
+	int n_seq;
+	int n_ctx;
+	int k_width;
+	int v_width;
+	uint16_t *k; /* [n_layer][n_seq][n_ctx][k_width] */
+	uint16_t *v; /* [n_layer][n_seq][n_ctx][v_width] */
+};
+
+/* ------------------------------------------------------------ f16 helpers */
+
+static float attn_f16_table[65536]; /* f16 bits -> f32 value */
+static pthread_once_t attn_f16_once = PTHREAD_ONCE_INIT;
+
+static void attn_f16_table_init(void)
+{
+	for (uint32_t h = 0; h < 65536; h++)
+		attn_f16_table[h] = kern_f16_to_f32((uint16_t)h);
+}
+
+static inline float attn_f16_to_f32(uint16_t h) { return attn_f16_table[h]; }
+
+static inline uint32_t attn_f32_bits(float f)
+{
+	uint32_t u;
+	memcpy(&u, &f, sizeof(u));
+	return u;
+}
+
+static inline float attn_bits_f32(uint32_t u)
+{
+	float f;
+	memcpy(&f, &u, sizeof(f));
+	return f;
+}
+
+/* x rounded to the nearest F16 value (ties to even), as a float: the value an
+ * F16 store followed by a load gives (F16C's VCVTPS2PH with rounding mode 0). */
+static inline float attn_f16_round(float x)
+{
+	uint32_t u = attn_f32_bits(x);
+	uint32_t a = u & 0x7fffffffu;
+	if (a >= 0x38800000u && a < 0x477ff000u) {
+		/* normal half: drop 13 mantissa bits, ties to even */
+		a += 0x0fffu + ((a >> 13) & 1u);
+		a &= ~0x1fffu;
+		return attn_bits_f32((u & 0x80000000u) | a);
+	}
+	/* subnormal, zero, overflow, inf, NaN: rare, exact slow path */
+	return kern_f16_to_f32(kern_f32_to_f16(x));
+}
+
+/* ggml_v_expf (ggml-cpu/vec.h, AVX2+FMA version) for one lane: exp(x) with at
+ * most ~1.5 ulp error, as ggml_vec_soft_max_f32 computes it. */
+static float attn_vexpf(float x)
+{
+	const float r = 0x1.8p23f;
+	const float z = fmaf(x, 0x1.715476p+0f, r);
+	const float n = z - r;
+	const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+	const uint32_t e = attn_f32_bits(z) << 23;
+	const float k = attn_bits_f32(e + attn_f32_bits(1.0f));
+	const float u = b * b;
+	const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
+				  fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+			     u, 0x1.ffffecp-1f * b);
+	if (!(fabsf(n) > 126.0f))
+		return fmaf(j, k, k);
+	const uint32_t g = n <= 0.0f ? 0x82000000u : 0u;
+	const float s1 = attn_bits_f32(g + 0x7f000000u);
+	const float s2 = attn_bits_f32(e - g);
+	if (fabsf(n) > 192.0f)
+		return s1 * s1;
+	return fmaf(s2, j, s2) * s1;
+}
+
+/* ------------------------------------------------------------------ cache */
+
+int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width,
+		   attn_cache **out)
+{
+	*out = NULL;
+	if (n_layer <= 0 || n_seq <= 0 || n_ctx <= 0 || k_width <= 0 || v_width <= 0) {
+		log_error("attn: invalid KV cache shape (layers %d, sequences %d, positions %d, "
+			  "widths %d/%d)",
+			  n_layer, n_seq, n_ctx, k_width, v_width);
+		return ERR_CONFIG;
+	}
+	/* entries = n_layer * n_seq * n_ctx, checked against overflow of size_t */
+	size_t entries = (size_t)n_layer;
+	size_t bytes_k, bytes_v;
+	if (entries > SIZE_MAX / (size_t)n_seq)
+		goto too_big;
+	entries *= (size_t)n_seq;
+	if (entries > SIZE_MAX / (size_t)n_ctx)
+		goto too_big;
+	entries *= (size_t)n_ctx;
+	if (entries > SIZE_MAX / sizeof(uint16_t) / (size_t)k_width ||
+	    entries > SIZE_MAX / sizeof(uint16_t) / (size_t)v_width)
+		goto too_big;
+	bytes_k = entries * (size_t)k_width * sizeof(uint16_t);
+	bytes_v = entries * (size_t)v_width * sizeof(uint16_t);
+
+	pthread_once(&attn_f16_once, attn_f16_table_init);
+
+	attn_cache *c = calloc(1, sizeof(*c));
+	if (!c)
+		goto nomem;
+	c->n_layer = n_layer;
+	c->n_seq = n_seq;
+	c->n_ctx = n_ctx;
+	c->k_width = k_width;
+	c->v_width = v_width;
+	/* calloc: untouched positions read as +0, never garbage */
+	c->k = calloc(1, bytes_k);
+	c->v = calloc(1, bytes_v);
+	if (!c->k || !c->v) {
+		attn_cache_destroy(&c);
+		goto nomem;
+	}
+	*out = c;
+	return 0;
+
+nomem:
+	log_error("attn: cannot allocate the KV cache (%zu + %zu bytes)", bytes_k, bytes_v);
+	return ERR_NOMEM;
+too_big:
+	log_error("attn: KV cache of %d layers x %d sequences x %d positions x %d+%d values "
+		  "is too large",
+		  n_layer, n_seq, n_ctx, k_width, v_width);
+	return ERR_NOMEM;
+}
+
+void attn_cache_destroy(attn_cache **c)
+{
+	if (!c || !*c)
+		return;
+	free((*c)->k);
+	free((*c)->v);
+	free(*c);
+	*c = NULL;
+}
+
+void attn_cache_reset_seq(attn_cache *c, int seq)
+{
+	/* Nothing to clear: a query only reads positions its sequence has
+	 * stored since the reset (positions restart at 0 and are consecutive). */
+	(void)c;
+	(void)seq;
+	assert(seq >= 0 && seq < c->n_seq);
+}
+
+static inline size_t attn_entry(const attn_cache *c, int layer, int seq, int pos)
+{
+	return ((size_t)layer * (size_t)c->n_seq + (size_t)seq) * (size_t)c->n_ctx + (size_t)pos;
+}
+
+void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k,
+		      const float *v)
+{
+	assert(layer >= 0 && layer < c->n_layer && seq >= 0 && seq < c->n_seq && pos >= 0 &&
+	       pos < c->n_ctx);
+	size_t e = attn_entry(c, layer, seq, pos);
+	uint16_t *kd = c->k + e * (size_t)c->k_width;
+	uint16_t *vd = c->v + e * (size_t)c->v_width;
+	for (int i = 0; i < c->k_width; i++)
+		kd[i] = kern_f32_to_f16(k[i]);
+	for (int i = 0; i < c->v_width; i++)
+		vd[i] = kern_f32_to_f16(v[i]);
+}
+
+int attn_check_params(const attn_cache *c, const struct attn_params *ap, const char *what)
+{
+	if (ap->n_head <= 0 || ap->n_head_kv <= 0 || ap->n_head % ap->n_head_kv != 0) {
+		log_error("%s: attention: %d query heads are not a multiple of %d KV heads", what,
+			  ap->n_head, ap->n_head_kv);
+		return ERR_FORMAT;
+	}
+	if (ap->head_dim_k <= 0 || ap->head_dim_k > ATTN_MAX_HEAD_DIM || ap->head_dim_v <= 0 ||
+	    ap->head_dim_v > ATTN_MAX_HEAD_DIM) {
+		log_error("%s: attention: head sizes %d/%d outside 1..%d", what, ap->head_dim_k,
+			  ap->head_dim_v, ATTN_MAX_HEAD_DIM);
+		return ERR_FORMAT;
+	}
+	if ((int64_t)ap->n_head_kv * ap->head_dim_k != c->k_width ||
+	    (int64_t)ap->n_head_kv * ap->head_dim_v != c->v_width) {
+		log_error("%s: attention: %d KV heads of %d/%d values do not match the KV cache "
+			  "widths %d/%d",
+			  what, ap->n_head_kv, ap->head_dim_k, ap->head_dim_v, c->k_width,
+			  c->v_width);
+		return ERR_FORMAT;
+	}
+	if (ap->window < 0) {
+		log_error("%s: attention: negative sliding window %d", what, ap->window);
+		return ERR_FORMAT;
+	}
+	if (!isfinite(ap->scale)) {
+		log_error("%s: attention: scale is not finite", what);
+		return ERR_FORMAT;
+	}
+	return 0;
+}
+
+/* -------------------------------------------------------------- forward */
+
+struct attn_job {
+	const attn_cache *c;
+	int layer;
+	const struct attn_params *ap;
+	const model_batch *b;
+	const float *q;
+	float *out;
+	int tiled;
+};
+
+/* The visible key positions [j0, j1) of a query at position pos. */
+static inline void attn_visible(const struct attn_params *ap, int pos, int *j0, int *j1)
+{
+	*j0 = 0;
+	if (ap->window > 0 && pos - ap->window + 1 > 0)
+		*j0 = pos - ap->window + 1;
+	*j1 = pos + 1;
+}
+
+/* Adds the sink logit t to (M, S, acc) and returns acc * (1 / S) in out. */
+static void attn_finish(const float *sink, float M, float S, float *acc, int dv, float *out)
+{
+	if (sink) {
+		const float t = *sink;
+		float ms = 1.0f;
+		float vs = 1.0f;
+		if (t > M) {
+			ms = expf(M - t);
+			for (int d = 0; d < dv; d++)
+				acc[d] *= ms;
+		} else {
+			vs = expf(t - M);
+		}
+		S = fmaf(S, ms, vs);
+	}
+	const float s_inv = S == 0.0f ? 0.0f : 1.0f / S;
+	for (int d = 0; d < dv; d++)
+		out[d] = acc[d] * s_inv;
+}
+
+/* One (token, head) row, ggml's one_chunk kernel: F16 query and accumulator. */
+static void attn_row_f16(const struct attn_job *jb, int t, int h)
+{
+	const attn_cache *c = jb->c;
+	const struct attn_params *ap = jb->ap;
+	const int dk = ap->head_dim_k;
+	const int dv = ap->head_dim_v;
+	const int hkv = h / (ap->n_head / ap->n_head_kv);
+	const int seq = jb->b->seq[t];
+	const int pos = jb->b->pos[t];
+	float q16[ATTN_MAX_HEAD_DIM];
+	float acc[ATTN_MAX_HEAD_DIM]; /* F16 values held in floats */
+
+	const float *qh = jb->q + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dk;
+	for (int d = 0; d < dk; d++)
+		q16[d] = attn_f16_round(qh[d]);
+	memset(acc, 0, (size_t)dv * sizeof(float));
+
+	int j0, j1;
+	attn_visible(ap, pos, &j0, &j1);
+	const size_t e0 = attn_entry(c, jb->layer, seq, 0);
+	const uint16_t *kbase = c->k + e0 * (size_t)c->k_width + (size_t)hkv * (size_t)dk;
+	const uint16_t *vbase = c->v + e0 * (size_t)c->v_width + (size_t)hkv * (size_t)dv;
+
+	float S = 0.0f;
+	float M = -INFINITY;
+	for (int j = j0; j < j1; j++) {
+		const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
+		const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
+		/* F16 x F16 products are exact in F32; ggml sums them in double */
+		double sum = 0.0;
+		for (int d = 0; d < dk; d++)
+			sum += (double)(q16[d] * attn_f16_to_f32(kj[d]));
+		const float s = (float)sum * ap->scale;
+
+		float ms = 1.0f;
+		float vs = 1.0f;
+		if (s > M) {
+			const float m_old = M;
+			M = s;
+			ms = expf(m_old - M);
+			for (int d = 0; d < dv; d++)
+				acc[d] = attn_f16_round(acc[d] * ms);
+		} else {
+			vs = expf(s - M);
+		}
+		for (int d = 0; d < dv; d++)
+			acc[d] = attn_f16_round(fmaf(attn_f16_to_f32(vj[d]), vs, acc[d]));
+		S = fmaf(S, ms, vs);
+	}
+
+	float *o = jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dv;
+	attn_finish(ap->sinks ? &ap->sinks[h] : NULL, M, S, acc, dv, o);
+}
+
+/* One (token, head) row, ggml's tiled kernel: F32 query and accumulator, one
+ * softmax update per tile of ATTN_TILE_KV positions (tiles start at 0). */
+static void attn_row_tiled(const struct attn_job *jb, int t, int h)
+{
+	const attn_cache *c = jb->c;
+	const struct attn_params *ap = jb->ap;
+	const int dk = ap->head_dim_k;
+	const int dv = ap->head_dim_v;
+	const int hkv = h / (ap->n_head / ap->n_head_kv);
+	const int seq = jb->b->seq[t];
+	const int pos = jb->b->pos[t];
+	float acc[ATTN_MAX_HEAD_DIM];
+	float kq[ATTN_TILE_KV];
+
+	const float *qh = jb->q + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dk;
+	memset(acc, 0, (size_t)dv * sizeof(float));
+
+	int j0, j1;
+	attn_visible(ap, pos, &j0, &j1);
+	const size_t e0 = attn_entry(c, jb->layer, seq, 0);
+	const uint16_t *kbase = c->k + e0 * (size_t)c->k_width + (size_t)hkv * (size_t)dk;
+	const uint16_t *vbase = c->v + e0 * (size_t)c->v_width + (size_t)hkv * (size_t)dv;
+
+	float S = 0.0f;
+	float M = -INFINITY;
+	for (int ic = j0 - j0 % ATTN_TILE_KV; ic < j1; ic += ATTN_TILE_KV) {
+		/* visible part [a, z) of this tile; the rest scores -inf */
+		const int a = ic > j0 ? ic : j0;
+		const int z = ic + ATTN_TILE_KV < j1 ? ic + ATTN_TILE_KV : j1;
+		float tile_max = -INFINITY;
+		for (int i = 0; i < ATTN_TILE_KV; i++) {
+			const int j = ic + i;
+			if (j < a || j >= z) {
+				kq[i] = -INFINITY;
+				continue;
+			}
+			const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
+			float s = 0.0f;
+			for (int d = 0; d < dk; d++)
+				s = fmaf(qh[d], attn_f16_to_f32(kj[d]), s);
+			kq[i] = s * ap->scale;
+			if (kq[i] > tile_max)
+				tile_max = kq[i];
+		}
+		if (tile_max == -INFINITY)
+			continue;
+		const float m_new = fmaxf(M, tile_max);
+		if (m_new > M) {
+			const float ms = expf(M - m_new);
+			for (int d = 0; d < dv; d++)
+				acc[d] *= ms;
+			S *= ms;
+		}
+		M = m_new;
+
+		/* ggml_vec_soft_max_f32 (AVX2): lanes of 8, each group summed
+		 * ((e0+e4)+(e2+e6)) + ((e1+e5)+(e3+e7)) in F32, groups in double */
+		double sum = 0.0;
+		for (int g = 0; g < ATTN_TILE_KV; g += 8) {
+			float e[8];
+			for (int i = 0; i < 8; i++) {
+				e[i] = attn_vexpf(kq[g + i] - M);
+				kq[g + i] = e[i];
+			}
+			const float p0 = e[0] + e[4], p1 = e[1] + e[5];
+			const float p2 = e[2] + e[6], p3 = e[3] + e[7];
+			sum += (double)((p0 + p2) + (p1 + p3));
+		}
+		S = (float)((double)S + sum);
+
+		/* acc[d] += sum_i kq[i] * v[i][d], one FMA chain per d in tile
+		 * order; masked positions add exact zeros and are skipped */
+		for (int d = 0; d < dv; d++) {
+			float s = acc[d];
+			for (int j = a; j < z; j++)
+				s = fmaf(kq[j - ic],
+					 attn_f16_to_f32(vbase[(size_t)j * (size_t)c->v_width + (size_t)d]),
+					 s);
+			acc[d] = s;
+		}
+	}
+
+	float *o = jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dv;
+	attn_finish(ap->sinks ? &ap->sinks[h] : NULL, M, S, acc, dv, o);
+}
+
+static void attn_worker(void *ctx, int ith, int nth)
+{
+	const struct attn_job *jb = ctx;
+	const int n_tok = jb->b->n_tokens;
+	int64_t lo, hi;
+	/* rows are head-major (as ggml's): each thread takes whole heads when
+	 * it can, so causal rows of every length are spread evenly */
+	pool_split((int64_t)n_tok * jb->ap->n_head, ith, nth, 1, &lo, &hi);
+	for (int64_t r = lo; r < hi; r++) {
+		const int h = (int)(r / n_tok);
+		const int t = (int)(r % n_tok);
+		if (jb->tiled)
+			attn_row_tiled(jb, t, h);
+		else
+			attn_row_f16(jb, t, h);
+	}
+}
+
+void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_params *ap,
+		  const model_batch *b, const float *q, float *out)
+{
+	assert(layer >= 0 && layer < c->n_layer);
+	assert(ap->head_dim_k <= ATTN_MAX_HEAD_DIM && ap->head_dim_v <= ATTN_MAX_HEAD_DIM);
+	if (b->n_tokens <= 0)
+		return;
+	struct attn_job jb = {
+		.c = c,
+		.layer = layer,
+		.ap = ap,
+		.b = b,
+		.q = q,
+		.out = out,
+		/* ggml: tiled when the micro-batch has >= 64 query rows and the
+		 * value size is a multiple of the F32 vector width */
+		.tiled = b->n_tokens >= ATTN_TILE_Q && ap->head_dim_v % 8 == 0,
+	};
+	pool_run(p, attn_worker, &jb);
+}

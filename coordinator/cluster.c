@@ -1,0 +1,604 @@
+#include "cluster.h"
+#include "placement.h"
+#include "../common/err.h"
+#include "../common/log.h"
+#include "../common/wire.h"
+#include "../kernels/kern.h"
+#include "../worker/shard.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+enum { CLUSTER_CHUNK = 4 << 20 }; /* bytes of streamed weights per message */
+
+struct cluster_peer {
+	int peer; /* transport peer index */
+	struct wire_hello hello;
+	int ready;
+	int lost;
+	struct cluster_worker_stats st;
+	/* per job */
+	int32_t *rows;	/* job rows this worker gets */
+	int n_rows;
+	int32_t *ids;	/* n_rows x k */
+	float *wts;
+	uint8_t *act;	/* activation frame */
+	size_t rows_cap, act_cap;
+	int expect_items;
+	int answered;
+};
+
+struct cluster {
+	transport *t;
+	struct cluster_config cfg;
+	struct moe_spec spec;
+	pool *pool;
+	struct cluster_peer *w;
+	int n;
+	placement plan;
+	uint64_t step;
+	uint8_t *hdr;
+	size_t hdr_cap;
+	uint32_t layer_types[MOE_MAX_LAYERS][3];
+};
+
+static double cluster_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cluster_send(cluster *c, int i, const struct wire_msg *m, const void *data, size_t n)
+{
+	size_t len;
+	int rc = wire_encode(m, &c->hdr, &c->hdr_cap, &len);
+	if (rc)
+		return rc;
+	c->w[i].st.bytes_sent += len + n;
+	return transport_send(c->t, c->w[i].peer, c->hdr, len, data, n);
+}
+
+static int cluster_find(const cluster *c, int peer)
+{
+	for (int i = 0; i < c->n; i++)
+		if (c->w[i].peer == peer && !c->w[i].lost)
+			return i;
+	return -1;
+}
+
+static void cluster_drop(cluster *c, int i, const char *why)
+{
+	if (c->w[i].lost)
+		return;
+	log_error("worker %d (%s): dropped: %s", i, c->w[i].st.name, why);
+	c->w[i].lost = 1;
+	c->w[i].st.lost = 1;
+	transport_drop_peer(c->t, c->w[i].peer);
+}
+
+/* Receives one decoded message from any peer; *who = worker index or -1 for
+ * an unknown peer.  ERR_PEER on time-out. */
+static int cluster_recv(cluster *c, int timeout_ms, struct wire_msg *m, int *peer, int *who,
+			const uint8_t **data, size_t *n)
+{
+	struct transport_frame f;
+	int rc = transport_recv(c->t, timeout_ms, &f);
+	if (rc)
+		return rc;
+	*peer = f.peer;
+	*who = cluster_find(c, f.peer);
+	if (f.bad) {
+		if (*who >= 0)
+			cluster_drop(c, *who, "message breaks the size limits");
+		return ERR_PROTO;
+	}
+	rc = wire_decode(f.hdr, f.hdr_len, transport_peer_name(c->t, f.peer), m);
+	if (rc) {
+		if (*who >= 0)
+			cluster_drop(c, *who, "malformed message");
+		else
+			transport_drop_peer(c->t, f.peer);
+		return ERR_PROTO;
+	}
+	if (*who >= 0)
+		c->w[*who].st.bytes_received += f.hdr_len + f.data_len;
+	*data = f.data;
+	*n = f.data_len;
+	return 0;
+}
+
+/* ------------------------------------------------------------ start-up */
+
+static int cluster_join(cluster *c)
+{
+	double deadline = cluster_now() + c->cfg.join_timeout_ms / 1000.0;
+	while (c->n < c->cfg.n_workers) {
+		int left = (int)((deadline - cluster_now()) * 1000.0);
+		if (left <= 0) {
+			log_error("only %d of %d workers joined within %d ms", c->n,
+				  c->cfg.n_workers, c->cfg.join_timeout_ms);
+			return ERR_PEER;
+		}
+		struct wire_msg m;
+		const uint8_t *d;
+		size_t n;
+		int peer, who;
+		int rc = cluster_recv(c, left, &m, &peer, &who, &d, &n);
+		if (rc == ERR_PEER || rc == ERR_PROTO)
+			continue;
+		if (rc)
+			return rc;
+		if (m.kind != WIRE_HELLO || who >= 0) {
+			log_error("%s: expected Hello, got %s; ignored",
+				  transport_peer_name(c->t, peer), wire_kind_name(m.kind));
+			transport_drop_peer(c->t, peer);
+			wire_msg_free(&m);
+			continue;
+		}
+		struct cluster_peer *w = &c->w[c->n];
+		memset(w, 0, sizeof(*w));
+		w->peer = peer;
+		w->hello = m.u.hello;
+		snprintf(w->st.name, sizeof(w->st.name), "%s", m.u.hello.name);
+		log_info("worker %d joined: %s, %u cores, %.1f GiB, %s", c->n, w->st.name,
+			 w->hello.cores, (double)w->hello.memory_bytes / (1 << 30),
+			 w->hello.has_model ? "has the model" : "needs the weights streamed");
+		c->n++;
+		wire_msg_free(&m);
+	}
+	return 0;
+}
+
+static int cluster_layer_types(cluster *c)
+{
+	static const char *names[3] = {"gate", "up", "down"};
+	for (int l = 0; l < c->spec.n_layer; l++) {
+		if (!c->spec.layer_moe[l])
+			continue;
+		for (int t = 0; t < 3; t++) {
+			char name[96];
+			snprintf(name, sizeof(name), "blk.%d.ffn_%s_exps.weight", l, names[t]);
+			const gguf_tensor *x = gguf_find_tensor(c->cfg.g, name);
+			if (!x) {
+				log_error("%s: missing tensor %s", gguf_path(c->cfg.g), name);
+				return ERR_FORMAT;
+			}
+			c->layer_types[l][t] = x->type;
+		}
+	}
+	return 0;
+}
+
+static int cluster_place(cluster *c)
+{
+	uint64_t bytes[MOE_MAX_LAYERS] = {0};
+	for (int l = 0; l < c->spec.n_layer; l++) {
+		if (!c->spec.layer_moe[l])
+			continue;
+		bytes[l] = shard_expert_bytes(&c->spec, c->layer_types[l]);
+		if (c->spec.has_bias)
+			bytes[l] += (uint64_t)(2 * c->spec.n_ff_exp + c->spec.n_embd) * sizeof(float);
+	}
+	struct placement_model pm = {c->spec.n_layer, c->spec.n_expert, c->spec.layer_moe, bytes,
+				     NULL};
+	struct placement_worker *pw = calloc((size_t)c->n, sizeof(*pw));
+	if (!pw)
+		return ERR_NOMEM;
+	for (int i = 0; i < c->n; i++) {
+		pw[i].mem_bytes = c->w[i].hello.memory_bytes;
+		pw[i].speed = c->w[i].hello.expert_rows_per_sec > 0
+				      ? c->w[i].hello.expert_rows_per_sec
+				      : (c->w[i].hello.cores ? c->w[i].hello.cores : 1);
+	}
+	int rc = placement_build(&pm, pw, c->n, c->cfg.replicas, &c->plan);
+	free(pw);
+	return rc;
+}
+
+static const uint8_t *cluster_tensor_bytes(cluster *c, int l, int e, int t, uint32_t *type,
+					   uint64_t *n)
+{
+	static const char *names[3] = {"gate", "up", "down"};
+	char name[96];
+	snprintf(name, sizeof(name), "blk.%d.ffn_%s_exps.%s", l, names[t % 3],
+		 t < 3 ? "weight" : "bias");
+	const gguf_tensor *x = gguf_find_tensor(c->cfg.g, name);
+	if (!x)
+		return NULL;
+	uint64_t per = x->n_bytes / (uint64_t)c->spec.n_expert;
+	*type = x->type;
+	*n = per;
+	return (const uint8_t *)x->data + per * (uint64_t)e;
+}
+
+static int cluster_assign(cluster *c)
+{
+	int rc = 0;
+	uint32_t cap = (uint32_t)(c->spec.n_layer * c->spec.n_expert) + 1;
+	uint32_t *pl = malloc(cap * sizeof(uint32_t)), *pe = malloc(cap * sizeof(uint32_t));
+	if (!pl || !pe) {
+		rc = ERR_NOMEM;
+		goto out;
+	}
+	for (int i = 0; i < c->n && !rc; i++) {
+		struct wire_msg m = {.kind = WIRE_ASSIGN};
+		struct wire_assign *a = &m.u.assign;
+		a->worker_id = (uint32_t)i;
+		a->spec = c->spec;
+		a->placement_epoch = 1;
+		a->stream = c->cfg.stream || !c->w[i].hello.has_model;
+		a->pair_layer = pl;
+		a->pair_expert = pe;
+		for (int l = 0; l < c->spec.n_layer; l++)
+			for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++)
+				if (placement_holds(&c->plan, i, l, e)) {
+					pl[a->n_pairs] = (uint32_t)l;
+					pe[a->n_pairs] = (uint32_t)e;
+					a->n_pairs++;
+				}
+		log_info("worker %d: %u experts, %.1f MiB", i, a->n_pairs,
+			 (double)c->plan.worker_bytes[i] / 1048576.0);
+		rc = cluster_send(c, i, &m, NULL, 0);
+		if (rc || !a->stream)
+			continue;
+		/* stream the bytes of every assigned expert */
+		uint64_t sent = 0;
+		int n_t = c->spec.has_bias ? 6 : 3;
+		for (uint32_t p = 0; p < a->n_pairs && !rc; p++) {
+			for (int t = 0; t < n_t && !rc; t++) {
+				uint32_t type;
+				uint64_t total;
+				const uint8_t *src =
+					cluster_tensor_bytes(c, (int)pl[p], (int)pe[p], t, &type, &total);
+				if (!src) {
+					rc = ERR_FORMAT;
+					break;
+				}
+				for (uint64_t off = 0; off < total && !rc; off += CLUSTER_CHUNK) {
+					uint64_t len = total - off < CLUSTER_CHUNK ? total - off : CLUSTER_CHUNK;
+					struct wire_msg ch = {.kind = WIRE_WEIGHT_CHUNK};
+					ch.u.chunk = (struct wire_weight_chunk){pl[p], pe[p], (uint32_t)t,
+										type, off, total};
+					rc = cluster_send(c, i, &ch, src + off, len);
+					sent += len;
+				}
+			}
+		}
+		log_info("worker %d: streamed %.1f MiB of weights", i, (double)sent / 1048576.0);
+	}
+out:
+	free(pl);
+	free(pe);
+	return rc;
+}
+
+static int cluster_wait_ready(cluster *c)
+{
+	double deadline = cluster_now() + c->cfg.join_timeout_ms / 1000.0;
+	int ready = 0;
+	while (ready < c->n) {
+		int left = (int)((deadline - cluster_now()) * 1000.0);
+		if (left <= 0) {
+			log_error("only %d of %d workers loaded their experts within %d ms", ready,
+				  c->n, c->cfg.join_timeout_ms);
+			return ERR_PEER;
+		}
+		struct wire_msg m;
+		const uint8_t *d;
+		size_t n;
+		int peer, who;
+		int rc = cluster_recv(c, left, &m, &peer, &who, &d, &n);
+		if (rc == ERR_PEER || rc == ERR_PROTO)
+			continue;
+		if (rc)
+			return rc;
+		if (who < 0) {
+			log_warn("%s: joined after start-up; ignored",
+				 transport_peer_name(c->t, peer));
+		} else if (m.kind == WIRE_READY && !c->w[who].ready) {
+			c->w[who].ready = 1;
+			ready++;
+			log_info("worker %d ready: %u experts loaded", who, m.u.ready.n_experts);
+		} else if (m.kind == WIRE_ERROR) {
+			log_error("worker %d: %s", who, m.u.text);
+			wire_msg_free(&m);
+			return ERR_PEER;
+		}
+		wire_msg_free(&m);
+	}
+	return 0;
+}
+
+int cluster_new(transport *t, const struct cluster_config *cfg, pool *p, cluster **out)
+{
+	*out = NULL;
+	int rc = 0;
+	cluster *c = calloc(1, sizeof(*c));
+	if (!c) {
+		transport_destroy(&t);
+		return ERR_NOMEM;
+	}
+	c->t = t;
+	c->cfg = *cfg;
+	c->spec = *cfg->spec;
+	c->pool = p;
+	if (cfg->n_workers < 1 || cfg->n_workers > 4096 || cfg->replicas < 1 ||
+	    cfg->replicas > cfg->n_workers) {
+		log_error("invalid cluster: %d workers, %d replicas", cfg->n_workers, cfg->replicas);
+		rc = ERR_CONFIG;
+		goto out;
+	}
+	c->w = calloc((size_t)cfg->n_workers, sizeof(*c->w));
+	if (!c->w) {
+		rc = ERR_NOMEM;
+		goto out;
+	}
+	rc = cluster_layer_types(c);
+	if (!rc)
+		rc = cluster_join(c);
+	if (!rc)
+		rc = cluster_place(c);
+	if (!rc)
+		rc = cluster_assign(c);
+	if (!rc)
+		rc = cluster_wait_ready(c);
+out:
+	if (rc)
+		cluster_destroy(&c);
+	*out = c;
+	return rc;
+}
+
+void cluster_destroy(cluster **pc)
+{
+	cluster *c = *pc;
+	if (!c)
+		return;
+	for (int i = 0; i < c->n; i++) {
+		if (!c->w[i].lost) {
+			struct wire_msg m = {.kind = WIRE_SHUTDOWN};
+			snprintf(m.u.text, sizeof(m.u.text), "coordinator done");
+			cluster_send(c, i, &m, NULL, 0);
+		}
+		free(c->w[i].rows);
+		free(c->w[i].ids);
+		free(c->w[i].wts);
+		free(c->w[i].act);
+	}
+	placement_free(&c->plan);
+	transport_destroy(&c->t);
+	free(c->w);
+	free(c->hdr);
+	free(c);
+	*pc = NULL;
+}
+
+int cluster_n_workers(const cluster *c) { return c->n; }
+
+void cluster_get_stats(const cluster *c, int i, struct cluster_worker_stats *out)
+{
+	*out = c->w[i].st;
+}
+
+void cluster_print_stats(const cluster *c)
+{
+	fprintf(stderr, "%-4s %-20s %10s %10s %12s %12s %10s %10s\n", "wkr", "name", "rows",
+		"items", "sent", "received", "compute s", "wait s");
+	for (int i = 0; i < c->n; i++) {
+		const struct cluster_worker_stats *s = &c->w[i].st;
+		fprintf(stderr, "%-4d %-20.20s %10llu %10llu %12llu %12llu %10.3f %10.3f%s\n", i,
+			s->name, (unsigned long long)s->rows, (unsigned long long)s->items,
+			(unsigned long long)s->bytes_sent, (unsigned long long)s->bytes_received,
+			s->compute_seconds, s->wait_seconds, s->lost ? " LOST" : "");
+	}
+}
+
+/* ------------------------------------------------------------ dispatch */
+
+static uint32_t cluster_wire_type(const cluster *c, int layer)
+{
+	uint32_t act = kern_act_type(c->layer_types[layer][0]);
+	uint32_t want = c->cfg.wire_dtype;
+	if (!want)
+		want = act == KERN_Q8_0 || act == KERN_BF16 ? act : KERN_F32;
+	/* rows are only sent pre-converted when that is the experts' own type */
+	return want == act || want == KERN_F32 ? want : KERN_F32;
+}
+
+static int cluster_holder(const cluster *c, int layer, int expert)
+{
+	for (int r = 0; r < c->plan.n_replica; r++) {
+		int h = placement_holder(&c->plan, layer, expert, r);
+		if (h >= 0 && !c->w[h].lost)
+			return h;
+	}
+	return -1;
+}
+
+static int cluster_reserve(struct cluster_peer *w, size_t rows, size_t k, size_t act)
+{
+	if (rows > w->rows_cap) {
+		free(w->rows);
+		free(w->ids);
+		free(w->wts);
+		w->rows = malloc(rows * sizeof(int32_t));
+		w->ids = malloc(rows * k * sizeof(int32_t));
+		w->wts = malloc(rows * k * sizeof(float));
+		w->rows_cap = w->rows && w->ids && w->wts ? rows : 0;
+		if (!w->rows_cap)
+			return ERR_NOMEM;
+	}
+	if (act > w->act_cap) {
+		free(w->act);
+		w->act = malloc(act);
+		w->act_cap = w->act ? act : 0;
+		if (!w->act)
+			return ERR_NOMEM;
+	}
+	return 0;
+}
+
+static int cluster_compute(void *self, const struct expert_job *job)
+{
+	cluster *c = self;
+	const int k = job->k, E = job->n_embd;
+	if (job->layer < 0 || job->layer >= c->spec.n_layer || k > WIRE_MAX_K ||
+	    job->n_rows > WIRE_MAX_ROWS || E != c->spec.n_embd)
+		return ERR_RANGE;
+	const uint32_t wt = cluster_wire_type(c, job->layer);
+	const size_t row_bytes = kern_row_bytes(wt, E);
+	c->step++;
+	/* split the rows by the holder of each chosen expert */
+	for (int i = 0; i < c->n; i++) {
+		struct cluster_peer *w = &c->w[i];
+		w->n_rows = 0;
+		w->expect_items = 0;
+		w->answered = 1;
+		if (!w->lost && cluster_reserve(w, (size_t)job->n_rows, (size_t)k,
+						(size_t)job->n_rows * row_bytes))
+			return ERR_NOMEM;
+	}
+	for (int r = 0; r < job->n_rows; r++) {
+		for (int s = 0; s < k; s++) {
+			int32_t e = job->ids[(size_t)r * k + s];
+			if (e < 0 || e >= c->spec.n_expert)
+				return ERR_RANGE;
+			int h = cluster_holder(c, job->layer, e);
+			if (h < 0) {
+				log_error("expert %d of layer %d is held by no live worker", e,
+					  job->layer);
+				return ERR_PEER;
+			}
+			struct cluster_peer *w = &c->w[h];
+			if (w->n_rows == 0 || w->rows[w->n_rows - 1] != r) {
+				int at = w->n_rows++;
+				w->rows[at] = r;
+				for (int j = 0; j < k; j++) {
+					w->ids[(size_t)at * k + j] = -1;
+					w->wts[(size_t)at * k + j] = 0.0f;
+				}
+				kern_convert_row(wt, job->x + (size_t)r * E, w->act + (size_t)at * row_bytes,
+						 E);
+			}
+			size_t at = (size_t)(w->n_rows - 1) * k + (size_t)s;
+			w->ids[at] = e;
+			w->wts[at] = job->weights[(size_t)r * k + s];
+			w->expect_items++;
+		}
+	}
+	int pending = 0;
+	for (int i = 0; i < c->n; i++) {
+		struct cluster_peer *w = &c->w[i];
+		if (w->lost || w->n_rows == 0)
+			continue;
+		struct wire_msg m = {.kind = WIRE_BATCH};
+		m.u.batch = (struct wire_batch){c->step, (uint32_t)job->layer, (uint32_t)w->n_rows,
+						(uint32_t)k, wt, w->ids, w->wts};
+		int rc = cluster_send(c, i, &m, w->act, (size_t)w->n_rows * row_bytes);
+		if (rc) {
+			cluster_drop(c, i, "cannot send");
+			return ERR_PEER;
+		}
+		w->answered = 0;
+		w->st.rows += (uint64_t)w->n_rows;
+		w->st.items += (uint64_t)w->expect_items;
+		pending++;
+	}
+	double t0 = cluster_now(), deadline = t0 + c->cfg.timeout_ms / 1000.0;
+	int rc = 0;
+	while (pending > 0) {
+		int left = (int)((deadline - cluster_now()) * 1000.0);
+		if (left <= 0) {
+			for (int i = 0; i < c->n; i++)
+				if (!c->w[i].answered)
+					cluster_drop(c, i, "no answer within the worker time-out");
+			log_error("layer %d: %d worker(s) did not answer within %d ms", job->layer,
+				  pending, c->cfg.timeout_ms);
+			return ERR_PEER;
+		}
+		struct wire_msg m;
+		const uint8_t *data;
+		size_t n;
+		int peer, who;
+		int r = cluster_recv(c, left, &m, &peer, &who, &data, &n);
+		if (r == ERR_PROTO) {
+			/* the sender was dropped; if it was pending, the job cannot finish */
+			for (int i = 0; i < c->n; i++)
+				if (c->w[i].lost && !c->w[i].answered) {
+					c->w[i].answered = 1;
+					pending--;
+					rc = ERR_PEER;
+				}
+			continue;
+		}
+		if (r == ERR_PEER)
+			continue;
+		if (r)
+			return r;
+		if (who < 0) {
+			log_warn("%s: message from an unknown worker ignored",
+				 transport_peer_name(c->t, peer));
+			transport_drop_peer(c->t, peer);
+			wire_msg_free(&m);
+			continue;
+		}
+		struct cluster_peer *w = &c->w[who];
+		if (m.kind == WIRE_RESULT && m.u.result.step == c->step && !w->answered) {
+			if (m.u.result.layer != (uint32_t)job->layer ||
+			    m.u.result.n_items != (uint32_t)w->expect_items ||
+			    n != wire_result_frame_bytes(&m.u.result, (uint32_t)E)) {
+				cluster_drop(c, who, "result does not match its batch");
+				rc = ERR_PEER;
+			} else {
+				const float *items = (const float *)data;
+				size_t at = 0;
+				for (int j = 0; j < w->n_rows; j++)
+					for (int s = 0; s < k; s++)
+						if (w->ids[(size_t)j * k + s] >= 0)
+							memcpy(job->out + ((size_t)w->rows[j] * k + s) * E,
+							       items + (at++) * E, (size_t)E * sizeof(float));
+				w->st.compute_seconds += m.u.result.compute_seconds;
+				w->st.wait_seconds += cluster_now() - t0;
+			}
+			w->answered = 1;
+			pending--;
+		} else if (m.kind == WIRE_RESULT) {
+			log_warn("worker %d: stale result for step %llu ignored", who,
+				 (unsigned long long)m.u.result.step);
+		} else if (m.kind == WIRE_ERROR) {
+			cluster_drop(c, who, m.u.text);
+			if (!w->answered) {
+				w->answered = 1;
+				pending--;
+				rc = ERR_PEER;
+			}
+		} else if (m.kind != WIRE_HEARTBEAT && m.kind != WIRE_STATS) {
+			cluster_drop(c, who, "unexpected message during a step");
+			if (!w->answered) {
+				w->answered = 1;
+				pending--;
+				rc = ERR_PEER;
+			}
+		}
+		wire_msg_free(&m);
+	}
+	if (rc)
+		log_error("layer %d: a worker failed during the step", job->layer);
+	return rc;
+}
+
+static void cluster_backend_destroy(void *self)
+{
+	cluster *c = self;
+	cluster_destroy(&c);
+}
+
+static const struct expert_backend_ops cluster_ops = {cluster_compute, cluster_backend_destroy};
+
+int cluster_backend(cluster *c, expert_backend **out)
+{
+	return expert_backend_new(&cluster_ops, c, out);
+}

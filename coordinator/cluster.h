@@ -1,0 +1,63 @@
+/* cluster: routed experts computed by worker processes, as an expert backend.
+ *
+ * cluster_new() waits (up to cfg->join_timeout_ms) for cfg->n_workers workers
+ * to say Hello over the transport, refuses the ones that speak another
+ * protocol version, places the model's experts on them with placement_build()
+ * (by memory and speed, cfg->replicas copies of each), sends each its Assign,
+ * streams the weights to workers without their own model copy (or to all when
+ * cfg->stream is set), and waits for every Ready, logging progress.
+ *
+ * As a backend, one layer's job is split by the holder of each chosen expert:
+ * every worker receives, at once, only the rows it needs (activations as
+ * cfg->wire_dtype: Q8_0 by default for quantised experts, which is what the
+ * kernels convert to anyway, so results are unchanged) and returns one F32
+ * vector per (row, slot) it computed; these land in the job's per-slot output,
+ * which the forward pass sums in slot order -- so logits are bit-identical to
+ * the in-process backend.  A worker that sends something malformed, oversized
+ * or out of order is dropped with a logged reason; a worker that does not
+ * answer within cfg->timeout_ms fails the current job with ERR_PEER and is
+ * marked lost.  Later jobs are served if the remaining workers still hold
+ * every expert; otherwise they fail with a clear error. */
+#ifndef MOEFLEET_CLUSTER_H
+#define MOEFLEET_CLUSTER_H
+
+#include <stdint.h>
+
+#include "../common/gguf.h"
+#include "../common/moe.h"
+#include "../common/pool.h"
+#include "../common/transport.h"
+#include "experts.h"
+
+struct cluster_config {
+	const gguf *g;
+	const struct moe_spec *spec;
+	int n_workers;
+	int replicas;		/* copies of each expert, >= 1 */
+	int timeout_ms;		/* per job */
+	int join_timeout_ms;	/* for all workers to join and load */
+	uint32_t wire_dtype;	/* KERN_Q8_0, KERN_BF16, KERN_F32; 0 = automatic */
+	int stream;		/* stream weights even to workers with a model copy */
+};
+
+struct cluster_worker_stats {
+	char name[256];
+	uint64_t rows, items, bytes_sent, bytes_received;
+	double compute_seconds, wait_seconds;
+	int lost;
+};
+
+typedef struct cluster cluster;
+
+/* The cluster takes ownership of the transport. */
+int cluster_new(transport *t, const struct cluster_config *cfg, pool *p, cluster **out);
+/* An expert backend over the cluster (the backend owns the cluster). */
+int cluster_backend(cluster *c, expert_backend **out);
+int cluster_n_workers(const cluster *c);
+void cluster_get_stats(const cluster *c, int worker, struct cluster_worker_stats *out);
+/* Prints per-worker statistics to stderr. */
+void cluster_print_stats(const cluster *c);
+/* Sends Shutdown to every worker and frees everything. */
+void cluster_destroy(cluster **c);
+
+#endif

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up moefleet on a fresh Debian 12 machine and either run it or test it.
+#   bash deploy/setup.sh run    install packages, build, generate text with a shipped tiny model
+#   bash deploy/setup.sh test   install packages, build, run the test suite (make check)
+# Needs root (or sudo) for the package installation; everything else runs in this checkout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+action=${1:-run}
+
+packages=(build-essential autoconf automake libtool pkg-config autoconf-archive
+	libopenmpi-dev openmpi-bin libzmq3-dev libprotobuf-c-dev protobuf-c-compiler
+	libopenblas-dev libcmocka-dev libpcre2-dev iproute2)
+
+missing=()
+for p in "${packages[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	sudo_cmd=()
+	[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+	export DEBIAN_FRONTEND=noninteractive
+	"${sudo_cmd[@]}" apt-get update -qq
+	"${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+[ -x configure ] || autoreconf -fi
+[ -f Makefile ] || ./configure -q
+make -j"$(nproc)" -s
+
+case "$action" in
+run)
+	./moefleet info -m tests/data/qwen3moe-tiny-mxfp4.gguf | tail -n 2
+	./moefleet generate -m tests/data/qwen3moe-tiny-mxfp4.gguf -p "The cluster said" -n 48 --temp 0.8 --seed 7
+	;;
+test)
+	make -j"$(nproc)" check || { cat test-suite.log; exit 1; }
+	;;
+*)
+	echo "usage: bash deploy/setup.sh run|test" >&2
+	exit 2
+	;;
+esac

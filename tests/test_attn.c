@@ -1,0 +1,279 @@
+/* test_attn: the KV cache and attn_forward against a plain double-precision
+ * softmax attention, for both code paths (one-row F16 and tiled), with GQA,
+ * sliding windows, sinks, MQA with different key/value widths, several
+ * sequences, and thread-count invariance. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/err.h"
+#include "common/log.h"
+#include "common/pool.h"
+#include "coordinator/attn.h"
+#include "kernels/kern.h"
+
+static uint64_t rng_state = 88172645463325252ull;
+
+static float rng_normal(void)
+{
+	/* xorshift64 + Box-Muller */
+	double u[2];
+	for (int i = 0; i < 2; i++) {
+		rng_state ^= rng_state << 13;
+		rng_state ^= rng_state >> 7;
+		rng_state ^= rng_state << 17;
+		u[i] = ((double)(rng_state >> 11) + 0.5) / 9007199254740992.0;
+	}
+	return (float)(sqrt(-2.0 * log(u[0])) * cos(6.283185307179586 * u[1]));
+}
+
+struct case_spec {
+	int n_head, n_head_kv, dk, dv;
+	int window;
+	int sinks;
+	int n_seq;
+	int n_tok; /* per sequence, all in one batch */
+	int mla;   /* v = first dv values of k (deepseek2's absorbed MLA) */
+};
+
+/* Fills the cache for n_seq sequences of n_tok tokens, runs attn_forward on
+ * one batch holding all of them (sequence-interleaved), and compares with
+ * a double-precision reference on the F16-rounded cache contents. */
+static void run_case(const struct case_spec *cs, int n_threads, float *out_copy, double *max_err)
+{
+	const int kw = cs->n_head_kv * cs->dk, vw = cs->n_head_kv * cs->dv;
+	const int n_ctx = cs->n_tok + 3;
+	const int n = cs->n_seq * cs->n_tok;
+	attn_cache *c = NULL;
+	pool *p = NULL;
+	assert_int_equal(attn_cache_new(2, cs->n_seq, n_ctx, kw, vw, &c), 0);
+	assert_int_equal(pool_new(n_threads, &p), 0);
+
+	float *k = malloc(sizeof(float) * (size_t)n * kw);
+	float *v = malloc(sizeof(float) * (size_t)n * vw);
+	float *q = malloc(sizeof(float) * (size_t)n * cs->n_head * cs->dk);
+	float *out = malloc(sizeof(float) * (size_t)n * cs->n_head * cs->dv);
+	int32_t *pos = malloc(sizeof(int32_t) * (size_t)n);
+	int32_t *seq = malloc(sizeof(int32_t) * (size_t)n);
+	int32_t *tok = calloc((size_t)n, sizeof(int32_t));
+	float sinks[64];
+	rng_state = 88172645463325252ull;
+	for (int h = 0; h < cs->n_head; h++)
+		sinks[h] = rng_normal();
+	for (int i = 0; i < n; i++) {
+		seq[i] = i % cs->n_seq;
+		pos[i] = i / cs->n_seq;
+		for (int d = 0; d < kw; d++)
+			k[(size_t)i * kw + d] = rng_normal() * 2.0f;
+		for (int d = 0; d < vw; d++)
+			v[(size_t)i * vw + d] = cs->mla ? k[(size_t)i * kw + d] : rng_normal();
+		for (int d = 0; d < cs->n_head * cs->dk; d++)
+			q[(size_t)i * cs->n_head * cs->dk + d] = rng_normal();
+		/* layer 1 is the one under test; layer 0 holds other data */
+		attn_cache_store(c, 1, seq[i], pos[i], k + (size_t)i * kw, v + (size_t)i * vw);
+		for (int d = 0; d < kw; d++)
+			k[(size_t)i * kw + d] = -k[(size_t)i * kw + d];
+		attn_cache_store(c, 0, seq[i], pos[i], k + (size_t)i * kw, v + (size_t)i * vw);
+		for (int d = 0; d < kw; d++)
+			k[(size_t)i * kw + d] = -k[(size_t)i * kw + d];
+	}
+	struct attn_params ap = {
+		.n_head = cs->n_head,
+		.n_head_kv = cs->n_head_kv,
+		.head_dim_k = cs->dk,
+		.head_dim_v = cs->dv,
+		.scale = 1.0f / sqrtf((float)cs->dk),
+		.window = cs->window,
+		.sinks = cs->sinks ? sinks : NULL,
+	};
+	assert_int_equal(attn_check_params(c, &ap, "test"), 0);
+	model_batch b = {.n_tokens = n, .token = tok, .pos = pos, .seq = seq, .logits = NULL};
+	attn_forward(p, c, 1, &ap, &b, q, out);
+
+	double err = 0.0;
+	int group = cs->n_head / cs->n_head_kv;
+	for (int i = 0; i < n; i++) {
+		for (int h = 0; h < cs->n_head; h++) {
+			int hk = h / group;
+			double acc[1024] = {0};
+			double w[4096];
+			double mx = -INFINITY, den = 0.0;
+			int j0 = cs->window > 0 ? pos[i] - cs->window + 1 : 0;
+			if (j0 < 0)
+				j0 = 0;
+			for (int j = j0; j <= pos[i]; j++) {
+				int src = j * cs->n_seq + seq[i];
+				double s = 0.0;
+				for (int d = 0; d < cs->dk; d++) {
+					float kf = kern_f16_to_f32(
+						kern_f32_to_f16(k[(size_t)src * kw + hk * cs->dk + d]));
+					s += (double)q[((size_t)i * cs->n_head + h) * cs->dk + d] * kf;
+				}
+				w[j] = s * ap.scale;
+				if (w[j] > mx)
+					mx = w[j];
+			}
+			if (cs->sinks && sinks[h] > mx)
+				mx = sinks[h];
+			for (int j = j0; j <= pos[i]; j++) {
+				int src = j * cs->n_seq + seq[i];
+				double e = exp(w[j] - mx);
+				den += e;
+				for (int d = 0; d < cs->dv; d++)
+					acc[d] += e * kern_f16_to_f32(kern_f32_to_f16(
+							      v[(size_t)src * vw + hk * cs->dv + d]));
+			}
+			if (cs->sinks)
+				den += exp(sinks[h] - mx);
+			for (int d = 0; d < cs->dv; d++) {
+				double ref = acc[d] / den;
+				double got = out[((size_t)i * cs->n_head + h) * cs->dv + d];
+				double e = fabs(got - ref);
+				if (e > err)
+					err = e;
+			}
+		}
+	}
+	*max_err = err;
+	if (out_copy)
+		memcpy(out_copy, out, sizeof(float) * (size_t)n * cs->n_head * cs->dv);
+
+	free(k);
+	free(v);
+	free(q);
+	free(out);
+	free(pos);
+	free(seq);
+	free(tok);
+	pool_destroy(&p);
+	attn_cache_destroy(&c);
+}
+
+static void check_case(const struct case_spec *cs, double tol)
+{
+	size_t n_out = (size_t)cs->n_seq * cs->n_tok * cs->n_head * cs->dv;
+	float *o1 = malloc(sizeof(float) * n_out);
+	float *o2 = malloc(sizeof(float) * n_out);
+	double e1, e2;
+	run_case(cs, 1, o1, &e1);
+	run_case(cs, 2, o2, &e2);
+	if (e1 > tol)
+		fail_msg("max error %g > %g", e1, tol);
+	/* the thread count must not change a single bit */
+	assert_memory_equal(o1, o2, sizeof(float) * n_out);
+	free(o1);
+	free(o2);
+}
+
+/* Short batch (one-row path, F16 accumulator): errors of F16 size. */
+static void test_attn_gqa_short(void **state)
+{
+	(void)state;
+	struct case_spec cs = {.n_head = 8, .n_head_kv = 2, .dk = 32, .dv = 32, .n_seq = 1, .n_tok = 48};
+	check_case(&cs, 4e-3);
+}
+
+/* Long batch (tiled path, F32 accumulator): much closer. */
+static void test_attn_gqa_tiled(void **state)
+{
+	(void)state;
+	struct case_spec cs = {.n_head = 4, .n_head_kv = 2, .dk = 32, .dv = 32, .n_seq = 1, .n_tok = 150};
+	check_case(&cs, 1e-5);
+}
+
+static void test_attn_window_sinks(void **state)
+{
+	(void)state;
+	struct case_spec a = {.n_head = 4, .n_head_kv = 2, .dk = 32, .dv = 32, .window = 8,
+			      .sinks = 1, .n_seq = 1, .n_tok = 40};
+	check_case(&a, 4e-3);
+	struct case_spec b = {.n_head = 4, .n_head_kv = 2, .dk = 32, .dv = 32, .window = 70,
+			      .sinks = 1, .n_seq = 1, .n_tok = 200};
+	check_case(&b, 1e-5);
+}
+
+static void test_attn_mla_multiseq(void **state)
+{
+	(void)state;
+	struct case_spec a = {.n_head = 8, .n_head_kv = 1, .dk = 80, .dv = 64, .mla = 1,
+			      .n_seq = 3, .n_tok = 17};
+	check_case(&a, 1e-2); /* values of std 2: F16 steps twice as large */
+	struct case_spec b = {.n_head = 8, .n_head_kv = 1, .dk = 80, .dv = 64, .mla = 1,
+			      .n_seq = 2, .n_tok = 40};
+	check_case(&b, 1e-5);
+}
+
+/* Decode steps (one token per call) equal the same rows of a short batch:
+ * both take the one-row path. */
+static void test_attn_decode_vs_batch(void **state)
+{
+	(void)state;
+	const int n_tok = 20, nh = 4, nkv = 2, dk = 32, dv = 32;
+	attn_cache *c = NULL;
+	pool *p = NULL;
+	assert_int_equal(attn_cache_new(1, 1, n_tok, nkv * dk, nkv * dv, &c), 0);
+	assert_int_equal(pool_new(2, &p), 0);
+	float q[20 * 4 * 32], kv[64], out_b[20 * 4 * 32], out_d[4 * 32];
+	int32_t pos[20], seq[20] = {0}, tok[20] = {0};
+	for (int i = 0; i < n_tok; i++) {
+		pos[i] = i;
+		for (int d = 0; d < 64; d++)
+			kv[d] = rng_normal();
+		attn_cache_store(c, 0, 0, i, kv, kv);
+	}
+	for (int i = 0; i < n_tok * nh * dk; i++)
+		q[i] = rng_normal();
+	struct attn_params ap = {.n_head = nh, .n_head_kv = nkv, .head_dim_k = dk, .head_dim_v = dv,
+				 .scale = 0.17f};
+	model_batch b = {.n_tokens = n_tok, .token = tok, .pos = pos, .seq = seq};
+	attn_forward(p, c, 0, &ap, &b, q, out_b);
+	for (int i = 0; i < n_tok; i++) {
+		model_batch one = {.n_tokens = 1, .token = tok, .pos = &pos[i], .seq = seq};
+		attn_forward(p, c, 0, &ap, &one, q + (size_t)i * nh * dk, out_d);
+		assert_memory_equal(out_d, out_b + (size_t)i * nh * dv, sizeof(out_d));
+	}
+	pool_destroy(&p);
+	attn_cache_destroy(&c);
+}
+
+static void test_attn_check_params(void **state)
+{
+	(void)state;
+	attn_cache *c = NULL;
+	assert_int_equal(attn_cache_new(1, 1, 4, 64, 64, &c), 0);
+	struct attn_params ok = {.n_head = 4, .n_head_kv = 2, .head_dim_k = 32, .head_dim_v = 32,
+				 .scale = 1.0f};
+	assert_int_equal(attn_check_params(c, &ok, "test"), 0);
+	struct attn_params bad = ok;
+	bad.n_head = 3;
+	assert_int_equal(attn_check_params(c, &bad, "test"), ERR_FORMAT);
+	bad = ok;
+	bad.head_dim_k = 16;
+	assert_int_equal(attn_check_params(c, &bad, "test"), ERR_FORMAT);
+	bad = ok;
+	bad.window = -1;
+	assert_int_equal(attn_check_params(c, &bad, "test"), ERR_FORMAT);
+	attn_cache_destroy(&c);
+	assert_null(c);
+	assert_int_equal(attn_cache_new(0, 1, 4, 64, 64, &c), ERR_CONFIG);
+	assert_int_equal(attn_cache_new(1 << 30, 1 << 30, 1 << 30, 1 << 30, 64, &c), ERR_NOMEM);
+	assert_null(c);
+}
+
+int main(void)
+{
+	kern_init();
+	log_set_quiet(1);
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_attn_gqa_short),	   cmocka_unit_test(test_attn_gqa_tiled),
+		cmocka_unit_test(test_attn_window_sinks),  cmocka_unit_test(test_attn_mla_multiseq),
+		cmocka_unit_test(test_attn_decode_vs_batch), cmocka_unit_test(test_attn_check_params),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}

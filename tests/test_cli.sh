@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Bad input on the command line: each case must exit with the documented status
+# (1 = failure with one clear line on stderr, 2 = usage), never crash, and leave
+# no output file behind.  Prints TAP.
+set -u
+top_srcdir=${top_srcdir:-.}
+top_builddir=${top_builddir:-.}
+bin=$top_builddir/moefleet
+data=$top_srcdir/tests/data
+model=$data/qwen3moe-tiny-mxfp4.gguf
+ds2=$data/ds2-tiny-q4_0.gguf
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+n=0
+fail=0
+
+# check NAME EXPECTED_STATUS -- command...   (output file, if any: $tmp/out.f32)
+check() {
+	local name=$1 want=$2
+	shift 3
+	rm -f "$tmp"/out.f32*
+	"$@" >"$tmp/stdout" 2>"$tmp/stderr"
+	local got=$?
+	n=$((n + 1))
+	local lines
+	lines=$(grep -c . "$tmp/stderr")
+	local why=""
+	[ "$got" -eq "$want" ] || why="exit status $got, expected $want"
+	if [ "$want" -eq 1 ] && [ -z "$why" ]; then
+		[ "$lines" -eq 1 ] || why="expected one line on stderr, got $lines"
+		grep -q '^moefleet: error: ' "$tmp/stderr" || why="stderr lacks 'moefleet: error:'"
+	fi
+	if [ "$want" -eq 2 ] && [ -z "$why" ]; then
+		grep -q 'usage:' "$tmp/stderr" || why="no usage printed"
+	fi
+	if [ "$want" -ne 0 ] && ls "$tmp"/out.f32* >/dev/null 2>&1; then
+		why="output file left behind"
+	fi
+	if [ -z "$why" ]; then
+		echo "ok $n - $name"
+	else
+		echo "not ok $n - $name: $why"
+		sed 's/^/# /' "$tmp/stderr" | head -5
+		fail=$((fail + 1))
+	fi
+}
+
+# corrupt copies of a model
+head -c 100000 "$model" >"$tmp/truncated.gguf"
+head -c 10 "$model" >"$tmp/tiny.gguf"
+{ printf 'GGUX'; tail -c +5 "$model"; } >"$tmp/magic.gguf"
+perl -0777 -pe 's/qwen3moe/qwen9moe/g' "$model" >"$tmp/arch.gguf"
+# output_norm.weight: 1 dimension of 128, type F32 -> type 12 (Q4_K, unsupported)
+perl -0777 -pe 's/(output_norm\.weight\x01\x00\x00\x00\x80\x00{7})\x00\x00\x00\x00/$1\x0c\x00\x00\x00/' "$model" >"$tmp/type.gguf"
+# output_norm.weight extent 128 -> 64: fits the file but not the architecture
+perl -0777 -pe 's/(output_norm\.weight\x01\x00\x00\x00)\x80/$1\x40/' "$model" >"$tmp/shape.gguf"
+cmp -s "$model" "$tmp/type.gguf" && echo "# warning: type corruption did not apply"
+cmp -s "$model" "$tmp/shape.gguf" && echo "# warning: shape corruption did not apply"
+# a deepseek2 model without one of its tensors' names (renamed)
+perl -0777 -pe 's/blk\.1\.ffn_gate_inp\.weight/blk.1.ffn_gate_inX.weight/' "$ds2" >"$tmp/missing.gguf"
+
+echo "1..24"
+check "valid run" 0 -- "$bin" logits -m "$model" --tokens 1,2,3 --out "$tmp/ok.f32"
+check "truncated gguf" 1 -- "$bin" logits -m "$tmp/truncated.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "10-byte gguf" 1 -- "$bin" logits -m "$tmp/tiny.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "bad magic" 1 -- "$bin" logits -m "$tmp/magic.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "unknown architecture" 1 -- "$bin" logits -m "$tmp/arch.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "unsupported tensor type" 1 -- "$bin" logits -m "$tmp/type.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "tensor shape does not fit" 1 -- "$bin" logits -m "$tmp/shape.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "missing tensor" 1 -- "$bin" logits -m "$tmp/missing.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "missing model file" 1 -- "$bin" logits -m "$tmp/none.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "token id out of range" 1 -- "$bin" logits -m "$model" --tokens 1,2,512 --out "$tmp/out.f32"
+check "n-prompt larger than tokens" 1 -- "$bin" logits -m "$model" --tokens 1,2 --n-prompt 3 --out "$tmp/out.f32"
+check "unwritable output" 1 -- "$bin" logits -m "$model" --tokens 1,2 --out "$tmp/no/such/dir/out.f32"
+check "malformed token list" 1 -- "$bin" logits -m "$model" --tokens 1,x,3 --out "$tmp/out.f32"
+check "negative token id" 1 -- "$bin" logits -m "$model" --tokens 1,-4 --out "$tmp/out.f32"
+check "missing token file" 1 -- "$bin" logits -m "$model" --tokens @"$tmp/none.txt" --out "$tmp/out.f32"
+check "unknown option" 2 -- "$bin" logits -m "$model" --tokens 1 --bogus 3 --out "$tmp/out.f32"
+check "missing option value" 2 -- "$bin" logits -m "$model" --tokens
+check "bad thread count" 2 -- "$bin" logits -m "$model" --tokens 1 --threads 0 --out "$tmp/out.f32"
+check "unknown command" 2 -- "$bin" frobnicate
+check "no command" 2 -- "$bin"
+check "info on truncated" 1 -- "$bin" info -m "$tmp/truncated.gguf"
+check "bench bad reps" 2 -- "$bin" bench -m "$model" --reps 0
+check "logits help" 0 -- "$bin" logits --help
+# the valid run wrote 3 rows of 512 floats
+size=$(stat -c %s "$tmp/ok.f32" 2>/dev/null || echo 0)
+n=$((n + 1))
+if [ "$size" -eq $((3 * 512 * 4)) ]; then echo "ok $n - logits file size"; else
+	echo "not ok $n - logits file size $size"; fail=$((fail + 1)); fi
+[ "$fail" -eq 0 ]

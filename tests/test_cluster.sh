@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The distributed engine against the in-process one: for every test model,
+# `moefleet logits` with local workers over ZeroMQ ipc://, with weights
+# streamed from the coordinator, and under mpirun must write logits that are
+# bit-identical to the in-process run.  Prints TAP.
+set -u
+top_srcdir=${top_srcdir:-.}
+top_builddir=${top_builddir:-.}
+bin=$top_builddir/moefleet
+data=$top_srcdir/tests/data
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+n=0
+fail=0
+ok() { n=$((n + 1)); echo "ok $n - $*"; }
+notok() { n=$((n + 1)); echo "not ok $n - $*"; fail=$((fail + 1)); }
+
+models=$(grep -v '^#' "$data/vectors.list" | grep .)
+have_mpi=0
+command -v mpirun >/dev/null 2>&1 && have_mpi=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+export OMPI_MCA_btl_vader_single_copy_mechanism=none
+
+for m in $models; do
+	tokens=$(sed -n 2p "$data/$m.case")
+	np=$(sed -n 1p "$data/$m.case")
+	run() { "$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" --threads 2 "$@" 2>"$tmp/err"; }
+	if ! run --out "$tmp/inproc.f32"; then
+		notok "$m: in-process run failed: $(head -1 "$tmp/err")"
+		continue
+	fi
+	if run --out "$tmp/zmq.f32" --workers 3 && cmp -s "$tmp/inproc.f32" "$tmp/zmq.f32"; then
+		ok "$m: --workers 3 (zmq ipc) bit-identical"
+	else
+		notok "$m: --workers 3 differs or failed: $(head -1 "$tmp/err")"
+	fi
+	if run --out "$tmp/stream.f32" --workers 2 --stream-weights --wire-dtype f32 &&
+		cmp -s "$tmp/inproc.f32" "$tmp/stream.f32"; then
+		ok "$m: --workers 2 with streamed weights, f32 wire, bit-identical"
+	else
+		notok "$m: streamed weights differ or failed: $(head -1 "$tmp/err")"
+	fi
+	if [ $have_mpi -eq 1 ]; then
+		if timeout 120 mpirun -np 4 "$bin" logits -m "$data/$m.gguf" --tokens "$tokens" \
+			--n-prompt "$np" --threads 1 --transport mpi --out "$tmp/mpi.f32" >/dev/null 2>"$tmp/err" &&
+			cmp -s "$tmp/inproc.f32" "$tmp/mpi.f32"; then
+			ok "$m: mpirun -np 4 bit-identical"
+		else
+			notok "$m: mpirun -np 4 differs or failed: $(grep -m1 . "$tmp/err")"
+		fi
+	else
+		ok "$m: mpirun # SKIP mpirun not installed"
+	fi
+done
+echo "1..$n"
+[ "$fail" -eq 0 ]

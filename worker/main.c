@@ -1,0 +1,73 @@
+/* moefleet-worker: holds a shard of a model's routed experts and computes them
+ * for a coordinator. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../common/err.h"
+#include "../common/log.h"
+#include "../common/transport.h"
+#include "worker.h"
+
+static const char *usage =
+	"usage: moefleet-worker --connect ENDPOINT [-m MODEL.gguf] [--threads T]\n"
+	"                       [--memory BYTES] [--name NAME]\n"
+	"  ENDPOINT: tcp://HOST:PORT or ipc://PATH of a coordinator started with\n"
+	"  --listen.  With -m the worker reads its experts from its own copy of the\n"
+	"  model; without, the coordinator streams their bytes.\n";
+
+int main(int argc, char **argv)
+{
+	const char *endpoint = NULL;
+	struct worker_config cfg = {0};
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+		if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+			fputs(usage, stdout);
+			return 0;
+		}
+		if (i + 1 >= argc) {
+			fprintf(stderr, "moefleet-worker: unknown or incomplete argument '%s'\n%s", a,
+				usage);
+			return 2;
+		}
+		const char *v = argv[++i];
+		char *end;
+		errno = 0;
+		if (!strcmp(a, "--connect")) {
+			endpoint = v;
+		} else if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
+			cfg.model_path = v;
+		} else if (!strcmp(a, "--name")) {
+			cfg.name = v;
+		} else if (!strcmp(a, "--threads") || !strcmp(a, "-t")) {
+			long t = strtol(v, &end, 10);
+			if (errno || *end || t < 1 || t > 256) {
+				fprintf(stderr, "moefleet-worker: bad --threads '%s'\n%s", v, usage);
+				return 2;
+			}
+			cfg.n_threads = (int)t;
+		} else if (!strcmp(a, "--memory")) {
+			unsigned long long m = strtoull(v, &end, 10);
+			if (errno || *end || m == 0) {
+				fprintf(stderr, "moefleet-worker: bad --memory '%s'\n%s", v, usage);
+				return 2;
+			}
+			cfg.memory_bytes = m;
+		} else {
+			fprintf(stderr, "moefleet-worker: unknown argument '%s'\n%s", a, usage);
+			return 2;
+		}
+	}
+	if (!endpoint) {
+		fputs(usage, stderr);
+		return 2;
+	}
+	transport *t = NULL;
+	if (transport_zmq_connect(endpoint, &t))
+		return 1;
+	int rc = worker_run(t, &cfg);
+	transport_destroy(&t);
+	return rc ? 1 : 0;
+}

@@ -1,0 +1,38 @@
+/* worker: the expert-worker side of the moefleet protocol.
+ *
+ * worker_run() drives one connection to a coordinator until it says Shutdown:
+ *
+ *   start --send Hello--> WAIT_ASSIGN --Assign--> LOADING --all weights--> send Ready
+ *                                                   ^                          |
+ *                                                   +---------Assign-----------+
+ *   SERVING: Batch -> shard_compute -> Result (+ raw frame of F32 outputs)
+ *            Heartbeat -> Heartbeat (same nonce); Stats -> Stats
+ *            Shutdown -> return 0
+ *
+ * In LOADING the worker takes its experts from its own copy of the GGUF
+ * (cfg->model_path, mmapped: only the assigned experts' bytes are read) or,
+ * when the Assign says `stream` or it has no copy, from WeightChunk messages.
+ * A message that breaks the protocol (undecodable, oversized, out of order,
+ * a Batch naming experts it does not hold, a frame of the wrong size) is
+ * answered with an Error message naming the problem and otherwise ignored; the
+ * coordinator decides whether to drop the worker.  worker_run() returns 0 after
+ * Shutdown, ERR_PEER when the coordinator is silent longer than
+ * cfg->idle_timeout_ms (if > 0), other errors for local failures. */
+#ifndef MOEFLEET_WORKER_H
+#define MOEFLEET_WORKER_H
+
+#include <stdint.h>
+
+#include "../common/transport.h"
+
+struct worker_config {
+	const char *model_path; /* NULL: weights must be streamed */
+	int n_threads;		/* <= 0: all cores */
+	uint64_t memory_bytes;	/* offered for experts; 0: physical memory */
+	const char *name;
+	int idle_timeout_ms;	/* <= 0: wait forever */
+};
+
+int worker_run(transport *t, const struct worker_config *cfg);
+
+#endif
