@@ -87,8 +87,46 @@ static inline float attn_f16_round(float x)
 	return kern_f16_to_f32(kern_f32_to_f16(x));
 }
 
+/* Which of ggml's x86 SIMD builds the reductions below reproduce: 16 lanes
+ * (AVX-512, the machine that made the shared reference vectors) or 8 (AVX2).
+ * Only the order of a few float additions and ggml's vector expf depend on it. */
+#ifndef ATTN_GGML_LANES
+#define ATTN_GGML_LANES 16
+#endif
+#if ATTN_GGML_LANES != 16 && ATTN_GGML_LANES != 8
+#error "ATTN_GGML_LANES must be 16 or 8"
+#endif
+
+#if ATTN_GGML_LANES == 16
+/* ggml_v_expf (ggml-cpu/vec.h, AVX-512 version) for one lane. */
+static float attn_vexpf(float x)
+{
+	const float r = 0x1.8p23f;
+	const float z = fmaf(x, 0x1.715476p+0f, r);
+	const float n = z - r;
+	const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+	if (fabsf(n) > 192.0f)
+		return n <= 0.0f ? 0.0f : INFINITY;
+	const float u = b * b;
+	const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
+				  fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+			     u, fmaf(0x1.ffffecp-1f, b, 1.0f));
+	return ldexpf(j, (int)n); /* _mm512_scalef_ps: exact, or rounded once if subnormal */
+}
+
+/* _mm512_reduce_add_ps as GCC implements it. */
+static float attn_hsum(const float *a)
+{
+	float t[8], u[4];
+	for (int i = 0; i < 8; i++)
+		t[i] = a[i + 8] + a[i];
+	for (int i = 0; i < 4; i++)
+		u[i] = t[i + 4] + t[i];
+	return (u[0] + u[2]) + (u[1] + u[3]);
+}
+#else
 /* ggml_v_expf (ggml-cpu/vec.h, AVX2+FMA version) for one lane: exp(x) with at
- * most ~1.5 ulp error, as ggml_vec_soft_max_f32 computes it. */
+ * most ~1.5 ulp error. */
 static float attn_vexpf(float x)
 {
 	const float r = 0x1.8p23f;
@@ -109,6 +147,45 @@ static float attn_vexpf(float x)
 	if (fabsf(n) > 192.0f)
 		return s1 * s1;
 	return fmaf(s2, j, s2) * s1;
+}
+
+/* The horizontal part of GGML_F32x8_REDUCE (add halves, then two hadds). */
+static float attn_hsum(const float *a)
+{
+	float t[4];
+	for (int i = 0; i < 4; i++)
+		t[i] = a[i] + a[i + 4];
+	return (t[0] + t[1]) + (t[2] + t[3]);
+}
+#endif
+
+/* ggml_vec_dot_f16 for x86 SIMD builds: blocks of 4 x LANES values go to 4
+ * vector accumulators (products of two F16 values are exact in F32), which are
+ * reduced (0+2, 1+3, then 0+1, then across lanes); the tail is added in double. */
+static float attn_dot_f16(const float *q16, const uint16_t *k, int n)
+{
+	enum { L = ATTN_GGML_LANES, STEP = 4 * ATTN_GGML_LANES };
+	const int np = n & ~(STEP - 1);
+	double sum = 0.0;
+	if (np > 0) {
+		float acc[4][L];
+		memset(acc, 0, sizeof(acc));
+		for (int i = 0; i < np; i += STEP)
+			for (int j = 0; j < 4; j++)
+				for (int l = 0; l < L; l++)
+					acc[j][l] += q16[i + j * L + l] *
+						     attn_f16_to_f32(k[i + j * L + l]);
+		for (int l = 0; l < L; l++) {
+			acc[0][l] += acc[2][l];
+			acc[1][l] += acc[3][l];
+		}
+		for (int l = 0; l < L; l++)
+			acc[0][l] += acc[1][l];
+		sum = (double)attn_hsum(acc[0]);
+	}
+	for (int i = np; i < n; i++)
+		sum += (double)(q16[i] * attn_f16_to_f32(k[i]));
+	return (float)sum;
 }
 
 /* ------------------------------------------------------------------ cache */
@@ -309,11 +386,7 @@ static void attn_row_f16(const struct attn_job *jb, int t, int h)
 	for (int j = j0; j < j1; j++) {
 		const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
 		const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
-		/* F16 x F16 products are exact in F32; ggml sums them in double */
-		double sum = 0.0;
-		for (int d = 0; d < dk; d++)
-			sum += (double)(q16[d] * attn_f16_to_f32(kj[d]));
-		const float s = (float)sum * ap->scale;
+		const float s = attn_dot_f16(q16, kj, dk) * ap->scale;
 
 		float ms = 1.0f;
 		float vs = 1.0f;
@@ -390,18 +463,13 @@ static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 		}
 		M = m_new;
 
-		/* ggml_vec_soft_max_f32 (AVX2): lanes of 8, each group summed
-		 * ((e0+e4)+(e2+e6)) + ((e1+e5)+(e3+e7)) in F32, groups in double */
+		/* ggml_vec_soft_max_f32: vector expf, each group of LANES
+		 * values summed in F32 (attn_hsum), the groups in double */
 		double sum = 0.0;
-		for (int g = 0; g < ATTN_TILE_KV; g += 8) {
-			float e[8];
-			for (int i = 0; i < 8; i++) {
-				e[i] = attn_vexpf(kq[g + i] - M);
-				kq[g + i] = e[i];
-			}
-			const float p0 = e[0] + e[4], p1 = e[1] + e[5];
-			const float p2 = e[2] + e[6], p3 = e[3] + e[7];
-			sum += (double)((p0 + p2) + (p1 + p3));
+		for (int g = 0; g < ATTN_TILE_KV; g += ATTN_GGML_LANES) {
+			for (int i = 0; i < ATTN_GGML_LANES; i++)
+				kq[g + i] = attn_vexpf(kq[g + i] - M);
+			sum += (double)attn_hsum(kq + g);
 		}
 		S = (float)((double)S + sum);
 
@@ -455,7 +523,7 @@ void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_par
 		.out = out,
 		/* ggml: tiled when the micro-batch has >= 64 query rows and the
 		 * value size is a multiple of the F32 vector width */
-		.tiled = b->n_tokens >= ATTN_TILE_Q && ap->head_dim_v % 8 == 0,
+		.tiled = b->n_tokens >= ATTN_TILE_Q && ap->head_dim_v % ATTN_GGML_LANES == 0,
 	};
 	pool_run(p, attn_worker, &jb);
 }

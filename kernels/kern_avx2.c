@@ -35,16 +35,18 @@ static ALWAYS_INLINE float f16_load(const uint8_t *p)
 
 /* ------------------------------------------------------ quantised dots */
 
-/* Blocks go in pairs: the int8 products of each block are summed pairwise
- * into int16 (maddubs, with the sign trick), the two blocks' vectors are
- * folded together with one horizontal add and widened to int32, so that each
- * 128-bit half holds [b0, b0, b1, b1] partial sums; one convert and one FMA by
- * [d0, d0, d1, d1 | ...] (d = d_w * d_x) then serve both blocks.  One
- * accumulator per (row, output). */
+/* Tuned on Zen 1 (this project's test machine), which splits 256-bit ops in
+ * two and runs the int8 multiplies (maddubs, madd) on one pipe: the int work
+ * is done in 128-bit halves, and two blocks share one convert and one FMA.
+ * After the sign trick and maddubs, the two halves of a block are added in
+ * int16 (Q4_0, MXFP4: |w| <= 12 cannot overflow) or after widening (Q8_0),
+ * giving four int32 partial sums per block; lanes 0-3 of the FMA hold block
+ * ib's, lanes 4-7 block ib+1's, scaled by [d0 x4 | d1 x4] with
+ * d = d_w * d_x.  One accumulator per (row, output). */
 
 struct q8w {
-	__m256i w; /* the 32 weights as int8, in value order */
-	__m256i a; /* their absolute values (unsigned; -128 gives 128) */
+	__m128i wl, wh; /* weights 0-15 and 16-31 as int8 */
+	__m128i al, ah; /* their absolute values (unsigned; -128 gives 128) */
 };
 
 static ALWAYS_INLINE struct q8w q8w_unpack(uint32_t type, const uint8_t *blk)
@@ -52,25 +54,26 @@ static ALWAYS_INLINE struct q8w q8w_unpack(uint32_t type, const uint8_t *blk)
 	const __m128i m4 = _mm_set1_epi8(0x0f);
 	struct q8w r;
 	switch (type) {
-	case KERN_Q8_0: r.w = _mm256_loadu_si256((const __m256i *)(blk + 2)); break;
+	case KERN_Q8_0:
+		r.wl = _mm_loadu_si128((const __m128i *)(blk + 2));
+		r.wh = _mm_loadu_si128((const __m128i *)(blk + 18));
+		break;
 	case KERN_Q4_0: {
 		__m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
-		__m128i lo = _mm_and_si128(q, m4);
-		__m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
-		r.w = _mm256_sub_epi8(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1),
-				      _mm256_set1_epi8(8));
+		r.wl = _mm_sub_epi8(_mm_and_si128(q, m4), _mm_set1_epi8(8));
+		r.wh = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_set1_epi8(8));
 		break;
 	}
 	default: { /* MXFP4 */
 		const __m128i tab = _mm_loadu_si128((const __m128i *)kern_mxfp4_values);
 		__m128i q = _mm_loadu_si128((const __m128i *)(blk + 1));
-		__m128i lo = _mm_shuffle_epi8(tab, _mm_and_si128(q, m4));
-		__m128i hi = _mm_shuffle_epi8(tab, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
-		r.w = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+		r.wl = _mm_shuffle_epi8(tab, _mm_and_si128(q, m4));
+		r.wh = _mm_shuffle_epi8(tab, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
 		break;
 	}
 	}
-	r.a = _mm256_abs_epi8(r.w);
+	r.al = _mm_abs_epi8(r.wl);
+	r.ah = _mm_abs_epi8(r.wh);
 	return r;
 }
 
@@ -79,46 +82,48 @@ static ALWAYS_INLINE size_t q8w_block_bytes(uint32_t type)
 	return type == KERN_Q8_0 ? 34 : type == KERN_Q4_0 ? 18 : 17;
 }
 
-/* f16 scales at p0 and p1 (p1 NULL: 0) in lanes 0 and 1. */
-static ALWAYS_INLINE __m128 f16_pair(const uint8_t *p0, const uint8_t *p1)
+/* f16 values at p0 and p1 (p1 NULL: 0) as [v0 x4 | v1 x4]. */
+static ALWAYS_INLINE __m256 f16_pair8(const uint8_t *p0, const uint8_t *p1)
 {
+	const __m128i spread = _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3);
 	__m128i h = _mm_cvtsi32_si128(kern_load_u16(p0));
 	if (p1)
 		h = _mm_insert_epi16(h, kern_load_u16(p1), 1);
-	return _mm_cvtph_ps(h);
+	return _mm256_cvtph_ps(_mm_shuffle_epi8(h, spread));
 }
 
-/* Weight scales of blocks b0 and b1 in lanes 0 and 1 (b1 NULL: 0). */
-static ALWAYS_INLINE __m128 q8w_scales(uint32_t type, const uint8_t *b0, const uint8_t *b1)
+/* Weight scales of blocks b0 and b1 as [d0 x4 | d1 x4] (b1 NULL: 0). */
+static ALWAYS_INLINE __m256 q8w_scales8(uint32_t type, const uint8_t *b0, const uint8_t *b1)
 {
-	if (type == KERN_MXFP4)
-		return _mm_setr_ps(kern_e8m0_half(b0[0]), b1 ? kern_e8m0_half(b1[0]) : 0.0f, 0.0f,
-				   0.0f);
-	return f16_pair(b0, b1);
+	if (type == KERN_MXFP4) {
+		__m128 d0 = _mm_set1_ps(kern_e8m0_half(b0[0]));
+		__m128 d1 = _mm_set1_ps(b1 ? kern_e8m0_half(b1[0]) : 0.0f);
+		return _mm256_insertf128_ps(_mm256_castps128_ps256(d0), d1, 1);
+	}
+	return f16_pair8(b0, b1);
 }
 
-/* int16 pair sums of one block's products w * x. */
-static ALWAYS_INLINE __m256i q8_block_i16(const struct q8w *w, const uint8_t *xb)
+/* Four int32 partial sums of one block's products w * x. */
+static ALWAYS_INLINE __m128i q8_block_i32(uint32_t type, const struct q8w *w, const uint8_t *xb)
 {
-	__m256i xq = _mm256_loadu_si256((const __m256i *)(xb + 2));
-	return _mm256_maddubs_epi16(w->a, _mm256_sign_epi8(xq, w->w));
-}
-
-/* acc += [d0 d0 d1 d1 | d0 d0 d1 d1] * float(folded p0, p1); x1 NULL when the
- * second block is absent (p1 zero). */
-static ALWAYS_INLINE __m256 q8_pair_fma(uint32_t type, __m128 dw, const uint8_t *x0,
-					const uint8_t *x1, __m256i p0, __m256i p1, __m256 acc)
-{
-	const __m256i ones = _mm256_set1_epi16(1);
-	__m256i h;
+	const __m128i ones = _mm_set1_epi16(1);
+	__m128i xl = _mm_loadu_si128((const __m128i *)(xb + 2));
+	__m128i xh = _mm_loadu_si128((const __m128i *)(xb + 18));
+	__m128i pl = _mm_maddubs_epi16(w->al, _mm_sign_epi8(xl, w->wl));
+	__m128i ph = _mm_maddubs_epi16(w->ah, _mm_sign_epi8(xh, w->wh));
 	if (type == KERN_Q8_0) /* pair sums up to 32512: widen before adding */
-		h = _mm256_hadd_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
-	else /* |w| <= 12: sums of four products fit in int16 */
-		h = _mm256_madd_epi16(_mm256_hadd_epi16(p0, p1), ones);
-	__m128 s = _mm_mul_ps(dw, f16_pair(x0, x1));
-	__m128 t = _mm_unpacklo_ps(s, s);
-	__m256 d = _mm256_insertf128_ps(_mm256_castps128_ps256(t), t, 1);
-	return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(h), acc);
+		return _mm_add_epi32(_mm_madd_epi16(pl, ones), _mm_madd_epi16(ph, ones));
+	return _mm_madd_epi16(_mm_add_epi16(pl, ph), ones);
+}
+
+/* acc += ([dw0 x4 | dw1 x4] * [dx0 x4 | dx1 x4]) * float([i0 | i1]);
+ * x1 NULL: block absent. */
+static ALWAYS_INLINE __m256 q8_pair_fma(__m256 dw, const uint8_t *x0, const uint8_t *x1,
+					__m128i i0, __m128i i1, __m256 acc)
+{
+	__m256 d = _mm256_mul_ps(dw, f16_pair8(x0, x1));
+	__m256i p = _mm256_inserti128_si256(_mm256_castsi128_si256(i0), i1, 1);
+	return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
 }
 
 static ALWAYS_INLINE void tile_q8(uint32_t type, int nr, const uint8_t *w, const uint8_t *x,
@@ -135,24 +140,24 @@ static ALWAYS_INLINE void tile_q8(uint32_t type, int nr, const uint8_t *w, const
 	for (; ib + 1 < nb; ib += 2) {
 		const uint8_t *w0 = w + (size_t)ib * bs, *w1 = w0 + bs;
 		struct q8w q0 = q8w_unpack(type, w0), q1 = q8w_unpack(type, w1);
-		__m128 dw = q8w_scales(type, w0, w1);
+		__m256 dw = q8w_scales8(type, w0, w1);
 #pragma GCC unroll 4
 		for (int r = 0; r < nr; r++) {
 			const uint8_t *xb = x + r * xs + (size_t)ib * 34;
-			__m256i p0 = q8_block_i16(&q0, xb);
-			__m256i p1 = q8_block_i16(&q1, xb + 34);
-			acc[r] = q8_pair_fma(type, dw, xb, xb + 34, p0, p1, acc[r]);
+			__m128i i0 = q8_block_i32(type, &q0, xb);
+			__m128i i1 = q8_block_i32(type, &q1, xb + 34);
+			acc[r] = q8_pair_fma(dw, xb, xb + 34, i0, i1, acc[r]);
 		}
 	}
-	if (ib < nb) { /* odd block out: the second is zeros */
+	if (ib < nb) { /* odd block out: the second half is zeros */
 		const uint8_t *w0 = w + (size_t)ib * bs;
 		struct q8w q0 = q8w_unpack(type, w0);
-		__m128 dw = q8w_scales(type, w0, NULL);
+		__m256 dw = q8w_scales8(type, w0, NULL);
 #pragma GCC unroll 4
 		for (int r = 0; r < nr; r++) {
 			const uint8_t *xb = x + r * xs + (size_t)ib * 34;
-			__m256i p0 = q8_block_i16(&q0, xb);
-			acc[r] = q8_pair_fma(type, dw, xb, NULL, p0, _mm256_setzero_si256(), acc[r]);
+			__m128i i0 = q8_block_i32(type, &q0, xb);
+			acc[r] = q8_pair_fma(dw, xb, NULL, i0, _mm_setzero_si128(), acc[r]);
 		}
 	}
 #pragma GCC unroll 4
@@ -415,9 +420,10 @@ static ALWAYS_INLINE void dequant_q8w(uint32_t type, const uint8_t *src, float *
 	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
 		const uint8_t *b = src + (size_t)ib * bs;
 		struct q8w q = q8w_unpack(type, b);
-		__m256 d = _mm256_broadcastss_ps(q8w_scales(type, b, NULL));
-		store_i8x16(_mm256_castsi256_si128(q.w), d, dst + ib * KERN_QK);
-		store_i8x16(_mm256_extracti128_si256(q.w, 1), d, dst + ib * KERN_QK + 16);
+		__m256 d = _mm256_permute2f128_ps(q8w_scales8(type, b, NULL),
+						  q8w_scales8(type, b, NULL), 0x00);
+		store_i8x16(q.wl, d, dst + ib * KERN_QK);
+		store_i8x16(q.wh, d, dst + ib * KERN_QK + 16);
 	}
 }
 

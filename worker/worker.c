@@ -8,6 +8,7 @@
 #include "../common/wire.h"
 #include "../kernels/kern.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -346,6 +347,13 @@ int worker_run(transport *t, const struct worker_config *cfg)
 			rc = worker_on_chunk(&w, &m.u.chunk, f.data, f.data_len);
 			break;
 		case WIRE_BATCH:
+			if (cfg->fault == WORKER_FAULT_DIE) {
+				wire_msg_free(&m);
+				rc = ERR_PEER;
+				goto out;
+			}
+			if (cfg->fault == WORKER_FAULT_STOP)
+				raise(SIGSTOP);
 			rc = worker_on_batch(&w, &m.u.batch, f.data, f.data_len);
 			break;
 		case WIRE_HEARTBEAT:

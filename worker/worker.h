@@ -25,12 +25,20 @@
 
 #include "../common/transport.h"
 
+/* Deliberate failures at the first Batch, for fault tests. */
+enum worker_fault {
+	WORKER_FAULT_NONE = 0,
+	WORKER_FAULT_DIE,  /* worker_run returns ERR_PEER at once (the caller exits) */
+	WORKER_FAULT_STOP, /* the process stops itself with SIGSTOP */
+};
+
 struct worker_config {
 	const char *model_path; /* NULL: weights must be streamed */
 	int n_threads;		/* <= 0: all cores */
 	uint64_t memory_bytes;	/* offered for experts; 0: physical memory */
 	const char *name;
 	int idle_timeout_ms;	/* <= 0: wait forever */
+	enum worker_fault fault;
 };
 
 int worker_run(transport *t, const struct worker_config *cfg);

@@ -1,0 +1,251 @@
+/* Faults on the coordinator <-> worker links, driven for real: worker
+ * processes are forked from this test and either run the real worker loop or
+ * misbehave on purpose.  Checks: a worker speaking another protocol version,
+ * one sending garbage and one sending an oversized header are refused while
+ * the good workers form the cluster and give the in-process logits bit for
+ * bit; a worker that dies or stops answering fails the current step with
+ * ERR_PEER within the time-out (no hang), and with two replicas of every
+ * expert the next step is served by the survivors with unchanged logits. */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "../common/err.h"
+#include "../common/log.h"
+#include "../common/transport.h"
+#include "../common/wire.h"
+#include "../coordinator/cluster.h"
+#include "../coordinator/model.h"
+#include "../worker/worker.h"
+#include "compare.h"
+
+#define MODEL "qwen3moe-tiny-mxfp4"
+
+enum fake { FAKE_GOOD, FAKE_BAD_VERSION, FAKE_GARBAGE, FAKE_OVERSIZED, FAKE_DIE_ON_BATCH,
+	    FAKE_HANG_ON_BATCH };
+
+static char endpoint[128];
+
+static void child_run(enum fake kind)
+{
+	transport *t = NULL;
+	if (transport_zmq_connect(endpoint, &t))
+		_exit(3);
+	if (kind == FAKE_GOOD || kind == FAKE_DIE_ON_BATCH || kind == FAKE_HANG_ON_BATCH) {
+		char path[4096];
+		snprintf(path, sizeof(path), "%s", test_data_path(MODEL ".gguf"));
+		/* the real worker loop, told to fail at its first batch */
+		struct worker_config cfg = {.model_path = path, .n_threads = 1,
+					    .name = kind == FAKE_GOOD ? "good" : "faulty"};
+		cfg.fault = kind == FAKE_DIE_ON_BATCH	  ? WORKER_FAULT_DIE
+			    : kind == FAKE_HANG_ON_BATCH ? WORKER_FAULT_STOP
+							 : WORKER_FAULT_NONE;
+		int rc = worker_run(t, &cfg);
+		transport_destroy(&t);
+		_exit(rc ? 1 : 0);
+	}
+	struct wire_msg m = {.kind = WIRE_HELLO};
+	snprintf(m.u.hello.name, sizeof(m.u.hello.name), "fake");
+	m.u.hello.cores = 1;
+	m.u.hello.memory_bytes = 1ull << 30;
+	uint8_t *buf = NULL;
+	size_t cap = 0, len = 0;
+	wire_encode(&m, &buf, &cap, &len);
+	if (kind == FAKE_BAD_VERSION) {
+		/* field 1 (version) is the first varint of the envelope: 08 01 */
+		if (len > 2 && buf[0] == 0x08)
+			buf[1] = 0x02;
+		transport_send(t, 0, buf, len, NULL, 0);
+	} else if (kind == FAKE_GARBAGE) {
+		uint8_t junk[64];
+		for (size_t i = 0; i < sizeof(junk); i++)
+			junk[i] = (uint8_t)(i * 37 + 11);
+		transport_send(t, 0, junk, sizeof(junk), NULL, 0);
+	} else if (kind == FAKE_OVERSIZED) {
+		size_t big = WIRE_MAX_HEADER + 1024;
+		uint8_t *b = calloc(1, big);
+		if (b)
+			transport_send(t, 0, b, big, NULL, 0);
+		free(b);
+	}
+	free(buf);
+	sleep(30); /* stay connected; the parent kills us */
+	_exit(0);
+}
+
+static pid_t spawn(enum fake kind)
+{
+	pid_t pid = fork();
+	if (pid == 0)
+		child_run(kind);
+	return pid;
+}
+
+static void reap(pid_t *pids, int n)
+{
+	for (int i = 0; i < n; i++) {
+		kill(pids[i], SIGKILL);
+		kill(pids[i], SIGCONT);
+		waitpid(pids[i], NULL, 0);
+	}
+}
+
+struct run {
+	struct test_case tc;
+	float *logits;
+};
+
+/* Runs the test case on a model whose experts come from `n_workers` workers
+ * (0: in-process).  Returns model_forward's first error, or 0. */
+static int run_model(int n_workers, int replicas, struct run *r, double *seconds)
+{
+	struct model_params mp;
+	model_params_default(&mp);
+	mp.n_threads = 1;
+	mp.n_ctx = r->tc.n_tokens;
+	model *m = NULL;
+	assert_int_equal(model_open(test_data_path(MODEL ".gguf"), &mp, &m), 0);
+	if (n_workers > 0) {
+		transport *t = NULL;
+		assert_int_equal(transport_zmq_listen(endpoint, &t), 0);
+		struct cluster_config cfg = {.g = model_get_gguf(m),
+					     .spec = &model_get_info(m)->moe,
+					     .n_workers = n_workers,
+					     .replicas = replicas,
+					     .timeout_ms = 1000,
+					     .join_timeout_ms = 20000};
+		cluster *c = NULL;
+		assert_int_equal(cluster_new(t, &cfg, model_get_pool(m), &c), 0);
+		expert_backend *b = NULL;
+		assert_int_equal(cluster_backend(c, &b), 0);
+		model_set_experts(m, b);
+	}
+	const int n = r->tc.n_tokens, V = r->tc.n_vocab;
+	int first_rc = 0;
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	/* one decode step per token so that a failure hits one step only; a
+	 * failed step is retried once (a new request on the same model) */
+	for (int i = 0; i < n; i++) {
+		int32_t pos = i, seq = 0;
+		model_batch b = {1, &r->tc.tokens[i], &pos, &seq, NULL};
+		int rc = model_forward(m, &b, r->logits + (size_t)i * V);
+		if (rc) {
+			if (!first_rc)
+				first_rc = rc;
+			clock_gettime(CLOCK_MONOTONIC, &t1);
+			*seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+			/* replay the sequence from the start, as a server would */
+			model_reset_seq(m, 0);
+			rc = 0;
+			for (int j = 0; j <= i && !rc; j++) {
+				int32_t p2 = j;
+				model_batch b2 = {1, &r->tc.tokens[j], &p2, &seq, NULL};
+				rc = model_forward(m, &b2, r->logits + (size_t)j * V);
+			}
+			if (rc) {
+				print_message("replay failed at %d: %d\n", i, rc);
+				model_destroy(&m);
+				return first_rc;
+			}
+		}
+	}
+	model_destroy(&m);
+	return first_rc;
+}
+
+static void load_run(struct run *r)
+{
+	assert_int_equal(test_case_load(MODEL, &r->tc), 0);
+	r->logits = calloc((size_t)r->tc.n_tokens * r->tc.n_vocab, sizeof(float));
+	assert_non_null(r->logits);
+}
+
+static void free_run(struct run *r)
+{
+	free(r->logits);
+	test_case_free(&r->tc);
+}
+
+static void test_bad_peers_refused(void **state)
+{
+	(void)state;
+	struct run ref, got;
+	load_run(&ref);
+	load_run(&got);
+	double s;
+	assert_int_equal(run_model(0, 1, &ref, &s), 0);
+	pid_t pids[5];
+	pids[0] = spawn(FAKE_BAD_VERSION);
+	pids[1] = spawn(FAKE_GARBAGE);
+	pids[2] = spawn(FAKE_OVERSIZED);
+	sleep(1); /* let the bad ones arrive first */
+	pids[3] = spawn(FAKE_GOOD);
+	pids[4] = spawn(FAKE_GOOD);
+	assert_int_equal(run_model(2, 1, &got, &s), 0);
+	reap(pids, 5);
+	assert_memory_equal(ref.logits, got.logits,
+			    sizeof(float) * (size_t)ref.tc.n_tokens * ref.tc.n_vocab);
+	free_run(&ref);
+	free_run(&got);
+}
+
+static void lost_worker(enum fake kind)
+{
+	struct run ref, got;
+	load_run(&ref);
+	load_run(&got);
+	double s = 0;
+	assert_int_equal(run_model(0, 1, &ref, &s), 0);
+	pid_t pids[3];
+	pids[0] = spawn(FAKE_GOOD);
+	pids[1] = spawn(FAKE_GOOD);
+	pids[2] = spawn(kind);
+	int rc = run_model(3, 2, &got, &s);
+	reap(pids, 3);
+	/* the step that met the fault failed cleanly and in time ... */
+	assert_int_equal(rc, ERR_PEER);
+	print_message("failed step reported after %.2f s\n", s);
+	assert_true(s < 5.0);
+	/* ... and the replayed request, served by the survivors, is unchanged */
+	assert_memory_equal(ref.logits, got.logits,
+			    sizeof(float) * (size_t)ref.tc.n_tokens * ref.tc.n_vocab);
+	free_run(&ref);
+	free_run(&got);
+}
+
+static void test_worker_dies(void **state)
+{
+	(void)state;
+	lost_worker(FAKE_DIE_ON_BATCH);
+}
+
+static void test_worker_hangs(void **state)
+{
+	(void)state;
+	lost_worker(FAKE_HANG_ON_BATCH);
+}
+
+int main(void)
+{
+	snprintf(endpoint, sizeof(endpoint), "ipc:///tmp/moefleet-faults-%d.sock", (int)getpid());
+	log_set_quiet(1);
+	signal(SIGPIPE, SIG_IGN);
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_bad_peers_refused),
+		cmocka_unit_test(test_worker_dies),
+		cmocka_unit_test(test_worker_hangs),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
