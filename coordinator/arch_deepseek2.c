@@ -127,6 +127,7 @@ struct ds2_scratch {
 	float *exp_out;	 /* [n_batch][n_expert_used][n_embd] weighted expert outputs */
 	int32_t *sub_token, *sub_pos, *sub_seq; /* [n_batch] rows kept in the last layer */
 	void *mm;	 /* ops_matmul scratch */
+	void *heads_xa;	 /* [n_batch][n_head] rows converted for the per-head products */
 };
 
 struct ds2 {
@@ -493,6 +494,8 @@ static int ds2_alloc_scratch(struct ds2 *m)
 		if (ins[i] > n_in_max)
 			n_in_max = ins[i];
 	s->mm = ds2_alloc(ops_matmul_scratch(n_in_max, (int64_t)n), 1, &failed);
+	const int64_t head_in = hp->head_nope > hp->kv_lora ? hp->head_nope : hp->kv_lora;
+	s->heads_xa = ds2_alloc(ops_matmul_scratch(head_in, (int64_t)(n * H)), 1, &failed);
 	if (failed) {
 		log_error("%s: out of memory for deepseek2 activations (batch %d)",
 			  gguf_path(m->env->g), m->n_batch);
@@ -510,7 +513,7 @@ static void ds2_destroy(void **state)
 	void *bufs[] = {s->x,	  s->h,	     s->qa,	s->q,	     s->kv,	  s->qf,
 			s->o,	  s->ov,     s->y,	s->gate,     s->up,	  s->router,
 			s->sel,	  s->gscore, s->taken,	s->ids,	     s->weights,  s->exp_out,
-			s->sub_token, s->sub_pos, s->sub_seq, s->mm};
+			s->sub_token, s->sub_pos, s->sub_seq, s->mm, s->heads_xa};
 	for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
 		free(bufs[i]);
 	attn_cache_destroy(&m->cache);
@@ -615,10 +618,58 @@ static void ds2_reset_seq(void *state, int seq)
 
 static const float *ds2_f32(const gguf_tensor *t) { return (const float *)t->data; }
 
-/* Slice h of a 3-D weight (ne0 x ne1 x n): one ne1 x ne0 matrix. */
-static const void *ds2_slice(const gguf_tensor *t, int64_t h)
+/* Per-head products with a 3-D weight w (ne0 x ne1 x n_head): for every row t
+ * and head h, y[t][h][0..ne1) = w[h] · x[t][h][0..ne0), where x rows hold
+ * n_head blocks of x_head floats and y rows n_head blocks of y_head floats.
+ * One pool run; each thread converts and multiplies the heads it owns, with the
+ * same kernels (and so the same results) as ops_matmul. */
+struct ds2_heads_job {
+	const gguf_tensor *w;
+	const float *x;
+	int64_t x_head;
+	float *y;
+	int64_t y_head;
+	int n_rows;
+	int n_head;
+	enum kern_type act;
+	size_t act_row; /* bytes of one converted ne0-row */
+	char *xa;	/* [n_rows][n_head] converted rows */
+};
+
+static void ds2_heads_run(void *ctx, int ith, int nth)
 {
-	return (const char *)t->data + (size_t)h * t->ne[1] * kern_row_bytes(t->type, (int64_t)t->ne[0]);
+	const struct ds2_heads_job *j = ctx;
+	const int64_t n_in = (int64_t)j->w->ne[0], n_out = (int64_t)j->w->ne[1];
+	const size_t slice = (size_t)n_out * kern_row_bytes(j->w->type, n_in);
+	const int64_t H = j->n_head;
+	int64_t h0, h1;
+	pool_split(H, ith, nth, 1, &h0, &h1);
+	for (int64_t h = h0; h < h1; h++) {
+		for (int64_t t = 0; t < j->n_rows; t++)
+			kern_convert_row(j->act, j->x + (t * H + h) * j->x_head,
+					 j->xa + (size_t)(t * H + h) * j->act_row, n_in);
+		kern_matmul(j->w->type, (const char *)j->w->data + (size_t)h * slice, n_in, 0, n_out,
+			    j->xa + (size_t)h * j->act_row, (size_t)H * j->act_row, j->n_rows,
+			    j->y + h * j->y_head, H * j->y_head);
+	}
+}
+
+static void ds2_heads_matmul(struct ds2 *m, const gguf_tensor *w, const float *x, int64_t x_head,
+			     int n, float *y, int64_t y_head)
+{
+	struct ds2_heads_job j = {
+		.w = w,
+		.x = x,
+		.x_head = x_head,
+		.y = y,
+		.y_head = y_head,
+		.n_rows = n,
+		.n_head = m->hp.n_head,
+		.act = kern_act_type(w->type),
+		.xa = m->s.heads_xa,
+	};
+	j.act_row = kern_row_bytes(j.act, (int64_t)w->ne[0]);
+	pool_run(m->env->pool, ds2_heads_run, &j);
 }
 
 /* out = down · (silu(gate · h) * (up · h)) for n rows of h (n_embd wide). */
@@ -820,10 +871,8 @@ static void ds2_attn_out(struct ds2 *m, int il, const model_batch *sb)
 			       (size_t)hp->n_rot * sizeof(float));
 		}
 	}
-	for (int64_t hh = 0; hh < H; hh++)
-		/* (n, nope) @ (nope, kvr) -> (n, kvr), rows H*hk / H*kw apart */
-		ops_matmul_raw(p, L->k_b->type, ds2_slice(L->k_b, hh), hp->head_nope, kvr,
-			       s->q + hh * hk, H * hk, n, s->qf + hh * kw, H * kw, s->mm);
+	/* per head: (n, nope) @ (nope, kvr) -> (n, kvr) */
+	ds2_heads_matmul(m, L->k_b, s->q, hk, n, s->qf, kw);
 
 	/* MQA over the cache: (n, H, kw) -> (n, H, kvr) */
 	const struct attn_params ap = {
@@ -838,9 +887,7 @@ static void ds2_attn_out(struct ds2 *m, int il, const model_batch *sb)
 	attn_forward(p, m->cache, il, &ap, sb, s->qf, s->o);
 
 	/* per head v_b[h]: (n, kvr) @ (kvr, hv) -> (n, hv) */
-	for (int64_t hh = 0; hh < H; hh++)
-		ops_matmul_raw(p, L->v_b->type, ds2_slice(L->v_b, hh), kvr, hv, s->o + hh * kvr,
-			       H * kvr, n, s->ov + hh * hv, H * hv, s->mm);
+	ds2_heads_matmul(m, L->v_b, s->o, kvr, n, s->ov, hv);
 	/* (n, H * hv) @ (H * hv, E) -> (n, E) */
 	ops_matmul(p, L->wo, s->ov, H * hv, n, s->y, E, s->mm);
 }

@@ -114,8 +114,9 @@ static float attn_vexpf(float x)
 	return ldexpf(j, (int)n); /* _mm512_scalef_ps: exact, or rounded once if subnormal */
 }
 
-/* _mm512_reduce_add_ps as GCC implements it. */
-static float attn_hsum(const float *a)
+/* _mm512_reduce_add_ps as GCC implements it: what both ggml_vec_soft_max_f32
+ * and GGML_F32Cx16_REDUCE end with. */
+static float attn_hsum_softmax(const float *a)
 {
 	float t[8], u[4];
 	for (int i = 0; i < 8; i++)
@@ -124,6 +125,8 @@ static float attn_hsum(const float *a)
 		u[i] = t[i + 4] + t[i];
 	return (u[0] + u[2]) + (u[1] + u[3]);
 }
+
+static float attn_hsum_dot(const float *a) { return attn_hsum_softmax(a); }
 #else
 /* ggml_v_expf (ggml-cpu/vec.h, AVX2+FMA version) for one lane: exp(x) with at
  * most ~1.5 ulp error. */
@@ -149,8 +152,17 @@ static float attn_vexpf(float x)
 	return fmaf(s2, j, s2) * s1;
 }
 
-/* The horizontal part of GGML_F32x8_REDUCE (add halves, then two hadds). */
-static float attn_hsum(const float *a)
+/* ggml_vec_soft_max_f32's AVX2 sum of 8 lanes (halves, movehl, movehdup). */
+static float attn_hsum_softmax(const float *a)
+{
+	float p[4];
+	for (int i = 0; i < 4; i++)
+		p[i] = a[i + 4] + a[i];
+	return (p[0] + p[2]) + (p[1] + p[3]);
+}
+
+/* The horizontal part of GGML_F32x8_REDUCE (halves, then two hadds). */
+static float attn_hsum_dot(const float *a)
 {
 	float t[4];
 	for (int i = 0; i < 4; i++)
@@ -181,7 +193,7 @@ static float attn_dot_f16(const float *q16, const uint16_t *k, int n)
 		}
 		for (int l = 0; l < L; l++)
 			acc[0][l] += acc[1][l];
-		sum = (double)attn_hsum(acc[0]);
+		sum = (double)attn_hsum_dot(acc[0]);
 	}
 	for (int i = np; i < n; i++)
 		sum += (double)(q16[i] * attn_f16_to_f32(k[i]));
@@ -464,12 +476,12 @@ static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 		M = m_new;
 
 		/* ggml_vec_soft_max_f32: vector expf, each group of LANES
-		 * values summed in F32 (attn_hsum), the groups in double */
+		 * values summed in F32 (attn_hsum_softmax), the groups in double */
 		double sum = 0.0;
 		for (int g = 0; g < ATTN_TILE_KV; g += ATTN_GGML_LANES) {
 			for (int i = 0; i < ATTN_GGML_LANES; i++)
 				kq[g + i] = attn_vexpf(kq[g + i] - M);
-			sum += (double)attn_hsum(kq + g);
+			sum += (double)attn_hsum_softmax(kq + g);
 		}
 		S = (float)((double)S + sum);
 

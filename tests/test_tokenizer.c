@@ -4,7 +4,9 @@
  * tests/data/tokenizer/lltok.c, see the README there) for the corpus lines, the
  * whole corpus and hard cases, each with parse_special off and on; NAME.pieces
  * holds llama_token_to_piece() of every token, its attributes and whether it
- * ends generation.  Every line must match exactly.  Then: round trips,
+ * ends generation.  Vocabularies: the tiny test models' ("default"
+ * pre-tokenizer) and cut-down DeepSeek-V3, Qwen3 and gpt-oss ones
+ * (mini-*.gguf: the first 6000 merges of the real vocabulary).  Every line must match exactly.  Then: round trips,
  * streaming detokenisation of split characters, invalid UTF-8 and random
  * bytes, malformed vocabularies, and the sampler. */
 #include <setjmp.h>
@@ -219,6 +221,12 @@ struct vocab_case {
 
 static const struct vocab_case builtin_vocabs[] = {
 	{"qwen3moe-tiny-mxfp4.gguf", "tokenizer/default.tsv", "tokenizer/default.pieces", "default"},
+	{"tokenizer/mini-deepseek-v3.gguf", "tokenizer/mini-deepseek-v3.tsv",
+	 "tokenizer/mini-deepseek-v3.pieces", "deepseek-v3"},
+	{"tokenizer/mini-qwen2.gguf", "tokenizer/mini-qwen2.tsv", "tokenizer/mini-qwen2.pieces",
+	 "qwen2"},
+	{"tokenizer/mini-gpt-4o.gguf", "tokenizer/mini-gpt-4o.tsv", "tokenizer/mini-gpt-4o.pieces",
+	 "gpt-4o"},
 };
 
 /* The built-in cases plus any given as MOEFLEET_TOKENIZER_VOCABS =

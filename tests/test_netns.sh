@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Three hosts on one machine: a coordinator and two workers, each in its own
+# network namespace, joined by veth links to a bridge, every worker link
+# shaped with `tc netem delay 1ms rate 1gbit`.  The workers connect over real
+# TCP between addresses; the logits must equal the in-process run bit for
+# bit.  The namespaces are created and removed here; where that is not
+# permitted the test is skipped.  Prints TAP.
+set -u
+top_srcdir=${top_srcdir:-.}
+top_builddir=${top_builddir:-.}
+bin=$(cd "$top_builddir" && pwd)/moefleet
+wbin=$(cd "$top_builddir" && pwd)/moefleet-worker
+data=$(cd "$top_srcdir/tests/data" && pwd)
+tag=mf$$
+c=${tag}c
+tmp=$(mktemp -d)
+
+cleanup() {
+	for ns in "$c" "${tag}w1" "${tag}w2"; do
+		ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null
+		ip netns del "$ns" 2>/dev/null
+	done
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+skip() { echo "1..0 # SKIP $*"; exit 0; }
+[ "$(id -u)" -eq 0 ] || skip "needs root for ip netns"
+command -v ip >/dev/null 2>&1 || skip "ip (iproute2) not installed"
+command -v tc >/dev/null 2>&1 || skip "tc (iproute2) not installed"
+ip netns add "$c" 2>/dev/null || skip "ip netns not permitted here"
+
+set -e
+ip -n "$c" link set lo up
+ip -n "$c" link add br0 type bridge
+ip -n "$c" addr add 10.213.0.1/24 dev br0
+ip -n "$c" link set br0 up
+for i in 1 2; do
+	w=${tag}w$i
+	ip netns add "$w"
+	ip link add "vc$i$tag" netns "$c" type veth peer name eth0 netns "$w"
+	ip -n "$c" link set "vc$i$tag" master br0 up
+	ip -n "$w" link set lo up
+	ip -n "$w" addr add "10.213.0.1$i/24" dev eth0
+	ip -n "$w" link set eth0 up
+	if ! ip netns exec "$w" tc qdisc add dev eth0 root netem delay 1ms rate 1gbit 2>/dev/null; then
+		shaped=0
+	fi
+done
+set +e
+[ "${shaped:-1}" -eq 1 ] || echo "# tc netem is not available in this kernel: links are not shaped"
+
+m=qwen3moe-tiny-mxfp4
+tokens=$(sed -n 2p "$data/$m.case")
+np=$(sed -n 1p "$data/$m.case")
+"$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" --out "$tmp/inproc.f32" 2>/dev/null
+port=$((20000 + $$ % 20000))
+ip netns exec "$c" "$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" \
+	--listen "tcp://10.213.0.1:$port" --expect-workers 2 --out "$tmp/net.f32" --stats \
+	2>"$tmp/coord.err" &
+coord=$!
+# worker 1 reads its own model copy, worker 2 gets its experts streamed
+ip netns exec "${tag}w1" timeout 60 "$wbin" --connect "tcp://10.213.0.1:$port" -m "$data/$m.gguf" \
+	--name w1 2>"$tmp/w1.err" &
+ip netns exec "${tag}w2" timeout 60 "$wbin" --connect "tcp://10.213.0.1:$port" --name w2 \
+	2>"$tmp/w2.err" &
+st=1
+for _ in $(seq 1 600); do
+	if ! kill -0 "$coord" 2>/dev/null; then
+		wait "$coord"
+		st=$?
+		break
+	fi
+	sleep 0.1
+done
+kill -0 "$coord" 2>/dev/null && { kill -9 "$coord"; st=124; }
+echo "1..2"
+if [ "$st" -eq 0 ]; then echo "ok 1 - coordinator with two workers over TCP in namespaces"; else
+	echo "not ok 1 - coordinator exited with $st"; sed 's/^/# /' "$tmp/coord.err" | tail -5; fi
+if [ "$st" -eq 0 ] && cmp -s "$tmp/inproc.f32" "$tmp/net.f32"; then
+	echo "ok 2 - logits bit-identical to the in-process run"
+	grep -E '^ *[0-9]+ ' "$tmp/coord.err" | sed 's/^/# /'
+else
+	echo "not ok 2 - logits differ"
+fi
