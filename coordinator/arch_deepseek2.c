@@ -138,6 +138,7 @@ struct ds2 {
 	const gguf_tensor *output_norm;	  /* [n_embd] F32 */
 	const gguf_tensor *output;	  /* n_embd -> n_vocab */
 	struct ops_rope rope;
+	struct attn_params attn; /* MQA: one KV head [c | k_pe], value c */
 	attn_cache *cache;
 	struct ds2_scratch s;
 	int n_batch;
@@ -195,6 +196,41 @@ static int ds2_load_hparams(const struct arch_env *env, struct ds2_hparams *hp,
 		return rc;
 	if (hp->n_embd < 1 || hp->n_layer < 1 || hp->n_head < 1)
 		return ds2_bad(env, "embedding_length, block_count and head_count must be >= 1");
+
+	/* trailing multi-token-prediction layers (nextn) are not run */
+	int n_nextn = 0;
+	if ((rc = ds2_u32(env, "nextn_predict_layers", 0, 0, MOE_MAX_LAYERS, &n_nextn)))
+		return rc;
+	if (n_nextn >= hp->n_layer)
+		return ds2_bad(env, "nextn_predict_layers must be smaller than block_count");
+	hp->n_layer -= n_nextn;
+
+	/* vocabulary: token_embd rows (= vocab_size when present) */
+	const gguf_tensor *te = gguf_find_tensor(env->g, "token_embd.weight");
+	if (!te || te->n_dims != 2 || te->ne[1] < 1 || te->ne[1] > INT32_MAX) {
+		log_error("%s: tensor token_embd.weight: missing or not a 2-D matrix",
+			  gguf_path(env->g));
+		return ERR_FORMAT;
+	}
+	hp->n_vocab = (int)te->ne[1];
+	v = hp->n_vocab;
+	if ((rc = ds2_u32(env, "vocab_size", 0, (uint32_t)v, INT32_MAX, &v)))
+		return rc;
+	if (v != hp->n_vocab) {
+		log_error("%s: %s.vocab_size = %d but token_embd.weight has %d rows",
+			  gguf_path(env->g), DS2_ARCH, v, hp->n_vocab);
+		return ERR_FORMAT;
+	}
+	/* llama.cpp's "lite" models (DeepSeek-V2-Lite and kin) have no q_lora_rank */
+	if (hp->n_layer == 26 || hp->n_layer == 27 || (hp->n_layer == 48 && hp->n_vocab == 128256))
+		hp->q_lora = 0;
+
+	/* attention temperature tuning (Mistral-Large style) is not implemented */
+	float temp_scale = 0.0f;
+	if ((rc = arch_f32_opt(env, DS2_ARCH, "attention.temperature_scale", &temp_scale)))
+		return rc;
+	if (temp_scale != 0.0f)
+		return ds2_bad(env, "attention.temperature_scale is not supported");
 
 	/* MLA stored as MQA: one KV head of [c | k_pe] */
 	n_head_kv = hp->n_head;
@@ -262,9 +298,7 @@ static int ds2_load_hparams(const struct arch_env *env, struct ds2_hparams *hp,
 		return rc;
 	if (v == 0) {
 		/* absent: llama.cpp's defaults (old DeepSeek-V2 files; GLM 4.7 Lite) */
-		const gguf_tensor *te = gguf_find_tensor(env->g, "token_embd.weight");
-		const int glm = (hp->n_layer == 47 || hp->n_layer == 48) && te &&
-				te->ne[1] == 154880;
+		const int glm = (hp->n_layer == 47 || hp->n_layer == 48) && hp->n_vocab == 154880;
 		v = glm ? DS2_GATING_SIGMOID : DS2_GATING_SOFTMAX;
 	}
 	if (v != DS2_GATING_SOFTMAX && v != DS2_GATING_SIGMOID)
@@ -541,24 +575,7 @@ static int ds2_load(const struct arch_env *env, struct model_info *info, void **
 	if ((rc = ds2_load_hparams(env, hp, &m->rope)))
 		goto out;
 
-	/* embeddings and head: the vocabulary size comes from token_embd */
-	const gguf_tensor *te = gguf_find_tensor(env->g, "token_embd.weight");
-	if (!te || te->n_dims != 2 || te->ne[1] < 1 || te->ne[1] > INT32_MAX) {
-		log_error("%s: tensor token_embd.weight: missing or not a 2-D matrix",
-			  gguf_path(env->g));
-		rc = ERR_FORMAT;
-		goto out;
-	}
-	hp->n_vocab = (int)te->ne[1];
-	int vocab_key = hp->n_vocab;
-	if ((rc = ds2_u32(env, "vocab_size", 0, (uint32_t)vocab_key, INT32_MAX, &vocab_key)))
-		goto out;
-	if (vocab_key != hp->n_vocab) {
-		log_error("%s: deepseek2.vocab_size = %d but token_embd.weight has %d rows",
-			  gguf_path(env->g), vocab_key, hp->n_vocab);
-		rc = ERR_FORMAT;
-		goto out;
-	}
+	/* embeddings and head */
 	if ((rc = arch_tensor(env, &m->tok_embd, hp->n_embd, hp->n_vocab, 0,
 			      "token_embd.weight")) ||
 	    (rc = arch_tensor(env, &m->output_norm, hp->n_embd, 0, 0, "output_norm.weight")) ||
@@ -583,6 +600,17 @@ static int ds2_load(const struct arch_env *env, struct model_info *info, void **
 	/* KV cache: key [c | k_pe], value c (stored separately, same F16 values) */
 	if ((rc = attn_cache_new(hp->n_layer, env->n_seq, env->n_ctx, hp->kv_lora + hp->n_rot,
 				 hp->kv_lora, &m->cache)))
+		goto out;
+	m->attn = (struct attn_params){
+		.n_head = hp->n_head,
+		.n_head_kv = 1,
+		.head_dim_k = hp->kv_lora + hp->n_rot,
+		.head_dim_v = hp->kv_lora,
+		.scale = hp->kq_scale,
+		.window = 0,
+		.sinks = NULL,
+	};
+	if ((rc = attn_check_params(m->cache, &m->attn, gguf_path(env->g))))
 		goto out;
 	if ((rc = ds2_alloc_scratch(m)))
 		goto out;
@@ -875,16 +903,7 @@ static void ds2_attn_out(struct ds2 *m, int il, const model_batch *sb)
 	ds2_heads_matmul(m, L->k_b, s->q, hk, n, s->qf, kw);
 
 	/* MQA over the cache: (n, H, kw) -> (n, H, kvr) */
-	const struct attn_params ap = {
-		.n_head = (int)H,
-		.n_head_kv = 1,
-		.head_dim_k = (int)kw,
-		.head_dim_v = (int)kvr,
-		.scale = hp->kq_scale,
-		.window = 0,
-		.sinks = NULL,
-	};
-	attn_forward(p, m->cache, il, &ap, sb, s->qf, s->o);
+	attn_forward(p, m->cache, il, &m->attn, sb, s->qf, s->o);
 
 	/* per head v_b[h]: (n, kvr) @ (kvr, hv) -> (n, hv) */
 	ds2_heads_matmul(m, L->v_b, s->o, kvr, n, s->ov, hv);
