@@ -1,29 +1,38 @@
 /* transport_mpi: the transport over Open MPI; the only file that includes mpi.h.
  *
  * Rank 0 is the coordinator, whose peer i is rank i + 1; a worker's only peer
- * (0) is rank 0.  One transport message is one MPI message for the header,
- * tagged TMPI_TAG_HDR or TMPI_TAG_HDR_DATA, followed in the latter case by one
- * MPI message for the frame (TMPI_TAG_DATA); MPI's ordering between two ranks
- * keeps the pair together.  All traffic uses a duplicate of MPI_COMM_WORLD
- * whose errors are returned, not fatal.
+ * (0) is rank 0.  All traffic uses a duplicate of MPI_COMM_WORLD whose errors
+ * are returned, not fatal.
+ *
+ * On the wire one transport message is:
+ *   - a head (tag TMPI_TAG_HEAD): a 24-byte prefix {magic, flags, header
+ *     length, frame length} followed by the header itself when it is at most
+ *     TMPI_INLINE bytes;
+ *   - a longer header, then the frame, as body messages (tag TMPI_TAG_BODY)
+ *     of at most TMPI_CHUNK bytes each.
+ * MPI keeps messages between two ranks in order, so the pieces stay together.
+ * The receiver knows every size from the prefix before it allocates, and a
+ * message over its cap is consumed chunk by chunk into one TMPI_CHUNK-sized
+ * scratch buffer and dropped.  (Receiving into a too-small buffer and
+ * letting MPI truncate is not an option: Open MPI 4.1's shared-memory
+ * single-copy path crashes on it.)  Chunking also lifts MPI's INT_MAX count
+ * limit.
  *
  * Receiving probes (MPI_Iprobe) in a loop that spins briefly and then sleeps
- * with a growing back-off, so idle ranks do not eat the cores.  Sizes are
- * checked on the probed envelope before anything is allocated; a message
- * over its cap is received into a one-byte scratch buffer, which MPI reports
- * as truncated: that consumes it without storing it.
+ * with a growing back-off (at most TMPI_SLEEP_MAX_NS), so idle ranks do not
+ * eat the cores.
  *
- * Sending posts MPI_Isend for the header and frame from the caller's buffers
- * and tests them until they complete or the send time-out passes.  Large
- * messages complete only when the receiver posts its receive, so while
- * waiting the sender receives whatever arrives and queues it for
- * transport_recv(): two ranks sending to each other cannot deadlock. */
+ * Sending posts MPI_Isend for every piece from the caller's buffers (a short
+ * header is copied next to the prefix) and tests them until they complete or
+ * the send time-out passes.  Large pieces complete only when the receiver
+ * posts its receive, so while waiting the sender receives whatever arrives
+ * and queues it for transport_recv(): two ranks sending to each other cannot
+ * deadlock. */
 #include "transport.h"
 #include "err.h"
 #include "log.h"
 #include "wire.h"
 
-#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,24 +45,33 @@
 #endif
 
 enum {
-	TMPI_TAG_HDR = 101,	/* header, no frame follows */
-	TMPI_TAG_HDR_DATA = 102, /* header, a frame follows */
-	TMPI_TAG_DATA = 103,	/* the frame */
+	TMPI_TAG_HEAD = 101,
+	TMPI_TAG_BODY = 102,
 };
 
-#define TMPI_QUEUE_MAX 4096	   /* messages queued while a send waits */
-#define TMPI_CANCEL_WAIT_MS 200	   /* how long a timed-out send may take to cancel */
-#define TMPI_SPIN_NS 50000	   /* busy polling before the first sleep */
-#define TMPI_SLEEP_MAX_NS 100000	   /* longest back-off sleep */
+#define TMPI_MAGIC 0x3154464du		/* "MFT1" */
+#define TMPI_FLAG_DATA 1u		/* a frame follows */
+#define TMPI_PREFIX 24			/* bytes of the head's prefix */
+#define TMPI_INLINE (64u << 10)		/* headers up to this travel in the head */
+#define TMPI_CHUNK ((size_t)4 << 20)	/* largest body message */
+#define TMPI_QUEUE_MAX 4096		/* messages queued while a send waits */
+#define TMPI_CANCEL_WAIT_MS 200		/* how long a timed-out send may take to cancel */
+#define TMPI_SPIN_NS 50000		/* busy polling before the first sleep */
+#define TMPI_SLEEP_MAX_NS 100000	/* longest back-off sleep */
 
 struct mpi_msg {
 	int peer;
 	int bad;
 	int has_data;
-	uint8_t *hdr;
-	size_t hdr_len, hdr_cap;
+	const uint8_t *hdr; /* into head or hbuf */
+	size_t hdr_len;
+	size_t data_len;
+	uint8_t *head; /* prefix + inline header */
+	size_t head_cap;
+	uint8_t *hbuf; /* a header sent in body chunks */
+	size_t hbuf_cap;
 	uint8_t *data;
-	size_t data_len, data_cap;
+	size_t data_cap;
 };
 
 struct transport_mpi {
@@ -61,12 +79,15 @@ struct transport_mpi {
 	MPI_Comm comm;
 	int rank, size;
 	int n_peers;
-	int broken;	     /* a send could not be cancelled: no more MPI calls */
-	int *dropped;	     /* per peer */
-	char (*names)[32];   /* per peer */
-	struct mpi_msg cur;  /* the message transport_recv() last returned */
+	int broken;	       /* a send could not be cancelled: no more MPI calls */
+	int *dropped;	       /* per peer */
+	char (*names)[32];     /* per peer */
+	struct mpi_msg cur;    /* the message transport_recv() last returned */
 	struct mpi_msg *queue; /* FIFO of messages received while sending */
 	int q_len, q_cap;
+	uint8_t *scratch; /* discarded chunks land here */
+	size_t scratch_cap;
+	uint8_t head_out[TMPI_PREFIX + TMPI_INLINE]; /* the head being sent */
 };
 
 static const struct transport_ops mpi_transport_ops;
@@ -96,8 +117,7 @@ static void mpi_backoff(int64_t start, int64_t *sleep_ns)
 		return;
 	struct timespec ts = {0, (long)*sleep_ns};
 	nanosleep(&ts, NULL);
-	if (*sleep_ns < TMPI_SLEEP_MAX_NS)
-		*sleep_ns = *sleep_ns * 2 > TMPI_SLEEP_MAX_NS ? TMPI_SLEEP_MAX_NS : *sleep_ns * 2;
+	*sleep_ns = *sleep_ns * 2 > TMPI_SLEEP_MAX_NS ? TMPI_SLEEP_MAX_NS : *sleep_ns * 2;
 }
 
 static int mpi_peer_of_rank(const struct transport_mpi *tm, int rank)
@@ -117,6 +137,8 @@ static const char *mpi_peer_name(const transport *t, int peer)
 		return "mpi rank (invalid)";
 	return tm->names[peer];
 }
+
+static size_t mpi_n_chunks(size_t len) { return (len + TMPI_CHUNK - 1) / TMPI_CHUNK; }
 
 /* ------------------------------------------------------------ set-up */
 
@@ -191,7 +213,8 @@ out:
 
 static void mpi_msg_free(struct mpi_msg *m)
 {
-	free(m->hdr);
+	free(m->head);
+	free(m->hbuf);
 	free(m->data);
 	memset(m, 0, sizeof(*m));
 }
@@ -203,6 +226,7 @@ static void mpi_destroy(transport *t)
 		mpi_msg_free(&tm->queue[i]);
 	free(tm->queue);
 	mpi_msg_free(&tm->cur);
+	free(tm->scratch);
 	free(tm->dropped);
 	free(tm->names);
 	if (!tm->broken) {
@@ -255,24 +279,6 @@ static int mpi_probe_wait(struct transport_mpi *tm, int src, int tag, int timeou
 	}
 }
 
-/* Consumes the probed message (src, tag) without storing it: a one-byte
- * receive, which MPI ends with MPI_ERR_TRUNCATE for anything longer. */
-static int mpi_discard(struct transport_mpi *tm, int src, int tag)
-{
-	char ebuf[MPI_MAX_ERROR_STRING];
-	uint8_t scratch[1];
-	MPI_Status st;
-	int rc = MPI_Recv(scratch, 1, MPI_BYTE, src, tag, tm->comm, &st);
-	int cls = rc;
-	if (rc != MPI_SUCCESS)
-		MPI_Error_class(rc, &cls);
-	if (cls == MPI_SUCCESS || cls == MPI_ERR_TRUNCATE)
-		return 0;
-	log_error("transport: cannot discard a message from mpi rank %d: %s", src,
-		  mpi_strerror(rc, ebuf));
-	return ERR_IO;
-}
-
 static int mpi_grow(uint8_t **buf, size_t *cap, size_t need)
 {
 	if (need <= *cap && *buf)
@@ -286,92 +292,191 @@ static int mpi_grow(uint8_t **buf, size_t *cap, size_t need)
 	return 0;
 }
 
-/* Receives one whole message (header and its frame) whose header envelope
- * was probed into st.  Size violations give m->bad = 1 and return 0. */
-static int mpi_take(struct transport_mpi *tm, const MPI_Status *st, struct mpi_msg *m)
+/* Receives the probed message (src, tag, count bytes) into dst, or into the
+ * scratch buffer when dst is NULL (dropping it). */
+static int mpi_recv_probed(struct transport_mpi *tm, int src, int tag, int count, uint8_t *dst)
 {
 	char ebuf[MPI_MAX_ERROR_STRING];
-	int src = st->MPI_SOURCE, tag = st->MPI_TAG, count = 0, rc;
-	MPI_Status st_copy = *st, dst;
+	if (!dst) {
+		/* count is at most TMPI_CHUNK + TMPI_PREFIX from a well-behaved peer */
+		if (mpi_grow(&tm->scratch, &tm->scratch_cap, (size_t)count)) {
+			log_error("%s: out of memory dropping a %d-byte message",
+				  mpi_peer_name(&tm->base, mpi_peer_of_rank(tm, src)), count);
+			return ERR_NOMEM;
+		}
+		dst = tm->scratch;
+	}
+	int rc = MPI_Recv(dst, count, MPI_BYTE, src, tag, tm->comm, MPI_STATUS_IGNORE);
+	if (rc != MPI_SUCCESS) {
+		log_error("%s: MPI_Recv failed: %s",
+			  mpi_peer_name(&tm->base, mpi_peer_of_rank(tm, src)),
+			  mpi_strerror(rc, ebuf));
+		return ERR_IO;
+	}
+	return 0;
+}
+
+/* Receives len bytes sent as body chunks from src into dst (NULL: drop
+ * them).  *bad is set when a chunk is missing or has the wrong size. */
+static int mpi_recv_body(struct transport_mpi *tm, int src, uint8_t *dst, size_t len, int *bad)
+{
+	const char *who = mpi_peer_name(&tm->base, mpi_peer_of_rank(tm, src));
+	for (size_t off = 0; off < len;) {
+		size_t want = len - off < TMPI_CHUNK ? len - off : TMPI_CHUNK;
+		MPI_Status st;
+		int rc = mpi_probe_wait(tm, src, TMPI_TAG_BODY, tm->base.send_timeout_ms, &st);
+		if (rc == ERR_PEER) {
+			log_error("%s: a message's remaining %zu bytes did not arrive within %d ms",
+				  who, len - off, tm->base.send_timeout_ms);
+			*bad = 1;
+			return 0;
+		}
+		if (rc)
+			return rc;
+		int count = 0;
+		MPI_Get_count(&st, MPI_BYTE, &count);
+		if (count < 0 || (size_t)count != want) {
+			log_error("%s: body chunk of %d bytes where %zu belong", who, count, want);
+			*bad = 1;
+			return mpi_recv_probed(tm, src, TMPI_TAG_BODY, count < 0 ? 0 : count,
+					       NULL);
+		}
+		rc = mpi_recv_probed(tm, src, TMPI_TAG_BODY, count, dst ? dst + off : NULL);
+		if (rc)
+			return rc;
+		off += want;
+	}
+	return 0;
+}
+
+static uint32_t mpi_get_u32(const uint8_t *p)
+{
+	uint32_t v;
+	memcpy(&v, p, 4);
+	return v;
+}
+
+static uint64_t mpi_get_u64(const uint8_t *p)
+{
+	uint64_t v;
+	memcpy(&v, p, 8);
+	return v;
+}
+
+/* Receives one whole message whose head was probed into st.  Size
+ * violations give m->bad = 1 and return 0; the rest of the message is
+ * consumed either way. */
+static int mpi_take(struct transport_mpi *tm, const MPI_Status *st, struct mpi_msg *m)
+{
+	int src = st->MPI_SOURCE, count = 0, rc;
+	MPI_Status st_copy = *st;
 	MPI_Get_count(&st_copy, MPI_BYTE, &count);
 	m->peer = mpi_peer_of_rank(tm, src);
 	m->bad = 0;
 	m->has_data = 0;
+	m->hdr = NULL;
 	m->hdr_len = m->data_len = 0;
 	const char *who = mpi_peer_name(&tm->base, m->peer);
 
-	if (m->peer < 0 || m->peer >= tm->n_peers) {
-		log_error("transport: message from mpi rank %d, which is not a peer; dropped",
-			  src);
-		m->peer = -1;
+	if (count < TMPI_PREFIX || (size_t)count > TMPI_PREFIX + TMPI_INLINE) {
+		log_error("%s: MPI message of %d bytes is not a transport head; dropped", who,
+			  count);
 		m->bad = 1;
-		return mpi_discard(tm, src, tag);
+		return mpi_recv_probed(tm, src, st->MPI_TAG, count < 0 ? 0 : count, NULL);
 	}
-	tm->dropped[m->peer] = 0; /* it speaks again */
-	if (tag != TMPI_TAG_HDR && tag != TMPI_TAG_HDR_DATA) {
-		log_error("%s: unexpected MPI message (tag %d) where a header belongs; dropped",
-			  who, tag);
-		m->bad = 1;
-		return mpi_discard(tm, src, tag);
+	if (mpi_grow(&m->head, &m->head_cap, TMPI_PREFIX + TMPI_INLINE)) {
+		log_error("%s: out of memory for a message head", who);
+		return ERR_NOMEM;
 	}
-	if (count == MPI_UNDEFINED || (size_t)count > WIRE_MAX_HEADER) {
-		log_error("%s: header of %d bytes exceeds the %u-byte cap; message dropped", who,
-			  count, (unsigned)WIRE_MAX_HEADER);
-		m->bad = 1;
-		rc = mpi_discard(tm, src, tag);
-	} else {
-		rc = mpi_grow(&m->hdr, &m->hdr_cap, (size_t)count);
-		if (rc) {
-			log_error("%s: out of memory for a %d-byte header", who, count);
-			return rc;
-		}
-		rc = MPI_Recv(m->hdr, count, MPI_BYTE, src, tag, tm->comm, MPI_STATUS_IGNORE);
-		if (rc != MPI_SUCCESS) {
-			log_error("%s: receiving a header failed: %s", who, mpi_strerror(rc, ebuf));
-			return ERR_IO;
-		}
-		m->hdr_len = (size_t)count;
-	}
-	if (rc || tag != TMPI_TAG_HDR_DATA)
+	rc = mpi_recv_probed(tm, src, TMPI_TAG_HEAD, count, m->head);
+	if (rc)
 		return rc;
-
-	/* the frame was posted together with its header: it is on its way */
-	rc = mpi_probe_wait(tm, src, TMPI_TAG_DATA, tm->base.send_timeout_ms, &dst);
-	if (rc == ERR_PEER) {
-		log_error("%s: the frame announced by a header did not arrive within %d ms; "
-			  "message dropped",
-			  who, tm->base.send_timeout_ms);
+	uint32_t magic = mpi_get_u32(m->head), flags = mpi_get_u32(m->head + 4);
+	uint64_t hdr_len = mpi_get_u64(m->head + 8), data_len = mpi_get_u64(m->head + 16);
+	int inl = hdr_len <= TMPI_INLINE;
+	if (magic != TMPI_MAGIC || (inl && (size_t)count != TMPI_PREFIX + hdr_len) ||
+	    (!inl && count != TMPI_PREFIX) || (!(flags & TMPI_FLAG_DATA) && data_len)) {
+		log_error("%s: malformed transport head (%d bytes); dropped", who, count);
 		m->bad = 1;
 		return 0;
 	}
-	if (rc)
-		return rc;
-	MPI_Get_count(&dst, MPI_BYTE, &count);
-	if (!m->bad && (count == MPI_UNDEFINED || (size_t)count > tm->base.frame_cap)) {
-		log_error("%s: frame of %d bytes exceeds the %zu-byte cap; message dropped", who,
-			  count, tm->base.frame_cap);
+	if (m->peer >= 0 && m->peer < tm->n_peers)
+		tm->dropped[m->peer] = 0; /* it speaks again */
+
+	if (hdr_len > WIRE_MAX_HEADER) {
+		log_error("%s: header of %llu bytes exceeds the %u-byte cap; message dropped", who,
+			  (unsigned long long)hdr_len, (unsigned)WIRE_MAX_HEADER);
+		m->bad = 1;
+	} else if ((flags & TMPI_FLAG_DATA) && data_len > tm->base.frame_cap) {
+		log_error("%s: frame of %llu bytes exceeds the %zu-byte cap; message dropped", who,
+			  (unsigned long long)data_len, tm->base.frame_cap);
 		m->bad = 1;
 	}
-	if (m->bad)
-		return mpi_discard(tm, src, TMPI_TAG_DATA);
-	rc = mpi_grow(&m->data, &m->data_cap, (size_t)count);
-	if (rc) {
-		log_error("%s: out of memory for a %d-byte frame", who, count);
+
+	/* the header */
+	if (inl) {
+		m->hdr = m->head + TMPI_PREFIX;
+	} else if (m->bad) {
+		rc = mpi_recv_body(tm, src, NULL, hdr_len, &m->bad);
+	} else if (mpi_grow(&m->hbuf, &m->hbuf_cap, hdr_len)) {
+		log_error("%s: out of memory for a %llu-byte header", who,
+			  (unsigned long long)hdr_len);
+		return ERR_NOMEM;
+	} else {
+		m->hdr = m->hbuf;
+		rc = mpi_recv_body(tm, src, m->hbuf, hdr_len, &m->bad);
+	}
+	if (rc)
 		return rc;
+	m->hdr_len = hdr_len;
+
+	/* the frame */
+	if (!(flags & TMPI_FLAG_DATA))
+		return 0;
+	if (m->bad)
+		return mpi_recv_body(tm, src, NULL, data_len, &m->bad);
+	if (mpi_grow(&m->data, &m->data_cap, data_len)) {
+		log_error("%s: out of memory for a %llu-byte frame", who,
+			  (unsigned long long)data_len);
+		return ERR_NOMEM;
 	}
-	rc = MPI_Recv(m->data, count, MPI_BYTE, src, TMPI_TAG_DATA, tm->comm, MPI_STATUS_IGNORE);
-	if (rc != MPI_SUCCESS) {
-		log_error("%s: receiving a frame failed: %s", who, mpi_strerror(rc, ebuf));
-		return ERR_IO;
-	}
-	m->data_len = (size_t)count;
+	rc = mpi_recv_body(tm, src, m->data, data_len, &m->bad);
+	m->data_len = data_len;
 	m->has_data = 1;
-	return 0;
+	return rc;
 }
 
 static int mpi_any_source(const struct transport_mpi *tm)
 {
 	return tm->rank == 0 ? MPI_ANY_SOURCE : 0;
+}
+
+/* Probes for the next message's head, dropping stray body chunks (left over
+ * from a message cut short). */
+static int mpi_probe_head(struct transport_mpi *tm, int timeout_ms, MPI_Status *st)
+{
+	int64_t deadline = mpi_now_ns() + (int64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000;
+	for (;;) {
+		int left = timeout_ms;
+		if (timeout_ms > 0) {
+			int64_t ns = deadline - mpi_now_ns();
+			left = ns > 0 ? (int)((ns + 999999) / 1000000) : 0;
+		}
+		int rc = mpi_probe_wait(tm, mpi_any_source(tm), MPI_ANY_TAG, left, st);
+		if (rc)
+			return rc;
+		if (st->MPI_TAG == TMPI_TAG_HEAD)
+			return 0;
+		int count = 0;
+		MPI_Get_count(st, MPI_BYTE, &count);
+		log_error("%s: stray MPI message (tag %d, %d bytes) dropped",
+			  mpi_peer_name(&tm->base, mpi_peer_of_rank(tm, st->MPI_SOURCE)),
+			  st->MPI_TAG, count);
+		rc = mpi_recv_probed(tm, st->MPI_SOURCE, st->MPI_TAG, count < 0 ? 0 : count,
+				     NULL);
+		if (rc)
+			return rc;
+	}
 }
 
 static void mpi_fill_frame(const struct mpi_msg *m, struct transport_frame *out)
@@ -405,7 +510,7 @@ static int mpi_recv_msg(transport *t, int timeout_ms, struct transport_frame *ou
 		return 0;
 	}
 	MPI_Status st;
-	int rc = mpi_probe_wait(tm, mpi_any_source(tm), MPI_ANY_TAG, timeout_ms, &st);
+	int rc = mpi_probe_head(tm, timeout_ms, &st);
 	if (rc)
 		return rc;
 	rc = mpi_take(tm, &st, &tm->cur);
@@ -424,7 +529,7 @@ static int mpi_queue_incoming(struct transport_mpi *tm)
 		return 0;
 	int flag = 0;
 	MPI_Status st;
-	if (MPI_Iprobe(mpi_any_source(tm), MPI_ANY_TAG, tm->comm, &flag, &st) != MPI_SUCCESS ||
+	if (MPI_Iprobe(mpi_any_source(tm), TMPI_TAG_HEAD, tm->comm, &flag, &st) != MPI_SUCCESS ||
 	    !flag)
 		return 0;
 	if (tm->q_len == tm->q_cap) {
@@ -456,33 +561,54 @@ static int mpi_cancel_send(struct transport_mpi *tm, int peer, MPI_Request *req,
 	for (int i = 0; i < n; i++)
 		if (req[i] != MPI_REQUEST_NULL)
 			MPI_Cancel(&req[i]);
-	MPI_Status st[2];
 	int64_t start = mpi_now_ns(), sleep_ns = 1000;
 	int64_t deadline = start + (int64_t)TMPI_CANCEL_WAIT_MS * 1000000;
-	int done = 0;
-	while (!done && mpi_now_ns() < deadline) {
-		if (MPI_Testall(n, req, &done, st) != MPI_SUCCESS)
-			break;
-		if (!done)
+	int cancelled = 0, pending = n;
+	while (pending && mpi_now_ns() < deadline) {
+		pending = 0;
+		for (int i = 0; i < n; i++) {
+			if (req[i] == MPI_REQUEST_NULL)
+				continue;
+			int done = 0, c = 0;
+			MPI_Status st;
+			if (MPI_Test(&req[i], &done, &st) != MPI_SUCCESS)
+				done = 0;
+			if (done) {
+				MPI_Test_cancelled(&st, &c);
+				cancelled |= c;
+			} else {
+				pending++;
+			}
+		}
+		if (pending)
 			mpi_backoff(start, &sleep_ns);
 	}
-	if (!done) {
+	if (pending) {
 		tm->broken = 1;
 		log_error("%s: did not take a message within %d ms and the send cannot be "
 			  "cancelled; the MPI transport is unusable",
 			  who, tm->base.send_timeout_ms);
 		return ERR_PEER;
 	}
-	int cancelled = 0;
-	for (int i = 0; i < n; i++) {
-		int c = 0;
-		MPI_Test_cancelled(&st[i], &c);
-		cancelled |= c;
-	}
 	if (!cancelled)
 		return 0;
 	log_error("%s: did not take a message within %d ms", who, tm->base.send_timeout_ms);
 	return ERR_PEER;
+}
+
+/* Posts len bytes from buf as body chunks; *n counts the requests. */
+static int mpi_post_body(struct transport_mpi *tm, int dest, const uint8_t *buf, size_t len,
+			 MPI_Request *req, int *n)
+{
+	for (size_t off = 0; off < len; off += TMPI_CHUNK) {
+		size_t c = len - off < TMPI_CHUNK ? len - off : TMPI_CHUNK;
+		int rc = MPI_Isend(buf + off, (int)c, MPI_BYTE, dest, TMPI_TAG_BODY, tm->comm,
+				   &req[*n]);
+		if (rc != MPI_SUCCESS)
+			return rc;
+		(*n)++;
+	}
+	return MPI_SUCCESS;
 }
 
 static int mpi_send_msg(transport *t, int peer, const void *hdr, size_t hdr_len, const void *data,
@@ -503,24 +629,43 @@ static int mpi_send_msg(transport *t, int peer, const void *hdr, size_t hdr_len,
 		log_error("%s: send to a dropped peer", who);
 		return ERR_PEER;
 	}
-	if (hdr_len > INT_MAX || data_len > INT_MAX) {
-		log_error("%s: message of %zu + %zu bytes is beyond MPI's %d-byte limit", who,
-			  hdr_len, data_len, INT_MAX);
-		return ERR_RANGE;
-	}
 	int dest = mpi_rank_of_peer(tm, peer);
-	MPI_Request req[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
-	int n = data ? 2 : 1;
-	int rc = MPI_Isend(hdr ? hdr : mpi_empty_frame, (int)hdr_len, MPI_BYTE, dest,
-			   data ? TMPI_TAG_HDR_DATA : TMPI_TAG_HDR, tm->comm, &req[0]);
+	int inl = hdr_len <= TMPI_INLINE;
+	size_t n_req = 1 + (inl ? 0 : mpi_n_chunks(hdr_len)) + (data ? mpi_n_chunks(data_len) : 0);
+	MPI_Request req_small[8], *req = req_small;
+	if (n_req > sizeof(req_small) / sizeof(req_small[0])) {
+		req = malloc(n_req * sizeof(*req));
+		if (!req) {
+			log_error("%s: out of memory for %zu send requests", who, n_req);
+			return ERR_NOMEM;
+		}
+	}
+	for (size_t i = 0; i < n_req; i++)
+		req[i] = MPI_REQUEST_NULL;
+
+	uint8_t *h = tm->head_out;
+	uint32_t magic = TMPI_MAGIC, flags = data ? TMPI_FLAG_DATA : 0;
+	uint64_t hl = hdr_len, dl = data ? data_len : 0;
+	memcpy(h, &magic, 4);
+	memcpy(h + 4, &flags, 4);
+	memcpy(h + 8, &hl, 8);
+	memcpy(h + 16, &dl, 8);
+	if (inl && hdr_len)
+		memcpy(h + TMPI_PREFIX, hdr, hdr_len);
+	int n = 0;
+	int rc = MPI_Isend(h, TMPI_PREFIX + (inl ? (int)hdr_len : 0), MPI_BYTE, dest,
+			   TMPI_TAG_HEAD, tm->comm, &req[n]);
+	if (rc == MPI_SUCCESS)
+		n++;
+	if (rc == MPI_SUCCESS && !inl)
+		rc = mpi_post_body(tm, dest, hdr, hdr_len, req, &n);
 	if (rc == MPI_SUCCESS && data)
-		rc = MPI_Isend(data, (int)data_len, MPI_BYTE, dest, TMPI_TAG_DATA, tm->comm,
-			       &req[1]);
+		rc = mpi_post_body(tm, dest, data, data_len, req, &n);
 	if (rc != MPI_SUCCESS) {
 		log_error("%s: MPI_Isend failed: %s", who, mpi_strerror(rc, ebuf));
-		if (req[0] != MPI_REQUEST_NULL)
-			return mpi_cancel_send(tm, peer, req, 1) ? ERR_PEER : ERR_IO;
-		return ERR_IO;
+		mpi_cancel_send(tm, peer, req, n);
+		rc = ERR_IO;
+		goto out;
 	}
 
 	int64_t start = mpi_now_ns(), sleep_ns = 1000;
@@ -531,16 +676,25 @@ static int mpi_send_msg(transport *t, int peer, const void *hdr, size_t hdr_len,
 		rc = MPI_Testall(n, req, &done, MPI_STATUSES_IGNORE);
 		if (rc != MPI_SUCCESS) {
 			log_error("%s: send failed: %s", who, mpi_strerror(rc, ebuf));
-			return ERR_PEER;
+			rc = ERR_PEER;
+			goto out;
 		}
-		if (done)
-			return 0;
+		if (done) {
+			rc = 0;
+			goto out;
+		}
 		if (drain && mpi_queue_incoming(tm))
 			drain = 0;
-		if (mpi_now_ns() >= deadline)
-			return mpi_cancel_send(tm, peer, req, n);
+		if (mpi_now_ns() >= deadline) {
+			rc = mpi_cancel_send(tm, peer, req, n);
+			goto out;
+		}
 		mpi_backoff(start, &sleep_ns);
 	}
+out:
+	if (req != req_small)
+		free(req);
+	return rc;
 }
 
 static const struct transport_ops mpi_transport_ops = {

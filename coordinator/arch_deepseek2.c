@@ -30,12 +30,14 @@
  * are wanted (their keys are still cached), then output_norm and the output
  * matrix (or token_embd when output.weight is absent).
  *
- * YaRN as llama.cpp derives it (llama-context.cpp, deepseek2.cpp): rope
- * attn_factor = mscale(factor, m) / mscale(factor, m_all) / (1 + 0.1 ln factor)
- * * rope.scaling.attn_factor, and the attention scale
- * kq_scale = mscale^2 / sqrt(key_length_mla) with
- * mscale = attn_factor * (1 + 0.1 ln factor) * (1 + 0.1 m_all ln factor),
- * where m_all = yarn_log_multiplier / 0.1 (the converter's factor is undone).
+ * RoPE/YaRN as llama.cpp derives it (llama-context.cpp, deepseek2.cpp), with
+ * f = rope.scaling.factor, m_all = yarn_log_multiplier / 0.1 (undoing the
+ * converter) and A = rope.scaling.attn_factor (default 1):
+ *   YaRN:   ext_factor 1, freq_scale 1/f,
+ *           attn_factor = A / (1 + 0.1 ln f)   (times 1 + 0.1 ln f without m_all)
+ *   linear: ext_factor 0, freq_scale 1/f, attn_factor = A;  none: freq_scale 1
+ *   kq_scale = mscale^2 / sqrt(key_length_mla),
+ *   mscale = attn_factor * (1 + 0.1 ln(1/freq_scale)) * (1 + 0.1 m_all ln(1/freq_scale)).
  * yarn_beta_fast/slow are not read from the file (llama.cpp uses 32 and 1). */
 #include "arch.h"
 #include "attn.h"
@@ -350,15 +352,12 @@ static int ds2_load_hparams(const struct arch_env *env, struct ds2_hparams *hp,
 	float attn_factor = 1.0f;
 	if (yarn) {
 		const float f = 1.0f / freq_scale;
-		if (log_mul != 0.0f) {
-			const float mscale_all = log_mul;
-			const float mscale = mscale_all != 1.0f ? mscale_all : 1.0f;
-			const float num = f <= 1.0f ? 1.0f : 0.1f * mscale * logf(f) + 1.0f;
-			const float den = f <= 1.0f ? 1.0f : 0.1f * mscale_all * logf(f) + 1.0f;
-			attn_factor = num / den;
-		} else {
-			attn_factor = f <= 1.0f ? 1.0f : 0.1f * 1.0f * logf(f) + 1.0f;
-		}
+		/* llama-context.cpp: mscale(f, m) / mscale(f, m_all) with m = m_all for
+		 * deepseek2 (= 1) when the log multiplier is set, else mscale(f, 1);
+		 * mscale(f, m) = 1 + 0.1 m ln f (1 when f <= 1) */
+		if (log_mul == 0.0f && f > 1.0f)
+			attn_factor = 0.1f * 1.0f * logf(f) + 1.0f;
+		/* cancel the factor ggml's rope applies with ext_factor != 0 */
 		attn_factor *= 1.0f / (1.0f + 0.1f * logf(f));
 	}
 	attn_factor *= rope_attn_factor;

@@ -200,6 +200,12 @@ static float attn_dot_f16(const float *q16, const uint16_t *k, int n)
 	return (float)sum;
 }
 
+/* ggml's split-KV decode (see attn_row_split) as llama.cpp drives it with the
+ * reference settings: cells padded to 256, 2 threads. */
+#define ATTN_SPLIT_PAD 256
+#define ATTN_SPLIT_MIN_KV 512
+#define ATTN_SPLIT_CHUNKS 2
+
 /* ------------------------------------------------------------------ cache */
 
 int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width,
@@ -336,7 +342,8 @@ struct attn_job {
 	const model_batch *b;
 	const float *q;
 	float *out;
-	int tiled;
+	int tiled; /* ggml's tiled kernel for the whole batch */
+	int split; /* single token: split-KV rows for long caches */
 };
 
 /* The visible key positions [j0, j1) of a query at position pos. */
@@ -348,53 +355,55 @@ static inline void attn_visible(const struct attn_params *ap, int pos, int *j0, 
 	*j1 = pos + 1;
 }
 
-/* Adds the sink logit t to (M, S, acc) and returns acc * (1 / S) in out. */
-static void attn_finish(const float *sink, float M, float S, float *acc, int dv, float *out)
+/* Adds a sink logit t to the softmax state (M, S, acc), as ggml's kernels do
+ * after the keys: the one-row kernel also moves M to t when t is larger. */
+static void attn_add_sink(float t, float *M, float *S, float *acc, int dv)
 {
-	if (sink) {
-		const float t = *sink;
-		float ms = 1.0f;
-		float vs = 1.0f;
-		if (t > M) {
-			ms = expf(M - t);
-			for (int d = 0; d < dv; d++)
-				acc[d] *= ms;
-		} else {
-			vs = expf(t - M);
-		}
-		S = fmaf(S, ms, vs);
+	float ms = 1.0f;
+	float vs = 1.0f;
+	if (t > *M) {
+		ms = expf(*M - t);
+		*M = t;
+		for (int d = 0; d < dv; d++)
+			acc[d] *= ms;
+	} else {
+		vs = expf(t - *M);
 	}
+	*S = fmaf(*S, ms, vs);
+}
+
+/* out = acc * (1 / S) (zero when no key was visible). */
+static void attn_normalize(float S, const float *acc, int dv, float *out)
+{
 	const float s_inv = S == 0.0f ? 0.0f : 1.0f / S;
 	for (int d = 0; d < dv; d++)
 		out[d] = acc[d] * s_inv;
 }
 
-/* One (token, head) row, ggml's one_chunk kernel: F16 query and accumulator. */
-static void attn_row_f16(const struct attn_job *jb, int t, int h)
+/* ggml's one-row kernel (ggml_compute_forward_flash_attn_ext_f16_one_chunk)
+ * over the keys [j0, j1) of one (token, head): F16 query, F16 accumulator.
+ * Leaves the running max, sum and the accumulator (as F32) in *M, *S, acc. */
+static void attn_chunk_f16(const struct attn_job *jb, int t, int h, int j0, int j1, float *M,
+			   float *S, float *acc)
 {
 	const attn_cache *c = jb->c;
 	const struct attn_params *ap = jb->ap;
 	const int dk = ap->head_dim_k;
 	const int dv = ap->head_dim_v;
 	const int hkv = h / (ap->n_head / ap->n_head_kv);
-	const int seq = jb->b->seq[t];
-	const int pos = jb->b->pos[t];
 	float q16[ATTN_MAX_HEAD_DIM];
-	float acc[ATTN_MAX_HEAD_DIM]; /* F16 values held in floats */
 
 	const float *qh = jb->q + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dk;
 	for (int d = 0; d < dk; d++)
 		q16[d] = attn_f16_round(qh[d]);
-	memset(acc, 0, (size_t)dv * sizeof(float));
+	memset(acc, 0, (size_t)dv * sizeof(float)); /* F16 values held in floats */
 
-	int j0, j1;
-	attn_visible(ap, pos, &j0, &j1);
-	const size_t e0 = attn_entry(c, jb->layer, seq, 0);
+	const size_t e0 = attn_entry(c, jb->layer, jb->b->seq[t], 0);
 	const uint16_t *kbase = c->k + e0 * (size_t)c->k_width + (size_t)hkv * (size_t)dk;
 	const uint16_t *vbase = c->v + e0 * (size_t)c->v_width + (size_t)hkv * (size_t)dv;
 
-	float S = 0.0f;
-	float M = -INFINITY;
+	*S = 0.0f;
+	*M = -INFINITY;
 	for (int j = j0; j < j1; j++) {
 		const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
 		const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
@@ -402,22 +411,77 @@ static void attn_row_f16(const struct attn_job *jb, int t, int h)
 
 		float ms = 1.0f;
 		float vs = 1.0f;
-		if (s > M) {
-			const float m_old = M;
-			M = s;
-			ms = expf(m_old - M);
+		if (s > *M) {
+			const float m_old = *M;
+			*M = s;
+			ms = expf(m_old - *M);
 			for (int d = 0; d < dv; d++)
 				acc[d] = attn_f16_round(acc[d] * ms);
 		} else {
-			vs = expf(s - M);
+			vs = expf(s - *M);
 		}
 		for (int d = 0; d < dv; d++)
 			acc[d] = attn_f16_round(fmaf(attn_f16_to_f32(vj[d]), vs, acc[d]));
-		S = fmaf(S, ms, vs);
+		*S = fmaf(*S, ms, vs);
 	}
+}
 
-	float *o = jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dv;
-	attn_finish(ap->sinks ? &ap->sinks[h] : NULL, M, S, acc, dv, o);
+/* One (token, head) row through the one-row kernel. */
+static void attn_row_f16(const struct attn_job *jb, int t, int h)
+{
+	const struct attn_params *ap = jb->ap;
+	float acc[ATTN_MAX_HEAD_DIM];
+	float M, S;
+	int j0, j1;
+	attn_visible(ap, jb->b->pos[t], &j0, &j1);
+	attn_chunk_f16(jb, t, h, j0, j1, &M, &S, acc);
+	if (ap->sinks)
+		attn_add_sink(ap->sinks[h], &M, &S, acc, ap->head_dim_v);
+	attn_normalize(S, acc, ap->head_dim_v,
+		       jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)ap->head_dim_v);
+}
+
+/* The KV length llama.cpp's cache presents to a decode step at position pos
+ * (llama_kv_cache::get_n_kv: the used cells padded to 256, at least 256). */
+static int attn_llama_n_kv(int pos)
+{
+	return (pos + 1 + ATTN_SPLIT_PAD - 1) / ATTN_SPLIT_PAD * ATTN_SPLIT_PAD;
+}
+
+/* A single-token step over at least ATTN_SPLIT_MIN_KV cache cells: ggml splits
+ * the cells into ATTN_SPLIT_CHUNKS equal chunks (one per thread), runs the
+ * one-row kernel on each (the sink joins the first chunk) and merges the
+ * partial results in chunk order (ggml_flash_attn_ext_reduce_partials). */
+static void attn_row_split(const struct attn_job *jb, int t, int h)
+{
+	const struct attn_params *ap = jb->ap;
+	const int dv = ap->head_dim_v;
+	const int n_kv = attn_llama_n_kv(jb->b->pos[t]);
+	const int chunk = (n_kv + ATTN_SPLIT_CHUNKS - 1) / ATTN_SPLIT_CHUNKS;
+	float acc[ATTN_MAX_HEAD_DIM], part[ATTN_MAX_HEAD_DIM];
+	float M = -INFINITY, S = 0.0f;
+	int j0, j1;
+	attn_visible(ap, jb->b->pos[t], &j0, &j1);
+	memset(acc, 0, (size_t)dv * sizeof(float));
+	for (int ic = 0; ic < n_kv; ic += chunk) {
+		const int a = ic > j0 ? ic : j0;
+		const int z = ic + chunk < j1 ? ic + chunk : j1;
+		float m_c, s_c;
+		attn_chunk_f16(jb, t, h, a, z > a ? z : a, &m_c, &s_c, part);
+		if (ap->sinks && ic == 0)
+			attn_add_sink(ap->sinks[h], &m_c, &s_c, part, dv);
+		if (s_c == 0.0f)
+			continue;
+		const float m_new = fmaxf(M, m_c);
+		const float scale_old = expf(M - m_new);
+		const float scale_new = expf(m_c - m_new);
+		for (int d = 0; d < dv; d++)
+			acc[d] = fmaf(acc[d], scale_old, part[d] * scale_new);
+		S = fmaf(S, scale_old, s_c * scale_new);
+		M = m_new;
+	}
+	attn_normalize(S, acc, dv,
+		       jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dv);
 }
 
 /* One (token, head) row, ggml's tiled kernel: F32 query and accumulator, one
@@ -497,8 +561,12 @@ static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 		}
 	}
 
-	float *o = jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dv;
-	attn_finish(ap->sinks ? &ap->sinks[h] : NULL, M, S, acc, dv, o);
+	/* the sink (M is not moved here, unlike the one-row kernel) */
+	if (ap->sinks) {
+		float m = M;
+		attn_add_sink(ap->sinks[h], &m, &S, acc, dv);
+	}
+	attn_normalize(S, acc, dv, jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dv);
 }
 
 static void attn_worker(void *ctx, int ith, int nth)
@@ -514,6 +582,8 @@ static void attn_worker(void *ctx, int ith, int nth)
 		const int t = (int)(r % n_tok);
 		if (jb->tiled)
 			attn_row_tiled(jb, t, h);
+		else if (jb->split && attn_llama_n_kv(jb->b->pos[t]) >= ATTN_SPLIT_MIN_KV)
+			attn_row_split(jb, t, h);
 		else
 			attn_row_f16(jb, t, h);
 	}
@@ -536,6 +606,9 @@ void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_par
 		/* ggml: tiled when the micro-batch has >= 64 query rows and the
 		 * value size is a multiple of the F32 vector width */
 		.tiled = b->n_tokens >= ATTN_TILE_Q && ap->head_dim_v % ATTN_GGML_LANES == 0,
+		/* ggml: single-query steps over >= 512 cells split the cells; a
+		 * sliding-window layer has its own small cache in llama.cpp */
+		.split = b->n_tokens == 1 && ap->window == 0,
 	};
 	pool_run(p, attn_worker, &jb);
 }

@@ -11,6 +11,7 @@
  * accumulated with an FMA by d_w * d_x (details at tile_q8).  Float dots
  * accumulate in four 8-lane f32 accumulators (details at tile_fl). */
 #include <immintrin.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels/kern.h"
@@ -177,15 +178,18 @@ static ALWAYS_INLINE void fl_load32(uint32_t type, const uint8_t *p, __m256 v[4]
 {
 	switch (type) {
 	case KERN_F32:
+#pragma GCC unroll 4
 		for (int k = 0; k < 4; k++)
 			v[k] = _mm256_loadu_ps((const float *)p + 8 * k);
 		break;
 	case KERN_F16:
+#pragma GCC unroll 4
 		for (int k = 0; k < 4; k++)
 			v[k] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * k)));
 		break;
 	default: { /* BF16 */
 		const __m256i z = _mm256_setzero_si256();
+#pragma GCC unroll 2
 		for (int k = 0; k < 2; k++) {
 			__m256i q = _mm256_loadu_si256((const __m256i *)(p + 32 * k));
 			v[2 * k] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, q));
@@ -196,15 +200,21 @@ static ALWAYS_INLINE void fl_load32(uint32_t type, const uint8_t *p, __m256 v[4]
 	}
 }
 
-static ALWAYS_INLINE void tile_fl(uint32_t type, int nr, const uint8_t *w, const uint8_t *x,
-				  size_t xs, int64_t n, float *out)
+/* xexp: x was expanded by fl_expand_row (F16/BF16 only): f32 in the order
+ * fl_load32 produces, padded with zeros to whole steps.  The products and
+ * sums are the same either way (the conversions are exact). */
+static ALWAYS_INLINE void tile_fl(uint32_t type, int xexp, int nr, const uint8_t *w,
+				  const uint8_t *x, size_t xs, int64_t n, float *out)
 {
 	const size_t es = type == KERN_F32 ? 4 : 2;
+	const uint32_t xt = xexp ? KERN_F32 : type;
+	const size_t xes = xexp ? 4 : es;
 	__m256 acc[TILE_ROWS][4];
 	__m256 wv[4], xv[4];
 
 #pragma GCC unroll 4
 	for (int r = 0; r < nr; r++)
+#pragma GCC unroll 4
 		for (int k = 0; k < 4; k++)
 			acc[r][k] = _mm256_setzero_ps();
 	int64_t i = 0;
@@ -212,7 +222,8 @@ static ALWAYS_INLINE void tile_fl(uint32_t type, int nr, const uint8_t *w, const
 		fl_load32(type, w + i * es, wv);
 #pragma GCC unroll 4
 		for (int r = 0; r < nr; r++) {
-			fl_load32(type, x + r * xs + i * es, xv);
+			fl_load32(xt, x + r * xs + i * xes, xv);
+#pragma GCC unroll 4
 			for (int k = 0; k < 4; k++)
 				acc[r][k] = _mm256_fmadd_ps(wv[k], xv[k], acc[r][k]);
 		}
@@ -225,8 +236,13 @@ static ALWAYS_INLINE void tile_fl(uint32_t type, int nr, const uint8_t *w, const
 		fl_load32(type, buf, wv);
 #pragma GCC unroll 4
 		for (int r = 0; r < nr; r++) {
-			memcpy(buf, x + r * xs + i * es, m);
-			fl_load32(type, buf, xv);
+			if (xexp) {
+				fl_load32(KERN_F32, x + r * xs + i * xes, xv);
+			} else {
+				memcpy(buf, x + r * xs + i * es, m);
+				fl_load32(type, buf, xv);
+			}
+#pragma GCC unroll 4
 			for (int k = 0; k < 4; k++)
 				acc[r][k] = _mm256_fmadd_ps(wv[k], xv[k], acc[r][k]);
 		}
@@ -237,35 +253,71 @@ static ALWAYS_INLINE void tile_fl(uint32_t type, int nr, const uint8_t *w, const
 					     _mm256_add_ps(acc[r][2], acc[r][3])));
 }
 
+/* Floats per expanded row of n values. */
+static int64_t fl_expanded_len(int64_t n)
+{
+	return (n + FL_STEP - 1) / FL_STEP * FL_STEP;
+}
+
+/* Expands an F16/BF16 activation row for tile_fl's xexp mode. */
+static void fl_expand_row(uint32_t type, const uint8_t *x, int64_t n, float *dst)
+{
+	__m256 v[4];
+	int64_t i = 0;
+	for (; i + FL_STEP <= n; i += FL_STEP) {
+		fl_load32(type, x + i * 2, v);
+		for (int k = 0; k < 4; k++)
+			_mm256_storeu_ps(dst + i + 8 * k, v[k]);
+	}
+	if (i < n) {
+		uint8_t buf[FL_STEP * 4] = {0}; /* sized for any type */
+		memcpy(buf, x + i * 2, (size_t)(n - i) * 2);
+		fl_load32(type, buf, v);
+		for (int k = 0; k < 4; k++)
+			_mm256_storeu_ps(dst + i + 8 * k, v[k]);
+	}
+}
+
 /* --------------------------------------------------- tile instantiation */
 
 typedef void (*tile_fn)(const uint8_t *w, const uint8_t *x, size_t xs, int64_t n, float *out);
 
-#define TILE_DEF(name, kind, type, nr)                                                             \
+#define TILE_DEF(name, kind, nr)                                                                   \
 	static void name##_##nr(const uint8_t *w, const uint8_t *x, size_t xs, int64_t n,          \
 				float *out)                                                        \
 	{                                                                                          \
-		kind(type, nr, w, x, xs, n, out);                                                  \
+		kind(nr, w, x, xs, n, out);                                                        \
 	}
 /* quantised types: up to 4 rows per weight pass; float types (four
  * accumulators per row): up to 2 */
-#define TILE_SET4(name, kind, type)                                                                \
-	TILE_DEF(name, kind, type, 1)                                                              \
-	TILE_DEF(name, kind, type, 2)                                                              \
-	TILE_DEF(name, kind, type, 3)                                                              \
-	TILE_DEF(name, kind, type, 4)                                                              \
+#define TILE_SET4(name, kind)                                                                      \
+	TILE_DEF(name, kind, 1)                                                                    \
+	TILE_DEF(name, kind, 2)                                                                    \
+	TILE_DEF(name, kind, 3)                                                                    \
+	TILE_DEF(name, kind, 4)                                                                    \
 	static const tile_fn name[TILE_ROWS] = {name##_1, name##_2, name##_3, name##_4};
-#define TILE_SET2(name, kind, type)                                                                \
-	TILE_DEF(name, kind, type, 1)                                                              \
-	TILE_DEF(name, kind, type, 2)                                                              \
+#define TILE_SET2(name, kind)                                                                      \
+	TILE_DEF(name, kind, 1)                                                                    \
+	TILE_DEF(name, kind, 2)                                                                    \
 	static const tile_fn name[TILE_ROWS] = {name##_1, name##_2, NULL, NULL};
 
-TILE_SET4(tiles_q4_0, tile_q8, KERN_Q4_0)
-TILE_SET4(tiles_q8_0, tile_q8, KERN_Q8_0)
-TILE_SET4(tiles_mxfp4, tile_q8, KERN_MXFP4)
-TILE_SET2(tiles_f32, tile_fl, KERN_F32)
-TILE_SET2(tiles_f16, tile_fl, KERN_F16)
-TILE_SET2(tiles_bf16, tile_fl, KERN_BF16)
+#define K_Q4_0(...)	tile_q8(KERN_Q4_0, __VA_ARGS__)
+#define K_Q8_0(...)	tile_q8(KERN_Q8_0, __VA_ARGS__)
+#define K_MXFP4(...)	tile_q8(KERN_MXFP4, __VA_ARGS__)
+#define K_F32(...)	tile_fl(KERN_F32, 0, __VA_ARGS__)
+#define K_F16(...)	tile_fl(KERN_F16, 0, __VA_ARGS__)
+#define K_BF16(...)	tile_fl(KERN_BF16, 0, __VA_ARGS__)
+#define K_F16_XEXP(...)	tile_fl(KERN_F16, 1, __VA_ARGS__)
+#define K_BF16_XEXP(...) tile_fl(KERN_BF16, 1, __VA_ARGS__)
+
+TILE_SET4(tiles_q4_0, K_Q4_0)
+TILE_SET4(tiles_q8_0, K_Q8_0)
+TILE_SET4(tiles_mxfp4, K_MXFP4)
+TILE_SET2(tiles_f32, K_F32)
+TILE_SET2(tiles_f16, K_F16)
+TILE_SET2(tiles_bf16, K_BF16)
+TILE_SET2(tiles_f16_xexp, K_F16_XEXP)
+TILE_SET2(tiles_bf16_xexp, K_BF16_XEXP)
 
 /* The tiles of a weight type and how many rows they take at most. */
 static const tile_fn *tiles_for(uint32_t type, int *max_rows)
@@ -295,6 +347,9 @@ float kern_dot_avx2(uint32_t weight_type, int64_t n, const void *w, const void *
 	return out;
 }
 
+/* Largest activation expansion kern_matmul allocates (bytes). */
+#define XEXP_MAX ((size_t)64 << 20)
+
 void kern_matmul_avx2(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		      const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
 {
@@ -304,6 +359,24 @@ void kern_matmul_avx2(uint32_t weight_type, const void *w, int64_t n_in, int64_t
 		return;
 	const size_t w_row = kern_row_bytes(weight_type, n_in);
 	const uint8_t *wb = w, *xb = x;
+	float *xexp = NULL;
+
+	/* F16/BF16: convert the activations to f32 once rather than per output
+	 * (F16C's convert is slow on some CPUs); same results. */
+	if ((weight_type == KERN_F16 || weight_type == KERN_BF16) && o1 - o0 >= 2 && n_in > 0) {
+		int64_t len = fl_expanded_len(n_in);
+		size_t bytes = (size_t)len * sizeof(float) * (size_t)n_rows;
+		if (bytes <= XEXP_MAX)
+			xexp = malloc(bytes);
+		if (xexp) {
+			for (int64_t r = 0; r < n_rows; r++)
+				fl_expand_row(weight_type, xb + (size_t)r * x_stride, n_in,
+					      xexp + r * len);
+			t = weight_type == KERN_F16 ? tiles_f16_xexp : tiles_bf16_xexp;
+			xb = (const uint8_t *)xexp;
+			x_stride = (size_t)len * sizeof(float);
+		}
+	}
 	/* Outputs in chunks of about 64 KiB of weights (stay in L2) while each
 	 * activation tile is reused from L1 across the chunk. */
 	int64_t chunk = w_row ? (int64_t)(65536 / w_row) : 1;
@@ -325,6 +398,7 @@ void kern_matmul_avx2(uint32_t weight_type, const void *w, int64_t n_in, int64_t
 			}
 		}
 	}
+	free(xexp);
 }
 
 /* ------------------------------------------------------------- convert */

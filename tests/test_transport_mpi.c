@@ -19,7 +19,7 @@
 #include "../common/wire.h"
 
 #define RECV_MS 8000
-#define BIG ((size_t)8 << 20)
+#define BIG (((size_t)8 << 20) + 12345) /* three 4 MiB chunks, the last short */
 
 static int n_fail;
 

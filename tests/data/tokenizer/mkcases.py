@@ -68,6 +68,35 @@ raw = [
  b"caf\xc3\xa9\xff caf\xe9", b"\xef\xbb\xbf", b"\xf4\x8f\xbf\xbf",
 ]
 cases += raw
+# random mixtures of hard pieces and random bytes (fixed seed)
+import random
+random.seed(7)
+atoms = [b' ', b'  ', b'\t', b'\n', b'\r\n', b'\r', b'a', b'Z', b'e', b's', b't', b"'", b"'s", b"'LL", b'0', b'12', b'999',
+ b'.', b',', b'!', b'?', b'$', b'+', b'<', b'>', b'|', b'^', b'~', b'`', b'/', b'(', b')', b'-', b'_', b'"',
+ '\u00e9'.encode(), 'e\u0301'.encode(), '\u65e5\u672c'.encode(), '\u3042\u30a2'.encode(), '\u0660'.encode(), '\uff11'.encode(),
+ '\u00a0'.encode(), '\u3000'.encode(), '\u2028'.encode(), '\u0085'.encode(), '\u180e'.encode(), '\U0001f600'.encode(), '\u200d'.encode(),
+ '\U0002ebf0'.encode(), '\U0001fae8'.encode(), '\u0915\u094d'.encode(), 'Ω'.encode(), 'ß'.encode(), 'İ'.encode(), 'ǅ'.encode(),
+ b'<|endoftext|>', b'<|bos|>', b'<|im_start|>', b'<|im_end|>', b'<think>', b'<|channel|>', b'<|end|>', '<\uff5cend\u2581of\u2581sentence\uff5c>'.encode(),
+ b'\xff', b'\x80', b'\xc3', b'\xe6\x97', b'\xed\xa0\x80', b'\xc0\xaf', b'\xf0\x9f', b'\x00', b'\x7f', b'\x1f',
+ b'hello', b' world', b'HTTP', b'camelCase', b'snake_case', b'x86_64', b'3.14', b'1e9']
+def gen():
+    n = random.randint(0, 40)
+    return b''.join(random.choice(atoms) for _ in range(n))
+fuzz = []
+for i in range(200):
+    s = gen()
+    if random.random() < 0.2:
+        s = bytes(random.getrandbits(8) for _ in range(random.randint(0, 30)))
+    # drop what makes llama.cpp abort: 4-byte forms above U+10FFFF
+    ok = True
+    for j in range(len(s)):
+        c = s[j]
+        if 0xF0 <= c <= 0xF7 and j + 3 < len(s) and all((s[j+k] & 0xC0) == 0x80 for k in (1,2,3)):
+            cp = ((c & 7) << 18) | ((s[j+1] & 63) << 12) | ((s[j+2] & 63) << 6) | (s[j+3] & 63)
+            if cp > 0x10FFFF: ok = False
+    if ok: fuzz.append(s)
+cases += fuzz
+
 with open(sys.argv[1], 'w', encoding='utf-8') as f:
     for c in cases: f.write(esc(c) + '\n')
 print(len(cases), 'cases')
