@@ -134,10 +134,16 @@ void pool_run(pool *p, pool_fn fn, void *ctx)
 	pthread_cond_broadcast(&p->cv);
 	pthread_mutex_unlock(&p->mu);
 	fn(ctx, 0, p->n);
-	while (atomic_load_explicit(&p->remaining, memory_order_acquire) > 0) {
+	/* spin briefly, then yield: on a loaded machine the thread we wait for
+	 * may need this core */
+	for (int spins = 0; atomic_load_explicit(&p->remaining, memory_order_acquire) > 0; spins++) {
+		if (spins < POOL_SPIN) {
 #if defined(__x86_64__) || defined(__i386__)
-		__builtin_ia32_pause();
+			__builtin_ia32_pause();
 #endif
+		} else {
+			sched_yield();
+		}
 	}
 }
 

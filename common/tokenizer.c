@@ -32,8 +32,8 @@
 #define TOK_MAX_REGEX 4
 
 struct pretok_def {
-	const char *name;	/* tokenizer.ggml.pre */
-	int ignore_merges;	/* a piece that is a whole token is not merged */
+	const char *name;  /* tokenizer.ggml.pre */
+	int ignore_merges; /* a piece that is a whole token is not merged */
 	int n_regex;
 	const char *regex[TOK_MAX_REGEX];
 };
@@ -41,10 +41,10 @@ struct pretok_def {
 /* llama.cpp's \s: its unicode_set_whitespace (the Unicode White_Space
  * property), spelled out because PCRE2's \s also takes U+180E. */
 #define WS                                                                                         \
-	"\\t\\n\\x0b\\f\\r \\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}" \
+	"\\t\\n\\x0b\\f\\r \\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}"  \
 	"\\x{205f}\\x{3000}"
-#define RE_S "[" WS "]"
-#define RE_NS "[^" WS "]"
+#define RE_S		"[" WS "]"
+#define RE_NS		"[^" WS "]"
 #define RE_CONTRACTIONS "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 
 /* The regex lists of llama.cpp's llm_tokenizer_bpe (src/llama-vocab.cpp),
@@ -54,6 +54,7 @@ struct pretok_def {
  * through hand-written splitters (unicode.cpp: the GPT-2 and Qwen2 ones); those
  * give the same pieces as the regex with its gaps kept as pieces, which is
  * what tok_regex_split() does.  To add a pre-tokenizer, add a row. */
+/* clang-format off */
 static const struct pretok_def pretok_defs[] = {
 	{"default", 0, 4, {
 		"[\\p{P}\\$\\+<=>\\^~\\|]+",
@@ -81,6 +82,7 @@ static const struct pretok_def pretok_defs[] = {
 		"|" RE_S "*[\\r\\n]+|" RE_S "+(?!" RE_NS ")|" RE_S "+",
 	}},
 };
+/* clang-format on */
 
 /* ------------------------------------------------------------ Unicode */
 
@@ -96,33 +98,33 @@ static const struct {
 	uint32_t lo, hi;
 	uint8_t cat;
 } uni_patch[] = {
-	{0x0CF3, 0x0CF3, CAT_M},   {0x0ECE, 0x0ECE, CAT_M},   {0x2FFC, 0x2FFF, CAT_S},
-	{0x31EF, 0x31EF, CAT_S},   {0x10EFD, 0x10EFF, CAT_M}, {0x1123F, 0x11240, CAT_L},
-	{0x11241, 0x11241, CAT_M}, {0x11B00, 0x11B09, CAT_P}, {0x11F00, 0x11F01, CAT_M},
-	{0x11F02, 0x11F02, CAT_L}, {0x11F03, 0x11F03, CAT_M}, {0x11F04, 0x11F10, CAT_L},
-	{0x11F12, 0x11F33, CAT_L}, {0x11F34, 0x11F3A, CAT_M}, {0x11F3E, 0x11F42, CAT_M},
-	{0x11F43, 0x11F4F, CAT_P}, {0x11F50, 0x11F59, CAT_N}, {0x1342F, 0x1342F, CAT_L},
-	{0x13440, 0x13440, CAT_M}, {0x13441, 0x13446, CAT_L}, {0x13447, 0x13455, CAT_M},
-	{0x1B132, 0x1B132, CAT_L}, {0x1B155, 0x1B155, CAT_L}, {0x1D2C0, 0x1D2D3, CAT_N},
-	{0x1DF25, 0x1DF2A, CAT_L}, {0x1E030, 0x1E06D, CAT_L}, {0x1E08F, 0x1E08F, CAT_M},
-	{0x1E4D0, 0x1E4EB, CAT_L}, {0x1E4EC, 0x1E4EF, CAT_M}, {0x1E4F0, 0x1E4F9, CAT_N},
-	{0x1F6DC, 0x1F6DC, CAT_S}, {0x1F774, 0x1F776, CAT_S}, {0x1F77B, 0x1F77F, CAT_S},
-	{0x1F7D9, 0x1F7D9, CAT_S}, {0x1FA75, 0x1FA77, CAT_S}, {0x1FA87, 0x1FA88, CAT_S},
-	{0x1FAAD, 0x1FAAF, CAT_S}, {0x1FABB, 0x1FABD, CAT_S}, {0x1FABF, 0x1FABF, CAT_S},
-	{0x1FACE, 0x1FACF, CAT_S}, {0x1FADA, 0x1FADB, CAT_S}, {0x1FAE8, 0x1FAE8, CAT_S},
-	{0x1FAF7, 0x1FAF8, CAT_S}, {0x2B739, 0x2B739, CAT_L}, {0x2EBF0, 0x2EE5D, CAT_L},
-	{0x31350, 0x323AF, CAT_L},
+    {0x0CF3, 0x0CF3, CAT_M},   {0x0ECE, 0x0ECE, CAT_M},	  {0x2FFC, 0x2FFF, CAT_S},
+    {0x31EF, 0x31EF, CAT_S},   {0x10EFD, 0x10EFF, CAT_M}, {0x1123F, 0x11240, CAT_L},
+    {0x11241, 0x11241, CAT_M}, {0x11B00, 0x11B09, CAT_P}, {0x11F00, 0x11F01, CAT_M},
+    {0x11F02, 0x11F02, CAT_L}, {0x11F03, 0x11F03, CAT_M}, {0x11F04, 0x11F10, CAT_L},
+    {0x11F12, 0x11F33, CAT_L}, {0x11F34, 0x11F3A, CAT_M}, {0x11F3E, 0x11F42, CAT_M},
+    {0x11F43, 0x11F4F, CAT_P}, {0x11F50, 0x11F59, CAT_N}, {0x1342F, 0x1342F, CAT_L},
+    {0x13440, 0x13440, CAT_M}, {0x13441, 0x13446, CAT_L}, {0x13447, 0x13455, CAT_M},
+    {0x1B132, 0x1B132, CAT_L}, {0x1B155, 0x1B155, CAT_L}, {0x1D2C0, 0x1D2D3, CAT_N},
+    {0x1DF25, 0x1DF2A, CAT_L}, {0x1E030, 0x1E06D, CAT_L}, {0x1E08F, 0x1E08F, CAT_M},
+    {0x1E4D0, 0x1E4EB, CAT_L}, {0x1E4EC, 0x1E4EF, CAT_M}, {0x1E4F0, 0x1E4F9, CAT_N},
+    {0x1F6DC, 0x1F6DC, CAT_S}, {0x1F774, 0x1F776, CAT_S}, {0x1F77B, 0x1F77F, CAT_S},
+    {0x1F7D9, 0x1F7D9, CAT_S}, {0x1FA75, 0x1FA77, CAT_S}, {0x1FA87, 0x1FA88, CAT_S},
+    {0x1FAAD, 0x1FAAF, CAT_S}, {0x1FABB, 0x1FABD, CAT_S}, {0x1FABF, 0x1FABF, CAT_S},
+    {0x1FACE, 0x1FACF, CAT_S}, {0x1FADA, 0x1FADB, CAT_S}, {0x1FAE8, 0x1FAE8, CAT_S},
+    {0x1FAF7, 0x1FAF8, CAT_S}, {0x2B739, 0x2B739, CAT_L}, {0x2EBF0, 0x2EE5D, CAT_L},
+    {0x31350, 0x323AF, CAT_L},
 };
 
 /* Stand-ins known to PCRE2 10.42, per category, for 3- and 4-byte code
  * points.  The letters avoid every range a pre-tokenizer names explicitly
  * (ASCII, deepseek-v3's CJK and kana block). */
 static const uint32_t uni_standin[6][2] = {
-	[CAT_N] = {0x0966, 0x10107}, /* DEVANAGARI DIGIT ZERO, AEGEAN NUMBER ONE */
-	[CAT_L] = {0xA000, 0x10000}, /* YI SYLLABLE IT, LINEAR B SYLLABLE B008 A */
-	[CAT_M] = {0x0900, 0x101FD}, /* DEVANAGARI SIGN INVERTED CANDRABINDU, PHAISTOS ... STROKE */
-	[CAT_P] = {0x2010, 0x10100}, /* HYPHEN, AEGEAN WORD SEPARATOR LINE */
-	[CAT_S] = {0x2190, 0x10137}, /* LEFTWARDS ARROW, AEGEAN WEIGHT BASE UNIT */
+    [CAT_N] = {0x0966, 0x10107}, /* DEVANAGARI DIGIT ZERO, AEGEAN NUMBER ONE */
+    [CAT_L] = {0xA000, 0x10000}, /* YI SYLLABLE IT, LINEAR B SYLLABLE B008 A */
+    [CAT_M] = {0x0900, 0x101FD}, /* DEVANAGARI SIGN INVERTED CANDRABINDU, PHAISTOS ... STROKE */
+    [CAT_P] = {0x2010, 0x10100}, /* HYPHEN, AEGEAN WORD SEPARATOR LINE */
+    [CAT_S] = {0x2190, 0x10137}, /* LEFTWARDS ARROW, AEGEAN WEIGHT BASE UNIT */
 };
 
 #define CPT_REPLACEMENT 0xFFFD
@@ -308,7 +310,10 @@ static void strtab_free(struct strtab *t)
 	memset(t, 0, sizeof(*t));
 }
 
-static const uint8_t *strtab_str(const struct strtab *t, uint32_t i) { return t->arena + t->off[i]; }
+static const uint8_t *strtab_str(const struct strtab *t, uint32_t i)
+{
+	return t->arena + t->off[i];
+}
 
 static int32_t strtab_find(const struct strtab *t, const uint8_t *s, size_t n)
 {
@@ -429,7 +434,10 @@ static int pairtab_init(struct pairtab *p, uint64_t n_expected)
 	return 0;
 }
 
-static uint64_t pair_key(int32_t l, int32_t r) { return ((uint64_t)(uint32_t)l << 32) | (uint32_t)r; }
+static uint64_t pair_key(int32_t l, int32_t r)
+{
+	return ((uint64_t)(uint32_t)l << 32) | (uint32_t)r;
+}
 
 /* Returns the slot of (l, r): occupied by it or the empty slot where it goes. */
 static uint32_t pairtab_slot(const struct pairtab *p, uint64_t key)
@@ -457,13 +465,13 @@ struct tokenizer {
 	size_t max_piece;
 
 	struct byte_map bmap;
-	struct strtab syms;	/* byte strings: every reachable token, merge side and result */
-	int32_t *sym_tok;	/* syms index -> token id or -1 */
+	struct strtab syms; /* byte strings: every reachable token, merge side and result */
+	int32_t *sym_tok;   /* syms index -> token id or -1 */
 	int32_t byte_sym[256];
 	int32_t text1_tok[256]; /* the token whose stored text is this one byte, or -1 */
 	struct pairtab merges;
 
-	int32_t *special;	/* CONTROL / USER_DEFINED / UNKNOWN ids, longest text first */
+	int32_t *special; /* CONTROL / USER_DEFINED / UNKNOWN ids, longest text first */
 	int32_t n_special;
 
 	int32_t bos, eos, eot, eom;
@@ -471,32 +479,83 @@ struct tokenizer {
 };
 
 /* llama.cpp's token-type fix-ups by text (llama_vocab::impl::load). */
-static const char *const eot_texts[] = {
-	"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-	"<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]", "<\xEF\xBD\x9C" "end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>",
-	"<end_of_utterance>", NULL};
+static const char *const eot_texts[] = {"<|eot_id|>",
+					"<|im_end|>",
+					"<|end|>",
+					"<end_of_turn>",
+					"<|endoftext|>",
+					"<|end_of_text|>",
+					"<EOT>",
+					"_<EOT>",
+					"[EOT]",
+					"<\xEF\xBD\x9C"
+					"end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>",
+					"<end_of_utterance>",
+					NULL};
 static const char *const eom_texts[] = {"<|eom_id|>", NULL};
-static const char *const fim_pre_texts[] = {
-	"<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\xEF\xBD\x9C" "fim\xE2\x96\x81" "begin\xEF\xBD\x9C>",
-	"<PRE>", "\xE2\x96\x81<PRE>", "<|code_prefix|>", "<|prefix|>", NULL};
-static const char *const fim_suf_texts[] = {
-	"<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\xEF\xBD\x9C" "fim\xE2\x96\x81hole\xEF\xBD\x9C>",
-	"<SUF>", "\xE2\x96\x81<SUF>", "<|code_suffix|>", "<|suffix|>", NULL};
-static const char *const fim_mid_texts[] = {
-	"<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\xEF\xBD\x9C" "fim\xE2\x96\x81" "end\xEF\xBD\x9C>",
-	"<MID>", "\xE2\x96\x81<MID>", "<|code_middle|>", "<|middle|>", NULL};
-static const char *const fim_pad_texts[] = {
-	"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]", NULL};
-static const char *const fim_rep_texts[] = {
-	"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>", NULL};
+static const char *const fim_pre_texts[] = {"<|fim_prefix|>",
+					    "<fim-prefix>",
+					    "<fim_prefix>",
+					    "<\xEF\xBD\x9C"
+					    "fim\xE2\x96\x81"
+					    "begin\xEF\xBD\x9C>",
+					    "<PRE>",
+					    "\xE2\x96\x81<PRE>",
+					    "<|code_prefix|>",
+					    "<|prefix|>",
+					    NULL};
+static const char *const fim_suf_texts[] = {"<|fim_suffix|>",
+					    "<fim-suffix>",
+					    "<fim_suffix>",
+					    "<\xEF\xBD\x9C"
+					    "fim\xE2\x96\x81hole\xEF\xBD\x9C>",
+					    "<SUF>",
+					    "\xE2\x96\x81<SUF>",
+					    "<|code_suffix|>",
+					    "<|suffix|>",
+					    NULL};
+static const char *const fim_mid_texts[] = {"<|fim_middle|>",
+					    "<fim-middle>",
+					    "<fim_middle>",
+					    "<\xEF\xBD\x9C"
+					    "fim\xE2\x96\x81"
+					    "end\xEF\xBD\x9C>",
+					    "<MID>",
+					    "\xE2\x96\x81<MID>",
+					    "<|code_middle|>",
+					    "<|middle|>",
+					    NULL};
+static const char *const fim_pad_texts[] = {"<|fim_pad|>", "<fim-pad>", "<fim_pad>",
+					    "<PAD>",	   "[PAD]",	NULL};
+static const char *const fim_rep_texts[] = {"<|fim_repo|>", "<|repo_name|>", "<fim-repo>",
+					    "<REPO>",	    "<reponame>",    NULL};
 static const char *const fim_sep_texts[] = {"<|file_sep|>", NULL};
-static const char *const eog_texts[] = {
-	"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-	"<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-	"<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-	"<\xEF\xBD\x9C" "end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>", "[e~[", NULL};
-static const char *const user_defined_texts[] = {
-	"<|channel|>", "<|message|>", "<|start|>", "<|constrain|>", NULL};
+static const char *const eog_texts[] = {"<|eot_id|>",
+					"<|im_end|>",
+					"<|end|>",
+					"<|return|>",
+					"<|call|>",
+					"<|flush|>",
+					"<|calls|>",
+					"<end_of_turn>",
+					"<|endoftext|>",
+					"</s>",
+					"<|eom_id|>",
+					"<EOT>",
+					"_<EOT>",
+					"[EOT]",
+					"[EOS]",
+					"<|end_of_text|>",
+					"<end_of_utterance>",
+					"<eos>",
+					"<turn|>",
+					"<|tool_response>",
+					"<\xEF\xBD\x9C"
+					"end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>",
+					"[e~[",
+					NULL};
+static const char *const user_defined_texts[] = {"<|channel|>", "<|message|>", "<|start|>",
+						 "<|constrain|>", NULL};
 
 static int32_t tok_find_cstr(const tokenizer *t, const char *s)
 {
@@ -558,7 +617,8 @@ static int tok_load_pre(tokenizer *t, const gguf *g)
 	gguf_str s;
 	int rc = gguf_get_str(g, "tokenizer.ggml.pre", &s);
 	if (rc == ERR_RANGE) {
-		log_warn("%s: key tokenizer.ggml.pre missing, using the \"default\" pre-tokenizer", path);
+		log_warn("%s: key tokenizer.ggml.pre missing, using the \"default\" pre-tokenizer",
+			 path);
 		t->pre = &pretok_defs[0];
 	} else if (rc) {
 		return rc;
@@ -569,8 +629,8 @@ static int tok_load_pre(tokenizer *t, const gguf *g)
 				t->pre = &pretok_defs[i];
 		}
 		if (!t->pre) {
-			log_error("%s: key tokenizer.ggml.pre: unsupported pre-tokenizer \"%.*s\"", path,
-				  (int)(s.len > 64 ? 64 : s.len), s.ptr);
+			log_error("%s: key tokenizer.ggml.pre: unsupported pre-tokenizer \"%.*s\"",
+				  path, (int)(s.len > 64 ? 64 : s.len), s.ptr);
 			return ERR_FORMAT;
 		}
 	}
@@ -582,8 +642,8 @@ static int tok_load_pre(tokenizer *t, const gguf *g)
 		if (!t->re[i]) {
 			PCRE2_UCHAR msg[256];
 			pcre2_get_error_message(code, msg, sizeof(msg));
-			log_error("tokenizer: pre-tokenizer %s regex %d: %s at offset %zu", t->pre->name,
-				  i, (const char *)msg, (size_t)at);
+			log_error("tokenizer: pre-tokenizer %s regex %d: %s at offset %zu",
+				  t->pre->name, i, (const char *)msg, (size_t)at);
 			return ERR_CONFIG;
 		}
 		/* JIT is only a speed-up: without it pcre2_match interprets */
@@ -606,7 +666,8 @@ static int tok_load_tokens(tokenizer *t, const gguf *g)
 	if (rc)
 		return rc;
 	if (et != GGUF_TYPE_STRING || n == 0 || n > INT32_MAX / 2) {
-		log_error("%s: key tokenizer.ggml.tokens: expected 1..%d strings", path, INT32_MAX / 2);
+		log_error("%s: key tokenizer.ggml.tokens: expected 1..%d strings", path,
+			  INT32_MAX / 2);
 		return ERR_FORMAT;
 	}
 	t->n_vocab = (int32_t)n;
@@ -634,7 +695,8 @@ static int tok_load_tokens(tokenizer *t, const gguf *g)
 		if (rc)
 			return rc;
 		if (!added) {
-			log_error("%s: key tokenizer.ggml.tokens: token %llu repeats the text of token %d",
+			log_error("%s: key tokenizer.ggml.tokens: token %llu repeats the text of "
+				  "token %d",
 				  path, (unsigned long long)i, idx);
 			return ERR_FORMAT;
 		}
@@ -648,21 +710,21 @@ static int tok_load_tokens(tokenizer *t, const gguf *g)
 	if (rc)
 		return rc;
 	if (et != GGUF_TYPE_I32 || n != (uint64_t)t->n_vocab) {
-		log_error("%s: key tokenizer.ggml.token_type: expected %d i32 values, not %llu", path,
-			  t->n_vocab, (unsigned long long)n);
+		log_error("%s: key tokenizer.ggml.token_type: expected %d i32 values, not %llu",
+			  path, t->n_vocab, (unsigned long long)n);
 		return ERR_FORMAT;
 	}
 	static const uint8_t type_attr[7] = {
-		TOKENIZER_ATTR_UNDEFINED, TOKENIZER_ATTR_NORMAL,       TOKENIZER_ATTR_UNKNOWN,
-		TOKENIZER_ATTR_CONTROL,	  TOKENIZER_ATTR_USER_DEFINED, TOKENIZER_ATTR_UNUSED,
-		TOKENIZER_ATTR_BYTE,
+	    TOKENIZER_ATTR_UNDEFINED, TOKENIZER_ATTR_NORMAL,	   TOKENIZER_ATTR_UNKNOWN,
+	    TOKENIZER_ATTR_CONTROL,   TOKENIZER_ATTR_USER_DEFINED, TOKENIZER_ATTR_UNUSED,
+	    TOKENIZER_ATTR_BYTE,
 	};
 	for (int32_t i = 0; i < t->n_vocab; i++) {
 		int32_t v;
 		memcpy(&v, (const uint8_t *)data + 4 * (size_t)i, 4);
 		if (v < 0 || v > 6) {
-			log_error("%s: key tokenizer.ggml.token_type: token %d has unknown type %d", path,
-				  i, v);
+			log_error("%s: key tokenizer.ggml.token_type: token %d has unknown type %d",
+				  path, i, v);
 			return ERR_FORMAT;
 		}
 		t->attr[i] = type_attr[v];
@@ -722,8 +784,8 @@ static int tok_map_syms(tokenizer *t)
 		t->sym_tok[i] = -1;
 	for (int32_t id = 0; id < t->n_vocab; id++) {
 		size_t m;
-		if (byte_map_unspell(&t->bmap, strtab_str(&t->texts, (uint32_t)id), t->texts.len[id],
-				     buf, &m))
+		if (byte_map_unspell(&t->bmap, strtab_str(&t->texts, (uint32_t)id),
+				     t->texts.len[id], buf, &m))
 			continue;
 		t->sym_tok[strtab_find(&t->syms, buf, m)] = id;
 	}
@@ -762,8 +824,10 @@ static int tok_load_merges(tokenizer *t, const gguf *g)
 		/* "LEFT RIGHT", split at the first space after the first byte (llama.cpp) */
 		const char *sp = s.len > 1 ? memchr(s.ptr + 1, ' ', s.len - 1) : NULL;
 		if (!sp || (uint64_t)(sp - s.ptr) + 1 == s.len) {
-			log_error("%s: key tokenizer.ggml.merges: merge %llu \"%.*s\" is not \"LEFT RIGHT\"",
-				  path, (unsigned long long)i, (int)(s.len > 64 ? 64 : s.len), s.ptr);
+			log_error("%s: key tokenizer.ggml.merges: merge %llu \"%.*s\" is not "
+				  "\"LEFT RIGHT\"",
+				  path, (unsigned long long)i, (int)(s.len > 64 ? 64 : s.len),
+				  s.ptr);
 			rc = ERR_FORMAT;
 			goto out;
 		}
@@ -800,7 +864,8 @@ static int tok_load_merges(tokenizer *t, const gguf *g)
 		t->merges.n++;
 	}
 	if (n_dead)
-		log_warn("%s: key tokenizer.ggml.merges: %llu merges are not byte spellings and never apply",
+		log_warn("%s: key tokenizer.ggml.merges: %llu merges are not byte spellings and "
+			 "never apply",
 			 path, (unsigned long long)n_dead);
 out:
 	free(buf);
@@ -822,23 +887,23 @@ static int tok_load_special(tokenizer *t, const gguf *g)
 		const char *key;
 		int32_t *id;
 	} keys[] = {
-		{"tokenizer.ggml.bos_token_id", &t->bos},
-		{"tokenizer.ggml.eos_token_id", &t->eos},
-		{"tokenizer.ggml.eot_token_id", &t->eot},
-		{"tokenizer.ggml.eom_token_id", &t->eom},
-		{"tokenizer.ggml.unknown_token_id", &none},
-		{"tokenizer.ggml.seperator_token_id", &none},
-		{"tokenizer.ggml.padding_token_id", &none},
-		{"tokenizer.ggml.mask_token_id", &none},
-		{"tokenizer.ggml.fim_pre_token_id", &fim_pre},
-		{"tokenizer.ggml.fim_suf_token_id", &fim_suf},
-		{"tokenizer.ggml.fim_mid_token_id", &fim_mid},
-		{"tokenizer.ggml.fim_pad_token_id", &fim_pad},
-		{"tokenizer.ggml.fim_rep_token_id", &fim_rep},
-		{"tokenizer.ggml.fim_sep_token_id", &fim_sep},
-		{"tokenizer.ggml.prefix_token_id", &fim_pre},
-		{"tokenizer.ggml.suffix_token_id", &fim_suf},
-		{"tokenizer.ggml.middle_token_id", &fim_mid},
+	    {"tokenizer.ggml.bos_token_id", &t->bos},
+	    {"tokenizer.ggml.eos_token_id", &t->eos},
+	    {"tokenizer.ggml.eot_token_id", &t->eot},
+	    {"tokenizer.ggml.eom_token_id", &t->eom},
+	    {"tokenizer.ggml.unknown_token_id", &none},
+	    {"tokenizer.ggml.seperator_token_id", &none},
+	    {"tokenizer.ggml.padding_token_id", &none},
+	    {"tokenizer.ggml.mask_token_id", &none},
+	    {"tokenizer.ggml.fim_pre_token_id", &fim_pre},
+	    {"tokenizer.ggml.fim_suf_token_id", &fim_suf},
+	    {"tokenizer.ggml.fim_mid_token_id", &fim_mid},
+	    {"tokenizer.ggml.fim_pad_token_id", &fim_pad},
+	    {"tokenizer.ggml.fim_rep_token_id", &fim_rep},
+	    {"tokenizer.ggml.fim_sep_token_id", &fim_sep},
+	    {"tokenizer.ggml.prefix_token_id", &fim_pre},
+	    {"tokenizer.ggml.suffix_token_id", &fim_suf},
+	    {"tokenizer.ggml.middle_token_id", &fim_mid},
 	};
 	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
 		rc = tok_read_id(g, keys[i].key, t->n_vocab, keys[i].id);
@@ -853,11 +918,13 @@ static int tok_load_special(tokenizer *t, const gguf *g)
 	if (rc)
 		return rc;
 	if (t->add_bos && t->bos < 0) {
-		log_error("%s: key tokenizer.ggml.add_bos_token is set but there is no BOS token", path);
+		log_error("%s: key tokenizer.ggml.add_bos_token is set but there is no BOS token",
+			  path);
 		return ERR_FORMAT;
 	}
 	if (t->add_eos && t->eos < 0) {
-		log_error("%s: key tokenizer.ggml.add_eos_token is set but there is no EOS token", path);
+		log_error("%s: key tokenizer.ggml.add_eos_token is set but there is no EOS token",
+			  path);
 		return ERR_FORMAT;
 	}
 
@@ -867,9 +934,9 @@ static int tok_load_special(tokenizer *t, const gguf *g)
 		int32_t *id;
 		const char *const *texts;
 	} detect[] = {
-		{&t->eot, eot_texts},	  {&t->eom, eom_texts},	    {&fim_pre, fim_pre_texts},
-		{&fim_suf, fim_suf_texts}, {&fim_mid, fim_mid_texts}, {&fim_pad, fim_pad_texts},
-		{&fim_rep, fim_rep_texts}, {&fim_sep, fim_sep_texts},
+	    {&t->eot, eot_texts},      {&t->eom, eom_texts},	  {&fim_pre, fim_pre_texts},
+	    {&fim_suf, fim_suf_texts}, {&fim_mid, fim_mid_texts}, {&fim_pad, fim_pad_texts},
+	    {&fim_rep, fim_rep_texts}, {&fim_sep, fim_sep_texts},
 	};
 	for (size_t i = 0; i < sizeof(detect) / sizeof(detect[0]); i++) {
 		if (*detect[i].id >= 0)
@@ -933,8 +1000,8 @@ static int tok_build_special(tokenizer *t)
 {
 	int32_t n = 0;
 	for (int32_t id = 0; id < t->n_vocab; id++) {
-		if (t->attr[id] & (TOKENIZER_ATTR_CONTROL | TOKENIZER_ATTR_USER_DEFINED |
-				   TOKENIZER_ATTR_UNKNOWN))
+		if (t->attr[id] &
+		    (TOKENIZER_ATTR_CONTROL | TOKENIZER_ATTR_USER_DEFINED | TOKENIZER_ATTR_UNKNOWN))
 			n++;
 	}
 	struct special_order *o = malloc((size_t)(n ? n : 1) * sizeof(*o));
@@ -945,8 +1012,8 @@ static int tok_build_special(tokenizer *t)
 	}
 	n = 0;
 	for (int32_t id = 0; id < t->n_vocab; id++) {
-		if (t->attr[id] & (TOKENIZER_ATTR_CONTROL | TOKENIZER_ATTR_USER_DEFINED |
-				   TOKENIZER_ATTR_UNKNOWN))
+		if (t->attr[id] &
+		    (TOKENIZER_ATTR_CONTROL | TOKENIZER_ATTR_USER_DEFINED | TOKENIZER_ATTR_UNKNOWN))
 			o[n++] = (struct special_order){t->texts.len[id], id};
 	}
 	/* llama.cpp sorts by length only (std::sort, unstable); ties go by id here */
@@ -1048,8 +1115,9 @@ static int tok_build_pieces(tokenizer *t, const char *path)
 		} else if (attr & TOKENIZER_ATTR_BYTE) {
 			if (n != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>' || hexval(s[3]) < 0 ||
 			    hexval(s[4]) < 0) {
-				log_error("%s: key tokenizer.ggml.tokens: BYTE token %d is not <0xHH>",
-					  path, id);
+				log_error(
+				    "%s: key tokenizer.ggml.tokens: BYTE token %d is not <0xHH>",
+				    path, id);
 				rc = ERR_FORMAT;
 				break;
 			}
@@ -1067,8 +1135,8 @@ static int tok_build_pieces(tokenizer *t, const char *path)
 		return rc;
 	}
 	if (n_unk)
-		log_warn("%s: key tokenizer.ggml.tokens: %d tokens are not GPT-2 byte spellings", path,
-			 n_unk);
+		log_warn("%s: key tokenizer.ggml.tokens: %d tokens are not GPT-2 byte spellings",
+			 path, n_unk);
 	t->piece_arena = d.p;
 	return 0;
 }
@@ -1112,8 +1180,9 @@ int tokenizer_new(const gguf *g, tokenizer **out)
 	if (rc)
 		goto out;
 	if (model.len != 4 || memcmp(model.ptr, "gpt2", 4) != 0) {
-		log_error("%s: key tokenizer.ggml.model: unsupported tokenizer \"%.*s\" (only gpt2)",
-			  path, (int)(model.len > 64 ? 64 : model.len), model.ptr);
+		log_error(
+		    "%s: key tokenizer.ggml.model: unsupported tokenizer \"%.*s\" (only gpt2)",
+		    path, (int)(model.len > 64 ? 64 : model.len), model.ptr);
 		rc = ERR_FORMAT;
 		goto out;
 	}
@@ -1280,8 +1349,8 @@ static int bpe_try_pair(struct enc *e, int32_t left, int32_t right)
 	uint32_t slot = pairtab_slot(m, key);
 	if (m->key[slot] != key)
 		return 0;
-	struct bpe_cand c = {m->rank[slot], left, right, e->sym[left].sid, e->sym[right].sid,
-			     m->res[slot]};
+	struct bpe_cand c = {m->rank[slot],	left,	     right, e->sym[left].sid,
+			     e->sym[right].sid, m->res[slot]};
 	return heap_push(e, c);
 }
 
@@ -1321,7 +1390,8 @@ static int bpe_word(struct enc *e, const uint8_t *w, size_t n)
 	while (e->heap_n) {
 		struct bpe_cand c = heap_pop(e);
 		struct bpe_sym *l = &e->sym[c.left], *r = &e->sym[c.right];
-		if (!l->len || !r->len || l->next != c.right || l->sid != c.sid_l || r->sid != c.sid_r)
+		if (!l->len || !r->len || l->next != c.right || l->sid != c.sid_l ||
+		    r->sid != c.sid_r)
 			continue; /* outdated */
 		l->sid = c.sid_res;
 		l->len += r->len;
@@ -1366,21 +1436,24 @@ static int tok_regex_split(struct enc *e, const pcre2_code *re)
 		size_t n = e->cur.v[k].len, base = e->cur.v[k].start, prev = 0, off = 0;
 		while (off < n) {
 			int m = pcre2_match(re, subj, n, off, PCRE2_NO_UTF_CHECK, e->md, NULL);
-			if (m == PCRE2_ERROR_JIT_STACKLIMIT) /* the interpreter keeps its frames on the heap */
-				m = pcre2_match(re, subj, n, off, PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT, e->md,
-						NULL);
+			if (m == PCRE2_ERROR_JIT_STACKLIMIT) /* the interpreter keeps its frames on
+								the heap */
+				m = pcre2_match(re, subj, n, off, PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT,
+						e->md, NULL);
 			if (m == PCRE2_ERROR_NOMATCH)
 				break;
 			if (m < 0) {
 				PCRE2_UCHAR msg[256];
 				pcre2_get_error_message(m, msg, sizeof(msg));
-				log_error("tokenizer: pre-tokenizer regex failed: %s", (const char *)msg);
+				log_error("tokenizer: pre-tokenizer regex failed: %s",
+					  (const char *)msg);
 				return ERR_RANGE;
 			}
 			PCRE2_SIZE *ov = pcre2_get_ovector_pointer(e->md);
 			size_t ms = ov[0], me = ov[1];
 			if (me == ms) {
-				/* an empty match (none of the tables can make one): skip a character */
+				/* an empty match (none of the tables can make one): skip a
+				 * character */
 				off = ms + 1;
 				while (off < n && (subj[off] & 0xC0) == 0x80)
 					off++;
@@ -1421,12 +1494,10 @@ static int tok_encode_text(struct enc *e, const uint8_t *s, size_t n)
 		uint32_t cpt = utf8_next_lenient(s + i, n - i, &adv);
 		i += adv;
 		size_t k = utf8_encode(cpt, e->norm + len);
-		if (cpt < 0x80) {
+		if (cpt < 0x80)
 			e->proxy[len] = e->norm[len];
-		} else {
-			size_t k2 = utf8_encode(tok_proxy_cpt(cpt), e->proxy + len);
-			(void)k2; /* same length by construction */
-		}
+		else
+			utf8_encode(tok_proxy_cpt(cpt), e->proxy + len); /* same length */
 		len += k;
 	}
 	e->cur.n = 0;
@@ -1576,13 +1647,34 @@ int tokenizer_piece(const tokenizer *t, int32_t id, int special, char *buf, size
 	return 0;
 }
 
-size_t tokenizer_max_piece(const tokenizer *t) { return t->max_piece; }
-int32_t tokenizer_n_vocab(const tokenizer *t) { return t->n_vocab; }
-int32_t tokenizer_bos(const tokenizer *t) { return t->bos; }
-int32_t tokenizer_eos(const tokenizer *t) { return t->eos; }
-int tokenizer_add_bos(const tokenizer *t) { return t->add_bos; }
-int tokenizer_add_eos(const tokenizer *t) { return t->add_eos; }
-const char *tokenizer_pre_name(const tokenizer *t) { return t->pre->name; }
+size_t tokenizer_max_piece(const tokenizer *t)
+{
+	return t->max_piece;
+}
+int32_t tokenizer_n_vocab(const tokenizer *t)
+{
+	return t->n_vocab;
+}
+int32_t tokenizer_bos(const tokenizer *t)
+{
+	return t->bos;
+}
+int32_t tokenizer_eos(const tokenizer *t)
+{
+	return t->eos;
+}
+int tokenizer_add_bos(const tokenizer *t)
+{
+	return t->add_bos;
+}
+int tokenizer_add_eos(const tokenizer *t)
+{
+	return t->add_eos;
+}
+const char *tokenizer_pre_name(const tokenizer *t)
+{
+	return t->pre->name;
+}
 
 int tokenizer_is_eog(const tokenizer *t, int32_t id)
 {
@@ -1626,7 +1718,10 @@ void tokenizer_stream_destroy(tokenizer_stream **s)
 	*s = NULL;
 }
 
-size_t tokenizer_stream_bound(const tokenizer_stream *s) { return 3 * (s->t->max_piece + 4); }
+size_t tokenizer_stream_bound(const tokenizer_stream *s)
+{
+	return 3 * (s->t->max_piece + 4);
+}
 
 /* Decodes pend ++ b (WHATWG UTF-8 decoder with U+FFFD replacement): writes the
  * complete characters (up to cap bytes, counting all in *n_out) and stores an
@@ -1636,7 +1731,7 @@ static void stream_decode(const uint8_t *a, size_t na, const uint8_t *b, size_t 
 {
 	static const uint8_t repl[3] = {0xEF, 0xBF, 0xBD};
 	size_t n = na + nb, o = 0, i = 0;
-#define AT(k) ((k) < na ? a[(k)] : b[(k) - na])
+#define AT(k) ((k) < na ? a[(k)] : b[(k)-na])
 #define PUT(byte)                                                                                  \
 	do {                                                                                       \
 		if (o < cap)                                                                       \

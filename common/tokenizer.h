@@ -108,8 +108,7 @@ size_t tokenizer_stream_bound(const tokenizer_stream *s);
  * into buf (*n_out bytes, possibly 0).  ERR_RANGE if id is out of range or the
  * output does not fit cap (then nothing is consumed and *n_out is the size
  * needed). */
-int tokenizer_stream_push(tokenizer_stream *s, int32_t id, char *buf, size_t cap,
-			  size_t *n_out);
+int tokenizer_stream_push(tokenizer_stream *s, int32_t id, char *buf, size_t cap, size_t *n_out);
 /* Writes what is still held (an incomplete character becomes U+FFFD) and
  * resets the stream. */
 int tokenizer_stream_flush(tokenizer_stream *s, char *buf, size_t cap, size_t *n_out);

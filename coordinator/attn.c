@@ -10,18 +10,24 @@
  * are read (model.c keeps them consecutive), so resetting a slot needs no work.
  *
  * What each path rounds (see attn.h for when each is used):
- *   one-row path  q -> F16; s = (float)(sum_d (float)(q16[d] * k[d]) in double);
- *                 s *= scale; online softmax per key: a new maximum rescales
- *                 the F16 accumulator (acc = f16(acc * ms)), then
+ *   one-row path  q -> F16; s = ggml_vec_dot_f16(q16, k) (attn_dot_f16) * scale;
+ *                 online softmax per key: a new maximum rescales the F16
+ *                 accumulator (acc = f16(acc * ms)), then
  *                 acc = f16(fma(v, vs, acc)); S = fma(S, ms, vs).
+ *   split decode  the one-row path on each half of llama.cpp's cache view,
+ *                 then per half: M' = max(M, m), acc = fma(acc, e^(M-M'),
+ *                 part * e^(m-M')), S likewise.
  *   tiled path    per tile of 64 positions: s = fma chain over d of q[d]*k[d]
  *                 (F32 query), s *= scale; M' = max(M, tile max); a new
  *                 maximum rescales the F32 accumulator and S by expf(M - M');
- *                 e = vexpf(s - M'), S += sum e (groups of 8, as the AVX2
- *                 kernel adds them); acc[d] = fma chain over the tile of e*v[d].
- *   both          acc -> F32; a sink logit t joins: if t > M the accumulator
+ *                 e = vexpf(s - M'), S += sum e (lane groups added as
+ *                 ggml_vec_soft_max_f32 does); acc[d] = fma chain over the tile
+ *                 of e*v[d].
+ *   all           acc -> F32; a sink logit t joins: if t > M the accumulator
  *                 and S are scaled by expf(M - t), else S += expf(t - M);
- *                 out = acc * (1 / S). */
+ *                 out = acc * (1 / S).
+ * The fused multiply-adds are where GCC contracts ggml's C++ (or where ggml
+ * uses FMA intrinsics); checked against a local ggml build, see attn.h. */
 #include "attn.h"
 
 #include <assert.h>

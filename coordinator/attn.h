@@ -6,14 +6,16 @@
  * serves GQA (qwen3moe, gpt-oss: k_width = n_head_kv * head_dim) and MLA in the
  * absorbed form (deepseek2: one shared KV head, key = [c, k_pe], value = c).
  *
- * attn_forward() follows llama.cpp's CPU flash-attention numerics: the query
- * is rounded to F16, scores are F32 dot products of F16 values times `scale`,
- * an online softmax runs over the visible keys in position order with the
- * value accumulator rounded to F16 after each update, optional per-head sink
- * logits join the denominator only.  Token t of the batch (sequence s, position
- * p) sees the entries j <= p of s, and only j > p - window when window > 0.
- * Entries for the batch's own tokens must be stored (attn_cache_store) before
- * attn_forward() is called. */
+ * attn_forward() reproduces llama.cpp's CPU flash attention (ggml-cpu/ops.cpp,
+ * ggml_compute_forward_flash_attn_ext_f16) bit for bit where it can: an online
+ * softmax over the visible keys in position order, optional per-head sink
+ * logits that join the denominator only, the same roundings (F16 query and
+ * accumulator on the one-row path) and the same order of additions as ggml's
+ * AVX-512 build (the reference machine; -DATTN_GGML_LANES=8 for its AVX2 build,
+ * which this file was checked against: identical outputs on every path).
+ * Token t of the batch (sequence s, position p) sees the entries j <= p of s,
+ * and only j > p - window when window > 0.  Entries for the batch's own tokens
+ * must be stored (attn_cache_store) before attn_forward() is called. */
 #ifndef MOEFLEET_ATTN_H
 #define MOEFLEET_ATTN_H
 
@@ -54,18 +56,19 @@ struct attn_params {
 int attn_check_params(const attn_cache *c, const struct attn_params *ap, const char *what);
 
 /* q: [n_tokens][n_head][head_dim_k]; out: [n_tokens][n_head][head_dim_v].
- * Threaded over (token, head) with the pool.
- *
- * Two code paths, chosen as ggml's CPU flash attention chooses them (it picks
- * by the number of query rows in the micro-batch):
- *  - fewer than ATTN_TILE_Q tokens (decode steps, short prefills): per key,
- *    score = F16(q) . k accumulated exactly (double), online softmax with the
- *    value accumulator kept in F16 (ggml_compute_forward_flash_attn_ext_f16_one_chunk);
- *  - ATTN_TILE_Q tokens or more (and head_dim_v a multiple of 8): keys in
- *    tiles of ATTN_TILE_KV positions, F32 query, scores as sequential FMA
- *    chains, one max/sum update per tile with ggml's vector expf, F32 value
- *    accumulator (ggml_compute_forward_flash_attn_ext_tiled).
- * Both then add the sink, if any, and multiply by 1/sum. */
+ * Threaded over (token, head) with the pool; the result does not depend on
+ * the thread count, nor on which other sequences share the batch, but (as in
+ * llama.cpp) it does depend on the batch size, which picks ggml's kernel:
+ *  - fewer than ATTN_TILE_Q tokens (decode steps, short prefills): the one-row
+ *    kernel (..._f16_one_chunk): per key, score = F16(q) . k, online softmax
+ *    with the value accumulator rounded to F16 after every key;
+ *  - one token whose llama.cpp cache view has >= 512 cells (position >= 256)
+ *    and no window: the same kernel on two halves of the cells, merged in F32
+ *    (ggml's split-KV decode with llama.cpp's 2 threads);
+ *  - ATTN_TILE_Q tokens or more (head_dim_v a multiple of the SIMD width):
+ *    the tiled kernel: F32 query, keys in tiles of ATTN_TILE_KV positions,
+ *    one max/sum update per tile with ggml's vector expf, F32 accumulator.
+ * All then add the sink, if any, and multiply by 1/sum. */
 #define ATTN_TILE_Q  64
 #define ATTN_TILE_KV 64
 void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_params *ap,

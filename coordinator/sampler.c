@@ -36,7 +36,10 @@ static uint64_t splitmix64(uint64_t *x)
 	return z ^ (z >> 31);
 }
 
-static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+static uint64_t rotl(uint64_t x, int k)
+{
+	return (x << k) | (x >> (64 - k));
+}
 
 /* xoshiro256** */
 static uint64_t rng_next(uint64_t s[4])
@@ -52,7 +55,10 @@ static uint64_t rng_next(uint64_t s[4])
 }
 
 /* uniform in [0, 1) with 53 random bits */
-static double rng_uniform(uint64_t s[4]) { return (double)(rng_next(s) >> 11) * 0x1.0p-53; }
+static double rng_uniform(uint64_t s[4])
+{
+	return (double)(rng_next(s) >> 11) * 0x1.0p-53;
+}
 
 int sampler_new(const struct sampler_params *p, int n_vocab, sampler **out)
 {
@@ -130,14 +136,20 @@ static int cand_before(const struct cand *a, const struct cand *b)
 	return a->logit > b->logit || (a->logit == b->logit && a->id < b->id);
 }
 
-/* Heap with the *last-ranked* candidate at the root. */
-static void heap_sift(struct cand *h, size_t n, size_t i)
+/* Binary heaps of candidates: with worst_top the last-ranked one is at the
+ * root (to keep the k best), otherwise the first-ranked (to take them in order). */
+static int heap_above(const struct cand *a, const struct cand *b, int worst_top)
+{
+	return worst_top ? cand_before(b, a) : cand_before(a, b);
+}
+
+static void heap_sift(struct cand *h, size_t n, size_t i, int worst_top)
 {
 	for (;;) {
 		size_t l = 2 * i + 1, m = i;
-		if (l < n && cand_before(&h[m], &h[l]))
+		if (l < n && heap_above(&h[l], &h[m], worst_top))
 			m = l;
-		if (l + 1 < n && cand_before(&h[m], &h[l + 1]))
+		if (l + 1 < n && heap_above(&h[l + 1], &h[m], worst_top))
 			m = l + 1;
 		if (m == i)
 			return;
@@ -148,21 +160,19 @@ static void heap_sift(struct cand *h, size_t n, size_t i)
 	}
 }
 
-static void heap_build(struct cand *h, size_t n)
+static void heap_build(struct cand *h, size_t n, int worst_top)
 {
 	for (size_t i = n / 2; i-- > 0;)
-		heap_sift(h, n, i);
+		heap_sift(h, n, i, worst_top);
 }
 
-/* Sorts a heap into rank order, first-ranked first. */
-static void heap_sort(struct cand *h, size_t n)
+/* Moves the root to h[n - 1] and restores the heap on h[0 .. n-1). */
+static void heap_pop_to_end(struct cand *h, size_t n, int worst_top)
 {
-	for (size_t end = n; end > 1; end--) {
-		struct cand t = h[0];
-		h[0] = h[end - 1];
-		h[end - 1] = t;
-		heap_sift(h, end - 1, 0);
-	}
+	struct cand t = h[0];
+	h[0] = h[n - 1];
+	h[n - 1] = t;
+	heap_sift(h, n - 1, 0, worst_top);
 }
 
 static int32_t sampler_argmax(const float *logits, int n)
@@ -179,82 +189,97 @@ static int32_t sampler_argmax(const float *logits, int n)
 	return best;
 }
 
+/* A draw from the first n of w (weights summing to sum); returns an index. */
+static size_t sampler_draw(sampler *s, const float *w, size_t n, double sum)
+{
+	double r = rng_uniform(s->rng) * sum, acc = 0.0;
+	size_t last = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (w[i] <= 0.0f)
+			continue;
+		acc += w[i];
+		last = i;
+		if (acc > r)
+			return i;
+	}
+	return last; /* rounding: r landed at the very end */
+}
+
 int32_t sampler_sample(sampler *s, const float *logits)
 {
 	const struct sampler_params *p = &s->p;
-	size_t n = (size_t)s->n_vocab, k = n;
-	int sorted = 0;
+	size_t n = (size_t)s->n_vocab;
+	struct cand *c = s->c;
 
 	if (p->temp <= 0.0f)
 		return sampler_argmax(logits, s->n_vocab);
 
 	if (p->top_k > 0 && (size_t)p->top_k < n) {
-		/* keep the k first-ranked in a heap whose root is the worst kept */
-		k = (size_t)p->top_k;
+		/* the k first-ranked, kept in a heap whose root is the worst kept */
+		size_t k = (size_t)p->top_k;
 		for (size_t i = 0; i < k; i++)
-			s->c[i] = (struct cand){logit_at(logits, (int)i), (int32_t)i};
-		heap_build(s->c, k);
+			c[i] = (struct cand){logit_at(logits, (int)i), (int32_t)i};
+		heap_build(c, k, 1);
 		for (size_t i = k; i < n; i++) {
-			struct cand c = {logit_at(logits, (int)i), (int32_t)i};
-			if (cand_before(&c, &s->c[0])) {
-				s->c[0] = c;
-				heap_sift(s->c, k, 0);
+			struct cand x = {logit_at(logits, (int)i), (int32_t)i};
+			if (cand_before(&x, &c[0])) {
+				c[0] = x;
+				heap_sift(c, k, 0, 1);
 			}
 		}
-		heap_sort(s->c, k);
-		sorted = 1;
-	} else {
-		for (size_t i = 0; i < n; i++)
-			s->c[i] = (struct cand){logit_at(logits, (int)i), (int32_t)i};
-		if (p->top_p < 1.0f) {
-			heap_build(s->c, n);
-			heap_sort(s->c, n);
-			sorted = 1;
-		}
-	}
-
-	float max = s->c[0].logit;
-	int32_t max_id = s->c[0].id;
-	if (!sorted) {
-		for (size_t i = 1; i < k; i++) {
-			if (s->c[i].logit > max) {
-				max = s->c[i].logit;
-				max_id = s->c[i].id;
-			}
-		}
-	}
-	if (max == -INFINITY)
-		return sorted ? s->c[0].id : max_id;
-
-	double sum = 0.0;
-	for (size_t i = 0; i < k; i++) {
-		float e = expf((s->c[i].logit - max) / p->temp);
-		s->prob[i] = e;
-		sum += e;
-	}
-	if (sorted && p->top_p < 1.0f) {
-		double cum = 0.0;
-		size_t m = k;
+		for (size_t m = k; m > 1; m--) /* sorted, first-ranked first */
+			heap_pop_to_end(c, m, 1);
+		float max = c[0].logit;
+		if (max == -INFINITY)
+			return c[0].id;
+		double sum = 0.0, cum = 0.0;
 		for (size_t i = 0; i < k; i++) {
-			cum += s->prob[i];
-			if (cum >= (double)p->top_p * sum) {
-				m = i + 1;
-				break;
-			}
+			s->prob[i] = expf((c[i].logit - max) / p->temp);
+			sum += s->prob[i];
 		}
-		k = m;
-		sum = cum;
+		if (p->top_p < 1.0f) {
+			size_t m = k;
+			for (size_t i = 0; i < k; i++) {
+				cum += s->prob[i];
+				if (cum >= (double)p->top_p * sum) {
+					m = i + 1;
+					break;
+				}
+			}
+			k = m;
+			sum = cum;
+		}
+		return c[sampler_draw(s, s->prob, k, sum)].id;
 	}
 
-	double r = rng_uniform(s->rng) * sum, acc = 0.0;
-	size_t last = 0;
-	for (size_t i = 0; i < k; i++) {
-		if (s->prob[i] <= 0.0f)
-			continue;
-		acc += s->prob[i];
-		last = i;
-		if (acc > r)
-			return s->c[i].id;
+	/* no top-k: the softmax over everything */
+	int32_t max_id = sampler_argmax(logits, s->n_vocab);
+	float max = logit_at(logits, max_id);
+	if (max == -INFINITY)
+		return max_id;
+	double sum = 0.0;
+	for (size_t i = 0; i < n; i++) {
+		s->prob[i] = expf((logit_at(logits, (int)i) - max) / p->temp);
+		sum += s->prob[i];
 	}
-	return s->c[last].id; /* rounding: r landed at the very end */
+	if (p->top_p >= 1.0f)
+		return (int32_t)sampler_draw(s, s->prob, n, sum);
+
+	/* top-p: take candidates best first from a heap until the mass is reached,
+	 * without sorting the whole vocabulary; they collect at the end of c */
+	for (size_t i = 0; i < n; i++)
+		c[i] = (struct cand){logit_at(logits, (int)i), (int32_t)i};
+	heap_build(c, n, 0);
+	double cum = 0.0;
+	size_t m = 0;
+	while (m < n) {
+		heap_pop_to_end(c, n - m, 0);
+		const struct cand *x = &c[n - 1 - m];
+		s->prob[m] = expf((x->logit - max) / p->temp);
+		cum += s->prob[m];
+		m++;
+		if (cum >= (double)p->top_p * sum)
+			break;
+	}
+	return c[n - 1 - sampler_draw(s, s->prob, m, cum)].id;
 }

@@ -22,9 +22,9 @@
 #include <stdint.h>
 
 struct sampler_params {
-	float temp;    /* <= 0: greedy */
-	int top_k;     /* <= 0: off */
-	float top_p;   /* in (0, 1]; 1: off */
+	float temp;  /* <= 0: greedy */
+	int top_k;   /* <= 0: off */
+	float top_p; /* in (0, 1]; 1: off */
 	uint64_t seed;
 };
 

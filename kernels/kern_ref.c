@@ -157,11 +157,15 @@ static float dot_mxfp4_q8_0(int64_t n, const struct kern_block_mxfp4 *w,
 float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x)
 {
 	switch (weight_type) {
-	case KERN_F32: {
-		const float *a = w, *b = x;
+	case KERN_F32: { /* rows need not be 4-byte aligned */
+		const uint8_t *a = w, *b = x;
 		float acc = 0.0f;
-		for (int64_t i = 0; i < n; i++)
-			acc += a[i] * b[i];
+		for (int64_t i = 0; i < n; i++) {
+			float u, v;
+			memcpy(&u, a + 4 * i, 4);
+			memcpy(&v, b + 4 * i, 4);
+			acc += u * v;
+		}
 		return acc;
 	}
 	case KERN_F16: {

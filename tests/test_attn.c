@@ -242,6 +242,67 @@ static void test_attn_decode_vs_batch(void **state)
 	attn_cache_destroy(&c);
 }
 
+/* Single-token steps late in a long cache take the split-KV path (two halves
+ * merged in F32); with and without sinks they stay close to the exact result. */
+static void test_attn_split_decode(void **state)
+{
+	(void)state;
+	enum { NP = 700, NH = 4, NKV = 2, D = 64 };
+	attn_cache *c = NULL;
+	pool *p = NULL;
+	assert_int_equal(attn_cache_new(1, 1, NP, NKV * D, NKV * D, &c), 0);
+	assert_int_equal(pool_new(2, &p), 0);
+	static float k[NP][NKV * D], v[NP][NKV * D];
+	for (int j = 0; j < NP; j++) {
+		for (int d = 0; d < NKV * D; d++) {
+			k[j][d] = kern_f16_to_f32(kern_f32_to_f16(rng_normal()));
+			v[j][d] = kern_f16_to_f32(kern_f32_to_f16(rng_normal()));
+		}
+		attn_cache_store(c, 0, 0, j, k[j], v[j]);
+	}
+	float sinks[NH] = {0.5f, 3.0f, -1.0f, 8.0f};
+	const int positions[] = {0, 255, 256, 300, 511, 699};
+	for (int use_sinks = 0; use_sinks < 2; use_sinks++) {
+		struct attn_params ap = {.n_head = NH, .n_head_kv = NKV, .head_dim_k = D,
+					 .head_dim_v = D, .scale = 0.125f,
+					 .sinks = use_sinks ? sinks : NULL};
+		for (size_t i = 0; i < sizeof(positions) / sizeof(positions[0]); i++) {
+			int32_t pos = positions[i], seq = 0, tok = 0;
+			float q[NH * D], out[NH * D];
+			for (int d = 0; d < NH * D; d++)
+				q[d] = rng_normal();
+			model_batch b = {.n_tokens = 1, .token = &tok, .pos = &pos, .seq = &seq};
+			attn_forward(p, c, 0, &ap, &b, q, out);
+			for (int h = 0; h < NH; h++) {
+				int hk = h / (NH / NKV);
+				double w[NP], mx = use_sinks ? sinks[h] : -INFINITY, den = 0.0;
+				for (int j = 0; j <= pos; j++) {
+					double s = 0.0;
+					for (int d = 0; d < D; d++)
+						s += (double)q[h * D + d] * k[j][hk * D + d];
+					w[j] = s * ap.scale;
+					mx = w[j] > mx ? w[j] : mx;
+				}
+				for (int j = 0; j <= pos; j++)
+					den += exp(w[j] - mx);
+				if (use_sinks)
+					den += exp(sinks[h] - mx);
+				for (int d = 0; d < D; d++) {
+					double ref = 0.0;
+					for (int j = 0; j <= pos; j++)
+						ref += exp(w[j] - mx) * v[j][hk * D + d];
+					ref /= den;
+					if (fabs(ref - out[h * D + d]) > 4e-3)
+						fail_msg("pos %d head %d dim %d: %g vs %g", pos, h, d,
+							 out[h * D + d], ref);
+				}
+			}
+		}
+	}
+	pool_destroy(&p);
+	attn_cache_destroy(&c);
+}
+
 static void test_attn_check_params(void **state)
 {
 	(void)state;
@@ -273,7 +334,8 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_attn_gqa_short),	   cmocka_unit_test(test_attn_gqa_tiled),
 		cmocka_unit_test(test_attn_window_sinks),  cmocka_unit_test(test_attn_mla_multiseq),
-		cmocka_unit_test(test_attn_decode_vs_batch), cmocka_unit_test(test_attn_check_params),
+		cmocka_unit_test(test_attn_decode_vs_batch), cmocka_unit_test(test_attn_split_decode),
+		cmocka_unit_test(test_attn_check_params),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

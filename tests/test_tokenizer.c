@@ -6,9 +6,9 @@
  * holds llama_token_to_piece() of every token, its attributes and whether it
  * ends generation.  Vocabularies: the tiny test models' ("default"
  * pre-tokenizer) and cut-down DeepSeek-V3, Qwen3 and gpt-oss ones
- * (mini-*.gguf: the first 6000 merges of the real vocabulary).  Every line must match exactly.  Then: round trips,
- * streaming detokenisation of split characters, invalid UTF-8 and random
- * bytes, malformed vocabularies, and the sampler. */
+ * (mini-*.gguf: the first 6000 merges of the real vocabulary).  Every line must match exactly.
+ * Then: round trips, streaming detokenisation of split characters, invalid UTF-8 and random bytes,
+ * malformed vocabularies, and the sampler. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+#include <math.h>
 
 #include "../common/err.h"
 #include "../common/gguf.h"
@@ -220,13 +221,13 @@ struct vocab_case {
 };
 
 static const struct vocab_case builtin_vocabs[] = {
-	{"qwen3moe-tiny-mxfp4.gguf", "tokenizer/default.tsv", "tokenizer/default.pieces", "default"},
-	{"tokenizer/mini-deepseek-v3.gguf", "tokenizer/mini-deepseek-v3.tsv",
-	 "tokenizer/mini-deepseek-v3.pieces", "deepseek-v3"},
-	{"tokenizer/mini-qwen2.gguf", "tokenizer/mini-qwen2.tsv", "tokenizer/mini-qwen2.pieces",
-	 "qwen2"},
-	{"tokenizer/mini-gpt-4o.gguf", "tokenizer/mini-gpt-4o.tsv", "tokenizer/mini-gpt-4o.pieces",
-	 "gpt-4o"},
+    {"qwen3moe-tiny-mxfp4.gguf", "tokenizer/default.tsv", "tokenizer/default.pieces", "default"},
+    {"tokenizer/mini-deepseek-v3.gguf", "tokenizer/mini-deepseek-v3.tsv",
+     "tokenizer/mini-deepseek-v3.pieces", "deepseek-v3"},
+    {"tokenizer/mini-qwen2.gguf", "tokenizer/mini-qwen2.tsv", "tokenizer/mini-qwen2.pieces",
+     "qwen2"},
+    {"tokenizer/mini-gpt-4o.gguf", "tokenizer/mini-gpt-4o.tsv", "tokenizer/mini-gpt-4o.pieces",
+     "gpt-4o"},
 };
 
 /* The built-in cases plus any given as MOEFLEET_TOKENIZER_VOCABS =
@@ -249,7 +250,8 @@ static void vocab_cases_init(void)
 	     item && n_vocab_cases < MAX_VOCABS; item = strtok_r(NULL, ",", &save)) {
 		char *f[4], *save2 = NULL;
 		int k = 0;
-		for (char *x = strtok_r(item, ":", &save2); x && k < 4; x = strtok_r(NULL, ":", &save2))
+		for (char *x = strtok_r(item, ":", &save2); x && k < 4;
+		     x = strtok_r(NULL, ":", &save2))
 			f[k++] = x;
 		if (k == 4)
 			vocab_cases[n_vocab_cases++] = (struct vocab_case){f[0], f[1], f[2], f[3]};
@@ -284,8 +286,9 @@ static void check_vocab_ids(const struct vocab_case *vc)
 		assert_int_equal(rc, 0);
 		if (n != l->n_ids || memcmp(ids, l->ids, n * sizeof(*ids)) != 0) {
 			if (n_fail++ < 10) {
-				fprintf(stderr, "%s line %zu (special %d) \"%.*s\":\n", vc->tsv, i + 1,
-					l->special, (int)(l->len > 60 ? 60 : l->len), l->text);
+				fprintf(stderr, "%s line %zu (special %d) \"%.*s\":\n", vc->tsv,
+					i + 1, l->special, (int)(l->len > 60 ? 60 : l->len),
+					l->text);
 				print_ids("llama.cpp", l->ids, l->n_ids);
 				print_ids("ours", ids, n);
 			}
@@ -318,9 +321,9 @@ static void check_vocab_pieces(const struct vocab_case *vc)
 	int n_vocab, bos, eos, add_bos;
 
 	assert_non_null(raw);
-	assert_int_equal(sscanf(raw, "# n_vocab %d bos %d eos %d add_bos %d", &n_vocab, &bos,
-				&eos, &add_bos),
-			 4);
+	assert_int_equal(
+	    sscanf(raw, "# n_vocab %d bos %d eos %d add_bos %d", &n_vocab, &bos, &eos, &add_bos),
+	    4);
 	assert_int_equal(tokenizer_n_vocab(t), n_vocab);
 	assert_int_equal(tokenizer_bos(t), bos);
 	assert_int_equal(tokenizer_eos(t), eos);
@@ -336,7 +339,8 @@ static void check_vocab_pieces(const struct vocab_case *vc)
 		char *f2 = strchr(f, '\t');
 		assert_true(f2 && f2 < nl);
 		/* llama.cpp may add bits we do not model (LSTRIP/RSTRIP...): compare the low six */
-		if ((tokenizer_attr(t, id) & 0x3f) != (attr & 0x3f) || tokenizer_is_eog(t, id) != eog) {
+		if ((tokenizer_attr(t, id) & 0x3f) != (attr & 0x3f) ||
+		    tokenizer_is_eog(t, id) != eog) {
 			if (n_fail++ < 10)
 				fprintf(stderr, "token %d: attr %d eog %d, llama.cpp %d %d\n", id,
 					tokenizer_attr(t, id), tokenizer_is_eog(t, id), attr, eog);
@@ -347,8 +351,10 @@ static void check_vocab_pieces(const struct vocab_case *vc)
 			assert_int_equal(tokenizer_piece(t, id, sp, got, 1 << 16, &gn), 0);
 			if (gn != wn || memcmp(got, want, gn) != 0) {
 				if (n_fail++ < 10)
-					fprintf(stderr, "token %d special %d: piece \"%.*s\" want \"%.*s\"\n",
-						id, sp, (int)gn, got, (int)wn, want);
+					fprintf(
+					    stderr,
+					    "token %d special %d: piece \"%.*s\" want \"%.*s\"\n",
+					    id, sp, (int)gn, got, (int)wn, want);
 			}
 		}
 		n_lines++;
@@ -465,7 +471,10 @@ static void test_stream(void **state)
 	assert_int_equal(tokenizer_stream_push(s, 0xE6, buf, cap, &n), 0);
 	assert_int_equal(tokenizer_stream_push(s, 'a', buf, cap, &n), 0);
 	assert_int_equal(n, 4);
-	assert_memory_equal(buf, "\xEF\xBF\xBD" "a", 4);
+	assert_memory_equal(buf,
+			    "\xEF\xBF\xBD"
+			    "a",
+			    4);
 	/* a lone continuation byte, and 0xFF */
 	assert_int_equal(tokenizer_stream_push(s, 0x80, buf, cap, &n), 0);
 	assert_memory_equal(buf, "\xEF\xBF\xBD", 3);
@@ -587,8 +596,14 @@ static void put(struct buf *b, const void *d, size_t n)
 	memcpy(b->p + b->n, d, n);
 	b->n += n;
 }
-static void put_u32(struct buf *b, uint32_t v) { put(b, &v, 4); }
-static void put_u64(struct buf *b, uint64_t v) { put(b, &v, 8); }
+static void put_u32(struct buf *b, uint32_t v)
+{
+	put(b, &v, 4);
+}
+static void put_u64(struct buf *b, uint64_t v)
+{
+	put(b, &v, 8);
+}
 static void put_str(struct buf *b, const char *s)
 {
 	put_u64(b, strlen(s));
@@ -612,7 +627,7 @@ struct vocab_spec {
 
 static const char *extra_tokens[] = {"ab", "abc", "<c>", "<u>", "<c>x"};
 static const int32_t extra_types[] = {1, 1, 3, 4, 3};
-#define N_EXTRA 5
+#define N_EXTRA	 5
 #define N_TOKENS (256 + N_EXTRA)
 
 static void gpt2_spell(int b, char *out)
@@ -731,7 +746,7 @@ static int open_vocab(const struct vocab_spec *v, tokenizer **t, gguf **g)
 }
 
 static const struct vocab_spec good_vocab = {
-	.model = "gpt2", .pre = "default", .bos = 258, .u32_bos = 1, .vocab_size = N_TOKENS};
+    .model = "gpt2", .pre = "default", .bos = 258, .u32_bos = 1, .vocab_size = N_TOKENS};
 
 static void test_bad_vocab(void **state)
 {
@@ -919,6 +934,63 @@ static void test_sampler_dist(void **state)
 	sampler_destroy(&s);
 }
 
+struct ref_cand {
+	float l;
+	int id;
+};
+
+static int ref_cand_cmp(const void *a, const void *b)
+{
+	const struct ref_cand *x = a, *y = b;
+	if (x->l != y->l)
+		return x->l > y->l ? -1 : 1;
+	return x->id - y->id;
+}
+
+/* top-p over a large vocabulary (the heap path) against a sorted reference */
+static void test_sampler_nucleus(void **state)
+{
+	(void)state;
+	enum { V = 1000, N = 20000 };
+	static float l[V];
+	static struct ref_cand r[V];
+	static int count[V];
+	uint64_t x = 99;
+	for (int i = 0; i < V; i++) {
+		x = x * 6364136223846793005ull + 1442695040888963407ull;
+		l[i] = (float)((x >> 40) % 1000) / 100.0f; /* 0 .. 9.99, with ties */
+		r[i] = (struct ref_cand){l[i], i};
+	}
+	qsort(r, V, sizeof(r[0]), ref_cand_cmp);
+	const float temp = 0.7f, top_p = 0.9f;
+	double p[V], sum = 0.0, cum = 0.0;
+	for (int i = 0; i < V; i++)
+		sum += p[i] = exp((r[i].l - r[0].l) / temp);
+	int m = 0;
+	while (m < V) {
+		cum += p[m++];
+		if (cum >= top_p * sum)
+			break;
+	}
+	for (int k = 0; k < 2; k++) {
+		struct sampler_params sp = {
+		    .temp = temp, .top_k = k ? V - 1 : 0, .top_p = top_p, .seed = 5};
+		sampler *s = NULL;
+		memset(count, 0, sizeof(count));
+		assert_int_equal(sampler_new(&sp, V, &s), 0);
+		for (int i = 0; i < N; i++)
+			count[sampler_sample(s, l)]++;
+		int inside = 0;
+		for (int i = 0; i < m; i++) {
+			inside += count[r[i].id];
+			double want = p[i] / cum * N;
+			assert_true(fabs(count[r[i].id] - want) < 5 * sqrt(want) + 5);
+		}
+		assert_int_equal(inside, N);
+		sampler_destroy(&s);
+	}
+}
+
 static void test_sampler_params(void **state)
 {
 	(void)state;
@@ -946,6 +1018,7 @@ static void test_sampler_params(void **state)
 
 int main(void)
 {
+	/* clang-format off */
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_vocab_ids),
 		cmocka_unit_test(test_vocab_pieces),
@@ -956,8 +1029,10 @@ int main(void)
 		cmocka_unit_test(test_small_vocab),
 		cmocka_unit_test(test_sampler_greedy),
 		cmocka_unit_test(test_sampler_dist),
+		cmocka_unit_test(test_sampler_nucleus),
 		cmocka_unit_test(test_sampler_params),
 	};
+	/* clang-format on */
 	log_set_quiet(1);
 	vocab_cases_init();
 	int rc = cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,4 +1,18 @@
-/* throw-away oracle: llama.cpp tokenisation of escaped strings (not part of the project) */
+/* lltok: llama.cpp's tokenisation of escaped strings -- the generator of the
+ * .tsv and .pieces files here.  Not part of the build: it links the prebuilt
+ * libllama of the oracle (node-llama-cpp 3.22.1, llama.cpp v0.5.0):
+ *
+ *   B=/tmp/oracle/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64
+ *   git clone -q /tmp/oracle/node_modules/node-llama-cpp/llama/gitRelease.bundle llsrc
+ *   gcc -O1 -o lltok lltok.c -Illsrc/include -Illsrc/ggml/include -L$B \
+ *       -l:libllama.v0.5.0.so -l:libggml.v0.5.0.so -l:libggml-base.so -Wl,-rpath,$B
+ *   ./lltok MODEL.gguf cases.txt OUT.tsv [OUT.pieces]
+ *
+ * cases.txt: one string per line, escaped as \\ \n \t \r \xHH.  OUT.tsv: per
+ * string two lines "PARSE_SPECIAL<tab>ESCAPED<tab>IDS" (llama_tokenize with
+ * add_special = false and parse_special = 0, then 1).  OUT.pieces: a header
+ * "# n_vocab N bos B eos E add_bos A", then per token
+ * "ID<tab>ATTR<tab>IS_EOG<tab>PIECE<tab>PIECE_SPECIAL" (llama_token_to_piece). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
