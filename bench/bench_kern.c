@@ -110,7 +110,8 @@ int main(int argc, char **argv)
 			int64_t n_out_pf = 256;
 			double s3 = time_matmul(t, w, n, n_out_pf, x, xs, 64, y, 3);
 			printf("%-6s %5lld %14.2f %14.2f %18.2f\n", kern_type_name(t), (long long)n,
-			       (double)(wr * n_out_big) / s1 * 1e-9, (double)(wr * n_out_l2) / s2 * 1e-9,
+			       (double)(wr * n_out_big) / s1 * 1e-9,
+			       (double)(wr * n_out_l2) / s2 * 1e-9,
 			       2.0 * (double)n * (double)n_out_pf * 64 / s3 * 1e-9);
 			fflush(stdout);
 		}

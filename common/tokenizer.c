@@ -479,83 +479,38 @@ struct tokenizer {
 };
 
 /* llama.cpp's token-type fix-ups by text (llama_vocab::impl::load). */
-static const char *const eot_texts[] = {"<|eot_id|>",
-					"<|im_end|>",
-					"<|end|>",
-					"<end_of_turn>",
-					"<|endoftext|>",
-					"<|end_of_text|>",
-					"<EOT>",
-					"_<EOT>",
-					"[EOT]",
-					"<\xEF\xBD\x9C"
-					"end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>",
-					"<end_of_utterance>",
-					NULL};
+#define FW_BAR "\xEF\xBD\x9C" /* U+FF5C FULLWIDTH VERTICAL LINE (DeepSeek) */
+#define LOW_8  "\xE2\x96\x81" /* U+2581 LOWER ONE EIGHTH BLOCK */
+#define DS_EOS "<" FW_BAR "end" LOW_8 "of" LOW_8 "sentence" FW_BAR ">"
+
+/* clang-format off */
+static const char *const eot_texts[] = {
+	"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+	"<EOT>", "_<EOT>", "[EOT]", DS_EOS, "<end_of_utterance>", NULL};
 static const char *const eom_texts[] = {"<|eom_id|>", NULL};
-static const char *const fim_pre_texts[] = {"<|fim_prefix|>",
-					    "<fim-prefix>",
-					    "<fim_prefix>",
-					    "<\xEF\xBD\x9C"
-					    "fim\xE2\x96\x81"
-					    "begin\xEF\xBD\x9C>",
-					    "<PRE>",
-					    "\xE2\x96\x81<PRE>",
-					    "<|code_prefix|>",
-					    "<|prefix|>",
-					    NULL};
-static const char *const fim_suf_texts[] = {"<|fim_suffix|>",
-					    "<fim-suffix>",
-					    "<fim_suffix>",
-					    "<\xEF\xBD\x9C"
-					    "fim\xE2\x96\x81hole\xEF\xBD\x9C>",
-					    "<SUF>",
-					    "\xE2\x96\x81<SUF>",
-					    "<|code_suffix|>",
-					    "<|suffix|>",
-					    NULL};
-static const char *const fim_mid_texts[] = {"<|fim_middle|>",
-					    "<fim-middle>",
-					    "<fim_middle>",
-					    "<\xEF\xBD\x9C"
-					    "fim\xE2\x96\x81"
-					    "end\xEF\xBD\x9C>",
-					    "<MID>",
-					    "\xE2\x96\x81<MID>",
-					    "<|code_middle|>",
-					    "<|middle|>",
-					    NULL};
-static const char *const fim_pad_texts[] = {"<|fim_pad|>", "<fim-pad>", "<fim_pad>",
-					    "<PAD>",	   "[PAD]",	NULL};
-static const char *const fim_rep_texts[] = {"<|fim_repo|>", "<|repo_name|>", "<fim-repo>",
-					    "<REPO>",	    "<reponame>",    NULL};
+static const char *const fim_pre_texts[] = {
+	"<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<" FW_BAR "fim" LOW_8 "begin" FW_BAR ">",
+	"<PRE>", LOW_8 "<PRE>", "<|code_prefix|>", "<|prefix|>", NULL};
+static const char *const fim_suf_texts[] = {
+	"<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<" FW_BAR "fim" LOW_8 "hole" FW_BAR ">",
+	"<SUF>", LOW_8 "<SUF>", "<|code_suffix|>", "<|suffix|>", NULL};
+static const char *const fim_mid_texts[] = {
+	"<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<" FW_BAR "fim" LOW_8 "end" FW_BAR ">",
+	"<MID>", LOW_8 "<MID>", "<|code_middle|>", "<|middle|>", NULL};
+static const char *const fim_pad_texts[] = {
+	"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]", NULL};
+static const char *const fim_rep_texts[] = {
+	"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>", NULL};
 static const char *const fim_sep_texts[] = {"<|file_sep|>", NULL};
-static const char *const eog_texts[] = {"<|eot_id|>",
-					"<|im_end|>",
-					"<|end|>",
-					"<|return|>",
-					"<|call|>",
-					"<|flush|>",
-					"<|calls|>",
-					"<end_of_turn>",
-					"<|endoftext|>",
-					"</s>",
-					"<|eom_id|>",
-					"<EOT>",
-					"_<EOT>",
-					"[EOT]",
-					"[EOS]",
-					"<|end_of_text|>",
-					"<end_of_utterance>",
-					"<eos>",
-					"<turn|>",
-					"<|tool_response>",
-					"<\xEF\xBD\x9C"
-					"end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>",
-					"[e~[",
-					NULL};
-static const char *const user_defined_texts[] = {"<|channel|>", "<|message|>", "<|start|>",
-						 "<|constrain|>", NULL};
+static const char *const eog_texts[] = {
+	"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+	"<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+	"<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", DS_EOS,
+	"[e~[", NULL};
+/* gpt-oss: always rendered, matched even without parse_special */
+static const char *const user_defined_texts[] = {
+	"<|channel|>", "<|message|>", "<|start|>", "<|constrain|>", NULL};
+/* clang-format on */
 
 static int32_t tok_find_cstr(const tokenizer *t, const char *s)
 {
@@ -1207,6 +1162,8 @@ out:
 	if (rc) {
 		if (rc == ERR_NOMEM)
 			log_error("%s: out of memory loading the tokenizer", path);
+		else if (rc == ERR_RANGE)
+			log_error("%s: the tokenizer is too large (over 4 GB of text)", path);
 		tokenizer_destroy(&t);
 		return rc;
 	}

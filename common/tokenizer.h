@@ -69,10 +69,11 @@ int tokenizer_new(const gguf *g, tokenizer **out);
 void tokenizer_destroy(tokenizer **t);
 
 /* Encodes len bytes of text (any bytes; need not be NUL-terminated or valid
- * UTF-8).  Writes at most cap ids and sets *n_out to the number of tokens of
- * the whole text; returns ERR_RANGE (without logging) when that exceeds cap,
- * so a second call with a buffer of *n_out ids succeeds.  ERR_NOMEM on
- * allocation failure. */
+ * UTF-8; NULL only when len is 0).  Writes at most cap ids and sets *n_out to
+ * the number of tokens of the whole text; returns ERR_RANGE (without logging)
+ * when that exceeds cap, so a second call with a buffer of *n_out ids
+ * succeeds.  ERR_NOMEM on allocation failure; ERR_RANGE (logged) if the
+ * regex engine gives up (resource limits; not seen on 1 MB runs). */
 int tokenizer_encode(const tokenizer *t, const char *text, size_t len, int parse_special,
 		     int32_t *ids, size_t cap, size_t *n_out);
 
@@ -85,8 +86,10 @@ int tokenizer_piece(const tokenizer *t, int32_t id, int special, char *buf, size
 size_t tokenizer_max_piece(const tokenizer *t);
 
 int32_t tokenizer_n_vocab(const tokenizer *t);
-int32_t tokenizer_bos(const tokenizer *t); /* -1 if none */
-int32_t tokenizer_eos(const tokenizer *t); /* -1 if none */
+/* BOS / EOS ids, -1 if none.  Without a tokenizer.ggml.bos/eos_token_id key
+ * both are 11, llama.cpp's default for "gpt2" vocabularies. */
+int32_t tokenizer_bos(const tokenizer *t);
+int32_t tokenizer_eos(const tokenizer *t);
 int tokenizer_add_bos(const tokenizer *t);
 int tokenizer_add_eos(const tokenizer *t);
 /* 1 if id ends generation (EOS, EOT, EOM and llama.cpp's end-of-generation texts). */

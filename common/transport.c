@@ -53,9 +53,15 @@ int transport_recv(transport *t, int timeout_ms, struct transport_frame *out)
 	return t->ops->recv(t, timeout_ms, out);
 }
 
-void transport_drop_peer(transport *t, int peer) { t->ops->drop_peer(t, peer); }
+void transport_drop_peer(transport *t, int peer)
+{
+	t->ops->drop_peer(t, peer);
+}
 
-int transport_n_peers(const transport *t) { return t->ops->n_peers(t); }
+int transport_n_peers(const transport *t)
+{
+	return t->ops->n_peers(t);
+}
 
 const char *transport_peer_name(const transport *t, int peer)
 {

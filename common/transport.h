@@ -25,21 +25,23 @@
  * with ERR_PEER (ROUTER_MANDATORY); the peer is not dropped automatically.
  * A dropped peer is forgotten: a later message from the same worker gets a
  * NEW index, so the caller sees an unknown peer and must insist on Hello.
- * Peer indices are never reused; transport_n_peers() counts dropped ones too.
+ * Peer indices are never reused; transport_n_peers() counts dropped ones too;
+ * after 65536 indices, messages from new peers come back bad with peer -1.
  * Frames far above the cap (twice max(frame cap, WIRE_MAX_HEADER), fixed per
  * connection when it is made) make libzmq close that connection instead.
  * Close does not linger: messages still queued are discarded.
  *
- * Open MPI: one message is an MPI message for the header (its tag says
- * whether a frame follows) and one for the frame.  Ranks are fixed, so a
- * dropped rank keeps its index: sends to it fail with ERR_PEER until it sends
- * again.  Frames are limited to INT_MAX bytes.  Oversized messages are
- * received into a one-byte buffer (MPI truncation) and so discarded without
- * allocating.  Large sends need the receiver to post a receive; while a send
- * waits, incoming messages are received and queued so two peers sending to
- * each other do not deadlock.  A send that times out and cannot be cancelled
- * leaves the transport broken (every later call fails with ERR_PEER and
- * destroy skips MPI_Finalize): exit with an error and let mpirun end the job. */
+ * Open MPI: one message is a small head (sizes, plus the header when short)
+ * and body messages of at most 4 MiB, so sizes are checked before anything
+ * is allocated, an oversized message is drained through a 4 MiB scratch
+ * buffer, and frames may exceed INT_MAX bytes.  Ranks are fixed, so a dropped
+ * rank keeps its index: sends to it fail with ERR_PEER until it sends again.
+ * Large sends need the receiver to post a receive; while a send waits,
+ * incoming messages are received and queued, so two peers sending to each
+ * other do not deadlock.  Open MPI cannot cancel a send the receiver never
+ * takes: a send that times out leaves the transport broken (every later call
+ * fails with ERR_PEER and destroy skips MPI_Finalize); exit with an error and
+ * let mpirun end the job. */
 #ifndef MOEFLEET_TRANSPORT_H
 #define MOEFLEET_TRANSPORT_H
 
@@ -57,7 +59,7 @@ struct transport_frame {
 	size_t data_len;
 };
 
-#define TRANSPORT_FRAME_CAP_DEFAULT ((size_t)1 << 30)
+#define TRANSPORT_FRAME_CAP_DEFAULT    ((size_t)1 << 30)
 #define TRANSPORT_SEND_TIMEOUT_DEFAULT 30000 /* ms */
 
 /* Coordinator side: binds endpoint (tcp://HOST:PORT or ipc://PATH; a port of

@@ -40,26 +40,22 @@
 
 #include <mpi.h>
 
-#ifndef WIRE_MAX_HEADER
-#define WIRE_MAX_HEADER (16u << 20)
-#endif
-
 enum {
 	TMPI_TAG_HEAD = 101,
 	TMPI_TAG_BODY = 102,
 };
 
-#define TMPI_MAGIC 0x3154464du		/* "MFT1" */
-#define TMPI_FLAG_DATA 1u		/* a frame follows */
-#define TMPI_PREFIX 24			/* bytes of the head's prefix */
-#define TMPI_INLINE (64u << 10)		/* headers up to this travel in the head */
-#define TMPI_CHUNK ((size_t)4 << 20)	/* largest body message */
-#define TMPI_QUEUE_MAX 4096		/* messages queued while a send waits */
-#define TMPI_CANCEL_WAIT_MS 200		/* how long a timed-out send may take to cancel */
-#define TMPI_SPIN_NS 50000		/* busy polling before the first sleep */
-#define TMPI_SLEEP_MAX_NS 100000	/* longest back-off sleep */
+#define TMPI_MAGIC	    0x3154464du	      /* "MFT1" */
+#define TMPI_FLAG_DATA	    1u		      /* a frame follows */
+#define TMPI_PREFIX	    24		      /* bytes of the head's prefix */
+#define TMPI_INLINE	    (64u << 10)	      /* headers up to this travel in the head */
+#define TMPI_CHUNK	    ((size_t)4 << 20) /* largest body message */
+#define TMPI_QUEUE_MAX	    4096	      /* messages queued while a send waits */
+#define TMPI_CANCEL_WAIT_MS 200		      /* how long a timed-out send may take to cancel */
+#define TMPI_SPIN_NS	    50000	      /* busy polling before the first sleep */
+#define TMPI_SLEEP_MAX_NS   100000	      /* longest back-off sleep */
 
-struct mpi_msg {
+struct tmpi_msg {
 	int peer;
 	int bad;
 	int has_data;
@@ -79,30 +75,30 @@ struct transport_mpi {
 	MPI_Comm comm;
 	int rank, size;
 	int n_peers;
-	int broken;	       /* a send could not be cancelled: no more MPI calls */
-	int *dropped;	       /* per peer */
-	char (*names)[32];     /* per peer */
-	struct mpi_msg cur;    /* the message transport_recv() last returned */
-	struct mpi_msg *queue; /* FIFO of messages received while sending */
+	int broken;		/* a send could not be cancelled: no more MPI calls */
+	int *dropped;		/* per peer */
+	char (*names)[32];	/* per peer */
+	struct tmpi_msg cur;	/* the message transport_recv() last returned */
+	struct tmpi_msg *queue; /* FIFO of messages received while sending */
 	int q_len, q_cap;
 	uint8_t *scratch; /* discarded chunks land here */
 	size_t scratch_cap;
 	uint8_t head_out[TMPI_PREFIX + TMPI_INLINE]; /* the head being sent */
 };
 
-static const struct transport_ops mpi_transport_ops;
-static const uint8_t mpi_empty_frame[1];
-static int mpi_initialised_here; /* MPI_Init_thread was ours: finalise on destroy */
-static int mpi_in_use;		 /* one MPI transport per process */
+static const struct transport_ops tmpi_transport_ops;
+static const uint8_t tmpi_empty_frame[1];
+static int tmpi_initialised_here; /* MPI_Init_thread was ours: finalise on destroy */
+static int tmpi_in_use;		  /* one MPI transport per process */
 
-static int64_t mpi_now_ns(void)
+static int64_t tmpi_now_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static const char *mpi_strerror(int code, char *buf)
+static const char *tmpi_strerror(int code, char *buf)
 {
 	int len = 0;
 	if (MPI_Error_string(code, buf, &len) != MPI_SUCCESS)
@@ -111,26 +107,26 @@ static const char *mpi_strerror(int code, char *buf)
 }
 
 /* Waits with back-off: call with the time waiting started. */
-static void mpi_backoff(int64_t start, int64_t *sleep_ns)
+static void tmpi_backoff(int64_t start, int64_t *sleep_ns)
 {
-	if (mpi_now_ns() - start < TMPI_SPIN_NS)
+	if (tmpi_now_ns() - start < TMPI_SPIN_NS)
 		return;
 	struct timespec ts = {0, (long)*sleep_ns};
 	nanosleep(&ts, NULL);
 	*sleep_ns = *sleep_ns * 2 > TMPI_SLEEP_MAX_NS ? TMPI_SLEEP_MAX_NS : *sleep_ns * 2;
 }
 
-static int mpi_peer_of_rank(const struct transport_mpi *tm, int rank)
+static int tmpi_peer_of_rank(const struct transport_mpi *tm, int rank)
 {
 	return tm->rank == 0 ? rank - 1 : 0;
 }
 
-static int mpi_rank_of_peer(const struct transport_mpi *tm, int peer)
+static int tmpi_rank_of_peer(const struct transport_mpi *tm, int peer)
 {
 	return tm->rank == 0 ? peer + 1 : 0;
 }
 
-static const char *mpi_peer_name(const transport *t, int peer)
+static const char *tmpi_peer_name(const transport *t, int peer)
 {
 	const struct transport_mpi *tm = (const struct transport_mpi *)t;
 	if (peer < 0 || peer >= tm->n_peers)
@@ -138,7 +134,10 @@ static const char *mpi_peer_name(const transport *t, int peer)
 	return tm->names[peer];
 }
 
-static size_t mpi_n_chunks(size_t len) { return (len + TMPI_CHUNK - 1) / TMPI_CHUNK; }
+static size_t tmpi_n_chunks(size_t len)
+{
+	return (len + TMPI_CHUNK - 1) / TMPI_CHUNK;
+}
 
 /* ------------------------------------------------------------ set-up */
 
@@ -146,7 +145,7 @@ int transport_mpi_new(int *rank, int *size, transport **out)
 {
 	*out = NULL;
 	char ebuf[MPI_MAX_ERROR_STRING];
-	if (mpi_in_use) {
+	if (tmpi_in_use) {
 		log_error("transport: only one MPI transport per process");
 		return ERR_CONFIG;
 	}
@@ -161,10 +160,10 @@ int transport_mpi_new(int *rank, int *size, transport **out)
 		int provided = 0;
 		rc = MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
 		if (rc != MPI_SUCCESS) {
-			log_error("transport: MPI_Init_thread failed: %s", mpi_strerror(rc, ebuf));
+			log_error("transport: MPI_Init_thread failed: %s", tmpi_strerror(rc, ebuf));
 			return ERR_IO;
 		}
-		mpi_initialised_here = 1;
+		tmpi_initialised_here = 1;
 	}
 
 	struct transport_mpi *tm = calloc(1, sizeof(*tm));
@@ -172,9 +171,9 @@ int transport_mpi_new(int *rank, int *size, transport **out)
 		log_error("transport: out of memory for the MPI transport");
 		return ERR_NOMEM;
 	}
-	transport_init_base(&tm->base, &mpi_transport_ops);
+	transport_init_base(&tm->base, &tmpi_transport_ops);
 	tm->comm = MPI_COMM_NULL;
-	mpi_in_use = 1;
+	tmpi_in_use = 1;
 	rc = MPI_Comm_dup(MPI_COMM_WORLD, &tm->comm);
 	if (rc == MPI_SUCCESS)
 		rc = MPI_Comm_set_errhandler(tm->comm, MPI_ERRORS_RETURN);
@@ -184,7 +183,7 @@ int transport_mpi_new(int *rank, int *size, transport **out)
 		rc = MPI_Comm_size(tm->comm, &tm->size);
 	if (rc != MPI_SUCCESS) {
 		log_error("transport: cannot set up the MPI communicator: %s",
-			  mpi_strerror(rc, ebuf));
+			  tmpi_strerror(rc, ebuf));
 		rc = ERR_IO;
 		goto out;
 	}
@@ -199,19 +198,19 @@ int transport_mpi_new(int *rank, int *size, transport **out)
 	}
 	for (int i = 0; i < tm->n_peers; i++)
 		snprintf(tm->names[i], sizeof(tm->names[i]), "mpi rank %d",
-			 mpi_rank_of_peer(tm, i));
+			 tmpi_rank_of_peer(tm, i));
 	*rank = tm->rank;
 	*size = tm->size;
 	rc = 0;
 out:
 	if (rc)
-		mpi_transport_ops.destroy(&tm->base);
+		tmpi_transport_ops.destroy(&tm->base);
 	else
 		*out = &tm->base;
 	return rc;
 }
 
-static void mpi_msg_free(struct mpi_msg *m)
+static void tmpi_msg_free(struct tmpi_msg *m)
 {
 	free(m->head);
 	free(m->hbuf);
@@ -219,67 +218,70 @@ static void mpi_msg_free(struct mpi_msg *m)
 	memset(m, 0, sizeof(*m));
 }
 
-static void mpi_destroy(transport *t)
+static void tmpi_destroy(transport *t)
 {
 	struct transport_mpi *tm = (struct transport_mpi *)t;
 	for (int i = 0; i < tm->q_len; i++)
-		mpi_msg_free(&tm->queue[i]);
+		tmpi_msg_free(&tm->queue[i]);
 	free(tm->queue);
-	mpi_msg_free(&tm->cur);
+	tmpi_msg_free(&tm->cur);
 	free(tm->scratch);
 	free(tm->dropped);
 	free(tm->names);
 	if (!tm->broken) {
 		if (tm->comm != MPI_COMM_NULL)
 			MPI_Comm_free(&tm->comm);
-		if (mpi_initialised_here)
+		if (tmpi_initialised_here)
 			MPI_Finalize();
 	} else {
 		log_error("transport: MPI left unfinalised after a send that could not be "
 			  "cancelled");
 	}
-	mpi_initialised_here = 0;
-	mpi_in_use = 0;
+	tmpi_initialised_here = 0;
+	tmpi_in_use = 0;
 	free(tm);
 }
 
 /* ------------------------------------------------------------ peers */
 
-static void mpi_drop_peer(transport *t, int peer)
+static void tmpi_drop_peer(transport *t, int peer)
 {
 	struct transport_mpi *tm = (struct transport_mpi *)t;
 	if (peer >= 0 && peer < tm->n_peers)
 		tm->dropped[peer] = 1;
 }
 
-static int mpi_n_peers(const transport *t) { return ((const struct transport_mpi *)t)->n_peers; }
+static int tmpi_n_peers(const transport *t)
+{
+	return ((const struct transport_mpi *)t)->n_peers;
+}
 
 /* ------------------------------------------------------------ receive */
 
 /* Probes for a message from src with tag until timeout_ms passes (-1:
  * forever): 0 with *st set, ERR_PEER on time-out, ERR_IO. */
-static int mpi_probe_wait(struct transport_mpi *tm, int src, int tag, int timeout_ms,
-			  MPI_Status *st)
+static int tmpi_probe_wait(struct transport_mpi *tm, int src, int tag, int timeout_ms,
+			   MPI_Status *st)
 {
 	char ebuf[MPI_MAX_ERROR_STRING];
-	int64_t start = mpi_now_ns(), sleep_ns = 1000;
+	int64_t start = tmpi_now_ns(), sleep_ns = 1000;
 	int64_t deadline = start + (int64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000;
 	for (;;) {
 		int flag = 0;
 		int rc = MPI_Iprobe(src, tag, tm->comm, &flag, st);
 		if (rc != MPI_SUCCESS) {
-			log_error("transport: MPI_Iprobe failed: %s", mpi_strerror(rc, ebuf));
+			log_error("transport: MPI_Iprobe failed: %s", tmpi_strerror(rc, ebuf));
 			return ERR_IO;
 		}
 		if (flag)
 			return 0;
-		if (timeout_ms >= 0 && mpi_now_ns() >= deadline)
+		if (timeout_ms >= 0 && tmpi_now_ns() >= deadline)
 			return ERR_PEER;
-		mpi_backoff(start, &sleep_ns);
+		tmpi_backoff(start, &sleep_ns);
 	}
 }
 
-static int mpi_grow(uint8_t **buf, size_t *cap, size_t need)
+static int tmpi_grow(uint8_t **buf, size_t *cap, size_t need)
 {
 	if (need <= *cap && *buf)
 		return 0;
@@ -294,14 +296,14 @@ static int mpi_grow(uint8_t **buf, size_t *cap, size_t need)
 
 /* Receives the probed message (src, tag, count bytes) into dst, or into the
  * scratch buffer when dst is NULL (dropping it). */
-static int mpi_recv_probed(struct transport_mpi *tm, int src, int tag, int count, uint8_t *dst)
+static int tmpi_recv_probed(struct transport_mpi *tm, int src, int tag, int count, uint8_t *dst)
 {
 	char ebuf[MPI_MAX_ERROR_STRING];
 	if (!dst) {
 		/* count is at most TMPI_CHUNK + TMPI_PREFIX from a well-behaved peer */
-		if (mpi_grow(&tm->scratch, &tm->scratch_cap, (size_t)count)) {
+		if (tmpi_grow(&tm->scratch, &tm->scratch_cap, (size_t)count)) {
 			log_error("%s: out of memory dropping a %d-byte message",
-				  mpi_peer_name(&tm->base, mpi_peer_of_rank(tm, src)), count);
+				  tmpi_peer_name(&tm->base, tmpi_peer_of_rank(tm, src)), count);
 			return ERR_NOMEM;
 		}
 		dst = tm->scratch;
@@ -309,8 +311,8 @@ static int mpi_recv_probed(struct transport_mpi *tm, int src, int tag, int count
 	int rc = MPI_Recv(dst, count, MPI_BYTE, src, tag, tm->comm, MPI_STATUS_IGNORE);
 	if (rc != MPI_SUCCESS) {
 		log_error("%s: MPI_Recv failed: %s",
-			  mpi_peer_name(&tm->base, mpi_peer_of_rank(tm, src)),
-			  mpi_strerror(rc, ebuf));
+			  tmpi_peer_name(&tm->base, tmpi_peer_of_rank(tm, src)),
+			  tmpi_strerror(rc, ebuf));
 		return ERR_IO;
 	}
 	return 0;
@@ -318,13 +320,13 @@ static int mpi_recv_probed(struct transport_mpi *tm, int src, int tag, int count
 
 /* Receives len bytes sent as body chunks from src into dst (NULL: drop
  * them).  *bad is set when a chunk is missing or has the wrong size. */
-static int mpi_recv_body(struct transport_mpi *tm, int src, uint8_t *dst, size_t len, int *bad)
+static int tmpi_recv_body(struct transport_mpi *tm, int src, uint8_t *dst, size_t len, int *bad)
 {
-	const char *who = mpi_peer_name(&tm->base, mpi_peer_of_rank(tm, src));
+	const char *who = tmpi_peer_name(&tm->base, tmpi_peer_of_rank(tm, src));
 	for (size_t off = 0; off < len;) {
 		size_t want = len - off < TMPI_CHUNK ? len - off : TMPI_CHUNK;
 		MPI_Status st;
-		int rc = mpi_probe_wait(tm, src, TMPI_TAG_BODY, tm->base.send_timeout_ms, &st);
+		int rc = tmpi_probe_wait(tm, src, TMPI_TAG_BODY, tm->base.send_timeout_ms, &st);
 		if (rc == ERR_PEER) {
 			log_error("%s: a message's remaining %zu bytes did not arrive within %d ms",
 				  who, len - off, tm->base.send_timeout_ms);
@@ -338,10 +340,10 @@ static int mpi_recv_body(struct transport_mpi *tm, int src, uint8_t *dst, size_t
 		if (count < 0 || (size_t)count != want) {
 			log_error("%s: body chunk of %d bytes where %zu belong", who, count, want);
 			*bad = 1;
-			return mpi_recv_probed(tm, src, TMPI_TAG_BODY, count < 0 ? 0 : count,
-					       NULL);
+			return tmpi_recv_probed(tm, src, TMPI_TAG_BODY, count < 0 ? 0 : count,
+						NULL);
 		}
-		rc = mpi_recv_probed(tm, src, TMPI_TAG_BODY, count, dst ? dst + off : NULL);
+		rc = tmpi_recv_probed(tm, src, TMPI_TAG_BODY, count, dst ? dst + off : NULL);
 		if (rc)
 			return rc;
 		off += want;
@@ -349,14 +351,14 @@ static int mpi_recv_body(struct transport_mpi *tm, int src, uint8_t *dst, size_t
 	return 0;
 }
 
-static uint32_t mpi_get_u32(const uint8_t *p)
+static uint32_t tmpi_get_u32(const uint8_t *p)
 {
 	uint32_t v;
 	memcpy(&v, p, 4);
 	return v;
 }
 
-static uint64_t mpi_get_u64(const uint8_t *p)
+static uint64_t tmpi_get_u64(const uint8_t *p)
 {
 	uint64_t v;
 	memcpy(&v, p, 8);
@@ -366,33 +368,33 @@ static uint64_t mpi_get_u64(const uint8_t *p)
 /* Receives one whole message whose head was probed into st.  Size
  * violations give m->bad = 1 and return 0; the rest of the message is
  * consumed either way. */
-static int mpi_take(struct transport_mpi *tm, const MPI_Status *st, struct mpi_msg *m)
+static int tmpi_take(struct transport_mpi *tm, const MPI_Status *st, struct tmpi_msg *m)
 {
 	int src = st->MPI_SOURCE, count = 0, rc;
 	MPI_Status st_copy = *st;
 	MPI_Get_count(&st_copy, MPI_BYTE, &count);
-	m->peer = mpi_peer_of_rank(tm, src);
+	m->peer = tmpi_peer_of_rank(tm, src);
 	m->bad = 0;
 	m->has_data = 0;
 	m->hdr = NULL;
 	m->hdr_len = m->data_len = 0;
-	const char *who = mpi_peer_name(&tm->base, m->peer);
+	const char *who = tmpi_peer_name(&tm->base, m->peer);
 
 	if (count < TMPI_PREFIX || (size_t)count > TMPI_PREFIX + TMPI_INLINE) {
 		log_error("%s: MPI message of %d bytes is not a transport head; dropped", who,
 			  count);
 		m->bad = 1;
-		return mpi_recv_probed(tm, src, st->MPI_TAG, count < 0 ? 0 : count, NULL);
+		return tmpi_recv_probed(tm, src, st->MPI_TAG, count < 0 ? 0 : count, NULL);
 	}
-	if (mpi_grow(&m->head, &m->head_cap, TMPI_PREFIX + TMPI_INLINE)) {
+	if (tmpi_grow(&m->head, &m->head_cap, TMPI_PREFIX + TMPI_INLINE)) {
 		log_error("%s: out of memory for a message head", who);
 		return ERR_NOMEM;
 	}
-	rc = mpi_recv_probed(tm, src, TMPI_TAG_HEAD, count, m->head);
+	rc = tmpi_recv_probed(tm, src, TMPI_TAG_HEAD, count, m->head);
 	if (rc)
 		return rc;
-	uint32_t magic = mpi_get_u32(m->head), flags = mpi_get_u32(m->head + 4);
-	uint64_t hdr_len = mpi_get_u64(m->head + 8), data_len = mpi_get_u64(m->head + 16);
+	uint32_t magic = tmpi_get_u32(m->head), flags = tmpi_get_u32(m->head + 4);
+	uint64_t hdr_len = tmpi_get_u64(m->head + 8), data_len = tmpi_get_u64(m->head + 16);
 	int inl = hdr_len <= TMPI_INLINE;
 	if (magic != TMPI_MAGIC || (inl && (size_t)count != TMPI_PREFIX + hdr_len) ||
 	    (!inl && count != TMPI_PREFIX) || (!(flags & TMPI_FLAG_DATA) && data_len)) {
@@ -417,14 +419,14 @@ static int mpi_take(struct transport_mpi *tm, const MPI_Status *st, struct mpi_m
 	if (inl) {
 		m->hdr = m->head + TMPI_PREFIX;
 	} else if (m->bad) {
-		rc = mpi_recv_body(tm, src, NULL, hdr_len, &m->bad);
-	} else if (mpi_grow(&m->hbuf, &m->hbuf_cap, hdr_len)) {
+		rc = tmpi_recv_body(tm, src, NULL, hdr_len, &m->bad);
+	} else if (tmpi_grow(&m->hbuf, &m->hbuf_cap, hdr_len)) {
 		log_error("%s: out of memory for a %llu-byte header", who,
 			  (unsigned long long)hdr_len);
 		return ERR_NOMEM;
 	} else {
 		m->hdr = m->hbuf;
-		rc = mpi_recv_body(tm, src, m->hbuf, hdr_len, &m->bad);
+		rc = tmpi_recv_body(tm, src, m->hbuf, hdr_len, &m->bad);
 	}
 	if (rc)
 		return rc;
@@ -434,35 +436,35 @@ static int mpi_take(struct transport_mpi *tm, const MPI_Status *st, struct mpi_m
 	if (!(flags & TMPI_FLAG_DATA))
 		return 0;
 	if (m->bad)
-		return mpi_recv_body(tm, src, NULL, data_len, &m->bad);
-	if (mpi_grow(&m->data, &m->data_cap, data_len)) {
+		return tmpi_recv_body(tm, src, NULL, data_len, &m->bad);
+	if (tmpi_grow(&m->data, &m->data_cap, data_len)) {
 		log_error("%s: out of memory for a %llu-byte frame", who,
 			  (unsigned long long)data_len);
 		return ERR_NOMEM;
 	}
-	rc = mpi_recv_body(tm, src, m->data, data_len, &m->bad);
+	rc = tmpi_recv_body(tm, src, m->data, data_len, &m->bad);
 	m->data_len = data_len;
 	m->has_data = 1;
 	return rc;
 }
 
-static int mpi_any_source(const struct transport_mpi *tm)
+static int tmpi_any_source(const struct transport_mpi *tm)
 {
 	return tm->rank == 0 ? MPI_ANY_SOURCE : 0;
 }
 
 /* Probes for the next message's head, dropping stray body chunks (left over
  * from a message cut short). */
-static int mpi_probe_head(struct transport_mpi *tm, int timeout_ms, MPI_Status *st)
+static int tmpi_probe_head(struct transport_mpi *tm, int timeout_ms, MPI_Status *st)
 {
-	int64_t deadline = mpi_now_ns() + (int64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000;
+	int64_t deadline = tmpi_now_ns() + (int64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000;
 	for (;;) {
 		int left = timeout_ms;
 		if (timeout_ms > 0) {
-			int64_t ns = deadline - mpi_now_ns();
+			int64_t ns = deadline - tmpi_now_ns();
 			left = ns > 0 ? (int)((ns + 999999) / 1000000) : 0;
 		}
-		int rc = mpi_probe_wait(tm, mpi_any_source(tm), MPI_ANY_TAG, left, st);
+		int rc = tmpi_probe_wait(tm, tmpi_any_source(tm), MPI_ANY_TAG, left, st);
 		if (rc)
 			return rc;
 		if (st->MPI_TAG == TMPI_TAG_HEAD)
@@ -470,31 +472,30 @@ static int mpi_probe_head(struct transport_mpi *tm, int timeout_ms, MPI_Status *
 		int count = 0;
 		MPI_Get_count(st, MPI_BYTE, &count);
 		log_error("%s: stray MPI message (tag %d, %d bytes) dropped",
-			  mpi_peer_name(&tm->base, mpi_peer_of_rank(tm, st->MPI_SOURCE)),
+			  tmpi_peer_name(&tm->base, tmpi_peer_of_rank(tm, st->MPI_SOURCE)),
 			  st->MPI_TAG, count);
-		rc = mpi_recv_probed(tm, st->MPI_SOURCE, st->MPI_TAG, count < 0 ? 0 : count,
-				     NULL);
+		rc = tmpi_recv_probed(tm, st->MPI_SOURCE, st->MPI_TAG, count < 0 ? 0 : count, NULL);
 		if (rc)
 			return rc;
 	}
 }
 
-static void mpi_fill_frame(const struct mpi_msg *m, struct transport_frame *out)
+static void tmpi_fill_frame(const struct tmpi_msg *m, struct transport_frame *out)
 {
 	memset(out, 0, sizeof(*out));
 	out->peer = m->peer;
 	out->bad = m->bad;
 	if (m->bad)
 		return;
-	out->hdr = m->hdr ? m->hdr : mpi_empty_frame;
+	out->hdr = m->hdr ? m->hdr : tmpi_empty_frame;
 	out->hdr_len = m->hdr_len;
 	if (m->has_data) {
-		out->data = m->data ? m->data : mpi_empty_frame;
+		out->data = m->data ? m->data : tmpi_empty_frame;
 		out->data_len = m->data_len;
 	}
 }
 
-static int mpi_recv_msg(transport *t, int timeout_ms, struct transport_frame *out)
+static int tmpi_recv_msg(transport *t, int timeout_ms, struct transport_frame *out)
 {
 	struct transport_mpi *tm = (struct transport_mpi *)t;
 	memset(out, 0, sizeof(*out));
@@ -502,39 +503,39 @@ static int mpi_recv_msg(transport *t, int timeout_ms, struct transport_frame *ou
 		return ERR_PEER;
 	if (tm->q_len > 0) {
 		/* the oldest message received while a send waited */
-		mpi_msg_free(&tm->cur);
+		tmpi_msg_free(&tm->cur);
 		tm->cur = tm->queue[0];
 		memmove(tm->queue, tm->queue + 1, (size_t)(tm->q_len - 1) * sizeof(*tm->queue));
 		tm->q_len--;
-		mpi_fill_frame(&tm->cur, out);
+		tmpi_fill_frame(&tm->cur, out);
 		return 0;
 	}
 	MPI_Status st;
-	int rc = mpi_probe_head(tm, timeout_ms, &st);
+	int rc = tmpi_probe_head(tm, timeout_ms, &st);
 	if (rc)
 		return rc;
-	rc = mpi_take(tm, &st, &tm->cur);
+	rc = tmpi_take(tm, &st, &tm->cur);
 	if (rc)
 		return rc;
-	mpi_fill_frame(&tm->cur, out);
+	tmpi_fill_frame(&tm->cur, out);
 	return 0;
 }
 
 /* ------------------------------------------------------------ send */
 
 /* While a send waits: receive one pending message into the queue, if any. */
-static int mpi_queue_incoming(struct transport_mpi *tm)
+static int tmpi_queue_incoming(struct transport_mpi *tm)
 {
 	if (tm->q_len >= TMPI_QUEUE_MAX)
 		return 0;
 	int flag = 0;
 	MPI_Status st;
-	if (MPI_Iprobe(mpi_any_source(tm), TMPI_TAG_HEAD, tm->comm, &flag, &st) != MPI_SUCCESS ||
+	if (MPI_Iprobe(tmpi_any_source(tm), TMPI_TAG_HEAD, tm->comm, &flag, &st) != MPI_SUCCESS ||
 	    !flag)
 		return 0;
 	if (tm->q_len == tm->q_cap) {
 		int cap = tm->q_cap ? tm->q_cap * 2 : 8;
-		struct mpi_msg *q = realloc(tm->queue, (size_t)cap * sizeof(*q));
+		struct tmpi_msg *q = realloc(tm->queue, (size_t)cap * sizeof(*q));
 		if (!q) {
 			log_error("transport: out of memory queueing MPI messages");
 			return ERR_NOMEM;
@@ -542,11 +543,11 @@ static int mpi_queue_incoming(struct transport_mpi *tm)
 		tm->queue = q;
 		tm->q_cap = cap;
 	}
-	struct mpi_msg *m = &tm->queue[tm->q_len];
+	struct tmpi_msg *m = &tm->queue[tm->q_len];
 	memset(m, 0, sizeof(*m));
-	int rc = mpi_take(tm, &st, m);
+	int rc = tmpi_take(tm, &st, m);
 	if (rc) {
-		mpi_msg_free(m);
+		tmpi_msg_free(m);
 		return rc;
 	}
 	tm->q_len++;
@@ -555,16 +556,16 @@ static int mpi_queue_incoming(struct transport_mpi *tm)
 
 /* A send timed out: try to cancel it.  0 if it completed after all, ERR_PEER
  * if it was cancelled or the transport is now broken. */
-static int mpi_cancel_send(struct transport_mpi *tm, int peer, MPI_Request *req, int n)
+static int tmpi_cancel_send(struct transport_mpi *tm, int peer, MPI_Request *req, int n)
 {
-	const char *who = mpi_peer_name(&tm->base, peer);
+	const char *who = tmpi_peer_name(&tm->base, peer);
 	for (int i = 0; i < n; i++)
 		if (req[i] != MPI_REQUEST_NULL)
 			MPI_Cancel(&req[i]);
-	int64_t start = mpi_now_ns(), sleep_ns = 1000;
+	int64_t start = tmpi_now_ns(), sleep_ns = 1000;
 	int64_t deadline = start + (int64_t)TMPI_CANCEL_WAIT_MS * 1000000;
 	int cancelled = 0, pending = n;
-	while (pending && mpi_now_ns() < deadline) {
+	while (pending && tmpi_now_ns() < deadline) {
 		pending = 0;
 		for (int i = 0; i < n; i++) {
 			if (req[i] == MPI_REQUEST_NULL)
@@ -581,7 +582,7 @@ static int mpi_cancel_send(struct transport_mpi *tm, int peer, MPI_Request *req,
 			}
 		}
 		if (pending)
-			mpi_backoff(start, &sleep_ns);
+			tmpi_backoff(start, &sleep_ns);
 	}
 	if (pending) {
 		tm->broken = 1;
@@ -597,13 +598,13 @@ static int mpi_cancel_send(struct transport_mpi *tm, int peer, MPI_Request *req,
 }
 
 /* Posts len bytes from buf as body chunks; *n counts the requests. */
-static int mpi_post_body(struct transport_mpi *tm, int dest, const uint8_t *buf, size_t len,
-			 MPI_Request *req, int *n)
+static int tmpi_post_body(struct transport_mpi *tm, int dest, const uint8_t *buf, size_t len,
+			  MPI_Request *req, int *n)
 {
 	for (size_t off = 0; off < len; off += TMPI_CHUNK) {
 		size_t c = len - off < TMPI_CHUNK ? len - off : TMPI_CHUNK;
-		int rc = MPI_Isend(buf + off, (int)c, MPI_BYTE, dest, TMPI_TAG_BODY, tm->comm,
-				   &req[*n]);
+		int rc =
+		    MPI_Isend(buf + off, (int)c, MPI_BYTE, dest, TMPI_TAG_BODY, tm->comm, &req[*n]);
 		if (rc != MPI_SUCCESS)
 			return rc;
 		(*n)++;
@@ -611,13 +612,13 @@ static int mpi_post_body(struct transport_mpi *tm, int dest, const uint8_t *buf,
 	return MPI_SUCCESS;
 }
 
-static int mpi_send_msg(transport *t, int peer, const void *hdr, size_t hdr_len, const void *data,
-			size_t data_len)
+static int tmpi_send_msg(transport *t, int peer, const void *hdr, size_t hdr_len, const void *data,
+			 size_t data_len)
 {
 	struct transport_mpi *tm = (struct transport_mpi *)t;
 	char ebuf[MPI_MAX_ERROR_STRING];
 	if (tm->broken) {
-		log_error("%s: the MPI transport is unusable", mpi_peer_name(t, peer));
+		log_error("%s: the MPI transport is unusable", tmpi_peer_name(t, peer));
 		return ERR_PEER;
 	}
 	if (peer < 0 || peer >= tm->n_peers) {
@@ -629,9 +630,10 @@ static int mpi_send_msg(transport *t, int peer, const void *hdr, size_t hdr_len,
 		log_error("%s: send to a dropped peer", who);
 		return ERR_PEER;
 	}
-	int dest = mpi_rank_of_peer(tm, peer);
+	int dest = tmpi_rank_of_peer(tm, peer);
 	int inl = hdr_len <= TMPI_INLINE;
-	size_t n_req = 1 + (inl ? 0 : mpi_n_chunks(hdr_len)) + (data ? mpi_n_chunks(data_len) : 0);
+	size_t n_req =
+	    1 + (inl ? 0 : tmpi_n_chunks(hdr_len)) + (data ? tmpi_n_chunks(data_len) : 0);
 	MPI_Request req_small[8], *req = req_small;
 	if (n_req > sizeof(req_small) / sizeof(req_small[0])) {
 		req = malloc(n_req * sizeof(*req));
@@ -653,29 +655,29 @@ static int mpi_send_msg(transport *t, int peer, const void *hdr, size_t hdr_len,
 	if (inl && hdr_len)
 		memcpy(h + TMPI_PREFIX, hdr, hdr_len);
 	int n = 0;
-	int rc = MPI_Isend(h, TMPI_PREFIX + (inl ? (int)hdr_len : 0), MPI_BYTE, dest,
-			   TMPI_TAG_HEAD, tm->comm, &req[n]);
+	int rc = MPI_Isend(h, TMPI_PREFIX + (inl ? (int)hdr_len : 0), MPI_BYTE, dest, TMPI_TAG_HEAD,
+			   tm->comm, &req[n]);
 	if (rc == MPI_SUCCESS)
 		n++;
 	if (rc == MPI_SUCCESS && !inl)
-		rc = mpi_post_body(tm, dest, hdr, hdr_len, req, &n);
+		rc = tmpi_post_body(tm, dest, hdr, hdr_len, req, &n);
 	if (rc == MPI_SUCCESS && data)
-		rc = mpi_post_body(tm, dest, data, data_len, req, &n);
+		rc = tmpi_post_body(tm, dest, data, data_len, req, &n);
 	if (rc != MPI_SUCCESS) {
-		log_error("%s: MPI_Isend failed: %s", who, mpi_strerror(rc, ebuf));
-		mpi_cancel_send(tm, peer, req, n);
+		log_error("%s: MPI_Isend failed: %s", who, tmpi_strerror(rc, ebuf));
+		tmpi_cancel_send(tm, peer, req, n);
 		rc = ERR_IO;
 		goto out;
 	}
 
-	int64_t start = mpi_now_ns(), sleep_ns = 1000;
+	int64_t start = tmpi_now_ns(), sleep_ns = 1000;
 	int64_t deadline = start + (int64_t)tm->base.send_timeout_ms * 1000000;
 	int drain = 1; /* off after a failure to queue (already logged) */
 	for (;;) {
 		int done = 0;
 		rc = MPI_Testall(n, req, &done, MPI_STATUSES_IGNORE);
 		if (rc != MPI_SUCCESS) {
-			log_error("%s: send failed: %s", who, mpi_strerror(rc, ebuf));
+			log_error("%s: send failed: %s", who, tmpi_strerror(rc, ebuf));
 			rc = ERR_PEER;
 			goto out;
 		}
@@ -683,13 +685,13 @@ static int mpi_send_msg(transport *t, int peer, const void *hdr, size_t hdr_len,
 			rc = 0;
 			goto out;
 		}
-		if (drain && mpi_queue_incoming(tm))
+		if (drain && tmpi_queue_incoming(tm))
 			drain = 0;
-		if (mpi_now_ns() >= deadline) {
-			rc = mpi_cancel_send(tm, peer, req, n);
+		if (tmpi_now_ns() >= deadline) {
+			rc = tmpi_cancel_send(tm, peer, req, n);
 			goto out;
 		}
-		mpi_backoff(start, &sleep_ns);
+		tmpi_backoff(start, &sleep_ns);
 	}
 out:
 	if (req != req_small)
@@ -697,11 +699,11 @@ out:
 	return rc;
 }
 
-static const struct transport_ops mpi_transport_ops = {
-	.send = mpi_send_msg,
-	.recv = mpi_recv_msg,
-	.drop_peer = mpi_drop_peer,
-	.n_peers = mpi_n_peers,
-	.peer_name = mpi_peer_name,
-	.destroy = mpi_destroy,
+static const struct transport_ops tmpi_transport_ops = {
+    .send = tmpi_send_msg,
+    .recv = tmpi_recv_msg,
+    .drop_peer = tmpi_drop_peer,
+    .n_peers = tmpi_n_peers,
+    .peer_name = tmpi_peer_name,
+    .destroy = tmpi_destroy,
 };

@@ -20,14 +20,11 @@
 
 #include <zmq.h>
 
-#ifndef WIRE_MAX_HEADER
-#define WIRE_MAX_HEADER (16u << 20)
-#endif
+#define TZMQ_ID_MAX    255   /* libzmq's limit on routing ids */
+#define TZMQ_PEERS_MAX 65536 /* indices handed out; later newcomers are refused */
 
-#define ZMQ_ID_MAX 255 /* libzmq's limit on routing ids */
-
-struct zmq_peer {
-	uint8_t id[ZMQ_ID_MAX];
+struct tzmq_peer {
+	uint8_t id[TZMQ_ID_MAX];
 	size_t id_len;
 	int active; /* 0 once dropped: the id no longer maps to this index */
 	char name[32];
@@ -37,26 +34,26 @@ struct transport_zmq {
 	transport base;
 	void *ctx;
 	void *sock;
-	int router;		/* 1: coordinator (ROUTER), 0: worker (DEALER) */
-	char endpoint[512];	/* as bound / connected (ZMQ_LAST_ENDPOINT) */
-	char ipc_path[512];	/* socket file to remove on destroy, "" if none */
-	struct zmq_peer *peers; /* router: index -> routing id */
+	int router;		 /* 1: coordinator (ROUTER), 0: worker (DEALER) */
+	char endpoint[512];	 /* as bound / connected (ZMQ_LAST_ENDPOINT) */
+	char ipc_path[512];	 /* socket file to remove on destroy, "" if none */
+	struct tzmq_peer *peers; /* router: index -> routing id */
 	int n_peers, cap_peers;
 	zmq_msg_t part[2]; /* header and frame of the last message */
 	int n_held;
 };
 
-static const struct transport_ops zmq_transport_ops;
-static const uint8_t zmq_empty_frame[1];
+static const struct transport_ops tzmq_transport_ops;
+static const uint8_t tzmq_empty_frame[1];
 
-static double zmq_now_ms(void)
+static double tzmq_now_ms(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
-static void zmq_release_held(struct transport_zmq *tz)
+static void tzmq_release_held(struct transport_zmq *tz)
 {
 	for (int i = 0; i < tz->n_held; i++)
 		zmq_msg_close(&tz->part[i]);
@@ -66,7 +63,7 @@ static void zmq_release_held(struct transport_zmq *tz)
 /* libzmq's own ceiling, so an absurd frame is refused before it is
  * allocated: twice our caps, so frames a little above them arrive and are
  * reported as bad instead of closing the connection. */
-static int64_t zmq_hard_cap(const transport *t)
+static int64_t tzmq_hard_cap(const transport *t)
 {
 	uint64_t cap = t->frame_cap > WIRE_MAX_HEADER ? t->frame_cap : WIRE_MAX_HEADER;
 	if (cap > (uint64_t)INT64_MAX / 2)
@@ -74,9 +71,9 @@ static int64_t zmq_hard_cap(const transport *t)
 	return (int64_t)(cap * 2);
 }
 
-static int zmq_apply_limits(struct transport_zmq *tz)
+static int tzmq_apply_limits(struct transport_zmq *tz)
 {
-	int64_t hard = zmq_hard_cap(&tz->base);
+	int64_t hard = tzmq_hard_cap(&tz->base);
 	int sndtimeo = tz->base.send_timeout_ms;
 	if (zmq_setsockopt(tz->sock, ZMQ_MAXMSGSIZE, &hard, sizeof(hard)) ||
 	    zmq_setsockopt(tz->sock, ZMQ_SNDTIMEO, &sndtimeo, sizeof(sndtimeo))) {
@@ -86,15 +83,15 @@ static int zmq_apply_limits(struct transport_zmq *tz)
 	return 0;
 }
 
-static void zmq_limits_changed(transport *t)
+static void tzmq_limits_changed(transport *t)
 {
-	zmq_apply_limits((struct transport_zmq *)t);
+	tzmq_apply_limits((struct transport_zmq *)t);
 }
 
 /* A routing id unlikely to collide with another worker's: 16 bytes mixed from
  * the clock, the pid and an address.  The first byte is not 0 (libzmq keeps
  * ids starting with 0 for the ones it generates). */
-static void zmq_make_routing_id(const void *salt, uint8_t id[16])
+static void tzmq_make_routing_id(const void *salt, uint8_t id[16])
 {
 	static unsigned counter;
 	struct timespec ts;
@@ -114,7 +111,7 @@ static void zmq_make_routing_id(const void *salt, uint8_t id[16])
 		id[0] = 1;
 }
 
-static int zmq_check_endpoint(const char *endpoint)
+static int tzmq_check_endpoint(const char *endpoint)
 {
 	if (!endpoint || (strncmp(endpoint, "tcp://", 6) && strncmp(endpoint, "ipc://", 6)) ||
 	    strlen(endpoint) <= 6) {
@@ -129,10 +126,10 @@ static int zmq_check_endpoint(const char *endpoint)
 	return 0;
 }
 
-static int zmq_open(const char *endpoint, int router, transport **out)
+static int tzmq_open(const char *endpoint, int router, transport **out)
 {
 	*out = NULL;
-	int rc = zmq_check_endpoint(endpoint);
+	int rc = tzmq_check_endpoint(endpoint);
 	if (rc)
 		return rc;
 	struct transport_zmq *tz = calloc(1, sizeof(*tz));
@@ -140,7 +137,7 @@ static int zmq_open(const char *endpoint, int router, transport **out)
 		log_error("%s: out of memory", endpoint);
 		return ERR_NOMEM;
 	}
-	transport_init_base(&tz->base, &zmq_transport_ops);
+	transport_init_base(&tz->base, &tzmq_transport_ops);
 	tz->router = router;
 	snprintf(tz->endpoint, sizeof(tz->endpoint), "%s", endpoint);
 
@@ -171,14 +168,14 @@ static int zmq_open(const char *endpoint, int router, transport **out)
 		}
 	} else {
 		uint8_t id[16];
-		zmq_make_routing_id(tz, id);
+		tzmq_make_routing_id(tz, id);
 		if (zmq_setsockopt(tz->sock, ZMQ_ROUTING_ID, id, sizeof(id))) {
 			log_error("%s: cannot set ZMQ_ROUTING_ID: %s", endpoint,
 				  zmq_strerror(errno));
 			goto out;
 		}
 	}
-	rc = zmq_apply_limits(tz);
+	rc = tzmq_apply_limits(tz);
 	if (rc)
 		goto out;
 
@@ -201,7 +198,7 @@ static int zmq_open(const char *endpoint, int router, transport **out)
 	rc = 0;
 out:
 	if (rc)
-		zmq_transport_ops.destroy(&tz->base);
+		tzmq_transport_ops.destroy(&tz->base);
 	else
 		*out = &tz->base;
 	return rc;
@@ -209,25 +206,25 @@ out:
 
 int transport_zmq_listen(const char *endpoint, transport **out)
 {
-	return zmq_open(endpoint, 1, out);
+	return tzmq_open(endpoint, 1, out);
 }
 
 int transport_zmq_connect(const char *endpoint, transport **out)
 {
-	return zmq_open(endpoint, 0, out);
+	return tzmq_open(endpoint, 0, out);
 }
 
 const char *transport_zmq_endpoint(const transport *t)
 {
-	if (!t || t->ops != &zmq_transport_ops)
+	if (!t || t->ops != &tzmq_transport_ops)
 		return NULL;
 	return ((const struct transport_zmq *)t)->endpoint;
 }
 
-static void zmq_destroy(transport *t)
+static void tzmq_destroy(transport *t)
 {
 	struct transport_zmq *tz = (struct transport_zmq *)t;
-	zmq_release_held(tz);
+	tzmq_release_held(tz);
 	if (tz->sock)
 		zmq_close(tz->sock);
 	if (tz->ctx)
@@ -240,21 +237,21 @@ static void zmq_destroy(transport *t)
 
 /* ------------------------------------------------------------ peers */
 
-static int zmq_find_peer(const struct transport_zmq *tz, const uint8_t *id, size_t len)
+static int tzmq_find_peer(const struct transport_zmq *tz, const uint8_t *id, size_t len)
 {
 	for (int i = 0; i < tz->n_peers; i++) {
-		const struct zmq_peer *p = &tz->peers[i];
+		const struct tzmq_peer *p = &tz->peers[i];
 		if (p->active && p->id_len == len && !memcmp(p->id, id, len))
 			return i;
 	}
 	return -1;
 }
 
-static int zmq_add_peer(struct transport_zmq *tz, const uint8_t *id, size_t len, int *index)
+static int tzmq_add_peer(struct transport_zmq *tz, const uint8_t *id, size_t len, int *index)
 {
 	if (tz->n_peers == tz->cap_peers) {
 		int cap = tz->cap_peers ? tz->cap_peers * 2 : 16;
-		struct zmq_peer *p = realloc(tz->peers, (size_t)cap * sizeof(*p));
+		struct tzmq_peer *p = realloc(tz->peers, (size_t)cap * sizeof(*p));
 		if (!p) {
 			log_error("%s: out of memory for peer %d", tz->endpoint, tz->n_peers);
 			return ERR_NOMEM;
@@ -262,7 +259,7 @@ static int zmq_add_peer(struct transport_zmq *tz, const uint8_t *id, size_t len,
 		tz->peers = p;
 		tz->cap_peers = cap;
 	}
-	struct zmq_peer *p = &tz->peers[tz->n_peers];
+	struct tzmq_peer *p = &tz->peers[tz->n_peers];
 	memcpy(p->id, id, len);
 	p->id_len = len;
 	p->active = 1;
@@ -271,20 +268,20 @@ static int zmq_add_peer(struct transport_zmq *tz, const uint8_t *id, size_t len,
 	return 0;
 }
 
-static void zmq_drop_peer(transport *t, int peer)
+static void tzmq_drop_peer(transport *t, int peer)
 {
 	struct transport_zmq *tz = (struct transport_zmq *)t;
 	if (tz->router && peer >= 0 && peer < tz->n_peers)
 		tz->peers[peer].active = 0;
 }
 
-static int zmq_n_peers(const transport *t)
+static int tzmq_n_peers(const transport *t)
 {
 	const struct transport_zmq *tz = (const struct transport_zmq *)t;
 	return tz->router ? tz->n_peers : 1;
 }
 
-static const char *zmq_peer_name(const transport *t, int peer)
+static const char *tzmq_peer_name(const transport *t, int peer)
 {
 	const struct transport_zmq *tz = (const struct transport_zmq *)t;
 	if (!tz->router)
@@ -296,16 +293,14 @@ static const char *zmq_peer_name(const transport *t, int peer)
 
 /* ------------------------------------------------------------ send */
 
-static int zmq_send_part(struct transport_zmq *tz, int peer, const void *buf, size_t len,
-			 int more)
+static int tzmq_send_part(struct transport_zmq *tz, int peer, const void *buf, size_t len, int more)
 {
-	if (zmq_send(tz->sock, buf, len, more ? ZMQ_SNDMORE : 0) >= 0)
+	if (zmq_send(tz->sock, buf ? buf : tzmq_empty_frame, len, more ? ZMQ_SNDMORE : 0) >= 0)
 		return 0;
 	int e = errno;
-	const char *who = zmq_peer_name(&tz->base, peer);
+	const char *who = tzmq_peer_name(&tz->base, peer);
 	if (e == EAGAIN)
-		log_error("%s: did not take a message within %d ms", who,
-			  tz->base.send_timeout_ms);
+		log_error("%s: did not take a message within %d ms", who, tz->base.send_timeout_ms);
 	else if (e == EHOSTUNREACH)
 		log_error("%s: not connected", who);
 	else
@@ -313,8 +308,8 @@ static int zmq_send_part(struct transport_zmq *tz, int peer, const void *buf, si
 	return ERR_PEER;
 }
 
-static int zmq_send_msg(transport *t, int peer, const void *hdr, size_t hdr_len, const void *data,
-			size_t data_len)
+static int tzmq_send_msg(transport *t, int peer, const void *hdr, size_t hdr_len, const void *data,
+			 size_t data_len)
 {
 	struct transport_zmq *tz = (struct transport_zmq *)t;
 	int rc;
@@ -329,28 +324,28 @@ static int zmq_send_msg(transport *t, int peer, const void *hdr, size_t hdr_len,
 			return ERR_PEER;
 		}
 		/* the routing id is copied by zmq_send: the table may move later */
-		rc = zmq_send_part(tz, peer, tz->peers[peer].id, tz->peers[peer].id_len, 1);
+		rc = tzmq_send_part(tz, peer, tz->peers[peer].id, tz->peers[peer].id_len, 1);
 		if (rc)
 			return rc;
 	} else if (peer != 0) {
 		log_error("%s: a worker can only send to peer 0, not %d", tz->endpoint, peer);
 		return ERR_RANGE;
 	}
-	rc = zmq_send_part(tz, peer, hdr, hdr_len, data != NULL);
+	rc = tzmq_send_part(tz, peer, hdr, hdr_len, data != NULL);
 	if (rc || !data)
 		return rc;
-	return zmq_send_part(tz, peer, data, data_len, 0);
+	return tzmq_send_part(tz, peer, data, data_len, 0);
 }
 
 /* ------------------------------------------------------------ receive */
 
 /* Waits until the socket has a message: 0, or ERR_PEER on time-out. */
-static int zmq_wait(struct transport_zmq *tz, int timeout_ms, double deadline)
+static int tzmq_wait(struct transport_zmq *tz, int timeout_ms, double deadline)
 {
 	for (;;) {
 		long wait = -1;
 		if (timeout_ms >= 0) {
-			double left = deadline - zmq_now_ms();
+			double left = deadline - tzmq_now_ms();
 			wait = left > 0 ? (long)(left + 0.999) : 0;
 		}
 		zmq_pollitem_t it = {.socket = tz->sock, .events = ZMQ_POLLIN};
@@ -358,7 +353,7 @@ static int zmq_wait(struct transport_zmq *tz, int timeout_ms, double deadline)
 		if (n > 0)
 			return 0;
 		if (n == 0) {
-			if (timeout_ms >= 0 && zmq_now_ms() >= deadline)
+			if (timeout_ms >= 0 && tzmq_now_ms() >= deadline)
 				return ERR_PEER;
 			continue;
 		}
@@ -371,7 +366,7 @@ static int zmq_wait(struct transport_zmq *tz, int timeout_ms, double deadline)
 
 /* Receives the next part of the current message into m (initialised here);
  * *more says whether others follow. */
-static int zmq_recv_part(struct transport_zmq *tz, zmq_msg_t *m, int *more)
+static int tzmq_recv_part(struct transport_zmq *tz, zmq_msg_t *m, int *more)
 {
 	zmq_msg_init(m);
 	for (;;) {
@@ -387,33 +382,35 @@ static int zmq_recv_part(struct transport_zmq *tz, zmq_msg_t *m, int *more)
 	return 0;
 }
 
-static int zmq_recv_msg(transport *t, int timeout_ms, struct transport_frame *out)
+static int tzmq_recv_msg(transport *t, int timeout_ms, struct transport_frame *out)
 {
 	struct transport_zmq *tz = (struct transport_zmq *)t;
 	memset(out, 0, sizeof(*out));
-	zmq_release_held(tz);
+	tzmq_release_held(tz);
 
-	double deadline = zmq_now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
-	uint8_t id[ZMQ_ID_MAX];
+	double deadline = tzmq_now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+	uint8_t id[TZMQ_ID_MAX];
 	size_t id_len = 0;
 	zmq_msg_t m;
+	/* ROUTER: the routing id; DEALER: the header, kept */
+	zmq_msg_t *first = tz->router ? &m : &tz->part[0];
 	int more = 0, rc;
 	for (;;) {
-		rc = zmq_wait(tz, timeout_ms, deadline);
+		rc = tzmq_wait(tz, timeout_ms, deadline);
 		if (rc)
 			return rc;
 		/* a whole message is there once its first part is: parts are atomic */
-		zmq_msg_init(&m);
-		if (zmq_msg_recv(&m, tz->sock, ZMQ_DONTWAIT) >= 0)
+		zmq_msg_init(first);
+		if (zmq_msg_recv(first, tz->sock, ZMQ_DONTWAIT) >= 0)
 			break;
 		int e = errno;
-		zmq_msg_close(&m);
+		zmq_msg_close(first);
 		if (e != EAGAIN && e != EINTR) {
 			log_error("%s: receive failed: %s", tz->endpoint, zmq_strerror(e));
 			return ERR_IO;
 		}
 	}
-	more = zmq_msg_more(&m);
+	more = zmq_msg_more(first);
 	if (tz->router) {
 		id_len = zmq_msg_size(&m);
 		if (id_len > sizeof(id))
@@ -421,16 +418,16 @@ static int zmq_recv_msg(transport *t, int timeout_ms, struct transport_frame *ou
 		memcpy(id, zmq_msg_data(&m), id_len);
 		zmq_msg_close(&m);
 	} else {
-		tz->part[tz->n_held++] = m;
+		tz->n_held = 1;
 	}
 
 	/* the payload parts: keep two, count and discard the rest */
 	int n_parts = tz->n_held;
 	while (more) {
 		zmq_msg_t *p = tz->n_held < 2 ? &tz->part[tz->n_held] : &m;
-		rc = zmq_recv_part(tz, p, &more);
+		rc = tzmq_recv_part(tz, p, &more);
 		if (rc) {
-			zmq_release_held(tz);
+			tzmq_release_held(tz);
 			return rc;
 		}
 		n_parts++;
@@ -442,18 +439,27 @@ static int zmq_recv_msg(transport *t, int timeout_ms, struct transport_frame *ou
 
 	int peer = 0;
 	if (tz->router) {
-		peer = zmq_find_peer(tz, id, id_len);
+		peer = tzmq_find_peer(tz, id, id_len);
+		if (peer < 0 && tz->n_peers >= TZMQ_PEERS_MAX) {
+			log_error("%s: more than %d peers have connected; message from a new one "
+				  "dropped",
+				  tz->endpoint, TZMQ_PEERS_MAX);
+			tzmq_release_held(tz);
+			out->peer = -1;
+			out->bad = 1;
+			return 0;
+		}
 		if (peer < 0) {
-			rc = zmq_add_peer(tz, id, id_len, &peer);
+			rc = tzmq_add_peer(tz, id, id_len, &peer);
 			if (rc) {
-				zmq_release_held(tz);
+				tzmq_release_held(tz);
 				return rc;
 			}
 		}
 	}
 	out->peer = peer;
 
-	const char *who = zmq_peer_name(t, peer);
+	const char *who = tzmq_peer_name(t, peer);
 	size_t hdr_len = n_parts >= 1 ? zmq_msg_size(&tz->part[0]) : 0;
 	size_t data_len = n_parts >= 2 ? zmq_msg_size(&tz->part[1]) : 0;
 	if (n_parts == 0 || n_parts > 2) {
@@ -471,28 +477,28 @@ static int zmq_recv_msg(transport *t, int timeout_ms, struct transport_frame *ou
 		out->bad = 1;
 	}
 	if (out->bad) {
-		zmq_release_held(tz);
+		tzmq_release_held(tz);
 		return 0;
 	}
 	out->hdr = zmq_msg_data(&tz->part[0]);
 	out->hdr_len = hdr_len;
 	if (!out->hdr)
-		out->hdr = zmq_empty_frame;
+		out->hdr = tzmq_empty_frame;
 	if (n_parts == 2) {
 		out->data = zmq_msg_data(&tz->part[1]);
 		out->data_len = data_len;
 		if (!out->data)
-			out->data = zmq_empty_frame;
+			out->data = tzmq_empty_frame;
 	}
 	return 0;
 }
 
-static const struct transport_ops zmq_transport_ops = {
-	.send = zmq_send_msg,
-	.recv = zmq_recv_msg,
-	.drop_peer = zmq_drop_peer,
-	.n_peers = zmq_n_peers,
-	.peer_name = zmq_peer_name,
-	.destroy = zmq_destroy,
-	.limits_changed = zmq_limits_changed,
+static const struct transport_ops tzmq_transport_ops = {
+    .send = tzmq_send_msg,
+    .recv = tzmq_recv_msg,
+    .drop_peer = tzmq_drop_peer,
+    .n_peers = tzmq_n_peers,
+    .peer_name = tzmq_peer_name,
+    .destroy = tzmq_destroy,
+    .limits_changed = tzmq_limits_changed,
 };

@@ -64,14 +64,14 @@ struct ds2_hparams {
 	int n_layer;
 	int n_ctx_train;
 	int n_head;
-	int n_dense;	   /* leading_dense_block_count: layers with a dense FFN */
-	int n_ff;	   /* dense FFN width */
-	int q_lora;	   /* 0: plain attn_q */
-	int kv_lora;	   /* width of the compressed KV c (= value width) */
-	int n_rot;	   /* RoPE dimensions of each query / key head */
-	int head_k;	   /* key_length_mla: nope + rope per query head */
-	int head_nope;	   /* head_k - n_rot */
-	int head_v;	   /* value_length_mla: per head after v_b */
+	int n_dense;   /* leading_dense_block_count: layers with a dense FFN */
+	int n_ff;      /* dense FFN width */
+	int q_lora;    /* 0: plain attn_q */
+	int kv_lora;   /* width of the compressed KV c (= value width) */
+	int n_rot;     /* RoPE dimensions of each query / key head */
+	int head_k;    /* key_length_mla: nope + rope per query head */
+	int head_nope; /* head_k - n_rot */
+	int head_v;    /* value_length_mla: per head after v_b */
 	int n_expert;
 	int n_expert_used;
 	int n_expert_shared;
@@ -86,59 +86,59 @@ struct ds2_hparams {
 };
 
 struct ds2_layer {
-	const gguf_tensor *attn_norm;	 /* [n_embd] F32 */
-	const gguf_tensor *q_a;		 /* n_embd -> q_lora */
-	const gguf_tensor *q_a_norm;	 /* [q_lora] F32 */
-	const gguf_tensor *q_b;		 /* q_lora -> n_head * head_k */
-	const gguf_tensor *q;		 /* n_embd -> n_head * head_k (when q_lora = 0) */
-	const gguf_tensor *kv_a_mqa;	 /* n_embd -> kv_lora + n_rot */
-	const gguf_tensor *kv_a_norm;	 /* [kv_lora] F32 */
-	const gguf_tensor *k_b;		 /* head_nope x kv_lora x n_head: per head nope -> kv_lora */
-	const gguf_tensor *v_b;		 /* kv_lora x head_v x n_head: per head kv_lora -> head_v */
-	const gguf_tensor *wo;		 /* n_head * head_v -> n_embd */
-	const gguf_tensor *ffn_norm;	 /* [n_embd] F32 */
-	const gguf_tensor *ffn_gate;	 /* dense: n_embd -> n_ff */
-	const gguf_tensor *ffn_up;	 /* dense: n_embd -> n_ff */
-	const gguf_tensor *ffn_down;	 /* dense: n_ff -> n_embd */
-	const gguf_tensor *gate_inp;	 /* MoE: n_embd -> n_expert (router) */
-	const gguf_tensor *exp_probs_b;	 /* MoE: [n_expert] F32 selection bias, or NULL */
-	const gguf_tensor *gate_shexp;	 /* MoE: n_embd -> n_ff_exp * n_expert_shared */
-	const gguf_tensor *up_shexp;	 /* MoE: n_embd -> n_ff_exp * n_expert_shared */
-	const gguf_tensor *down_shexp;	 /* MoE: n_ff_exp * n_expert_shared -> n_embd */
+	const gguf_tensor *attn_norm;	/* [n_embd] F32 */
+	const gguf_tensor *q_a;		/* n_embd -> q_lora */
+	const gguf_tensor *q_a_norm;	/* [q_lora] F32 */
+	const gguf_tensor *q_b;		/* q_lora -> n_head * head_k */
+	const gguf_tensor *q;		/* n_embd -> n_head * head_k (when q_lora = 0) */
+	const gguf_tensor *kv_a_mqa;	/* n_embd -> kv_lora + n_rot */
+	const gguf_tensor *kv_a_norm;	/* [kv_lora] F32 */
+	const gguf_tensor *k_b;		/* head_nope x kv_lora x n_head: per head nope -> kv_lora */
+	const gguf_tensor *v_b;		/* kv_lora x head_v x n_head: per head kv_lora -> head_v */
+	const gguf_tensor *wo;		/* n_head * head_v -> n_embd */
+	const gguf_tensor *ffn_norm;	/* [n_embd] F32 */
+	const gguf_tensor *ffn_gate;	/* dense: n_embd -> n_ff */
+	const gguf_tensor *ffn_up;	/* dense: n_embd -> n_ff */
+	const gguf_tensor *ffn_down;	/* dense: n_ff -> n_embd */
+	const gguf_tensor *gate_inp;	/* MoE: n_embd -> n_expert (router) */
+	const gguf_tensor *exp_probs_b; /* MoE: [n_expert] F32 selection bias, or NULL */
+	const gguf_tensor *gate_shexp;	/* MoE: n_embd -> n_ff_exp * n_expert_shared */
+	const gguf_tensor *up_shexp;	/* MoE: n_embd -> n_ff_exp * n_expert_shared */
+	const gguf_tensor *down_shexp;	/* MoE: n_ff_exp * n_expert_shared -> n_embd */
 };
 
 /* Activation buffers, sized at load for n_batch rows. */
 struct ds2_scratch {
-	float *x;	 /* [n_batch][n_embd] residual stream */
-	float *h;	 /* [n_batch][n_embd] normed input of attention / FFN */
-	float *qa;	 /* [n_batch][q_lora] */
-	float *q;	 /* [n_batch][n_head][head_k] */
-	float *kv;	 /* [n_batch][kv_lora + n_rot] */
-	float *qf;	 /* [n_batch][n_head][kv_lora + n_rot] absorbed query */
-	float *o;	 /* [n_batch][n_head][kv_lora] attention output */
-	float *ov;	 /* [n_batch][n_head][head_v] */
-	float *y;	 /* [n_batch][n_embd] block output (attention or FFN) */
-	float *gate;	 /* [n_batch][max(n_ff, n_ff_shexp)] */
-	float *up;	 /* [n_batch][max(n_ff, n_ff_shexp)] */
-	float *router;	 /* [n_batch][n_expert] router logits, then probs */
-	float *sel;	 /* [n_expert] selection scores of one row */
-	float *gscore;	 /* [n_group] */
-	uint8_t *taken;	 /* [max(n_expert, n_group)] */
-	int32_t *ids;	 /* [n_batch][n_expert_used] */
-	float *weights;	 /* [n_batch][n_expert_used] */
-	float *exp_out;	 /* [n_batch][n_expert_used][n_embd] weighted expert outputs */
+	float *x;	/* [n_batch][n_embd] residual stream */
+	float *h;	/* [n_batch][n_embd] normed input of attention / FFN */
+	float *qa;	/* [n_batch][q_lora] */
+	float *q;	/* [n_batch][n_head][head_k] */
+	float *kv;	/* [n_batch][kv_lora + n_rot] */
+	float *qf;	/* [n_batch][n_head][kv_lora + n_rot] absorbed query */
+	float *o;	/* [n_batch][n_head][kv_lora] attention output */
+	float *ov;	/* [n_batch][n_head][head_v] */
+	float *y;	/* [n_batch][n_embd] block output (attention or FFN) */
+	float *gate;	/* [n_batch][max(n_ff, n_ff_shexp)] */
+	float *up;	/* [n_batch][max(n_ff, n_ff_shexp)] */
+	float *router;	/* [n_batch][n_expert] router logits, then probs */
+	float *sel;	/* [n_expert] selection scores of one row */
+	float *gscore;	/* [n_group] */
+	uint8_t *taken; /* [max(n_expert, n_group)] */
+	int32_t *ids;	/* [n_batch][n_expert_used] */
+	float *weights; /* [n_batch][n_expert_used] */
+	float *exp_out; /* [n_batch][n_expert_used][n_embd] weighted expert outputs */
 	int32_t *sub_token, *sub_pos, *sub_seq; /* [n_batch] rows kept in the last layer */
-	void *mm;	 /* ops_matmul scratch */
-	void *heads_xa;	 /* [n_batch][n_head] rows converted for the per-head products */
+	void *mm;				/* ops_matmul scratch */
+	void *heads_xa; /* [n_batch][n_head] rows converted for the per-head products */
 };
 
 struct ds2 {
 	const struct arch_env *env; /* owned by model.c; env->experts may change */
 	struct ds2_hparams hp;
-	struct ds2_layer *layers;	  /* [n_layer] */
-	const gguf_tensor *tok_embd;	  /* n_embd x n_vocab */
-	const gguf_tensor *output_norm;	  /* [n_embd] F32 */
-	const gguf_tensor *output;	  /* n_embd -> n_vocab */
+	struct ds2_layer *layers;	/* [n_layer] */
+	const gguf_tensor *tok_embd;	/* n_embd x n_vocab */
+	const gguf_tensor *output_norm; /* [n_embd] F32 */
+	const gguf_tensor *output;	/* n_embd -> n_vocab */
 	struct ops_rope rope;
 	struct attn_params attn; /* MQA: one KV head [c | k_pe], value c */
 	attn_cache *cache;
@@ -152,8 +152,8 @@ static int ds2_u32(const struct arch_env *env, const char *key, int required, ui
 		   uint32_t max, int *out)
 {
 	uint32_t v = def;
-	int rc = required ? arch_u32_req(env, DS2_ARCH, key, &v)
-			  : arch_u32_opt(env, DS2_ARCH, key, &v);
+	int rc =
+	    required ? arch_u32_req(env, DS2_ARCH, key, &v) : arch_u32_opt(env, DS2_ARCH, key, &v);
 	if (rc)
 		return rc;
 	if (v > max) {
@@ -330,8 +330,8 @@ static int ds2_load_hparams(const struct arch_env *env, struct ds2_hparams *hp,
 		return rc;
 	if (has_log_mul)
 		log_mul /= 0.1f; /* [TAG_DEEPSEEK2_YARN_LOG_MUL_FIX] */
-	if (!(freq_base > 0.0f) || !isfinite(freq_base) || !(factor >= 0.0f) ||
-	    !isfinite(factor) || !isfinite(rope_attn_factor) || !isfinite(log_mul))
+	if (!(freq_base > 0.0f) || !isfinite(freq_base) || !(factor >= 0.0f) || !isfinite(factor) ||
+	    !isfinite(rope_attn_factor) || !isfinite(log_mul))
 		return ds2_bad(env, "rope.freq_base / rope.scaling values out of range");
 	if (factor > 0.0f && factor < 1e-6f)
 		return ds2_bad(env, "rope.scaling.factor too small");
@@ -362,15 +362,15 @@ static int ds2_load_hparams(const struct arch_env *env, struct ds2_hparams *hp,
 	}
 	attn_factor *= rope_attn_factor;
 	*rope = (struct ops_rope){
-		.n_dims = hp->n_rot,
-		.neox = 0,
-		.freq_base = freq_base,
-		.freq_scale = freq_scale,
-		.ext_factor = yarn ? 1.0f : 0.0f,
-		.attn_factor = attn_factor,
-		.beta_fast = 32.0f,
-		.beta_slow = 1.0f,
-		.n_ctx_orig = n_ctx_orig,
+	    .n_dims = hp->n_rot,
+	    .neox = 0,
+	    .freq_base = freq_base,
+	    .freq_scale = freq_scale,
+	    .ext_factor = yarn ? 1.0f : 0.0f,
+	    .attn_factor = attn_factor,
+	    .beta_fast = 32.0f,
+	    .beta_slow = 1.0f,
+	    .n_ctx_orig = n_ctx_orig,
 	};
 	/* attention scale: pre-scaled by YaRN's mscale (deepseek2.cpp) */
 	const float attn_factor_org = attn_factor * (1.0f + 0.1f * logf(1.0f / freq_scale));
@@ -409,7 +409,8 @@ static int ds2_load_layer(const struct arch_env *env, const struct ds2_hparams *
 	    (rc = arch_tensor(env, &L->kv_a_norm, kvr, 0, 0, "blk.%d.attn_kv_a_norm.weight", il)) ||
 	    (rc = arch_tensor(env, &L->k_b, hp->head_nope, kvr, H, "blk.%d.attn_k_b.weight", il)) ||
 	    (rc = arch_tensor(env, &L->v_b, kvr, hp->head_v, H, "blk.%d.attn_v_b.weight", il)) ||
-	    (rc = arch_tensor(env, &L->wo, H * hp->head_v, E, 0, "blk.%d.attn_output.weight", il)) ||
+	    (rc =
+		 arch_tensor(env, &L->wo, H * hp->head_v, E, 0, "blk.%d.attn_output.weight", il)) ||
 	    (rc = arch_tensor(env, &L->ffn_norm, E, 0, 0, "blk.%d.ffn_norm.weight", il)))
 		return rc;
 	if (hp->q_lora > 0) {
@@ -421,13 +422,15 @@ static int ds2_load_layer(const struct arch_env *env, const struct ds2_hparams *
 				      "blk.%d.attn_q_b.weight", il)))
 			return rc;
 	} else {
-		if ((rc = arch_tensor(env, &L->q, E, H * hp->head_k, 0, "blk.%d.attn_q.weight", il)))
+		if ((rc =
+			 arch_tensor(env, &L->q, E, H * hp->head_k, 0, "blk.%d.attn_q.weight", il)))
 			return rc;
 	}
 	if (il < hp->n_dense) {
 		if ((rc = arch_tensor(env, &L->ffn_gate, E, hp->n_ff, 0, "blk.%d.ffn_gate.weight",
 				      il)) ||
-		    (rc = arch_tensor(env, &L->ffn_up, E, hp->n_ff, 0, "blk.%d.ffn_up.weight", il)) ||
+		    (rc = arch_tensor(env, &L->ffn_up, E, hp->n_ff, 0, "blk.%d.ffn_up.weight",
+				      il)) ||
 		    (rc = arch_tensor(env, &L->ffn_down, hp->n_ff, E, 0, "blk.%d.ffn_down.weight",
 				      il)))
 			return rc;
@@ -457,9 +460,9 @@ static int ds2_load_layer(const struct arch_env *env, const struct ds2_hparams *
 	}
 	const gguf_tensor *f32s[] = {L->attn_norm, L->q_a_norm, L->kv_a_norm, L->ffn_norm,
 				     L->exp_probs_b};
-	const gguf_tensor *mats[] = {L->q_a,      L->q_b,	 L->q,	      L->kv_a_mqa,
-				     L->k_b,      L->v_b,	 L->wo,	      L->ffn_gate,
-				     L->ffn_up,   L->ffn_down,	 L->gate_inp, L->gate_shexp,
+	const gguf_tensor *mats[] = {L->q_a,	  L->q_b,	L->q,	     L->kv_a_mqa,
+				     L->k_b,	  L->v_b,	L->wo,	     L->ffn_gate,
+				     L->ffn_up,	  L->ffn_down,	L->gate_inp, L->gate_shexp,
 				     L->up_shexp, L->down_shexp};
 	for (size_t i = 0; i < sizeof(f32s) / sizeof(f32s[0]); i++)
 		if ((rc = ds2_check_type(env, f32s[i], 1)))
@@ -522,7 +525,7 @@ static int ds2_alloc_scratch(struct ds2 *m)
 	/* the widest matmul input decides the conversion scratch */
 	int64_t n_in_max = hp->n_embd;
 	const int64_t ins[] = {hp->q_lora, hp->head_nope, hp->kv_lora, (int64_t)H * hp->head_v,
-			       hp->n_ff, (int64_t)ff_sh};
+			       hp->n_ff,   (int64_t)ff_sh};
 	for (size_t i = 0; i < sizeof(ins) / sizeof(ins[0]); i++)
 		if (ins[i] > n_in_max)
 			n_in_max = ins[i];
@@ -543,10 +546,10 @@ static void ds2_destroy(void **state)
 	if (!m)
 		return;
 	struct ds2_scratch *s = &m->s;
-	void *bufs[] = {s->x,	  s->h,	     s->qa,	s->q,	     s->kv,	  s->qf,
-			s->o,	  s->ov,     s->y,	s->gate,     s->up,	  s->router,
-			s->sel,	  s->gscore, s->taken,	s->ids,	     s->weights,  s->exp_out,
-			s->sub_token, s->sub_pos, s->sub_seq, s->mm, s->heads_xa};
+	void *bufs[] = {s->x,	      s->h,	  s->qa,      s->q,    s->kv,	   s->qf,
+			s->o,	      s->ov,	  s->y,	      s->gate, s->up,	   s->router,
+			s->sel,	      s->gscore,  s->taken,   s->ids,  s->weights, s->exp_out,
+			s->sub_token, s->sub_pos, s->sub_seq, s->mm,   s->heads_xa};
 	for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
 		free(bufs[i]);
 	attn_cache_destroy(&m->cache);
@@ -575,8 +578,8 @@ static int ds2_load(const struct arch_env *env, struct model_info *info, void **
 		goto out;
 
 	/* embeddings and head */
-	if ((rc = arch_tensor(env, &m->tok_embd, hp->n_embd, hp->n_vocab, 0,
-			      "token_embd.weight")) ||
+	if ((rc =
+		 arch_tensor(env, &m->tok_embd, hp->n_embd, hp->n_vocab, 0, "token_embd.weight")) ||
 	    (rc = arch_tensor(env, &m->output_norm, hp->n_embd, 0, 0, "output_norm.weight")) ||
 	    (rc = arch_tensor_opt(env, &m->output, hp->n_embd, hp->n_vocab, 0, "output.weight")))
 		goto out;
@@ -601,13 +604,13 @@ static int ds2_load(const struct arch_env *env, struct model_info *info, void **
 				 hp->kv_lora, &m->cache)))
 		goto out;
 	m->attn = (struct attn_params){
-		.n_head = hp->n_head,
-		.n_head_kv = 1,
-		.head_dim_k = hp->kv_lora + hp->n_rot,
-		.head_dim_v = hp->kv_lora,
-		.scale = hp->kq_scale,
-		.window = 0,
-		.sinks = NULL,
+	    .n_head = hp->n_head,
+	    .n_head_kv = 1,
+	    .head_dim_k = hp->kv_lora + hp->n_rot,
+	    .head_dim_v = hp->kv_lora,
+	    .scale = hp->kq_scale,
+	    .window = 0,
+	    .sinks = NULL,
 	};
 	if ((rc = attn_check_params(m->cache, &m->attn, gguf_path(env->g))))
 		goto out;
@@ -643,7 +646,10 @@ static void ds2_reset_seq(void *state, int seq)
 
 /* ------------------------------------------------------------------ forward */
 
-static const float *ds2_f32(const gguf_tensor *t) { return (const float *)t->data; }
+static const float *ds2_f32(const gguf_tensor *t)
+{
+	return (const float *)t->data;
+}
 
 /* Per-head products with a 3-D weight w (ne0 x ne1 x n_head): for every row t
  * and head h, y[t][h][0..ne1) = w[h] · x[t][h][0..ne0), where x rows hold
@@ -675,9 +681,9 @@ static void ds2_heads_run(void *ctx, int ith, int nth)
 		for (int64_t t = 0; t < j->n_rows; t++)
 			kern_convert_row(j->act, j->x + (t * H + h) * j->x_head,
 					 j->xa + (size_t)(t * H + h) * j->act_row, n_in);
-		kern_matmul(j->w->type, (const char *)j->w->data + (size_t)h * slice, n_in, 0, n_out,
-			    j->xa + (size_t)h * j->act_row, (size_t)H * j->act_row, j->n_rows,
-			    j->y + h * j->y_head, H * j->y_head);
+		kern_matmul(j->w->type, (const char *)j->w->data + (size_t)h * slice, n_in, 0,
+			    n_out, j->xa + (size_t)h * j->act_row, (size_t)H * j->act_row,
+			    j->n_rows, j->y + h * j->y_head, H * j->y_head);
 	}
 }
 
@@ -685,15 +691,15 @@ static void ds2_heads_matmul(struct ds2 *m, const gguf_tensor *w, const float *x
 			     int n, float *y, int64_t y_head)
 {
 	struct ds2_heads_job j = {
-		.w = w,
-		.x = x,
-		.x_head = x_head,
-		.y = y,
-		.y_head = y_head,
-		.n_rows = n,
-		.n_head = m->hp.n_head,
-		.act = kern_act_type(w->type),
-		.xa = m->s.heads_xa,
+	    .w = w,
+	    .x = x,
+	    .x_head = x_head,
+	    .y = y,
+	    .y_head = y_head,
+	    .n_rows = n,
+	    .n_head = m->hp.n_head,
+	    .act = kern_act_type(w->type),
+	    .xa = m->s.heads_xa,
 	};
 	j.act_row = kern_row_bytes(j.act, (int64_t)w->ne[0]);
 	pool_run(m->env->pool, ds2_heads_run, &j);
@@ -814,14 +820,14 @@ static int ds2_moe_ffn(struct ds2 *m, int il, const float *h, int n, float *out)
 
 	/* routed experts: (n, k, E), each slot already weighted */
 	struct expert_job job = {
-		.layer = il,
-		.n_rows = n,
-		.n_embd = (int)E,
-		.k = k,
-		.x = h,
-		.ids = s->ids,
-		.weights = s->weights,
-		.out = s->exp_out,
+	    .layer = il,
+	    .n_rows = n,
+	    .n_embd = (int)E,
+	    .k = k,
+	    .x = h,
+	    .ids = s->ids,
+	    .weights = s->weights,
+	    .out = s->exp_out,
 	};
 	int rc = expert_backend_compute(m->env->experts, &job);
 	if (rc) {
@@ -921,8 +927,10 @@ static int ds2_keep_rows(struct ds2 *m, const model_batch *b, model_batch *sb)
 		if (b->logits && !b->logits[t])
 			continue;
 		if (j != t) {
-			memcpy(s->x + (size_t)j * E, s->x + (size_t)t * E, (size_t)E * sizeof(float));
-			memcpy(s->h + (size_t)j * E, s->h + (size_t)t * E, (size_t)E * sizeof(float));
+			memcpy(s->x + (size_t)j * E, s->x + (size_t)t * E,
+			       (size_t)E * sizeof(float));
+			memcpy(s->h + (size_t)j * E, s->h + (size_t)t * E,
+			       (size_t)E * sizeof(float));
 		}
 		s->sub_token[j] = b->token[t];
 		s->sub_pos[j] = b->pos[t];
@@ -930,11 +938,11 @@ static int ds2_keep_rows(struct ds2 *m, const model_batch *b, model_batch *sb)
 		j++;
 	}
 	*sb = (model_batch){
-		.n_tokens = j,
-		.token = s->sub_token,
-		.pos = s->sub_pos,
-		.seq = s->sub_seq,
-		.logits = NULL,
+	    .n_tokens = j,
+	    .token = s->sub_token,
+	    .pos = s->sub_pos,
+	    .seq = s->sub_seq,
+	    .logits = NULL,
 	};
 	return j;
 }
@@ -970,8 +978,8 @@ static int ds2_forward(void *state, const model_batch *b, float *logits)
 
 		/* attention: h = norm(x); keys of every row go to the cache */
 		for (int t = 0; t < n; t++)
-			ops_rmsnorm(s->h + (size_t)t * E, s->x + (size_t)t * E, ds2_f32(L->attn_norm),
-				    E, hp->eps);
+			ops_rmsnorm(s->h + (size_t)t * E, s->x + (size_t)t * E,
+				    ds2_f32(L->attn_norm), E, hp->eps);
 		ds2_attn_kv(m, il, &sb);
 		if (il == hp->n_layer - 1) {
 			n = ds2_keep_rows(m, b, &sb);
@@ -985,8 +993,8 @@ static int ds2_forward(void *state, const model_batch *b, float *logits)
 
 		/* FFN: h = norm(x); x = ffn(h) + x */
 		for (int t = 0; t < n; t++)
-			ops_rmsnorm(s->h + (size_t)t * E, s->x + (size_t)t * E, ds2_f32(L->ffn_norm),
-				    E, hp->eps);
+			ops_rmsnorm(s->h + (size_t)t * E, s->x + (size_t)t * E,
+				    ds2_f32(L->ffn_norm), E, hp->eps);
 		if (il < hp->n_dense) {
 			ds2_swiglu_ffn(m, L->ffn_gate, L->ffn_up, L->ffn_down, s->h, n, s->y);
 		} else {
@@ -1006,9 +1014,9 @@ static int ds2_forward(void *state, const model_batch *b, float *logits)
 }
 
 const struct arch_vtable arch_deepseek2 = {
-	.name = DS2_ARCH,
-	.load = ds2_load,
-	.destroy = ds2_destroy,
-	.forward = ds2_forward,
-	.reset_seq = ds2_reset_seq,
+    .name = DS2_ARCH,
+    .load = ds2_load,
+    .destroy = ds2_destroy,
+    .forward = ds2_forward,
+    .reset_seq = ds2_reset_seq,
 };

@@ -46,18 +46,18 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define QWEN_ARCH "qwen3moe"
-#define QWEN_MAX_DIM (1 << 20)	  /* sanity bound on widths read from the file */
-#define QWEN_MAX_EXPERTS 4096
+#define QWEN_ARCH	    "qwen3moe"
+#define QWEN_MAX_DIM	    (1 << 20) /* sanity bound on widths read from the file */
+#define QWEN_MAX_EXPERTS    4096
 #define QWEN_YARN_BETA_FAST 32.0f /* llama_hparams defaults, not read for qwen3moe */
 #define QWEN_YARN_BETA_SLOW 1.0f
-#define QWEN_WSUM_MIN 6.103515625e-5f /* build_moe_ffn clamps the weight sum (F16 min) */
+#define QWEN_WSUM_MIN	    6.103515625e-5f /* build_moe_ffn clamps the weight sum (F16 min) */
 
 /* ------------------------------------------------------------------ state */
 
 struct qwen_hparams {
 	int n_vocab;
-	int n_embd;	   /* E */
+	int n_embd; /* E */
 	int n_layer;
 	int n_ctx_train;
 	int n_head;	   /* H */
@@ -190,8 +190,7 @@ static int qwen_load_hparams(const struct arch_env *env, struct qwen_hparams *hp
 	/* expert width: expert_feed_forward_length, else feed_forward_length / K */
 	int n_ff = 0;
 	hp->n_ff_exp = 0;
-	rc = qwen_u32_range(env, "expert_feed_forward_length", 0, 0, QWEN_MAX_DIM,
-			    &hp->n_ff_exp);
+	rc = qwen_u32_range(env, "expert_feed_forward_length", 0, 0, QWEN_MAX_DIM, &hp->n_ff_exp);
 	if (!rc)
 		rc = qwen_u32_range(env, "feed_forward_length", 0, 0, QWEN_MAX_DIM, &n_ff);
 	if (rc)
@@ -224,8 +223,7 @@ static int qwen_load_hparams(const struct arch_env *env, struct qwen_hparams *hp
 	}
 	hp->head_dim = key_length;
 	if ((int64_t)hp->n_head * hp->head_dim > QWEN_MAX_DIM) {
-		log_error("%s: %d heads of %d values are too wide", path, hp->n_head,
-			  hp->head_dim);
+		log_error("%s: %d heads of %d values are too wide", path, hp->n_head, hp->head_dim);
 		return ERR_FORMAT;
 	}
 
@@ -267,9 +265,8 @@ static int qwen_load_rope(const struct arch_env *env, struct qwen_hparams *hp)
 			  path, QWEN_ARCH, type);
 		return ERR_FORMAT;
 	}
-	if (!(freq_base > 0.0f) || !isfinite(freq_base) || !(factor >= 0.0f) ||
-	    !isfinite(factor) || !(rope_attn_factor > 0.0f) || !isfinite(rope_attn_factor) ||
-	    n_ctx_orig > (1u << 30)) {
+	if (!(freq_base > 0.0f) || !isfinite(freq_base) || !(factor >= 0.0f) || !isfinite(factor) ||
+	    !(rope_attn_factor > 0.0f) || !isfinite(rope_attn_factor) || n_ctx_orig > (1u << 30)) {
 		log_error("%s: invalid RoPE parameters: freq_base %g, scaling factor %g, "
 			  "attn_factor %g, original context %u",
 			  path, (double)freq_base, (double)factor, (double)rope_attn_factor,
@@ -287,15 +284,15 @@ static int qwen_load_rope(const struct arch_env *env, struct qwen_hparams *hp)
 	attn_factor *= rope_attn_factor;
 
 	hp->rope = (struct ops_rope){
-		.n_dims = hp->head_dim,
-		.neox = 1,
-		.freq_base = freq_base,
-		.freq_scale = freq_scale,
-		.ext_factor = yarn ? 1.0f : 0.0f,
-		.attn_factor = attn_factor,
-		.beta_fast = QWEN_YARN_BETA_FAST,
-		.beta_slow = QWEN_YARN_BETA_SLOW,
-		.n_ctx_orig = (int)n_ctx_orig,
+	    .n_dims = hp->head_dim,
+	    .neox = 1,
+	    .freq_base = freq_base,
+	    .freq_scale = freq_scale,
+	    .ext_factor = yarn ? 1.0f : 0.0f,
+	    .attn_factor = attn_factor,
+	    .beta_fast = QWEN_YARN_BETA_FAST,
+	    .beta_slow = QWEN_YARN_BETA_SLOW,
+	    .n_ctx_orig = (int)n_ctx_orig,
 	};
 	return 0;
 }
@@ -333,8 +330,8 @@ static int qwen_load_layer(const struct arch_env *env, const struct qwen *s, int
 #define QWEN_NAME(suffix) (snprintf(n, sizeof(n), "blk.%d." suffix, il), n)
 	rc = qwen_f32(env, &l->attn_norm, E, 0, QWEN_NAME("attn_norm.weight"));
 	if (!rc)
-		rc = arch_tensor_opt(env, &l->wqkv, E, QW + 2 * KW, 0, "blk.%d.attn_qkv.weight",
-				     il);
+		rc =
+		    arch_tensor_opt(env, &l->wqkv, E, QW + 2 * KW, 0, "blk.%d.attn_qkv.weight", il);
 	if (rc)
 		return rc;
 	if (l->wqkv) {
@@ -527,18 +524,18 @@ static int qwen_load(const struct arch_env *env, struct model_info *info, void *
 	}
 	rc = qwen_load_tensors(env, s);
 	if (!rc)
-		rc = attn_cache_new(s->hp.n_layer, env->n_seq, env->n_ctx, s->kv_width,
-				    s->kv_width, &s->cache);
+		rc = attn_cache_new(s->hp.n_layer, env->n_seq, env->n_ctx, s->kv_width, s->kv_width,
+				    &s->cache);
 	if (rc)
 		goto out;
 	s->attn = (struct attn_params){
-		.n_head = s->hp.n_head,
-		.n_head_kv = s->hp.n_head_kv,
-		.head_dim_k = s->hp.head_dim,
-		.head_dim_v = s->hp.head_dim,
-		.scale = 1.0f / sqrtf((float)s->hp.head_dim),
-		.window = 0,
-		.sinks = NULL,
+	    .n_head = s->hp.n_head,
+	    .n_head_kv = s->hp.n_head_kv,
+	    .head_dim_k = s->hp.head_dim,
+	    .head_dim_v = s->hp.head_dim,
+	    .scale = 1.0f / sqrtf((float)s->hp.head_dim),
+	    .window = 0,
+	    .sinks = NULL,
 	};
 	rc = attn_check_params(s->cache, &s->attn, gguf_path(env->g));
 	if (!rc)
@@ -645,8 +642,7 @@ static void qwen_attention(struct qwen *s, int il, const model_batch *b)
 
 	/* h = rmsnorm(x) * attn_norm                                  (n, E) */
 	for (int t = 0; t < n; t++)
-		ops_rmsnorm(s->h + (size_t)t * E, s->x + (size_t)t * E, l->attn_norm, E,
-			    s->hp.eps);
+		ops_rmsnorm(s->h + (size_t)t * E, s->x + (size_t)t * E, l->attn_norm, E, s->hp.eps);
 
 	/* q, k, v                               (n, E) -> (n, H*D), (n, Hkv*D) x 2 */
 	qwen_project_qkv(s, l, n);
@@ -715,14 +711,14 @@ static int qwen_moe(struct qwen *s, int il, int n)
 
 	/* weighted SwiGLU expert outputs                        (n, E) -> (n, K, E) */
 	const struct expert_job job = {
-		.layer = il,
-		.n_rows = n,
-		.n_embd = E,
-		.k = K,
-		.x = s->h,
-		.ids = s->ids,
-		.weights = s->weights,
-		.out = s->eout,
+	    .layer = il,
+	    .n_rows = n,
+	    .n_embd = E,
+	    .k = K,
+	    .x = s->h,
+	    .ids = s->ids,
+	    .weights = s->weights,
+	    .out = s->eout,
 	};
 	int rc = expert_backend_compute(s->env->experts, &job);
 	if (rc) {
@@ -804,17 +800,15 @@ static int qwen_forward(void *state, const model_batch *b, float *logits)
 
 	/* logits = Wout (rmsnorm(x) * output_norm)    (n_rows, E) -> (n_rows, n_vocab) */
 	for (int t = 0; t < n_rows; t++)
-		ops_rmsnorm(s->h + (size_t)t * E, s->x + (size_t)t * E, s->output_norm, E,
-			    hp->eps);
-	ops_matmul(s->env->pool, s->output, s->h, E, n_rows, logits, hp->n_vocab,
-		   s->mm_scratch);
+		ops_rmsnorm(s->h + (size_t)t * E, s->x + (size_t)t * E, s->output_norm, E, hp->eps);
+	ops_matmul(s->env->pool, s->output, s->h, E, n_rows, logits, hp->n_vocab, s->mm_scratch);
 	return 0;
 }
 
 const struct arch_vtable arch_qwen3moe = {
-	.name = QWEN_ARCH,
-	.load = qwen_load,
-	.destroy = qwen_destroy,
-	.forward = qwen_forward,
-	.reset_seq = qwen_reset_seq,
+    .name = QWEN_ARCH,
+    .load = qwen_load,
+    .destroy = qwen_destroy,
+    .forward = qwen_forward,
+    .reset_seq = qwen_reset_seq,
 };

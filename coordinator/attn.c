@@ -46,8 +46,9 @@ struct attn_cache {
 	int n_ctx;
 	int k_width;
 	int v_width;
-	uint16_t *k; /* [n_layer][n_seq][n_ctx][k_width] */
-	uint16_t *v; /* [n_layer][n_seq][n_ctx][v_width] */
+	uint16_t *k;	     /* [n_layer][n_seq][n_ctx][k_width] */
+	uint16_t *v;	     /* [n_layer][n_seq][n_ctx][v_width] */
+	int32_t *seq_tokens; /* [n_seq] scratch of attn_forward: tokens per sequence */
 };
 
 /* ------------------------------------------------------------ f16 helpers */
@@ -61,7 +62,10 @@ static void attn_f16_table_init(void)
 		attn_f16_table[h] = kern_f16_to_f32((uint16_t)h);
 }
 
-static inline float attn_f16_to_f32(uint16_t h) { return attn_f16_table[h]; }
+static inline float attn_f16_to_f32(uint16_t h)
+{
+	return attn_f16_table[h];
+}
 
 static inline uint32_t attn_f32_bits(float f)
 {
@@ -132,7 +136,10 @@ static float attn_hsum_softmax(const float *a)
 	return (u[0] + u[2]) + (u[1] + u[3]);
 }
 
-static float attn_hsum_dot(const float *a) { return attn_hsum_softmax(a); }
+static float attn_hsum_dot(const float *a)
+{
+	return attn_hsum_softmax(a);
+}
 #else
 /* ggml_v_expf (ggml-cpu/vec.h, AVX2+FMA version) for one lane: exp(x) with at
  * most ~1.5 ulp error. */
@@ -191,8 +198,8 @@ static float attn_dot_f16(const float *q16, const uint16_t *k, int n)
 		for (int i = 0; i < np; i += STEP)
 			for (int j = 0; j < 4; j++)
 				for (int l = 0; l < L; l++)
-					acc[j][l] += q16[i + j * L + l] *
-						     attn_f16_to_f32(k[i + j * L + l]);
+					acc[j][l] +=
+					    q16[i + j * L + l] * attn_f16_to_f32(k[i + j * L + l]);
 		for (int l = 0; l < L; l++) {
 			acc[0][l] += acc[2][l];
 			acc[1][l] += acc[3][l];
@@ -208,15 +215,16 @@ static float attn_dot_f16(const float *q16, const uint16_t *k, int n)
 
 /* ggml's split-KV decode (see attn_row_split) as llama.cpp drives it with the
  * reference settings: cells padded to 256, 2 threads. */
-#define ATTN_SPLIT_PAD 256
+#define ATTN_SPLIT_PAD	  256
 #define ATTN_SPLIT_MIN_KV 512
 #define ATTN_SPLIT_CHUNKS 2
 
 /* ------------------------------------------------------------------ cache */
 
-int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width,
-		   attn_cache **out)
+int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, attn_cache **out)
 {
+	int rc = 0;
+	attn_cache *c = NULL;
 	*out = NULL;
 	if (n_layer <= 0 || n_seq <= 0 || n_ctx <= 0 || k_width <= 0 || v_width <= 0) {
 		log_error("attn: invalid KV cache shape (layers %d, sequences %d, positions %d, "
@@ -224,49 +232,46 @@ int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width,
 			  n_layer, n_seq, n_ctx, k_width, v_width);
 		return ERR_CONFIG;
 	}
-	/* entries = n_layer * n_seq * n_ctx, checked against overflow of size_t */
+	/* entries = n_layer * n_seq * n_ctx; every product checked for overflow */
+	const size_t max_entries =
+	    SIZE_MAX / sizeof(uint16_t) / (size_t)(k_width > v_width ? k_width : v_width);
 	size_t entries = (size_t)n_layer;
-	size_t bytes_k, bytes_v;
-	if (entries > SIZE_MAX / (size_t)n_seq)
-		goto too_big;
-	entries *= (size_t)n_seq;
-	if (entries > SIZE_MAX / (size_t)n_ctx)
-		goto too_big;
-	entries *= (size_t)n_ctx;
-	if (entries > SIZE_MAX / sizeof(uint16_t) / (size_t)k_width ||
-	    entries > SIZE_MAX / sizeof(uint16_t) / (size_t)v_width)
-		goto too_big;
-	bytes_k = entries * (size_t)k_width * sizeof(uint16_t);
-	bytes_v = entries * (size_t)v_width * sizeof(uint16_t);
+	if (entries > max_entries / (size_t)n_seq ||
+	    entries * (size_t)n_seq > max_entries / (size_t)n_ctx) {
+		log_error("attn: KV cache of %d layers x %d sequences x %d positions x %d+%d "
+			  "values is too large",
+			  n_layer, n_seq, n_ctx, k_width, v_width);
+		return ERR_NOMEM;
+	}
+	entries *= (size_t)n_seq * (size_t)n_ctx;
+	const size_t bytes_k = entries * (size_t)k_width * sizeof(uint16_t);
+	const size_t bytes_v = entries * (size_t)v_width * sizeof(uint16_t);
 
 	pthread_once(&attn_f16_once, attn_f16_table_init);
 
-	attn_cache *c = calloc(1, sizeof(*c));
-	if (!c)
-		goto nomem;
+	c = calloc(1, sizeof(*c));
+	if (!c) {
+		rc = ERR_NOMEM;
+		goto out;
+	}
 	c->n_layer = n_layer;
 	c->n_seq = n_seq;
 	c->n_ctx = n_ctx;
 	c->k_width = k_width;
 	c->v_width = v_width;
-	/* calloc: untouched positions read as +0, never garbage */
+	/* calloc: positions never stored read as +0, never garbage */
 	c->k = calloc(1, bytes_k);
 	c->v = calloc(1, bytes_v);
-	if (!c->k || !c->v) {
+	c->seq_tokens = calloc((size_t)n_seq, sizeof(int32_t));
+	if (!c->k || !c->v || !c->seq_tokens)
+		rc = ERR_NOMEM;
+out:
+	if (rc) {
+		log_error("attn: cannot allocate the KV cache (%zu + %zu bytes)", bytes_k, bytes_v);
 		attn_cache_destroy(&c);
-		goto nomem;
 	}
 	*out = c;
-	return 0;
-
-nomem:
-	log_error("attn: cannot allocate the KV cache (%zu + %zu bytes)", bytes_k, bytes_v);
-	return ERR_NOMEM;
-too_big:
-	log_error("attn: KV cache of %d layers x %d sequences x %d positions x %d+%d values "
-		  "is too large",
-		  n_layer, n_seq, n_ctx, k_width, v_width);
-	return ERR_NOMEM;
+	return rc;
 }
 
 void attn_cache_destroy(attn_cache **c)
@@ -275,6 +280,7 @@ void attn_cache_destroy(attn_cache **c)
 		return;
 	free((*c)->k);
 	free((*c)->v);
+	free((*c)->seq_tokens);
 	free(*c);
 	*c = NULL;
 }
@@ -293,8 +299,7 @@ static inline size_t attn_entry(const attn_cache *c, int layer, int seq, int pos
 	return ((size_t)layer * (size_t)c->n_seq + (size_t)seq) * (size_t)c->n_ctx + (size_t)pos;
 }
 
-void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k,
-		      const float *v)
+void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k, const float *v)
 {
 	assert(layer >= 0 && layer < c->n_layer && seq >= 0 && seq < c->n_seq && pos >= 0 &&
 	       pos < c->n_ctx);
@@ -348,8 +353,8 @@ struct attn_job {
 	const model_batch *b;
 	const float *q;
 	float *out;
-	int tiled; /* ggml's tiled kernel for the whole batch */
-	int split; /* single token: split-KV rows for long caches */
+	int tiled_ok; /* head_dim_v suits ggml's tiled kernel */
+	int split_ok; /* no sliding window: split-KV decode possible */
 };
 
 /* The visible key positions [j0, j1) of a query at position pos. */
@@ -444,7 +449,8 @@ static void attn_row_f16(const struct attn_job *jb, int t, int h)
 	if (ap->sinks)
 		attn_add_sink(ap->sinks[h], &M, &S, acc, ap->head_dim_v);
 	attn_normalize(S, acc, ap->head_dim_v,
-		       jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)ap->head_dim_v);
+		       jb->out +
+			   ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)ap->head_dim_v);
 }
 
 /* The KV length llama.cpp's cache presents to a decode step at position pos
@@ -561,7 +567,8 @@ static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 			float s = acc[d];
 			for (int j = a; j < z; j++)
 				s = fmaf(kq[j - ic],
-					 attn_f16_to_f32(vbase[(size_t)j * (size_t)c->v_width + (size_t)d]),
+					 attn_f16_to_f32(
+					     vbase[(size_t)j * (size_t)c->v_width + (size_t)d]),
 					 s);
 			acc[d] = s;
 		}
@@ -572,7 +579,8 @@ static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 		float m = M;
 		attn_add_sink(ap->sinks[h], &m, &S, acc, dv);
 	}
-	attn_normalize(S, acc, dv, jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dv);
+	attn_normalize(S, acc, dv,
+		       jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dv);
 }
 
 static void attn_worker(void *ctx, int ith, int nth)
@@ -586,9 +594,12 @@ static void attn_worker(void *ctx, int ith, int nth)
 	for (int64_t r = lo; r < hi; r++) {
 		const int h = (int)(r / n_tok);
 		const int t = (int)(r % n_tok);
-		if (jb->tiled)
+		/* the kernel llama.cpp would use for this sequence alone */
+		const int32_t n_seq_tok = jb->c->seq_tokens[jb->b->seq[t]];
+		if (jb->tiled_ok && n_seq_tok >= ATTN_TILE_Q)
 			attn_row_tiled(jb, t, h);
-		else if (jb->split && attn_llama_n_kv(jb->b->pos[t]) >= ATTN_SPLIT_MIN_KV)
+		else if (jb->split_ok && n_seq_tok == 1 &&
+			 attn_llama_n_kv(jb->b->pos[t]) >= ATTN_SPLIT_MIN_KV)
 			attn_row_split(jb, t, h);
 		else
 			attn_row_f16(jb, t, h);
@@ -602,19 +613,26 @@ void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_par
 	assert(ap->head_dim_k <= ATTN_MAX_HEAD_DIM && ap->head_dim_v <= ATTN_MAX_HEAD_DIM);
 	if (b->n_tokens <= 0)
 		return;
+	/* ggml picks its kernel by the number of query rows; rows are chosen
+	 * here per sequence, so that a sequence's results do not depend on the
+	 * other sequences sharing its batch (single-sequence runs match llama.cpp) */
+	for (int t = 0; t < b->n_tokens; t++)
+		c->seq_tokens[b->seq[t]] = 0;
+	for (int t = 0; t < b->n_tokens; t++)
+		c->seq_tokens[b->seq[t]]++;
 	struct attn_job jb = {
-		.c = c,
-		.layer = layer,
-		.ap = ap,
-		.b = b,
-		.q = q,
-		.out = out,
-		/* ggml: tiled when the micro-batch has >= 64 query rows and the
-		 * value size is a multiple of the F32 vector width */
-		.tiled = b->n_tokens >= ATTN_TILE_Q && ap->head_dim_v % ATTN_GGML_LANES == 0,
-		/* ggml: single-query steps over >= 512 cells split the cells; a
-		 * sliding-window layer has its own small cache in llama.cpp */
-		.split = b->n_tokens == 1 && ap->window == 0,
+	    .c = c,
+	    .layer = layer,
+	    .ap = ap,
+	    .b = b,
+	    .q = q,
+	    .out = out,
+	    /* ggml: tiled with >= 64 query rows when the value size is a
+	     * multiple of the F32 vector width */
+	    .tiled_ok = ap->head_dim_v % ATTN_GGML_LANES == 0,
+	    /* ggml: a single query over >= 512 cells splits the cells; a
+	     * sliding-window layer has its own small cache in llama.cpp */
+	    .split_ok = ap->window == 0,
 	};
 	pool_run(p, attn_worker, &jb);
 }

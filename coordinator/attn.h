@@ -30,13 +30,11 @@ typedef struct attn_cache attn_cache;
  * buffers live on the stack. */
 #define ATTN_MAX_HEAD_DIM 1024
 
-int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width,
-		   attn_cache **out);
+int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, attn_cache **out);
 void attn_cache_destroy(attn_cache **c);
 void attn_cache_reset_seq(attn_cache *c, int seq);
 /* k: k_width floats, v: v_width floats (rounded to F16). */
-void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k,
-		      const float *v);
+void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k, const float *v);
 
 struct attn_params {
 	int n_head;
@@ -44,8 +42,8 @@ struct attn_params {
 	int head_dim_k; /* per head; k_width = n_head_kv * head_dim_k */
 	int head_dim_v;
 	float scale;
-	int window;	     /* 0: none */
-	const float *sinks;  /* [n_head] or NULL */
+	int window;	    /* 0: none */
+	const float *sinks; /* [n_head] or NULL */
 };
 
 /* Checks attention parameters against a cache once, at load time: head sizes
@@ -56,9 +54,12 @@ struct attn_params {
 int attn_check_params(const attn_cache *c, const struct attn_params *ap, const char *what);
 
 /* q: [n_tokens][n_head][head_dim_k]; out: [n_tokens][n_head][head_dim_v].
- * Threaded over (token, head) with the pool; the result does not depend on
- * the thread count, nor on which other sequences share the batch, but (as in
- * llama.cpp) it does depend on the batch size, which picks ggml's kernel:
+ * Threaded over (token, head) with the pool.  Not to be called concurrently on
+ * one cache (it keeps a little scratch there).  The result does not depend on
+ * the thread count, nor on the other sequences sharing the batch; like
+ * llama.cpp's, it does depend on how many tokens of the token's own sequence
+ * the batch holds, which picks ggml's kernel (as llama.cpp would pick it for
+ * that sequence alone):
  *  - fewer than ATTN_TILE_Q tokens (decode steps, short prefills): the one-row
  *    kernel (..._f16_one_chunk): per key, score = F16(q) . k, online softmax
  *    with the value accumulator rounded to F16 after every key;

@@ -245,6 +245,6 @@ void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, 
 	const uint8_t *xb = x;
 	for (int64_t o = o0; o < o1; o++)
 		for (int64_t r = 0; r < n_rows; r++)
-			y[r * y_stride + o] =
-			    kern_dot_ref(weight_type, n_in, wb + (size_t)o * w_row, xb + (size_t)r * x_stride);
+			y[r * y_stride + o] = kern_dot_ref(
+			    weight_type, n_in, wb + (size_t)o * w_row, xb + (size_t)r * x_stride);
 }

@@ -8,20 +8,36 @@
 
 static void quant_store_u16(void *p, uint16_t v) { memcpy(p, &v, sizeof(v)); }
 
-/* The E2M1 code (index into kern_mxfp4_values) nearest to x at scale d;
- * the first code wins a tie.  Float arithmetic, in ggml's order. */
+/* The E2M1 code (index into kern_mxfp4_values) nearest to x at scale d, the
+ * first code winning a tie: the code ggml's loop
+ *     best = argmin over i = 0..15 (first) of fabsf(kern_mxfp4_values[i] * d - x)
+ * picks, found without trying all 16.  Why it is the same code:
+ *   - a negative candidate -v has error |fl(-v - x)| = |fl(v - |x|)| for x < 0
+ *     (IEEE rounding is symmetric) and a positive one is worse than 0 there,
+ *     so the search is over the magnitudes m_k = {0,1,2,3,4,6,8,12} * d
+ *     (exact products) for a = |x|, then the sign is attached (never to 0);
+ *   - fl(a - m) and fl(m - a) are monotonic in m, so the errors fall up to
+ *     the last m_j < a and rise from m_{j+1} >= a on: the minimum is at j or
+ *     j + 1, and a tie between those two goes to j (the earlier code);
+ *   - the m_k are at least d apart while rounding moves an error by less than
+ *     ulp(16 d), so no other two errors can tie for the minimum. */
 static int quant_mxfp4_best(float x, float d)
 {
-	int best = 0;
-	float best_err = fabsf((float)kern_mxfp4_values[0] * d - x);
-	for (int i = 1; i < 16; i++) {
-		float err = fabsf((float)kern_mxfp4_values[i] * d - x);
-		if (err < best_err) {
-			best = i;
-			best_err = err;
-		}
+	float a = fabsf(x);
+	int j = 0; /* how many of m_1..m_7 are below a: m_j < a <= m_{j+1} */
+	for (int k = 1; k < 8; k++)
+		j += (float)kern_mxfp4_values[k] * d < a;
+	int best;
+	if (a == 0.0f) {
+		best = 0;
+	} else if (j == 7) {
+		best = 7; /* above the largest magnitude: clipped */
+	} else {
+		float below = a - (float)kern_mxfp4_values[j] * d;
+		float above = (float)kern_mxfp4_values[j + 1] * d - a;
+		best = above < below ? j + 1 : j;
 	}
-	return best;
+	return x < 0.0f && best != 0 ? best + 8 : best;
 }
 
 void quant_row_mxfp4_ref(const float *x, void *dst, int64_t n)

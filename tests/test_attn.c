@@ -84,13 +84,13 @@ static void run_case(const struct case_spec *cs, int n_threads, float *out_copy,
 			k[(size_t)i * kw + d] = -k[(size_t)i * kw + d];
 	}
 	struct attn_params ap = {
-		.n_head = cs->n_head,
-		.n_head_kv = cs->n_head_kv,
-		.head_dim_k = cs->dk,
-		.head_dim_v = cs->dv,
-		.scale = 1.0f / sqrtf((float)cs->dk),
-		.window = cs->window,
-		.sinks = cs->sinks ? sinks : NULL,
+	    .n_head = cs->n_head,
+	    .n_head_kv = cs->n_head_kv,
+	    .head_dim_k = cs->dk,
+	    .head_dim_v = cs->dv,
+	    .scale = 1.0f / sqrtf((float)cs->dk),
+	    .window = cs->window,
+	    .sinks = cs->sinks ? sinks : NULL,
 	};
 	assert_int_equal(attn_check_params(c, &ap, "test"), 0);
 	model_batch b = {.n_tokens = n, .token = tok, .pos = pos, .seq = seq, .logits = NULL};
@@ -112,8 +112,9 @@ static void run_case(const struct case_spec *cs, int n_threads, float *out_copy,
 				double s = 0.0;
 				for (int d = 0; d < cs->dk; d++) {
 					float kf = kern_f16_to_f32(
-						kern_f32_to_f16(k[(size_t)src * kw + hk * cs->dk + d]));
-					s += (double)q[((size_t)i * cs->n_head + h) * cs->dk + d] * kf;
+					    kern_f32_to_f16(k[(size_t)src * kw + hk * cs->dk + d]));
+					s += (double)q[((size_t)i * cs->n_head + h) * cs->dk + d] *
+					     kf;
 				}
 				w[j] = s * ap.scale;
 				if (w[j] > mx)
@@ -127,7 +128,7 @@ static void run_case(const struct case_spec *cs, int n_threads, float *out_copy,
 				den += e;
 				for (int d = 0; d < cs->dv; d++)
 					acc[d] += e * kern_f16_to_f32(kern_f32_to_f16(
-							      v[(size_t)src * vw + hk * cs->dv + d]));
+							  v[(size_t)src * vw + hk * cs->dv + d]));
 			}
 			if (cs->sinks)
 				den += exp(sinks[h] - mx);
@@ -175,7 +176,8 @@ static void check_case(const struct case_spec *cs, double tol)
 static void test_attn_gqa_short(void **state)
 {
 	(void)state;
-	struct case_spec cs = {.n_head = 8, .n_head_kv = 2, .dk = 32, .dv = 32, .n_seq = 1, .n_tok = 48};
+	struct case_spec cs = {
+	    .n_head = 8, .n_head_kv = 2, .dk = 32, .dv = 32, .n_seq = 1, .n_tok = 48};
 	check_case(&cs, 4e-3);
 }
 
@@ -183,29 +185,42 @@ static void test_attn_gqa_short(void **state)
 static void test_attn_gqa_tiled(void **state)
 {
 	(void)state;
-	struct case_spec cs = {.n_head = 4, .n_head_kv = 2, .dk = 32, .dv = 32, .n_seq = 1, .n_tok = 150};
+	struct case_spec cs = {
+	    .n_head = 4, .n_head_kv = 2, .dk = 32, .dv = 32, .n_seq = 1, .n_tok = 150};
 	check_case(&cs, 1e-5);
 }
 
 static void test_attn_window_sinks(void **state)
 {
 	(void)state;
-	struct case_spec a = {.n_head = 4, .n_head_kv = 2, .dk = 32, .dv = 32, .window = 8,
-			      .sinks = 1, .n_seq = 1, .n_tok = 40};
+	struct case_spec a = {.n_head = 4,
+			      .n_head_kv = 2,
+			      .dk = 32,
+			      .dv = 32,
+			      .window = 8,
+			      .sinks = 1,
+			      .n_seq = 1,
+			      .n_tok = 40};
 	check_case(&a, 4e-3);
-	struct case_spec b = {.n_head = 4, .n_head_kv = 2, .dk = 32, .dv = 32, .window = 70,
-			      .sinks = 1, .n_seq = 1, .n_tok = 200};
+	struct case_spec b = {.n_head = 4,
+			      .n_head_kv = 2,
+			      .dk = 32,
+			      .dv = 32,
+			      .window = 70,
+			      .sinks = 1,
+			      .n_seq = 1,
+			      .n_tok = 200};
 	check_case(&b, 1e-5);
 }
 
 static void test_attn_mla_multiseq(void **state)
 {
 	(void)state;
-	struct case_spec a = {.n_head = 8, .n_head_kv = 1, .dk = 80, .dv = 64, .mla = 1,
-			      .n_seq = 3, .n_tok = 17};
+	struct case_spec a = {
+	    .n_head = 8, .n_head_kv = 1, .dk = 80, .dv = 64, .mla = 1, .n_seq = 3, .n_tok = 17};
 	check_case(&a, 1e-2); /* values of std 2: F16 steps twice as large */
-	struct case_spec b = {.n_head = 8, .n_head_kv = 1, .dk = 80, .dv = 64, .mla = 1,
-			      .n_seq = 2, .n_tok = 40};
+	struct case_spec b = {
+	    .n_head = 8, .n_head_kv = 1, .dk = 80, .dv = 64, .mla = 1, .n_seq = 2, .n_tok = 70};
 	check_case(&b, 1e-5);
 }
 
@@ -229,8 +244,8 @@ static void test_attn_decode_vs_batch(void **state)
 	}
 	for (int i = 0; i < n_tok * nh * dk; i++)
 		q[i] = rng_normal();
-	struct attn_params ap = {.n_head = nh, .n_head_kv = nkv, .head_dim_k = dk, .head_dim_v = dv,
-				 .scale = 0.17f};
+	struct attn_params ap = {
+	    .n_head = nh, .n_head_kv = nkv, .head_dim_k = dk, .head_dim_v = dv, .scale = 0.17f};
 	model_batch b = {.n_tokens = n_tok, .token = tok, .pos = pos, .seq = seq};
 	attn_forward(p, c, 0, &ap, &b, q, out_b);
 	for (int i = 0; i < n_tok; i++) {
@@ -238,6 +253,41 @@ static void test_attn_decode_vs_batch(void **state)
 		attn_forward(p, c, 0, &ap, &one, q + (size_t)i * nh * dk, out_d);
 		assert_memory_equal(out_d, out_b + (size_t)i * nh * dv, sizeof(out_d));
 	}
+	pool_destroy(&p);
+	attn_cache_destroy(&c);
+}
+
+/* A sequence's rows do not depend on the other sequences in its batch: a long
+ * prompt (tiled kernel) and a short one (one-row kernel) batched together give
+ * the same bits as each alone. */
+static void test_attn_batch_independent(void **state)
+{
+	(void)state;
+	enum { NA = 70, NB = 5, NH = 4, NKV = 2, D = 32, N = NA + NB };
+	attn_cache *c = NULL;
+	pool *p = NULL;
+	assert_int_equal(attn_cache_new(1, 2, NA, NKV * D, NKV * D, &c), 0);
+	assert_int_equal(pool_new(2, &p), 0);
+	static float q[N][NH * D], kv[NKV * D], both[N][NH * D], alone[N][NH * D];
+	int32_t pos[N], seq[N], tok[N] = {0};
+	for (int i = 0; i < N; i++) {
+		seq[i] = i < NA ? 0 : 1;
+		pos[i] = i < NA ? i : i - NA;
+		for (int d = 0; d < NKV * D; d++)
+			kv[d] = rng_normal();
+		attn_cache_store(c, 0, seq[i], pos[i], kv, kv);
+		for (int d = 0; d < NH * D; d++)
+			q[i][d] = rng_normal();
+	}
+	struct attn_params ap = {
+	    .n_head = NH, .n_head_kv = NKV, .head_dim_k = D, .head_dim_v = D, .scale = 0.2f};
+	model_batch b = {.n_tokens = N, .token = tok, .pos = pos, .seq = seq};
+	attn_forward(p, c, 0, &ap, &b, &q[0][0], &both[0][0]);
+	model_batch a = {.n_tokens = NA, .token = tok, .pos = pos, .seq = seq};
+	attn_forward(p, c, 0, &ap, &a, &q[0][0], &alone[0][0]);
+	model_batch o = {.n_tokens = NB, .token = tok, .pos = pos + NA, .seq = seq + NA};
+	attn_forward(p, c, 0, &ap, &o, &q[NA][0], &alone[NA][0]);
+	assert_memory_equal(both, alone, sizeof(both));
 	pool_destroy(&p);
 	attn_cache_destroy(&c);
 }
@@ -263,8 +313,11 @@ static void test_attn_split_decode(void **state)
 	float sinks[NH] = {0.5f, 3.0f, -1.0f, 8.0f};
 	const int positions[] = {0, 255, 256, 300, 511, 699};
 	for (int use_sinks = 0; use_sinks < 2; use_sinks++) {
-		struct attn_params ap = {.n_head = NH, .n_head_kv = NKV, .head_dim_k = D,
-					 .head_dim_v = D, .scale = 0.125f,
+		struct attn_params ap = {.n_head = NH,
+					 .n_head_kv = NKV,
+					 .head_dim_k = D,
+					 .head_dim_v = D,
+					 .scale = 0.125f,
 					 .sinks = use_sinks ? sinks : NULL};
 		for (size_t i = 0; i < sizeof(positions) / sizeof(positions[0]); i++) {
 			int32_t pos = positions[i], seq = 0, tok = 0;
@@ -293,8 +346,8 @@ static void test_attn_split_decode(void **state)
 						ref += exp(w[j] - mx) * v[j][hk * D + d];
 					ref /= den;
 					if (fabs(ref - out[h * D + d]) > 4e-3)
-						fail_msg("pos %d head %d dim %d: %g vs %g", pos, h, d,
-							 out[h * D + d], ref);
+						fail_msg("pos %d head %d dim %d: %g vs %g", pos, h,
+							 d, out[h * D + d], ref);
 				}
 			}
 		}
@@ -308,8 +361,8 @@ static void test_attn_check_params(void **state)
 	(void)state;
 	attn_cache *c = NULL;
 	assert_int_equal(attn_cache_new(1, 1, 4, 64, 64, &c), 0);
-	struct attn_params ok = {.n_head = 4, .n_head_kv = 2, .head_dim_k = 32, .head_dim_v = 32,
-				 .scale = 1.0f};
+	struct attn_params ok = {
+	    .n_head = 4, .n_head_kv = 2, .head_dim_k = 32, .head_dim_v = 32, .scale = 1.0f};
 	assert_int_equal(attn_check_params(c, &ok, "test"), 0);
 	struct attn_params bad = ok;
 	bad.n_head = 3;
@@ -332,10 +385,10 @@ int main(void)
 	kern_init();
 	log_set_quiet(1);
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_attn_gqa_short),	   cmocka_unit_test(test_attn_gqa_tiled),
-		cmocka_unit_test(test_attn_window_sinks),  cmocka_unit_test(test_attn_mla_multiseq),
-		cmocka_unit_test(test_attn_decode_vs_batch), cmocka_unit_test(test_attn_split_decode),
-		cmocka_unit_test(test_attn_check_params),
+	    cmocka_unit_test(test_attn_gqa_short),	   cmocka_unit_test(test_attn_gqa_tiled),
+	    cmocka_unit_test(test_attn_window_sinks),	   cmocka_unit_test(test_attn_mla_multiseq),
+	    cmocka_unit_test(test_attn_decode_vs_batch),   cmocka_unit_test(test_attn_split_decode),
+	    cmocka_unit_test(test_attn_batch_independent), cmocka_unit_test(test_attn_check_params),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -66,7 +66,8 @@ static void *xmalloc(size_t n)
 	return p;
 }
 
-static const uint32_t all_types[] = {KERN_F32, KERN_F16, KERN_BF16, KERN_Q4_0, KERN_Q8_0, KERN_MXFP4};
+static const uint32_t all_types[] = {KERN_F32,	KERN_F16,  KERN_BF16,
+				     KERN_Q4_0, KERN_Q8_0, KERN_MXFP4};
 #define N_TYPES (sizeof(all_types) / sizeof(all_types[0]))
 
 static int is_quant(uint32_t t)
@@ -237,11 +238,11 @@ static void test_f16_scalar(void **state)
 	assert_int_equal(kern_f32_to_f16(-1e30f), 0xfc00);
 	assert_int_equal(kern_f32_to_f16(INFINITY), 0x7c00);
 	assert_int_equal(kern_f32_to_f16(ldexpf(1, -24)), 0x0001);
-	assert_int_equal(kern_f32_to_f16(ldexpf(1, -25)), 0x0000);		/* tie -> even */
-	assert_int_equal(kern_f32_to_f16(ldexpf(3, -25)), 0x0002);		/* tie -> even */
+	assert_int_equal(kern_f32_to_f16(ldexpf(1, -25)), 0x0000);	     /* tie -> even */
+	assert_int_equal(kern_f32_to_f16(ldexpf(3, -25)), 0x0002);	     /* tie -> even */
 	assert_int_equal(kern_f32_to_f16(ldexpf(1, -25) * 1.0001f), 0x0001); /* above tie */
-	assert_int_equal(kern_f32_to_f16(1.0f + ldexpf(1, -11)), 0x3c00);	/* tie -> even */
-	assert_int_equal(kern_f32_to_f16(1.0f + ldexpf(3, -11)), 0x3c02);	/* tie -> even */
+	assert_int_equal(kern_f32_to_f16(1.0f + ldexpf(1, -11)), 0x3c00);    /* tie -> even */
+	assert_int_equal(kern_f32_to_f16(1.0f + ldexpf(3, -11)), 0x3c02);    /* tie -> even */
 	assert_int_equal(kern_f32_to_f16(ldexpf(1023, -24) + ldexpf(1, -25)), 0x0400);
 	uint16_t hn = kern_f32_to_f16(NAN);
 	assert_true((hn & 0x7c00) == 0x7c00 && (hn & 0x3ff) != 0);
@@ -414,8 +415,10 @@ static void test_convert_q8_0(void **state)
 			switch (kind) {
 			case 0: p[j] = rng_f() * scale; break;
 			case 1: p[j] = 0.0f; break;
-			case 2: p[j] = (float)((int)(rng_u32() % 255) - 127) * 0.5f; break; /* ties */
-			case 3: p[j] = u2f(rng_u32() & 0x807fffff); break;			  /* subnormal */
+			case 2:
+				p[j] = (float)((int)(rng_u32() % 255) - 127) * 0.5f;
+				break;					   /* ties */
+			case 3: p[j] = u2f(rng_u32() & 0x807fffff); break; /* subnormal */
 			case 4: p[j] = (j == 3) ? INFINITY : rng_f(); break;
 			case 5: p[j] = (j & 1) ? -0.0f : 1e-3f * rng_f(); break;
 			case 6: p[j] = rng_f() * 3e38f; break;
@@ -507,14 +510,65 @@ static void test_dequant_table(void **state)
 	assert_true(ldexpf(0.5f, 0 - 127) == ldexpf(1.0f, -128));
 
 	/* F16 and BF16 */
-	const uint16_t h[9] = {0x3c00, 0xc000, 0x0001, 0x8000, 0x7bff, 0x3555, 0x0400, 0x7c00, 0xfc00};
-	const float hw[9] = {1.0f, -2.0f, ldexpf(1, -24), -0.0f, 65504.0f, 0x1.554p-2f,
-			     ldexpf(1, -14), INFINITY, -INFINITY};
+	const uint16_t h[9] = {0x3c00, 0xc000, 0x0001, 0x8000, 0x7bff,
+			       0x3555, 0x0400, 0x7c00, 0xfc00};
+	const float hw[9] = {1.0f,	  -2.0f,	  ldexpf(1, -24), -0.0f,    65504.0f,
+			     0x1.554p-2f, ldexpf(1, -14), INFINITY,	  -INFINITY};
 	check_dequant(KERN_F16, h, 9, hw);
-	const uint16_t bf[9] = {0x3f80, 0xc000, 0x0001, 0x8000, 0x7f7f, 0x3eab, 0x0080, 0x7f80, 0xff80};
-	const float bw[9] = {1.0f, -2.0f, u2f(0x00010000), -0.0f, u2f(0x7f7f0000), u2f(0x3eab0000),
-			     u2f(0x00800000), INFINITY, -INFINITY};
+	const uint16_t bf[9] = {0x3f80, 0xc000, 0x0001, 0x8000, 0x7f7f,
+				0x3eab, 0x0080, 0x7f80, 0xff80};
+	const float bw[9] = {1.0f,
+			     -2.0f,
+			     u2f(0x00010000),
+			     -0.0f,
+			     u2f(0x7f7f0000),
+			     u2f(0x3eab0000),
+			     u2f(0x00800000),
+			     INFINITY,
+			     -INFINITY};
 	check_dequant(KERN_BF16, bf, 9, bw);
+}
+
+/* AVX2 dequantisation == scalar, bit for bit, on random blocks (every MXFP4
+ * exponent, subnormal and special f16 scales). */
+static void test_dequant_simd(void **state)
+{
+	(void)state;
+	if (!have_avx2())
+		skip();
+	enum { N = 256 * 32 };
+	uint8_t *w = xmalloc(N * 4);
+	float *a = xmalloc(N * sizeof(float)), *b = xmalloc(N * sizeof(float));
+	rng_seed(44);
+	for (size_t ti = 0; ti < N_TYPES; ti++) {
+		uint32_t t = all_types[ti];
+		size_t bytes = kern_row_bytes(t, N);
+		for (size_t i = 0; i < bytes; i++)
+			w[i] = (uint8_t)rng_u32();
+		if (t == KERN_MXFP4)
+			for (int ib = 0; ib < N / 32; ib++)
+				w[ib * 17] = (uint8_t)ib; /* e = 0..255 */
+		static const int64_t ns[] = {N, 32, 7, 1};
+		for (size_t k = 0; k < 4; k++) {
+			int64_t n = ns[k];
+			if (is_quant(t) && n % 32)
+				continue;
+			memset(a, 0, N * sizeof(float));
+			memset(b, 0, N * sizeof(float));
+			kern_force_ref(1);
+			kern_dequant_row(t, w, a, n);
+			kern_force_ref(0);
+			kern_dequant_row(t, w, b, n);
+			if (memcmp(a, b, (size_t)n * sizeof(float)) != 0) {
+				print_error("dequant %s n=%lld differs\n", kern_type_name(t),
+					    (long long)n);
+				fail();
+			}
+		}
+	}
+	free(w);
+	free(a);
+	free(b);
 }
 
 /* kern_dot_ref against a double dot of the dequantised rows. */
@@ -536,7 +590,8 @@ static void test_dot_ref_double(void **state)
 				make_act(t, xf, x, n);
 				double sa, want = dot_double(t, w, x, n, &sa);
 				float got = kern_dot_ref(t, n, w, x);
-				check_close("ref-vs-double", t, n, got, want, sa, 2e-6 * sqrt((double)n));
+				check_close("ref-vs-double", t, n, got, want, sa,
+					    2e-6 * sqrt((double)n));
 			}
 		}
 	}
@@ -677,13 +732,15 @@ static void run_matmul_case(uint32_t t, int64_t n_in, int64_t n_out, int64_t n_r
 					assert_true(got == sentinel);
 					continue;
 				}
-				float want = kern_dot(t, n_in, w + (size_t)o * wr, x + (size_t)r * xr);
+				float want =
+				    kern_dot(t, n_in, w + (size_t)o * wr, x + (size_t)r * xr);
 				if (f2u(got) != f2u(want)) {
-					print_error("matmul %s %s n_in=%lld rows=%lld [%lld,%lld) r=%lld "
-						    "o=%lld: %a != dot %a\n",
-						    kern_type_name(t), pass ? "avx2" : "ref",
-						    (long long)n_in, (long long)n_rows, (long long)o0,
-						    (long long)o1, (long long)r, (long long)o, got, want);
+					print_error(
+					    "matmul %s %s n_in=%lld rows=%lld [%lld,%lld) r=%lld "
+					    "o=%lld: %a != dot %a\n",
+					    kern_type_name(t), pass ? "avx2" : "ref",
+					    (long long)n_in, (long long)n_rows, (long long)o0,
+					    (long long)o1, (long long)r, (long long)o, got, want);
 					fail();
 				}
 			}
@@ -716,11 +773,11 @@ int main(void)
 {
 	kern_init();
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_types),	       cmocka_unit_test(test_f16_scalar),
-	    cmocka_unit_test(test_bf16_scalar),      cmocka_unit_test(test_convert_float_simd),
-	    cmocka_unit_test(test_convert_q8_0),     cmocka_unit_test(test_dequant_table),
-	    cmocka_unit_test(test_dot_ref_double),   cmocka_unit_test(test_dot_simd),
-	    cmocka_unit_test(test_matmul),
+	    cmocka_unit_test(test_types),	 cmocka_unit_test(test_f16_scalar),
+	    cmocka_unit_test(test_bf16_scalar),	 cmocka_unit_test(test_convert_float_simd),
+	    cmocka_unit_test(test_convert_q8_0), cmocka_unit_test(test_dequant_table),
+	    cmocka_unit_test(test_dequant_simd), cmocka_unit_test(test_dot_ref_double),
+	    cmocka_unit_test(test_dot_simd),	 cmocka_unit_test(test_matmul),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -127,6 +127,71 @@ static void test_mxfp4_hand_blocks(void **state)
 	assert_true(y[15] == 6.0f && y[28] == -6.0f && y[18] == 4.0f && y[22] == 2.0f);
 }
 
+/* ggml's quantize_row_mxfp4_ref written out literally (all 16 codes tried),
+ * to check the shortcut in quant.c against it. */
+static void mxfp4_literal(const float *x, uint8_t *y, int64_t n)
+{
+	static const int8_t kv[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+	for (int64_t ib = 0; ib < n / 32; ib++, y += 17) {
+		const float *v = x + ib * 32;
+		float amax = 0;
+		for (int j = 0; j < 32; j++)
+			if (amax < fabsf(v[j]))
+				amax = fabsf(v[j]);
+		int e = amax > 0 ? (int)floorf(log2f(amax)) - 2 + 127 : 0;
+		e = e < 0 ? 0 : e;
+		float d = ldexpf(1.0f, e - 128);
+		y[0] = (uint8_t)e;
+		for (int j = 0; j < 32; j++) {
+			int best = 0;
+			float best_err = fabsf((float)kv[0] * d - v[j]);
+			for (int i = 1; i < 16; i++) {
+				float err = fabsf((float)kv[i] * d - v[j]);
+				if (err < best_err) {
+					best = i;
+					best_err = err;
+				}
+			}
+			y[1 + j % 16] = (uint8_t)(j < 16 ? best : y[1 + j % 16] | best << 4);
+		}
+	}
+}
+
+static void test_mxfp4_matches_literal_search(void **state)
+{
+	(void)state;
+	/* midpoints between neighbouring codes, a few ulps either side, at scales
+	 * from subnormal to huge; plus plain random values */
+	static const float mid[9] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f, 6.5f, 7.0f};
+	const int64_t n = 32 * 4096;
+	float *x = malloc((size_t)n * sizeof(float));
+	uint8_t *a = malloc((size_t)n), *b = malloc((size_t)n);
+	assert_true(x && a && b);
+	for (int64_t i = 0; i < n; i++) {
+		int64_t blk = i / 32;
+		int sc = blk % 3 == 0 ? -127 + (int)(blk % 9) : (int)(blk % 61) - 30;
+		float m;
+		if (blk % 5 == 4) {
+			m = rng_gauss() * ldexpf(1.0f, sc);
+		} else {
+			m = ldexpf(mid[(i * 7) % 9], sc);
+			for (int u = 0; u < (int)(i % 7) - 3; u++)
+				m = nextafterf(m, INFINITY);
+			for (int u = 0; u > (int)(i % 7) - 3; u--)
+				m = nextafterf(m, 0);
+			if (i % 32 == 0)
+				m = ldexpf(7.9f, sc); /* the block's maximum sets the scale */
+		}
+		x[i] = (i * 13) % 3 == 0 ? -m : m;
+	}
+	quant_row_mxfp4_ref(x, a, n);
+	mxfp4_literal(x, b, n);
+	assert_memory_equal(a, b, kern_row_bytes(KERN_MXFP4, n));
+	free(x);
+	free(a);
+	free(b);
+}
+
 static void test_q8_0_hand_block(void **state)
 {
 	(void)state;
@@ -449,6 +514,20 @@ static void test_writer_every_type_and_alignment(void **state)
 		const uint8_t *p0 = gguf_tensor_at(dst, 0)->data;
 		assert_int_equal((uint64_t)(p - p0) % 64, 0);
 	}
+	/* every kind of entry (empty string array included) copies raw */
+	gguf *again = NULL;
+	const char *out2 = tmp_path("types2.gguf");
+	assert_int_equal(gguf_writer_new(&w), 0);
+	assert_int_equal(gguf_writer_copy_all_kv(w, dst), 0);
+	assert_int_equal(gguf_writer_open(w, out2), 0);
+	assert_int_equal(gguf_writer_commit(w), 0);
+	gguf_writer_destroy(&w);
+	assert_int_equal(gguf_open(out2, &again), 0);
+	assert_int_equal(gguf_n_kv(again), gguf_n_kv(dst));
+	for (uint64_t i = 0; i < gguf_n_kv(dst); i++)
+		assert_kv_raw_equal(dst, i, again, i);
+	gguf_destroy(&again);
+	unlink(out2);
 	gguf_destroy(&dst);
 	gguf_destroy(&src);
 	unlink(out);
@@ -700,6 +779,7 @@ int main(void)
 	kern_init();
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_mxfp4_hand_blocks),
+		cmocka_unit_test(test_mxfp4_matches_literal_search),
 		cmocka_unit_test(test_q8_0_hand_block),
 		cmocka_unit_test(test_q4_0_hand_blocks),
 		cmocka_unit_test(test_quant_row_checks),

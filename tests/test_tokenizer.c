@@ -951,7 +951,7 @@ static int ref_cand_cmp(const void *a, const void *b)
 static void test_sampler_nucleus(void **state)
 {
 	(void)state;
-	enum { V = 1000, N = 20000 };
+	enum { V = 1000, N = 8000 };
 	static float l[V];
 	static struct ref_cand r[V];
 	static int count[V];

@@ -19,7 +19,7 @@
 #include "../common/transport.h"
 #include "../common/wire.h"
 
-#define RECV_MS 5000 /* generous: only a failing test waits this long */
+#define RECV_MS 20000 /* generous (valgrind): only a failing test waits this long */
 
 struct pair {
 	char endpoint[256];
@@ -435,13 +435,13 @@ static void test_bad_endpoints(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_round_trip_ipc), cmocka_unit_test(test_round_trip_tcp),
-		cmocka_unit_test(test_many_peers_ipc), cmocka_unit_test(test_many_peers_tcp),
-		cmocka_unit_test(test_big_frame_ipc),  cmocka_unit_test(test_big_frame_tcp),
-		cmocka_unit_test(test_oversized_ipc),  cmocka_unit_test(test_oversized_tcp),
-		cmocka_unit_test(test_recv_timeout),   cmocka_unit_test(test_send_errors),
-		cmocka_unit_test(test_send_timeout),   cmocka_unit_test(test_ipc_cleanup),
-		cmocka_unit_test(test_bad_endpoints),
+	    cmocka_unit_test(test_round_trip_ipc), cmocka_unit_test(test_round_trip_tcp),
+	    cmocka_unit_test(test_many_peers_ipc), cmocka_unit_test(test_many_peers_tcp),
+	    cmocka_unit_test(test_big_frame_ipc),  cmocka_unit_test(test_big_frame_tcp),
+	    cmocka_unit_test(test_oversized_ipc),  cmocka_unit_test(test_oversized_tcp),
+	    cmocka_unit_test(test_recv_timeout),   cmocka_unit_test(test_send_errors),
+	    cmocka_unit_test(test_send_timeout),   cmocka_unit_test(test_ipc_cleanup),
+	    cmocka_unit_test(test_bad_endpoints),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

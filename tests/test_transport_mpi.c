@@ -19,7 +19,7 @@
 #include "../common/wire.h"
 
 #define RECV_MS 8000
-#define BIG (((size_t)8 << 20) + 12345) /* three 4 MiB chunks, the last short */
+#define BIG	(((size_t)8 << 20) + 12345) /* three 4 MiB chunks, the last short */
 
 static int n_fail;
 
@@ -159,7 +159,7 @@ static void coord_run(transport *t, int size)
 		snprintf(s, sizeof(s), "pong %d", rank);
 		fill(buf, 1000u * (unsigned)rank, (uint32_t)rank);
 		check(is_str(&f, s) && f.data && f.data_len == 1000u * (unsigned)rank &&
-			      !memcmp(f.data, buf, f.data_len),
+			  !memcmp(f.data, buf, f.data_len),
 		      "pong from %s with a %zu-byte frame", transport_peer_name(t, f.peer),
 		      f.data_len);
 		seen |= 1 << f.peer;
