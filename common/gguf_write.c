@@ -12,10 +12,10 @@
 #include <unistd.h>
 
 /* The reader's limits (gguf.c), so that whatever is written can be read back. */
-#define GW_MAX_NAME 4096
-#define GW_MAX_ALIGN (1u << 16)
+#define GW_MAX_NAME	 4096
+#define GW_MAX_ALIGN	 (1u << 16)
 #define GW_DEFAULT_ALIGN 32
-#define GW_IO_BUFFER (1u << 20)
+#define GW_IO_BUFFER	 (1u << 20)
 
 struct gw_kv {
 	char *key;
@@ -81,8 +81,14 @@ static void gw_put(struct gw_buf *b, const void *d, size_t n)
 	b->n += n;
 }
 
-static void gw_put_u32(struct gw_buf *b, uint32_t v) { gw_put(b, &v, 4); }
-static void gw_put_u64(struct gw_buf *b, uint64_t v) { gw_put(b, &v, 8); }
+static void gw_put_u32(struct gw_buf *b, uint32_t v)
+{
+	gw_put(b, &v, 4);
+}
+static void gw_put_u64(struct gw_buf *b, uint64_t v)
+{
+	gw_put(b, &v, 8);
+}
 static void gw_put_str(struct gw_buf *b, const char *s, size_t len)
 {
 	gw_put_u64(b, len);
@@ -253,12 +259,13 @@ int gguf_writer_set_str(gguf_writer *w, const char *key, const char *v)
 	return gw_end(w, key, &b);
 }
 
-int gguf_writer_set_arr(gguf_writer *w, const char *key, enum gguf_type elem_type,
-			const void *data, uint64_t count)
+int gguf_writer_set_arr(gguf_writer *w, const char *key, enum gguf_type elem_type, const void *data,
+			uint64_t count)
 {
 	size_t sz = gw_type_size(elem_type);
 	if (!sz) {
-		log_error("gguf writer: key %s: invalid array element type %d", key, (int)elem_type);
+		log_error("gguf writer: key %s: invalid array element type %d", key,
+			  (int)elem_type);
 		return ERR_CONFIG;
 	}
 	if (count > SIZE_MAX / sz) {
@@ -285,8 +292,7 @@ int gguf_writer_set_arr(gguf_writer *w, const char *key, enum gguf_type elem_typ
 	return gw_end(w, key, &b);
 }
 
-int gguf_writer_set_arr_str(gguf_writer *w, const char *key, const char *const *v,
-			    uint64_t count)
+int gguf_writer_set_arr_str(gguf_writer *w, const char *key, const char *const *v, uint64_t count)
 {
 	struct gw_buf b = {0};
 	int rc = gw_begin(w, key, GGUF_TYPE_ARRAY, &b);
@@ -330,7 +336,10 @@ int gguf_writer_copy_all_kv(gguf_writer *w, const gguf *src)
 	return 0;
 }
 
-uint64_t gguf_writer_n_kv(const gguf_writer *w) { return w->n_kv; }
+uint64_t gguf_writer_n_kv(const gguf_writer *w)
+{
+	return w->n_kv;
+}
 
 /* ------------------------------------------------------------- tensors */
 
@@ -360,8 +369,8 @@ int gguf_writer_add_tensor(gguf_writer *w, const char *name, uint32_t type, uint
 		t.ne[d] = 1;
 	for (uint32_t d = 0; d < n_dims; d++) {
 		if (ne[d] == 0 || ne[d] > (1ull << 40) || n_el > (1ull << 42) / ne[d]) {
-			log_error("gguf writer: tensor %s: dimension %u has invalid extent %llu", name,
-				  d, (unsigned long long)ne[d]);
+			log_error("gguf writer: tensor %s: dimension %u has invalid extent %llu",
+				  name, d, (unsigned long long)ne[d]);
 			return ERR_CONFIG;
 		}
 		t.ne[d] = ne[d];
@@ -399,7 +408,10 @@ nomem:
 	return ERR_NOMEM;
 }
 
-uint64_t gguf_writer_n_tensors(const gguf_writer *w) { return w->n_t; }
+uint64_t gguf_writer_n_tensors(const gguf_writer *w)
+{
+	return w->n_t;
+}
 
 /* --------------------------------------------------------------- output */
 
@@ -538,8 +550,8 @@ int gguf_writer_write(gguf_writer *w, const void *data, size_t n)
 	const uint8_t *p = data;
 	while (n) {
 		if (w->cur >= w->n_t) {
-			log_error("%s: %zu bytes of tensor data beyond the declared tensors", w->path,
-				  n);
+			log_error("%s: %zu bytes of tensor data beyond the declared tensors",
+				  w->path, n);
 			w->state = GW_FAILED;
 			return ERR_CONFIG;
 		}

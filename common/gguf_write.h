@@ -45,10 +45,9 @@ int gguf_writer_set_f32(gguf_writer *w, const char *key, float v);
 int gguf_writer_set_bool(gguf_writer *w, const char *key, int v);
 int gguf_writer_set_str(gguf_writer *w, const char *key, const char *v);
 /* A numeric array (elem_type not STRING or ARRAY): count packed little-endian elements. */
-int gguf_writer_set_arr(gguf_writer *w, const char *key, enum gguf_type elem_type,
-			const void *data, uint64_t count);
-int gguf_writer_set_arr_str(gguf_writer *w, const char *key, const char *const *v,
-			    uint64_t count);
+int gguf_writer_set_arr(gguf_writer *w, const char *key, enum gguf_type elem_type, const void *data,
+			uint64_t count);
+int gguf_writer_set_arr_str(gguf_writer *w, const char *key, const char *const *v, uint64_t count);
 uint64_t gguf_writer_n_kv(const gguf_writer *w);
 
 /* Tensors: ne[0..n_dims) with ne[0] the row length; type a kern.h type id. */

@@ -32,7 +32,10 @@ int quantize_parse_type(const char *name, uint32_t *out)
 	return ERR_CONFIG;
 }
 
-int quantize_is_expert(const char *name) { return strstr(name, "_exps.weight") != NULL; }
+int quantize_is_expert(const char *name)
+{
+	return strstr(name, "_exps.weight") != NULL;
+}
 
 /* One pool run: rows [row0, row0 + n_rows) of a tensor into dst. */
 struct qz_job {
@@ -76,12 +79,12 @@ static int qz_convert_tensor(const char *in, const gguf_tensor *t, uint32_t dst_
 	int64_t ne0 = (int64_t)t->ne[0];
 	int64_t n_rows = (int64_t)(t->n_bytes / kern_row_bytes(t->type, ne0));
 	struct qz_job j = {
-		.src = t->data,
-		.src_type = t->type,
-		.dst_type = dst_type,
-		.ne0 = ne0,
-		.src_row = kern_row_bytes(t->type, ne0),
-		.dst_row = kern_row_bytes(dst_type, ne0),
+	    .src = t->data,
+	    .src_type = t->type,
+	    .dst_type = dst_type,
+	    .ne0 = ne0,
+	    .src_row = kern_row_bytes(t->type, ne0),
+	    .dst_row = kern_row_bytes(dst_type, ne0),
 	};
 	int64_t chunk = (int64_t)(QZ_CHUNK_BYTES / j.dst_row);
 	if (chunk < 1)
@@ -122,7 +125,10 @@ out:
 	return rc;
 }
 
-static double qz_mib(uint64_t n) { return (double)n / 1048576.0; }
+static double qz_mib(uint64_t n)
+{
+	return (double)n / 1048576.0;
+}
 
 int quantize_file(const char *in, const char *out, uint32_t expert_type)
 {

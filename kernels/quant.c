@@ -6,7 +6,10 @@
 #include "kernels/kern_impl.h"
 #include "kernels/quant.h"
 
-static void quant_store_u16(void *p, uint16_t v) { memcpy(p, &v, sizeof(v)); }
+static void quant_store_u16(void *p, uint16_t v)
+{
+	memcpy(p, &v, sizeof(v));
+}
 
 /* The E2M1 code (index into kern_mxfp4_values) nearest to x at scale d, the
  * first code winning a tie: the code ggml's loop

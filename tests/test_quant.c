@@ -93,15 +93,13 @@ static void test_mxfp4_hand_blocks(void **state)
 	(void)state;
 	/* amax 7 -> e = floor(log2 7) - 2 + 127 = 127, scale 1: codes index
 	 * {0, .5, 1, 1.5, 2, 3, 4, 6, -0, -.5, -1, -1.5, -2, -3, -4, -6} */
-	float x[4 * 32] = {
-		0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.5f, -1, -1.5f, -2, -3, -4, -6, 7,
-		/* ties go to the first code: .25 -> 0, -.25 -> 0 (not -0 or -.5),
-		 * 5 -> 4, -5 -> -4, 2.5 -> 2, 3.5 -> 3, 1.25 -> 1; -7 clips to -6 */
-		0.25f, -0.25f, 5, -5, 0.74f, 0.76f, 2.5f, -2.5f, 3.5f, -3.5f, 1.25f, -0.1f, -7,
-		5.5f, 0.3f, -0.0f};
-	static const uint8_t want_a[17] = {0x7f, 0x00, 0x01, 0x62, 0xe3, 0x14, 0x25,
-					   0x46, 0xc7, 0x59, 0xda, 0x2b, 0x0c, 0xfd,
-					   0x7e, 0x1f, 0x07};
+	float x[4 * 32] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.5f, -1, -1.5f, -2, -3, -4, -6, 7,
+			   /* ties go to the first code: .25 -> 0, -.25 -> 0 (not -0 or -.5),
+			    * 5 -> 4, -5 -> -4, 2.5 -> 2, 3.5 -> 3, 1.25 -> 1; -7 clips to -6 */
+			   0.25f, -0.25f, 5, -5, 0.74f, 0.76f, 2.5f, -2.5f, 3.5f, -3.5f, 1.25f,
+			   -0.1f, -7, 5.5f, 0.3f, -0.0f};
+	static const uint8_t want_a[17] = {0x7f, 0x00, 0x01, 0x62, 0xe3, 0x14, 0x25, 0x46, 0xc7,
+					   0x59, 0xda, 0x2b, 0x0c, 0xfd, 0x7e, 0x1f, 0x07};
 	/* block 1: the same times 2^-10 -> e = 117, same codes */
 	for (int j = 0; j < 32; j++)
 		x[32 + j] = ldexpf(x[j], -10);
@@ -225,12 +223,10 @@ static void test_q4_0_hand_blocks(void **state)
 	x[34] = 1;
 	uint8_t got[36];
 	quant_row_q4_0_ref(x, got, 64);
-	static const uint8_t want0[18] = {0x00, 0x3c, 0x90, 0x7f, 0x89, 0x88, 0x8f, 0x80,
-					  0x8b, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88,
-					  0x88, 0x88};
-	static const uint8_t want1[18] = {0x00, 0xb8, 0x80, 0x8f, 0x86, 0x88, 0x88, 0x88,
-					  0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88,
-					  0x88, 0x88};
+	static const uint8_t want0[18] = {0x00, 0x3c, 0x90, 0x7f, 0x89, 0x88, 0x8f, 0x80, 0x8b,
+					  0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88};
+	static const uint8_t want1[18] = {0x00, 0xb8, 0x80, 0x8f, 0x86, 0x88, 0x88, 0x88, 0x88,
+					  0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88};
 	assert_memory_equal(got, want0, 18);
 	assert_memory_equal(got + 18, want1, 18);
 }
@@ -296,14 +292,17 @@ static double check_block_errors(uint32_t type, const float *x, const void *q, i
 			float d = type == KERN_Q8_0 ? amax / 127 : amax / 8;
 			/* half a step (Q4_0: a whole one, +8 clips to +7) plus the
 			 * f16 rounding of d (relative 2^-11) times the largest code */
-			bound = type == KERN_Q8_0 ? d * (0.5f + 127.0f / 2048) : d * (1 + 8.0f / 2048);
-			bound *= 1.001f;
+			if (type == KERN_Q8_0)
+				bound = d * (0.5f + 127.0f / 2048) * 1.001f;
+			else
+				bound = d * (1 + 8.0f / 2048) * 1.001f;
 		}
 		for (int j = 0; j < 32; j++) {
 			float e = fabsf(xb[j] - yb[j]);
 			if (!(e <= bound + 1e-30f))
-				fail_msg("%s block %lld value %d: |%g - %g| > %g", kern_type_name(type),
-					 (long long)ib, j, xb[j], yb[j], bound);
+				fail_msg("%s block %lld value %d: |%g - %g| > %g",
+					 kern_type_name(type), (long long)ib, j, xb[j], yb[j],
+					 bound);
 			se += (double)e * e;
 		}
 	}
