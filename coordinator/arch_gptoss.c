@@ -757,22 +757,12 @@ static int gptoss_moe(struct gptoss *s, int il, int n)
 		.weights = s->weights,
 		.out = s->eout,
 	};
-	int rc = expert_backend_compute(s->env->experts, &job);
-	if (rc) {
-		log_error("%s: layer %d: routed experts failed (%s)", gguf_path(s->env->g), il,
-			  err_str(rc));
+	int rc = experts_run_sum(s->env->experts, &job, s->o);
+	if (rc)
 		return rc;
-	}
-
-	/* x = (slot 0 + slot 1 + ... in slot order) + x */
-	for (int t = 0; t < n; t++) {
-		float *sum = s->o + (size_t)t * E;
-		const float *e = s->eout + (size_t)t * K * E;
-		memcpy(sum, e, (size_t)E * sizeof(float));
-		for (int j = 1; j < K; j++)
-			ops_add(sum, sum, e + (size_t)j * E, E);
-		ops_add(s->x + (size_t)t * E, sum, s->x + (size_t)t * E, E);
-	}
+	/* x = sum of the slots + x                                      (n, E) */
+	for (int t = 0; t < n; t++)
+		ops_add(s->x + (size_t)t * E, s->o + (size_t)t * E, s->x + (size_t)t * E, E);
 	return 0;
 }
 

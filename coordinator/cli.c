@@ -5,6 +5,7 @@
 #include "../common/transport.h"
 #include "../common/wire.h"
 #include "../worker/worker.h"
+#include "quantize.h"
 #include "sampler.h"
 #include "../common/tokenizer.h"
 #include "../common/err.h"
@@ -828,6 +829,61 @@ out:
 	return rc;
 }
 
+/* ------------------------------------------------------------ quantize */
+
+static const char *cli_usage_quantize =
+	"usage: moefleet quantize -m IN.gguf -o OUT.gguf --experts TYPE\n"
+	"  Writes a copy of IN whose routed-expert tensors (names containing\n"
+	"  \"_exps.weight\") are converted to TYPE: mxfp4, q8_0 or q4_0 (the bytes\n"
+	"  ggml's reference quantiser gives).  Every other tensor and all metadata are\n"
+	"  copied unchanged.  OUT is written as OUT.tmp and renamed when complete.\n";
+
+static int cli_quantize(int argc, char **argv)
+{
+	const char *in = NULL, *out = NULL, *experts = NULL;
+	int help = 0;
+	for (int i = 0; i < argc; i++) {
+		const char *a = argv[i];
+		const char **dst = NULL;
+		if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+			help = 1;
+			continue;
+		}
+		if (!strcmp(a, "-m") || !strcmp(a, "--model"))
+			dst = &in;
+		else if (!strcmp(a, "-o") || !strcmp(a, "--out"))
+			dst = &out;
+		else if (!strcmp(a, "--experts"))
+			dst = &experts;
+		if (!dst) {
+			fprintf(stderr, "moefleet: unknown argument '%s'\n", a);
+			fputs(cli_usage_quantize, stderr);
+			return CLI_USAGE;
+		}
+		if (i + 1 >= argc) {
+			fprintf(stderr, "moefleet: %s needs a value\n", a);
+			fputs(cli_usage_quantize, stderr);
+			return CLI_USAGE;
+		}
+		*dst = argv[++i];
+	}
+	if (help) {
+		fputs(cli_usage_quantize, stdout);
+		return CLI_OK;
+	}
+	if (!in || !out || !experts) {
+		fputs(cli_usage_quantize, stderr);
+		return CLI_USAGE;
+	}
+	uint32_t type;
+	if (quantize_parse_type(experts, &type)) {
+		fprintf(stderr, "moefleet: --experts: unknown type '%s' (use mxfp4, q8_0 or q4_0)\n",
+			experts);
+		return CLI_USAGE;
+	}
+	return quantize_file(in, out, type) ? CLI_FAIL : CLI_OK;
+}
+
 /* ------------------------------------------------------------ dispatch */
 
 static const char *cli_usage_main =
@@ -837,6 +893,7 @@ static const char *cli_usage_main =
 	"  logits    write the logits of every position of a token sequence\n"
 	"  generate  generate text from a prompt\n"
 	"  bench     measure prompt processing and token generation speed\n"
+	"  quantize  convert a model's routed experts to MXFP4, Q8_0 or Q4_0\n"
 	"Run 'moefleet <command> --help' for the options of a command.\n";
 
 static int cli_generate(int argc, char **argv);
@@ -913,6 +970,8 @@ static int cli_dispatch(int argc, char **argv)
 		return cli_logits(argc - 2, argv + 2);
 	if (!strcmp(cmd, "bench"))
 		return cli_bench(argc - 2, argv + 2);
+	if (!strcmp(cmd, "quantize"))
+		return cli_quantize(argc - 2, argv + 2);
 	if (!strcmp(cmd, "generate"))
 		return cli_generate(argc - 2, argv + 2);
 	fprintf(stderr, "moefleet: unknown command '%s'\n", cmd);

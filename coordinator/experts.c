@@ -4,6 +4,9 @@
 #include "../worker/shard.h"
 
 #include <stdlib.h>
+#include <string.h>
+
+#include "../common/log.h"
 
 struct expert_backend {
 	const struct expert_backend_ops *ops;
@@ -37,6 +40,25 @@ void expert_backend_destroy(expert_backend **pb)
 	b->ops->destroy(b->self);
 	free(b);
 	*pb = NULL;
+}
+
+int experts_run_sum(expert_backend *b, const struct expert_job *job, float *sum)
+{
+	int rc = expert_backend_compute(b, job);
+	if (rc) {
+		log_error("layer %d: routed experts failed (%s)", job->layer, err_str(rc));
+		return rc;
+	}
+	const size_t E = (size_t)job->n_embd, K = (size_t)job->k;
+	for (size_t t = 0; t < (size_t)job->n_rows; t++) {
+		float *y = sum + t * E;
+		const float *e = job->out + t * K * E;
+		memcpy(y, e, E * sizeof(float));
+		for (size_t j = 1; j < K; j++)
+			for (size_t i = 0; i < E; i++)
+				y[i] += e[j * E + i];
+	}
+	return 0;
 }
 
 /* The in-process backend: one shard holding every expert, computed on the

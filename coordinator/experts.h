@@ -43,4 +43,9 @@ int experts_new_local(const gguf *g, const struct moe_spec *spec, pool *p,
 int expert_backend_compute(expert_backend *b, const struct expert_job *job);
 void expert_backend_destroy(expert_backend **b);
 
+/* Runs job on b and writes, for every row t, the slot outputs summed in slot
+ * order: sum[t] = ((out[t][0] + out[t][1]) + ...) + out[t][k-1].  Logs a
+ * failure naming the layer. */
+int experts_run_sum(expert_backend *b, const struct expert_job *job, float *sum);
+
 #endif
