@@ -40,6 +40,71 @@
 #include "../common/log.h"
 #include "../kernels/kern.h"
 
+/* The row kernels are built twice and chosen at load time by CPU: with FMA,
+ * fmaf() is one instruction instead of a library call (same result: an FMA
+ * is exact by definition). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ATTN_HOT __attribute__((target_clones("fma", "default")))
+#else
+#define ATTN_HOT
+#endif
+
+/* AVX2+FMA+F16C forms of the two inner loops of the tiled kernel; lane i
+ * computes exactly what the scalar loop computes for element i. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define ATTN_SIMD 1
+__attribute__((target("avx2,fma,f16c"))) static void attn_simd_f16_row(const uint16_t *src,
+									 float *dst, int n)
+{
+	int d = 0;
+	for (; d + 8 <= n; d += 8)
+		_mm256_storeu_ps(dst + d,
+				 _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + d))));
+	for (; d < n; d++)
+		dst[d] = _cvtsh_ss(src[d]);
+}
+
+/* acc[d] = fma(w, v[d], acc[d]) for d < n, v in F16 */
+__attribute__((target("avx2,fma,f16c"))) static void attn_simd_axpy_f16(float w, const uint16_t *v,
+									  float *acc, int n)
+{
+	const __m256 wv = _mm256_set1_ps(w);
+	int d = 0;
+	for (; d + 8 <= n; d += 8) {
+		__m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + d)));
+		_mm256_storeu_ps(acc + d, _mm256_fmadd_ps(wv, x, _mm256_loadu_ps(acc + d)));
+	}
+	for (; d < n; d++)
+		acc[d] = fmaf(w, _cvtsh_ss(v[d]), acc[d]);
+}
+
+/* sv[i] = fma(q, row[i], sv[i]) for i < n */
+__attribute__((target("avx2,fma"))) static void attn_simd_axpy(float q, const float *row, float *sv,
+							       int n)
+{
+	const __m256 qv = _mm256_set1_ps(q);
+	int i = 0;
+	for (; i + 8 <= n; i += 8)
+		_mm256_storeu_ps(sv + i, _mm256_fmadd_ps(qv, _mm256_loadu_ps(row + i),
+							 _mm256_loadu_ps(sv + i)));
+	for (; i < n; i++)
+		sv[i] = fmaf(q, row[i], sv[i]);
+}
+
+static int attn_simd_ok(void)
+{
+	static int ok = -1;
+	if (ok < 0)
+		ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+		     __builtin_cpu_supports("f16c");
+	return ok;
+}
+#else
+#define ATTN_SIMD 0
+static int attn_simd_ok(void) { return 0; }
+#endif
+
 struct attn_cache {
 	int n_layer;
 	int n_seq;
@@ -394,7 +459,7 @@ static void attn_normalize(float S, const float *acc, int dv, float *out)
 /* ggml's one-row kernel (ggml_compute_forward_flash_attn_ext_f16_one_chunk)
  * over the keys [j0, j1) of one (token, head): F16 query, F16 accumulator.
  * Leaves the running max, sum and the accumulator (as F32) in *M, *S, acc. */
-static void attn_chunk_f16(const struct attn_job *jb, int t, int h, int j0, int j1, float *M,
+ATTN_HOT static void attn_chunk_f16(const struct attn_job *jb, int t, int h, int j0, int j1, float *M,
 			   float *S, float *acc)
 {
 	const attn_cache *c = jb->c;
@@ -464,7 +529,7 @@ static int attn_llama_n_kv(int pos)
  * the cells into ATTN_SPLIT_CHUNKS equal chunks (one per thread), runs the
  * one-row kernel on each (the sink joins the first chunk) and merges the
  * partial results in chunk order (ggml_flash_attn_ext_reduce_partials). */
-static void attn_row_split(const struct attn_job *jb, int t, int h)
+ATTN_HOT static void attn_row_split(const struct attn_job *jb, int t, int h)
 {
 	const struct attn_params *ap = jb->ap;
 	const int dv = ap->head_dim_v;
@@ -498,7 +563,7 @@ static void attn_row_split(const struct attn_job *jb, int t, int h)
 
 /* One (token, head) row, ggml's tiled kernel: F32 query and accumulator, one
  * softmax update per tile of ATTN_TILE_KV positions (tiles start at 0). */
-static void attn_row_tiled(const struct attn_job *jb, int t, int h)
+ATTN_HOT static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 {
 	const attn_cache *c = jb->c;
 	const struct attn_params *ap = jb->ap;
@@ -507,8 +572,10 @@ static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 	const int hkv = h / (ap->n_head / ap->n_head_kv);
 	const int seq = jb->b->seq[t];
 	const int pos = jb->b->pos[t];
-	float acc[ATTN_MAX_HEAD_DIM];
+	float acc[ATTN_MAX_HEAD_DIM], vrow[ATTN_MAX_HEAD_DIM];
 	float kq[ATTN_TILE_KV];
+	float kt[ATTN_MAX_HEAD_DIM * ATTN_TILE_KV]; /* key tile, [d][i] */
+	const int simd = attn_simd_ok();
 
 	const float *qh = jb->q + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dk;
 	memset(acc, 0, (size_t)dv * sizeof(float));
@@ -525,6 +592,33 @@ static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 		/* visible part [a, z) of this tile; the rest scores -inf */
 		const int a = ic > j0 ? ic : j0;
 		const int z = ic + ATTN_TILE_KV < j1 ? ic + ATTN_TILE_KV : j1;
+		/* scores: one FMA chain over d per key, as ggml; the keys of the
+		 * tile are transposed so the chains run side by side */
+		const int nv = z - a;
+		for (int i = 0; i < nv; i++) {
+			const uint16_t *kj = kbase + (size_t)(a + i) * (size_t)c->k_width;
+			if (simd) {
+				attn_simd_f16_row(kj, vrow, dk);
+				for (int d = 0; d < dk; d++)
+					kt[(size_t)d * ATTN_TILE_KV + (size_t)i] = vrow[d];
+			} else {
+				for (int d = 0; d < dk; d++)
+					kt[(size_t)d * ATTN_TILE_KV + (size_t)i] = attn_f16_to_f32(kj[d]);
+			}
+		}
+		float sv[ATTN_TILE_KV];
+		for (int i = 0; i < nv; i++)
+			sv[i] = 0.0f;
+		for (int d = 0; d < dk; d++) {
+			const float qd = qh[d];
+			const float *row = kt + (size_t)d * ATTN_TILE_KV;
+			if (simd) {
+				attn_simd_axpy(qd, row, sv, nv);
+				continue;
+			}
+			for (int i = 0; i < nv; i++)
+				sv[i] = fmaf(qd, row[i], sv[i]);
+		}
 		float tile_max = -INFINITY;
 		for (int i = 0; i < ATTN_TILE_KV; i++) {
 			const int j = ic + i;
@@ -532,11 +626,7 @@ static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 				kq[i] = -INFINITY;
 				continue;
 			}
-			const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
-			float s = 0.0f;
-			for (int d = 0; d < dk; d++)
-				s = fmaf(qh[d], attn_f16_to_f32(kj[d]), s);
-			kq[i] = s * ap->scale;
+			kq[i] = sv[j - a] * ap->scale;
 			if (kq[i] > tile_max)
 				tile_max = kq[i];
 		}
@@ -563,14 +653,17 @@ static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 
 		/* acc[d] += sum_i kq[i] * v[i][d], one FMA chain per d in tile
 		 * order; masked positions add exact zeros and are skipped */
-		for (int d = 0; d < dv; d++) {
-			float s = acc[d];
-			for (int j = a; j < z; j++)
-				s = fmaf(kq[j - ic],
-					 attn_f16_to_f32(
-					     vbase[(size_t)j * (size_t)c->v_width + (size_t)d]),
-					 s);
-			acc[d] = s;
+		for (int j = a; j < z; j++) {
+			const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
+			const float w = kq[j - ic];
+			if (simd) {
+				attn_simd_axpy_f16(w, vj, acc, dv);
+				continue;
+			}
+			for (int d = 0; d < dv; d++)
+				vrow[d] = attn_f16_to_f32(vj[d]);
+			for (int d = 0; d < dv; d++)
+				acc[d] = fmaf(w, vrow[d], acc[d]);
 		}
 	}
 
