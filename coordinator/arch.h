@@ -43,6 +43,12 @@ int arch_f32_opt(const struct arch_env *env, const char *arch, const char *key, 
 int arch_bool_opt(const struct arch_env *env, const char *arch, const char *key, int *out);
 int arch_str_opt(const struct arch_env *env, const char *arch, const char *key, char *buf, size_t cap);
 
+/* "<arch>.attention.layer_norm_rms_epsilon": required, finite and > 0. */
+int arch_rms_eps(const struct arch_env *env, const char *arch, float *out);
+/* The vocabulary size as token_embd.weight's row count (n_embd x n_vocab);
+ * *n_vocab != 0 on entry is a value from metadata that must agree. */
+int arch_vocab(const struct arch_env *env, int *n_vocab);
+
 /* Tensor lookup by printf-style name with a shape check (see gguf_expect_tensor).
  * ne0..ne2: expected extents; pass 0 for dimensions the tensor does not have.
  * arch_tensor_opt returns 0 with *out = NULL when the tensor is absent. */

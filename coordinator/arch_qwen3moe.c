@@ -156,14 +156,9 @@ static int qwen_load_hparams(const struct arch_env *env, struct qwen_hparams *hp
 		rc = qwen_u32_range(env, "expert_used_count", 1, 1, QWEN_MAX_EXPERTS,
 				    &hp->n_expert_used);
 	if (!rc)
-		rc = arch_f32_req(env, QWEN_ARCH, "attention.layer_norm_rms_epsilon", &hp->eps);
+		rc = arch_rms_eps(env, QWEN_ARCH, &hp->eps);
 	if (rc)
 		return rc;
-	if (!(hp->eps > 0.0f) || !isfinite(hp->eps)) {
-		log_error("%s: key %s.attention.layer_norm_rms_epsilon must be positive", path,
-			  QWEN_ARCH);
-		return ERR_FORMAT;
-	}
 	if (hp->n_head % hp->n_head_kv != 0) {
 		log_error("%s: attention.head_count %d is not a multiple of head_count_kv %d", path,
 			  hp->n_head, hp->n_head_kv);
@@ -382,23 +377,12 @@ static int qwen_load_layer(const struct arch_env *env, const struct qwen *s, int
 static int qwen_load_tensors(const struct arch_env *env, struct qwen *s)
 {
 	struct qwen_hparams *hp = &s->hp;
-	const char *path = gguf_path(env->g);
 	int rc;
 
 	/* the vocabulary size is token_embd's row count */
-	const gguf_tensor *emb = gguf_find_tensor(env->g, "token_embd.weight");
-	if (!emb || emb->n_dims != 2) {
-		log_error("%s: tensor token_embd.weight: %s", path,
-			  emb ? "expected 2 dimensions" : "missing");
-		return ERR_FORMAT;
-	}
-	if (emb->ne[1] < 1 || emb->ne[1] > INT32_MAX ||
-	    (hp->n_vocab != 0 && emb->ne[1] != (uint64_t)hp->n_vocab)) {
-		log_error("%s: tensor token_embd.weight: %llu rows, vocab_size says %d", path,
-			  (unsigned long long)emb->ne[1], hp->n_vocab);
-		return ERR_FORMAT;
-	}
-	hp->n_vocab = (int)emb->ne[1];
+	rc = arch_vocab(env, &hp->n_vocab);
+	if (rc)
+		return rc;
 	rc = arch_tensor(env, &s->tok_embd, hp->n_embd, hp->n_vocab, 0, "token_embd.weight");
 	if (!rc)
 		rc = qwen_f32(env, &s->output_norm, hp->n_embd, 0, "output_norm.weight");

@@ -4,7 +4,9 @@
 #include "../common/log.h"
 #include "../kernels/kern.h"
 
+#include <math.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -260,6 +262,38 @@ int arch_str_opt(const struct arch_env *env, const char *arch, const char *key, 
 		return ERR_CONFIG;
 	int rc = gguf_get_cstr(env->g, k, buf, cap);
 	return rc == ERR_RANGE ? 0 : rc;
+}
+
+int arch_rms_eps(const struct arch_env *env, const char *arch, float *out)
+{
+	int rc = arch_f32_req(env, arch, "attention.layer_norm_rms_epsilon", out);
+	if (rc)
+		return rc;
+	if (!(*out > 0.0f) || !isfinite(*out)) {
+		log_error("%s: key %s.attention.layer_norm_rms_epsilon must be positive",
+			  gguf_path(env->g), arch);
+		return ERR_FORMAT;
+	}
+	return 0;
+}
+
+int arch_vocab(const struct arch_env *env, int *n_vocab)
+{
+	const char *path = gguf_path(env->g);
+	const gguf_tensor *emb = gguf_find_tensor(env->g, "token_embd.weight");
+	if (!emb || emb->n_dims != 2) {
+		log_error("%s: tensor token_embd.weight: %s", path,
+			  emb ? "expected 2 dimensions" : "missing");
+		return ERR_FORMAT;
+	}
+	if (emb->ne[1] < 1 || emb->ne[1] > INT32_MAX ||
+	    (*n_vocab != 0 && emb->ne[1] != (uint64_t)*n_vocab)) {
+		log_error("%s: tensor token_embd.weight: %llu rows, vocab_size says %d", path,
+			  (unsigned long long)emb->ne[1], *n_vocab);
+		return ERR_FORMAT;
+	}
+	*n_vocab = (int)emb->ne[1];
+	return 0;
 }
 
 static int arch_tensor_v(const struct arch_env *env, const gguf_tensor **out, int64_t ne0,
