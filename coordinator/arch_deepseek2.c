@@ -829,15 +829,18 @@ static int ds2_moe_ffn(struct ds2 *m, int il, const float *h, int n, float *out)
 	    .weights = s->weights,
 	    .out = s->exp_out,
 	};
-	int rc = expert_backend_compute(m->env->experts, &job);
+	int rc = expert_backend_submit(m->env->experts, &job);
+
+	/* shared expert(s) into out, while remote workers compute the routed ones */
+	ds2_swiglu_ffn(m, L->gate_shexp, L->up_shexp, L->down_shexp, h, n, out);
+
+	if (!rc)
+		rc = expert_backend_collect(m->env->experts, &job);
 	if (rc) {
 		log_error("%s: layer %d: routed experts failed (%s)", gguf_path(m->env->g), il,
 			  err_str(rc));
 		return rc;
 	}
-
-	/* shared expert(s) into out */
-	ds2_swiglu_ffn(m, L->gate_shexp, L->up_shexp, L->down_shexp, h, n, out);
 
 	/* ffn_out = ((slot 0 + slot 1) + ...) + shared */
 	for (int t = 0; t < n; t++) {

@@ -39,6 +39,8 @@ struct cluster {
 	int n;
 	placement plan;
 	uint64_t step;
+	int pending; /* workers the submitted job waits for */
+	double t0;   /* when it was submitted */
 	uint8_t *hdr;
 	size_t hdr_cap;
 	uint32_t layer_types[MOE_MAX_LAYERS][3];
@@ -441,7 +443,7 @@ static int cluster_reserve(struct cluster_peer *w, size_t rows, size_t k, size_t
 	return 0;
 }
 
-static int cluster_compute(void *self, const struct expert_job *job)
+static int cluster_submit(void *self, const struct expert_job *job)
 {
 	cluster *c = self;
 	const int k = job->k, E = job->n_embd;
@@ -507,7 +509,19 @@ static int cluster_compute(void *self, const struct expert_job *job)
 		w->st.items += (uint64_t)w->expect_items;
 		pending++;
 	}
-	double t0 = cluster_now(), deadline = t0 + c->cfg.timeout_ms / 1000.0;
+	c->pending = pending;
+	c->t0 = cluster_now();
+	return 0;
+}
+
+/* Receives the results of the submitted job (in any order) into job->out. */
+static int cluster_collect(void *self, const struct expert_job *job)
+{
+	cluster *c = self;
+	const int k = job->k, E = job->n_embd;
+	int pending = c->pending;
+	c->pending = 0;
+	double t0 = c->t0, deadline = t0 + c->cfg.timeout_ms / 1000.0;
 	int rc = 0;
 	while (pending > 0) {
 		int left = (int)((deadline - cluster_now()) * 1000.0);
@@ -596,7 +610,8 @@ static void cluster_backend_destroy(void *self)
 	cluster_destroy(&c);
 }
 
-static const struct expert_backend_ops cluster_ops = {cluster_compute, cluster_backend_destroy};
+static const struct expert_backend_ops cluster_ops = {cluster_submit, cluster_collect,
+						       cluster_backend_destroy};
 
 int cluster_backend(cluster *c, expert_backend **out)
 {

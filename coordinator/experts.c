@@ -27,9 +27,20 @@ int expert_backend_new(const struct expert_backend_ops *ops, void *self, expert_
 	return 0;
 }
 
+int expert_backend_submit(expert_backend *b, const struct expert_job *job)
+{
+	return b->ops->submit(b->self, job);
+}
+
+int expert_backend_collect(expert_backend *b, const struct expert_job *job)
+{
+	return b->ops->collect(b->self, job);
+}
+
 int expert_backend_compute(expert_backend *b, const struct expert_job *job)
 {
-	return b->ops->compute(b->self, job);
+	int rc = expert_backend_submit(b, job);
+	return rc ? rc : expert_backend_collect(b, job);
 }
 
 void expert_backend_destroy(expert_backend **pb)
@@ -44,7 +55,17 @@ void expert_backend_destroy(expert_backend **pb)
 
 int experts_run_sum(expert_backend *b, const struct expert_job *job, float *sum)
 {
-	int rc = expert_backend_compute(b, job);
+	int rc = expert_backend_submit(b, job);
+	if (rc) {
+		log_error("layer %d: routed experts failed (%s)", job->layer, err_str(rc));
+		return rc;
+	}
+	return experts_collect_sum(b, job, sum);
+}
+
+int experts_collect_sum(expert_backend *b, const struct expert_job *job, float *sum)
+{
+	int rc = expert_backend_collect(b, job);
 	if (rc) {
 		log_error("layer %d: routed experts failed (%s)", job->layer, err_str(rc));
 		return rc;
@@ -68,6 +89,13 @@ struct experts_local {
 	pool *pool;
 };
 
+static int experts_local_submit(void *self, const struct expert_job *job)
+{
+	(void)self;
+	(void)job;
+	return 0; /* computed in collect, on the same threads */
+}
+
 static int experts_local_compute(void *self, const struct expert_job *job)
 {
 	struct experts_local *l = self;
@@ -84,8 +112,8 @@ static void experts_local_destroy(void *self)
 	free(l);
 }
 
-static const struct expert_backend_ops experts_local_ops = {experts_local_compute,
-							     experts_local_destroy};
+static const struct expert_backend_ops experts_local_ops = {
+	experts_local_submit, experts_local_compute, experts_local_destroy};
 
 int experts_new_local(const gguf *g, const struct moe_spec *spec, pool *p, expert_backend **out)
 {

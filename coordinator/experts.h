@@ -29,9 +29,12 @@ struct expert_job {
 
 typedef struct expert_backend expert_backend;
 
-/* What a backend implementation provides (see experts_new_local, cluster.h). */
+/* What a backend implementation provides (see experts_new_local, cluster.h):
+ * submit starts a job (a remote backend sends it and returns), collect
+ * finishes it and fills job->out. */
 struct expert_backend_ops {
-	int (*compute)(void *self, const struct expert_job *job);
+	int (*submit)(void *self, const struct expert_job *job);
+	int (*collect)(void *self, const struct expert_job *job);
 	void (*destroy)(void *self);
 };
 
@@ -40,12 +43,19 @@ int expert_backend_new(const struct expert_backend_ops *ops, void *self, expert_
 
 int experts_new_local(const gguf *g, const struct moe_spec *spec, pool *p,
 		      expert_backend **out);
+/* submit + collect.  Between the two the caller may do other work (the
+ * shared expert, while workers compute); job and its buffers, including x,
+ * must stay unchanged until collect returns.  One job at a time. */
 int expert_backend_compute(expert_backend *b, const struct expert_job *job);
+int expert_backend_submit(expert_backend *b, const struct expert_job *job);
+int expert_backend_collect(expert_backend *b, const struct expert_job *job);
 void expert_backend_destroy(expert_backend **b);
 
 /* Runs job on b and writes, for every row t, the slot outputs summed in slot
  * order: sum[t] = ((out[t][0] + out[t][1]) + ...) + out[t][k-1].  Logs a
  * failure naming the layer. */
 int experts_run_sum(expert_backend *b, const struct expert_job *job, float *sum);
+/* The same for a job already submitted. */
+int experts_collect_sum(expert_backend *b, const struct expert_job *job, float *sum);
 
 #endif
