@@ -26,7 +26,7 @@ struct pool_arg {
 	int ith;
 };
 
-enum { POOL_SPIN = 20000 };
+enum { POOL_SPIN = 2000 };
 
 static void *pool_main(void *arg)
 {
