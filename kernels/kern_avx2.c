@@ -11,6 +11,7 @@
  * accumulated with an FMA by d_w * d_x (details at tile_q8).  Float dots
  * accumulate in four 8-lane f32 accumulators (details at tile_fl). */
 #include <immintrin.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -347,6 +348,48 @@ float kern_dot_avx2(uint32_t weight_type, int64_t n, const void *w, const void *
 /* Largest activation expansion kern_matmul allocates (bytes). */
 #define XEXP_MAX ((size_t)64 << 20)
 
+/* Per-thread buffer for expanded activations: grown on demand and kept, so a
+ * steady stream of matmuls allocates nothing; freed when its thread exits. */
+struct xexp_buf {
+	float *p;
+	size_t cap;
+};
+static pthread_key_t xexp_key;
+static pthread_once_t xexp_once = PTHREAD_ONCE_INIT;
+static int xexp_key_ok;
+
+static void xexp_free(void *v)
+{
+	struct xexp_buf *b = v;
+	free(b->p);
+	free(b);
+}
+
+static void xexp_key_init(void) { xexp_key_ok = pthread_key_create(&xexp_key, xexp_free) == 0; }
+
+static float *xexp_reserve(size_t bytes)
+{
+	pthread_once(&xexp_once, xexp_key_init);
+	if (!xexp_key_ok)
+		return NULL;
+	struct xexp_buf *b = pthread_getspecific(xexp_key);
+	if (!b) {
+		b = calloc(1, sizeof(*b));
+		if (!b || pthread_setspecific(xexp_key, b) != 0) {
+			free(b);
+			return NULL;
+		}
+	}
+	if (bytes > b->cap) {
+		float *p = realloc(b->p, bytes);
+		if (!p)
+			return NULL;
+		b->p = p;
+		b->cap = bytes;
+	}
+	return b->p;
+}
+
 void kern_matmul_avx2(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		      const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
 {
@@ -364,7 +407,7 @@ void kern_matmul_avx2(uint32_t weight_type, const void *w, int64_t n_in, int64_t
 		int64_t len = fl_expanded_len(n_in);
 		size_t bytes = (size_t)len * sizeof(float) * (size_t)n_rows;
 		if (bytes <= XEXP_MAX)
-			xexp = malloc(bytes);
+			xexp = xexp_reserve(bytes);
 		if (xexp) {
 			for (int64_t r = 0; r < n_rows; r++)
 				fl_expand_row(weight_type, xb + (size_t)r * x_stride, n_in,
@@ -395,7 +438,6 @@ void kern_matmul_avx2(uint32_t weight_type, const void *w, int64_t n_in, int64_t
 			}
 		}
 	}
-	free(xexp);
 }
 
 /* ------------------------------------------------------------- convert */
