@@ -1,4 +1,5 @@
 #include "cluster.h"
+#include "balance.h"
 #include "placement.h"
 #include "../common/err.h"
 #include "../common/log.h"
@@ -6,6 +7,7 @@
 #include "../kernels/kern.h"
 #include "../worker/shard.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,6 +42,9 @@ struct cluster {
 	placement plan;
 	uint64_t step;
 	int pending; /* workers the submitted job waits for */
+	double *finish;	 /* [n] predicted finish of each worker in the job being split */
+	double *speed;	 /* [n] relative speed from Hello */
+	uint8_t *visits; /* [n] workers the current row already visits */
 	double t0;   /* when it was submitted */
 	uint8_t *hdr;
 	size_t hdr_cap;
@@ -196,6 +201,13 @@ static int cluster_place(cluster *c)
 				      : (c->w[i].hello.cores ? c->w[i].hello.cores : 1);
 	}
 	int rc = placement_build(&pm, pw, c->n, c->cfg.replicas, &c->plan);
+	c->finish = calloc((size_t)c->n, sizeof(double));
+	c->speed = calloc((size_t)c->n, sizeof(double));
+	c->visits = calloc((size_t)c->n, 1);
+	if (!rc && (!c->finish || !c->speed || !c->visits))
+		rc = ERR_NOMEM;
+	for (int i = 0; !rc && i < c->n; i++)
+		c->speed[i] = pw[i].speed;
 	free(pw);
 	return rc;
 }
@@ -371,6 +383,9 @@ void cluster_destroy(cluster **pc)
 		free(c->w[i].act);
 	}
 	placement_free(&c->plan);
+	free(c->finish);
+	free(c->speed);
+	free(c->visits);
 	transport_destroy(&c->t);
 	free(c->w);
 	free(c->hdr);
@@ -410,14 +425,20 @@ static uint32_t cluster_wire_type(const cluster *c, int layer)
 	return want == act || want == KERN_F32 ? want : KERN_F32;
 }
 
-static int cluster_holder(const cluster *c, int layer, int expert)
+/* The live holder that should compute one (row, expert): the least predicted
+ * finish time in this job, preferring workers the row already visits
+ * (balance_choose_replica); lost workers never finish. */
+static int cluster_holder(cluster *c, int layer, int expert)
 {
-	for (int r = 0; r < c->plan.n_replica; r++) {
-		int h = placement_holder(&c->plan, layer, expert, r);
-		if (h >= 0 && !c->w[h].lost)
-			return h;
-	}
-	return -1;
+	for (int i = 0; i < c->n; i++)
+		if (c->w[i].lost)
+			c->finish[i] = INFINITY;
+	int h = balance_choose_replica(&c->plan, layer, expert, c->finish, c->visits);
+	if (h < 0 || c->w[h].lost)
+		return -1;
+	c->visits[h] = 1;
+	c->finish[h] += 1.0 / c->speed[h];
+	return h;
 }
 
 static int cluster_reserve(struct cluster_peer *w, size_t rows, size_t k, size_t act)
@@ -463,7 +484,10 @@ static int cluster_submit(void *self, const struct expert_job *job)
 						(size_t)job->n_rows * row_bytes))
 			return ERR_NOMEM;
 	}
+	for (int i = 0; i < c->n; i++)
+		c->finish[i] = 0.0;
 	for (int r = 0; r < job->n_rows; r++) {
+		memset(c->visits, 0, (size_t)c->n);
 		for (int s = 0; s < k; s++) {
 			int32_t e = job->ids[(size_t)r * k + s];
 			if (e < 0 || e >= c->spec.n_expert)

@@ -42,6 +42,11 @@ for m in $models; do
 	else
 		notok "$m: streamed weights differ or failed: $(head -1 "$tmp/err")"
 	fi
+	if run --out "$tmp/rep.f32" --workers 3 --replicas 2 && cmp -s "$tmp/inproc.f32" "$tmp/rep.f32"; then
+		ok "$m: --workers 3 --replicas 2 (rows spread over replicas) bit-identical"
+	else
+		notok "$m: replicas differ or failed: $(head -1 "$tmp/err")"
+	fi
 	if [ $have_mpi -eq 1 ]; then
 		# Open MPI's dlopened components keep allocations until exit: no leak
 		# reports for the ranks in sanitizer builds
