@@ -52,11 +52,12 @@ struct cli_opts {
 	const char *wire_dtype;
 	int stream_weights;
 	int stats;
+	long balance_window;
 };
 
 #define CLI_CLUSTER_OPTS \
 	" --workers --listen --expect-workers --transport --worker-timeout --replicas" \
-	" --wire-dtype --stream-weights --stats"
+	" --wire-dtype --stream-weights --stats --balance-window"
 
 static int cli_parse_long(const char *opt, const char *s, long lo, long hi, long *out)
 {
@@ -158,6 +159,9 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 				return -1;
 		} else if (!strcmp(a, "--workers")) {
 			if (cli_parse_long(a, v, 0, 64, &o->workers))
+				return -1;
+		} else if (!strcmp(a, "--balance-window")) {
+			if (cli_parse_long(a, v, 1, 1L << 30, &o->balance_window))
 				return -1;
 		} else if (!strcmp(a, "--expect-workers")) {
 			if (cli_parse_long(a, v, 1, 4096, &o->expect_workers))
@@ -313,7 +317,8 @@ static const char *cli_usage_cluster =
 	"  --wire-dtype D         q8_0 | bf16 | f32 activations on the wire (default: the\n"
 	"                         experts' own activation type, Q8_0 for quantised experts)\n"
 	"  --stream-weights       send expert weights to workers even if they have the file\n"
-	"  --stats                print per-worker statistics at the end\n";
+	"  --stats                print per-worker statistics and the expert balance at the end\n"
+	"  --balance-window N     tokens over which router counts decay (default 4096)\n";
 
 struct cli_cluster {
 	pid_t *children;
@@ -420,6 +425,7 @@ static int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_clus
 			      : !strcmp(o->wire_dtype, "bf16") ? KERN_BF16
 							       : KERN_F32,
 		.stream = o->stream_weights,
+		.balance_window = (double)o->balance_window,
 	};
 	rc = cluster_new(t, &cfg, model_get_pool(m), &cc->c);
 	if (rc)

@@ -42,6 +42,9 @@ struct cluster {
 	placement plan;
 	uint64_t step;
 	int pending; /* workers the submitted job waits for */
+	struct balance_counts *counts; /* decayed routed rows per (layer, expert) */
+	uint64_t expert_bytes[MOE_MAX_LAYERS];
+	struct placement_worker *pw;	/* [n] as given to placement_build */
 	double *finish;	 /* [n] predicted finish of each worker in the job being split */
 	double *speed;	 /* [n] relative speed from Hello */
 	uint8_t *visits; /* [n] workers the current row already visits */
@@ -181,7 +184,7 @@ static int cluster_layer_types(cluster *c)
 
 static int cluster_place(cluster *c)
 {
-	uint64_t bytes[MOE_MAX_LAYERS] = {0};
+	uint64_t *bytes = c->expert_bytes;
 	for (int l = 0; l < c->spec.n_layer; l++) {
 		if (!c->spec.layer_moe[l])
 			continue;
@@ -194,6 +197,7 @@ static int cluster_place(cluster *c)
 	struct placement_worker *pw = calloc((size_t)c->n, sizeof(*pw));
 	if (!pw)
 		return ERR_NOMEM;
+	c->pw = pw;
 	for (int i = 0; i < c->n; i++) {
 		pw[i].mem_bytes = c->w[i].hello.memory_bytes;
 		pw[i].speed = c->w[i].hello.expert_rows_per_sec > 0
@@ -208,7 +212,10 @@ static int cluster_place(cluster *c)
 		rc = ERR_NOMEM;
 	for (int i = 0; !rc && i < c->n; i++)
 		c->speed[i] = pw[i].speed;
-	free(pw);
+	if (!rc)
+		rc = balance_counts_new(c->spec.n_layer, c->spec.n_expert,
+					c->cfg.balance_window > 0 ? c->cfg.balance_window : 4096.0,
+					&c->counts);
 	return rc;
 }
 
@@ -384,6 +391,8 @@ void cluster_destroy(cluster **pc)
 	}
 	placement_free(&c->plan);
 	free(c->finish);
+	free(c->pw);
+	balance_counts_destroy(&c->counts);
 	free(c->speed);
 	free(c->visits);
 	transport_destroy(&c->t);
@@ -400,8 +409,39 @@ void cluster_get_stats(const cluster *c, int i, struct cluster_worker_stats *out
 	*out = c->w[i].st;
 }
 
+/* How balanced the current placement is under the routed load counted so
+ * far, and what the heterogeneity-aware policy would reach. */
+static void cluster_print_balance(const cluster *c)
+{
+	if (!c->counts || !c->pw)
+		return;
+	struct placement_model pm = {c->spec.n_layer, c->spec.n_expert, c->spec.layer_moe,
+				     c->expert_bytes, balance_counts_load(c->counts)};
+	struct balance_stats now;
+	if (balance_predict(&c->plan, &pm, c->pw, NULL, &now))
+		return;
+	fprintf(stderr, "balance: window %.0f tokens; placement now: imbalance %.3f (max/mean worker time)\n",
+		c->cfg.balance_window > 0 ? c->cfg.balance_window : 4096.0, now.imbalance);
+	const struct balance_policy *pol = balance_policy_find("hetero");
+	struct balance_input in = {.model = &pm, .workers = c->pw, .n_worker = c->n,
+				   .current = &c->plan, .min_replicas = c->plan.n_replica,
+				   .max_replicas = c->plan.n_replica};
+	placement alt;
+	struct balance_stats then;
+	if (pol && pol->plan(&in, &alt) == 0) {
+		if (balance_predict(&alt, &pm, c->pw, NULL, &then) == 0)
+			fprintf(stderr,
+				"balance: policy hetero would reach imbalance %.3f, step time x%.3f, "
+				"moving %.1f MiB\n",
+				then.imbalance, now.step_time > 0 ? then.step_time / now.step_time : 1.0,
+				(double)balance_moved_bytes(&c->plan, &alt, &pm) / 1048576.0);
+		placement_free(&alt);
+	}
+}
+
 void cluster_print_stats(const cluster *c)
 {
+	cluster_print_balance(c);
 	fprintf(stderr, "%-4s %-20s %10s %10s %12s %12s %10s %10s\n", "wkr", "name", "rows",
 		"items", "sent", "received", "compute s", "wait s");
 	for (int i = 0; i < c->n; i++) {
@@ -486,6 +526,8 @@ static int cluster_submit(void *self, const struct expert_job *job)
 	}
 	for (int i = 0; i < c->n; i++)
 		c->finish[i] = 0.0;
+	if (balance_counts_add(c->counts, job->layer, job->ids, job->n_rows, k))
+		return ERR_RANGE;
 	for (int r = 0; r < job->n_rows; r++) {
 		memset(c->visits, 0, (size_t)c->n);
 		for (int s = 0; s < k; s++) {

@@ -38,6 +38,7 @@ struct cluster_config {
 	int join_timeout_ms;	/* for all workers to join and load */
 	uint32_t wire_dtype;	/* KERN_Q8_0, KERN_BF16, KERN_F32; 0 = automatic */
 	int stream;		/* stream weights even to workers with a model copy */
+	double balance_window;	/* tokens over which router counts decay; 0 = 4096 */
 };
 
 struct cluster_worker_stats {
