@@ -427,3 +427,115 @@ void wire_msg_free(struct wire_msg *m)
 	}
 	memset(m, 0, sizeof(*m));
 }
+
+/* ------------------------------------------------------------ traces */
+
+int wire_encode_trace(const struct wire_trace *t, uint8_t **buf, size_t *cap, size_t *len)
+{
+	if (t->n_rows > WIRE_MAX_ROWS || t->k > WIRE_MAX_K)
+		return ERR_RANGE;
+	Moefleet__TraceRecord r = MOEFLEET__TRACE_RECORD__INIT;
+	r.version = WIRE_VERSION;
+	r.step = t->step;
+	r.layer = t->layer;
+	r.n_rows = t->n_rows;
+	r.k = t->k;
+	r.n_ids = r.n_weights = (size_t)t->n_rows * t->k;
+	r.ids = t->ids;
+	r.weights = t->weights;
+	r.n_positions = t->positions ? t->n_rows : 0;
+	r.positions = t->positions;
+	r.n_layer = t->n_layer;
+	r.n_expert = t->n_expert;
+	r.n_embd = t->n_embd;
+	r.n_replica = t->n_replica;
+	r.n_expert_bytes = t->expert_bytes ? t->n_layer : 0;
+	r.expert_bytes = t->expert_bytes;
+	r.n_holders = t->holders ? (size_t)t->n_layer * t->n_expert * t->n_replica : 0;
+	r.holders = t->holders;
+	r.placement_epoch = t->placement_epoch;
+	size_t need = moefleet__trace_record__get_packed_size(&r);
+	if (need > WIRE_MAX_HEADER)
+		return ERR_RANGE;
+	if (need > *cap || !*buf) {
+		uint8_t *nb = realloc(*buf, need + 64);
+		if (!nb)
+			return ERR_NOMEM;
+		*buf = nb;
+		*cap = need + 64;
+	}
+	*len = moefleet__trace_record__pack(&r, *buf);
+	return 0;
+}
+
+static void *wire_dup(const void *src, size_t n)
+{
+	void *p = malloc(n ? n : 1);
+	if (p && n)
+		memcpy(p, src, n);
+	return p;
+}
+
+int wire_decode_trace(const uint8_t *buf, size_t len, struct wire_trace *out)
+{
+	int rc = 0;
+	memset(out, 0, sizeof(*out));
+	if (len > WIRE_MAX_HEADER)
+		return wire_bad("trace", "record larger than the cap");
+	Moefleet__TraceRecord *r = moefleet__trace_record__unpack(NULL, len, buf);
+	if (!r)
+		return wire_bad("trace", "undecodable record");
+	size_t slots = (size_t)r->n_rows * r->k;
+	uint64_t table = (uint64_t)r->n_layer * r->n_expert * r->n_replica;
+	if (r->version != WIRE_VERSION || r->n_rows > WIRE_MAX_ROWS || r->k > WIRE_MAX_K ||
+	    r->n_ids != slots || r->n_weights != slots ||
+	    (r->n_positions && r->n_positions != r->n_rows) || r->n_layer > MOE_MAX_LAYERS ||
+	    r->n_expert > WIRE_MAX_EXPERTS || r->n_replica > WIRE_MAX_K ||
+	    (r->n_layer && r->n_expert_bytes != r->n_layer) ||
+	    (r->n_holders && r->n_holders != table)) {
+		rc = wire_bad("trace", "record fields out of range");
+		goto out;
+	}
+	for (size_t i = 0; i < slots; i++)
+		if (r->ids[i] < -1 || r->ids[i] >= WIRE_MAX_EXPERTS) {
+			rc = wire_bad("trace", "expert id out of range");
+			goto out;
+		}
+	out->step = r->step;
+	out->layer = r->layer;
+	out->n_rows = r->n_rows;
+	out->k = r->k;
+	out->n_layer = r->n_layer;
+	out->n_expert = r->n_expert;
+	out->n_embd = r->n_embd;
+	out->n_replica = r->n_holders ? r->n_replica : 0;
+	out->placement_epoch = r->placement_epoch;
+	out->ids = wire_dup(r->ids, slots * sizeof(int32_t));
+	out->weights = wire_dup(r->weights, slots * sizeof(float));
+	if (!out->ids || !out->weights)
+		rc = ERR_NOMEM;
+	if (!rc && r->n_positions &&
+	    !(out->positions = wire_dup(r->positions, r->n_positions * sizeof(int32_t))))
+		rc = ERR_NOMEM;
+	if (!rc && r->n_layer &&
+	    !(out->expert_bytes = wire_dup(r->expert_bytes, r->n_layer * sizeof(uint64_t))))
+		rc = ERR_NOMEM;
+	if (!rc && r->n_holders &&
+	    !(out->holders = wire_dup(r->holders, r->n_holders * sizeof(int32_t))))
+		rc = ERR_NOMEM;
+out:
+	moefleet__trace_record__free_unpacked(r, NULL);
+	if (rc)
+		wire_trace_free(out);
+	return rc;
+}
+
+void wire_trace_free(struct wire_trace *t)
+{
+	free(t->ids);
+	free(t->weights);
+	free(t->positions);
+	free(t->expert_bytes);
+	free(t->holders);
+	memset(t, 0, sizeof(*t));
+}

@@ -117,6 +117,25 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_msg *out);
 void wire_msg_free(struct wire_msg *m);
 
+/* A routing-trace record (proto TraceRecord).  Arrays are borrowed when
+ * encoding; decoded records own them (wire_trace_free). */
+struct wire_trace {
+	uint64_t step;
+	uint32_t layer, n_rows, k;
+	int32_t *ids;	    /* n_rows x k */
+	float *weights;	    /* n_rows x k */
+	int32_t *positions; /* n_rows or NULL */
+	/* model table and placement: first record only (n_layer 0 otherwise) */
+	uint32_t n_layer, n_expert, n_replica, n_embd;
+	uint64_t *expert_bytes; /* n_layer */
+	int32_t *holders;	/* n_layer x n_expert x n_replica */
+	uint64_t placement_epoch;
+};
+int wire_encode_trace(const struct wire_trace *t, uint8_t **buf, size_t *cap, size_t *len);
+/* Validates counts (rows, k, ids >= -1, table sizes) like wire_decode. */
+int wire_decode_trace(const uint8_t *buf, size_t len, struct wire_trace *out);
+void wire_trace_free(struct wire_trace *t);
+
 /* Bytes the raw frame following a Batch / Result must have for n_embd. */
 size_t wire_batch_frame_bytes(const struct wire_batch *b, uint32_t n_embd);
 size_t wire_result_frame_bytes(const struct wire_result *r, uint32_t n_embd);

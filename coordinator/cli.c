@@ -7,6 +7,8 @@
 #include "../worker/worker.h"
 #include "quantize.h"
 #include "sampler.h"
+#include "simulate.h"
+#include "trace.h"
 #include "../common/tokenizer.h"
 #include "../common/err.h"
 #include "../common/log.h"
@@ -53,11 +55,12 @@ struct cli_opts {
 	int stream_weights;
 	int stats;
 	long balance_window;
+	const char *trace_routing;
 };
 
 #define CLI_CLUSTER_OPTS \
 	" --workers --listen --expect-workers --transport --worker-timeout --replicas" \
-	" --wire-dtype --stream-weights --stats --balance-window"
+	" --wire-dtype --stream-weights --stats --balance-window --trace-routing"
 
 static int cli_parse_long(const char *opt, const char *s, long lo, long hi, long *out)
 {
@@ -172,6 +175,8 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 		} else if (!strcmp(a, "--replicas")) {
 			if (cli_parse_long(a, v, 1, 64, &o->replicas))
 				return -1;
+		} else if (!strcmp(a, "--trace-routing")) {
+			o->trace_routing = v;
 		} else if (!strcmp(a, "--listen")) {
 			o->listen = v;
 		} else if (!strcmp(a, "--transport")) {
@@ -318,7 +323,8 @@ static const char *cli_usage_cluster =
 	"                         experts' own activation type, Q8_0 for quantised experts)\n"
 	"  --stream-weights       send expert weights to workers even if they have the file\n"
 	"  --stats                print per-worker statistics and the expert balance at the end\n"
-	"  --balance-window N     tokens over which router counts decay (default 4096)\n";
+	"  --balance-window N     tokens over which router counts decay (default 4096)\n"
+	"  --trace-routing FILE   record every routing decision (see 'moefleet placement')\n";
 
 struct cli_cluster {
 	pid_t *children;
@@ -439,6 +445,22 @@ static int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_clus
 	}
 	model_set_experts(m, b);
 	return 0;
+}
+
+/* --trace-routing: wraps whatever backend the model has in a recorder. */
+static int cli_trace_setup(const struct cli_opts *o, model *m, const struct cli_cluster *cc)
+{
+	if (!o->trace_routing)
+		return 0;
+	trace_writer *w = NULL;
+	int rc = trace_writer_open(o->trace_routing, &w);
+	if (rc)
+		return rc;
+	expert_backend *inner = model_take_experts(m), *b = NULL;
+	rc = trace_backend_new(inner, w, model_get_gguf(m), &model_get_info(m)->moe,
+			       cc->c ? cluster_placement(cc->c) : NULL, &b);
+	model_set_experts(m, b);
+	return rc;
 }
 
 static void cli_cluster_stats(const struct cli_opts *o, const struct cli_cluster *cc)
@@ -657,7 +679,8 @@ static int cli_logits(int argc, char **argv)
 	model_params_default(&mp);
 	mp.n_threads = (int)o.threads;
 	mp.n_ctx = n;
-	if (model_open(o.model, &mp, &m) || cli_cluster_setup(&o, m, &cc))
+	if (model_open(o.model, &mp, &m) || cli_cluster_setup(&o, m, &cc) ||
+	    cli_trace_setup(&o, m, &cc))
 		goto out;
 	const struct model_info *info = model_get_info(m);
 	for (int i = 0; i < n; i++) {
@@ -776,7 +799,8 @@ static int cli_bench(int argc, char **argv)
 	float *logits = NULL;
 	if (!ids || !pos || !seq || !want || !pp_t || !tg_t)
 		goto out;
-	if (model_open(o.model, &mp, &m) || cli_cluster_setup(&o, m, &cc))
+	if (model_open(o.model, &mp, &m) || cli_cluster_setup(&o, m, &cc) ||
+	    cli_trace_setup(&o, m, &cc))
 		goto out;
 	const struct model_info *info = model_get_info(m);
 	logits = malloc((size_t)info->n_vocab * sizeof(float));
@@ -890,6 +914,92 @@ static int cli_quantize(int argc, char **argv)
 	return quantize_file(in, out, type) ? CLI_FAIL : CLI_OK;
 }
 
+/* ------------------------------------------------------------ placement */
+
+static const char *cli_usage_placement =
+	"usage: moefleet placement simulate --trace FILE --workers CLUSTER.txt\n"
+	"                 [--policy static,eplb,hetero,migrate] [--replicas R]\n"
+	"                 [--rebalance-every STEPS] [--window TOKENS] [--threshold F]\n"
+	"                 [--max-move BYTES]\n"
+	"  Replays a routing trace (made with --trace-routing) against a cluster\n"
+	"  description, one worker per line:\n"
+	"    NAME SPEED(expert-rows/s) MEMORY_BYTES LATENCY_US BANDWIDTH_MB_S\n"
+	"  and prints, per policy, worker load balance, wire bytes and messages per\n"
+	"  token, predicted step time and bytes migrated.\n";
+
+static int cli_placement(int argc, char **argv)
+{
+	struct simulate_config cfg = {.policy = "static", .replicas = 1, .threshold = 0.05};
+	const char *policies = "static,eplb,hetero,migrate";
+	if (argc < 1 || strcmp(argv[0], "simulate")) {
+		if (argc >= 1 && (!strcmp(argv[0], "--help") || !strcmp(argv[0], "-h"))) {
+			fputs(cli_usage_placement, stdout);
+			return CLI_OK;
+		}
+		fputs(cli_usage_placement, stderr);
+		return CLI_USAGE;
+	}
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+		if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+			fputs(cli_usage_placement, stdout);
+			return CLI_OK;
+		}
+		if (i + 1 >= argc) {
+			fprintf(stderr, "moefleet: unknown or incomplete argument '%s'\n", a);
+			fputs(cli_usage_placement, stderr);
+			return CLI_USAGE;
+		}
+		const char *v = argv[++i];
+		long l;
+		double d;
+		if (!strcmp(a, "--trace")) {
+			cfg.trace_path = v;
+		} else if (!strcmp(a, "--workers")) {
+			cfg.workers_path = v;
+		} else if (!strcmp(a, "--policy")) {
+			policies = v;
+		} else if (!strcmp(a, "--replicas")) {
+			if (cli_parse_long(a, v, 1, 64, &l))
+				return CLI_USAGE;
+			cfg.replicas = (int)l;
+		} else if (!strcmp(a, "--rebalance-every")) {
+			if (cli_parse_long(a, v, 0, 1L << 30, &l))
+				return CLI_USAGE;
+			cfg.rebalance_every = (int)l;
+		} else if (!strcmp(a, "--window")) {
+			if (cli_parse_long(a, v, 1, 1L << 30, &l))
+				return CLI_USAGE;
+			cfg.window_tokens = (double)l;
+		} else if (!strcmp(a, "--threshold")) {
+			if (cli_parse_double(a, v, 0.0, 10.0, &d))
+				return CLI_USAGE;
+			cfg.threshold = d;
+		} else if (!strcmp(a, "--max-move")) {
+			if (cli_parse_long(a, v, 0, 0x7fffffffL, &l))
+				return CLI_USAGE;
+			cfg.max_move_bytes = (unsigned long long)l;
+		} else {
+			fprintf(stderr, "moefleet: unknown argument '%s'\n", a);
+			fputs(cli_usage_placement, stderr);
+			return CLI_USAGE;
+		}
+	}
+	if (!cfg.trace_path || !cfg.workers_path) {
+		fputs(cli_usage_placement, stderr);
+		return CLI_USAGE;
+	}
+	char list[256];
+	snprintf(list, sizeof(list), "%s", policies);
+	for (char *save = NULL, *name = strtok_r(list, ",", &save); name;
+	     name = strtok_r(NULL, ",", &save)) {
+		cfg.policy = name;
+		if (simulate_run(&cfg, stdout))
+			return CLI_FAIL;
+	}
+	return CLI_OK;
+}
+
 /* ------------------------------------------------------------ dispatch */
 
 static const char *cli_usage_main =
@@ -899,6 +1009,7 @@ static const char *cli_usage_main =
 	"  logits    write the logits of every position of a token sequence\n"
 	"  generate  generate text from a prompt\n"
 	"  bench     measure prompt processing and token generation speed\n"
+	"  placement simulate: replay a routing trace against placement policies\n"
 	"  quantize  convert a model's routed experts to MXFP4, Q8_0 or Q4_0\n"
 	"Run 'moefleet <command> --help' for the options of a command.\n";
 
@@ -976,6 +1087,8 @@ static int cli_dispatch(int argc, char **argv)
 		return cli_logits(argc - 2, argv + 2);
 	if (!strcmp(cmd, "bench"))
 		return cli_bench(argc - 2, argv + 2);
+	if (!strcmp(cmd, "placement"))
+		return cli_placement(argc - 2, argv + 2);
 	if (!strcmp(cmd, "quantize"))
 		return cli_quantize(argc - 2, argv + 2);
 	if (!strcmp(cmd, "generate"))
@@ -1063,7 +1176,8 @@ static int cli_generate(int argc, char **argv)
 		}
 	}
 	mp.n_ctx = n + (int)o.n_predict;
-	if (model_open(o.model, &mp, &m) || cli_cluster_setup(&o, m, &cc))
+	if (model_open(o.model, &mp, &m) || cli_cluster_setup(&o, m, &cc) ||
+	    cli_trace_setup(&o, m, &cc))
 		goto out;
 	const struct model_info *info = model_get_info(m);
 	for (int i = 0; i < n; i++) {

@@ -403,6 +403,7 @@ void cluster_destroy(cluster **pc)
 }
 
 int cluster_n_workers(const cluster *c) { return c->n; }
+const placement *cluster_placement(const cluster *c) { return &c->plan; }
 
 void cluster_get_stats(const cluster *c, int i, struct cluster_worker_stats *out)
 {

@@ -28,6 +28,7 @@
 #include "../common/pool.h"
 #include "../common/transport.h"
 #include "experts.h"
+#include "placement.h"
 
 struct cluster_config {
 	const gguf *g;
@@ -55,6 +56,8 @@ int cluster_new(transport *t, const struct cluster_config *cfg, pool *p, cluster
 /* An expert backend over the cluster (the backend owns the cluster). */
 int cluster_backend(cluster *c, expert_backend **out);
 int cluster_n_workers(const cluster *c);
+/* The placement in force (valid while the cluster lives). */
+const placement *cluster_placement(const cluster *c);
 void cluster_get_stats(const cluster *c, int worker, struct cluster_worker_stats *out);
 /* Prints per-worker statistics to stderr. */
 void cluster_print_stats(const cluster *c);

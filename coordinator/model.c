@@ -140,6 +140,14 @@ void model_set_experts(model *m, expert_backend *b)
 	m->env.experts = b;
 }
 
+expert_backend *model_take_experts(model *m)
+{
+	expert_backend *b = m->experts;
+	m->experts = NULL;
+	m->env.experts = NULL;
+	return b;
+}
+
 void model_reset_seq(model *m, int seq)
 {
 	if (seq < 0 || seq >= m->env.n_seq)

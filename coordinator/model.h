@@ -60,6 +60,9 @@ pool *model_get_pool(model *m);
 
 /* Replaces the in-process expert backend (the model takes ownership). */
 void model_set_experts(model *m, expert_backend *b);
+/* Detaches the current backend and returns it (the caller owns it and must
+ * attach another with model_set_experts before the next forward). */
+expert_backend *model_take_experts(model *m);
 
 int model_forward(model *m, const model_batch *b, float *logits);
 /* Forgets everything cached for a sequence slot. */

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Routing traces and the placement simulator: tracing does not change the
+# logits (in-process or with workers), the trace replays under every policy,
+# and bad cluster files or truncated traces give one clear error.  TAP.
+set -u
+top_srcdir=${top_srcdir:-.}
+top_builddir=${top_builddir:-.}
+bin=$top_builddir/moefleet
+data=$top_srcdir/tests/data
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+n=0
+fail=0
+check() { n=$((n + 1)); if eval "$2"; then echo "ok $n - $1"; else echo "not ok $n - $1"; fail=$((fail + 1)); fi; }
+
+m=ds2-tiny-q4_0
+tokens=$(sed -n 2p "$data/$m.case")
+np=$(sed -n 1p "$data/$m.case")
+run() { "$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" "$@" 2>>"$tmp/err"; }
+run --out "$tmp/plain.f32"
+check "trace in-process: logits unchanged" 'run --out "$tmp/t1.f32" --trace-routing "$tmp/a.trace" && cmp -s "$tmp/plain.f32" "$tmp/t1.f32"'
+check "trace with 2 workers, 2 replicas: logits unchanged" 'run --out "$tmp/t2.f32" --workers 2 --replicas 2 --trace-routing "$tmp/b.trace" && cmp -s "$tmp/plain.f32" "$tmp/t2.f32"'
+# 17 steps (one prefill + 15 decodes + ...) x 2 MoE layers: at least 30 records
+check "trace is non-trivial" '[ "$(stat -c %s "$tmp/b.trace")" -gt 1000 ]'
+printf '# name speed mem latency_us bandwidth_MB/s\nw0 200000 100000000 100 1000\nw1 100000 100000000 100 1000\nw2 100000 100000000 500 100\n' >"$tmp/cluster.txt"
+check "simulate: four policies, four report lines" \
+	'"$bin" placement simulate --trace "$tmp/b.trace" --workers "$tmp/cluster.txt" --replicas 2 >"$tmp/sim.out" 2>>"$tmp/err" && [ "$(grep -c "messages/token" "$tmp/sim.out")" -eq 4 ]'
+sed 's/^/# /' "$tmp/sim.out"
+check "simulate with periodic rebalancing" \
+	'"$bin" placement simulate --trace "$tmp/a.trace" --workers "$tmp/cluster.txt" --policy migrate --rebalance-every 4 --max-move 100000 >/dev/null 2>>"$tmp/err"'
+printf 'w0 fast 100 1 1\n' >"$tmp/bad.txt"
+check "bad cluster file: exit 1, one error line" \
+	'! "$bin" placement simulate --trace "$tmp/a.trace" --workers "$tmp/bad.txt" 2>"$tmp/e1" && [ "$(grep -c "error:" "$tmp/e1")" -eq 1 ]'
+head -c 700 "$tmp/a.trace" >"$tmp/cut.trace"
+check "truncated trace: exit 1" \
+	'! "$bin" placement simulate --trace "$tmp/cut.trace" --workers "$tmp/cluster.txt" >/dev/null 2>"$tmp/e2" && grep -q "error:" "$tmp/e2"'
+check "unknown policy: exit 1" \
+	'! "$bin" placement simulate --trace "$tmp/a.trace" --workers "$tmp/cluster.txt" --policy magic >/dev/null 2>&1'
+check "usage errors: exit 2" '"$bin" placement simulate --trace x >/dev/null 2>&1; [ $? -eq 2 ]'
+echo "1..$n"
+[ "$fail" -eq 0 ]
