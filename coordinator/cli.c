@@ -56,11 +56,14 @@ struct cli_opts {
 	int stats;
 	long balance_window;
 	const char *trace_routing;
+	const char *rebalance;
+	long rebalance_every;
 };
 
 #define CLI_CLUSTER_OPTS \
 	" --workers --listen --expect-workers --transport --worker-timeout --replicas" \
-	" --wire-dtype --stream-weights --stats --balance-window --trace-routing"
+	" --wire-dtype --stream-weights --stats --balance-window --trace-routing --rebalance" \
+	" --rebalance-every"
 
 static int cli_parse_long(const char *opt, const char *s, long lo, long hi, long *out)
 {
@@ -174,6 +177,15 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 				return -1;
 		} else if (!strcmp(a, "--replicas")) {
 			if (cli_parse_long(a, v, 1, 64, &o->replicas))
+				return -1;
+		} else if (!strcmp(a, "--rebalance")) {
+			if (strcmp(v, "eplb") && strcmp(v, "hetero") && strcmp(v, "migrate")) {
+				fprintf(stderr, "moefleet: --rebalance: '%s' is not eplb, hetero or migrate\n", v);
+				return -1;
+			}
+			o->rebalance = v;
+		} else if (!strcmp(a, "--rebalance-every")) {
+			if (cli_parse_long(a, v, 1, 1L << 30, &o->rebalance_every))
 				return -1;
 		} else if (!strcmp(a, "--trace-routing")) {
 			o->trace_routing = v;
@@ -324,7 +336,10 @@ static const char *cli_usage_cluster =
 	"  --stream-weights       send expert weights to workers even if they have the file\n"
 	"  --stats                print per-worker statistics and the expert balance at the end\n"
 	"  --balance-window N     tokens over which router counts decay (default 4096)\n"
-	"  --trace-routing FILE   record every routing decision (see 'moefleet placement')\n";
+	"  --trace-routing FILE   record every routing decision (see 'moefleet placement')\n"
+	"  --rebalance POLICY     re-place experts live from the router counts: eplb,\n"
+	"                         hetero or migrate (workers need their own model file)\n"
+	"  --rebalance-every N    forward steps between re-plans (default 16)\n";
 
 struct cli_cluster {
 	pid_t *children;
@@ -432,6 +447,9 @@ static int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_clus
 							       : KERN_F32,
 		.stream = o->stream_weights,
 		.balance_window = (double)o->balance_window,
+		.rebalance = o->rebalance,
+		.rebalance_every = (int)o->rebalance_every,
+		.rebalance_threshold = 0.02,
 	};
 	rc = cluster_new(t, &cfg, model_get_pool(m), &cc->c);
 	if (rc)

@@ -43,6 +43,16 @@ struct cluster {
 	uint64_t step;
 	int pending; /* workers the submitted job waits for */
 	struct balance_counts *counts; /* decayed routed rows per (layer, expert) */
+	/* live re-placement */
+	const struct balance_policy *policy;
+	uint64_t fwd_step, last_plan_step;
+	int last_layer;
+	placement next;	    /* planned, waiting for Ready from every worker */
+	int next_active;
+	int next_ready;	    /* workers ready for it */
+	uint64_t epoch;	    /* of the placement in force */
+	uint64_t rebalances;
+	uint64_t moved_bytes;
 	uint64_t expert_bytes[MOE_MAX_LAYERS];
 	struct placement_worker *pw;	/* [n] as given to placement_build */
 	double *finish;	 /* [n] predicted finish of each worker in the job being split */
@@ -357,6 +367,13 @@ int cluster_new(transport *t, const struct cluster_config *cfg, pool *p, cluster
 		rc = ERR_NOMEM;
 		goto out;
 	}
+	c->epoch = 1;
+	c->last_layer = 1 << 30;
+	if (cfg->rebalance && !(c->policy = balance_policy_find(cfg->rebalance))) {
+		log_error("unknown rebalance policy '%s' (eplb, hetero, migrate)", cfg->rebalance);
+		rc = ERR_CONFIG;
+		goto out;
+	}
 	rc = cluster_layer_types(c);
 	if (!rc)
 		rc = cluster_join(c);
@@ -390,6 +407,7 @@ void cluster_destroy(cluster **pc)
 		free(c->w[i].act);
 	}
 	placement_free(&c->plan);
+	placement_free(&c->next);
 	free(c->finish);
 	free(c->pw);
 	balance_counts_destroy(&c->counts);
@@ -408,6 +426,7 @@ const placement *cluster_placement(const cluster *c) { return &c->plan; }
 void cluster_get_stats(const cluster *c, int i, struct cluster_worker_stats *out)
 {
 	*out = c->w[i].st;
+	out->rebalances = c->rebalances;
 }
 
 /* How balanced the current placement is under the routed load counted so
@@ -443,6 +462,9 @@ static void cluster_print_balance(const cluster *c)
 void cluster_print_stats(const cluster *c)
 {
 	cluster_print_balance(c);
+	if (c->policy)
+		fprintf(stderr, "balance: %llu re-placement(s) switched, %.1f MiB loaded by workers\n",
+			(unsigned long long)c->rebalances, (double)c->moved_bytes / 1048576.0);
 	fprintf(stderr, "%-4s %-20s %10s %10s %12s %12s %10s %10s\n", "wkr", "name", "rows",
 		"items", "sent", "received", "compute s", "wait s");
 	for (int i = 0; i < c->n; i++) {
@@ -505,10 +527,102 @@ static int cluster_reserve(struct cluster_peer *w, size_t rows, size_t k, size_t
 	return 0;
 }
 
+static void cluster_on_ready(cluster *c, const struct wire_ready *r)
+{
+	if (c->next_active && r->placement_epoch == c->epoch + 1)
+		c->next_ready++;
+}
+
+/* Plans the next placement and sends it; the switch waits for Ready. */
+static void cluster_plan_next(cluster *c)
+{
+	for (int i = 0; i < c->n; i++)
+		if (c->w[i].lost || !c->w[i].hello.has_model)
+			return; /* live loading needs every worker alive with its own model file */
+	struct placement_model pm = {c->spec.n_layer, c->spec.n_expert, c->spec.layer_moe,
+				     c->expert_bytes, balance_counts_load(c->counts)};
+	struct balance_input in = {
+		.model = &pm, .workers = c->pw, .n_worker = c->n, .current = &c->plan,
+		.min_replicas = 1, .max_replicas = c->plan.n_replica,
+		.threshold = c->cfg.rebalance_threshold,
+		.max_move_bytes = c->cfg.max_move_bytes ? c->cfg.max_move_bytes : 64ull << 20,
+	};
+	placement next;
+	if (c->policy->plan(&in, &next))
+		return;
+	uint64_t moved = balance_moved_bytes(&c->plan, &next, &pm);
+	if (moved == 0) {
+		placement_free(&next);
+		return;
+	}
+	uint32_t cap = (uint32_t)(c->spec.n_layer * c->spec.n_expert) + 1;
+	uint32_t *pl = malloc(cap * sizeof(uint32_t)), *pe = malloc(cap * sizeof(uint32_t));
+	int rc = pl && pe ? 0 : ERR_NOMEM;
+	for (int i = 0; i < c->n && !rc; i++) {
+		struct wire_msg m = {.kind = WIRE_ASSIGN};
+		struct wire_assign *a = &m.u.assign;
+		a->worker_id = (uint32_t)i;
+		a->spec = c->spec;
+		a->placement_epoch = c->epoch + 1;
+		a->pair_layer = pl;
+		a->pair_expert = pe;
+		for (int l = 0; l < c->spec.n_layer; l++)
+			for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++)
+				if (placement_holds(&next, i, l, e)) {
+					pl[a->n_pairs] = (uint32_t)l;
+					pe[a->n_pairs] = (uint32_t)e;
+					a->n_pairs++;
+				}
+		rc = cluster_send(c, i, &m, NULL, 0);
+	}
+	free(pl);
+	free(pe);
+	if (rc) {
+		placement_free(&next);
+		return;
+	}
+	c->next = next;
+	c->next_active = 1;
+	c->next_ready = 0;
+	c->moved_bytes += moved;
+	log_info("re-placement planned (policy %s): %.1f MiB to load", c->policy->name,
+		 (double)moved / 1048576.0);
+}
+
+/* At the first MoE layer of each forward step: switch to a placement every
+ * worker has loaded, or plan the next one when it is due. */
+static void cluster_between_steps(cluster *c, int layer)
+{
+	int new_step = layer <= c->last_layer;
+	c->last_layer = layer;
+	if (!new_step || !c->policy)
+		return;
+	c->fwd_step++;
+	if (c->next_active) {
+		if (c->next_ready < c->n)
+			return;
+		placement_free(&c->plan);
+		c->plan = c->next;
+		memset(&c->next, 0, sizeof(c->next));
+		c->next_active = 0;
+		c->epoch++;
+		c->rebalances++;
+		log_info("placement epoch %llu in force", (unsigned long long)c->epoch);
+		return;
+	}
+	int every = c->cfg.rebalance_every > 0 ? c->cfg.rebalance_every : 16;
+	if (c->fwd_step - c->last_plan_step >= (uint64_t)every) {
+		c->last_plan_step = c->fwd_step;
+		cluster_plan_next(c);
+	}
+}
+
 static int cluster_submit(void *self, const struct expert_job *job)
 {
 	cluster *c = self;
 	const int k = job->k, E = job->n_embd;
+	if (job->layer >= 0 && job->layer < c->spec.n_layer)
+		cluster_between_steps(c, job->layer);
 	if (job->layer < 0 || job->layer >= c->spec.n_layer || k > WIRE_MAX_K ||
 	    job->n_rows > WIRE_MAX_ROWS || E != c->spec.n_embd)
 		return ERR_RANGE;
@@ -656,6 +770,8 @@ static int cluster_collect(void *self, const struct expert_job *job)
 				pending--;
 				rc = ERR_PEER;
 			}
+		} else if (m.kind == WIRE_READY) {
+			cluster_on_ready(c, &m.u.ready);
 		} else if (m.kind != WIRE_HEARTBEAT && m.kind != WIRE_STATS) {
 			cluster_drop(c, who, "unexpected message during a step");
 			if (!w->answered) {

@@ -17,7 +17,15 @@
  * or out of order is dropped with a logged reason; a worker that does not
  * answer within cfg->timeout_ms fails the current job with ERR_PEER and is
  * marked lost.  Later jobs are served if the remaining workers still hold
- * every expert; otherwise they fail with a clear error. */
+ * every expert; otherwise they fail with a clear error.
+ *
+ * Live re-placement (cfg->rebalance): every rebalance_every forward steps the
+ * policy plans a new placement from the decayed router counts; each worker is
+ * sent an Assign of the next epoch listing all experts it will hold, adds the
+ * ones it lacks from its own model file while it keeps serving, and answers
+ * Ready.  The old placement stays in force until every worker is ready; the
+ * switch happens between two forward steps.  No result changes, because an
+ * expert's output is the same wherever it is computed. */
 #ifndef MOEFLEET_CLUSTER_H
 #define MOEFLEET_CLUSTER_H
 
@@ -40,9 +48,14 @@ struct cluster_config {
 	uint32_t wire_dtype;	/* KERN_Q8_0, KERN_BF16, KERN_F32; 0 = automatic */
 	int stream;		/* stream weights even to workers with a model copy */
 	double balance_window;	/* tokens over which router counts decay; 0 = 4096 */
+	const char *rebalance;	/* balance policy for live re-placement, NULL = static */
+	int rebalance_every;	/* forward steps between re-plans (0 = 16) */
+	double rebalance_threshold;	  /* minimum predicted step-time gain (migrate) */
+	unsigned long long max_move_bytes; /* per re-plan; 0 = 64 MiB */
 };
 
 struct cluster_worker_stats {
+	uint64_t rebalances; /* placements switched to (same for every worker) */
 	char name[256];
 	uint64_t rows, items, bytes_sent, bytes_received;
 	double compute_seconds, wait_seconds;

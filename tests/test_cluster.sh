@@ -61,5 +61,21 @@ for m in $models; do
 		ok "$m: mpirun # SKIP mpirun not installed"
 	fi
 done
+# live re-placement: experts move between workers while requests run, and
+# no logit changes (each expert computes the same wherever it runs)
+m=qwen3moe-tiny-mxfp4
+tokens=$(sed -n 2p "$data/$m.case")
+np=$(sed -n 1p "$data/$m.case")
+"$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" --out "$tmp/inproc.f32" 2>/dev/null
+for p in migrate hetero eplb; do
+	if "$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" --workers 3 --replicas 2 \
+		--rebalance $p --rebalance-every 2 --stats --out "$tmp/rb.f32" 2>"$tmp/err" &&
+		cmp -s "$tmp/inproc.f32" "$tmp/rb.f32" &&
+		grep -Eq 'balance: [1-9][0-9]* re-placement' "$tmp/err"; then
+		ok "$m: live re-placement ($p) switched placements, logits bit-identical"
+	else
+		notok "$m: live re-placement ($p): $(grep -m1 -E 'error|re-placement' "$tmp/err")"
+	fi
+done
 echo "1..$n"
 [ "$fail" -eq 0 ]

@@ -117,6 +117,21 @@ static int worker_finish_stream(struct worker *w)
 
 static int worker_on_assign(struct worker *w, const struct wire_assign *a)
 {
+	/* a new epoch while serving from the local file: add the experts it
+	 * lacks to the live shard (mmap pointers: nothing is read until used) */
+	if (w->shard && w->g && !a->stream && w->n_bufs == 0 && a->placement_epoch > w->epoch &&
+	    memcmp(&a->spec, &w->spec, sizeof(a->spec)) == 0) {
+		for (uint32_t i = 0; i < a->n_pairs; i++) {
+			int l = (int)a->pair_layer[i], e = (int)a->pair_expert[i];
+			if (shard_has(w->shard, l, e))
+				continue;
+			int rc = shard_add_from_gguf(w->shard, w->g, l, e);
+			if (rc)
+				return rc;
+		}
+		w->epoch = a->placement_epoch;
+		return worker_send_ready(w);
+	}
 	shard_destroy(&w->shard);
 	worker_free_bufs(w);
 	free(w->pair_layer);
