@@ -58,12 +58,14 @@ struct cli_opts {
 	const char *trace_routing;
 	const char *rebalance;
 	long rebalance_every;
+	long slow_worker;     /* --worker-slowdown I:F for local worker I */
+	double slow_factor;
 };
 
 #define CLI_CLUSTER_OPTS \
 	" --workers --listen --expect-workers --transport --worker-timeout --replicas" \
 	" --wire-dtype --stream-weights --stats --balance-window --trace-routing --rebalance" \
-	" --rebalance-every"
+	" --rebalance-every --worker-slowdown"
 
 static int cli_parse_long(const char *opt, const char *s, long lo, long hi, long *out)
 {
@@ -184,6 +186,13 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 				return -1;
 			}
 			o->rebalance = v;
+		} else if (!strcmp(a, "--worker-slowdown")) {
+			char *end;
+			errno = 0;
+			o->slow_worker = strtol(v, &end, 10);
+			if (errno || *end != ':' || o->slow_worker < 0 ||
+			    cli_parse_double(a, end + 1, 1.0, 1000.0, &o->slow_factor))
+				return -1;
 		} else if (!strcmp(a, "--rebalance-every")) {
 			if (cli_parse_long(a, v, 1, 1L << 30, &o->rebalance_every))
 				return -1;
@@ -339,7 +348,8 @@ static const char *cli_usage_cluster =
 	"  --trace-routing FILE   record every routing decision (see 'moefleet placement')\n"
 	"  --rebalance POLICY     re-place experts live from the router counts: eplb,\n"
 	"                         hetero or migrate (workers need their own model file)\n"
-	"  --rebalance-every N    forward steps between re-plans (default 16)\n";
+	"  --rebalance-every N    forward steps between re-plans (default 16)\n"
+	"  --worker-slowdown I:F  local worker I takes F times as long (testing)\n";
 
 struct cli_cluster {
 	pid_t *children;
@@ -380,10 +390,19 @@ static int cli_spawn_workers(const struct cli_opts *o, const char *endpoint,
 			prctl(PR_SET_PDEATHSIG, SIGTERM);
 			if (getppid() != parent)
 				_exit(1);
-			char *args[] = {self, "--connect", (char *)endpoint, "-m", (char *)o->model,
-					"--threads", "1", "--name", name, NULL};
-			if (o->stream_weights)
-				args[3] = NULL; /* no model copy: weights are streamed */
+			char slow[32];
+			snprintf(slow, sizeof(slow), "%g", o->slow_factor);
+			char *args[] = {self, "--connect", (char *)endpoint, "--threads", "1",
+					"--name", name, NULL, NULL, NULL, NULL, NULL};
+			int na = 7;
+			if (o->slow_factor > 1.0 && o->slow_worker == i) {
+				args[na++] = "--slowdown";
+				args[na++] = slow;
+			}
+			if (!o->stream_weights) { /* without a model copy weights are streamed */
+				args[na++] = "-m";
+				args[na++] = (char *)o->model;
+			}
 			execv(self, args);
 			_exit(127);
 		}

@@ -539,6 +539,10 @@ static void cluster_plan_next(cluster *c)
 	for (int i = 0; i < c->n; i++)
 		if (c->w[i].lost || !c->w[i].hello.has_model)
 			return; /* live loading needs every worker alive with its own model file */
+	/* speeds measured so far replace the core counts of Hello */
+	for (int i = 0; i < c->n; i++)
+		if (c->w[i].st.items >= 256 && c->w[i].st.compute_seconds > 0)
+			c->pw[i].speed = (double)c->w[i].st.items / c->w[i].st.compute_seconds;
 	struct placement_model pm = {c->spec.n_layer, c->spec.n_expert, c->spec.layer_moe,
 				     c->expert_bytes, balance_counts_load(c->counts)};
 	struct balance_input in = {

@@ -12,10 +12,11 @@
 
 static const char *usage =
 	"usage: moefleet-worker --connect ENDPOINT [-m MODEL.gguf] [--threads T]\n"
-	"                       [--memory BYTES] [--name NAME]\n"
+	"                       [--memory BYTES] [--name NAME] [--slowdown F]\n"
 	"  ENDPOINT: tcp://HOST:PORT or ipc://PATH of a coordinator started with\n"
 	"  --listen.  With -m the worker reads its experts from its own copy of the\n"
-	"  model; without, the coordinator streams their bytes.\n";
+	"  model; without, the coordinator streams their bytes.  --slowdown F makes\n"
+	"  every batch take F times as long (to test balancing on uneven hardware).\n";
 
 int main(int argc, char **argv)
 {
@@ -48,6 +49,13 @@ int main(int argc, char **argv)
 				return 2;
 			}
 			cfg.n_threads = (int)t;
+		} else if (!strcmp(a, "--slowdown")) {
+			double f = strtod(v, &end);
+			if (errno || *end || !(f >= 1.0 && f <= 1000.0)) {
+				fprintf(stderr, "moefleet-worker: bad --slowdown '%s'\n%s", v, usage);
+				return 2;
+			}
+			cfg.slowdown = f;
 		} else if (!strcmp(a, "--memory")) {
 			unsigned long long m = strtoull(v, &end, 10);
 			if (errno || *end || m == 0) {

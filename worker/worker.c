@@ -279,6 +279,13 @@ static int worker_on_batch(struct worker *w, const struct wire_batch *b, const u
 		if (b->ids[i] >= 0)
 			memcpy(w->items + (at++) * E, w->out + i * E, E * sizeof(float));
 	double dt = worker_now() - t0;
+	if (w->cfg->slowdown > 1.0) {
+		/* emulate slower hardware: stretch this batch to slowdown x its time */
+		double extra = dt * (w->cfg->slowdown - 1.0);
+		struct timespec ts = {(time_t)extra, (long)((extra - (double)(time_t)extra) * 1e9)};
+		nanosleep(&ts, NULL);
+		dt = worker_now() - t0;
+	}
 	w->stats.rows += b->n_rows;
 	w->stats.items += n_items;
 	w->stats.compute_seconds += dt;

@@ -39,6 +39,7 @@ struct worker_config {
 	const char *name;
 	int idle_timeout_ms;	/* <= 0: wait forever */
 	enum worker_fault fault;
+	double slowdown; /* > 1: take this many times as long per batch (tests, benchmarks) */
 };
 
 int worker_run(transport *t, const struct worker_config *cfg);
