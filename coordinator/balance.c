@@ -106,41 +106,9 @@ static double balance_work(const struct placement_model *m, const double *load, 
 	return balance_load_of(m, load, layer, expert) * (double)m->expert_bytes[layer];
 }
 
-static int balance_check_model(const struct placement_model *m)
-{
-	if (!m || !m->layer_moe || !m->expert_bytes || m->n_layer < 1 ||
-	    m->n_layer > BALANCE_MAX_DIM || m->n_expert < 1 || m->n_expert > BALANCE_MAX_DIM) {
-		log_error("balance: model table missing or of invalid size");
-		return ERR_CONFIG;
-	}
-	int n_moe = 0;
-	for (int l = 0; l < m->n_layer; l++) {
-		if (!m->layer_moe[l])
-			continue;
-		n_moe++;
-		if (m->expert_bytes[l] == 0) {
-			log_error("balance: layer %d has routed experts of 0 bytes", l);
-			return ERR_CONFIG;
-		}
-		for (int e = 0; m->load && e < m->n_expert; e++) {
-			double w = m->load[(size_t)l * (size_t)m->n_expert + (size_t)e];
-			if (!isfinite(w) || w < 0) {
-				log_error("balance: layer %d expert %d has invalid load %g", l, e,
-					  w);
-				return ERR_CONFIG;
-			}
-		}
-	}
-	if (n_moe == 0) {
-		log_error("balance: model has no layer with routed experts");
-		return ERR_CONFIG;
-	}
-	return 0;
-}
-
 static int balance_check_input(const struct balance_input *in)
 {
-	int result = balance_check_model(in->model);
+	int result = placement_check_model(in->model);
 	if (result)
 		return result;
 	if (!in->workers || in->n_worker < 1 || in->n_worker > BALANCE_MAX_DIM) {

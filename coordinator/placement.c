@@ -28,7 +28,7 @@ static uint64_t placement_add_sat(uint64_t a, uint64_t b)
 	return a > UINT64_MAX - b ? UINT64_MAX : a + b;
 }
 
-static int placement_check_model(const struct placement_model *m)
+int placement_check_model(const struct placement_model *m)
 {
 	if (!m || !m->layer_moe || !m->expert_bytes) {
 		log_error("placement: model table missing (layer_moe / expert_bytes)");

@@ -72,6 +72,9 @@ int placement_build(const struct placement_model *m, const struct placement_work
 
 /* Frees p's arrays and zeroes it; a zeroed placement may be freed again. */
 void placement_free(placement *p);
+/* Checks a model table (sizes, routed layers, expert bytes, finite loads);
+ * ERR_CONFIG with a logged reason. */
+int placement_check_model(const struct placement_model *m);
 
 /* Deep copy of src into *out (zeroed on failure). */
 int placement_copy(const placement *src, placement *out);
