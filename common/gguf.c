@@ -98,7 +98,7 @@ static int cur_str(struct cur *c, gguf_str *s, const char *what)
 	return 0;
 }
 
-static uint64_t gguf_type_size(enum gguf_type t)
+uint64_t gguf_type_size(enum gguf_type t)
 {
 	switch (t) {
 	case GGUF_TYPE_U8:

@@ -45,6 +45,10 @@ enum gguf_type {
 
 #define GGUF_MAX_DIMS 4
 
+/* Bytes of one value of a fixed-size metadata type; 0 for strings, arrays
+ * and unknown types. */
+uint64_t gguf_type_size(enum gguf_type t);
+
 /* A tensor as found in the file.  ne[0] is the row length; unused ne are 1.
  * type is a GGML type id (see kernels/kern.h). */
 typedef struct gguf_tensor {

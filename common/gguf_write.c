@@ -95,24 +95,6 @@ static void gw_put_str(struct gw_buf *b, const char *s, size_t len)
 	gw_put(b, s, len);
 }
 
-static size_t gw_type_size(enum gguf_type t)
-{
-	switch (t) {
-	case GGUF_TYPE_U8:
-	case GGUF_TYPE_I8:
-	case GGUF_TYPE_BOOL: return 1;
-	case GGUF_TYPE_U16:
-	case GGUF_TYPE_I16: return 2;
-	case GGUF_TYPE_U32:
-	case GGUF_TYPE_I32:
-	case GGUF_TYPE_F32: return 4;
-	case GGUF_TYPE_U64:
-	case GGUF_TYPE_I64:
-	case GGUF_TYPE_F64: return 8;
-	default: return 0;
-	}
-}
-
 /* ------------------------------------------------------------ metadata */
 
 int gguf_writer_new(gguf_writer **out)
@@ -224,7 +206,7 @@ static int gw_set_scalar(gguf_writer *w, const char *key, enum gguf_type type, c
 	int rc = gw_begin(w, key, type, &b);
 	if (rc)
 		return rc;
-	gw_put(&b, v, gw_type_size(type));
+	gw_put(&b, v, (size_t)gguf_type_size(type));
 	return gw_end(w, key, &b);
 }
 
@@ -262,7 +244,7 @@ int gguf_writer_set_str(gguf_writer *w, const char *key, const char *v)
 int gguf_writer_set_arr(gguf_writer *w, const char *key, enum gguf_type elem_type, const void *data,
 			uint64_t count)
 {
-	size_t sz = gw_type_size(elem_type);
+	size_t sz = (size_t)gguf_type_size(elem_type);
 	if (!sz) {
 		log_error("gguf writer: key %s: invalid array element type %d", key,
 			  (int)elem_type);
