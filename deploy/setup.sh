@@ -9,7 +9,8 @@ action=${1:-run}
 
 packages=(build-essential autoconf automake libtool pkg-config autoconf-archive
 	libopenmpi-dev openmpi-bin libzmq3-dev libprotobuf-c-dev protobuf-c-compiler
-	libopenblas-dev libcmocka-dev libpcre2-dev iproute2)
+	libopenblas-dev libcmocka-dev libpcre2-dev iproute2
+	libmicrohttpd-dev libjansson-dev libcairo2-dev clang valgrind curl nodejs npm)
 
 missing=()
 for p in "${packages[@]}"; do
