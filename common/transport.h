@@ -62,13 +62,52 @@ struct transport_frame {
 #define TRANSPORT_FRAME_CAP_DEFAULT    ((size_t)1 << 30)
 #define TRANSPORT_SEND_TIMEOUT_DEFAULT 30000 /* ms */
 
+/* Security of ZeroMQ links.  tcp:// links are CURVE-authenticated and
+ * encrypted unless `insecure` is set: the coordinator holds the cluster key
+ * pair and a file of authorised worker public keys, each worker its own key
+ * pair and the coordinator's public key.  A worker whose key is not
+ * authorised is refused during the handshake (the coordinator logs its key
+ * and address).  ipc:// links are local and always plain; their socket file
+ * is made accessible to its owner only.
+ *
+ * Key files hold one 40-character Z85 key per line, optionally followed by a
+ * comment; blank lines and comments ("# ...": '#' then white space; a bare
+ * '#' is a Z85 digit) are ignored.  A secret key
+ * file must be readable by its owner only (mode 0600 or stricter) and any key
+ * file must belong to this user (or root) and not be writable by group or
+ * others, or the transport refuses it with ERR_CONFIG.  The coordinator
+ * re-reads the authorised keys when the file changes (rotation without a
+ * restart); a file that became unreadable or unsafe refuses every new worker
+ * until fixed.  Without security settings (NULL, or keys missing) a tcp://
+ * endpoint is refused with ERR_CONFIG. */
+struct transport_zmq_security {
+	int insecure;			  /* 1: plain tcp:// (trusted networks only) */
+	const char *key_file;		  /* own secret key (coordinator: the cluster key) */
+	const char *server_key_file;	  /* worker: the coordinator's public key */
+	const char *authorized_keys_file; /* coordinator: the workers' public keys */
+	int handshake_timeout_ms;	  /* worker; <= 0: 10 s */
+};
+
 /* Coordinator side: binds endpoint (tcp://HOST:PORT or ipc://PATH; a port of
  * "*" picks a free one, see transport_zmq_endpoint()).  An ipc:// socket file
- * is removed again on destroy. */
+ * is removed again on destroy.  transport_zmq_listen() is
+ * transport_zmq_listen_secure() without security settings (ipc:// only). */
 int transport_zmq_listen(const char *endpoint, transport **out);
+int transport_zmq_listen_secure(const char *endpoint, const struct transport_zmq_security *sec,
+				transport **out);
 /* Worker side: connects to the coordinator's endpoint.  Succeeds before the
- * coordinator is up: messages wait in the queue until the connection is made. */
+ * coordinator is up: messages wait in the queue until the connection is made.
+ * Once a TCP connection exists, the handshake must succeed within the
+ * handshake time-out: a refused key, a security mismatch (--insecure on one
+ * side only), wrong keys or a time-out are logged and make every later
+ * transport_recv() / transport_send() fail with ERR_CONFIG. */
 int transport_zmq_connect(const char *endpoint, transport **out);
+int transport_zmq_connect_secure(const char *endpoint, const struct transport_zmq_security *sec,
+				 transport **out);
+/* A new CURVE key pair in Z85 (40 characters + NUL each). */
+int transport_zmq_keygen(char public_z85[41], char secret_z85[41]);
+/* The public key (Z85) of a secret key file, checked like the transport does. */
+int transport_zmq_public_key(const char *secret_key_file, char public_z85[41]);
 /* The endpoint actually bound or connected ("tcp://127.0.0.1:41234" for a
  * "*" port); NULL when t is not a ZeroMQ transport. */
 const char *transport_zmq_endpoint(const transport *t);

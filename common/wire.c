@@ -12,8 +12,8 @@ const char *wire_kind_name(enum wire_kind k)
 {
 	static const char *names[] = {"none",  "hello", "assign",    "weight_chunk",
 				      "ready", "batch", "result",    "heartbeat",
-				      "stats", "shutdown", "error"};
-	return (unsigned)k <= WIRE_ERROR ? names[k] : "?";
+				      "stats", "shutdown", "error", "release"};
+	return (unsigned)k <= WIRE_RELEASE ? names[k] : "?";
 }
 
 static int wire_dtype_ok(uint32_t t) { return t == KERN_F32 || t == KERN_BF16 || t == KERN_Q8_0; }
@@ -45,7 +45,9 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 	Moefleet__Stats stats = MOEFLEET__STATS__INIT;
 	Moefleet__Shutdown shutdown = MOEFLEET__SHUTDOWN__INIT;
 	Moefleet__Error error = MOEFLEET__ERROR__INIT;
+	Moefleet__Release release = MOEFLEET__RELEASE__INIT;
 	Moefleet__LayerExperts *layers = NULL, **layer_ptrs = NULL;
+	int n_group = 0; /* entries of layers[] whose experts arrays to free */
 	protobuf_c_boolean *moe_flags = NULL;
 	env.version = WIRE_VERSION;
 	switch (m->kind) {
@@ -77,6 +79,7 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		/* group the (layer, expert) pairs by layer, keeping their order */
 		layers = calloc((size_t)s->n_layer + 1, sizeof(*layers));
 		layer_ptrs = calloc((size_t)s->n_layer + 1, sizeof(*layer_ptrs));
+		n_group = s->n_layer + 1;
 		if (!moe_flags || !layers || !layer_ptrs) {
 			rc = ERR_NOMEM;
 			goto out;
@@ -131,6 +134,7 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		ready.placement_epoch = m->u.ready.placement_epoch;
 		ready.n_experts = m->u.ready.n_experts;
 		ready.bytes = m->u.ready.bytes;
+		ready.released = m->u.ready.released != 0;
 		env.body_case = MOEFLEET__ENVELOPE__BODY_READY;
 		env.ready = &ready;
 		break;
@@ -184,6 +188,42 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		env.body_case = MOEFLEET__ENVELOPE__BODY_ERROR;
 		env.error = &error;
 		break;
+	case WIRE_RELEASE: {
+		const struct wire_release *r = &m->u.release;
+		layers = calloc(MOE_MAX_LAYERS, sizeof(*layers));
+		layer_ptrs = calloc(MOE_MAX_LAYERS, sizeof(*layer_ptrs));
+		n_group = MOE_MAX_LAYERS;
+		if (!layers || !layer_ptrs) {
+			rc = ERR_NOMEM;
+			goto out;
+		}
+		size_t n_layers = 0;
+		for (uint32_t l = 0; l < MOE_MAX_LAYERS; l++) {
+			size_t cnt = 0;
+			for (uint32_t i = 0; i < r->n_pairs; i++)
+				cnt += r->pair_layer[i] == l;
+			if (!cnt)
+				continue;
+			Moefleet__LayerExperts *le = &layers[l];
+			moefleet__layer_experts__init(le);
+			le->layer = l;
+			le->experts = malloc(cnt * sizeof(uint32_t));
+			if (!le->experts) {
+				rc = ERR_NOMEM;
+				goto out;
+			}
+			for (uint32_t i = 0; i < r->n_pairs; i++)
+				if (r->pair_layer[i] == l)
+					le->experts[le->n_experts++] = r->pair_expert[i];
+			layer_ptrs[n_layers++] = le;
+		}
+		release.placement_epoch = r->placement_epoch;
+		release.n_experts = n_layers;
+		release.experts = layer_ptrs;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_RELEASE;
+		env.release = &release;
+		break;
+	}
 	default:
 		return ERR_RANGE;
 	}
@@ -204,7 +244,7 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 	*len = moefleet__envelope__pack(&env, *buf);
 out:
 	if (layers)
-		for (int l = 0; l <= m->u.assign.spec.n_layer; l++)
+		for (int l = 0; l < n_group; l++)
 			free(layers[l].experts);
 	free(layers);
 	free(layer_ptrs);
@@ -341,7 +381,45 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 		out->u.ready.placement_epoch = env->ready->placement_epoch;
 		out->u.ready.n_experts = env->ready->n_experts;
 		out->u.ready.bytes = env->ready->bytes;
+		out->u.ready.released = env->ready->released;
 		break;
+	case MOEFLEET__ENVELOPE__BODY_RELEASE: {
+		const Moefleet__Release *r = env->release;
+		struct wire_release *o = &out->u.release;
+		out->kind = WIRE_RELEASE;
+		o->placement_epoch = r->placement_epoch;
+		uint64_t total = 0;
+		for (size_t i = 0; i < r->n_experts; i++) {
+			if (r->experts[i]->layer >= MOE_MAX_LAYERS) {
+				rc = wire_bad(peer, "released layer out of range");
+				goto out;
+			}
+			total += r->experts[i]->n_experts;
+		}
+		if (total > (uint64_t)MOE_MAX_LAYERS * WIRE_MAX_EXPERTS) {
+			rc = wire_bad(peer, "more experts released than can exist");
+			goto out;
+		}
+		o->pair_layer = malloc((total ? total : 1) * sizeof(uint32_t));
+		o->pair_expert = malloc((total ? total : 1) * sizeof(uint32_t));
+		if (!o->pair_layer || !o->pair_expert) {
+			rc = ERR_NOMEM;
+			goto out;
+		}
+		for (size_t i = 0; i < r->n_experts; i++) {
+			const Moefleet__LayerExperts *le = r->experts[i];
+			for (size_t j = 0; j < le->n_experts; j++) {
+				if (le->experts[j] >= WIRE_MAX_EXPERTS) {
+					rc = wire_bad(peer, "released expert id out of range");
+					goto out;
+				}
+				o->pair_layer[o->n_pairs] = le->layer;
+				o->pair_expert[o->n_pairs] = le->experts[j];
+				o->n_pairs++;
+			}
+		}
+		break;
+	}
 	case MOEFLEET__ENVELOPE__BODY_BATCH: {
 		const Moefleet__Batch *b = env->batch;
 		struct wire_batch *o = &out->u.batch;
@@ -421,6 +499,9 @@ void wire_msg_free(struct wire_msg *m)
 	if (m->kind == WIRE_ASSIGN) {
 		free(m->u.assign.pair_layer);
 		free(m->u.assign.pair_expert);
+	} else if (m->kind == WIRE_RELEASE) {
+		free(m->u.release.pair_layer);
+		free(m->u.release.pair_expert);
 	} else if (m->kind == WIRE_BATCH) {
 		free(m->u.batch.ids);
 		free(m->u.batch.weights);

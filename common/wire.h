@@ -40,6 +40,7 @@ enum wire_kind {
 	WIRE_STATS,
 	WIRE_SHUTDOWN,
 	WIRE_ERROR,
+	WIRE_RELEASE,
 };
 
 struct wire_hello {
@@ -69,8 +70,19 @@ struct wire_weight_chunk {
 
 struct wire_ready {
 	uint64_t placement_epoch;
-	uint32_t n_experts;
-	uint64_t bytes;
+	uint32_t n_experts; /* held now */
+	uint64_t bytes;	    /* held now */
+	int released;	    /* answers a Release (else an Assign) */
+};
+
+/* Experts a worker no longer needs once placement_epoch is in force, as
+ * (layer, expert) pairs (layers < MOE_MAX_LAYERS, experts <
+ * WIRE_MAX_EXPERTS; the worker checks them against its spec). */
+struct wire_release {
+	uint64_t placement_epoch;
+	uint32_t n_pairs;
+	uint32_t *pair_layer;
+	uint32_t *pair_expert;
 };
 
 struct wire_batch {
@@ -102,6 +114,7 @@ struct wire_msg {
 		struct wire_assign assign;
 		struct wire_weight_chunk chunk;
 		struct wire_ready ready;
+		struct wire_release release;
 		struct wire_batch batch;
 		struct wire_result result;
 		uint64_t heartbeat_nonce;

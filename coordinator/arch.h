@@ -23,6 +23,9 @@ struct arch_env {
 	int n_ctx;
 	int n_seq;
 	int n_batch;
+	const struct route_opts *route;	    /* selection options for route_select() */
+	struct route_counts *route_counts; /* the forward pass adds each layer's rows/slots */
+	int kv_f32;			    /* KV caches in F32 instead of F16 (where supported) */
 };
 
 struct arch_vtable {
@@ -62,5 +65,6 @@ int arch_tensor_opt(const struct arch_env *env, const gguf_tensor **out, int64_t
 extern const struct arch_vtable arch_deepseek2;
 extern const struct arch_vtable arch_qwen3moe;
 extern const struct arch_vtable arch_gptoss;
+extern const struct arch_vtable arch_deepseek4;
 
 #endif

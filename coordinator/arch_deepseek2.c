@@ -42,6 +42,7 @@
 #include "arch.h"
 #include "attn.h"
 #include "ops.h"
+#include "route.h"
 #include "../common/err.h"
 #include "../common/log.h"
 #include "../kernels/kern.h"
@@ -121,12 +122,10 @@ struct ds2_scratch {
 	float *gate;	/* [n_batch][max(n_ff, n_ff_shexp)] */
 	float *up;	/* [n_batch][max(n_ff, n_ff_shexp)] */
 	float *router;	/* [n_batch][n_expert] router logits, then probs */
-	float *sel;	/* [n_expert] selection scores of one row */
-	float *gscore;	/* [n_group] */
-	uint8_t *taken; /* [max(n_expert, n_group)] */
-	int32_t *ids;	/* [n_batch][n_expert_used] */
-	float *weights; /* [n_batch][n_expert_used] */
-	float *exp_out; /* [n_batch][n_expert_used][n_embd] weighted expert outputs */
+	void *sel;	/* route_scratch_bytes(): selection scratch of one row */
+	int32_t *ids;	/* [n_batch][slots] */
+	float *weights; /* [n_batch][slots] */
+	float *exp_out; /* [n_batch][slots][n_embd] weighted expert outputs */
 	int32_t *sub_token, *sub_pos, *sub_seq; /* [n_batch] rows kept in the last layer */
 	void *mm;				/* ops_matmul scratch */
 	void *heads_xa; /* [n_batch][n_head] rows converted for the per-head products */
@@ -144,6 +143,8 @@ struct ds2 {
 	attn_cache *cache;
 	struct ds2_scratch s;
 	int n_batch;
+	struct route_rule rule; /* the router (route.h) */
+	int slots;		/* expert slots per row: route_slots() */
 };
 
 /* ------------------------------------------------------------------ loading */
@@ -496,7 +497,7 @@ static int ds2_alloc_scratch(struct ds2 *m)
 	const size_t kw = (size_t)hp->kv_lora + (size_t)hp->n_rot;
 	const size_t ff_sh = (size_t)hp->n_ff_exp * (size_t)hp->n_expert_shared;
 	size_t ff = (size_t)hp->n_ff > ff_sh ? (size_t)hp->n_ff : ff_sh;
-	const size_t k = (size_t)(hp->n_expert_used > 0 ? hp->n_expert_used : 1);
+	const size_t k = (size_t)(m->slots > 0 ? m->slots : 1);
 	const size_t nx = (size_t)(hp->n_expert > 0 ? hp->n_expert : 1);
 	int failed = 0;
 
@@ -512,9 +513,7 @@ static int ds2_alloc_scratch(struct ds2 *m)
 	s->gate = ds2_alloc(n * ff, sizeof(float), &failed);
 	s->up = ds2_alloc(n * ff, sizeof(float), &failed);
 	s->router = ds2_alloc(n * nx, sizeof(float), &failed);
-	s->sel = ds2_alloc(nx, sizeof(float), &failed);
-	s->gscore = ds2_alloc(nx, sizeof(float), &failed);
-	s->taken = ds2_alloc(nx, 1, &failed);
+	s->sel = ds2_alloc(route_scratch_bytes(&m->rule), 1, &failed);
 	s->ids = ds2_alloc(n * k, sizeof(int32_t), &failed);
 	s->weights = ds2_alloc(n * k, sizeof(float), &failed);
 	s->exp_out = ds2_alloc(n * k * hp->n_embd, sizeof(float), &failed);
@@ -548,7 +547,7 @@ static void ds2_destroy(void **state)
 	struct ds2_scratch *s = &m->s;
 	void *bufs[] = {s->x,	      s->h,	  s->qa,      s->q,    s->kv,	   s->qf,
 			s->o,	      s->ov,	  s->y,	      s->gate, s->up,	   s->router,
-			s->sel,	      s->gscore,  s->taken,   s->ids,  s->weights, s->exp_out,
+			s->sel,	      s->ids,	  s->weights, s->exp_out,
 			s->sub_token, s->sub_pos, s->sub_seq, s->mm,   s->heads_xa};
 	for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
 		free(bufs[i]);
@@ -614,6 +613,19 @@ static int ds2_load(const struct arch_env *env, struct model_info *info, void **
 	};
 	if ((rc = attn_check_params(m->cache, &m->attn, gguf_path(env->g))))
 		goto out;
+	m->rule = (struct route_rule){
+	    .n_expert = hp->n_expert,
+	    .k = hp->n_expert_used,
+	    .gating = hp->gating == DS2_GATING_SIGMOID ? ROUTE_GATING_SIGMOID : ROUTE_GATING_SOFTMAX,
+	    .n_group = hp->n_group,
+	    .n_group_used = hp->n_group_used,
+	    .norm = hp->weights_norm,
+	    .norm_min = 6.103515625e-5f,
+	    .scale = hp->weights_scale,
+	};
+	if ((rc = route_check(&m->rule, env->route, gguf_path(env->g))))
+		goto out;
+	m->slots = route_slots(&m->rule, env->route);
 	if ((rc = ds2_alloc_scratch(m)))
 		goto out;
 
@@ -721,86 +733,16 @@ static void ds2_swiglu_ffn(struct ds2 *m, const gguf_tensor *gate, const gguf_te
 	ops_matmul(p, down, g, F, n, out, E, m->s.mm);
 }
 
-/* Router of one row: fills ids[k] (top-k order) and weights[k] from the
- * router logits r[n_expert] (overwritten with probs). */
-static void ds2_route_row(struct ds2 *m, const struct ds2_layer *L, float *r, int32_t *ids,
-			  float *w)
+/* Router of one row: fills ids[slots] (selection order) and weights[slots]
+ * from the router logits r[n_expert] (overwritten with probs): sigmoid or
+ * softmax, selection bias, group limit, top-k, optional norm, scale (route.h).
+ * Returns the number of experts chosen. */
+static int ds2_route_row(struct ds2 *m, const struct ds2_layer *L, float *r, int32_t *ids,
+			 float *w)
 {
-	const struct ds2_hparams *hp = &m->hp;
-	const int X = hp->n_expert, k = hp->n_expert_used;
-	float *sel = m->s.sel;
-	uint8_t *taken = m->s.taken;
-
-	/* probs (unbiased, used for the weights) */
-	if (hp->gating == DS2_GATING_SOFTMAX) {
-		ops_softmax(r, X);
-	} else {
-		for (int e = 0; e < X; e++)
-			r[e] = 1.0f / (1.0f + expf(-r[e]));
-	}
-	/* selection scores */
+	route_gate(&m->rule, r);
 	const float *bias = L->exp_probs_b ? ds2_f32(L->exp_probs_b) : NULL;
-	for (int e = 0; e < X; e++)
-		sel[e] = bias ? r[e] + bias[e] : r[e];
-
-	/* group limit: group score = sum of its two best selection scores; the
-	 * experts of groups not among the n_group_used best get -inf */
-	if (hp->n_group > 1) {
-		const int G = hp->n_group, per = X / G;
-		float *gs = m->s.gscore;
-		for (int g = 0; g < G; g++) {
-			const float *v = sel + g * per;
-			int b0 = 0;
-			for (int i = 1; i < per; i++)
-				if (v[i] > v[b0])
-					b0 = i;
-			int b1 = b0 == 0 ? 1 : 0;
-			for (int i = 0; i < per; i++)
-				if (i != b0 && v[i] > v[b1])
-					b1 = i;
-			gs[g] = v[b0] + v[b1];
-		}
-		memset(taken, 0, (size_t)G);
-		for (int j = 0; j < hp->n_group_used; j++) {
-			int best = -1;
-			for (int g = 0; g < G; g++)
-				if (!taken[g] && (best < 0 || gs[g] > gs[best]))
-					best = g;
-			taken[best] = 1;
-		}
-		for (int g = 0; g < G; g++)
-			if (!taken[g])
-				for (int i = 0; i < per; i++)
-					sel[g * per + i] = -INFINITY;
-	}
-
-	/* top-k by selection score, descending; ties to the lower id (the order
-	 * of ggml's argsort for up to 16 experts) */
-	memset(taken, 0, (size_t)X);
-	for (int j = 0; j < k; j++) {
-		int best = -1;
-		for (int e = 0; e < X; e++)
-			if (!taken[e] && (best < 0 || sel[e] > sel[best]))
-				best = e;
-		taken[best] = 1;
-		ids[j] = best;
-		w[j] = r[best];
-	}
-
-	/* weights: optionally normalised (sum in double, as ggml_sum_rows), scaled */
-	if (hp->weights_norm) {
-		double sum = 0.0;
-		for (int j = 0; j < k; j++)
-			sum += (double)w[j];
-		float fs = (float)sum;
-		if (fs < 6.103515625e-5f)
-			fs = 6.103515625e-5f;
-		for (int j = 0; j < k; j++)
-			w[j] = w[j] / fs;
-	}
-	if (hp->weights_scale != 0.0f && hp->weights_scale != 1.0f)
-		for (int j = 0; j < k; j++)
-			w[j] *= hp->weights_scale;
+	return route_select(&m->rule, m->env->route, r, bias, m->s.sel, ids, w);
 }
 
 /* MoE FFN of layer il for n rows of h: out = sum of routed slots + shared expert. */
@@ -809,14 +751,16 @@ static int ds2_moe_ffn(struct ds2 *m, int il, const float *h, int n, float *out)
 	const struct ds2_hparams *hp = &m->hp;
 	const struct ds2_layer *L = &m->layers[il];
 	const int64_t E = hp->n_embd;
-	const int k = hp->n_expert_used;
+	const int k = m->slots;
 	struct ds2_scratch *s = &m->s;
 
 	/* router logits: (n, E) @ (E, n_expert) -> (n, n_expert) */
 	ops_matmul(m->env->pool, L->gate_inp, h, E, n, s->router, hp->n_expert, s->mm);
+	int64_t used = 0;
 	for (int t = 0; t < n; t++)
-		ds2_route_row(m, L, s->router + (size_t)t * hp->n_expert, s->ids + (size_t)t * k,
-			      s->weights + (size_t)t * k);
+		used += ds2_route_row(m, L, s->router + (size_t)t * hp->n_expert,
+				      s->ids + (size_t)t * k, s->weights + (size_t)t * k);
+	route_counts_add(m->env->route_counts, il, n, used);
 
 	/* routed experts: (n, k, E), each slot already weighted */
 	struct expert_job job = {
@@ -842,13 +786,17 @@ static int ds2_moe_ffn(struct ds2 *m, int il, const float *h, int n, float *out)
 		return rc;
 	}
 
-	/* ffn_out = ((slot 0 + slot 1) + ...) + shared */
+	/* ffn_out = ((slot 0 + slot 1) + ...) + shared, over the row's used slots */
 	for (int t = 0; t < n; t++) {
 		const float *eo = s->exp_out + (size_t)t * k * E;
+		const int32_t *ids = s->ids + (size_t)t * k;
 		float *o = out + (size_t)t * E;
+		int kt = k;
+		while (kt > 1 && ids[kt - 1] < 0)
+			kt--;
 		for (int64_t i = 0; i < E; i++) {
 			float acc = eo[i];
-			for (int j = 1; j < k; j++)
+			for (int j = 1; j < kt; j++)
 				acc += eo[(size_t)j * E + i];
 			o[i] = acc + o[i];
 		}

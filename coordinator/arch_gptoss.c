@@ -22,6 +22,7 @@
 #include "arch.h"
 #include "attn.h"
 #include "ops.h"
+#include "route.h"
 #include "../common/err.h"
 #include "../common/log.h"
 #include "../kernels/kern.h"
@@ -102,10 +103,13 @@ struct gptoss {
 	float *attn;	  /* [n_batch][q_width] attention output (heads concatenated) */
 	float *o;	  /* [n_batch][n_embd] projected attention / summed expert output */
 	float *router;	  /* [n_batch][n_expert] router logits */
-	int32_t *ids;	  /* [n_batch][n_expert_used] chosen experts, best first */
-	float *weights;	  /* [n_batch][n_expert_used] their routing weights */
-	float *eout;	  /* [n_batch][n_expert_used][n_embd] weighted expert outputs */
+	int32_t *ids;	  /* [n_batch][slots] chosen experts, best first */
+	float *weights;	  /* [n_batch][slots] their routing weights */
+	float *eout;	  /* [n_batch][slots][n_embd] weighted expert outputs */
 	void *mm_scratch; /* ops_matmul activation conversion */
+	struct route_rule rule; /* the router (route.h) */
+	int slots;		/* expert slots per row: route_slots(), n_expert_used by default */
+	void *route_scratch;	/* route_scratch_bytes() */
 };
 
 /* ----------------------------------------------------------- hyper-parameters */
@@ -501,6 +505,7 @@ static void gptoss_destroy(void **state)
 	free(s->weights);
 	free(s->eout);
 	free(s->mm_scratch);
+	free(s->route_scratch);
 	free(s);
 	*state = NULL;
 }
@@ -557,7 +562,17 @@ static int gptoss_load(const struct arch_env *env, struct model_info *info, void
 	}
 
 	const size_t nb = (size_t)env->n_batch, E = (size_t)hp->n_embd;
-	const size_t K = (size_t)hp->n_expert_used;
+	/* router: top-k on the raw logits, weights = softmax over the chosen ones */
+	s->rule = (struct route_rule){
+	    .n_expert = hp->n_expert,
+	    .k = hp->n_expert_used,
+	    .gating = ROUTE_GATING_SOFTMAX_CHOSEN,
+	};
+	rc = route_check(&s->rule, env->route, gguf_path(env->g));
+	if (rc)
+		goto out;
+	s->slots = route_slots(&s->rule, env->route);
+	const size_t K = (size_t)s->slots;
 	const int64_t widest = s->q_width > hp->n_embd ? s->q_width : hp->n_embd;
 	s->x = gptoss_alloc(nb, E, sizeof(float));
 	s->h = gptoss_alloc(nb, E, sizeof(float));
@@ -571,8 +586,9 @@ static int gptoss_load(const struct arch_env *env, struct model_info *info, void
 	s->weights = gptoss_alloc(nb, K, sizeof(float));
 	s->eout = gptoss_alloc(nb * K, E, sizeof(float));
 	s->mm_scratch = malloc(ops_matmul_scratch(widest, (int64_t)nb));
+	s->route_scratch = malloc(route_scratch_bytes(&s->rule));
 	if (!s->x || !s->h || !s->q || !s->k || !s->v || !s->attn || !s->o || !s->router ||
-	    !s->ids || !s->weights || !s->eout || !s->mm_scratch) {
+	    !s->ids || !s->weights || !s->eout || !s->mm_scratch || !s->route_scratch) {
 		log_error("%s: out of memory for activations (batch %d)", gguf_path(env->g),
 			  env->n_batch);
 		rc = ERR_NOMEM;
@@ -619,28 +635,6 @@ static void gptoss_add_bias(float *y, const float *bias, int n_rows, int n)
 		return;
 	for (int r = 0; r < n_rows; r++)
 		ops_add(y + (size_t)r * n, y + (size_t)r * n, bias, n);
-}
-
-/* Router: the k largest raw logits, best first (equal logits: lower expert id
- * first), and their weights = softmax over those k logits (build_moe_ffn,
- * SOFTMAX_WEIGHT: no renormalisation, no scale).  Insertion into the sorted list
- * of the k best so far: O(n_expert * k). */
-static void gptoss_route(const float *logits, int n_expert, int k, int32_t *ids, float *w)
-{
-	int n = 0;
-	for (int e = 0; e < n_expert; e++) {
-		const float v = logits[e];
-		if (n == k && !(v > w[k - 1]))
-			continue;
-		int i = n < k ? n++ : k - 1;
-		for (; i > 0 && v > w[i - 1]; i--) {
-			w[i] = w[i - 1];
-			ids[i] = ids[i - 1];
-		}
-		w[i] = v;
-		ids[i] = e;
-	}
-	ops_softmax(w, k);
 }
 
 /* RoPE of q and k, and the cache store, for one thread's share of the batch rows
@@ -715,7 +709,7 @@ static int gptoss_moe(struct gptoss *s, int il, int n)
 	const struct gptoss_hparams *hp = &s->hp;
 	const struct gptoss_layer *l = &s->layers[il];
 	pool *p = s->env->pool;
-	const int E = hp->n_embd, X = hp->n_expert, K = hp->n_expert_used;
+	const int E = hp->n_embd, X = hp->n_expert, K = s->slots;
 
 	/* h = rmsnorm(x) * post_attention_norm                      (n, E) */
 	for (int t = 0; t < n; t++)
@@ -725,9 +719,12 @@ static int gptoss_moe(struct gptoss *s, int il, int n)
 	/* router logits = Wr h + br                        (n, E) -> (n, X) */
 	ops_matmul(p, l->router, s->h, E, n, s->router, X, s->mm_scratch);
 	gptoss_add_bias(s->router, l->router_b, n, X);
+	int64_t used = 0;
 	for (int t = 0; t < n; t++)
-		gptoss_route(s->router + (size_t)t * X, X, K, s->ids + (size_t)t * K,
-			     s->weights + (size_t)t * K);
+		used += route_select(&s->rule, s->env->route, s->router + (size_t)t * X, NULL,
+				     s->route_scratch, s->ids + (size_t)t * K,
+				     s->weights + (size_t)t * K);
+	route_counts_add(s->env->route_counts, il, n, used);
 
 	/* weighted expert outputs                          (n, E) -> (n, K, E) */
 	const struct expert_job job = {

@@ -36,6 +36,7 @@
 #include "arch.h"
 #include "attn.h"
 #include "ops.h"
+#include "route.h"
 #include "../common/err.h"
 #include "../common/log.h"
 #include "../kernels/kern.h"
@@ -109,10 +110,13 @@ struct qwen {
 	float *a;	  /* [n_batch][H*D] attention output, heads concatenated */
 	float *o;	  /* [n_batch][E] projected attention, then summed experts */
 	float *probs;	  /* [n_batch][X] router logits, then probabilities */
-	int32_t *ids;	  /* [n_batch][K] chosen experts, best first */
-	float *weights;	  /* [n_batch][K] their routing weights */
-	float *eout;	  /* [n_batch][K][E] weighted expert outputs */
+	int32_t *ids;	  /* [n_batch][slots] chosen experts, best first */
+	float *weights;	  /* [n_batch][slots] their routing weights */
+	float *eout;	  /* [n_batch][slots][E] weighted expert outputs */
 	void *mm_scratch; /* ops_matmul activation conversion */
+	struct route_rule rule; /* the router (route.h) */
+	int slots;		/* expert slots per row: route_slots(), K by default */
+	void *route_scratch;	/* route_scratch_bytes() */
 };
 
 /* ----------------------------------------------------------- hyper-parameters */
@@ -422,6 +426,7 @@ static void qwen_destroy(void **state)
 	free(s->weights);
 	free(s->eout);
 	free(s->mm_scratch);
+	free(s->route_scratch);
 	free(s);
 	*state = NULL;
 }
@@ -430,7 +435,7 @@ static int qwen_alloc_scratch(const struct arch_env *env, struct qwen *s)
 {
 	const struct qwen_hparams *hp = &s->hp;
 	const size_t nb = (size_t)env->n_batch, E = (size_t)hp->n_embd;
-	const size_t K = (size_t)hp->n_expert_used, QW = (size_t)s->q_width,
+	const size_t K = (size_t)s->slots, QW = (size_t)s->q_width,
 		     KW = (size_t)s->kv_width;
 	int fused = 0;
 	for (int il = 0; il < hp->n_layer; il++)
@@ -451,8 +456,10 @@ static int qwen_alloc_scratch(const struct arch_env *env, struct qwen *s)
 	s->weights = calloc(nb * K, sizeof(float));
 	s->eout = calloc(nb * K * E, sizeof(float));
 	s->mm_scratch = malloc(ops_matmul_scratch(widest, (int64_t)nb));
+	s->route_scratch = malloc(route_scratch_bytes(&s->rule));
 	if (!s->x || !s->h || (fused && !s->qkv) || !s->q || !s->k || !s->v || !s->a || !s->o ||
-	    !s->probs || !s->ids || !s->weights || !s->eout || !s->mm_scratch) {
+	    !s->probs || !s->ids || !s->weights || !s->eout || !s->mm_scratch ||
+	    !s->route_scratch) {
 		log_error("%s: out of memory for activations (batch %d)", gguf_path(env->g),
 			  env->n_batch);
 		return ERR_NOMEM;
@@ -522,6 +529,17 @@ static int qwen_load(const struct arch_env *env, struct model_info *info, void *
 	    .sinks = NULL,
 	};
 	rc = attn_check_params(s->cache, &s->attn, gguf_path(env->g));
+	/* router: softmax, top-K, weights renormalised (clamped sum), no scale */
+	s->rule = (struct route_rule){
+	    .n_expert = s->hp.n_expert,
+	    .k = s->hp.n_expert_used,
+	    .gating = ROUTE_GATING_SOFTMAX,
+	    .norm = 1,
+	    .norm_min = QWEN_WSUM_MIN,
+	};
+	if (!rc)
+		rc = route_check(&s->rule, env->route, gguf_path(env->g));
+	s->slots = route_slots(&s->rule, env->route);
 	if (!rc)
 		rc = qwen_alloc_scratch(env, s);
 	if (rc)
@@ -645,35 +663,6 @@ static void qwen_attention(struct qwen *s, int il, const model_batch *b)
 	ops_matmul(p, l->wo, s->a, s->q_width, n, s->o, E, s->mm_scratch);
 }
 
-/* Router for one row: logits -> softmax probabilities (in place), the K best
- * experts (descending probability, ties to the lower id, as ggml_argsort's
- * sort of a short row), weights = chosen probabilities / their sum. */
-static void qwen_route(float *probs, int n_expert, int k, int32_t *ids, float *w)
-{
-	ops_softmax(probs, n_expert);
-	for (int j = 0; j < k; j++) {
-		int best = -1;
-		for (int e = 0; e < n_expert; e++) {
-			int taken = 0;
-			for (int i = 0; i < j && !taken; i++)
-				taken = ids[i] == e;
-			if (!taken && (best < 0 || probs[e] > probs[best]))
-				best = e;
-		}
-		ids[j] = best;
-		w[j] = probs[best];
-	}
-	/* ggml_sum_rows (double accumulation), clamp, ggml_div */
-	double sum = 0.0;
-	for (int j = 0; j < k; j++)
-		sum += (double)w[j];
-	float wsum = (float)sum;
-	if (!(wsum >= QWEN_WSUM_MIN))
-		wsum = QWEN_WSUM_MIN;
-	for (int j = 0; j < k; j++)
-		w[j] = w[j] / wsum;
-}
-
 /* MoE block of layer il for the first n rows of s->x (the residual after
  * attention): s->x += sum over slots of the weighted expert outputs. */
 static int qwen_moe(struct qwen *s, int il, int n)
@@ -681,7 +670,7 @@ static int qwen_moe(struct qwen *s, int il, int n)
 	const struct qwen_hparams *hp = &s->hp;
 	const struct qwen_layer *l = &s->layers[il];
 	pool *p = s->env->pool;
-	const int E = hp->n_embd, X = hp->n_expert, K = hp->n_expert_used;
+	const int E = hp->n_embd, X = hp->n_expert, K = s->slots;
 
 	/* h = rmsnorm(x) * ffn_norm                                   (n, E) */
 	for (int t = 0; t < n; t++)
@@ -689,9 +678,14 @@ static int qwen_moe(struct qwen *s, int il, int n)
 
 	/* router: softmax(Wr h), top-K, renormalised weights  (n, E) -> (n, X) -> (n, K) */
 	ops_matmul(p, l->router, s->h, E, n, s->probs, X, s->mm_scratch);
-	for (int t = 0; t < n; t++)
-		qwen_route(s->probs + (size_t)t * X, X, K, s->ids + (size_t)t * K,
-			   s->weights + (size_t)t * K);
+	int64_t used = 0;
+	for (int t = 0; t < n; t++) {
+		float *pr = s->probs + (size_t)t * X;
+		route_gate(&s->rule, pr);
+		used += route_select(&s->rule, s->env->route, pr, NULL, s->route_scratch,
+				     s->ids + (size_t)t * K, s->weights + (size_t)t * K);
+	}
+	route_counts_add(s->env->route_counts, il, n, used);
 
 	/* weighted SwiGLU expert outputs                        (n, E) -> (n, K, E) */
 	const struct expert_job job = {

@@ -729,3 +729,229 @@ void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_par
 	};
 	pool_run(p, attn_worker, &jb);
 }
+
+/* ------------------------------------------------- gathered keys (K = V) */
+
+enum attn_kernel attn_pick_kernel(int n_seq_tokens, int n_cells, int dim)
+{
+	if (n_seq_tokens >= ATTN_TILE_Q && dim % ATTN_GGML_LANES == 0)
+		return ATTN_KERNEL_TILED;
+	if (n_seq_tokens == 1 && n_cells >= ATTN_SPLIT_MIN_KV)
+		return ATTN_KERNEL_SPLIT;
+	return ATTN_KERNEL_ONE_ROW;
+}
+
+/* Key row i as floats. */
+static inline void attn_gather_load(const struct attn_keys *ks, int i, int dim, float *dst)
+{
+	if (ks->f32) {
+		memcpy(dst, ks->row[i], (size_t)dim * sizeof(float));
+		return;
+	}
+	const uint16_t *r = ks->row[i];
+	for (int d = 0; d < dim; d++)
+		dst[d] = attn_f16_to_f32(r[d]);
+}
+
+/* The one-row kernel over keys [i0, i1): F16 rows take an F16 query and an
+ * accumulator rounded to F16 after every key (as attn_chunk_f16); F32 rows an
+ * F32 query, F32 dot products and an F32 accumulator. */
+ATTN_HOT static void attn_gather_chunk(const struct attn_keys *ks, int i0, int i1, int dim,
+				       const float *q, float scale, float *M, float *S,
+				       float *acc)
+{
+	float q16[ATTN_MAX_HEAD_DIM], vrow[ATTN_MAX_HEAD_DIM];
+	const int f32 = ks->f32;
+	if (!f32)
+		for (int d = 0; d < dim; d++)
+			q16[d] = attn_f16_round(q[d]);
+	memset(acc, 0, (size_t)dim * sizeof(float));
+	*S = 0.0f;
+	*M = -INFINITY;
+	for (int i = i0; i < i1; i++) {
+		const float s = (f32 ? kern_dot(KERN_F32, dim, ks->row[i], q)
+				     : attn_dot_f16(q16, ks->row[i], dim)) *
+				scale;
+		float ms = 1.0f;
+		float vs = 1.0f;
+		if (s > *M) {
+			const float m_old = *M;
+			*M = s;
+			ms = expf(m_old - *M);
+			for (int d = 0; d < dim; d++)
+				acc[d] = f32 ? acc[d] * ms : attn_f16_round(acc[d] * ms);
+		} else {
+			vs = expf(s - *M);
+		}
+		attn_gather_load(ks, i, dim, vrow);
+		if (f32) {
+			for (int d = 0; d < dim; d++)
+				acc[d] = fmaf(vrow[d], vs, acc[d]);
+		} else {
+			for (int d = 0; d < dim; d++)
+				acc[d] = attn_f16_round(fmaf(vrow[d], vs, acc[d]));
+		}
+		*S = fmaf(*S, ms, vs);
+	}
+}
+
+/* First key index at or after cell c (keys are in increasing cell order). */
+static int attn_gather_first(const struct attn_keys *ks, int c)
+{
+	int lo = 0, hi = ks->n;
+	while (lo < hi) {
+		int mid = (lo + hi) / 2;
+		if (ks->cell[mid] < c)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+ATTN_HOT static void attn_gather_split(const struct attn_keys *ks, int dim, const float *q,
+				       float scale, const float *sink, float *out)
+{
+	const int chunk = (ks->n_cells + ATTN_SPLIT_CHUNKS - 1) / ATTN_SPLIT_CHUNKS;
+	float acc[ATTN_MAX_HEAD_DIM], part[ATTN_MAX_HEAD_DIM];
+	float M = -INFINITY, S = 0.0f;
+	memset(acc, 0, (size_t)dim * sizeof(float));
+	for (int ic = 0; ic < ks->n_cells; ic += chunk) {
+		const int a = attn_gather_first(ks, ic);
+		const int z = attn_gather_first(ks, ic + chunk);
+		float m_c, s_c;
+		attn_gather_chunk(ks, a, z, dim, q, scale, &m_c, &s_c, part);
+		if (sink && ic == 0)
+			attn_add_sink(*sink, &m_c, &s_c, part, dim);
+		if (s_c == 0.0f)
+			continue;
+		const float m_new = fmaxf(M, m_c);
+		const float scale_old = expf(M - m_new);
+		const float scale_new = expf(m_c - m_new);
+		for (int d = 0; d < dim; d++)
+			acc[d] = fmaf(acc[d], scale_old, part[d] * scale_new);
+		S = fmaf(S, scale_old, s_c * scale_new);
+		M = m_new;
+	}
+	attn_normalize(S, acc, dim, out);
+}
+
+/* The tiled kernel (see attn_row_tiled) over the cells holding keys. */
+ATTN_HOT static void attn_gather_tiled(const struct attn_keys *ks, int dim, const float *q,
+				       float scale, const float *sink, float *out)
+{
+	float acc[ATTN_MAX_HEAD_DIM], vrow[ATTN_MAX_HEAD_DIM];
+	float kq[ATTN_TILE_KV], sv[ATTN_TILE_KV];
+	float kt[ATTN_MAX_HEAD_DIM * ATTN_TILE_KV]; /* key tile, [d][i] */
+	int idx[ATTN_TILE_KV];
+	const int simd = attn_simd_ok();
+	float S = 0.0f, M = -INFINITY;
+	memset(acc, 0, (size_t)dim * sizeof(float));
+
+	int i = 0;
+	while (i < ks->n) {
+		const int ic = ks->cell[i] - ks->cell[i] % ATTN_TILE_KV;
+		int nv = 0;
+		while (i < ks->n && ks->cell[i] < ic + ATTN_TILE_KV)
+			idx[nv++] = i++;
+		for (int u = 0; u < nv; u++) {
+			attn_gather_load(ks, idx[u], dim, vrow);
+			for (int d = 0; d < dim; d++)
+				kt[(size_t)d * ATTN_TILE_KV + (size_t)u] = vrow[d];
+		}
+		for (int u = 0; u < nv; u++)
+			sv[u] = 0.0f;
+		for (int d = 0; d < dim; d++) {
+			const float *row = kt + (size_t)d * ATTN_TILE_KV;
+			if (simd) {
+				attn_simd_axpy(q[d], row, sv, nv);
+				continue;
+			}
+			for (int u = 0; u < nv; u++)
+				sv[u] = fmaf(q[d], row[u], sv[u]);
+		}
+		float tile_max = -INFINITY;
+		for (int c = 0; c < ATTN_TILE_KV; c++)
+			kq[c] = -INFINITY;
+		for (int u = 0; u < nv; u++) {
+			const int c = ks->cell[idx[u]] - ic;
+			kq[c] = sv[u] * scale;
+			if (kq[c] > tile_max)
+				tile_max = kq[c];
+		}
+		if (tile_max == -INFINITY)
+			continue;
+		const float m_new = fmaxf(M, tile_max);
+		if (m_new > M) {
+			const float ms = expf(M - m_new);
+			for (int d = 0; d < dim; d++)
+				acc[d] *= ms;
+			S *= ms;
+		}
+		M = m_new;
+		double sum = 0.0;
+		for (int g = 0; g < ATTN_TILE_KV; g += ATTN_GGML_LANES) {
+			for (int l = 0; l < ATTN_GGML_LANES; l++)
+				kq[g + l] = attn_vexpf(kq[g + l] - M);
+			sum += (double)attn_hsum_softmax(kq + g);
+		}
+		S = (float)((double)S + sum);
+		for (int u = 0; u < nv; u++) {
+			const float w = kq[ks->cell[idx[u]] - ic];
+			if (!ks->f32 && simd) {
+				attn_simd_axpy_f16(w, ks->row[idx[u]], acc, dim);
+				continue;
+			}
+			attn_gather_load(ks, idx[u], dim, vrow);
+			for (int d = 0; d < dim; d++)
+				acc[d] = fmaf(w, vrow[d], acc[d]);
+		}
+	}
+	if (sink) {
+		float m = M;
+		attn_add_sink(*sink, &m, &S, acc, dim);
+	}
+	attn_normalize(S, acc, dim, out);
+}
+
+void attn_gather_row(const struct attn_keys *ks, int dim, const float *q, float scale,
+		     const float *sink, float *out)
+{
+	assert(dim > 0 && dim <= ATTN_MAX_HEAD_DIM);
+	pthread_once(&attn_f16_once, attn_f16_table_init);
+	if (ks->kernel == ATTN_KERNEL_TILED) {
+		attn_gather_tiled(ks, dim, q, scale, sink, out);
+		return;
+	}
+	if (ks->kernel == ATTN_KERNEL_SPLIT) {
+		attn_gather_split(ks, dim, q, scale, sink, out);
+		return;
+	}
+	float acc[ATTN_MAX_HEAD_DIM];
+	float M, S;
+	attn_gather_chunk(ks, 0, ks->n, dim, q, scale, &M, &S, acc);
+	if (sink)
+		attn_add_sink(*sink, &M, &S, acc, dim);
+	attn_normalize(S, acc, dim, out);
+}
+
+void attn_soft_max_row(float *x, int n)
+{
+	float max = -INFINITY;
+	for (int i = 0; i < n; i++)
+		max = fmaxf(max, x[i]);
+	double sum = 0.0;
+	int i = 0;
+	for (; i + ATTN_GGML_LANES - 1 < n; i += ATTN_GGML_LANES) {
+		for (int l = 0; l < ATTN_GGML_LANES; l++)
+			x[i + l] = attn_vexpf(x[i + l] - max);
+		sum += (double)attn_hsum_softmax(x + i);
+	}
+	for (; i < n; i++) {
+		x[i] = expf(x[i] - max);
+		sum += (double)x[i];
+	}
+	const float inv = (float)(1.0 / sum);
+	for (i = 0; i < n; i++)
+		x[i] *= inv;
+}

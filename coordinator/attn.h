@@ -75,4 +75,48 @@ int attn_check_params(const attn_cache *c, const struct attn_params *ap, const c
 void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_params *ap,
 		  const model_batch *b, const float *q, float *out);
 
+/* ------------------------------------------------ attention over gathered keys
+ *
+ * DeepSeek-V4 attends, per query token, to a list of keys gathered from
+ * several caches (its sliding window and the compressed entries), with one
+ * vector serving as key and value (K = V).  The caller owns the caches and
+ * passes, per token, the keys in llama.cpp's order together with each key's
+ * index ("cell") in the KV view llama.cpp would build (window cells first,
+ * then compressed cells); the cells decide tile and split boundaries, so the
+ * same three kernels as attn_forward() give llama.cpp's roundings.  Rows are
+ * F16 (values as stored) or F32 (--kv-type f32: F32 dot products and an F32
+ * accumulator on every path, as ggml does for F32 K/V). */
+enum attn_kernel {
+	ATTN_KERNEL_ONE_ROW = 0, /* ggml's one-row kernel over all keys */
+	ATTN_KERNEL_SPLIT = 1,	 /* the same on two halves of the cells, merged */
+	ATTN_KERNEL_TILED = 2,	 /* the tiled kernel (tiles of ATTN_TILE_KV cells) */
+};
+
+struct attn_keys {
+	int n;			/* keys */
+	const int32_t *cell;	/* [n] strictly increasing view index of each key */
+	const void *const *row; /* [n] key (= value) rows of dim values */
+	int f32;		/* rows are F32 (else F16 bit patterns) */
+	int n_cells;		/* size of the view (ATTN_KERNEL_SPLIT halves it) */
+	enum attn_kernel kernel;
+};
+
+/* The kernel llama.cpp picks for a token whose sequence has n_seq_tokens
+ * query rows in the micro-batch and a key view of n_cells cells (ggml:
+ * tiled from ATTN_TILE_Q rows when dim is a multiple of the SIMD width; a
+ * single row over >= 512 cells splits; else one-row). */
+enum attn_kernel attn_pick_kernel(int n_seq_tokens, int n_cells, int dim);
+
+/* One (token, head): out[dim] = sum_u e^{s_u} k_u / (sum_u e^{s_u} [+ e^{sink}])
+ * with s_u = scale * q . k_u.  q: dim floats (F32).  sink: NULL or one logit.
+ * dim <= ATTN_MAX_HEAD_DIM.  No keys: out = 0.  Thread-safe (stack scratch). */
+void attn_gather_row(const struct attn_keys *ks, int dim, const float *q, float scale,
+		     const float *sink, float *out);
+
+/* In place: x[n] = softmax(x) as ggml_soft_max computes one row on the CPU
+ * (vector expf in groups of the SIMD width, the rest scalar, sum in double,
+ * multiplied by the F32 inverse).  -INFINITY entries give 0; at least one
+ * entry must be finite.  Used by DeepSeek-V4's compressors. */
+void attn_soft_max_row(float *x, int n);
+
 #endif

@@ -65,7 +65,7 @@ int balance_counts_add(struct balance_counts *c, int layer, const int32_t *ids, 
 	}
 	size_t n = (size_t)n_rows * (size_t)k;
 	for (size_t i = 0; i < n; i++) {
-		if (ids[i] < 0 || ids[i] >= c->n_expert) {
+		if (ids[i] < -1 || ids[i] >= c->n_expert) {
 			log_error("balance: layer %d routed row %zu to expert %d of %d", layer,
 				  i / (size_t)k, (int)ids[i], c->n_expert);
 			return ERR_RANGE;
@@ -76,7 +76,8 @@ int balance_counts_add(struct balance_counts *c, int layer, const int32_t *ids, 
 	for (int e = 0; e < c->n_expert; e++)
 		row[e] *= f;
 	for (size_t i = 0; i < n; i++)
-		row[ids[i]] += 1.0;
+		if (ids[i] >= 0) /* -1: an empty slot */
+			row[ids[i]] += 1.0;
 	return 0;
 }
 

@@ -77,7 +77,8 @@ void balance_counts_destroy(struct balance_counts **c);
 /* One MoE layer of one step: ids[n_rows * k] are the top-k expert ids of each
  * row.  Decays the layer by exp(-n_rows / window), then adds 1 per id.
  * ERR_CONFIG for a bad layer / n_rows / k, ERR_RANGE for an id out of
- * [0, n_expert) (the counts are then unchanged). */
+ * [0, n_expert) other than -1, an empty slot that is not counted (the counts
+ * are then unchanged). */
 int balance_counts_add(struct balance_counts *c, int layer, const int32_t *ids, int n_rows, int k);
 
 /* The decayed loads, [n_layer][n_expert], valid until the next add/destroy. */

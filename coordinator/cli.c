@@ -2,6 +2,7 @@
 #include "cli.h"
 #include "cli_impl.h"
 #include "cluster.h"
+#include "footprint.h"
 #include "model.h"
 #include "../common/transport.h"
 #include "../common/wire.h"
@@ -58,12 +59,18 @@ struct cli_opts {
 	long rebalance_every;
 	long slow_worker;     /* --worker-slowdown I:F for local worker I */
 	double slow_factor;
+	const char *cluster_key;     /* --cluster-key: CURVE secret key for --listen tcp:// */
+	const char *authorized_keys; /* --authorized-keys: the workers' public keys */
+	int insecure;		     /* --insecure: plain tcp:// */
+	struct route_opts route; /* --routing, --router-bias (all zero: the model's own) */
+	const char *worker_memory; /* info: --worker-memory 64G,64G */
+	int kv_f32;		   /* --kv-type f32 */
 };
 
 #define CLI_CLUSTER_OPTS \
 	" --workers --listen --expect-workers --transport --worker-timeout --replicas" \
 	" --wire-dtype --stream-weights --stats --balance-window --trace-routing --rebalance" \
-	" --rebalance-every --worker-slowdown"
+	" --rebalance-every --worker-slowdown --cluster-key --authorized-keys --insecure --routing --router-bias --kv-type"
 
 int cli_parse_long(const char *opt, const char *s, long lo, long hi, long *out)
 {
@@ -120,6 +127,10 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 		}
 		if (!strcmp(a, "--stats")) {
 			o->stats = 1;
+			continue;
+		}
+		if (!strcmp(a, "--insecure")) {
+			o->insecure = 1;
 			continue;
 		}
 		if (i + 1 >= argc) {
@@ -198,6 +209,10 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 			o->trace_routing = v;
 		} else if (!strcmp(a, "--listen")) {
 			o->listen = v;
+		} else if (!strcmp(a, "--cluster-key")) {
+			o->cluster_key = v;
+		} else if (!strcmp(a, "--authorized-keys")) {
+			o->authorized_keys = v;
 		} else if (!strcmp(a, "--transport")) {
 			if (strcmp(v, "inproc") && strcmp(v, "zmq") && strcmp(v, "mpi")) {
 				fprintf(stderr, "moefleet: --transport: '%s' is not inproc, zmq or mpi\n", v);
@@ -210,6 +225,20 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 				return -1;
 			}
 			o->wire_dtype = v;
+		} else if (!strcmp(a, "--worker-memory")) {
+			o->worker_memory = v;
+		} else if (!strcmp(a, "--routing")) {
+			if (route_parse_routing(v, &o->route))
+				return -1;
+		} else if (!strcmp(a, "--kv-type")) {
+			if (strcmp(v, "f16") && strcmp(v, "f32")) {
+				fprintf(stderr, "moefleet: --kv-type: '%s' is not f16 or f32\n", v);
+				return -1;
+			}
+			o->kv_f32 = !strcmp(v, "f32");
+		} else if (!strcmp(a, "--router-bias")) {
+			if (route_parse_bias(v, &o->route))
+				return -1;
 		} else if (!strcmp(a, "--seed")) {
 			if (cli_parse_long(a, v, 0, 0x7fffffffL, &l))
 				return -1;
@@ -347,7 +376,19 @@ static const char *cli_usage_cluster =
 	"  --rebalance POLICY     re-place experts live from the router counts: eplb,\n"
 	"                         hetero or migrate (workers need their own model file)\n"
 	"  --rebalance-every N    forward steps between re-plans (default 16)\n"
-	"  --worker-slowdown I:F  local worker I takes F times as long (testing)\n";
+	"  --worker-slowdown I:F  local worker I takes F times as long (testing)\n"
+	"  --cluster-key FILE     CURVE secret key for --listen tcp:// ('moefleet keygen')\n"
+	"  --authorized-keys FILE public keys of the workers allowed to connect\n"
+	"  --insecure             plain, unauthenticated tcp:// (trusted networks only)\n"
+	"routing options (any command that runs a model; default: the model's own top-k):\n"
+	"  --routing topp:T[,min=K1][,max=K2]\n"
+	"                         per token, take experts by selection score until their\n"
+	"                         normalised scores sum to T, clamped to [K1, K2] (default\n"
+	"                         1 and the model's k); 'topk' is the model's routing\n"
+	"  --router-bias E1,E2,...:B  add B to these experts' selection scores (testing)\n"
+	"  (with --routing topp, --router-bias or --stats: mean experts per token per layer)\n"
+	"  --kv-type f16|f32       KV cache element type (default f16, as llama.cpp;\n"
+	"                         deepseek4 only)\n";
 
 struct cli_cluster {
 	pid_t *children;
@@ -443,7 +484,10 @@ static int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_clus
 		}
 		n_workers = (int)o->workers;
 	} else if (o->listen) {
-		rc = transport_zmq_listen(o->listen, &t);
+		struct transport_zmq_security sec = {.insecure = o->insecure,
+						      .key_file = o->cluster_key,
+						      .authorized_keys_file = o->authorized_keys};
+		rc = transport_zmq_listen_secure(o->listen, &sec, &t);
 		if (rc)
 			return rc;
 		n_workers = o->expect_workers > 0 ? (int)o->expect_workers : 1;
@@ -491,17 +535,36 @@ static int cli_trace_setup(const struct cli_opts *o, model *m, const struct cli_
 	int rc = trace_writer_open(o->trace_routing, &w);
 	if (rc)
 		return rc;
-	expert_backend *inner = model_take_experts(m), *b = NULL;
-	rc = trace_backend_new(inner, w, model_get_gguf(m), &model_get_info(m)->moe,
-			       cc->c ? cluster_placement(cc->c) : NULL, &b);
-	model_set_experts(m, b);
-	return rc;
+	return trace_attach(m, w, cc->c ? cluster_placement(cc->c) : NULL);
 }
 
 static void cli_cluster_stats(const struct cli_opts *o, const struct cli_cluster *cc)
 {
 	if (o->stats && cc->c)
 		cluster_print_stats(cc->c);
+}
+
+/* Mean experts per token of every routed layer, on stderr, when routing is
+ * not the model's own or --stats asks for it. */
+static void cli_route_stats(const struct cli_opts *o, const model *m)
+{
+	if (!m || (!o->stats && o->route.mode == ROUTE_MODE_TOPK && o->route.n_bias == 0))
+		return;
+	const struct model_info *info = model_get_info(m);
+	const struct route_counts *rc = model_get_route_counts(m);
+	int64_t rows = 0, slots = 0;
+	for (int l = 0; l < info->n_layer && l < MOE_MAX_LAYERS; l++) {
+		if (rc->rows[l] == 0)
+			continue;
+		fprintf(stderr, "routing: layer %d: %.3f experts per token (%lld rows)\n", l,
+			(double)rc->slots[l] / (double)rc->rows[l], (long long)rc->rows[l]);
+		rows += rc->rows[l];
+		slots += rc->slots[l];
+	}
+	if (rows > 0)
+		fprintf(stderr,
+			"routing: all layers: %.3f experts per token (model: %d), %lld expert rows\n",
+			(double)slots / (double)rows, info->moe.n_expert_used, (long long)slots);
 }
 
 /* After the model (and with it the cluster) is destroyed: reap local workers. */
@@ -528,9 +591,13 @@ static void cli_cluster_finish(struct cli_cluster *cc)
 
 /* ------------------------------------------------------------ info */
 
-static const char *cli_usage_info = "usage: moefleet info -m MODEL.gguf\n"
-				    "  Prints the architecture, hyper-parameters, every tensor's\n"
-				    "  type and size, and the bytes of routed experts versus the rest.\n";
+static const char *cli_usage_info =
+	"usage: moefleet info -m MODEL.gguf [--workers N | --worker-memory 64G,64G,...]\n"
+	"  Prints the architecture, hyper-parameters, every tensor's\n"
+	"  type and size, and the bytes of routed experts versus the rest;\n"
+	"  then what a cluster needs: coordinator bytes, expert bytes per layer,\n"
+	"  KV cache per 1K tokens, and with --workers / --worker-memory the\n"
+	"  bytes each worker would hold.\n";
 
 static void cli_print_kv(const gguf *g, uint64_t i)
 {
@@ -584,10 +651,16 @@ static void cli_print_kv(const gguf *g, uint64_t i)
 static int cli_info(int argc, char **argv)
 {
 	struct cli_opts o = {0};
-	if (cli_parse(argc, argv, "-m --model", &o) || (!o.help && !o.model)) {
+	if (cli_parse(argc, argv, "-m --model --workers --worker-memory", &o) ||
+	    (!o.help && !o.model)) {
 		fputs(cli_usage_info, stderr);
 		return CLI_USAGE;
 	}
+	uint64_t wmem[FOOTPRINT_MAX_WORKERS];
+	int n_wmem = 0;
+	if (o.worker_memory &&
+	    footprint_parse_memory(o.worker_memory, wmem, FOOTPRINT_MAX_WORKERS, &n_wmem))
+		return CLI_USAGE;
 	if (o.help) {
 		fputs(cli_usage_info, stdout);
 		return CLI_OK;
@@ -632,8 +705,9 @@ static int cli_info(int argc, char **argv)
 	       (double)experts / 1048576.0);
 	printf("everything else: %llu bytes (%.1f MiB)\n", (unsigned long long)rest,
 	       (double)rest / 1048576.0);
+	int frc = footprint_report(g, n_wmem ? wmem : NULL, n_wmem ? n_wmem : (int)o.workers);
 	gguf_destroy(&g);
-	return CLI_OK;
+	return frc ? CLI_FAIL : CLI_OK;
 }
 
 /* ------------------------------------------------------------ logits */
@@ -712,6 +786,8 @@ static int cli_logits(int argc, char **argv)
 	}
 	struct model_params mp;
 	model_params_default(&mp);
+	mp.route = o.route;
+	mp.kv_f32 = o.kv_f32;
 	mp.n_threads = (int)o.threads;
 	mp.n_ctx = n;
 	if (model_open(o.model, &mp, &m) || cli_cluster_setup(&o, m, &cc) ||
@@ -778,6 +854,7 @@ out:
 	free(logits);
 	free(ids);
 	cli_cluster_stats(&o, &cc);
+	cli_route_stats(&o, m);
 	model_destroy(&m);
 	cli_cluster_finish(&cc);
 	return rc;
@@ -821,6 +898,8 @@ static int cli_bench(int argc, char **argv)
 	struct cli_cluster cc = {0};
 	struct model_params mp;
 	model_params_default(&mp);
+	mp.route = o.route;
+	mp.kv_f32 = o.kv_f32;
 	mp.n_threads = (int)o.threads;
 	mp.n_ctx = (int)(o.pp > o.tg + 1 ? o.pp : o.tg + 1);
 	mp.n_batch = o.pp > 0 ? (int)o.pp : 1;
@@ -889,6 +968,7 @@ out:
 	free(tg_t);
 	free(logits);
 	cli_cluster_stats(&o, &cc);
+	cli_route_stats(&o, m);
 	model_destroy(&m);
 	cli_cluster_finish(&cc);
 	return rc;
@@ -905,6 +985,7 @@ static const char *cli_usage_main =
 	"  bench     measure prompt processing and token generation speed\n"
 	"  placement simulate: replay a routing trace against placement policies\n"
 	"  quantize  convert a model's routed experts to MXFP4, Q8_0 or Q4_0\n"
+	"  keygen    write a CURVE key pair for authenticated, encrypted cluster links\n"
 	"Run 'moefleet <command> --help' for the options of a command.\n";
 
 static int cli_generate(int argc, char **argv);
@@ -985,6 +1066,8 @@ static int cli_dispatch(int argc, char **argv)
 		return cli_placement(argc - 2, argv + 2);
 	if (!strcmp(cmd, "quantize"))
 		return cli_quantize(argc - 2, argv + 2);
+	if (!strcmp(cmd, "keygen"))
+		return cli_keygen(argc - 2, argv + 2);
 	if (!strcmp(cmd, "generate"))
 		return cli_generate(argc - 2, argv + 2);
 	fprintf(stderr, "moefleet: unknown command '%s'\n", cmd);
@@ -1038,6 +1121,8 @@ static int cli_generate(int argc, char **argv)
 	int n = 0;
 	struct model_params mp;
 	model_params_default(&mp);
+	mp.route = o.route;
+	mp.kv_f32 = o.kv_f32;
 	mp.n_threads = (int)o.threads;
 	/* the model's file is opened first so that a bad file is reported as such */
 	if (o.tokens && cli_read_ids(o.tokens, &ids, &n))
@@ -1145,6 +1230,7 @@ out:
 	tokenizer_stream_destroy(&ts);
 	tokenizer_destroy(&tok);
 	cli_cluster_stats(&o, &cc);
+	cli_route_stats(&o, m);
 	model_destroy(&m);
 	cli_cluster_finish(&cc);
 	return rc;

@@ -13,5 +13,6 @@ int cli_parse_double(const char *opt, const char *s, double lo, double hi, doubl
 
 int cli_quantize(int argc, char **argv);  /* cli_tools.c */
 int cli_placement(int argc, char **argv); /* cli_tools.c */
+int cli_keygen(int argc, char **argv);    /* cli_keys.c */
 
 #endif

@@ -1,10 +1,13 @@
 /* cli_tools: the subcommands that work on files without running a model:
- * `quantize` (routed experts to MXFP4/Q8_0/Q4_0) and `placement simulate`
- * (replaying a routing trace against placement policies). */
+ * `quantize` (routed experts to MXFP4/Q8_0/Q4_0), `placement simulate`
+ * (replaying a routing trace against placement policies) and `placement
+ * show` (a trace's summary and heatmap). */
 #define _GNU_SOURCE
 #include "cli_impl.h"
+#include "heatmap.h"
 #include "quantize.h"
 #include "simulate.h"
+#include "trace.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -76,12 +79,103 @@ static const char *cli_usage_placement =
 	"  description, one worker per line:\n"
 	"    NAME SPEED(expert-rows/s) MEMORY_BYTES LATENCY_US BANDWIDTH_MB_S\n"
 	"  and prints, per policy, worker load balance, wire bytes and messages per\n"
-	"  token, predicted step time and bytes migrated.\n";
+	"  token, predicted step time and bytes migrated.\n"
+	"\n"
+	"       moefleet placement show --trace FILE [--out HEAT.png|HEAT.svg] [--holders]\n"
+	"  Summarises a trace (steps, rows, token positions, busiest experts) and\n"
+	"  draws a layer x expert heatmap of the routed load next to the placement\n"
+	"  (the worker holding each replica; the last placement in the trace).\n"
+	"  --holders lists that placement, one line per (layer, expert).\n";
+
+/* `placement show`: a summary of a trace and, with --out, its heatmap. */
+static int cli_placement_show(int argc, char **argv)
+{
+	const char *trace = NULL, *out = NULL;
+	int holders = 0;
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+		if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+			fputs(cli_usage_placement, stdout);
+			return CLI_OK;
+		}
+		if (!strcmp(a, "--holders")) {
+			holders = 1;
+			continue;
+		}
+		if (i + 1 >= argc || (strcmp(a, "--trace") && strcmp(a, "--out"))) {
+			fprintf(stderr, "moefleet: unknown or incomplete argument '%s'\n", a);
+			fputs(cli_usage_placement, stderr);
+			return CLI_USAGE;
+		}
+		if (!strcmp(a, "--trace"))
+			trace = argv[++i];
+		else
+			out = argv[++i];
+	}
+	if (!trace) {
+		fputs(cli_usage_placement, stderr);
+		return CLI_USAGE;
+	}
+	struct trace_summary ts;
+	if (trace_summarize(trace, &ts))
+		return CLI_FAIL;
+	printf("trace: %llu records, %llu steps, %u layers x %u experts, %llu routed rows\n",
+	       (unsigned long long)ts.records, (unsigned long long)ts.steps, ts.n_layer,
+	       ts.n_expert, (unsigned long long)ts.rows);
+	if (ts.n_positions)
+		printf("positions: %llu rows with positions, %d..%d\n",
+		       (unsigned long long)ts.n_positions, ts.pos_min, ts.pos_max);
+	else
+		printf("positions: none recorded\n");
+	printf("placements: %llu recorded, %d workers, %u replicas\n",
+	       (unsigned long long)ts.placements, ts.n_worker, ts.n_replica);
+	for (uint32_t l = 0; l < ts.n_layer; l++) {
+		if (!ts.layer_moe[l])
+			continue;
+		double sum = 0, max = 0;
+		uint32_t arg = 0;
+		for (uint32_t e = 0; e < ts.n_expert; e++) {
+			double v = ts.load[(size_t)l * ts.n_expert + e];
+			sum += v;
+			if (v > max) {
+				max = v;
+				arg = e;
+			}
+		}
+		printf("layer %u: %.0f routed items, busiest expert %u (%.0f, %.2fx the mean)\n", l,
+		       sum, arg, max, sum > 0 ? max * ts.n_expert / sum : 0.0);
+	}
+	for (uint32_t l = 0; holders && ts.holders && l < ts.n_layer; l++)
+		for (uint32_t e = 0; e < ts.n_expert && ts.layer_moe[l]; e++) {
+			printf("holders: layer %u expert %u:", l, e);
+			for (uint32_t r = 0; r < ts.n_replica; r++) {
+				int32_t w = ts.holders[((size_t)l * ts.n_expert + e) * ts.n_replica + r];
+				if (w >= 0)
+					printf(" %d", w);
+			}
+			printf("\n");
+		}
+	int rc = 0;
+	if (out) {
+		struct heatmap_data hd = {(int)ts.n_layer, (int)ts.n_expert, ts.layer_moe, ts.load,
+					  ts.holders ? (int)ts.n_replica : 0, ts.n_worker,
+					  ts.holders};
+		int w, h;
+		heatmap_size(&hd, &w, &h);
+		rc = heatmap_write(out, &hd);
+		if (!rc)
+			printf("heatmap: %s, %dx%d\n", out, w, h);
+	}
+	trace_summary_free(&ts);
+	return rc ? CLI_FAIL : CLI_OK;
+}
 
 int cli_placement(int argc, char **argv)
 {
 	struct simulate_config cfg = {.policy = "static", .replicas = 1, .threshold = 0.05};
 	const char *policies = "static,eplb,hetero,migrate";
+	if (argc >= 1 && !strcmp(argv[0], "show"))
+		return cli_placement_show(argc, argv);
 	if (argc < 1 || strcmp(argv[0], "simulate")) {
 		if (argc >= 1 && (!strcmp(argv[0], "--help") || !strcmp(argv[0], "-h"))) {
 			fputs(cli_usage_placement, stdout);

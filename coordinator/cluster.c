@@ -13,7 +13,10 @@
 #include <string.h>
 #include <time.h>
 
-enum { CLUSTER_CHUNK = 4 << 20 }; /* bytes of streamed weights per message */
+enum {
+	CLUSTER_CHUNK = 4 << 20,      /* bytes of streamed weights per message at start-up */
+	CLUSTER_LIVE_CHUNK = 256 << 10, /* per worker per layer while serving */
+};
 
 struct cluster_peer {
 	int peer; /* transport peer index */
@@ -30,6 +33,14 @@ struct cluster_peer {
 	size_t rows_cap, act_cap;
 	int expect_items;
 	int answered;
+	/* live streaming of the next epoch's new experts: queue and cursor */
+	uint32_t *sq_layer, *sq_expert;
+	uint32_t sq_n, sq_at;
+	int sq_tensor;
+	uint64_t sq_off;
+	/* compute seconds at the start of the epoch in force */
+	double epoch_compute0;
+	int releasing; /* a Release is not answered yet */
 };
 
 struct cluster {
@@ -62,7 +73,19 @@ struct cluster {
 	uint8_t *hdr;
 	size_t hdr_cap;
 	uint32_t layer_types[MOE_MAX_LAYERS][3];
+	/* step timing: wall time of every forward step, and whether a
+	 * re-placement was being loaded during it */
+	double step_t0;
+	double *step_ms;
+	uint8_t *step_moving;
+	size_t n_steps, steps_cap;
+	uint64_t epoch_step0;	/* fwd_step at the start of the epoch in force */
+	struct cluster_epoch_stats *epochs;
+	size_t n_epochs;
 };
+
+static void cluster_epoch_now(const cluster *c, struct cluster_epoch_stats *out);
+static void cluster_on_ready(cluster *c, int who, const struct wire_ready *r);
 
 static double cluster_now(void)
 {
@@ -208,20 +231,33 @@ static int cluster_place(cluster *c)
 	if (!pw)
 		return ERR_NOMEM;
 	c->pw = pw;
+	/* speeds measured at Hello (else core counts), relative to the fastest
+	 * and rounded to eighths: a few percent of measurement noise must not
+	 * reshuffle the placement from one start to the next */
+	int calibrated = 1;
+	for (int i = 0; i < c->n; i++)
+		if (!(c->w[i].hello.expert_rows_per_sec > 0) ||
+		    !isfinite(c->w[i].hello.expert_rows_per_sec))
+			calibrated = 0;
+	double top = 0;
 	for (int i = 0; i < c->n; i++) {
 		pw[i].mem_bytes = c->w[i].hello.memory_bytes;
-		pw[i].speed = c->w[i].hello.expert_rows_per_sec > 0
-				      ? c->w[i].hello.expert_rows_per_sec
-				      : (c->w[i].hello.cores ? c->w[i].hello.cores : 1);
+		pw[i].speed = calibrated ? c->w[i].hello.expert_rows_per_sec
+					 : (c->w[i].hello.cores ? c->w[i].hello.cores : 1);
+		top = fmax(top, pw[i].speed);
 	}
+	for (int i = 0; i < c->n; i++)
+		pw[i].speed = top * fmax(1.0, round(8.0 * pw[i].speed / top)) / 8.0;
 	int rc = placement_build(&pm, pw, c->n, c->cfg.replicas, &c->plan);
 	c->finish = calloc((size_t)c->n, sizeof(double));
 	c->speed = calloc((size_t)c->n, sizeof(double));
 	c->visits = calloc((size_t)c->n, 1);
 	if (!rc && (!c->finish || !c->speed || !c->visits))
 		rc = ERR_NOMEM;
-	for (int i = 0; !rc && i < c->n; i++)
+	for (int i = 0; !rc && i < c->n; i++) {
 		c->speed[i] = pw[i].speed;
+		c->w[i].st.speed = pw[i].speed;
+	}
 	if (!rc)
 		rc = balance_counts_new(c->spec.n_layer, c->spec.n_expert,
 					c->cfg.balance_window > 0 ? c->cfg.balance_window : 4096.0,
@@ -298,6 +334,7 @@ static int cluster_assign(cluster *c)
 				}
 			}
 		}
+		c->w[i].st.streamed_bytes += sent;
 		log_info("worker %d: streamed %.1f MiB of weights", i, (double)sent / 1048576.0);
 	}
 out:
@@ -331,6 +368,8 @@ static int cluster_wait_ready(cluster *c)
 				 transport_peer_name(c->t, peer));
 		} else if (m.kind == WIRE_READY && !c->w[who].ready) {
 			c->w[who].ready = 1;
+			c->w[who].st.held_experts = m.u.ready.n_experts;
+			c->w[who].st.held_bytes = m.u.ready.bytes;
 			ready++;
 			log_info("worker %d ready: %u experts loaded", who, m.u.ready.n_experts);
 		} else if (m.kind == WIRE_ERROR) {
@@ -405,7 +444,12 @@ void cluster_destroy(cluster **pc)
 		free(c->w[i].ids);
 		free(c->w[i].wts);
 		free(c->w[i].act);
+		free(c->w[i].sq_layer);
+		free(c->w[i].sq_expert);
 	}
+	free(c->step_ms);
+	free(c->step_moving);
+	free(c->epochs);
 	placement_free(&c->plan);
 	placement_free(&c->next);
 	free(c->finish);
@@ -427,6 +471,41 @@ void cluster_get_stats(const cluster *c, int i, struct cluster_worker_stats *out
 {
 	*out = c->w[i].st;
 	out->rebalances = c->rebalances;
+}
+
+int cluster_n_epochs(const cluster *c) { return (int)c->n_epochs + 1; }
+
+void cluster_get_epoch(const cluster *c, int i, struct cluster_epoch_stats *out)
+{
+	if (i >= 0 && (size_t)i < c->n_epochs)
+		*out = c->epochs[i];
+	else
+		cluster_epoch_now(c, out);
+}
+
+static int cluster_cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return (x > y) - (x < y);
+}
+
+void cluster_step_times(const cluster *c, double *median_ms, double *worst_moving_ms,
+			uint64_t *n_steps)
+{
+	*median_ms = *worst_moving_ms = 0;
+	*n_steps = c->n_steps;
+	if (!c->n_steps)
+		return;
+	double *t = malloc(c->n_steps * sizeof(double));
+	if (t) {
+		memcpy(t, c->step_ms, c->n_steps * sizeof(double));
+		qsort(t, c->n_steps, sizeof(double), cluster_cmp_double);
+		*median_ms = t[c->n_steps / 2];
+		free(t);
+	}
+	for (size_t i = 0; i < c->n_steps; i++)
+		if (c->step_moving[i] && c->step_ms[i] > *worst_moving_ms)
+			*worst_moving_ms = c->step_ms[i];
 }
 
 /* How balanced the current placement is under the routed load counted so
@@ -459,21 +538,210 @@ static void cluster_print_balance(const cluster *c)
 	}
 }
 
-void cluster_print_stats(const cluster *c)
+/* Waits (up to timeout_ms) for the answers to outstanding Releases, so the
+ * memory each worker reports is current.  Between jobs only. */
+static void cluster_drain(cluster *c, int timeout_ms)
 {
+	double deadline = cluster_now() + timeout_ms / 1000.0;
+	for (;;) {
+		int waiting = 0;
+		for (int i = 0; i < c->n; i++)
+			waiting += !c->w[i].lost && c->w[i].releasing;
+		int left = (int)((deadline - cluster_now()) * 1000.0);
+		if (!waiting || left <= 0)
+			return;
+		struct wire_msg m;
+		const uint8_t *d;
+		size_t n;
+		int peer, who;
+		int rc = cluster_recv(c, left, &m, &peer, &who, &d, &n);
+		if (rc == ERR_PROTO)
+			continue;
+		if (rc)
+			return;
+		if (who >= 0 && m.kind == WIRE_READY)
+			cluster_on_ready(c, who, &m.u.ready);
+		else if (who >= 0 && m.kind == WIRE_ERROR)
+			cluster_drop(c, who, m.u.text);
+		wire_msg_free(&m);
+	}
+}
+
+void cluster_print_stats(cluster *c)
+{
+	cluster_drain(c, 2000);
 	cluster_print_balance(c);
 	if (c->policy)
 		fprintf(stderr, "balance: %llu re-placement(s) switched, %.1f MiB loaded by workers\n",
 			(unsigned long long)c->rebalances, (double)c->moved_bytes / 1048576.0);
-	fprintf(stderr, "%-4s %-20s %10s %10s %12s %12s %10s %10s\n", "wkr", "name", "rows",
-		"items", "sent", "received", "compute s", "wait s");
+	for (int e = 0; e < cluster_n_epochs(c); e++) {
+		struct cluster_epoch_stats ep;
+		cluster_get_epoch(c, e, &ep);
+		if (ep.steps)
+			fprintf(stderr,
+				"balance: epoch %llu: %llu steps, worker compute per step max %.3f ms, "
+				"mean %.3f ms, max/mean %.3f\n",
+				(unsigned long long)ep.epoch, (unsigned long long)ep.steps,
+				ep.compute_max * 1e3, ep.compute_mean * 1e3, ep.imbalance);
+	}
+	double med, worst;
+	uint64_t n_steps;
+	cluster_step_times(c, &med, &worst, &n_steps);
+	if (n_steps)
+		fprintf(stderr,
+			"steps: %llu, median %.3f ms, worst while a re-placement loaded %.3f ms\n",
+			(unsigned long long)n_steps, med, worst);
+	fprintf(stderr, "%-4s %-20s %10s %10s %12s %12s %10s %10s %10s %8s %10s\n", "wkr", "name",
+		"rows", "items", "sent", "received", "compute s", "wait s", "rows/s", "held", "held MiB");
 	for (int i = 0; i < c->n; i++) {
 		const struct cluster_worker_stats *s = &c->w[i].st;
-		fprintf(stderr, "%-4d %-20.20s %10llu %10llu %12llu %12llu %10.3f %10.3f%s\n", i,
-			s->name, (unsigned long long)s->rows, (unsigned long long)s->items,
+		fprintf(stderr,
+			"%-4d %-20.20s %10llu %10llu %12llu %12llu %10.3f %10.3f %10.0f %8u %10.3f%s\n",
+			i, s->name, (unsigned long long)s->rows, (unsigned long long)s->items,
 			(unsigned long long)s->bytes_sent, (unsigned long long)s->bytes_received,
-			s->compute_seconds, s->wait_seconds, s->lost ? " LOST" : "");
+			s->compute_seconds, s->wait_seconds, s->speed, s->held_experts,
+			(double)s->held_bytes / 1048576.0, s->lost ? " LOST" : "");
 	}
+	/* what each worker should hold: the placement in force plus the one
+	 * being loaded (released experts are gone) */
+	for (int i = 0; i < c->n; i++) {
+		uint32_t placed = 0, more = 0;
+		for (int l = 0; l < c->spec.n_layer; l++)
+			for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++) {
+				int now = placement_holds(&c->plan, i, l, e);
+				placed += (uint32_t)now;
+				more += (uint32_t)(c->next_active && !now &&
+						   placement_holds(&c->next, i, l, e));
+			}
+		fprintf(stderr, "placement: worker %d should hold %u experts (%u in epoch %llu, %u loading)\n",
+			i, placed + more, placed, (unsigned long long)c->epoch, more);
+	}
+	fprintf(stderr, "metrics (Prometheus text format):\n");
+	cluster_metrics_write(stderr, c, 0);
+}
+
+/* ------------------------------------------------------------ metrics */
+
+static void cluster_metric_head(FILE *f, const char *name, const char *type, const char *help)
+{
+	fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* Prometheus label values: backslash, quote and newline escaped. */
+static void cluster_metric_label(FILE *f, const char *s)
+{
+	for (; *s; s++) {
+		if (*s == '\\' || *s == '"')
+			fputc('\\', f);
+		if (*s == '\n')
+			fputs("\\n", f);
+		else
+			fputc(*s, f);
+	}
+}
+
+static void cluster_metric_worker(FILE *f, const cluster *c, const char *name, int i, double v)
+{
+	fprintf(f, "%s{worker=\"%d\",name=\"", name, i);
+	cluster_metric_label(f, c->w[i].st.name);
+	fprintf(f, "\"} %.9g\n", v);
+}
+
+int cluster_metrics_write(FILE *f, const cluster *c, int per_expert)
+{
+	static const struct {
+		const char *name, *type, *help;
+	} wm[] = {
+		{"moefleet_worker_rows_total", "counter", "Token rows sent to the worker."},
+		{"moefleet_worker_items_total", "counter", "(row, expert) items the worker computed."},
+		{"moefleet_worker_compute_seconds_total", "counter", "Compute time the worker reported."},
+		{"moefleet_worker_wait_seconds_total", "counter", "Time the coordinator waited for the worker."},
+		{"moefleet_worker_sent_bytes_total", "counter", "Bytes sent to the worker."},
+		{"moefleet_worker_received_bytes_total", "counter", "Bytes received from the worker."},
+		{"moefleet_worker_streamed_bytes_total", "counter", "Expert weight bytes streamed to the worker."},
+		{"moefleet_worker_held_experts", "gauge", "Experts the worker reports holding."},
+		{"moefleet_worker_held_bytes", "gauge", "Expert bytes the worker reports holding."},
+		{"moefleet_worker_speed_rows_per_second", "gauge", "Expert rows per second used for planning."},
+		{"moefleet_worker_load", "gauge", "Decayed routed rows of the experts the worker holds (shared among replicas)."},
+		{"moefleet_worker_up", "gauge", "1 while the worker serves, 0 once lost."},
+	};
+	const int n_wm = (int)(sizeof(wm) / sizeof(wm[0]));
+	const double *load = c->counts ? balance_counts_load(c->counts) : NULL;
+	double *wl = calloc((size_t)c->n + 1, sizeof(double));
+	if (!wl)
+		return ERR_NOMEM;
+	for (int l = 0; load && l < c->spec.n_layer; l++)
+		for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++) {
+			int nh = placement_n_holders(&c->plan, l, e);
+			for (int r = 0; r < nh; r++) {
+				int h = placement_holder(&c->plan, l, e, r);
+				if (h >= 0 && h < c->n)
+					wl[h] += load[(size_t)l * c->spec.n_expert + e] / nh;
+			}
+		}
+	for (int m = 0; m < n_wm; m++) {
+		cluster_metric_head(f, wm[m].name, wm[m].type, wm[m].help);
+		for (int i = 0; i < c->n; i++) {
+			const struct cluster_worker_stats *s = &c->w[i].st;
+			double v[] = {(double)s->rows,		 (double)s->items,
+				      s->compute_seconds,	 s->wait_seconds,
+				      (double)s->bytes_sent,	 (double)s->bytes_received,
+				      (double)s->streamed_bytes, (double)s->held_experts,
+				      (double)s->held_bytes,	 s->speed,
+				      wl[i],			 s->lost ? 0.0 : 1.0};
+			cluster_metric_worker(f, c, wm[m].name, i, v[m]);
+		}
+	}
+	/* balancedness: mean / max over live workers of load / speed (1 = even) */
+	double max = 0, mean = 0;
+	int live = 0;
+	for (int i = 0; i < c->n; i++) {
+		if (c->w[i].lost || !(c->speed[i] > 0))
+			continue;
+		double t = wl[i] / c->speed[i];
+		max = fmax(max, t);
+		mean += t;
+		live++;
+	}
+	mean = live ? mean / live : 0;
+	free(wl);
+	cluster_metric_head(f, "moefleet_balance_worker_time_mean", "gauge",
+			    "Mean over live workers of decayed load / speed.");
+	fprintf(f, "moefleet_balance_worker_time_mean %.9g\n", mean);
+	cluster_metric_head(f, "moefleet_balance_worker_time_max", "gauge",
+			    "Max over live workers of decayed load / speed.");
+	fprintf(f, "moefleet_balance_worker_time_max %.9g\n", max);
+	cluster_metric_head(f, "moefleet_balancedness", "gauge",
+			    "Mean / max of the workers' predicted time (1 = perfectly even).");
+	fprintf(f, "moefleet_balancedness %.9g\n", max > 0 ? mean / max : 1.0);
+	struct cluster_epoch_stats ep;
+	cluster_epoch_now(c, &ep);
+	cluster_metric_head(f, "moefleet_balance_measured_imbalance", "gauge",
+			    "Max / mean of the workers' compute time in the placement epoch in force.");
+	fprintf(f, "moefleet_balance_measured_imbalance %.9g\n", ep.imbalance);
+	cluster_metric_head(f, "moefleet_placement_epoch", "gauge", "Placement epoch in force.");
+	fprintf(f, "moefleet_placement_epoch %llu\n", (unsigned long long)c->epoch);
+	cluster_metric_head(f, "moefleet_rebalances_total", "counter", "Placements switched to.");
+	fprintf(f, "moefleet_rebalances_total %llu\n", (unsigned long long)c->rebalances);
+	cluster_metric_head(f, "moefleet_migrated_bytes_total", "counter",
+			    "Expert bytes workers were told to load by re-placements.");
+	fprintf(f, "moefleet_migrated_bytes_total %llu\n", (unsigned long long)c->moved_bytes);
+	double med, worst;
+	uint64_t n_steps;
+	cluster_step_times(c, &med, &worst, &n_steps);
+	cluster_metric_head(f, "moefleet_steps_total", "counter", "Forward steps through the cluster.");
+	fprintf(f, "moefleet_steps_total %llu\n", (unsigned long long)n_steps);
+	cluster_metric_head(f, "moefleet_step_seconds_median", "gauge", "Median forward step wall time.");
+	fprintf(f, "moefleet_step_seconds_median %.9g\n", med * 1e-3);
+	if (per_expert && load) {
+		cluster_metric_head(f, "moefleet_expert_load", "gauge",
+				    "Decayed routed rows per (layer, expert).");
+		for (int l = 0; l < c->spec.n_layer; l++)
+			for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++)
+				fprintf(f, "moefleet_expert_load{layer=\"%d\",expert=\"%d\"} %.9g\n", l, e,
+					load[(size_t)l * c->spec.n_expert + e]);
+	}
+	return ferror(f) ? ERR_IO : 0;
 }
 
 /* ------------------------------------------------------------ dispatch */
@@ -527,22 +795,95 @@ static int cluster_reserve(struct cluster_peer *w, size_t rows, size_t k, size_t
 	return 0;
 }
 
-static void cluster_on_ready(cluster *c, const struct wire_ready *r)
+static void cluster_on_ready(cluster *c, int who, const struct wire_ready *r)
 {
-	if (c->next_active && r->placement_epoch == c->epoch + 1)
+	c->w[who].st.held_experts = r->n_experts;
+	c->w[who].st.held_bytes = r->bytes;
+	if (r->released)
+		c->w[who].releasing = 0;
+	if (!r->released && c->next_active && r->placement_epoch == c->epoch + 1)
 		c->next_ready++;
+}
+
+/* Sends the next piece of the experts queued for live streaming to worker i:
+ * at most one chunk per call, so streaming interleaves with forward steps. */
+static void cluster_pump_one(cluster *c, int i)
+{
+	struct cluster_peer *w = &c->w[i];
+	const int n_t = c->spec.has_bias ? 6 : 3;
+	size_t budget = CLUSTER_LIVE_CHUNK;
+	while (w->sq_at < w->sq_n && budget > 0 && !w->lost) {
+		int l = (int)w->sq_layer[w->sq_at], e = (int)w->sq_expert[w->sq_at];
+		uint32_t type;
+		uint64_t total;
+		const uint8_t *src = cluster_tensor_bytes(c, l, e, w->sq_tensor, &type, &total);
+		if (!src) {
+			cluster_drop(c, i, "cannot read an expert to stream");
+			return;
+		}
+		uint64_t len = total - w->sq_off;
+		if (len > budget)
+			len = budget;
+		struct wire_msg ch = {.kind = WIRE_WEIGHT_CHUNK};
+		ch.u.chunk = (struct wire_weight_chunk){(uint32_t)l, (uint32_t)e,
+							(uint32_t)w->sq_tensor, type, w->sq_off, total};
+		if (cluster_send(c, i, &ch, src + w->sq_off, (size_t)len)) {
+			cluster_drop(c, i, "cannot send weights");
+			return;
+		}
+		w->st.streamed_bytes += len;
+		budget -= (size_t)len;
+		w->sq_off += len;
+		if (w->sq_off >= total) {
+			w->sq_off = 0;
+			if (++w->sq_tensor == n_t) {
+				w->sq_tensor = 0;
+				w->sq_at++;
+			}
+		}
+	}
+}
+
+static void cluster_pump(cluster *c)
+{
+	for (int i = 0; i < c->n; i++)
+		if (c->w[i].sq_at < c->w[i].sq_n)
+			cluster_pump_one(c, i);
+}
+
+/* The experts worker i holds in a but not in b, as (layer, expert) pairs in
+ * pl/pe (room for n_layer x n_expert); returns their count. */
+static uint32_t cluster_diff(const cluster *c, const placement *a, const placement *b, int i,
+			     uint32_t *pl, uint32_t *pe)
+{
+	uint32_t n = 0;
+	for (int l = 0; l < c->spec.n_layer; l++)
+		for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++)
+			if (placement_holds(a, i, l, e) && !placement_holds(b, i, l, e)) {
+				pl[n] = (uint32_t)l;
+				pe[n] = (uint32_t)e;
+				n++;
+			}
+	return n;
 }
 
 /* Plans the next placement and sends it; the switch waits for Ready. */
 static void cluster_plan_next(cluster *c)
 {
-	for (int i = 0; i < c->n; i++)
-		if (c->w[i].lost || !c->w[i].hello.has_model)
-			return; /* live loading needs every worker alive with its own model file */
-	/* speeds measured so far replace the core counts of Hello */
-	for (int i = 0; i < c->n; i++)
-		if (c->w[i].st.items >= 256 && c->w[i].st.compute_seconds > 0)
-			c->pw[i].speed = (double)c->w[i].st.items / c->w[i].st.compute_seconds;
+	int measured = 1;
+	for (int i = 0; i < c->n; i++) {
+		if (c->w[i].lost)
+			return; /* re-planning needs every worker alive */
+		if (c->w[i].st.items < 256 || !(c->w[i].st.compute_seconds > 0))
+			measured = 0;
+	}
+	/* speeds measured on this model replace the calibration of Hello, once
+	 * every worker has some (the two are in different units) */
+	for (int i = 0; measured && i < c->n; i++) {
+		c->pw[i].speed = (double)c->w[i].st.items / c->w[i].st.compute_seconds;
+		c->speed[i] = c->pw[i].speed;
+		c->w[i].st.speed = c->pw[i].speed;
+	}
 	struct placement_model pm = {c->spec.n_layer, c->spec.n_expert, c->spec.layer_moe,
 				     c->expert_bytes, balance_counts_load(c->counts)};
 	struct balance_input in = {
@@ -565,9 +906,26 @@ static void cluster_plan_next(cluster *c)
 	for (int i = 0; i < c->n && !rc; i++) {
 		struct wire_msg m = {.kind = WIRE_ASSIGN};
 		struct wire_assign *a = &m.u.assign;
+		struct cluster_peer *w = &c->w[i];
 		a->worker_id = (uint32_t)i;
 		a->spec = c->spec;
 		a->placement_epoch = c->epoch + 1;
+		a->stream = c->cfg.stream || !w->hello.has_model;
+		/* queue the experts it lacks; they follow as chunks between steps */
+		w->sq_n = w->sq_at = 0;
+		w->sq_tensor = 0;
+		w->sq_off = 0;
+		if (a->stream) {
+			free(w->sq_layer);
+			free(w->sq_expert);
+			w->sq_layer = malloc(cap * sizeof(uint32_t));
+			w->sq_expert = malloc(cap * sizeof(uint32_t));
+			if (!w->sq_layer || !w->sq_expert) {
+				rc = ERR_NOMEM;
+				break;
+			}
+			w->sq_n = cluster_diff(c, &next, &c->plan, i, w->sq_layer, w->sq_expert);
+		}
 		a->pair_layer = pl;
 		a->pair_expert = pe;
 		for (int l = 0; l < c->spec.n_layer; l++)
@@ -593,25 +951,110 @@ static void cluster_plan_next(cluster *c)
 		 (double)moved / 1048576.0);
 }
 
+/* Wall time of the forward step that just ended (first MoE layer to first
+ * MoE layer). */
+static void cluster_time_step(cluster *c)
+{
+	double now = cluster_now();
+	if (c->step_t0 > 0) {
+		if (c->n_steps == c->steps_cap) {
+			size_t cap = c->steps_cap ? 2 * c->steps_cap : 256;
+			double *t = realloc(c->step_ms, cap * sizeof(double));
+			if (t)
+				c->step_ms = t;
+			uint8_t *mv = realloc(c->step_moving, cap);
+			if (mv)
+				c->step_moving = mv;
+			if (t && mv)
+				c->steps_cap = cap;
+		}
+		if (c->n_steps < c->steps_cap) {
+			c->step_ms[c->n_steps] = (now - c->step_t0) * 1e3;
+			c->step_moving[c->n_steps] = (uint8_t)c->next_active;
+			c->n_steps++;
+		}
+	}
+	c->step_t0 = now;
+}
+
+/* The compute balance of the epoch in force so far. */
+static void cluster_epoch_now(const cluster *c, struct cluster_epoch_stats *out)
+{
+	memset(out, 0, sizeof(*out));
+	out->epoch = c->epoch;
+	out->steps = c->fwd_step - c->epoch_step0;
+	int live = 0;
+	for (int i = 0; i < c->n; i++) {
+		if (c->w[i].lost)
+			continue;
+		double t = c->w[i].st.compute_seconds - c->w[i].epoch_compute0;
+		out->compute_max = fmax(out->compute_max, t);
+		out->compute_mean += t;
+		live++;
+	}
+	if (live)
+		out->compute_mean /= live;
+	if (out->steps) {
+		out->compute_max /= (double)out->steps;
+		out->compute_mean /= (double)out->steps;
+	}
+	out->imbalance = out->compute_mean > 0 ? out->compute_max / out->compute_mean : 1.0;
+}
+
+/* Every worker loaded the next placement: put it in force, tell each worker
+ * which experts it no longer needs, and close the statistics of the epoch. */
+static void cluster_switch(cluster *c)
+{
+	struct cluster_epoch_stats *ep =
+		realloc(c->epochs, (c->n_epochs + 1) * sizeof(*c->epochs));
+	if (ep) {
+		c->epochs = ep;
+		cluster_epoch_now(c, &c->epochs[c->n_epochs++]);
+	}
+	uint32_t cap = (uint32_t)(c->spec.n_layer * c->spec.n_expert) + 1;
+	uint32_t *pl = malloc(cap * sizeof(uint32_t)), *pe = malloc(cap * sizeof(uint32_t));
+	for (int i = 0; i < c->n; i++) {
+		c->w[i].epoch_compute0 = c->w[i].st.compute_seconds;
+		if (!pl || !pe || c->w[i].lost)
+			continue;
+		struct wire_msg m = {.kind = WIRE_RELEASE};
+		m.u.release = (struct wire_release){c->epoch + 1, 0, pl, pe};
+		m.u.release.n_pairs = cluster_diff(c, &c->plan, &c->next, i, pl, pe);
+		if (!m.u.release.n_pairs)
+			continue;
+		if (cluster_send(c, i, &m, NULL, 0))
+			cluster_drop(c, i, "cannot send");
+		else
+			c->w[i].releasing = 1;
+	}
+	free(pl);
+	free(pe);
+	placement_free(&c->plan);
+	c->plan = c->next;
+	memset(&c->next, 0, sizeof(c->next));
+	c->next_active = 0;
+	c->epoch++;
+	c->rebalances++;
+	c->epoch_step0 = c->fwd_step;
+	log_info("placement epoch %llu in force", (unsigned long long)c->epoch);
+}
+
 /* At the first MoE layer of each forward step: switch to a placement every
  * worker has loaded, or plan the next one when it is due. */
 static void cluster_between_steps(cluster *c, int layer)
 {
 	int new_step = layer <= c->last_layer;
 	c->last_layer = layer;
-	if (!new_step || !c->policy)
+	if (!new_step)
+		return;
+	cluster_time_step(c);
+	if (!c->policy)
 		return;
 	c->fwd_step++;
 	if (c->next_active) {
 		if (c->next_ready < c->n)
 			return;
-		placement_free(&c->plan);
-		c->plan = c->next;
-		memset(&c->next, 0, sizeof(c->next));
-		c->next_active = 0;
-		c->epoch++;
-		c->rebalances++;
-		log_info("placement epoch %llu in force", (unsigned long long)c->epoch);
+		cluster_switch(c);
 		return;
 	}
 	int every = c->cfg.rebalance_every > 0 ? c->cfg.rebalance_every : 16;
@@ -651,6 +1094,8 @@ static int cluster_submit(void *self, const struct expert_job *job)
 		memset(c->visits, 0, (size_t)c->n);
 		for (int s = 0; s < k; s++) {
 			int32_t e = job->ids[(size_t)r * k + s];
+			if (e == -1)
+				continue; /* empty slot (fewer experts for this row) */
 			if (e < 0 || e >= c->spec.n_expert)
 				return ERR_RANGE;
 			int h = cluster_holder(c, job->layer, e);
@@ -775,7 +1220,7 @@ static int cluster_collect(void *self, const struct expert_job *job)
 				rc = ERR_PEER;
 			}
 		} else if (m.kind == WIRE_READY) {
-			cluster_on_ready(c, &m.u.ready);
+			cluster_on_ready(c, who, &m.u.ready);
 		} else if (m.kind != WIRE_HEARTBEAT && m.kind != WIRE_STATS) {
 			cluster_drop(c, who, "unexpected message during a step");
 			if (!w->answered) {
@@ -788,6 +1233,8 @@ static int cluster_collect(void *self, const struct expert_job *job)
 	}
 	if (rc)
 		log_error("layer %d: a worker failed during the step", job->layer);
+	else
+		cluster_pump(c); /* while the coordinator computes the next layer */
 	return rc;
 }
 

@@ -30,6 +30,7 @@
 #define MOEFLEET_CLUSTER_H
 
 #include <stdint.h>
+#include <stdio.h>
 
 #include "../common/gguf.h"
 #include "../common/moe.h"
@@ -60,6 +61,20 @@ struct cluster_worker_stats {
 	uint64_t rows, items, bytes_sent, bytes_received;
 	double compute_seconds, wait_seconds;
 	int lost;
+	double speed;		/* expert rows/s used for planning (Hello calibration or measured) */
+	uint32_t held_experts;	/* as last reported by the worker (Ready) */
+	uint64_t held_bytes;
+	uint64_t streamed_bytes; /* expert bytes streamed to it */
+};
+
+/* One placement epoch that was in force: its forward steps and how evenly
+ * the workers' compute time was spread (max / mean over live workers of the
+ * compute seconds they reported during the epoch). */
+struct cluster_epoch_stats {
+	uint64_t epoch;
+	uint64_t steps;
+	double compute_max, compute_mean; /* seconds per step */
+	double imbalance;		  /* compute_max / compute_mean (1 if idle) */
 };
 
 typedef struct cluster cluster;
@@ -72,8 +87,26 @@ int cluster_n_workers(const cluster *c);
 /* The placement in force (valid while the cluster lives). */
 const placement *cluster_placement(const cluster *c);
 void cluster_get_stats(const cluster *c, int worker, struct cluster_worker_stats *out);
-/* Prints per-worker statistics to stderr. */
-void cluster_print_stats(const cluster *c);
+/* Epochs that ended, plus the one in force (the last); n <= cluster_n_epochs. */
+int cluster_n_epochs(const cluster *c);
+void cluster_get_epoch(const cluster *c, int i, struct cluster_epoch_stats *out);
+/* Forward-step wall times: the median over all steps, the worst step while a
+ * re-placement was loading (0 if none) and the number of steps. */
+void cluster_step_times(const cluster *c, double *median_ms, double *worst_moving_ms,
+			uint64_t *n_steps);
+/* Prints per-worker statistics to stderr (first waiting briefly for the
+ * workers' answers to outstanding Releases; between jobs only). */
+void cluster_print_stats(cluster *c);
+/* Writes the cluster's metrics to f in the Prometheus text format (0.0.4):
+ * per worker (label worker="i", name="...") rows, items, compute and wait
+ * seconds, bytes sent / received / streamed, experts and bytes held, speed,
+ * decayed load and up; balancedness (mean / max of load / speed, 1 = even),
+ * the measured max/mean compute of the epoch in force, placement epoch,
+ * re-placements switched, bytes migrated, steps and the median step time;
+ * with per_expert, the decayed load of every (layer, expert).  Reads state
+ * the forward pass changes: call it from the thread that drives the model, or
+ * under the lock that serialises forward passes.  ERR_IO if f failed. */
+int cluster_metrics_write(FILE *f, const cluster *c, int per_expert);
 /* Sends Shutdown to every worker and frees everything. */
 void cluster_destroy(cluster **c);
 

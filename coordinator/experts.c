@@ -34,7 +34,15 @@ int expert_backend_submit(expert_backend *b, const struct expert_job *job)
 
 int expert_backend_collect(expert_backend *b, const struct expert_job *job)
 {
-	return b->ops->collect(b->self, job);
+	int rc = b->ops->collect(b->self, job);
+	if (rc)
+		return rc;
+	/* empty slots (id -1, variable experts per row) read as zeros */
+	const size_t E = (size_t)job->n_embd, n = (size_t)job->n_rows * (size_t)job->k;
+	for (size_t i = 0; i < n; i++)
+		if (job->ids[i] < 0)
+			memset(job->out + i * E, 0, E * sizeof(float));
+	return 0;
 }
 
 int expert_backend_compute(expert_backend *b, const struct expert_job *job)
@@ -74,10 +82,14 @@ int experts_collect_sum(expert_backend *b, const struct expert_job *job, float *
 	for (size_t t = 0; t < (size_t)job->n_rows; t++) {
 		float *y = sum + t * E;
 		const float *e = job->out + t * K * E;
-		memcpy(y, e, E * sizeof(float));
-		for (size_t j = 1; j < K; j++)
+		const int32_t *ids = job->ids + t * K;
+		memcpy(y, e, E * sizeof(float)); /* slot 0: zeros if empty */
+		for (size_t j = 1; j < K; j++) {
+			if (ids[j] < 0)
+				continue; /* empty slot */
 			for (size_t i = 0; i < E; i++)
 				y[i] += e[j * E + i];
+		}
 	}
 	return 0;
 }

@@ -4,7 +4,10 @@
  * token rows, the chosen expert ids and routing weights per row, and receives
  * each (row, slot) output already multiplied by its weight.  The caller sums
  * the k slot outputs of a row in slot order, so the result does not depend on
- * where or in which order experts were computed.  Backends: in-process
+ * where or in which order experts were computed.  A row may use fewer than k
+ * experts (variable routing, see route.h): its trailing slots have id -1 and
+ * weight 0; backends skip them, expert_backend_collect() writes their outputs
+ * as zeros and the sums below leave them out.  Backends: in-process
  * (experts_new_local, a shard over the model's own mapping); remote workers
  * come behind the same interface. */
 #ifndef MOEFLEET_EXPERTS_H

@@ -15,6 +15,7 @@ static const struct arch_vtable *const model_archs[] = {
 	&arch_deepseek2,
 	&arch_qwen3moe,
 	&arch_gptoss,
+	&arch_deepseek4,
 };
 
 struct model {
@@ -27,6 +28,10 @@ struct model {
 	expert_backend *experts;
 	int32_t *seq_len; /* [n_seq] next position expected per sequence */
 	uint8_t *all_logits; /* [n_batch] of 1, used when the caller passes NULL */
+	struct route_opts route;
+	struct route_counts route_counts;
+	void (*observer)(void *ctx, const model_batch *ub); /* model_set_batch_observer */
+	void *observer_ctx;
 };
 
 void model_params_default(struct model_params *p)
@@ -35,6 +40,8 @@ void model_params_default(struct model_params *p)
 	p->n_ctx = 4096;
 	p->n_seq = 1;
 	p->n_batch = 512;
+	p->kv_f32 = 0;
+	route_opts_default(&p->route);
 }
 
 int model_open(const char *path, const struct model_params *params, model **out)
@@ -66,7 +73,7 @@ int model_open(const char *path, const struct model_params *params, model **out)
 		if (strcmp(model_archs[i]->name, arch) == 0)
 			m->arch = model_archs[i];
 	if (!m->arch) {
-		log_error("%s: unknown architecture '%s' (supported: deepseek2, qwen3moe, gpt-oss)",
+		log_error("%s: unknown architecture '%s' (supported: deepseek2, qwen3moe, gpt-oss, deepseek4)",
 			  path, arch);
 		rc = ERR_FORMAT;
 		goto out;
@@ -79,6 +86,10 @@ int model_open(const char *path, const struct model_params *params, model **out)
 	m->env.n_ctx = params->n_ctx;
 	m->env.n_seq = params->n_seq;
 	m->env.n_batch = params->n_batch;
+	m->route = params->route;
+	m->env.route = &m->route;
+	m->env.route_counts = &m->route_counts;
+	m->env.kv_f32 = params->kv_f32;
 	snprintf(m->info.arch, sizeof(m->info.arch), "%s", arch);
 	m->info.bos_id = -1;
 	m->info.eos_id = -1;
@@ -138,6 +149,12 @@ void model_set_experts(model *m, expert_backend *b)
 	expert_backend_destroy(&m->experts);
 	m->experts = b;
 	m->env.experts = b;
+}
+
+void model_set_batch_observer(model *m, void (*fn)(void *ctx, const model_batch *ub), void *ctx)
+{
+	m->observer = fn;
+	m->observer_ctx = ctx;
 }
 
 expert_backend *model_take_experts(model *m)
@@ -209,6 +226,8 @@ int model_forward(model *m, const model_batch *b, float *logits)
 			.seq = b->seq + start,
 			.logits = b->logits ? b->logits + start : m->all_logits,
 		};
+		if (m->observer)
+			m->observer(m->observer_ctx, &ub);
 		rc = m->arch->forward(m->state, &ub, lo);
 		if (rc)
 			return rc;
@@ -217,6 +236,11 @@ int model_forward(model *m, const model_batch *b, float *logits)
 				lo += m->info.n_vocab;
 	}
 	return 0;
+}
+
+const struct route_counts *model_get_route_counts(const model *m)
+{
+	return &m->route_counts;
 }
 
 /* ---------------------------------------------------- helpers for arch files */

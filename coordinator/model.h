@@ -20,12 +20,15 @@
 #include "../common/moe.h"
 #include "../common/pool.h"
 #include "experts.h"
+#include "route.h"
 
 struct model_params {
 	int n_threads; /* <= 0: all cores */
 	int n_ctx;     /* positions per sequence */
 	int n_seq;     /* sequence slots */
 	int n_batch;   /* tokens per internal forward step */
+	struct route_opts route; /* expert selection options (route.h); default: the model's */
+	int kv_f32;    /* 1: KV caches hold F32 (default 0: F16, as llama.cpp); deepseek4 only */
 };
 
 /* What callers may know about a loaded model. */
@@ -64,7 +67,12 @@ void model_set_experts(model *m, expert_backend *b);
  * attach another with model_set_experts before the next forward). */
 expert_backend *model_take_experts(model *m);
 
+/* Calls fn(ctx, ub) before each micro-batch ub is computed (e.g. so a
+ * routing trace can record token positions); NULL removes it. */
+void model_set_batch_observer(model *m, void (*fn)(void *ctx, const model_batch *ub), void *ctx);
 int model_forward(model *m, const model_batch *b, float *logits);
+/* Routed rows and chosen experts per layer since model_open. */
+const struct route_counts *model_get_route_counts(const model *m);
 /* Forgets everything cached for a sequence slot. */
 void model_reset_seq(model *m, int seq);
 

@@ -17,6 +17,7 @@
 #include "../common/moe.h"
 #include "../common/wire.h"
 #include "experts.h"
+#include "model.h"
 #include "placement.h"
 
 typedef struct trace_writer trace_writer;
@@ -39,5 +40,25 @@ void trace_expert_bytes(const gguf *g, const struct moe_spec *spec, uint64_t *by
  * placement recorded in the first record and must outlive the backend. */
 int trace_backend_new(expert_backend *inner, trace_writer *w, const gguf *g,
 		      const struct moe_spec *spec, const placement *p, expert_backend **out);
+
+/* A whole trace read back: records, steps, routed rows (all layers), token
+ * positions seen, the total routed load per (layer, expert) (not decayed)
+ * and the last placement recorded (the backend records it again whenever it
+ * changes; `placements` counts them). */
+struct trace_summary {
+	uint32_t n_layer, n_expert, n_embd, n_replica;
+	uint64_t records, steps, rows, placements, n_positions;
+	int32_t pos_min, pos_max; /* valid if n_positions > 0 */
+	int n_worker;		  /* 1 + the largest holder seen */
+	uint8_t layer_moe[MOE_MAX_LAYERS];
+	double *load;	  /* [n_layer][n_expert] */
+	int32_t *holders; /* [n_layer][n_expert][n_replica] or NULL */
+};
+int trace_summarize(const char *path, struct trace_summary *out);
+void trace_summary_free(struct trace_summary *s);
+
+/* Wraps m's expert backend in a recorder writing to w (taking ownership of
+ * w) and records each token's position (model_set_batch_observer). */
+int trace_attach(model *m, trace_writer *w, const placement *p);
 
 #endif

@@ -16,6 +16,7 @@ int kern_type_known(uint32_t type)
 	case KERN_Q4_0:
 	case KERN_Q8_0:
 	case KERN_BF16:
+	case KERN_I32:
 	case KERN_MXFP4: return 1;
 	default: return 0;
 	}
@@ -30,6 +31,7 @@ const char *kern_type_name(uint32_t type)
 	case KERN_Q8_0: return "Q8_0";
 	case KERN_BF16: return "BF16";
 	case KERN_MXFP4: return "MXFP4";
+	case KERN_I32: return "I32";
 	default: return "?";
 	}
 }
@@ -48,6 +50,7 @@ size_t kern_type_block_bytes(uint32_t type)
 {
 	switch (type) {
 	case KERN_F32: return 4;
+	case KERN_I32: return 4;
 	case KERN_F16: return 2;
 	case KERN_BF16: return 2;
 	case KERN_Q4_0: return sizeof(struct kern_block_q4_0);

@@ -8,6 +8,8 @@
  *              value j+16 (high nibble); x = (nibble - 8) * d
  *   Q8_0  (8)  34 bytes per 32: f16 d, 32 x int8; x = q * d
  *   BF16  (30) 2 bytes per value, upper half of an f32
+ *   I32   (26) 4 bytes per value, little-endian int32: integer tables only
+ *              (deepseek4's ffn_gate_tid2eid); never a matmul weight
  *   MXFP4 (39) 17 bytes per 32: u8 E8M0 exponent e, 16 bytes in Q4_0's nibble
  *              order; a nibble is an E2M1 code (bit 3 sign, bits 0-2 index into
  *              {0, .5, 1, 1.5, 2, 3, 4, 6}); x = E2M1 * 2^(e-127)  (OCP MX v1.0)
@@ -35,6 +37,7 @@ enum kern_type {
 	KERN_F16 = 1,
 	KERN_Q4_0 = 2,
 	KERN_Q8_0 = 8,
+	KERN_I32 = 26, /* storage only: no dot product, no conversion */
 	KERN_BF16 = 30,
 	KERN_MXFP4 = 39,
 };

@@ -1,15 +1,20 @@
 /* kern_avx2: AVX2/FMA/F16C kernels, compiled with -mavx2 -mfma -mf16c.
  *
  * Only called through kern.c's dispatch after kern_init() found the features.
- * Every dot product goes through one "tile" routine that computes nr (1..4)
- * activation rows against one weight row with a fixed per-(row, output)
- * operation sequence, so kern_matmul's results are bit-identical to kern_dot's
- * whatever the batch composition.
  *
- * Q8_0-activation dots follow ggml: per block the int8 products are summed in
- * int32 lanes (maddubs/madd with the sign trick), converted to float and
- * accumulated with an FMA by d_w * d_x (details at tile_q8).  Float dots
- * accumulate in four 8-lane f32 accumulators (details at tile_fl). */
+ * Quantised weights (Q4_0, Q8_0, MXFP4 x Q8_0 activations) are computed
+ * exactly as the scalar reference computes them (an exact int32 sum per block,
+ * then acc + (d_w * d_x) * sum in F32, block by block; details at tile_q), so
+ * kern_dot, kern_matmul and kern_dot_ref agree bit for bit.  llama.cpp's own
+ * summation order differs (and differs between its kernels); the difference
+ * is a few ulps of the sum, far inside the logit tolerance, whereas the
+ * activation rounding points (Q8_0 quantisation) are matched exactly.
+ *
+ * Float dots (F32, F16, BF16) go through one tile routine that computes nr
+ * (1..FL_ROWS) activation rows against one weight row with a fixed
+ * per-(row, output) operation sequence in four 8-lane accumulators (details
+ * at tile_fl), so kern_matmul's results are bit-identical to kern_dot's
+ * whatever the batch composition. */
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -20,7 +25,7 @@
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
-#define TILE_ROWS 4 /* activation rows per weight pass */
+#define FL_ROWS 2 /* activation rows per weight pass, float types */
 
 static ALWAYS_INLINE float hsum8(__m256 v)
 {
@@ -32,16 +37,8 @@ static ALWAYS_INLINE float hsum8(__m256 v)
 
 /* ------------------------------------------------------ quantised dots */
 
-/* Tuned by measurement on the project's test machine (a Zen 1-class EPYC,
- * where this was about 25 % faster than ggml's one-block-per-FMA loop): the
- * int work is done in 128-bit halves, and two blocks share one convert and
- * one FMA.
- * After the sign trick and maddubs, the two halves of a block are added in
- * int16 (Q4_0, MXFP4: |w| <= 12 cannot overflow) or after widening (Q8_0),
- * giving four int32 partial sums per block; lanes 0-3 of the FMA hold block
- * ib's, lanes 4-7 block ib+1's, scaled by [d0 x4 | d1 x4] with
- * d = d_w * d_x.  One accumulator per (row, output). */
-
+/* Block unpacking and scales for dequantisation: the int8 values of a
+ * block (and their absolute values). */
 struct q8w {
 	__m128i wl, wh; /* weights 0-15 and 16-31 as int8 */
 	__m128i al, ah; /* their absolute values (unsigned; -128 gives 128) */
@@ -101,66 +98,211 @@ static ALWAYS_INLINE __m256 q8w_scales8(uint32_t type, const uint8_t *b0, const 
 	return f16_pair8(b0, b1);
 }
 
-/* Four int32 partial sums of one block's products w * x. */
-static ALWAYS_INLINE __m128i q8_block_i32(uint32_t type, const struct q8w *w, const uint8_t *xb)
+/* Exact block dots.  Every (row, output) pair is computed as the scalar
+ * reference does: per block the integer dot product sum_j w_j * x_j is formed
+ * exactly in int32, then acc = acc + (d_w * d_x) * (float)sum with one F32
+ * accumulator in block order (multiply, then add: no FMA).  So the results
+ * equal kern_dot_ref's bit for bit, whatever the tiling.
+ *
+ * A tile is QC consecutive outputs (weight rows) x up to QR activation rows:
+ * each weight block is unpacked once per tile and each activation block loaded
+ * once per row, and the four outputs' int32 lanes are reduced together.
+ * Q4_0 and MXFP4 codes are used unsigned (Q4_0: the raw nibble, MXFP4: doubled
+ * E2M1 + 12) so one maddubs multiplies them with the signed activations; the
+ * offset (8 or 12) times the block's activation sum, precomputed per row and
+ * block in a struct xq table with the activation scale as F32, is subtracted
+ * from the int32 sum.  Q8_0 weights use the sign trick
+ * (maddubs(|w|, sign(x, w)); pair sums up to 32512, so they are widened
+ * before adding). */
+
+#define QC 4 /* outputs per quantised tile */
+#define QR 4 /* activation rows per quantised tile, at most */
+
+struct xq {
+	float d;      /* activation block scale */
+	int32_t corr; /* weight-code offset x sum of the block's activations */
+};
+
+/* MXFP4 doubled E2M1 codes + 12: 0..24 */
+static const int8_t mxfp4_unsigned[16] = {12, 13, 14, 15, 16, 18, 20, 24,
+					  12, 11, 10, 9,  8,  6,  4,  0};
+
+static ALWAYS_INLINE int q_offset(uint32_t type)
+{
+	return type == KERN_Q4_0 ? 8 : type == KERN_MXFP4 ? 12 : 0;
+}
+
+/* Fills xq for one activation row of nb Q8_0 blocks. */
+static void xq_row(uint32_t type, const uint8_t *x, int64_t nb, struct xq *q)
+{
+	const __m128i ones8 = _mm_set1_epi8(1), ones = _mm_set1_epi16(1);
+	const int off = q_offset(type);
+	for (int64_t ib = 0; ib < nb; ib++) {
+		const uint8_t *xb = x + (size_t)ib * 34;
+		q[ib].d = _cvtsh_ss(kern_load_u16(xb));
+		if (!off) {
+			q[ib].corr = 0;
+			continue;
+		}
+		__m128i xl = _mm_loadu_si128((const __m128i *)(xb + 2));
+		__m128i xh = _mm_loadu_si128((const __m128i *)(xb + 18));
+		__m128i s = _mm_add_epi16(_mm_maddubs_epi16(ones8, xl), _mm_maddubs_epi16(ones8, xh));
+		s = _mm_madd_epi16(s, ones);
+		s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+		s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+		q[ib].corr = off * _mm_cvtsi128_si32(s);
+	}
+}
+
+/* One weight block ready for the products: Q4_0 / MXFP4: a = codes 0-15,
+ * b = codes 16-31 (unsigned); Q8_0: a, b = the int8 weights, c, d = their
+ * absolute values. */
+struct qw {
+	__m128i a, b, c, d;
+};
+
+static ALWAYS_INLINE struct qw qw_unpack(uint32_t type, const uint8_t *blk)
+{
+	const __m128i m4 = _mm_set1_epi8(0x0f);
+	struct qw r;
+	switch (type) {
+	case KERN_Q8_0:
+		r.a = _mm_loadu_si128((const __m128i *)(blk + 2));
+		r.b = _mm_loadu_si128((const __m128i *)(blk + 18));
+		r.c = _mm_abs_epi8(r.a);
+		r.d = _mm_abs_epi8(r.b);
+		break;
+	case KERN_Q4_0: {
+		__m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
+		r.a = _mm_and_si128(q, m4);
+		r.b = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+		r.c = r.d = r.a;
+		break;
+	}
+	default: { /* MXFP4 */
+		const __m128i tab = _mm_loadu_si128((const __m128i *)mxfp4_unsigned);
+		__m128i q = _mm_loadu_si128((const __m128i *)(blk + 1));
+		r.a = _mm_shuffle_epi8(tab, _mm_and_si128(q, m4));
+		r.b = _mm_shuffle_epi8(tab, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
+		r.c = r.d = r.a;
+		break;
+	}
+	}
+	return r;
+}
+
+/* Four int32 partial sums of one block's products (before the offset). */
+static ALWAYS_INLINE __m128i qw_dot(uint32_t type, const struct qw *w, __m128i xl, __m128i xh)
 {
 	const __m128i ones = _mm_set1_epi16(1);
-	__m128i xl = _mm_loadu_si128((const __m128i *)(xb + 2));
-	__m128i xh = _mm_loadu_si128((const __m128i *)(xb + 18));
-	__m128i pl = _mm_maddubs_epi16(w->al, _mm_sign_epi8(xl, w->wl));
-	__m128i ph = _mm_maddubs_epi16(w->ah, _mm_sign_epi8(xh, w->wh));
-	if (type == KERN_Q8_0) /* pair sums up to 32512: widen before adding */
+	if (type == KERN_Q8_0) {
+		__m128i pl = _mm_maddubs_epi16(w->c, _mm_sign_epi8(xl, w->a));
+		__m128i ph = _mm_maddubs_epi16(w->d, _mm_sign_epi8(xh, w->b));
 		return _mm_add_epi32(_mm_madd_epi16(pl, ones), _mm_madd_epi16(ph, ones));
-	return _mm_madd_epi16(_mm_add_epi16(pl, ph), ones);
+	}
+	/* pairs up to 2 * 24 * 128: the halves add in int16 */
+	return _mm_madd_epi16(
+	    _mm_add_epi16(_mm_maddubs_epi16(w->a, xl), _mm_maddubs_epi16(w->b, xh)), ones);
 }
 
-/* acc += ([dw0 x4 | dw1 x4] * [dx0 x4 | dx1 x4]) * float([i0 | i1]);
- * x1 NULL: block absent. */
-static ALWAYS_INLINE __m256 q8_pair_fma(__m256 dw, const uint8_t *x0, const uint8_t *x1, __m128i i0,
-					__m128i i1, __m256 acc)
+/* [sum(s0), sum(s1), sum(s2), sum(s3)] */
+static ALWAYS_INLINE __m128i hsum4x4(__m128i s0, __m128i s1, __m128i s2, __m128i s3)
 {
-	__m256 d = _mm256_mul_ps(dw, f16_pair8(x0, x1));
-	__m256i p = _mm256_inserti128_si256(_mm256_castsi128_si256(i0), i1, 1);
-	return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+	__m128i a = _mm_add_epi32(_mm_unpacklo_epi32(s0, s1), _mm_unpackhi_epi32(s0, s1));
+	__m128i b = _mm_add_epi32(_mm_unpacklo_epi32(s2, s3), _mm_unpackhi_epi32(s2, s3));
+	return _mm_add_epi32(_mm_unpacklo_epi64(a, b), _mm_unpackhi_epi64(a, b));
 }
 
-static ALWAYS_INLINE void tile_q8(uint32_t type, int nr, const uint8_t *w, const uint8_t *x,
-				  size_t xs, int64_t n, float *out)
+static ALWAYS_INLINE uint32_t e8m0_half_bits(uint8_t e)
+{
+	return e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+}
+
+/* The weight scales of four blocks as F32. */
+static ALWAYS_INLINE __m128 qw_scales4(uint32_t type, const uint8_t *b0, const uint8_t *b1,
+				       const uint8_t *b2, const uint8_t *b3)
+{
+	if (type == KERN_MXFP4) {
+		uint64_t lo = e8m0_half_bits(b0[0]) | (uint64_t)e8m0_half_bits(b1[0]) << 32;
+		uint64_t hi = e8m0_half_bits(b2[0]) | (uint64_t)e8m0_half_bits(b3[0]) << 32;
+		return _mm_castsi128_ps(
+		    _mm_unpacklo_epi64(_mm_cvtsi64_si128((long long)lo), _mm_cvtsi64_si128((long long)hi)));
+	}
+	uint64_t h = kern_load_u16(b0) | (uint64_t)kern_load_u16(b1) << 16 |
+		     (uint64_t)kern_load_u16(b2) << 32 | (uint64_t)kern_load_u16(b3) << 48;
+	return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)h));
+}
+
+/* out[r * QC + c] = dot(weight row wr[c], activation row r) for r < nr. */
+static ALWAYS_INLINE void tile_q(uint32_t type, int nr, const uint8_t *const *wr, const uint8_t *x,
+				 size_t xs, const struct xq *xq, int64_t nb, size_t pf, float *out)
 {
 	const size_t bs = q8w_block_bytes(type);
-	const int64_t nb = n / KERN_QK;
-	__m256 acc[TILE_ROWS];
+	const int off = q_offset(type);
+	__m128 acc[QR];
 
 #pragma GCC unroll 4
 	for (int r = 0; r < nr; r++)
-		acc[r] = _mm256_setzero_ps();
-	int64_t ib = 0;
-	for (; ib + 1 < nb; ib += 2) {
-		const uint8_t *w0 = w + (size_t)ib * bs, *w1 = w0 + bs;
-		struct q8w q0 = q8w_unpack(type, w0), q1 = q8w_unpack(type, w1);
-		__m256 dw = q8w_scales8(type, w0, w1);
+		acc[r] = _mm_setzero_ps();
+	for (int64_t ib = 0; ib < nb; ib++) {
+		const size_t o = (size_t)ib * bs;
+		struct qw w[QC];
+		if (pf) /* the next tile's weights, while this one computes */
+#pragma GCC unroll 4
+			for (int c = 0; c < QC; c++)
+				_mm_prefetch((const char *)wr[c] + o + pf, _MM_HINT_T0);
+#pragma GCC unroll 4
+		for (int c = 0; c < QC; c++)
+			w[c] = qw_unpack(type, wr[c] + o);
+		__m128 dw = qw_scales4(type, wr[0] + o, wr[1] + o, wr[2] + o, wr[3] + o);
 #pragma GCC unroll 4
 		for (int r = 0; r < nr; r++) {
 			const uint8_t *xb = x + r * xs + (size_t)ib * 34;
-			__m128i i0 = q8_block_i32(type, &q0, xb);
-			__m128i i1 = q8_block_i32(type, &q1, xb + 34);
-			acc[r] = q8_pair_fma(dw, xb, xb + 34, i0, i1, acc[r]);
-		}
-	}
-	if (ib < nb) { /* odd block out: the second half is zeros */
-		const uint8_t *w0 = w + (size_t)ib * bs;
-		struct q8w q0 = q8w_unpack(type, w0);
-		__m256 dw = q8w_scales8(type, w0, NULL);
-#pragma GCC unroll 4
-		for (int r = 0; r < nr; r++) {
-			const uint8_t *xb = x + r * xs + (size_t)ib * 34;
-			__m128i i0 = q8_block_i32(type, &q0, xb);
-			acc[r] = q8_pair_fma(dw, xb, NULL, i0, _mm_setzero_si128(), acc[r]);
+			const struct xq *q = xq + r * nb + ib;
+			__m128i xl = _mm_loadu_si128((const __m128i *)(xb + 2));
+			__m128i xh = _mm_loadu_si128((const __m128i *)(xb + 18));
+			__m128i s = hsum4x4(qw_dot(type, &w[0], xl, xh), qw_dot(type, &w[1], xl, xh),
+					    qw_dot(type, &w[2], xl, xh), qw_dot(type, &w[3], xl, xh));
+			if (off)
+				s = _mm_sub_epi32(s, _mm_set1_epi32(q->corr));
+			__m128 d = _mm_mul_ps(dw, _mm_set1_ps(q->d));
+			acc[r] = _mm_add_ps(acc[r], _mm_mul_ps(d, _mm_cvtepi32_ps(s)));
 		}
 	}
 #pragma GCC unroll 4
 	for (int r = 0; r < nr; r++)
-		out[r] = hsum8(acc[r]);
+		_mm_storeu_ps(out + r * QC, acc[r]);
+}
+
+/* pf: bytes from a weight block to the block to prefetch (0: none) */
+typedef void (*qtile_fn)(const uint8_t *const *wr, const uint8_t *x, size_t xs,
+			 const struct xq *xq, int64_t nb, size_t pf, float *out);
+
+#define QTILE_DEF(tname, type, nr)                                                                 \
+	static void tname##_##nr(const uint8_t *const *wr, const uint8_t *x, size_t xs,            \
+				 const struct xq *xq, int64_t nb, size_t pf, float *out)           \
+	{                                                                                          \
+		tile_q(type, nr, wr, x, xs, xq, nb, pf, out);                                      \
+	}
+#define QTILE_SET(tname, type)                                                                     \
+	QTILE_DEF(tname, type, 1)                                                                  \
+	QTILE_DEF(tname, type, 2)                                                                  \
+	QTILE_DEF(tname, type, 3)                                                                  \
+	QTILE_DEF(tname, type, 4)                                                                  \
+	static const qtile_fn tname[QR] = {tname##_1, tname##_2, tname##_3, tname##_4};
+
+QTILE_SET(qtiles_q4_0, KERN_Q4_0)
+QTILE_SET(qtiles_q8_0, KERN_Q8_0)
+QTILE_SET(qtiles_mxfp4, KERN_MXFP4)
+
+static const qtile_fn *qtiles_for(uint32_t type)
+{
+	switch (type) {
+	case KERN_Q4_0: return qtiles_q4_0;
+	case KERN_Q8_0: return qtiles_q8_0;
+	case KERN_MXFP4: return qtiles_mxfp4;
+	default: return NULL;
+	}
 }
 
 /* ---------------------------------------------------------- float dots */
@@ -207,7 +349,7 @@ static ALWAYS_INLINE void tile_fl(uint32_t type, int xexp, int nr, const uint8_t
 	const size_t es = type == KERN_F32 ? 4 : 2;
 	const uint32_t xt = xexp ? KERN_F32 : type;
 	const size_t xes = xexp ? 4 : es;
-	__m256 acc[TILE_ROWS][4];
+	__m256 acc[FL_ROWS][4];
 	__m256 wv[4], xv[4];
 
 #pragma GCC unroll 4
@@ -286,63 +428,33 @@ typedef void (*tile_fn)(const uint8_t *w, const uint8_t *x, size_t xs, int64_t n
 	{                                                                                          \
 		kind(nr, w, x, xs, n, out);                                                        \
 	}
-/* quantised types: up to 4 rows per weight pass; float types (four
- * accumulators per row): up to 2 */
-#define TILE_SET4(name, kind)                                                                      \
-	TILE_DEF(name, kind, 1)                                                                    \
-	TILE_DEF(name, kind, 2)                                                                    \
-	TILE_DEF(name, kind, 3)                                                                    \
-	TILE_DEF(name, kind, 4)                                                                    \
-	static const tile_fn name[TILE_ROWS] = {name##_1, name##_2, name##_3, name##_4};
+/* float types (four accumulators per row): up to FL_ROWS rows per weight pass */
 #define TILE_SET2(name, kind)                                                                      \
 	TILE_DEF(name, kind, 1)                                                                    \
 	TILE_DEF(name, kind, 2)                                                                    \
-	static const tile_fn name[TILE_ROWS] = {name##_1, name##_2, NULL, NULL};
+	static const tile_fn name[FL_ROWS] = {name##_1, name##_2};
 
-#define K_Q4_0(...)	 tile_q8(KERN_Q4_0, __VA_ARGS__)
-#define K_Q8_0(...)	 tile_q8(KERN_Q8_0, __VA_ARGS__)
-#define K_MXFP4(...)	 tile_q8(KERN_MXFP4, __VA_ARGS__)
 #define K_F32(...)	 tile_fl(KERN_F32, 0, __VA_ARGS__)
 #define K_F16(...)	 tile_fl(KERN_F16, 0, __VA_ARGS__)
 #define K_BF16(...)	 tile_fl(KERN_BF16, 0, __VA_ARGS__)
 #define K_F16_XEXP(...)	 tile_fl(KERN_F16, 1, __VA_ARGS__)
 #define K_BF16_XEXP(...) tile_fl(KERN_BF16, 1, __VA_ARGS__)
 
-TILE_SET4(tiles_q4_0, K_Q4_0)
-TILE_SET4(tiles_q8_0, K_Q8_0)
-TILE_SET4(tiles_mxfp4, K_MXFP4)
 TILE_SET2(tiles_f32, K_F32)
 TILE_SET2(tiles_f16, K_F16)
 TILE_SET2(tiles_bf16, K_BF16)
 TILE_SET2(tiles_f16_xexp, K_F16_XEXP)
 TILE_SET2(tiles_bf16_xexp, K_BF16_XEXP)
 
-/* The tiles of a weight type and how many rows they take at most. */
-static const tile_fn *tiles_for(uint32_t type, int *max_rows)
+/* The tiles of a float weight type. */
+static const tile_fn *tiles_for(uint32_t type)
 {
-	*max_rows = TILE_ROWS;
-	switch (type) {
-	case KERN_Q4_0: return tiles_q4_0;
-	case KERN_Q8_0: return tiles_q8_0;
-	case KERN_MXFP4: return tiles_mxfp4;
-	}
-	*max_rows = 2;
 	switch (type) {
 	case KERN_F32: return tiles_f32;
 	case KERN_F16: return tiles_f16;
 	case KERN_BF16: return tiles_bf16;
 	default: return NULL;
 	}
-}
-
-float kern_dot_avx2(uint32_t weight_type, int64_t n, const void *w, const void *x)
-{
-	int max_rows;
-	const tile_fn *t = tiles_for(weight_type, &max_rows);
-	float out = 0.0f;
-	if (t && n > 0)
-		t[0](w, x, 0, n, &out);
-	return out;
 }
 
 /* Largest activation expansion kern_matmul allocates (bytes). */
@@ -390,12 +502,89 @@ static float *xexp_reserve(size_t bytes)
 	return b->p;
 }
 
+float kern_dot_avx2(uint32_t weight_type, int64_t n, const void *w, const void *x)
+{
+	float out[QC] = {0};
+	if (n <= 0)
+		return 0.0f;
+	const qtile_fn *qt = qtiles_for(weight_type);
+	if (qt) {
+		const int64_t nb = n / KERN_QK;
+		struct xq *xq = nb > 0 ? (struct xq *)xexp_reserve((size_t)nb * sizeof(*xq)) : NULL;
+		if (!xq) /* same result */
+			return nb > 0 ? kern_dot_ref(weight_type, n, w, x) : 0.0f;
+		xq_row(weight_type, x, nb, xq);
+		const uint8_t *wr[QC] = {w, w, w, w};
+		qt[0](wr, x, 0, xq, nb, 0, out);
+		return out[0];
+	}
+	const tile_fn *t = tiles_for(weight_type);
+	if (t)
+		t[0](w, x, 0, n, out);
+	return out[0];
+}
+
+/* Quantised weights: outputs in chunks of about 64 KiB of weights (they stay
+ * in L2 while every group of QR activation rows passes over them). */
+static void matmul_q(const qtile_fn *qt, uint32_t type, const uint8_t *w, int64_t n_in,
+		     int64_t o0, int64_t o1, const uint8_t *x, size_t xs, int64_t n_rows, float *y,
+		     int64_t ys)
+{
+	const size_t w_row = kern_row_bytes(type, n_in);
+	const int64_t nb = n_in / KERN_QK;
+	struct xq *xq =
+	    nb > 0 ? (struct xq *)xexp_reserve((size_t)(nb * n_rows) * sizeof(*xq)) : NULL;
+	if (!xq) { /* no memory for the table, or nothing to sum: same results */
+		for (int64_t o = o0; o < o1; o++)
+			for (int64_t r = 0; r < n_rows; r++)
+				y[r * ys + o] = nb > 0 ? kern_dot_ref(type, n_in, w + (size_t)o * w_row,
+								      x + (size_t)r * xs)
+						       : 0.0f;
+		return;
+	}
+	for (int64_t r = 0; r < n_rows; r++)
+		xq_row(type, x + (size_t)r * xs, nb, xq + r * nb);
+	int64_t chunk = (int64_t)(65536 / w_row) / QC * QC;
+	if (chunk < QC)
+		chunk = QC;
+	if (n_rows <= QR)
+		chunk = o1 - o0;
+	for (int64_t oc = o0; oc < o1; oc += chunk) {
+		const int64_t oe = oc + chunk < o1 ? oc + chunk : o1;
+		for (int64_t r = 0; r < n_rows; r += QR) {
+			const int nr = n_rows - r < QR ? (int)(n_rows - r) : QR;
+			const uint8_t *xr = x + (size_t)r * xs;
+			const struct xq *qr = xq + r * nb;
+			for (int64_t o = oc; o < oe; o += QC) {
+				const uint8_t *wr[QC];
+				float out[QR * QC];
+				const int nc = oe - o < QC ? (int)(oe - o) : QC;
+				for (int c = 0; c < QC; c++)
+					wr[c] = w + (size_t)(o + (c < nc ? c : nc - 1)) * w_row;
+				/* streaming from memory (first row group): prefetch */
+				size_t pf = r == 0 && o + 2 * QC <= oe ? QC * w_row : 0;
+				qt[nr - 1](wr, xr, xs, qr, nb, pf, out);
+				for (int i = 0; i < nr; i++)
+					for (int c = 0; c < nc; c++)
+						y[(r + i) * ys + o + c] = out[i * QC + c];
+			}
+		}
+	}
+}
+
 void kern_matmul_avx2(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		      const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
 {
-	int max_rows;
-	const tile_fn *t = tiles_for(weight_type, &max_rows);
-	if (!t || n_rows <= 0 || o1 <= o0)
+	if (n_rows <= 0 || o1 <= o0)
+		return;
+	const qtile_fn *qt = qtiles_for(weight_type);
+	if (qt) {
+		matmul_q(qt, weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride);
+		return;
+	}
+	const tile_fn *t = tiles_for(weight_type);
+	const int max_rows = FL_ROWS;
+	if (!t)
 		return;
 	const size_t w_row = kern_row_bytes(weight_type, n_in);
 	const uint8_t *wb = w, *xb = x;
@@ -429,7 +618,7 @@ void kern_matmul_avx2(uint32_t weight_type, const void *w, int64_t n_in, int64_t
 		for (int64_t r = 0; r < n_rows; r += max_rows) {
 			int nr = n_rows - r < max_rows ? (int)(n_rows - r) : max_rows;
 			const uint8_t *xr = xb + (size_t)r * x_stride;
-			float out[TILE_ROWS] = {0};
+			float out[FL_ROWS] = {0};
 			for (int64_t o = oc; o < oe; o++) {
 				if (n_in > 0)
 					t[nr - 1](wb + (size_t)o * w_row, xr, x_stride, n_in, out);

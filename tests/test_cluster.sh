@@ -77,5 +77,32 @@ for p in migrate hetero eplb; do
 		notok "$m: live re-placement ($p): $(grep -m1 -E 'error|re-placement' "$tmp/err")"
 	fi
 done
+# after a switch every worker frees the experts it no longer needs: what it
+# reports holding equals the placement in force plus the one being loaded
+held_ok() { # stats file
+	awk '/^[0-9]+ +local-/ { held[$1] = $(NF - 1) }
+	     /^placement: worker/ { want[$3] = $6 }
+	     END { n = 0; for (w in want) { n++; if (held[w] != want[w]) exit 1 }; exit n == 3 ? 0 : 1 }' "$1" &&
+		grep -Eq 'released [1-9][0-9]* experts' "$1"
+}
+if "$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" --workers 3 \
+	--rebalance hetero --rebalance-every 3 --stats --out "$tmp/rel.f32" 2>"$tmp/err" &&
+	cmp -s "$tmp/inproc.f32" "$tmp/rel.f32" && held_ok "$tmp/err" &&
+	grep -Eq '^moefleet_rebalances_total [1-9]' "$tmp/err" &&
+	grep -Eq '^moefleet_worker_held_experts\{worker="2",name="[^"]*"\} [0-9]+$' "$tmp/err"; then
+	ok "$m: replaced experts are released; held experts match the placement; metrics"
+else
+	notok "$m: release after re-placement: $(grep -m1 -E 'error|placement: worker' "$tmp/err")"
+fi
+# workers without a model file: the new experts are streamed between steps
+if "$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" --workers 3 --replicas 2 \
+	--stream-weights --rebalance eplb --rebalance-every 2 --stats --out "$tmp/lst.f32" 2>"$tmp/err" &&
+	cmp -s "$tmp/inproc.f32" "$tmp/lst.f32" &&
+	grep -Eq 'balance: [1-9][0-9]* re-placement' "$tmp/err" &&
+	grep -Eq 'released [1-9][0-9]* experts' "$tmp/err"; then
+	ok "$m: live re-placement with streamed weights, logits bit-identical"
+else
+	notok "$m: live streaming: $(grep -m1 -E 'error|re-placement' "$tmp/err")"
+fi
 echo "1..$n"
 [ "$fail" -eq 0 ]

@@ -618,6 +618,12 @@ static void cmp_dot(uint32_t t, int64_t n, const void *w, const void *x)
 		assert_true(isnan(s) == isnan(r) && isinf(s) == isinf(r));
 		return;
 	}
+	/* quantised weights: the same arithmetic in the same order */
+	if (is_quant(t) && memcmp(&s, &r, sizeof(s)) != 0) {
+		print_error("avx2-vs-ref %s n=%lld: %.9g != %.9g (must be bit-identical)\n",
+			    kern_type_name(t), (long long)n, s, r);
+		fail();
+	}
 	check_close("avx2-vs-ref", t, n, s, r, sa, 4e-6 * sqrt((double)n));
 }
 
@@ -698,7 +704,8 @@ static void test_dot_simd(void **state)
 	free(x);
 }
 
-/* kern_matmul == kern_dot bit for bit, both dispatches, odd shapes. */
+/* kern_matmul == kern_dot bit for bit, both dispatches, odd shapes (and ==
+ * the scalar kern_dot for quantised weights). */
 static void run_matmul_case(uint32_t t, int64_t n_in, int64_t n_out, int64_t n_rows, int64_t o0,
 			    int64_t o1)
 {
@@ -732,8 +739,12 @@ static void run_matmul_case(uint32_t t, int64_t n_in, int64_t n_out, int64_t n_r
 					assert_true(got == sentinel);
 					continue;
 				}
+				/* quantised weights: every dispatch gives the scalar
+				 * reference's bits */
+				kern_force_ref(pass == 0 || is_quant(t));
 				float want =
 				    kern_dot(t, n_in, w + (size_t)o * wr, x + (size_t)r * xr);
+				kern_force_ref(pass == 0);
 				if (f2u(got) != f2u(want)) {
 					print_error(
 					    "matmul %s %s n_in=%lld rows=%lld [%lld,%lld) r=%lld "

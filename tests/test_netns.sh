@@ -3,8 +3,9 @@
 # network namespace, joined by veth links to a bridge, every worker link
 # shaped with `tc netem delay 1ms rate 1gbit`.  The workers connect over real
 # TCP between addresses; the logits must equal the in-process run bit for
-# bit.  The namespaces are created and removed here; where that is not
-# permitted the test is skipped.  Prints TAP.
+# bit.  The links are CURVE-authenticated and encrypted with keys made by
+# `moefleet keygen`.  The namespaces are created and removed here; where that
+# is not permitted the test is skipped.  Prints TAP.
 set -u
 top_srcdir=${top_srcdir:-.}
 top_builddir=${top_builddir:-.}
@@ -55,15 +56,19 @@ tokens=$(sed -n 2p "$data/$m.case")
 np=$(sed -n 1p "$data/$m.case")
 "$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" --out "$tmp/inproc.f32" 2>/dev/null
 port=$((20000 + $$ % 20000))
+# CURVE keys: the cluster pair, one pair per worker, all authorised
+for k in cluster w1 w2; do "$bin" keygen --out "$tmp/keys" --name $k >/dev/null; done
+cat "$tmp/keys/w1.pub" "$tmp/keys/w2.pub" >"$tmp/keys/authorized_keys"
 ip netns exec "$c" "$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" \
 	--listen "tcp://10.213.0.1:$port" --expect-workers 2 --out "$tmp/net.f32" --stats \
+	--cluster-key "$tmp/keys/cluster.key" --authorized-keys "$tmp/keys/authorized_keys" \
 	2>"$tmp/coord.err" &
 coord=$!
 # worker 1 reads its own model copy, worker 2 gets its experts streamed
 ip netns exec "${tag}w1" timeout 60 "$wbin" --connect "tcp://10.213.0.1:$port" -m "$data/$m.gguf" \
-	--name w1 2>"$tmp/w1.err" &
+	--name w1 --key "$tmp/keys/w1.key" --server-key "$tmp/keys/cluster.pub" 2>"$tmp/w1.err" &
 ip netns exec "${tag}w2" timeout 60 "$wbin" --connect "tcp://10.213.0.1:$port" --name w2 \
-	2>"$tmp/w2.err" &
+	--key "$tmp/keys/w2.key" --server-key "$tmp/keys/cluster.pub" 2>"$tmp/w2.err" &
 st=1
 for _ in $(seq 1 600); do
 	if ! kill -0 "$coord" 2>/dev/null; then

@@ -37,5 +37,25 @@ check "truncated trace: exit 1" \
 check "unknown policy: exit 1" \
 	'! "$bin" placement simulate --trace "$tmp/a.trace" --workers "$tmp/cluster.txt" --policy magic >/dev/null 2>&1'
 check "usage errors: exit 2" '"$bin" placement simulate --trace x >/dev/null 2>&1; [ $? -eq 2 ]'
+# token positions: a prompt of N tokens is recorded at positions 0..N-1
+ntok=$(echo "$tokens" | tr ',' '\n' | grep -c .)
+check "trace records token positions 0..$((ntok - 1))" \
+	'"$bin" placement show --trace "$tmp/a.trace" >"$tmp/show.out" 2>>"$tmp/err" && grep -q "positions: .*, 0\.\.$((ntok - 1))\$" "$tmp/show.out"'
+# heatmaps: valid PNG / SVG of the documented size
+# (width 60 + 2 * experts * 12 + 50, height 30 + layers * 12 + 40 for small models)
+layers=$(sed -nE 's/^trace: .* ([0-9]+) layers x ([0-9]+) experts.*/\1/p' "$tmp/show.out")
+experts=$(sed -nE 's/^trace: .* ([0-9]+) layers x ([0-9]+) experts.*/\2/p' "$tmp/show.out")
+want_w=$((60 + 2 * experts * 12 + 50))
+want_h=$((30 + layers * 12 + 40))
+png_size() { od -An -tu1 -j16 -N8 "$1" | awk '{ printf "%d %d", $1 * 16777216 + $2 * 65536 + $3 * 256 + $4, $5 * 16777216 + $6 * 65536 + $7 * 256 + $8 }'; }
+check "heatmap PNG: signature and ${want_w}x${want_h}" \
+	'"$bin" placement show --trace "$tmp/b.trace" --out "$tmp/heat.png" >/dev/null 2>>"$tmp/err" &&
+	 [ "$(od -An -tx1 -N8 "$tmp/heat.png" | tr -d " ")" = 89504e470d0a1a0a ] &&
+	 [ "$(png_size "$tmp/heat.png")" = "$want_w $want_h" ]'
+check "heatmap SVG: an <svg> of ${want_w}x${want_h}" \
+	'"$bin" placement show --trace "$tmp/b.trace" --out "$tmp/heat.svg" >/dev/null 2>>"$tmp/err" &&
+	 grep -q "<svg[^>]* width=\"${want_w}pt\" height=\"${want_h}pt\"" "$tmp/heat.svg"'
+check "heatmap: unknown extension is an error" \
+	'! "$bin" placement show --trace "$tmp/b.trace" --out "$tmp/heat.gif" >/dev/null 2>&1'
 echo "1..$n"
 [ "$fail" -eq 0 ]

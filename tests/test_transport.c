@@ -21,6 +21,9 @@
 
 #define RECV_MS 20000 /* generous (valgrind): only a failing test waits this long */
 
+/* plain tcp:// here; CURVE links are tested end to end by tests/test_curve.sh */
+static const struct transport_zmq_security plain_tcp = {.insecure = 1};
+
 struct pair {
 	char endpoint[256];
 	transport *coord;
@@ -51,7 +54,7 @@ static void listen_fresh(int kind, struct pair *p)
 			 (int)getpid(), counter++);
 	else
 		snprintf(ep, sizeof(ep), "tcp://127.0.0.1:*");
-	assert_int_equal(transport_zmq_listen(ep, &p->coord), 0);
+	assert_int_equal(transport_zmq_listen_secure(ep, &plain_tcp, &p->coord), 0);
 	const char *bound = transport_zmq_endpoint(p->coord);
 	assert_non_null(bound);
 	snprintf(p->endpoint, sizeof(p->endpoint), "%s", bound);
@@ -61,7 +64,7 @@ static void listen_fresh(int kind, struct pair *p)
 
 static void connect_worker(const struct pair *p, transport **w)
 {
-	assert_int_equal(transport_zmq_connect(p->endpoint, w), 0);
+	assert_int_equal(transport_zmq_connect_secure(p->endpoint, &plain_tcp, w), 0);
 }
 
 static void pair_close(struct pair *p)
@@ -426,7 +429,15 @@ static void test_bad_endpoints(void **state)
 	t = (transport *)1;
 	assert_int_equal(transport_zmq_connect("tcp://", &t), ERR_CONFIG);
 	assert_null(t);
-	assert_int_not_equal(transport_zmq_listen("tcp://no-such-host.invalid:1", &t), 0);
+	assert_int_not_equal(
+	    transport_zmq_listen_secure("tcp://no-such-host.invalid:1", &plain_tcp, &t), 0);
+	assert_null(t);
+	/* tcp:// without keys needs an explicit insecure setting */
+	t = (transport *)1;
+	assert_int_equal(transport_zmq_listen("tcp://127.0.0.1:*", &t), ERR_CONFIG);
+	assert_null(t);
+	struct transport_zmq_security half = {.key_file = "/nonexistent.key"};
+	assert_int_equal(transport_zmq_connect_secure("tcp://127.0.0.1:1", &half, &t), ERR_CONFIG);
 	assert_null(t);
 	assert_null(transport_zmq_endpoint(NULL));
 	transport_destroy(&t); /* NULL is fine */

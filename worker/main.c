@@ -13,20 +13,32 @@
 static const char *usage =
 	"usage: moefleet-worker --connect ENDPOINT [-m MODEL.gguf] [--threads T]\n"
 	"                       [--memory BYTES] [--name NAME] [--slowdown F]\n"
+	"                       [--key FILE --server-key FILE | --insecure]\n"
+	"                       [--handshake-timeout MS]\n"
 	"  ENDPOINT: tcp://HOST:PORT or ipc://PATH of a coordinator started with\n"
 	"  --listen.  With -m the worker reads its experts from its own copy of the\n"
 	"  model; without, the coordinator streams their bytes.  --slowdown F makes\n"
-	"  every batch take F times as long (to test balancing on uneven hardware).\n";
+	"  every batch take F times as long (to test balancing on uneven hardware).\n"
+	"  tcp:// links are CURVE-authenticated and encrypted: --key is this worker's\n"
+	"  secret key, --server-key the coordinator's public key (see 'moefleet keygen');\n"
+	"  --insecure allows plain tcp:// on a trusted network (the coordinator must\n"
+	"  use it too).  A refused key or failed handshake ends the worker with an\n"
+	"  error; --handshake-timeout bounds the handshake once connected (10000).\n";
 
 int main(int argc, char **argv)
 {
 	const char *endpoint = NULL;
 	struct worker_config cfg = {0};
+	struct transport_zmq_security sec = {0};
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i];
 		if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
 			fputs(usage, stdout);
 			return 0;
+		}
+		if (!strcmp(a, "--insecure")) {
+			sec.insecure = 1;
+			continue;
 		}
 		if (i + 1 >= argc) {
 			fprintf(stderr, "moefleet-worker: unknown or incomplete argument '%s'\n%s", a,
@@ -42,6 +54,18 @@ int main(int argc, char **argv)
 			cfg.model_path = v;
 		} else if (!strcmp(a, "--name")) {
 			cfg.name = v;
+		} else if (!strcmp(a, "--key")) {
+			sec.key_file = v;
+		} else if (!strcmp(a, "--server-key")) {
+			sec.server_key_file = v;
+		} else if (!strcmp(a, "--handshake-timeout")) {
+			long ms = strtol(v, &end, 10);
+			if (errno || *end || ms < 1 || ms > 3600000) {
+				fprintf(stderr, "moefleet-worker: bad --handshake-timeout '%s'\n%s", v,
+					usage);
+				return 2;
+			}
+			sec.handshake_timeout_ms = (int)ms;
 		} else if (!strcmp(a, "--threads") || !strcmp(a, "-t")) {
 			long t = strtol(v, &end, 10);
 			if (errno || *end || t < 1 || t > 256) {
@@ -73,7 +97,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	transport *t = NULL;
-	if (transport_zmq_connect(endpoint, &t))
+	if (transport_zmq_connect_secure(endpoint, &sec, &t))
 		return 1;
 	int rc = worker_run(t, &cfg);
 	transport_destroy(&t);

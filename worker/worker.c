@@ -8,7 +8,9 @@
 #include "../common/wire.h"
 #include "../kernels/kern.h"
 
+#include <math.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +24,16 @@ struct worker_buf {
 	uint8_t *bytes;
 };
 
+/* The buffers of a streamed expert the shard points into. */
+struct worker_owned {
+	uint8_t *t[6];
+	uint32_t types[3];
+	uint64_t bytes;
+};
+
+/* Upper bound on n_layer x n_expert of the table of held experts. */
+#define WORKER_MAX_TABLE (1u << 22)
+
 struct worker {
 	transport *t;
 	const struct worker_config *cfg;
@@ -29,12 +41,14 @@ struct worker {
 	gguf *g;
 	shard *shard;
 	struct moe_spec spec;
-	uint64_t epoch;
-	/* streaming */
+	uint64_t epoch;		    /* of the last Assign */
+	int initial;		    /* the first assignment is still loading */
+	struct worker_owned **owned; /* [n_layer * n_expert]: streamed experts held */
+	uint32_t n_held;
+	uint64_t held_bytes;
+	/* streaming: tensors still arriving, 3 (6 with biases) per expert */
 	struct worker_buf *bufs;
-	size_t n_bufs, n_bufs_done;
-	uint32_t n_pairs;
-	uint32_t *pair_layer, *pair_expert;
+	size_t n_bufs, n_bufs_done, hint;
 	/* serving */
 	uint8_t *hdr;
 	size_t hdr_cap;
@@ -49,6 +63,18 @@ static double worker_now(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Stretches a computation that took dt seconds to slowdown x dt (emulated
+ * slower hardware); returns the new duration. */
+static double worker_throttle(const struct worker *w, double t0, double dt)
+{
+	if (!(w->cfg->slowdown > 1.0))
+		return dt;
+	double extra = dt * (w->cfg->slowdown - 1.0);
+	struct timespec ts = {(time_t)extra, (long)((extra - (double)(time_t)extra) * 1e9)};
+	nanosleep(&ts, NULL);
+	return worker_now() - t0;
 }
 
 static int worker_send(struct worker *w, const struct wire_msg *m, const void *data, size_t n)
@@ -75,105 +101,188 @@ static void worker_free_bufs(struct worker *w)
 		free(w->bufs[i].bytes);
 	free(w->bufs);
 	w->bufs = NULL;
-	w->n_bufs = w->n_bufs_done = 0;
+	w->n_bufs = w->n_bufs_done = w->hint = 0;
 }
 
-static int worker_send_ready(struct worker *w)
+static void worker_free_owned(struct worker_owned **o)
+{
+	if (!*o)
+		return;
+	for (int t = 0; t < 6; t++)
+		free((*o)->t[t]);
+	free(*o);
+	*o = NULL;
+}
+
+/* Forgets every expert (a new spec, or shutting down). */
+static void worker_clear(struct worker *w)
+{
+	shard_destroy(&w->shard);
+	worker_free_bufs(w);
+	if (w->owned) {
+		size_t n = (size_t)w->spec.n_layer * (size_t)w->spec.n_expert;
+		for (size_t i = 0; i < n; i++)
+			worker_free_owned(&w->owned[i]);
+		free(w->owned);
+		w->owned = NULL;
+	}
+	w->n_held = 0;
+	w->held_bytes = 0;
+}
+
+/* The bytes of tensor t (0..2 weights, 3..5 biases) of (l, e) in the model
+ * file, or NULL. */
+static const uint8_t *worker_file_tensor(const struct worker *w, int l, int e, int t,
+					 uint64_t *n)
+{
+	static const char *names[3] = {"gate", "up", "down"};
+	char name[96];
+	snprintf(name, sizeof(name), "blk.%d.ffn_%s_exps.%s", l, names[t % 3],
+		 t < 3 ? "weight" : "bias");
+	const gguf_tensor *x = gguf_find_tensor(w->g, name);
+	if (!x || w->spec.n_expert < 1)
+		return NULL;
+	*n = x->n_bytes / (uint64_t)w->spec.n_expert;
+	return (const uint8_t *)x->data + *n * (uint64_t)e;
+}
+
+static uint64_t worker_file_expert_bytes(const struct worker *w, int l, int e)
+{
+	uint64_t sum = 0, n;
+	for (int t = 0; t < (w->spec.has_bias ? 6 : 3); t++)
+		if (worker_file_tensor(w, l, e, t, &n))
+			sum += n;
+	return sum;
+}
+
+static int worker_send_ready(struct worker *w, int released)
 {
 	struct wire_msg m = {.kind = WIRE_READY};
 	m.u.ready.placement_epoch = w->epoch;
-	m.u.ready.n_experts = (uint32_t)shard_n_experts(w->shard);
-	uint64_t bytes = 0;
-	for (size_t i = 0; i < w->n_bufs; i++)
-		bytes += w->bufs[i].total;
-	m.u.ready.bytes = bytes;
-	log_info("worker: %u experts ready", m.u.ready.n_experts);
+	m.u.ready.n_experts = w->n_held;
+	m.u.ready.bytes = w->held_bytes;
+	m.u.ready.released = released;
+	log_info("worker: epoch %llu: %u experts held (%.1f MiB)%s",
+		 (unsigned long long)w->epoch, w->n_held, (double)w->held_bytes / 1048576.0,
+		 released ? " after a release" : "");
 	return worker_send(w, &m, NULL, 0);
 }
 
-/* All chunks arrived: hand the buffers to the shard. */
-static int worker_finish_stream(struct worker *w)
+static int worker_add_from_file(struct worker *w, int l, int e)
 {
-	for (uint32_t i = 0; i < w->n_pairs; i++) {
-		struct shard_expert_src src = {0};
-		for (size_t b = 0; b < w->n_bufs; b++) {
-			struct worker_buf *wb = &w->bufs[b];
-			if (wb->layer != w->pair_layer[i] || wb->expert != w->pair_expert[i])
-				continue;
-			if (wb->tensor < 3) {
-				src.weights[wb->tensor] = wb->bytes;
-				src.types[wb->tensor] = wb->type;
-			} else {
-				src.biases[wb->tensor - 3] = (const float *)wb->bytes;
-			}
-		}
-		int rc = shard_add_expert(w->shard, (int)w->pair_layer[i], (int)w->pair_expert[i],
-					  &src);
-		if (rc)
-			return rc;
-	}
-	return worker_send_ready(w);
-}
-
-static int worker_on_assign(struct worker *w, const struct wire_assign *a)
-{
-	/* a new epoch while serving from the local file: add the experts it
-	 * lacks to the live shard (mmap pointers: nothing is read until used) */
-	if (w->shard && w->g && !a->stream && w->n_bufs == 0 && a->placement_epoch > w->epoch &&
-	    memcmp(&a->spec, &w->spec, sizeof(a->spec)) == 0) {
-		for (uint32_t i = 0; i < a->n_pairs; i++) {
-			int l = (int)a->pair_layer[i], e = (int)a->pair_expert[i];
-			if (shard_has(w->shard, l, e))
-				continue;
-			int rc = shard_add_from_gguf(w->shard, w->g, l, e);
-			if (rc)
-				return rc;
-		}
-		w->epoch = a->placement_epoch;
-		return worker_send_ready(w);
-	}
-	shard_destroy(&w->shard);
-	worker_free_bufs(w);
-	free(w->pair_layer);
-	free(w->pair_expert);
-	w->pair_layer = w->pair_expert = NULL;
-	w->spec = a->spec;
-	w->epoch = a->placement_epoch;
-	int rc = shard_new(&w->spec, &w->shard);
+	int rc = shard_add_from_gguf(w->shard, w->g, l, e);
 	if (rc)
 		return rc;
+	w->n_held++;
+	w->held_bytes += worker_file_expert_bytes(w, l, e);
+	return 0;
+}
+
+/* All tensors of the expert whose buffers start at bufs[b0] arrived: the shard
+ * takes them (the buffers move to the owned table). */
+static int worker_add_streamed(struct worker *w, size_t b0)
+{
+	size_t per = w->spec.has_bias ? 6 : 3;
+	struct worker_buf *b = &w->bufs[b0];
+	size_t idx = (size_t)b->layer * (size_t)w->spec.n_expert + b->expert;
+	struct worker_owned *o = calloc(1, sizeof(*o));
+	if (!o)
+		return ERR_NOMEM;
+	struct shard_expert_src src = {0};
+	for (size_t t = 0; t < per; t++) {
+		struct worker_buf *x = &w->bufs[b0 + t];
+		if (x->tensor < 3) {
+			src.weights[x->tensor] = x->bytes;
+			src.types[x->tensor] = x->type;
+		} else {
+			src.biases[x->tensor - 3] = (const float *)x->bytes;
+		}
+	}
+	int rc = shard_add_expert(w->shard, (int)b->layer, (int)b->expert, &src);
+	if (rc) {
+		free(o);
+		return rc;
+	}
+	memcpy(o->types, src.types, sizeof(o->types));
+	for (size_t t = 0; t < per; t++) {
+		o->t[w->bufs[b0 + t].tensor] = w->bufs[b0 + t].bytes;
+		o->bytes += w->bufs[b0 + t].total;
+		w->bufs[b0 + t].bytes = NULL;
+	}
+	worker_free_owned(&w->owned[idx]);
+	w->owned[idx] = o;
+	w->n_held++;
+	w->held_bytes += o->bytes;
+	return 0;
+}
+
+static int worker_new_shard(struct worker *w, const struct moe_spec *spec)
+{
+	worker_clear(w);
+	w->spec = *spec;
+	size_t n = (size_t)spec->n_layer * (size_t)spec->n_expert;
+	if (n > WORKER_MAX_TABLE) {
+		log_error("coordinator: %d layers x %d experts exceed this worker's table",
+			  spec->n_layer, spec->n_expert);
+		return ERR_RANGE;
+	}
+	w->owned = calloc(n ? n : 1, sizeof(*w->owned));
+	if (!w->owned)
+		return ERR_NOMEM;
+	return shard_new(&w->spec, &w->shard);
+}
+
+/* Assign: the full list of experts to hold from placement_epoch on.  The
+ * first one (or one with another spec) starts from an empty shard and the
+ * worker serves nothing until it has loaded everything; a later one adds the
+ * experts it lacks while Batches of the epoch in force keep being served
+ * (streamed chunks arrive between them).  Experts it no longer needs stay
+ * until a Release. */
+static int worker_on_assign(struct worker *w, const struct wire_assign *a)
+{
+	int live = w->shard && a->placement_epoch > w->epoch &&
+		   memcmp(&a->spec, &w->spec, sizeof(a->spec)) == 0;
+	int rc;
+	if (!live) {
+		rc = worker_new_shard(w, &a->spec);
+		if (rc)
+			return rc;
+		w->initial = 1;
+	}
+	worker_free_bufs(w); /* an unfinished earlier epoch is superseded */
+	w->epoch = a->placement_epoch;
 	int stream = a->stream || !w->g;
-	log_info("worker: assigned %u experts (%s)", a->n_pairs,
-		 stream ? "streamed from the coordinator" : "from the local model file");
-	if (!stream) {
-		for (uint32_t i = 0; i < a->n_pairs; i++) {
-			rc = shard_add_from_gguf(w->shard, w->g, (int)a->pair_layer[i],
-						 (int)a->pair_expert[i]);
+	size_t per = w->spec.has_bias ? 6 : 3;
+	w->bufs = calloc((size_t)a->n_pairs * per + 1, sizeof(*w->bufs));
+	if (!w->bufs)
+		return ERR_NOMEM;
+	uint32_t added = 0;
+	for (uint32_t i = 0; i < a->n_pairs; i++) {
+		int l = (int)a->pair_layer[i], e = (int)a->pair_expert[i];
+		if (shard_has(w->shard, l, e))
+			continue;
+		added++;
+		if (!stream) {
+			/* mmap pointers: nothing is read until used */
+			rc = worker_add_from_file(w, l, e);
 			if (rc)
 				return rc;
+			continue;
 		}
-		return worker_send_ready(w);
-	}
-	/* expect 3 (or 6 with biases) tensors per expert */
-	size_t per = w->spec.has_bias ? 6 : 3;
-	w->n_pairs = a->n_pairs;
-	w->pair_layer = malloc((a->n_pairs + 1) * sizeof(uint32_t));
-	w->pair_expert = malloc((a->n_pairs + 1) * sizeof(uint32_t));
-	w->bufs = calloc((size_t)a->n_pairs * per + 1, sizeof(*w->bufs));
-	if (!w->pair_layer || !w->pair_expert || !w->bufs)
-		return ERR_NOMEM;
-	memcpy(w->pair_layer, a->pair_layer, a->n_pairs * sizeof(uint32_t));
-	memcpy(w->pair_expert, a->pair_expert, a->n_pairs * sizeof(uint32_t));
-	for (uint32_t i = 0; i < a->n_pairs; i++) {
 		for (size_t t = 0; t < per; t++) {
 			struct worker_buf *b = &w->bufs[w->n_bufs++];
-			b->layer = a->pair_layer[i];
-			b->expert = a->pair_expert[i];
+			b->layer = (uint32_t)l;
+			b->expert = (uint32_t)e;
 			b->tensor = (uint32_t)t;
 		}
 	}
-	if (a->n_pairs == 0)
-		return worker_send_ready(w);
+	log_info("worker: epoch %llu assigns %u experts, %u new (%s)",
+		 (unsigned long long)a->placement_epoch, a->n_pairs, added,
+		 stream ? "streamed from the coordinator" : "from the local model file");
+	if (w->n_bufs == 0) {
+		w->initial = 0;
+		return worker_send_ready(w, 0);
+	}
 	return 0;
 }
 
@@ -181,14 +290,20 @@ static int worker_on_chunk(struct worker *w, const struct wire_weight_chunk *c,
 			   const uint8_t *data, size_t n)
 {
 	struct worker_buf *b = NULL;
-	for (size_t i = 0; i < w->n_bufs && !b; i++)
+	size_t bi = 0;
+	for (size_t j = 0; j < w->n_bufs && !b; j++) {
+		size_t i = (w->hint + j) % w->n_bufs;
 		if (w->bufs[i].layer == c->layer && w->bufs[i].expert == c->expert &&
-		    w->bufs[i].tensor == c->tensor)
+		    w->bufs[i].tensor == c->tensor) {
 			b = &w->bufs[i];
+			bi = i;
+		}
+	}
 	if (!b) {
 		worker_error(w, "weight chunk for an expert that was not assigned");
 		return 0;
 	}
+	w->hint = bi;
 	const struct moe_spec *sp = &w->spec;
 	const int64_t E = sp->n_embd, F = sp->n_ff_exp;
 	uint64_t want;
@@ -203,13 +318,13 @@ static int worker_on_chunk(struct worker *w, const struct wire_weight_chunk *c,
 		want = (uint64_t)(c->tensor == 5 ? E : F) * sizeof(float);
 	}
 	if (c->total != want || (b->bytes && b->type != c->type) || c->offset != b->received ||
-	    n > c->total - c->offset) {
+	    n > c->total - c->offset || (b->total && b->received == b->total)) {
 		worker_error(w, "weight chunk with inconsistent size, type or offset");
 		return 0;
 	}
 	if (!b->bytes) {
-		if (w->cfg->memory_bytes && want > w->cfg->memory_bytes) {
-			worker_error(w, "expert larger than this worker's memory budget");
+		if (w->cfg->memory_bytes && w->held_bytes + want > w->cfg->memory_bytes) {
+			worker_error(w, "expert beyond this worker's memory budget");
 			return 0;
 		}
 		b->bytes = malloc(want ? want : 1);
@@ -220,15 +335,124 @@ static int worker_on_chunk(struct worker *w, const struct wire_weight_chunk *c,
 	}
 	memcpy(b->bytes + c->offset, data, n);
 	b->received += n;
-	if (b->received == b->total && ++w->n_bufs_done == w->n_bufs)
-		return worker_finish_stream(w);
+	if (b->received < b->total)
+		return 0;
+	w->n_bufs_done++;
+	/* the expert's tensors are consecutive: add it once all have arrived */
+	size_t per = w->spec.has_bias ? 6 : 3, b0 = bi - bi % per;
+	for (size_t t = 0; t < per; t++)
+		if (!w->bufs[b0 + t].total || w->bufs[b0 + t].received < w->bufs[b0 + t].total)
+			return 0;
+	int rc = worker_add_streamed(w, b0);
+	if (rc)
+		return rc;
+	if (w->n_bufs_done == w->n_bufs) {
+		worker_free_bufs(w);
+		w->initial = 0;
+		return worker_send_ready(w, 0);
+	}
 	return 0;
+}
+
+/* Gives the pages of a file-backed expert back to the kernel (they are read
+ * again from the page cache if the expert ever comes back). */
+static void worker_drop_file_pages(const struct worker *w, int l, int e)
+{
+	long psz = sysconf(_SC_PAGE_SIZE);
+	if (psz <= 0)
+		return;
+	for (int t = 0; t < (w->spec.has_bias ? 6 : 3); t++) {
+		uint64_t n;
+		const uint8_t *p = worker_file_tensor(w, l, e, t, &n);
+		if (!p)
+			continue;
+		uintptr_t lo = ((uintptr_t)p + (uintptr_t)psz - 1) & ~((uintptr_t)psz - 1);
+		uintptr_t hi = ((uintptr_t)p + n) & ~((uintptr_t)psz - 1);
+		if (hi > lo)
+			madvise((void *)lo, hi - lo, MADV_DONTNEED);
+	}
+}
+
+/* Release: drops the listed experts.  The shard has no removal, so a new one
+ * is built from the experts kept (pointers only: nothing is copied). */
+static int worker_on_release(struct worker *w, const struct wire_release *r)
+{
+	if (!w->shard || w->initial) {
+		worker_error(w, "release before the experts were loaded");
+		return 0;
+	}
+	const struct moe_spec *sp = &w->spec;
+	for (uint32_t i = 0; i < r->n_pairs; i++)
+		if (r->pair_layer[i] >= (uint32_t)sp->n_layer ||
+		    r->pair_expert[i] >= (uint32_t)sp->n_expert) {
+			worker_error(w, "release names an expert outside the model");
+			return 0;
+		}
+	uint8_t *drop = calloc((size_t)sp->n_layer * (size_t)sp->n_expert + 1, 1);
+	if (!drop)
+		return ERR_NOMEM;
+	/* experts still arriving for a later epoch are kept */
+	for (uint32_t i = 0; i < r->n_pairs; i++)
+		drop[(size_t)r->pair_layer[i] * (size_t)sp->n_expert + r->pair_expert[i]] = 1;
+	shard *next = NULL;
+	int rc = shard_new(sp, &next);
+	uint32_t kept = 0, dropped = 0;
+	uint64_t bytes = 0;
+	for (int l = 0; l < sp->n_layer && !rc; l++) {
+		for (int e = 0; e < sp->n_expert && !rc; e++) {
+			size_t idx = (size_t)l * (size_t)sp->n_expert + (size_t)e;
+			if (!shard_has(w->shard, l, e))
+				continue;
+			if (drop[idx]) {
+				dropped++;
+				continue;
+			}
+			struct worker_owned *o = w->owned[idx];
+			if (o) {
+				struct shard_expert_src src = {0};
+				for (int t = 0; t < 3; t++) {
+					src.weights[t] = o->t[t];
+					src.biases[t] = (const float *)o->t[3 + t];
+				}
+				memcpy(src.types, o->types, sizeof(src.types));
+				rc = shard_add_expert(next, l, e, &src);
+				bytes += o->bytes;
+			} else {
+				rc = shard_add_from_gguf(next, w->g, l, e);
+				bytes += worker_file_expert_bytes(w, l, e);
+			}
+			kept++;
+		}
+	}
+	if (rc) {
+		shard_destroy(&next);
+		free(drop);
+		return rc;
+	}
+	shard_destroy(&w->shard);
+	w->shard = next;
+	for (int l = 0; l < sp->n_layer; l++)
+		for (int e = 0; e < sp->n_expert; e++) {
+			size_t idx = (size_t)l * (size_t)sp->n_expert + (size_t)e;
+			if (!drop[idx])
+				continue;
+			if (w->owned[idx])
+				worker_free_owned(&w->owned[idx]);
+			else if (w->g)
+				worker_drop_file_pages(w, l, e);
+		}
+	free(drop);
+	w->n_held = kept;
+	w->held_bytes = bytes;
+	log_info("worker: epoch %llu in force: released %u experts",
+		 (unsigned long long)r->placement_epoch, dropped);
+	return worker_send_ready(w, 1);
 }
 
 static int worker_on_batch(struct worker *w, const struct wire_batch *b, const uint8_t *data,
 			   size_t n)
 {
-	if (!w->shard || w->n_bufs_done != w->n_bufs) {
+	if (!w->shard || w->initial) {
 		worker_error(w, "batch before the experts were loaded");
 		return 0;
 	}
@@ -278,20 +502,83 @@ static int worker_on_batch(struct worker *w, const struct wire_batch *b, const u
 	for (size_t i = 0; i < slots; i++)
 		if (b->ids[i] >= 0)
 			memcpy(w->items + (at++) * E, w->out + i * E, E * sizeof(float));
-	double dt = worker_now() - t0;
-	if (w->cfg->slowdown > 1.0) {
-		/* emulate slower hardware: stretch this batch to slowdown x its time */
-		double extra = dt * (w->cfg->slowdown - 1.0);
-		struct timespec ts = {(time_t)extra, (long)((extra - (double)(time_t)extra) * 1e9)};
-		nanosleep(&ts, NULL);
-		dt = worker_now() - t0;
-	}
+	double dt = worker_throttle(w, t0, worker_now() - t0);
 	w->stats.rows += b->n_rows;
 	w->stats.items += n_items;
 	w->stats.compute_seconds += dt;
 	struct wire_msg m = {.kind = WIRE_RESULT};
 	m.u.result = (struct wire_result){b->step, b->layer, (uint32_t)n_items, dt};
 	return worker_send(w, &m, w->items, n_items * E * sizeof(float));
+}
+
+/* Expert rows per second on a fixed synthetic expert (Q8_0, 1024 x 512,
+ * SwiGLU), 64 rows x 2 slots over 4 experts, best of a few runs: the same
+ * yardstick on every worker, so the coordinator can compare them before any
+ * real work was measured.  0 if it cannot run. */
+static double worker_calibrate(struct worker *w)
+{
+	enum { CAL_E = 1024, CAL_F = 512, CAL_X = 4, CAL_ROWS = 64, CAL_K = 2, CAL_REPS = 4 };
+	struct moe_spec spec = {.n_layer = 1, .n_embd = CAL_E, .n_ff_exp = CAL_F,
+				.n_expert = CAL_X, .n_expert_used = CAL_K, .act = MOE_ACT_SWIGLU};
+	spec.layer_moe[0] = 1;
+	size_t mat = kern_row_bytes(KERN_Q8_0, CAL_E) * CAL_F; /* gate/up; down is the same size */
+	uint8_t *wts = malloc(mat);
+	float *x = malloc((size_t)CAL_ROWS * CAL_E * sizeof(float));
+	float *out = malloc((size_t)CAL_ROWS * CAL_K * CAL_E * sizeof(float));
+	int32_t ids[CAL_ROWS * CAL_K];
+	float wt[CAL_ROWS * CAL_K];
+	shard *s = NULL;
+	double best = 0;
+	if (!wts || !x || !out || shard_new(&spec, &s))
+		goto out;
+	/* Q8_0 blocks: an F16 scale of 1/64 then 32 small integers */
+	uint32_t seed = 12345;
+	for (size_t i = 0; i < mat; i += 34) {
+		wts[i] = 0x00;
+		wts[i + 1] = 0x24;
+		for (int j = 2; j < 34; j++) {
+			seed = seed * 1664525u + 1013904223u;
+			wts[i + j] = (uint8_t)((seed >> 24) % 15) - 7;
+		}
+	}
+	for (size_t i = 0; i < (size_t)CAL_ROWS * CAL_E; i++) {
+		seed = seed * 1664525u + 1013904223u;
+		x[i] = (float)((int)(seed >> 20) % 200 - 100) / 100.0f;
+	}
+	for (int r = 0; r < CAL_ROWS * CAL_K; r++) {
+		ids[r] = r % CAL_X;
+		wt[r] = 0.5f;
+	}
+	for (int e = 0; e < CAL_X; e++) {
+		struct shard_expert_src src = {{wts, wts, wts}, {KERN_Q8_0, KERN_Q8_0, KERN_Q8_0}, {0}};
+		if (shard_add_expert(s, 0, e, &src))
+			goto out;
+	}
+	for (int rep = 0; rep < CAL_REPS; rep++) {
+		/* other processes on the same cores stretch the wall time but not
+		 * the CPU time: the shorter of wall and CPU / threads is the speed
+		 * this hardware has; a --slowdown scales it */
+		struct timespec c0, c1;
+		clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
+		double t0 = worker_now();
+		if (shard_compute(s, w->pool, 0, CAL_ROWS, CAL_K, x, KERN_F32, ids, wt, out))
+			goto out;
+		double wall = worker_now() - t0;
+		clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
+		double cpu = (double)(c1.tv_sec - c0.tv_sec) + 1e-9 * (double)(c1.tv_nsec - c0.tv_nsec);
+		double dt = fmin(wall, cpu / pool_size(w->pool));
+		if (w->cfg->slowdown > 1.0)
+			dt *= w->cfg->slowdown;
+		double rate = dt > 0 ? CAL_ROWS * CAL_K / dt : 0;
+		if (rate > best)
+			best = rate;
+	}
+out:
+	shard_destroy(&s);
+	free(wts);
+	free(x);
+	free(out);
+	return best;
 }
 
 static int worker_open_model(struct worker *w)
@@ -319,6 +606,7 @@ int worker_run(transport *t, const struct worker_config *cfg)
 					     ? cfg->memory_bytes
 					     : (pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0);
 	hello.u.hello.has_model = w.g != NULL;
+	hello.u.hello.expert_rows_per_sec = worker_calibrate(&w);
 	if (w.g)
 		snprintf(hello.u.hello.model_sha, sizeof(hello.u.hello.model_sha), "size:%llu",
 			 (unsigned long long)gguf_file_size(w.g));
@@ -365,6 +653,9 @@ int worker_run(transport *t, const struct worker_config *cfg)
 		case WIRE_ASSIGN:
 			rc = worker_on_assign(&w, &m.u.assign);
 			break;
+		case WIRE_RELEASE:
+			rc = worker_on_release(&w, &m.u.release);
+			break;
 		case WIRE_WEIGHT_CHUNK:
 			rc = worker_on_chunk(&w, &m.u.chunk, f.data, f.data_len);
 			break;
@@ -401,10 +692,7 @@ int worker_run(transport *t, const struct worker_config *cfg)
 			goto out;
 	}
 out:
-	shard_destroy(&w.shard);
-	worker_free_bufs(&w);
-	free(w.pair_layer);
-	free(w.pair_expert);
+	worker_clear(&w);
 	free(w.hdr);
 	free(w.out);
 	free(w.items);

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# moefleet against llama.cpp on one GGUF file and this machine: runs the
+# oracle's bench.mjs (llama.cpp) and `moefleet bench` in alternating rounds
+# (so both see the same background load), one repetition each per round, and
+# prints the medians and the ratios moefleet / llama.cpp.
+#   bench/compare-llama.sh MODEL.gguf [PP] [TG] [ROUNDS] [THREADS]
+# Defaults: PP 512, TG 128, ROUNDS 3, THREADS 2.  Environment:
+#   MOEFLEET    the moefleet binary (default: ./moefleet, else the one next to bench/)
+#   ORACLE_DIR  the oracle (default: /tmp/oracle, else ../shared/oracle)
+#   MOEFLEET_ARGS  extra arguments for moefleet bench (e.g. "--workers 2")
+# Needs node (for bench.mjs and for reading its JSON).
+set -euo pipefail
+model=${1:?usage: bench/compare-llama.sh MODEL.gguf [PP] [TG] [ROUNDS] [THREADS]}
+pp=${2:-512}
+tg=${3:-128}
+rounds=${4:-3}
+threads=${5:-2}
+here=$(cd "$(dirname "$0")" && pwd)
+bin=${MOEFLEET:-}
+if [ -z "$bin" ]; then
+	if [ -x ./moefleet ]; then bin=./moefleet; else bin=$here/../moefleet; fi
+fi
+oracle=${ORACLE_DIR:-}
+if [ -z "$oracle" ]; then
+	for d in /tmp/oracle "$here/../../shared/oracle"; do
+		[ -f "$d/bench.mjs" ] && { oracle=$d; break; }
+	done
+fi
+[ -x "$bin" ] || { echo "compare-llama: no moefleet binary at $bin (set MOEFLEET)" >&2; exit 2; }
+[ -f "${oracle:-}/bench.mjs" ] || { echo "compare-llama: no oracle bench.mjs (set ORACLE_DIR)" >&2; exit 2; }
+[ -f "$model" ] || { echo "compare-llama: no model file $model" >&2; exit 2; }
+model=$(cd "$(dirname "$model")" && pwd)/$(basename "$model")
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# one value per line into $tmp/{llama,moefleet}.{pp,tg}
+for ((r = 0; r < rounds; r++)); do
+	(cd "$oracle" && node bench.mjs --model "$model" --threads "$threads" --pp "$pp" \
+		--tg "$tg" --reps 1) >"$tmp/l.json" 2>"$tmp/l.err" ||
+		{ echo "compare-llama: bench.mjs failed:" >&2; tail -3 "$tmp/l.err" >&2; exit 1; }
+	node -e '
+		const j = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
+		for (const [k, f] of [["pp", process.argv[2]], ["tg", process.argv[3]]]) {
+			const e = j[k + f + "_tok_s"];
+			if (e) require("fs").appendFileSync(process.argv[4] + "." + k,
+				e.runs.map(String).join("\n") + "\n");
+		}' "$tmp/l.json" "$pp" "$tg" "$tmp/llama"
+	# shellcheck disable=SC2086
+	"$bin" bench -m "$model" --threads "$threads" --pp "$pp" --tg "$tg" --reps 1 \
+		${MOEFLEET_ARGS:-} >"$tmp/m.out" 2>"$tmp/m.err" ||
+		{ echo "compare-llama: moefleet bench failed:" >&2; tail -3 "$tmp/m.err" >&2; exit 1; }
+	awk '$1 ~ /^pp[0-9]+$/ && $2 ~ /^[0-9]+$/ { print $4 >> "'"$tmp"'/moefleet.pp" }
+	     $1 ~ /^tg[0-9]+$/ && $2 ~ /^[0-9]+$/ { print $4 >> "'"$tmp"'/moefleet.tg" }' "$tmp/m.out"
+	echo "round $((r + 1))/$rounds done" >&2
+done
+
+median() { # file -> median (or "-")
+	[ -s "$1" ] || { echo "-"; return; }
+	sort -g "$1" | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2];
+		else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+range() { [ -s "$1" ] && sort -g "$1" | awk 'NR == 1 { a = $1 } { b = $1 } END { printf "%s-%s", a, b }' || echo "-"; }
+
+lpp=$(median "$tmp/llama.pp"); ltg=$(median "$tmp/llama.tg")
+mpp=$(median "$tmp/moefleet.pp"); mtg=$(median "$tmp/moefleet.tg")
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.3f", a / b }'; }
+echo "model: $model, threads $threads, $rounds rounds, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
+printf '%-10s %22s %22s\n' engine "pp$pp tok/s (range)" "tg$tg tok/s (range)"
+printf '%-10s %8s %13s %8s %13s\n' llama.cpp "$lpp" "($(range "$tmp/llama.pp"))" "$ltg" "($(range "$tmp/llama.tg"))"
+printf '%-10s %8s %13s %8s %13s\n' moefleet "$mpp" "($(range "$tmp/moefleet.pp"))" "$mtg" "($(range "$tmp/moefleet.tg"))"
+echo "ratio: pp $(ratio "$mpp" "$lpp"), tg $(ratio "$mtg" "$ltg") (moefleet / llama.cpp, medians)"

@@ -1,0 +1,73 @@
+/* fuzz_tokenizer: tokenizer_encode() on arbitrary bytes with two small
+ * vocabularies from tests/data (the deepseek-v3 and qwen2 pre-tokenizers).
+ * The first byte picks the vocabulary (bit 1) and parse_special (bit 0).
+ * Checks: the count is the same when the ids fit exactly, every id is in
+ * range and has a piece, and streaming the pieces back never overflows the
+ * bound the stream promises. */
+#include "fuzz.h"
+#include "../../common/err.h"
+#include "../../common/gguf.h"
+#include "../../common/log.h"
+#include "../../common/tokenizer.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static tokenizer *fuzz_tok[2];
+
+static tokenizer *fuzz_load(const char *name)
+{
+	gguf *g = NULL;
+	tokenizer *t = NULL;
+	if (gguf_open(fuzz_data_path(name), &g) || tokenizer_new(g, &t))
+		abort(); /* set top_srcdir to the source tree */
+	gguf_destroy(&g);
+	return t;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	if (!fuzz_tok[0]) {
+		log_set_quiet(1);
+		fuzz_tok[0] = fuzz_load("tokenizer/mini-deepseek-v3.gguf");
+		fuzz_tok[1] = fuzz_load("qwen3moe-tiny-f32.gguf");
+	}
+	if (size < 1 || size > 4096)
+		return 0;
+	const tokenizer *t = fuzz_tok[(data[0] >> 1) & 1];
+	int special = data[0] & 1;
+	const char *text = (const char *)data + 1;
+	size_t len = size - 1;
+	size_t n = 0;
+	int32_t probe[8];
+	int rc = tokenizer_encode(t, len ? text : NULL, len, special, probe, 8, &n);
+	if (rc && rc != ERR_RANGE)
+		return 0;
+	int32_t *ids = malloc((n ? n : 1) * sizeof(int32_t));
+	size_t n2 = 0;
+	if (!ids || tokenizer_encode(t, len ? text : NULL, len, special, ids, n, &n2) || n2 != n)
+		abort();
+	if (len && !n)
+		abort(); /* non-empty text has tokens */
+	tokenizer_stream *s = NULL;
+	if (tokenizer_stream_new(t, special, &s))
+		abort();
+	size_t bound = tokenizer_stream_bound(s);
+	char *out = malloc(bound + 1);
+	if (!out)
+		abort();
+	for (size_t i = 0; i < n; i++) {
+		if (ids[i] < 0 || ids[i] >= tokenizer_n_vocab(t))
+			abort();
+		size_t k = 0;
+		if (tokenizer_stream_push(s, ids[i], out, bound, &k) || k > bound)
+			abort();
+	}
+	size_t k = 0;
+	if (tokenizer_stream_flush(s, out, bound, &k) || k > bound)
+		abort();
+	free(out);
+	tokenizer_stream_destroy(&s);
+	free(ids);
+	return 0;
+}
