@@ -42,6 +42,6 @@ for t in $ts; do
 	mean=$(sed -n 's/^routing: all layers: \([0-9.]*\) experts per token.*/\1/p' "$tmp/err")
 	kl=$(node "$here/logits_kl.mjs" "$tmp/default.f32" "$tmp/topp.f32" "$vocab")
 	awk -v spec="$spec" -v m="$mean" -v k="$k" -v kl="$kl" 'BEGIN {
-		split(kl, f, " "); printf "| %s | %.2f | %.0f%% | %s | %s | %s |\n",
+		split(kl, f, " "); printf "| %s | %.3f | %.1f%% | %s | %s | %s |\n",
 		spec, m, 100 * (1 - m / k), f[4], f[6], f[8] }'
 done

@@ -442,8 +442,10 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 			rc = ERR_NOMEM;
 			goto out;
 		}
-		memcpy(o->ids, b->ids, b->n_ids * sizeof(int32_t));
-		memcpy(o->weights, b->weights, b->n_ids * sizeof(float));
+		if (b->n_ids) { /* protobuf-c leaves empty arrays NULL */
+			memcpy(o->ids, b->ids, b->n_ids * sizeof(int32_t));
+			memcpy(o->weights, b->weights, b->n_ids * sizeof(float));
+		}
 		for (size_t i = 0; i < b->n_ids; i++) {
 			if (o->ids[i] < -1 || o->ids[i] >= WIRE_MAX_EXPERTS) {
 				rc = wire_bad(peer, "batch expert id out of range");

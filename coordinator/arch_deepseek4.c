@@ -76,12 +76,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define DS4_ARCH "deepseek4"
-#define DS4_HC	 4			    /* hyper-connection streams */
-#define DS4_MIX	 ((2 + DS4_HC) * DS4_HC)    /* mHC mixes per token: 24 */
-#define DS4_CSA	 4			    /* compressed + indexed layers */
-#define DS4_HCA	 128			    /* heavily compressed layers */
-#define DS4_NORM_MIN 6.103515625e-5f	    /* weight-sum clamp (smallest F16 normal) */
+#define DS4_ARCH     "deepseek4"
+#define DS4_HC	     4			     /* hyper-connection streams */
+#define DS4_MIX	     ((2 + DS4_HC) * DS4_HC) /* mHC mixes per token: 24 */
+#define DS4_CSA	     4			     /* compressed + indexed layers */
+#define DS4_HCA	     128		     /* heavily compressed layers */
+#define DS4_NORM_MIN 6.103515625e-5f	     /* weight-sum clamp (smallest F16 normal) */
 
 struct ds4_hparams {
 	int n_vocab, n_embd, n_layer, n_ctx_train;
@@ -98,15 +98,15 @@ struct ds4_hparams {
 };
 
 struct ds4_layer {
-	int ratio; /* 0, DS4_CSA or DS4_HCA */
+	int ratio;						      /* 0, DS4_CSA or DS4_HCA */
 	const gguf_tensor *hc_attn_fn, *hc_attn_base, *hc_attn_scale; /* 4D -> 24, [24], [3] F32 */
-	const gguf_tensor *attn_norm;	  /* [D] */
-	const gguf_tensor *q_a, *q_a_norm; /* D -> Q, [Q] */
-	const gguf_tensor *q_b;		  /* Q -> H d */
-	const gguf_tensor *kv, *kv_norm;   /* D -> d, [d] */
-	const gguf_tensor *sinks;	  /* [H] */
-	const gguf_tensor *wo_a;	  /* H d / G -> G R (group g: rows g R .. g R + R - 1) */
-	const gguf_tensor *wo_b;	  /* G R -> D */
+	const gguf_tensor *attn_norm;				      /* [D] */
+	const gguf_tensor *q_a, *q_a_norm;			      /* D -> Q, [Q] */
+	const gguf_tensor *q_b;					      /* Q -> H d */
+	const gguf_tensor *kv, *kv_norm;			      /* D -> d, [d] */
+	const gguf_tensor *sinks;				      /* [H] */
+	const gguf_tensor *wo_a; /* H d / G -> G R (group g: rows g R .. g R + R - 1) */
+	const gguf_tensor *wo_b; /* G R -> D */
 	const gguf_tensor *comp_kv, *comp_gate; /* D -> c d */
 	const gguf_tensor *comp_ape;		/* c d x ratio, F32 */
 	const gguf_tensor *comp_norm;		/* [d] */
@@ -116,10 +116,10 @@ struct ds4_layer {
 	const gguf_tensor *idx_ape;		/* 2 dI x 4, F32 */
 	const gguf_tensor *idx_norm;		/* [dI] */
 	const gguf_tensor *hc_ffn_fn, *hc_ffn_base, *hc_ffn_scale;
-	const gguf_tensor *ffn_norm;				/* [D] */
-	const gguf_tensor *gate_inp;				/* D -> E router */
-	const gguf_tensor *tid2eid;				/* k x V I32 (hash layers) */
-	const gguf_tensor *probs_b;				/* [E] selection bias */
+	const gguf_tensor *ffn_norm;			       /* [D] */
+	const gguf_tensor *gate_inp;			       /* D -> E router */
+	const gguf_tensor *tid2eid;			       /* k x V I32 (hash layers) */
+	const gguf_tensor *probs_b;			       /* [E] selection bias */
 	const gguf_tensor *gate_shexp, *up_shexp, *down_shexp; /* shared expert */
 	/* per-sequence state, [n_seq][...] */
 	uint8_t *raw;	     /* window ring: [ring][d] cache rows */
@@ -131,37 +131,37 @@ struct ds4_layer {
 
 /* Activation buffers, sized at load for n_batch rows (B). */
 struct ds4_scratch {
-	float *X, *Xn;		 /* [B][4][D] streams, next streams */
-	float *flat;		 /* [B][4D] normalised streams */
-	float *mix;		 /* [B][24] */
-	float *pre, *post, *comb; /* [B][4], [B][4], [B][4][4] (source-major) */
-	float *y, *h;		 /* [B][D] sub-layer input, normed input */
-	float *qr;		 /* [B][Q] */
-	float *q;		 /* [B][H][d] */
-	float *kv;		 /* [B][d] */
-	float *o;		 /* [B][H][d] attention output */
-	float *z;		 /* [B][G R] */
-	float *out;		 /* [B][D] sub-layer output */
-	float *ca, *cg;		 /* [B][2 max(d, dI)] compressor inputs */
-	float *iq;		 /* [B][HI][dI] indexer queries */
-	float *iw;		 /* [B][HI] indexer head weights */
-	float *iscore;		 /* [B][n_ctx / 4] indexer scores */
-	int32_t *isel;		 /* [B][topk] chosen entries */
-	int32_t *nsel;		 /* [B] */
-	int32_t *cell;		 /* [B][max_keys] key cells */
-	const void **krow;	 /* [B][max_keys] key rows */
-	int32_t *nkeys;		 /* [B] */
-	int *kernel;		 /* [B] enum attn_kernel */
-	int32_t *seq_tok;	 /* [n_seq] tokens of each sequence in the batch */
-	int32_t *seq_maxpos;	 /* [n_seq] */
-	float *router;		 /* [B][E] */
-	void *sel;		 /* route scratch */
-	int32_t *ids;		 /* [B][slots] */
-	float *weights;		 /* [B][slots] */
-	float *exp_out;		 /* [B][slots][D] */
-	float *moe;		 /* [B][D] routed sum */
-	float *gate, *up;	 /* [B][F shared] */
-	float *ent;		 /* [8 * max(2d, 2dI)] one compressed entry's work */
+	float *X, *Xn;				/* [B][4][D] streams, next streams */
+	float *flat;				/* [B][4D] normalised streams */
+	float *mix;				/* [B][24] */
+	float *pre, *post, *comb;		/* [B][4], [B][4], [B][4][4] (source-major) */
+	float *y, *h;				/* [B][D] sub-layer input, normed input */
+	float *qr;				/* [B][Q] */
+	float *q;				/* [B][H][d] */
+	float *kv;				/* [B][d] */
+	float *o;				/* [B][H][d] attention output */
+	float *z;				/* [B][G R] */
+	float *out;				/* [B][D] sub-layer output */
+	float *ca, *cg;				/* [B][2 max(d, dI)] compressor inputs */
+	float *iq;				/* [B][HI][dI] indexer queries */
+	float *iw;				/* [B][HI] indexer head weights */
+	float *iscore;				/* [B][n_ctx / 4] indexer scores */
+	int32_t *isel;				/* [B][topk] chosen entries */
+	int32_t *nsel;				/* [B] */
+	int32_t *cell;				/* [B][max_keys] key cells */
+	const void **krow;			/* [B][max_keys] key rows */
+	int32_t *nkeys;				/* [B] */
+	int *kernel;				/* [B] enum attn_kernel */
+	int32_t *seq_tok;			/* [n_seq] tokens of each sequence in the batch */
+	int32_t *seq_maxpos;			/* [n_seq] */
+	float *router;				/* [B][E] */
+	void *sel;				/* route scratch */
+	int32_t *ids;				/* [B][slots] */
+	float *weights;				/* [B][slots] */
+	float *exp_out;				/* [B][slots][D] */
+	float *moe;				/* [B][D] routed sum */
+	float *gate, *up;			/* [B][F shared] */
+	float *ent;				/* [8 * max(2d, 2dI)] one compressed entry's work */
 	int32_t *sub_token, *sub_pos, *sub_seq; /* [B] rows kept for the head */
 	void *mm;				/* ops_matmul scratch */
 };
@@ -172,7 +172,7 @@ struct ds4 {
 	struct ds4_layer *layers;
 	const gguf_tensor *tok_embd, *output, *output_norm;
 	const gguf_tensor *hc_head_fn, *hc_head_base, *hc_head_scale; /* 4D -> 4, [4], [1] */
-	struct ops_rope rope_raw;  /* ratio-0 layers */
+	struct ops_rope rope_raw;				      /* ratio-0 layers */
 	struct ops_rope rope_comp; /* compressed layers, compressors, indexer */
 	struct route_rule rule;
 	int slots;
@@ -287,8 +287,8 @@ static int ds4_load_hparams(struct ds4 *m)
 	    (rc = ds4_u32(env, "context_length", 1, 0, 1, INT32_MAX, &hp->n_ctx_train)) ||
 	    (rc = ds4_u32(env, "attention.head_count", 1, 0, 1, 65536, &hp->n_head)) ||
 	    (rc = ds4_u32(env, "attention.head_count_kv", 0, 1, 1, 65536, &n_head_kv)) ||
-	    (rc = ds4_u32(env, "attention.key_length", 1, 0, 1, ATTN_MAX_HEAD_DIM,
-			  &hp->head_dim)) ||
+	    (rc =
+		 ds4_u32(env, "attention.key_length", 1, 0, 1, ATTN_MAX_HEAD_DIM, &hp->head_dim)) ||
 	    (rc = ds4_u32(env, "attention.value_length", 0, (uint32_t)hp->head_dim, 1,
 			  ATTN_MAX_HEAD_DIM, &key_v)) ||
 	    (rc = ds4_u32(env, "rope.dimension_count", 1, 0, 2, ATTN_MAX_HEAD_DIM, &hp->n_rot)) ||
@@ -392,8 +392,9 @@ static int ds4_load_hparams(struct ds4 *m)
 	if (!(freq_base > 0.0f) || !isfinite(freq_base) || !(comp_base > 0.0f) ||
 	    !isfinite(comp_base) || !(factor >= 0.0f) || !isfinite(factor) ||
 	    (factor > 0.0f && factor < 1e-6f))
-		return ds4_bad(env, "rope.freq_base / compress_rope_freq_base / rope.scaling.factor "
-				    "out of range");
+		return ds4_bad(env,
+			       "rope.freq_base / compress_rope_freq_base / rope.scaling.factor "
+			       "out of range");
 	float freq_scale = factor == 0.0f ? 1.0f : 1.0f / factor;
 	float ext = 0.0f;
 	if (strcmp(type, "none") == 0)
@@ -403,8 +404,14 @@ static int ds4_load_hparams(struct ds4 *m)
 	else if (strcmp(type, "linear") != 0)
 		return ds4_bad(env, "rope.scaling.type must be none, linear or yarn");
 	m->rope_raw = (struct ops_rope){
-	    .n_dims = hp->n_rot, .neox = 0, .freq_base = freq_base, .freq_scale = 1.0f,
-	    .ext_factor = 0.0f, .attn_factor = 1.0f, .beta_fast = 0.0f, .beta_slow = 0.0f,
+	    .n_dims = hp->n_rot,
+	    .neox = 0,
+	    .freq_base = freq_base,
+	    .freq_scale = 1.0f,
+	    .ext_factor = 0.0f,
+	    .attn_factor = 1.0f,
+	    .beta_fast = 0.0f,
+	    .beta_slow = 0.0f,
 	    .n_ctx_orig = 0,
 	};
 	m->rope_comp = (struct ops_rope){
@@ -440,11 +447,11 @@ static int ds4_check_type(const struct arch_env *env, const gguf_tensor *t, uint
 	return 0;
 }
 
-#define DS4_T(out, ne0, ne1, ne2, need, ...)                                               \
-	do {                                                                               \
-		if ((rc = arch_tensor(env, &(out), (ne0), (ne1), (ne2), __VA_ARGS__)) ||   \
-		    (rc = ds4_check_type(env, (out), (need))))                             \
-			return rc;                                                         \
+#define DS4_T(out, ne0, ne1, ne2, need, ...)                                                       \
+	do {                                                                                       \
+		if ((rc = arch_tensor(env, &(out), (ne0), (ne1), (ne2), __VA_ARGS__)) ||           \
+		    (rc = ds4_check_type(env, (out), (need))))                                     \
+			return rc;                                                                 \
 	} while (0)
 
 static int ds4_load_layer(struct ds4 *m, int il)
@@ -484,7 +491,8 @@ static int ds4_load_layer(struct ds4 *m, int il)
 		DS4_T(L->idx_proj, D, HI, 0, M, "blk.%d.indexer.proj.weight", il);
 		DS4_T(L->idx_kv, D, 2 * dI, 0, M, "blk.%d.indexer_compressor_kv.weight", il);
 		DS4_T(L->idx_gate, D, 2 * dI, 0, M, "blk.%d.indexer_compressor_gate.weight", il);
-		DS4_T(L->idx_ape, 2 * dI, DS4_CSA, 0, F, "blk.%d.indexer_compressor_ape.weight", il);
+		DS4_T(L->idx_ape, 2 * dI, DS4_CSA, 0, F, "blk.%d.indexer_compressor_ape.weight",
+		      il);
 		DS4_T(L->idx_norm, dI, 0, 0, F, "blk.%d.indexer_compressor_norm.weight", il);
 	}
 	DS4_T(L->hc_ffn_fn, DS4_HC * D, DS4_MIX, 0, F, "blk.%d.hc_ffn_fn.weight", il);
@@ -556,15 +564,13 @@ static void ds4_destroy(void **state)
 		return;
 	ds4_free_layers(m);
 	struct ds4_scratch *s = &m->s;
-	void *bufs[] = {s->X,	    s->Xn,	s->flat,      s->mix,	   s->pre,
-			s->post,    s->comb,	s->y,	      s->h,	   s->qr,
-			s->q,	    s->kv,	s->o,	      s->z,	   s->out,
-			s->ca,	    s->cg,	s->iq,	      s->iw,	   s->iscore,
-			s->isel,    s->nsel,	s->cell,      (void *)s->krow, s->nkeys,
-			s->kernel,  s->seq_tok, s->seq_maxpos, s->router,  s->sel,
-			s->ids,	    s->weights, s->exp_out,   s->moe,	   s->gate,
-			s->up,	    s->ent,	s->sub_token, s->sub_pos,  s->sub_seq,
-			s->mm};
+	void *bufs[] = {
+	    s->X,      s->Xn,	s->flat,	 s->mix,     s->pre,	 s->post,    s->comb,
+	    s->y,      s->h,	s->qr,		 s->q,	     s->kv,	 s->o,	     s->z,
+	    s->out,    s->ca,	s->cg,		 s->iq,	     s->iw,	 s->iscore,  s->isel,
+	    s->nsel,   s->cell, (void *)s->krow, s->nkeys,   s->kernel,	 s->seq_tok, s->seq_maxpos,
+	    s->router, s->sel,	s->ids,		 s->weights, s->exp_out, s->moe,     s->gate,
+	    s->up,     s->ent,	s->sub_token,	 s->sub_pos, s->sub_seq, s->mm};
 	for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
 		free(bufs[i]);
 	free(m);
@@ -595,8 +601,9 @@ static int ds4_alloc_caches(struct ds4 *m)
 		L->is_g = ds4_alloc(S * 2 * DS4_CSA * 2 * dI, sizeof(float), &failed);
 	}
 	if (failed) {
-		log_error("%s: cannot allocate the deepseek4 caches (%zu sequences x %zu positions)",
-			  gguf_path(m->env->g), S, C);
+		log_error(
+		    "%s: cannot allocate the deepseek4 caches (%zu sequences x %zu positions)",
+		    gguf_path(m->env->g), S, C);
 		return ERR_NOMEM;
 	}
 	return 0;
@@ -712,8 +719,7 @@ static int ds4_load(const struct arch_env *env, struct model_info *info, void **
 	    (rc = ds4_check_type(env, m->output, KERN_F16)) ||
 	    (rc = arch_tensor(env, &m->output_norm, D, 0, 0, "output_norm.weight")) ||
 	    (rc = ds4_check_type(env, m->output_norm, KERN_F32)) ||
-	    (rc = arch_tensor(env, &m->hc_head_fn, DS4_HC * D, DS4_HC, 0,
-			      "output_hc_fn.weight")) ||
+	    (rc = arch_tensor(env, &m->hc_head_fn, DS4_HC * D, DS4_HC, 0, "output_hc_fn.weight")) ||
 	    (rc = ds4_check_type(env, m->hc_head_fn, KERN_F32)) ||
 	    (rc = arch_tensor(env, &m->hc_head_base, DS4_HC, 0, 0, "output_hc_base.weight")) ||
 	    (rc = ds4_check_type(env, m->hc_head_base, KERN_F32)) ||
@@ -800,10 +806,14 @@ static void ds4_rope(const struct ops_rope *r, float *x, int64_t pos, int invers
 	float corr0 = 0.0f, corr1 = 0.0f;
 	if (r->ext_factor != 0.0f) {
 		const float k = 2.0f * logf(r->freq_base);
-		const float lo = (float)n * logf((float)r->n_ctx_orig /
-						 (r->beta_fast * 2.0f * 3.14159265358979323846f)) / k;
-		const float hi = (float)n * logf((float)r->n_ctx_orig /
-						 (r->beta_slow * 2.0f * 3.14159265358979323846f)) / k;
+		const float lo =
+		    (float)n *
+		    logf((float)r->n_ctx_orig / (r->beta_fast * 2.0f * 3.14159265358979323846f)) /
+		    k;
+		const float hi =
+		    (float)n *
+		    logf((float)r->n_ctx_orig / (r->beta_slow * 2.0f * 3.14159265358979323846f)) /
+		    k;
 		corr0 = fmaxf(0.0f, floorf(lo));
 		corr1 = fminf((float)(n - 1), ceilf(hi));
 	}
@@ -868,22 +878,19 @@ static void ds4_get(const struct ds4 *m, const void *src, float *x, int n)
 		x[i] = kern_f16_to_f32(h[i]);
 }
 
-static inline uint8_t *ds4_raw_row(const struct ds4 *m, const struct ds4_layer *L, int seq,
-				   int pos)
+static inline uint8_t *ds4_raw_row(const struct ds4 *m, const struct ds4_layer *L, int seq, int pos)
 {
 	const size_t row = (size_t)seq * (size_t)m->ring + (size_t)(pos % m->ring);
 	return L->raw + row * (size_t)m->hp.head_dim * m->es;
 }
 
-static inline uint8_t *ds4_comp_row(const struct ds4 *m, const struct ds4_layer *L, int seq,
-				    int j)
+static inline uint8_t *ds4_comp_row(const struct ds4 *m, const struct ds4_layer *L, int seq, int j)
 {
 	const size_t row = (size_t)seq * (size_t)(m->env->n_ctx / L->ratio) + (size_t)j;
 	return L->comp + row * (size_t)m->hp.head_dim * m->es;
 }
 
-static inline uint8_t *ds4_idx_row(const struct ds4 *m, const struct ds4_layer *L, int seq,
-				   int j)
+static inline uint8_t *ds4_idx_row(const struct ds4 *m, const struct ds4_layer *L, int seq, int j)
 {
 	const size_t row = (size_t)seq * (size_t)(m->env->n_ctx / DS4_CSA) + (size_t)j;
 	return L->idx + row * (size_t)m->hp.idx_dim * m->es;
@@ -991,8 +998,8 @@ static void ds4_hc_post(struct ds4 *m, int n)
  * ratio 4 (overlapping): candidates = first half-channels of block j-1 (none
  * for j = 0) and second half-channels of block j; ratio 128: block j.  Then
  * rmsnorm * norm and RoPE of the last r dims at position j * ratio. */
-static void ds4_compress_entry(struct ds4 *m, int ratio, int w, const float *kv,
-			       const float *g, int n_rows, int j, const float *norm, float *e)
+static void ds4_compress_entry(struct ds4 *m, int ratio, int w, const float *kv, const float *g,
+			       int n_rows, int j, const float *norm, float *e)
 {
 	float *sc = m->s.ent;		    /* [2 ratio] scores of one channel */
 	float *va = m->s.ent + 2 * DS4_HCA; /* [2 ratio] values */
@@ -1352,8 +1359,9 @@ static void ds4_attention(struct ds4 *m, int il, const model_batch *b)
 	/* grouped low-rank output: z_g = wo_a[g] · o_g  (n, H d / G) -> (n, R) */
 	const size_t grow = kern_row_bytes(L->wo_a->type, gd);
 	for (int64_t g = 0; g < G; g++)
-		ops_matmul_raw(p, L->wo_a->type, (const char *)L->wo_a->data + (size_t)(g * R) * grow,
-			       gd, R, s->o + g * gd, H * d, n, s->z + g * R, G * R, s->mm);
+		ops_matmul_raw(p, L->wo_a->type,
+			       (const char *)L->wo_a->data + (size_t)(g * R) * grow, gd, R,
+			       s->o + g * gd, H * d, n, s->z + g * R, G * R, s->mm);
 	/* (n, G R) @ (G R, D) -> (n, D) */
 	ops_matmul(p, L->wo_b, s->z, G * R, n, s->out, D, s->mm);
 }
@@ -1404,8 +1412,8 @@ static int ds4_moe(struct ds4 *m, int il, const model_batch *b)
 			}
 			used += k;
 		} else {
-			used += route_select(&m->rule, m->env->route, sc, ds4_f32(L->probs_b), s->sel,
-					     ids, w);
+			used += route_select(&m->rule, m->env->route, sc, ds4_f32(L->probs_b),
+					     s->sel, ids, w);
 		}
 	}
 	route_counts_add(m->env->route_counts, il, n, used);
@@ -1473,7 +1481,8 @@ static int ds4_forward(void *state, const model_batch *b, float *logits)
 	for (int t = 0; t < n; t++) {
 		float *X = s->X + (size_t)t * W4;
 		kern_dequant_row(m->tok_embd->type,
-				 (const char *)m->tok_embd->data + (size_t)b->token[t] * erow, X, D);
+				 (const char *)m->tok_embd->data + (size_t)b->token[t] * erow, X,
+				 D);
 		for (int a = 1; a < DS4_HC; a++)
 			memcpy(X + a * D, X, (size_t)D * sizeof(float));
 	}
@@ -1483,15 +1492,15 @@ static int ds4_forward(void *state, const model_batch *b, float *logits)
 		/* attention block */
 		ds4_hc_pre(m, L->hc_attn_fn, L->hc_attn_base, L->hc_attn_scale, n);
 		for (int t = 0; t < n; t++)
-			ops_rmsnorm(s->h + (size_t)t * D, s->y + (size_t)t * D, ds4_f32(L->attn_norm),
-				    D, hp->eps);
+			ops_rmsnorm(s->h + (size_t)t * D, s->y + (size_t)t * D,
+				    ds4_f32(L->attn_norm), D, hp->eps);
 		ds4_attention(m, il, b);
 		ds4_hc_post(m, n);
 		/* FFN block */
 		ds4_hc_pre(m, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, n);
 		for (int t = 0; t < n; t++)
-			ops_rmsnorm(s->h + (size_t)t * D, s->y + (size_t)t * D, ds4_f32(L->ffn_norm),
-				    D, hp->eps);
+			ops_rmsnorm(s->h + (size_t)t * D, s->y + (size_t)t * D,
+				    ds4_f32(L->ffn_norm), D, hp->eps);
 		if ((rc = ds4_moe(m, il, b)))
 			return rc;
 		ds4_hc_post(m, n);

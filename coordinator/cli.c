@@ -589,6 +589,53 @@ static void cli_cluster_finish(struct cli_cluster *cc)
 	cc->c = NULL;
 }
 
+/* For subcommands in other files (cli_impl.h): the model with its cluster. */
+struct cli_model {
+	struct cli_opts o;
+	struct cli_cluster cc;
+};
+
+int cli_model_open(int argc, char **argv, struct model_params *mp, model **m,
+		   struct cli_model **out)
+{
+	*m = NULL;
+	struct cli_model *h = calloc(1, sizeof(*h));
+	*out = h;
+	if (!h)
+		return ERR_NOMEM;
+	if (cli_parse(argc, argv, "-m --model --threads -t" CLI_CLUSTER_OPTS, &h->o))
+		return ERR_CONFIG;
+	if (!h->o.model) {
+		log_error("no model given (-m MODEL.gguf)");
+		return ERR_CONFIG;
+	}
+	mp->route = h->o.route;
+	mp->kv_f32 = h->o.kv_f32;
+	mp->n_threads = (int)h->o.threads;
+	int rc = model_open(h->o.model, mp, m);
+	if (!rc)
+		rc = cli_cluster_setup(&h->o, *m, &h->cc);
+	if (!rc)
+		rc = cli_trace_setup(&h->o, *m, &h->cc);
+	return rc;
+}
+
+cluster *cli_model_cluster(struct cli_model *h) { return h ? h->cc.c : NULL; }
+
+const char *cli_model_usage(void) { return cli_usage_cluster; }
+
+void cli_model_close(model **m, struct cli_model **hp)
+{
+	struct cli_model *h = *hp;
+	if (h)
+		cli_cluster_stats(&h->o, &h->cc);
+	model_destroy(m);
+	if (h)
+		cli_cluster_finish(&h->cc);
+	free(h);
+	*hp = NULL;
+}
+
 /* ------------------------------------------------------------ info */
 
 static const char *cli_usage_info =
@@ -986,6 +1033,8 @@ static const char *cli_usage_main =
 	"  placement simulate: replay a routing trace against placement policies\n"
 	"  quantize  convert a model's routed experts to MXFP4, Q8_0 or Q4_0\n"
 	"  keygen    write a CURVE key pair for authenticated, encrypted cluster links\n"
+	"  serve     OpenAI-compatible HTTP server with continuous batching\n"
+	"  tokenize  print the token ids of a text\n"
 	"Run 'moefleet <command> --help' for the options of a command.\n";
 
 static int cli_generate(int argc, char **argv);
@@ -1068,6 +1117,10 @@ static int cli_dispatch(int argc, char **argv)
 		return cli_quantize(argc - 2, argv + 2);
 	if (!strcmp(cmd, "keygen"))
 		return cli_keygen(argc - 2, argv + 2);
+	if (!strcmp(cmd, "serve"))
+		return cli_serve(argc - 2, argv + 2);
+	if (!strcmp(cmd, "tokenize"))
+		return cli_tokenize(argc - 2, argv + 2);
 	if (!strcmp(cmd, "generate"))
 		return cli_generate(argc - 2, argv + 2);
 	fprintf(stderr, "moefleet: unknown command '%s'\n", cmd);

@@ -15,7 +15,9 @@
 
 enum {
 	CLUSTER_CHUNK = 4 << 20,      /* bytes of streamed weights per message at start-up */
-	CLUSTER_LIVE_CHUNK = 256 << 10, /* per worker per layer while serving */
+	CLUSTER_LIVE_MIN = 32 << 10,  /* bytes per worker per layer while serving: */
+	CLUSTER_LIVE_START = 256 << 10, /* adapted so that steps stay close to */
+	CLUSTER_LIVE_MAX = 4 << 20,   /* the ones without streaming */
 };
 
 struct cluster_peer {
@@ -76,6 +78,13 @@ struct cluster {
 	/* step timing: wall time of every forward step, and whether a
 	 * re-placement was being loaded during it */
 	double step_t0;
+	double recent_ms[15]; /* the last steps without a re-placement loading */
+	int n_recent;
+	size_t live_budget;  /* streamed bytes per worker per layer */
+	double step_expert; /* seconds of the current step spent submitting to collecting */
+	int step_rows;	    /* tokens of the current step */
+	double *step_expert_ms;
+	int32_t *step_tokens;
 	double *step_ms;
 	uint8_t *step_moving;
 	size_t n_steps, steps_cap;
@@ -85,6 +94,7 @@ struct cluster {
 };
 
 static void cluster_epoch_now(const cluster *c, struct cluster_epoch_stats *out);
+static int cluster_cmp_double(const void *a, const void *b);
 static void cluster_on_ready(cluster *c, int who, const struct wire_ready *r);
 
 static double cluster_now(void)
@@ -449,6 +459,8 @@ void cluster_destroy(cluster **pc)
 	}
 	free(c->step_ms);
 	free(c->step_moving);
+	free(c->step_expert_ms);
+	free(c->step_tokens);
 	free(c->epochs);
 	placement_free(&c->plan);
 	placement_free(&c->next);
@@ -538,6 +550,48 @@ static void cluster_print_balance(const cluster *c)
 	}
 }
 
+/* A cluster file for `placement simulate` calibrated on this run: each
+ * worker's speed is items / compute seconds, its per-layer latency the mean
+ * of (wait - compute) per batch (transfer folded in: bandwidth is set very
+ * high), and the coordinator's own time per step (step wall time minus the
+ * time spent in expert jobs) is fitted as A + B * tokens by least squares. */
+static void cluster_print_calibration(const cluster *c)
+{
+	if (c->n_steps < 2)
+		return;
+	double sx = 0, sy = 0, sxx = 0, sxy = 0, n = 0, wall = 0;
+	for (size_t i = 0; i < c->n_steps; i++) {
+		double x = c->step_tokens[i], y = (c->step_ms[i] - c->step_expert_ms[i]) * 1e3;
+		sx += x;
+		sy += y;
+		sxx += x * x;
+		sxy += x * y;
+		n++;
+		wall += c->step_ms[i];
+	}
+	double den = n * sxx - sx * sx;
+	double b = den > 0 ? (n * sxy - sx * sy) / den : 0, a = (sy - b * sx) / n;
+	if (b < 0 || a < 0) { /* keep the fit physical */
+		b = b < 0 ? 0 : b;
+		a = b == 0 ? sy / n : fmax(0, (sy - b * sx) / n);
+		if (a == 0 && sx > 0)
+			b = sy / sx;
+	}
+	fprintf(stderr, "# calibration: %zu steps, mean step %.3f ms; a cluster file:\n", c->n_steps,
+		wall / n);
+	fprintf(stderr, "# name speed(rows/s) memory latency_us bandwidth_MB_s\n");
+	for (int i = 0; i < c->n; i++) {
+		const struct cluster_worker_stats *s = &c->w[i].st;
+		if (!s->batches || !(s->compute_seconds > 0))
+			continue;
+		double lat = (s->wait_seconds - s->compute_seconds) / (double)s->batches * 1e6;
+		fprintf(stderr, "%s %.0f %llu %.1f 100000\n", s->name,
+			(double)s->items / s->compute_seconds,
+			(unsigned long long)c->w[i].hello.memory_bytes, lat > 0 ? lat : 0.0);
+	}
+	fprintf(stderr, "@coordinator %.1f %.3f\n", a, b);
+}
+
 /* Waits (up to timeout_ms) for the answers to outstanding Releases, so the
  * memory each worker reports is current.  Between jobs only. */
 static void cluster_drain(cluster *c, int timeout_ms)
@@ -616,6 +670,7 @@ void cluster_print_stats(cluster *c)
 		fprintf(stderr, "placement: worker %d should hold %u experts (%u in epoch %llu, %u loading)\n",
 			i, placed + more, placed, (unsigned long long)c->epoch, more);
 	}
+	cluster_print_calibration(c);
 	fprintf(stderr, "metrics (Prometheus text format):\n");
 	cluster_metrics_write(stderr, c, 0);
 }
@@ -811,7 +866,7 @@ static void cluster_pump_one(cluster *c, int i)
 {
 	struct cluster_peer *w = &c->w[i];
 	const int n_t = c->spec.has_bias ? 6 : 3;
-	size_t budget = CLUSTER_LIVE_CHUNK;
+	size_t budget = c->live_budget ? c->live_budget : CLUSTER_LIVE_START;
 	while (w->sq_at < w->sq_n && budget > 0 && !w->lost) {
 		int l = (int)w->sq_layer[w->sq_at], e = (int)w->sq_expert[w->sq_at];
 		uint32_t type;
@@ -893,8 +948,10 @@ static void cluster_plan_next(cluster *c)
 		.max_move_bytes = c->cfg.max_move_bytes ? c->cfg.max_move_bytes : 64ull << 20,
 	};
 	placement next;
+	double t_plan = cluster_now();
 	if (c->policy->plan(&in, &next))
 		return;
+	t_plan = cluster_now() - t_plan;
 	uint64_t moved = balance_moved_bytes(&c->plan, &next, &pm);
 	if (moved == 0) {
 		placement_free(&next);
@@ -947,8 +1004,8 @@ static void cluster_plan_next(cluster *c)
 	c->next_active = 1;
 	c->next_ready = 0;
 	c->moved_bytes += moved;
-	log_info("re-placement planned (policy %s): %.1f MiB to load", c->policy->name,
-		 (double)moved / 1048576.0);
+	log_info("re-placement planned (policy %s) in %.1f ms: %.1f MiB to load", c->policy->name,
+		 t_plan * 1e3, (double)moved / 1048576.0);
 }
 
 /* Wall time of the forward step that just ended (first MoE layer to first
@@ -965,16 +1022,43 @@ static void cluster_time_step(cluster *c)
 			uint8_t *mv = realloc(c->step_moving, cap);
 			if (mv)
 				c->step_moving = mv;
-			if (t && mv)
+			double *ex = realloc(c->step_expert_ms, cap * sizeof(double));
+			if (ex)
+				c->step_expert_ms = ex;
+			int32_t *tk = realloc(c->step_tokens, cap * sizeof(int32_t));
+			if (tk)
+				c->step_tokens = tk;
+			if (t && mv && ex && tk)
 				c->steps_cap = cap;
 		}
+		/* streaming that slows steps down by more than 30% backs off;
+		 * streaming that does not speeds up */
+		double ms = (now - c->step_t0) * 1e3, base = 0;
+		size_t b = c->live_budget ? c->live_budget : CLUSTER_LIVE_START;
+		int nr = c->n_recent < 15 ? c->n_recent : 15;
+		if (nr) { /* the median of the recent quiet steps */
+			double r[15];
+			memcpy(r, c->recent_ms, (size_t)nr * sizeof(double));
+			qsort(r, (size_t)nr, sizeof(double), cluster_cmp_double);
+			base = r[nr / 2];
+		}
+		if (!c->next_active)
+			c->recent_ms[c->n_recent++ % 15] = ms;
+		else if (base > 0 && ms > 1.3 * base)
+			b = b / 2 > CLUSTER_LIVE_MIN ? b / 2 : CLUSTER_LIVE_MIN;
+		else if (base > 0 && ms < 1.1 * base)
+			b = b + b / 2 < CLUSTER_LIVE_MAX ? b + b / 2 : CLUSTER_LIVE_MAX;
+		c->live_budget = b;
 		if (c->n_steps < c->steps_cap) {
+			c->step_expert_ms[c->n_steps] = c->step_expert * 1e3;
+			c->step_tokens[c->n_steps] = c->step_rows;
 			c->step_ms[c->n_steps] = (now - c->step_t0) * 1e3;
 			c->step_moving[c->n_steps] = (uint8_t)c->next_active;
 			c->n_steps++;
 		}
 	}
 	c->step_t0 = now;
+	c->step_expert = 0;
 }
 
 /* The compute balance of the epoch in force so far. */
@@ -1048,9 +1132,9 @@ static void cluster_between_steps(cluster *c, int layer)
 	if (!new_step)
 		return;
 	cluster_time_step(c);
+	c->fwd_step++;
 	if (!c->policy)
 		return;
-	c->fwd_step++;
 	if (c->next_active) {
 		if (c->next_ready < c->n)
 			return;
@@ -1068,8 +1152,11 @@ static int cluster_submit(void *self, const struct expert_job *job)
 {
 	cluster *c = self;
 	const int k = job->k, E = job->n_embd;
-	if (job->layer >= 0 && job->layer < c->spec.n_layer)
+	if (job->layer >= 0 && job->layer < c->spec.n_layer) {
 		cluster_between_steps(c, job->layer);
+		if (c->step_expert == 0)
+			c->step_rows = job->n_rows;
+	}
 	if (job->layer < 0 || job->layer >= c->spec.n_layer || k > WIRE_MAX_K ||
 	    job->n_rows > WIRE_MAX_ROWS || E != c->spec.n_embd)
 		return ERR_RANGE;
@@ -1135,6 +1222,7 @@ static int cluster_submit(void *self, const struct expert_job *job)
 			return ERR_PEER;
 		}
 		w->answered = 0;
+		w->st.batches++;
 		w->st.rows += (uint64_t)w->n_rows;
 		w->st.items += (uint64_t)w->expect_items;
 		pending++;
@@ -1231,6 +1319,7 @@ static int cluster_collect(void *self, const struct expert_job *job)
 		}
 		wire_msg_free(&m);
 	}
+	c->step_expert += cluster_now() - t0;
 	if (rc)
 		log_error("layer %d: a worker failed during the step", job->layer);
 	else

@@ -22,10 +22,14 @@
  * Live re-placement (cfg->rebalance): every rebalance_every forward steps the
  * policy plans a new placement from the decayed router counts; each worker is
  * sent an Assign of the next epoch listing all experts it will hold, adds the
- * ones it lacks from its own model file while it keeps serving, and answers
- * Ready.  The old placement stays in force until every worker is ready; the
- * switch happens between two forward steps.  No result changes, because an
- * expert's output is the same wherever it is computed. */
+ * ones it lacks (from its own model file, or streamed by the coordinator in
+ * chunks sent after each layer's results, sized so steps are not slowed by
+ * more than about 30%) while it keeps serving, and answers Ready.  The old
+ * placement stays in force until every worker is ready; the switch happens
+ * between two forward steps, after which every worker gets a Release of the
+ * experts it no longer needs and frees them.  No result changes, because an
+ * expert's output is the same wherever it is computed.  The initial placement
+ * uses the speeds the workers measured before Hello. */
 #ifndef MOEFLEET_CLUSTER_H
 #define MOEFLEET_CLUSTER_H
 
@@ -58,7 +62,7 @@ struct cluster_config {
 struct cluster_worker_stats {
 	uint64_t rebalances; /* placements switched to (same for every worker) */
 	char name[256];
-	uint64_t rows, items, bytes_sent, bytes_received;
+	uint64_t batches, rows, items, bytes_sent, bytes_received;
 	double compute_seconds, wait_seconds;
 	int lost;
 	double speed;		/* expert rows/s used for planning (Hello calibration or measured) */

@@ -179,10 +179,26 @@ int footprint_parse_memory(const char *list, uint64_t *mem, int max, int *n)
 			goto bad;
 		double mul = 1;
 		switch (*end) {
-		case 'K': case 'k': mul = 1024.0; end++; break;
-		case 'M': case 'm': mul = 1048576.0; end++; break;
-		case 'G': case 'g': mul = 1073741824.0; end++; break;
-		case 'T': case 't': mul = 1099511627776.0; end++; break;
+		case 'K':
+		case 'k':
+			mul = 1024.0;
+			end++;
+			break;
+		case 'M':
+		case 'm':
+			mul = 1048576.0;
+			end++;
+			break;
+		case 'G':
+		case 'g':
+			mul = 1073741824.0;
+			end++;
+			break;
+		case 'T':
+		case 't':
+			mul = 1099511627776.0;
+			end++;
+			break;
 		default: break;
 		}
 		if (*end == 'B' || *end == 'b')
@@ -232,7 +248,8 @@ int footprint_report(const gguf *g, const uint64_t *mem, int n_worker)
 		return rc;
 	printf("cluster footprint:\n");
 	printf("  coordinator (all but routed experts): %14llu bytes (%s)\n",
-	       (unsigned long long)f.coordinator_bytes, footprint_human(f.coordinator_bytes, h1, 32));
+	       (unsigned long long)f.coordinator_bytes,
+	       footprint_human(f.coordinator_bytes, h1, 32));
 	printf("  routed experts (workers):             %14llu bytes (%s), %d per layer, %d per "
 	       "token\n",
 	       (unsigned long long)f.expert_bytes, footprint_human(f.expert_bytes, h1, 32),
@@ -241,13 +258,14 @@ int footprint_report(const gguf *g, const uint64_t *mem, int n_worker)
 		if (f.layer_expert_bytes[l])
 			printf("    layer %3d: %14llu bytes (%s per expert)\n", l,
 			       (unsigned long long)f.layer_expert_bytes[l],
-			       footprint_human(f.n_expert ? f.layer_expert_bytes[l] / (uint64_t)f.n_expert
-							  : 0,
-					       h1, 32));
+			       footprint_human(
+				   f.n_expert ? f.layer_expert_bytes[l] / (uint64_t)f.n_expert : 0,
+				   h1, 32));
 	if (f.kv_known)
 		printf("  KV cache per sequence: %llu bytes (%s) per 1K tokens of context, plus %s "
 		       "fixed\n",
-		       (unsigned long long)f.kv_bytes_per_1k, footprint_human(f.kv_bytes_per_1k, h1, 32),
+		       (unsigned long long)f.kv_bytes_per_1k,
+		       footprint_human(f.kv_bytes_per_1k, h1, 32),
 		       footprint_human(f.kv_bytes_fixed, h2, 32));
 	else
 		printf("  KV cache: layout of architecture '%s' unknown\n", f.arch);

@@ -37,15 +37,15 @@
 struct footprint {
 	char arch[64];
 	int n_layer;
-	int n_expert;			      /* routed experts per layer (0: none) */
+	int n_expert; /* routed experts per layer (0: none) */
 	int n_expert_used;
 	uint64_t file_bytes;
-	uint64_t coordinator_bytes;	      /* every tensor but the routed experts */
-	uint64_t expert_bytes;		      /* all routed experts */
+	uint64_t coordinator_bytes;		     /* every tensor but the routed experts */
+	uint64_t expert_bytes;			     /* all routed experts */
 	uint64_t layer_expert_bytes[MOE_MAX_LAYERS]; /* all routed experts of layer L */
-	uint64_t kv_bytes_per_1k;	      /* one sequence, per 1024 tokens of context */
-	uint64_t kv_bytes_fixed;	      /* one sequence, independent of context */
-	int kv_known;			      /* 0: architecture's cache layout unknown */
+	uint64_t kv_bytes_per_1k;		     /* one sequence, per 1024 tokens of context */
+	uint64_t kv_bytes_fixed;		     /* one sequence, independent of context */
+	int kv_known;				     /* 0: architecture's cache layout unknown */
 };
 
 int footprint_measure(const gguf *g, struct footprint *out);

@@ -106,7 +106,8 @@ int route_parse_bias(const char *arg, struct route_opts *o)
 			stop = colon;
 		long v;
 		if (route_parse_int(p, stop, 0, 1L << 20, &v)) {
-			log_error("--router-bias %s: bad expert id '%.*s'", arg, (int)(stop - p), p);
+			log_error("--router-bias %s: bad expert id '%.*s'", arg, (int)(stop - p),
+				  p);
 			return ERR_CONFIG;
 		}
 		if (n == ROUTE_BIAS_MAX) {
@@ -131,14 +132,15 @@ int route_check(const struct route_rule *r, const struct route_opts *o, const ch
 		return 0;
 	if (o->mode == ROUTE_MODE_TOPP) {
 		if (o->k_min > r->n_expert || o->k_max > r->n_expert) {
-			log_error("%s: --routing topp: min=%d / max=%d exceed the %d experts per layer",
-				  what, o->k_min, o->k_max, r->n_expert);
+			log_error(
+			    "%s: --routing topp: min=%d / max=%d exceed the %d experts per layer",
+			    what, o->k_min, o->k_max, r->n_expert);
 			return ERR_CONFIG;
 		}
 		int k_max = o->k_max ? o->k_max : r->k;
 		if (o->k_max > ROUTE_MAX_SLOTS) {
-			log_error("%s: --routing topp: max=%d exceeds %d experts per token",
-				  what, o->k_max, ROUTE_MAX_SLOTS);
+			log_error("%s: --routing topp: max=%d exceeds %d experts per token", what,
+				  o->k_max, ROUTE_MAX_SLOTS);
 			return ERR_CONFIG;
 		}
 		if (o->k_min > k_max) {
@@ -148,10 +150,11 @@ int route_check(const struct route_rule *r, const struct route_opts *o, const ch
 			return ERR_CONFIG;
 		}
 		if (r->n_group > 1 && k_max > (r->n_expert / r->n_group) * r->n_group_used) {
-			log_error("%s: --routing topp: max=%d exceeds the %d experts of the %d groups "
-				  "a token may use",
-				  what, k_max, (r->n_expert / r->n_group) * r->n_group_used,
-				  r->n_group_used);
+			log_error(
+			    "%s: --routing topp: max=%d exceeds the %d experts of the %d groups "
+			    "a token may use",
+			    what, k_max, (r->n_expert / r->n_group) * r->n_group_used,
+			    r->n_group_used);
 			return ERR_CONFIG;
 		}
 	}
@@ -185,9 +188,7 @@ void route_gate(const struct route_rule *r, float *logits)
 {
 	const int X = r->n_expert;
 	switch (r->gating) {
-	case ROUTE_GATING_SOFTMAX:
-		ops_softmax(logits, X);
-		break;
+	case ROUTE_GATING_SOFTMAX: ops_softmax(logits, X); break;
 	case ROUTE_GATING_SIGMOID:
 		for (int e = 0; e < X; e++)
 			logits[e] = 1.0f / (1.0f + expf(-logits[e]));
@@ -200,8 +201,7 @@ void route_gate(const struct route_rule *r, float *logits)
 			logits[e] = sqrtf(sp);
 		}
 		break;
-	case ROUTE_GATING_SOFTMAX_CHOSEN:
-		break;
+	case ROUTE_GATING_SOFTMAX_CHOSEN: break;
 	}
 }
 
@@ -260,20 +260,31 @@ void route_weigh(const struct route_rule *r, const float *s, const int32_t *ids,
 			w[j] *= r->scale;
 }
 
-/* p[e] = the normalised score of expert e, for the top-p threshold. */
-static void route_normalise(const struct route_rule *r, const float *s, float *p)
+/* How many of the n candidates (selection order) top-p takes: the shortest
+ * prefix whose share of the candidates' routing weight reaches T, clamped to
+ * [k_min, n].  Shares: s / sum(s) over the candidates, or for
+ * ROUTE_GATING_SOFTMAX_CHOSEN the softmax over their logits (p: n floats). */
+static int route_topp_count(const struct route_rule *r, const struct route_opts *o, const float *s,
+			    const int32_t *ids, int n, int k_min, float *p)
 {
-	const int X = r->n_expert;
+	for (int j = 0; j < n; j++)
+		p[j] = s[ids[j]];
 	if (r->gating == ROUTE_GATING_SOFTMAX_CHOSEN) {
-		memcpy(p, s, (size_t)X * sizeof(float));
-		ops_softmax(p, X);
-		return;
+		ops_softmax(p, n);
+	} else {
+		double sum = 0.0;
+		for (int j = 0; j < n; j++)
+			sum += (double)p[j];
+		for (int j = 0; j < n; j++)
+			p[j] = sum > 0.0 ? (float)((double)p[j] / sum) : 1.0f / (float)n;
 	}
-	double sum = 0.0;
-	for (int e = 0; e < X; e++)
-		sum += (double)s[e];
-	for (int e = 0; e < X; e++)
-		p[e] = sum > 0.0 ? (float)((double)s[e] / sum) : 1.0f / (float)X;
+	double cum = 0.0;
+	for (int j = 0; j < n; j++) {
+		cum += (double)p[j];
+		if (j + 1 >= k_min && cum >= (double)o->top_p)
+			return j + 1;
+	}
+	return n;
 }
 
 int route_select(const struct route_rule *r, const struct route_opts *o, const float *s,
@@ -287,11 +298,6 @@ int route_select(const struct route_rule *r, const struct route_opts *o, const f
 	uint8_t *taken = (uint8_t *)(gs + G);
 	const int slots = route_slots(r, o);
 	const int topp = o && o->mode == ROUTE_MODE_TOPP;
-	int k_min = r->k, k_max = r->k;
-	if (topp) {
-		k_min = o->k_min > 0 ? o->k_min : 1;
-		k_max = slots;
-	}
 
 	/* selection scores */
 	for (int e = 0; e < X; e++)
@@ -302,16 +308,12 @@ int route_select(const struct route_rule *r, const struct route_opts *o, const f
 				sel[o->bias_ids[i]] += o->bias;
 	if (r->n_group > 1)
 		route_limit_groups(r, sel, gs, taken);
-	if (topp)
-		route_normalise(r, s, p);
 
-	/* top-k by selection score, descending; ties to the lower id (the order of
-	 * ggml's argsort for short rows); top-p stops once the taken normalised
-	 * scores reach the threshold */
+	/* top-k (top-p: its k_max candidates) by selection score, descending; ties
+	 * to the lower id (the order of ggml's argsort for short rows) */
 	memset(taken, 0, (size_t)X);
-	double cum = 0.0;
 	int n = 0;
-	while (n < k_max) {
+	while (n < slots) {
 		int best = -1;
 		for (int e = 0; e < X; e++)
 			if (!taken[e] && (best < 0 || sel[e] > sel[best]))
@@ -320,12 +322,9 @@ int route_select(const struct route_rule *r, const struct route_opts *o, const f
 			break;
 		taken[best] = 1;
 		ids[n++] = best;
-		if (topp) {
-			cum += (double)p[best];
-			if (n >= k_min && cum >= (double)o->top_p)
-				break;
-		}
 	}
+	if (topp && n > 0)
+		n = route_topp_count(r, o, s, ids, n, o->k_min > 0 ? o->k_min : 1, p);
 	route_weigh(r, s, ids, n, w);
 	for (int j = n; j < slots; j++) {
 		ids[j] = -1;

@@ -22,15 +22,19 @@
  *
  * Options that apply to every architecture (struct route_opts, from the command
  * line via model_params):
- *   --routing topp:T[,min=K1][,max=K2]   variable experts per token: take experts in
- *       selection order until the normalised scores of those taken sum to >= T,
- *       then clamp the count to [K1, K2].  Normalised score p_i = s_i / sum_j s_j
- *       over all experts (softmax gating: the probabilities themselves; gpt-oss:
- *       softmax of all logits).  Defaults K1 = 1, K2 = the model's k, so top-p never
- *       does more expert work than the model's own routing; K2 may exceed k (up to
- *       n_expert).  The weights of the taken experts are normalised as the
- *       architecture does.  `topp:1.0,min=K,max=K` with K the model's k equals the
- *       default routing bit for bit.
+ *   --routing topp:T[,min=K1][,max=K2]   variable experts per token: the K2 best
+ *       experts by selection score are the candidates; take them in selection
+ *       order until the normalised scores of those taken sum to >= T, at least K1.
+ *       Normalised score of candidate i: p_i = s_i / sum of the candidates' s
+ *       (gpt-oss: softmax over the candidates' logits) -- the weight share the
+ *       architecture would give it among the K2, whatever the gating (sigmoid
+ *       and sqrt-softplus scores do not sum to 1 over all experts, so a share of
+ *       all experts would make T meaningless there).  Defaults K1 = 1, K2 = the
+ *       model's k, so top-p never does more expert work than the model's own
+ *       routing; K2 may exceed k (up to n_expert, and ROUTE_MAX_SLOTS).  The
+ *       weights of the taken experts are normalised as the architecture does.
+ *       `topp:1.0,min=K,max=K` with K the model's k equals the default routing
+ *       bit for bit.
  *   --router-bias E1,E2,...:B   adds B to the selection score of the listed expert
  *       ids in every score-routed MoE layer (reproducible routing skew for tests and
  *       benchmarks); weights still come from the unbiased scores.
@@ -63,14 +67,14 @@ enum route_gating {
 
 /* The architecture's rule, fixed at load. */
 struct route_rule {
-	int n_expert;		  /* experts per layer */
-	int k;			  /* the model's experts per token (expert_used_count) */
+	int n_expert; /* experts per layer */
+	int k;	      /* the model's experts per token (expert_used_count) */
 	enum route_gating gating;
-	int n_group;		  /* > 1: group-limited selection (n_expert % n_group == 0) */
-	int n_group_used;	  /* groups kept, 1..n_group */
-	int norm;		  /* 1: weights divided by their sum */
-	float norm_min;		  /* lower clamp of that sum (llama.cpp: 6.103515625e-5f) */
-	float scale;		  /* weights multiplied by it unless 0 or 1 */
+	int n_group;	  /* > 1: group-limited selection (n_expert % n_group == 0) */
+	int n_group_used; /* groups kept, 1..n_group */
+	int norm;	  /* 1: weights divided by their sum */
+	float norm_min;	  /* lower clamp of that sum (llama.cpp: 6.103515625e-5f) */
+	float scale;	  /* weights multiplied by it unless 0 or 1 */
 };
 
 enum route_mode {
@@ -78,17 +82,17 @@ enum route_mode {
 	ROUTE_MODE_TOPP = 1, /* variable k by cumulative normalised score */
 };
 
-#define ROUTE_BIAS_MAX 512 /* expert ids in one --router-bias */
-#define ROUTE_MAX_SLOTS 64 /* top-p max: experts per row a Batch may carry (wire.h) */
+#define ROUTE_BIAS_MAX	512 /* expert ids in one --router-bias */
+#define ROUTE_MAX_SLOTS 64  /* top-p max: experts per row a Batch may carry (wire.h) */
 
 /* User options, the same for every layer and architecture. */
 struct route_opts {
 	enum route_mode mode;
-	float top_p;	 /* ROUTE_MODE_TOPP: threshold T in (0, 1] */
-	int k_min;	 /* ROUTE_MODE_TOPP: 0 = default 1 */
-	int k_max;	 /* ROUTE_MODE_TOPP: 0 = default: the model's k */
-	int n_bias;	 /* number of ids in bias_ids */
-	float bias;	 /* added to their selection score */
+	float top_p; /* ROUTE_MODE_TOPP: threshold T in (0, 1] */
+	int k_min;   /* ROUTE_MODE_TOPP: 0 = default 1 */
+	int k_max;   /* ROUTE_MODE_TOPP: 0 = default: the model's k */
+	int n_bias;  /* number of ids in bias_ids */
+	float bias;  /* added to their selection score */
 	int32_t bias_ids[ROUTE_BIAS_MAX];
 };
 
@@ -127,8 +131,7 @@ int route_select(const struct route_rule *r, const struct route_opts *o, const f
 
 /* Weights for n given experts (hash-routed layers): w[j] from s[ids[j]] and
  * the rule's normalisation and scale, exactly as route_select() weighs. */
-void route_weigh(const struct route_rule *r, const float *s, const int32_t *ids, int n,
-		 float *w);
+void route_weigh(const struct route_rule *r, const float *s, const int32_t *ids, int n, float *w);
 
 /* counts->rows[layer] += n_rows, counts->slots[layer] += n_slots; no-op when
  * counts is NULL or layer is out of range. */

@@ -18,7 +18,13 @@ struct sim_worker {
 	unsigned long long mem;
 };
 
-static int sim_read_workers(const char *path, struct sim_worker **out, int *n_out)
+/* The coordinator's own time per step, A + B * tokens (0 unless given). */
+struct sim_coord {
+	double per_step_s, per_token_s;
+};
+
+static int sim_read_workers(const char *path, struct sim_worker **out, int *n_out,
+			    struct sim_coord *coord)
 {
 	FILE *f = fopen(path, "r");
 	if (!f) {
@@ -35,8 +41,20 @@ static int sim_read_workers(const char *path, struct sim_worker **out, int *n_ou
 		double speed, lat, bw;
 		unsigned long long mem;
 		char extra;
-		int got = sscanf(line, "%63s %lf %llu %lf %lf %c", name, &speed, &mem, &lat, &bw,
-				 &extra);
+		double a, b;
+		int got = sscanf(line, " @coordinator %lf %lf %c", &a, &b, &extra);
+		if (got >= 1) {
+			if (got != 2 || !(a >= 0) || !(b >= 0) || !isfinite(a) || !isfinite(b)) {
+				log_error("%s:%d: expected '@coordinator US_PER_STEP US_PER_TOKEN'",
+					  path, line_no);
+				rc = ERR_FORMAT;
+				break;
+			}
+			coord->per_step_s = a * 1e-6;
+			coord->per_token_s = b * 1e-6;
+			continue;
+		}
+		got = sscanf(line, "%63s %lf %llu %lf %lf %c", name, &speed, &mem, &lat, &bw, &extra);
 		if (got <= 0)
 			continue;
 		if (got != 5 || !(speed > 0) || mem == 0 || !(lat >= 0) || !(bw > 0) ||
@@ -96,7 +114,8 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 		log_error("unknown policy '%s' (static, eplb, hetero, migrate)", cfg->policy);
 		return ERR_CONFIG;
 	}
-	rc = sim_read_workers(cfg->workers_path, &sw, &nw);
+	struct sim_coord coord = {0};
+	rc = sim_read_workers(cfg->workers_path, &sw, &nw, &coord);
 	if (!rc)
 		rc = trace_reader_open(cfg->trace_path, &tr);
 	if (!rc)
@@ -179,8 +198,10 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 		}
 		if (first_layer < 0)
 			first_layer = l;
-		if (l == first_layer)
+		if (l == first_layer) {
 			tokens += rec.n_rows;
+			cur_step_time += coord.per_step_s + coord.per_token_s * rec.n_rows;
+		}
 		balance_counts_add(counts, l, rec.ids, (int)rec.n_rows, (int)rec.k);
 		memset(lt, 0, (size_t)nw * sizeof(double));
 		for (int i = 0; i < nw; i++)

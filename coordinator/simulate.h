@@ -4,7 +4,9 @@
  * The cluster is a text file, one worker per line (# starts a comment):
  *   NAME  SPEED  MEMORY_BYTES  LATENCY_US  BANDWIDTH_MB_S
  * SPEED is expert-rows per second (calibrate it from a real run's --stats:
- * items / compute seconds).  Cost model, per MoE layer of a step: every
+ * items / compute seconds; --stats prints a whole calibrated file).  An
+ * optional line `@coordinator A B` adds the coordinator's own time per step,
+ * A + B * tokens microseconds (attention, router, output).  Cost model, per MoE layer of a step: every
  * worker that receives rows costs latency + (rows * Q8_0 row bytes + items *
  * n_embd * 4) / bandwidth + items / speed; the layer takes as long as its
  * slowest worker; a step is the sum of its layers.  Rows are routed to the

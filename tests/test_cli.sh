@@ -9,6 +9,7 @@ bin=$top_builddir/moefleet
 data=$top_srcdir/tests/data
 model=$data/qwen3moe-tiny-mxfp4.gguf
 ds2=$data/ds2-tiny-q4_0.gguf
+ds4=$data/ds4-tiny-mxfp4.gguf
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 n=0
@@ -58,8 +59,23 @@ cmp -s "$model" "$tmp/type.gguf" && echo "# warning: type corruption did not app
 cmp -s "$model" "$tmp/shape.gguf" && echo "# warning: shape corruption did not apply"
 # a deepseek2 model without one of its tensors' names (renamed)
 perl -0777 -pe 's/blk\.1\.ffn_gate_inp\.weight/blk.1.ffn_gate_inX.weight/' "$ds2" >"$tmp/missing.gguf"
+# deepseek4: a missing indexer tensor; compress_ratios [0,4,128,4,0] -> ratio 5 in
+# layer 1, key renamed, or 6 layers for its 5 entries; indexer head size 64 -> 80;
+# key_length 128 -> 96 (value_length stays 128); 3 hyper-connection streams; the
+# last tid2eid entries are the file's last run of 48 small i32 values: one -> 64
+perl -0777 -pe 's/blk\.1\.indexer\.proj\.weight/blk.1.indexer.proX.weight/' "$ds4" >"$tmp/ds4-missing.gguf"
+perl -0777 -pe 's/(compress_ratios\x09\x00\x00\x00\x05\x00\x00\x00\x05\x00{7}\x00{4})\x04/$1\x05/' "$ds4" >"$tmp/ds4-ratio.gguf"
+perl -0777 -pe 's/attention\.compress_ratios/attention.compress_ratioX/' "$ds4" >"$tmp/ds4-noratio.gguf"
+perl -0777 -pe 's/(deepseek4\.block_count\x04\x00\x00\x00)\x04/$1\x06/' "$ds4" >"$tmp/ds4-nlayer.gguf"
+perl -0777 -pe 's/(indexer\.key_length\x04\x00\x00\x00)\x40/$1\x50/' "$ds4" >"$tmp/ds4-idx.gguf"
+perl -0777 -pe 's/(attention\.key_length\x04\x00\x00\x00)\x80/$1\x60/' "$ds4" >"$tmp/ds4-head.gguf"
+perl -0777 -pe 's/(hyper_connection\.count\x04\x00\x00\x00)\x04/$1\x03/' "$ds4" >"$tmp/ds4-hc.gguf"
+perl -0777 -pe 's/\A(.*)((?:[\x00-\x0f]\x00\x00\x00){48})/$1."\x40\x00\x00\x00".substr($2,4)/se' "$ds4" >"$tmp/ds4-tid.gguf"
+for f in missing ratio noratio nlayer idx head hc tid; do
+	cmp -s "$ds4" "$tmp/ds4-$f.gguf" && echo "# warning: deepseek4 $f corruption did not apply"
+done
 
-echo "1..24"
+echo "1..34"
 check "valid run" 0 -- "$bin" logits -m "$model" --tokens 1,2,3 --out "$tmp/ok.f32"
 check "truncated gguf" 1 -- "$bin" logits -m "$tmp/truncated.gguf" --tokens 1,2 --out "$tmp/out.f32"
 check "10-byte gguf" 1 -- "$bin" logits -m "$tmp/tiny.gguf" --tokens 1,2 --out "$tmp/out.f32"
@@ -83,6 +99,16 @@ check "no command" 2 -- "$bin"
 check "info on truncated" 1 -- "$bin" info -m "$tmp/truncated.gguf"
 check "bench bad reps" 2 -- "$bin" bench -m "$model" --reps 0
 check "logits help" 0 -- "$bin" logits --help
+check "deepseek4 with an F32 KV cache" 0 -- "$bin" logits -m "$ds4" --tokens 1,2,3 --kv-type f32 --out "$tmp/ok4.f32"
+check "bad kv type" 2 -- "$bin" logits -m "$ds4" --tokens 1 --kv-type q8_0 --out "$tmp/out.f32"
+check "deepseek4 missing tensor" 1 -- "$bin" logits -m "$tmp/ds4-missing.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "deepseek4 compress ratio 5" 1 -- "$bin" logits -m "$tmp/ds4-ratio.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "deepseek4 no compress ratios" 1 -- "$bin" logits -m "$tmp/ds4-noratio.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "deepseek4 fewer ratios than layers" 1 -- "$bin" logits -m "$tmp/ds4-nlayer.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "deepseek4 indexer head size" 1 -- "$bin" logits -m "$tmp/ds4-idx.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "deepseek4 key and value sizes differ" 1 -- "$bin" logits -m "$tmp/ds4-head.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "deepseek4 three streams" 1 -- "$bin" logits -m "$tmp/ds4-hc.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "deepseek4 tid2eid expert out of range" 1 -- "$bin" logits -m "$tmp/ds4-tid.gguf" --tokens 1,2 --out "$tmp/out.f32"
 # the valid run wrote 3 rows of 512 floats
 size=$(stat -c %s "$tmp/ok.f32" 2>/dev/null || echo 0)
 n=$((n + 1))

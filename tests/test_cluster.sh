@@ -104,5 +104,16 @@ if "$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" --worker
 else
 	notok "$m: live streaming: $(grep -m1 -E 'error|re-placement' "$tmp/err")"
 fi
+# the skew benchmark's setting, functionally (timings are bench/skew.sh's):
+# one worker slowed, routing biased; placements switch, logits unchanged
+skew=(--router-bias 1,5,9:0.2)
+"$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" "${skew[@]}" --out "$tmp/skin.f32" 2>/dev/null
+if "$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" --workers 3 --worker-slowdown 1:2 \
+	"${skew[@]}" --rebalance hetero --rebalance-every 2 --stats --out "$tmp/sk.f32" 2>"$tmp/err" &&
+	cmp -s "$tmp/skin.f32" "$tmp/sk.f32" && grep -Eq 'balance: [1-9][0-9]* re-placement' "$tmp/err"; then
+	ok "$m: slowed worker and biased routing: re-placed, logits bit-identical"
+else
+	notok "$m: skew: $(grep -m1 -E 'error|re-placement' "$tmp/err")"
+fi
 echo "1..$n"
 [ "$fail" -eq 0 ]

@@ -136,8 +136,8 @@ static int stub_submit(void *self, const struct expert_job *job)
 static int stub_collect(void *self, const struct expert_job *job)
 {
 	(void)self;
-	memset(job->out, 0, (size_t)job->n_rows * (size_t)job->k * (size_t)job->n_embd *
-				    sizeof(float));
+	memset(job->out, 0,
+	       (size_t)job->n_rows * (size_t)job->k * (size_t)job->n_embd * sizeof(float));
 	return 0;
 }
 

@@ -144,8 +144,8 @@ static void check_rule(const struct route_rule *r, int with_bias)
 		float w[X_MAX], w_ref[X_MAX];
 		struct route_opts def;
 		route_opts_default(&def);
-		int n = route_select(r, trial % 2 ? &def : NULL, s, with_bias ? bias : NULL, scratch,
-				     ids, w);
+		int n = route_select(r, trial % 2 ? &def : NULL, s, with_bias ? bias : NULL,
+				     scratch, ids, w);
 		assert_int_equal(n, r->k);
 		ref_select(r, s, with_bias ? bias : NULL, ids_ref, w_ref);
 		for (int j = 0; j < r->k; j++) {
@@ -159,12 +159,15 @@ static void test_default_rules(void **state)
 {
 	(void)state;
 	/* qwen3moe: softmax, top-k, renormalised */
-	struct route_rule qwen = {.n_expert = 16, .k = 4, .gating = ROUTE_GATING_SOFTMAX,
-				  .norm = 1, .norm_min = 6.103515625e-5f};
+	struct route_rule qwen = {.n_expert = 16,
+				  .k = 4,
+				  .gating = ROUTE_GATING_SOFTMAX,
+				  .norm = 1,
+				  .norm_min = 6.103515625e-5f};
 	check_rule(&qwen, 0);
 	/* deepseek2 (V2): softmax, no norm, scale */
-	struct route_rule ds2 = {.n_expert = 16, .k = 6, .gating = ROUTE_GATING_SOFTMAX,
-				 .scale = 16.0f};
+	struct route_rule ds2 = {
+	    .n_expert = 16, .k = 6, .gating = ROUTE_GATING_SOFTMAX, .scale = 16.0f};
 	check_rule(&ds2, 0);
 	/* deepseek3 / glm: sigmoid, selection bias, groups, norm, scale */
 	struct route_rule ds3 = {.n_expert = 32,
@@ -177,16 +180,20 @@ static void test_default_rules(void **state)
 				 .scale = 2.5f};
 	check_rule(&ds3, 1);
 	/* deepseek4: sqrt(softplus), bias, norm, scale */
-	struct route_rule ds4 = {.n_expert = 24, .k = 6, .gating = ROUTE_GATING_SQRT_SOFTPLUS,
-				 .norm = 1, .norm_min = 6.103515625e-5f, .scale = 1.5f};
+	struct route_rule ds4 = {.n_expert = 24,
+				 .k = 6,
+				 .gating = ROUTE_GATING_SQRT_SOFTPLUS,
+				 .norm = 1,
+				 .norm_min = 6.103515625e-5f,
+				 .scale = 1.5f};
 	check_rule(&ds4, 1);
 	/* gpt-oss: top-k on logits, softmax over the chosen */
 	struct route_rule oss = {.n_expert = 32, .k = 4, .gating = ROUTE_GATING_SOFTMAX_CHOSEN};
 	check_rule(&oss, 0);
 }
 
-/* Scores s (already normalised, softmax-style rule) with known cumulative sums:
- * 0.40, 0.25, 0.15, 0.10, 0.05, 0.03, 0.02 for experts 6, 5, 4, 3, 2, 1, 0. */
+/* Scores s (softmax-style rule): 0.40, 0.25, 0.15, 0.10, 0.05, 0.03, 0.02 for
+ * experts 6, 5, 4, 3, 2, 1, 0. */
 static const float topp_s[7] = {0.02f, 0.03f, 0.05f, 0.10f, 0.15f, 0.25f, 0.40f};
 
 static int run_topp(const struct route_rule *r, const char *spec, int32_t *ids, float *w)
@@ -202,11 +209,15 @@ static int run_topp(const struct route_rule *r, const char *spec, int32_t *ids, 
 static void test_topp(void **state)
 {
 	(void)state;
-	struct route_rule r = {.n_expert = 7, .k = 4, .gating = ROUTE_GATING_SOFTMAX, .norm = 1,
+	struct route_rule r = {.n_expert = 7,
+			       .k = 4,
+			       .gating = ROUTE_GATING_SOFTMAX,
+			       .norm = 1,
 			       .norm_min = 6.103515625e-5f};
 	int32_t ids[8];
 	float w[8];
-	/* 0.40 + 0.25 = 0.65 >= 0.6: two experts, weights renormalised over them */
+	/* the 4 candidates hold 0.90: shares 0.44, 0.28, 0.17, 0.11; 0.44 + 0.28 >= 0.6:
+	 * two experts, weights renormalised over them */
 	assert_int_equal(run_topp(&r, "topp:0.6", ids, w), 2);
 	assert_int_equal(ids[0], 6);
 	assert_int_equal(ids[1], 5);
@@ -215,19 +226,19 @@ static void test_topp(void **state)
 	assert_int_equal(ids[2], -1); /* empty slots up to route_slots() = k */
 	assert_int_equal(ids[3], -1);
 	assert_true(w[2] == 0.0f && w[3] == 0.0f);
-	/* 0.40 >= 0.3: one expert, weight 1 */
+	/* 0.44 >= 0.3: one expert, weight 1 */
 	assert_int_equal(run_topp(&r, "topp:0.3", ids, w), 1);
 	assert_float_equal(w[0], 1.0f, 1e-6f);
 	/* min clamps up */
 	assert_int_equal(run_topp(&r, "topp:0.3,min=3", ids, w), 3);
 	assert_int_equal(ids[2], 4);
-	/* the default max is the model's k: 0.95 would need 5 */
+	/* the default max is the model's k: 0.95 of the 4 candidates needs all 4 */
 	assert_int_equal(run_topp(&r, "topp:0.95", ids, w), 4);
-	/* max above k: 0.93 reached after 5; the slots grow with max */
-	assert_int_equal(route_slots(&r, &(struct route_opts){.mode = ROUTE_MODE_TOPP,
-							      .top_p = 0.93f,
-							      .k_max = 6}),
-			 6);
+	/* max 6: candidates sum 0.98; 0.93 is reached after 5 (0.95 / 0.98) */
+	assert_int_equal(
+	    route_slots(&r,
+			&(struct route_opts){.mode = ROUTE_MODE_TOPP, .top_p = 0.93f, .k_max = 6}),
+	    6);
 	assert_int_equal(run_topp(&r, "topp:0.93,max=6", ids, w), 5);
 	assert_int_equal(ids[4], 2);
 	assert_int_equal(ids[5], -1);
@@ -240,10 +251,14 @@ static void test_topp(void **state)
 	assert_memory_equal(ids, ids_d, 4 * sizeof(int32_t));
 	assert_memory_equal(w, w_d, 4 * sizeof(float));
 
-	/* sigmoid-style scores are normalised by their sum before the threshold:
+	/* sigmoid-style scores are normalised by the candidates' sum:
 	 * 2 + 1 + 1 of total 4 -> 0.5, 0.75, 1.0 */
-	struct route_rule sg = {.n_expert = 3, .k = 3, .gating = ROUTE_GATING_SIGMOID, .norm = 1,
-				.norm_min = 6.103515625e-5f, .scale = 2.0f};
+	struct route_rule sg = {.n_expert = 3,
+				.k = 3,
+				.gating = ROUTE_GATING_SIGMOID,
+				.norm = 1,
+				.norm_min = 6.103515625e-5f,
+				.scale = 2.0f};
 	const float s3[3] = {1.0f, 2.0f, 1.0f};
 	struct route_opts o;
 	route_opts_default(&o);
@@ -258,7 +273,10 @@ static void test_topp(void **state)
 static void test_bias(void **state)
 {
 	(void)state;
-	struct route_rule r = {.n_expert = 7, .k = 2, .gating = ROUTE_GATING_SOFTMAX, .norm = 1,
+	struct route_rule r = {.n_expert = 7,
+			       .k = 2,
+			       .gating = ROUTE_GATING_SOFTMAX,
+			       .norm = 1,
 			       .norm_min = 6.103515625e-5f};
 	struct route_opts o;
 	route_opts_default(&o);
@@ -295,8 +313,12 @@ static void test_weigh(void **state)
 {
 	(void)state;
 	/* hash-routed layers: given ids, the rule's weights */
-	struct route_rule r = {.n_expert = 7, .k = 3, .gating = ROUTE_GATING_SQRT_SOFTPLUS,
-			       .norm = 1, .norm_min = 6.103515625e-5f, .scale = 1.5f};
+	struct route_rule r = {.n_expert = 7,
+			       .k = 3,
+			       .gating = ROUTE_GATING_SQRT_SOFTPLUS,
+			       .norm = 1,
+			       .norm_min = 6.103515625e-5f,
+			       .scale = 1.5f};
 	const int32_t ids[3] = {0, 3, 6};
 	float w[3];
 	route_weigh(&r, topp_s, ids, 3, w);
@@ -327,10 +349,20 @@ static void test_parse(void **state)
 	assert_int_equal(o.k_max, 3);
 	assert_int_equal(route_parse_routing("topk", &o), 0);
 	assert_int_equal(o.mode, ROUTE_MODE_TOPK);
-	const char *bad[] = {"",	       "topp",	       "topp:",		"topp:0",
-			     "topp:1.5",       "topp:-0.2",    "topp:nan",	"topp:0.5,",
-			     "topp:0.5,min=0", "topp:0.5,x=2", "topp:0.5,min=4,max=2",
-			     "topp:0.5 ",      "top:0.5",      "topp:0.5,max=2x"};
+	const char *bad[] = {"",
+			     "topp",
+			     "topp:",
+			     "topp:0",
+			     "topp:1.5",
+			     "topp:-0.2",
+			     "topp:nan",
+			     "topp:0.5,",
+			     "topp:0.5,min=0",
+			     "topp:0.5,x=2",
+			     "topp:0.5,min=4,max=2",
+			     "topp:0.5 ",
+			     "top:0.5",
+			     "topp:0.5,max=2x"};
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		route_opts_default(&o);
 		assert_int_equal(route_parse_routing(bad[i], &o), ERR_CONFIG);
@@ -341,14 +373,17 @@ static void test_parse(void **state)
 	assert_int_equal(o.n_bias, 3);
 	assert_int_equal(o.bias_ids[2], 30);
 	assert_float_equal(o.bias, -0.5f, 0.0f);
-	const char *bad_bias[] = {":1", "1,2", "1,:1", "a:1", "1:x", "1:inf", ",1:1", "1,,2:1",
-				  "-1:1"};
+	const char *bad_bias[] = {":1",	   "1,2",  "1,:1",   "a:1", "1:x",
+				  "1:inf", ",1:1", "1,,2:1", "-1:1"};
 	for (size_t i = 0; i < sizeof(bad_bias) / sizeof(bad_bias[0]); i++)
 		assert_int_equal(route_parse_bias(bad_bias[i], &o), ERR_CONFIG);
 
 	/* against a model: clamps within the experts, group reach, wire cap */
-	struct route_rule r = {.n_expert = 16, .k = 4, .gating = ROUTE_GATING_SIGMOID,
-			       .n_group = 4, .n_group_used = 2};
+	struct route_rule r = {.n_expert = 16,
+			       .k = 4,
+			       .gating = ROUTE_GATING_SIGMOID,
+			       .n_group = 4,
+			       .n_group_used = 2};
 	route_opts_default(&o);
 	assert_int_equal(route_parse_routing("topp:0.5,max=8", &o), 0);
 	assert_int_equal(route_check(&r, &o, "test"), 0);

@@ -68,7 +68,8 @@ static void test_against_llama(void **state)
 	float *out = malloc(sizeof(float) * (size_t)tc.n_tokens * tc.n_vocab);
 	assert_int_equal(run_case(m, &tc, 0, out), 0);
 	struct compare_result r;
-	double allow = strstr(name, "ds4") && !strstr(name, "f32") ? 0.25 : 0.10;
+	/* deepseek4 with quantised experts: llama.cpp against itself needs 25 % */
+	double allow = strstr(name, "ds4") && !strstr(name, "f32") && !strstr(name, "f16") ? 0.25 : 0.10;
 	compare_logits(tc.ref, out, tc.n_tokens, tc.n_vocab, allow, &r);
 	print_message("%s: %d/%d rows fail (allowed %d), max |diff| %.4g, max KL %.3g\n", name,
 		      r.failed, r.rows, r.allowed, r.max_abs, r.max_kl);

@@ -18,17 +18,20 @@ struct shard_layer {
 /* Per-call working set, grown on demand and then reused (no allocation in the
  * steady state). */
 struct shard_work {
-	size_t cap_items;   /* (row, slot) pairs */
+	size_t cap_items;   /* (row, slot) pairs, and rows */
 	int32_t *item_row;  /* sorted by expert: row index */
 	int32_t *item_slot; /* slot index */
-	int32_t *item_expert;
-	float *xf;	/* [items][n_embd] rows dequantised when they arrive converted */
+	int32_t *item_next; /* the next item of the same row, or -1 */
+	int32_t *row_first; /* [rows] a row's first item, or -1 */
+	float *xf;	/* [rows][n_embd] rows dequantised when they arrive converted */
 	float *g, *u;	/* [items][n_ff] */
 	float *d;	/* [items][n_embd] */
 	void *xa_gate, *xa_up; /* activations converted for the gate / up weights */
 	void *ha;	/* activated hidden rows converted for the down weights */
 	int32_t *group_start; /* [n_expert + 1] offsets into the sorted items */
 	int32_t *group_fill;
+	int32_t *group_expert; /* [n_expert] the experts with items, in id order */
+	int n_groups;
 };
 
 struct shard {
@@ -60,7 +63,8 @@ int shard_new(const struct moe_spec *spec, shard **out)
 	}
 	s->w.group_start = calloc((size_t)spec->n_expert + 1, sizeof(int32_t));
 	s->w.group_fill = calloc((size_t)spec->n_expert + 1, sizeof(int32_t));
-	if (!s->w.group_start || !s->w.group_fill)
+	s->w.group_expert = calloc((size_t)spec->n_expert + 1, sizeof(int32_t));
+	if (!s->w.group_start || !s->w.group_fill || !s->w.group_expert)
 		rc = ERR_NOMEM;
 	if (rc)
 		shard_destroy(&s);
@@ -192,7 +196,8 @@ static void shard_work_free(struct shard_work *w)
 {
 	free(w->item_row);
 	free(w->item_slot);
-	free(w->item_expert);
+	free(w->item_next);
+	free(w->row_first);
 	free(w->xf);
 	free(w->g);
 	free(w->u);
@@ -213,6 +218,7 @@ void shard_destroy(shard **ps)
 		free(s->layers[l].experts);
 	free(s->w.group_start);
 	free(s->w.group_fill);
+	free(s->w.group_expert);
 	free(s);
 	*ps = NULL;
 }
@@ -227,7 +233,8 @@ static int shard_reserve(shard *s, size_t items)
 	size_t maxin = E > F ? E : F;
 	w->item_row = malloc(items * sizeof(int32_t));
 	w->item_slot = malloc(items * sizeof(int32_t));
-	w->item_expert = malloc(items * sizeof(int32_t));
+	w->item_next = malloc(items * sizeof(int32_t));
+	w->row_first = malloc(items * sizeof(int32_t));
 	w->xf = malloc(items * E * sizeof(float));
 	w->g = malloc(items * F * sizeof(float));
 	w->u = malloc(items * F * sizeof(float));
@@ -235,8 +242,8 @@ static int shard_reserve(shard *s, size_t items)
 	w->xa_gate = malloc(items * maxin * sizeof(float) + 64);
 	w->xa_up = malloc(items * maxin * sizeof(float) + 64);
 	w->ha = malloc(items * maxin * sizeof(float) + 64);
-	if (!w->item_row || !w->item_slot || !w->item_expert || !w->xf || !w->g || !w->u || !w->d || !w->xa_gate ||
-	    !w->xa_up || !w->ha) {
+	if (!w->item_row || !w->item_slot || !w->item_next || !w->row_first || !w->xf || !w->g ||
+	    !w->u || !w->d || !w->xa_gate || !w->xa_up || !w->ha) {
 		shard_work_free(w);
 		return ERR_NOMEM;
 	}
@@ -248,6 +255,7 @@ struct shard_call {
 	shard *s;
 	const struct shard_layer *L;
 	int layer;
+	int n_rows;
 	int n_items;
 	int k;
 	const void *x;
@@ -257,167 +265,172 @@ struct shard_call {
 	float *out;
 	size_t xg_stride, xu_stride, h_stride;
 	enum kern_type at_gate, at_up, at_down;
+	int64_t ff_chunk;  /* gate/up outputs per work unit (a multiple of 32) */
+	int64_t emb_chunk; /* down outputs per work unit */
 };
 
-/* Each item's input row, converted for the gate and up weights.  A row that
- * arrives already in a weight's activation type is copied as it is. */
+/* Phase 1: each input row converted once for the gate and up weights (a row
+ * that arrives already in that activation type is used as it is), then copied
+ * to its items' places.  Work is split by rows. */
 static void shard_gather(void *ctx, int ith, int nth)
 {
 	struct shard_call *c = ctx;
 	struct shard_work *w = &c->s->w;
 	const int64_t E = c->s->spec.n_embd;
+	const int up_own = c->at_up != c->at_gate;
 	int64_t lo, hi;
-	pool_split(c->n_items, ith, nth, 1, &lo, &hi);
-	for (int64_t i = lo; i < hi; i++) {
-		const char *xr = (const char *)c->x + (size_t)w->item_row[i] * c->x_stride;
+	pool_split(c->n_rows, ith, nth, 1, &lo, &hi);
+	for (int64_t r = lo; r < hi; r++) {
+		const char *xr = (const char *)c->x + (size_t)r * c->x_stride;
 		const float *xf = (const float *)xr;
 		if (c->x_type != KERN_F32 && (c->x_type != c->at_gate || c->x_type != c->at_up)) {
-			kern_dequant_row(c->x_type, xr, w->xf + i * E, E);
-			xf = w->xf + i * E;
+			kern_dequant_row(c->x_type, xr, w->xf + r * E, E);
+			xf = w->xf + r * E;
 		}
+		/* row r's converted copies go to its first item's slot */
+		int32_t first = w->row_first[r];
+		if (first < 0)
+			continue;
+		char *g0 = (char *)w->xa_gate + (size_t)first * c->xg_stride;
 		if (c->x_type == c->at_gate && c->x_type != KERN_F32)
-			memcpy((char *)w->xa_gate + i * c->xg_stride, xr, c->xg_stride);
+			memcpy(g0, xr, c->xg_stride);
 		else
-			kern_convert_row(c->at_gate, xf, (char *)w->xa_gate + i * c->xg_stride, E);
-		if (c->at_up == c->at_gate)
-			continue;
-		if (c->x_type == c->at_up && c->x_type != KERN_F32)
-			memcpy((char *)w->xa_up + i * c->xu_stride, xr, c->xu_stride);
-		else
-			kern_convert_row(c->at_up, xf, (char *)w->xa_up + i * c->xu_stride, E);
-	}
-}
-
-/* gate and up projections: work units are (expert, matrix, 16 output rows) */
-static void shard_gate_up(void *ctx, int ith, int nth)
-{
-	struct shard_call *c = ctx;
-	struct shard_work *w = &c->s->w;
-	const int n_exp = c->s->spec.n_expert;
-	const int64_t F = c->s->spec.n_ff_exp, E = c->s->spec.n_embd;
-	const int64_t chunks = (F + 15) / 16;
-	int64_t n_units = 0;
-	for (int e = 0; e < n_exp; e++)
-		if (w->group_start[e + 1] > w->group_start[e])
-			n_units += 2 * chunks;
-	int64_t lo, hi;
-	pool_split(n_units, ith, nth, 1, &lo, &hi);
-	int64_t unit = 0;
-	const int up_own = c->at_up != c->at_gate;
-	for (int e = 0; e < n_exp && unit < hi; e++) {
-		int n = w->group_start[e + 1] - w->group_start[e];
-		if (n == 0)
-			continue;
-		const struct shard_expert_src *src = &c->L->experts[e];
-		for (int m = 0; m < 2; m++) {
-			for (int64_t ch = 0; ch < chunks; ch++, unit++) {
-				if (unit < lo || unit >= hi)
-					continue;
-				const void *xa = m == 1 && up_own ? w->xa_up : w->xa_gate;
-				size_t xs = m == 1 && up_own ? c->xu_stride : c->xg_stride;
-				float *y = (m == 0 ? w->g : w->u) + (size_t)w->group_start[e] * F;
-				int64_t o0 = ch * 16, o1 = o0 + 16 < F ? o0 + 16 : F;
-				kern_matmul(src->types[m], src->weights[m], E, o0, o1,
-					    (const char *)xa + (size_t)w->group_start[e] * xs, xs, n,
-					    y, F);
-			}
+			kern_convert_row(c->at_gate, xf, g0, E);
+		char *u0 = (char *)w->xa_up + (size_t)first * c->xu_stride;
+		if (up_own) {
+			if (c->x_type == c->at_up && c->x_type != KERN_F32)
+				memcpy(u0, xr, c->xu_stride);
+			else
+				kern_convert_row(c->at_up, xf, u0, E);
+		}
+		for (int32_t i = w->item_next[first]; i >= 0; i = w->item_next[i]) {
+			memcpy((char *)w->xa_gate + (size_t)i * c->xg_stride, g0, c->xg_stride);
+			if (up_own)
+				memcpy((char *)w->xa_up + (size_t)i * c->xu_stride, u0,
+				       c->xu_stride);
 		}
 	}
 }
 
-/* biases, activation, conversion for the down weights */
-static void shard_act(void *ctx, int ith, int nth)
+/* Bias, activation and conversion for the down weights of items
+ * [i0, i0 + n) of expert e, hidden columns [j0, j1) (j0, j1 multiples of the
+ * down weights' activation block, or j1 = F). */
+static void shard_act_cols(const struct shard_call *c, int e, int64_t i0, int64_t n, int64_t j0,
+			   int64_t j1)
 {
-	struct shard_call *c = ctx;
 	struct shard_work *w = &c->s->w;
 	const struct moe_spec *sp = &c->s->spec;
 	const int64_t F = sp->n_ff_exp;
 	const float lim = sp->act_limit[c->layer], alpha = sp->act_alpha;
-	int64_t lo, hi;
-	pool_split(c->n_items, ith, nth, 1, &lo, &hi);
-	for (int64_t i = lo; i < hi; i++) {
+	const struct shard_expert_src *src = &c->L->experts[e];
+	const size_t col_bytes = kern_row_bytes(c->at_down, j0);
+	for (int64_t i = i0; i < i0 + n; i++) {
 		float *g = w->g + i * F, *u = w->u + i * F;
-		const struct shard_expert_src *src = &c->L->experts[w->item_expert[i]];
 		if (src->biases[SHARD_GATE]) {
-			for (int64_t j = 0; j < F; j++) {
+			for (int64_t j = j0; j < j1; j++) {
 				g[j] += src->biases[SHARD_GATE][j];
 				u[j] += src->biases[SHARD_UP][j];
 			}
 		}
 		switch (sp->act) {
 		case MOE_ACT_SWIGLU:
-			for (int64_t j = 0; j < F; j++)
+			for (int64_t j = j0; j < j1; j++)
 				g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
 			break;
 		case MOE_ACT_SWIGLU_OAI:
-			for (int64_t j = 0; j < F; j++) {
+			for (int64_t j = j0; j < j1; j++) {
 				float x = fminf(g[j], lim);
 				float y = fminf(fmaxf(u[j], -lim), lim);
 				g[j] = x / (1.0f + expf(alpha * (-x))) * (y + 1.0f);
 			}
 			break;
 		case MOE_ACT_SWIGLU_CLAMP:
-			for (int64_t j = 0; j < F; j++) {
+			for (int64_t j = j0; j < j1; j++) {
 				float x = fminf(g[j], lim);
 				float y = fminf(fmaxf(u[j], -lim), lim);
 				g[j] = x / (1.0f + expf(-x)) * y;
 			}
 			break;
 		}
-		kern_convert_row(c->at_down, g, (char *)w->ha + i * c->h_stride, F);
+		kern_convert_row(c->at_down, g + j0, (char *)w->ha + i * c->h_stride + col_bytes,
+				 j1 - j0);
 	}
 }
 
-/* down projection: work units are (expert, 16 output rows) */
+/* Phase 2: gate and up projections, then the activation of those columns.
+ * Work units are (expert, ff_chunk hidden columns); the activation and the
+ * block conversion are per column block, so no unit waits for another. */
+static void shard_gate_up(void *ctx, int ith, int nth)
+{
+	struct shard_call *c = ctx;
+	struct shard_work *w = &c->s->w;
+	const int64_t F = c->s->spec.n_ff_exp, E = c->s->spec.n_embd;
+	const int64_t chunks = (F + c->ff_chunk - 1) / c->ff_chunk;
+	int64_t lo, hi;
+	pool_split(w->n_groups * chunks, ith, nth, 1, &lo, &hi);
+	const int up_own = c->at_up != c->at_gate;
+	for (int64_t unit = lo; unit < hi; unit++) {
+		const int e = w->group_expert[unit / chunks];
+		const int64_t ch = unit % chunks;
+		const int64_t i0 = w->group_start[e];
+		const int n = w->group_start[e + 1] - w->group_start[e];
+		const struct shard_expert_src *src = &c->L->experts[e];
+		const int64_t o0 = ch * c->ff_chunk, o1 = o0 + c->ff_chunk < F ? o0 + c->ff_chunk : F;
+		kern_matmul(src->types[SHARD_GATE], src->weights[SHARD_GATE], E, o0, o1,
+			    (const char *)w->xa_gate + (size_t)i0 * c->xg_stride, c->xg_stride, n,
+			    w->g + (size_t)i0 * F, F);
+		const void *xu = up_own ? w->xa_up : w->xa_gate;
+		size_t xus = up_own ? c->xu_stride : c->xg_stride;
+		kern_matmul(src->types[SHARD_UP], src->weights[SHARD_UP], E, o0, o1,
+			    (const char *)xu + (size_t)i0 * xus, xus, n, w->u + (size_t)i0 * F, F);
+		shard_act_cols(c, e, i0, n, o0, o1);
+	}
+}
+
+/* Phase 3: down projection, then bias, routing weight and the scatter to
+ * (row, slot) of those columns.  Work units are (expert, emb_chunk outputs). */
 static void shard_down(void *ctx, int ith, int nth)
 {
 	struct shard_call *c = ctx;
 	struct shard_work *w = &c->s->w;
-	const int n_exp = c->s->spec.n_expert;
 	const int64_t F = c->s->spec.n_ff_exp, E = c->s->spec.n_embd;
-	const int64_t chunks = (E + 15) / 16;
-	int64_t n_units = 0;
-	for (int e = 0; e < n_exp; e++)
-		if (w->group_start[e + 1] > w->group_start[e])
-			n_units += chunks;
+	const int64_t chunks = (E + c->emb_chunk - 1) / c->emb_chunk;
 	int64_t lo, hi;
-	pool_split(n_units, ith, nth, 1, &lo, &hi);
-	int64_t unit = 0;
-	for (int e = 0; e < n_exp && unit < hi; e++) {
-		int n = w->group_start[e + 1] - w->group_start[e];
-		if (n == 0)
-			continue;
+	pool_split(w->n_groups * chunks, ith, nth, 1, &lo, &hi);
+	for (int64_t unit = lo; unit < hi; unit++) {
+		const int e = w->group_expert[unit / chunks];
+		const int64_t ch = unit % chunks;
+		const int64_t i0 = w->group_start[e];
+		const int n = w->group_start[e + 1] - w->group_start[e];
 		const struct shard_expert_src *src = &c->L->experts[e];
-		for (int64_t ch = 0; ch < chunks; ch++, unit++) {
-			if (unit < lo || unit >= hi)
-				continue;
-			int64_t o0 = ch * 16, o1 = o0 + 16 < E ? o0 + 16 : E;
-			kern_matmul(src->types[SHARD_DOWN], src->weights[SHARD_DOWN], F, o0, o1,
-				    (const char *)w->ha + (size_t)w->group_start[e] * c->h_stride,
-				    c->h_stride, n, w->d + (size_t)w->group_start[e] * E, E);
+		const int64_t o0 = ch * c->emb_chunk,
+			      o1 = o0 + c->emb_chunk < E ? o0 + c->emb_chunk : E;
+		kern_matmul(src->types[SHARD_DOWN], src->weights[SHARD_DOWN], F, o0, o1,
+			    (const char *)w->ha + (size_t)i0 * c->h_stride, c->h_stride, n,
+			    w->d + (size_t)i0 * E, E);
+		const float *b = src->biases[SHARD_DOWN];
+		for (int64_t i = i0; i < i0 + n; i++) {
+			const size_t rs =
+			    (size_t)w->item_row[i] * (size_t)c->k + (size_t)w->item_slot[i];
+			const float wt = c->wts[rs];
+			float *d = w->d + i * E, *o = c->out + rs * (size_t)E;
+			if (b)
+				for (int64_t j = o0; j < o1; j++)
+					d[j] += b[j];
+			for (int64_t j = o0; j < o1; j++)
+				o[j] = d[j] * wt;
 		}
 	}
 }
 
-/* bias, routing weight, scatter to (row, slot) */
-static void shard_scatter(void *ctx, int ith, int nth)
+/* Runs a phase on the pool, or on the calling thread when it is too small to
+ * be worth waking the other threads for. */
+static void shard_phase(pool *p, pool_fn fn, struct shard_call *c, int small)
 {
-	struct shard_call *c = ctx;
-	struct shard_work *w = &c->s->w;
-	const int64_t E = c->s->spec.n_embd;
-	int64_t lo, hi;
-	pool_split(c->n_items, ith, nth, 1, &lo, &hi);
-	for (int64_t i = lo; i < hi; i++) {
-		const size_t rs = (size_t)w->item_row[i] * (size_t)c->k + (size_t)w->item_slot[i];
-		const float wt = c->wts[rs];
-		float *d = w->d + i * E, *o = c->out + rs * (size_t)E;
-		const float *b = c->L->experts[w->item_expert[i]].biases[SHARD_DOWN];
-		if (b)
-			for (int64_t j = 0; j < E; j++)
-				d[j] += b[j];
-		for (int64_t j = 0; j < E; j++)
-			o[j] = d[j] * wt;
-	}
+	if (small)
+		fn(c, 0, 1);
+	else
+		pool_run(p, fn, c);
 }
 
 int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const void *x,
@@ -447,8 +460,8 @@ int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const void *x
 	if (n_items == 0)
 		return 0;
 	struct shard_call c = {
-		.s = s, .L = L, .layer = layer, .n_items = (int)n_items, .k = k, .x = x,
-		.x_type = x_type, .wts = wts, .out = out,
+		.s = s, .L = L, .layer = layer, .n_rows = n_rows, .n_items = (int)n_items, .k = k,
+		.x = x, .x_type = x_type, .wts = wts, .out = out,
 		.at_gate = kern_act_type(L->types[SHARD_GATE]),
 		.at_up = kern_act_type(L->types[SHARD_UP]),
 		.at_down = kern_act_type(L->types[SHARD_DOWN]),
@@ -462,14 +475,21 @@ int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const void *x
 	c.xg_stride = kern_row_bytes(c.at_gate, sp->n_embd);
 	c.xu_stride = kern_row_bytes(c.at_up, sp->n_embd);
 	c.h_stride = kern_row_bytes(c.at_down, sp->n_ff_exp);
-	int rc = shard_reserve(s, n_items);
+	int rc = shard_reserve(s, n_items > (size_t)n_rows ? n_items : (size_t)n_rows);
 	if (rc)
 		return rc;
-	for (int e = 0; e < sp->n_expert; e++)
+	w->n_groups = 0;
+	for (int e = 0; e < sp->n_expert; e++) {
+		if (w->group_start[e + 1] > 0)
+			w->group_expert[w->n_groups++] = e;
 		w->group_start[e + 1] += w->group_start[e];
+	}
 	memcpy(w->group_fill, w->group_start, (size_t)sp->n_expert * sizeof(int32_t));
-	/* items of one expert keep row order, so results do not depend on batching */
+	/* items of one expert keep row order, so results do not depend on
+	 * batching; each row's items are chained for the gather */
 	for (int r = 0; r < n_rows; r++) {
+		int32_t prev = -1;
+		w->row_first[r] = -1;
 		for (int j = 0; j < k; j++) {
 			int32_t e = ids[(size_t)r * k + j];
 			if (e < 0)
@@ -477,13 +497,22 @@ int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const void *x
 			int32_t at = w->group_fill[e]++;
 			w->item_row[at] = r;
 			w->item_slot[at] = j;
-			w->item_expert[at] = e;
+			w->item_next[at] = -1;
+			if (prev < 0)
+				w->row_first[r] = at;
+			else
+				w->item_next[prev] = at;
+			prev = at;
 		}
 	}
-	pool_run(p, shard_gather, &c);
+	/* Work units: about 64 hidden columns (whole activation blocks, so a
+	 * unit converts its own columns for the down weights) and 64 output
+	 * columns; a handful of rows runs the light phases on this thread. */
+	c.ff_chunk = sp->n_ff_exp >= 64 ? 64 : sp->n_ff_exp;
+	c.emb_chunk = 64;
+	const int small = n_items <= 16;
+	shard_phase(p, shard_gather, &c, small);
 	pool_run(p, shard_gate_up, &c);
-	pool_run(p, shard_act, &c);
 	pool_run(p, shard_down, &c);
-	pool_run(p, shard_scatter, &c);
 	return 0;
 }

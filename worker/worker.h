@@ -6,9 +6,14 @@
  *                                                   ^                          |
  *                                                   +---------Assign-----------+
  *   SERVING: Batch -> shard_compute -> Result (+ raw frame of F32 outputs)
+ *            Assign (next epoch) -> add the missing experts (from the file, or
+ *              from WeightChunks arriving between Batches) -> Ready
+ *            Release -> free the listed experts -> Ready (released)
  *            Heartbeat -> Heartbeat (same nonce); Stats -> Stats
  *            Shutdown -> return 0
  *
+ * Before Hello the worker measures its speed on a synthetic expert (Hello's
+ * expert_rows_per_sec; CPU-based, scaled by cfg->slowdown).
  * In LOADING the worker takes its experts from its own copy of the GGUF
  * (cfg->model_path, mmapped: only the assigned experts' bytes are read) or,
  * when the Assign says `stream` or it has no copy, from WeightChunk messages.
