@@ -724,9 +724,11 @@ static void ds2_swiglu_ffn(struct ds2 *m, const gguf_tensor *gate, const gguf_te
 	pool *p = m->env->pool;
 	const int64_t E = m->hp.n_embd, F = (int64_t)gate->ne[1];
 	float *g = m->s.gate, *u = m->s.up;
-	/* (n, E) @ (E, F) -> (n, F), twice */
-	ops_matmul(p, gate, h, E, n, g, F, m->s.mm);
-	ops_matmul(p, up, h, E, n, u, F, m->s.mm);
+	/* (n, E) @ (E, F) -> (n, F), twice, in one pass */
+	const gguf_tensor *gu[2] = {gate, up};
+	float *const gu_y[2] = {g, u};
+	const int64_t gu_s[2] = {F, F};
+	ops_matmul_multi(p, 2, gu, h, E, n, gu_y, gu_s, m->s.mm);
 	for (int64_t i = 0; i < (int64_t)n * F; i++)
 		g[i] = ops_silu(g[i]) * u[i];
 	/* (n, F) @ (F, E) -> (n, E) */

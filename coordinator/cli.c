@@ -13,6 +13,7 @@
 #include "../common/err.h"
 #include "../common/log.h"
 #include "../kernels/kern.h"
+#include "ops.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -65,6 +66,7 @@ struct cli_opts {
 	struct route_opts route; /* --routing, --router-bias (all zero: the model's own) */
 	const char *worker_memory; /* info: --worker-memory 64G,64G */
 	int kv_f32;		   /* --kv-type f32 */
+	int roofline;		   /* bench --roofline */
 };
 
 #define CLI_CLUSTER_OPTS \
@@ -127,6 +129,10 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 		}
 		if (!strcmp(a, "--stats")) {
 			o->stats = 1;
+			continue;
+		}
+		if (!strcmp(a, "--roofline")) {
+			o->roofline = 1;
 			continue;
 		}
 		if (!strcmp(a, "--insecure")) {
@@ -913,7 +919,11 @@ static const char *cli_usage_bench =
 	"usage: moefleet bench -m MODEL.gguf [--pp 512] [--tg 128] [--reps 5] [--threads T]\n"
 	"  pp: one batch of N tokens into an empty context; tg: N single-token decodes,\n"
 	"  each producing logits.  Prints medians; the last line is\n"
-	"  'bench: ppN X tok/s, tgM Y tok/s'.\n";
+	"  'bench: ppN X tok/s, tgM Y tok/s'.\n"
+	"  --roofline  also print the weight bytes one decoded token reads (attention\n"
+	"              and dense, shared experts, the routed experts chosen, head), the\n"
+	"              measured read bandwidth of the threads, and the fraction of that\n"
+	"              bound the tg speed reaches.\n";
 
 static int cli_cmp_double(const void *a, const void *b)
 {
@@ -930,7 +940,7 @@ static double cli_median(double *v, int n)
 static int cli_bench(int argc, char **argv)
 {
 	struct cli_opts o = {.pp = 512, .tg = 128, .reps = 5};
-	if (cli_parse(argc, argv, "-m --model --pp --tg --reps --threads -t" CLI_CLUSTER_OPTS, &o) ||
+	if (cli_parse(argc, argv, "-m --model --pp --tg --reps --threads -t --roofline" CLI_CLUSTER_OPTS, &o) ||
 	    (!o.help && !o.model)) {
 		fputs(cli_usage_bench, stderr);
 		return CLI_USAGE;
@@ -1004,6 +1014,20 @@ static int cli_bench(int argc, char **argv)
 	}
 	double pp = o.pp > 0 ? (double)o.pp / cli_median(pp_t, (int)o.reps) : 0.0;
 	double tg = o.tg > 0 ? (double)o.tg / cli_median(tg_t, (int)o.reps) : 0.0;
+	if (o.roofline) {
+		struct ops_decode_bytes db;
+		ops_decode_bytes(model_get_gguf(m), info->moe.n_expert_used, &db);
+		double bw = ops_read_bandwidth(model_get_pool(m), (size_t)512 << 20);
+		double bound = bw > 0 ? bw / (double)db.total : 0.0;
+		printf("roofline: %.1f MB of weights per decoded token (dense/attention %.1f, "
+		       "shared experts %.1f, routed %.1f, head %.1f)\n",
+		       (double)db.total / 1e6, (double)db.dense / 1e6, (double)db.shared / 1e6,
+		       (double)db.routed / 1e6, (double)db.head / 1e6);
+		printf("roofline: read bandwidth %.2f GB/s (%d threads) -> bound %.1f tok/s; "
+		       "tg %.2f tok/s = %.2f of the bound (%.2f GB/s of weights)\n",
+		       bw / 1e9, pool_size(model_get_pool(m)), bound, tg,
+		       bound > 0 ? tg / bound : 0.0, tg * (double)db.total / 1e9);
+	}
 	printf("bench: pp%ld %.2f tok/s, tg%ld %.2f tok/s\n", o.pp, pp, o.tg, tg);
 	rc = CLI_OK;
 out:

@@ -2,7 +2,9 @@
 #include "../kernels/kern.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 size_t ops_matmul_scratch(int64_t n_in, int64_t n_rows)
 {
@@ -64,6 +66,61 @@ void ops_matmul_raw(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t
 		return;
 	}
 	pool_run(p, mm_compute, &j);
+}
+
+struct mm_multi {
+	struct mm_job j[OPS_MULTI_MAX];
+	int n_w;
+	int64_t units[OPS_MULTI_MAX + 1]; /* prefix sums of 16-output units */
+};
+
+static void mm_compute_multi(void *ctx, int ith, int nth)
+{
+	struct mm_multi *m = ctx;
+	int64_t lo, hi;
+	pool_split(m->units[m->n_w], ith, nth, 1, &lo, &hi);
+	for (int i = 0; i < m->n_w && lo < hi; i++) {
+		const struct mm_job *j = &m->j[i];
+		int64_t a = lo > m->units[i] ? lo : m->units[i];
+		int64_t b = hi < m->units[i + 1] ? hi : m->units[i + 1];
+		if (a >= b)
+			continue;
+		int64_t o0 = (a - m->units[i]) * 16, o1 = (b - m->units[i]) * 16;
+		if (o1 > j->n_out)
+			o1 = j->n_out;
+		kern_matmul(j->type, j->w, j->n_in, o0, o1, j->xa, j->xa_stride, j->n_rows, j->y,
+			    j->y_stride);
+	}
+}
+
+void ops_matmul_multi(pool *p, int n_w, const gguf_tensor *const *w, const float *x,
+		      int64_t x_stride, int64_t n_rows, float *const *y, const int64_t *y_stride,
+		      void *scratch)
+{
+	int same = n_w >= 1 && n_w <= OPS_MULTI_MAX;
+	for (int i = 1; i < n_w && same; i++)
+		same = w[i]->type == w[0]->type && w[i]->ne[0] == w[0]->ne[0];
+	if (!same) {
+		for (int i = 0; i < n_w; i++)
+			ops_matmul(p, w[i], x, x_stride, n_rows, y[i], y_stride[i], scratch);
+		return;
+	}
+	struct mm_multi m = {.n_w = n_w};
+	for (int i = 0; i < n_w; i++) {
+		m.j[i] = (struct mm_job){
+		    .type = w[i]->type, .w = w[i]->data, .n_in = (int64_t)w[i]->ne[0],
+		    .n_out = (int64_t)w[i]->ne[1], .x = x, .x_stride = x_stride,
+		    .n_rows = n_rows, .y = y[i], .y_stride = y_stride[i], .xa = scratch,
+		    .at = kern_act_type(w[i]->type),
+		};
+		m.j[i].xa_stride = kern_row_bytes(m.j[i].at, m.j[i].n_in);
+		m.units[i + 1] = m.units[i] + (m.j[i].n_out + 15) / 16;
+	}
+	if (n_rows * m.j[0].n_in < 4096 || pool_size(p) == 1)
+		mm_convert(&m.j[0], 0, 1);
+	else
+		pool_run(p, mm_convert, &m.j[0]);
+	pool_run(p, mm_compute_multi, &m);
 }
 
 void ops_matmul(pool *p, const gguf_tensor *w, const float *x, int64_t x_stride, int64_t n_rows,
@@ -157,4 +214,81 @@ void ops_rope_apply(const struct ops_rope *r, float *x, int64_t pos)
 		x[b] = x0 * s + x1 * c;
 		theta_extrap *= theta_scale;
 	}
+}
+
+void ops_decode_bytes(const gguf *g, int n_used, struct ops_decode_bytes *out)
+{
+	memset(out, 0, sizeof(*out));
+	const int tied = gguf_find_tensor(g, "output.weight") == NULL;
+	for (uint64_t i = 0; i < gguf_n_tensors(g); i++) {
+		const gguf_tensor *t = gguf_tensor_at(g, i);
+		if (!t)
+			continue;
+		uint64_t b = t->n_bytes;
+		if (strstr(t->name, "_exps.")) {
+			uint64_t n_exp = t->n_dims >= 3 ? t->ne[2] : t->n_dims == 2 ? t->ne[1] : 1;
+			uint64_t used = n_used > 0 ? (uint64_t)n_used : 0;
+			if (n_exp > 0)
+				out->routed += b / n_exp * (used < n_exp ? used : n_exp);
+		} else if (strstr(t->name, "shexp")) {
+			out->shared += b;
+		} else if (!strcmp(t->name, "token_embd.weight")) {
+			out->head += tied || t->n_dims < 2 || t->ne[1] == 0 ? b : b / t->ne[1];
+		} else if (!strcmp(t->name, "output.weight")) {
+			out->head += b;
+		} else {
+			out->dense += b;
+		}
+	}
+	out->total = out->dense + out->shared + out->routed + out->head;
+}
+
+struct bw_job {
+	const uint64_t *buf;
+	size_t n; /* uint64 values */
+	uint64_t sink[256];
+};
+
+/* Touches one value per 64-byte line: the cost is the line transfers. */
+static void bw_read(void *ctx, int ith, int nth)
+{
+	struct bw_job *j = ctx;
+	int64_t lo, hi;
+	pool_split((int64_t)j->n, ith, nth, 8, &lo, &hi);
+	uint64_t s0 = 0, s1 = 0;
+	for (int64_t i = lo; i + 8 < hi; i += 16) {
+		s0 += j->buf[i];
+		s1 += j->buf[i + 8];
+	}
+	j->sink[ith & 255] = s0 + s1;
+}
+
+static double bw_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+double ops_read_bandwidth(pool *p, size_t bytes)
+{
+	struct bw_job *j = calloc(1, sizeof(*j));
+	uint64_t *buf = malloc(bytes);
+	double best = 0.0;
+	if (!j || !buf)
+		goto out;
+	memset(buf, 1, bytes);
+	j->buf = buf;
+	j->n = bytes / sizeof(uint64_t);
+	for (int rep = 0; rep < 3; rep++) {
+		double t0 = bw_now();
+		pool_run(p, bw_read, j);
+		double dt = bw_now() - t0;
+		if (dt > 0 && (double)bytes / dt > best)
+			best = (double)bytes / dt;
+	}
+out:
+	free(buf);
+	free(j);
+	return best;
 }

@@ -22,10 +22,35 @@ size_t ops_matmul_scratch(int64_t n_in, int64_t n_rows);
  * apart, y rows y_stride floats apart. */
 void ops_matmul(pool *p, const gguf_tensor *w, const float *x, int64_t x_stride,
 		int64_t n_rows, float *y, int64_t y_stride, void *scratch);
+/* Several 2-D weights that take the same input (an FFN's gate and up): the
+ * activations are converted once and all the products share one pool pass.
+ * y[i] receives w[i]'s outputs (rows y_stride[i] floats apart); results are
+ * those of one ops_matmul per weight.  Weights of different types or input
+ * sizes fall back to one ops_matmul each.  n_w <= OPS_MULTI_MAX. */
+#define OPS_MULTI_MAX 4
+void ops_matmul_multi(pool *p, int n_w, const gguf_tensor *const *w, const float *x,
+		      int64_t x_stride, int64_t n_rows, float *const *y, const int64_t *y_stride,
+		      void *scratch);
 /* The same for a raw weight matrix (e.g. one slice of a 3-D tensor). */
 void ops_matmul_raw(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t n_out,
 		    const float *x, int64_t x_stride, int64_t n_rows, float *y,
 		    int64_t y_stride, void *scratch);
+
+/* Bytes of weights one decoded token reads, by part: every tensor once,
+ * except the routed experts' (names with "_exps."), of which n_used of
+ * ne[2] experts are read, and token_embd, of which one row is read (all of it
+ * when there is no output.weight, i.e. tied embeddings). */
+struct ops_decode_bytes {
+	uint64_t dense;	 /* attention, norms, routers, dense FFNs */
+	uint64_t shared; /* shared experts ("shexp") */
+	uint64_t routed; /* n_used routed experts per MoE layer */
+	uint64_t head;	 /* output projection (and the embedding row) */
+	uint64_t total;
+};
+void ops_decode_bytes(const gguf *g, int n_used, struct ops_decode_bytes *out);
+/* Measured read bandwidth (bytes/s) of the pool's threads together over a
+ * buffer of `bytes` (much larger than the caches); 0 if it cannot allocate. */
+double ops_read_bandwidth(pool *p, size_t bytes);
 
 /* y = x / sqrt(mean(x^2) + eps) (* w if w != NULL); sum in double as ggml. y may be x. */
 void ops_rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps);

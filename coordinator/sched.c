@@ -21,7 +21,6 @@ struct sched {
 	int n_reqs;
 	uint8_t *slot_busy; /* [n_slots] */
 	uint64_t next_seq;
-	int rotate; /* first decode request to serve when they exceed the batch */
 };
 
 int sched_new(const struct sched_config *cfg, sched **out)
@@ -137,31 +136,17 @@ int sched_step(sched *s, struct sched_item *items, int cap)
 {
 	sched_admit(s);
 	int n = 0, budget = s->cfg.max_batch;
-	/* 1. decodes, oldest first, starting at a rotating offset when they do not
-	 * all fit */
-	int n_dec = 0;
-	for (int i = 0; i < s->n_reqs; i++)
-		n_dec += s->reqs[i].state == SCHED_DECODE;
-	if (n_dec > 0) {
-		int skip = n_dec > budget ? s->rotate % n_dec : 0;
-		struct sched_req *r = sched_next_in_order(s, SCHED_DECODE, 0, 1);
-		for (int k = 0; k < skip; k++)
-			r = sched_next_in_order(s, SCHED_DECODE, r->seq, 0);
-		for (int k = 0; k < n_dec && budget > 0 && n < cap; k++) {
-			if (!r)
-				r = sched_next_in_order(s, SCHED_DECODE, 0, 1);
-			items[n++] = (struct sched_item){.id = r->id,
-							 .slot = r->slot,
-							 .pos = r->n_fed,
-							 .n_tokens = 1,
-							 .decode = 1,
-							 .sample = 1};
-			r->n_fed++;
-			budget--;
-			r = sched_next_in_order(s, SCHED_DECODE, r->seq, 0);
-		}
-		if (n_dec > s->cfg.max_batch)
-			s->rotate = (s->rotate + s->cfg.max_batch) % n_dec;
+	/* 1. every decode (n_slots < max_batch: they always fit), oldest first */
+	for (struct sched_req *r = sched_next_in_order(s, SCHED_DECODE, 0, 1); r && n < cap;
+	     r = sched_next_in_order(s, SCHED_DECODE, r->seq, 0)) {
+		items[n++] = (struct sched_item){.id = r->id,
+						 .slot = r->slot,
+						 .pos = r->n_fed,
+						 .n_tokens = 1,
+						 .decode = 1,
+						 .sample = 1};
+		r->n_fed++;
+		budget--;
 	}
 	/* 2. prefill chunks, oldest first, only whole chunks */
 	uint64_t after = 0;

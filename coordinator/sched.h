@@ -10,8 +10,8 @@
  *                   └────────── sched_remove (finished, cancelled) ─────────┘
  *
  * One step (sched_step) holds at most max_batch tokens:
- *  1. one decode token for every request in DECODE (when there are more than
- *     max_batch of them, a rotating window of them, so each gets its turn);
+ *  1. one decode token for every request in DECODE (they always fit: there
+ *     are fewer slots than max_batch);
  *  2. then, in admission order, one prefill chunk per request in PREFILL while
  *     the whole chunk fits.  A request's prompt is always cut the same way,
  *     into chunks of exactly `chunk` tokens and a remainder, whatever else the
@@ -69,8 +69,8 @@ int sched_add(sched *s, uint64_t id, int n_prompt, int n_max);
  * clears that slot's KV cache before it is reused), or -1 if it held none or
  * is unknown. */
 int sched_remove(sched *s, uint64_t id);
-/* Plans the next step into items[0..cap) (cap >= max_batch is always
- * enough); returns how many items, 0 when there is nothing to do. */
+/* Plans the next step into items[0..cap) (cap must be >= n_slots; max_batch
+ * is always enough); returns how many items, 0 when there is nothing to do. */
 int sched_step(sched *s, struct sched_item *items, int cap);
 
 enum sched_state sched_get_state(const sched *s, uint64_t id);

@@ -679,6 +679,7 @@ struct serve_stream {
 	int first, ended, logged;
 };
 
+/* Appends a built event (taken over) of n bytes. */
 static int serve_stream_add(struct serve_stream *st, char *chunk, size_t n)
 {
 	if (!chunk)
@@ -701,7 +702,8 @@ static int serve_stream_fill(struct serve_stream *st)
 	size_t n = 0;
 	if (r->out_len > 0 || r->n_lps > 0 || (st->first && !r->done)) {
 		ar.finish_reason = NULL;
-		if (serve_stream_add(st, api_result_chunk(&ar, st->first, &n), n))
+		char *ev = api_result_chunk(&ar, st->first, &n);
+		if (serve_stream_add(st, ev, n))
 			return ERR_NOMEM;
 		st->first = 0;
 		r->out_len = 0;
@@ -726,11 +728,14 @@ static int serve_stream_fill(struct serve_stream *st)
 			serve_result(st->s, r, &ar);
 			ar.text_len = 0;
 			ar.logprobs = NULL;
-			if (serve_stream_add(st, api_result_chunk(&ar, st->first, &n), n))
+			char *ev = api_result_chunk(&ar, st->first, &n);
+			if (serve_stream_add(st, ev, n))
 				return ERR_NOMEM;
-			if (r->include_usage &&
-			    serve_stream_add(st, api_usage_chunk(&ar, &n), n))
-				return ERR_NOMEM;
+			if (r->include_usage) {
+				ev = api_usage_chunk(&ar, &n);
+				if (serve_stream_add(st, ev, n))
+					return ERR_NOMEM;
+			}
 		}
 		if (serve_stream_add(st, strdup("data: [DONE]\n\n"), 14))
 			return ERR_NOMEM;
@@ -900,7 +905,8 @@ static void serve_handle(void *ctx, const struct http_request *hr, struct http_r
 		serve_error(s, res, endpoint, &e);
 		return;
 	}
-	int want_post = endpoint[4] == 'c' || endpoint[3] == 'c';
+	int chat = !strcmp(endpoint, "/v1/chat/completions");
+	int want_post = chat || !strcmp(endpoint, "/v1/completions");
 	if ((want_post && !post) || (!want_post && !get)) {
 		api_error_set(&e, 405, "invalid_request_error", NULL, NULL, "use %s for %s",
 			      want_post ? "POST" : "GET", endpoint);
@@ -915,8 +921,7 @@ static void serve_handle(void *ctx, const struct http_request *hr, struct http_r
 	} else if (!strcmp(endpoint, "/metrics")) {
 		serve_metrics(s, res);
 	} else {
-		serve_completion(s, endpoint[4] == 'c' ? API_CHAT : API_COMPLETION, endpoint, hr,
-				 res);
+		serve_completion(s, chat ? API_CHAT : API_COMPLETION, endpoint, hr, res);
 	}
 }
 
