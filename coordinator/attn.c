@@ -43,7 +43,8 @@
 /* The row kernels are built twice and chosen at load time by CPU: with FMA,
  * fmaf() is one instruction instead of a library call (same result: an FMA
  * is exact by definition). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* not under TSan: it instruments the clone resolver, which runs before it is set up */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
 #define ATTN_HOT __attribute__((target_clones("fma", "default")))
 #else
 #define ATTN_HOT
@@ -96,8 +97,7 @@ static int attn_simd_ok(void)
 {
 	static int ok = -1;
 	if (ok < 0)
-		ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-		     __builtin_cpu_supports("f16c");
+		ok = kern_cpu_avx2();
 	return ok;
 }
 #else

@@ -1,6 +1,9 @@
 /* kern: type table, scalar conversions, and run-time dispatch between the
  * scalar (kern_ref.c) and AVX2 (kern_avx2.c) implementations. */
 #include <stdatomic.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <string.h>
 
 #include "kernels/kern.h"
@@ -183,18 +186,24 @@ enum kern_isa { KERN_ISA_SCALAR = 0, KERN_ISA_AVX2 = 1 };
 static atomic_int kern_isa_found = -1; /* -1: kern_init() not yet run */
 static atomic_int kern_ref_forced;
 
+int kern_cpu_avx2(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	/* F16C through cpuid: clang's __builtin_cpu_supports does not know it */
+	unsigned int eax, ebx, ecx, edx;
+	__builtin_cpu_init();
+	return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+	       __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+#else
+	return 0;
+#endif
+}
+
 void kern_init(void)
 {
 	if (atomic_load(&kern_isa_found) >= 0)
 		return;
-	int isa = KERN_ISA_SCALAR;
-#if defined(__x86_64__) || defined(__i386__)
-	__builtin_cpu_init();
-	if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-	    __builtin_cpu_supports("f16c"))
-		isa = KERN_ISA_AVX2;
-#endif
-	atomic_store(&kern_isa_found, isa);
+	atomic_store(&kern_isa_found, kern_cpu_avx2() ? KERN_ISA_AVX2 : KERN_ISA_SCALAR);
 }
 
 void kern_force_ref(int on)

@@ -64,6 +64,8 @@ uint16_t kern_f32_to_bf16(float f);
 void kern_init(void);
 void kern_force_ref(int on);
 const char *kern_isa_name(void); /* "avx2" or "scalar" */
+/* 1 if this CPU runs AVX2+FMA+F16C code (whatever kern_force_ref says). */
+int kern_cpu_avx2(void);
 
 /* Row conversions. */
 void kern_dequant_row(uint32_t type, const void *src, float *dst, int64_t n);

@@ -650,11 +650,11 @@ static void quantize_row_q8_0_avx2(const float *x, struct kern_block_q8_0 *y, in
 		const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
 		y[ib].d = _cvtss_sh(d, 0);
 		const __m256 mul = _mm256_set1_ps(id);
-		const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-		__m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), rnd));
-		__m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), rnd));
-		__m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), rnd));
-		__m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), rnd));
+#define KERN_RND (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+		__m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), KERN_RND));
+		__m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), KERN_RND));
+		__m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), KERN_RND));
+		__m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), KERN_RND));
 		i0 = _mm256_packs_epi32(i0, i1);
 		i2 = _mm256_packs_epi32(i2, i3);
 		i0 = _mm256_packs_epi16(i0, i2);
