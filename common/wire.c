@@ -180,6 +180,7 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		break;
 	case WIRE_SHUTDOWN:
 		shutdown.reason = (char *)m->u.text;
+		shutdown.rejoin = m->shutdown_rejoin != 0;
 		env.body_case = MOEFLEET__ENVELOPE__BODY_SHUTDOWN;
 		env.shutdown = &shutdown;
 		break;
@@ -367,7 +368,7 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 	case MOEFLEET__ENVELOPE__BODY_WEIGHT_CHUNK: {
 		const Moefleet__WeightChunk *c = env->weight_chunk;
 		out->kind = WIRE_WEIGHT_CHUNK;
-		if (c->tensor > 5 || !kern_type_known(c->type) || c->total > (1ull << 40) ||
+		if (c->tensor > 5 || !kern_type_dot(c->type) || c->total > (1ull << 40) ||
 		    c->offset > c->total) {
 			rc = wire_bad(peer, "weight chunk out of range");
 			goto out;
@@ -480,6 +481,7 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 	case MOEFLEET__ENVELOPE__BODY_SHUTDOWN:
 		out->kind = WIRE_SHUTDOWN;
 		wire_copy_str(out->u.text, sizeof(out->u.text), env->shutdown->reason);
+		out->shutdown_rejoin = env->shutdown->rejoin;
 		break;
 	case MOEFLEET__ENVELOPE__BODY_ERROR:
 		out->kind = WIRE_ERROR;

@@ -62,6 +62,11 @@ int arch_tensor_opt(const struct arch_env *env, const gguf_tensor **out, int64_t
 		    int64_t ne1, int64_t ne2, const char *fmt, ...)
 	__attribute__((format(printf, 6, 7)));
 
+/* The same for an I32 table (e.g. token id -> expert ids); arch_tensor and
+ * arch_tensor_opt refuse I32 tensors. */
+int arch_tensor_ids(const struct arch_env *env, const gguf_tensor **out, int64_t ne0,
+		    int64_t ne1, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
 extern const struct arch_vtable arch_deepseek2;
 extern const struct arch_vtable arch_qwen3moe;
 extern const struct arch_vtable arch_gptoss;

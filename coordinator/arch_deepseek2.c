@@ -388,7 +388,7 @@ static int ds2_check_type(const struct arch_env *env, const gguf_tensor *t, int 
 {
 	if (!t)
 		return 0;
-	if (f32_only ? t->type != KERN_F32 : !kern_type_known(t->type)) {
+	if (f32_only ? t->type != KERN_F32 : !kern_type_dot(t->type)) {
 		log_error("%s: tensor %s: type %s (%u) is not supported here%s", gguf_path(env->g),
 			  t->name, kern_type_name(t->type), t->type, f32_only ? " (need F32)" : "");
 		return ERR_FORMAT;

@@ -436,7 +436,7 @@ static int ds4_check_type(const struct arch_env *env, const gguf_tensor *t, uint
 	if (!t)
 		return 0;
 	if (need == KERN_F16) /* any matmul weight type */
-		ok = kern_type_known(t->type) && t->type != KERN_I32;
+		ok = kern_type_dot(t->type);
 	else
 		ok = t->type == need;
 	if (!ok) {
@@ -501,8 +501,10 @@ static int ds4_load_layer(struct ds4 *m, int il)
 	DS4_T(L->ffn_norm, D, 0, 0, F, "blk.%d.ffn_norm.weight", il);
 	DS4_T(L->gate_inp, D, E, 0, M, "blk.%d.ffn_gate_inp.weight", il);
 	if (il < hp->n_hash) {
-		DS4_T(L->tid2eid, hp->n_expert_used, hp->n_vocab, 0, KERN_I32,
-		      "blk.%d.ffn_gate_tid2eid.weight", il);
+		rc = arch_tensor_ids(env, &L->tid2eid, hp->n_expert_used, hp->n_vocab,
+				     "blk.%d.ffn_gate_tid2eid.weight", il);
+		if (rc)
+			return rc;
 		const int32_t *ids = L->tid2eid->data;
 		const size_t n = (size_t)hp->n_expert_used * (size_t)hp->n_vocab;
 		for (size_t i = 0; i < n; i++) {

@@ -329,7 +329,7 @@ int arch_vocab(const struct arch_env *env, int *n_vocab)
 }
 
 static int arch_tensor_v(const struct arch_env *env, const gguf_tensor **out, int64_t ne0,
-			 int64_t ne1, int64_t ne2, int optional, const char *fmt, va_list ap)
+			 int64_t ne1, int64_t ne2, int optional, int ids, const char *fmt, va_list ap)
 {
 	char name[256];
 	int n = vsnprintf(name, sizeof(name), fmt, ap);
@@ -344,7 +344,14 @@ static int arch_tensor_v(const struct arch_env *env, const gguf_tensor **out, in
 		log_error("%s: tensor %s: invalid expected shape", gguf_path(env->g), name);
 		return ERR_FORMAT;
 	}
-	return gguf_expect_tensor(env->g, name, nd, ne, out);
+	int rc = gguf_expect_tensor(env->g, name, nd, ne, out);
+	if (rc == 0 && (ids ? (*out)->type != KERN_I32 : !kern_type_dot((*out)->type))) {
+		log_error("%s: tensor %s: type %s is not usable here (need %s)", gguf_path(env->g),
+			  name, kern_type_name((*out)->type), ids ? "I32" : "a matrix or vector type");
+		*out = NULL;
+		return ERR_FORMAT;
+	}
+	return rc;
 }
 
 int arch_tensor(const struct arch_env *env, const gguf_tensor **out, int64_t ne0, int64_t ne1,
@@ -352,7 +359,7 @@ int arch_tensor(const struct arch_env *env, const gguf_tensor **out, int64_t ne0
 {
 	va_list ap;
 	va_start(ap, fmt);
-	int rc = arch_tensor_v(env, out, ne0, ne1, ne2, 0, fmt, ap);
+	int rc = arch_tensor_v(env, out, ne0, ne1, ne2, 0, 0, fmt, ap);
 	va_end(ap);
 	return rc;
 }
@@ -362,7 +369,17 @@ int arch_tensor_opt(const struct arch_env *env, const gguf_tensor **out, int64_t
 {
 	va_list ap;
 	va_start(ap, fmt);
-	int rc = arch_tensor_v(env, out, ne0, ne1, ne2, 1, fmt, ap);
+	int rc = arch_tensor_v(env, out, ne0, ne1, ne2, 1, 0, fmt, ap);
+	va_end(ap);
+	return rc;
+}
+
+int arch_tensor_ids(const struct arch_env *env, const gguf_tensor **out, int64_t ne0,
+		    int64_t ne1, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int rc = arch_tensor_v(env, out, ne0, ne1, 0, 0, 1, fmt, ap);
 	va_end(ap);
 	return rc;
 }

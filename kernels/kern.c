@@ -25,6 +25,11 @@ int kern_type_known(uint32_t type)
 	}
 }
 
+int kern_type_dot(uint32_t type)
+{
+	return type != KERN_I32 && kern_type_known(type);
+}
+
 const char *kern_type_name(uint32_t type)
 {
 	switch (type) {

@@ -46,6 +46,7 @@ enum kern_type {
 
 /* Type table. */
 int kern_type_known(uint32_t type);	 /* 1 for the types above */
+int kern_type_dot(uint32_t type);	 /* 1 if it can be a matrix for kern_dot/kern_matmul (not I32) */
 const char *kern_type_name(uint32_t type); /* "Q4_0", ...; "?" if unknown */
 int kern_type_block(uint32_t type);	 /* values per block: 1 or 32 */
 size_t kern_type_block_bytes(uint32_t type);

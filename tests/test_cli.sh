@@ -56,6 +56,9 @@ perl -0777 -pe 's/(output_norm\.weight\x01\x00\x00\x00\x80\x00{7})\x00\x00\x00\x
 # output_norm.weight extent 128 -> 64: fits the file but not the architecture
 perl -0777 -pe 's/(output_norm\.weight\x01\x00\x00\x00)\x80/$1\x40/' "$model" >"$tmp/shape.gguf"
 cmp -s "$model" "$tmp/type.gguf" && echo "# warning: type corruption did not apply"
+# an integer (I32) table where a matrix is expected
+perl -0777 -pe 's/(blk\.1\.attn_q\.weight\x02\x00\x00\x00.{16})[\x00-\x27]\x00\x00\x00/$1\x1a\x00\x00\x00/s' "$model" >"$tmp/i32.gguf"
+cmp -s "$model" "$tmp/i32.gguf" && echo "# warning: I32 corruption did not apply"
 cmp -s "$model" "$tmp/shape.gguf" && echo "# warning: shape corruption did not apply"
 # a deepseek2 model without one of its tensors' names (renamed)
 perl -0777 -pe 's/blk\.1\.ffn_gate_inp\.weight/blk.1.ffn_gate_inX.weight/' "$ds2" >"$tmp/missing.gguf"
@@ -82,6 +85,7 @@ check "10-byte gguf" 1 -- "$bin" logits -m "$tmp/tiny.gguf" --tokens 1,2 --out "
 check "bad magic" 1 -- "$bin" logits -m "$tmp/magic.gguf" --tokens 1,2 --out "$tmp/out.f32"
 check "unknown architecture" 1 -- "$bin" logits -m "$tmp/arch.gguf" --tokens 1,2 --out "$tmp/out.f32"
 check "unsupported tensor type" 1 -- "$bin" logits -m "$tmp/type.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "I32 tensor as a matrix" 1 -- "$bin" logits -m "$tmp/i32.gguf" --tokens 1,2 --out "$tmp/out.f32"
 check "tensor shape does not fit" 1 -- "$bin" logits -m "$tmp/shape.gguf" --tokens 1,2 --out "$tmp/out.f32"
 check "missing tensor" 1 -- "$bin" logits -m "$tmp/missing.gguf" --tokens 1,2 --out "$tmp/out.f32"
 check "missing model file" 1 -- "$bin" logits -m "$tmp/none.gguf" --tokens 1,2 --out "$tmp/out.f32"

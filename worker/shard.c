@@ -106,7 +106,7 @@ int shard_add_expert(shard *s, int layer, int expert, const struct shard_expert_
 	struct shard_layer *L = &s->layers[layer];
 	for (int t = 0; t < 3; t++) {
 		int64_t n_in = t == SHARD_DOWN ? sp->n_ff_exp : sp->n_embd;
-		if (!src->weights[t] || !kern_type_known(src->types[t]) ||
+		if (!src->weights[t] || !kern_type_dot(src->types[t]) ||
 		    n_in % kern_type_block(src->types[t]) != 0) {
 			log_error("layer %d expert %d: unusable weights (type %u)", layer, expert,
 				  src->types[t]);
