@@ -121,6 +121,9 @@ struct wire_msg {
 		struct wire_stats stats;
 		char text[WIRE_MAX_NAME]; /* shutdown reason, error message */
 	} u;
+	/* Shutdown: the coordinator does not know this worker (dropped as lost,
+	 * or restarted): clear everything and say Hello again */
+	int shutdown_rejoin;
 };
 
 /* Encodes m into *buf (grown with realloc as needed; *cap is its size) and

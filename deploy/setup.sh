@@ -10,12 +10,14 @@ action=${1:-run}
 packages=(build-essential autoconf automake libtool pkg-config autoconf-archive
 	libopenmpi-dev openmpi-bin libzmq3-dev libprotobuf-c-dev protobuf-c-compiler
 	libopenblas-dev libcmocka-dev libpcre2-dev iproute2
-	libmicrohttpd-dev libjansson-dev libcairo2-dev clang valgrind curl nodejs npm)
+	libmicrohttpd-dev libjansson-dev libcairo2-dev clang valgrind curl)
 
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# node and npm for the HTTP client tests; a node from elsewhere brings its own npm
+command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
 	sudo_cmd=()
 	[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
