@@ -2,7 +2,8 @@
 # moefleet against llama.cpp on one GGUF file and this machine: runs the
 # oracle's bench.mjs (llama.cpp) and `moefleet bench` in alternating rounds
 # (so both see the same background load), one repetition each per round, and
-# prints the medians and the ratios moefleet / llama.cpp.
+# prints the medians, the best runs, and the ratios moefleet / llama.cpp of
+# both (on a shared machine the best run is the one least disturbed).
 #   bench/compare-llama.sh MODEL.gguf [PP] [TG] [ROUNDS] [THREADS]
 # Defaults: PP 512, TG 128, ROUNDS 3, THREADS 2.  Environment:
 #   MOEFLEET    the moefleet binary (default: ./moefleet, else the one next to bench/)
@@ -59,6 +60,7 @@ median() { # file -> median (or "-")
 	sort -g "$1" | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2];
 		else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
+best() { [ -s "$1" ] && sort -g "$1" | tail -n 1 || echo "-"; }
 range() { [ -s "$1" ] && sort -g "$1" | awk 'NR == 1 { a = $1 } { b = $1 } END { printf "%s-%s", a, b }' || echo "-"; }
 
 lpp=$(median "$tmp/llama.pp"); ltg=$(median "$tmp/llama.tg")
@@ -69,3 +71,4 @@ printf '%-10s %22s %22s\n' engine "pp$pp tok/s (range)" "tg$tg tok/s (range)"
 printf '%-10s %8s %13s %8s %13s\n' llama.cpp "$lpp" "($(range "$tmp/llama.pp"))" "$ltg" "($(range "$tmp/llama.tg"))"
 printf '%-10s %8s %13s %8s %13s\n' moefleet "$mpp" "($(range "$tmp/moefleet.pp"))" "$mtg" "($(range "$tmp/moefleet.tg"))"
 echo "ratio: pp $(ratio "$mpp" "$lpp"), tg $(ratio "$mtg" "$ltg") (moefleet / llama.cpp, medians)"
+echo "ratio: pp $(ratio "$(best "$tmp/moefleet.pp")" "$(best "$tmp/llama.pp")"), tg $(ratio "$(best "$tmp/moefleet.tg")" "$(best "$tmp/llama.tg")") (best runs)"

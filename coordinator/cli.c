@@ -371,7 +371,8 @@ static const char *cli_usage_cluster =
 	"  --listen ENDPOINT      wait for remote workers (moefleet-worker --connect ...)\n"
 	"  --expect-workers N     how many workers --listen waits for (default 1)\n"
 	"  --transport T          inproc (default), zmq, or mpi (under mpirun)\n"
-	"  --worker-timeout MS    fail a step when a worker is silent this long (10000)\n"
+	"  --worker-timeout MS    drop a worker silent this long in a step (10000); its\n"
+	"                         rows go to other replicas, its experts are re-created\n"
 	"  --replicas R           copies of each expert (default 1)\n"
 	"  --wire-dtype D         q8_0 | bf16 | f32 activations on the wire (default: the\n"
 	"                         experts' own activation type, Q8_0 for quantised experts)\n"
@@ -1160,6 +1161,12 @@ static const char *cli_usage_generate =
 	"  Greedy at temperature 0 (the default).  Streams text as it is generated;\n"
 	"  --print-ids also prints the generated ids as one comma-separated line.\n";
 
+/* SIGTERM / SIGINT while generating: stop after the current token, so that
+ * the cluster shuts down cleanly (every worker is sent Shutdown). */
+static volatile sig_atomic_t cli_stop;
+
+static void cli_on_stop(int sig) { cli_stop = sig; }
+
 static int cli_emit(tokenizer_stream *ts, int32_t id, char *buf, size_t cap)
 {
 	size_t n = 0;
@@ -1273,7 +1280,14 @@ static int cli_generate(int argc, char **argv)
 		fputs(o.prompt, stdout);
 	int n_out = 0;
 	double t0 = cli_now();
+	signal(SIGTERM, cli_on_stop);
+	signal(SIGINT, cli_on_stop);
 	for (int i = 0; i < o.n_predict; i++) {
+		if (cli_stop) {
+			log_error("stopped by signal %d after %d tokens; shutting down", (int)cli_stop,
+				  n_out);
+			goto out;
+		}
 		int32_t next = sampler_sample(smp, logits);
 		out_ids[n_out++] = next;
 		if (cli_emit(ts, next, piece, pcap))

@@ -239,11 +239,12 @@ usage:
 
 static const char *cli_usage_tokenize =
 	"usage: moefleet tokenize -m MODEL.gguf (-p TEXT | --file F) [--no-bos]\n"
-	"                         [--no-parse-special] [--pieces]\n"
+	"                         [--no-parse-special] [--pieces | --lines]\n"
 	"  Prints the token ids of TEXT, comma-separated on one line (the BOS id first\n"
 	"  when the vocabulary adds one, unless --no-bos); --pieces prints one\n"
 	"  'ID<TAB>PIECE' line per token instead.  Special-token text becomes the\n"
-	"  special token unless --no-parse-special.\n";
+	"  special token unless --no-parse-special.  --lines: each line of the text\n"
+	"  (split at '\\n' only) separately, one output line of ids per input line.\n";
 
 static int cli_read_all(const char *path, char **out, size_t *len)
 {
@@ -283,7 +284,7 @@ static int cli_read_all(const char *path, char **out, size_t *len)
 int cli_tokenize(int argc, char **argv)
 {
 	const char *path = NULL, *text = NULL, *file = NULL;
-	int no_bos = 0, special = 1, pieces = 0;
+	int no_bos = 0, special = 1, pieces = 0, lines = 0;
 	for (int i = 0; i < argc; i++) {
 		const char *a = argv[i];
 		if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -295,6 +296,8 @@ int cli_tokenize(int argc, char **argv)
 			special = 0;
 		} else if (!strcmp(a, "--pieces")) {
 			pieces = 1;
+		} else if (!strcmp(a, "--lines")) {
+			lines = 1;
 		} else if (i + 1 < argc && (!strcmp(a, "-m") || !strcmp(a, "--model"))) {
 			path = argv[++i];
 		} else if (i + 1 < argc && (!strcmp(a, "-p") || !strcmp(a, "--prompt"))) {
@@ -307,7 +310,7 @@ int cli_tokenize(int argc, char **argv)
 			return CLI_USAGE;
 		}
 	}
-	if (!path || !text == !file) {
+	if (!path || !text == !file || (pieces && lines)) {
 		fputs(cli_usage_tokenize, stderr);
 		return CLI_USAGE;
 	}
@@ -331,24 +334,38 @@ int cli_tokenize(int argc, char **argv)
 	piece = malloc(tokenizer_max_piece(tok) + 1);
 	if (!ids || !piece)
 		goto out;
-	if (!no_bos && tokenizer_add_bos(tok) && tokenizer_bos(tok) >= 0)
-		ids[off++] = tokenizer_bos(tok);
-	if (tokenizer_encode(tok, text, len, special, ids + off, cap - off, &n)) {
-		log_error("cannot tokenize the text");
-		goto out;
-	}
-	n += off;
-	for (size_t i = 0; i < n; i++) {
-		if (pieces) {
-			size_t pl = 0;
-			tokenizer_piece(tok, ids[i], 1, piece, tokenizer_max_piece(tok) + 1, &pl);
-			printf("%d\t%.*s\n", ids[i], (int)pl, piece);
-		} else {
-			printf("%s%d", i ? "," : "", ids[i]);
+	size_t start = 0;
+	while (start < len || (start == 0 && len == 0)) {
+		size_t end = len;
+		if (lines) {
+			const char *nl = memchr(text + start, '\n', len - start);
+			end = nl ? (size_t)(nl - text) : len;
 		}
+		off = 0;
+		if (!no_bos && tokenizer_add_bos(tok) && tokenizer_bos(tok) >= 0)
+			ids[off++] = tokenizer_bos(tok);
+		if (tokenizer_encode(tok, text + start, end - start, special, ids + off, cap - off,
+				     &n)) {
+			log_error("cannot tokenize the text");
+			goto out;
+		}
+		n += off;
+		for (size_t i = 0; i < n; i++) {
+			if (pieces) {
+				size_t pl = 0;
+				tokenizer_piece(tok, ids[i], 1, piece, tokenizer_max_piece(tok) + 1,
+						&pl);
+				printf("%d\t%.*s\n", ids[i], (int)pl, piece);
+			} else {
+				printf("%s%d", i ? "," : "", ids[i]);
+			}
+		}
+		if (!pieces)
+			putchar('\n');
+		start = end + 1;
+		if (!lines)
+			break;
 	}
-	if (!pieces)
-		putchar('\n');
 	rc = CLI_OK;
 out:
 	free(ids);

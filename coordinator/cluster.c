@@ -25,16 +25,11 @@ struct cluster_peer {
 	struct wire_hello hello;
 	int ready;
 	int lost;
+	int serving;	/* holds the experts of the placement in force: may get Batches */
+	int fresh;	/* rejoined: holds nothing yet, whatever the placement says */
+	int next_ok;	/* answered Ready for the placement being loaded */
+	double last_probe; /* when it was last probed during a step */
 	struct cluster_worker_stats st;
-	/* per job */
-	int32_t *rows;	/* job rows this worker gets */
-	int n_rows;
-	int32_t *ids;	/* n_rows x k */
-	float *wts;
-	uint8_t *act;	/* activation frame */
-	size_t rows_cap, act_cap;
-	int expect_items;
-	int answered;
 	/* live streaming of the next epoch's new experts: queue and cursor */
 	uint32_t *sq_layer, *sq_expert;
 	uint32_t sq_n, sq_at;
@@ -45,6 +40,26 @@ struct cluster_peer {
 	int releasing; /* a Release is not answered yet */
 };
 
+/* One Batch of the job in flight: the rows one worker computes, or (worker
+ * -1) items whose experts have no serving holder yet.  A batch whose worker
+ * is lost before it answered becomes FAILED and its items are dispatched
+ * again to other holders (cluster_collect). */
+enum cluster_batch_state { CLUSTER_BATCH_PENDING, CLUSTER_BATCH_DONE, CLUSTER_BATCH_FAILED };
+
+struct cluster_batch {
+	int worker;
+	uint64_t step; /* the Batch's step number, unique per Batch */
+	enum cluster_batch_state state;
+	int n_rows;
+	int32_t *rows; /* job rows */
+	int32_t *ids;  /* n_rows x k, -1 = not in this batch */
+	float *wts;
+	uint8_t *act; /* activation frame */
+	size_t rows_cap, k_cap, act_cap;
+	int items;
+	double sent;
+};
+
 struct cluster {
 	transport *t;
 	struct cluster_config cfg;
@@ -52,20 +67,32 @@ struct cluster {
 	pool *pool;
 	struct cluster_peer *w;
 	int n;
+	int started; /* start-up done: a Hello now is a (re)joining worker */
 	placement plan;
 	uint64_t step;
-	int pending; /* workers the submitted job waits for */
+	/* the job in flight */
+	struct cluster_batch *batches;
+	int n_batches, cap_batches;
+	int *disp; /* [n] batch of each worker in the dispatch being built */
 	struct balance_counts *counts; /* decayed routed rows per (layer, expert) */
 	/* live re-placement */
 	const struct balance_policy *policy;
 	uint64_t fwd_step, last_plan_step;
 	int last_layer;
-	placement next;	    /* planned, waiting for Ready from every worker */
+	placement next;	    /* planned, waiting for Ready from every live worker */
 	int next_active;
-	int next_ready;	    /* workers ready for it */
+	uint64_t next_epoch; /* epoch number of next */
+	uint64_t epoch_seq;  /* last epoch number handed out */
 	uint64_t epoch;	    /* of the placement in force */
 	uint64_t rebalances;
 	uint64_t moved_bytes;
+	/* failover */
+	int repair_due;	 /* a worker was lost: re-create its replicas */
+	int rebuild_due; /* a worker (re)joined: give it a share */
+	double repair_t0; /* when the repair plan in flight was sent (0: none) */
+	uint64_t n_lost, n_rejoined, n_failover_steps, resent_items, n_repairs;
+	double worst_stall; /* seconds, of a step that re-sent items */
+	uint32_t unheld;    /* experts without a live holder after the last repair plan */
 	uint64_t expert_bytes[MOE_MAX_LAYERS];
 	struct placement_worker *pw;	/* [n] as given to placement_build */
 	double *finish;	 /* [n] predicted finish of each worker in the job being split */
@@ -96,6 +123,10 @@ struct cluster {
 static void cluster_epoch_now(const cluster *c, struct cluster_epoch_stats *out);
 static int cluster_cmp_double(const void *a, const void *b);
 static void cluster_on_ready(cluster *c, int who, const struct wire_ready *r);
+static int cluster_grow(cluster *c, size_t more);
+static int cluster_send_next(cluster *c, placement *next);
+static uint32_t cluster_diff(const cluster *c, const placement *a, const placement *b, int i,
+			     uint32_t *pl, uint32_t *pe);
 
 static double cluster_now(void)
 {
@@ -122,14 +153,57 @@ static int cluster_find(const cluster *c, int peer)
 	return -1;
 }
 
+/* Worker i is lost (dropped with a logged reason): it gets no more Batches,
+ * the batches it had not answered are dispatched again to other holders, its
+ * replicas are re-created on the survivors, and anything it still sends
+ * arrives from an unknown peer and is answered with Shutdown(rejoin). */
 static void cluster_drop(cluster *c, int i, const char *why)
 {
-	if (c->w[i].lost)
+	struct cluster_peer *w = &c->w[i];
+	if (w->lost)
 		return;
-	log_error("worker %d (%s): dropped: %s", i, c->w[i].st.name, why);
-	c->w[i].lost = 1;
-	c->w[i].st.lost = 1;
-	transport_drop_peer(c->t, c->w[i].peer);
+	log_error("worker %d (%s): lost: %s", i, w->st.name, why);
+	w->lost = 1;
+	w->st.lost = 1;
+	w->serving = 0;
+	w->next_ok = 0;
+	w->releasing = 0;
+	w->sq_n = w->sq_at = 0;
+	transport_drop_peer(c->t, w->peer);
+	for (int b = 0; b < c->n_batches; b++)
+		if (c->batches[b].worker == i && c->batches[b].state == CLUSTER_BATCH_PENDING)
+			c->batches[b].state = CLUSTER_BATCH_FAILED;
+	c->n_lost++;
+	if (c->started)
+		c->repair_due = 1;
+}
+
+static int cluster_send_shutdown(cluster *c, int peer, const char *why, int rejoin)
+{
+	struct wire_msg m = {.kind = WIRE_SHUTDOWN, .shutdown_rejoin = rejoin};
+	snprintf(m.u.text, sizeof(m.u.text), "%s", why);
+	size_t len;
+	int rc = wire_encode(&m, &c->hdr, &c->hdr_cap, &len);
+	return rc ? rc : transport_send(c->t, peer, c->hdr, len, NULL, 0);
+}
+
+static void cluster_rejoin(cluster *c, int peer, const struct wire_hello *h);
+
+/* A message from a peer that is not a member: a Hello once start-up is over
+ * (re)joins; anything else (a late reply of a worker dropped as lost, a
+ * worker of a coordinator that restarted) is told to say Hello again. */
+static void cluster_on_stranger(cluster *c, int peer, const struct wire_msg *m)
+{
+	if (m->kind == WIRE_HELLO && c->started) {
+		cluster_rejoin(c, peer, &m->u.hello);
+		return;
+	}
+	if (m->kind == WIRE_HELLO)
+		return; /* during start-up cluster_join takes it */
+	log_warn("%s: %s from a worker that is not a member ignored; it is told to rejoin",
+		 transport_peer_name(c->t, peer), wire_kind_name(m->kind));
+	cluster_send_shutdown(c, peer, "not a member of this cluster: say Hello again", 1);
+	transport_drop_peer(c->t, peer);
 }
 
 /* Receives one decoded message from any peer; *who = worker index or -1 for
@@ -184,10 +258,11 @@ static int cluster_join(cluster *c)
 			continue;
 		if (rc)
 			return rc;
-		if (m.kind != WIRE_HELLO || who >= 0) {
-			log_error("%s: expected Hello, got %s; ignored",
-				  transport_peer_name(c->t, peer), wire_kind_name(m.kind));
-			transport_drop_peer(c->t, peer);
+		if (who >= 0 || m.kind != WIRE_HELLO) {
+			/* a member's repeated Hello (sent again while it waited for
+			 * a coordinator) is harmless; strangers are told to rejoin */
+			if (who < 0)
+				cluster_on_stranger(c, peer, &m);
 			wire_msg_free(&m);
 			continue;
 		}
@@ -373,11 +448,16 @@ static int cluster_wait_ready(cluster *c)
 			continue;
 		if (rc)
 			return rc;
-		if (who < 0) {
-			log_warn("%s: joined after start-up; ignored",
+		if (who < 0 && m.kind == WIRE_HELLO) {
+			log_warn("%s: joined after start-up; refused (the cluster is complete)",
 				 transport_peer_name(c->t, peer));
+			cluster_send_shutdown(c, peer, "the cluster is complete", 0);
+			transport_drop_peer(c->t, peer);
+		} else if (who < 0) {
+			cluster_on_stranger(c, peer, &m);
 		} else if (m.kind == WIRE_READY && !c->w[who].ready) {
 			c->w[who].ready = 1;
+			c->w[who].serving = 1;
 			c->w[who].st.held_experts = m.u.ready.n_experts;
 			c->w[who].st.held_bytes = m.u.ready.bytes;
 			ready++;
@@ -416,7 +496,7 @@ int cluster_new(transport *t, const struct cluster_config *cfg, pool *p, cluster
 		rc = ERR_NOMEM;
 		goto out;
 	}
-	c->epoch = 1;
+	c->epoch = c->epoch_seq = 1;
 	c->last_layer = 1 << 30;
 	if (cfg->rebalance && !(c->policy = balance_policy_find(cfg->rebalance))) {
 		log_error("unknown rebalance policy '%s' (eplb, hetero, migrate)", cfg->rebalance);
@@ -432,6 +512,9 @@ int cluster_new(transport *t, const struct cluster_config *cfg, pool *p, cluster
 		rc = cluster_assign(c);
 	if (!rc)
 		rc = cluster_wait_ready(c);
+	if (!rc)
+		rc = cluster_grow(c, (size_t)c->n);
+	c->started = 1;
 out:
 	if (rc)
 		cluster_destroy(&c);
@@ -450,13 +533,17 @@ void cluster_destroy(cluster **pc)
 			snprintf(m.u.text, sizeof(m.u.text), "coordinator done");
 			cluster_send(c, i, &m, NULL, 0);
 		}
-		free(c->w[i].rows);
-		free(c->w[i].ids);
-		free(c->w[i].wts);
-		free(c->w[i].act);
 		free(c->w[i].sq_layer);
 		free(c->w[i].sq_expert);
 	}
+	for (int b = 0; b < c->cap_batches; b++) {
+		free(c->batches[b].rows);
+		free(c->batches[b].ids);
+		free(c->batches[b].wts);
+		free(c->batches[b].act);
+	}
+	free(c->batches);
+	free(c->disp);
 	free(c->step_ms);
 	free(c->step_moving);
 	free(c->step_expert_ms);
@@ -592,6 +679,25 @@ static void cluster_print_calibration(const cluster *c)
 	fprintf(stderr, "@coordinator %.1f %.3f\n", a, b);
 }
 
+/* Live, serving replicas in the placement in force (want == NULL), or the
+ * replicas the cluster should have, R per routed expert (want != NULL). */
+static int cluster_live_replicas(const cluster *c, const placement *want)
+{
+	int n = 0;
+	for (int l = 0; l < c->spec.n_layer; l++)
+		for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++) {
+			if (want) {
+				n += c->cfg.replicas;
+				continue;
+			}
+			for (int r = 0; r < c->plan.n_replica; r++) {
+				int h = placement_holder(&c->plan, l, e, r);
+				n += h >= 0 && !c->w[h].lost && c->w[h].serving;
+			}
+		}
+	return n;
+}
+
 /* Waits (up to timeout_ms) for the answers to outstanding Releases, so the
  * memory each worker reports is current.  Between jobs only. */
 static void cluster_drain(cluster *c, int timeout_ms)
@@ -613,9 +719,11 @@ static void cluster_drain(cluster *c, int timeout_ms)
 			continue;
 		if (rc)
 			return;
-		if (who >= 0 && m.kind == WIRE_READY)
+		if (who < 0)
+			cluster_on_stranger(c, peer, &m);
+		else if (m.kind == WIRE_READY)
 			cluster_on_ready(c, who, &m.u.ready);
-		else if (who >= 0 && m.kind == WIRE_ERROR)
+		else if (m.kind == WIRE_ERROR)
 			cluster_drop(c, who, m.u.text);
 		wire_msg_free(&m);
 	}
@@ -638,6 +746,16 @@ void cluster_print_stats(cluster *c)
 				(unsigned long long)ep.epoch, (unsigned long long)ep.steps,
 				ep.compute_max * 1e3, ep.compute_mean * 1e3, ep.imbalance);
 	}
+	if (c->n_lost || c->n_rejoined)
+		fprintf(stderr,
+			"failover: %llu worker(s) lost, %llu joined back; %llu step(s) re-sent %llu "
+			"item(s), worst stall %.1f ms; %llu repair(s); %d of %d expert replicas "
+			"live%s\n",
+			(unsigned long long)c->n_lost, (unsigned long long)c->n_rejoined,
+			(unsigned long long)c->n_failover_steps, (unsigned long long)c->resent_items,
+			c->worst_stall * 1e3, (unsigned long long)c->n_repairs,
+			cluster_live_replicas(c, NULL), cluster_live_replicas(c, &c->plan),
+			c->next_active ? " (a re-placement is loading)" : "");
 	double med, worst;
 	uint64_t n_steps;
 	cluster_step_times(c, &med, &worst, &n_steps);
@@ -774,6 +892,24 @@ int cluster_metrics_write(FILE *f, const cluster *c, int per_expert)
 	cluster_metric_head(f, "moefleet_balance_measured_imbalance", "gauge",
 			    "Max / mean of the workers' compute time in the placement epoch in force.");
 	fprintf(f, "moefleet_balance_measured_imbalance %.9g\n", ep.imbalance);
+	cluster_metric_head(f, "moefleet_workers_lost_total", "counter",
+			    "Workers dropped as lost (dead, silent past the time-out, or misbehaving).");
+	fprintf(f, "moefleet_workers_lost_total %llu\n", (unsigned long long)c->n_lost);
+	cluster_metric_head(f, "moefleet_workers_rejoined_total", "counter",
+			    "Workers that joined in place of a lost one.");
+	fprintf(f, "moefleet_workers_rejoined_total %llu\n", (unsigned long long)c->n_rejoined);
+	cluster_metric_head(f, "moefleet_failover_steps_total", "counter",
+			    "Expert jobs whose items were re-sent to surviving workers.");
+	fprintf(f, "moefleet_failover_steps_total %llu\n", (unsigned long long)c->n_failover_steps);
+	cluster_metric_head(f, "moefleet_failover_stall_seconds_max", "gauge",
+			    "Longest expert job that re-sent items (detection + re-send).");
+	fprintf(f, "moefleet_failover_stall_seconds_max %.9g\n", c->worst_stall);
+	cluster_metric_head(f, "moefleet_expert_replicas_live", "gauge",
+			    "Serving replicas of routed experts in the placement in force.");
+	fprintf(f, "moefleet_expert_replicas_live %d\n", cluster_live_replicas(c, NULL));
+	cluster_metric_head(f, "moefleet_expert_replicas_wanted", "gauge",
+			    "Routed experts x the replica count asked for.");
+	fprintf(f, "moefleet_expert_replicas_wanted %d\n", cluster_live_replicas(c, &c->plan));
 	cluster_metric_head(f, "moefleet_placement_epoch", "gauge", "Placement epoch in force.");
 	fprintf(f, "moefleet_placement_epoch %llu\n", (unsigned long long)c->epoch);
 	cluster_metric_head(f, "moefleet_rebalances_total", "counter", "Placements switched to.");
@@ -811,43 +947,78 @@ static uint32_t cluster_wire_type(const cluster *c, int layer)
 	return want == act || want == KERN_F32 ? want : KERN_F32;
 }
 
-/* The live holder that should compute one (row, expert): the least predicted
- * finish time in this job, preferring workers the row already visits
- * (balance_choose_replica); lost workers never finish. */
+/* The serving holder that should compute one (row, expert): the least
+ * predicted finish time in this job, preferring workers the row already
+ * visits (balance_choose_replica); lost workers and workers still loading
+ * their first experts never finish.  -1 if no serving worker holds it. */
 static int cluster_holder(cluster *c, int layer, int expert)
 {
 	for (int i = 0; i < c->n; i++)
-		if (c->w[i].lost)
+		if (c->w[i].lost || !c->w[i].serving)
 			c->finish[i] = INFINITY;
 	int h = balance_choose_replica(&c->plan, layer, expert, c->finish, c->visits);
-	if (h < 0 || c->w[h].lost)
+	if (h < 0 || c->w[h].lost || !c->w[h].serving)
 		return -1;
 	c->visits[h] = 1;
 	c->finish[h] += 1.0 / c->speed[h];
 	return h;
 }
 
-static int cluster_reserve(struct cluster_peer *w, size_t rows, size_t k, size_t act)
+/* Room for `more` further batches (pointers into c->batches stay valid until
+ * the next call). */
+static int cluster_grow(cluster *c, size_t more)
 {
-	if (rows > w->rows_cap) {
-		free(w->rows);
-		free(w->ids);
-		free(w->wts);
-		w->rows = malloc(rows * sizeof(int32_t));
-		w->ids = malloc(rows * k * sizeof(int32_t));
-		w->wts = malloc(rows * k * sizeof(float));
-		w->rows_cap = w->rows && w->ids && w->wts ? rows : 0;
-		if (!w->rows_cap)
+	if (!c->disp) {
+		c->disp = malloc((size_t)c->n * sizeof(int));
+		if (!c->disp)
 			return ERR_NOMEM;
 	}
-	if (act > w->act_cap) {
-		free(w->act);
-		w->act = malloc(act);
-		w->act_cap = w->act ? act : 0;
-		if (!w->act)
-			return ERR_NOMEM;
-	}
+	size_t need = (size_t)c->n_batches + more;
+	if (need <= (size_t)c->cap_batches)
+		return 0;
+	size_t cap = need > 2 * (size_t)c->cap_batches ? need : 2 * (size_t)c->cap_batches;
+	struct cluster_batch *b = realloc(c->batches, cap * sizeof(*b));
+	if (!b)
+		return ERR_NOMEM;
+	memset(b + c->cap_batches, 0, (cap - (size_t)c->cap_batches) * sizeof(*b));
+	c->batches = b;
+	c->cap_batches = (int)cap;
 	return 0;
+}
+
+/* A new batch of the job for worker (-1: items waiting for a holder) with
+ * room for rows x k items and act bytes of activations; its index, or -1. */
+static int cluster_batch_add(cluster *c, int worker, size_t rows, size_t k, size_t act)
+{
+	if (cluster_grow(c, 1))
+		return -1;
+	struct cluster_batch *b = &c->batches[c->n_batches];
+	if (rows > b->rows_cap || k > b->k_cap) {
+		size_t kk = k > b->k_cap ? k : b->k_cap, rr = rows > b->rows_cap ? rows : b->rows_cap;
+		free(b->rows);
+		free(b->ids);
+		free(b->wts);
+		b->rows = malloc(rr * sizeof(int32_t));
+		b->ids = malloc(rr * kk * sizeof(int32_t));
+		b->wts = malloc(rr * kk * sizeof(float));
+		b->rows_cap = b->rows && b->ids && b->wts ? rr : 0;
+		b->k_cap = b->rows_cap ? kk : 0;
+		if (!b->rows_cap)
+			return -1;
+	}
+	if (act > b->act_cap) {
+		free(b->act);
+		b->act = malloc(act);
+		b->act_cap = b->act ? act : 0;
+		if (!b->act)
+			return -1;
+	}
+	b->worker = worker;
+	b->state = worker < 0 ? CLUSTER_BATCH_FAILED : CLUSTER_BATCH_PENDING;
+	b->n_rows = 0;
+	b->items = 0;
+	b->step = 0;
+	return c->n_batches++;
 }
 
 static void cluster_on_ready(cluster *c, int who, const struct wire_ready *r)
@@ -856,8 +1027,19 @@ static void cluster_on_ready(cluster *c, int who, const struct wire_ready *r)
 	c->w[who].st.held_bytes = r->bytes;
 	if (r->released)
 		c->w[who].releasing = 0;
-	if (!r->released && c->next_active && r->placement_epoch == c->epoch + 1)
-		c->next_ready++;
+	if (!r->released && c->next_active && r->placement_epoch == c->next_epoch)
+		c->w[who].next_ok = 1;
+}
+
+/* Every live worker has loaded the placement being prepared. */
+static int cluster_next_ready(const cluster *c)
+{
+	if (!c->next_active)
+		return 0;
+	for (int i = 0; i < c->n; i++)
+		if (!c->w[i].lost && !c->w[i].next_ok)
+			return 0;
+	return 1;
 }
 
 /* Sends the next piece of the experts queued for live streaming to worker i:
@@ -957,21 +1139,40 @@ static void cluster_plan_next(cluster *c)
 		placement_free(&next);
 		return;
 	}
+	if (cluster_send_next(c, &next))
+		return;
+	c->moved_bytes += moved;
+	log_info("re-placement planned (policy %s) in %.1f ms: %.1f MiB to load", c->policy->name,
+		 t_plan * 1e3, (double)moved / 1048576.0);
+}
+
+/* Sends every live worker the Assign of a new epoch for *next (all the
+ * experts it will hold) and queues the weights of the experts it lacks for
+ * streaming; c->next takes *next over (superseding a placement still being
+ * loaded: a worker keeps what it completed of that one until the Release).
+ * Returns 0, or an error with *next freed. */
+static int cluster_send_next(cluster *c, placement *next)
+{
 	uint32_t cap = (uint32_t)(c->spec.n_layer * c->spec.n_expert) + 1;
 	uint32_t *pl = malloc(cap * sizeof(uint32_t)), *pe = malloc(cap * sizeof(uint32_t));
 	int rc = pl && pe ? 0 : ERR_NOMEM;
+	uint64_t epoch = c->epoch_seq + 1;
 	for (int i = 0; i < c->n && !rc; i++) {
-		struct wire_msg m = {.kind = WIRE_ASSIGN};
-		struct wire_assign *a = &m.u.assign;
 		struct cluster_peer *w = &c->w[i];
-		a->worker_id = (uint32_t)i;
-		a->spec = c->spec;
-		a->placement_epoch = c->epoch + 1;
-		a->stream = c->cfg.stream || !w->hello.has_model;
-		/* queue the experts it lacks; they follow as chunks between steps */
+		w->next_ok = 0;
 		w->sq_n = w->sq_at = 0;
 		w->sq_tensor = 0;
 		w->sq_off = 0;
+		if (w->lost)
+			continue;
+		struct wire_msg m = {.kind = WIRE_ASSIGN};
+		struct wire_assign *a = &m.u.assign;
+		a->worker_id = (uint32_t)i;
+		a->spec = c->spec;
+		a->placement_epoch = epoch;
+		a->stream = c->cfg.stream || !w->hello.has_model;
+		/* queue the experts it lacks; they follow as chunks between steps
+		 * (a rejoined worker lacks everything) */
 		if (a->stream) {
 			free(w->sq_layer);
 			free(w->sq_expert);
@@ -981,31 +1182,155 @@ static void cluster_plan_next(cluster *c)
 				rc = ERR_NOMEM;
 				break;
 			}
-			w->sq_n = cluster_diff(c, &next, &c->plan, i, w->sq_layer, w->sq_expert);
+			placement none = {0};
+			w->sq_n = cluster_diff(c, next, w->fresh ? &none : &c->plan, i, w->sq_layer,
+					       w->sq_expert);
 		}
 		a->pair_layer = pl;
 		a->pair_expert = pe;
 		for (int l = 0; l < c->spec.n_layer; l++)
 			for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++)
-				if (placement_holds(&next, i, l, e)) {
+				if (placement_holds(next, i, l, e)) {
 					pl[a->n_pairs] = (uint32_t)l;
 					pe[a->n_pairs] = (uint32_t)e;
 					a->n_pairs++;
 				}
-		rc = cluster_send(c, i, &m, NULL, 0);
+		if (cluster_send(c, i, &m, NULL, 0))
+			cluster_drop(c, i, "cannot send");
 	}
 	free(pl);
 	free(pe);
 	if (rc) {
-		placement_free(&next);
-		return;
+		placement_free(next);
+		return rc;
 	}
-	c->next = next;
+	placement_free(&c->next);
+	c->next = *next;
+	memset(next, 0, sizeof(*next));
 	c->next_active = 1;
-	c->next_ready = 0;
+	c->epoch_seq = epoch;
+	c->next_epoch = epoch;
+	return 0;
+}
+
+/* Re-creates the replicas of lost workers on the live ones (or, with
+ * `rebuild`, places everything anew over the live workers, so that a
+ * rejoined one gets its share), as the next epoch.  Repair keeps every
+ * surviving holder and adds, per expert below R live copies, the live
+ * workers not holding it with memory room and the least predicted time;
+ * experts that fit nowhere stay short (counted in c->unheld when they have
+ * no live holder at all). */
+static void cluster_plan_repair(cluster *c, int rebuild)
+{
+	const int L = c->spec.n_layer, X = c->spec.n_expert, R = c->plan.n_replica;
+	const double *load = balance_counts_load(c->counts);
+	int live = 0;
+	for (int i = 0; i < c->n; i++)
+		live += !c->w[i].lost;
+	c->repair_due = 0;
+	c->rebuild_due = 0;
+	c->unheld = 0;
+	if (!live)
+		return;
+	struct placement_worker *pw = malloc((size_t)c->n * sizeof(*pw));
+	placement next = {0};
+	if (!pw)
+		return;
+	for (int i = 0; i < c->n; i++) {
+		pw[i] = c->pw[i];
+		if (c->w[i].lost)
+			pw[i].mem_bytes = 0;
+	}
+	int rc = 1;
+	if (rebuild) {
+		struct placement_model pm = {L, X, c->spec.layer_moe, c->expert_bytes, NULL};
+		rc = placement_build(&pm, pw, c->n, R < live ? R : live, &next);
+		if (!rc && next.n_replica < R) {
+			placement_free(&next);
+			rc = 1; /* keep the holder slots; repair instead */
+		}
+	}
+	if (rc) {
+		rc = placement_copy(&c->plan, &next);
+		if (rc) {
+			free(pw);
+			return;
+		}
+		memset(next.worker_bytes, 0, (size_t)c->n * sizeof(uint64_t));
+		memset(next.worker_load, 0, (size_t)c->n * sizeof(double));
+		/* keep the live holders, packed */
+		for (int l = 0; l < L; l++)
+			for (int e = 0; e < X && c->spec.layer_moe[l]; e++) {
+				int32_t *h = next.holder + ((size_t)l * X + e) * R;
+				int n = 0;
+				for (int r = 0; r < R; r++)
+					if (h[r] >= 0 && !c->w[h[r]].lost && !c->w[h[r]].fresh)
+						h[n++] = h[r];
+				for (int r = n; r < R; r++)
+					h[r] = -1;
+				double work = (load ? load[(size_t)l * X + e] : 1.0) *
+					      (double)c->expert_bytes[l];
+				for (int r = 0; r < n; r++) {
+					next.worker_bytes[h[r]] += c->expert_bytes[l];
+					next.worker_load[h[r]] += work / R;
+				}
+			}
+		for (int l = 0; l < L; l++)
+			for (int e = 0; e < X && c->spec.layer_moe[l]; e++) {
+				int32_t *h = next.holder + ((size_t)l * X + e) * R;
+				double work = (load ? load[(size_t)l * X + e] : 1.0) *
+					      (double)c->expert_bytes[l];
+				uint64_t bytes = c->expert_bytes[l];
+				int n = 0;
+				while (n < R && h[n] >= 0)
+					n++;
+				for (; n < R && n < live; n++) {
+					int best = -1;
+					double best_t = INFINITY;
+					for (int i = 0; i < c->n; i++) {
+						int dup = 0;
+						for (int r = 0; r < n; r++)
+							dup |= h[r] == i;
+						if (dup || c->w[i].lost || next.worker_bytes[i] > pw[i].mem_bytes ||
+						    bytes > pw[i].mem_bytes - next.worker_bytes[i])
+							continue;
+						double t = (next.worker_load[i] + work / R) / pw[i].speed;
+						if (t < best_t) {
+							best_t = t;
+							best = i;
+						}
+					}
+					if (best < 0)
+						break;
+					h[n] = best;
+					next.worker_bytes[best] += bytes;
+					next.worker_load[best] += work / R;
+				}
+				if (n == 0 && c->unheld++ == 0)
+					log_error("layer %d expert %d: no surviving worker has memory for it",
+						  l, e);
+			}
+	}
+	free(pw);
+	if (c->unheld)
+		log_error("%u expert(s) have no live holder and fit on no surviving worker: steps "
+			  "that route to them fail",
+			  c->unheld);
+	uint64_t moved = 0;
+	for (int i = 0; i < c->n; i++)
+		for (int l = 0; l < L; l++)
+			for (int e = 0; e < X && c->spec.layer_moe[l]; e++)
+				if (!c->w[i].lost && placement_holds(&next, i, l, e) &&
+				    (c->w[i].fresh || !placement_holds(&c->plan, i, l, e)))
+					moved += c->expert_bytes[l];
+	if (cluster_send_next(c, &next))
+		return;
 	c->moved_bytes += moved;
-	log_info("re-placement planned (policy %s) in %.1f ms: %.1f MiB to load", c->policy->name,
-		 t_plan * 1e3, (double)moved / 1048576.0);
+	c->n_repairs++;
+	c->repair_t0 = cluster_now();
+	log_info("%s: epoch %llu planned, %.1f MiB to load on %d live worker(s)",
+		 rebuild ? "re-placement for a joined worker" : "replica repair",
+		 (unsigned long long)c->next_epoch, (double)moved / 1048576.0, live);
 }
 
 /* Wall time of the forward step that just ended (first MoE layer to first
@@ -1085,8 +1410,12 @@ static void cluster_epoch_now(const cluster *c, struct cluster_epoch_stats *out)
 	out->imbalance = out->compute_mean > 0 ? out->compute_max / out->compute_mean : 1.0;
 }
 
-/* Every worker loaded the next placement: put it in force, tell each worker
- * which experts it no longer needs, and close the statistics of the epoch. */
+/* Every live worker loaded the next placement: put it in force, tell each
+ * worker which experts it does not need (all it may hold outside the new
+ * placement: those of the old one and of superseded ones), and close the
+ * statistics of the epoch.  Also between the batches of one step (a lost
+ * expert reloaded): batches already sent keep their own ids, and a worker
+ * computes a Batch before a Release that follows it. */
 static void cluster_switch(cluster *c)
 {
 	struct cluster_epoch_stats *ep =
@@ -1097,34 +1426,64 @@ static void cluster_switch(cluster *c)
 	}
 	uint32_t cap = (uint32_t)(c->spec.n_layer * c->spec.n_expert) + 1;
 	uint32_t *pl = malloc(cap * sizeof(uint32_t)), *pe = malloc(cap * sizeof(uint32_t));
+	placement all = {0};
+	if (pl && pe && placement_copy(&c->next, &all) == 0) {
+		/* "all" holds everything: the complement of a worker's new set */
+		for (int l = 0; l < c->spec.n_layer; l++)
+			for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++)
+				for (int r = 0; r < all.n_replica; r++)
+					all.holder[((size_t)l * all.n_expert + e) * all.n_replica + r] = -1;
+	}
 	for (int i = 0; i < c->n; i++) {
-		c->w[i].epoch_compute0 = c->w[i].st.compute_seconds;
-		if (!pl || !pe || c->w[i].lost)
+		struct cluster_peer *w = &c->w[i];
+		w->epoch_compute0 = w->st.compute_seconds;
+		if (w->lost)
+			continue;
+		w->serving = 1;
+		w->fresh = 0;
+		w->next_ok = 0;
+		if (!pl || !pe || !all.holder)
 			continue;
 		struct wire_msg m = {.kind = WIRE_RELEASE};
-		m.u.release = (struct wire_release){c->epoch + 1, 0, pl, pe};
-		m.u.release.n_pairs = cluster_diff(c, &c->plan, &c->next, i, pl, pe);
-		if (!m.u.release.n_pairs)
+		m.u.release = (struct wire_release){c->next_epoch, 0, pl, pe};
+		uint32_t n = 0;
+		for (int l = 0; l < c->spec.n_layer; l++)
+			for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++)
+				if (!placement_holds(&c->next, i, l, e)) {
+					pl[n] = (uint32_t)l;
+					pe[n] = (uint32_t)e;
+					n++;
+				}
+		m.u.release.n_pairs = n;
+		if (!n)
 			continue;
 		if (cluster_send(c, i, &m, NULL, 0))
 			cluster_drop(c, i, "cannot send");
 		else
-			c->w[i].releasing = 1;
+			w->releasing = 1;
 	}
+	placement_free(&all);
 	free(pl);
 	free(pe);
 	placement_free(&c->plan);
 	c->plan = c->next;
 	memset(&c->next, 0, sizeof(c->next));
 	c->next_active = 0;
-	c->epoch++;
+	c->epoch = c->next_epoch;
 	c->rebalances++;
 	c->epoch_step0 = c->fwd_step;
-	log_info("placement epoch %llu in force", (unsigned long long)c->epoch);
+	if (c->repair_t0 > 0) {
+		log_info("placement epoch %llu in force: replicas re-created in %.0f ms",
+			 (unsigned long long)c->epoch, (cluster_now() - c->repair_t0) * 1e3);
+		c->repair_t0 = 0;
+	} else {
+		log_info("placement epoch %llu in force", (unsigned long long)c->epoch);
+	}
 }
 
 /* At the first MoE layer of each forward step: switch to a placement every
- * worker has loaded, or plan the next one when it is due. */
+ * live worker has loaded, re-create the replicas of a lost worker, give a
+ * joined worker its share, or plan the next re-placement when it is due. */
 static void cluster_between_steps(cluster *c, int layer)
 {
 	int new_step = layer <= c->last_layer;
@@ -1133,19 +1492,142 @@ static void cluster_between_steps(cluster *c, int layer)
 		return;
 	cluster_time_step(c);
 	c->fwd_step++;
-	if (!c->policy)
-		return;
-	if (c->next_active) {
-		if (c->next_ready < c->n)
-			return;
-		cluster_switch(c);
+	if (c->repair_due || (c->rebuild_due && !c->next_active)) {
+		cluster_plan_repair(c, c->rebuild_due);
 		return;
 	}
+	if (c->next_active) {
+		if (cluster_next_ready(c))
+			cluster_switch(c);
+		return;
+	}
+	if (!c->policy)
+		return;
 	int every = c->cfg.rebalance_every > 0 ? c->cfg.rebalance_every : 16;
 	if (c->fwd_step - c->last_plan_step >= (uint64_t)every) {
 		c->last_plan_step = c->fwd_step;
 		cluster_plan_next(c);
 	}
+}
+
+/* A worker said Hello after start-up: it takes the place of a lost one (the
+ * cluster never grows beyond its start-up size) and gets a share of the
+ * experts in the next epoch; until that epoch is in force it gets no
+ * Batches. */
+static void cluster_rejoin(cluster *c, int peer, const struct wire_hello *h)
+{
+	int i = 0;
+	while (i < c->n && !c->w[i].lost)
+		i++;
+	if (i == c->n) {
+		log_warn("%s (%s): joined, but no worker is missing; refused",
+			 transport_peer_name(c->t, peer), h->name);
+		cluster_send_shutdown(c, peer, "the cluster is complete", 0);
+		transport_drop_peer(c->t, peer);
+		return;
+	}
+	struct cluster_peer *w = &c->w[i];
+	w->peer = peer;
+	w->hello = *h;
+	w->lost = 0;
+	w->st.lost = 0;
+	w->ready = 1;
+	w->serving = 0;
+	w->fresh = 1;
+	w->next_ok = 0;
+	w->releasing = 0;
+	w->st.held_experts = 0;
+	w->st.held_bytes = 0;
+	snprintf(w->st.name, sizeof(w->st.name), "%s", h->name);
+	c->pw[i].mem_bytes = h->memory_bytes;
+	c->n_rejoined++;
+	/* at once, superseding a placement being loaded (the newcomer was not
+	 * sent its Assign, so that one could never become ready) */
+	c->rebuild_due = 1;
+	c->repair_due = 1;
+	log_info("worker %d (%s) joined in place of a lost worker: %u cores, %.1f GiB, %s", i,
+		 w->st.name, h->cores, (double)h->memory_bytes / (1 << 30),
+		 h->has_model ? "has the model" : "needs the weights streamed");
+}
+
+/* Splits items of the job over the serving holders of their experts and
+ * sends one Batch per worker.  from < 0: every item of the job; otherwise the
+ * items of batch `from` (whose worker was lost).  Items whose expert has no
+ * serving holder go to one waiting batch (worker -1).  A worker that cannot
+ * be sent to is lost (its new batch fails and is dispatched again by the
+ * caller).  Returns 0, or ERR_NOMEM. */
+static int cluster_dispatch(cluster *c, const struct expert_job *job, int from)
+{
+	const int k = job->k, E = job->n_embd;
+	const uint32_t wt = cluster_wire_type(c, job->layer);
+	const size_t row_bytes = kern_row_bytes(wt, E);
+	if (cluster_grow(c, (size_t)c->n + 1))
+		return ERR_NOMEM;
+	const int n_src = from < 0 ? job->n_rows : c->batches[from].n_rows;
+	int orphans = -1;
+	for (int i = 0; i < c->n; i++) {
+		c->disp[i] = -1;
+		c->finish[i] = 0.0;
+	}
+	for (int j = 0; j < n_src; j++) {
+		int r = from < 0 ? j : c->batches[from].rows[j];
+		memset(c->visits, 0, (size_t)c->n);
+		for (int s = 0; s < k; s++) {
+			int32_t e = from < 0 ? job->ids[(size_t)r * k + s]
+					     : c->batches[from].ids[(size_t)j * k + s];
+			if (e < 0)
+				continue; /* empty slot, or not in the failed batch */
+			int h = cluster_holder(c, job->layer, e);
+			int bi = h >= 0 ? c->disp[h] : orphans;
+			if (bi < 0) {
+				bi = cluster_batch_add(c, h, (size_t)job->n_rows, (size_t)k,
+						       h >= 0 ? (size_t)job->n_rows * row_bytes : 0);
+				if (bi < 0)
+					return ERR_NOMEM;
+				if (h >= 0)
+					c->disp[h] = bi;
+				else
+					orphans = bi;
+			}
+			struct cluster_batch *b = &c->batches[bi];
+			if (b->n_rows == 0 || b->rows[b->n_rows - 1] != r) {
+				int at = b->n_rows++;
+				b->rows[at] = r;
+				for (int q = 0; q < k; q++) {
+					b->ids[(size_t)at * k + q] = -1;
+					b->wts[(size_t)at * k + q] = 0.0f;
+				}
+				if (h >= 0)
+					kern_convert_row(wt, job->x + (size_t)r * E,
+							 b->act + (size_t)at * row_bytes, E);
+			}
+			size_t at = (size_t)(b->n_rows - 1) * k + (size_t)s;
+			b->ids[at] = e;
+			b->wts[at] = job->weights[(size_t)r * k + s];
+			b->items++;
+		}
+	}
+	double now = cluster_now();
+	for (int i = 0; i < c->n; i++) {
+		if (c->disp[i] < 0)
+			continue;
+		struct cluster_batch *b = &c->batches[c->disp[i]];
+		struct cluster_peer *w = &c->w[i];
+		b->step = ++c->step;
+		b->sent = now;
+		struct wire_msg m = {.kind = WIRE_BATCH};
+		m.u.batch = (struct wire_batch){b->step, (uint32_t)job->layer, (uint32_t)b->n_rows,
+						(uint32_t)k, wt, b->ids, b->wts};
+		if (cluster_send(c, i, &m, b->act, (size_t)b->n_rows * row_bytes)) {
+			cluster_drop(c, i, "cannot send");
+			continue;
+		}
+		w->last_probe = now;
+		w->st.batches++;
+		w->st.rows += (uint64_t)b->n_rows;
+		w->st.items += (uint64_t)b->items;
+	}
+	return 0;
 }
 
 static int cluster_submit(void *self, const struct expert_job *job)
@@ -1157,171 +1639,235 @@ static int cluster_submit(void *self, const struct expert_job *job)
 		if (c->step_expert == 0)
 			c->step_rows = job->n_rows;
 	}
+	c->n_batches = 0;
 	if (job->layer < 0 || job->layer >= c->spec.n_layer || k > WIRE_MAX_K ||
 	    job->n_rows > WIRE_MAX_ROWS || E != c->spec.n_embd)
 		return ERR_RANGE;
-	const uint32_t wt = cluster_wire_type(c, job->layer);
-	const size_t row_bytes = kern_row_bytes(wt, E);
-	c->step++;
-	/* split the rows by the holder of each chosen expert */
-	for (int i = 0; i < c->n; i++) {
-		struct cluster_peer *w = &c->w[i];
-		w->n_rows = 0;
-		w->expect_items = 0;
-		w->answered = 1;
-		if (!w->lost && cluster_reserve(w, (size_t)job->n_rows, (size_t)k,
-						(size_t)job->n_rows * row_bytes))
-			return ERR_NOMEM;
-	}
-	for (int i = 0; i < c->n; i++)
-		c->finish[i] = 0.0;
+	for (size_t i = 0; i < (size_t)job->n_rows * k; i++)
+		if (job->ids[i] < -1 || job->ids[i] >= c->spec.n_expert)
+			return ERR_RANGE;
 	if (balance_counts_add(c->counts, job->layer, job->ids, job->n_rows, k))
 		return ERR_RANGE;
-	for (int r = 0; r < job->n_rows; r++) {
-		memset(c->visits, 0, (size_t)c->n);
-		for (int s = 0; s < k; s++) {
-			int32_t e = job->ids[(size_t)r * k + s];
-			if (e == -1)
-				continue; /* empty slot (fewer experts for this row) */
-			if (e < 0 || e >= c->spec.n_expert)
-				return ERR_RANGE;
-			int h = cluster_holder(c, job->layer, e);
-			if (h < 0) {
-				log_error("expert %d of layer %d is held by no live worker", e,
-					  job->layer);
-				return ERR_PEER;
-			}
-			struct cluster_peer *w = &c->w[h];
-			if (w->n_rows == 0 || w->rows[w->n_rows - 1] != r) {
-				int at = w->n_rows++;
-				w->rows[at] = r;
-				for (int j = 0; j < k; j++) {
-					w->ids[(size_t)at * k + j] = -1;
-					w->wts[(size_t)at * k + j] = 0.0f;
-				}
-				kern_convert_row(wt, job->x + (size_t)r * E, w->act + (size_t)at * row_bytes,
-						 E);
-			}
-			size_t at = (size_t)(w->n_rows - 1) * k + (size_t)s;
-			w->ids[at] = e;
-			w->wts[at] = job->weights[(size_t)r * k + s];
-			w->expect_items++;
-		}
-	}
-	int pending = 0;
-	for (int i = 0; i < c->n; i++) {
-		struct cluster_peer *w = &c->w[i];
-		if (w->lost || w->n_rows == 0)
-			continue;
-		struct wire_msg m = {.kind = WIRE_BATCH};
-		m.u.batch = (struct wire_batch){c->step, (uint32_t)job->layer, (uint32_t)w->n_rows,
-						(uint32_t)k, wt, w->ids, w->wts};
-		int rc = cluster_send(c, i, &m, w->act, (size_t)w->n_rows * row_bytes);
-		if (rc) {
-			cluster_drop(c, i, "cannot send");
-			return ERR_PEER;
-		}
-		w->answered = 0;
-		w->st.batches++;
-		w->st.rows += (uint64_t)w->n_rows;
-		w->st.items += (uint64_t)w->expect_items;
-		pending++;
-	}
-	c->pending = pending;
 	c->t0 = cluster_now();
-	return 0;
+	return cluster_dispatch(c, job, -1);
 }
 
-/* Receives the results of the submitted job (in any order) into job->out. */
+/* 1 if every item of batch b has a serving holder now. */
+static int cluster_placeable(cluster *c, const struct cluster_batch *b, int layer, int k)
+{
+	for (size_t i = 0; i < (size_t)b->n_rows * k; i++) {
+		int32_t e = b->ids[i];
+		if (e < 0)
+			continue;
+		int ok = 0;
+		for (int r = 0; r < c->plan.n_replica && !ok; r++) {
+			int h = placement_holder(&c->plan, layer, e, r);
+			ok = h >= 0 && !c->w[h].lost && c->w[h].serving;
+		}
+		if (!ok)
+			return 0;
+	}
+	return 1;
+}
+
+/* 1 if the placement being loaded gives every item of b a live holder. */
+static int cluster_next_covers(cluster *c, const struct cluster_batch *b, int layer, int k)
+{
+	if (!c->next_active)
+		return 0;
+	for (size_t i = 0; i < (size_t)b->n_rows * k; i++) {
+		int32_t e = b->ids[i];
+		if (e < 0)
+			continue;
+		int ok = 0;
+		for (int r = 0; r < c->next.n_replica && !ok; r++) {
+			int h = placement_holder(&c->next, layer, e, r);
+			ok = h >= 0 && !c->w[h].lost;
+		}
+		if (!ok)
+			return 0;
+	}
+	return 1;
+}
+
+/* Takes one message received during a step: a Result of a pending batch
+ * lands in job->out; stale Results (of batches already re-sent elsewhere, or
+ * of an earlier step) are ignored. */
+static void cluster_take(cluster *c, const struct expert_job *job, int who,
+			 const struct wire_msg *m, const uint8_t *data, size_t n)
+{
+	const int k = job->k, E = job->n_embd;
+	struct cluster_peer *w = &c->w[who];
+	if (m->kind == WIRE_RESULT) {
+		struct cluster_batch *b = NULL;
+		for (int i = 0; i < c->n_batches && !b; i++)
+			if (c->batches[i].worker == who && c->batches[i].step == m->u.result.step &&
+			    c->batches[i].state == CLUSTER_BATCH_PENDING)
+				b = &c->batches[i];
+		if (!b) {
+			log_warn("worker %d: stale result for step %llu ignored", who,
+				 (unsigned long long)m->u.result.step);
+			return;
+		}
+		if (m->u.result.layer != (uint32_t)job->layer ||
+		    m->u.result.n_items != (uint32_t)b->items ||
+		    n != wire_result_frame_bytes(&m->u.result, (uint32_t)E)) {
+			cluster_drop(c, who, "result does not match its batch");
+			return;
+		}
+		const float *items = (const float *)data;
+		size_t at = 0;
+		for (int j = 0; j < b->n_rows; j++)
+			for (int s = 0; s < k; s++)
+				if (b->ids[(size_t)j * k + s] >= 0)
+					memcpy(job->out + ((size_t)b->rows[j] * k + s) * E,
+					       items + (at++) * E, (size_t)E * sizeof(float));
+		w->st.compute_seconds += m->u.result.compute_seconds;
+		w->st.wait_seconds += cluster_now() - b->sent;
+		b->state = CLUSTER_BATCH_DONE;
+	} else if (m->kind == WIRE_ERROR) {
+		cluster_drop(c, who, m->u.text);
+	} else if (m->kind == WIRE_READY) {
+		cluster_on_ready(c, who, &m->u.ready);
+	} else if (m->kind != WIRE_HEARTBEAT && m->kind != WIRE_STATS && m->kind != WIRE_HELLO) {
+		/* a repeated Hello of a member is harmless */
+		cluster_drop(c, who, "unexpected message during a step");
+	}
+}
+
+enum {
+	CLUSTER_PROBE_MS = 100, /* a worker silent this long in a step is probed */
+};
+
+/* Receives the results of the submitted job (in any order) into job->out.
+ * Batches of workers that are lost meanwhile (a send fails, a probe finds
+ * the connection gone, no answer within the time-out, an Error) are sent
+ * again to other holders of the same experts; items whose experts have no
+ * holder left wait for the replica repair, when it can place them. */
 static int cluster_collect(void *self, const struct expert_job *job)
 {
 	cluster *c = self;
-	const int k = job->k, E = job->n_embd;
-	int pending = c->pending;
-	c->pending = 0;
-	double t0 = c->t0, deadline = t0 + c->cfg.timeout_ms / 1000.0;
-	int rc = 0;
-	while (pending > 0) {
-		int left = (int)((deadline - cluster_now()) * 1000.0);
-		if (left <= 0) {
-			for (int i = 0; i < c->n; i++)
-				if (!c->w[i].answered)
-					cluster_drop(c, i, "no answer within the worker time-out");
-			log_error("layer %d: %d worker(s) did not answer within %d ms", job->layer,
-				  pending, c->cfg.timeout_ms);
-			return ERR_PEER;
+	double t0 = c->t0;
+	int rc = 0, failed_over = 0;
+	uint64_t resent = 0;
+	for (;;) {
+		if (c->repair_due)
+			cluster_plan_repair(c, c->rebuild_due);
+		int pending = 0, waiting = 0;
+		for (int b = 0; b < c->n_batches && !rc; b++) {
+			struct cluster_batch *x = &c->batches[b];
+			if (x->state == CLUSTER_BATCH_PENDING)
+				pending++;
+			if (x->state != CLUSTER_BATCH_FAILED)
+				continue;
+			if (!cluster_placeable(c, x, job->layer, job->k)) {
+				if (cluster_next_ready(c)) {
+					cluster_switch(c);
+					b--; /* look again under the new placement */
+					continue;
+				}
+				if (cluster_next_covers(c, x, job->layer, job->k)) {
+					waiting++;
+					continue;
+				}
+				for (size_t i = 0; i < (size_t)x->n_rows * job->k; i++)
+					if (x->ids[i] >= 0) {
+						log_error("layer %d: expert %d has no live holder and cannot "
+							  "be reloaded on the surviving workers",
+							  job->layer, x->ids[i]);
+						break;
+					}
+				rc = ERR_PEER;
+				break;
+			}
+			failed_over = 1;
+			resent += (uint64_t)x->items;
+			x->state = CLUSTER_BATCH_DONE;
+			int r = cluster_dispatch(c, job, b);
+			if (r)
+				rc = r;
+			b = -1; /* new batches (and maybe new failures): scan again */
+			pending = waiting = 0;
 		}
+		if (rc || (pending == 0 && waiting == 0))
+			break;
+		/* time-outs and probes */
+		double now = cluster_now(), wake = now + 1.0;
+		for (int b = 0; b < c->n_batches; b++) {
+			struct cluster_batch *x = &c->batches[b];
+			if (x->state != CLUSTER_BATCH_PENDING)
+				continue;
+			struct cluster_peer *w = &c->w[x->worker];
+			double due = x->sent + c->cfg.timeout_ms / 1000.0;
+			if (now >= due) {
+				char why[96];
+				snprintf(why, sizeof(why), "no answer within the worker time-out (%d ms)",
+					 c->cfg.timeout_ms);
+				cluster_drop(c, x->worker, why);
+				wake = now;
+				break;
+			}
+			wake = fmin(wake, due);
+			if (now - w->last_probe >= CLUSTER_PROBE_MS / 1000.0) {
+				/* a send to a closed connection fails at once */
+				struct wire_msg hb = {.kind = WIRE_HEARTBEAT};
+				hb.u.heartbeat_nonce = c->step;
+				w->last_probe = now;
+				if (cluster_send(c, x->worker, &hb, NULL, 0)) {
+					cluster_drop(c, x->worker, "connection lost");
+					wake = now;
+					break;
+				}
+			}
+			wake = fmin(wake, w->last_probe + CLUSTER_PROBE_MS / 1000.0);
+		}
+		if (waiting) {
+			double limit = c->repair_t0 + c->cfg.join_timeout_ms / 1000.0;
+			if (now >= limit) {
+				log_error("layer %d: the lost experts were not reloaded within %d ms",
+					  job->layer, c->cfg.join_timeout_ms);
+				rc = ERR_PEER;
+				break;
+			}
+			/* the step waits anyway: stream the replacements at full speed */
+			size_t budget = c->live_budget;
+			c->live_budget = CLUSTER_LIVE_MAX;
+			cluster_pump(c);
+			c->live_budget = budget;
+			int queued = 0;
+			for (int i = 0; i < c->n; i++)
+				queued |= !c->w[i].lost && c->w[i].sq_at < c->w[i].sq_n;
+			wake = fmin(wake, queued ? now : now + CLUSTER_PROBE_MS / 1000.0);
+		}
+		int left = (int)ceil((wake - cluster_now()) * 1000.0);
 		struct wire_msg m;
 		const uint8_t *data;
 		size_t n;
 		int peer, who;
-		int r = cluster_recv(c, left, &m, &peer, &who, &data, &n);
-		if (r == ERR_PROTO) {
-			/* the sender was dropped; if it was pending, the job cannot finish */
-			for (int i = 0; i < c->n; i++)
-				if (c->w[i].lost && !c->w[i].answered) {
-					c->w[i].answered = 1;
-					pending--;
-					rc = ERR_PEER;
-				}
-			continue;
+		int r = cluster_recv(c, left > 0 ? left : 0, &m, &peer, &who, &data, &n);
+		if (r == ERR_PROTO || r == ERR_PEER)
+			continue; /* a dropped sender, or nothing yet */
+		if (r) {
+			rc = r;
+			break;
 		}
-		if (r == ERR_PEER)
-			continue;
-		if (r)
-			return r;
-		if (who < 0) {
-			log_warn("%s: message from an unknown worker ignored",
-				 transport_peer_name(c->t, peer));
-			transport_drop_peer(c->t, peer);
-			wire_msg_free(&m);
-			continue;
-		}
-		struct cluster_peer *w = &c->w[who];
-		if (m.kind == WIRE_RESULT && m.u.result.step == c->step && !w->answered) {
-			if (m.u.result.layer != (uint32_t)job->layer ||
-			    m.u.result.n_items != (uint32_t)w->expect_items ||
-			    n != wire_result_frame_bytes(&m.u.result, (uint32_t)E)) {
-				cluster_drop(c, who, "result does not match its batch");
-				rc = ERR_PEER;
-			} else {
-				const float *items = (const float *)data;
-				size_t at = 0;
-				for (int j = 0; j < w->n_rows; j++)
-					for (int s = 0; s < k; s++)
-						if (w->ids[(size_t)j * k + s] >= 0)
-							memcpy(job->out + ((size_t)w->rows[j] * k + s) * E,
-							       items + (at++) * E, (size_t)E * sizeof(float));
-				w->st.compute_seconds += m.u.result.compute_seconds;
-				w->st.wait_seconds += cluster_now() - t0;
-			}
-			w->answered = 1;
-			pending--;
-		} else if (m.kind == WIRE_RESULT) {
-			log_warn("worker %d: stale result for step %llu ignored", who,
-				 (unsigned long long)m.u.result.step);
-		} else if (m.kind == WIRE_ERROR) {
-			cluster_drop(c, who, m.u.text);
-			if (!w->answered) {
-				w->answered = 1;
-				pending--;
-				rc = ERR_PEER;
-			}
-		} else if (m.kind == WIRE_READY) {
-			cluster_on_ready(c, who, &m.u.ready);
-		} else if (m.kind != WIRE_HEARTBEAT && m.kind != WIRE_STATS) {
-			cluster_drop(c, who, "unexpected message during a step");
-			if (!w->answered) {
-				w->answered = 1;
-				pending--;
-				rc = ERR_PEER;
-			}
-		}
+		if (who < 0)
+			cluster_on_stranger(c, peer, &m);
+		else
+			cluster_take(c, job, who, &m, data, n);
 		wire_msg_free(&m);
 	}
-	c->step_expert += cluster_now() - t0;
+	double dt = cluster_now() - t0;
+	c->step_expert += dt;
+	if (failed_over) {
+		c->n_failover_steps++;
+		c->resent_items += resent;
+		c->worst_stall = fmax(c->worst_stall, dt);
+		log_warn("layer %d: %llu item(s) re-sent to surviving workers; the step took %.0f ms",
+			 job->layer, (unsigned long long)resent, dt * 1e3);
+	}
 	if (rc)
-		log_error("layer %d: a worker failed during the step", job->layer);
+		log_error("layer %d: the step failed: experts unavailable", job->layer);
 	else
 		cluster_pump(c); /* while the coordinator computes the next layer */
 	return rc;

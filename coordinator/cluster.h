@@ -13,11 +13,26 @@
  * kernels convert to anyway, so results are unchanged) and returns one F32
  * vector per (row, slot) it computed; these land in the job's per-slot output,
  * which the forward pass sums in slot order -- so logits are bit-identical to
- * the in-process backend.  A worker that sends something malformed, oversized
- * or out of order is dropped with a logged reason; a worker that does not
- * answer within cfg->timeout_ms fails the current job with ERR_PEER and is
- * marked lost.  Later jobs are served if the remaining workers still hold
- * every expert; otherwise they fail with a clear error.
+ * the in-process backend.
+ *
+ * Failover.  A worker is lost when it sends something malformed, oversized or
+ * out of order, answers Error, cannot be sent to, is found disconnected by a
+ * probe (a Heartbeat sent every 100 ms to a worker that has not answered its
+ * Batch yet: a send to a closed connection fails at once), or does not
+ * answer within cfg->timeout_ms.  Its unanswered rows are sent again to
+ * other holders of the same experts and the job completes with the same
+ * results (an expert computes the same wherever it runs; slots are summed in
+ * order by the forward pass).  Everything it sends later comes from an
+ * unknown peer: it is ignored and answered with Shutdown(rejoin).  Its
+ * replicas are re-created on the live workers as a new placement epoch (the
+ * live re-placement machinery below; from the workers' model files or
+ * streamed); when an expert has no live holder left (R = 1), the job waits
+ * for that epoch (at most cfg->join_timeout_ms), and when no survivor has the
+ * memory for it, the jobs that route to it fail with ERR_PEER and a logged
+ * reason while the others are served.  A worker that says Hello after
+ * start-up takes the place of a lost one (the cluster never grows beyond
+ * cfg->n_workers) and gets a share of the experts in the next epoch.
+ * Re-planning by the balance policy pauses while a worker is missing.
  *
  * Live re-placement (cfg->rebalance): every rebalance_every forward steps the
  * policy plans a new placement from the decayed router counts; each worker is
@@ -27,7 +42,8 @@
  * more than about 30%) while it keeps serving, and answers Ready.  The old
  * placement stays in force until every worker is ready; the switch happens
  * between two forward steps, after which every worker gets a Release of the
- * experts it no longer needs and frees them.  No result changes, because an
+ * experts it no longer needs and frees them.  Epoch numbers only grow; a
+ * placement still loading is superseded by a repair when a worker is lost.  No result changes, because an
  * expert's output is the same wherever it is computed.  The initial placement
  * uses the speeds the workers measured before Hello. */
 #ifndef MOEFLEET_CLUSTER_H
@@ -111,7 +127,7 @@ void cluster_print_stats(cluster *c);
  * the forward pass changes: call it from the thread that drives the model, or
  * under the lock that serialises forward passes.  ERR_IO if f failed. */
 int cluster_metrics_write(FILE *f, const cluster *c, int per_expert);
-/* Sends Shutdown to every worker and frees everything. */
+/* Sends Shutdown to every live worker and frees everything. */
 void cluster_destroy(cluster **c);
 
 #endif

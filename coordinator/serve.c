@@ -786,8 +786,10 @@ static void serve_stream_free(void *ctx)
 	serve *s = st->s;
 	pthread_mutex_lock(&s->mu);
 	serve_cancel(s, st->r);
-	if (st->r->cancelled && !st->r->err_status)
+	if (st->r->cancelled && !st->r->err_status) {
 		st->r->err_status = 499;
+		snprintf(st->r->err_msg, sizeof(st->r->err_msg), "client closed the connection");
+	}
 	serve_log_done(s, st->r, st->ended && !st->r->cancelled ? 200 : 499);
 	serve_req_unref(st->r);
 	pthread_mutex_unlock(&s->mu);

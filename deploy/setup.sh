@@ -10,7 +10,7 @@ action=${1:-run}
 packages=(build-essential autoconf automake libtool pkg-config autoconf-archive
 	libopenmpi-dev openmpi-bin libzmq3-dev libprotobuf-c-dev protobuf-c-compiler
 	libopenblas-dev libcmocka-dev libpcre2-dev iproute2
-	libmicrohttpd-dev libjansson-dev libcairo2-dev clang valgrind curl)
+	libmicrohttpd-dev libjansson-dev libcairo2-dev clang valgrind curl jq)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -36,6 +36,11 @@ run)
 	./moefleet generate -m tests/data/qwen3moe-tiny-mxfp4.gguf -p "The cluster said" -n 48 --temp 0.8 --seed 7
 	;;
 test)
+	# the OpenAI client used by tests/test_serve.sh (skipped without it)
+	if command -v npm >/dev/null; then
+		(cd tests && npm install --no-audit --no-fund --loglevel=error) ||
+			echo "npm install failed: the OpenAI client test will be skipped" >&2
+	fi
 	make -j"$(nproc)" check || { cat test-suite.log; exit 1; }
 	;;
 *)

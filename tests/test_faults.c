@@ -3,9 +3,9 @@
  * misbehave on purpose.  Checks: a worker speaking another protocol version,
  * one sending garbage and one sending an oversized header are refused while
  * the good workers form the cluster and give the in-process logits bit for
- * bit; a worker that dies or stops answering fails the current step with
- * ERR_PEER within the time-out (no hang), and with two replicas of every
- * expert the next step is served by the survivors with unchanged logits. */
+ * bit; with two replicas of every expert, a worker that dies or stops
+ * answering at its first batch is replaced within the same step by the
+ * survivors (no error) and the logits are unchanged. */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <signal.h>
@@ -214,11 +214,11 @@ static void lost_worker(enum fake kind)
 	pids[2] = spawn(kind);
 	int rc = run_model(3, 2, &got, &s);
 	reap(pids, 3);
-	/* the step that met the fault failed cleanly and in time ... */
-	assert_int_equal(rc, ERR_PEER);
-	print_message("failed step reported after %.2f s\n", s);
+	/* the step that met the fault was finished by the surviving replicas:
+	 * no error, no replay, and the logits are unchanged */
+	assert_int_equal(rc, 0);
+	print_message("step with the fault finished after %.2f s\n", s);
 	assert_true(s < 5.0);
-	/* ... and the replayed request, served by the survivors, is unchanged */
 	assert_memory_equal(ref.logits, got.logits,
 			    sizeof(float) * (size_t)ref.tc.n_tokens * ref.tc.n_vocab);
 	free_run(&ref);

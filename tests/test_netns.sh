@@ -4,8 +4,9 @@
 # shaped with `tc netem delay 1ms rate 1gbit`.  The workers connect over real
 # TCP between addresses; the logits must equal the in-process run bit for
 # bit.  The links are CURVE-authenticated and encrypted with keys made by
-# `moefleet keygen`.  The namespaces are created and removed here; where that
-# is not permitted the test is skipped.  Prints TAP.
+# `moefleet keygen`.  Then a worker's link is cut in the middle of a
+# generation (failover).  The namespaces are created and removed here; where
+# that is not permitted the test is skipped.  Prints TAP.
 set -u
 top_srcdir=${top_srcdir:-.}
 top_builddir=${top_builddir:-.}
@@ -79,7 +80,6 @@ for _ in $(seq 1 600); do
 	sleep 0.1
 done
 kill -0 "$coord" 2>/dev/null && { kill -9 "$coord"; st=124; }
-echo "1..2"
 if [ "$st" -eq 0 ]; then echo "ok 1 - coordinator with two workers over TCP in namespaces"; else
 	echo "not ok 1 - coordinator exited with $st"; sed 's/^/# /' "$tmp/coord.err" | tail -5; fi
 if [ "$st" -eq 0 ] && cmp -s "$tmp/inproc.f32" "$tmp/net.f32"; then
@@ -88,3 +88,46 @@ if [ "$st" -eq 0 ] && cmp -s "$tmp/inproc.f32" "$tmp/net.f32"; then
 else
 	echo "not ok 2 - logits differ"
 fi
+
+# A link cut in the middle of a generation (--replicas 2: each worker holds
+# every expert): the coordinator drops the silent worker after
+# --worker-timeout, re-sends its rows to the other one, and the greedy ids
+# equal the in-process run's.  The cut: `ip link set eth0 down` in the
+# worker's namespace, plus `tc netem loss 100%` where netem exists.
+gen=(generate -m "$data/$m.gguf" --tokens 1,2,3 -n 1500 --print-ids --threads 1)
+"$bin" "${gen[@]}" 2>/dev/null | tail -1 >"$tmp/base.ids"
+port=$((port + 1))
+ip netns exec "$c" "$bin" "${gen[@]}" --listen "tcp://10.213.0.1:$port" --expect-workers 2 \
+	--replicas 2 --worker-timeout 500 --stats --cluster-key "$tmp/keys/cluster.key" \
+	--authorized-keys "$tmp/keys/authorized_keys" >"$tmp/cut.out" 2>"$tmp/cut.err" &
+coord=$!
+for i in 1 2; do
+	ip netns exec "${tag}w$i" timeout 60 "$wbin" --connect "tcp://10.213.0.1:$port" \
+		-m "$data/$m.gguf" --name "w$i" --key "$tmp/keys/w$i.key" \
+		--server-key "$tmp/keys/cluster.pub" 2>"$tmp/cut.w$i.err" &
+done
+for _ in $(seq 1 600); do
+	[ "$(stat -c %s "$tmp/cut.out")" -ge 200 ] && break
+	kill -0 "$coord" 2>/dev/null || break
+	sleep 0.05
+done
+ip -n "${tag}w2" link set eth0 down
+ip netns exec "${tag}w2" tc qdisc replace dev eth0 root netem loss 100% 2>/dev/null
+st=1
+for _ in $(seq 1 600); do
+	if ! kill -0 "$coord" 2>/dev/null; then
+		wait "$coord"
+		st=$?
+		break
+	fi
+	sleep 0.1
+done
+kill -0 "$coord" 2>/dev/null && { kill -9 "$coord"; st=124; }
+if [ "$st" -eq 0 ] && tail -1 "$tmp/cut.out" | cmp -s - "$tmp/base.ids" &&
+	grep -q 'no answer within the worker time-out' "$tmp/cut.err"; then
+	echo "ok 3 - link cut mid-generation: the worker is dropped, ids identical"
+	grep -E '^failover:' "$tmp/cut.err" | sed 's/^/# /'
+else
+	echo "not ok 3 - link cut: exit $st: $(grep -m1 -E 'error' "$tmp/cut.err")"
+fi
+echo "1..3"

@@ -22,7 +22,7 @@ tmp=$(mktemp -d /tmp/moefleet-serve.XXXXXX)
 pids=()
 cleanup() {
 	for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-	wait 2>/dev/null
+	for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -48,17 +48,17 @@ start_server() {
 	eval "port_$name=$(sed -n 's/^listening on http:.*:\([0-9]*\)$/\1/p' "$tmp/$name.out")"
 }
 
-start_server main --workers 2 --parallel 4 --ctx-size 96 --max-batch 64 --queue 2 \
+start_server main --workers 2 --parallel 4 --ctx-size 2048 --max-batch 64 --queue 2 \
 	--api-key "$key" --max-body 65536
 url=http://127.0.0.1:$port_main
-echo "1..33"
+echo "1..39"
 if [ -z "$port_main" ]; then
 	not_ok "server starts" "$(cat "$tmp/main.err")"
 	exit 1
 fi
 auth=(-H "Authorization: Bearer $key")
 # post PATH JSON: prints the body, the HTTP status on the last line
-post() { curl -s -w '\n%{http_code}' "${auth[@]}" -H 'Content-Type: application/json' "$url$1" -d "$2"; }
+post() { curl -s -w '\n%{http_code}\n' "${auth[@]}" -H 'Content-Type: application/json' "$url$1" -d "$2"; }
 status_of() { tail -n 1; }
 body_of() { sed '$d'; }
 
@@ -82,23 +82,27 @@ check "greedy completion (2 workers) equals moefleet generate" 'cmp -s "$tmp/alo
 	"$(od -c "$tmp/alone.txt" | head -3) vs $(od -c "$tmp/gen_text.txt" | head -3)"
 r=$(post /v1/completions "$req" | body_of)
 check "finish_reason length and usage" \
-	'[ "$(echo "$r" | jq -r ".choices[0].finish_reason,.usage.completion_tokens,.usage.prompt_tokens" | tr "\n" " ")" = "length 12 5 " ]' "$r"
+	'[ "$(echo "$r" | jq -r ".choices[0].finish_reason,.usage.completion_tokens,.usage.prompt_tokens > 0" | tr "\n" " ")" = "length 12 true " ]' "$r"
 
 # a prompt longer than the prefill chunk (60 tokens), alone and beside others
-long=$(printf 'word%d ' $(seq 1 30))
+long=$(printf 'word%d ' $(seq 1 20))
 lreq='{"prompt":"'"$long"'","max_tokens":20,"temperature":0}'
 post /v1/completions "$lreq" | body_of | jq -j '.choices[0].text' >"$tmp/long_alone.txt"
 lp=$(post /v1/completions "$lreq" | body_of | jq -r .usage.prompt_tokens)
 check "the long prompt needs two prefill chunks ($lp tokens)" '[ "$lp" -gt 60 ]'
-for i in 1 2 3; do
+jobs_=() # 5 requests: 4 slots + a queue of 2 take them all
+for i in 1 2; do
 	post /v1/completions "$lreq" | body_of | jq -j '.choices[0].text' >"$tmp/long_$i.txt" &
+	jobs_+=($!)
 	post /v1/completions '{"prompt":"other text '$i'","max_tokens":30,"temperature":0.9,"seed":'$i'}' >/dev/null &
+	jobs_+=($!)
 done
 post /v1/completions "$req" | body_of | jq -j '.choices[0].text' >"$tmp/short_busy.txt" &
-wait
+jobs_+=($!)
+wait "${jobs_[@]}"
 same=1
-for i in 1 2 3; do cmp -s "$tmp/long_$i.txt" "$tmp/long_alone.txt" || same=0; done
-check "greedy output is the same alone and beside concurrent requests" '[ $same = 1 ]'
+for i in 1 2; do cmp -s "$tmp/long_$i.txt" "$tmp/long_alone.txt" || same=0; done
+check "greedy output is the same alone and beside concurrent requests" '[ $same = 1 ] && [ -s "$tmp/long_alone.txt" ]'
 check "the short prompt too, while others prefill and decode" 'cmp -s "$tmp/short_busy.txt" "$tmp/alone.txt"'
 
 # ---------------------------------------------------------------- streaming
@@ -154,10 +158,10 @@ bad "absurd max_tokens: 400" 400 '{"prompt":"x","max_tokens":100000000000}'
 bad "n=2: 400" 400 '{"prompt":"x","n":2}'
 bad "chat without messages: 400" 400 '{"prompt":"x"}' /v1/chat/completions
 bad "unknown model: 404" 404 '{"model":"gpt-5","prompt":"x"}'
-bad "prompt over the context: 400" 400 "{\"prompt\":\"$(printf 'a%.0s ' $(seq 1 120))\"}"
-r=$(post /v1/completions '{"prompt":"x","max_tokens":95}' | body_of)
+bad "prompt over the context: 400" 400 "{\"prompt\":\"$(printf 'a%.0s ' $(seq 1 2100))\"}"
+r=$(post /v1/completions '{"prompt":"x","max_tokens":2048}' | body_of)
 check "prompt + max_tokens over the context: clear message" \
-	'echo "$r" | jq -r .error.message | grep -q "maximum context length is 96"' "$r"
+	'echo "$r" | jq -r .error.message | grep -q "maximum context length is 2048"' "$r"
 head -c 70000 /dev/zero | tr '\0' a | sed 's/^/{"prompt":"/; s/$/"}/' >"$tmp/big.json"
 s=$(curl -s -o /dev/null -w '%{http_code}' "${auth[@]}" "$url/v1/completions" --data-binary @"$tmp/big.json")
 check "body over --max-body: 400" '[ "$s" = 400 ]' "status $s"
@@ -165,10 +169,12 @@ r=$(post /v1/completions '{"prompt":"x","max_tokens":2,"frobnicate":{"a":[1]},"u
 check "unknown fields are ignored" '[ "$(echo "$r" | status_of)" = 200 ]'
 
 # ---------------------------------------------------------------- overload
+jobs_=()
 for i in $(seq 1 10); do
 	post /v1/completions '{"prompt":"load '$i'","max_tokens":80,"temperature":0}' | status_of >"$tmp/ov_$i" &
+	jobs_+=($!)
 done
-wait
+wait "${jobs_[@]}"
 n200=$(cat "$tmp"/ov_* | grep -c '^200$')
 n503=$(cat "$tmp"/ov_* | grep -c '^503$')
 check "4 slots + queue 2, 10 at once: 503 for the rest ($n200 x 200, $n503 x 503)" \
@@ -177,8 +183,8 @@ check "4 slots + queue 2, 10 at once: 503 for the rest ($n200 x 200, $n503 x 503
 # ---------------------------------------------------------------- disconnects
 metric() { curl -s "${auth[@]}" "$url/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 d0=$(metric moefleet_client_disconnects_total)
-curl -sN -m 0.3 "${auth[@]}" "$url/v1/completions" -d '{"prompt":"go on","max_tokens":90,"stream":true}' >/dev/null
-curl -s -m 0.3 "${auth[@]}" "$url/v1/completions" -d '{"prompt":"go on","max_tokens":90}' >/dev/null
+curl -sN -m 0.3 "${auth[@]}" "$url/v1/completions" -d '{"prompt":"go on","max_tokens":2000,"stream":true}' >/dev/null
+curl -s -m 0.3 "${auth[@]}" "$url/v1/completions" -d '{"prompt":"go on","max_tokens":2000}' >/dev/null
 for _ in $(seq 1 40); do
 	[ "$(metric moefleet_requests_active)" = 0 ] && break
 	sleep 0.05
@@ -189,7 +195,7 @@ check "their slots and KV positions are free again" \
 	'[ "$(metric moefleet_requests_active)" = 0 ] && [ "$(metric moefleet_kv_positions_used)" = 0 ]'
 
 # ---------------------------------------------------------------- 1000 connections
-exec 2>/dev/null
+exec 4>&2 2>/dev/null
 for i in $(seq 1 1000); do
 	if exec 3<>/dev/tcp/127.0.0.1/"$port_main"; then
 		case $((i % 4)) in
@@ -200,7 +206,11 @@ for i in $(seq 1 1000); do
 		exec 3>&-
 	fi
 done
-exec 2>&1
+exec 2>&4 4>&-
+for _ in $(seq 1 100); do # dropped requests are cancelled within 50 ms each
+	[ "$(metric moefleet_requests_active)" = 0 ] && [ "$(metric moefleet_queue_length)" = 0 ] && break
+	sleep 0.05
+done
 check "the server survives 1000 dropped connections" 'kill -0 $pid_main'
 r=$(post /v1/completions "$req" | body_of | jq -j '.choices[0].text')
 check "and still serves the same greedy output" '[ "$r" = "$full" ]'
@@ -216,7 +226,7 @@ for name in moefleet_requests_total moefleet_prompt_tokens_total moefleet_comple
 done
 check "metrics: requests, tokens, TTFT/ITL, queue, batch, KV, cluster balance" '[ $have = 1 ]'
 check "one log line per request, with id, tokens and timings" \
-	'grep -q "request cmpl-[0-9a-f]* /v1/completions status=200 prompt=5 completion=12 ttft=" "$tmp/main.err" && grep -q "status=499" "$tmp/main.err"'
+	'grep -q "request cmpl-[0-9a-f]* /v1/completions status=200 prompt=[0-9]* completion=12 ttft=[0-9.]*s total=" "$tmp/main.err" && grep -q "status=499" "$tmp/main.err" && grep -q "status=400 error=" "$tmp/main.err"'
 
 # ---------------------------------------------------------------- tokenize
 line=$(sed -n 1p "$top_srcdir/tests/data/tokenizer/default.tsv")
@@ -239,4 +249,5 @@ fi
 kill "$pid_main"
 wait "$pid_main" 2>/dev/null
 check "SIGTERM stops the server" '! kill -0 $pid_main 2>/dev/null'
+check "no sanitizer report in the server log" '! grep -q "Sanitizer" "$tmp/main.err"' "$(grep -A5 Sanitizer "$tmp/main.err" | head -20)"
 [ $fails = 0 ]

@@ -14,7 +14,7 @@ static const char *usage =
 	"usage: moefleet-worker --connect ENDPOINT [-m MODEL.gguf] [--threads T]\n"
 	"                       [--memory BYTES] [--name NAME] [--slowdown F]\n"
 	"                       [--key FILE --server-key FILE | --insecure]\n"
-	"                       [--handshake-timeout MS]\n"
+	"                       [--handshake-timeout MS] [--reconnect SECONDS]\n"
 	"  ENDPOINT: tcp://HOST:PORT or ipc://PATH of a coordinator started with\n"
 	"  --listen.  With -m the worker reads its experts from its own copy of the\n"
 	"  model; without, the coordinator streams their bytes.  --slowdown F makes\n"
@@ -23,7 +23,10 @@ static const char *usage =
 	"  secret key, --server-key the coordinator's public key (see 'moefleet keygen');\n"
 	"  --insecure allows plain tcp:// on a trusted network (the coordinator must\n"
 	"  use it too).  A refused key or failed handshake ends the worker with an\n"
-	"  error; --handshake-timeout bounds the handshake once connected (10000).\n";
+	"  error; --handshake-timeout bounds the handshake once connected (10000).\n"
+	"  --reconnect S: outlive the coordinator: when it shuts down (or restarts),\n"
+	"  say Hello again with a growing interval for up to S seconds, then exit 1.\n"
+	"  Without it the worker exits 0 when the coordinator shuts down.\n";
 
 int main(int argc, char **argv)
 {
@@ -66,6 +69,13 @@ int main(int argc, char **argv)
 				return 2;
 			}
 			sec.handshake_timeout_ms = (int)ms;
+		} else if (!strcmp(a, "--reconnect")) {
+			long sec = strtol(v, &end, 10);
+			if (errno || *end || sec < 1 || sec > 86400) {
+				fprintf(stderr, "moefleet-worker: bad --reconnect '%s'\n%s", v, usage);
+				return 2;
+			}
+			cfg.reconnect_ms = (int)(sec * 1000);
 		} else if (!strcmp(a, "--threads") || !strcmp(a, "-t")) {
 			long t = strtol(v, &end, 10);
 			if (errno || *end || t < 1 || t > 256) {

@@ -31,6 +31,10 @@ struct worker_owned {
 	uint64_t bytes;
 };
 
+/* With cfg->reconnect_ms: seconds of silence after which the worker checks
+ * that its coordinator still knows it (a Heartbeat). */
+#define WORKER_PROBE_S 5.0
+
 /* Upper bound on n_layer x n_expert of the table of held experts. */
 #define WORKER_MAX_TABLE (1u << 22)
 
@@ -307,6 +311,9 @@ static int worker_on_chunk(struct worker *w, const struct wire_weight_chunk *c,
 			bi = i;
 		}
 	}
+	if (!b && w->shard && c->layer < (uint32_t)w->spec.n_layer &&
+	    c->expert < (uint32_t)w->spec.n_expert && shard_has(w->shard, (int)c->layer, (int)c->expert))
+		return 0; /* completed under a superseded epoch: already held */
 	if (!b) {
 		worker_error(w, "weight chunk for an expert that was not assigned");
 		return 0;
@@ -633,13 +640,47 @@ int worker_run(transport *t, const struct worker_config *cfg)
 		log_error("cannot reach the coordinator");
 		goto out;
 	}
-	double idle_since = worker_now();
+	/* waiting for a coordinator: Hello is sent again with a growing interval
+	 * (messages queue while disconnected; a coordinator takes the first and
+	 * ignores repeats) until one answers or cfg->reconnect_ms passes */
+	int waiting = cfg->reconnect_ms > 0;
+	double now = worker_now(), idle_since = now, wait_since = now, backoff = 0.25;
+	double next_hello = now + backoff, last_probe = now;
 	for (;;) {
 		struct transport_frame f;
-		rc = transport_recv(t, 1000, &f);
+		now = worker_now();
+		int wait_ms = 1000;
+		if (waiting)
+			wait_ms = (int)fmax(1.0, fmin(1000.0, (next_hello - now) * 1000.0));
+		rc = transport_recv(t, wait_ms, &f);
+		now = worker_now();
 		if (rc == ERR_PEER) {
+			if (waiting && (now - wait_since) * 1000.0 > cfg->reconnect_ms) {
+				log_error("no coordinator answered within %d ms, giving up",
+					  cfg->reconnect_ms);
+				goto out;
+			}
+			if (waiting && now >= next_hello) {
+				backoff = fmin(2 * backoff, 4.0);
+				next_hello = now + backoff;
+				rc = worker_send(&w, &hello, NULL, 0);
+				if (rc)
+					goto out;
+				continue;
+			}
+			if (!waiting && cfg->reconnect_ms > 0 &&
+			    now - idle_since > WORKER_PROBE_S && now - last_probe > WORKER_PROBE_S) {
+				/* a coordinator that restarted does not know this worker and
+				 * answers with Shutdown(rejoin); a live one ignores this */
+				struct wire_msg hb = {.kind = WIRE_HEARTBEAT};
+				last_probe = now;
+				rc = worker_send(&w, &hb, NULL, 0);
+				if (rc)
+					goto out;
+				continue;
+			}
 			if (cfg->idle_timeout_ms > 0 &&
-			    (worker_now() - idle_since) * 1000.0 > cfg->idle_timeout_ms) {
+			    (now - idle_since) * 1000.0 > cfg->idle_timeout_ms) {
 				log_error("coordinator silent for %d ms, giving up",
 					  cfg->idle_timeout_ms);
 				goto out;
@@ -648,7 +689,7 @@ int worker_run(transport *t, const struct worker_config *cfg)
 		}
 		if (rc)
 			goto out;
-		idle_since = worker_now();
+		idle_since = now;
 		if (f.bad)
 			continue;
 		w.stats.bytes_in += f.hdr_len + f.data_len;
@@ -657,6 +698,8 @@ int worker_run(transport *t, const struct worker_config *cfg)
 			worker_error(&w, "undecodable message");
 			continue;
 		}
+		if (m.kind != WIRE_SHUTDOWN)
+			waiting = 0;
 		int has_frame = m.kind == WIRE_BATCH || m.kind == WIRE_WEIGHT_CHUNK;
 		if (!has_frame && f.data) {
 			worker_error(&w, "unexpected raw frame");
@@ -693,10 +736,30 @@ int worker_run(transport *t, const struct worker_config *cfg)
 			break;
 		}
 		case WIRE_SHUTDOWN:
-			log_info("worker: shutdown (%s)", m.u.text);
-			wire_msg_free(&m);
-			rc = 0;
-			goto out;
+			if (!m.shutdown_rejoin && cfg->reconnect_ms <= 0) {
+				log_info("worker: shutdown (%s)", m.u.text);
+				wire_msg_free(&m);
+				rc = 0;
+				goto out;
+			}
+			/* forget everything and say Hello to whichever coordinator
+			 * answers: this one (rejoin) or the next one */
+			log_info("worker: %s (%s); saying Hello again",
+				 m.shutdown_rejoin ? "the coordinator asks to rejoin"
+						   : "the coordinator shut down",
+				 m.u.text);
+			worker_clear(&w);
+			w.epoch = 0;
+			w.initial = 0;
+			if (!waiting) { /* a refusal while waiting does not extend the wait */
+				wait_since = now;
+				backoff = 0.25;
+				next_hello = now + backoff;
+			}
+			waiting = cfg->reconnect_ms > 0;
+			if (m.shutdown_rejoin)
+				rc = worker_send(&w, &hello, NULL, 0);
+			break;
 		default:
 			worker_error(&w, "unexpected message kind");
 			break;

@@ -10,7 +10,19 @@
  *              from WeightChunks arriving between Batches) -> Ready
  *            Release -> free the listed experts -> Ready (released)
  *            Heartbeat -> Heartbeat (same nonce); Stats -> Stats
- *            Shutdown -> return 0
+ *            Shutdown -> return 0 (with cfg->reconnect_ms: forget everything,
+ *              say Hello again and wait for the next coordinator)
+ *            Shutdown(rejoin) -> forget everything and say Hello again: the
+ *              coordinator dropped this worker as lost (e.g. it answered too
+ *              late) or restarted; it may take it back as a new member
+ *
+ * Reconnecting (cfg->reconnect_ms > 0): while no coordinator has answered,
+ * Hello is sent again after 0.25, 0.5, 1, 2, 4, 4, ... seconds (ZeroMQ queues
+ * them while disconnected; a coordinator ignores repeats of a member); if
+ * none answers within reconnect_ms, worker_run() returns ERR_PEER.  While
+ * serving, after 5 s without a message the worker sends a Heartbeat (again
+ * every 5 s): a coordinator that restarted does not know it and answers
+ * Shutdown(rejoin).
  *
  * Before Hello the worker measures its speed on a synthetic expert (Hello's
  * expert_rows_per_sec; CPU-based, scaled by cfg->slowdown).
@@ -45,6 +57,7 @@ struct worker_config {
 	int idle_timeout_ms;	/* <= 0: wait forever */
 	enum worker_fault fault;
 	double slowdown; /* > 1: take this many times as long per batch (tests, benchmarks) */
+	int reconnect_ms; /* > 0: outlive the coordinator (see above); 0: exit at Shutdown */
 };
 
 int worker_run(transport *t, const struct worker_config *cfg);
