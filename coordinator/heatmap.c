@@ -4,6 +4,7 @@
 
 #include <cairo.h>
 #include <cairo-svg.h>
+#include <fontconfig/fontconfig.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -151,6 +152,9 @@ int heatmap_write(const char *path, const struct heatmap_data *d)
 	if (st == CAIRO_STATUS_SUCCESS)
 		st = cairo_surface_status(sf);
 	cairo_surface_destroy(sf);
+	/* drop cairo's and fontconfig's font caches: nothing else in the process draws */
+	cairo_debug_reset_static_data();
+	FcFini();
 	if (st != CAIRO_STATUS_SUCCESS) {
 		log_error("%s: cannot write: %s", path, cairo_status_to_string(st));
 		return ERR_IO;

@@ -86,7 +86,8 @@ static long replay_path(const char *path)
 		names[n++] = strdup(e->d_name);
 	}
 	closedir(d);
-	qsort(names, n, sizeof(*names), cmp_str);
+	if (n)
+		qsort(names, n, sizeof(*names), cmp_str);
 	long done = 0;
 	for (size_t i = 0; i < n; i++) {
 		char p[4096];
