@@ -4,14 +4,15 @@
 # hot traffic to experts the slowed worker holds (--router-bias).  Reports
 #   - max/mean worker compute per step with the static placement, and in the
 #     first and last placement epochs with live rebalancing (--rebalance);
-#   - the worst forward step while a re-placement was loading against the
-#     median step, during continuous generation (weights from the model file
-#     and streamed from the coordinator);
+#   - during continuous generation (weights from the model file and streamed
+#     from the coordinator), the steps while a re-placement was loading
+#     against the median quiet step under the same placement;
 #   - whether the rebalanced run's logits equal the in-process ones bit for bit.
 #   bench/skew.sh MODEL.gguf
 # Environment: POLICY (migrate), SLOW (local worker index, 2), FACTOR (2), HOT
 # (biased experts, 6), BIAS (added to their selection score, 0.08), PP (64),
-# TG (16), REPS (6), EVERY (re-plan interval in steps, 17), GEN (tokens, 64).
+# TG (16), REPS (6), EVERY (re-plan interval in steps, 17), GEN (tokens, 96),
+# RUNS (generation runs per mode, 3).
 # The bias is one list of expert ids for every layer, so a model with few MoE
 # layers lets it hit the slowed worker's experts everywhere.  The reference
 # model (2 MoE layers x 64 experts, n_embd 1024, MXFP4, 135 MB), with the oracle:
@@ -29,7 +30,8 @@ pp=${PP:-64}
 tg=${TG:-16}
 reps=${REPS:-6}
 every=${EVERY:-17}
-gen=${GEN:-64}
+gen=${GEN:-96}
+runs=${RUNS:-3}
 bin=$(dirname "$0")/../moefleet
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -65,19 +67,28 @@ echo "max/mean worker compute per step: static $before, after rebalancing $after
 grep '^bench:' "$tmp/static.out" | sed 's/^bench:/  static:     /'
 grep '^bench:' "$tmp/rb.out" | sed 's/^bench:/  rebalanced: /'
 
-# 4. continuous generation while placements switch
+# 4. continuous generation while placements switch, RUNS times per mode: each
+# step that overlapped the loading of a re-placement against the median quiet
+# step under the same placement (loading happens while the old, slower
+# placement is in force, so the run's median is not the yardstick), and how
+# many loading / quiet steps took more than twice that (noise hits both)
 for mode in file stream; do
 	extra=()
 	[ $mode = stream ] && extra=(--stream-weights)
-	"$bin" generate -m "$model" -p "The quick brown fox jumps over the lazy dog" -n "$gen" \
-		"${common[@]}" "${skew[@]}" "${extra[@]}" --rebalance "$policy" --rebalance-every "$every" \
-		--stats >/dev/null 2>"$tmp/gen.err"
-	st=$(grep -E '^steps:' "$tmp/gen.err")
-	sw=$(grep -E '^balance: .*re-placement' "$tmp/gen.err" | sed -E 's/balance: //')
-	echo "generate -n $gen ($mode): $st; $sw"
-	echo "$st" | sed -E 's/.*median ([0-9.]+) ms, worst while a re-placement loaded ([0-9.]+) ms/\1 \2/' |
-		awk '{ printf "  worst step while loading / median = %.2f\n", $1 > 0 ? $2 / $1 : 0 }'
+	for run in $(seq "$runs"); do
+		"$bin" generate -m "$model" -p "The quick brown fox jumps over the lazy dog" -n "$gen" \
+			"${common[@]}" "${skew[@]}" "${extra[@]}" --rebalance "$policy" --rebalance-every "$every" \
+			--stats >/dev/null 2>"$tmp/gen.err"
+		st=$(grep -E '^steps:' "$tmp/gen.err")
+		sw=$(grep -E '^balance: .*re-placement' "$tmp/gen.err" | sed -E 's/balance: //')
+		echo "generate -n $gen ($mode, run $run): $st; $sw"
+		sp=$(grep -E '^steps while loading' "$tmp/gen.err" | sed 's/^steps while loading \/ //')
+		echo "  loading / quiet $sp"
+		echo "$sp" | sed -nE "s/.*median ([0-9.]+), worst ([0-9.]+),.*/$mode \1 \2/p" >>"$tmp/ratios"
+	done
 done
+[ -s "$tmp/ratios" ] && awk '{ n[$1]++; med[$1] = med[$1] " " $2; w[$1] = w[$1] " " $3; if ($3 > m[$1]) m[$1] = $3 }
+	END { for (k in n) printf "%s: loading step / quiet median: median%s; worst%s (max %.2f)\n", k, med[k], w[k], m[k] }' "$tmp/ratios"
 
 # 5. logits: rebalanced cluster against in-process, same routing
 tokens=$(seq 1 40 | awk '{ printf "%s%d", (NR > 1 ? "," : ""), ($1 * 977) % 3000 + 10 }')

@@ -20,6 +20,11 @@
 #define GGUF_MAX_TENSORS (1u << 20)
 #define GGUF_MAX_NAME 4096
 #define GGUF_MAX_ALIGN (1u << 16)
+/* The fewest bytes an entry can take: a key (length + 1 byte), a value type
+ * and a u8 value; a tensor name (length + 1 byte), n_dims, one extent, a type
+ * and an offset. */
+#define GGUF_MIN_KV_BYTES 14u
+#define GGUF_MIN_TENSOR_BYTES 33u
 
 struct gguf_kv {
 	gguf_str key;
@@ -34,6 +39,7 @@ struct gguf_kv {
 struct gguf {
 	char *path;
 	int fd;
+	int mapped; /* map is ours (gguf_open), else the caller's (gguf_open_memory) */
 	const uint8_t *map;
 	uint64_t size;
 	uint64_t n_kv;
@@ -289,6 +295,8 @@ static int gguf_read_tensor(gguf *g, struct cur *c, uint64_t idx, gguf_tensor *t
 	return 0;
 }
 
+static int gguf_parse(gguf *g);
+
 static int gguf_fail(const char *path, const char *fmt, ...)
 {
 	char msg[512];
@@ -298,6 +306,33 @@ static int gguf_fail(const char *path, const char *fmt, ...)
 	va_end(ap);
 	log_error("%s: %s", path, msg);
 	return ERR_FORMAT;
+}
+
+static int gguf_cmp_name(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Fails when two of the n names (the first at *first, the others every
+ * stride bytes after it) are equal; sorts a copy, so it takes n log n. */
+static int gguf_check_unique(const gguf *g, const char *what, uint64_t n,
+			     const char *const *first, size_t stride)
+{
+	if (n < 2)
+		return 0;
+	const char **v = malloc(n * sizeof(*v));
+	if (!v)
+		return ERR_NOMEM;
+	for (uint64_t i = 0; i < n; i++)
+		v[i] = *(const char *const *)((const char *)first + i * stride);
+	qsort(v, n, sizeof(*v), gguf_cmp_name);
+	int rc = 0;
+	for (uint64_t i = 1; i < n && !rc; i++) {
+		if (strcmp(v[i - 1], v[i]) == 0)
+			rc = gguf_fail(g->path, "duplicate %s %s", what, v[i]);
+	}
+	free(v);
+	return rc;
 }
 
 int gguf_open(const char *path, gguf **out)
@@ -338,7 +373,49 @@ int gguf_open(const char *path, gguf **out)
 		goto out;
 	}
 	g->map = m;
+	g->mapped = 1;
+	rc = gguf_parse(g);
+out:
+	if (rc)
+		gguf_destroy(&g);
+	*out = g;
+	return rc;
+}
 
+int gguf_open_memory(const char *name, const void *data, size_t size, gguf **out)
+{
+	int rc = 0;
+	*out = NULL;
+	gguf *g = calloc(1, sizeof(*g));
+	if (!g)
+		return ERR_NOMEM;
+	g->fd = -1;
+	g->path = strdup(name);
+	if (!g->path) {
+		rc = ERR_NOMEM;
+		goto out;
+	}
+	g->size = size;
+	if (g->size < 24) {
+		rc = gguf_fail(name, "truncated file: %llu bytes is smaller than a GGUF header",
+			       (unsigned long long)g->size);
+		goto out;
+	}
+	g->map = data;
+	rc = gguf_parse(g);
+out:
+	if (rc)
+		gguf_destroy(&g);
+	*out = g;
+	return rc;
+}
+
+/* Checks the whole file at g->map (g->size bytes, at least a header) and
+ * fills in g. */
+static int gguf_parse(gguf *g)
+{
+	const char *path = g->path;
+	int rc = 0;
 	struct cur c = {g, 0};
 	if (memcmp(g->map, "GGUF", 4) != 0) {
 		rc = gguf_fail(path, "not a GGUF file (bad magic)");
@@ -353,9 +430,13 @@ int gguf_open(const char *path, gguf **out)
 	}
 	cur_u64(&c, &g->n_tensors, "tensor count");
 	cur_u64(&c, &g->n_kv, "key count");
-	if (g->n_kv > GGUF_MAX_KV || g->n_tensors > GGUF_MAX_TENSORS) {
-		rc = gguf_fail(path, "implausible counts: %llu keys, %llu tensors",
-			       (unsigned long long)g->n_kv, (unsigned long long)g->n_tensors);
+	/* every entry takes some bytes of the file, so the counts are bounded by
+	 * its size before anything is allocated for them */
+	if (g->n_kv > GGUF_MAX_KV || g->n_tensors > GGUF_MAX_TENSORS ||
+	    g->n_kv * GGUF_MIN_KV_BYTES + g->n_tensors * GGUF_MIN_TENSOR_BYTES > g->size - c.off) {
+		rc = gguf_fail(path, "implausible counts: %llu keys, %llu tensors in %llu bytes",
+			       (unsigned long long)g->n_kv, (unsigned long long)g->n_tensors,
+			       (unsigned long long)g->size);
 		goto out;
 	}
 	g->kv = calloc(g->n_kv ? g->n_kv : 1, sizeof(*g->kv));
@@ -369,13 +450,11 @@ int gguf_open(const char *path, gguf **out)
 		rc = gguf_read_kv(g, &c, &g->kv[i]);
 		if (rc)
 			goto out;
-		for (uint64_t j = 0; j < i; j++) {
-			if (strcmp(g->kv[j].key_c, g->kv[i].key_c) == 0) {
-				rc = gguf_fail(path, "duplicate key %s", g->kv[i].key_c);
-				goto out;
-			}
-		}
 	}
+	rc = gguf_check_unique(g, "key", g->n_kv, (const char *const *)&g->kv[0].key_c,
+			       sizeof(*g->kv));
+	if (rc)
+		goto out;
 	g->alignment = 32;
 	int64_t ai = gguf_find_kv(g, "general.alignment");
 	if (ai >= 0) {
@@ -416,18 +495,9 @@ int gguf_open(const char *path, gguf **out)
 		t->data = g->map + g->data_start + off;
 	}
 	/* duplicate tensor names make lookups ambiguous */
-	for (uint64_t i = 0; i < g->n_tensors; i++) {
-		for (uint64_t j = i + 1; j < g->n_tensors && g->n_tensors < 100000; j++) {
-			if (strcmp(g->tensors[i].name, g->tensors[j].name) == 0) {
-				rc = gguf_fail(path, "duplicate tensor %s", g->tensors[i].name);
-				goto out;
-			}
-		}
-	}
+	rc = gguf_check_unique(g, "tensor", g->n_tensors, &g->tensors[0].name,
+			       sizeof(*g->tensors));
 out:
-	if (rc)
-		gguf_destroy(&g);
-	*out = g;
 	return rc;
 }
 
@@ -436,7 +506,7 @@ void gguf_destroy(gguf **pg)
 	gguf *g = *pg;
 	if (!g)
 		return;
-	if (g->map)
+	if (g->mapped)
 		munmap((void *)g->map, g->size);
 	if (g->fd >= 0)
 		close(g->fd);

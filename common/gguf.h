@@ -69,6 +69,10 @@ typedef struct gguf_str {
 typedef struct gguf gguf;
 
 int gguf_open(const char *path, gguf **out);
+/* The same checks on a GGUF image already in memory (size bytes at data,
+ * which must stay valid and unchanged until gguf_destroy()); name stands for
+ * the path in messages and gguf_path(). */
+int gguf_open_memory(const char *name, const void *data, size_t size, gguf **out);
 void gguf_destroy(gguf **g);
 
 const char *gguf_path(const gguf *g);

@@ -30,6 +30,7 @@
 /* ------------------------------------------------------------ pre-tokenizers */
 
 #define TOK_MAX_REGEX 4
+#define TOK_MAX_SPECIAL_LENS 64
 
 struct pretok_def {
 	const char *name;  /* tokenizer.ggml.pre */
@@ -473,6 +474,11 @@ struct tokenizer {
 
 	int32_t *special; /* CONTROL / USER_DEFINED / UNKNOWN ids, longest text first */
 	int32_t n_special;
+	/* for finding which special texts occur in a text: their distinct lengths
+	 * (-1: more than TOK_MAX_SPECIAL_LENS, no prefilter) and first bytes */
+	int32_t n_special_len;
+	uint32_t special_len[TOK_MAX_SPECIAL_LENS];
+	uint8_t special_first[256];
 
 	int32_t bos, eos, eot, eom;
 	int add_bos, add_eos;
@@ -976,6 +982,19 @@ static int tok_build_special(tokenizer *t)
 	for (int32_t i = 0; i < n; i++)
 		t->special[i] = o[i].id;
 	t->n_special = n;
+	/* o is sorted by length, so equal lengths are adjacent */
+	for (int32_t i = 0; i < n; i++) {
+		if (o[i].len == 0)
+			continue;
+		t->special_first[strtab_str(&t->texts, (uint32_t)o[i].id)[0]] = 1;
+		if (t->n_special_len < 0 ||
+		    (t->n_special_len > 0 && t->special_len[t->n_special_len - 1] == o[i].len))
+			continue;
+		if (t->n_special_len == TOK_MAX_SPECIAL_LENS)
+			t->n_special_len = -1;
+		else
+			t->special_len[t->n_special_len++] = o[i].len;
+	}
 	free(o);
 	return 0;
 }
@@ -1240,6 +1259,9 @@ struct enc {
 	struct bpe_cand *heap;
 	size_t heap_n, heap_cap;
 	pcre2_match_data *md;
+	struct special_order *found; /* tok_special_found() */
+	size_t n_found, found_cap;
+	int32_t *cand;
 };
 
 static void enc_emit(struct enc *e, int32_t id)
@@ -1466,18 +1488,73 @@ static int tok_encode_text(struct enc *e, const uint8_t *s, size_t n)
 	return rc;
 }
 
+/* The special tokens that tok_partition() may match whose text occurs
+ * anywhere in text, in the order of t->special, as e->cand[0, *n_out).  A
+ * fragment is part of the text, so no other special token can split one;
+ * finding them is one lookup per distinct length at each byte that starts a
+ * special text, instead of a scan of the text per special token. */
+static int tok_special_found(struct enc *e, const uint8_t *text, size_t len, int parse_special,
+			     int32_t *n_out)
+{
+	const tokenizer *t = e->t;
+	const uint8_t want = TOKENIZER_ATTR_CONTROL | TOKENIZER_ATTR_USER_DEFINED |
+			     TOKENIZER_ATTR_UNKNOWN;
+	e->n_found = 0;
+	for (size_t i = 0; i < len; i++) {
+		if (!t->special_first[text[i]])
+			continue;
+		for (int32_t l = 0; l < t->n_special_len; l++) {
+			size_t pl = t->special_len[l];
+			if (pl > len - i)
+				continue;
+			int32_t id = strtab_find(&t->texts, text + i, pl);
+			if (id < 0 || !(t->attr[id] & want) ||
+			    (!parse_special &&
+			     (t->attr[id] & (TOKENIZER_ATTR_CONTROL | TOKENIZER_ATTR_UNKNOWN))))
+				continue;
+			if (e->n_found == e->found_cap) {
+				size_t cap = e->found_cap ? e->found_cap * 2 : 16;
+				struct special_order *f = realloc(e->found, cap * sizeof(*f));
+				if (!f)
+					return ERR_NOMEM;
+				e->found = f;
+				e->found_cap = cap;
+			}
+			e->found[e->n_found++] = (struct special_order){(uint32_t)pl, id};
+		}
+	}
+	if (e->n_found > 1)
+		qsort(e->found, e->n_found, sizeof(*e->found), special_order_cmp);
+	e->cand = malloc((e->n_found ? e->n_found : 1) * sizeof(*e->cand));
+	if (!e->cand)
+		return ERR_NOMEM;
+	int32_t n = 0;
+	for (size_t i = 0; i < e->n_found; i++) {
+		if (n == 0 || e->cand[n - 1] != e->found[i].id)
+			e->cand[n++] = e->found[i].id;
+	}
+	*n_out = n;
+	return 0;
+}
+
 /* Splits the text on special-token texts (llama.cpp tokenizer_st_partition). */
 static int tok_partition(struct enc *e, const uint8_t *text, size_t len, int parse_special)
 {
 	const tokenizer *t = e->t;
+	const int32_t *list = t->special;
+	int32_t n_list = t->n_special;
 	int rc = 0;
 
 	e->frags.n = 0;
 	if (len == 0)
 		return 0;
 	rc = spans_push(&e->frags, 0, len, -1);
-	for (int32_t k = 0; !rc && k < t->n_special; k++) {
-		int32_t id = t->special[k];
+	if (!rc && t->n_special_len >= 0) {
+		rc = tok_special_found(e, text, len, parse_special, &n_list);
+		list = e->cand;
+	}
+	for (int32_t k = 0; !rc && k < n_list; k++) {
+		int32_t id = list[k];
 		if (!parse_special &&
 		    (t->attr[id] & (TOKENIZER_ATTR_CONTROL | TOKENIZER_ATTR_UNKNOWN)))
 			continue;
@@ -1573,6 +1650,8 @@ out:
 	free(e.next.v);
 	free(e.sym);
 	free(e.heap);
+	free(e.found);
+	free(e.cand);
 	return rc;
 }
 

@@ -44,7 +44,7 @@ char *api_error_body(const struct api_error *e, size_t *len)
 /* ------------------------------------------------------------ parsing */
 
 static int api_bad(struct api_error *err, const char *param, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+    __attribute__((format(printf, 3, 4)));
 static int api_bad(struct api_error *err, const char *param, const char *fmt, ...)
 {
 	err->status = 400;
@@ -85,8 +85,9 @@ static int api_get_content(json_t *c, int i, char **out, struct api_error *err)
 		return *out ? 0 : ERR_NOMEM;
 	}
 	if (!json_is_array(c))
-		return api_bad(err, "messages", "messages[%d].content must be a string or an array "
-						"of text parts",
+		return api_bad(err, "messages",
+			       "messages[%d].content must be a string or an array "
+			       "of text parts",
 			       i);
 	size_t total = 0, k;
 	json_t *part;
@@ -132,8 +133,7 @@ static int api_get_number(json_t *o, const char *key, double lo, double hi, doub
 	return 0;
 }
 
-static int api_get_int(json_t *o, const char *key, long lo, long hi, long *v,
-		       struct api_error *err)
+static int api_get_int(json_t *o, const char *key, long lo, long hi, long *v, struct api_error *err)
 {
 	json_t *j = json_object_get(o, key);
 	if (!j || json_is_null(j))
@@ -233,15 +233,17 @@ static int api_parse_stop(json_t *s, struct api_request *r, struct api_error *er
 		return r->stop[0] ? 0 : ERR_NOMEM;
 	}
 	if (!json_is_array(s) || json_array_size(s) > API_MAX_STOP)
-		return api_bad(err, "stop", "'stop' must be a string or an array of at most %d "
-					    "strings",
+		return api_bad(err, "stop",
+			       "'stop' must be a string or an array of at most %d "
+			       "strings",
 			       API_MAX_STOP);
 	size_t i;
 	json_t *t;
 	json_array_foreach(s, i, t)
 	{
 		if (!json_is_string(t))
-			return api_bad(err, "stop", "'stop' must be a string or an array of strings");
+			return api_bad(err, "stop",
+				       "'stop' must be a string or an array of strings");
 		if (json_string_length(t) > 1024)
 			return api_bad(err, "stop", "stop strings are limited to 1024 bytes");
 		char *c = api_strdup_json(t, NULL);
@@ -289,7 +291,8 @@ int api_parse_request(enum api_kind kind, const char *body, size_t len, struct a
 		rc = api_parse_messages(json_object_get(o, "messages"), r, err);
 	} else {
 		json_t *p = json_object_get(o, "prompt");
-		rc = p ? api_parse_prompt(p, r, err) : api_bad(err, "prompt", "'prompt' is required");
+		rc = p ? api_parse_prompt(p, r, err)
+		       : api_bad(err, "prompt", "'prompt' is required");
 	}
 	if (rc)
 		goto out;
@@ -338,8 +341,8 @@ int api_parse_request(enum api_kind kind, const char *body, size_t len, struct a
 			goto out;
 		}
 		json_t *kw = json_object_get(o, "chat_template_kwargs");
-		if (json_is_object(kw) && (rc = api_get_bool(kw, "enable_thinking",
-							     &r->enable_thinking, err)))
+		if (json_is_object(kw) &&
+		    (rc = api_get_bool(kw, "enable_thinking", &r->enable_thinking, err)))
 			goto out;
 		json_t *eff = json_object_get(o, "reasoning_effort");
 		if (eff && !json_is_null(eff)) {
@@ -468,16 +471,15 @@ static json_t *api_logprobs_json(const struct api_result *r)
 			json_t *top = json_array();
 			for (int k = 0; k < lp->n_top; k++)
 				json_array_append_new(
-					top, json_pack("{s:o,s:f,s:o}", "token",
-						       api_text(lp->top[k].text, lp->top[k].len),
-						       "logprob", (double)lp->top[k].logprob, "bytes",
-						       api_bytes(lp->top[k].text, lp->top[k].len)));
-			json_array_append_new(content,
-					      json_pack("{s:o,s:f,s:o,s:o}", "token",
-							api_text(lp->text, lp->len), "logprob",
-							(double)lp->logprob, "bytes",
-							api_bytes(lp->text, lp->len), "top_logprobs",
-							top));
+				    top, json_pack("{s:o,s:f,s:o}", "token",
+						   api_text(lp->top[k].text, lp->top[k].len),
+						   "logprob", (double)lp->top[k].logprob, "bytes",
+						   api_bytes(lp->top[k].text, lp->top[k].len)));
+			json_array_append_new(
+			    content,
+			    json_pack("{s:o,s:f,s:o,s:o}", "token", api_text(lp->text, lp->len),
+				      "logprob", (double)lp->logprob, "bytes",
+				      api_bytes(lp->text, lp->len), "top_logprobs", top));
 		}
 		return json_pack("{s:o}", "content", content);
 	}
@@ -519,15 +521,18 @@ static json_t *api_finish(const struct api_result *r)
 char *api_result_body(const struct api_result *r, size_t *len)
 {
 	json_t *choice;
-	if (r->kind == API_CHAT)
-		choice = json_pack("{s:i,s:{s:s,s:o},s:o,s:o}", "index", 0, "message", "role",
-				   "assistant", "content", api_text(r->text, r->text_len),
-				   "logprobs", api_logprobs_json(r), "finish_reason",
-				   api_finish(r));
-	else
-		choice = json_pack("{s:i,s:o,s:o,s:o}", "index", 0, "text",
-				   api_text(r->text, r->text_len), "logprobs",
+	if (r->kind == API_CHAT) {
+		json_t *msg = json_pack("{s:s,s:o}", "role", "assistant", "content",
+					api_text(r->text, r->text_len));
+		if (msg && r->reasoning_len > 0)
+			json_object_set_new(msg, "reasoning_content",
+					    api_text(r->reasoning, r->reasoning_len));
+		choice = json_pack("{s:i,s:o,s:o,s:o}", "index", 0, "message", msg, "logprobs",
 				   api_logprobs_json(r), "finish_reason", api_finish(r));
+	} else
+		choice = json_pack("{s:i,s:o,s:o,s:o}", "index", 0, "text",
+				   api_text(r->text, r->text_len), "logprobs", api_logprobs_json(r),
+				   "finish_reason", api_finish(r));
 	json_t *j = json_pack("{s:s,s:s,s:I,s:s,s:[o],s:o}", "id", r->id, "object",
 			      r->kind == API_CHAT ? "chat.completion" : "text_completion",
 			      "created", (json_int_t)r->created, "model", r->model, "choices",
@@ -561,33 +566,36 @@ char *api_result_chunk(const struct api_result *r, int first, size_t *len)
 			json_object_set_new(delta, "role", json_string("assistant"));
 		if (r->text_len > 0 || (first && !r->finish_reason))
 			json_object_set_new(delta, "content", api_text(r->text, r->text_len));
+		if (r->reasoning_len > 0)
+			json_object_set_new(delta, "reasoning_content",
+					    api_text(r->reasoning, r->reasoning_len));
 		choice = json_pack("{s:i,s:o,s:o,s:o}", "index", 0, "delta", delta, "logprobs",
 				   api_logprobs_json(r), "finish_reason", api_finish(r));
 	} else {
 		choice = json_pack("{s:i,s:o,s:o,s:o}", "index", 0, "text",
-				   api_text(r->text, r->text_len), "logprobs",
-				   api_logprobs_json(r), "finish_reason", api_finish(r));
+				   api_text(r->text, r->text_len), "logprobs", api_logprobs_json(r),
+				   "finish_reason", api_finish(r));
 	}
-	json_t *j = json_pack("{s:s,s:s,s:I,s:s,s:[o]}", "id", r->id, "object",
-			      r->kind == API_CHAT ? "chat.completion.chunk" : "text_completion",
-			      "created", (json_int_t)r->created, "model", r->model, "choices",
-			      choice);
+	json_t *j =
+	    json_pack("{s:s,s:s,s:I,s:s,s:[o]}", "id", r->id, "object",
+		      r->kind == API_CHAT ? "chat.completion.chunk" : "text_completion", "created",
+		      (json_int_t)r->created, "model", r->model, "choices", choice);
 	return api_sse(j, len);
 }
 
 char *api_usage_chunk(const struct api_result *r, size_t *len)
 {
-	json_t *j = json_pack("{s:s,s:s,s:I,s:s,s:[],s:o}", "id", r->id, "object",
-			      r->kind == API_CHAT ? "chat.completion.chunk" : "text_completion",
-			      "created", (json_int_t)r->created, "model", r->model, "choices",
-			      "usage", api_usage(r));
+	json_t *j =
+	    json_pack("{s:s,s:s,s:I,s:s,s:[],s:o}", "id", r->id, "object",
+		      r->kind == API_CHAT ? "chat.completion.chunk" : "text_completion", "created",
+		      (json_int_t)r->created, "model", r->model, "choices", "usage", api_usage(r));
 	return api_sse(j, len);
 }
 
 char *api_models_body(const char *model, long created, size_t *len)
 {
-	json_t *j = json_pack("{s:s,s:[{s:s,s:s,s:I,s:s}]}", "object", "list", "data", "id", model,
-			      "object", "model", "created", (json_int_t)created, "owned_by",
-			      "moefleet");
+	json_t *j =
+	    json_pack("{s:s,s:[{s:s,s:s,s:I,s:s}]}", "object", "list", "data", "id", model,
+		      "object", "model", "created", (json_int_t)created, "owned_by", "moefleet");
 	return api_dump(j, len);
 }

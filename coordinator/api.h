@@ -19,7 +19,7 @@
 
 enum api_kind { API_CHAT, API_COMPLETION };
 
-#define API_MAX_STOP	    16
+#define API_MAX_STOP	     16
 #define API_MAX_TOP_LOGPROBS 20
 
 struct api_message {
@@ -45,8 +45,8 @@ struct api_request {
 	char *stop[API_MAX_STOP];
 	int n_stop;
 	int stream, include_usage;
-	int logprobs;	  /* 1: report the chosen tokens' log-probabilities */
-	int top_logprobs; /* and this many alternatives */
+	int logprobs;	     /* 1: report the chosen tokens' log-probabilities */
+	int top_logprobs;    /* and this many alternatives */
 	int enable_thinking; /* -1 unset */
 	char *reasoning_effort;
 };
@@ -91,6 +91,8 @@ struct api_result {
 	const char *model;
 	const char *text; /* any bytes */
 	size_t text_len;
+	const char *reasoning; /* chat: reasoning_content, when reasoning_len > 0 */
+	size_t reasoning_len;
 	const char *finish_reason; /* "stop", "length" or NULL (streaming, not yet) */
 	int prompt_tokens, completion_tokens;
 	const struct api_logprob *logprobs; /* NULL: no logprobs field */

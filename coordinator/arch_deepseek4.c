@@ -76,6 +76,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Row kernels built twice, chosen at load time by CPU: with FMA, fmaf() is
+ * one instruction instead of a library call (the same result). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
+#define DS4_HOT __attribute__((target_clones("fma", "default")))
+#else
+#define DS4_HOT
+#endif
+
 #define DS4_ARCH     "deepseek4"
 #define DS4_HC	     4			     /* hyper-connection streams */
 #define DS4_MIX	     ((2 + DS4_HC) * DS4_HC) /* mHC mixes per token: 24 */
@@ -164,6 +172,9 @@ struct ds4_scratch {
 	float *ent;				/* [8 * max(2d, 2dI)] one compressed entry's work */
 	int32_t *sub_token, *sub_pos, *sub_seq; /* [B] rows kept for the head */
 	void *mm;				/* ops_matmul scratch */
+	float *ascr;				/* [threads][ascr_n] attention scratch */
+	float *ikf;				/* [threads][n_ctx / 4][dI] indexer keys */
+	size_t ascr_n;
 };
 
 struct ds4 {
@@ -572,7 +583,8 @@ static void ds4_destroy(void **state)
 	    s->out,    s->ca,	s->cg,		 s->iq,	     s->iw,	 s->iscore,  s->isel,
 	    s->nsel,   s->cell, (void *)s->krow, s->nkeys,   s->kernel,	 s->seq_tok, s->seq_maxpos,
 	    s->router, s->sel,	s->ids,		 s->weights, s->exp_out, s->moe,     s->gate,
-	    s->up,     s->ent,	s->sub_token,	 s->sub_pos, s->sub_seq, s->mm};
+	    s->up,     s->ent,	s->sub_token,	 s->sub_pos, s->sub_seq, s->mm,
+	    s->ascr,   s->ikf};
 	for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
 		free(bufs[i]);
 	free(m);
@@ -665,6 +677,15 @@ static int ds4_alloc_scratch(struct ds4 *m)
 	s->sub_token = ds4_alloc(B, sizeof(int32_t), &failed);
 	s->sub_pos = ds4_alloc(B, sizeof(int32_t), &failed);
 	s->sub_seq = ds4_alloc(B, sizeof(int32_t), &failed);
+	const int nth = m->env->pool ? pool_size(m->env->pool) : 1;
+	s->ascr_n = attn_gather_scratch_floats((int)H, (int)d);
+	s->ascr = ds4_alloc((size_t)(nth > 0 ? nth : 1) * s->ascr_n, sizeof(float), &failed);
+	int has_csa = 0;
+	for (int il = 0; il < hp->n_layer; il++)
+		has_csa |= m->layers[il].ratio == DS4_CSA;
+	if (has_csa)
+		s->ikf = ds4_alloc((size_t)(nth > 0 ? nth : 1) * (n_lid - 1) * dI, sizeof(float),
+				   &failed);
 	/* widest matmul input: 4D (hc), H d (wo_a input rows are narrower), Fs, Q, G R */
 	size_t n_in = DS4_HC * D;
 	const size_t cand[] = {H * d, Fs, (size_t)hp->q_lora,
@@ -799,9 +820,9 @@ static void ds4_reset_seq(void *state, int seq)
 
 /* ------------------------------------------------------------------ helpers */
 
-/* RoPE of x[0..r) (ggml_rope_ext, adjacent pairs) at pos; inverse = 1 rotates
- * back by the same angles (ggml_rope_ext_back: sine negated). */
-static void ds4_rope(const struct ops_rope *r, float *x, int64_t pos, int inverse)
+/* The cos/sin pairs of RoPE (ggml_rope_ext, adjacent pairs) at pos for the
+ * r->n_dims / 2 pairs, magnitude factor included. */
+static void ds4_rope_cs(const struct ops_rope *r, int64_t pos, float *cs, float *sn)
 {
 	const int n = r->n_dims;
 	const float theta_scale = powf(r->freq_base, -2.0f / (float)n);
@@ -829,13 +850,31 @@ static void ds4_rope(const struct ops_rope *r, float *x, int64_t pos, int invers
 			theta = theta * (1.0f - ramp) + theta_extrap * ramp;
 			mscale *= 1.0f + 0.1f * logf(1.0f / r->freq_scale);
 		}
-		const float c = cosf(theta) * mscale;
-		const float s = sinf(theta) * mscale * (inverse ? -1.0f : 1.0f);
+		cs[i0 / 2] = cosf(theta) * mscale;
+		sn[i0 / 2] = sinf(theta) * mscale;
+		theta_extrap *= theta_scale;
+	}
+}
+
+/* Rotates x[0..n) by the pairs of ds4_rope_cs(); inverse = 1 rotates back
+ * by the same angles (ggml_rope_ext_back: sine negated). */
+static void ds4_rope_apply(const float *cs, const float *sn, float *x, int n, int inverse)
+{
+	for (int i0 = 0; i0 < n; i0 += 2) {
+		const float c = cs[i0 / 2];
+		const float s = sn[i0 / 2] * (inverse ? -1.0f : 1.0f);
 		const float x0 = x[i0], x1 = x[i0 + 1];
 		x[i0] = x0 * c - x1 * s;
 		x[i0 + 1] = x0 * s + x1 * c;
-		theta_extrap *= theta_scale;
 	}
+}
+
+/* RoPE of x[0..r) at pos (see ds4_rope_cs). */
+static void ds4_rope(const struct ops_rope *r, float *x, int64_t pos, int inverse)
+{
+	float cs[ATTN_MAX_HEAD_DIM / 2], sn[ATTN_MAX_HEAD_DIM / 2];
+	ds4_rope_cs(r, pos, cs, sn);
+	ds4_rope_apply(cs, sn, x, r->n_dims, inverse);
 }
 
 /* Walsh-Hadamard transform of each block of nb values of x[n] (ggml's fwht:
@@ -900,95 +939,161 @@ static inline uint8_t *ds4_idx_row(const struct ds4 *m, const struct ds4_layer *
 
 /* ------------------------------------------------------ hyper-connections */
 
-/* mHC pre for n tokens: mix = fn · rmsnorm(flat X); pre, post, Sinkhorn comb;
- * y = sum_a pre[a] X[a] (ggml's fused dsv4_hc_comb / dsv4_hc_pre kernels). */
-static void ds4_hc_pre(struct ds4 *m, const gguf_tensor *fn, const gguf_tensor *base_t,
-		       const gguf_tensor *scale_t, int n)
+/* Row-parallel work: fn(m, b, t, arg) for every token t of b, spread over
+ * the pool (a single row runs on the calling thread). */
+typedef void (*ds4_row_fn)(struct ds4 *m, const model_batch *b, int t, const void *arg);
+
+struct ds4_rows_job {
+	struct ds4 *m;
+	const model_batch *b;
+	ds4_row_fn fn;
+	const void *arg;
+};
+
+static void ds4_rows_run(void *ctx, int ith, int nth)
 {
+	const struct ds4_rows_job *jb = ctx;
+	int64_t lo, hi;
+	pool_split(jb->b->n_tokens, ith, nth, 1, &lo, &hi);
+	for (int64_t t = lo; t < hi; t++)
+		jb->fn(jb->m, jb->b, (int)t, jb->arg);
+}
+
+static void ds4_for_rows(struct ds4 *m, const model_batch *b, ds4_row_fn fn, const void *arg)
+{
+	if (b->n_tokens == 1) {
+		fn(m, b, 0, arg);
+		return;
+	}
+	struct ds4_rows_job jb = {.m = m, .b = b, .fn = fn, .arg = arg};
+	pool_run(m->env->pool, ds4_rows_run, &jb);
+}
+
+/* flat[t] = rmsnorm(X[t]) over the 4 D stream values */
+static void ds4_row_flat(struct ds4 *m, const model_batch *b, int t, const void *arg)
+{
+	(void)b, (void)arg;
+	const int64_t W = DS4_HC * (int64_t)m->hp.n_embd;
+	ops_rmsnorm(m->s.flat + (size_t)t * W, m->s.X + (size_t)t * W, NULL, W, m->hp.eps);
+}
+
+struct ds4_hc_arg {
+	const float *base, *sc; /* hc base [24], scale [3] */
+	const float *norm;	/* the sub-layer's input norm */
+};
+
+/* Token t's mixes -> pre, post, Sinkhorn comb; y = sum_a pre[a] X[a];
+ * h = rmsnorm(y) * norm. */
+DS4_HOT static void ds4_row_hc_pre(struct ds4 *m, const model_batch *b, int t, const void *arg)
+{
+	(void)b;
+	const struct ds4_hc_arg *ha = arg;
 	struct ds4_scratch *s = &m->s;
 	const int64_t D = m->hp.n_embd, W = DS4_HC * D;
-	const float *base = ds4_f32(base_t), *sc = ds4_f32(scale_t);
+	const float *base = ha->base, *sc = ha->sc;
 	const float eps = m->hp.hc_eps;
-	for (int t = 0; t < n; t++)
-		ops_rmsnorm(s->flat + (size_t)t * W, s->X + (size_t)t * W, NULL, W, m->hp.eps);
-	/* (n, 4D) @ (4D, 24) -> (n, 24) */
-	ops_matmul(m->env->pool, fn, s->flat, W, n, s->mix, DS4_MIX, s->mm);
-	for (int t = 0; t < n; t++) {
-		const float *mx = s->mix + (size_t)t * DS4_MIX;
-		float *pre = s->pre + (size_t)t * DS4_HC, *post = s->post + (size_t)t * DS4_HC;
-		float *C = s->comb + (size_t)t * DS4_HC * DS4_HC; /* C[a * 4 + c] */
-		for (int i = 0; i < DS4_HC; i++) {
-			const float a = mx[i] * sc[0] + base[i];
-			pre[i] = 1.0f / (1.0f + expf(-a)) + eps;
-			const float b = mx[DS4_HC + i] * sc[1] + base[DS4_HC + i];
-			post[i] = 1.0f / (1.0f + expf(-b)) * 2.0f;
+	const float *mx = s->mix + (size_t)t * DS4_MIX;
+	float *pre = s->pre + (size_t)t * DS4_HC, *post = s->post + (size_t)t * DS4_HC;
+	float *C = s->comb + (size_t)t * DS4_HC * DS4_HC; /* C[a * 4 + c] */
+	for (int i = 0; i < DS4_HC; i++) {
+		const float a = mx[i] * sc[0] + base[i];
+		pre[i] = 1.0f / (1.0f + expf(-a)) + eps;
+		const float b = mx[DS4_HC + i] * sc[1] + base[DS4_HC + i];
+		post[i] = 1.0f / (1.0f + expf(-b)) * 2.0f;
+	}
+	/* per source a: softmax over destinations, + eps */
+	for (int a = 0; a < DS4_HC; a++) {
+		float *row = C + a * DS4_HC, mxv = -INFINITY, sum = 0.0f;
+		for (int c = 0; c < DS4_HC; c++) {
+			const int idx = 2 * DS4_HC + a * DS4_HC + c;
+			row[c] = fmaf(mx[idx], sc[2], base[idx]);
+			mxv = fmaxf(mxv, row[c]);
 		}
-		/* per source a: softmax over destinations, + eps */
-		for (int a = 0; a < DS4_HC; a++) {
-			float *row = C + a * DS4_HC, mxv = -INFINITY, sum = 0.0f;
-			for (int c = 0; c < DS4_HC; c++) {
-				const int idx = 2 * DS4_HC + a * DS4_HC + c;
-				row[c] = fmaf(mx[idx], sc[2], base[idx]);
-				mxv = fmaxf(mxv, row[c]);
-			}
-			for (int c = 0; c < DS4_HC; c++) {
-				row[c] = expf(row[c] - mxv);
-				sum += row[c];
-			}
-			const float inv = 1.0f / sum;
-			for (int c = 0; c < DS4_HC; c++)
-				row[c] = fmaf(row[c], inv, eps);
+		for (int c = 0; c < DS4_HC; c++) {
+			row[c] = expf(row[c] - mxv);
+			sum += row[c];
 		}
-		/* Sinkhorn: columns, then (rows, columns) iters - 1 times */
-		for (int it = 0; it < m->hp.sinkhorn_iters; it++) {
-			if (it > 0)
-				for (int a = 0; a < DS4_HC; a++) {
-					float sum = eps;
-					for (int c = 0; c < DS4_HC; c++)
-						sum += C[a * DS4_HC + c];
-					const float inv = 1.0f / sum;
-					for (int c = 0; c < DS4_HC; c++)
-						C[a * DS4_HC + c] *= inv;
-				}
-			for (int c = 0; c < DS4_HC; c++) {
+		const float inv = 1.0f / sum;
+		for (int c = 0; c < DS4_HC; c++)
+			row[c] = fmaf(row[c], inv, eps);
+	}
+	/* Sinkhorn: columns, then (rows, columns) iters - 1 times */
+	for (int it = 0; it < m->hp.sinkhorn_iters; it++) {
+		if (it > 0)
+			for (int a = 0; a < DS4_HC; a++) {
 				float sum = eps;
-				for (int a = 0; a < DS4_HC; a++)
+				for (int c = 0; c < DS4_HC; c++)
 					sum += C[a * DS4_HC + c];
 				const float inv = 1.0f / sum;
-				for (int a = 0; a < DS4_HC; a++)
+				for (int c = 0; c < DS4_HC; c++)
 					C[a * DS4_HC + c] *= inv;
 			}
-		}
-		/* y = sum_a pre[a] X[a] */
-		const float *X = s->X + (size_t)t * W;
-		float *y = s->y + (size_t)t * D;
-		for (int64_t i = 0; i < D; i++) {
-			float acc = 0.0f;
+		for (int c = 0; c < DS4_HC; c++) {
+			float sum = eps;
 			for (int a = 0; a < DS4_HC; a++)
-				acc = fmaf(X[a * D + i], pre[a], acc);
-			y[i] = acc;
+				sum += C[a * DS4_HC + c];
+			const float inv = 1.0f / sum;
+			for (int a = 0; a < DS4_HC; a++)
+				C[a * DS4_HC + c] *= inv;
+		}
+	}
+	/* y = sum_a pre[a] X[a] */
+	const float *X = s->X + (size_t)t * W;
+	float *y = s->y + (size_t)t * D;
+	for (int64_t i = 0; i < D; i++) {
+		float acc = 0.0f;
+		for (int a = 0; a < DS4_HC; a++)
+			acc = fmaf(X[a * D + i], pre[a], acc);
+		y[i] = acc;
+	}
+	ops_rmsnorm(s->h + (size_t)t * D, y, ha->norm, D, m->hp.eps);
+}
+
+/* mHC pre for the batch: mix = fn · rmsnorm(flat X); pre, post, Sinkhorn
+ * comb; y = sum_a pre[a] X[a] (ggml's fused dsv4_hc_comb / dsv4_hc_pre
+ * kernels); then the sub-layer's input h = rmsnorm(y) * norm. */
+static void ds4_hc_pre(struct ds4 *m, const model_batch *b, const gguf_tensor *fn,
+		       const gguf_tensor *base_t, const gguf_tensor *scale_t,
+		       const gguf_tensor *norm)
+{
+	struct ds4_scratch *s = &m->s;
+	const int64_t W = DS4_HC * (int64_t)m->hp.n_embd;
+	ds4_for_rows(m, b, ds4_row_flat, NULL);
+	/* (n, 4D) @ (4D, 24) -> (n, 24) */
+	ops_matmul(m->env->pool, fn, s->flat, W, b->n_tokens, s->mix, DS4_MIX, s->mm);
+	const struct ds4_hc_arg ha = {ds4_f32(base_t), ds4_f32(scale_t), ds4_f32(norm)};
+	ds4_for_rows(m, b, ds4_row_hc_pre, &ha);
+}
+
+/* X'[c] = post[c] * out + sum_a C[a][c] X[a] for token t (into Xn) */
+DS4_HOT static void ds4_row_hc_post(struct ds4 *m, const model_batch *b, int t, const void *arg)
+{
+	(void)b, (void)arg;
+	struct ds4_scratch *s = &m->s;
+	const int64_t D = m->hp.n_embd, W = DS4_HC * D;
+	const float *X = s->X + (size_t)t * W, *o = s->out + (size_t)t * D;
+	const float *post = s->post + (size_t)t * DS4_HC;
+	const float *C = s->comb + (size_t)t * DS4_HC * DS4_HC;
+	float *Xn = s->Xn + (size_t)t * W;
+	for (int c = 0; c < DS4_HC; c++) {
+		const float c0 = C[0 * DS4_HC + c], c1 = C[1 * DS4_HC + c];
+		const float c2 = C[2 * DS4_HC + c], c3 = C[3 * DS4_HC + c];
+		for (int64_t i = 0; i < D; i++) {
+			float acc = o[i] * post[c];
+			acc = fmaf(X[0 * D + i], c0, acc);
+			acc = fmaf(X[1 * D + i], c1, acc);
+			acc = fmaf(X[2 * D + i], c2, acc);
+			acc = fmaf(X[3 * D + i], c3, acc);
+			Xn[c * D + i] = acc;
 		}
 	}
 }
 
-/* mHC post: X[c] = post[c] * out + sum_a C[a][c] X[a] for n tokens. */
-static void ds4_hc_post(struct ds4 *m, int n)
+/* mHC post for the batch: X[c] = post[c] * out + sum_a C[a][c] X[a]. */
+static void ds4_hc_post(struct ds4 *m, const model_batch *b)
 {
 	struct ds4_scratch *s = &m->s;
-	const int64_t D = m->hp.n_embd, W = DS4_HC * D;
-	for (int t = 0; t < n; t++) {
-		const float *X = s->X + (size_t)t * W, *o = s->out + (size_t)t * D;
-		const float *post = s->post + (size_t)t * DS4_HC;
-		const float *C = s->comb + (size_t)t * DS4_HC * DS4_HC;
-		float *Xn = s->Xn + (size_t)t * W;
-		for (int c = 0; c < DS4_HC; c++)
-			for (int64_t i = 0; i < D; i++) {
-				float acc = o[i] * post[c];
-				for (int a = 0; a < DS4_HC; a++)
-					acc = fmaf(X[a * D + i], C[a * DS4_HC + c], acc);
-				Xn[c * D + i] = acc;
-			}
-	}
+	ds4_for_rows(m, b, ds4_row_hc_post, NULL);
 	float *tmp = s->X;
 	s->X = s->Xn;
 	s->Xn = tmp;
@@ -1063,9 +1168,14 @@ static void ds4_compressor(struct ds4 *m, int il, const model_batch *b, int is_i
 	float *st_kv = is_idx ? L->is_kv : L->cs_kv, *st_g = is_idx ? L->is_g : L->cs_g;
 	float *e = s->ent + 4 * DS4_HCA;
 
-	/* (n, D) @ (D, cw) -> (n, cw), twice */
-	ops_matmul(m->env->pool, wkv, s->h, hp->n_embd, n, s->ca, cw, s->mm);
-	ops_matmul(m->env->pool, wg, s->h, hp->n_embd, n, s->cg, cw, s->mm);
+	/* (n, D) @ (D, cw) -> (n, cw), twice (the attention's compressor: done
+	 * by the caller, with the layer's other projections of x) */
+	if (is_idx) {
+		const gguf_tensor *kg[2] = {wkv, wg};
+		float *const kg_y[2] = {s->ca, s->cg};
+		const int64_t kg_s[2] = {cw, cw};
+		ops_matmul_multi(m->env->pool, 2, kg, s->h, hp->n_embd, n, kg_y, kg_s, s->mm);
+	}
 	for (int t = 0; t < n; t++) {
 		const int seq = b->seq[t], pos = b->pos[t];
 		const size_t base = (size_t)seq * (size_t)n_rows * (size_t)cw;
@@ -1160,7 +1270,10 @@ static void ds4_indexer_run(void *ctx, int ith, int nth)
 	struct ds4_scratch *s = &m->s;
 	const int HI = hp->idx_heads, dI = hp->idx_dim;
 	const size_t n_lid_max = (size_t)m->env->n_ctx / DS4_CSA + 1;
-	float krow[ATTN_MAX_HEAD_DIM];
+	/* the thread's F32 copy of one sequence's indexer keys [j][dI], converted
+	 * once for all its tokens of that sequence */
+	float *kf = s->ikf + (size_t)ith * (n_lid_max - 1) * (size_t)dI;
+	int kf_seq = -1, kf_n = 0;
 	int64_t lo, hi;
 	pool_split(jb->b->n_tokens, ith, nth, 1, &lo, &hi);
 	for (int64_t t = lo; t < hi; t++) {
@@ -1182,8 +1295,14 @@ static void ds4_indexer_run(void *ctx, int ith, int nth)
 			n_lid = nvis;
 		float *sc = s->iscore + (size_t)t * n_lid_max;
 		const float *q = s->iq + (size_t)t * HI * dI, *w = s->iw + (size_t)t * HI;
+		if (seq != kf_seq) {
+			kf_seq = seq;
+			kf_n = 0;
+		}
+		for (; kf_n < nvis; kf_n++)
+			ds4_get(m, ds4_idx_row(m, jb->L, seq, kf_n), kf + (size_t)kf_n * dI, dI);
 		for (int j = 0; j < nvis; j++) {
-			ds4_get(m, ds4_idx_row(m, jb->L, seq, j), krow, dI);
+			const float *krow = kf + (size_t)j * dI;
 			float score = 0.0f;
 			for (int h = 0; h < HI; h++) {
 				const float qk = kern_dot(KERN_F32, dI, krow, q + (size_t)h * dI);
@@ -1204,6 +1323,20 @@ static void ds4_indexer_run(void *ctx, int ith, int nth)
 	}
 }
 
+/* Token t's indexer queries: RoPE at pos (one cos/sin table), Hadamard */
+static void ds4_row_iq(struct ds4 *m, const model_batch *b, int t, const void *arg)
+{
+	(void)arg;
+	const int HI = m->hp.idx_heads, dI = m->hp.idx_dim;
+	float cs[ATTN_MAX_HEAD_DIM / 2], sn[ATTN_MAX_HEAD_DIM / 2];
+	ds4_rope_cs(&m->rope_comp, b->pos[t], cs, sn);
+	for (int h = 0; h < HI; h++) {
+		float *q = m->s.iq + ((size_t)t * (size_t)HI + (size_t)h) * (size_t)dI;
+		ds4_rope_apply(cs, sn, q + dI - m->hp.n_rot, m->hp.n_rot, 0);
+		ds4_hadamard(q, dI, m->hp.idx_hadamard);
+	}
+}
+
 /* Indexer queries and weights for the batch, then the selection per token. */
 static void ds4_indexer(struct ds4 *m, int il, const model_batch *b)
 {
@@ -1215,12 +1348,7 @@ static void ds4_indexer(struct ds4 *m, int il, const model_batch *b)
 
 	/* (n, Q) @ (Q, HI dI) -> (n, HI, dI): RoPE at pos, Hadamard */
 	ops_matmul(p, L->idx_q_b, s->qr, hp->q_lora, n, s->iq, (int64_t)HI * dI, s->mm);
-	for (int t = 0; t < n; t++)
-		for (int h = 0; h < HI; h++) {
-			float *q = s->iq + ((size_t)t * HI + (size_t)h) * dI;
-			ds4_rope(&m->rope_comp, q + dI - hp->n_rot, b->pos[t], 0);
-			ds4_hadamard(q, dI, hp->idx_hadamard);
-		}
+	ds4_for_rows(m, b, ds4_row_iq, NULL);
 	/* (n, D) @ (D, HI) -> (n, HI), scaled */
 	ops_matmul(p, L->idx_proj, s->h, hp->n_embd, n, s->iw, HI, s->mm);
 	const float wscale = 1.0f / sqrtf((float)(dI * HI));
@@ -1247,10 +1375,18 @@ static void ds4_attn_run(void *ctx, int ith, int nth)
 	const float scale = 1.0f / sqrtf((float)d);
 	const float *sinks = ds4_f32(jb->L->sinks);
 	int64_t lo, hi;
-	/* rows head-major, like ggml, so threads get whole heads */
-	pool_split((int64_t)jb->n * H, ith, nth, 1, &lo, &hi);
+	/* units of (token, group of heads): all heads of a token share its key
+	 * tiles; tokens are split into groups only to feed every thread */
+	int G = (nth + jb->n - 1) / jb->n;
+	if (G > H)
+		G = H;
+	const int hg = (H + G - 1) / G;
+	G = (H + hg - 1) / hg;
+	float *scr = s->ascr + (size_t)ith * s->ascr_n;
+	pool_split((int64_t)jb->n * G, ith, nth, 1, &lo, &hi);
 	for (int64_t r = lo; r < hi; r++) {
-		const int h = (int)(r / jb->n), t = (int)(r % jb->n);
+		const int t = (int)(r / G), h = (int)(r % G) * hg;
+		const int nh = h + hg <= H ? hg : H - h;
 		const struct attn_keys ks = {
 		    .n = s->nkeys[t],
 		    .cell = s->cell + (size_t)t * (size_t)m->max_keys,
@@ -1260,7 +1396,7 @@ static void ds4_attn_run(void *ctx, int ith, int nth)
 		    .kernel = (enum attn_kernel)(s->kernel[t] & 3),
 		};
 		const size_t off = ((size_t)t * (size_t)H + (size_t)h) * (size_t)d;
-		attn_gather_row(&ks, d, s->q + off, scale, sinks + h, s->o + off);
+		attn_gather_heads(&ks, nh, d, s->q + off, scale, sinks + h, scr, s->o + off);
 	}
 }
 
@@ -1309,7 +1445,82 @@ static void ds4_gather_keys(struct ds4 *m, const struct ds4_layer *L, const mode
 	}
 }
 
-/* Attention of layer il for the batch: s->h (normed) -> s->out. */
+/* kv[t] = rmsnorm(kv[t]) * kv_norm, RoPE, stored as the window cache row */
+static void ds4_row_kv(struct ds4 *m, const model_batch *b, int t, const void *arg)
+{
+	const struct ds4_layer *L = arg;
+	const int d = m->hp.head_dim, nope = d - m->hp.n_rot;
+	float *kv = m->s.kv + (size_t)t * (size_t)d;
+	ops_rmsnorm(kv, kv, ds4_f32(L->kv_norm), d, m->hp.eps);
+	ds4_rope(L->ratio ? &m->rope_comp : &m->rope_raw, kv + nope, b->pos[t], 0);
+	ds4_put(m, ds4_raw_row(m, L, b->seq[t], b->pos[t]), kv, d);
+}
+
+/* qr[t] = rmsnorm(qr[t]) * q_a_norm */
+static void ds4_row_qr(struct ds4 *m, const model_batch *b, int t, const void *arg)
+{
+	(void)b;
+	const struct ds4_layer *L = arg;
+	const int Q = m->hp.q_lora;
+	float *qr = m->s.qr + (size_t)t * (size_t)Q;
+	ops_rmsnorm(qr, qr, ds4_f32(L->q_a_norm), Q, m->hp.eps);
+}
+
+/* Every head of q[t] (inverse = 0) or o[t] (inverse = 1): for q a rmsnorm
+ * without weight, then RoPE of the last r dims by the token's angles. */
+static void ds4_heads_rope(struct ds4 *m, const model_batch *b, int t, const struct ds4_layer *L,
+			   float *x, int inverse)
+{
+	const int H = m->hp.n_head, d = m->hp.head_dim, nope = d - m->hp.n_rot;
+	float cs[ATTN_MAX_HEAD_DIM / 2], sn[ATTN_MAX_HEAD_DIM / 2];
+	ds4_rope_cs(L->ratio ? &m->rope_comp : &m->rope_raw, b->pos[t], cs, sn);
+	for (int h = 0; h < H; h++) {
+		float *xh = x + ((size_t)t * (size_t)H + (size_t)h) * (size_t)d;
+		if (!inverse)
+			ops_rmsnorm(xh, xh, NULL, d, m->hp.eps);
+		ds4_rope_apply(cs, sn, xh + nope, m->hp.n_rot, inverse);
+	}
+}
+
+static void ds4_row_q(struct ds4 *m, const model_batch *b, int t, const void *arg)
+{
+	ds4_heads_rope(m, b, t, arg, m->s.q, 0);
+}
+
+static void ds4_row_o(struct ds4 *m, const model_batch *b, int t, const void *arg)
+{
+	ds4_heads_rope(m, b, t, arg, m->s.o, 1);
+}
+
+/* The cache side of layer il's attention for every token of the batch (from
+ * s->h, normed): window rows, compressed entries and indexer keys; also the
+ * raw q_a projection into s->qr. */
+static void ds4_attn_cache(struct ds4 *m, int il, const model_batch *b)
+{
+	const struct ds4_hparams *hp = &m->hp;
+	const struct ds4_layer *L = &m->layers[il];
+	struct ds4_scratch *s = &m->s;
+	const int n = b->n_tokens;
+	const int64_t D = hp->n_embd, d = hp->head_dim;
+
+	/* one pass over x for qr = q_a · x (n, D) -> (n, Q), kv = kv · x
+	 * (n, D) -> (n, d) and the compressor's kv and gate (n, D) -> (n, cw) */
+	const int64_t cw = L->ratio == DS4_CSA ? 2 * d : d;
+	const gguf_tensor *w[4] = {L->q_a, L->kv, L->comp_kv, L->comp_gate};
+	float *const y[4] = {s->qr, s->kv, s->ca, s->cg};
+	const int64_t ys[4] = {hp->q_lora, d, cw, cw};
+	ops_matmul_multi(m->env->pool, L->ratio ? 4 : 2, w, s->h, D, n, y, ys, s->mm);
+	/* kv = rmsnorm(kv) * kv_norm, RoPE -> window cache */
+	ds4_for_rows(m, b, ds4_row_kv, L);
+	/* compressed entries completed by this batch */
+	if (L->ratio)
+		ds4_compressor(m, il, b, 0);
+	if (L->ratio == DS4_CSA)
+		ds4_compressor(m, il, b, 1);
+}
+
+/* The query side of layer il's attention for the batch's tokens (whose cache
+ * rows are stored): s->h (normed) -> s->out. */
 static void ds4_attention(struct ds4 *m, int il, const model_batch *b)
 {
 	const struct ds4_hparams *hp = &m->hp;
@@ -1319,45 +1530,21 @@ static void ds4_attention(struct ds4 *m, int il, const model_batch *b)
 	const int n = b->n_tokens;
 	const int64_t D = hp->n_embd, H = hp->n_head, d = hp->head_dim, Q = hp->q_lora;
 	const int64_t G = hp->o_groups, R = hp->o_lora, gd = H * d / G;
-	const int nope = hp->head_dim - hp->n_rot;
-	const struct ops_rope *rope = L->ratio ? &m->rope_comp : &m->rope_raw;
 
-	/* qr = rmsnorm(q_a · x) * q_a_norm: (n, D) -> (n, Q) */
-	ops_matmul(p, L->q_a, s->h, D, n, s->qr, Q, s->mm);
-	for (int t = 0; t < n; t++)
-		ops_rmsnorm(s->qr + (size_t)t * Q, s->qr + (size_t)t * Q, ds4_f32(L->q_a_norm), Q,
-			    hp->eps);
+	/* qr = rmsnorm(q_a · x) * q_a_norm (the product from ds4_attn_cache) */
+	ds4_for_rows(m, b, ds4_row_qr, L);
 	/* q = q_b · qr: (n, Q) -> (n, H, d), per-head rmsnorm without weight, RoPE */
 	ops_matmul(p, L->q_b, s->qr, Q, n, s->q, H * d, s->mm);
-	for (int t = 0; t < n; t++)
-		for (int64_t h = 0; h < H; h++) {
-			float *qh = s->q + ((size_t)t * H + (size_t)h) * d;
-			ops_rmsnorm(qh, qh, NULL, d, hp->eps);
-			ds4_rope(rope, qh + nope, b->pos[t], 0);
-		}
-	/* kv = rmsnorm(kv · x) * kv_norm, RoPE -> window cache: (n, D) -> (n, d) */
-	ops_matmul(p, L->kv, s->h, D, n, s->kv, d, s->mm);
-	for (int t = 0; t < n; t++) {
-		float *kv = s->kv + (size_t)t * d;
-		ops_rmsnorm(kv, kv, ds4_f32(L->kv_norm), d, hp->eps);
-		ds4_rope(rope, kv + nope, b->pos[t], 0);
-		ds4_put(m, ds4_raw_row(m, L, b->seq[t], b->pos[t]), kv, (int)d);
-	}
-	/* compressed entries completed by this batch, the indexer's choice */
-	if (L->ratio)
-		ds4_compressor(m, il, b, 0);
-	if (L->ratio == DS4_CSA) {
-		ds4_compressor(m, il, b, 1);
+	ds4_for_rows(m, b, ds4_row_q, L);
+	/* the indexer's choice of compressed entries */
+	if (L->ratio == DS4_CSA)
 		ds4_indexer(m, il, b);
-	}
 	/* o = attention over [window; compressed]: (n, H, d) */
 	ds4_gather_keys(m, L, b);
 	struct ds4_attn_job jb = {.m = m, .L = L, .n = n};
 	pool_run(p, ds4_attn_run, &jb);
 	/* rotate the RoPE dims back by the query's angle */
-	for (int t = 0; t < n; t++)
-		for (int64_t h = 0; h < H; h++)
-			ds4_rope(rope, s->o + ((size_t)t * H + (size_t)h) * d + nope, b->pos[t], 1);
+	ds4_for_rows(m, b, ds4_row_o, L);
 	/* grouped low-rank output: z_g = wo_a[g] · o_g  (n, H d / G) -> (n, R) */
 	const size_t grow = kern_row_bytes(L->wo_a->type, gd);
 	for (int64_t g = 0; g < G; g++)
@@ -1372,18 +1559,39 @@ static void ds4_attention(struct ds4 *m, int il, const model_batch *b)
 
 /* out = down · (silu(min(gate · x, L)) * clamp(up · x, -L, L)) (L = INFINITY:
  * plain SwiGLU) for the shared expert. */
-static void ds4_shared_ffn(struct ds4 *m, const struct ds4_layer *L, float lim, int n)
+struct ds4_act_arg {
+	int64_t F;
+	float lim;
+};
+
+/* gate[t] = silu(min(gate, L)) * clamp(up, -L, L) */
+static void ds4_row_act(struct ds4 *m, const model_batch *b, int t, const void *arg)
 {
+	(void)b;
+	const struct ds4_act_arg *aa = arg;
+	const float lim = aa->lim;
+	float *gate = m->s.gate + (size_t)t * (size_t)aa->F;
+	const float *up = m->s.up + (size_t)t * (size_t)aa->F;
+	for (int64_t i = 0; i < aa->F; i++) {
+		const float g = fminf(gate[i], lim);
+		const float u = fminf(fmaxf(up[i], -lim), lim);
+		gate[i] = g / (1.0f + expf(-g)) * u;
+	}
+}
+
+static void ds4_shared_ffn(struct ds4 *m, const model_batch *b, const struct ds4_layer *L,
+			   float lim)
+{
+	const int n = b->n_tokens;
 	struct ds4_scratch *s = &m->s;
 	pool *p = m->env->pool;
 	const int64_t D = m->hp.n_embd, F = (int64_t)L->gate_shexp->ne[1];
-	ops_matmul(p, L->gate_shexp, s->h, D, n, s->gate, F, s->mm);
-	ops_matmul(p, L->up_shexp, s->h, D, n, s->up, F, s->mm);
-	for (int64_t i = 0; i < (int64_t)n * F; i++) {
-		const float g = fminf(s->gate[i], lim);
-		const float u = fminf(fmaxf(s->up[i], -lim), lim);
-		s->gate[i] = g / (1.0f + expf(-g)) * u;
-	}
+	const gguf_tensor *gu[2] = {L->gate_shexp, L->up_shexp};
+	float *const gu_y[2] = {s->gate, s->up};
+	const int64_t gu_s[2] = {F, F};
+	ops_matmul_multi(p, 2, gu, s->h, D, n, gu_y, gu_s, s->mm);
+	const struct ds4_act_arg aa = {F, lim};
+	ds4_for_rows(m, b, ds4_row_act, &aa);
 	ops_matmul(p, L->down_shexp, s->gate, F, n, s->out, D, s->mm);
 }
 
@@ -1432,7 +1640,7 @@ static int ds4_moe(struct ds4 *m, int il, const model_batch *b)
 	};
 	int rc = expert_backend_submit(m->env->experts, &job);
 	/* the shared expert, while workers compute the routed ones */
-	ds4_shared_ffn(m, L, hp->lim_shexp[il], n);
+	ds4_shared_ffn(m, b, L, hp->lim_shexp[il]);
 	if (!rc)
 		rc = experts_collect_sum(m->env->experts, &job, s->moe);
 	if (rc) {
@@ -1447,6 +1655,63 @@ static int ds4_moe(struct ds4 *m, int il, const model_batch *b)
 }
 
 /* ---------------------------------------------------------------- forward */
+
+/* The head's input for token t: pre = sigmoid(mix * s + b) + eps,
+ * h = rmsnorm(sum_a pre[a] X[a]) * output_norm. */
+static void ds4_row_head(struct ds4 *m, const model_batch *b, int t, const void *arg)
+{
+	(void)b, (void)arg;
+	struct ds4_scratch *s = &m->s;
+	const int64_t D = m->hp.n_embd, W4 = DS4_HC * D;
+	const float sc = ds4_f32(m->hc_head_scale)[0];
+	const float *base = ds4_f32(m->hc_head_base);
+	const float *X = s->X + (size_t)t * W4;
+	float pre[DS4_HC];
+	for (int a = 0; a < DS4_HC; a++) {
+		const float v = s->mix[(size_t)t * DS4_HC + a] * sc + base[a];
+		pre[a] = 1.0f / (1.0f + expf(-v)) + m->hp.hc_eps;
+	}
+	/* unfused in llama.cpp: a product per stream, then additions */
+	float *y = s->y + (size_t)t * D;
+	for (int64_t i = 0; i < D; i++) {
+		float acc = X[i] * pre[0];
+		for (int a = 1; a < DS4_HC; a++) {
+			const float prod = X[a * D + i] * pre[a];
+			acc = acc + prod;
+		}
+		y[i] = acc;
+	}
+	ops_rmsnorm(s->h + (size_t)t * D, y, ds4_f32(m->output_norm), D, m->hp.eps);
+}
+
+/* Compacts the rows of b whose logits are wanted (in batch order) in the
+ * streams, the normed input, q_a's product and the attention block's mHC
+ * mixes, and describes them in *out (logits for all); returns their number. */
+static int ds4_keep_rows(struct ds4 *m, const model_batch *b, model_batch *out)
+{
+	struct ds4_scratch *s = &m->s;
+	const size_t D = (size_t)m->hp.n_embd, W4 = DS4_HC * D;
+	const size_t HH = DS4_HC * DS4_HC, Q = (size_t)m->hp.q_lora;
+	int nk = 0;
+	for (int t = 0; t < b->n_tokens; t++) {
+		if (!b->logits[t])
+			continue;
+		if (nk != t) {
+			const size_t k = (size_t)nk, u = (size_t)t;
+			memcpy(s->X + k * W4, s->X + u * W4, W4 * sizeof(float));
+			memcpy(s->h + k * D, s->h + u * D, D * sizeof(float));
+			memcpy(s->qr + k * Q, s->qr + u * Q, Q * sizeof(float));
+			memcpy(s->post + k * DS4_HC, s->post + u * DS4_HC, DS4_HC * sizeof(float));
+			memcpy(s->comb + k * HH, s->comb + u * HH, HH * sizeof(float));
+		}
+		s->sub_token[nk] = b->token[t];
+		s->sub_pos[nk] = b->pos[t];
+		s->sub_seq[nk] = b->seq[t];
+		nk++;
+	}
+	*out = (model_batch){nk, s->sub_token, s->sub_pos, s->sub_seq, NULL};
+	return nk;
+}
 
 static int ds4_forward(void *state, const model_batch *b, float *logits)
 {
@@ -1464,7 +1729,8 @@ static int ds4_forward(void *state, const model_batch *b, float *logits)
 	}
 	if (b->n_tokens == 0)
 		return 0;
-	const int n = b->n_tokens;
+	int n = b->n_tokens;
+	model_batch kept;
 
 	/* per sequence: tokens in the batch and the last position (kernel choice
 	 * and llama.cpp's view sizes are per sequence) */
@@ -1492,61 +1758,32 @@ static int ds4_forward(void *state, const model_batch *b, float *logits)
 	for (int il = 0; il < hp->n_layer; il++) {
 		const struct ds4_layer *L = &m->layers[il];
 		/* attention block */
-		ds4_hc_pre(m, L->hc_attn_fn, L->hc_attn_base, L->hc_attn_scale, n);
-		for (int t = 0; t < n; t++)
-			ops_rmsnorm(s->h + (size_t)t * D, s->y + (size_t)t * D,
-				    ds4_f32(L->attn_norm), D, hp->eps);
+		ds4_hc_pre(m, b, L->hc_attn_fn, L->hc_attn_base, L->hc_attn_scale, L->attn_norm);
+		ds4_attn_cache(m, il, b);
+		/* past the last layer's caches only the rows whose logits are
+		 * wanted matter: the rest of the model runs on those alone */
+		if (il == hp->n_layer - 1 && b->logits) {
+			n = ds4_keep_rows(m, b, &kept);
+			b = &kept;
+			if (n == 0)
+				return 0;
+		}
 		ds4_attention(m, il, b);
-		ds4_hc_post(m, n);
+		ds4_hc_post(m, b);
 		/* FFN block */
-		ds4_hc_pre(m, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, n);
-		for (int t = 0; t < n; t++)
-			ops_rmsnorm(s->h + (size_t)t * D, s->y + (size_t)t * D,
-				    ds4_f32(L->ffn_norm), D, hp->eps);
+		ds4_hc_pre(m, b, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, L->ffn_norm);
 		if ((rc = ds4_moe(m, il, b)))
 			return rc;
-		ds4_hc_post(m, n);
+		ds4_hc_post(m, b);
 	}
 
-	/* head, for the rows whose logits are wanted (compacted in batch order) */
-	int nk = 0;
-	for (int t = 0; t < n; t++) {
-		if (b->logits && !b->logits[t])
-			continue;
-		if (nk != t)
-			memcpy(s->X + (size_t)nk * W4, s->X + (size_t)t * W4,
-			       (size_t)W4 * sizeof(float));
-		nk++;
-	}
-	if (nk == 0)
-		return 0;
-	for (int t = 0; t < nk; t++)
-		ops_rmsnorm(s->flat + (size_t)t * W4, s->X + (size_t)t * W4, NULL, W4, hp->eps);
-	/* (nk, 4D) @ (4D, 4) -> (nk, 4) */
-	ops_matmul(p, m->hc_head_fn, s->flat, W4, nk, s->mix, DS4_HC, s->mm);
-	const float sc = ds4_f32(m->hc_head_scale)[0];
-	const float *base = ds4_f32(m->hc_head_base);
-	for (int t = 0; t < nk; t++) {
-		const float *X = s->X + (size_t)t * W4;
-		float pre[DS4_HC];
-		for (int a = 0; a < DS4_HC; a++) {
-			const float v = s->mix[(size_t)t * DS4_HC + a] * sc + base[a];
-			pre[a] = 1.0f / (1.0f + expf(-v)) + hp->hc_eps;
-		}
-		/* unfused in llama.cpp: a product per stream, then additions */
-		float *y = s->y + (size_t)t * D;
-		for (int64_t i = 0; i < D; i++) {
-			float acc = X[i] * pre[0];
-			for (int a = 1; a < DS4_HC; a++) {
-				const float prod = X[a * D + i] * pre[a];
-				acc = acc + prod;
-			}
-			y[i] = acc;
-		}
-		ops_rmsnorm(s->h + (size_t)t * D, y, ds4_f32(m->output_norm), D, hp->eps);
-	}
+	/* head, for the rows whose logits are wanted (all that are left) */
+	ds4_for_rows(m, b, ds4_row_flat, NULL);
+	/* (n, 4D) @ (4D, 4) -> (n, 4) */
+	ops_matmul(p, m->hc_head_fn, s->flat, W4, n, s->mix, DS4_HC, s->mm);
+	ds4_for_rows(m, b, ds4_row_head, NULL);
 	/* (nk, D) @ (D, n_vocab) -> logits */
-	ops_matmul(p, m->output, s->h, D, nk, logits, hp->n_vocab, s->mm);
+	ops_matmul(p, m->output, s->h, D, n, logits, hp->n_vocab, s->mm);
 	return 0;
 }
 

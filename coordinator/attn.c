@@ -93,6 +93,176 @@ __attribute__((target("avx2,fma"))) static void attn_simd_axpy(float q, const fl
 		sv[i] = fmaf(q, row[i], sv[i]);
 }
 
+/* The 4 x 16-lane accumulation of attn_dot_f16 over np values (a multiple of
+ * 64): acc[j][l] = acc[j][l] + q16[i + 16 j + l] * k[i + 16 j + l], then
+ * acc[0] + acc[2], acc[1] + acc[3], and their sum, into out[16]. */
+__attribute__((target("avx2,fma,f16c"))) static void attn_simd_dot16(const float *q16,
+									const uint16_t *k, int np,
+									float *out)
+{
+	__m256 a[8];
+	for (int j = 0; j < 8; j++)
+		a[j] = _mm256_setzero_ps();
+	for (int i = 0; i < np; i += 64)
+		for (int j = 0; j < 8; j++) {
+			__m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i + 8 * j)));
+			a[j] = _mm256_add_ps(a[j], _mm256_mul_ps(_mm256_loadu_ps(q16 + i + 8 * j), kv));
+		}
+	for (int h = 0; h < 2; h++) {
+		a[h] = _mm256_add_ps(a[h], a[4 + h]);
+		a[2 + h] = _mm256_add_ps(a[2 + h], a[6 + h]);
+		_mm256_storeu_ps(out + 8 * h, _mm256_add_ps(a[h], a[2 + h]));
+	}
+}
+
+/* acc[d] = f16(acc[d] * ms) for d < n */
+__attribute__((target("avx2,fma,f16c"))) static void attn_simd_scale_f16(float *acc, float ms,
+									    int n)
+{
+	const __m256 m = _mm256_set1_ps(ms);
+	int d = 0;
+	for (; d + 8 <= n; d += 8)
+		_mm256_storeu_ps(acc + d, _mm256_cvtph_ps(_mm256_cvtps_ph(
+					      _mm256_mul_ps(_mm256_loadu_ps(acc + d), m),
+					      _MM_FROUND_TO_NEAREST_INT)));
+	for (; d < n; d++)
+		acc[d] = _cvtsh_ss(_cvtss_sh(acc[d] * ms, 0));
+}
+
+/* acc[d] = f16(fma(v[d], w, acc[d])) for d < n, v in F16 */
+__attribute__((target("avx2,fma,f16c"))) static void attn_simd_fma_f16(float *acc,
+									  const uint16_t *v, float w,
+									  int n)
+{
+	const __m256 wv = _mm256_set1_ps(w);
+	int d = 0;
+	for (; d + 8 <= n; d += 8) {
+		__m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + d)));
+		_mm256_storeu_ps(acc + d, _mm256_cvtph_ps(_mm256_cvtps_ph(
+					      _mm256_fmadd_ps(x, wv, _mm256_loadu_ps(acc + d)),
+					      _MM_FROUND_TO_NEAREST_INT)));
+	}
+	for (; d < n; d++)
+		acc[d] = _cvtsh_ss(_cvtss_sh(fmaf(_cvtsh_ss(v[d]), w, acc[d]), 0));
+}
+
+/* kt[d][u] = vt[u][d] for u < nv8 (a multiple of 8), d < dim (a multiple
+ * of 8): 8 x 8 blocks transposed in registers. */
+__attribute__((target("avx2,fma"))) static void attn_simd_transpose(const float *vt, int nv8,
+								     int dim, float *kt, int ld)
+{
+	for (int u = 0; u < nv8; u += 8)
+		for (int d = 0; d < dim; d += 8) {
+			__m256 r[8], t[8];
+			for (int i = 0; i < 8; i++)
+				r[i] = _mm256_loadu_ps(vt + (size_t)(u + i) * (size_t)dim + d);
+			for (int i = 0; i < 8; i += 2) {
+				t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+				t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+			}
+			for (int i = 0; i < 8; i += 4) {
+				r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+				r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+				r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+				r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+			}
+			/* r[0..3]: rows 0-3 of columns (0,1,4,5 | 2,3,6,7) ... */
+			const int src[8] = {0, 1, 2, 3, 0, 1, 2, 3};
+			for (int i = 0; i < 8; i++) {
+				const __m256 lo = r[src[i]], hi = r[4 + src[i]];
+				t[i] = i < 4 ? _mm256_permute2f128_ps(lo, hi, 0x20)
+					     : _mm256_permute2f128_ps(lo, hi, 0x31);
+			}
+			for (int i = 0; i < 8; i++)
+				_mm256_storeu_ps(kt + (size_t)(d + i) * (size_t)ld + u, t[i]);
+		}
+}
+
+/* sv[v][l] = fma chain over d < dim of q[d] * kt[d][8 v + l] for v < NV,
+ * continuing from sv's values. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void
+attn_simd_scores_n(const float *kt, int ld, int d0, int d1, const float *q, float *sv, const int nvec)
+{
+	__m256 a[8];
+	for (int v = 0; v < nvec; v++)
+		a[v] = _mm256_loadu_ps(sv + 8 * v);
+	for (int d = d0; d < d1; d++) {
+		const __m256 qb = _mm256_set1_ps(q[d]);
+		const float *row = kt + (size_t)d * (size_t)ld;
+		for (int v = 0; v < nvec; v++)
+			a[v] = _mm256_fmadd_ps(qb, _mm256_loadu_ps(row + 8 * v), a[v]);
+	}
+	for (int v = 0; v < nvec; v++)
+		_mm256_storeu_ps(sv + 8 * v, a[v]);
+}
+
+/* Scores of nh heads (q[h] at q + h * qs) against the transposed key tile
+ * kt[dim][ld] (nv8 keys, a multiple of 8 up to 64): sv[h][u] = fma chain over
+ * d of q[h][d] * k[u][d], d in order (each lane as attn_simd_axpy). */
+__attribute__((target("avx2,fma"))) static void attn_simd_scores(const float *kt, int ld, int dim,
+								  int nv8, const float *q, size_t qs,
+								  int nh, float *sv, int svs)
+{
+	for (int h = 0; h < nh; h++)
+		memset(sv + (size_t)h * (size_t)svs, 0, (size_t)nv8 * sizeof(float));
+	/* blocks of 64 dimensions: the block of the tile stays in L1 over the heads */
+	for (int d0 = 0; d0 < dim; d0 += 64) {
+		const int d1 = d0 + 64 < dim ? d0 + 64 : dim;
+		for (int h = 0; h < nh; h++) {
+			const float *qh = q + (size_t)h * qs;
+			float *s = sv + (size_t)h * (size_t)svs;
+			switch (nv8 / 8) {
+			case 1: attn_simd_scores_n(kt, ld, d0, d1, qh, s, 1); break;
+			case 2: attn_simd_scores_n(kt, ld, d0, d1, qh, s, 2); break;
+			case 3: attn_simd_scores_n(kt, ld, d0, d1, qh, s, 3); break;
+			case 4: attn_simd_scores_n(kt, ld, d0, d1, qh, s, 4); break;
+			case 5: attn_simd_scores_n(kt, ld, d0, d1, qh, s, 5); break;
+			case 6: attn_simd_scores_n(kt, ld, d0, d1, qh, s, 6); break;
+			case 7: attn_simd_scores_n(kt, ld, d0, d1, qh, s, 7); break;
+			default: attn_simd_scores_n(kt, ld, d0, d1, qh, s, 8); break;
+			}
+		}
+	}
+}
+
+/* acc[h][d] = fma chain over u < nv (in order) of w[h][u] * vt[u][d], for
+ * nh heads (acc[h] at acc + h * dim, w[h] at w + h * ws); dim % 8 == 0. */
+__attribute__((target("avx2,fma"))) static void attn_simd_values(const float *vt, int nv, int dim,
+								  const float *w, int ws, int nh,
+								  float *acc)
+{
+	int d0 = 0;
+	for (; d0 + 32 <= dim; d0 += 32)
+		for (int h = 0; h < nh; h++) {
+			float *ah = acc + (size_t)h * (size_t)dim + d0;
+			const float *wh = w + (size_t)h * (size_t)ws;
+			__m256 a0 = _mm256_loadu_ps(ah), a1 = _mm256_loadu_ps(ah + 8);
+			__m256 a2 = _mm256_loadu_ps(ah + 16), a3 = _mm256_loadu_ps(ah + 24);
+			for (int u = 0; u < nv; u++) {
+				const __m256 wb = _mm256_set1_ps(wh[u]);
+				const float *vr = vt + (size_t)u * (size_t)dim + d0;
+				a0 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(vr), a0);
+				a1 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(vr + 8), a1);
+				a2 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(vr + 16), a2);
+				a3 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(vr + 24), a3);
+			}
+			_mm256_storeu_ps(ah, a0);
+			_mm256_storeu_ps(ah + 8, a1);
+			_mm256_storeu_ps(ah + 16, a2);
+			_mm256_storeu_ps(ah + 24, a3);
+		}
+	for (; d0 < dim; d0 += 8)
+		for (int h = 0; h < nh; h++) {
+			float *ah = acc + (size_t)h * (size_t)dim + d0;
+			const float *wh = w + (size_t)h * (size_t)ws;
+			__m256 a0 = _mm256_loadu_ps(ah);
+			for (int u = 0; u < nv; u++)
+				a0 = _mm256_fmadd_ps(_mm256_set1_ps(wh[u]),
+						     _mm256_loadu_ps(vt + (size_t)u * (size_t)dim + d0), a0);
+			_mm256_storeu_ps(ah, a0);
+		}
+}
+
 static int attn_simd_ok(void)
 {
 	static int ok = -1;
@@ -103,7 +273,54 @@ static int attn_simd_ok(void)
 #else
 #define ATTN_SIMD 0
 static int attn_simd_ok(void) { return 0; }
+static void attn_simd_f16_row(const uint16_t *src, float *dst, int n)
+{
+	(void)src, (void)dst, (void)n;
+}
+static void attn_simd_axpy_f16(float w, const uint16_t *v, float *acc, int n)
+{
+	(void)w, (void)v, (void)acc, (void)n;
+}
+static void attn_simd_axpy(float q, const float *row, float *sv, int n)
+{
+	(void)q, (void)row, (void)sv, (void)n;
+}
+static void attn_simd_dot16(const float *q16, const uint16_t *k, int np, float *out)
+{
+	(void)q16, (void)k, (void)np, (void)out;
+}
+static void attn_simd_scale_f16(float *acc, float ms, int n) { (void)acc, (void)ms, (void)n; }
+static void attn_simd_fma_f16(float *acc, const uint16_t *v, float w, int n)
+{
+	(void)acc, (void)v, (void)w, (void)n;
+}
+static void attn_simd_transpose(const float *vt, int nv8, int dim, float *kt, int ld)
+{
+	(void)vt, (void)nv8, (void)dim, (void)kt, (void)ld;
+}
+static void attn_simd_scores(const float *kt, int ld, int dim, int nv8, const float *q, size_t qs,
+			     int nh, float *sv, int svs)
+{
+	(void)kt, (void)ld, (void)dim, (void)nv8, (void)q, (void)qs, (void)nh, (void)sv, (void)svs;
+}
+static void attn_simd_values(const float *vt, int nv, int dim, const float *w, int ws, int nh,
+			     float *acc)
+{
+	(void)vt, (void)nv, (void)dim, (void)w, (void)ws, (void)nh, (void)acc;
+}
 #endif
+
+/* Per-thread F32 copies of one (layer, sequence, KV head)'s keys, transposed
+ * per tile ([tile][d][i], as attn_row_tiled builds them) and values
+ * ([j][d]), converted once and reused by every row of the thread's share of
+ * an attn_forward call (the values are exactly the F16 ones). */
+#define ATTN_KVF_SLOTS 64
+struct attn_kvf {
+	float *kt, *v;
+	size_t cap_kt, cap_v; /* floats */
+	const uint16_t *kbase; /* what is cached: the first key's address */
+	int n;		       /* keys converted (a multiple of ATTN_TILE_KV or all) */
+};
 
 struct attn_cache {
 	int n_layer;
@@ -114,6 +331,7 @@ struct attn_cache {
 	uint16_t *k;	     /* [n_layer][n_seq][n_ctx][k_width] */
 	uint16_t *v;	     /* [n_layer][n_seq][n_ctx][v_width] */
 	int32_t *seq_tokens; /* [n_seq] scratch of attn_forward: tokens per sequence */
+	struct attn_kvf *kvf; /* [ATTN_KVF_SLOTS] per pool thread, or NULL */
 };
 
 /* ------------------------------------------------------------ f16 helpers */
@@ -173,8 +391,9 @@ static inline float attn_f16_round(float x)
 #endif
 
 #if ATTN_GGML_LANES == 16
-/* ggml_v_expf (ggml-cpu/vec.h, AVX-512 version) for one lane. */
-static float attn_vexpf(float x)
+/* ggml_v_expf (ggml-cpu/vec.h, AVX-512 version) for one lane.  Inlined into
+ * the (FMA-built) kernels, so fmaf() is an instruction there. */
+static inline __attribute__((always_inline)) float attn_vexpf(float x)
 {
 	const float r = 0x1.8p23f;
 	const float z = fmaf(x, 0x1.715476p+0f, r);
@@ -186,7 +405,11 @@ static float attn_vexpf(float x)
 	const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
 				  fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
 			     u, fmaf(0x1.ffffecp-1f, b, 1.0f));
-	return ldexpf(j, (int)n); /* _mm512_scalef_ps: exact, or rounded once if subnormal */
+	/* _mm512_scalef_ps: exact, or rounded once if subnormal; a product by
+	 * a power of two (normal for n >= -126) rounds the same way */
+	if (n >= -126.0f && n <= 127.0f)
+		return j * attn_bits_f32((uint32_t)((int)n + 127) << 23);
+	return ldexpf(j, (int)n);
 }
 
 /* _mm512_reduce_add_ps as GCC implements it: what both ggml_vec_soft_max_f32
@@ -208,7 +431,7 @@ static float attn_hsum_dot(const float *a)
 #else
 /* ggml_v_expf (ggml-cpu/vec.h, AVX2+FMA version) for one lane: exp(x) with at
  * most ~1.5 ulp error. */
-static float attn_vexpf(float x)
+static inline __attribute__((always_inline)) float attn_vexpf(float x)
 {
 	const float r = 0x1.8p23f;
 	const float z = fmaf(x, 0x1.715476p+0f, r);
@@ -257,6 +480,13 @@ static float attn_dot_f16(const float *q16, const uint16_t *k, int n)
 	enum { L = ATTN_GGML_LANES, STEP = 4 * ATTN_GGML_LANES };
 	const int np = n & ~(STEP - 1);
 	double sum = 0.0;
+#if ATTN_GGML_LANES == 16
+	if (np > 0 && attn_simd_ok()) {
+		float red[16];
+		attn_simd_dot16(q16, k, np, red);
+		sum = (double)attn_hsum_dot(red);
+	} else
+#endif
 	if (np > 0) {
 		float acc[4][L];
 		memset(acc, 0, sizeof(acc));
@@ -328,7 +558,8 @@ int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, 
 	c->k = calloc(1, bytes_k);
 	c->v = calloc(1, bytes_v);
 	c->seq_tokens = calloc((size_t)n_seq, sizeof(int32_t));
-	if (!c->k || !c->v || !c->seq_tokens)
+	c->kvf = calloc(ATTN_KVF_SLOTS, sizeof(*c->kvf)); /* buffers grow when used */
+	if (!c->k || !c->v || !c->seq_tokens || !c->kvf)
 		rc = ERR_NOMEM;
 out:
 	if (rc) {
@@ -346,6 +577,12 @@ void attn_cache_destroy(attn_cache **c)
 	free((*c)->k);
 	free((*c)->v);
 	free((*c)->seq_tokens);
+	if ((*c)->kvf)
+		for (int i = 0; i < ATTN_KVF_SLOTS; i++) {
+			free((*c)->kvf[i].kt);
+			free((*c)->kvf[i].v);
+		}
+	free((*c)->kvf);
 	free(*c);
 	*c = NULL;
 }
@@ -422,6 +659,58 @@ struct attn_job {
 	int split_ok; /* no sliding window: split-KV decode possible */
 };
 
+/* Thread ith's copies (slots of the cache; threads beyond them go without),
+ * emptied; NULL if there are none. */
+static struct attn_kvf *attn_kvf_get(const attn_cache *c, int ith)
+{
+	if (!c->kvf || ith >= ATTN_KVF_SLOTS)
+		return NULL;
+	struct attn_kvf *f = &c->kvf[ith];
+	f->kbase = NULL;
+	f->n = 0;
+	return f;
+}
+
+/* Makes keys and values [0, z) of kbase/vbase available as F32; 0 on success. */
+static int attn_kvf_fill(struct attn_kvf *f, const attn_cache *c, const uint16_t *kbase,
+			 const uint16_t *vbase, int dk, int dv, int z)
+{
+	if (f->kbase != kbase) {
+		f->kbase = kbase;
+		f->n = 0;
+	}
+	if (z <= f->n)
+		return 0;
+	const int zt = (z + ATTN_TILE_KV - 1) / ATTN_TILE_KV * ATTN_TILE_KV;
+	const size_t need_kt = (size_t)zt * (size_t)dk, need_v = (size_t)zt * (size_t)dv;
+	if (need_kt > f->cap_kt) {
+		float *p = realloc(f->kt, need_kt * sizeof(float));
+		if (!p)
+			return -1;
+		f->kt = p;
+		f->cap_kt = need_kt;
+	}
+	if (need_v > f->cap_v) {
+		float *p = realloc(f->v, need_v * sizeof(float));
+		if (!p)
+			return -1;
+		f->v = p;
+		f->cap_v = need_v;
+	}
+	for (int j = f->n; j < z; j++) {
+		const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
+		const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
+		float *tile = f->kt + (size_t)(j / ATTN_TILE_KV) * ATTN_TILE_KV * (size_t)dk;
+		const int i = j % ATTN_TILE_KV;
+		for (int d = 0; d < dk; d++)
+			tile[(size_t)d * ATTN_TILE_KV + (size_t)i] = attn_f16_to_f32(kj[d]);
+		for (int d = 0; d < dv; d++)
+			f->v[(size_t)j * (size_t)dv + (size_t)d] = attn_f16_to_f32(vj[d]);
+	}
+	f->n = z;
+	return 0;
+}
+
 /* The visible key positions [j0, j1) of a query at position pos. */
 static inline void attn_visible(const struct attn_params *ap, int pos, int *j0, int *j1)
 {
@@ -468,6 +757,7 @@ ATTN_HOT static void attn_chunk_f16(const struct attn_job *jb, int t, int h, int
 	const int dv = ap->head_dim_v;
 	const int hkv = h / (ap->n_head / ap->n_head_kv);
 	float q16[ATTN_MAX_HEAD_DIM];
+	const int simd = attn_simd_ok();
 
 	const float *qh = jb->q + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dk;
 	for (int d = 0; d < dk; d++)
@@ -491,13 +781,19 @@ ATTN_HOT static void attn_chunk_f16(const struct attn_job *jb, int t, int h, int
 			const float m_old = *M;
 			*M = s;
 			ms = expf(m_old - *M);
-			for (int d = 0; d < dv; d++)
-				acc[d] = attn_f16_round(acc[d] * ms);
+			if (simd)
+				attn_simd_scale_f16(acc, ms, dv);
+			else
+				for (int d = 0; d < dv; d++)
+					acc[d] = attn_f16_round(acc[d] * ms);
 		} else {
 			vs = expf(s - *M);
 		}
-		for (int d = 0; d < dv; d++)
-			acc[d] = attn_f16_round(fmaf(attn_f16_to_f32(vj[d]), vs, acc[d]));
+		if (simd)
+			attn_simd_fma_f16(acc, vj, vs, dv);
+		else
+			for (int d = 0; d < dv; d++)
+				acc[d] = attn_f16_round(fmaf(attn_f16_to_f32(vj[d]), vs, acc[d]));
 		*S = fmaf(*S, ms, vs);
 	}
 }
@@ -563,7 +859,7 @@ ATTN_HOT static void attn_row_split(const struct attn_job *jb, int t, int h)
 
 /* One (token, head) row, ggml's tiled kernel: F32 query and accumulator, one
  * softmax update per tile of ATTN_TILE_KV positions (tiles start at 0). */
-ATTN_HOT static void attn_row_tiled(const struct attn_job *jb, int t, int h)
+ATTN_HOT static void attn_row_tiled(const struct attn_job *jb, struct attn_kvf *kvf, int t, int h)
 {
 	const attn_cache *c = jb->c;
 	const struct attn_params *ap = jb->ap;
@@ -588,6 +884,11 @@ ATTN_HOT static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 
 	float S = 0.0f;
 	float M = -INFINITY;
+	/* the keys and values as F32, shared with the thread's other rows */
+	if (kvf && simd && attn_kvf_fill(kvf, c, kbase, vbase, dk, dv, j1) != 0)
+		kvf = NULL;
+	if (!simd)
+		kvf = NULL;
 	for (int ic = j0 - j0 % ATTN_TILE_KV; ic < j1; ic += ATTN_TILE_KV) {
 		/* visible part [a, z) of this tile; the rest scores -inf */
 		const int a = ic > j0 ? ic : j0;
@@ -595,7 +896,13 @@ ATTN_HOT static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 		/* scores: one FMA chain over d per key, as ggml; the keys of the
 		 * tile are transposed so the chains run side by side */
 		const int nv = z - a;
-		for (int i = 0; i < nv; i++) {
+		const float *ktile = kt;
+		size_t kt_off = 0;
+		if (kvf) {
+			ktile = kvf->kt + (size_t)(ic / ATTN_TILE_KV) * ATTN_TILE_KV * (size_t)dk;
+			kt_off = (size_t)(a - ic);
+		}
+		for (int i = 0; i < nv && !kvf; i++) {
 			const uint16_t *kj = kbase + (size_t)(a + i) * (size_t)c->k_width;
 			if (simd) {
 				attn_simd_f16_row(kj, vrow, dk);
@@ -611,7 +918,7 @@ ATTN_HOT static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 			sv[i] = 0.0f;
 		for (int d = 0; d < dk; d++) {
 			const float qd = qh[d];
-			const float *row = kt + (size_t)d * ATTN_TILE_KV;
+			const float *row = ktile + (size_t)d * ATTN_TILE_KV + kt_off;
 			if (simd) {
 				attn_simd_axpy(qd, row, sv, nv);
 				continue;
@@ -656,6 +963,10 @@ ATTN_HOT static void attn_row_tiled(const struct attn_job *jb, int t, int h)
 		for (int j = a; j < z; j++) {
 			const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
 			const float w = kq[j - ic];
+			if (kvf) {
+				attn_simd_axpy(w, kvf->v + (size_t)j * (size_t)dv, acc, dv);
+				continue;
+			}
 			if (simd) {
 				attn_simd_axpy_f16(w, vj, acc, dv);
 				continue;
@@ -684,13 +995,14 @@ static void attn_worker(void *ctx, int ith, int nth)
 	/* rows are head-major (as ggml's): each thread takes whole heads when
 	 * it can, so causal rows of every length are spread evenly */
 	pool_split((int64_t)n_tok * jb->ap->n_head, ith, nth, 1, &lo, &hi);
+	struct attn_kvf *kvf = jb->tiled_ok ? attn_kvf_get(jb->c, ith) : NULL;
 	for (int64_t r = lo; r < hi; r++) {
 		const int h = (int)(r / n_tok);
 		const int t = (int)(r % n_tok);
 		/* the kernel llama.cpp would use for this sequence alone */
 		const int32_t n_seq_tok = jb->c->seq_tokens[jb->b->seq[t]];
 		if (jb->tiled_ok && n_seq_tok >= ATTN_TILE_Q)
-			attn_row_tiled(jb, t, h);
+			attn_row_tiled(jb, kvf, t, h);
 		else if (jb->split_ok && n_seq_tok == 1 &&
 			 attn_llama_n_kv(jb->b->pos[t]) >= ATTN_SPLIT_MIN_KV)
 			attn_row_split(jb, t, h);
@@ -762,6 +1074,7 @@ ATTN_HOT static void attn_gather_chunk(const struct attn_keys *ks, int i0, int i
 {
 	float q16[ATTN_MAX_HEAD_DIM], vrow[ATTN_MAX_HEAD_DIM];
 	const int f32 = ks->f32;
+	const int simd = attn_simd_ok();
 	if (!f32)
 		for (int d = 0; d < dim; d++)
 			q16[d] = attn_f16_round(q[d]);
@@ -778,10 +1091,18 @@ ATTN_HOT static void attn_gather_chunk(const struct attn_keys *ks, int i0, int i
 			const float m_old = *M;
 			*M = s;
 			ms = expf(m_old - *M);
-			for (int d = 0; d < dim; d++)
-				acc[d] = f32 ? acc[d] * ms : attn_f16_round(acc[d] * ms);
+			if (!f32 && simd)
+				attn_simd_scale_f16(acc, ms, dim);
+			else
+				for (int d = 0; d < dim; d++)
+					acc[d] = f32 ? acc[d] * ms : attn_f16_round(acc[d] * ms);
 		} else {
 			vs = expf(s - *M);
+		}
+		if (!f32 && simd) {
+			attn_simd_fma_f16(acc, ks->row[i], vs, dim);
+			*S = fmaf(*S, ms, vs);
+			continue;
 		}
 		attn_gather_load(ks, i, dim, vrow);
 		if (f32) {
@@ -914,6 +1235,146 @@ ATTN_HOT static void attn_gather_tiled(const struct attn_keys *ks, int dim, cons
 	attn_normalize(S, acc, dim, out);
 }
 
+size_t attn_gather_scratch_floats(int n_head, int dim)
+{
+	/* vt [tile][dim], kt [dim][tile], acc [n_head][dim], sv and kq
+	 * [n_head][tile], M and S [n_head] */
+	return (size_t)2 * ATTN_TILE_KV * (size_t)dim + (size_t)n_head * (size_t)dim +
+	       (size_t)n_head * (2 * ATTN_TILE_KV + 2);
+}
+
+/* The tiled kernel for nh heads over the same keys: each tile's keys are
+ * converted (and transposed) once; per head the arithmetic is exactly
+ * attn_gather_tiled's. */
+ATTN_HOT static void attn_gather_tiled_heads(const struct attn_keys *ks, int nh, int dim,
+					     const float *q, float scale, const float *sinks,
+					     float *scr, float *out)
+{
+	enum { T = ATTN_TILE_KV };
+	float *vt = scr;			  /* [T][dim] key rows as F32 */
+	float *kt = vt + (size_t)T * (size_t)dim; /* [dim][T] transposed */
+	float *acc = kt + (size_t)T * (size_t)dim;
+	float *sv = acc + (size_t)nh * (size_t)dim; /* scores, then weights, by key */
+	float *kq = sv + (size_t)nh * T;	    /* by cell of the tile */
+	float *Mh = kq + (size_t)nh * T, *Sh = Mh + nh;
+	int idx[ATTN_TILE_KV], live[ATTN_TILE_KV];
+	const int simd = attn_simd_ok() && dim % 8 == 0;
+	memset(acc, 0, (size_t)nh * (size_t)dim * sizeof(float));
+	for (int h = 0; h < nh; h++) {
+		Mh[h] = -INFINITY;
+		Sh[h] = 0.0f;
+	}
+
+	int i = 0;
+	while (i < ks->n) {
+		const int ic = ks->cell[i] - ks->cell[i] % T;
+		int nv = 0;
+		while (i < ks->n && ks->cell[i] < ic + T)
+			idx[nv++] = i++;
+		const int nv8 = (nv + 7) & ~7;
+		for (int u = 0; u < nv; u++) {
+			float *dst = vt + (size_t)u * (size_t)dim;
+			if (!ks->f32 && simd)
+				attn_simd_f16_row(ks->row[idx[u]], dst, dim);
+			else
+				attn_gather_load(ks, idx[u], dim, dst);
+		}
+		if (nv8 > nv)
+			memset(vt + (size_t)nv * (size_t)dim, 0,
+			       (size_t)(nv8 - nv) * (size_t)dim * sizeof(float));
+		/* sv[h][u] = fma chain over d of q[h][d] * k_u[d] */
+		if (simd) {
+			attn_simd_transpose(vt, nv8, dim, kt, T);
+			attn_simd_scores(kt, T, dim, nv8, q, (size_t)dim, nh, sv, T);
+		} else {
+			for (int h = 0; h < nh; h++)
+				for (int u = 0; u < nv; u++) {
+					const float *qh = q + (size_t)h * (size_t)dim;
+					const float *k = vt + (size_t)u * (size_t)dim;
+					float a = 0.0f;
+					for (int d = 0; d < dim; d++)
+						a = fmaf(qh[d], k[d], a);
+					sv[(size_t)h * T + (size_t)u] = a;
+				}
+		}
+		int n_live = 0;
+		for (int h = 0; h < nh; h++) {
+			float *kh = kq + (size_t)h * T, *sh = sv + (size_t)h * T;
+			float *ah = acc + (size_t)h * (size_t)dim;
+			float tile_max = -INFINITY;
+			for (int c = 0; c < T; c++)
+				kh[c] = -INFINITY;
+			for (int u = 0; u < nv; u++) {
+				const int c = ks->cell[idx[u]] - ic;
+				kh[c] = sh[u] * scale;
+				if (kh[c] > tile_max)
+					tile_max = kh[c];
+			}
+			if (tile_max == -INFINITY)
+				continue; /* the head skips this tile */
+			live[n_live++] = h;
+			const float m_new = fmaxf(Mh[h], tile_max);
+			if (m_new > Mh[h]) {
+				const float ms = expf(Mh[h] - m_new);
+				for (int d = 0; d < dim; d++)
+					ah[d] *= ms;
+				Sh[h] *= ms;
+			}
+			Mh[h] = m_new;
+			double sum = 0.0;
+			for (int g = 0; g < T; g += ATTN_GGML_LANES) {
+				for (int l = 0; l < ATTN_GGML_LANES; l++)
+					kh[g + l] = attn_vexpf(kh[g + l] - m_new);
+				sum += (double)attn_hsum_softmax(kh + g);
+			}
+			Sh[h] = (float)((double)Sh[h] + sum);
+			for (int u = 0; u < nv; u++)
+				sh[u] = kh[ks->cell[idx[u]] - ic];
+		}
+		/* acc[h][d] = fma chain over the tile's keys of w[h][u] * v_u[d] */
+		if (simd && n_live == nh) {
+			attn_simd_values(vt, nv, dim, sv, T, nh, acc);
+			continue;
+		}
+		for (int l = 0; l < n_live; l++) {
+			const int h = live[l];
+			float *ah = acc + (size_t)h * (size_t)dim;
+			if (simd) {
+				attn_simd_values(vt, nv, dim, sv + (size_t)h * T, T, 1, ah);
+				continue;
+			}
+			for (int u = 0; u < nv; u++) {
+				const float w = sv[(size_t)h * T + (size_t)u];
+				const float *v = vt + (size_t)u * (size_t)dim;
+				for (int d = 0; d < dim; d++)
+					ah[d] = fmaf(w, v[d], ah[d]);
+			}
+		}
+	}
+	for (int h = 0; h < nh; h++) {
+		float *ah = acc + (size_t)h * (size_t)dim;
+		if (sinks) {
+			float m = Mh[h];
+			attn_add_sink(sinks[h], &m, &Sh[h], ah, dim);
+		}
+		attn_normalize(Sh[h], ah, dim, out + (size_t)h * (size_t)dim);
+	}
+}
+
+void attn_gather_heads(const struct attn_keys *ks, int n_head, int dim, const float *q,
+		       float scale, const float *sinks, float *scratch, float *out)
+{
+	assert(dim > 0 && dim <= ATTN_MAX_HEAD_DIM);
+	pthread_once(&attn_f16_once, attn_f16_table_init);
+	if (ks->kernel == ATTN_KERNEL_TILED) {
+		attn_gather_tiled_heads(ks, n_head, dim, q, scale, sinks, scratch, out);
+		return;
+	}
+	for (int h = 0; h < n_head; h++)
+		attn_gather_row(ks, dim, q + (size_t)h * (size_t)dim, scale, sinks ? sinks + h : NULL,
+				out + (size_t)h * (size_t)dim);
+}
+
 void attn_gather_row(const struct attn_keys *ks, int dim, const float *q, float scale,
 		     const float *sink, float *out)
 {
@@ -935,7 +1396,7 @@ void attn_gather_row(const struct attn_keys *ks, int dim, const float *q, float 
 	attn_normalize(S, acc, dim, out);
 }
 
-void attn_soft_max_row(float *x, int n)
+ATTN_HOT void attn_soft_max_row(float *x, int n)
 {
 	float max = -INFINITY;
 	for (int i = 0; i < n; i++)

@@ -19,6 +19,7 @@
 #ifndef MOEFLEET_ATTN_H
 #define MOEFLEET_ATTN_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "../common/pool.h"
@@ -112,6 +113,15 @@ enum attn_kernel attn_pick_kernel(int n_seq_tokens, int n_cells, int dim);
  * dim <= ATTN_MAX_HEAD_DIM.  No keys: out = 0.  Thread-safe (stack scratch). */
 void attn_gather_row(const struct attn_keys *ks, int dim, const float *q, float scale,
 		     const float *sink, float *out);
+
+/* attn_gather_row() for n_head query heads over the same keys: q and out
+ * [n_head][dim], sinks NULL or [n_head]; every head's result is exactly
+ * attn_gather_row()'s.  The tiled kernel converts and transposes each tile of
+ * keys once for all heads.  scratch: attn_gather_scratch_floats(n_head, dim)
+ * floats of the calling thread's own. */
+size_t attn_gather_scratch_floats(int n_head, int dim);
+void attn_gather_heads(const struct attn_keys *ks, int n_head, int dim, const float *q,
+		       float scale, const float *sinks, float *scratch, float *out);
 
 /* In place: x[n] = softmax(x) as ggml_soft_max computes one row on the CPU
  * (vector expf in groups of the SIMD width, the rest scalar, sum in double,

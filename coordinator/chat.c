@@ -38,9 +38,15 @@ static void chat_put(struct chat_buf *b, const char *s, size_t n)
 	b->p[b->len] = 0;
 }
 
-static void chat_puts(struct chat_buf *b, const char *s) { chat_put(b, s, strlen(s)); }
+static void chat_puts(struct chat_buf *b, const char *s)
+{
+	chat_put(b, s, strlen(s));
+}
 
-static const char *chat_text(const char *s) { return s ? s : ""; }
+static const char *chat_text(const char *s)
+{
+	return s ? s : "";
+}
 
 /* ------------------------------------------------------------ choosing */
 
@@ -148,7 +154,10 @@ static void chat_render_deepseek(const struct chat_message *msgs, int n,
 
 /* ------------------------------------------------------------ Qwen3 */
 
-static int chat_starts(const char *s, const char *p) { return !strncmp(s, p, strlen(p)); }
+static int chat_starts(const char *s, const char *p)
+{
+	return !strncmp(s, p, strlen(p));
+}
 
 static int chat_ends(const char *s, const char *p)
 {
@@ -197,7 +206,8 @@ static void chat_render_qwen3(const struct chat_message *msgs, int n, const stru
 	for (int i = 0; i < n; i++) {
 		const struct chat_message *m = &msgs[i];
 		const char *c = chat_text(m->content);
-		if (chat_is(m, "user") || (chat_is(m, "system") && i > 0) || chat_is(m, "developer")) {
+		if (chat_is(m, "user") || (chat_is(m, "system") && i > 0) ||
+		    chat_is(m, "developer")) {
 			chat_puts(b, "<|im_start|>");
 			chat_puts(b, chat_is(m, "developer") ? "system" : m->role);
 			chat_puts(b, "\n");
@@ -305,7 +315,9 @@ static void chat_render_harmony(const struct chat_message *msgs, int n,
 			chat_puts(b, c);
 			chat_puts(b, "<|end|>");
 		} else if (chat_is(m, "tool")) {
-			chat_puts(b, "<|start|>functions.tool to=assistant<|channel|>commentary<|message|>");
+			chat_puts(
+			    b,
+			    "<|start|>functions.tool to=assistant<|channel|>commentary<|message|>");
 			chat_puts(b, c);
 			chat_puts(b, "<|end|>");
 		}
@@ -350,5 +362,201 @@ int chat_render(enum chat_format f, const struct chat_message *msgs, int n,
 	}
 	*out = b.p;
 	*len_out = b.len;
+	return 0;
+}
+
+/* ------------------------------------------------------------ output parser */
+
+enum chat_pstate {
+	CHAT_P_START,	 /* QWEN3: before knowing whether a think block opens */
+	CHAT_P_THINK,	 /* QWEN3: inside <think> */
+	CHAT_P_AFTER,	 /* QWEN3: after <think> or </think>: strip '\n's, then `next` */
+	CHAT_P_ANSWER,	 /* plain answer text */
+	CHAT_P_H_NAME,	 /* HARMONY: reading a channel name up to <|message|> */
+	CHAT_P_H_HEADER, /* HARMONY: after <|start|>, up to <|channel|> */
+};
+
+struct chat_parser {
+	enum chat_format f;
+	enum chat_pstate st;
+	enum chat_pstate next; /* after CHAT_P_AFTER */
+	int h_reasoning;       /* HARMONY: the current message is reasoning */
+	struct chat_buf held;  /* text not yet classified */
+	struct chat_buf name;  /* HARMONY: channel name being read */
+};
+
+int chat_parser_new(enum chat_format f, chat_parser **out)
+{
+	chat_parser *p = calloc(1, sizeof(*p));
+	*out = p;
+	if (!p)
+		return ERR_NOMEM;
+	p->f = f;
+	p->st = f == CHAT_FORMAT_QWEN3 ? CHAT_P_START : CHAT_P_ANSWER;
+	return 0;
+}
+
+void chat_parser_destroy(chat_parser **p)
+{
+	if (!p || !*p)
+		return;
+	free((*p)->held.p);
+	free((*p)->name.p);
+	free(*p);
+	*p = NULL;
+}
+
+void chat_split_free(struct chat_split *s)
+{
+	free(s->content);
+	free(s->reasoning);
+	memset(s, 0, sizeof(*s));
+}
+
+static int chat_split_add(char **p, size_t *len, size_t *cap, const char *t, size_t n)
+{
+	struct chat_buf b = {*p, *len, *cap, 0};
+	chat_put(&b, t, n);
+	if (b.oom)
+		return ERR_NOMEM;
+	*p = b.p;
+	*len = b.len;
+	*cap = b.cap;
+	return 0;
+}
+
+static int chat_emit(chat_parser *p, struct chat_split *o, const char *t, size_t n, int reasoning)
+{
+	(void)p;
+	if (n == 0)
+		return 0;
+	return reasoning ? chat_split_add(&o->reasoning, &o->reasoning_len, &o->reasoning_cap, t, n)
+			 : chat_split_add(&o->content, &o->content_len, &o->content_cap, t, n);
+}
+
+/* Where the first of the markers starts in t[0..n) (*which its index), or n;
+ * *partial: how many bytes at the end might begin a marker (when none is
+ * found). */
+static size_t chat_find_marker(const char *t, size_t n, const char *const *marks, int n_marks,
+			       int *which, size_t *partial)
+{
+	*partial = 0;
+	*which = -1;
+	for (size_t i = 0; i < n; i++) {
+		for (int k = 0; k < n_marks; k++) {
+			size_t ml = strlen(marks[k]);
+			if (i + ml <= n && !memcmp(t + i, marks[k], ml)) {
+				*which = k;
+				return i;
+			}
+		}
+	}
+	for (int k = 0; k < n_marks; k++) {
+		size_t ml = strlen(marks[k]);
+		for (size_t l = ml - 1; l > *partial; l--)
+			if (l <= n && !memcmp(t + n - l, marks[k], l)) {
+				*partial = l;
+				break;
+			}
+	}
+	return n;
+}
+
+int chat_parser_push(chat_parser *p, const char *text, size_t n, int final, struct chat_split *o)
+{
+	chat_put(&p->held, text, n);
+	if (p->held.oom)
+		return ERR_NOMEM;
+	for (;;) {
+		const char *t = p->held.p ? p->held.p : "";
+		size_t len = p->held.len, used = 0;
+		int again = 0, rc = 0;
+		if (p->st == CHAT_P_START) {
+			const char *open = "<think>";
+			size_t k = len < 7 ? len : 7;
+			if (memcmp(t, open, k)) {
+				p->st = CHAT_P_ANSWER;
+				again = 1;
+			} else if (len >= 7) {
+				p->st = CHAT_P_AFTER;
+				p->next = CHAT_P_THINK;
+				used = 7;
+				again = 1;
+			} else if (final) {
+				p->st = CHAT_P_ANSWER;
+				again = 1;
+			}
+		} else if (p->st == CHAT_P_AFTER) {
+			while (used < len && t[used] == '\n')
+				used++;
+			if (used < len) {
+				p->st = p->next;
+				again = 1;
+			}
+		} else {
+			static const char *const qwen_think[] = {"</think>"};
+			static const char *const harmony[] = {"<|channel|>", "<|message|>",
+							      "<|start|>"};
+			const char *const *marks = NULL;
+			int n_marks = 0;
+			if (p->st == CHAT_P_THINK) {
+				marks = qwen_think;
+				n_marks = 1;
+			} else if (p->f == CHAT_FORMAT_HARMONY) {
+				marks = harmony;
+				n_marks = 3;
+			}
+			int which;
+			size_t partial;
+			size_t at = n_marks
+					? chat_find_marker(t, len, marks, n_marks, &which, &partial)
+					: len;
+			if (!n_marks) {
+				which = -1;
+				partial = 0;
+			}
+			size_t text_end = which >= 0 ? at : final ? len : len - partial;
+			int reasoning =
+			    p->st == CHAT_P_THINK || (p->st == CHAT_P_ANSWER && p->h_reasoning);
+			if (p->st == CHAT_P_H_NAME || p->st == CHAT_P_H_HEADER) {
+				if (p->st == CHAT_P_H_NAME)
+					chat_put(&p->name, t, text_end);
+			} else {
+				rc = chat_emit(p, o, t, text_end, reasoning);
+			}
+			used = text_end;
+			if (which >= 0) {
+				used += strlen(marks[which]);
+				again = 1;
+				if (p->st == CHAT_P_THINK) {
+					p->st = CHAT_P_AFTER;
+					p->next = CHAT_P_ANSWER;
+				} else if (which == 0) { /* <|channel|> */
+					p->st = CHAT_P_H_NAME;
+					p->name.len = 0;
+				} else if (which == 1) { /* <|message|> */
+					if (p->st == CHAT_P_H_NAME) {
+						chat_put(&p->name, "", 0);
+						p->h_reasoning =
+						    p->name.p && !strcmp(p->name.p, "analysis");
+					}
+					p->st = CHAT_P_ANSWER;
+				} else { /* <|start|> */
+					p->st = CHAT_P_H_HEADER;
+					p->h_reasoning = 0;
+				}
+			}
+		}
+		if (rc || p->name.oom)
+			return ERR_NOMEM;
+		memmove(p->held.p, p->held.p + used, len - used);
+		p->held.len -= used;
+		if (p->held.p)
+			p->held.p[p->held.len] = 0;
+		if (!again || (p->held.len == 0 && !final))
+			break;
+		if (p->held.len == 0 && final)
+			break;
+	}
 	return 0;
 }

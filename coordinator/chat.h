@@ -21,6 +21,8 @@
  *    developer "# Instructions" message, "<|start|>ROLE<|message|>...<|end|>"
  *    turns (past assistant turns on the final channel), generation prompt
  *    "<|start|>assistant".
+ * The OpenAI "developer" role, which those templates do not know, is taken
+ * as "system" (DEEPSEEK and QWEN3) or as the developer message (HARMONY).
  * chat_pick_format() prefers what the GGUF's tokenizer.chat_template text
  * shows (its marker tokens) and falls back on the architecture. */
 #ifndef MOEFLEET_CHAT_H
@@ -58,5 +60,31 @@ const char *chat_format_name(enum chat_format f);
 int chat_render(enum chat_format f, const struct chat_message *msgs, int n,
 		const struct chat_options *opts, char **out, size_t *len_out, char *err,
 		size_t err_cap);
+
+/* Splitting generated text into reasoning and answer, as it streams.
+ *  - QWEN3: output that begins with "<think>" is reasoning up to "</think>";
+ *    the answer after it loses its leading '\n's.  Output that does not begin
+ *    with "<think>" is all answer (thinking off).
+ *  - HARMONY: "<|channel|>NAME<|message|>TEXT" is reasoning when NAME is
+ *    "analysis", answer otherwise ("final", "commentary"); "<|start|>assistant"
+ *    ends a message.  Text outside any message is answer.
+ *  - DEEPSEEK: everything is answer.
+ * Text that might be the beginning of a marker is held until the next push
+ * (or the final one).  Markers themselves are dropped. */
+typedef struct chat_parser chat_parser;
+
+struct chat_split {
+	char *content; /* malloc'ed, appended to by chat_parser_push */
+	size_t content_len, content_cap;
+	char *reasoning;
+	size_t reasoning_len, reasoning_cap;
+};
+
+int chat_parser_new(enum chat_format f, chat_parser **out);
+void chat_parser_destroy(chat_parser **p);
+/* Appends the answer and reasoning text now known to out; final: nothing
+ * more will come (what is held is released).  ERR_NOMEM. */
+int chat_parser_push(chat_parser *p, const char *text, size_t n, int final, struct chat_split *out);
+void chat_split_free(struct chat_split *s);
 
 #endif

@@ -17,25 +17,25 @@
 #include "../common/tokenizer.h"
 
 static const char *cli_usage_serve =
-	"usage: moefleet serve -m MODEL.gguf [--host H] [--port P] [--api-key KEY |\n"
-	"                      --api-key-file F] [--max-batch N] [--ctx-size C]\n"
-	"                      [--parallel N] [--queue N] [--model-name NAME]\n"
-	"                      [--max-body BYTES] [--max-conns N] [--threads T]\n"
-	"                      [cluster options]\n"
-	"  OpenAI-compatible HTTP server: POST /v1/chat/completions, /v1/completions\n"
-	"  (streaming with \"stream\": true), GET /v1/models, /health, /metrics.\n"
-	"  --host H           address to listen on (default 127.0.0.1; 0.0.0.0: all)\n"
-	"  --port P           TCP port (default 8080; 0: any free port, printed)\n"
-	"  --api-key KEY      require 'Authorization: Bearer KEY' (also $MOEFLEET_API_KEY)\n"
-	"  --api-key-file F   read the key from the first line of F\n"
-	"  --parallel N       sequence slots: requests generating at once (default 4)\n"
-	"  --ctx-size C       positions per slot: prompt + output (default 4096)\n"
-	"  --max-batch N      tokens per forward step (default 512); prompts are\n"
-	"                     prefilled in chunks of N - parallel tokens\n"
-	"  --queue N          requests that may wait for a slot before 503 (default 64)\n"
-	"  --model-name NAME  the model id clients send (default: file name without .gguf)\n"
-	"  --max-body BYTES   largest request body (default 4194304)\n"
-	"  --max-conns N      simultaneous connections (default 256)\n";
+    "usage: moefleet serve -m MODEL.gguf [--host H] [--port P] [--api-key KEY |\n"
+    "                      --api-key-file F] [--max-batch N] [--ctx-size C]\n"
+    "                      [--parallel N] [--queue N] [--model-name NAME]\n"
+    "                      [--max-body BYTES] [--max-conns N] [--threads T]\n"
+    "                      [cluster options]\n"
+    "  OpenAI-compatible HTTP server: POST /v1/chat/completions, /v1/completions\n"
+    "  (streaming with \"stream\": true), GET /v1/models, /health, /metrics.\n"
+    "  --host H           address to listen on (default 127.0.0.1; 0.0.0.0: all)\n"
+    "  --port P           TCP port (default 8080; 0: any free port, printed)\n"
+    "  --api-key KEY      require 'Authorization: Bearer KEY' (also $MOEFLEET_API_KEY)\n"
+    "  --api-key-file F   read the key from the first line of F\n"
+    "  --parallel N       sequence slots: requests generating at once (default 4)\n"
+    "  --ctx-size C       positions per slot: prompt + output (default 4096)\n"
+    "  --max-batch N      tokens per forward step (default 512); prompts are\n"
+    "                     prefilled in chunks of N - parallel tokens\n"
+    "  --queue N          requests that may wait for a slot before 503 (default 64)\n"
+    "  --model-name NAME  the model id clients send (default: file name without .gguf)\n"
+    "  --max-body BYTES   largest request body (default 4194304)\n"
+    "  --max-conns N      simultaneous connections (default 256)\n";
 
 static int cli_read_key_file(const char *path, char **out)
 {
@@ -98,11 +98,12 @@ int cli_serve(int argc, char **argv)
 			free(rest);
 			return CLI_OK;
 		}
-		int mine = !strcmp(a, "--host") || !strcmp(a, "--port") || !strcmp(a, "--api-key") ||
-			   !strcmp(a, "--api-key-file") || !strcmp(a, "--max-batch") ||
-			   !strcmp(a, "--ctx-size") || !strcmp(a, "--parallel") ||
-			   !strcmp(a, "--queue") || !strcmp(a, "--model-name") ||
-			   !strcmp(a, "--max-body") || !strcmp(a, "--max-conns");
+		int mine = !strcmp(a, "--host") || !strcmp(a, "--port") ||
+			   !strcmp(a, "--api-key") || !strcmp(a, "--api-key-file") ||
+			   !strcmp(a, "--max-batch") || !strcmp(a, "--ctx-size") ||
+			   !strcmp(a, "--parallel") || !strcmp(a, "--queue") ||
+			   !strcmp(a, "--model-name") || !strcmp(a, "--max-body") ||
+			   !strcmp(a, "--max-conns");
 		if (!mine) {
 			rest[n_rest++] = argv[i];
 			if (a[0] == '-' && !cli_is_flag(a) && i + 1 < argc) {
@@ -191,19 +192,19 @@ int cli_serve(int argc, char **argv)
 		goto out;
 	cluster *c = cli_model_cluster(cm);
 	struct serve_config cfg = {
-		.host = host,
-		.port = (int)port,
-		.api_key = key,
-		.model_name = name,
-		.n_slots = (int)parallel,
-		.n_ctx = (int)ctx,
-		.max_batch = (int)max_batch,
-		.chunk = (int)(max_batch - parallel),
-		.queue_cap = (int)queue,
-		.max_body = (size_t)max_body,
-		.max_conns = (int)max_conns,
-		.metrics_hook = c ? cli_serve_metrics : NULL,
-		.metrics_ctx = c,
+	    .host = host,
+	    .port = (int)port,
+	    .api_key = key,
+	    .model_name = name,
+	    .n_slots = (int)parallel,
+	    .n_ctx = (int)ctx,
+	    .max_batch = (int)max_batch,
+	    .chunk = (int)(max_batch - parallel),
+	    .queue_cap = (int)queue,
+	    .max_body = (size_t)max_body,
+	    .max_conns = (int)max_conns,
+	    .metrics_hook = c ? cli_serve_metrics : NULL,
+	    .metrics_ctx = c,
 	};
 	/* SIGINT / SIGTERM end the server; every thread started from here on
 	 * inherits the blocked mask and this thread waits for them. */
@@ -238,13 +239,13 @@ usage:
 /* ------------------------------------------------------------ tokenize */
 
 static const char *cli_usage_tokenize =
-	"usage: moefleet tokenize -m MODEL.gguf (-p TEXT | --file F) [--no-bos]\n"
-	"                         [--no-parse-special] [--pieces | --lines]\n"
-	"  Prints the token ids of TEXT, comma-separated on one line (the BOS id first\n"
-	"  when the vocabulary adds one, unless --no-bos); --pieces prints one\n"
-	"  'ID<TAB>PIECE' line per token instead.  Special-token text becomes the\n"
-	"  special token unless --no-parse-special.  --lines: each line of the text\n"
-	"  (split at '\\n' only) separately, one output line of ids per input line.\n";
+    "usage: moefleet tokenize -m MODEL.gguf (-p TEXT | --file F) [--no-bos]\n"
+    "                         [--no-parse-special] [--pieces | --lines]\n"
+    "  Prints the token ids of TEXT, comma-separated on one line (the BOS id first\n"
+    "  when the vocabulary adds one, unless --no-bos); --pieces prints one\n"
+    "  'ID<TAB>PIECE' line per token instead.  Special-token text becomes the\n"
+    "  special token unless --no-parse-special.  --lines: each line of the text\n"
+    "  (split at '\\n' only) separately, one output line of ids per input line.\n";
 
 static int cli_read_all(const char *path, char **out, size_t *len)
 {

@@ -72,14 +72,18 @@ int cli_quantize(int argc, char **argv)
 
 static const char *cli_usage_placement =
 	"usage: moefleet placement simulate --trace FILE --workers CLUSTER.txt\n"
-	"                 [--policy static,eplb,hetero,migrate] [--replicas R]\n"
+	"                 [--policy static,trace,eplb,hetero,migrate] [--replicas R]\n"
 	"                 [--rebalance-every STEPS] [--window TOKENS] [--threshold F]\n"
-	"                 [--max-move BYTES]\n"
+	"                 [--max-move BYTES] [--initial trace|build]\n"
 	"  Replays a routing trace (made with --trace-routing) against a cluster\n"
 	"  description, one worker per line:\n"
 	"    NAME SPEED(expert-rows/s) MEMORY_BYTES LATENCY_US BANDWIDTH_MB_S\n"
-	"  and prints, per policy, worker load balance, wire bytes and messages per\n"
-	"  token, predicted step time and bytes migrated.\n"
+	"  (optionally '@coordinator US_PER_STEP US_PER_TOKEN'; --stats prints a\n"
+	"  calibrated file) and prints, per policy, worker load balance, wire bytes\n"
+	"  and messages per token, predicted mean and median step time and bytes\n"
+	"  migrated.  It starts from the placement the trace recorded when that fits\n"
+	"  the workers (--initial build: place anew); policy 'trace' follows the\n"
+	"  placements the trace recorded.\n"
 	"\n"
 	"       moefleet placement show --trace FILE [--out HEAT.png|HEAT.svg] [--holders]\n"
 	"  Summarises a trace (steps, rows, token positions, busiest experts) and\n"
@@ -172,7 +176,7 @@ static int cli_placement_show(int argc, char **argv)
 
 int cli_placement(int argc, char **argv)
 {
-	struct simulate_config cfg = {.policy = "static", .replicas = 1, .threshold = 0.05};
+	struct simulate_config cfg = {.policy = "static", .replicas = 0, .threshold = 0.05};
 	const char *policies = "static,eplb,hetero,migrate";
 	if (argc >= 1 && !strcmp(argv[0], "show"))
 		return cli_placement_show(argc, argv);
@@ -220,6 +224,12 @@ int cli_placement(int argc, char **argv)
 			if (cli_parse_double(a, v, 0.0, 10.0, &d))
 				return CLI_USAGE;
 			cfg.threshold = d;
+		} else if (!strcmp(a, "--initial")) {
+			if (strcmp(v, "trace") && strcmp(v, "build")) {
+				fprintf(stderr, "moefleet: --initial: expected 'trace' or 'build', not '%s'\n", v);
+				return CLI_USAGE;
+			}
+			cfg.build_initial = !strcmp(v, "build");
 		} else if (!strcmp(a, "--max-move")) {
 			if (cli_parse_long(a, v, 0, 0x7fffffffL, &l))
 				return CLI_USAGE;

@@ -12,13 +12,23 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 enum {
 	CLUSTER_CHUNK = 4 << 20,      /* bytes of streamed weights per message at start-up */
-	CLUSTER_LIVE_MIN = 32 << 10,  /* bytes per worker per layer while serving: */
-	CLUSTER_LIVE_START = 256 << 10, /* adapted so that steps stay close to */
-	CLUSTER_LIVE_MAX = 4 << 20,   /* the ones without streaming */
+	CLUSTER_LIVE_MIN = 64 << 10,	/* bytes streamed per forward step while */
+	CLUSTER_LIVE_START = 384 << 10, /* serving (all workers together), adapted */
+	CLUSTER_LIVE_MAX = 24 << 20,	/* to the measured cost (cluster_adapt_budget) */
+	CLUSTER_LIVE_SAMPLES = 4,	/* loading steps between two budget changes */
+	CLUSTER_LIVE_STEPS = 64,	/* a re-placement loads within about this many steps */
+	CLUSTER_FIT_MAX = 1 << 16,	/* batches per worker kept for the calibration */
 };
+
+/* Streaming may make the median loading step this much slower than the
+ * median quiet step; a single loading step slower than CLUSTER_LIVE_GUARD x
+ * the quiet median halves the budget at once. */
+#define CLUSTER_LIVE_SLACK 0.15
+#define CLUSTER_LIVE_GUARD 2.0
 
 struct cluster_peer {
 	int peer; /* transport peer index */
@@ -38,6 +48,11 @@ struct cluster_peer {
 	/* compute seconds at the start of the epoch in force */
 	double epoch_compute0;
 	int releasing; /* a Release is not answered yet */
+	/* each answered batch's wall time (sent to answered) minus the compute
+	 * time the worker reported, for the simulator's calibration (the first
+	 * CLUSTER_FIT_MAX batches) */
+	float *fit_lat;
+	size_t n_fit;
 };
 
 /* One Batch of the job in flight: the rows one worker computes, or (worker
@@ -106,14 +121,21 @@ struct cluster {
 	 * re-placement was being loaded during it */
 	double step_t0;
 	double recent_ms[15]; /* the last steps without a re-placement loading */
+	int32_t recent_tokens[15];
 	int n_recent;
-	size_t live_budget;  /* streamed bytes per worker per layer */
+	size_t live_budget;  /* streamed bytes per forward step, all workers */
+	uint64_t step_streamed;	/* bytes streamed during the current step */
+	double load_ms[CLUSTER_LIVE_SAMPLES]; /* loading steps since the budget changed */
+	int n_load;
+	size_t live_floor;   /* budget that loads the re-placement in CLUSTER_LIVE_STEPS */
+	int last_moe; /* the last MoE layer: streamed chunks follow its results */
 	double step_expert; /* seconds of the current step spent submitting to collecting */
 	int step_rows;	    /* tokens of the current step */
 	double *step_expert_ms;
 	int32_t *step_tokens;
 	double *step_ms;
 	uint8_t *step_moving;
+	uint64_t *step_epoch; /* the placement in force during the step */
 	size_t n_steps, steps_cap;
 	uint64_t epoch_step0;	/* fwd_step at the start of the epoch in force */
 	struct cluster_epoch_stats *epochs;
@@ -286,6 +308,7 @@ static int cluster_layer_types(cluster *c)
 	for (int l = 0; l < c->spec.n_layer; l++) {
 		if (!c->spec.layer_moe[l])
 			continue;
+		c->last_moe = l;
 		for (int t = 0; t < 3; t++) {
 			char name[96];
 			snprintf(name, sizeof(name), "blk.%d.ffn_%s_exps.weight", l, names[t]);
@@ -535,6 +558,7 @@ void cluster_destroy(cluster **pc)
 		}
 		free(c->w[i].sq_layer);
 		free(c->w[i].sq_expert);
+		free(c->w[i].fit_lat);
 	}
 	for (int b = 0; b < c->cap_batches; b++) {
 		free(c->batches[b].rows);
@@ -546,6 +570,7 @@ void cluster_destroy(cluster **pc)
 	free(c->disp);
 	free(c->step_ms);
 	free(c->step_moving);
+	free(c->step_epoch);
 	free(c->step_expert_ms);
 	free(c->step_tokens);
 	free(c->epochs);
@@ -637,46 +662,109 @@ static void cluster_print_balance(const cluster *c)
 	}
 }
 
-/* A cluster file for `placement simulate` calibrated on this run: each
- * worker's speed is items / compute seconds, its per-layer latency the mean
- * of (wait - compute) per batch (transfer folded in: bandwidth is set very
- * high), and the coordinator's own time per step (step wall time minus the
- * time spent in expert jobs) is fitted as A + B * tokens by least squares. */
+static int cluster_cmp_pair(const void *a, const void *b)
+{
+	const double *x = a, *y = b;
+	return (x[0] > y[0]) - (x[0] < y[0]);
+}
+
+/* A robust straight-line fit y = a + b x: the samples (x >= 0) are grouped
+ * by the binary magnitude of x, each group is represented by its median x and
+ * median y (one slow step in a hundred must not move the line), and the line
+ * is fitted through the group medians by least squares weighted by group
+ * size.  xy holds n (x, y) pairs and is reordered.  Returns the number of
+ * groups (a line needs 2; with 1, *a is its median y and *b 0). */
+static int cluster_fit_line(double *xy, size_t n, double *a, double *b)
+{
+	*a = *b = 0;
+	if (!n)
+		return 0;
+	qsort(xy, n, 2 * sizeof(double), cluster_cmp_pair);
+	double sw = 0, sx = 0, sy = 0, sxx = 0, sxy = 0;
+	int groups = 0;
+	for (size_t i = 0; i < n;) {
+		int mag = (int)floor(log2(xy[2 * i] + 1));
+		size_t j = i;
+		while (j < n && (int)floor(log2(xy[2 * j] + 1)) == mag)
+			j++;
+		size_t m = j - i;
+		double *y = malloc(m * sizeof(double));
+		if (!y)
+			return 0;
+		for (size_t k = 0; k < m; k++)
+			y[k] = xy[2 * (i + k) + 1];
+		qsort(y, m, sizeof(double), cluster_cmp_double);
+		double gx = xy[2 * (i + m / 2)], gy = y[m / 2], w = (double)m;
+		free(y);
+		sw += w;
+		sx += w * gx;
+		sy += w * gy;
+		sxx += w * gx * gx;
+		sxy += w * gx * gy;
+		groups++;
+		i = j;
+	}
+	double den = sw * sxx - sx * sx;
+	if (groups >= 2 && den > 0) {
+		*b = (sw * sxy - sx * sy) / den;
+		*a = (sy - *b * sx) / sw;
+	} else {
+		*a = sy / sw;
+	}
+	return groups;
+}
+
+/* A cluster file for `placement simulate` calibrated on this run, from
+ * medians so that the steps it predicts are typical ones.  Each worker's
+ * speed is items / compute seconds (CPU-based: what it needs with its threads
+ * to itself), its latency the median over its batches of wall time (sent to
+ * answered) minus compute time, transfer folded in (bandwidth set very high),
+ * and its threads the ones it computes with.  The coordinator's own time per
+ * step (step wall time minus the time in expert jobs) is fitted as A + B *
+ * tokens (cluster_fit_line).  When the workers are local (ipc://), they and
+ * the coordinator share this host's cores: `@cores N` tells the simulator so.
+ * Workers are listed in cluster order, as the trace's placement numbers
+ * them. */
 static void cluster_print_calibration(const cluster *c)
 {
 	if (c->n_steps < 2)
 		return;
-	double sx = 0, sy = 0, sxx = 0, sxy = 0, n = 0, wall = 0;
+	double *xy = malloc(2 * c->n_steps * sizeof(double)), wall = 0, a = 0, b = 0;
+	if (!xy)
+		return;
 	for (size_t i = 0; i < c->n_steps; i++) {
-		double x = c->step_tokens[i], y = (c->step_ms[i] - c->step_expert_ms[i]) * 1e3;
-		sx += x;
-		sy += y;
-		sxx += x * x;
-		sxy += x * y;
-		n++;
+		xy[2 * i] = c->step_tokens[i];
+		xy[2 * i + 1] = (c->step_ms[i] - c->step_expert_ms[i]) * 1e3;
 		wall += c->step_ms[i];
 	}
-	double den = n * sxx - sx * sx;
-	double b = den > 0 ? (n * sxy - sx * sy) / den : 0, a = (sy - b * sx) / n;
-	if (b < 0 || a < 0) { /* keep the fit physical */
-		b = b < 0 ? 0 : b;
-		a = b == 0 ? sy / n : fmax(0, (sy - b * sx) / n);
-		if (a == 0 && sx > 0)
-			b = sy / sx;
-	}
+	cluster_fit_line(xy, c->n_steps, &a, &b);
+	free(xy);
 	fprintf(stderr, "# calibration: %zu steps, mean step %.3f ms; a cluster file:\n", c->n_steps,
-		wall / n);
-	fprintf(stderr, "# name speed(rows/s) memory latency_us bandwidth_MB_s\n");
+		wall / (double)c->n_steps);
+	const char *ep = transport_zmq_endpoint(c->t);
+	long cores = sysconf(_SC_NPROCESSORS_ONLN);
+	if (ep && !strncmp(ep, "ipc://", 6) && cores > 0)
+		fprintf(stderr, "@cores %ld\n", cores);
+	fprintf(stderr, "# name speed(rows/s) memory latency_us bandwidth_MB_s threads\n");
 	for (int i = 0; i < c->n; i++) {
 		const struct cluster_worker_stats *s = &c->w[i].st;
-		if (!s->batches || !(s->compute_seconds > 0))
-			continue;
-		double lat = (s->wait_seconds - s->compute_seconds) / (double)s->batches * 1e6;
-		fprintf(stderr, "%s %.0f %llu %.1f 100000\n", s->name,
-			(double)s->items / s->compute_seconds,
-			(unsigned long long)c->w[i].hello.memory_bytes, lat > 0 ? lat : 0.0);
+		const struct cluster_peer *w = &c->w[i];
+		double lat = 0, speed = s->speed > 0 ? s->speed : 1.0;
+		if (s->batches && s->compute_seconds > 0)
+			speed = (double)s->items / s->compute_seconds;
+		double *l = w->n_fit ? malloc(w->n_fit * sizeof(double)) : NULL;
+		if (l) {
+			for (size_t k = 0; k < w->n_fit; k++)
+				l[k] = w->fit_lat[k];
+			qsort(l, w->n_fit, sizeof(double), cluster_cmp_double);
+			lat = l[w->n_fit / 2] * 1e6;
+			free(l);
+		}
+		fprintf(stderr, "%s %.0f %llu %.1f 100000 %u\n", s->name[0] ? s->name : "worker",
+			speed, (unsigned long long)(w->hello.memory_bytes ? w->hello.memory_bytes : 1),
+			lat > 0 ? lat : 0.0, w->hello.cores ? w->hello.cores : 1);
 	}
-	fprintf(stderr, "@coordinator %.1f %.3f\n", a, b);
+	fprintf(stderr, "@coordinator %.1f %.3f\n", fmax(a, 0), fmax(b, 0));
 }
 
 /* Live, serving replicas in the placement in force (want == NULL), or the
@@ -729,6 +817,93 @@ static void cluster_drain(cluster *c, int timeout_ms)
 	}
 }
 
+/* Per step size (tokens), the four most frequent: how many steps and their
+ * median wall time (what `placement simulate` predicts per size). */
+static void cluster_print_step_sizes(const cluster *c)
+{
+	double *t = malloc((c->n_steps + 1) * sizeof(double));
+	int32_t done[4];
+	int n_done = 0;
+	while (t && n_done < 4) {
+		/* the most frequent size not printed yet */
+		int32_t best = -1;
+		size_t best_n = 0;
+		for (size_t i = 0; i < c->n_steps; i++) {
+			int32_t k = c->step_tokens[i];
+			int seen = 0;
+			for (int d = 0; d < n_done; d++)
+				seen |= done[d] == k;
+			if (seen || k == best)
+				continue;
+			size_t n = 0;
+			for (size_t j = 0; j < c->n_steps; j++)
+				n += c->step_tokens[j] == k;
+			if (n > best_n) {
+				best_n = n;
+				best = k;
+			}
+		}
+		if (!best_n)
+			break;
+		size_t n = 0;
+		for (size_t i = 0; i < c->n_steps; i++)
+			if (c->step_tokens[i] == best)
+				t[n++] = c->step_ms[i];
+		qsort(t, n, sizeof(double), cluster_cmp_double);
+		fprintf(stderr, "steps of %d token(s): %zu, median %.3f ms\n", (int)best, n, t[n / 2]);
+		done[n_done++] = best;
+	}
+	free(t);
+}
+
+/* The median of the quiet steps of `tokens` tokens under placement epoch
+ * `epoch` (0 if fewer than 3); q is scratch for n_steps values. */
+static double cluster_quiet_median(const cluster *c, uint64_t epoch, int32_t tokens, double *q)
+{
+	size_t n = 0;
+	for (size_t i = 0; i < c->n_steps; i++)
+		if (!c->step_moving[i] && c->step_epoch[i] == epoch && c->step_tokens[i] == tokens)
+			q[n++] = c->step_ms[i];
+	if (n < 3)
+		return 0;
+	qsort(q, n, sizeof(double), cluster_cmp_double);
+	return q[n / 2];
+}
+
+/* What loading a re-placement cost the steps it overlapped: each such step
+ * against the median quiet step of the same size (tokens) under the same
+ * placement (a re-placement is loaded while the old, slower placement is in
+ * force, so the run's overall median is no yardstick): the median and worst
+ * ratio, and how many loading and quiet steps took more than twice their
+ * epoch's quiet median (noise hits both). */
+static void cluster_print_step_spread(const cluster *c)
+{
+	double *q = malloc((c->n_steps + 1) * sizeof(double));
+	double *r = malloc((c->n_steps + 1) * sizeof(double));
+	size_t nr = 0, above = 0, quiet = 0, quiet_above = 0;
+	for (size_t i = 0; q && r && i < c->n_steps; i++) {
+		double base = cluster_quiet_median(c, c->step_epoch[i], c->step_tokens[i], q);
+		if (!(base > 0))
+			continue;
+		if (c->step_moving[i]) {
+			r[nr++] = c->step_ms[i] / base;
+			above += c->step_ms[i] > 2 * base;
+		} else {
+			quiet++;
+			quiet_above += c->step_ms[i] > 2 * base;
+		}
+	}
+	if (q && r && nr) {
+		qsort(r, nr, sizeof(double), cluster_cmp_double);
+		fprintf(stderr,
+			"steps while loading / quiet median of the same placement and size: %zu steps, "
+			"median %.2f, worst %.2f, %zu above 2x (quiet steps above 2x: %zu of %zu)\n",
+			nr, r[nr / 2], r[nr - 1], above, quiet_above, quiet);
+	}
+	free(q);
+	free(r);
+}
+
 void cluster_print_stats(cluster *c)
 {
 	cluster_drain(c, 2000);
@@ -763,6 +938,8 @@ void cluster_print_stats(cluster *c)
 		fprintf(stderr,
 			"steps: %llu, median %.3f ms, worst while a re-placement loaded %.3f ms\n",
 			(unsigned long long)n_steps, med, worst);
+	cluster_print_step_sizes(c);
+	cluster_print_step_spread(c);
 	fprintf(stderr, "%-4s %-20s %10s %10s %12s %12s %10s %10s %10s %8s %10s\n", "wkr", "name",
 		"rows", "items", "sent", "received", "compute s", "wait s", "rows/s", "held", "held MiB");
 	for (int i = 0; i < c->n; i++) {
@@ -1042,13 +1219,12 @@ static int cluster_next_ready(const cluster *c)
 	return 1;
 }
 
-/* Sends the next piece of the experts queued for live streaming to worker i:
- * at most one chunk per call, so streaming interleaves with forward steps. */
-static void cluster_pump_one(cluster *c, int i)
+/* Sends the next `budget` bytes of the experts queued for live streaming to
+ * worker i. */
+static void cluster_pump_one(cluster *c, int i, size_t budget)
 {
 	struct cluster_peer *w = &c->w[i];
 	const int n_t = c->spec.has_bias ? 6 : 3;
-	size_t budget = c->live_budget ? c->live_budget : CLUSTER_LIVE_START;
 	while (w->sq_at < w->sq_n && budget > 0 && !w->lost) {
 		int l = (int)w->sq_layer[w->sq_at], e = (int)w->sq_expert[w->sq_at];
 		uint32_t type;
@@ -1069,6 +1245,7 @@ static void cluster_pump_one(cluster *c, int i)
 			return;
 		}
 		w->st.streamed_bytes += len;
+		c->step_streamed += len;
 		budget -= (size_t)len;
 		w->sq_off += len;
 		if (w->sq_off >= total) {
@@ -1081,11 +1258,21 @@ static void cluster_pump_one(cluster *c, int i)
 	}
 }
 
+/* Sends the live-streaming budget of one step (c->live_budget bytes in all),
+ * shared evenly by the workers that still lack experts, so streaming
+ * interleaves with forward steps. */
 static void cluster_pump(cluster *c)
 {
+	int n = 0;
 	for (int i = 0; i < c->n; i++)
-		if (c->w[i].sq_at < c->w[i].sq_n)
-			cluster_pump_one(c, i);
+		n += !c->w[i].lost && c->w[i].sq_at < c->w[i].sq_n;
+	if (!n)
+		return;
+	size_t b = c->live_budget ? c->live_budget : CLUSTER_LIVE_START;
+	size_t budget = (b > c->live_floor ? b : c->live_floor) / (size_t)n;
+	for (int i = 0; i < c->n; i++)
+		if (!c->w[i].lost && c->w[i].sq_at < c->w[i].sq_n)
+			cluster_pump_one(c, i, budget > 4096 ? budget : 4096);
 }
 
 /* The experts worker i holds in a but not in b, as (layer, expert) pairs in
@@ -1156,7 +1343,7 @@ static int cluster_send_next(cluster *c, placement *next)
 	uint32_t cap = (uint32_t)(c->spec.n_layer * c->spec.n_expert) + 1;
 	uint32_t *pl = malloc(cap * sizeof(uint32_t)), *pe = malloc(cap * sizeof(uint32_t));
 	int rc = pl && pe ? 0 : ERR_NOMEM;
-	uint64_t epoch = c->epoch_seq + 1;
+	uint64_t epoch = c->epoch_seq + 1, queued = 0;
 	for (int i = 0; i < c->n && !rc; i++) {
 		struct cluster_peer *w = &c->w[i];
 		w->next_ok = 0;
@@ -1185,6 +1372,8 @@ static int cluster_send_next(cluster *c, placement *next)
 			placement none = {0};
 			w->sq_n = cluster_diff(c, next, w->fresh ? &none : &c->plan, i, w->sq_layer,
 					       w->sq_expert);
+			for (uint32_t q = 0; q < w->sq_n; q++)
+				queued += c->expert_bytes[w->sq_layer[q]];
 		}
 		a->pair_layer = pl;
 		a->pair_expert = pe;
@@ -1210,6 +1399,10 @@ static int cluster_send_next(cluster *c, placement *next)
 	c->next_active = 1;
 	c->epoch_seq = epoch;
 	c->next_epoch = epoch;
+	c->n_load = 0;
+	c->live_floor = (size_t)(queued / CLUSTER_LIVE_STEPS);
+	if (c->live_floor < CLUSTER_LIVE_MIN)
+		c->live_floor = CLUSTER_LIVE_MIN;
 	return 0;
 }
 
@@ -1333,6 +1526,48 @@ static void cluster_plan_repair(cluster *c, int rebuild)
 		 (unsigned long long)c->next_epoch, (double)moved / 1048576.0, live);
 }
 
+/* The live-streaming budget (bytes per step) from the cost the
+ * streaming is measured to have.  On one machine the workers' receiving
+ * competes with the coordinator for the cores; on a real network it uses the
+ * link and the workers' idle time; either way the step time says what it
+ * costs.  `ms` is a step that streamed: compared with the median of the
+ * recent quiet steps of the same size (tokens), CLUSTER_LIVE_SAMPLES such
+ * steps give a median excess; the budget is scaled by the allowed excess
+ * (CLUSTER_LIVE_SLACK of the quiet median) over the measured one -- the cost
+ * of streaming grows with the bytes -- within 1/4 .. 2x per change; a single
+ * step above CLUSTER_LIVE_GUARD x the quiet median halves it at once.  It
+ * never falls below what loads the whole re-placement in CLUSTER_LIVE_STEPS
+ * steps (c->live_floor): on a noisy machine a re-placement must still end. */
+static void cluster_adapt_budget(cluster *c, double ms)
+{
+	double r[15];
+	int n = 0;
+	for (int i = 0; i < (c->n_recent < 15 ? c->n_recent : 15); i++)
+		if (c->recent_tokens[i] == c->step_rows)
+			r[n++] = c->recent_ms[i];
+	if (n < 3)
+		return; /* no quiet steps of this size to compare with */
+	qsort(r, (size_t)n, sizeof(double), cluster_cmp_double);
+	double base = r[n / 2];
+	size_t b = c->live_budget ? c->live_budget : CLUSTER_LIVE_START;
+	if (ms > CLUSTER_LIVE_GUARD * base) {
+		b /= 2;
+		c->n_load = 0;
+	} else {
+		c->load_ms[c->n_load++] = ms / base;
+		if (c->n_load < CLUSTER_LIVE_SAMPLES)
+			return;
+		qsort(c->load_ms, CLUSTER_LIVE_SAMPLES, sizeof(double), cluster_cmp_double);
+		double excess = 0.5 * (c->load_ms[CLUSTER_LIVE_SAMPLES / 2 - 1] +
+				       c->load_ms[CLUSTER_LIVE_SAMPLES / 2]) - 1.0;
+		double f = excess <= CLUSTER_LIVE_SLACK / 2 ? 2.0 : CLUSTER_LIVE_SLACK / excess;
+		b = (size_t)((double)b * fmin(2.0, fmax(0.25, f)));
+		c->n_load = 0;
+	}
+	size_t lo = c->live_floor > CLUSTER_LIVE_MIN ? c->live_floor : CLUSTER_LIVE_MIN;
+	c->live_budget = b < lo ? lo : b > CLUSTER_LIVE_MAX ? CLUSTER_LIVE_MAX : b;
+}
+
 /* Wall time of the forward step that just ended (first MoE layer to first
  * MoE layer). */
 static void cluster_time_step(cluster *c)
@@ -1347,43 +1582,38 @@ static void cluster_time_step(cluster *c)
 			uint8_t *mv = realloc(c->step_moving, cap);
 			if (mv)
 				c->step_moving = mv;
+			uint64_t *ep = realloc(c->step_epoch, cap * sizeof(uint64_t));
+			if (ep)
+				c->step_epoch = ep;
 			double *ex = realloc(c->step_expert_ms, cap * sizeof(double));
 			if (ex)
 				c->step_expert_ms = ex;
 			int32_t *tk = realloc(c->step_tokens, cap * sizeof(int32_t));
 			if (tk)
 				c->step_tokens = tk;
-			if (t && mv && ex && tk)
+			if (t && mv && ep && ex && tk)
 				c->steps_cap = cap;
 		}
-		/* streaming that slows steps down by more than 30% backs off;
-		 * streaming that does not speeds up */
-		double ms = (now - c->step_t0) * 1e3, base = 0;
-		size_t b = c->live_budget ? c->live_budget : CLUSTER_LIVE_START;
-		int nr = c->n_recent < 15 ? c->n_recent : 15;
-		if (nr) { /* the median of the recent quiet steps */
-			double r[15];
-			memcpy(r, c->recent_ms, (size_t)nr * sizeof(double));
-			qsort(r, (size_t)nr, sizeof(double), cluster_cmp_double);
-			base = r[nr / 2];
+		double ms = (now - c->step_t0) * 1e3;
+		if (!c->next_active) {
+			c->recent_ms[c->n_recent % 15] = ms;
+			c->recent_tokens[c->n_recent % 15] = c->step_rows;
+			c->n_recent++;
+		} else if (c->step_streamed > 0) {
+			cluster_adapt_budget(c, ms);
 		}
-		if (!c->next_active)
-			c->recent_ms[c->n_recent++ % 15] = ms;
-		else if (base > 0 && ms > 1.3 * base)
-			b = b / 2 > CLUSTER_LIVE_MIN ? b / 2 : CLUSTER_LIVE_MIN;
-		else if (base > 0 && ms < 1.1 * base)
-			b = b + b / 2 < CLUSTER_LIVE_MAX ? b + b / 2 : CLUSTER_LIVE_MAX;
-		c->live_budget = b;
 		if (c->n_steps < c->steps_cap) {
 			c->step_expert_ms[c->n_steps] = c->step_expert * 1e3;
 			c->step_tokens[c->n_steps] = c->step_rows;
 			c->step_ms[c->n_steps] = (now - c->step_t0) * 1e3;
 			c->step_moving[c->n_steps] = (uint8_t)c->next_active;
+			c->step_epoch[c->n_steps] = c->epoch;
 			c->n_steps++;
 		}
 	}
 	c->step_t0 = now;
 	c->step_expert = 0;
+	c->step_streamed = 0;
 }
 
 /* The compute balance of the epoch in force so far. */
@@ -1722,8 +1952,13 @@ static void cluster_take(cluster *c, const struct expert_job *job, int who,
 				if (b->ids[(size_t)j * k + s] >= 0)
 					memcpy(job->out + ((size_t)b->rows[j] * k + s) * E,
 					       items + (at++) * E, (size_t)E * sizeof(float));
+		double wait = cluster_now() - b->sent;
 		w->st.compute_seconds += m->u.result.compute_seconds;
-		w->st.wait_seconds += cluster_now() - b->sent;
+		w->st.wait_seconds += wait;
+		if (!w->fit_lat)
+			w->fit_lat = malloc(CLUSTER_FIT_MAX * sizeof(float));
+		if (w->fit_lat && w->n_fit < CLUSTER_FIT_MAX)
+			w->fit_lat[w->n_fit++] = (float)(wait - m->u.result.compute_seconds);
 		b->state = CLUSTER_BATCH_DONE;
 	} else if (m->kind == WIRE_ERROR) {
 		cluster_drop(c, who, m->u.text);
@@ -1868,8 +2103,9 @@ static int cluster_collect(void *self, const struct expert_job *job)
 	}
 	if (rc)
 		log_error("layer %d: the step failed: experts unavailable", job->layer);
-	else
-		cluster_pump(c); /* while the coordinator computes the next layer */
+	else if (job->layer == c->last_moe)
+		cluster_pump(c); /* between two steps: while the coordinator computes the
+				  * output, samples, and the next step's first layers */
 	return rc;
 }
 

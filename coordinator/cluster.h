@@ -38,8 +38,10 @@
  * policy plans a new placement from the decayed router counts; each worker is
  * sent an Assign of the next epoch listing all experts it will hold, adds the
  * ones it lacks (from its own model file, or streamed by the coordinator in
- * chunks sent after each layer's results, sized so steps are not slowed by
- * more than about 30%) while it keeps serving, and answers Ready.  The old
+ * chunks sent between two forward steps, a byte budget per step adapted so
+ * that the median loading step stays within about 15% of the median quiet
+ * one, yet large enough to load the placement within 64 steps) while it
+ * keeps serving, and answers Ready.  The old
  * placement stays in force until every worker is ready; the switch happens
  * between two forward steps, after which every worker gets a Release of the
  * experts it no longer needs and frees them.  Epoch numbers only grow; a
@@ -115,7 +117,10 @@ void cluster_get_epoch(const cluster *c, int i, struct cluster_epoch_stats *out)
 void cluster_step_times(const cluster *c, double *median_ms, double *worst_moving_ms,
 			uint64_t *n_steps);
 /* Prints per-worker statistics to stderr (first waiting briefly for the
- * workers' answers to outstanding Releases; between jobs only). */
+ * workers' answers to outstanding Releases; between jobs only): epochs, step
+ * times (per size; loading steps against the quiet steps of the same
+ * placement), a calibrated cluster file for `placement simulate` (with
+ * `@cores N` when the workers are local) and the metrics. */
 void cluster_print_stats(cluster *c);
 /* Writes the cluster's metrics to f in the Prometheus text format (0.0.4):
  * per worker (label worker="i", name="...") rows, items, compute and wait

@@ -87,9 +87,8 @@ static int http_append(struct http_upload *u, const char *data, size_t n, size_t
 }
 
 static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const char *url,
-				   const char *method, const char *version,
-				   const char *upload_data, size_t *upload_data_size,
-				   void **con_cls)
+				   const char *method, const char *version, const char *upload_data,
+				   size_t *upload_data_size, void **con_cls)
 {
 	(void)version;
 	http *h = cls;
@@ -108,16 +107,15 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
 		return MHD_YES;
 	}
 	const union MHD_ConnectionInfo *ci =
-		MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+	    MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
 	struct http_request req = {
-		.method = method,
-		.url = url,
-		.authorization =
-			MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization"),
-		.body = u->too_large || !u->buf ? "" : u->buf,
-		.body_len = u->too_large ? 0 : u->len,
-		.body_too_large = u->too_large,
-		.fd = ci ? ci->connect_fd : -1,
+	    .method = method,
+	    .url = url,
+	    .authorization = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization"),
+	    .body = u->too_large || !u->buf ? "" : u->buf,
+	    .body_len = u->too_large ? 0 : u->len,
+	    .body_too_large = u->too_large,
+	    .fd = ci ? ci->connect_fd : -1,
 	};
 	struct http_response res = {.status = 500, .content_type = "text/plain"};
 	h->cfg.handler(h->cfg.ctx, &req, &res);
@@ -163,8 +161,8 @@ int http_new(const struct http_config *cfg, http **out)
 	}
 	char port[16];
 	snprintf(port, sizeof(port), "%d", cfg->port);
-	struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-				 .ai_flags = AI_PASSIVE};
+	struct addrinfo hints = {
+	    .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
 	struct addrinfo *ai = NULL;
 	int gr = getaddrinfo(host, port, &hints, &ai);
 	if (gr || !ai) {
@@ -177,8 +175,8 @@ int http_new(const struct http_config *cfg, http **out)
 		return ERR_NOMEM;
 	}
 	h->cfg = *cfg;
-	unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
-			 MHD_USE_POLL;
+	unsigned flags =
+	    MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL;
 	if (ai->ai_family == AF_INET6)
 		flags |= MHD_USE_IPv6;
 	h->d = MHD_start_daemon(flags, (uint16_t)cfg->port, NULL, NULL, http_access, h,
@@ -212,7 +210,10 @@ void http_destroy(http **hp)
 	*hp = NULL;
 }
 
-int http_port(const http *h) { return h->port; }
+int http_port(const http *h)
+{
+	return h->port;
+}
 
 int http_conn_closed(int fd)
 {

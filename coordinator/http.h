@@ -22,12 +22,12 @@
 
 struct http_request {
 	const char *method;
-	const char *url; /* path, without the query string */
+	const char *url;	   /* path, without the query string */
 	const char *authorization; /* the Authorization header or NULL */
 	const char *body;	   /* NUL-terminated (body_len bytes before the NUL) */
 	size_t body_len;
 	int body_too_large;
-	int fd; /* the connection's socket, for http_request_closed */
+	int fd; /* the connection's socket, for http_conn_closed */
 };
 
 typedef ssize_t (*http_read_fn)(void *ctx, char *buf, size_t cap);

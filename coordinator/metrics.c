@@ -187,18 +187,19 @@ int metrics_write(metrics *m, FILE *f)
 	metrics_write_hist(f, "inter_token_latency_seconds",
 			   "Time between consecutive generated tokens of a request.", &m->itl);
 	metrics_write_hist(f, "batch_tokens", "Tokens per forward step.", &m->batch);
-	fprintf(f,
-		"# HELP moefleet_queue_length Requests waiting for a sequence slot.\n"
-		"# TYPE moefleet_queue_length gauge\nmoefleet_queue_length %d\n"
-		"# HELP moefleet_requests_active Requests holding a sequence slot.\n"
-		"# TYPE moefleet_requests_active gauge\nmoefleet_requests_active %d\n"
-		"# HELP moefleet_kv_slots_total Sequence slots of the KV cache.\n"
-		"# TYPE moefleet_kv_slots_total gauge\nmoefleet_kv_slots_total %d\n"
-		"# HELP moefleet_kv_positions_used KV cache positions in use.\n"
-		"# TYPE moefleet_kv_positions_used gauge\nmoefleet_kv_positions_used %lld\n"
-		"# HELP moefleet_kv_positions_capacity KV cache positions in all slots.\n"
-		"# TYPE moefleet_kv_positions_capacity gauge\nmoefleet_kv_positions_capacity %lld\n",
-		m->queued, m->active, m->n_slots, (long long)m->kv_used, (long long)m->kv_cap);
+	fprintf(
+	    f,
+	    "# HELP moefleet_queue_length Requests waiting for a sequence slot.\n"
+	    "# TYPE moefleet_queue_length gauge\nmoefleet_queue_length %d\n"
+	    "# HELP moefleet_requests_active Requests holding a sequence slot.\n"
+	    "# TYPE moefleet_requests_active gauge\nmoefleet_requests_active %d\n"
+	    "# HELP moefleet_kv_slots_total Sequence slots of the KV cache.\n"
+	    "# TYPE moefleet_kv_slots_total gauge\nmoefleet_kv_slots_total %d\n"
+	    "# HELP moefleet_kv_positions_used KV cache positions in use.\n"
+	    "# TYPE moefleet_kv_positions_used gauge\nmoefleet_kv_positions_used %lld\n"
+	    "# HELP moefleet_kv_positions_capacity KV cache positions in all slots.\n"
+	    "# TYPE moefleet_kv_positions_capacity gauge\nmoefleet_kv_positions_capacity %lld\n",
+	    m->queued, m->active, m->n_slots, (long long)m->kv_used, (long long)m->kv_cap);
 	pthread_mutex_unlock(&m->mu);
 	return ferror(f) ? ERR_IO : 0;
 }

@@ -51,9 +51,17 @@ void ops_matmul_raw(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t
 		    void *scratch)
 {
 	struct mm_job j = {
-		.type = type, .w = w, .n_in = n_in, .n_out = n_out, .x = x,
-		.x_stride = x_stride, .n_rows = n_rows, .y = y, .y_stride = y_stride,
-		.xa = scratch, .at = kern_act_type(type),
+	    .type = type,
+	    .w = w,
+	    .n_in = n_in,
+	    .n_out = n_out,
+	    .x = x,
+	    .x_stride = x_stride,
+	    .n_rows = n_rows,
+	    .y = y,
+	    .y_stride = y_stride,
+	    .xa = scratch,
+	    .at = kern_act_type(type),
 	};
 	j.xa_stride = kern_row_bytes(j.at, n_in);
 	if (n_rows * n_in < 4096 || pool_size(p) == 1) {
@@ -108,9 +116,16 @@ void ops_matmul_multi(pool *p, int n_w, const gguf_tensor *const *w, const float
 	struct mm_multi m = {.n_w = n_w};
 	for (int i = 0; i < n_w; i++) {
 		m.j[i] = (struct mm_job){
-		    .type = w[i]->type, .w = w[i]->data, .n_in = (int64_t)w[i]->ne[0],
-		    .n_out = (int64_t)w[i]->ne[1], .x = x, .x_stride = x_stride,
-		    .n_rows = n_rows, .y = y[i], .y_stride = y_stride[i], .xa = scratch,
+		    .type = w[i]->type,
+		    .w = w[i]->data,
+		    .n_in = (int64_t)w[i]->ne[0],
+		    .n_out = (int64_t)w[i]->ne[1],
+		    .x = x,
+		    .x_stride = x_stride,
+		    .n_rows = n_rows,
+		    .y = y[i],
+		    .y_stride = y_stride[i],
+		    .xa = scratch,
 		    .at = kern_act_type(w[i]->type),
 		};
 		m.j[i].xa_stride = kern_row_bytes(m.j[i].at, m.j[i].n_in);
@@ -169,7 +184,10 @@ void ops_add(float *y, const float *a, const float *b, int64_t n)
 		y[i] = a[i] + b[i];
 }
 
-float ops_f16_round(float x) { return kern_f16_to_f32(kern_f32_to_f16(x)); }
+float ops_f16_round(float x)
+{
+	return kern_f16_to_f32(kern_f32_to_f16(x));
+}
 
 /* YaRN, as ggml: the dimension where rotation count at n_ctx_orig equals n_rot */
 static float rope_yarn_corr_dim(int n_dims, int n_ctx_orig, float n_rot, float base)
@@ -190,7 +208,8 @@ void ops_rope_apply(const struct ops_rope *r, float *x, int64_t pos)
 	const float theta_scale = powf(r->freq_base, -2.0f / (float)n);
 	float corr0 = 0.0f, corr1 = 0.0f;
 	if (r->ext_factor != 0.0f) {
-		float start = floorf(rope_yarn_corr_dim(n, r->n_ctx_orig, r->beta_fast, r->freq_base));
+		float start =
+		    floorf(rope_yarn_corr_dim(n, r->n_ctx_orig, r->beta_fast, r->freq_base));
 		float end = ceilf(rope_yarn_corr_dim(n, r->n_ctx_orig, r->beta_slow, r->freq_base));
 		corr0 = fmaxf(0.0f, start);
 		corr1 = fminf((float)(n - 1), end);

@@ -20,8 +20,8 @@ size_t ops_matmul_scratch(int64_t n_in, int64_t n_rows);
  * ne1 = n_out), with the activations first converted to the weight's
  * activation type (kern_act_type) into scratch.  x rows are x_stride floats
  * apart, y rows y_stride floats apart. */
-void ops_matmul(pool *p, const gguf_tensor *w, const float *x, int64_t x_stride,
-		int64_t n_rows, float *y, int64_t y_stride, void *scratch);
+void ops_matmul(pool *p, const gguf_tensor *w, const float *x, int64_t x_stride, int64_t n_rows,
+		float *y, int64_t y_stride, void *scratch);
 /* Several 2-D weights that take the same input (an FFN's gate and up): the
  * activations are converted once and all the products share one pool pass.
  * y[i] receives w[i]'s outputs (rows y_stride[i] floats apart); results are
@@ -33,8 +33,8 @@ void ops_matmul_multi(pool *p, int n_w, const gguf_tensor *const *w, const float
 		      void *scratch);
 /* The same for a raw weight matrix (e.g. one slice of a 3-D tensor). */
 void ops_matmul_raw(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t n_out,
-		    const float *x, int64_t x_stride, int64_t n_rows, float *y,
-		    int64_t y_stride, void *scratch);
+		    const float *x, int64_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
+		    void *scratch);
 
 /* Bytes of weights one decoded token reads, by part: every tensor once,
  * except the routed experts' (names with "_exps."), of which n_used of
@@ -61,8 +61,8 @@ void ops_add(float *y, const float *a, const float *b, int64_t n); /* y = a + b 
 
 /* RoPE with YaRN, as ggml_rope_ext. */
 struct ops_rope {
-	int n_dims;	/* rotated dimensions (pairs: n_dims / 2) */
-	int neox;	/* 0: pairs (2i, 2i+1); 1: pairs (i, i + n_dims/2) */
+	int n_dims; /* rotated dimensions (pairs: n_dims / 2) */
+	int neox;   /* 0: pairs (2i, 2i+1); 1: pairs (i, i + n_dims/2) */
 	float freq_base;
 	float freq_scale; /* 1 / scaling factor (1 without YaRN) */
 	float ext_factor; /* YaRN extrapolation mix; 0 = off */
@@ -78,6 +78,9 @@ void ops_rope_apply(const struct ops_rope *r, float *x, int64_t pos);
 float ops_f16_round(float x);
 
 #include <math.h>
-static inline float ops_silu(float x) { return x / (1.0f + expf(-x)); }
+static inline float ops_silu(float x)
+{
+	return x / (1.0f + expf(-x));
+}
 
 #endif

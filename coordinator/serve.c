@@ -53,9 +53,12 @@ struct serve_req {
 	const char *finish;
 	int err_status;
 	char err_msg[256];
-	char *out; /* released text not yet sent */
+	char *out; /* released text (chat: the answer) not yet sent */
 	size_t out_len, out_cap;
-	size_t out_total; /* released bytes so far */
+	char *rout; /* chat: released reasoning not yet sent */
+	size_t rout_len, rout_cap;
+	chat_parser *parser;	 /* [sched] chat: splits reasoning from the answer */
+	size_t out_total;	 /* released bytes so far */
 	struct api_logprob *lps; /* logprobs not yet sent */
 	int n_lps, cap_lps;
 	double ttft;
@@ -132,6 +135,8 @@ static void serve_req_free(struct serve_req *r)
 	tokenizer_stream_destroy(&r->ts);
 	free(r->held);
 	free(r->out);
+	free(r->rout);
+	chat_parser_destroy(&r->parser);
 	serve_lps_free(r->lps, r->n_lps);
 	free(r->lps);
 	pthread_cond_destroy(&r->cv);
@@ -187,8 +192,21 @@ static void serve_finish(serve *s, struct serve_req *r, const char *finish, int 
 	serve_drop(s, r);
 }
 
-static int serve_release(struct serve_req *r, const char *text, size_t n)
+static int serve_release(struct serve_req *r, const char *text, size_t n, int final)
 {
+	if (r->parser) {
+		struct chat_split sp = {r->out,	 r->out_len,  r->out_cap,
+					r->rout, r->rout_len, r->rout_cap};
+		int rc = chat_parser_push(r->parser, text, n, final, &sp);
+		r->out_total += sp.content_len - r->out_len;
+		r->out = sp.content;
+		r->out_len = sp.content_len;
+		r->out_cap = sp.content_cap;
+		r->rout = sp.reasoning;
+		r->rout_len = sp.reasoning_len;
+		r->rout_cap = sp.reasoning_cap;
+		return rc;
+	}
 	if (n == 0)
 		return 0;
 	if (serve_grow(&r->out, &r->out_cap, r->out_len + n + 1))
@@ -208,11 +226,11 @@ static int serve_push_text(struct serve_req *r, const char *text, size_t n, int 
 	memcpy(r->held + r->held_len, text, n);
 	r->held_len += n;
 	size_t rel = 0;
-	int hit = sched_scan_stops(r->held, r->held_len, (const char *const *)r->stops, r->n_stops,
-				   &rel);
+	int hit =
+	    sched_scan_stops(r->held, r->held_len, (const char *const *)r->stops, r->n_stops, &rel);
 	if (final && !hit)
 		rel = r->held_len;
-	if (serve_release(r, r->held, rel))
+	if (serve_release(r, r->held, rel, final || hit))
 		return -1;
 	memmove(r->held, r->held + rel, r->held_len - rel);
 	r->held_len -= rel;
@@ -242,7 +260,8 @@ static int serve_logprob(serve *s, struct serve_req *r, const float *row, int32_
 	struct api_logprob *lp = &r->lps[r->n_lps];
 	memset(lp, 0, sizeof(*lp));
 	size_t n = 0;
-	tokenizer_piece(s->tok, tok, 0, s->piece, s->piece_cap, &n);
+	if (tokenizer_piece(s->tok, tok, 0, s->piece, s->piece_cap, &n))
+		n = 0;
 	lp->text = malloc(n + 1);
 	if (!lp->text)
 		return ERR_NOMEM;
@@ -260,7 +279,8 @@ static int serve_logprob(serve *s, struct serve_req *r, const float *row, int32_
 				best = i;
 		}
 		s->top_idx[j] = best;
-		tokenizer_piece(s->tok, best, 0, s->piece, s->piece_cap, &n);
+		if (tokenizer_piece(s->tok, best, 0, s->piece, s->piece_cap, &n))
+			n = 0;
 		char *t = malloc(n + 1);
 		if (!t)
 			return ERR_NOMEM;
@@ -287,8 +307,9 @@ static void serve_take_token(serve *s, struct serve_req *r, const float *row)
 	r->t_last = now;
 	if (tokenizer_is_eog(s->tok, tok)) {
 		size_t n = 0;
-		tokenizer_stream_flush(r->ts, s->piece, s->piece_cap, &n);
-		int hit = serve_push_text(r, s->piece, n, 1);
+		int hit = tokenizer_stream_flush(r->ts, s->piece, s->piece_cap, &n)
+			      ? -1
+			      : serve_push_text(r, s->piece, n, 1);
 		serve_finish(s, r, "stop", hit < 0 ? 500 : 0, "out of memory");
 		return;
 	}
@@ -299,15 +320,16 @@ static void serve_take_token(serve *s, struct serve_req *r, const float *row)
 		return;
 	}
 	size_t n = 0;
-	tokenizer_stream_push(r->ts, tok, s->piece, s->piece_cap, &n);
 	int last = r->n_gen >= r->max_tokens;
-	int hit = serve_push_text(r, s->piece, n, 0);
-	if (hit == 0 && last) {
-		tokenizer_stream_flush(r->ts, s->piece, s->piece_cap, &n);
-		hit = serve_push_text(r, s->piece, n, 1);
-	}
+	int hit = tokenizer_stream_push(r->ts, tok, s->piece, s->piece_cap, &n)
+		      ? -1
+		      : serve_push_text(r, s->piece, n, 0);
+	if (hit == 0 && last)
+		hit = tokenizer_stream_flush(r->ts, s->piece, s->piece_cap, &n)
+			  ? -1
+			  : serve_push_text(r, s->piece, n, 1);
 	if (hit < 0)
-		serve_finish(s, r, NULL, 500, "out of memory");
+		serve_finish(s, r, NULL, 500, "cannot detokenize the output (see the log)");
 	else if (hit > 0)
 		serve_finish(s, r, "stop", 0, NULL);
 	else if (last)
@@ -362,8 +384,9 @@ static void *serve_loop(void *arg)
 			if (!r)
 				continue;
 			if (frc) {
-				serve_finish(s, r, NULL, 500, "the forward pass failed (see the "
-							      "server log)");
+				serve_finish(s, r, NULL, 500,
+					     "the forward pass failed (see the "
+					     "server log)");
 				continue;
 			}
 			if (!it->sample)
@@ -484,7 +507,8 @@ static int serve_tokenize(serve *s, const struct api_request *q, struct serve_re
 	}
 	r->n_prompt = (int)(off + need);
 	if (r->n_prompt == 0) {
-		api_error_set(e, 400, "invalid_request_error", "prompt", NULL, "the prompt is empty");
+		api_error_set(e, 400, "invalid_request_error", "prompt", NULL,
+			      "the prompt is empty");
 		rc = ERR_CONFIG;
 	}
 out:
@@ -523,7 +547,8 @@ static int serve_submit(serve *s, const struct api_request *q, const struct http
 	if (rc)
 		goto fail;
 	if (r->n_prompt >= s->cfg.n_ctx) {
-		api_error_set(e, 400, "invalid_request_error", "messages", "context_length_exceeded",
+		api_error_set(e, 400, "invalid_request_error", "messages",
+			      "context_length_exceeded",
 			      "This model's maximum context length is %d tokens, but the prompt "
 			      "has %d tokens; shorten the prompt",
 			      s->cfg.n_ctx, r->n_prompt);
@@ -557,7 +582,8 @@ static int serve_submit(serve *s, const struct api_request *q, const struct http
 	snprintf(r->id_str, sizeof(r->id_str), "%s-%llx%06llu",
 		 q->kind == API_CHAT ? "chatcmpl" : "cmpl", (unsigned long long)s->created,
 		 (unsigned long long)r->id);
-	if (sampler_new(&sp, s->n_vocab, &r->smp) || tokenizer_stream_new(s->tok, 0, &r->ts))
+	if (sampler_new(&sp, s->n_vocab, &r->smp) || tokenizer_stream_new(s->tok, 0, &r->ts) ||
+	    (r->kind == API_CHAT && chat_parser_new(s->chat, &r->parser)))
 		goto nomem;
 	pthread_mutex_lock(&s->mu);
 	rc = s->stop ? ERR_RANGE : sched_add(s->sch, r->id, r->n_prompt, r->max_tokens);
@@ -635,6 +661,8 @@ static void serve_result(serve *s, const struct serve_req *r, struct api_result 
 				   .model = s->model_name,
 				   .text = r->out,
 				   .text_len = r->out_len,
+				   .reasoning = r->rout,
+				   .reasoning_len = r->rout_len,
 				   .finish_reason = r->finish,
 				   .prompt_tokens = r->n_prompt,
 				   .completion_tokens = r->n_gen,
@@ -700,13 +728,14 @@ static int serve_stream_fill(struct serve_stream *st)
 	struct api_result ar;
 	serve_result(st->s, r, &ar);
 	size_t n = 0;
-	if (r->out_len > 0 || r->n_lps > 0 || (st->first && !r->done)) {
+	if (r->out_len > 0 || r->rout_len > 0 || r->n_lps > 0 || (st->first && !r->done)) {
 		ar.finish_reason = NULL;
 		char *ev = api_result_chunk(&ar, st->first, &n);
 		if (serve_stream_add(st, ev, n))
 			return ERR_NOMEM;
 		st->first = 0;
 		r->out_len = 0;
+		r->rout_len = 0;
 		serve_lps_free(r->lps, r->n_lps);
 		r->n_lps = 0;
 	}
@@ -727,6 +756,7 @@ static int serve_stream_fill(struct serve_stream *st)
 		} else {
 			serve_result(st->s, r, &ar);
 			ar.text_len = 0;
+			ar.reasoning_len = 0;
 			ar.logprobs = NULL;
 			char *ev = api_result_chunk(&ar, st->first, &n);
 			if (serve_stream_add(st, ev, n))
@@ -979,7 +1009,13 @@ int serve_new(model *m, const tokenizer *tok, const struct serve_config *cfg, se
 	s->b_want = calloc((size_t)cfg->max_batch, 1);
 	/* at most one sampled row per request holding a slot */
 	s->logits = malloc((size_t)cfg->n_slots * (size_t)s->n_vocab * sizeof(float));
-	s->piece_cap = tokenizer_max_piece(tok) + 64;
+	/* a stream's output bound (whole characters, U+FFFD for bad bytes) covers
+	 * tokenizer_piece as well */
+	tokenizer_stream *probe = NULL;
+	if ((rc = tokenizer_stream_new(tok, 0, &probe)))
+		goto out;
+	s->piece_cap = tokenizer_stream_bound(probe) + tokenizer_max_piece(tok) + 16;
+	tokenizer_stream_destroy(&probe);
 	s->piece = malloc(s->piece_cap);
 	s->top_idx = calloc(API_MAX_TOP_LOGPROBS, sizeof(int));
 	if (!s->reqs || !s->items || !s->b_tok || !s->b_pos || !s->b_seq || !s->b_want ||
@@ -1014,7 +1050,10 @@ out:
 	return rc;
 }
 
-int serve_port(const serve *s) { return s->h ? http_port(s->h) : 0; }
+int serve_port(const serve *s)
+{
+	return s->h ? http_port(s->h) : 0;
+}
 
 void serve_destroy(serve **sp)
 {

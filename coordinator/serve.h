@@ -28,15 +28,15 @@
 #include "model.h"
 
 struct serve_config {
-	const char *host; /* NULL: 127.0.0.1 */
-	int port;	  /* 0: any free port */
-	const char *api_key; /* NULL: no authentication */
+	const char *host;	/* NULL: 127.0.0.1 */
+	int port;		/* 0: any free port */
+	const char *api_key;	/* NULL: no authentication */
 	const char *model_name; /* the id of /v1/models and the accepted "model" */
-	int n_slots;   /* = the model's n_seq */
-	int n_ctx;     /* = the model's n_ctx */
-	int max_batch; /* tokens per step, <= the model's n_batch */
-	int chunk;     /* prefill chunk; chunk + n_slots <= max_batch */
-	int queue_cap; /* requests waiting for a slot before 503 */
+	int n_slots;		/* = the model's n_seq */
+	int n_ctx;		/* = the model's n_ctx */
+	int max_batch;		/* tokens per step, <= the model's n_batch */
+	int chunk;		/* prefill chunk; chunk + n_slots <= max_batch */
+	int queue_cap;		/* requests waiting for a slot before 503 */
 	size_t max_body;
 	int max_conns;
 	/* Called for GET /metrics after the server's own metrics, on a connection

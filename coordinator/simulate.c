@@ -16,12 +16,98 @@ struct sim_worker {
 	char name[64];
 	double speed, latency_s, bandwidth;
 	unsigned long long mem;
+	double threads, cpu; /* cores it computes with; share of its compute time on them */
 };
 
-/* The coordinator's own time per step, A + B * tokens (0 unless given). */
+/* The coordinator's own time per step, A + B * tokens (0 unless given), and
+ * the cores the workers share (0: each has its own), with the stretch that
+ * other processes on them cause to a layer's time beyond a burst. */
 struct sim_coord {
 	double per_step_s, per_token_s;
+	double cores, stretch, burst_s;
 };
+
+/* One layer's time when the workers share `cores` cores (processor sharing):
+ * worker j waits lat[j] (no CPU), then needs work[j] seconds of computing
+ * with dem[j] cores to itself; while the computing workers want more cores
+ * than there are, each progresses at cores / (their total demand).  Returns
+ * the time the last one finishes.  work is consumed. */
+static double sim_shared_layer(int n, const double *lat, double *work, const double *dem,
+			       double cores)
+{
+	double t = 0, end = 0;
+	for (int guard = 0; guard < 4 * n + 4; guard++) {
+		double d = 0, next = INFINITY;
+		int left = 0;
+		for (int j = 0; j < n; j++) {
+			if (work[j] <= 0)
+				continue;
+			left++;
+			if (lat[j] <= t)
+				d += dem[j];
+			else
+				next = fmin(next, lat[j]);
+		}
+		if (!left)
+			break;
+		double rate = d > cores ? cores / d : 1.0;
+		for (int j = 0; j < n; j++)
+			if (work[j] > 0 && lat[j] <= t)
+				next = fmin(next, t + work[j] / rate);
+		for (int j = 0; j < n; j++) {
+			if (work[j] <= 0 || lat[j] > t)
+				continue;
+			work[j] -= (next - t) * rate;
+			if (work[j] <= 1e-12 * (1 + next)) {
+				work[j] = 0;
+				end = fmax(end, next);
+			}
+		}
+		t = next;
+	}
+	return end;
+}
+
+/* The placement recorded in a trace record, as a placement over nw workers;
+ * 1 if the record's holders do not fit nw workers (no placement made). */
+static int sim_placement_from(const struct wire_trace *rec, int nw, const uint64_t *bytes,
+			      placement *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (!rec->holders || rec->n_replica < 1 || rec->n_layer > MOE_MAX_LAYERS)
+		return 1;
+	size_t n = (size_t)rec->n_layer * rec->n_expert * rec->n_replica;
+	int top = -1;
+	for (size_t i = 0; i < n; i++) {
+		if (rec->holders[i] >= nw || rec->holders[i] < -1)
+			return 1;
+		top = rec->holders[i] > top ? rec->holders[i] : top;
+	}
+	if (top + 1 != nw)
+		return 1;
+	out->n_layer = (int)rec->n_layer;
+	out->n_expert = (int)rec->n_expert;
+	out->n_replica = (int)rec->n_replica;
+	out->n_worker = nw;
+	out->holder = malloc(n * sizeof(int32_t));
+	out->worker_bytes = calloc((size_t)nw, sizeof(uint64_t));
+	out->worker_load = calloc((size_t)nw, sizeof(double));
+	if (!out->holder || !out->worker_bytes || !out->worker_load) {
+		placement_free(out);
+		return ERR_NOMEM;
+	}
+	memcpy(out->holder, rec->holders, n * sizeof(int32_t));
+	for (size_t i = 0; i < n; i++)
+		if (rec->holders[i] >= 0)
+			out->worker_bytes[rec->holders[i]] += bytes[i / ((size_t)rec->n_expert * rec->n_replica)];
+	return 0;
+}
+
+static int sim_cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return (x > y) - (x < y);
+}
 
 static int sim_read_workers(const char *path, struct sim_worker **out, int *n_out,
 			    struct sim_coord *coord)
@@ -42,7 +128,23 @@ static int sim_read_workers(const char *path, struct sim_worker **out, int *n_ou
 		unsigned long long mem;
 		char extra;
 		double a, b;
-		int got = sscanf(line, " @coordinator %lf %lf %c", &a, &b, &extra);
+		double cores, stretch = 1, burst = 6;
+		int got = sscanf(line, " @cores %lf %lf %lf %c", &cores, &stretch, &burst, &extra);
+		if (got >= 1) {
+			if (got > 3 || !(cores >= 0.01) || !(cores <= 1 << 20) || !(stretch >= 1) ||
+			    !(stretch <= 1000) || !(burst >= 0) || !(burst <= 1e6)) {
+				log_error("%s:%d: expected '@cores N [STRETCH [BURST_MS]]' with N > 0 and "
+					  "STRETCH >= 1",
+					  path, line_no);
+				rc = ERR_FORMAT;
+				break;
+			}
+			coord->cores = cores;
+			coord->stretch = stretch;
+			coord->burst_s = burst * 1e-3;
+			continue;
+		}
+		got = sscanf(line, " @coordinator %lf %lf %c", &a, &b, &extra);
 		if (got >= 1) {
 			if (got != 2 || !(a >= 0) || !(b >= 0) || !isfinite(a) || !isfinite(b)) {
 				log_error("%s:%d: expected '@coordinator US_PER_STEP US_PER_TOKEN'",
@@ -54,13 +156,17 @@ static int sim_read_workers(const char *path, struct sim_worker **out, int *n_ou
 			coord->per_token_s = b * 1e-6;
 			continue;
 		}
-		got = sscanf(line, "%63s %lf %llu %lf %lf %c", name, &speed, &mem, &lat, &bw, &extra);
+		double threads = 1, cpu = 1;
+		got = sscanf(line, "%63s %lf %llu %lf %lf %lf %lf %c", name, &speed, &mem, &lat, &bw,
+			     &threads, &cpu, &extra);
 		if (got <= 0)
 			continue;
-		if (got != 5 || !(speed > 0) || mem == 0 || !(lat >= 0) || !(bw > 0) ||
-		    !isfinite(speed) || !isfinite(lat) || !isfinite(bw)) {
+		if (got < 5 || got > 7 || !(speed > 0) || mem == 0 || !(lat >= 0) || !(bw > 0) ||
+		    !isfinite(speed) || !isfinite(lat) || !isfinite(bw) || !(threads >= 1) ||
+		    !(threads <= 1 << 20) || !(cpu > 0) || !(cpu <= 1)) {
 			log_error("%s:%d: expected 'NAME SPEED MEMORY_BYTES LATENCY_US "
-				  "BANDWIDTH_MB_S' with positive numbers",
+				  "BANDWIDTH_MB_S [THREADS [CPU_SHARE]]' with positive numbers "
+				  "(CPU_SHARE <= 1)",
 				  path, line_no);
 			rc = ERR_FORMAT;
 			break;
@@ -75,6 +181,8 @@ static int sim_read_workers(const char *path, struct sim_worker **out, int *n_ou
 		w[n].mem = mem;
 		w[n].latency_s = lat * 1e-6;
 		w[n].bandwidth = bw * 1e6;
+		w[n].threads = threads;
+		w[n].cpu = cpu;
 		n++;
 	}
 	fclose(f);
@@ -102,16 +210,21 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 	struct balance_counts *counts = NULL;
 	placement plan = {0};
 	struct placement_worker *pw = NULL;
-	double *finish = NULL, *lt = NULL;
+	double *finish = NULL, *lt = NULL, *s_lat = NULL, *s_work = NULL, *s_dem = NULL;
 	uint8_t *visits = NULL;
 	uint64_t *rows_w = NULL, *items_w = NULL;
 	uint8_t moe[MOE_MAX_LAYERS] = {0};
 	uint64_t bytes[MOE_MAX_LAYERS] = {0};
 	struct wire_trace rec = {0};
 	const struct balance_policy *pol = NULL;
+	double *step_ms = NULL;
+	int32_t *step_tok = NULL;
+	int32_t cur_tokens = 0;
+	size_t steps_cap = 0;
+	const int follow = !strcmp(cfg->policy, "trace");
 
-	if (strcmp(cfg->policy, "static") && !(pol = balance_policy_find(cfg->policy))) {
-		log_error("unknown policy '%s' (static, eplb, hetero, migrate)", cfg->policy);
+	if (strcmp(cfg->policy, "static") && !follow && !(pol = balance_policy_find(cfg->policy))) {
+		log_error("unknown policy '%s' (static, trace, eplb, hetero, migrate)", cfg->policy);
 		return ERR_CONFIG;
 	}
 	struct sim_coord coord = {0};
@@ -142,14 +255,31 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 	visits = calloc((size_t)nw, 1);
 	rows_w = calloc((size_t)nw, sizeof(uint64_t));
 	items_w = calloc((size_t)nw, sizeof(uint64_t));
-	if (!pw || !finish || !lt || !visits || !rows_w || !items_w) {
+	s_lat = calloc((size_t)nw, sizeof(double));
+	s_work = calloc((size_t)nw, sizeof(double));
+	s_dem = calloc((size_t)nw, sizeof(double));
+	if (!pw || !finish || !lt || !visits || !rows_w || !items_w || !s_lat || !s_work || !s_dem) {
 		rc = ERR_NOMEM;
 		goto out;
 	}
 	for (int i = 0; i < nw; i++)
 		pw[i] = (struct placement_worker){sw[i].mem, sw[i].speed};
 	struct placement_model pm = {L, X, moe, bytes, NULL};
-	rc = placement_build(&pm, pw, nw, cfg->replicas, &plan);
+	/* start from the placement the trace recorded (what the measured run
+	 * had), unless told otherwise or it does not fit the cluster file */
+	int replicas = cfg->replicas > 0 ? cfg->replicas : (rec.n_replica ? (int)rec.n_replica : 1);
+	rc = 1;
+	if (!cfg->build_initial && (cfg->replicas <= 0 || cfg->replicas == (int)rec.n_replica))
+		rc = sim_placement_from(&rec, nw, bytes, &plan);
+	if (rc == 1) {
+		if (follow) {
+			log_error("%s: policy 'trace' needs the trace's placement over the %d workers "
+				  "of %s", cfg->trace_path, nw, cfg->workers_path);
+			rc = ERR_CONFIG;
+			goto out;
+		}
+		rc = placement_build(&pm, pw, nw, replicas, &plan);
+	}
 	if (!rc)
 		rc = balance_counts_new(L, X, cfg->window_tokens > 0 ? cfg->window_tokens : 4096,
 					&counts);
@@ -161,7 +291,35 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 	uint64_t cur_step = rec.step, last_plan_step = rec.step;
 	int first_layer = -1, planned_once = 0;
 	for (;;) {
+		if (follow && rec.holders && rec.n_replica) {
+			placement next;
+			int r = sim_placement_from(&rec, nw, bytes, &next);
+			if (r == 0) {
+				migrated += balance_moved_bytes(&plan, &next, &pm);
+				placement_free(&plan);
+				plan = next;
+			} else if (r < 0) {
+				rc = r;
+				goto out;
+			}
+		}
 		if (rec.step != cur_step) {
+			if (steps == steps_cap) {
+				size_t cap = steps_cap ? 2 * steps_cap : 1024;
+				double *t = realloc(step_ms, cap * sizeof(double));
+				if (t)
+					step_ms = t;
+				int32_t *k = realloc(step_tok, cap * sizeof(int32_t));
+				if (k)
+					step_tok = k;
+				if (!t || !k) {
+					rc = ERR_NOMEM;
+					goto out;
+				}
+				steps_cap = cap;
+			}
+			step_tok[steps] = cur_tokens;
+			step_ms[steps] = cur_step_time * 1e3;
 			steps++;
 			step_time += cur_step_time;
 			cur_step_time = 0;
@@ -173,7 +331,7 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 				pm.load = balance_counts_load(counts);
 				struct balance_input in = {.model = &pm, .workers = pw, .n_worker = nw,
 							   .current = &plan, .min_replicas = 1,
-							   .max_replicas = cfg->replicas,
+							   .max_replicas = replicas,
 							   .extra_replicas = 0, .threshold = cfg->threshold,
 							   .max_move_bytes = cfg->max_move_bytes
 										 ? cfg->max_move_bytes
@@ -199,6 +357,7 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 		if (first_layer < 0)
 			first_layer = l;
 		if (l == first_layer) {
+			cur_tokens = (int32_t)rec.n_rows;
 			tokens += rec.n_rows;
 			cur_step_time += coord.per_step_s + coord.per_token_s * rec.n_rows;
 		}
@@ -224,6 +383,7 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 			}
 		}
 		double layer_time = 0;
+		int n_act = 0;
 		for (int i = 0; i < nw; i++) {
 			if (!rows_here[i])
 				continue;
@@ -231,10 +391,21 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 			double t = sw[i].latency_s + b / sw[i].bandwidth +
 				   (double)items_here[i] / sw[i].speed;
 			layer_time = fmax(layer_time, t);
+			if (coord.cores) {
+				s_lat[n_act] = sw[i].latency_s + b / sw[i].bandwidth;
+				s_work[n_act] = (double)items_here[i] / sw[i].speed;
+				s_dem[n_act] = sw[i].threads * sw[i].cpu;
+				n_act++;
+			}
 			wire += b;
 			messages += 2;
 			rows_w[i] += rows_here[i];
 			items_w[i] += items_here[i];
+		}
+		if (coord.cores) {
+			layer_time = sim_shared_layer(n_act, s_lat, s_work, s_dem, coord.cores);
+			if (layer_time > coord.burst_s)
+				layer_time = coord.burst_s + (layer_time - coord.burst_s) * coord.stretch;
 		}
 		cur_step_time += layer_time;
 		wire_trace_free(&rec);
@@ -246,8 +417,57 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 		if (rc)
 			goto out;
 	}
+	if (steps == steps_cap) {
+		double *t = realloc(step_ms, (steps_cap + 1) * sizeof(double));
+		if (t)
+			step_ms = t;
+		int32_t *k = realloc(step_tok, (steps_cap + 1) * sizeof(int32_t));
+		if (k)
+			step_tok = k;
+		if (!t || !k) {
+			rc = ERR_NOMEM;
+			goto out;
+		}
+	}
+	step_tok[steps] = cur_tokens;
+	step_ms[steps] = cur_step_time * 1e3;
 	steps++;
 	step_time += cur_step_time;
+	/* per step size (tokens), the four most frequent: count and median */
+	char sizes[4][64];
+	int n_sizes = 0;
+	double *by = malloc(steps * sizeof(double));
+	int32_t done[4];
+	while (by && n_sizes < 4) {
+		int32_t best = -1;
+		size_t best_n = 0;
+		for (size_t i = 0; i < steps; i++) {
+			int seen = step_tok[i] == best;
+			for (int d = 0; d < n_sizes; d++)
+				seen |= done[d] == step_tok[i];
+			if (seen)
+				continue;
+			size_t n = 0;
+			for (size_t j = 0; j < steps; j++)
+				n += step_tok[j] == step_tok[i];
+			if (n > best_n) {
+				best_n = n;
+				best = step_tok[i];
+			}
+		}
+		if (!best_n)
+			break;
+		size_t n = 0;
+		for (size_t i = 0; i < steps; i++)
+			if (step_tok[i] == best)
+				by[n++] = step_ms[i];
+		qsort(by, n, sizeof(double), sim_cmp_double);
+		snprintf(sizes[n_sizes], sizeof(sizes[n_sizes]), "%d token(s): %zu, median %.3f ms",
+			 (int)best, n, by[n / 2]);
+		done[n_sizes++] = best;
+	}
+	free(by);
+	qsort(step_ms, steps, sizeof(double), sim_cmp_double);
 	double maxl = 0, meanl = 0;
 	for (int i = 0; i < nw; i++) {
 		double t = (double)items_w[i] / pw[i].speed;
@@ -256,12 +476,16 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 	}
 	fprintf(out,
 		"%-8s workers %d, replicas %d: max/mean worker load %.3f, wire %.0f B/token, "
-		"%.2f messages/token, step %.3f ms, migrated %.2f MiB\n",
-		cfg->policy, nw, cfg->replicas, meanl > 0 ? maxl / meanl : 1.0,
+		"%.2f messages/token, step %.3f ms, median step %.3f ms, migrated %.2f MiB\n",
+		cfg->policy, nw, replicas, meanl > 0 ? maxl / meanl : 1.0,
 		tokens ? wire / (double)tokens : 0.0,
 		tokens ? (double)messages / (double)tokens : 0.0,
-		steps ? step_time / (double)steps * 1e3 : 0.0, (double)migrated / 1048576.0);
+		step_time / (double)steps * 1e3, step_ms[steps / 2], (double)migrated / 1048576.0);
+	for (int i = 0; i < n_sizes; i++)
+		fprintf(out, "%-8s steps of %s\n", cfg->policy, sizes[i]);
 out:
+	free(step_ms);
+	free(step_tok);
 	wire_trace_free(&rec);
 	placement_free(&plan);
 	balance_counts_destroy(&counts);
@@ -273,5 +497,8 @@ out:
 	free(visits);
 	free(rows_w);
 	free(items_w);
+	free(s_lat);
+	free(s_work);
+	free(s_dem);
 	return rc;
 }

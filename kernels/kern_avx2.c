@@ -146,7 +146,8 @@ static void xq_row(uint32_t type, const uint8_t *x, int64_t nb, struct xq *q)
 		}
 		__m128i xl = _mm_loadu_si128((const __m128i *)(xb + 2));
 		__m128i xh = _mm_loadu_si128((const __m128i *)(xb + 18));
-		__m128i s = _mm_add_epi16(_mm_maddubs_epi16(ones8, xl), _mm_maddubs_epi16(ones8, xh));
+		__m128i s =
+		    _mm_add_epi16(_mm_maddubs_epi16(ones8, xl), _mm_maddubs_epi16(ones8, xh));
 		s = _mm_madd_epi16(s, ones);
 		s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
 		s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
@@ -225,8 +226,8 @@ static ALWAYS_INLINE __m128 qw_scales4(uint32_t type, const uint8_t *b0, const u
 	if (type == KERN_MXFP4) {
 		uint64_t lo = e8m0_half_bits(b0[0]) | (uint64_t)e8m0_half_bits(b1[0]) << 32;
 		uint64_t hi = e8m0_half_bits(b2[0]) | (uint64_t)e8m0_half_bits(b3[0]) << 32;
-		return _mm_castsi128_ps(
-		    _mm_unpacklo_epi64(_mm_cvtsi64_si128((long long)lo), _mm_cvtsi64_si128((long long)hi)));
+		return _mm_castsi128_ps(_mm_unpacklo_epi64(_mm_cvtsi64_si128((long long)lo),
+							   _mm_cvtsi64_si128((long long)hi)));
 	}
 	uint64_t h = kern_load_u16(b0) | (uint64_t)kern_load_u16(b1) << 16 |
 		     (uint64_t)kern_load_u16(b2) << 32 | (uint64_t)kern_load_u16(b3) << 48;
@@ -261,8 +262,25 @@ static ALWAYS_INLINE void tile_q(uint32_t type, int nr, const uint8_t *const *wr
 			const struct xq *q = xq + r * nb + ib;
 			__m128i xl = _mm_loadu_si128((const __m128i *)(xb + 2));
 			__m128i xh = _mm_loadu_si128((const __m128i *)(xb + 18));
-			__m128i s = hsum4x4(qw_dot(type, &w[0], xl, xh), qw_dot(type, &w[1], xl, xh),
-					    qw_dot(type, &w[2], xl, xh), qw_dot(type, &w[3], xl, xh));
+			__m128i s;
+			if (type == KERN_Q8_0 || nr == 1) {
+				s = hsum4x4(
+				    qw_dot(type, &w[0], xl, xh), qw_dot(type, &w[1], xl, xh),
+				    qw_dot(type, &w[2], xl, xh), qw_dot(type, &w[3], xl, xh));
+			} else {
+				/* (measured a little faster with several rows) int16
+				 * lanes up to 2 * 2 * 24 * 128: one pairwise add still
+				 * fits before widening */
+				const __m128i ones = _mm_set1_epi16(1);
+				__m128i p[QC];
+#pragma GCC unroll 4
+				for (int c = 0; c < QC; c++)
+					p[c] = _mm_add_epi16(_mm_maddubs_epi16(w[c].a, xl),
+							     _mm_maddubs_epi16(w[c].b, xh));
+				__m128i m01 = _mm_madd_epi16(_mm_hadd_epi16(p[0], p[1]), ones);
+				__m128i m23 = _mm_madd_epi16(_mm_hadd_epi16(p[2], p[3]), ones);
+				s = _mm_hadd_epi32(m01, m23);
+			}
 			if (off)
 				s = _mm_sub_epi32(s, _mm_set1_epi32(q->corr));
 			__m128 d = _mm_mul_ps(dw, _mm_set1_ps(q->d));
@@ -275,8 +293,8 @@ static ALWAYS_INLINE void tile_q(uint32_t type, int nr, const uint8_t *const *wr
 }
 
 /* pf: bytes from a weight block to the block to prefetch (0: none) */
-typedef void (*qtile_fn)(const uint8_t *const *wr, const uint8_t *x, size_t xs,
-			 const struct xq *xq, int64_t nb, size_t pf, float *out);
+typedef void (*qtile_fn)(const uint8_t *const *wr, const uint8_t *x, size_t xs, const struct xq *xq,
+			 int64_t nb, size_t pf, float *out);
 
 #define QTILE_DEF(tname, type, nr)                                                                 \
 	static void tname##_##nr(const uint8_t *const *wr, const uint8_t *x, size_t xs,            \
@@ -460,8 +478,9 @@ static const tile_fn *tiles_for(uint32_t type)
 /* Largest activation expansion kern_matmul allocates (bytes). */
 #define XEXP_MAX ((size_t)64 << 20)
 
-/* Per-thread buffer for expanded activations: grown on demand and kept, so a
- * steady stream of matmuls allocates nothing; freed when its thread exits. */
+/* Per-thread buffer for expanded F16/BF16 activations or a quantised
+ * matmul's xq table: grown on demand and kept, so a steady stream of matmuls
+ * allocates nothing; freed when its thread exits. */
 struct xexp_buf {
 	float *p;
 	size_t cap;
@@ -477,7 +496,10 @@ static void xexp_free(void *v)
 	free(b);
 }
 
-static void xexp_key_init(void) { xexp_key_ok = pthread_key_create(&xexp_key, xexp_free) == 0; }
+static void xexp_key_init(void)
+{
+	xexp_key_ok = pthread_key_create(&xexp_key, xexp_free) == 0;
+}
 
 static float *xexp_reserve(size_t bytes)
 {
@@ -526,9 +548,8 @@ float kern_dot_avx2(uint32_t weight_type, int64_t n, const void *w, const void *
 
 /* Quantised weights: outputs in chunks of about 64 KiB of weights (they stay
  * in L2 while every group of QR activation rows passes over them). */
-static void matmul_q(const qtile_fn *qt, uint32_t type, const uint8_t *w, int64_t n_in,
-		     int64_t o0, int64_t o1, const uint8_t *x, size_t xs, int64_t n_rows, float *y,
-		     int64_t ys)
+static void matmul_q(const qtile_fn *qt, uint32_t type, const uint8_t *w, int64_t n_in, int64_t o0,
+		     int64_t o1, const uint8_t *x, size_t xs, int64_t n_rows, float *y, int64_t ys)
 {
 	const size_t w_row = kern_row_bytes(type, n_in);
 	const int64_t nb = n_in / KERN_QK;
@@ -537,9 +558,10 @@ static void matmul_q(const qtile_fn *qt, uint32_t type, const uint8_t *w, int64_
 	if (!xq) { /* no memory for the table, or nothing to sum: same results */
 		for (int64_t o = o0; o < o1; o++)
 			for (int64_t r = 0; r < n_rows; r++)
-				y[r * ys + o] = nb > 0 ? kern_dot_ref(type, n_in, w + (size_t)o * w_row,
-								      x + (size_t)r * xs)
-						       : 0.0f;
+				y[r * ys + o] =
+				    nb > 0 ? kern_dot_ref(type, n_in, w + (size_t)o * w_row,
+							  x + (size_t)r * xs)
+					   : 0.0f;
 		return;
 	}
 	for (int64_t r = 0; r < n_rows; r++)

@@ -89,7 +89,8 @@ static int load_cases(struct chat_case *cases, int cap)
 			assert_true(n < cap);
 			c = &cases[n];
 			memset(c, 0, sizeof(*c));
-			assert_int_equal(sscanf(rest, "%63s %d %d", c->name, &c->gen, &c->think), 3);
+			assert_int_equal(sscanf(rest, "%63s %d %d", c->name, &c->gen, &c->think),
+					 3);
 		} else if (!strncmp(line, "end", kl) && kl == 3) {
 			n++;
 		} else if (!strncmp(line, "reasoning", kl) && kl == 9) {
@@ -144,13 +145,15 @@ static void check_template(const char *name, const char *arch, enum chat_format 
 				c = &cases[i];
 		assert_non_null(c);
 		char *want_text = unescape(tab + 1, strlen(tab + 1));
-		struct chat_options o = {.add_generation_prompt = c->gen, .enable_thinking = c->think};
+		struct chat_options o = {.add_generation_prompt = c->gen,
+					 .enable_thinking = c->think};
 		char *got = NULL;
 		size_t len = 0;
 		assert_int_equal(chat_render(f, c->m, c->n, &o, &got, &len, NULL, 0), 0);
 		assert_int_equal(len, strlen(got));
 		if (strcmp(got, want_text))
-			print_message("%s / %s:\n got: %s\nwant: %s\n", name, c->name, got, want_text);
+			print_message("%s / %s:\n got: %s\nwant: %s\n", name, c->name, got,
+				      want_text);
 		assert_string_equal(got, want_text);
 		free(got);
 		free(want_text);
@@ -197,18 +200,20 @@ static void test_harmony(void **state)
 				   {"user", "Hi", NULL},
 				   {"assistant", "Hello", NULL},
 				   {"user", "Bye", NULL}};
-	struct chat_options o = {.add_generation_prompt = 1, .enable_thinking = -1,
-				 .date = "2025-01-02", .reasoning_effort = "low"};
+	struct chat_options o = {.add_generation_prompt = 1,
+				 .enable_thinking = -1,
+				 .date = "2025-01-02",
+				 .reasoning_effort = "low"};
 	char *got = NULL;
 	size_t len;
 	assert_int_equal(chat_render(CHAT_FORMAT_HARMONY, m, 4, &o, &got, &len, NULL, 0), 0);
 	const char *want =
-		"<|start|>system<|message|>You are ChatGPT, a large language model trained by "
-		"OpenAI.\nKnowledge cutoff: 2024-06\nCurrent date: 2025-01-02\n\nReasoning: low\n\n"
-		"# Valid channels: analysis, commentary, final. Channel must be included for every "
-		"message.<|end|><|start|>developer<|message|># Instructions\n\nBe terse.\n\n<|end|>"
-		"<|start|>user<|message|>Hi<|end|><|start|>assistant<|channel|>final<|message|>Hello"
-		"<|end|><|start|>user<|message|>Bye<|end|><|start|>assistant";
+	    "<|start|>system<|message|>You are ChatGPT, a large language model trained by "
+	    "OpenAI.\nKnowledge cutoff: 2024-06\nCurrent date: 2025-01-02\n\nReasoning: low\n\n"
+	    "# Valid channels: analysis, commentary, final. Channel must be included for every "
+	    "message.<|end|><|start|>developer<|message|># Instructions\n\nBe terse.\n\n<|end|>"
+	    "<|start|>user<|message|>Hi<|end|><|start|>assistant<|channel|>final<|message|>Hello"
+	    "<|end|><|start|>user<|message|>Bye<|end|><|start|>assistant";
 	assert_string_equal(got, want);
 	free(got);
 }
@@ -231,13 +236,66 @@ static void test_bad_input(void **state)
 			 ERR_CONFIG);
 }
 
+/* Feeds text in pieces cut at `cut` (0: whole), returns content|reasoning. */
+static void parse(enum chat_format f, const char *text, size_t cut, char *content, char *reasoning)
+{
+	chat_parser *p = NULL;
+	assert_int_equal(chat_parser_new(f, &p), 0);
+	struct chat_split o = {0};
+	size_t n = strlen(text);
+	for (size_t i = 0; i < n; i += cut ? cut : n) {
+		size_t k = cut && i + cut < n ? cut : n - i;
+		assert_int_equal(chat_parser_push(p, text + i, k, 0, &o), 0);
+	}
+	assert_int_equal(chat_parser_push(p, "", 0, 1, &o), 0);
+	snprintf(content, 256, "%.*s", (int)o.content_len, o.content ? o.content : "");
+	snprintf(reasoning, 256, "%.*s", (int)o.reasoning_len, o.reasoning ? o.reasoning : "");
+	chat_split_free(&o);
+	chat_parser_destroy(&p);
+}
+
+static void test_parser(void **state)
+{
+	(void)state;
+	static const struct {
+		enum chat_format f;
+		const char *text, *content, *reasoning;
+	} cases[] = {
+	    {CHAT_FORMAT_QWEN3, "<think>\nLet me see.\n</think>\n\nThe answer.", "The answer.",
+	     "Let me see.\n"},
+	    {CHAT_FORMAT_QWEN3, "No thinking here.", "No thinking here.", ""},
+	    {CHAT_FORMAT_QWEN3, "<thin", "<thin", ""},
+	    {CHAT_FORMAT_QWEN3, "<think>unfinished", "", "unfinished"},
+	    {CHAT_FORMAT_QWEN3, "a <think> b", "a <think> b", ""},
+	    {CHAT_FORMAT_HARMONY,
+	     "<|channel|>analysis<|message|>User says hi.<|start|>assistant<|channel|>final"
+	     "<|message|>Hello!",
+	     "Hello!", "User says hi."},
+	    {CHAT_FORMAT_HARMONY, "plain <|chan", "plain <|chan", ""},
+	    {CHAT_FORMAT_HARMONY, "<|channel|>final<|message|>x < y", "x < y", ""},
+	    {CHAT_FORMAT_DEEPSEEK, "<think>kept</think>", "<think>kept</think>", ""},
+	};
+	for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+		for (size_t cut = 0; cut <= 9; cut++) {
+			char content[256], reasoning[256];
+			parse(cases[c].f, cases[c].text, cut, content, reasoning);
+			if (strcmp(content, cases[c].content) ||
+			    strcmp(reasoning, cases[c].reasoning))
+				print_message("case %zu cut %zu: content '%s' reasoning '%s'\n", c,
+					      cut, content, reasoning);
+			assert_string_equal(content, cases[c].content);
+			assert_string_equal(reasoning, cases[c].reasoning);
+		}
+	}
+}
+
 int main(void)
 {
 	log_set_quiet(1);
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_deepseek_template), cmocka_unit_test(test_qwen3_template),
-		cmocka_unit_test(test_pick_by_arch),	  cmocka_unit_test(test_harmony),
-		cmocka_unit_test(test_bad_input),
+	    cmocka_unit_test(test_deepseek_template), cmocka_unit_test(test_qwen3_template),
+	    cmocka_unit_test(test_pick_by_arch),      cmocka_unit_test(test_harmony),
+	    cmocka_unit_test(test_bad_input),	      cmocka_unit_test(test_parser),
 	};
 	return cmocka_run_group_tests_name("chat", tests, NULL, NULL);
 }

@@ -109,11 +109,24 @@ fi
 skew=(--router-bias 1,5,9:0.2)
 "$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" "${skew[@]}" --out "$tmp/skin.f32" 2>/dev/null
 if "$bin" logits -m "$data/$m.gguf" --tokens "$tokens" --n-prompt "$np" --workers 3 --worker-slowdown 1:2 \
-	"${skew[@]}" --rebalance hetero --rebalance-every 2 --stats --out "$tmp/sk.f32" 2>"$tmp/err" &&
+	"${skew[@]}" --rebalance hetero --rebalance-every 2 --stats --out "$tmp/sk.f32" \
+	--trace-routing "$tmp/sk.trace" 2>"$tmp/err" &&
 	cmp -s "$tmp/skin.f32" "$tmp/sk.f32" && grep -Eq 'balance: [1-9][0-9]* re-placement' "$tmp/err"; then
 	ok "$m: slowed worker and biased routing: re-placed, logits bit-identical"
 else
 	notok "$m: skew: $(grep -m1 -E 'error|re-placement' "$tmp/err")"
+fi
+# --stats prints a cluster file (local workers: shared cores) that replays
+# the run's own trace, placements as they switched (how close the prediction
+# comes is bench/simulate_check.sh's business)
+sed -n '/^# calibration/,/^@coordinator/p' "$tmp/err" >"$tmp/calib.txt"
+if grep -q '^@cores [1-9]' "$tmp/calib.txt" && [ "$(grep -c '^local-' "$tmp/calib.txt")" -eq 3 ] &&
+	"$bin" placement simulate --trace "$tmp/sk.trace" --workers "$tmp/calib.txt" --policy trace \
+		>"$tmp/sim.out" 2>"$tmp/err" && grep -Eq 'migrated [0-9.]+ MiB' "$tmp/sim.out" &&
+	! grep -q 'migrated 0.00 MiB' "$tmp/sim.out"; then
+	ok "$m: --stats calibration replays the run's trace and its re-placements"
+else
+	notok "$m: calibration replay: $(head -c 300 "$tmp/calib.txt" "$tmp/err")"
 fi
 echo "1..$n"
 [ "$fail" -eq 0 ]

@@ -45,11 +45,11 @@ static void test_config(void **state)
 	(void)state;
 	sched *s = NULL;
 	struct sched_config bad[] = {
-		{0, 16, 8, 4, 0},  /* no slots */
-		{2, 16, 8, 7, 0},  /* chunk + slots > batch */
-		{2, 0, 8, 4, 0},   /* no context */
-		{2, 16, 8, 0, 0},  /* no chunk */
-		{2, 16, 8, 4, -1}, /* negative queue */
+	    {0, 16, 8, 4, 0},  /* no slots */
+	    {2, 16, 8, 7, 0},  /* chunk + slots > batch */
+	    {2, 0, 8, 4, 0},   /* no context */
+	    {2, 16, 8, 0, 0},  /* no chunk */
+	    {2, 16, 8, 4, -1}, /* negative queue */
 	};
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		assert_int_equal(sched_new(&bad[i], &s), ERR_CONFIG);
@@ -229,9 +229,9 @@ int main(void)
 {
 	log_set_quiet(1);
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_config),	      cmocka_unit_test(test_admission_and_queue),
-		cmocka_unit_test(test_chunks_fixed),  cmocka_unit_test(test_decode_fairness),
-		cmocka_unit_test(test_positions),     cmocka_unit_test(test_stops),
+	    cmocka_unit_test(test_config),	 cmocka_unit_test(test_admission_and_queue),
+	    cmocka_unit_test(test_chunks_fixed), cmocka_unit_test(test_decode_fairness),
+	    cmocka_unit_test(test_positions),	 cmocka_unit_test(test_stops),
 	};
 	return cmocka_run_group_tests_name("sched", tests, NULL, NULL);
 }

@@ -41,8 +41,10 @@ start_server() {
 	"$bin" serve -m "$model" --port 0 --threads 1 "$@" >"$tmp/$name.out" 2>"$tmp/$name.err" &
 	pids+=($!)
 	eval "pid_$name=$!"
-	for _ in $(seq 1 200); do
+	local p=$!
+	for _ in $(seq 1 1200); do # up to a minute on a loaded machine or a sanitizer build
 		grep -q '^listening on' "$tmp/$name.out" 2>/dev/null && break
+		kill -0 $p 2>/dev/null || break
 		sleep 0.05
 	done
 	eval "port_$name=$(sed -n 's/^listening on http:.*:\([0-9]*\)$/\1/p' "$tmp/$name.out")"
@@ -51,7 +53,7 @@ start_server() {
 start_server main --workers 2 --parallel 4 --ctx-size 2048 --max-batch 64 --queue 2 \
 	--api-key "$key" --max-body 65536
 url=http://127.0.0.1:$port_main
-echo "1..39"
+echo "1..40"
 if [ -z "$port_main" ]; then
 	not_ok "server starts" "$(cat "$tmp/main.err")"
 	exit 1
@@ -113,6 +115,13 @@ check "streamed text equals the whole response" 'cmp -s "$tmp/stream_text.txt" "
 check "stream ends with usage and [DONE]" \
 	'[ "$(grep "^data: " "$tmp/stream.txt" | tail -n 1)" = "data: [DONE]" ] && grep "^data: {" "$tmp/stream.txt" | tail -n 1 | sed "s/^data: //" | jq -e ".usage.completion_tokens == 12" >/dev/null'
 
+# sampled text of a random model is full of partial UTF-8 byte tokens: every
+# streamed event must still be valid UTF-8 (whole characters only)
+curl -sN "${auth[@]}" "$url/v1/completions" \
+	-d '{"prompt":"x","max_tokens":300,"temperature":1.5,"seed":3,"stream":true}' >"$tmp/bytes.txt"
+check "streamed events hold only whole UTF-8 characters" \
+	'[ "$(grep -c "^data: {" "$tmp/bytes.txt")" -ge 2 ] && iconv -f UTF-8 -t UTF-8 "$tmp/bytes.txt" >/dev/null 2>&1'
+
 # chat = completion of the rendered ChatML prompt (this vocabulary has no
 # special tokens, so both tokenize alike)
 creq='{"messages":[{"role":"user","content":"Hi"}],"max_tokens":8,"temperature":0}'
@@ -171,7 +180,7 @@ check "unknown fields are ignored" '[ "$(echo "$r" | status_of)" = 200 ]'
 # ---------------------------------------------------------------- overload
 jobs_=()
 for i in $(seq 1 10); do
-	post /v1/completions '{"prompt":"load '$i'","max_tokens":80,"temperature":0}' | status_of >"$tmp/ov_$i" &
+	post /v1/completions '{"prompt":"load '$i'","max_tokens":200,"temperature":0}' | status_of >"$tmp/ov_$i" &
 	jobs_+=($!)
 done
 wait "${jobs_[@]}"

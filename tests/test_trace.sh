@@ -37,6 +37,28 @@ check "truncated trace: exit 1" \
 check "unknown policy: exit 1" \
 	'! "$bin" placement simulate --trace "$tmp/a.trace" --workers "$tmp/cluster.txt" --policy magic >/dev/null 2>&1'
 check "usage errors: exit 2" '"$bin" placement simulate --trace x >/dev/null 2>&1; [ $? -eq 2 ]'
+# b.trace was recorded with 2 workers and 2 replicas: with a 2-worker file the
+# replay starts from that placement, so `static` and `trace` predict the same
+# steps and `trace` moves nothing
+printf 'w0 200000 100000000 100 1000\nw1 100000 100000000 100 1000\n' >"$tmp/two.txt"
+sim_ms() { sed -nE 's/.* step ([0-9.]+) ms, median step.*/\1/p' "$1"; }
+check "simulate --policy trace: the recorded placement, nothing migrated" \
+	'"$bin" placement simulate --trace "$tmp/b.trace" --workers "$tmp/two.txt" --policy static >"$tmp/st.out" 2>>"$tmp/err" &&
+	 "$bin" placement simulate --trace "$tmp/b.trace" --workers "$tmp/two.txt" --policy trace >"$tmp/tr.out" 2>>"$tmp/err" &&
+	 grep -q "migrated 0.00 MiB" "$tmp/tr.out" && [ "$(sim_ms "$tmp/st.out")" = "$(sim_ms "$tmp/tr.out")" ] &&
+	 grep -q "steps of 1 token(s): " "$tmp/tr.out"'
+check "simulate --policy trace needs the trace's workers" \
+	'! "$bin" placement simulate --trace "$tmp/b.trace" --workers "$tmp/cluster.txt" --policy trace >/dev/null 2>"$tmp/e3" && grep -q "error:" "$tmp/e3"'
+# processor sharing can only slow steps down, and a stretch slows them more
+{ echo "@cores 1"; cat "$tmp/two.txt"; } >"$tmp/shared.txt"
+{ echo "@cores 1 3 0"; cat "$tmp/two.txt"; } >"$tmp/stretched.txt"
+check "simulate @cores: shared cores >= own cores, stretched >= shared" \
+	'"$bin" placement simulate --trace "$tmp/b.trace" --workers "$tmp/shared.txt" --policy static >"$tmp/sh.out" 2>>"$tmp/err" &&
+	 "$bin" placement simulate --trace "$tmp/b.trace" --workers "$tmp/stretched.txt" --policy static >"$tmp/sx.out" 2>>"$tmp/err" &&
+	 awk -v a="$(sim_ms "$tmp/st.out")" -v b="$(sim_ms "$tmp/sh.out")" -v c="$(sim_ms "$tmp/sx.out")" "BEGIN { exit !(a > 0 && b >= a && c > b) }"'
+printf '@cores 0\nw0 200000 100000000 100 1000\n' >"$tmp/badcores.txt"
+check "simulate: bad @cores line is an error" \
+	'! "$bin" placement simulate --trace "$tmp/a.trace" --workers "$tmp/badcores.txt" >/dev/null 2>"$tmp/e4" && [ "$(grep -c "error:" "$tmp/e4")" -eq 1 ]'
 # token positions: a prompt of N tokens is recorded at positions 0..N-1
 ntok=$(echo "$tokens" | tr ',' '\n' | grep -c .)
 check "trace records token positions 0..$((ntok - 1))" \

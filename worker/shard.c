@@ -10,7 +10,7 @@
 #include <string.h>
 
 struct shard_layer {
-	uint32_t types[3];		   /* weight types shared by the layer's experts */
+	uint32_t types[3]; /* weight types shared by the layer's experts */
 	int has_types;
 	struct shard_expert_src *experts; /* [n_expert]; weights[0] == NULL if not held */
 };
@@ -18,17 +18,17 @@ struct shard_layer {
 /* Per-call working set, grown on demand and then reused (no allocation in the
  * steady state). */
 struct shard_work {
-	size_t cap_items;   /* (row, slot) pairs, and rows */
-	int32_t *item_row;  /* sorted by expert: row index */
-	int32_t *item_slot; /* slot index */
-	int32_t *item_next; /* the next item of the same row, or -1 */
-	int32_t *row_first; /* [rows] a row's first item, or -1 */
-	float *xf;	/* [rows][n_embd] rows dequantised when they arrive converted */
-	float *g, *u;	/* [items][n_ff] */
-	float *d;	/* [items][n_embd] */
+	size_t cap_items;      /* (row, slot) pairs, and rows */
+	int32_t *item_row;     /* sorted by expert: row index */
+	int32_t *item_slot;    /* slot index */
+	int32_t *item_next;    /* the next item of the same row, or -1 */
+	int32_t *row_first;    /* [rows] a row's first item, or -1 */
+	float *xf;	       /* [rows][n_embd] rows dequantised when they arrive converted */
+	float *g, *u;	       /* [items][n_ff] */
+	float *d;	       /* [items][n_embd] */
 	void *xa_gate, *xa_up; /* activations converted for the gate / up weights */
-	void *ha;	/* activated hidden rows converted for the down weights */
-	int32_t *group_start; /* [n_expert + 1] offsets into the sorted items */
+	void *ha;	       /* activated hidden rows converted for the down weights */
+	int32_t *group_start;  /* [n_expert + 1] offsets into the sorted items */
 	int32_t *group_fill;
 	int32_t *group_expert; /* [n_expert] the experts with items, in id order */
 	int n_groups;
@@ -57,7 +57,8 @@ int shard_new(const struct moe_spec *spec, shard **out)
 	for (int l = 0; l < spec->n_layer && !rc; l++) {
 		if (!spec->layer_moe[l])
 			continue;
-		s->layers[l].experts = calloc((size_t)spec->n_expert, sizeof(struct shard_expert_src));
+		s->layers[l].experts =
+		    calloc((size_t)spec->n_expert, sizeof(struct shard_expert_src));
 		if (!s->layers[l].experts)
 			rc = ERR_NOMEM;
 	}
@@ -72,8 +73,14 @@ int shard_new(const struct moe_spec *spec, shard **out)
 	return rc;
 }
 
-const struct moe_spec *shard_spec(const shard *s) { return &s->spec; }
-int shard_n_experts(const shard *s) { return s->n_held; }
+const struct moe_spec *shard_spec(const shard *s)
+{
+	return &s->spec;
+}
+int shard_n_experts(const shard *s)
+{
+	return s->n_held;
+}
 
 int shard_has(const shard *s, int layer, int expert)
 {
@@ -375,7 +382,8 @@ static void shard_gate_up(void *ctx, int ith, int nth)
 		const int64_t i0 = w->group_start[e];
 		const int n = w->group_start[e + 1] - w->group_start[e];
 		const struct shard_expert_src *src = &c->L->experts[e];
-		const int64_t o0 = ch * c->ff_chunk, o1 = o0 + c->ff_chunk < F ? o0 + c->ff_chunk : F;
+		const int64_t o0 = ch * c->ff_chunk,
+			      o1 = o0 + c->ff_chunk < F ? o0 + c->ff_chunk : F;
 		kern_matmul(src->types[SHARD_GATE], src->weights[SHARD_GATE], E, o0, o1,
 			    (const char *)w->xa_gate + (size_t)i0 * c->xg_stride, c->xg_stride, n,
 			    w->g + (size_t)i0 * F, F);
@@ -433,8 +441,8 @@ static void shard_phase(pool *p, pool_fn fn, struct shard_call *c, int small)
 		pool_run(p, fn, c);
 }
 
-int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const void *x,
-		  uint32_t x_type, const int32_t *ids, const float *wts, float *out)
+int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const void *x, uint32_t x_type,
+		  const int32_t *ids, const float *wts, float *out)
 {
 	const struct moe_spec *sp = &s->spec;
 	if (layer < 0 || layer >= sp->n_layer || !sp->layer_moe[layer]) {
@@ -460,11 +468,19 @@ int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const void *x
 	if (n_items == 0)
 		return 0;
 	struct shard_call c = {
-		.s = s, .L = L, .layer = layer, .n_rows = n_rows, .n_items = (int)n_items, .k = k,
-		.x = x, .x_type = x_type, .wts = wts, .out = out,
-		.at_gate = kern_act_type(L->types[SHARD_GATE]),
-		.at_up = kern_act_type(L->types[SHARD_UP]),
-		.at_down = kern_act_type(L->types[SHARD_DOWN]),
+	    .s = s,
+	    .L = L,
+	    .layer = layer,
+	    .n_rows = n_rows,
+	    .n_items = (int)n_items,
+	    .k = k,
+	    .x = x,
+	    .x_type = x_type,
+	    .wts = wts,
+	    .out = out,
+	    .at_gate = kern_act_type(L->types[SHARD_GATE]),
+	    .at_up = kern_act_type(L->types[SHARD_UP]),
+	    .at_down = kern_act_type(L->types[SHARD_DOWN]),
 	};
 	if (x_type != KERN_F32 && x_type != c.at_gate) {
 		log_error("layer %d: rows arrived as %s, expected F32 or %s", layer,

@@ -1,9 +1,12 @@
 /* fuzz_tokenizer: tokenizer_encode() on arbitrary bytes with two small
- * vocabularies from tests/data (the deepseek-v3 and qwen2 pre-tokenizers).
- * The first byte picks the vocabulary (bit 1) and parse_special (bit 0).
- * Checks: the count is the same when the ids fit exactly, every id is in
- * range and has a piece, and streaming the pieces back never overflows the
- * bound the stream promises. */
+ * vocabularies from tests/data (the deepseek-v3 and qwen2 pre-tokenizers),
+ * loaded once.  The first byte picks the vocabulary (bit 1), parse_special
+ * (bit 0) and the capacity of a first, probing call (bits 2-7: 0 to 63 ids).
+ * Checks: the probe writes no id past its capacity and fails with ERR_RANGE
+ * exactly when the text has more tokens; a second call with exactly that
+ * many ids succeeds with the same count and the probe's ids as its prefix;
+ * every id is in range and has a piece; and streaming the pieces back never
+ * overflows the bound the stream promises. */
 #include "fuzz.h"
 #include "../../common/err.h"
 #include "../../common/gguf.h"
@@ -36,17 +39,32 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		return 0;
 	const tokenizer *t = fuzz_tok[(data[0] >> 1) & 1];
 	int special = data[0] & 1;
+	size_t cap = data[0] >> 2;
 	const char *text = (const char *)data + 1;
 	size_t len = size - 1;
 	size_t n = 0;
-	int32_t probe[8];
-	int rc = tokenizer_encode(t, len ? text : NULL, len, special, probe, 8, &n);
+	int32_t probe[64 + 1];
+	for (size_t i = 0; i <= 64; i++)
+		probe[i] = -7;
+	int rc = tokenizer_encode(t, len ? text : NULL, len, special, probe, cap, &n);
 	if (rc && rc != ERR_RANGE)
 		return 0;
-	int32_t *ids = malloc((n ? n : 1) * sizeof(int32_t));
-	size_t n2 = 0;
-	if (!ids || tokenizer_encode(t, len ? text : NULL, len, special, ids, n, &n2) || n2 != n)
+	if ((rc == ERR_RANGE) != (n > cap))
 		abort();
+	for (size_t i = cap; i <= 64; i++)
+		if (probe[i] != -7) /* written past the capacity */
+			abort();
+	int32_t *ids = malloc((n ? n : 1) * sizeof(int32_t));
+	if (!ids)
+		abort();
+	if (rc == 0) {
+		memcpy(ids, probe, n * sizeof(int32_t));
+	} else {
+		size_t n2 = 0;
+		if (tokenizer_encode(t, len ? text : NULL, len, special, ids, n, &n2) || n2 != n ||
+		    memcmp(ids, probe, cap * sizeof(int32_t)) != 0)
+			abort();
+	}
 	if (len && !n)
 		abort(); /* non-empty text has tokens */
 	tokenizer_stream *s = NULL;
