@@ -306,6 +306,7 @@ int api_parse_request(enum api_kind kind, const char *body, size_t len, struct a
 	    (rc = api_get_number(o, "top_p", 0.0, 1.0, &r->top_p, err)) ||
 	    (rc = api_get_int(o, "top_k", 0, 1L << 30, &r->top_k, err)) ||
 	    (rc = api_get_bool(o, "stream", &r->stream, err)) ||
+	    (rc = api_get_bool(o, "ignore_eos", &r->ignore_eos, err)) ||
 	    (rc = api_parse_stop(json_object_get(o, "stop"), r, err)))
 		goto out;
 	if (r->top_p <= 0.0) {

@@ -45,6 +45,7 @@ struct api_request {
 	char *stop[API_MAX_STOP];
 	int n_stop;
 	int stream, include_usage;
+	int ignore_eos;	     /* 1: end-of-generation tokens do not stop (benchmarks, tests) */
 	int logprobs;	     /* 1: report the chosen tokens' log-probabilities */
 	int top_logprobs;    /* and this many alternatives */
 	int enable_thinking; /* -1 unset */

@@ -817,91 +817,120 @@ static void cluster_drain(cluster *c, int timeout_ms)
 	}
 }
 
+/* One timed step, for grouping: placement epoch, size, whether a
+ * re-placement was loading, wall time. */
+struct cluster_step_rec {
+	uint64_t epoch;
+	int32_t tokens;
+	int moving;
+	double ms;
+};
+
+static int cluster_cmp_step_size(const void *a, const void *b)
+{
+	const struct cluster_step_rec *x = a, *y = b;
+	if (x->tokens != y->tokens)
+		return (x->tokens > y->tokens) - (x->tokens < y->tokens);
+	return (x->ms > y->ms) - (x->ms < y->ms);
+}
+
+static int cluster_cmp_step_group(const void *a, const void *b)
+{
+	const struct cluster_step_rec *x = a, *y = b;
+	if (x->epoch != y->epoch)
+		return (x->epoch > y->epoch) - (x->epoch < y->epoch);
+	if (x->tokens != y->tokens)
+		return (x->tokens > y->tokens) - (x->tokens < y->tokens);
+	if (x->moving != y->moving)
+		return x->moving - y->moving;
+	return (x->ms > y->ms) - (x->ms < y->ms);
+}
+
+/* The timed steps as records (NULL if out of memory or none). */
+static struct cluster_step_rec *cluster_step_recs(const cluster *c)
+{
+	struct cluster_step_rec *r = c->n_steps ? malloc(c->n_steps * sizeof(*r)) : NULL;
+	for (size_t i = 0; r && i < c->n_steps; i++)
+		r[i] = (struct cluster_step_rec){c->step_epoch[i], c->step_tokens[i],
+						 c->step_moving[i], c->step_ms[i]};
+	return r;
+}
+
 /* Per step size (tokens), the four most frequent: how many steps and their
  * median wall time (what `placement simulate` predicts per size). */
 static void cluster_print_step_sizes(const cluster *c)
 {
-	double *t = malloc((c->n_steps + 1) * sizeof(double));
-	int32_t done[4];
-	int n_done = 0;
-	while (t && n_done < 4) {
-		/* the most frequent size not printed yet */
-		int32_t best = -1;
-		size_t best_n = 0;
-		for (size_t i = 0; i < c->n_steps; i++) {
-			int32_t k = c->step_tokens[i];
-			int seen = 0;
-			for (int d = 0; d < n_done; d++)
-				seen |= done[d] == k;
-			if (seen || k == best)
-				continue;
-			size_t n = 0;
-			for (size_t j = 0; j < c->n_steps; j++)
-				n += c->step_tokens[j] == k;
-			if (n > best_n) {
-				best_n = n;
-				best = k;
+	struct cluster_step_rec *r = cluster_step_recs(c);
+	if (!r)
+		return;
+	qsort(r, c->n_steps, sizeof(*r), cluster_cmp_step_size);
+	size_t start[4] = {0}, count[4] = {0};
+	for (size_t i = 0; i < c->n_steps;) {
+		size_t j = i;
+		while (j < c->n_steps && r[j].tokens == r[i].tokens)
+			j++;
+		/* keep the four largest groups, largest first */
+		for (int k = 0; k < 4; k++)
+			if (j - i > count[k]) {
+				memmove(&count[k + 1], &count[k], (size_t)(3 - k) * sizeof(size_t));
+				memmove(&start[k + 1], &start[k], (size_t)(3 - k) * sizeof(size_t));
+				count[k] = j - i;
+				start[k] = i;
+				break;
 			}
-		}
-		if (!best_n)
-			break;
-		size_t n = 0;
-		for (size_t i = 0; i < c->n_steps; i++)
-			if (c->step_tokens[i] == best)
-				t[n++] = c->step_ms[i];
-		qsort(t, n, sizeof(double), cluster_cmp_double);
-		fprintf(stderr, "steps of %d token(s): %zu, median %.3f ms\n", (int)best, n, t[n / 2]);
-		done[n_done++] = best;
+		i = j;
 	}
-	free(t);
-}
-
-/* The median of the quiet steps of `tokens` tokens under placement epoch
- * `epoch` (0 if fewer than 3); q is scratch for n_steps values. */
-static double cluster_quiet_median(const cluster *c, uint64_t epoch, int32_t tokens, double *q)
-{
-	size_t n = 0;
-	for (size_t i = 0; i < c->n_steps; i++)
-		if (!c->step_moving[i] && c->step_epoch[i] == epoch && c->step_tokens[i] == tokens)
-			q[n++] = c->step_ms[i];
-	if (n < 3)
-		return 0;
-	qsort(q, n, sizeof(double), cluster_cmp_double);
-	return q[n / 2];
+	for (int k = 0; k < 4 && count[k]; k++)
+		fprintf(stderr, "steps of %d token(s): %zu, median %.3f ms\n", (int)r[start[k]].tokens,
+			count[k], r[start[k] + count[k] / 2].ms);
+	free(r);
 }
 
 /* What loading a re-placement cost the steps it overlapped: each such step
  * against the median quiet step of the same size (tokens) under the same
  * placement (a re-placement is loaded while the old, slower placement is in
- * force, so the run's overall median is no yardstick): the median and worst
- * ratio, and how many loading and quiet steps took more than twice their
- * epoch's quiet median (noise hits both). */
+ * force, so the run's overall median is no yardstick; groups with fewer than
+ * 3 quiet steps are skipped): the median and worst ratio, and how many
+ * loading and quiet steps took more than twice their group's quiet median
+ * (noise hits both). */
 static void cluster_print_step_spread(const cluster *c)
 {
-	double *q = malloc((c->n_steps + 1) * sizeof(double));
-	double *r = malloc((c->n_steps + 1) * sizeof(double));
+	struct cluster_step_rec *s = cluster_step_recs(c);
+	double *ratio = malloc((c->n_steps + 1) * sizeof(double));
 	size_t nr = 0, above = 0, quiet = 0, quiet_above = 0;
-	for (size_t i = 0; q && r && i < c->n_steps; i++) {
-		double base = cluster_quiet_median(c, c->step_epoch[i], c->step_tokens[i], q);
-		if (!(base > 0))
-			continue;
-		if (c->step_moving[i]) {
-			r[nr++] = c->step_ms[i] / base;
-			above += c->step_ms[i] > 2 * base;
-		} else {
-			quiet++;
-			quiet_above += c->step_ms[i] > 2 * base;
+	if (s && ratio) {
+		qsort(s, c->n_steps, sizeof(*s), cluster_cmp_step_group);
+		for (size_t i = 0; i < c->n_steps;) {
+			size_t q = i, j = i;
+			while (q < c->n_steps && s[q].epoch == s[i].epoch &&
+			       s[q].tokens == s[i].tokens && !s[q].moving)
+				q++;
+			j = q;
+			while (j < c->n_steps && s[j].epoch == s[i].epoch && s[j].tokens == s[i].tokens)
+				j++;
+			if (q - i >= 3) {
+				double base = s[i + (q - i) / 2].ms;
+				for (size_t k = i; k < q; k++) {
+					quiet++;
+					quiet_above += s[k].ms > 2 * base;
+				}
+				for (size_t k = q; k < j; k++) {
+					ratio[nr++] = s[k].ms / base;
+					above += s[k].ms > 2 * base;
+				}
+			}
+			i = j;
 		}
 	}
-	if (q && r && nr) {
-		qsort(r, nr, sizeof(double), cluster_cmp_double);
+	if (nr) {
+		qsort(ratio, nr, sizeof(double), cluster_cmp_double);
 		fprintf(stderr,
 			"steps while loading / quiet median of the same placement and size: %zu steps, "
 			"median %.2f, worst %.2f, %zu above 2x (quiet steps above 2x: %zu of %zu)\n",
-			nr, r[nr / 2], r[nr - 1], above, quiet_above, quiet);
+			nr, ratio[nr / 2], ratio[nr - 1], above, quiet_above, quiet);
 	}
-	free(q);
-	free(r);
+	free(s);
+	free(ratio);
 }
 
 void cluster_print_stats(cluster *c)

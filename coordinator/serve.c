@@ -33,6 +33,7 @@ struct serve_req {
 	int n_prompt;
 	int max_tokens;
 	int logprobs, top_logprobs;
+	int ignore_eos;
 	char *stops[API_MAX_STOP];
 	int n_stops;
 	int fd;
@@ -305,7 +306,7 @@ static void serve_take_token(serve *s, struct serve_req *r, const float *row)
 		metrics_observe_itl(s->met, now - r->t_last);
 	}
 	r->t_last = now;
-	if (tokenizer_is_eog(s->tok, tok)) {
+	if (tokenizer_is_eog(s->tok, tok) && !r->ignore_eos) {
 		size_t n = 0;
 		int hit = tokenizer_stream_flush(r->ts, s->piece, s->piece_cap, &n)
 			      ? -1
@@ -537,6 +538,7 @@ static int serve_submit(serve *s, const struct api_request *q, const struct http
 	r->stream = q->stream;
 	r->include_usage = q->include_usage;
 	r->logprobs = q->logprobs;
+	r->ignore_eos = q->ignore_eos;
 	r->top_logprobs = q->top_logprobs;
 	r->fd = hr->fd;
 	r->t_arrive = serve_now();

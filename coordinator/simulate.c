@@ -109,6 +109,20 @@ static int sim_cmp_double(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
+/* A predicted step: its size (tokens) and time. */
+struct sim_step {
+	int32_t tokens;
+	double ms;
+};
+
+static int sim_cmp_step(const void *a, const void *b)
+{
+	const struct sim_step *x = a, *y = b;
+	if (x->tokens != y->tokens)
+		return (x->tokens > y->tokens) - (x->tokens < y->tokens);
+	return (x->ms > y->ms) - (x->ms < y->ms);
+}
+
 static int sim_read_workers(const char *path, struct sim_worker **out, int *n_out,
 			    struct sim_coord *coord)
 {
@@ -436,36 +450,32 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 	/* per step size (tokens), the four most frequent: count and median */
 	char sizes[4][64];
 	int n_sizes = 0;
-	double *by = malloc(steps * sizeof(double));
-	int32_t done[4];
-	while (by && n_sizes < 4) {
-		int32_t best = -1;
-		size_t best_n = 0;
-		for (size_t i = 0; i < steps; i++) {
-			int seen = step_tok[i] == best;
-			for (int d = 0; d < n_sizes; d++)
-				seen |= done[d] == step_tok[i];
-			if (seen)
-				continue;
-			size_t n = 0;
-			for (size_t j = 0; j < steps; j++)
-				n += step_tok[j] == step_tok[i];
-			if (n > best_n) {
-				best_n = n;
-				best = step_tok[i];
-			}
-		}
-		if (!best_n)
-			break;
-		size_t n = 0;
-		for (size_t i = 0; i < steps; i++)
-			if (step_tok[i] == best)
-				by[n++] = step_ms[i];
-		qsort(by, n, sizeof(double), sim_cmp_double);
-		snprintf(sizes[n_sizes], sizeof(sizes[n_sizes]), "%d token(s): %zu, median %.3f ms",
-			 (int)best, n, by[n / 2]);
-		done[n_sizes++] = best;
+	struct sim_step *by = malloc(steps * sizeof(*by));
+	if (!by) {
+		rc = ERR_NOMEM;
+		goto out;
 	}
+	for (size_t i = 0; i < steps; i++)
+		by[i] = (struct sim_step){step_tok[i], step_ms[i]};
+	qsort(by, steps, sizeof(*by), sim_cmp_step);
+	size_t start[4] = {0}, count[4] = {0};
+	for (size_t i = 0; i < steps;) {
+		size_t j = i;
+		while (j < steps && by[j].tokens == by[i].tokens)
+			j++;
+		for (int k = 0; k < 4; k++)
+			if (j - i > count[k]) {
+				memmove(&count[k + 1], &count[k], (size_t)(3 - k) * sizeof(size_t));
+				memmove(&start[k + 1], &start[k], (size_t)(3 - k) * sizeof(size_t));
+				count[k] = j - i;
+				start[k] = i;
+				break;
+			}
+		i = j;
+	}
+	for (int k = 0; k < 4 && count[k]; k++)
+		snprintf(sizes[n_sizes++], sizeof(sizes[0]), "%d token(s): %zu, median %.3f ms",
+			 (int)by[start[k]].tokens, count[k], by[start[k] + count[k] / 2].ms);
 	free(by);
 	qsort(step_ms, steps, sizeof(double), sim_cmp_double);
 	double maxl = 0, meanl = 0;

@@ -192,9 +192,11 @@ check "4 slots + queue 2, 10 at once: 503 for the rest ($n200 x 200, $n503 x 503
 # ---------------------------------------------------------------- disconnects
 metric() { curl -s "${auth[@]}" "$url/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 d0=$(metric moefleet_client_disconnects_total)
-curl -sN -m 0.3 "${auth[@]}" "$url/v1/completions" -d '{"prompt":"go on","max_tokens":2000,"stream":true}' >/dev/null
-curl -s -m 0.3 "${auth[@]}" "$url/v1/completions" -d '{"prompt":"go on","max_tokens":2000}' >/dev/null
-for _ in $(seq 1 40); do
+curl -sN -m 1 "${auth[@]}" "$url/v1/completions" -d '{"prompt":"go on","max_tokens":2000,"stream":true,"ignore_eos":true}' >/dev/null
+curl -s -m 1 "${auth[@]}" "$url/v1/completions" -d '{"prompt":"go on","max_tokens":2000,"ignore_eos":true}' >/dev/null
+# a loaded machine may take a while to notice; a request that is not
+# cancelled runs 2000 tokens, far longer than this wait
+for _ in $(seq 1 100); do
 	[ "$(metric moefleet_requests_active)" = 0 ] && break
 	sleep 0.05
 done

@@ -15,4 +15,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 /* $top_srcdir/tests/data/NAME (top_srcdir from the environment, else "."). */
 const char *fuzz_data_path(const char *name);
 
+/* Marks a checker (not code under test): clang leaves it uninstrumented, so
+ * its coverage does not count and its comparisons are not traced. */
+#if defined(__clang__)
+#define FUZZ_CHECKER __attribute__((no_sanitize("coverage")))
+#else
+#define FUZZ_CHECKER
+#endif
+
+/* Length of the valid UTF-8 sequence at s (n > 0 bytes left), 0 if the bytes
+ * there are not one (overlong forms, surrogates, > U+10FFFF, truncated). */
+size_t fuzz_utf8_len(const uint8_t *s, size_t n);
+/* s[0, n) is valid UTF-8. */
+int fuzz_utf8_valid(const char *s, size_t n);
+
 #endif

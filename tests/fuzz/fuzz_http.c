@@ -28,62 +28,10 @@
 
 /* ------------------------------------------------------------ checks */
 
-/* The checkers below are not code under test: clang leaves them
- * uninstrumented (their coverage would only be noise, and tracing their
- * comparisons took a third of the time). */
-#if defined(__clang__)
-#define FUZZ_CHECKER __attribute__((no_sanitize("coverage")))
-#else
-#define FUZZ_CHECKER
-#endif
-
-/* Length of the valid UTF-8 sequence at s (n bytes left), 0 if invalid. */
-FUZZ_CHECKER static size_t fuzz_utf8_len(const unsigned char *s, size_t n)
-{
-	unsigned char c = s[0];
-	size_t len;
-	unsigned char lo = 0x80, hi = 0xBF;
-	if (c < 0x80)
-		return 1;
-	if (c >= 0xC2 && c <= 0xDF)
-		len = 2;
-	else if (c >= 0xE0 && c <= 0xEF)
-		len = 3;
-	else if (c >= 0xF0 && c <= 0xF4)
-		len = 4;
-	else
-		return 0;
-	if (c == 0xE0)
-		lo = 0xA0;
-	else if (c == 0xED)
-		hi = 0x9F;
-	else if (c == 0xF0)
-		lo = 0x90;
-	else if (c == 0xF4)
-		hi = 0x8F;
-	if (len > n || s[1] < lo || s[1] > hi)
-		return 0;
-	for (size_t i = 2; i < len; i++)
-		if ((s[i] & 0xC0) != 0x80)
-			return 0;
-	return len;
-}
-
-FUZZ_CHECKER static int fuzz_utf8_ok(const char *s, size_t n)
-{
-	for (size_t i = 0; i < n;) {
-		size_t k = fuzz_utf8_len((const unsigned char *)s + i, n - i);
-		if (!k)
-			return 0;
-		i += k;
-	}
-	return 1;
-}
-
 /* A NUL-terminated string without NUL inside its first n bytes, valid UTF-8. */
 static void fuzz_check_str(const char *s)
 {
-	if (!s || !fuzz_utf8_ok(s, strlen(s)))
+	if (!s || !fuzz_utf8_valid(s, strlen(s)))
 		abort();
 }
 
@@ -177,7 +125,7 @@ FUZZ_CHECKER static int jp_string(struct jp *p)
 			}
 			continue;
 		}
-		size_t k = fuzz_utf8_len((const unsigned char *)p->s + p->i, p->n - p->i);
+		size_t k = fuzz_utf8_len((const uint8_t *)p->s + p->i, p->n - p->i);
 		if (!k)
 			return 0;
 		p->i += k;
@@ -341,7 +289,7 @@ static void fuzz_render(const struct api_request *r, enum chat_format f)
 	int rc = chat_render(f, cm, r->n_messages, &o, &text, &len, msg, sizeof(msg));
 	if (rc == 0) {
 		/* the contents hold no NUL, so neither does the prompt */
-		if (!text || strlen(text) != len || !fuzz_utf8_ok(text, len))
+		if (!text || strlen(text) != len || !fuzz_utf8_valid(text, len))
 			abort();
 	} else if (rc != ERR_CONFIG || !msg[0] || text) {
 		abort();

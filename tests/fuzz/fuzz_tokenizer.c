@@ -5,8 +5,9 @@
  * Checks: the probe writes no id past its capacity and fails with ERR_RANGE
  * exactly when the text has more tokens; a second call with exactly that
  * many ids succeeds with the same count and the probe's ids as its prefix;
- * every id is in range and has a piece; and streaming the pieces back never
- * overflows the bound the stream promises. */
+ * every id is in range and has a piece; streaming the pieces back never
+ * overflows the bound the stream promises, and gives valid UTF-8 text back
+ * unchanged. */
 #include "fuzz.h"
 #include "../../common/err.h"
 #include "../../common/gguf.h"
@@ -72,18 +73,35 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		abort();
 	size_t bound = tokenizer_stream_bound(s);
 	char *out = malloc(bound + 1);
-	if (!out)
+	/* valid UTF-8 comes back byte for byte (both vocabularies have every
+	 * byte; special tokens render as their text when parsed as such) */
+	int valid = fuzz_utf8_valid(text, len);
+	char *back = malloc(len + 1);
+	size_t n_back = 0;
+	if (!out || !back)
 		abort();
-	for (size_t i = 0; i < n; i++) {
-		if (ids[i] < 0 || ids[i] >= tokenizer_n_vocab(t))
-			abort();
+	for (size_t i = 0; i <= n; i++) {
 		size_t k = 0;
-		if (tokenizer_stream_push(s, ids[i], out, bound, &k) || k > bound)
+		if (i < n) {
+			if (ids[i] < 0 || ids[i] >= tokenizer_n_vocab(t))
+				abort();
+			if (tokenizer_stream_push(s, ids[i], out, bound, &k))
+				abort();
+		} else if (tokenizer_stream_flush(s, out, bound, &k)) {
 			abort();
+		}
+		if (k > bound)
+			abort();
+		if (valid) {
+			if (k > len - n_back)
+				abort();
+			memcpy(back + n_back, out, k);
+			n_back += k;
+		}
 	}
-	size_t k = 0;
-	if (tokenizer_stream_flush(s, out, bound, &k) || k > bound)
+	if (valid && (n_back != len || memcmp(back, text, len)))
 		abort();
+	free(back);
 	free(out);
 	tokenizer_stream_destroy(&s);
 	free(ids);
