@@ -34,6 +34,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #include "../common/err.h"
@@ -265,10 +266,14 @@ __attribute__((target("avx2,fma"))) static void attn_simd_values(const float *vt
 
 static int attn_simd_ok(void)
 {
-	static int ok = -1;
-	if (ok < 0)
-		ok = kern_cpu_avx2();
-	return ok;
+	/* first use may come from several pool threads at once */
+	static atomic_int ok = -1;
+	int v = atomic_load_explicit(&ok, memory_order_relaxed);
+	if (v < 0) {
+		v = kern_cpu_avx2();
+		atomic_store_explicit(&ok, v, memory_order_relaxed);
+	}
+	return v;
 }
 #else
 #define ATTN_SIMD 0
