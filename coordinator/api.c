@@ -32,9 +32,14 @@ static char *api_dump(json_t *j, size_t *len)
 	return s;
 }
 
+static json_t *api_text(const char *s, size_t n);
+
+/* The message may hold a client's bytes or be cut inside a character: it
+ * goes out through api_text so the body is always valid JSON. */
 char *api_error_body(const struct api_error *e, size_t *len)
 {
-	json_t *j = json_pack("{s:{s:s,s:s,s:o,s:o}}", "error", "message", e->message, "type",
+	json_t *j = json_pack("{s:{s:o,s:s,s:o,s:o}}", "error", "message",
+			      api_text(e->message, strlen(e->message)), "type",
 			      e->type ? e->type : "invalid_request_error", "param",
 			      e->param ? json_string(e->param) : json_null(), "code",
 			      e->code ? json_string(e->code) : json_null());
