@@ -92,6 +92,7 @@ static void fuzz_frame(const struct wire_msg *m, const uint8_t *frame, size_t n,
 			memcpy(&v, frame + i, sizeof(v));
 			sum += v;
 		}
+		(void)sum; /* the reads are what matters: every byte of the frame */
 	}
 }
 

@@ -42,7 +42,7 @@ export top_srcdir=$top
 dict=()
 [ -f "$here/$target.dict" ] && dict=(-dict="$here/$target.dict")
 # leaks are findings too; stderr of the target (its own error lines) is muted
-ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=0:detect_leaks=1} \
+ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=0:detect_leaks=1:malloc_context_size=0} \
 UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
 	"$prog" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
 	-close_fd_mask=2 -print_final_stats=1 -artifact_prefix="$regress/" "${dict[@]}" "$@" \
