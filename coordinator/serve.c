@@ -384,6 +384,14 @@ static void *serve_loop(void *arg)
 			struct serve_req *r = serve_find(s, it->id);
 			if (!r)
 				continue;
+			if (frc == ERR_PEER) {
+				/* a lost worker's experts fit on no survivor */
+				serve_finish(s, r, NULL, 503,
+					     "a routed expert this batch needs is unavailable: its "
+					     "worker was lost and no surviving worker can hold it "
+					     "(see the server log)");
+				continue;
+			}
 			if (frc) {
 				serve_finish(s, r, NULL, 500,
 					     "the forward pass failed (see the "

@@ -164,6 +164,51 @@ else
 	notok "no memory: the generation did not start: $(grep -m1 error "$tmp/nomem.err")"
 fi
 
+# 4b. the same loss under `moefleet serve`: the requests of the step that
+# needs the lost experts get a clear 503, and the server keeps answering
+if command -v curl >/dev/null; then
+	ep=ipc://$tmp/srv.sock
+	"$bin" serve -m "$m" --port 0 --threads 1 --listen "$ep" --expect-workers 3 \
+		--replicas 1 --worker-timeout 2000 >"$tmp/srv.out" 2>"$tmp/srv.err" &
+	srv=$!
+	pids+=("$srv")
+	wk=()
+	for i in 0 1 2; do
+		"$wbin" --connect "$ep" --threads 1 --name "s$i" -m "$m" --memory 260000 \
+			2>"$tmp/srv.w$i.err" &
+		wk+=($!)
+		pids+=($!)
+	done
+	port=
+	for _ in $(seq 1 1200); do
+		port=$(sed -n 's/^listening on http:.*:\([0-9]*\)$/\1/p' "$tmp/srv.out")
+		[ -n "$port" ] && break
+		kill -0 "$srv" 2>/dev/null || break
+		sleep 0.05
+	done
+	req() {
+		curl -s -m 60 -w '\n%{http_code}' -H 'Content-Type: application/json' \
+			"http://127.0.0.1:$port/v1/completions" \
+			-d '{"prompt":[1,2,3],"max_tokens":8,"temperature":0}'
+	}
+	if [ -n "$port" ] && [ "$(req | tail -n 1)" = 200 ]; then
+		kill -9 "${wk[1]}"
+		r=$(req)
+		h=$(curl -s -m 10 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")
+		if [ "$(echo "$r" | tail -n 1)" = 503 ] && echo "$r" | grep -q 'expert this batch needs is unavailable' &&
+			[ "$h" = 200 ]; then
+			ok "serve, --replicas 1 without memory: 503 with a clear message, still serving"
+		else
+			notok "serve after the loss: $(echo "$r" | tr '\n' ' ') health $h"
+		fi
+	else
+		notok "serve with 3 workers did not answer: $(grep -m1 error "$tmp/srv.err")"
+	fi
+	kill -9 "$srv" 2>/dev/null
+else
+	ok "serve after a loss # SKIP curl absent"
+fi
+
 # 5. SIGTERM: the coordinator stops cleanly and tells its workers; a worker
 # without --reconnect exits 0, workers with it serve the next coordinator
 ep=ipc://$tmp/restart.sock
