@@ -16,24 +16,25 @@
 
 /* Limits on what a file may claim, so that a corrupt count fails cleanly
  * instead of driving a huge allocation. */
-#define GGUF_MAX_KV (1u << 20)
+#define GGUF_MAX_KV	 (1u << 20)
 #define GGUF_MAX_TENSORS (1u << 20)
-#define GGUF_MAX_NAME 4096
-#define GGUF_MAX_ALIGN (1u << 16)
+#define GGUF_MAX_NAME	 4096
+#define GGUF_MAX_ALIGN	 (1u << 16)
 /* The fewest bytes an entry can take: a key (length + 1 byte), a value type
  * and a u8 value; a tensor name (length + 1 byte), n_dims, one extent, a type
  * and an offset. */
-#define GGUF_MIN_KV_BYTES 14u
+#define GGUF_MIN_KV_BYTES     14u
 #define GGUF_MIN_TENSOR_BYTES 33u
 
 struct gguf_kv {
 	gguf_str key;
-	char *key_c;		/* NUL-terminated copy */
+	char *key_c; /* NUL-terminated copy */
 	enum gguf_type type;
 	enum gguf_type elem_type; /* arrays */
-	uint64_t count;		/* arrays */
-	const uint8_t *value;	/* start of the value (after type, and after elem type + count for arrays) */
-	const uint8_t **strs;	/* string arrays: start of each element's u64 length */
+	uint64_t count;		  /* arrays */
+	const uint8_t
+	    *value; /* start of the value (after type, and after elem type + count for arrays) */
+	const uint8_t **strs; /* string arrays: start of each element's u64 length */
 };
 
 struct gguf {
@@ -124,7 +125,7 @@ uint64_t gguf_type_size(enum gguf_type t)
 
 static const char *gguf_type_name(enum gguf_type t)
 {
-	static const char *names[] = {"u8",  "i8",	"u16",	 "i16",	  "u32", "i32", "f32",
+	static const char *names[] = {"u8",   "i8",	"u16",	 "i16", "u32", "i32", "f32",
 				      "bool", "string", "array", "u64", "i64", "f64"};
 	return (unsigned)t < GGUF_TYPE_COUNT ? names[t] : "?";
 }
@@ -200,9 +201,10 @@ static int gguf_read_kv(gguf *g, struct cur *c, struct gguf_kv *kv)
 	if (kv->elem_type != GGUF_TYPE_STRING) {
 		uint64_t sz = gguf_type_size(kv->elem_type);
 		if (kv->count > (g->size - c->off) / sz) {
-			log_error("%s: key %s: array of %llu %s elements runs past the end of the file",
-				  g->path, kv->key_c, (unsigned long long)kv->count,
-				  gguf_type_name(kv->elem_type));
+			log_error(
+			    "%s: key %s: array of %llu %s elements runs past the end of the file",
+			    g->path, kv->key_c, (unsigned long long)kv->count,
+			    gguf_type_name(kv->elem_type));
 			return ERR_FORMAT;
 		}
 		if (kv->elem_type == GGUF_TYPE_BOOL) {
@@ -219,8 +221,8 @@ static int gguf_read_kv(gguf *g, struct cur *c, struct gguf_kv *kv)
 	}
 	/* each string needs at least its 8-byte length */
 	if (kv->count > (g->size - c->off) / 8) {
-		log_error("%s: key %s: array of %llu strings runs past the end of the file", g->path,
-			  kv->key_c, (unsigned long long)kv->count);
+		log_error("%s: key %s: array of %llu strings runs past the end of the file",
+			  g->path, kv->key_c, (unsigned long long)kv->count);
 		return ERR_FORMAT;
 	}
 	kv->strs = malloc((kv->count ? kv->count : 1) * sizeof(*kv->strs));
@@ -315,8 +317,8 @@ static int gguf_cmp_name(const void *a, const void *b)
 
 /* Fails when two of the n names (the first at *first, the others every
  * stride bytes after it) are equal; sorts a copy, so it takes n log n. */
-static int gguf_check_unique(const gguf *g, const char *what, uint64_t n,
-			     const char *const *first, size_t stride)
+static int gguf_check_unique(const gguf *g, const char *what, uint64_t n, const char *const *first,
+			     size_t stride)
 {
 	if (n < 2)
 		return 0;
@@ -495,8 +497,7 @@ static int gguf_parse(gguf *g)
 		t->data = g->map + g->data_start + off;
 	}
 	/* duplicate tensor names make lookups ambiguous */
-	rc = gguf_check_unique(g, "tensor", g->n_tensors, &g->tensors[0].name,
-			       sizeof(*g->tensors));
+	rc = gguf_check_unique(g, "tensor", g->n_tensors, &g->tensors[0].name, sizeof(*g->tensors));
 out:
 	return rc;
 }
@@ -527,10 +528,22 @@ void gguf_destroy(gguf **pg)
 	*pg = NULL;
 }
 
-const char *gguf_path(const gguf *g) { return g->path; }
-uint64_t gguf_file_size(const gguf *g) { return g->size; }
-uint64_t gguf_n_kv(const gguf *g) { return g->n_kv; }
-const char *gguf_kv_key(const gguf *g, uint64_t i) { return i < g->n_kv ? g->kv[i].key_c : NULL; }
+const char *gguf_path(const gguf *g)
+{
+	return g->path;
+}
+uint64_t gguf_file_size(const gguf *g)
+{
+	return g->size;
+}
+uint64_t gguf_n_kv(const gguf *g)
+{
+	return g->n_kv;
+}
+const char *gguf_kv_key(const gguf *g, uint64_t i)
+{
+	return i < g->n_kv ? g->kv[i].key_c : NULL;
+}
 enum gguf_type gguf_kv_type(const gguf *g, uint64_t i)
 {
 	return i < g->n_kv ? g->kv[i].type : GGUF_TYPE_COUNT;
@@ -559,15 +572,15 @@ static int gguf_get_typed(const gguf *g, const char *key, enum gguf_type t,
 	return 0;
 }
 
-#define GGUF_GETTER(fn, ctype, gtype)                                                  \
-	int fn(const gguf *g, const char *key, ctype *out)                             \
-	{                                                                              \
-		const struct gguf_kv *kv;                                              \
-		int rc = gguf_get_typed(g, key, gtype, &kv);                           \
-		if (rc)                                                                \
-			return rc;                                                     \
-		memcpy(out, kv->value, sizeof(ctype));                                 \
-		return 0;                                                              \
+#define GGUF_GETTER(fn, ctype, gtype)                                                              \
+	int fn(const gguf *g, const char *key, ctype *out)                                         \
+	{                                                                                          \
+		const struct gguf_kv *kv;                                                          \
+		int rc = gguf_get_typed(g, key, gtype, &kv);                                       \
+		if (rc)                                                                            \
+			return rc;                                                                 \
+		memcpy(out, kv->value, sizeof(ctype));                                             \
+		return 0;                                                                          \
 	}
 GGUF_GETTER(gguf_get_u32, uint32_t, GGUF_TYPE_U32)
 GGUF_GETTER(gguf_get_i32, int32_t, GGUF_TYPE_I32)
@@ -667,7 +680,10 @@ int gguf_get_arr_u32(const gguf *g, const char *key, uint32_t *dst, uint64_t n)
 	return 0;
 }
 
-uint64_t gguf_n_tensors(const gguf *g) { return g->n_tensors; }
+uint64_t gguf_n_tensors(const gguf *g)
+{
+	return g->n_tensors;
+}
 
 const gguf_tensor *gguf_tensor_at(const gguf *g, uint64_t i)
 {
@@ -698,8 +714,8 @@ int gguf_expect_tensor(const gguf *g, const char *name, uint32_t n_dims, const u
 		char want[96], got[96];
 		int wl = 0, gl = 0;
 		for (uint32_t d = 0; d < n_dims; d++)
-			wl += snprintf(want + wl, sizeof(want) - (size_t)wl, "%s%llu", d ? " x " : "",
-				       (unsigned long long)ne[d]);
+			wl += snprintf(want + wl, sizeof(want) - (size_t)wl, "%s%llu",
+				       d ? " x " : "", (unsigned long long)ne[d]);
 		for (uint32_t d = 0; d < t->n_dims; d++)
 			gl += snprintf(got + gl, sizeof(got) - (size_t)gl, "%s%llu", d ? " x " : "",
 				       (unsigned long long)t->ne[d]);

@@ -101,8 +101,8 @@ int gguf_get_cstr(const gguf *g, const char *key, char *buf, size_t cap);
 /* Arrays.  For numeric element types *data points at count packed elements
  * (little-endian, possibly unaligned: read with memcpy).  For string arrays use
  * gguf_get_arr_str(). */
-int gguf_get_arr(const gguf *g, const char *key, enum gguf_type *elem_type,
-		 uint64_t *count, const void **data);
+int gguf_get_arr(const gguf *g, const char *key, enum gguf_type *elem_type, uint64_t *count,
+		 const void **data);
 int gguf_get_arr_str(const gguf *g, const char *key, uint64_t i, gguf_str *out);
 /* Reads a numeric array of u32/i32 elements into dst (n entries exactly). */
 int gguf_get_arr_u32(const gguf *g, const char *key, uint32_t *dst, uint64_t n);
@@ -115,7 +115,7 @@ const gguf_tensor *gguf_find_tensor(const gguf *g, const char *name); /* NULL if
 /* Looks up a tensor and checks its shape: ne[0..n_dims) must equal the given
  * extents (trailing ones may be omitted in the file).  Logs "FILE: tensor NAME:
  * problem" and returns ERR_FORMAT when missing or misshapen. */
-int gguf_expect_tensor(const gguf *g, const char *name, uint32_t n_dims,
-		       const uint64_t *ne, const gguf_tensor **out);
+int gguf_expect_tensor(const gguf *g, const char *name, uint32_t n_dims, const uint64_t *ne,
+		       const gguf_tensor **out);
 
 #endif

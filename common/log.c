@@ -8,7 +8,10 @@
 
 static int log_quiet;
 
-void log_set_quiet(int quiet) { log_quiet = quiet; }
+void log_set_quiet(int quiet)
+{
+	log_quiet = quiet;
+}
 
 static void log_write_line(const char *level, const char *fmt, va_list ap)
 {

@@ -14,8 +14,9 @@
 #include <stdint.h>
 
 enum moe_act {
-	MOE_ACT_SWIGLU = 0,	/* silu(g) * u */
-	MOE_ACT_SWIGLU_OAI = 1, /* gpt-oss: g' = min(g, limit); g' * sigmoid(alpha g') * (clamp(u, -limit, limit) + 1) */
+	MOE_ACT_SWIGLU = 0,	  /* silu(g) * u */
+	MOE_ACT_SWIGLU_OAI = 1,	  /* gpt-oss: g' = min(g, limit); g' * sigmoid(alpha g') * (clamp(u,
+				     -limit, limit) + 1) */
 	MOE_ACT_SWIGLU_CLAMP = 2, /* silu(min(g, limit)) * clamp(u, -limit, limit) (DeepSeek-V4) */
 };
 

@@ -118,7 +118,10 @@ void pool_destroy(pool **pp)
 	*pp = NULL;
 }
 
-int pool_size(const pool *p) { return p ? p->n : 1; }
+int pool_size(const pool *p)
+{
+	return p ? p->n : 1;
+}
 
 void pool_run(pool *p, pool_fn fn, void *ctx)
 {
@@ -136,7 +139,8 @@ void pool_run(pool *p, pool_fn fn, void *ctx)
 	fn(ctx, 0, p->n);
 	/* spin briefly, then yield: on a loaded machine the thread we wait for
 	 * may need this core */
-	for (int spins = 0; atomic_load_explicit(&p->remaining, memory_order_acquire) > 0; spins++) {
+	for (int spins = 0; atomic_load_explicit(&p->remaining, memory_order_acquire) > 0;
+	     spins++) {
 		if (spins < POOL_SPIN) {
 #if defined(__x86_64__) || defined(__i386__)
 			__builtin_ia32_pause();

@@ -29,7 +29,7 @@
 
 /* ------------------------------------------------------------ pre-tokenizers */
 
-#define TOK_MAX_REGEX 4
+#define TOK_MAX_REGEX	     4
 #define TOK_MAX_SPECIAL_LENS 64
 
 struct pretok_def {
@@ -1497,8 +1497,8 @@ static int tok_special_found(struct enc *e, const uint8_t *text, size_t len, int
 			     int32_t *n_out)
 {
 	const tokenizer *t = e->t;
-	const uint8_t want = TOKENIZER_ATTR_CONTROL | TOKENIZER_ATTR_USER_DEFINED |
-			     TOKENIZER_ATTR_UNKNOWN;
+	const uint8_t want =
+	    TOKENIZER_ATTR_CONTROL | TOKENIZER_ATTR_USER_DEFINED | TOKENIZER_ATTR_UNKNOWN;
 	e->n_found = 0;
 	for (size_t i = 0; i < len; i++) {
 		if (!t->special_first[text[i]])

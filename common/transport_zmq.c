@@ -34,15 +34,15 @@
 
 #include <zmq.h>
 
-#define TZMQ_ID_MAX    255   /* libzmq's limit on routing ids */
-#define TZMQ_PEERS_MAX 65536 /* indices handed out; later newcomers are refused */
-#define TZMQ_Z85_LEN   40    /* a CURVE key in Z85 text */
-#define TZMQ_KEY_BYTES 32
-#define TZMQ_KEYS_MAX  4096	       /* authorised keys in one file */
-#define TZMQ_KEYFILE_MAX (1u << 20)    /* bytes of one key file */
-#define TZMQ_HANDSHAKE_DEFAULT 10000   /* ms */
-#define TZMQ_ZAP_ENDPOINT "inproc://zeromq.zap.01"
-#define TZMQ_ZAP_DOMAIN	  "moefleet"
+#define TZMQ_ID_MAX	       255   /* libzmq's limit on routing ids */
+#define TZMQ_PEERS_MAX	       65536 /* indices handed out; later newcomers are refused */
+#define TZMQ_Z85_LEN	       40    /* a CURVE key in Z85 text */
+#define TZMQ_KEY_BYTES	       32
+#define TZMQ_KEYS_MAX	       4096	  /* authorised keys in one file */
+#define TZMQ_KEYFILE_MAX       (1u << 20) /* bytes of one key file */
+#define TZMQ_HANDSHAKE_DEFAULT 10000	  /* ms */
+#define TZMQ_ZAP_ENDPOINT      "inproc://zeromq.zap.01"
+#define TZMQ_ZAP_DOMAIN	       "moefleet"
 
 struct tzmq_peer {
 	uint8_t id[TZMQ_ID_MAX];
@@ -63,16 +63,16 @@ struct transport_zmq {
 	zmq_msg_t part[2]; /* header and frame of the last message */
 	int n_held;
 	/* security */
-	int curve;		      /* 1: CURVE on this socket */
+	int curve;			   /* 1: CURVE on this socket */
 	char public_key[TZMQ_Z85_LEN + 1]; /* own public key, "" without CURVE */
-	void *mon;		      /* PAIR receiving the socket's events, or NULL */
-	struct tzmq_zap *zap;	      /* coordinator with CURVE: the ZAP handler */
-	int hs_ok;		      /* worker: the last handshake succeeded */
-	double hs_connected_at;	      /* worker: first connection since the last good
-					 handshake (ms), 0 if none */
+	void *mon;			   /* PAIR receiving the socket's events, or NULL */
+	struct tzmq_zap *zap;		   /* coordinator with CURVE: the ZAP handler */
+	int hs_ok;			   /* worker: the last handshake succeeded */
+	double hs_connected_at;		   /* worker: first connection since the last good
+					      handshake (ms), 0 if none */
 	int hs_timeout_ms;
-	int hs_error;		      /* worker: fatal handshake error, returned by every call */
-	double log_at;		      /* rate limit of handshake-failure lines */
+	int hs_error;  /* worker: fatal handshake error, returned by every call */
+	double log_at; /* rate limit of handshake-failure lines */
 	int log_suppressed;
 };
 
@@ -261,7 +261,8 @@ static int tzmq_read_keys(const char *path, int secret, uint8_t (*keys)[TZMQ_KEY
 				goto out;
 			}
 			if (n >= max) {
-				log_error("%s:%d: more than %d key(s) in the file", path, line, max);
+				log_error("%s:%d: more than %d key(s) in the file", path, line,
+					  max);
 				rc = ERR_RANGE;
 				goto out;
 			}
@@ -314,7 +315,8 @@ static int tzmq_read_one_key(const char *path, int secret, uint8_t key[TZMQ_KEY_
 		rc = zmq_curve_public(public_z85, z) ? ERR_CONFIG : 0;
 		tzmq_wipe(z, sizeof(z));
 		if (rc)
-			log_error("%s: cannot derive the public key: %s", path, zmq_strerror(errno));
+			log_error("%s: cannot derive the public key: %s", path,
+				  zmq_strerror(errno));
 	}
 	return rc;
 }
@@ -550,8 +552,7 @@ static const char *tzmq_handshake_reason(struct transport_zmq *tz, int event, ui
 	case ZMQ_PROTOCOL_ERROR_ZMTP_KEY_EXCHANGE:
 		return "CURVE keys do not match (the worker's server key must be the coordinator's "
 		       "public key)";
-	default:
-		return "protocol error during the handshake";
+	default: return "protocol error during the handshake";
 	}
 }
 
@@ -562,9 +563,7 @@ static void tzmq_on_event(struct transport_zmq *tz, int event, uint32_t value)
 		if (!tz->router && tz->hs_connected_at == 0)
 			tz->hs_connected_at = tzmq_now_ms();
 		break;
-	case ZMQ_EVENT_DISCONNECTED:
-		tz->hs_ok = 0;
-		break;
+	case ZMQ_EVENT_DISCONNECTED: tz->hs_ok = 0; break;
 	case ZMQ_EVENT_HANDSHAKE_SUCCEEDED:
 		tz->hs_ok = 1;
 		tz->hs_connected_at = 0;
@@ -593,8 +592,7 @@ static void tzmq_on_event(struct transport_zmq *tz, int event, uint32_t value)
 		}
 		break;
 	}
-	default:
-		break;
+	default: break;
 	}
 }
 
@@ -630,13 +628,14 @@ static int tzmq_start_monitor(struct transport_zmq *tz)
 {
 	char addr[64];
 	snprintf(addr, sizeof(addr), "inproc://moefleet-monitor-%p", (void *)tz);
-	int events = ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED |
-		     ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
-		     ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL;
+	int events = ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED |
+		     ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+		     ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL;
 	int zero = 0;
 	if (zmq_socket_monitor(tz->sock, addr, events) ||
 	    !(tz->mon = zmq_socket(tz->ctx, ZMQ_PAIR)) ||
-	    zmq_setsockopt(tz->mon, ZMQ_LINGER, &zero, sizeof(zero)) || zmq_connect(tz->mon, addr)) {
+	    zmq_setsockopt(tz->mon, ZMQ_LINGER, &zero, sizeof(zero)) ||
+	    zmq_connect(tz->mon, addr)) {
 		log_error("%s: cannot monitor the socket: %s", tz->endpoint, zmq_strerror(errno));
 		return ERR_IO;
 	}
@@ -712,7 +711,8 @@ static int tzmq_open(const char *endpoint, int router, const struct transport_zm
 		log_error("%s: tcp:// links need CURVE keys (%s; see 'moefleet keygen') or an "
 			  "explicit --insecure on a trusted network",
 			  endpoint,
-			  router ? "--cluster-key and --authorized-keys" : "--key and --server-key");
+			  router ? "--cluster-key and --authorized-keys"
+				 : "--key and --server-key");
 		return ERR_CONFIG;
 	}
 	struct transport_zmq *tz = calloc(1, sizeof(*tz));

@@ -10,13 +10,16 @@
 
 const char *wire_kind_name(enum wire_kind k)
 {
-	static const char *names[] = {"none",  "hello", "assign",    "weight_chunk",
-				      "ready", "batch", "result",    "heartbeat",
-				      "stats", "shutdown", "error", "release"};
+	static const char *names[] = {"none",  "hello",	   "assign", "weight_chunk",
+				      "ready", "batch",	   "result", "heartbeat",
+				      "stats", "shutdown", "error",  "release"};
 	return (unsigned)k <= WIRE_RELEASE ? names[k] : "?";
 }
 
-static int wire_dtype_ok(uint32_t t) { return t == KERN_F32 || t == KERN_BF16 || t == KERN_Q8_0; }
+static int wire_dtype_ok(uint32_t t)
+{
+	return t == KERN_F32 || t == KERN_BF16 || t == KERN_Q8_0;
+}
 
 size_t wire_batch_frame_bytes(const struct wire_batch *b, uint32_t n_embd)
 {
@@ -225,8 +228,7 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		env.release = &release;
 		break;
 	}
-	default:
-		return ERR_RANGE;
+	default: return ERR_RANGE;
 	}
 	size_t need = moefleet__envelope__get_packed_size(&env);
 	if (need > WIRE_MAX_HEADER) {
@@ -266,8 +268,7 @@ static void wire_copy_str(char *dst, size_t cap, const char *src)
 	snprintf(dst, cap, "%s", src ? src : "");
 }
 
-static int wire_decode_spec(const Moefleet__ExpertSpec *s, const char *peer,
-			    struct moe_spec *out)
+static int wire_decode_spec(const Moefleet__ExpertSpec *s, const char *peer, struct moe_spec *out)
 {
 	if (!s)
 		return wire_bad(peer, "assign without expert spec");
@@ -335,7 +336,8 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 		uint64_t total = 0;
 		for (size_t i = 0; i < a->n_experts; i++) {
 			const Moefleet__LayerExperts *le = a->experts[i];
-			if (le->layer >= (uint32_t)o->spec.n_layer || !o->spec.layer_moe[le->layer]) {
+			if (le->layer >= (uint32_t)o->spec.n_layer ||
+			    !o->spec.layer_moe[le->layer]) {
 				rc = wire_bad(peer, "assigned layer has no routed experts");
 				goto out;
 			}
@@ -373,8 +375,8 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 			rc = wire_bad(peer, "weight chunk out of range");
 			goto out;
 		}
-		out->u.chunk = (struct wire_weight_chunk){c->layer,  c->expert, c->tensor,
-							  c->type,   c->offset, c->total};
+		out->u.chunk = (struct wire_weight_chunk){c->layer, c->expert, c->tensor,
+							  c->type,  c->offset, c->total};
 		break;
 	}
 	case MOEFLEET__ENVELOPE__BODY_READY:
@@ -462,8 +464,8 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 			rc = wire_bad(peer, "result item count out of range");
 			goto out;
 		}
-		out->u.result = (struct wire_result){r->step, r->layer, r->n_items,
-						     r->compute_seconds};
+		out->u.result =
+		    (struct wire_result){r->step, r->layer, r->n_items, r->compute_seconds};
 		break;
 	}
 	case MOEFLEET__ENVELOPE__BODY_HEARTBEAT:
@@ -473,9 +475,9 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 	case MOEFLEET__ENVELOPE__BODY_STATS: {
 		const Moefleet__Stats *s = env->stats;
 		out->kind = WIRE_STATS;
-		out->u.stats = (struct wire_stats){s->rows,	       s->items,
-						   s->bytes_in,	       s->bytes_out,
-						   s->compute_seconds, s->idle_seconds};
+		out->u.stats =
+		    (struct wire_stats){s->rows,      s->items,		  s->bytes_in,
+					s->bytes_out, s->compute_seconds, s->idle_seconds};
 		break;
 	}
 	case MOEFLEET__ENVELOPE__BODY_SHUTDOWN:
@@ -487,9 +489,7 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 		out->kind = WIRE_ERROR;
 		wire_copy_str(out->u.text, sizeof(out->u.text), env->error->message);
 		break;
-	default:
-		rc = wire_bad(peer, "envelope without a body");
-		goto out;
+	default: rc = wire_bad(peer, "envelope without a body"); goto out;
 	}
 out:
 	moefleet__envelope__free_unpacked(env, NULL);

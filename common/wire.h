@@ -21,12 +21,12 @@
 
 #include "moe.h"
 
-#define WIRE_VERSION 1
-#define WIRE_MAX_HEADER (16u << 20) /* bytes of one envelope */
-#define WIRE_MAX_ROWS 65536	    /* rows of one Batch */
-#define WIRE_MAX_K 64		    /* experts per row */
-#define WIRE_MAX_EXPERTS 65536	    /* experts per layer */
-#define WIRE_MAX_NAME 256
+#define WIRE_VERSION	 1
+#define WIRE_MAX_HEADER	 (16u << 20) /* bytes of one envelope */
+#define WIRE_MAX_ROWS	 65536	     /* rows of one Batch */
+#define WIRE_MAX_K	 64	     /* experts per row */
+#define WIRE_MAX_EXPERTS 65536	     /* experts per layer */
+#define WIRE_MAX_NAME	 256
 
 enum wire_kind {
 	WIRE_NONE = 0,

@@ -23,9 +23,9 @@ struct arch_env {
 	int n_ctx;
 	int n_seq;
 	int n_batch;
-	const struct route_opts *route;	    /* selection options for route_select() */
+	const struct route_opts *route;	   /* selection options for route_select() */
 	struct route_counts *route_counts; /* the forward pass adds each layer's rows/slots */
-	int kv_f32;			    /* KV caches in F32 instead of F16 (where supported) */
+	int kv_f32;			   /* KV caches in F32 instead of F16 (where supported) */
 };
 
 struct arch_vtable {
@@ -44,7 +44,8 @@ int arch_u32_opt(const struct arch_env *env, const char *arch, const char *key, 
 int arch_f32_req(const struct arch_env *env, const char *arch, const char *key, float *out);
 int arch_f32_opt(const struct arch_env *env, const char *arch, const char *key, float *out);
 int arch_bool_opt(const struct arch_env *env, const char *arch, const char *key, int *out);
-int arch_str_opt(const struct arch_env *env, const char *arch, const char *key, char *buf, size_t cap);
+int arch_str_opt(const struct arch_env *env, const char *arch, const char *key, char *buf,
+		 size_t cap);
 
 /* "<arch>.attention.layer_norm_rms_epsilon": required, finite and > 0. */
 int arch_rms_eps(const struct arch_env *env, const char *arch, float *out);
@@ -55,17 +56,15 @@ int arch_vocab(const struct arch_env *env, int *n_vocab);
 /* Tensor lookup by printf-style name with a shape check (see gguf_expect_tensor).
  * ne0..ne2: expected extents; pass 0 for dimensions the tensor does not have.
  * arch_tensor_opt returns 0 with *out = NULL when the tensor is absent. */
-int arch_tensor(const struct arch_env *env, const gguf_tensor **out, int64_t ne0,
-		int64_t ne1, int64_t ne2, const char *fmt, ...)
-	__attribute__((format(printf, 6, 7)));
-int arch_tensor_opt(const struct arch_env *env, const gguf_tensor **out, int64_t ne0,
-		    int64_t ne1, int64_t ne2, const char *fmt, ...)
-	__attribute__((format(printf, 6, 7)));
+int arch_tensor(const struct arch_env *env, const gguf_tensor **out, int64_t ne0, int64_t ne1,
+		int64_t ne2, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+int arch_tensor_opt(const struct arch_env *env, const gguf_tensor **out, int64_t ne0, int64_t ne1,
+		    int64_t ne2, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
 
 /* The same for an I32 table (e.g. token id -> expert ids); arch_tensor and
  * arch_tensor_opt refuse I32 tensors. */
-int arch_tensor_ids(const struct arch_env *env, const gguf_tensor **out, int64_t ne0,
-		    int64_t ne1, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+int arch_tensor_ids(const struct arch_env *env, const gguf_tensor **out, int64_t ne0, int64_t ne1,
+		    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
 extern const struct arch_vtable arch_deepseek2;
 extern const struct arch_vtable arch_qwen3moe;

@@ -545,10 +545,10 @@ static void ds2_destroy(void **state)
 	if (!m)
 		return;
 	struct ds2_scratch *s = &m->s;
-	void *bufs[] = {s->x,	      s->h,	  s->qa,      s->q,    s->kv,	   s->qf,
-			s->o,	      s->ov,	  s->y,	      s->gate, s->up,	   s->router,
-			s->sel,	      s->ids,	  s->weights, s->exp_out,
-			s->sub_token, s->sub_pos, s->sub_seq, s->mm,   s->heads_xa};
+	void *bufs[] = {s->x,	    s->h,   s->qa,	s->q,	    s->kv,	  s->qf,
+			s->o,	    s->ov,  s->y,	s->gate,    s->up,	  s->router,
+			s->sel,	    s->ids, s->weights, s->exp_out, s->sub_token, s->sub_pos,
+			s->sub_seq, s->mm,  s->heads_xa};
 	for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
 		free(bufs[i]);
 	attn_cache_destroy(&m->cache);
@@ -616,7 +616,8 @@ static int ds2_load(const struct arch_env *env, struct model_info *info, void **
 	m->rule = (struct route_rule){
 	    .n_expert = hp->n_expert,
 	    .k = hp->n_expert_used,
-	    .gating = hp->gating == DS2_GATING_SIGMOID ? ROUTE_GATING_SIGMOID : ROUTE_GATING_SOFTMAX,
+	    .gating =
+		hp->gating == DS2_GATING_SIGMOID ? ROUTE_GATING_SIGMOID : ROUTE_GATING_SOFTMAX,
 	    .n_group = hp->n_group,
 	    .n_group_used = hp->n_group_used,
 	    .norm = hp->weights_norm,
@@ -739,8 +740,7 @@ static void ds2_swiglu_ffn(struct ds2 *m, const gguf_tensor *gate, const gguf_te
  * from the router logits r[n_expert] (overwritten with probs): sigmoid or
  * softmax, selection bias, group limit, top-k, optional norm, scale (route.h).
  * Returns the number of experts chosen. */
-static int ds2_route_row(struct ds2 *m, const struct ds2_layer *L, float *r, int32_t *ids,
-			 float *w)
+static int ds2_route_row(struct ds2 *m, const struct ds2_layer *L, float *r, int32_t *ids, float *w)
 {
 	route_gate(&m->rule, r);
 	const float *bias = L->exp_probs_b ? ds2_f32(L->exp_probs_b) : NULL;

@@ -583,8 +583,8 @@ static void ds4_destroy(void **state)
 	    s->out,    s->ca,	s->cg,		 s->iq,	     s->iw,	 s->iscore,  s->isel,
 	    s->nsel,   s->cell, (void *)s->krow, s->nkeys,   s->kernel,	 s->seq_tok, s->seq_maxpos,
 	    s->router, s->sel,	s->ids,		 s->weights, s->exp_out, s->moe,     s->gate,
-	    s->up,     s->ent,	s->sub_token,	 s->sub_pos, s->sub_seq, s->mm,
-	    s->ascr,   s->ikf};
+	    s->up,     s->ent,	s->sub_token,	 s->sub_pos, s->sub_seq, s->mm,	     s->ascr,
+	    s->ikf};
 	for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
 		free(bufs[i]);
 	free(m);

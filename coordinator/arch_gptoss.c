@@ -34,35 +34,35 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define GPTOSS_ARCH "gpt-oss"
+#define GPTOSS_ARCH	   "gpt-oss"
 #define GPTOSS_MAX_EXPERTS 4096
-#define GPTOSS_MAX_DIM (1 << 20) /* sanity bound on any width read from the file */
+#define GPTOSS_MAX_DIM	   (1 << 20) /* sanity bound on any width read from the file */
 
 /* llama.cpp's fixed values for this architecture (build_moe_ffn, LLM_FFN_SWIGLU_OAI_MOE;
  * llama_hparams defaults for YaRN, which gpt-oss does not read from the file). */
-#define GPTOSS_ACT_ALPHA 1.702f
-#define GPTOSS_ACT_LIMIT 7.0f
+#define GPTOSS_ACT_ALPHA      1.702f
+#define GPTOSS_ACT_LIMIT      7.0f
 #define GPTOSS_YARN_BETA_FAST 32.0f
 #define GPTOSS_YARN_BETA_SLOW 1.0f
 
 /* ------------------------------------------------------------------ state */
 
 struct gptoss_layer {
-	const float *attn_norm;	      /* [n_embd] */
-	const gguf_tensor *wq;	      /* n_embd x q_width */
-	const gguf_tensor *wk;	      /* n_embd x kv_width */
-	const gguf_tensor *wv;	      /* n_embd x kv_width */
-	const float *bq;	      /* [q_width] or NULL */
-	const float *bk;	      /* [kv_width] or NULL */
-	const float *bv;	      /* [kv_width] or NULL */
-	const gguf_tensor *wo;	      /* q_width x n_embd */
-	const float *bo;	      /* [n_embd] */
-	const float *sinks;	      /* [n_head] */
-	const float *post_norm;	      /* [n_embd] */
-	const gguf_tensor *router;    /* n_embd x n_expert */
-	const float *router_b;	      /* [n_expert] */
-	struct ops_rope rope;	      /* this layer's RoPE (SWA layers have their own base) */
-	struct attn_params attn;      /* heads, scale 1/sqrt(head_dim), window, sinks */
+	const float *attn_norm;	   /* [n_embd] */
+	const gguf_tensor *wq;	   /* n_embd x q_width */
+	const gguf_tensor *wk;	   /* n_embd x kv_width */
+	const gguf_tensor *wv;	   /* n_embd x kv_width */
+	const float *bq;	   /* [q_width] or NULL */
+	const float *bk;	   /* [kv_width] or NULL */
+	const float *bv;	   /* [kv_width] or NULL */
+	const gguf_tensor *wo;	   /* q_width x n_embd */
+	const float *bo;	   /* [n_embd] */
+	const float *sinks;	   /* [n_head] */
+	const float *post_norm;	   /* [n_embd] */
+	const gguf_tensor *router; /* n_embd x n_expert */
+	const float *router_b;	   /* [n_expert] */
+	struct ops_rope rope;	   /* this layer's RoPE (SWA layers have their own base) */
+	struct attn_params attn;   /* heads, scale 1/sqrt(head_dim), window, sinks */
 };
 
 struct gptoss_hparams {
@@ -95,18 +95,18 @@ struct gptoss {
 	attn_cache *cache;
 
 	/* scratch for n_batch rows */
-	float *x;	  /* [n_batch][n_embd] residual stream */
-	float *h;	  /* [n_batch][n_embd] normed input of a block */
-	float *q;	  /* [n_batch][q_width] */
-	float *k;	  /* [n_batch][kv_width] */
-	float *v;	  /* [n_batch][kv_width] */
-	float *attn;	  /* [n_batch][q_width] attention output (heads concatenated) */
-	float *o;	  /* [n_batch][n_embd] projected attention / summed expert output */
-	float *router;	  /* [n_batch][n_expert] router logits */
-	int32_t *ids;	  /* [n_batch][slots] chosen experts, best first */
-	float *weights;	  /* [n_batch][slots] their routing weights */
-	float *eout;	  /* [n_batch][slots][n_embd] weighted expert outputs */
-	void *mm_scratch; /* ops_matmul activation conversion */
+	float *x;		/* [n_batch][n_embd] residual stream */
+	float *h;		/* [n_batch][n_embd] normed input of a block */
+	float *q;		/* [n_batch][q_width] */
+	float *k;		/* [n_batch][kv_width] */
+	float *v;		/* [n_batch][kv_width] */
+	float *attn;		/* [n_batch][q_width] attention output (heads concatenated) */
+	float *o;		/* [n_batch][n_embd] projected attention / summed expert output */
+	float *router;		/* [n_batch][n_expert] router logits */
+	int32_t *ids;		/* [n_batch][slots] chosen experts, best first */
+	float *weights;		/* [n_batch][slots] their routing weights */
+	float *eout;		/* [n_batch][slots][n_embd] weighted expert outputs */
+	void *mm_scratch;	/* ops_matmul activation conversion */
 	struct route_rule rule; /* the router (route.h) */
 	int slots;		/* expert slots per row: route_slots(), n_expert_used by default */
 	void *route_scratch;	/* route_scratch_bytes() */
@@ -122,17 +122,15 @@ struct gptoss_dim_key {
 };
 
 static const struct gptoss_dim_key gptoss_dim_keys[] = {
-	{"embedding_length", 1, GPTOSS_MAX_DIM, offsetof(struct gptoss_hparams, n_embd)},
-	{"block_count", 1, MOE_MAX_LAYERS, offsetof(struct gptoss_hparams, n_layer)},
-	{"context_length", 1, 1u << 30, offsetof(struct gptoss_hparams, n_ctx_train)},
-	{"attention.head_count", 1, 4096, offsetof(struct gptoss_hparams, n_head)},
-	{"attention.head_count_kv", 1, 4096, offsetof(struct gptoss_hparams, n_head_kv)},
-	{"expert_count", 1, GPTOSS_MAX_EXPERTS, offsetof(struct gptoss_hparams, n_expert)},
-	{"expert_used_count", 1, GPTOSS_MAX_EXPERTS,
-	 offsetof(struct gptoss_hparams, n_expert_used)},
-	{"expert_feed_forward_length", 1, GPTOSS_MAX_DIM,
-	 offsetof(struct gptoss_hparams, n_ff_exp)},
-	{"attention.sliding_window", 1, 1u << 30, offsetof(struct gptoss_hparams, n_swa)},
+    {"embedding_length", 1, GPTOSS_MAX_DIM, offsetof(struct gptoss_hparams, n_embd)},
+    {"block_count", 1, MOE_MAX_LAYERS, offsetof(struct gptoss_hparams, n_layer)},
+    {"context_length", 1, 1u << 30, offsetof(struct gptoss_hparams, n_ctx_train)},
+    {"attention.head_count", 1, 4096, offsetof(struct gptoss_hparams, n_head)},
+    {"attention.head_count_kv", 1, 4096, offsetof(struct gptoss_hparams, n_head_kv)},
+    {"expert_count", 1, GPTOSS_MAX_EXPERTS, offsetof(struct gptoss_hparams, n_expert)},
+    {"expert_used_count", 1, GPTOSS_MAX_EXPERTS, offsetof(struct gptoss_hparams, n_expert_used)},
+    {"expert_feed_forward_length", 1, GPTOSS_MAX_DIM, offsetof(struct gptoss_hparams, n_ff_exp)},
+    {"attention.sliding_window", 1, 1u << 30, offsetof(struct gptoss_hparams, n_swa)},
 };
 
 static int gptoss_load_dims(const struct arch_env *env, struct gptoss_hparams *hp)
@@ -144,8 +142,8 @@ static int gptoss_load_dims(const struct arch_env *env, struct gptoss_hparams *h
 		if (rc)
 			return rc;
 		if (v < d->lo || v > d->hi) {
-			log_error("%s: key %s.%s = %u is out of range [%u, %u]",
-				  gguf_path(env->g), GPTOSS_ARCH, d->key, v, d->lo, d->hi);
+			log_error("%s: key %s.%s = %u is out of range [%u, %u]", gguf_path(env->g),
+				  GPTOSS_ARCH, d->key, v, d->lo, d->hi);
 			return ERR_FORMAT;
 		}
 		int iv = (int)v;
@@ -248,9 +246,8 @@ static int gptoss_load_hparams(const struct arch_env *env, struct gptoss_hparams
 	}
 	hp->head_dim = key_length;
 	/* per-layer SWA head sizes are not supported: they must agree if present */
-	static const char *const swa_keys[] = {"attention.key_length_swa",
-					       "attention.value_length_swa",
-					       "rope.dimension_count_swa"};
+	static const char *const swa_keys[] = {
+	    "attention.key_length_swa", "attention.value_length_swa", "rope.dimension_count_swa"};
 	for (size_t i = 0; i < sizeof(swa_keys) / sizeof(swa_keys[0]); i++) {
 		u = (uint32_t)key_length;
 		rc = arch_u32_opt(env, GPTOSS_ARCH, swa_keys[i], &u);
@@ -325,8 +322,7 @@ static int gptoss_load_rope(const struct arch_env *env, const struct gptoss_hpar
 	}
 	if (!(freq_base > 0.0f) || !isfinite(freq_base) || !(freq_base_swa > 0.0f) ||
 	    !isfinite(freq_base_swa) || !(factor >= 0.0f) || !isfinite(factor) ||
-	    !(rope_attn_factor > 0.0f) || !isfinite(rope_attn_factor) ||
-	    n_ctx_orig > (1u << 30)) {
+	    !(rope_attn_factor > 0.0f) || !isfinite(rope_attn_factor) || n_ctx_orig > (1u << 30)) {
 		log_error("%s: invalid RoPE parameters: freq_base %g, freq_base_swa %g, scaling "
 			  "factor %g, attn_factor %g, original context %u",
 			  path, (double)freq_base, (double)freq_base_swa, (double)factor,
@@ -429,8 +425,8 @@ static int gptoss_load_layer(const struct arch_env *env, const struct gptoss_hpa
 	if (!rc)
 		rc = gptoss_f32(env, &l->sinks, hp->n_head, 0, 0, "blk.%d.attn_sinks.weight", il);
 	if (!rc)
-		rc = gptoss_f32(env, &l->post_norm, E, 0, 0,
-				"blk.%d.post_attention_norm.weight", il);
+		rc = gptoss_f32(env, &l->post_norm, E, 0, 0, "blk.%d.post_attention_norm.weight",
+				il);
 	if (!rc)
 		rc = arch_tensor(env, &l->router, E, X, 0, "blk.%d.ffn_gate_inp.weight", il);
 	if (!rc)
@@ -548,13 +544,13 @@ static int gptoss_load(const struct arch_env *env, struct model_info *info, void
 	for (int il = 0; il < hp->n_layer; il++) {
 		struct gptoss_layer *l = &s->layers[il];
 		l->attn = (struct attn_params){
-			.n_head = hp->n_head,
-			.n_head_kv = hp->n_head_kv,
-			.head_dim_k = hp->head_dim,
-			.head_dim_v = hp->head_dim,
-			.scale = 1.0f / sqrtf((float)hp->head_dim),
-			.window = hp->is_swa[il] ? hp->n_swa : 0, /* j visible iff pos - j < n_swa */
-			.sinks = l->sinks,
+		    .n_head = hp->n_head,
+		    .n_head_kv = hp->n_head_kv,
+		    .head_dim_k = hp->head_dim,
+		    .head_dim_v = hp->head_dim,
+		    .scale = 1.0f / sqrtf((float)hp->head_dim),
+		    .window = hp->is_swa[il] ? hp->n_swa : 0, /* j visible iff pos - j < n_swa */
+		    .sinks = l->sinks,
 		};
 		rc = attn_check_params(s->cache, &l->attn, gguf_path(env->g));
 		if (rc)
@@ -728,14 +724,14 @@ static int gptoss_moe(struct gptoss *s, int il, int n)
 
 	/* weighted expert outputs                          (n, E) -> (n, K, E) */
 	const struct expert_job job = {
-		.layer = il,
-		.n_rows = n,
-		.n_embd = E,
-		.k = K,
-		.x = s->h,
-		.ids = s->ids,
-		.weights = s->weights,
-		.out = s->eout,
+	    .layer = il,
+	    .n_rows = n,
+	    .n_embd = E,
+	    .k = K,
+	    .x = s->h,
+	    .ids = s->ids,
+	    .weights = s->weights,
+	    .out = s->eout,
 	};
 	int rc = experts_run_sum(s->env->experts, &job, s->o);
 	if (rc)
@@ -754,8 +750,8 @@ static int gptoss_forward(void *state, const model_batch *b, float *logits)
 	int rc;
 
 	if (n < 0 || n > s->env->n_batch) {
-		log_error("%s: batch of %d tokens exceeds the batch size %d",
-			  gguf_path(s->env->g), n, s->env->n_batch);
+		log_error("%s: batch of %d tokens exceeds the batch size %d", gguf_path(s->env->g),
+			  n, s->env->n_batch);
 		return ERR_RANGE;
 	}
 	if (n == 0)
@@ -815,9 +811,9 @@ static int gptoss_forward(void *state, const model_batch *b, float *logits)
 }
 
 const struct arch_vtable arch_gptoss = {
-	.name = GPTOSS_ARCH,
-	.load = gptoss_load,
-	.destroy = gptoss_destroy,
-	.forward = gptoss_forward,
-	.reset_seq = gptoss_reset_seq,
+    .name = GPTOSS_ARCH,
+    .load = gptoss_load,
+    .destroy = gptoss_destroy,
+    .forward = gptoss_forward,
+    .reset_seq = gptoss_reset_seq,
 };

@@ -101,19 +101,19 @@ struct qwen {
 	struct attn_params attn;
 
 	/* activations for n_batch rows */
-	float *x;	  /* [n_batch][E] residual stream */
-	float *h;	  /* [n_batch][E] normed block input */
-	float *qkv;	  /* [n_batch][H*D + 2*Hkv*D] fused projection (fused files only) */
-	float *q;	  /* [n_batch][H*D] */
-	float *k;	  /* [n_batch][Hkv*D] */
-	float *v;	  /* [n_batch][Hkv*D] */
-	float *a;	  /* [n_batch][H*D] attention output, heads concatenated */
-	float *o;	  /* [n_batch][E] projected attention, then summed experts */
-	float *probs;	  /* [n_batch][X] router logits, then probabilities */
-	int32_t *ids;	  /* [n_batch][slots] chosen experts, best first */
-	float *weights;	  /* [n_batch][slots] their routing weights */
-	float *eout;	  /* [n_batch][slots][E] weighted expert outputs */
-	void *mm_scratch; /* ops_matmul activation conversion */
+	float *x;		/* [n_batch][E] residual stream */
+	float *h;		/* [n_batch][E] normed block input */
+	float *qkv;		/* [n_batch][H*D + 2*Hkv*D] fused projection (fused files only) */
+	float *q;		/* [n_batch][H*D] */
+	float *k;		/* [n_batch][Hkv*D] */
+	float *v;		/* [n_batch][Hkv*D] */
+	float *a;		/* [n_batch][H*D] attention output, heads concatenated */
+	float *o;		/* [n_batch][E] projected attention, then summed experts */
+	float *probs;		/* [n_batch][X] router logits, then probabilities */
+	int32_t *ids;		/* [n_batch][slots] chosen experts, best first */
+	float *weights;		/* [n_batch][slots] their routing weights */
+	float *eout;		/* [n_batch][slots][E] weighted expert outputs */
+	void *mm_scratch;	/* ops_matmul activation conversion */
 	struct route_rule rule; /* the router (route.h) */
 	int slots;		/* expert slots per row: route_slots(), K by default */
 	void *route_scratch;	/* route_scratch_bytes() */
@@ -435,8 +435,7 @@ static int qwen_alloc_scratch(const struct arch_env *env, struct qwen *s)
 {
 	const struct qwen_hparams *hp = &s->hp;
 	const size_t nb = (size_t)env->n_batch, E = (size_t)hp->n_embd;
-	const size_t K = (size_t)s->slots, QW = (size_t)s->q_width,
-		     KW = (size_t)s->kv_width;
+	const size_t K = (size_t)s->slots, QW = (size_t)s->q_width, KW = (size_t)s->kv_width;
 	int fused = 0;
 	for (int il = 0; il < hp->n_layer; il++)
 		fused |= s->layers[il].wqkv != NULL;

@@ -57,7 +57,7 @@
 #include <immintrin.h>
 #define ATTN_SIMD 1
 __attribute__((target("avx2,fma,f16c"))) static void attn_simd_f16_row(const uint16_t *src,
-									 float *dst, int n)
+								       float *dst, int n)
 {
 	int d = 0;
 	for (; d + 8 <= n; d += 8)
@@ -69,7 +69,7 @@ __attribute__((target("avx2,fma,f16c"))) static void attn_simd_f16_row(const uin
 
 /* acc[d] = fma(w, v[d], acc[d]) for d < n, v in F16 */
 __attribute__((target("avx2,fma,f16c"))) static void attn_simd_axpy_f16(float w, const uint16_t *v,
-									  float *acc, int n)
+									float *acc, int n)
 {
 	const __m256 wv = _mm256_set1_ps(w);
 	int d = 0;
@@ -88,8 +88,8 @@ __attribute__((target("avx2,fma"))) static void attn_simd_axpy(float q, const fl
 	const __m256 qv = _mm256_set1_ps(q);
 	int i = 0;
 	for (; i + 8 <= n; i += 8)
-		_mm256_storeu_ps(sv + i, _mm256_fmadd_ps(qv, _mm256_loadu_ps(row + i),
-							 _mm256_loadu_ps(sv + i)));
+		_mm256_storeu_ps(
+		    sv + i, _mm256_fmadd_ps(qv, _mm256_loadu_ps(row + i), _mm256_loadu_ps(sv + i)));
 	for (; i < n; i++)
 		sv[i] = fmaf(q, row[i], sv[i]);
 }
@@ -97,17 +97,18 @@ __attribute__((target("avx2,fma"))) static void attn_simd_axpy(float q, const fl
 /* The 4 x 16-lane accumulation of attn_dot_f16 over np values (a multiple of
  * 64): acc[j][l] = acc[j][l] + q16[i + 16 j + l] * k[i + 16 j + l], then
  * acc[0] + acc[2], acc[1] + acc[3], and their sum, into out[16]. */
-__attribute__((target("avx2,fma,f16c"))) static void attn_simd_dot16(const float *q16,
-									const uint16_t *k, int np,
-									float *out)
+__attribute__((target("avx2,fma,f16c"))) static void
+attn_simd_dot16(const float *q16, const uint16_t *k, int np, float *out)
 {
 	__m256 a[8];
 	for (int j = 0; j < 8; j++)
 		a[j] = _mm256_setzero_ps();
 	for (int i = 0; i < np; i += 64)
 		for (int j = 0; j < 8; j++) {
-			__m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i + 8 * j)));
-			a[j] = _mm256_add_ps(a[j], _mm256_mul_ps(_mm256_loadu_ps(q16 + i + 8 * j), kv));
+			__m256 kv =
+			    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i + 8 * j)));
+			a[j] = _mm256_add_ps(a[j],
+					     _mm256_mul_ps(_mm256_loadu_ps(q16 + i + 8 * j), kv));
 		}
 	for (int h = 0; h < 2; h++) {
 		a[h] = _mm256_add_ps(a[h], a[4 + h]);
@@ -118,7 +119,7 @@ __attribute__((target("avx2,fma,f16c"))) static void attn_simd_dot16(const float
 
 /* acc[d] = f16(acc[d] * ms) for d < n */
 __attribute__((target("avx2,fma,f16c"))) static void attn_simd_scale_f16(float *acc, float ms,
-									    int n)
+									 int n)
 {
 	const __m256 m = _mm256_set1_ps(ms);
 	int d = 0;
@@ -131,9 +132,8 @@ __attribute__((target("avx2,fma,f16c"))) static void attn_simd_scale_f16(float *
 }
 
 /* acc[d] = f16(fma(v[d], w, acc[d])) for d < n, v in F16 */
-__attribute__((target("avx2,fma,f16c"))) static void attn_simd_fma_f16(float *acc,
-									  const uint16_t *v, float w,
-									  int n)
+__attribute__((target("avx2,fma,f16c"))) static void
+attn_simd_fma_f16(float *acc, const uint16_t *v, float w, int n)
 {
 	const __m256 wv = _mm256_set1_ps(w);
 	int d = 0;
@@ -150,7 +150,7 @@ __attribute__((target("avx2,fma,f16c"))) static void attn_simd_fma_f16(float *ac
 /* kt[d][u] = vt[u][d] for u < nv8 (a multiple of 8), d < dim (a multiple
  * of 8): 8 x 8 blocks transposed in registers. */
 __attribute__((target("avx2,fma"))) static void attn_simd_transpose(const float *vt, int nv8,
-								     int dim, float *kt, int ld)
+								    int dim, float *kt, int ld)
 {
 	for (int u = 0; u < nv8; u += 8)
 		for (int d = 0; d < dim; d += 8) {
@@ -182,7 +182,8 @@ __attribute__((target("avx2,fma"))) static void attn_simd_transpose(const float 
 /* sv[v][l] = fma chain over d < dim of q[d] * kt[d][8 v + l] for v < NV,
  * continuing from sv's values. */
 __attribute__((target("avx2,fma"), always_inline)) static inline void
-attn_simd_scores_n(const float *kt, int ld, int d0, int d1, const float *q, float *sv, const int nvec)
+attn_simd_scores_n(const float *kt, int ld, int d0, int d1, const float *q, float *sv,
+		   const int nvec)
 {
 	__m256 a[8];
 	for (int v = 0; v < nvec; v++)
@@ -201,8 +202,8 @@ attn_simd_scores_n(const float *kt, int ld, int d0, int d1, const float *q, floa
  * kt[dim][ld] (nv8 keys, a multiple of 8 up to 64): sv[h][u] = fma chain over
  * d of q[h][d] * k[u][d], d in order (each lane as attn_simd_axpy). */
 __attribute__((target("avx2,fma"))) static void attn_simd_scores(const float *kt, int ld, int dim,
-								  int nv8, const float *q, size_t qs,
-								  int nh, float *sv, int svs)
+								 int nv8, const float *q, size_t qs,
+								 int nh, float *sv, int svs)
 {
 	for (int h = 0; h < nh; h++)
 		memset(sv + (size_t)h * (size_t)svs, 0, (size_t)nv8 * sizeof(float));
@@ -228,9 +229,8 @@ __attribute__((target("avx2,fma"))) static void attn_simd_scores(const float *kt
 
 /* acc[h][d] = fma chain over u < nv (in order) of w[h][u] * vt[u][d], for
  * nh heads (acc[h] at acc + h * dim, w[h] at w + h * ws); dim % 8 == 0. */
-__attribute__((target("avx2,fma"))) static void attn_simd_values(const float *vt, int nv, int dim,
-								  const float *w, int ws, int nh,
-								  float *acc)
+__attribute__((target("avx2,fma"))) static void
+attn_simd_values(const float *vt, int nv, int dim, const float *w, int ws, int nh, float *acc)
 {
 	int d0 = 0;
 	for (; d0 + 32 <= dim; d0 += 32)
@@ -258,8 +258,9 @@ __attribute__((target("avx2,fma"))) static void attn_simd_values(const float *vt
 			const float *wh = w + (size_t)h * (size_t)ws;
 			__m256 a0 = _mm256_loadu_ps(ah);
 			for (int u = 0; u < nv; u++)
-				a0 = _mm256_fmadd_ps(_mm256_set1_ps(wh[u]),
-						     _mm256_loadu_ps(vt + (size_t)u * (size_t)dim + d0), a0);
+				a0 = _mm256_fmadd_ps(
+				    _mm256_set1_ps(wh[u]),
+				    _mm256_loadu_ps(vt + (size_t)u * (size_t)dim + d0), a0);
 			_mm256_storeu_ps(ah, a0);
 		}
 }
@@ -277,7 +278,10 @@ static int attn_simd_ok(void)
 }
 #else
 #define ATTN_SIMD 0
-static int attn_simd_ok(void) { return 0; }
+static int attn_simd_ok(void)
+{
+	return 0;
+}
 static void attn_simd_f16_row(const uint16_t *src, float *dst, int n)
 {
 	(void)src, (void)dst, (void)n;
@@ -294,7 +298,10 @@ static void attn_simd_dot16(const float *q16, const uint16_t *k, int np, float *
 {
 	(void)q16, (void)k, (void)np, (void)out;
 }
-static void attn_simd_scale_f16(float *acc, float ms, int n) { (void)acc, (void)ms, (void)n; }
+static void attn_simd_scale_f16(float *acc, float ms, int n)
+{
+	(void)acc, (void)ms, (void)n;
+}
 static void attn_simd_fma_f16(float *acc, const uint16_t *v, float w, int n)
 {
 	(void)acc, (void)v, (void)w, (void)n;
@@ -322,7 +329,7 @@ static void attn_simd_values(const float *vt, int nv, int dim, const float *w, i
 #define ATTN_KVF_SLOTS 64
 struct attn_kvf {
 	float *kt, *v;
-	size_t cap_kt, cap_v; /* floats */
+	size_t cap_kt, cap_v;  /* floats */
 	const uint16_t *kbase; /* what is cached: the first key's address */
 	int n;		       /* keys converted (a multiple of ATTN_TILE_KV or all) */
 };
@@ -333,9 +340,9 @@ struct attn_cache {
 	int n_ctx;
 	int k_width;
 	int v_width;
-	uint16_t *k;	     /* [n_layer][n_seq][n_ctx][k_width] */
-	uint16_t *v;	     /* [n_layer][n_seq][n_ctx][v_width] */
-	int32_t *seq_tokens; /* [n_seq] scratch of attn_forward: tokens per sequence */
+	uint16_t *k;	      /* [n_layer][n_seq][n_ctx][k_width] */
+	uint16_t *v;	      /* [n_layer][n_seq][n_ctx][v_width] */
+	int32_t *seq_tokens;  /* [n_seq] scratch of attn_forward: tokens per sequence */
 	struct attn_kvf *kvf; /* [ATTN_KVF_SLOTS] per pool thread, or NULL */
 };
 
@@ -492,7 +499,7 @@ static float attn_dot_f16(const float *q16, const uint16_t *k, int n)
 		sum = (double)attn_hsum_dot(red);
 	} else
 #endif
-	if (np > 0) {
+	    if (np > 0) {
 		float acc[4][L];
 		memset(acc, 0, sizeof(acc));
 		for (int i = 0; i < np; i += STEP)
@@ -753,8 +760,8 @@ static void attn_normalize(float S, const float *acc, int dv, float *out)
 /* ggml's one-row kernel (ggml_compute_forward_flash_attn_ext_f16_one_chunk)
  * over the keys [j0, j1) of one (token, head): F16 query, F16 accumulator.
  * Leaves the running max, sum and the accumulator (as F32) in *M, *S, acc. */
-ATTN_HOT static void attn_chunk_f16(const struct attn_job *jb, int t, int h, int j0, int j1, float *M,
-			   float *S, float *acc)
+ATTN_HOT static void attn_chunk_f16(const struct attn_job *jb, int t, int h, int j0, int j1,
+				    float *M, float *S, float *acc)
 {
 	const attn_cache *c = jb->c;
 	const struct attn_params *ap = jb->ap;
@@ -915,7 +922,8 @@ ATTN_HOT static void attn_row_tiled(const struct attn_job *jb, struct attn_kvf *
 					kt[(size_t)d * ATTN_TILE_KV + (size_t)i] = vrow[d];
 			} else {
 				for (int d = 0; d < dk; d++)
-					kt[(size_t)d * ATTN_TILE_KV + (size_t)i] = attn_f16_to_f32(kj[d]);
+					kt[(size_t)d * ATTN_TILE_KV + (size_t)i] =
+					    attn_f16_to_f32(kj[d]);
 			}
 		}
 		float sv[ATTN_TILE_KV];
@@ -1074,8 +1082,7 @@ static inline void attn_gather_load(const struct attn_keys *ks, int i, int dim, 
  * accumulator rounded to F16 after every key (as attn_chunk_f16); F32 rows an
  * F32 query, F32 dot products and an F32 accumulator. */
 ATTN_HOT static void attn_gather_chunk(const struct attn_keys *ks, int i0, int i1, int dim,
-				       const float *q, float scale, float *M, float *S,
-				       float *acc)
+				       const float *q, float scale, float *M, float *S, float *acc)
 {
 	float q16[ATTN_MAX_HEAD_DIM], vrow[ATTN_MAX_HEAD_DIM];
 	const int f32 = ks->f32;
@@ -1366,8 +1373,8 @@ ATTN_HOT static void attn_gather_tiled_heads(const struct attn_keys *ks, int nh,
 	}
 }
 
-void attn_gather_heads(const struct attn_keys *ks, int n_head, int dim, const float *q,
-		       float scale, const float *sinks, float *scratch, float *out)
+void attn_gather_heads(const struct attn_keys *ks, int n_head, int dim, const float *q, float scale,
+		       const float *sinks, float *scratch, float *out)
 {
 	assert(dim > 0 && dim <= ATTN_MAX_HEAD_DIM);
 	pthread_once(&attn_f16_once, attn_f16_table_init);
@@ -1376,8 +1383,8 @@ void attn_gather_heads(const struct attn_keys *ks, int n_head, int dim, const fl
 		return;
 	}
 	for (int h = 0; h < n_head; h++)
-		attn_gather_row(ks, dim, q + (size_t)h * (size_t)dim, scale, sinks ? sinks + h : NULL,
-				out + (size_t)h * (size_t)dim);
+		attn_gather_row(ks, dim, q + (size_t)h * (size_t)dim, scale,
+				sinks ? sinks + h : NULL, out + (size_t)h * (size_t)dim);
 }
 
 void attn_gather_row(const struct attn_keys *ks, int dim, const float *q, float scale,

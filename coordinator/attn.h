@@ -120,8 +120,8 @@ void attn_gather_row(const struct attn_keys *ks, int dim, const float *q, float 
  * keys once for all heads.  scratch: attn_gather_scratch_floats(n_head, dim)
  * floats of the calling thread's own. */
 size_t attn_gather_scratch_floats(int n_head, int dim);
-void attn_gather_heads(const struct attn_keys *ks, int n_head, int dim, const float *q,
-		       float scale, const float *sinks, float *scratch, float *out);
+void attn_gather_heads(const struct attn_keys *ks, int n_head, int dim, const float *q, float scale,
+		       const float *sinks, float *scratch, float *out);
 
 /* In place: x[n] = softmax(x) as ggml_soft_max computes one row on the CPU
  * (vector expf in groups of the SIMD width, the rest scalar, sum in double,

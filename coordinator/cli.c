@@ -26,7 +26,6 @@
 #include <sys/prctl.h>
 #include <sys/wait.h>
 
-
 /* ------------------------------------------------------------ arguments */
 
 /* Options common to every subcommand that loads a model. */
@@ -58,21 +57,22 @@ struct cli_opts {
 	const char *trace_routing;
 	const char *rebalance;
 	long rebalance_every;
-	long slow_worker;     /* --worker-slowdown I:F for local worker I */
+	long slow_worker; /* --worker-slowdown I:F for local worker I */
 	double slow_factor;
 	const char *cluster_key;     /* --cluster-key: CURVE secret key for --listen tcp:// */
 	const char *authorized_keys; /* --authorized-keys: the workers' public keys */
 	int insecure;		     /* --insecure: plain tcp:// */
-	struct route_opts route; /* --routing, --router-bias (all zero: the model's own) */
-	const char *worker_memory; /* info: --worker-memory 64G,64G */
-	int kv_f32;		   /* --kv-type f32 */
-	int roofline;		   /* bench --roofline */
+	struct route_opts route;     /* --routing, --router-bias (all zero: the model's own) */
+	const char *worker_memory;   /* info: --worker-memory 64G,64G */
+	int kv_f32;		     /* --kv-type f32 */
+	int roofline;		     /* bench --roofline */
 };
 
-#define CLI_CLUSTER_OPTS \
-	" --workers --listen --expect-workers --transport --worker-timeout --replicas" \
-	" --wire-dtype --stream-weights --stats --balance-window --trace-routing --rebalance" \
-	" --rebalance-every --worker-slowdown --cluster-key --authorized-keys --insecure --routing --router-bias --kv-type"
+#define CLI_CLUSTER_OPTS                                                                           \
+	" --workers --listen --expect-workers --transport --worker-timeout --replicas"             \
+	" --wire-dtype --stream-weights --stats --balance-window --trace-routing --rebalance"      \
+	" --rebalance-every --worker-slowdown --cluster-key --authorized-keys --insecure "         \
+	"--routing --router-bias --kv-type"
 
 int cli_parse_long(const char *opt, const char *s, long lo, long hi, long *out)
 {
@@ -197,7 +197,10 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 				return -1;
 		} else if (!strcmp(a, "--rebalance")) {
 			if (strcmp(v, "eplb") && strcmp(v, "hetero") && strcmp(v, "migrate")) {
-				fprintf(stderr, "moefleet: --rebalance: '%s' is not eplb, hetero or migrate\n", v);
+				fprintf(
+				    stderr,
+				    "moefleet: --rebalance: '%s' is not eplb, hetero or migrate\n",
+				    v);
 				return -1;
 			}
 			o->rebalance = v;
@@ -221,13 +224,17 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 			o->authorized_keys = v;
 		} else if (!strcmp(a, "--transport")) {
 			if (strcmp(v, "inproc") && strcmp(v, "zmq") && strcmp(v, "mpi")) {
-				fprintf(stderr, "moefleet: --transport: '%s' is not inproc, zmq or mpi\n", v);
+				fprintf(stderr,
+					"moefleet: --transport: '%s' is not inproc, zmq or mpi\n",
+					v);
 				return -1;
 			}
 			o->transport_name = v;
 		} else if (!strcmp(a, "--wire-dtype")) {
 			if (strcmp(v, "q8_0") && strcmp(v, "bf16") && strcmp(v, "f32")) {
-				fprintf(stderr, "moefleet: --wire-dtype: '%s' is not q8_0, bf16 or f32\n", v);
+				fprintf(stderr,
+					"moefleet: --wire-dtype: '%s' is not q8_0, bf16 or f32\n",
+					v);
 				return -1;
 			}
 			o->wire_dtype = v;
@@ -366,36 +373,36 @@ static transport *cli_mpi; /* set when started under mpirun (rank 0) */
 static int cli_mpi_size;
 
 static const char *cli_usage_cluster =
-	"cluster options (any command that runs a model):\n"
-	"  --workers N            spawn N local expert workers over ZeroMQ ipc://\n"
-	"  --listen ENDPOINT      wait for remote workers (moefleet-worker --connect ...)\n"
-	"  --expect-workers N     how many workers --listen waits for (default 1)\n"
-	"  --transport T          inproc (default), zmq, or mpi (under mpirun)\n"
-	"  --worker-timeout MS    drop a worker silent this long in a step (10000); its\n"
-	"                         rows go to other replicas, its experts are re-created\n"
-	"  --replicas R           copies of each expert (default 1)\n"
-	"  --wire-dtype D         q8_0 | bf16 | f32 activations on the wire (default: the\n"
-	"                         experts' own activation type, Q8_0 for quantised experts)\n"
-	"  --stream-weights       send expert weights to workers even if they have the file\n"
-	"  --stats                print per-worker statistics and the expert balance at the end\n"
-	"  --balance-window N     tokens over which router counts decay (default 4096)\n"
-	"  --trace-routing FILE   record every routing decision (see 'moefleet placement')\n"
-	"  --rebalance POLICY     re-place experts live from the router counts: eplb,\n"
-	"                         hetero or migrate (workers need their own model file)\n"
-	"  --rebalance-every N    forward steps between re-plans (default 16)\n"
-	"  --worker-slowdown I:F  local worker I takes F times as long (testing)\n"
-	"  --cluster-key FILE     CURVE secret key for --listen tcp:// ('moefleet keygen')\n"
-	"  --authorized-keys FILE public keys of the workers allowed to connect\n"
-	"  --insecure             plain, unauthenticated tcp:// (trusted networks only)\n"
-	"routing options (any command that runs a model; default: the model's own top-k):\n"
-	"  --routing topp:T[,min=K1][,max=K2]\n"
-	"                         per token, take experts by selection score until their\n"
-	"                         normalised scores sum to T, clamped to [K1, K2] (default\n"
-	"                         1 and the model's k); 'topk' is the model's routing\n"
-	"  --router-bias E1,E2,...:B  add B to these experts' selection scores (testing)\n"
-	"  (with --routing topp, --router-bias or --stats: mean experts per token per layer)\n"
-	"  --kv-type f16|f32       KV cache element type (default f16, as llama.cpp;\n"
-	"                         deepseek4 only)\n";
+    "cluster options (any command that runs a model):\n"
+    "  --workers N            spawn N local expert workers over ZeroMQ ipc://\n"
+    "  --listen ENDPOINT      wait for remote workers (moefleet-worker --connect ...)\n"
+    "  --expect-workers N     how many workers --listen waits for (default 1)\n"
+    "  --transport T          inproc (default), zmq, or mpi (under mpirun)\n"
+    "  --worker-timeout MS    drop a worker silent this long in a step (10000); its\n"
+    "                         rows go to other replicas, its experts are re-created\n"
+    "  --replicas R           copies of each expert (default 1)\n"
+    "  --wire-dtype D         q8_0 | bf16 | f32 activations on the wire (default: the\n"
+    "                         experts' own activation type, Q8_0 for quantised experts)\n"
+    "  --stream-weights       send expert weights to workers even if they have the file\n"
+    "  --stats                print per-worker statistics and the expert balance at the end\n"
+    "  --balance-window N     tokens over which router counts decay (default 4096)\n"
+    "  --trace-routing FILE   record every routing decision (see 'moefleet placement')\n"
+    "  --rebalance POLICY     re-place experts live from the router counts: eplb,\n"
+    "                         hetero or migrate (workers need their own model file)\n"
+    "  --rebalance-every N    forward steps between re-plans (default 16)\n"
+    "  --worker-slowdown I:F  local worker I takes F times as long (testing)\n"
+    "  --cluster-key FILE     CURVE secret key for --listen tcp:// ('moefleet keygen')\n"
+    "  --authorized-keys FILE public keys of the workers allowed to connect\n"
+    "  --insecure             plain, unauthenticated tcp:// (trusted networks only)\n"
+    "routing options (any command that runs a model; default: the model's own top-k):\n"
+    "  --routing topp:T[,min=K1][,max=K2]\n"
+    "                         per token, take experts by selection score until their\n"
+    "                         normalised scores sum to T, clamped to [K1, K2] (default\n"
+    "                         1 and the model's k); 'topk' is the model's routing\n"
+    "  --router-bias E1,E2,...:B  add B to these experts' selection scores (testing)\n"
+    "  (with --routing topp, --router-bias or --stats: mean experts per token per layer)\n"
+    "  --kv-type f16|f32       KV cache element type (default f16, as llama.cpp;\n"
+    "                         deepseek4 only)\n";
 
 struct cli_cluster {
 	pid_t *children;
@@ -404,8 +411,7 @@ struct cli_cluster {
 	char ipc_path[128];
 };
 
-static int cli_spawn_workers(const struct cli_opts *o, const char *endpoint,
-			     struct cli_cluster *cc)
+static int cli_spawn_workers(const struct cli_opts *o, const char *endpoint, struct cli_cluster *cc)
 {
 	char self[4096];
 	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 32);
@@ -438,8 +444,10 @@ static int cli_spawn_workers(const struct cli_opts *o, const char *endpoint,
 				_exit(1);
 			char slow[32];
 			snprintf(slow, sizeof(slow), "%g", o->slow_factor);
-			char *args[] = {self, "--connect", (char *)endpoint, "--threads", "1",
-					"--name", name, NULL, NULL, NULL, NULL, NULL};
+			char *args[] = {self,	     "--connect", (char *)endpoint,
+					"--threads", "1",	  "--name",
+					name,	     NULL,	  NULL,
+					NULL,	     NULL,	  NULL};
 			int na = 7;
 			if (o->slow_factor > 1.0 && o->slow_worker == i) {
 				args[na++] = "--slowdown";
@@ -474,7 +482,8 @@ static int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_clus
 		cli_mpi = NULL;
 		n_workers = cli_mpi_size - 1;
 		if (n_workers < 1) {
-			log_error("--transport mpi needs at least 2 ranks (1 coordinator + workers)");
+			log_error(
+			    "--transport mpi needs at least 2 ranks (1 coordinator + workers)");
 			transport_destroy(&t);
 			return ERR_CONFIG;
 		}
@@ -492,8 +501,8 @@ static int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_clus
 		n_workers = (int)o->workers;
 	} else if (o->listen) {
 		struct transport_zmq_security sec = {.insecure = o->insecure,
-						      .key_file = o->cluster_key,
-						      .authorized_keys_file = o->authorized_keys};
+						     .key_file = o->cluster_key,
+						     .authorized_keys_file = o->authorized_keys};
 		rc = transport_zmq_listen_secure(o->listen, &sec, &t);
 		if (rc)
 			return rc;
@@ -503,21 +512,21 @@ static int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_clus
 		return 0;
 	}
 	struct cluster_config cfg = {
-		.g = model_get_gguf(m),
-		.spec = &model_get_info(m)->moe,
-		.n_workers = n_workers,
-		.replicas = o->replicas > 0 ? (int)o->replicas : 1,
-		.timeout_ms = o->worker_timeout > 0 ? (int)o->worker_timeout : 10000,
-		.join_timeout_ms = o->listen ? 600000 : 60000,
-		.wire_dtype = !o->wire_dtype		     ? 0
-			      : !strcmp(o->wire_dtype, "q8_0") ? KERN_Q8_0
-			      : !strcmp(o->wire_dtype, "bf16") ? KERN_BF16
-							       : KERN_F32,
-		.stream = o->stream_weights,
-		.balance_window = (double)o->balance_window,
-		.rebalance = o->rebalance,
-		.rebalance_every = (int)o->rebalance_every,
-		.rebalance_threshold = 0.02,
+	    .g = model_get_gguf(m),
+	    .spec = &model_get_info(m)->moe,
+	    .n_workers = n_workers,
+	    .replicas = o->replicas > 0 ? (int)o->replicas : 1,
+	    .timeout_ms = o->worker_timeout > 0 ? (int)o->worker_timeout : 10000,
+	    .join_timeout_ms = o->listen ? 600000 : 60000,
+	    .wire_dtype = !o->wire_dtype		   ? 0
+			  : !strcmp(o->wire_dtype, "q8_0") ? KERN_Q8_0
+			  : !strcmp(o->wire_dtype, "bf16") ? KERN_BF16
+							   : KERN_F32,
+	    .stream = o->stream_weights,
+	    .balance_window = (double)o->balance_window,
+	    .rebalance = o->rebalance,
+	    .rebalance_every = (int)o->rebalance_every,
+	    .rebalance_threshold = 0.02,
 	};
 	rc = cluster_new(t, &cfg, model_get_pool(m), &cc->c);
 	if (rc)
@@ -569,9 +578,10 @@ static void cli_route_stats(const struct cli_opts *o, const model *m)
 		slots += rc->slots[l];
 	}
 	if (rows > 0)
-		fprintf(stderr,
-			"routing: all layers: %.3f experts per token (model: %d), %lld expert rows\n",
-			(double)slots / (double)rows, info->moe.n_expert_used, (long long)slots);
+		fprintf(
+		    stderr,
+		    "routing: all layers: %.3f experts per token (model: %d), %lld expert rows\n",
+		    (double)slots / (double)rows, info->moe.n_expert_used, (long long)slots);
 }
 
 /* After the model (and with it the cluster) is destroyed: reap local workers. */
@@ -627,9 +637,15 @@ int cli_model_open(int argc, char **argv, struct model_params *mp, model **m,
 	return rc;
 }
 
-cluster *cli_model_cluster(struct cli_model *h) { return h ? h->cc.c : NULL; }
+cluster *cli_model_cluster(struct cli_model *h)
+{
+	return h ? h->cc.c : NULL;
+}
 
-const char *cli_model_usage(void) { return cli_usage_cluster; }
+const char *cli_model_usage(void)
+{
+	return cli_usage_cluster;
+}
 
 void cli_model_close(model **m, struct cli_model **hp)
 {
@@ -646,12 +662,12 @@ void cli_model_close(model **m, struct cli_model **hp)
 /* ------------------------------------------------------------ info */
 
 static const char *cli_usage_info =
-	"usage: moefleet info -m MODEL.gguf [--workers N | --worker-memory 64G,64G,...]\n"
-	"  Prints the architecture, hyper-parameters, every tensor's\n"
-	"  type and size, and the bytes of routed experts versus the rest;\n"
-	"  then what a cluster needs: coordinator bytes, expert bytes per layer,\n"
-	"  KV cache per 1K tokens, and with --workers / --worker-memory the\n"
-	"  bytes each worker would hold.\n";
+    "usage: moefleet info -m MODEL.gguf [--workers N | --worker-memory 64G,64G,...]\n"
+    "  Prints the architecture, hyper-parameters, every tensor's\n"
+    "  type and size, and the bytes of routed experts versus the rest;\n"
+    "  then what a cluster needs: coordinator bytes, expert bytes per layer,\n"
+    "  KV cache per 1K tokens, and with --workers / --worker-memory the\n"
+    "  bytes each worker would hold.\n";
 
 static void cli_print_kv(const gguf *g, uint64_t i)
 {
@@ -746,8 +762,8 @@ static int cli_info(int argc, char **argv)
 		char shape[96];
 		int n = 0;
 		for (uint32_t d = 0; d < t->n_dims; d++)
-			n += snprintf(shape + n, sizeof(shape) - (size_t)n, "%s%llu", d ? " x " : "",
-				      (unsigned long long)t->ne[d]);
+			n += snprintf(shape + n, sizeof(shape) - (size_t)n, "%s%llu",
+				      d ? " x " : "", (unsigned long long)t->ne[d]);
 		printf("  %-40s %-6s %-24s %12llu bytes\n", t->name, kern_type_name(t->type), shape,
 		       (unsigned long long)t->n_bytes);
 		if (strstr(t->name, "_exps."))
@@ -767,12 +783,12 @@ static int cli_info(int argc, char **argv)
 /* ------------------------------------------------------------ logits */
 
 static const char *cli_usage_logits =
-	"usage: moefleet logits -m MODEL.gguf --tokens IDS --out FILE.f32 [--n-prompt P]\n"
-	"                       [--threads T]\n"
-	"  IDS: comma-separated token ids, or @path to a file of ids separated by commas\n"
-	"  or white space.  Writes float32 little-endian logits, one row of n_vocab per\n"
-	"  input position.  Positions before P (default: all) are one batch; each later\n"
-	"  position is a single-token decode reusing the KV cache.\n";
+    "usage: moefleet logits -m MODEL.gguf --tokens IDS --out FILE.f32 [--n-prompt P]\n"
+    "                       [--threads T]\n"
+    "  IDS: comma-separated token ids, or @path to a file of ids separated by commas\n"
+    "  or white space.  Writes float32 little-endian logits, one row of n_vocab per\n"
+    "  input position.  Positions before P (default: all) are one batch; each later\n"
+    "  position is a single-token decode reusing the KV cache.\n";
 
 /* Writes all of buf to a temporary file next to path and renames it into
  * place, so that a failure leaves no partial output. */
@@ -813,7 +829,9 @@ static int cli_logits(int argc, char **argv)
 {
 	struct cli_opts o = {.n_prompt = -1};
 	int rc = CLI_FAIL;
-	if (cli_parse(argc, argv, "-m --model --tokens --out -o --n-prompt --threads -t" CLI_CLUSTER_OPTS, &o) ||
+	if (cli_parse(argc, argv,
+		      "-m --model --tokens --out -o --n-prompt --threads -t" CLI_CLUSTER_OPTS,
+		      &o) ||
 	    (!o.help && (!o.model || !o.tokens || !o.out))) {
 		fputs(cli_usage_logits, stderr);
 		return CLI_USAGE;
@@ -850,8 +868,8 @@ static int cli_logits(int argc, char **argv)
 	const struct model_info *info = model_get_info(m);
 	for (int i = 0; i < n; i++) {
 		if (ids[i] >= info->n_vocab) {
-			log_error("token id %d at position %d is out of range (vocabulary %d)", ids[i],
-				  i, info->n_vocab);
+			log_error("token id %d at position %d is out of range (vocabulary %d)",
+				  ids[i], i, info->n_vocab);
 			goto out;
 		}
 	}
@@ -917,14 +935,14 @@ out:
 /* ------------------------------------------------------------ bench */
 
 static const char *cli_usage_bench =
-	"usage: moefleet bench -m MODEL.gguf [--pp 512] [--tg 128] [--reps 5] [--threads T]\n"
-	"  pp: one batch of N tokens into an empty context; tg: N single-token decodes,\n"
-	"  each producing logits.  Prints medians; the last line is\n"
-	"  'bench: ppN X tok/s, tgM Y tok/s'.\n"
-	"  --roofline  also print the weight bytes one decoded token reads (attention\n"
-	"              and dense, shared experts, the routed experts chosen, head), the\n"
-	"              measured read bandwidth of the threads, and the fraction of that\n"
-	"              bound the tg speed reaches.\n";
+    "usage: moefleet bench -m MODEL.gguf [--pp 512] [--tg 128] [--reps 5] [--threads T]\n"
+    "  pp: one batch of N tokens into an empty context; tg: N single-token decodes,\n"
+    "  each producing logits.  Prints medians; the last line is\n"
+    "  'bench: ppN X tok/s, tgM Y tok/s'.\n"
+    "  --roofline  also print the weight bytes one decoded token reads (attention\n"
+    "              and dense, shared experts, the routed experts chosen, head), the\n"
+    "              measured read bandwidth of the threads, and the fraction of that\n"
+    "              bound the tg speed reaches.\n";
 
 static int cli_cmp_double(const void *a, const void *b)
 {
@@ -941,7 +959,8 @@ static double cli_median(double *v, int n)
 static int cli_bench(int argc, char **argv)
 {
 	struct cli_opts o = {.pp = 512, .tg = 128, .reps = 5};
-	if (cli_parse(argc, argv, "-m --model --pp --tg --reps --threads -t --roofline" CLI_CLUSTER_OPTS, &o) ||
+	if (cli_parse(argc, argv,
+		      "-m --model --pp --tg --reps --threads -t --roofline" CLI_CLUSTER_OPTS, &o) ||
 	    (!o.help && !o.model)) {
 		fputs(cli_usage_bench, stderr);
 		return CLI_USAGE;
@@ -1049,19 +1068,19 @@ out:
 /* ------------------------------------------------------------ dispatch */
 
 static const char *cli_usage_main =
-	"usage: moefleet <command> [options]\n"
-	"commands:\n"
-	"  info      print a GGUF model's architecture, hyper-parameters and tensors\n"
-	"  logits    write the logits of every position of a token sequence\n"
-	"  generate  generate text from a prompt\n"
-	"  bench     measure prompt processing and token generation speed\n"
-	"  placement simulate  replay a routing trace against placement policies\n"
-	"  placement show      draw a layer x expert heatmap of a routing trace\n"
-	"  quantize  convert a model's routed experts to MXFP4, Q8_0 or Q4_0\n"
-	"  keygen    write a CURVE key pair for authenticated, encrypted cluster links\n"
-	"  serve     OpenAI-compatible HTTP server with continuous batching\n"
-	"  tokenize  print the token ids of a text\n"
-	"Run 'moefleet <command> --help' for the options of a command.\n";
+    "usage: moefleet <command> [options]\n"
+    "commands:\n"
+    "  info      print a GGUF model's architecture, hyper-parameters and tensors\n"
+    "  logits    write the logits of every position of a token sequence\n"
+    "  generate  generate text from a prompt\n"
+    "  bench     measure prompt processing and token generation speed\n"
+    "  placement simulate  replay a routing trace against placement policies\n"
+    "  placement show      draw a layer x expert heatmap of a routing trace\n"
+    "  quantize  convert a model's routed experts to MXFP4, Q8_0 or Q4_0\n"
+    "  keygen    write a CURVE key pair for authenticated, encrypted cluster links\n"
+    "  serve     OpenAI-compatible HTTP server with continuous batching\n"
+    "  tokenize  print the token ids of a text\n"
+    "Run 'moefleet <command> --help' for the options of a command.\n";
 
 static int cli_generate(int argc, char **argv);
 
@@ -1157,16 +1176,19 @@ static int cli_dispatch(int argc, char **argv)
 /* ------------------------------------------------------------ generate */
 
 static const char *cli_usage_generate =
-	"usage: moefleet generate -m MODEL.gguf (--tokens IDS | -p TEXT) -n N [--temp T]\n"
-	"                         [--top-k K] [--top-p P] [--seed S] [--print-ids] [--threads T]\n"
-	"  Greedy at temperature 0 (the default).  Streams text as it is generated;\n"
-	"  --print-ids also prints the generated ids as one comma-separated line.\n";
+    "usage: moefleet generate -m MODEL.gguf (--tokens IDS | -p TEXT) -n N [--temp T]\n"
+    "                         [--top-k K] [--top-p P] [--seed S] [--print-ids] [--threads T]\n"
+    "  Greedy at temperature 0 (the default).  Streams text as it is generated;\n"
+    "  --print-ids also prints the generated ids as one comma-separated line.\n";
 
 /* SIGTERM / SIGINT while generating: stop after the current token, so that
  * the cluster shuts down cleanly (every worker is sent Shutdown). */
 static volatile sig_atomic_t cli_stop;
 
-static void cli_on_stop(int sig) { cli_stop = sig; }
+static void cli_on_stop(int sig)
+{
+	cli_stop = sig;
+}
 
 static int cli_emit(tokenizer_stream *ts, int32_t id, char *buf, size_t cap)
 {
@@ -1181,10 +1203,11 @@ static int cli_emit(tokenizer_stream *ts, int32_t id, char *buf, size_t cap)
 static int cli_generate(int argc, char **argv)
 {
 	struct cli_opts o = {.n_predict = -1, .top_p = 1.0};
-	if (cli_parse(argc, argv,
-		      "-m --model --tokens -p --prompt -n --n-predict --temp --top-k --top-p --seed "
-		      "--print-ids --threads -t" CLI_CLUSTER_OPTS,
-		      &o) ||
+	if (cli_parse(
+		argc, argv,
+		"-m --model --tokens -p --prompt -n --n-predict --temp --top-k --top-p --seed "
+		"--print-ids --threads -t" CLI_CLUSTER_OPTS,
+		&o) ||
 	    (!o.help && (!o.model || (!o.tokens == !o.prompt) || o.n_predict < 0))) {
 		fputs(cli_usage_generate, stderr);
 		return CLI_USAGE;
@@ -1246,8 +1269,8 @@ static int cli_generate(int argc, char **argv)
 	const struct model_info *info = model_get_info(m);
 	for (int i = 0; i < n; i++) {
 		if (ids[i] >= info->n_vocab) {
-			log_error("token id %d at position %d is out of range (vocabulary %d)", ids[i],
-				  i, info->n_vocab);
+			log_error("token id %d at position %d is out of range (vocabulary %d)",
+				  ids[i], i, info->n_vocab);
 			goto out;
 		}
 	}
@@ -1285,8 +1308,8 @@ static int cli_generate(int argc, char **argv)
 	signal(SIGINT, cli_on_stop);
 	for (int i = 0; i < o.n_predict; i++) {
 		if (cli_stop) {
-			log_error("stopped by signal %d after %d tokens; shutting down", (int)cli_stop,
-				  n_out);
+			log_error("stopped by signal %d after %d tokens; shutting down",
+				  (int)cli_stop, n_out);
 			goto out;
 		}
 		int32_t next = sampler_sample(smp, logits);

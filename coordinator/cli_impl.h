@@ -13,8 +13,8 @@ int cli_parse_double(const char *opt, const char *s, double lo, double hi, doubl
 
 int cli_quantize(int argc, char **argv);  /* cli_tools.c */
 int cli_placement(int argc, char **argv); /* cli_tools.c */
-int cli_keygen(int argc, char **argv);    /* cli_keys.c */
-int cli_serve(int argc, char **argv);     /* cli_serve.c */
+int cli_keygen(int argc, char **argv);	  /* cli_keys.c */
+int cli_serve(int argc, char **argv);	  /* cli_serve.c */
 int cli_tokenize(int argc, char **argv);  /* cli_serve.c */
 
 /* A model opened with the options every model-running command shares (-m,
@@ -25,10 +25,9 @@ int cli_tokenize(int argc, char **argv);  /* cli_serve.c */
 #include "cluster.h"
 #include "model.h"
 struct cli_model;
-int cli_model_open(int argc, char **argv, struct model_params *mp, model **m,
-		   struct cli_model **h);
+int cli_model_open(int argc, char **argv, struct model_params *mp, model **m, struct cli_model **h);
 cluster *cli_model_cluster(struct cli_model *h); /* NULL without workers */
-const char *cli_model_usage(void);		  /* help text of those options */
+const char *cli_model_usage(void);		 /* help text of those options */
 void cli_model_close(model **m, struct cli_model **h);
 
 #endif

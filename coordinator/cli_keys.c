@@ -24,13 +24,13 @@
 #include "cli_impl.h"
 
 static const char *cli_usage_keygen =
-	"usage: moefleet keygen --out DIR [--name NAME] [--force]\n"
-	"       moefleet keygen --public FILE.key\n"
-	"  Writes a CURVE key pair: DIR/NAME.key (secret, mode 0600) and DIR/NAME.pub\n"
-	"  (public).  NAME defaults to 'cluster' (the coordinator's pair); give each\n"
-	"  worker its own NAME.  Append the workers' .pub lines to the coordinator's\n"
-	"  authorised-keys file and copy cluster.pub to every worker.\n"
-	"  --public prints the public key line of an existing secret key.\n";
+    "usage: moefleet keygen --out DIR [--name NAME] [--force]\n"
+    "       moefleet keygen --public FILE.key\n"
+    "  Writes a CURVE key pair: DIR/NAME.key (secret, mode 0600) and DIR/NAME.pub\n"
+    "  (public).  NAME defaults to 'cluster' (the coordinator's pair); give each\n"
+    "  worker its own NAME.  Append the workers' .pub lines to the coordinator's\n"
+    "  authorised-keys file and copy cluster.pub to every worker.\n"
+    "  --public prints the public key line of an existing secret key.\n";
 
 /* Writes text to path, created with `mode` (O_EXCL unless force). */
 static int cli_write_key_file(const char *path, const char *text, mode_t mode, int force)
@@ -98,10 +98,10 @@ int cli_keygen(int argc, char **argv)
 			force = 1;
 			continue;
 		}
-		if (i + 1 >= argc || (strcmp(a, "--out") && strcmp(a, "--name") &&
-				      strcmp(a, "--public"))) {
-			fprintf(stderr, "moefleet keygen: unknown or incomplete argument '%s'\n%s", a,
-				cli_usage_keygen);
+		if (i + 1 >= argc ||
+		    (strcmp(a, "--out") && strcmp(a, "--name") && strcmp(a, "--public"))) {
+			fprintf(stderr, "moefleet keygen: unknown or incomplete argument '%s'\n%s",
+				a, cli_usage_keygen);
 			return CLI_USAGE;
 		}
 		const char *v = argv[++i];
@@ -124,8 +124,9 @@ int cli_keygen(int argc, char **argv)
 		return CLI_USAGE;
 	}
 	if (!cli_name_ok(name)) {
-		fprintf(stderr, "moefleet keygen: --name '%s': use 1-64 letters, digits, '-', '_' or "
-				"'.' (not first)\n",
+		fprintf(stderr,
+			"moefleet keygen: --name '%s': use 1-64 letters, digits, '-', '_' or "
+			"'.' (not first)\n",
 			name);
 		return CLI_USAGE;
 	}

@@ -16,11 +16,11 @@
 /* ------------------------------------------------------------ quantize */
 
 static const char *cli_usage_quantize =
-	"usage: moefleet quantize -m IN.gguf -o OUT.gguf --experts TYPE\n"
-	"  Writes a copy of IN whose routed-expert tensors (names containing\n"
-	"  \"_exps.weight\") are converted to TYPE: mxfp4, q8_0 or q4_0 (the bytes\n"
-	"  ggml's reference quantiser gives).  Every other tensor and all metadata are\n"
-	"  copied unchanged.  OUT is written as OUT.tmp and renamed when complete.\n";
+    "usage: moefleet quantize -m IN.gguf -o OUT.gguf --experts TYPE\n"
+    "  Writes a copy of IN whose routed-expert tensors (names containing\n"
+    "  \"_exps.weight\") are converted to TYPE: mxfp4, q8_0 or q4_0 (the bytes\n"
+    "  ggml's reference quantiser gives).  Every other tensor and all metadata are\n"
+    "  copied unchanged.  OUT is written as OUT.tmp and renamed when complete.\n";
 
 int cli_quantize(int argc, char **argv)
 {
@@ -61,7 +61,8 @@ int cli_quantize(int argc, char **argv)
 	}
 	uint32_t type;
 	if (quantize_parse_type(experts, &type)) {
-		fprintf(stderr, "moefleet: --experts: unknown type '%s' (use mxfp4, q8_0 or q4_0)\n",
+		fprintf(stderr,
+			"moefleet: --experts: unknown type '%s' (use mxfp4, q8_0 or q4_0)\n",
 			experts);
 		return CLI_USAGE;
 	}
@@ -71,25 +72,25 @@ int cli_quantize(int argc, char **argv)
 /* ------------------------------------------------------------ placement */
 
 static const char *cli_usage_placement =
-	"usage: moefleet placement simulate --trace FILE --workers CLUSTER.txt\n"
-	"                 [--policy static,trace,eplb,hetero,migrate] [--replicas R]\n"
-	"                 [--rebalance-every STEPS] [--window TOKENS] [--threshold F]\n"
-	"                 [--max-move BYTES] [--initial trace|build]\n"
-	"  Replays a routing trace (made with --trace-routing) against a cluster\n"
-	"  description, one worker per line:\n"
-	"    NAME SPEED(expert-rows/s) MEMORY_BYTES LATENCY_US BANDWIDTH_MB_S\n"
-	"  (optionally '@coordinator US_PER_STEP US_PER_TOKEN'; --stats prints a\n"
-	"  calibrated file) and prints, per policy, worker load balance, wire bytes\n"
-	"  and messages per token, predicted mean and median step time and bytes\n"
-	"  migrated.  It starts from the placement the trace recorded when that fits\n"
-	"  the workers (--initial build: place anew); policy 'trace' follows the\n"
-	"  placements the trace recorded.\n"
-	"\n"
-	"       moefleet placement show --trace FILE [--out HEAT.png|HEAT.svg] [--holders]\n"
-	"  Summarises a trace (steps, rows, token positions, busiest experts) and\n"
-	"  draws a layer x expert heatmap of the routed load next to the placement\n"
-	"  (the worker holding each replica; the last placement in the trace).\n"
-	"  --holders lists that placement, one line per (layer, expert).\n";
+    "usage: moefleet placement simulate --trace FILE --workers CLUSTER.txt\n"
+    "                 [--policy static,trace,eplb,hetero,migrate] [--replicas R]\n"
+    "                 [--rebalance-every STEPS] [--window TOKENS] [--threshold F]\n"
+    "                 [--max-move BYTES] [--initial trace|build]\n"
+    "  Replays a routing trace (made with --trace-routing) against a cluster\n"
+    "  description, one worker per line:\n"
+    "    NAME SPEED(expert-rows/s) MEMORY_BYTES LATENCY_US BANDWIDTH_MB_S\n"
+    "  (optionally '@coordinator US_PER_STEP US_PER_TOKEN'; --stats prints a\n"
+    "  calibrated file) and prints, per policy, worker load balance, wire bytes\n"
+    "  and messages per token, predicted mean and median step time and bytes\n"
+    "  migrated.  It starts from the placement the trace recorded when that fits\n"
+    "  the workers (--initial build: place anew); policy 'trace' follows the\n"
+    "  placements the trace recorded.\n"
+    "\n"
+    "       moefleet placement show --trace FILE [--out HEAT.png|HEAT.svg] [--holders]\n"
+    "  Summarises a trace (steps, rows, token positions, busiest experts) and\n"
+    "  draws a layer x expert heatmap of the routed load next to the placement\n"
+    "  (the worker holding each replica; the last placement in the trace).\n"
+    "  --holders lists that placement, one line per (layer, expert).\n";
 
 /* `placement show`: a summary of a trace and, with --out, its heatmap. */
 static int cli_placement_show(int argc, char **argv)
@@ -153,7 +154,8 @@ static int cli_placement_show(int argc, char **argv)
 		for (uint32_t e = 0; e < ts.n_expert && ts.layer_moe[l]; e++) {
 			printf("holders: layer %u expert %u:", l, e);
 			for (uint32_t r = 0; r < ts.n_replica; r++) {
-				int32_t w = ts.holders[((size_t)l * ts.n_expert + e) * ts.n_replica + r];
+				int32_t w =
+				    ts.holders[((size_t)l * ts.n_expert + e) * ts.n_replica + r];
 				if (w >= 0)
 					printf(" %d", w);
 			}
@@ -161,8 +163,12 @@ static int cli_placement_show(int argc, char **argv)
 		}
 	int rc = 0;
 	if (out) {
-		struct heatmap_data hd = {(int)ts.n_layer, (int)ts.n_expert, ts.layer_moe, ts.load,
-					  ts.holders ? (int)ts.n_replica : 0, ts.n_worker,
+		struct heatmap_data hd = {(int)ts.n_layer,
+					  (int)ts.n_expert,
+					  ts.layer_moe,
+					  ts.load,
+					  ts.holders ? (int)ts.n_replica : 0,
+					  ts.n_worker,
 					  ts.holders};
 		int w, h;
 		heatmap_size(&hd, &w, &h);
@@ -226,7 +232,10 @@ int cli_placement(int argc, char **argv)
 			cfg.threshold = d;
 		} else if (!strcmp(a, "--initial")) {
 			if (strcmp(v, "trace") && strcmp(v, "build")) {
-				fprintf(stderr, "moefleet: --initial: expected 'trace' or 'build', not '%s'\n", v);
+				fprintf(
+				    stderr,
+				    "moefleet: --initial: expected 'trace' or 'build', not '%s'\n",
+				    v);
 				return CLI_USAGE;
 			}
 			cfg.build_initial = !strcmp(v, "build");
@@ -254,4 +263,3 @@ int cli_placement(int argc, char **argv)
 	}
 	return CLI_OK;
 }
-

@@ -15,7 +15,7 @@
 #include <unistd.h>
 
 enum {
-	CLUSTER_CHUNK = 4 << 20,      /* bytes of streamed weights per message at start-up */
+	CLUSTER_CHUNK = 4 << 20,	/* bytes of streamed weights per message at start-up */
 	CLUSTER_LIVE_MIN = 64 << 10,	/* bytes streamed per forward step while */
 	CLUSTER_LIVE_START = 384 << 10, /* serving (all workers together), adapted */
 	CLUSTER_LIVE_MAX = 24 << 20,	/* to the measured cost (cluster_adapt_budget) */
@@ -35,9 +35,9 @@ struct cluster_peer {
 	struct wire_hello hello;
 	int ready;
 	int lost;
-	int serving;	/* holds the experts of the placement in force: may get Batches */
-	int fresh;	/* rejoined: holds nothing yet, whatever the placement says */
-	int next_ok;	/* answered Ready for the placement being loaded */
+	int serving;	   /* holds the experts of the placement in force: may get Batches */
+	int fresh;	   /* rejoined: holds nothing yet, whatever the placement says */
+	int next_ok;	   /* answered Ready for the placement being loaded */
 	double last_probe; /* when it was last probed during a step */
 	struct cluster_worker_stats st;
 	/* live streaming of the next epoch's new experts: queue and cursor */
@@ -88,32 +88,32 @@ struct cluster {
 	/* the job in flight */
 	struct cluster_batch *batches;
 	int n_batches, cap_batches;
-	int *disp; /* [n] batch of each worker in the dispatch being built */
+	int *disp;		       /* [n] batch of each worker in the dispatch being built */
 	struct balance_counts *counts; /* decayed routed rows per (layer, expert) */
 	/* live re-placement */
 	const struct balance_policy *policy;
 	uint64_t fwd_step, last_plan_step;
 	int last_layer;
-	placement next;	    /* planned, waiting for Ready from every live worker */
+	placement next; /* planned, waiting for Ready from every live worker */
 	int next_active;
 	uint64_t next_epoch; /* epoch number of next */
 	uint64_t epoch_seq;  /* last epoch number handed out */
-	uint64_t epoch;	    /* of the placement in force */
+	uint64_t epoch;	     /* of the placement in force */
 	uint64_t rebalances;
 	uint64_t moved_bytes;
 	/* failover */
-	int repair_due;	 /* a worker was lost: re-create its replicas */
-	int rebuild_due; /* a worker (re)joined: give it a share */
+	int repair_due;	  /* a worker was lost: re-create its replicas */
+	int rebuild_due;  /* a worker (re)joined: give it a share */
 	double repair_t0; /* when the repair plan in flight was sent (0: none) */
 	uint64_t n_lost, n_rejoined, n_failover_steps, resent_items, n_repairs;
 	double worst_stall; /* seconds, of a step that re-sent items */
 	uint32_t unheld;    /* experts without a live holder after the last repair plan */
 	uint64_t expert_bytes[MOE_MAX_LAYERS];
-	struct placement_worker *pw;	/* [n] as given to placement_build */
+	struct placement_worker *pw; /* [n] as given to placement_build */
 	double *finish;	 /* [n] predicted finish of each worker in the job being split */
 	double *speed;	 /* [n] relative speed from Hello */
 	uint8_t *visits; /* [n] workers the current row already visits */
-	double t0;   /* when it was submitted */
+	double t0;	 /* when it was submitted */
 	uint8_t *hdr;
 	size_t hdr_cap;
 	uint32_t layer_types[MOE_MAX_LAYERS][3];
@@ -123,12 +123,12 @@ struct cluster {
 	double recent_ms[15]; /* the last steps without a re-placement loading */
 	int32_t recent_tokens[15];
 	int n_recent;
-	size_t live_budget;  /* streamed bytes per forward step, all workers */
-	uint64_t step_streamed;	/* bytes streamed during the current step */
+	size_t live_budget;		      /* streamed bytes per forward step, all workers */
+	uint64_t step_streamed;		      /* bytes streamed during the current step */
 	double load_ms[CLUSTER_LIVE_SAMPLES]; /* loading steps since the budget changed */
 	int n_load;
-	size_t live_floor;   /* budget that loads the re-placement in CLUSTER_LIVE_STEPS */
-	int last_moe; /* the last MoE layer: streamed chunks follow its results */
+	size_t live_floor;  /* budget that loads the re-placement in CLUSTER_LIVE_STEPS */
+	int last_moe;	    /* the last MoE layer: streamed chunks follow its results */
 	double step_expert; /* seconds of the current step spent submitting to collecting */
 	int step_rows;	    /* tokens of the current step */
 	double *step_expert_ms;
@@ -137,7 +137,7 @@ struct cluster {
 	uint8_t *step_moving;
 	uint64_t *step_epoch; /* the placement in force during the step */
 	size_t n_steps, steps_cap;
-	uint64_t epoch_step0;	/* fwd_step at the start of the epoch in force */
+	uint64_t epoch_step0; /* fwd_step at the start of the epoch in force */
 	struct cluster_epoch_stats *epochs;
 	size_t n_epochs;
 };
@@ -331,7 +331,8 @@ static int cluster_place(cluster *c)
 			continue;
 		bytes[l] = shard_expert_bytes(&c->spec, c->layer_types[l]);
 		if (c->spec.has_bias)
-			bytes[l] += (uint64_t)(2 * c->spec.n_ff_exp + c->spec.n_embd) * sizeof(float);
+			bytes[l] +=
+			    (uint64_t)(2 * c->spec.n_ff_exp + c->spec.n_embd) * sizeof(float);
 	}
 	struct placement_model pm = {c->spec.n_layer, c->spec.n_expert, c->spec.layer_moe, bytes,
 				     NULL};
@@ -426,17 +427,18 @@ static int cluster_assign(cluster *c)
 			for (int t = 0; t < n_t && !rc; t++) {
 				uint32_t type;
 				uint64_t total;
-				const uint8_t *src =
-					cluster_tensor_bytes(c, (int)pl[p], (int)pe[p], t, &type, &total);
+				const uint8_t *src = cluster_tensor_bytes(c, (int)pl[p], (int)pe[p],
+									  t, &type, &total);
 				if (!src) {
 					rc = ERR_FORMAT;
 					break;
 				}
 				for (uint64_t off = 0; off < total && !rc; off += CLUSTER_CHUNK) {
-					uint64_t len = total - off < CLUSTER_CHUNK ? total - off : CLUSTER_CHUNK;
+					uint64_t len = total - off < CLUSTER_CHUNK ? total - off
+										   : CLUSTER_CHUNK;
 					struct wire_msg ch = {.kind = WIRE_WEIGHT_CHUNK};
-					ch.u.chunk = (struct wire_weight_chunk){pl[p], pe[p], (uint32_t)t,
-										type, off, total};
+					ch.u.chunk = (struct wire_weight_chunk){
+					    pl[p], pe[p], (uint32_t)t, type, off, total};
 					rc = cluster_send(c, i, &ch, src + off, len);
 					sent += len;
 				}
@@ -510,7 +512,8 @@ int cluster_new(transport *t, const struct cluster_config *cfg, pool *p, cluster
 	c->pool = p;
 	if (cfg->n_workers < 1 || cfg->n_workers > 4096 || cfg->replicas < 1 ||
 	    cfg->replicas > cfg->n_workers) {
-		log_error("invalid cluster: %d workers, %d replicas", cfg->n_workers, cfg->replicas);
+		log_error("invalid cluster: %d workers, %d replicas", cfg->n_workers,
+			  cfg->replicas);
 		rc = ERR_CONFIG;
 		goto out;
 	}
@@ -588,8 +591,14 @@ void cluster_destroy(cluster **pc)
 	*pc = NULL;
 }
 
-int cluster_n_workers(const cluster *c) { return c->n; }
-const placement *cluster_placement(const cluster *c) { return &c->plan; }
+int cluster_n_workers(const cluster *c)
+{
+	return c->n;
+}
+const placement *cluster_placement(const cluster *c)
+{
+	return &c->plan;
+}
 
 void cluster_get_stats(const cluster *c, int i, struct cluster_worker_stats *out)
 {
@@ -597,7 +606,10 @@ void cluster_get_stats(const cluster *c, int i, struct cluster_worker_stats *out
 	out->rebalances = c->rebalances;
 }
 
-int cluster_n_epochs(const cluster *c) { return (int)c->n_epochs + 1; }
+int cluster_n_epochs(const cluster *c)
+{
+	return (int)c->n_epochs + 1;
+}
 
 void cluster_get_epoch(const cluster *c, int i, struct cluster_epoch_stats *out)
 {
@@ -643,21 +655,28 @@ static void cluster_print_balance(const cluster *c)
 	struct balance_stats now;
 	if (balance_predict(&c->plan, &pm, c->pw, NULL, &now))
 		return;
-	fprintf(stderr, "balance: window %.0f tokens; placement now: imbalance %.3f (max/mean worker time)\n",
-		c->cfg.balance_window > 0 ? c->cfg.balance_window : 4096.0, now.imbalance);
+	fprintf(
+	    stderr,
+	    "balance: window %.0f tokens; placement now: imbalance %.3f (max/mean worker time)\n",
+	    c->cfg.balance_window > 0 ? c->cfg.balance_window : 4096.0, now.imbalance);
 	const struct balance_policy *pol = balance_policy_find("hetero");
-	struct balance_input in = {.model = &pm, .workers = c->pw, .n_worker = c->n,
-				   .current = &c->plan, .min_replicas = c->plan.n_replica,
+	struct balance_input in = {.model = &pm,
+				   .workers = c->pw,
+				   .n_worker = c->n,
+				   .current = &c->plan,
+				   .min_replicas = c->plan.n_replica,
 				   .max_replicas = c->plan.n_replica};
 	placement alt;
 	struct balance_stats then;
 	if (pol && pol->plan(&in, &alt) == 0) {
 		if (balance_predict(&alt, &pm, c->pw, NULL, &then) == 0)
-			fprintf(stderr,
-				"balance: policy hetero would reach imbalance %.3f, step time x%.3f, "
-				"moving %.1f MiB\n",
-				then.imbalance, now.step_time > 0 ? then.step_time / now.step_time : 1.0,
-				(double)balance_moved_bytes(&c->plan, &alt, &pm) / 1048576.0);
+			fprintf(
+			    stderr,
+			    "balance: policy hetero would reach imbalance %.3f, step time x%.3f, "
+			    "moving %.1f MiB\n",
+			    then.imbalance,
+			    now.step_time > 0 ? then.step_time / now.step_time : 1.0,
+			    (double)balance_moved_bytes(&c->plan, &alt, &pm) / 1048576.0);
 		placement_free(&alt);
 	}
 }
@@ -739,8 +758,8 @@ static void cluster_print_calibration(const cluster *c)
 	}
 	cluster_fit_line(xy, c->n_steps, &a, &b);
 	free(xy);
-	fprintf(stderr, "# calibration: %zu steps, mean step %.3f ms; a cluster file:\n", c->n_steps,
-		wall / (double)c->n_steps);
+	fprintf(stderr, "# calibration: %zu steps, mean step %.3f ms; a cluster file:\n",
+		c->n_steps, wall / (double)c->n_steps);
 	const char *ep = transport_zmq_endpoint(c->t);
 	long cores = sysconf(_SC_NPROCESSORS_ONLN);
 	if (ep && !strncmp(ep, "ipc://", 6) && cores > 0)
@@ -761,7 +780,8 @@ static void cluster_print_calibration(const cluster *c)
 			free(l);
 		}
 		fprintf(stderr, "%s %.0f %llu %.1f 100000 %u\n", s->name[0] ? s->name : "worker",
-			speed, (unsigned long long)(w->hello.memory_bytes ? w->hello.memory_bytes : 1),
+			speed,
+			(unsigned long long)(w->hello.memory_bytes ? w->hello.memory_bytes : 1),
 			lat > 0 ? lat : 0.0, w->hello.cores ? w->hello.cores : 1);
 	}
 	fprintf(stderr, "@coordinator %.1f %.3f\n", fmax(a, 0), fmax(b, 0));
@@ -881,8 +901,8 @@ static void cluster_print_step_sizes(const cluster *c)
 		i = j;
 	}
 	for (int k = 0; k < 4 && count[k]; k++)
-		fprintf(stderr, "steps of %d token(s): %zu, median %.3f ms\n", (int)r[start[k]].tokens,
-			count[k], r[start[k] + count[k] / 2].ms);
+		fprintf(stderr, "steps of %d token(s): %zu, median %.3f ms\n",
+			(int)r[start[k]].tokens, count[k], r[start[k] + count[k] / 2].ms);
 	free(r);
 }
 
@@ -906,7 +926,8 @@ static void cluster_print_step_spread(const cluster *c)
 			       s[q].tokens == s[i].tokens && !s[q].moving)
 				q++;
 			j = q;
-			while (j < c->n_steps && s[j].epoch == s[i].epoch && s[j].tokens == s[i].tokens)
+			while (j < c->n_steps && s[j].epoch == s[i].epoch &&
+			       s[j].tokens == s[i].tokens)
 				j++;
 			if (q - i >= 3) {
 				double base = s[i + (q - i) / 2].ms;
@@ -924,10 +945,11 @@ static void cluster_print_step_spread(const cluster *c)
 	}
 	if (nr) {
 		qsort(ratio, nr, sizeof(double), cluster_cmp_double);
-		fprintf(stderr,
-			"steps while loading / quiet median of the same placement and size: %zu steps, "
-			"median %.2f, worst %.2f, %zu above 2x (quiet steps above 2x: %zu of %zu)\n",
-			nr, ratio[nr / 2], ratio[nr - 1], above, quiet_above, quiet);
+		fprintf(
+		    stderr,
+		    "steps while loading / quiet median of the same placement and size: %zu steps, "
+		    "median %.2f, worst %.2f, %zu above 2x (quiet steps above 2x: %zu of %zu)\n",
+		    nr, ratio[nr / 2], ratio[nr - 1], above, quiet_above, quiet);
 	}
 	free(s);
 	free(ratio);
@@ -938,28 +960,31 @@ void cluster_print_stats(cluster *c)
 	cluster_drain(c, 2000);
 	cluster_print_balance(c);
 	if (c->policy)
-		fprintf(stderr, "balance: %llu re-placement(s) switched, %.1f MiB loaded by workers\n",
+		fprintf(stderr,
+			"balance: %llu re-placement(s) switched, %.1f MiB loaded by workers\n",
 			(unsigned long long)c->rebalances, (double)c->moved_bytes / 1048576.0);
 	for (int e = 0; e < cluster_n_epochs(c); e++) {
 		struct cluster_epoch_stats ep;
 		cluster_get_epoch(c, e, &ep);
 		if (ep.steps)
-			fprintf(stderr,
-				"balance: epoch %llu: %llu steps, worker compute per step max %.3f ms, "
-				"mean %.3f ms, max/mean %.3f\n",
-				(unsigned long long)ep.epoch, (unsigned long long)ep.steps,
-				ep.compute_max * 1e3, ep.compute_mean * 1e3, ep.imbalance);
+			fprintf(
+			    stderr,
+			    "balance: epoch %llu: %llu steps, worker compute per step max %.3f ms, "
+			    "mean %.3f ms, max/mean %.3f\n",
+			    (unsigned long long)ep.epoch, (unsigned long long)ep.steps,
+			    ep.compute_max * 1e3, ep.compute_mean * 1e3, ep.imbalance);
 	}
 	if (c->n_lost || c->n_rejoined)
-		fprintf(stderr,
-			"failover: %llu worker(s) lost, %llu joined back; %llu step(s) re-sent %llu "
-			"item(s), worst stall %.1f ms; %llu repair(s); %d of %d expert replicas "
-			"live%s\n",
-			(unsigned long long)c->n_lost, (unsigned long long)c->n_rejoined,
-			(unsigned long long)c->n_failover_steps, (unsigned long long)c->resent_items,
-			c->worst_stall * 1e3, (unsigned long long)c->n_repairs,
-			cluster_live_replicas(c, NULL), cluster_live_replicas(c, &c->plan),
-			c->next_active ? " (a re-placement is loading)" : "");
+		fprintf(
+		    stderr,
+		    "failover: %llu worker(s) lost, %llu joined back; %llu step(s) re-sent %llu "
+		    "item(s), worst stall %.1f ms; %llu repair(s); %d of %d expert replicas "
+		    "live%s\n",
+		    (unsigned long long)c->n_lost, (unsigned long long)c->n_rejoined,
+		    (unsigned long long)c->n_failover_steps, (unsigned long long)c->resent_items,
+		    c->worst_stall * 1e3, (unsigned long long)c->n_repairs,
+		    cluster_live_replicas(c, NULL), cluster_live_replicas(c, &c->plan),
+		    c->next_active ? " (a re-placement is loading)" : "");
 	double med, worst;
 	uint64_t n_steps;
 	cluster_step_times(c, &med, &worst, &n_steps);
@@ -970,15 +995,17 @@ void cluster_print_stats(cluster *c)
 	cluster_print_step_sizes(c);
 	cluster_print_step_spread(c);
 	fprintf(stderr, "%-4s %-20s %10s %10s %12s %12s %10s %10s %10s %8s %10s\n", "wkr", "name",
-		"rows", "items", "sent", "received", "compute s", "wait s", "rows/s", "held", "held MiB");
+		"rows", "items", "sent", "received", "compute s", "wait s", "rows/s", "held",
+		"held MiB");
 	for (int i = 0; i < c->n; i++) {
 		const struct cluster_worker_stats *s = &c->w[i].st;
-		fprintf(stderr,
-			"%-4d %-20.20s %10llu %10llu %12llu %12llu %10.3f %10.3f %10.0f %8u %10.3f%s\n",
-			i, s->name, (unsigned long long)s->rows, (unsigned long long)s->items,
-			(unsigned long long)s->bytes_sent, (unsigned long long)s->bytes_received,
-			s->compute_seconds, s->wait_seconds, s->speed, s->held_experts,
-			(double)s->held_bytes / 1048576.0, s->lost ? " LOST" : "");
+		fprintf(
+		    stderr,
+		    "%-4d %-20.20s %10llu %10llu %12llu %12llu %10.3f %10.3f %10.0f %8u %10.3f%s\n",
+		    i, s->name, (unsigned long long)s->rows, (unsigned long long)s->items,
+		    (unsigned long long)s->bytes_sent, (unsigned long long)s->bytes_received,
+		    s->compute_seconds, s->wait_seconds, s->speed, s->held_experts,
+		    (double)s->held_bytes / 1048576.0, s->lost ? " LOST" : "");
 	}
 	/* what each worker should hold: the placement in force plus the one
 	 * being loaded (released experts are gone) */
@@ -991,8 +1018,10 @@ void cluster_print_stats(cluster *c)
 				more += (uint32_t)(c->next_active && !now &&
 						   placement_holds(&c->next, i, l, e));
 			}
-		fprintf(stderr, "placement: worker %d should hold %u experts (%u in epoch %llu, %u loading)\n",
-			i, placed + more, placed, (unsigned long long)c->epoch, more);
+		fprintf(
+		    stderr,
+		    "placement: worker %d should hold %u experts (%u in epoch %llu, %u loading)\n",
+		    i, placed + more, placed, (unsigned long long)c->epoch, more);
 	}
 	cluster_print_calibration(c);
 	fprintf(stderr, "metrics (Prometheus text format):\n");
@@ -1031,18 +1060,23 @@ int cluster_metrics_write(FILE *f, const cluster *c, int per_expert)
 	static const struct {
 		const char *name, *type, *help;
 	} wm[] = {
-		{"moefleet_worker_rows_total", "counter", "Token rows sent to the worker."},
-		{"moefleet_worker_items_total", "counter", "(row, expert) items the worker computed."},
-		{"moefleet_worker_compute_seconds_total", "counter", "Compute time the worker reported."},
-		{"moefleet_worker_wait_seconds_total", "counter", "Time the coordinator waited for the worker."},
-		{"moefleet_worker_sent_bytes_total", "counter", "Bytes sent to the worker."},
-		{"moefleet_worker_received_bytes_total", "counter", "Bytes received from the worker."},
-		{"moefleet_worker_streamed_bytes_total", "counter", "Expert weight bytes streamed to the worker."},
-		{"moefleet_worker_held_experts", "gauge", "Experts the worker reports holding."},
-		{"moefleet_worker_held_bytes", "gauge", "Expert bytes the worker reports holding."},
-		{"moefleet_worker_speed_rows_per_second", "gauge", "Expert rows per second used for planning."},
-		{"moefleet_worker_load", "gauge", "Decayed routed rows of the experts the worker holds (shared among replicas)."},
-		{"moefleet_worker_up", "gauge", "1 while the worker serves, 0 once lost."},
+	    {"moefleet_worker_rows_total", "counter", "Token rows sent to the worker."},
+	    {"moefleet_worker_items_total", "counter", "(row, expert) items the worker computed."},
+	    {"moefleet_worker_compute_seconds_total", "counter",
+	     "Compute time the worker reported."},
+	    {"moefleet_worker_wait_seconds_total", "counter",
+	     "Time the coordinator waited for the worker."},
+	    {"moefleet_worker_sent_bytes_total", "counter", "Bytes sent to the worker."},
+	    {"moefleet_worker_received_bytes_total", "counter", "Bytes received from the worker."},
+	    {"moefleet_worker_streamed_bytes_total", "counter",
+	     "Expert weight bytes streamed to the worker."},
+	    {"moefleet_worker_held_experts", "gauge", "Experts the worker reports holding."},
+	    {"moefleet_worker_held_bytes", "gauge", "Expert bytes the worker reports holding."},
+	    {"moefleet_worker_speed_rows_per_second", "gauge",
+	     "Expert rows per second used for planning."},
+	    {"moefleet_worker_load", "gauge",
+	     "Decayed routed rows of the experts the worker holds (shared among replicas)."},
+	    {"moefleet_worker_up", "gauge", "1 while the worker serves, 0 once lost."},
 	};
 	const int n_wm = (int)(sizeof(wm) / sizeof(wm[0]));
 	const double *load = c->counts ? balance_counts_load(c->counts) : NULL;
@@ -1062,12 +1096,18 @@ int cluster_metrics_write(FILE *f, const cluster *c, int per_expert)
 		cluster_metric_head(f, wm[m].name, wm[m].type, wm[m].help);
 		for (int i = 0; i < c->n; i++) {
 			const struct cluster_worker_stats *s = &c->w[i].st;
-			double v[] = {(double)s->rows,		 (double)s->items,
-				      s->compute_seconds,	 s->wait_seconds,
-				      (double)s->bytes_sent,	 (double)s->bytes_received,
-				      (double)s->streamed_bytes, (double)s->held_experts,
-				      (double)s->held_bytes,	 s->speed,
-				      wl[i],			 s->lost ? 0.0 : 1.0};
+			double v[] = {(double)s->rows,
+				      (double)s->items,
+				      s->compute_seconds,
+				      s->wait_seconds,
+				      (double)s->bytes_sent,
+				      (double)s->bytes_received,
+				      (double)s->streamed_bytes,
+				      (double)s->held_experts,
+				      (double)s->held_bytes,
+				      s->speed,
+				      wl[i],
+				      s->lost ? 0.0 : 1.0};
 			cluster_metric_worker(f, c, wm[m].name, i, v[m]);
 		}
 	}
@@ -1095,11 +1135,13 @@ int cluster_metrics_write(FILE *f, const cluster *c, int per_expert)
 	fprintf(f, "moefleet_balancedness %.9g\n", max > 0 ? mean / max : 1.0);
 	struct cluster_epoch_stats ep;
 	cluster_epoch_now(c, &ep);
-	cluster_metric_head(f, "moefleet_balance_measured_imbalance", "gauge",
-			    "Max / mean of the workers' compute time in the placement epoch in force.");
+	cluster_metric_head(
+	    f, "moefleet_balance_measured_imbalance", "gauge",
+	    "Max / mean of the workers' compute time in the placement epoch in force.");
 	fprintf(f, "moefleet_balance_measured_imbalance %.9g\n", ep.imbalance);
-	cluster_metric_head(f, "moefleet_workers_lost_total", "counter",
-			    "Workers dropped as lost (dead, silent past the time-out, or misbehaving).");
+	cluster_metric_head(
+	    f, "moefleet_workers_lost_total", "counter",
+	    "Workers dropped as lost (dead, silent past the time-out, or misbehaving).");
 	fprintf(f, "moefleet_workers_lost_total %llu\n", (unsigned long long)c->n_lost);
 	cluster_metric_head(f, "moefleet_workers_rejoined_total", "counter",
 			    "Workers that joined in place of a lost one.");
@@ -1126,17 +1168,20 @@ int cluster_metrics_write(FILE *f, const cluster *c, int per_expert)
 	double med, worst;
 	uint64_t n_steps;
 	cluster_step_times(c, &med, &worst, &n_steps);
-	cluster_metric_head(f, "moefleet_steps_total", "counter", "Forward steps through the cluster.");
+	cluster_metric_head(f, "moefleet_steps_total", "counter",
+			    "Forward steps through the cluster.");
 	fprintf(f, "moefleet_steps_total %llu\n", (unsigned long long)n_steps);
-	cluster_metric_head(f, "moefleet_step_seconds_median", "gauge", "Median forward step wall time.");
+	cluster_metric_head(f, "moefleet_step_seconds_median", "gauge",
+			    "Median forward step wall time.");
 	fprintf(f, "moefleet_step_seconds_median %.9g\n", med * 1e-3);
 	if (per_expert && load) {
 		cluster_metric_head(f, "moefleet_expert_load", "gauge",
 				    "Decayed routed rows per (layer, expert).");
 		for (int l = 0; l < c->spec.n_layer; l++)
 			for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++)
-				fprintf(f, "moefleet_expert_load{layer=\"%d\",expert=\"%d\"} %.9g\n", l, e,
-					load[(size_t)l * c->spec.n_expert + e]);
+				fprintf(f,
+					"moefleet_expert_load{layer=\"%d\",expert=\"%d\"} %.9g\n",
+					l, e, load[(size_t)l * c->spec.n_expert + e]);
 	}
 	return ferror(f) ? ERR_IO : 0;
 }
@@ -1200,7 +1245,8 @@ static int cluster_batch_add(cluster *c, int worker, size_t rows, size_t k, size
 		return -1;
 	struct cluster_batch *b = &c->batches[c->n_batches];
 	if (rows > b->rows_cap || k > b->k_cap) {
-		size_t kk = k > b->k_cap ? k : b->k_cap, rr = rows > b->rows_cap ? rows : b->rows_cap;
+		size_t kk = k > b->k_cap ? k : b->k_cap,
+		       rr = rows > b->rows_cap ? rows : b->rows_cap;
 		free(b->rows);
 		free(b->ids);
 		free(b->wts);
@@ -1267,8 +1313,8 @@ static void cluster_pump_one(cluster *c, int i, size_t budget)
 		if (len > budget)
 			len = budget;
 		struct wire_msg ch = {.kind = WIRE_WEIGHT_CHUNK};
-		ch.u.chunk = (struct wire_weight_chunk){(uint32_t)l, (uint32_t)e,
-							(uint32_t)w->sq_tensor, type, w->sq_off, total};
+		ch.u.chunk = (struct wire_weight_chunk){
+		    (uint32_t)l, (uint32_t)e, (uint32_t)w->sq_tensor, type, w->sq_off, total};
 		if (cluster_send(c, i, &ch, src + w->sq_off, (size_t)len)) {
 			cluster_drop(c, i, "cannot send weights");
 			return;
@@ -1340,10 +1386,14 @@ static void cluster_plan_next(cluster *c)
 	struct placement_model pm = {c->spec.n_layer, c->spec.n_expert, c->spec.layer_moe,
 				     c->expert_bytes, balance_counts_load(c->counts)};
 	struct balance_input in = {
-		.model = &pm, .workers = c->pw, .n_worker = c->n, .current = &c->plan,
-		.min_replicas = 1, .max_replicas = c->plan.n_replica,
-		.threshold = c->cfg.rebalance_threshold,
-		.max_move_bytes = c->cfg.max_move_bytes ? c->cfg.max_move_bytes : 64ull << 20,
+	    .model = &pm,
+	    .workers = c->pw,
+	    .n_worker = c->n,
+	    .current = &c->plan,
+	    .min_replicas = 1,
+	    .max_replicas = c->plan.n_replica,
+	    .threshold = c->cfg.rebalance_threshold,
+	    .max_move_bytes = c->cfg.max_move_bytes ? c->cfg.max_move_bytes : 64ull << 20,
 	};
 	placement next;
 	double t_plan = cluster_now();
@@ -1513,10 +1563,12 @@ static void cluster_plan_repair(cluster *c, int rebuild)
 						int dup = 0;
 						for (int r = 0; r < n; r++)
 							dup |= h[r] == i;
-						if (dup || c->w[i].lost || next.worker_bytes[i] > pw[i].mem_bytes ||
+						if (dup || c->w[i].lost ||
+						    next.worker_bytes[i] > pw[i].mem_bytes ||
 						    bytes > pw[i].mem_bytes - next.worker_bytes[i])
 							continue;
-						double t = (next.worker_load[i] + work / R) / pw[i].speed;
+						double t =
+						    (next.worker_load[i] + work / R) / pw[i].speed;
 						if (t < best_t) {
 							best_t = t;
 							best = i;
@@ -1529,7 +1581,8 @@ static void cluster_plan_repair(cluster *c, int rebuild)
 					next.worker_load[best] += work / R;
 				}
 				if (n == 0 && c->unheld++ == 0)
-					log_error("layer %d expert %d: no surviving worker has memory for it",
+					log_error("layer %d expert %d: no surviving worker has "
+						  "memory for it",
 						  l, e);
 			}
 	}
@@ -1588,7 +1641,8 @@ static void cluster_adapt_budget(cluster *c, double ms)
 			return;
 		qsort(c->load_ms, CLUSTER_LIVE_SAMPLES, sizeof(double), cluster_cmp_double);
 		double excess = 0.5 * (c->load_ms[CLUSTER_LIVE_SAMPLES / 2 - 1] +
-				       c->load_ms[CLUSTER_LIVE_SAMPLES / 2]) - 1.0;
+				       c->load_ms[CLUSTER_LIVE_SAMPLES / 2]) -
+				1.0;
 		double f = excess <= CLUSTER_LIVE_SLACK / 2 ? 2.0 : CLUSTER_LIVE_SLACK / excess;
 		b = (size_t)((double)b * fmin(2.0, fmax(0.25, f)));
 		c->n_load = 0;
@@ -1677,8 +1731,7 @@ static void cluster_epoch_now(const cluster *c, struct cluster_epoch_stats *out)
  * computes a Batch before a Release that follows it. */
 static void cluster_switch(cluster *c)
 {
-	struct cluster_epoch_stats *ep =
-		realloc(c->epochs, (c->n_epochs + 1) * sizeof(*c->epochs));
+	struct cluster_epoch_stats *ep = realloc(c->epochs, (c->n_epochs + 1) * sizeof(*c->epochs));
 	if (ep) {
 		c->epochs = ep;
 		cluster_epoch_now(c, &c->epochs[c->n_epochs++]);
@@ -1691,7 +1744,8 @@ static void cluster_switch(cluster *c)
 		for (int l = 0; l < c->spec.n_layer; l++)
 			for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++)
 				for (int r = 0; r < all.n_replica; r++)
-					all.holder[((size_t)l * all.n_expert + e) * all.n_replica + r] = -1;
+					all.holder[((size_t)l * all.n_expert + e) * all.n_replica +
+						   r] = -1;
 	}
 	for (int i = 0; i < c->n; i++) {
 		struct cluster_peer *w = &c->w[i];
@@ -1839,8 +1893,9 @@ static int cluster_dispatch(cluster *c, const struct expert_job *job, int from)
 			int h = cluster_holder(c, job->layer, e);
 			int bi = h >= 0 ? c->disp[h] : orphans;
 			if (bi < 0) {
-				bi = cluster_batch_add(c, h, (size_t)job->n_rows, (size_t)k,
-						       h >= 0 ? (size_t)job->n_rows * row_bytes : 0);
+				bi =
+				    cluster_batch_add(c, h, (size_t)job->n_rows, (size_t)k,
+						      h >= 0 ? (size_t)job->n_rows * row_bytes : 0);
 				if (bi < 0)
 					return ERR_NOMEM;
 				if (h >= 0)
@@ -1875,8 +1930,9 @@ static int cluster_dispatch(cluster *c, const struct expert_job *job, int from)
 		b->step = ++c->step;
 		b->sent = now;
 		struct wire_msg m = {.kind = WIRE_BATCH};
-		m.u.batch = (struct wire_batch){b->step, (uint32_t)job->layer, (uint32_t)b->n_rows,
-						(uint32_t)k, wt, b->ids, b->wts};
+		m.u.batch = (struct wire_batch){
+		    b->step, (uint32_t)job->layer, (uint32_t)b->n_rows, (uint32_t)k, wt, b->ids,
+		    b->wts};
 		if (cluster_send(c, i, &m, b->act, (size_t)b->n_rows * row_bytes)) {
 			cluster_drop(c, i, "cannot send");
 			continue;
@@ -2036,7 +2092,8 @@ static int cluster_collect(void *self, const struct expert_job *job)
 				}
 				for (size_t i = 0; i < (size_t)x->n_rows * job->k; i++)
 					if (x->ids[i] >= 0) {
-						log_error("layer %d: expert %d has no live holder and cannot "
+						log_error("layer %d: expert %d has no live holder "
+							  "and cannot "
 							  "be reloaded on the surviving workers",
 							  job->layer, x->ids[i]);
 						break;
@@ -2065,7 +2122,8 @@ static int cluster_collect(void *self, const struct expert_job *job)
 			double due = x->sent + c->cfg.timeout_ms / 1000.0;
 			if (now >= due) {
 				char why[96];
-				snprintf(why, sizeof(why), "no answer within the worker time-out (%d ms)",
+				snprintf(why, sizeof(why),
+					 "no answer within the worker time-out (%d ms)",
 					 c->cfg.timeout_ms);
 				cluster_drop(c, x->worker, why);
 				wake = now;
@@ -2088,8 +2146,9 @@ static int cluster_collect(void *self, const struct expert_job *job)
 		if (waiting) {
 			double limit = c->repair_t0 + c->cfg.join_timeout_ms / 1000.0;
 			if (now >= limit) {
-				log_error("layer %d: the lost experts were not reloaded within %d ms",
-					  job->layer, c->cfg.join_timeout_ms);
+				log_error(
+				    "layer %d: the lost experts were not reloaded within %d ms",
+				    job->layer, c->cfg.join_timeout_ms);
 				rc = ERR_PEER;
 				break;
 			}
@@ -2127,8 +2186,9 @@ static int cluster_collect(void *self, const struct expert_job *job)
 		c->n_failover_steps++;
 		c->resent_items += resent;
 		c->worst_stall = fmax(c->worst_stall, dt);
-		log_warn("layer %d: %llu item(s) re-sent to surviving workers; the step took %.0f ms",
-			 job->layer, (unsigned long long)resent, dt * 1e3);
+		log_warn(
+		    "layer %d: %llu item(s) re-sent to surviving workers; the step took %.0f ms",
+		    job->layer, (unsigned long long)resent, dt * 1e3);
 	}
 	if (rc)
 		log_error("layer %d: the step failed: experts unavailable", job->layer);
@@ -2145,7 +2205,7 @@ static void cluster_backend_destroy(void *self)
 }
 
 static const struct expert_backend_ops cluster_ops = {cluster_submit, cluster_collect,
-						       cluster_backend_destroy};
+						      cluster_backend_destroy};
 
 int cluster_backend(cluster *c, expert_backend **out)
 {

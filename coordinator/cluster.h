@@ -45,9 +45,9 @@
  * placement stays in force until every worker is ready; the switch happens
  * between two forward steps, after which every worker gets a Release of the
  * experts it no longer needs and frees them.  Epoch numbers only grow; a
- * placement still loading is superseded by a repair when a worker is lost.  No result changes, because an
- * expert's output is the same wherever it is computed.  The initial placement
- * uses the speeds the workers measured before Hello. */
+ * placement still loading is superseded by a repair when a worker is lost.  No result changes,
+ * because an expert's output is the same wherever it is computed.  The initial placement uses the
+ * speeds the workers measured before Hello. */
 #ifndef MOEFLEET_CLUSTER_H
 #define MOEFLEET_CLUSTER_H
 
@@ -65,15 +65,15 @@ struct cluster_config {
 	const gguf *g;
 	const struct moe_spec *spec;
 	int n_workers;
-	int replicas;		/* copies of each expert, >= 1 */
-	int timeout_ms;		/* per job */
-	int join_timeout_ms;	/* for all workers to join and load */
-	uint32_t wire_dtype;	/* KERN_Q8_0, KERN_BF16, KERN_F32; 0 = automatic */
-	int stream;		/* stream weights even to workers with a model copy */
-	double balance_window;	/* tokens over which router counts decay; 0 = 4096 */
-	const char *rebalance;	/* balance policy for live re-placement, NULL = static */
-	int rebalance_every;	/* forward steps between re-plans (0 = 16) */
-	double rebalance_threshold;	  /* minimum predicted step-time gain (migrate) */
+	int replicas;			   /* copies of each expert, >= 1 */
+	int timeout_ms;			   /* per job */
+	int join_timeout_ms;		   /* for all workers to join and load */
+	uint32_t wire_dtype;		   /* KERN_Q8_0, KERN_BF16, KERN_F32; 0 = automatic */
+	int stream;			   /* stream weights even to workers with a model copy */
+	double balance_window;		   /* tokens over which router counts decay; 0 = 4096 */
+	const char *rebalance;		   /* balance policy for live re-placement, NULL = static */
+	int rebalance_every;		   /* forward steps between re-plans (0 = 16) */
+	double rebalance_threshold;	   /* minimum predicted step-time gain (migrate) */
 	unsigned long long max_move_bytes; /* per re-plan; 0 = 64 MiB */
 };
 
@@ -83,8 +83,8 @@ struct cluster_worker_stats {
 	uint64_t batches, rows, items, bytes_sent, bytes_received;
 	double compute_seconds, wait_seconds;
 	int lost;
-	double speed;		/* expert rows/s used for planning (Hello calibration or measured) */
-	uint32_t held_experts;	/* as last reported by the worker (Ready) */
+	double speed;	       /* expert rows/s used for planning (Hello calibration or measured) */
+	uint32_t held_experts; /* as last reported by the worker (Ready) */
 	uint64_t held_bytes;
 	uint64_t streamed_bytes; /* expert bytes streamed to it */
 };

@@ -111,8 +111,8 @@ static int experts_local_submit(void *self, const struct expert_job *job)
 static int experts_local_compute(void *self, const struct expert_job *job)
 {
 	struct experts_local *l = self;
-	return shard_compute(l->shard, l->pool, job->layer, job->n_rows, job->k, job->x,
-			     KERN_F32, job->ids, job->weights, job->out);
+	return shard_compute(l->shard, l->pool, job->layer, job->n_rows, job->k, job->x, KERN_F32,
+			     job->ids, job->weights, job->out);
 }
 
 static void experts_local_destroy(void *self)
@@ -125,7 +125,7 @@ static void experts_local_destroy(void *self)
 }
 
 static const struct expert_backend_ops experts_local_ops = {
-	experts_local_submit, experts_local_compute, experts_local_destroy};
+    experts_local_submit, experts_local_compute, experts_local_destroy};
 
 int experts_new_local(const gguf *g, const struct moe_spec *spec, pool *p, expert_backend **out)
 {

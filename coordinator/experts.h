@@ -44,8 +44,7 @@ struct expert_backend_ops {
 /* Wraps an implementation; on failure self is destroyed with ops->destroy. */
 int expert_backend_new(const struct expert_backend_ops *ops, void *self, expert_backend **out);
 
-int experts_new_local(const gguf *g, const struct moe_spec *spec, pool *p,
-		      expert_backend **out);
+int experts_new_local(const gguf *g, const struct moe_spec *spec, pool *p, expert_backend **out);
 /* submit + collect.  Between the two the caller may do other work (the
  * shared expert, while workers compute); job and its buffers, including x,
  * must stay unchanged until collect returns.  One job at a time. */

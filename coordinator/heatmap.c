@@ -10,8 +10,15 @@
 #include <string.h>
 #include <strings.h>
 
-enum { HM_LEFT = 60, HM_TOP = 30, HM_GAP = 30, HM_RIGHT = 20, HM_BOTTOM = 40, HM_CELL = 12,
-       HM_SPAN = 1200 };
+enum {
+	HM_LEFT = 60,
+	HM_TOP = 30,
+	HM_GAP = 30,
+	HM_RIGHT = 20,
+	HM_BOTTOM = 40,
+	HM_CELL = 12,
+	HM_SPAN = 1200
+};
 
 static int heatmap_cell(int n)
 {
@@ -78,7 +85,8 @@ static void heatmap_draw(cairo_t *cr, const struct heatmap_data *d, int width, i
 			if (!d->layer_moe[l])
 				cairo_set_source_rgb(cr, 0.85, 0.85, 0.85);
 			else
-				cairo_set_source_rgb(cr, 1.0 - 0.45 * f, 1.0 - 0.95 * f, 1.0 - 0.95 * f);
+				cairo_set_source_rgb(cr, 1.0 - 0.45 * f, 1.0 - 0.95 * f,
+						     1.0 - 0.95 * f);
 			cairo_rectangle(cr, x_load + (double)e * cw, y, cw, ch);
 			cairo_fill(cr);
 			int R = d->n_replica;
@@ -90,8 +98,8 @@ static void heatmap_draw(cairo_t *cr, const struct heatmap_data *d, int width, i
 				else if (w >= 0)
 					heatmap_worker_rgb(w, rgb);
 				cairo_set_source_rgb(cr, rgb[0], rgb[1], rgb[2]);
-				cairo_rectangle(cr, x_place + (double)e * cw + (double)r * cw / R, y,
-						(double)cw / R, ch);
+				cairo_rectangle(cr, x_place + (double)e * cw + (double)r * cw / R,
+						y, (double)cw / R, ch);
 				cairo_fill(cr);
 			}
 		}

@@ -1,4 +1,7 @@
 /* moefleet: run Mixture-of-Experts models from GGUF files. */
 #include "cli.h"
 
-int main(int argc, char **argv) { return cli_main(argc, argv); }
+int main(int argc, char **argv)
+{
+	return cli_main(argc, argv);
+}

@@ -12,10 +12,10 @@
 #include <string.h>
 
 static const struct arch_vtable *const model_archs[] = {
-	&arch_deepseek2,
-	&arch_qwen3moe,
-	&arch_gptoss,
-	&arch_deepseek4,
+    &arch_deepseek2,
+    &arch_qwen3moe,
+    &arch_gptoss,
+    &arch_deepseek4,
 };
 
 struct model {
@@ -26,7 +26,7 @@ struct model {
 	void *state;
 	struct model_info info;
 	expert_backend *experts;
-	int32_t *seq_len; /* [n_seq] next position expected per sequence */
+	int32_t *seq_len;    /* [n_seq] next position expected per sequence */
 	uint8_t *all_logits; /* [n_batch] of 1, used when the caller passes NULL */
 	struct route_opts route;
 	struct route_counts route_counts;
@@ -51,8 +51,8 @@ int model_open(const char *path, const struct model_params *params, model **out)
 	kern_init();
 	if (params->n_ctx < 1 || params->n_seq < 1 || params->n_batch < 1 ||
 	    params->n_ctx > (1 << 24) || params->n_seq > 4096 || params->n_batch > 65536) {
-		log_error("invalid model parameters: ctx %d, sequences %d, batch %d",
-			  params->n_ctx, params->n_seq, params->n_batch);
+		log_error("invalid model parameters: ctx %d, sequences %d, batch %d", params->n_ctx,
+			  params->n_seq, params->n_batch);
 		return ERR_CONFIG;
 	}
 	model *m = calloc(1, sizeof(*m));
@@ -73,7 +73,8 @@ int model_open(const char *path, const struct model_params *params, model **out)
 		if (strcmp(model_archs[i]->name, arch) == 0)
 			m->arch = model_archs[i];
 	if (!m->arch) {
-		log_error("%s: unknown architecture '%s' (supported: deepseek2, qwen3moe, gpt-oss, deepseek4)",
+		log_error("%s: unknown architecture '%s' (supported: deepseek2, qwen3moe, gpt-oss, "
+			  "deepseek4)",
 			  path, arch);
 		rc = ERR_FORMAT;
 		goto out;
@@ -140,9 +141,18 @@ void model_destroy(model **pm)
 	*pm = NULL;
 }
 
-const struct model_info *model_get_info(const model *m) { return &m->info; }
-const gguf *model_get_gguf(const model *m) { return m->g; }
-pool *model_get_pool(model *m) { return m->pool; }
+const struct model_info *model_get_info(const model *m)
+{
+	return &m->info;
+}
+const gguf *model_get_gguf(const model *m)
+{
+	return m->g;
+}
+pool *model_get_pool(model *m)
+{
+	return m->pool;
+}
 
 void model_set_experts(model *m, expert_backend *b)
 {
@@ -220,11 +230,11 @@ int model_forward(model *m, const model_batch *b, float *logits)
 		if (n > m->env.n_batch)
 			n = m->env.n_batch;
 		model_batch ub = {
-			.n_tokens = n,
-			.token = b->token + start,
-			.pos = b->pos + start,
-			.seq = b->seq + start,
-			.logits = b->logits ? b->logits + start : m->all_logits,
+		    .n_tokens = n,
+		    .token = b->token + start,
+		    .pos = b->pos + start,
+		    .seq = b->seq + start,
+		    .logits = b->logits ? b->logits + start : m->all_logits,
 		};
 		if (m->observer)
 			m->observer(m->observer_ctx, &ub);
@@ -251,28 +261,26 @@ static int arch_key(char *buf, size_t cap, const char *arch, const char *key)
 	return n < 0 || (size_t)n >= cap ? ERR_CONFIG : 0;
 }
 
-#define ARCH_GET(fn_req, fn_opt, ctype, getter)                                        \
-	int fn_opt(const struct arch_env *env, const char *arch, const char *key,     \
-		   ctype *out)                                                         \
-	{                                                                              \
-		char k[256];                                                           \
-		if (arch_key(k, sizeof(k), arch, key))                                 \
-			return ERR_CONFIG;                                             \
-		int rc = getter(env->g, k, out);                                       \
-		return rc == ERR_RANGE ? 0 : rc;                                       \
-	}                                                                              \
-	int fn_req(const struct arch_env *env, const char *arch, const char *key,     \
-		   ctype *out)                                                         \
-	{                                                                              \
-		char k[256];                                                           \
-		if (arch_key(k, sizeof(k), arch, key))                                 \
-			return ERR_CONFIG;                                             \
-		int rc = getter(env->g, k, out);                                       \
-		if (rc == ERR_RANGE) {                                                 \
-			log_error("%s: missing key %s", gguf_path(env->g), k);        \
-			return ERR_FORMAT;                                             \
-		}                                                                      \
-		return rc;                                                             \
+#define ARCH_GET(fn_req, fn_opt, ctype, getter)                                                    \
+	int fn_opt(const struct arch_env *env, const char *arch, const char *key, ctype *out)      \
+	{                                                                                          \
+		char k[256];                                                                       \
+		if (arch_key(k, sizeof(k), arch, key))                                             \
+			return ERR_CONFIG;                                                         \
+		int rc = getter(env->g, k, out);                                                   \
+		return rc == ERR_RANGE ? 0 : rc;                                                   \
+	}                                                                                          \
+	int fn_req(const struct arch_env *env, const char *arch, const char *key, ctype *out)      \
+	{                                                                                          \
+		char k[256];                                                                       \
+		if (arch_key(k, sizeof(k), arch, key))                                             \
+			return ERR_CONFIG;                                                         \
+		int rc = getter(env->g, k, out);                                                   \
+		if (rc == ERR_RANGE) {                                                             \
+			log_error("%s: missing key %s", gguf_path(env->g), k);                     \
+			return ERR_FORMAT;                                                         \
+		}                                                                                  \
+		return rc;                                                                         \
 	}
 ARCH_GET(arch_u32_req, arch_u32_opt, uint32_t, gguf_get_u32)
 ARCH_GET(arch_f32_req, arch_f32_opt, float, gguf_get_f32)
@@ -329,7 +337,8 @@ int arch_vocab(const struct arch_env *env, int *n_vocab)
 }
 
 static int arch_tensor_v(const struct arch_env *env, const gguf_tensor **out, int64_t ne0,
-			 int64_t ne1, int64_t ne2, int optional, int ids, const char *fmt, va_list ap)
+			 int64_t ne1, int64_t ne2, int optional, int ids, const char *fmt,
+			 va_list ap)
 {
 	char name[256];
 	int n = vsnprintf(name, sizeof(name), fmt, ap);
@@ -347,7 +356,8 @@ static int arch_tensor_v(const struct arch_env *env, const gguf_tensor **out, in
 	int rc = gguf_expect_tensor(env->g, name, nd, ne, out);
 	if (rc == 0 && (ids ? (*out)->type != KERN_I32 : !kern_type_dot((*out)->type))) {
 		log_error("%s: tensor %s: type %s is not usable here (need %s)", gguf_path(env->g),
-			  name, kern_type_name((*out)->type), ids ? "I32" : "a matrix or vector type");
+			  name, kern_type_name((*out)->type),
+			  ids ? "I32" : "a matrix or vector type");
 		*out = NULL;
 		return ERR_FORMAT;
 	}
@@ -364,8 +374,8 @@ int arch_tensor(const struct arch_env *env, const gguf_tensor **out, int64_t ne0
 	return rc;
 }
 
-int arch_tensor_opt(const struct arch_env *env, const gguf_tensor **out, int64_t ne0,
-		    int64_t ne1, int64_t ne2, const char *fmt, ...)
+int arch_tensor_opt(const struct arch_env *env, const gguf_tensor **out, int64_t ne0, int64_t ne1,
+		    int64_t ne2, const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);
@@ -374,8 +384,8 @@ int arch_tensor_opt(const struct arch_env *env, const gguf_tensor **out, int64_t
 	return rc;
 }
 
-int arch_tensor_ids(const struct arch_env *env, const gguf_tensor **out, int64_t ne0,
-		    int64_t ne1, const char *fmt, ...)
+int arch_tensor_ids(const struct arch_env *env, const gguf_tensor **out, int64_t ne0, int64_t ne1,
+		    const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);

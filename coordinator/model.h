@@ -23,12 +23,12 @@
 #include "route.h"
 
 struct model_params {
-	int n_threads; /* <= 0: all cores */
-	int n_ctx;     /* positions per sequence */
-	int n_seq;     /* sequence slots */
-	int n_batch;   /* tokens per internal forward step */
+	int n_threads;		 /* <= 0: all cores */
+	int n_ctx;		 /* positions per sequence */
+	int n_seq;		 /* sequence slots */
+	int n_batch;		 /* tokens per internal forward step */
 	struct route_opts route; /* expert selection options (route.h); default: the model's */
-	int kv_f32;    /* 1: KV caches hold F32 (default 0: F16, as llama.cpp); deepseek4 only */
+	int kv_f32; /* 1: KV caches hold F32 (default 0: F16, as llama.cpp); deepseek4 only */
 };
 
 /* What callers may know about a loaded model. */
@@ -45,10 +45,10 @@ struct model_info {
 
 typedef struct model_batch {
 	int n_tokens;
-	const int32_t *token;	/* [n_tokens] */
-	const int32_t *pos;	/* [n_tokens] */
-	const int32_t *seq;	/* [n_tokens] sequence slot in [0, n_seq) */
-	const uint8_t *logits;	/* [n_tokens] or NULL for all */
+	const int32_t *token;  /* [n_tokens] */
+	const int32_t *pos;    /* [n_tokens] */
+	const int32_t *seq;    /* [n_tokens] sequence slot in [0, n_seq) */
+	const uint8_t *logits; /* [n_tokens] or NULL for all */
 } model_batch;
 
 typedef struct model model;

@@ -8,7 +8,7 @@
 #include "../common/err.h"
 #include "../common/log.h"
 
-#define PLACEMENT_MAX_DIM 65536		 /* cap on n_layer, n_expert, n_worker */
+#define PLACEMENT_MAX_DIM   65536      /* cap on n_layer, n_expert, n_worker */
 #define PLACEMENT_MAX_CELLS (1u << 28) /* cap on n_layer * n_expert * n_replica */
 
 struct placement_item {
@@ -145,7 +145,8 @@ static int placement_pick(const placement *p, const struct placement_worker *wor
 		    it->bytes > workers[w].mem_bytes - p->worker_bytes[w])
 			continue;
 		double time = (p->worker_load[w] + share) / workers[w].speed;
-		double fill = (double)(p->worker_bytes[w] + it->bytes) / (double)workers[w].mem_bytes;
+		double fill =
+		    (double)(p->worker_bytes[w] + it->bytes) / (double)workers[w].mem_bytes;
 		if (best < 0 || time < best_time || (time == best_time && fill < best_fill)) {
 			best = w;
 			best_time = time;
@@ -200,12 +201,12 @@ int placement_build(const struct placement_model *m, const struct placement_work
 	for (int l = 0; l < m->n_layer; l++) {
 		for (int e = 0; m->layer_moe[l] && e < m->n_expert; e++) {
 			double load =
-				m->load ? m->load[(size_t)l * (size_t)m->n_expert + (size_t)e] : 1.0;
+			    m->load ? m->load[(size_t)l * (size_t)m->n_expert + (size_t)e] : 1.0;
 			items[n_items++] = (struct placement_item){
-				.layer = l,
-				.expert = e,
-				.bytes = m->expert_bytes[l],
-				.work = load * (double)m->expert_bytes[l],
+			    .layer = l,
+			    .expert = e,
+			    .bytes = m->expert_bytes[l],
+			    .work = load * (double)m->expert_bytes[l],
 			};
 		}
 	}
@@ -252,8 +253,8 @@ int placement_copy(const placement *src, placement *out)
 		memset(out, 0, sizeof(*out));
 		return 0;
 	}
-	int result = placement_alloc(out, src->n_layer, src->n_expert, src->n_replica,
-				     src->n_worker);
+	int result =
+	    placement_alloc(out, src->n_layer, src->n_expert, src->n_replica, src->n_worker);
 	if (result)
 		return result;
 	size_t cells = (size_t)src->n_layer * (size_t)src->n_expert * (size_t)src->n_replica;
@@ -267,8 +268,8 @@ int placement_copy(const placement *src, placement *out)
 
 int placement_holder(const placement *p, int layer, int expert, int replica)
 {
-	if (!p->holder || layer < 0 || layer >= p->n_layer || expert < 0 ||
-	    expert >= p->n_expert || replica < 0 || replica >= p->n_replica)
+	if (!p->holder || layer < 0 || layer >= p->n_layer || expert < 0 || expert >= p->n_expert ||
+	    replica < 0 || replica >= p->n_replica)
 		return -1;
 	int32_t w = p->holder[placement_cell(p, layer, expert) + (size_t)replica];
 	return w >= 0 && w < p->n_worker ? (int)w : -1;
@@ -322,8 +323,7 @@ int placement_validate(const placement *p, const struct placement_model *m,
 	if (result)
 		goto out;
 	result = ERR_CONFIG;
-	if ((size_t)p->n_layer * (size_t)p->n_expert * (size_t)p->n_replica >
-	    PLACEMENT_MAX_CELLS) {
+	if ((size_t)p->n_layer * (size_t)p->n_expert * (size_t)p->n_replica > PLACEMENT_MAX_CELLS) {
 		log_error("placement: %d replicas is too many", p->n_replica);
 		goto out;
 	}

@@ -61,7 +61,7 @@ typedef struct placement {
 	int n_worker;
 	int32_t *holder;	/* [n_layer][n_expert][n_replica]; -1 = none; primary first */
 	uint64_t *worker_bytes; /* [n_worker] expert bytes each worker holds */
-	double *worker_load;	/* [n_worker] predicted load (sum of work / R); time = load / speed */
+	double *worker_load; /* [n_worker] predicted load (sum of work / R); time = load / speed */
 } placement;
 
 /* Computes a placement of m's routed experts over workers[0..n_worker) with

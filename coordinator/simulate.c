@@ -99,7 +99,8 @@ static int sim_placement_from(const struct wire_trace *rec, int nw, const uint64
 	memcpy(out->holder, rec->holders, n * sizeof(int32_t));
 	for (size_t i = 0; i < n; i++)
 		if (rec->holders[i] >= 0)
-			out->worker_bytes[rec->holders[i]] += bytes[i / ((size_t)rec->n_expert * rec->n_replica)];
+			out->worker_bytes[rec->holders[i]] +=
+			    bytes[i / ((size_t)rec->n_expert * rec->n_replica)];
 	return 0;
 }
 
@@ -147,7 +148,8 @@ static int sim_read_workers(const char *path, struct sim_worker **out, int *n_ou
 		if (got >= 1) {
 			if (got > 3 || !(cores >= 0.01) || !(cores <= 1 << 20) || !(stretch >= 1) ||
 			    !(stretch <= 1000) || !(burst >= 0) || !(burst <= 1e6)) {
-				log_error("%s:%d: expected '@cores N [STRETCH [BURST_MS]]' with N > 0 and "
+				log_error("%s:%d: expected '@cores N [STRETCH [BURST_MS]]' with N "
+					  "> 0 and "
 					  "STRETCH >= 1",
 					  path, line_no);
 				rc = ERR_FORMAT;
@@ -171,8 +173,8 @@ static int sim_read_workers(const char *path, struct sim_worker **out, int *n_ou
 			continue;
 		}
 		double threads = 1, cpu = 1;
-		got = sscanf(line, "%63s %lf %llu %lf %lf %lf %lf %c", name, &speed, &mem, &lat, &bw,
-			     &threads, &cpu, &extra);
+		got = sscanf(line, "%63s %lf %llu %lf %lf %lf %lf %c", name, &speed, &mem, &lat,
+			     &bw, &threads, &cpu, &extra);
 		if (got <= 0)
 			continue;
 		if (got < 5 || got > 7 || !(speed > 0) || mem == 0 || !(lat >= 0) || !(bw > 0) ||
@@ -238,7 +240,8 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 	const int follow = !strcmp(cfg->policy, "trace");
 
 	if (strcmp(cfg->policy, "static") && !follow && !(pol = balance_policy_find(cfg->policy))) {
-		log_error("unknown policy '%s' (static, trace, eplb, hetero, migrate)", cfg->policy);
+		log_error("unknown policy '%s' (static, trace, eplb, hetero, migrate)",
+			  cfg->policy);
 		return ERR_CONFIG;
 	}
 	struct sim_coord coord = {0};
@@ -272,7 +275,8 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 	s_lat = calloc((size_t)nw, sizeof(double));
 	s_work = calloc((size_t)nw, sizeof(double));
 	s_dem = calloc((size_t)nw, sizeof(double));
-	if (!pw || !finish || !lt || !visits || !rows_w || !items_w || !s_lat || !s_work || !s_dem) {
+	if (!pw || !finish || !lt || !visits || !rows_w || !items_w || !s_lat || !s_work ||
+	    !s_dem) {
 		rc = ERR_NOMEM;
 		goto out;
 	}
@@ -287,8 +291,10 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 		rc = sim_placement_from(&rec, nw, bytes, &plan);
 	if (rc == 1) {
 		if (follow) {
-			log_error("%s: policy 'trace' needs the trace's placement over the %d workers "
-				  "of %s", cfg->trace_path, nw, cfg->workers_path);
+			log_error(
+			    "%s: policy 'trace' needs the trace's placement over the %d workers "
+			    "of %s",
+			    cfg->trace_path, nw, cfg->workers_path);
 			rc = ERR_CONFIG;
 			goto out;
 		}
@@ -339,17 +345,21 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 			cur_step_time = 0;
 			cur_step = rec.step;
 			int due = cfg->rebalance_every > 0
-					  ? rec.step - last_plan_step >= (uint64_t)cfg->rebalance_every
-					  : !planned_once;
+				      ? rec.step - last_plan_step >= (uint64_t)cfg->rebalance_every
+				      : !planned_once;
 			if (pol && due) {
 				pm.load = balance_counts_load(counts);
-				struct balance_input in = {.model = &pm, .workers = pw, .n_worker = nw,
-							   .current = &plan, .min_replicas = 1,
-							   .max_replicas = replicas,
-							   .extra_replicas = 0, .threshold = cfg->threshold,
-							   .max_move_bytes = cfg->max_move_bytes
-										 ? cfg->max_move_bytes
-										 : UINT64_MAX};
+				struct balance_input in = {
+				    .model = &pm,
+				    .workers = pw,
+				    .n_worker = nw,
+				    .current = &plan,
+				    .min_replicas = 1,
+				    .max_replicas = replicas,
+				    .extra_replicas = 0,
+				    .threshold = cfg->threshold,
+				    .max_move_bytes =
+					cfg->max_move_bytes ? cfg->max_move_bytes : UINT64_MAX};
 				placement next;
 				if (pol->plan(&in, &next) == 0) {
 					migrated += balance_moved_bytes(&plan, &next, &pm);
@@ -401,7 +411,8 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 		for (int i = 0; i < nw; i++) {
 			if (!rows_here[i])
 				continue;
-			double b = (double)rows_here[i] * row_bytes + (double)items_here[i] * E * 4.0;
+			double b =
+			    (double)rows_here[i] * row_bytes + (double)items_here[i] * E * 4.0;
 			double t = sw[i].latency_s + b / sw[i].bandwidth +
 				   (double)items_here[i] / sw[i].speed;
 			layer_time = fmax(layer_time, t);
@@ -419,7 +430,8 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 		if (coord.cores) {
 			layer_time = sim_shared_layer(n_act, s_lat, s_work, s_dem, coord.cores);
 			if (layer_time > coord.burst_s)
-				layer_time = coord.burst_s + (layer_time - coord.burst_s) * coord.stretch;
+				layer_time =
+				    coord.burst_s + (layer_time - coord.burst_s) * coord.stretch;
 		}
 		cur_step_time += layer_time;
 		wire_trace_free(&rec);
@@ -489,8 +501,8 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 		"%.2f messages/token, step %.3f ms, median step %.3f ms, migrated %.2f MiB\n",
 		cfg->policy, nw, replicas, meanl > 0 ? maxl / meanl : 1.0,
 		tokens ? wire / (double)tokens : 0.0,
-		tokens ? (double)messages / (double)tokens : 0.0,
-		step_time / (double)steps * 1e3, step_ms[steps / 2], (double)migrated / 1048576.0);
+		tokens ? (double)messages / (double)tokens : 0.0, step_time / (double)steps * 1e3,
+		step_ms[steps / 2], (double)migrated / 1048576.0);
 	for (int i = 0; i < n_sizes; i++)
 		fprintf(out, "%-8s steps of %s\n", cfg->policy, sizes[i]);
 out:

@@ -103,8 +103,8 @@ int trace_read(trace_reader *r, struct wire_trace *rec)
 		log_error("%s: truncated trace record", r->path);
 		return ERR_FORMAT;
 	}
-	uint32_t len = (uint32_t)n[0] | (uint32_t)n[1] << 8 | (uint32_t)n[2] << 16 |
-		       (uint32_t)n[3] << 24;
+	uint32_t len =
+	    (uint32_t)n[0] | (uint32_t)n[1] << 8 | (uint32_t)n[2] << 16 | (uint32_t)n[3] << 24;
 	if (len > WIRE_MAX_HEADER) {
 		log_error("%s: trace record of %u bytes exceeds the cap", r->path, len);
 		return ERR_FORMAT;
@@ -189,14 +189,14 @@ static int trace_submit(void *self, const struct expert_job *job)
 		b->step++;
 	b->last_layer = job->layer;
 	struct wire_trace rec = {
-		.step = b->step,
-		.layer = (uint32_t)job->layer,
-		.n_rows = (uint32_t)job->n_rows,
-		.k = (uint32_t)job->k,
-		.ids = (int32_t *)job->ids,
-		.weights = (float *)job->weights,
-		/* rows are the micro-batch's tokens, in order */
-		.positions = b->pos && b->n_pos == job->n_rows ? (int32_t *)b->pos : NULL,
+	    .step = b->step,
+	    .layer = (uint32_t)job->layer,
+	    .n_rows = (uint32_t)job->n_rows,
+	    .k = (uint32_t)job->k,
+	    .ids = (int32_t *)job->ids,
+	    .weights = (float *)job->weights,
+	    /* rows are the micro-batch's tokens, in order */
+	    .positions = b->pos && b->n_pos == job->n_rows ? (int32_t *)b->pos : NULL,
 	};
 	size_t n_h = b->p ? (size_t)b->p->n_layer * b->p->n_expert * b->p->n_replica : 0;
 	int moved = b->p && (n_h != b->n_holders ||
@@ -273,8 +273,8 @@ int trace_attach(model *m, trace_writer *w, const placement *p)
 {
 	expert_backend *inner = model_take_experts(m), *b = NULL;
 	struct trace_backend *tb = NULL;
-	int rc = trace_backend_create(inner, w, model_get_gguf(m), &model_get_info(m)->moe, p,
-				      &tb, &b);
+	int rc =
+	    trace_backend_create(inner, w, model_get_gguf(m), &model_get_info(m)->moe, p, &tb, &b);
 	model_set_experts(m, b);
 	if (!rc)
 		model_set_batch_observer(m, trace_observe, tb);
@@ -324,8 +324,10 @@ int trace_summarize(const char *path, struct trace_summary *out)
 				out->n_expert = rec.n_expert;
 				out->n_embd = rec.n_embd;
 				for (uint32_t l = 0; l < rec.n_layer; l++)
-					out->layer_moe[l] = rec.expert_bytes && rec.expert_bytes[l] > 0;
-				out->load = calloc((size_t)rec.n_layer * rec.n_expert, sizeof(double));
+					out->layer_moe[l] =
+					    rec.expert_bytes && rec.expert_bytes[l] > 0;
+				out->load =
+				    calloc((size_t)rec.n_layer * rec.n_expert, sizeof(double));
 				if (!out->load) {
 					rc = ERR_NOMEM;
 					break;

@@ -45,10 +45,10 @@ enum kern_type {
 #define KERN_QK 32 /* values per block of the block-quantised types */
 
 /* Type table. */
-int kern_type_known(uint32_t type);	 /* 1 for the types above */
-int kern_type_dot(uint32_t type);	 /* 1 if it can be a matrix for kern_dot/kern_matmul (not I32) */
+int kern_type_known(uint32_t type); /* 1 for the types above */
+int kern_type_dot(uint32_t type);   /* 1 if it can be a matrix for kern_dot/kern_matmul (not I32) */
 const char *kern_type_name(uint32_t type); /* "Q4_0", ...; "?" if unknown */
-int kern_type_block(uint32_t type);	 /* values per block: 1 or 32 */
+int kern_type_block(uint32_t type);	   /* values per block: 1 or 32 */
 size_t kern_type_block_bytes(uint32_t type);
 /* Bytes of a row of n values (n a multiple of the block). */
 size_t kern_row_bytes(uint32_t type, int64_t n);
@@ -85,8 +85,7 @@ float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x
  * W is n_out rows of n_in values of weight_type, rows packed; x holds n_rows
  * rows already converted to the activation type, x_stride bytes apart.  Computes
  * several rows per weight pass where it pays; results equal kern_dot's. */
-void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0,
-		 int64_t o1, const void *x, size_t x_stride, int64_t n_rows,
-		 float *y, int64_t y_stride);
+void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+		 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
 
 #endif

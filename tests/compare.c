@@ -40,8 +40,8 @@ static void compare_log_softmax(const float *r, int n, double *out)
 		out[i] = r[i] - lse;
 }
 
-void compare_logits(const float *ref, const float *cand, int rows, int n_vocab,
-		    double allow_rows, struct compare_result *out)
+void compare_logits(const float *ref, const float *cand, int rows, int n_vocab, double allow_rows,
+		    struct compare_result *out)
 {
 	double *la = malloc(sizeof(double) * (size_t)n_vocab);
 	double *lb = malloc(sizeof(double) * (size_t)n_vocab);

@@ -18,8 +18,8 @@ struct compare_result {
 	int pass;
 };
 
-void compare_logits(const float *ref, const float *cand, int rows, int n_vocab,
-		    double allow_rows, struct compare_result *out);
+void compare_logits(const float *ref, const float *cand, int rows, int n_vocab, double allow_rows,
+		    struct compare_result *out);
 
 struct test_case {
 	char name[128];

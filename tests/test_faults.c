@@ -32,8 +32,14 @@
 
 #define MODEL "qwen3moe-tiny-mxfp4"
 
-enum fake { FAKE_GOOD, FAKE_BAD_VERSION, FAKE_GARBAGE, FAKE_OVERSIZED, FAKE_DIE_ON_BATCH,
-	    FAKE_HANG_ON_BATCH };
+enum fake {
+	FAKE_GOOD,
+	FAKE_BAD_VERSION,
+	FAKE_GARBAGE,
+	FAKE_OVERSIZED,
+	FAKE_DIE_ON_BATCH,
+	FAKE_HANG_ON_BATCH
+};
 
 static char endpoint[128];
 
@@ -46,9 +52,10 @@ static void child_run(enum fake kind)
 		char path[4096];
 		snprintf(path, sizeof(path), "%s", test_data_path(MODEL ".gguf"));
 		/* the real worker loop, told to fail at its first batch */
-		struct worker_config cfg = {.model_path = path, .n_threads = 1,
+		struct worker_config cfg = {.model_path = path,
+					    .n_threads = 1,
 					    .name = kind == FAKE_GOOD ? "good" : "faulty"};
-		cfg.fault = kind == FAKE_DIE_ON_BATCH	  ? WORKER_FAULT_DIE
+		cfg.fault = kind == FAKE_DIE_ON_BATCH	 ? WORKER_FAULT_DIE
 			    : kind == FAKE_HANG_ON_BATCH ? WORKER_FAULT_STOP
 							 : WORKER_FAULT_NONE;
 		int rc = worker_run(t, &cfg);
@@ -145,7 +152,8 @@ static int run_model(int n_workers, int replicas, struct run *r, double *seconds
 			if (!first_rc)
 				first_rc = rc;
 			clock_gettime(CLOCK_MONOTONIC, &t1);
-			*seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+			*seconds = (double)(t1.tv_sec - t0.tv_sec) +
+				   1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
 			/* replay the sequence from the start, as a server would */
 			model_reset_seq(m, 0);
 			rc = 0;
@@ -243,9 +251,9 @@ int main(void)
 	log_set_quiet(1);
 	signal(SIGPIPE, SIG_IGN);
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_bad_peers_refused),
-		cmocka_unit_test(test_worker_dies),
-		cmocka_unit_test(test_worker_hangs),
+	    cmocka_unit_test(test_bad_peers_refused),
+	    cmocka_unit_test(test_worker_dies),
+	    cmocka_unit_test(test_worker_hangs),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -31,8 +31,14 @@ static void put(struct buf *b, const void *d, size_t n)
 	memcpy(b->p + b->n, d, n);
 	b->n += n;
 }
-static void put_u32(struct buf *b, uint32_t v) { put(b, &v, 4); }
-static void put_u64(struct buf *b, uint64_t v) { put(b, &v, 8); }
+static void put_u32(struct buf *b, uint32_t v)
+{
+	put(b, &v, 4);
+}
+static void put_u64(struct buf *b, uint64_t v)
+{
+	put(b, &v, 8);
+}
 static void put_str(struct buf *b, const char *s)
 {
 	put_u64(b, strlen(s));
@@ -40,8 +46,8 @@ static void put_str(struct buf *b, const char *s)
 }
 
 /* offsets of interesting fields, for corruption tests */
-static size_t off_version, off_n_tensors, off_kv_type, off_arr_count, off_t_ndims,
-	off_t_ne0, off_t_type, off_t_offset;
+static size_t off_version, off_n_tensors, off_kv_type, off_arr_count, off_t_ndims, off_t_ne0,
+    off_t_type, off_t_offset;
 
 static struct buf make_file(void)
 {
@@ -200,18 +206,18 @@ static void test_corruptions_fail(void **state)
 {
 	(void)state;
 	const struct corruption cases[] = {
-		{&off_version, 2, 4},		  /* old version */
-		{&off_n_tensors, 1ull << 40, 8},  /* absurd tensor count */
-		{&off_kv_type, 99, 4},		  /* unknown value type */
-		{&off_arr_count, 1ull << 60, 8},  /* array longer than the file */
-		{&off_t_ndims, 0, 4},		  /* no dimensions */
-		{&off_t_ndims, 9, 4},		  /* too many dimensions */
-		{&off_t_ne0, 0, 8},		  /* empty extent */
-		{&off_t_ne0, 1ull << 62, 8},	  /* overflowing extent */
-		{&off_t_type, 12, 4},		  /* unsupported type (Q4_K) */
-		{&off_t_type, 1000, 4},		  /* unknown type */
-		{&off_t_offset, 1ull << 50, 8},	  /* data past the end */
-		{&off_t_offset, 3, 8},		  /* misaligned */
+	    {&off_version, 2, 4},	     /* old version */
+	    {&off_n_tensors, 1ull << 40, 8}, /* absurd tensor count */
+	    {&off_kv_type, 99, 4},	     /* unknown value type */
+	    {&off_arr_count, 1ull << 60, 8}, /* array longer than the file */
+	    {&off_t_ndims, 0, 4},	     /* no dimensions */
+	    {&off_t_ndims, 9, 4},	     /* too many dimensions */
+	    {&off_t_ne0, 0, 8},		     /* empty extent */
+	    {&off_t_ne0, 1ull << 62, 8},     /* overflowing extent */
+	    {&off_t_type, 12, 4},	     /* unsupported type (Q4_K) */
+	    {&off_t_type, 1000, 4},	     /* unknown type */
+	    {&off_t_offset, 1ull << 50, 8},  /* data past the end */
+	    {&off_t_offset, 3, 8},	     /* misaligned */
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		struct buf b = make_file();
@@ -271,10 +277,10 @@ int main(void)
 	snprintf(tmp_path, sizeof(tmp_path), "/tmp/moefleet-test-gguf-%d.gguf", (int)getpid());
 	log_set_quiet(1);
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_roundtrip),
-		cmocka_unit_test(test_every_truncation_fails),
-		cmocka_unit_test(test_corruptions_fail),
-		cmocka_unit_test(test_random_bytes_do_not_crash),
+	    cmocka_unit_test(test_roundtrip),
+	    cmocka_unit_test(test_every_truncation_fails),
+	    cmocka_unit_test(test_corruptions_fail),
+	    cmocka_unit_test(test_random_bytes_do_not_crash),
 	};
 	int rc = cmocka_run_group_tests(tests, NULL, NULL);
 	unlink(tmp_path);

@@ -11,7 +11,7 @@
 #include "../common/err.h"
 #include "../coordinator/placement.h"
 
-#define T_LAYERS 4
+#define T_LAYERS  4
 #define T_EXPERTS 64
 
 /* A model of T_LAYERS layers (layer 0 dense) with T_EXPERTS experts each. */
@@ -36,11 +36,11 @@ static void tmodel_init(struct tmodel *t, uint64_t b1, uint64_t b2, uint64_t b3,
 		}
 	}
 	t->m = (struct placement_model){
-		.n_layer = T_LAYERS,
-		.n_expert = T_EXPERTS,
-		.layer_moe = t->moe,
-		.expert_bytes = t->bytes,
-		.load = uniform ? NULL : t->load,
+	    .n_layer = T_LAYERS,
+	    .n_expert = T_EXPERTS,
+	    .layer_moe = t->moe,
+	    .expert_bytes = t->bytes,
+	    .load = uniform ? NULL : t->load,
 	};
 }
 
@@ -308,8 +308,7 @@ static void test_deterministic(void **state)
 		w[3].speed = 1.5;
 		assert_int_equal(placement_build(&t.m, w, 8, 2, &a), 0);
 		assert_int_equal(placement_build(&t.m, w, 8, 2, &b), 0);
-		assert_memory_equal(a.holder, b.holder,
-				    sizeof(int32_t) * T_LAYERS * T_EXPERTS * 2);
+		assert_memory_equal(a.holder, b.holder, sizeof(int32_t) * T_LAYERS * T_EXPERTS * 2);
 		assert_memory_equal(a.worker_bytes, b.worker_bytes, sizeof(uint64_t) * 8);
 		assert_memory_equal(a.worker_load, b.worker_load, sizeof(double) * 8);
 		if (mode == 2) { /* zero load: memory is still spread evenly */
@@ -400,11 +399,11 @@ static void test_validate(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_one_worker),    cmocka_unit_test(test_equal_workers),
-		cmocka_unit_test(test_uneven_memory), cmocka_unit_test(test_uneven_speed),
-		cmocka_unit_test(test_replicas),      cmocka_unit_test(test_errors),
-		cmocka_unit_test(test_deterministic), cmocka_unit_test(test_copy_choose),
-		cmocka_unit_test(test_validate),
+	    cmocka_unit_test(test_one_worker),	  cmocka_unit_test(test_equal_workers),
+	    cmocka_unit_test(test_uneven_memory), cmocka_unit_test(test_uneven_speed),
+	    cmocka_unit_test(test_replicas),	  cmocka_unit_test(test_errors),
+	    cmocka_unit_test(test_deterministic), cmocka_unit_test(test_copy_choose),
+	    cmocka_unit_test(test_validate),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

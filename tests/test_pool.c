@@ -77,9 +77,9 @@ static void test_bad_size(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_runs),
-		cmocka_unit_test(test_split),
-		cmocka_unit_test(test_bad_size),
+	    cmocka_unit_test(test_runs),
+	    cmocka_unit_test(test_split),
+	    cmocka_unit_test(test_bad_size),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -777,17 +777,17 @@ int main(void)
 	log_set_quiet(1);
 	kern_init();
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_mxfp4_hand_blocks),
-		cmocka_unit_test(test_mxfp4_matches_literal_search),
-		cmocka_unit_test(test_q8_0_hand_block),
-		cmocka_unit_test(test_q4_0_hand_blocks),
-		cmocka_unit_test(test_quant_row_checks),
-		cmocka_unit_test(test_roundtrip_error_bounds),
-		cmocka_unit_test(test_writer_plain_copy_is_identical),
-		cmocka_unit_test(test_writer_every_type_and_alignment),
-		cmocka_unit_test(test_writer_misuse_leaves_nothing),
-		cmocka_unit_test(test_quantize_qwen3moe),
-		cmocka_unit_test(test_quantize_bad_inputs),
+	    cmocka_unit_test(test_mxfp4_hand_blocks),
+	    cmocka_unit_test(test_mxfp4_matches_literal_search),
+	    cmocka_unit_test(test_q8_0_hand_block),
+	    cmocka_unit_test(test_q4_0_hand_blocks),
+	    cmocka_unit_test(test_quant_row_checks),
+	    cmocka_unit_test(test_roundtrip_error_bounds),
+	    cmocka_unit_test(test_writer_plain_copy_is_identical),
+	    cmocka_unit_test(test_writer_every_type_and_alignment),
+	    cmocka_unit_test(test_writer_misuse_leaves_nothing),
+	    cmocka_unit_test(test_quantize_qwen3moe),
+	    cmocka_unit_test(test_quantize_bad_inputs),
 	};
 	int rc = cmocka_run_group_tests(tests, NULL, NULL);
 	rmdir(tmp_dir); /* fails harmlessly if a failed test left files */

@@ -69,7 +69,8 @@ static void test_against_llama(void **state)
 	assert_int_equal(run_case(m, &tc, 0, out), 0);
 	struct compare_result r;
 	/* deepseek4 with quantised experts: llama.cpp against itself needs 25 % */
-	double allow = strstr(name, "ds4") && !strstr(name, "f32") && !strstr(name, "f16") ? 0.25 : 0.10;
+	double allow =
+	    strstr(name, "ds4") && !strstr(name, "f32") && !strstr(name, "f16") ? 0.25 : 0.10;
 	compare_logits(tc.ref, out, tc.n_tokens, tc.n_vocab, allow, &r);
 	print_message("%s: %d/%d rows fail (allowed %d), max |diff| %.4g, max KL %.3g\n", name,
 		      r.failed, r.rows, r.allowed, r.max_abs, r.max_kl);
@@ -171,8 +172,8 @@ int main(void)
 		for (int k = 0; k < 3; k++) {
 			snprintf(test_names[nt], sizeof(test_names[nt]), "%s_%s", kinds[k],
 				 case_names[n]);
-			tests[nt] = (struct CMUnitTest){test_names[nt], fns[k], NULL, NULL,
-							case_names[n]};
+			tests[nt] =
+			    (struct CMUnitTest){test_names[nt], fns[k], NULL, NULL, case_names[n]};
 			nt++;
 		}
 		n++;

@@ -11,22 +11,22 @@
 #include "worker.h"
 
 static const char *usage =
-	"usage: moefleet-worker --connect ENDPOINT [-m MODEL.gguf] [--threads T]\n"
-	"                       [--memory BYTES] [--name NAME] [--slowdown F]\n"
-	"                       [--key FILE --server-key FILE | --insecure]\n"
-	"                       [--handshake-timeout MS] [--reconnect SECONDS]\n"
-	"  ENDPOINT: tcp://HOST:PORT or ipc://PATH of a coordinator started with\n"
-	"  --listen.  With -m the worker reads its experts from its own copy of the\n"
-	"  model; without, the coordinator streams their bytes.  --slowdown F makes\n"
-	"  every batch take F times as long (to test balancing on uneven hardware).\n"
-	"  tcp:// links are CURVE-authenticated and encrypted: --key is this worker's\n"
-	"  secret key, --server-key the coordinator's public key (see 'moefleet keygen');\n"
-	"  --insecure allows plain tcp:// on a trusted network (the coordinator must\n"
-	"  use it too).  A refused key or failed handshake ends the worker with an\n"
-	"  error; --handshake-timeout bounds the handshake once connected (10000).\n"
-	"  --reconnect S: outlive the coordinator: when it shuts down (or restarts),\n"
-	"  say Hello again with a growing interval for up to S seconds, then exit 1.\n"
-	"  Without it the worker exits 0 when the coordinator shuts down.\n";
+    "usage: moefleet-worker --connect ENDPOINT [-m MODEL.gguf] [--threads T]\n"
+    "                       [--memory BYTES] [--name NAME] [--slowdown F]\n"
+    "                       [--key FILE --server-key FILE | --insecure]\n"
+    "                       [--handshake-timeout MS] [--reconnect SECONDS]\n"
+    "  ENDPOINT: tcp://HOST:PORT or ipc://PATH of a coordinator started with\n"
+    "  --listen.  With -m the worker reads its experts from its own copy of the\n"
+    "  model; without, the coordinator streams their bytes.  --slowdown F makes\n"
+    "  every batch take F times as long (to test balancing on uneven hardware).\n"
+    "  tcp:// links are CURVE-authenticated and encrypted: --key is this worker's\n"
+    "  secret key, --server-key the coordinator's public key (see 'moefleet keygen');\n"
+    "  --insecure allows plain tcp:// on a trusted network (the coordinator must\n"
+    "  use it too).  A refused key or failed handshake ends the worker with an\n"
+    "  error; --handshake-timeout bounds the handshake once connected (10000).\n"
+    "  --reconnect S: outlive the coordinator: when it shuts down (or restarts),\n"
+    "  say Hello again with a growing interval for up to S seconds, then exit 1.\n"
+    "  Without it the worker exits 0 when the coordinator shuts down.\n";
 
 int main(int argc, char **argv)
 {
@@ -44,8 +44,8 @@ int main(int argc, char **argv)
 			continue;
 		}
 		if (i + 1 >= argc) {
-			fprintf(stderr, "moefleet-worker: unknown or incomplete argument '%s'\n%s", a,
-				usage);
+			fprintf(stderr, "moefleet-worker: unknown or incomplete argument '%s'\n%s",
+				a, usage);
 			return 2;
 		}
 		const char *v = argv[++i];
@@ -64,29 +64,32 @@ int main(int argc, char **argv)
 		} else if (!strcmp(a, "--handshake-timeout")) {
 			long ms = strtol(v, &end, 10);
 			if (errno || *end || ms < 1 || ms > 3600000) {
-				fprintf(stderr, "moefleet-worker: bad --handshake-timeout '%s'\n%s", v,
-					usage);
+				fprintf(stderr, "moefleet-worker: bad --handshake-timeout '%s'\n%s",
+					v, usage);
 				return 2;
 			}
 			sec.handshake_timeout_ms = (int)ms;
 		} else if (!strcmp(a, "--reconnect")) {
 			long sec = strtol(v, &end, 10);
 			if (errno || *end || sec < 1 || sec > 86400) {
-				fprintf(stderr, "moefleet-worker: bad --reconnect '%s'\n%s", v, usage);
+				fprintf(stderr, "moefleet-worker: bad --reconnect '%s'\n%s", v,
+					usage);
 				return 2;
 			}
 			cfg.reconnect_ms = (int)(sec * 1000);
 		} else if (!strcmp(a, "--threads") || !strcmp(a, "-t")) {
 			long t = strtol(v, &end, 10);
 			if (errno || *end || t < 1 || t > 256) {
-				fprintf(stderr, "moefleet-worker: bad --threads '%s'\n%s", v, usage);
+				fprintf(stderr, "moefleet-worker: bad --threads '%s'\n%s", v,
+					usage);
 				return 2;
 			}
 			cfg.n_threads = (int)t;
 		} else if (!strcmp(a, "--slowdown")) {
 			double f = strtod(v, &end);
 			if (errno || *end || !(f >= 1.0 && f <= 1000.0)) {
-				fprintf(stderr, "moefleet-worker: bad --slowdown '%s'\n%s", v, usage);
+				fprintf(stderr, "moefleet-worker: bad --slowdown '%s'\n%s", v,
+					usage);
 				return 2;
 			}
 			cfg.slowdown = f;

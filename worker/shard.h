@@ -54,7 +54,7 @@ uint32_t shard_act_type(const shard *s, int layer);
 
 /* x: n_rows rows of n_embd values of x_type (KERN_F32, or the layer's
  * activation type); ids, w: n_rows x k; out: n_rows x k x n_embd floats. */
-int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const void *x,
-		  uint32_t x_type, const int32_t *ids, const float *w, float *out);
+int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const void *x, uint32_t x_type,
+		  const int32_t *ids, const float *w, float *out);
 
 #endif

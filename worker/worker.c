@@ -45,8 +45,8 @@ struct worker {
 	gguf *g;
 	shard *shard;
 	struct moe_spec spec;
-	uint64_t epoch;		    /* of the last Assign */
-	int initial;		    /* the first assignment is still loading */
+	uint64_t epoch;		     /* of the last Assign */
+	int initial;		     /* the first assignment is still loading */
 	struct worker_owned **owned; /* [n_layer * n_expert]: streamed experts held */
 	uint32_t n_held;
 	uint64_t held_bytes;
@@ -144,8 +144,7 @@ static void worker_clear(struct worker *w)
 
 /* The bytes of tensor t (0..2 weights, 3..5 biases) of (l, e) in the model
  * file, or NULL. */
-static const uint8_t *worker_file_tensor(const struct worker *w, int l, int e, int t,
-					 uint64_t *n)
+static const uint8_t *worker_file_tensor(const struct worker *w, int l, int e, int t, uint64_t *n)
 {
 	static const char *names[3] = {"gate", "up", "down"};
 	char name[96];
@@ -174,9 +173,8 @@ static int worker_send_ready(struct worker *w, int released)
 	m.u.ready.n_experts = w->n_held;
 	m.u.ready.bytes = w->held_bytes;
 	m.u.ready.released = released;
-	log_info("worker: epoch %llu: %u experts held (%.1f MiB)%s",
-		 (unsigned long long)w->epoch, w->n_held, (double)w->held_bytes / 1048576.0,
-		 released ? " after a release" : "");
+	log_info("worker: epoch %llu: %u experts held (%.1f MiB)%s", (unsigned long long)w->epoch,
+		 w->n_held, (double)w->held_bytes / 1048576.0, released ? " after a release" : "");
 	return worker_send(w, &m, NULL, 0);
 }
 
@@ -298,8 +296,8 @@ static int worker_on_assign(struct worker *w, const struct wire_assign *a)
 	return 0;
 }
 
-static int worker_on_chunk(struct worker *w, const struct wire_weight_chunk *c,
-			   const uint8_t *data, size_t n)
+static int worker_on_chunk(struct worker *w, const struct wire_weight_chunk *c, const uint8_t *data,
+			   size_t n)
 {
 	struct worker_buf *b = NULL;
 	size_t bi = 0;
@@ -312,7 +310,8 @@ static int worker_on_chunk(struct worker *w, const struct wire_weight_chunk *c,
 		}
 	}
 	if (!b && w->shard && c->layer < (uint32_t)w->spec.n_layer &&
-	    c->expert < (uint32_t)w->spec.n_expert && shard_has(w->shard, (int)c->layer, (int)c->expert))
+	    c->expert < (uint32_t)w->spec.n_expert &&
+	    shard_has(w->shard, (int)c->layer, (int)c->expert))
 		return 0; /* completed under a superseded epoch: already held */
 	if (!b) {
 		worker_error(w, "weight chunk for an expert that was not assigned");
@@ -539,8 +538,12 @@ static int worker_on_batch(struct worker *w, const struct wire_batch *b, const u
 static double worker_calibrate(struct worker *w)
 {
 	enum { CAL_E = 1024, CAL_F = 512, CAL_X = 4, CAL_ROWS = 64, CAL_K = 2, CAL_REPS = 4 };
-	struct moe_spec spec = {.n_layer = 1, .n_embd = CAL_E, .n_ff_exp = CAL_F,
-				.n_expert = CAL_X, .n_expert_used = CAL_K, .act = MOE_ACT_SWIGLU};
+	struct moe_spec spec = {.n_layer = 1,
+				.n_embd = CAL_E,
+				.n_ff_exp = CAL_F,
+				.n_expert = CAL_X,
+				.n_expert_used = CAL_K,
+				.act = MOE_ACT_SWIGLU};
 	spec.layer_moe[0] = 1;
 	size_t mat = kern_row_bytes(KERN_Q8_0, CAL_E) * CAL_F; /* gate/up; down is the same size */
 	uint8_t *wts = malloc(mat);
@@ -571,7 +574,8 @@ static double worker_calibrate(struct worker *w)
 		wt[r] = 0.5f;
 	}
 	for (int e = 0; e < CAL_X; e++) {
-		struct shard_expert_src src = {{wts, wts, wts}, {KERN_Q8_0, KERN_Q8_0, KERN_Q8_0}, {0}};
+		struct shard_expert_src src = {
+		    {wts, wts, wts}, {KERN_Q8_0, KERN_Q8_0, KERN_Q8_0}, {0}};
 		if (shard_add_expert(s, 0, e, &src))
 			goto out;
 	}
@@ -586,7 +590,8 @@ static double worker_calibrate(struct worker *w)
 			goto out;
 		double wall = worker_now() - t0;
 		clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
-		double cpu = (double)(c1.tv_sec - c0.tv_sec) + 1e-9 * (double)(c1.tv_nsec - c0.tv_nsec);
+		double cpu =
+		    (double)(c1.tv_sec - c0.tv_sec) + 1e-9 * (double)(c1.tv_nsec - c0.tv_nsec);
 		double dt = fmin(wall, cpu / pool_size(w->pool));
 		if (w->cfg->slowdown > 1.0)
 			dt *= w->cfg->slowdown;
@@ -623,9 +628,9 @@ int worker_run(transport *t, const struct worker_config *cfg)
 	struct wire_msg hello = {.kind = WIRE_HELLO};
 	hello.u.hello.cores = (uint32_t)pool_size(w.pool);
 	long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGE_SIZE);
-	hello.u.hello.memory_bytes = cfg->memory_bytes
-					     ? cfg->memory_bytes
-					     : (pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0);
+	hello.u.hello.memory_bytes =
+	    cfg->memory_bytes ? cfg->memory_bytes
+			      : (pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0);
 	hello.u.hello.has_model = w.g != NULL;
 	hello.u.hello.expert_rows_per_sec = worker_calibrate(&w);
 	if (w.g)
@@ -669,7 +674,8 @@ int worker_run(transport *t, const struct worker_config *cfg)
 				continue;
 			}
 			if (!waiting && cfg->reconnect_ms > 0 &&
-			    now - idle_since > WORKER_PROBE_S && now - last_probe > WORKER_PROBE_S) {
+			    now - idle_since > WORKER_PROBE_S &&
+			    now - last_probe > WORKER_PROBE_S) {
 				/* a coordinator that restarted does not know this worker and
 				 * answers with Shutdown(rejoin); a live one ignores this */
 				struct wire_msg hb = {.kind = WIRE_HEARTBEAT};
@@ -707,12 +713,8 @@ int worker_run(transport *t, const struct worker_config *cfg)
 			continue;
 		}
 		switch (m.kind) {
-		case WIRE_ASSIGN:
-			rc = worker_on_assign(&w, &m.u.assign);
-			break;
-		case WIRE_RELEASE:
-			rc = worker_on_release(&w, &m.u.release);
-			break;
+		case WIRE_ASSIGN: rc = worker_on_assign(&w, &m.u.assign); break;
+		case WIRE_RELEASE: rc = worker_on_release(&w, &m.u.release); break;
 		case WIRE_WEIGHT_CHUNK:
 			rc = worker_on_chunk(&w, &m.u.chunk, f.data, f.data_len);
 			break;
@@ -726,9 +728,7 @@ int worker_run(transport *t, const struct worker_config *cfg)
 				raise(SIGSTOP);
 			rc = worker_on_batch(&w, &m.u.batch, f.data, f.data_len);
 			break;
-		case WIRE_HEARTBEAT:
-			rc = worker_send(&w, &m, NULL, 0);
-			break;
+		case WIRE_HEARTBEAT: rc = worker_send(&w, &m, NULL, 0); break;
 		case WIRE_STATS: {
 			struct wire_msg s = {.kind = WIRE_STATS};
 			s.u.stats = w.stats;
@@ -760,9 +760,7 @@ int worker_run(transport *t, const struct worker_config *cfg)
 			if (m.shutdown_rejoin)
 				rc = worker_send(&w, &hello, NULL, 0);
 			break;
-		default:
-			worker_error(&w, "unexpected message kind");
-			break;
+		default: worker_error(&w, "unexpected message kind"); break;
 		}
 		wire_msg_free(&m);
 		if (rc)

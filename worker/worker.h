@@ -54,9 +54,9 @@ struct worker_config {
 	int n_threads;		/* <= 0: all cores */
 	uint64_t memory_bytes;	/* offered for experts; 0: physical memory */
 	const char *name;
-	int idle_timeout_ms;	/* <= 0: wait forever */
+	int idle_timeout_ms; /* <= 0: wait forever */
 	enum worker_fault fault;
-	double slowdown; /* > 1: take this many times as long per batch (tests, benchmarks) */
+	double slowdown;  /* > 1: take this many times as long per batch (tests, benchmarks) */
 	int reconnect_ms; /* > 0: outlive the coordinator (see above); 0: exit at Shutdown */
 };
 

@@ -107,7 +107,8 @@ static void fuzz_touch_kv(const gguf *g, const uint8_t *in, size_t in_size, uint
 			abort();
 		if (et != GGUF_TYPE_STRING &&
 		    (!fuzz_inside(in, in_size, data, 0) ||
-		     count > (in_size - (uint64_t)((const uint8_t *)data - in)) / gguf_type_size(et)))
+		     count >
+			 (in_size - (uint64_t)((const uint8_t *)data - in)) / gguf_type_size(et)))
 			abort();
 		if (et == GGUF_TYPE_STRING) {
 			for (uint64_t k = 0; k < count && k < 64; k++)

@@ -259,8 +259,7 @@ static void fuzz_check_request(const struct api_request *r, enum api_kind kind)
 		abort();
 	for (int i = 0; i < r->n_stop; i++)
 		fuzz_check_str(r->stop[i]);
-	if ((r->stream & ~1) || (r->include_usage & ~1) || (r->logprobs & ~1) ||
-	    (r->has_seed & ~1))
+	if ((r->stream & ~1) || (r->include_usage & ~1) || (r->logprobs & ~1) || (r->has_seed & ~1))
 		abort();
 	if (r->top_logprobs < 0 || r->top_logprobs > API_MAX_TOP_LOGPROBS ||
 	    (r->top_logprobs > 0 && !r->logprobs))
@@ -316,8 +315,8 @@ static void fuzz_responses(enum api_kind kind, const char *t, size_t n, uint8_t 
 			lp[i].n_top = i + 1;
 			for (int k = 0; k <= i; k++) {
 				size_t at = n * (size_t)k / 4, m = tl + (size_t)k;
-				lp[i].top[k] = (struct api_top){t + at, m < n - at ? m : n - at,
-								-(float)k};
+				lp[i].top[k] =
+				    (struct api_top){t + at, m < n - at ? m : n - at, -(float)k};
 			}
 		}
 		n_lp = 4;
@@ -368,8 +367,8 @@ static void fuzz_chat_parser(enum chat_format f, const char *t, size_t n, size_t
 	if (out.content_len + out.reasoning_len > n)
 		abort(); /* invents bytes */
 	int passthrough = f == CHAT_FORMAT_DEEPSEEK ||
-			  (f == CHAT_FORMAT_QWEN3 && (n < 7 ? memcmp(t, "<think>", n) != 0
-							    : memcmp(t, "<think>", 7) != 0));
+			  (f == CHAT_FORMAT_QWEN3 &&
+			   (n < 7 ? memcmp(t, "<think>", n) != 0 : memcmp(t, "<think>", 7) != 0));
 	if (passthrough &&
 	    (out.reasoning_len || out.content_len != n || (n && memcmp(out.content, t, n))))
 		abort(); /* loses or alters bytes */

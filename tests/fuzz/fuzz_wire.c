@@ -51,8 +51,7 @@ static void fuzz_same(const struct wire_msg *a, const struct wire_msg *b)
 		if (strcmp(a->u.text, b->u.text))
 			abort();
 		break;
-	default:
-		break;
+	default: break;
 	}
 }
 
