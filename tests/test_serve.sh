@@ -53,7 +53,7 @@ start_server() {
 start_server main --workers 2 --parallel 4 --ctx-size 2048 --max-batch 64 --queue 2 \
 	--api-key "$key" --max-body 65536
 url=http://127.0.0.1:$port_main
-echo "1..40"
+echo "1..41"
 if [ -z "$port_main" ]; then
 	not_ok "server starts" "$(cat "$tmp/main.err")"
 	exit 1
@@ -225,6 +225,31 @@ done
 check "the server survives 1000 dropped connections" 'kill -0 $pid_main'
 r=$(post /v1/completions "$req" | body_of | jq -j '.choices[0].text')
 check "and still serves the same greedy output" '[ "$r" = "$full" ]'
+
+# ---------------------------------------------------------------- connection limit
+# a second server allowing 3 connections: 3 idle ones hold them, a 4th client
+# is turned away (libmicrohttpd closes it at once), and once they go it is served
+start_server conns --max-conns 3
+if [ -n "$port_conns" ]; then
+	exec 5<>/dev/tcp/127.0.0.1/"$port_conns" 6<>/dev/tcp/127.0.0.1/"$port_conns" \
+		7<>/dev/tcp/127.0.0.1/"$port_conns"
+	sleep 0.2
+	c4=$(curl -s -m 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port_conns/health")
+	exec 5>&- 6>&- 7>&-
+	c5=000
+	for _ in $(seq 1 40); do
+		c5=$(curl -s -m 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port_conns/health")
+		[ "$c5" = 200 ] && break
+		sleep 0.05
+	done
+	check "--max-conns 3: a 4th connection is refused, served once the others close" \
+		'[ "$c4" = 000 ] && [ "$c5" = 200 ]' "4th: $c4, later: $c5"
+	kill "$pid_conns"
+	wait "$pid_conns" 2>/dev/null
+else
+	not_ok "--max-conns 3: a 4th connection is refused, served once the others close" \
+		"$(head -3 "$tmp/conns.err")"
+fi
 
 # ---------------------------------------------------------------- metrics and logs
 m=$(curl -s "${auth[@]}" "$url/metrics")
