@@ -1332,6 +1332,7 @@ static int cli_generate(int argc, char **argv)
 			printf("%s%d", i ? "," : "", out_ids[i]);
 		fputc('\n', stdout);
 	}
+	fflush(stdout); /* the text before the log line that follows it */
 	double dt = cli_now() - t0;
 	log_info("generated %d tokens in %.2f s (%.1f tok/s)", n_out, dt,
 		 dt > 0 ? (double)n_out / dt : 0.0);

@@ -33,7 +33,10 @@ make -j"$(nproc)" -s
 case "$action" in
 run)
 	./moefleet info -m tests/data/qwen3moe-tiny-mxfp4.gguf | tail -n 2
-	./moefleet generate -m tests/data/qwen3moe-tiny-mxfp4.gguf -p "The cluster said" -n 48 --temp 0.8 --seed 7
+	# two local worker processes compute the routed experts (random weights:
+	# the text is noise; the logits equal llama.cpp's and the in-process run's)
+	./moefleet generate -m tests/data/qwen3moe-tiny-mxfp4.gguf -p "The cluster said" -n 48 \
+		--temp 0.8 --seed 7 --workers 2
 	;;
 test)
 	# the OpenAI client used by tests/test_serve.sh (skipped without it)
