@@ -1,6 +1,7 @@
 #include "cluster.h"
 #include "balance.h"
 #include "placement.h"
+#include "simulate.h"
 #include "../common/err.h"
 #include "../common/log.h"
 #include "../common/wire.h"
@@ -846,14 +847,6 @@ struct cluster_step_rec {
 	double ms;
 };
 
-static int cluster_cmp_step_size(const void *a, const void *b)
-{
-	const struct cluster_step_rec *x = a, *y = b;
-	if (x->tokens != y->tokens)
-		return (x->tokens > y->tokens) - (x->tokens < y->tokens);
-	return (x->ms > y->ms) - (x->ms < y->ms);
-}
-
 static int cluster_cmp_step_group(const void *a, const void *b)
 {
 	const struct cluster_step_rec *x = a, *y = b;
@@ -880,30 +873,13 @@ static struct cluster_step_rec *cluster_step_recs(const cluster *c)
  * median wall time (what `placement simulate` predicts per size). */
 static void cluster_print_step_sizes(const cluster *c)
 {
-	struct cluster_step_rec *r = cluster_step_recs(c);
-	if (!r)
+	struct simulate_step_size sz[4];
+	int n = 0;
+	if (simulate_step_sizes(c->step_tokens, c->step_ms, c->n_steps, sz, &n))
 		return;
-	qsort(r, c->n_steps, sizeof(*r), cluster_cmp_step_size);
-	size_t start[4] = {0}, count[4] = {0};
-	for (size_t i = 0; i < c->n_steps;) {
-		size_t j = i;
-		while (j < c->n_steps && r[j].tokens == r[i].tokens)
-			j++;
-		/* keep the four largest groups, largest first */
-		for (int k = 0; k < 4; k++)
-			if (j - i > count[k]) {
-				memmove(&count[k + 1], &count[k], (size_t)(3 - k) * sizeof(size_t));
-				memmove(&start[k + 1], &start[k], (size_t)(3 - k) * sizeof(size_t));
-				count[k] = j - i;
-				start[k] = i;
-				break;
-			}
-		i = j;
-	}
-	for (int k = 0; k < 4 && count[k]; k++)
-		fprintf(stderr, "steps of %d token(s): %zu, median %.3f ms\n",
-			(int)r[start[k]].tokens, count[k], r[start[k] + count[k] / 2].ms);
-	free(r);
+	for (int k = 0; k < n; k++)
+		fprintf(stderr, "steps of %d token(s): %zu, median %.3f ms\n", (int)sz[k].tokens,
+			sz[k].count, sz[k].median_ms);
 }
 
 /* What loading a re-placement cost the steps it overlapped: each such step

@@ -124,6 +124,41 @@ static int sim_cmp_step(const void *a, const void *b)
 	return (x->ms > y->ms) - (x->ms < y->ms);
 }
 
+int simulate_step_sizes(const int32_t *tokens, const double *ms, size_t n,
+			struct simulate_step_size out[4], int *n_out)
+{
+	*n_out = 0;
+	if (!n)
+		return 0;
+	struct sim_step *by = malloc(n * sizeof(*by));
+	if (!by)
+		return ERR_NOMEM;
+	for (size_t i = 0; i < n; i++)
+		by[i] = (struct sim_step){tokens[i], ms[i]};
+	qsort(by, n, sizeof(*by), sim_cmp_step);
+	size_t start[4] = {0}, count[4] = {0};
+	for (size_t i = 0; i < n;) {
+		size_t j = i;
+		while (j < n && by[j].tokens == by[i].tokens)
+			j++;
+		/* keep the four largest groups, largest first */
+		for (int k = 0; k < 4; k++)
+			if (j - i > count[k]) {
+				memmove(&count[k + 1], &count[k], (size_t)(3 - k) * sizeof(size_t));
+				memmove(&start[k + 1], &start[k], (size_t)(3 - k) * sizeof(size_t));
+				count[k] = j - i;
+				start[k] = i;
+				break;
+			}
+		i = j;
+	}
+	for (int k = 0; k < 4 && count[k]; k++)
+		out[(*n_out)++] = (struct simulate_step_size){by[start[k]].tokens, count[k],
+							      by[start[k] + count[k] / 2].ms};
+	free(by);
+	return 0;
+}
+
 static int sim_read_workers(const char *path, struct sim_worker **out, int *n_out,
 			    struct sim_coord *coord)
 {
@@ -460,35 +495,11 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 	steps++;
 	step_time += cur_step_time;
 	/* per step size (tokens), the four most frequent: count and median */
-	char sizes[4][64];
+	struct simulate_step_size sizes[4];
 	int n_sizes = 0;
-	struct sim_step *by = malloc(steps * sizeof(*by));
-	if (!by) {
-		rc = ERR_NOMEM;
+	rc = simulate_step_sizes(step_tok, step_ms, steps, sizes, &n_sizes);
+	if (rc)
 		goto out;
-	}
-	for (size_t i = 0; i < steps; i++)
-		by[i] = (struct sim_step){step_tok[i], step_ms[i]};
-	qsort(by, steps, sizeof(*by), sim_cmp_step);
-	size_t start[4] = {0}, count[4] = {0};
-	for (size_t i = 0; i < steps;) {
-		size_t j = i;
-		while (j < steps && by[j].tokens == by[i].tokens)
-			j++;
-		for (int k = 0; k < 4; k++)
-			if (j - i > count[k]) {
-				memmove(&count[k + 1], &count[k], (size_t)(3 - k) * sizeof(size_t));
-				memmove(&start[k + 1], &start[k], (size_t)(3 - k) * sizeof(size_t));
-				count[k] = j - i;
-				start[k] = i;
-				break;
-			}
-		i = j;
-	}
-	for (int k = 0; k < 4 && count[k]; k++)
-		snprintf(sizes[n_sizes++], sizeof(sizes[0]), "%d token(s): %zu, median %.3f ms",
-			 (int)by[start[k]].tokens, count[k], by[start[k] + count[k] / 2].ms);
-	free(by);
 	qsort(step_ms, steps, sizeof(double), sim_cmp_double);
 	double maxl = 0, meanl = 0;
 	for (int i = 0; i < nw; i++) {
@@ -504,7 +515,8 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 		tokens ? (double)messages / (double)tokens : 0.0, step_time / (double)steps * 1e3,
 		step_ms[steps / 2], (double)migrated / 1048576.0);
 	for (int i = 0; i < n_sizes; i++)
-		fprintf(out, "%-8s steps of %s\n", cfg->policy, sizes[i]);
+		fprintf(out, "%-8s steps of %d token(s): %zu, median %.3f ms\n", cfg->policy,
+			(int)sizes[i].tokens, sizes[i].count, sizes[i].median_ms);
 out:
 	free(step_ms);
 	free(step_tok);

@@ -38,6 +38,8 @@
 #ifndef MOEFLEET_SIMULATE_H
 #define MOEFLEET_SIMULATE_H
 
+#include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 
 struct simulate_config {
@@ -51,6 +53,19 @@ struct simulate_config {
 	double threshold;     /* migrate */
 	unsigned long long max_move_bytes; /* migrate; 0 = unbounded */
 };
+
+/* Steps of one size (tokens): how many, and their median wall time. */
+struct simulate_step_size {
+	int32_t tokens;
+	size_t count;
+	double median_ms;
+};
+
+/* Groups n steps (tokens[i], ms[i]) by size and writes the (up to) four most
+ * frequent sizes, most frequent first, to out[0 .. *n_out): what a run
+ * measured and what `placement simulate` predicts per size. */
+int simulate_step_sizes(const int32_t *tokens, const double *ms, size_t n,
+			struct simulate_step_size out[4], int *n_out);
 
 /* Runs one policy and prints its report line to out. */
 int simulate_run(const struct simulate_config *cfg, FILE *out);
