@@ -3,7 +3,7 @@
  * Build (from a configured build dir):
  *   cc -std=c11 -O2 -D_POSIX_C_SOURCE=200809L -I$SRC $SRC/bench/bench_kern.c \
  *      libmoefleet.a libkern_avx2.a -lm -lpthread -o bench_kern
- * Usage: bench_kern [--ref]
+ * Usage: bench_kern [--ref] [TYPE...]   (TYPE: MXFP4, Q4_0, ...; default all)
  *
  * For each quantised weight type and row length, reports the weight bandwidth
  * of single-row matmuls (decode) over a matrix larger than the caches and over
@@ -78,8 +78,11 @@ static double time_matmul(uint32_t t, const uint8_t *w, int64_t n_in, int64_t n_
 int main(int argc, char **argv)
 {
 	kern_init();
-	if (argc > 1 && strcmp(argv[1], "--ref") == 0)
+	int argi = 1;
+	if (argc > 1 && strcmp(argv[1], "--ref") == 0) {
 		kern_force_ref(1);
+		argi++;
+	}
 	printf("isa: %s\n", kern_isa_name());
 	printf("%-6s %5s %14s %14s %18s\n", "type", "n_in", "decode GB/s", "in-L2 GB/s",
 	       "prefill64 Gop/s");
@@ -94,6 +97,11 @@ int main(int argc, char **argv)
 		return 1;
 	for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
 		uint32_t t = types[ti];
+		int want = argi >= argc;
+		for (int a = argi; a < argc; a++)
+			want |= strcmp(argv[a], kern_type_name(t)) == 0;
+		if (!want)
+			continue;
 		fill(t, w, big);
 		for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
 			int64_t n = ns[ni];

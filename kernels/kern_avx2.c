@@ -104,18 +104,38 @@ static ALWAYS_INLINE __m256 q8w_scales8(uint32_t type, const uint8_t *b0, const 
  * accumulator in block order (multiply, then add: no FMA).  So the results
  * equal kern_dot_ref's bit for bit, whatever the tiling.
  *
- * A tile is QC consecutive outputs (weight rows) x up to QR activation rows:
- * each weight block is unpacked once per tile and each activation block loaded
- * once per row, and the four outputs' int32 lanes are reduced together.
+ * A tile is up to QC consecutive outputs (weight rows) x up to QR activation
+ * rows; each weight block is unpacked once per tile and each activation block
+ * loaded once per row.  The integer work runs on 128-bit halves of a block
+ * (values 0-15 and 16-31): CPUs that split 256-bit integer operations in two
+ * (Zen 1) gain nothing from wider ones (a tile with one 256-bit register per
+ * block and a horizontal-add tree measured slower there), and the halves need
+ * no cross-lane shuffles.
+ *
  * Q4_0 and MXFP4 codes are used unsigned (Q4_0: the raw nibble, MXFP4: doubled
  * E2M1 + 12) so one maddubs multiplies them with the signed activations; the
  * offset (8 or 12) times the block's activation sum, precomputed per row and
  * block in a struct xq table with the activation scale as F32, is subtracted
- * from the int32 sum.  Q8_0 weights use the sign trick
+ * from the int32 sum.  Pair sums are at most 2 * 24 * 128, so sums of up to 8
+ * products (24576) fit in int16.  Q8_0 weights use the sign trick
  * (maddubs(|w|, sign(x, w)); pair sums up to 32512, so they are widened
- * before adding). */
+ * before any adding).
+ *
+ * Decode (one activation row, tile_q1, Q4_0 / MXFP4): QC = 8 outputs.  Each
+ * output's block is unpacked and multiplied at once, two outputs' int16 sums
+ * are interleaved and added, widened by one madd, and the eight outputs end
+ * as one vector of int32 block sums (lane c = output c), so the offset
+ * correction, the conversion, the scales and the accumulation run on 8-lane
+ * vectors.  The eight MXFP4 scales are built from the E8M0 bytes with one
+ * shift (a slow path handles the subnormal e = 0, 1).
+ *
+ * Several rows (tile_q4), and Q8_0 always: four outputs whose unpacked blocks
+ * stay in registers across the rows, reduced together (Q4_0 / MXFP4 with
+ * horizontal adds, Q8_0 with unpack-and-add); Q4_0 and MXFP4 run it twice per
+ * tile of QC.  (Measured: Q8_0, whose unpacking is cheap, decodes no faster
+ * in the 8-wide tile.) */
 
-#define QC 4 /* outputs per quantised tile */
+#define QC 8 /* outputs per quantised tile, at most (Q8_0: 4) */
 #define QR 4 /* activation rows per quantised tile, at most */
 
 struct xq {
@@ -155,14 +175,13 @@ static void xq_row(uint32_t type, const uint8_t *x, int64_t nb, struct xq *q)
 	}
 }
 
-/* One weight block ready for the products: Q4_0 / MXFP4: a = codes 0-15,
- * b = codes 16-31 (unsigned); Q8_0: a, b = the int8 weights, c, d = their
- * absolute values. */
+/* One weight block ready for the products: a = values 0-15, b = 16-31;
+ * Q4_0 / MXFP4 the unsigned codes, Q8_0 the int8 weights. */
 struct qw {
-	__m128i a, b, c, d;
+	__m128i a, b;
 };
 
-static ALWAYS_INLINE struct qw qw_unpack(uint32_t type, const uint8_t *blk)
+static ALWAYS_INLINE struct qw qw_unpack(uint32_t type, const uint8_t *blk, __m128i tab)
 {
 	const __m128i m4 = _mm_set1_epi8(0x0f);
 	struct qw r;
@@ -170,53 +189,151 @@ static ALWAYS_INLINE struct qw qw_unpack(uint32_t type, const uint8_t *blk)
 	case KERN_Q8_0:
 		r.a = _mm_loadu_si128((const __m128i *)(blk + 2));
 		r.b = _mm_loadu_si128((const __m128i *)(blk + 18));
-		r.c = _mm_abs_epi8(r.a);
-		r.d = _mm_abs_epi8(r.b);
 		break;
 	case KERN_Q4_0: {
 		__m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
 		r.a = _mm_and_si128(q, m4);
 		r.b = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
-		r.c = r.d = r.a;
 		break;
 	}
 	default: { /* MXFP4 */
-		const __m128i tab = _mm_loadu_si128((const __m128i *)mxfp4_unsigned);
 		__m128i q = _mm_loadu_si128((const __m128i *)(blk + 1));
 		r.a = _mm_shuffle_epi8(tab, _mm_and_si128(q, m4));
 		r.b = _mm_shuffle_epi8(tab, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
-		r.c = r.d = r.a;
 		break;
 	}
 	}
 	return r;
 }
 
-/* Four int32 partial sums of one block's products (before the offset). */
-static ALWAYS_INLINE __m128i qw_dot(uint32_t type, const struct qw *w, __m128i xl, __m128i xh)
+/* Q4_0 / MXFP4: 8 int16 sums of 4 products of one block (before the offset). */
+static ALWAYS_INLINE __m128i qw_prod16(const struct qw *w, __m128i xl, __m128i xh)
 {
-	const __m128i ones = _mm_set1_epi16(1);
-	if (type == KERN_Q8_0) {
-		__m128i pl = _mm_maddubs_epi16(w->c, _mm_sign_epi8(xl, w->a));
-		__m128i ph = _mm_maddubs_epi16(w->d, _mm_sign_epi8(xh, w->b));
-		return _mm_add_epi32(_mm_madd_epi16(pl, ones), _mm_madd_epi16(ph, ones));
-	}
-	/* pairs up to 2 * 24 * 128: the halves add in int16 */
-	return _mm_madd_epi16(
-	    _mm_add_epi16(_mm_maddubs_epi16(w->a, xl), _mm_maddubs_epi16(w->b, xh)), ones);
+	return _mm_add_epi16(_mm_maddubs_epi16(w->a, xl), _mm_maddubs_epi16(w->b, xh));
 }
 
-/* [sum(s0), sum(s1), sum(s2), sum(s3)] */
+/* Q8_0: 4 int32 partial sums of one block. */
+static ALWAYS_INLINE __m128i qw_prod32(const struct qw *w, __m128i xl, __m128i xh)
+{
+	const __m128i ones = _mm_set1_epi16(1);
+	__m128i pl = _mm_maddubs_epi16(_mm_abs_epi8(w->a), _mm_sign_epi8(xl, w->a));
+	__m128i ph = _mm_maddubs_epi16(_mm_abs_epi8(w->b), _mm_sign_epi8(xh, w->b));
+	return _mm_add_epi32(_mm_madd_epi16(pl, ones), _mm_madd_epi16(ph, ones));
+}
+
+/* int16 vectors p0, p1 (|lane| <= 12288) -> int32 [s0, s1, s0, s1] whose
+ * pairwise sums are sum(p0), sum(p1). */
+static ALWAYS_INLINE __m128i pair16(__m128i p0, __m128i p1)
+{
+	const __m128i ones = _mm_set1_epi16(1);
+	return _mm_madd_epi16(_mm_add_epi16(_mm_unpacklo_epi32(p0, p1), _mm_unpackhi_epi32(p0, p1)),
+			      ones);
+}
+
+/* int32 [a0, a1, a0', a1'] and [b0, b1, b0', b1'] -> [a0 + a0', a1 + a1', ...] */
+static ALWAYS_INLINE __m128i quad32(__m128i a, __m128i b)
+{
+	return _mm_add_epi32(_mm_unpacklo_epi64(a, b), _mm_unpackhi_epi64(a, b));
+}
+
+/* [sum(s0), sum(s1), sum(s2), sum(s3)] of four int32 vectors */
 static ALWAYS_INLINE __m128i hsum4x4(__m128i s0, __m128i s1, __m128i s2, __m128i s3)
 {
-	__m128i a = _mm_add_epi32(_mm_unpacklo_epi32(s0, s1), _mm_unpackhi_epi32(s0, s1));
-	__m128i b = _mm_add_epi32(_mm_unpacklo_epi32(s2, s3), _mm_unpackhi_epi32(s2, s3));
-	return _mm_add_epi32(_mm_unpacklo_epi64(a, b), _mm_unpackhi_epi64(a, b));
+	return quad32(_mm_add_epi32(_mm_unpacklo_epi32(s0, s1), _mm_unpackhi_epi32(s0, s1)),
+		      _mm_add_epi32(_mm_unpacklo_epi32(s2, s3), _mm_unpackhi_epi32(s2, s3)));
 }
 
 static ALWAYS_INLINE uint32_t e8m0_half_bits(uint8_t e)
 {
 	return e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+}
+
+/* The weight scales of the blocks at p, p + ws, p + 2 ws, p + 3 ws (= p + ws3)
+ * and the same from p4, as F32 (MXFP4: E8M0 as kern_e8m0_half(): 2^(e-128),
+ * i.e. the bits (e - 1) << 23, except the subnormals of e = 0, 1, taken on a
+ * slow path). */
+static ALWAYS_INLINE __m256 qw_scales8(uint32_t type, const uint8_t *p, const uint8_t *p4,
+				       size_t ws, size_t ws3)
+{
+	if (type == KERN_MXFP4) {
+		const uint64_t e = (uint64_t)p[0] | (uint64_t)p[ws] << 8 |
+				   (uint64_t)p[2 * ws] << 16 | (uint64_t)p[ws3] << 24 |
+				   (uint64_t)p4[0] << 32 | (uint64_t)p4[ws] << 40 |
+				   (uint64_t)p4[2 * ws] << 48 | (uint64_t)p4[ws3] << 56;
+		/* a byte of e & ~1 is zero iff that e < 2 */
+		const uint64_t ones = 0x0101010101010101u, v = e & ~ones;
+		if (__builtin_expect(((v - ones) & ~v & (ones << 7)) != 0, 0)) {
+			const __m256i e32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)e));
+			const __m256i norm =
+			    _mm256_slli_epi32(_mm256_sub_epi32(e32, _mm256_set1_epi32(1)), 23);
+			const __m256i sub = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e32);
+			const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e32);
+			return _mm256_castsi256_ps(_mm256_blendv_epi8(norm, sub, small));
+		}
+		/* every byte >= 2: e - 1 byte-wise without borrows */
+		const __m256i e32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)(e - ones)));
+		return _mm256_castsi256_ps(_mm256_slli_epi32(e32, 23));
+	}
+	const uint64_t lo = (uint64_t)kern_load_u16(p) | (uint64_t)kern_load_u16(p + ws) << 16 |
+			    (uint64_t)kern_load_u16(p + 2 * ws) << 32 |
+			    (uint64_t)kern_load_u16(p + ws3) << 48;
+	const uint64_t hi = (uint64_t)kern_load_u16(p4) | (uint64_t)kern_load_u16(p4 + ws) << 16 |
+			    (uint64_t)kern_load_u16(p4 + 2 * ws) << 32 |
+			    (uint64_t)kern_load_u16(p4 + ws3) << 48;
+	return _mm256_cvtph_ps(
+	    _mm_unpacklo_epi64(_mm_cvtsi64_si128((long long)lo), _mm_cvtsi64_si128((long long)hi)));
+}
+
+/* Decode (one activation row), Q4_0 / MXFP4: out[c] = dot(weight row
+ * w + c * ws, x) for c < QC.  Each output's block is unpacked and multiplied
+ * at once, so only the partial sums stay live; the rows are addressed from
+ * two pointers and the stride (few registers). */
+static ALWAYS_INLINE void tile_q1(uint32_t type, const uint8_t *w, size_t ws, const uint8_t *x,
+				  const struct xq *xq, int64_t nb, size_t pf, float *out)
+{
+	const size_t bs = q8w_block_bytes(type), ws3 = 3 * ws;
+	const int off = q_offset(type);
+	const __m128i tab = _mm_loadu_si128((const __m128i *)mxfp4_unsigned);
+	const uint8_t *p = w, *p4 = w + 4 * ws; /* rows 0 and 4, at block ib */
+	__m256 acc = _mm256_setzero_ps();
+
+#pragma GCC unroll 2
+	for (int64_t ib = 0; ib < nb; ib++, p += bs, p4 += bs) {
+		/* the next tile's weights, while this one computes: one
+		 * prefetch per row and 64-byte line */
+		if (pf && !(ib & 1)) {
+			_mm_prefetch((const char *)p + pf, _MM_HINT_T0);
+			_mm_prefetch((const char *)p + ws + pf, _MM_HINT_T0);
+			_mm_prefetch((const char *)p + 2 * ws + pf, _MM_HINT_T0);
+			_mm_prefetch((const char *)p + ws3 + pf, _MM_HINT_T0);
+			_mm_prefetch((const char *)p4 + pf, _MM_HINT_T0);
+			_mm_prefetch((const char *)p4 + ws + pf, _MM_HINT_T0);
+			_mm_prefetch((const char *)p4 + 2 * ws + pf, _MM_HINT_T0);
+			_mm_prefetch((const char *)p4 + ws3 + pf, _MM_HINT_T0);
+		}
+		const uint8_t *xb = x + (size_t)ib * 34;
+		const __m128i xl = _mm_loadu_si128((const __m128i *)(xb + 2));
+		const __m128i xh = _mm_loadu_si128((const __m128i *)(xb + 18));
+		/* reduced as soon as formed: few registers live */
+		struct qw w0 = qw_unpack(type, p, tab), w1 = qw_unpack(type, p + ws, tab);
+		const __m128i u0 = pair16(qw_prod16(&w0, xl, xh), qw_prod16(&w1, xl, xh));
+		w0 = qw_unpack(type, p + 2 * ws, tab);
+		w1 = qw_unpack(type, p + ws3, tab);
+		const __m128i u1 = pair16(qw_prod16(&w0, xl, xh), qw_prod16(&w1, xl, xh));
+		w0 = qw_unpack(type, p4, tab);
+		w1 = qw_unpack(type, p4 + ws, tab);
+		const __m128i u2 = pair16(qw_prod16(&w0, xl, xh), qw_prod16(&w1, xl, xh));
+		w0 = qw_unpack(type, p4 + 2 * ws, tab);
+		w1 = qw_unpack(type, p4 + ws3, tab);
+		const __m128i u3 = pair16(qw_prod16(&w0, xl, xh), qw_prod16(&w1, xl, xh));
+		__m256i s = _mm256_set_m128i(quad32(u2, u3), quad32(u0, u1));
+		if (off)
+			s = _mm256_sub_epi32(s, _mm256_set1_epi32(xq[ib].corr));
+		const __m256 d =
+		    _mm256_mul_ps(qw_scales8(type, p, p4, ws, ws3), _mm256_set1_ps(xq[ib].d));
+		acc = _mm256_add_ps(acc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(s)));
+	}
+	_mm256_storeu_ps(out, acc);
 }
 
 /* The weight scales of four blocks as F32. */
@@ -234,12 +351,18 @@ static ALWAYS_INLINE __m128 qw_scales4(uint32_t type, const uint8_t *b0, const u
 	return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)h));
 }
 
-/* out[r * QC + c] = dot(weight row wr[c], activation row r) for r < nr. */
-static ALWAYS_INLINE void tile_q(uint32_t type, int nr, const uint8_t *const *wr, const uint8_t *x,
-				 size_t xs, const struct xq *xq, int64_t nb, size_t pf, float *out)
+/* out[r * QC + c] = dot(weight row w + c * ws, activation row r) for r < nr
+ * and c < 4.  Four outputs' unpacked blocks stay in registers across the
+ * rows. */
+static ALWAYS_INLINE void tile_q4(uint32_t type, int nr, const uint8_t *w, size_t ws,
+				  const uint8_t *x, size_t xs, const struct xq *xq, int64_t nb,
+				  size_t pf, float *out)
 {
+	const uint8_t *const wr[4] = {w, w + ws, w + 2 * ws, w + 3 * ws};
 	const size_t bs = q8w_block_bytes(type);
 	const int off = q_offset(type);
+	const __m128i tab = _mm_loadu_si128((const __m128i *)mxfp4_unsigned);
+	const __m128i ones = _mm_set1_epi16(1);
 	__m128 acc[QR];
 
 #pragma GCC unroll 4
@@ -247,14 +370,14 @@ static ALWAYS_INLINE void tile_q(uint32_t type, int nr, const uint8_t *const *wr
 		acc[r] = _mm_setzero_ps();
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const size_t o = (size_t)ib * bs;
-		struct qw w[QC];
+		struct qw wq[4];
 		if (pf) /* the next tile's weights, while this one computes */
 #pragma GCC unroll 4
-			for (int c = 0; c < QC; c++)
+			for (int c = 0; c < 4; c++)
 				_mm_prefetch((const char *)wr[c] + o + pf, _MM_HINT_T0);
 #pragma GCC unroll 4
-		for (int c = 0; c < QC; c++)
-			w[c] = qw_unpack(type, wr[c] + o);
+		for (int c = 0; c < 4; c++)
+			wq[c] = qw_unpack(type, wr[c] + o, tab);
 		__m128 dw = qw_scales4(type, wr[0] + o, wr[1] + o, wr[2] + o, wr[3] + o);
 #pragma GCC unroll 4
 		for (int r = 0; r < nr; r++) {
@@ -263,20 +386,17 @@ static ALWAYS_INLINE void tile_q(uint32_t type, int nr, const uint8_t *const *wr
 			__m128i xl = _mm_loadu_si128((const __m128i *)(xb + 2));
 			__m128i xh = _mm_loadu_si128((const __m128i *)(xb + 18));
 			__m128i s;
-			if (type == KERN_Q8_0 || nr == 1) {
-				s = hsum4x4(
-				    qw_dot(type, &w[0], xl, xh), qw_dot(type, &w[1], xl, xh),
-				    qw_dot(type, &w[2], xl, xh), qw_dot(type, &w[3], xl, xh));
+			if (type == KERN_Q8_0) {
+				s = hsum4x4(qw_prod32(&wq[0], xl, xh), qw_prod32(&wq[1], xl, xh),
+					    qw_prod32(&wq[2], xl, xh), qw_prod32(&wq[3], xl, xh));
 			} else {
-				/* (measured a little faster with several rows) int16
-				 * lanes up to 2 * 2 * 24 * 128: one pairwise add still
-				 * fits before widening */
-				const __m128i ones = _mm_set1_epi16(1);
-				__m128i p[QC];
+				/* (measured a little faster with several rows than
+				 * pair16) int16 lanes up to 2 * 2 * 24 * 128: one
+				 * pairwise add still fits before widening */
+				__m128i p[4];
 #pragma GCC unroll 4
-				for (int c = 0; c < QC; c++)
-					p[c] = _mm_add_epi16(_mm_maddubs_epi16(w[c].a, xl),
-							     _mm_maddubs_epi16(w[c].b, xh));
+				for (int c = 0; c < 4; c++)
+					p[c] = qw_prod16(&wq[c], xl, xh);
 				__m128i m01 = _mm_madd_epi16(_mm_hadd_epi16(p[0], p[1]), ones);
 				__m128i m23 = _mm_madd_epi16(_mm_hadd_epi16(p[2], p[3]), ones);
 				s = _mm_hadd_epi32(m01, m23);
@@ -292,15 +412,40 @@ static ALWAYS_INLINE void tile_q(uint32_t type, int nr, const uint8_t *const *wr
 		_mm_storeu_ps(out + r * QC, acc[r]);
 }
 
-/* pf: bytes from a weight block to the block to prefetch (0: none) */
-typedef void (*qtile_fn)(const uint8_t *const *wr, const uint8_t *x, size_t xs, const struct xq *xq,
-			 int64_t nb, size_t pf, float *out);
+/* Outputs per tile of a quantised type. */
+static ALWAYS_INLINE int qtile_width(uint32_t type)
+{
+	return type == KERN_Q8_0 ? 4 : QC;
+}
+
+/* out[r * QC + c] = dot(weight row w + c * ws, activation row r) for r < nr
+ * and c < qtile_width(type). */
+static ALWAYS_INLINE void tile_q(uint32_t type, int nr, const uint8_t *w, size_t ws,
+				 const uint8_t *x, size_t xs, const struct xq *xq, int64_t nb,
+				 size_t pf, float *out)
+{
+	if (type == KERN_Q8_0) {
+		tile_q4(type, nr, w, ws, x, xs, xq, nb, pf, out);
+		return;
+	}
+	if (nr == 1) {
+		tile_q1(type, w, ws, x, xq, nb, pf, out);
+		return;
+	}
+	tile_q4(type, nr, w, ws, x, xs, xq, nb, pf, out);
+	tile_q4(type, nr, w + 4 * ws, ws, x, xs, xq, nb, pf, out + 4);
+}
+
+/* Weight rows w + c * ws (ws 0: one row for every output); pf: bytes from a
+ * weight block to the block to prefetch (0: none). */
+typedef void (*qtile_fn)(const uint8_t *w, size_t ws, const uint8_t *x, size_t xs,
+			 const struct xq *xq, int64_t nb, size_t pf, float *out);
 
 #define QTILE_DEF(tname, type, nr)                                                                 \
-	static void tname##_##nr(const uint8_t *const *wr, const uint8_t *x, size_t xs,            \
+	static void tname##_##nr(const uint8_t *w, size_t ws, const uint8_t *x, size_t xs,         \
 				 const struct xq *xq, int64_t nb, size_t pf, float *out)           \
 	{                                                                                          \
-		tile_q(type, nr, wr, x, xs, xq, nb, pf, out);                                      \
+		tile_q(type, nr, w, ws, x, xs, xq, nb, pf, out);                                   \
 	}
 #define QTILE_SET(tname, type)                                                                     \
 	QTILE_DEF(tname, type, 1)                                                                  \
@@ -536,8 +681,7 @@ float kern_dot_avx2(uint32_t weight_type, int64_t n, const void *w, const void *
 		if (!xq) /* same result */
 			return nb > 0 ? kern_dot_ref(weight_type, n, w, x) : 0.0f;
 		xq_row(weight_type, x, nb, xq);
-		const uint8_t *wr[QC] = {w, w, w, w};
-		qt[0](wr, x, 0, xq, nb, 0, out);
+		qt[0](w, 0, x, 0, xq, nb, 0, out);
 		return out[0];
 	}
 	const tile_fn *t = tiles_for(weight_type);
@@ -566,9 +710,10 @@ static void matmul_q(const qtile_fn *qt, uint32_t type, const uint8_t *w, int64_
 	}
 	for (int64_t r = 0; r < n_rows; r++)
 		xq_row(type, x + (size_t)r * xs, nb, xq + r * nb);
-	int64_t chunk = (int64_t)(65536 / w_row) / QC * QC;
-	if (chunk < QC)
-		chunk = QC;
+	const int qc = qtile_width(type);
+	int64_t chunk = (int64_t)(65536 / w_row) / qc * qc;
+	if (chunk < qc)
+		chunk = qc;
 	if (n_rows <= QR)
 		chunk = o1 - o0;
 	for (int64_t oc = o0; oc < o1; oc += chunk) {
@@ -577,18 +722,29 @@ static void matmul_q(const qtile_fn *qt, uint32_t type, const uint8_t *w, int64_
 			const int nr = n_rows - r < QR ? (int)(n_rows - r) : QR;
 			const uint8_t *xr = x + (size_t)r * xs;
 			const struct xq *qr = xq + r * nb;
-			for (int64_t o = oc; o < oe; o += QC) {
-				const uint8_t *wr[QC];
+			for (int64_t o = oc; o < oe; o += qc) {
 				float out[QR * QC];
-				const int nc = oe - o < QC ? (int)(oe - o) : QC;
-				for (int c = 0; c < QC; c++)
-					wr[c] = w + (size_t)(o + (c < nc ? c : nc - 1)) * w_row;
+				const int nc = oe - o < qc ? (int)(oe - o) : qc;
+				if (nc < qc && oe < qc) {
+					/* fewer than qc rows up to oe: one at a time */
+					for (int c = 0; c < nc; c++) {
+						qt[nr - 1](w + (size_t)(o + c) * w_row, 0, xr, xs,
+							   qr, nb, 0, out);
+						for (int i = 0; i < nr; i++)
+							y[(r + i) * ys + o + c] = out[i * QC];
+					}
+					continue;
+				}
+				/* a short last tile ends at oe: W's rows 0 .. o1 - 1
+				 * exist, and the extra outputs are dropped */
+				const int64_t ot = nc < qc ? oe - qc : o;
+				const int skip = (int)(o - ot);
 				/* streaming from memory (first row group): prefetch */
-				size_t pf = r == 0 && o + 2 * QC <= oe ? QC * w_row : 0;
-				qt[nr - 1](wr, xr, xs, qr, nb, pf, out);
+				size_t pf = r == 0 && o + 2 * qc <= oe ? (size_t)qc * w_row : 0;
+				qt[nr - 1](w + (size_t)ot * w_row, w_row, xr, xs, qr, nb, pf, out);
 				for (int i = 0; i < nr; i++)
 					for (int c = 0; c < nc; c++)
-						y[(r + i) * ys + o + c] = out[i * QC + c];
+						y[(r + i) * ys + o + c] = out[i * QC + skip + c];
 			}
 		}
 	}

@@ -704,10 +704,35 @@ static void test_dot_simd(void **state)
 	free(x);
 }
 
+/* Edge-case weight scales for matmul_special_case: MXFP4 exponents at the
+ * subnormal end (0, 1, 2) or the top (253..255, with tiny activations),
+ * f16 subnormal scales for Q4_0 / Q8_0 (and -128 codes for Q8_0), mixed
+ * with ordinary blocks so that a tile holds both. */
+enum { SCALES_RANDOM, SCALES_LOW, SCALES_HIGH };
+
+static void tweak_scales(uint32_t t, uint8_t *row, int64_t n_in, int mode)
+{
+	static const uint8_t lo[] = {0, 1, 2}, hi[] = {253, 254, 255};
+	size_t bs = kern_type_block_bytes(t);
+	for (int64_t ib = 0; ib < n_in / KERN_QK; ib++) {
+		uint8_t *b = row + (size_t)ib * bs;
+		if (rng_u32() % 3 == 0)
+			continue; /* keep an ordinary block */
+		if (t == KERN_MXFP4) {
+			b[0] = mode == SCALES_LOW ? lo[rng_u32() % 3] : hi[rng_u32() % 3];
+		} else {
+			uint16_t d = (uint16_t)(1 + rng_u32() % 0x3ff);
+			memcpy(b, &d, 2);
+			if (t == KERN_Q8_0)
+				b[2 + rng_u32() % 32] = 0x80;
+		}
+	}
+}
+
 /* kern_matmul == kern_dot bit for bit, both dispatches, odd shapes (and ==
- * the scalar kern_dot for quantised weights). */
-static void run_matmul_case(uint32_t t, int64_t n_in, int64_t n_out, int64_t n_rows, int64_t o0,
-			    int64_t o1)
+ * the scalar kern_dot for quantised weights); scales: SCALES_*. */
+static void run_matmul_scales(uint32_t t, int64_t n_in, int64_t n_out, int64_t n_rows, int64_t o0,
+			      int64_t o1, int scales)
 {
 	enum kern_type at = kern_act_type(t);
 	size_t wr = kern_row_bytes(t, n_in);
@@ -717,11 +742,14 @@ static void run_matmul_case(uint32_t t, int64_t n_in, int64_t n_out, int64_t n_r
 	uint8_t *x = xmalloc(xr * (size_t)n_rows);
 	float *xf = xmalloc((size_t)n_in * sizeof(float));
 	float *y = xmalloc((size_t)(ys * n_rows) * sizeof(float));
-	for (int64_t o = 0; o < n_out; o++)
+	for (int64_t o = 0; o < n_out; o++) {
 		fill_weights(t, w + (size_t)o * wr, n_in, 1.0f);
+		if (scales != SCALES_RANDOM && is_quant(t) && o % 3 != 1)
+			tweak_scales(t, w + (size_t)o * wr, n_in, scales);
+	}
 	for (int64_t r = 0; r < n_rows; r++) {
 		for (int64_t i = 0; i < n_in; i++)
-			xf[i] = rng_f();
+			xf[i] = rng_f() * (scales == SCALES_HIGH ? ldexpf(1, -12) : 1.0f);
 		make_act(t, xf, x + (size_t)r * xr, n_in);
 	}
 	for (int pass = 0; pass < 2; pass++) {
@@ -763,6 +791,12 @@ static void run_matmul_case(uint32_t t, int64_t n_in, int64_t n_out, int64_t n_r
 	free(y);
 }
 
+static void run_matmul_case(uint32_t t, int64_t n_in, int64_t n_out, int64_t n_rows, int64_t o0,
+			    int64_t o1)
+{
+	run_matmul_scales(t, n_in, n_out, n_rows, o0, o1, SCALES_RANDOM);
+}
+
 static void test_matmul(void **state)
 {
 	(void)state;
@@ -780,15 +814,52 @@ static void test_matmul(void **state)
 	}
 }
 
+/* Quantised tiles (up to 8 outputs x 4 rows): row lengths of 1, 2 and 90
+ * blocks, output counts and ranges around the tile width, and edge-case
+ * scales inside otherwise ordinary tiles. */
+static void test_matmul_quant_tiles(void **state)
+{
+	(void)state;
+	static const uint32_t qt[] = {KERN_Q4_0, KERN_Q8_0, KERN_MXFP4};
+	static const int64_t n_ins[] = {32, 64, 2880};
+	static const int64_t ranges[][3] = {
+	    /* n_out, o0, o1 */
+	    {19, 0, 19}, {19, 2, 17}, {8, 0, 8}, {16, 0, 16}, {17, 9, 17},
+	    {25, 1, 24}, {7, 0, 7},   {3, 1, 3}, {33, 8, 33},
+	};
+	rng_seed(91);
+	for (size_t ti = 0; ti < sizeof(qt) / sizeof(qt[0]); ti++)
+		for (size_t ni = 0; ni < sizeof(n_ins) / sizeof(n_ins[0]); ni++)
+			for (size_t k = 0; k < sizeof(ranges) / sizeof(ranges[0]); k++)
+				for (int64_t nr = 1; nr <= 5; nr++) {
+					if (n_ins[ni] > 64 && nr != 1 && nr != 5)
+						continue; /* keep the suite quick */
+					run_matmul_case(qt[ti], n_ins[ni], ranges[k][0], nr,
+							ranges[k][1], ranges[k][2]);
+				}
+	for (size_t ti = 0; ti < sizeof(qt) / sizeof(qt[0]); ti++)
+		for (int scales = SCALES_LOW; scales <= SCALES_HIGH; scales++)
+			for (int64_t nr = 1; nr <= 5; nr += 4) {
+				run_matmul_scales(qt[ti], 256, 19, nr, 0, 19, scales);
+				run_matmul_scales(qt[ti], 64, 13, nr, 3, 12, scales);
+			}
+}
+
 int main(void)
 {
 	kern_init();
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_types),	 cmocka_unit_test(test_f16_scalar),
-	    cmocka_unit_test(test_bf16_scalar),	 cmocka_unit_test(test_convert_float_simd),
-	    cmocka_unit_test(test_convert_q8_0), cmocka_unit_test(test_dequant_table),
-	    cmocka_unit_test(test_dequant_simd), cmocka_unit_test(test_dot_ref_double),
-	    cmocka_unit_test(test_dot_simd),	 cmocka_unit_test(test_matmul),
+	    cmocka_unit_test(test_types),
+	    cmocka_unit_test(test_f16_scalar),
+	    cmocka_unit_test(test_bf16_scalar),
+	    cmocka_unit_test(test_convert_float_simd),
+	    cmocka_unit_test(test_convert_q8_0),
+	    cmocka_unit_test(test_dequant_table),
+	    cmocka_unit_test(test_dequant_simd),
+	    cmocka_unit_test(test_dot_ref_double),
+	    cmocka_unit_test(test_dot_simd),
+	    cmocka_unit_test(test_matmul),
+	    cmocka_unit_test(test_matmul_quant_tiles),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
