@@ -34,7 +34,6 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
-#include <stdatomic.h>
 #include <string.h>
 
 #include "../common/err.h"
@@ -265,16 +264,11 @@ attn_simd_values(const float *vt, int nv, int dim, const float *w, int ws, int n
 		}
 }
 
+/* AVX2 forms unless the CPU lacks them or kern_force_ref(1) asks for the
+ * scalar loops (tests compare the two bit for bit) */
 static int attn_simd_ok(void)
 {
-	/* first use may come from several pool threads at once */
-	static atomic_int ok = -1;
-	int v = atomic_load_explicit(&ok, memory_order_relaxed);
-	if (v < 0) {
-		v = kern_cpu_avx2();
-		atomic_store_explicit(&ok, v, memory_order_relaxed);
-	}
-	return v;
+	return kern_use_avx2();
 }
 #else
 #define ATTN_SIMD 0
@@ -487,13 +481,13 @@ static float attn_hsum_dot(const float *a)
 /* ggml_vec_dot_f16 for x86 SIMD builds: blocks of 4 x LANES values go to 4
  * vector accumulators (products of two F16 values are exact in F32), which are
  * reduced (0+2, 1+3, then 0+1, then across lanes); the tail is added in double. */
-static float attn_dot_f16(const float *q16, const uint16_t *k, int n)
+static float attn_dot_f16(const float *q16, const uint16_t *k, int n, int simd)
 {
 	enum { L = ATTN_GGML_LANES, STEP = 4 * ATTN_GGML_LANES };
 	const int np = n & ~(STEP - 1);
 	double sum = 0.0;
 #if ATTN_GGML_LANES == 16
-	if (np > 0 && attn_simd_ok()) {
+	if (np > 0 && simd) {
 		float red[16];
 		attn_simd_dot16(q16, k, np, red);
 		sum = (double)attn_hsum_dot(red);
@@ -785,7 +779,7 @@ ATTN_HOT static void attn_chunk_f16(const struct attn_job *jb, int t, int h, int
 	for (int j = j0; j < j1; j++) {
 		const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
 		const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
-		const float s = attn_dot_f16(q16, kj, dk) * ap->scale;
+		const float s = attn_dot_f16(q16, kj, dk, simd) * ap->scale;
 
 		float ms = 1.0f;
 		float vs = 1.0f;
@@ -1095,7 +1089,7 @@ ATTN_HOT static void attn_gather_chunk(const struct attn_keys *ks, int i0, int i
 	*M = -INFINITY;
 	for (int i = i0; i < i1; i++) {
 		const float s = (f32 ? kern_dot(KERN_F32, dim, ks->row[i], q)
-				     : attn_dot_f16(q16, ks->row[i], dim)) *
+				     : attn_dot_f16(q16, ks->row[i], dim, simd)) *
 				scale;
 		float ms = 1.0f;
 		float vs = 1.0f;

@@ -67,6 +67,10 @@ void kern_force_ref(int on);
 const char *kern_isa_name(void); /* "avx2" or "scalar" */
 /* 1 if this CPU runs AVX2+FMA+F16C code (whatever kern_force_ref says). */
 int kern_cpu_avx2(void);
+/* 1 if SIMD code outside this module (attention) may take its AVX2 form now:
+ * the CPU runs it and kern_force_ref(1) is not in effect.  Needs no
+ * kern_init(); cheap enough to ask per call. */
+int kern_use_avx2(void);
 
 /* Row conversions. */
 void kern_dequant_row(uint32_t type, const void *src, float *dst, int64_t n);

@@ -168,6 +168,12 @@ static void check_case(const struct case_spec *cs, double tol)
 		fail_msg("max error %g > %g", e1, tol);
 	/* the thread count must not change a single bit */
 	assert_memory_equal(o1, o2, sizeof(float) * n_out);
+	if (kern_cpu_avx2()) { /* nor the AVX2 forms against the scalar loops */
+		kern_force_ref(1);
+		run_case(cs, 2, o2, &e2);
+		kern_force_ref(0);
+		assert_memory_equal(o1, o2, sizeof(float) * n_out);
+	}
 	free(o1);
 	free(o2);
 }
@@ -326,6 +332,11 @@ static void test_attn_split_decode(void **state)
 				q[d] = rng_normal();
 			model_batch b = {.n_tokens = 1, .token = &tok, .pos = &pos, .seq = &seq};
 			attn_forward(p, c, 0, &ap, &b, q, out);
+			float out_ref[NH * D];
+			kern_force_ref(1);
+			attn_forward(p, c, 0, &ap, &b, q, out_ref);
+			kern_force_ref(0);
+			assert_memory_equal(out, out_ref, sizeof(out));
 			for (int h = 0; h < NH; h++) {
 				int hk = h / (NH / NKV);
 				double w[NP], mx = use_sinks ? sinks[h] : -INFINITY, den = 0.0;
@@ -354,6 +365,119 @@ static void test_attn_split_decode(void **state)
 	}
 	pool_destroy(&p);
 	attn_cache_destroy(&c);
+}
+
+/* attention over gathered keys (DeepSeek-V4): every kernel, F16 and F32 rows,
+ * dims with and without a SIMD tail, with and without sinks: with F16 rows
+ * the AVX2 forms give the scalar loops' bits, one head alone gives what all
+ * heads together give, and the result is close to a double-precision softmax
+ * attention. */
+static void test_attn_gather_simd_scalar(void **state)
+{
+	(void)state;
+	enum { NK = 600, NH = 3, DMAX = 136 };
+	static uint16_t k16[NK][DMAX];
+	static float k32[NK][DMAX];
+	static const void *rows16[NK], *rows32[NK];
+	static int32_t cell[NK];
+	float q[NH * DMAX], sinks[NH] = {0.3f, 6.0f, -2.0f};
+	float simd[NH * DMAX], ref[NH * DMAX], one[DMAX];
+	float *scratch = malloc(sizeof(float) * attn_gather_scratch_floats(NH, DMAX));
+	assert_non_null(scratch);
+	for (int i = 0; i < NK; i++) {
+		cell[i] = 3 * i + (i % 3); /* strictly increasing, with gaps */
+		for (int d = 0; d < DMAX; d++) {
+			k16[i][d] = kern_f32_to_f16(rng_normal());
+			k32[i][d] = rng_normal();
+		}
+		rows16[i] = k16[i];
+		rows32[i] = k32[i];
+	}
+	for (int d = 0; d < NH * DMAX; d++)
+		q[d] = rng_normal();
+	const int dims[] = {64, 72, 136};
+	const int counts[] = {1, 40, NK};
+	for (int f32 = 0; f32 < 2; f32++)
+		for (int kern = ATTN_KERNEL_ONE_ROW; kern <= ATTN_KERNEL_TILED; kern++)
+			for (size_t di = 0; di < 3; di++)
+				for (size_t ci = 0; ci < 3; ci++)
+					for (int sk = 0; sk < 2; sk++) {
+						const int dim = dims[di], n = counts[ci];
+						struct attn_keys ks = {.n = n,
+								       .cell = cell,
+								       .row = f32 ? rows32 : rows16,
+								       .f32 = f32,
+								       .n_cells = cell[n - 1] + 1,
+								       .kernel =
+									   (enum attn_kernel)kern};
+						const float *sk_p = sk ? sinks : NULL;
+						attn_gather_heads(&ks, NH, dim, q, 0.1f, sk_p,
+								  scratch, simd);
+						kern_force_ref(1);
+						attn_gather_heads(&ks, NH, dim, q, 0.1f, sk_p,
+								  scratch, ref);
+						kern_force_ref(0);
+						/* F32 rows use kern_dot, whose AVX2 form
+						 * sums in another order than its scalar
+						 * twin (test_kern bounds that) */
+						for (int d = 0; d < NH * dim && f32; d++)
+							if (fabsf(simd[d] - ref[d]) > 1e-5f)
+								fail_msg(
+								    "f32 kernel %d dim %d n %d: "
+								    "%g vs %g",
+								    kern, dim, n, simd[d], ref[d]);
+						if (!f32)
+							assert_memory_equal(
+							    simd, ref, sizeof(float) * NH * dim);
+						for (int h = 0; h < NH; h++) {
+							attn_gather_row(&ks, dim, q + h * dim, 0.1f,
+									sk ? &sinks[h] : NULL, one);
+							assert_memory_equal(one, simd + h * dim,
+									    sizeof(float) * dim);
+						}
+						/* head 0 against a double-precision softmax */
+						double w[NK], mx = sk ? sinks[0] : -INFINITY,
+							      den = 0.0;
+						for (int j = 0; j < n; j++) {
+							double s = 0.0;
+							for (int d = 0; d < dim; d++)
+								s += (double)q[d] *
+								     (f32 ? k32[j][d]
+									  : kern_f16_to_f32(
+										k16[j][d]));
+							w[j] = 0.1 * s;
+							mx = w[j] > mx ? w[j] : mx;
+						}
+						for (int j = 0; j < n; j++)
+							den += exp(w[j] - mx);
+						if (sk)
+							den += exp(sinks[0] - mx);
+						for (int d = 0; d < dim; d++) {
+							double r = 0.0;
+							for (int j = 0; j < n; j++)
+								r += exp(w[j] - mx) *
+								     (f32 ? k32[j][d]
+									  : kern_f16_to_f32(
+										k16[j][d]));
+							r /= den;
+							if (fabs(r - simd[d]) > 4e-3)
+								fail_msg(
+								    "f32 %d kernel %d dim %d n "
+								    "%d: %g vs %g",
+								    f32, kern, dim, n, simd[d], r);
+						}
+					}
+	/* the compressors' softmax */
+	float x[77], xr[77];
+	for (int i = 0; i < 77; i++)
+		x[i] = xr[i] = 3.0f * rng_normal();
+	x[5] = xr[5] = -INFINITY;
+	attn_soft_max_row(x, 77);
+	kern_force_ref(1);
+	attn_soft_max_row(xr, 77);
+	kern_force_ref(0);
+	assert_memory_equal(x, xr, sizeof(x));
+	free(scratch);
 }
 
 static void test_attn_check_params(void **state)
@@ -385,10 +509,15 @@ int main(void)
 	kern_init();
 	log_set_quiet(1);
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_attn_gqa_short),	   cmocka_unit_test(test_attn_gqa_tiled),
-	    cmocka_unit_test(test_attn_window_sinks),	   cmocka_unit_test(test_attn_mla_multiseq),
-	    cmocka_unit_test(test_attn_decode_vs_batch),   cmocka_unit_test(test_attn_split_decode),
-	    cmocka_unit_test(test_attn_batch_independent), cmocka_unit_test(test_attn_check_params),
+	    cmocka_unit_test(test_attn_gqa_short),
+	    cmocka_unit_test(test_attn_gqa_tiled),
+	    cmocka_unit_test(test_attn_window_sinks),
+	    cmocka_unit_test(test_attn_mla_multiseq),
+	    cmocka_unit_test(test_attn_decode_vs_batch),
+	    cmocka_unit_test(test_attn_split_decode),
+	    cmocka_unit_test(test_attn_batch_independent),
+	    cmocka_unit_test(test_attn_check_params),
+	    cmocka_unit_test(test_attn_gather_simd_scalar),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
