@@ -676,10 +676,12 @@ static void gptoss_attention(struct gptoss *s, int il, const model_batch *b)
 		ops_rmsnorm(s->h + (size_t)t * E, s->x + (size_t)t * E, l->attn_norm, E,
 			    hp->rms_eps);
 
-	/* q, k, v = W h + b        (n, E) -> (n, q_width), (n, kv_width) x 2 */
-	ops_matmul(p, l->wq, s->h, E, n, s->q, s->q_width, s->mm_scratch);
-	ops_matmul(p, l->wk, s->h, E, n, s->k, s->kv_width, s->mm_scratch);
-	ops_matmul(p, l->wv, s->h, E, n, s->v, s->kv_width, s->mm_scratch);
+	/* q, k, v = W h + b        (n, E) -> (n, q_width), (n, kv_width) x 2
+	 * (one pool pass) */
+	const gguf_tensor *w[3] = {l->wq, l->wk, l->wv};
+	float *y[3] = {s->q, s->k, s->v};
+	const int64_t ys[3] = {s->q_width, s->kv_width, s->kv_width};
+	ops_matmul_multi(p, 3, w, s->h, E, n, y, ys, s->mm_scratch);
 	gptoss_add_bias(s->q, l->bq, n, s->q_width);
 	gptoss_add_bias(s->k, l->bk, n, s->kv_width);
 	gptoss_add_bias(s->v, l->bv, n, s->kv_width);

@@ -623,10 +623,12 @@ static void qwen_project_qkv(struct qwen *s, const struct qwen_layer *l, int n)
 			memcpy(s->v + (size_t)t * KW, r + QW + KW, (size_t)KW * sizeof(float));
 		}
 	} else {
-		/* q = Wq h, k = Wk h, v = Wv h     (n, E) -> (n, QW), (n, KW), (n, KW) */
-		ops_matmul(p, l->wq, s->h, E, n, s->q, QW, s->mm_scratch);
-		ops_matmul(p, l->wk, s->h, E, n, s->k, KW, s->mm_scratch);
-		ops_matmul(p, l->wv, s->h, E, n, s->v, KW, s->mm_scratch);
+		/* q = Wq h, k = Wk h, v = Wv h     (n, E) -> (n, QW), (n, KW), (n, KW)
+		 * (one pool pass) */
+		const gguf_tensor *w[3] = {l->wq, l->wk, l->wv};
+		float *y[3] = {s->q, s->k, s->v};
+		const int64_t ys[3] = {QW, KW, KW};
+		ops_matmul_multi(p, 3, w, s->h, E, n, y, ys, s->mm_scratch);
 	}
 	qwen_add_bias(s->q, QW, l->bq, n, QW);
 	qwen_add_bias(s->k, KW, l->bk, n, KW);
