@@ -86,7 +86,8 @@ float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x
 
 /* Matrix product over a range of output rows:
  *   y[r * y_stride + o] = dot(W row o, x row r)   for o in [o0, o1), r in [0, n_rows)
- * W is n_out rows of n_in values of weight_type, rows packed; x holds n_rows
+ * W is n_out rows of n_in values of weight_type, rows packed, and w points at
+ * its row 0: a tile may read rows below o0 (never at or above o1); x holds n_rows
  * rows already converted to the activation type, x_stride bytes apart.  Computes
  * several rows per weight pass where it pays; results equal kern_dot's. */
 void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
