@@ -806,18 +806,26 @@ static int ds2_moe_ffn(struct ds2 *m, int il, const float *h, int n, float *out)
 	return 0;
 }
 
-/* Attention of layer il: stores the keys of all n batch rows, then computes the
- * attention output (into s->y) for the rows of sb (a prefix of the batch after
- * ds2_keep_rows; h already compacted for those rows). */
-static void ds2_attn_kv(struct ds2 *m, int il, const model_batch *b)
+/* Attention of layer il: ds2_attn_kv stores the keys of all n batch rows,
+ * ds2_attn_out computes the attention output (into s->y) for the rows of sb
+ * (a prefix of the batch after ds2_keep_rows; h already compacted for those
+ * rows).  with_q: every row goes on to ds2_attn_out, so the first query
+ * projection (q_a, or q) shares the key projection's pool pass and input
+ * conversion; ds2_attn_out is then told q_done. */
+static void ds2_attn_kv(struct ds2 *m, int il, const model_batch *b, int with_q)
 {
 	const struct ds2_hparams *hp = &m->hp;
 	const struct ds2_layer *L = &m->layers[il];
 	struct ds2_scratch *s = &m->s;
 	const int64_t kw = hp->kv_lora + hp->n_rot;
 
-	/* [c | k_pe]: (n, E) @ (E, kv_lora + rot) -> (n, kw) */
-	ops_matmul(m->env->pool, L->kv_a_mqa, s->h, hp->n_embd, b->n_tokens, s->kv, kw, s->mm);
+	/* [c | k_pe]: (n, E) @ (E, kv_lora + rot) -> (n, kw)
+	 * with_q, also q_a: (n, E) -> (n, q_lora), or q: (n, E) -> (n, H * hk) */
+	const gguf_tensor *w[2] = {L->kv_a_mqa, L->q_a ? L->q_a : L->q};
+	float *y[2] = {s->kv, L->q_a ? s->qa : s->q};
+	const int64_t ys[2] = {kw, L->q_a ? hp->q_lora : hp->n_head * hp->head_k};
+	ops_matmul_multi(m->env->pool, with_q ? 2 : 1, w, s->h, hp->n_embd, b->n_tokens, y, ys,
+			 s->mm);
 	for (int t = 0; t < b->n_tokens; t++) {
 		float *kv = s->kv + (size_t)t * kw;
 		ops_rmsnorm(kv, kv, ds2_f32(L->kv_a_norm), hp->kv_lora, hp->eps);
@@ -826,7 +834,7 @@ static void ds2_attn_kv(struct ds2 *m, int il, const model_batch *b)
 	}
 }
 
-static void ds2_attn_out(struct ds2 *m, int il, const model_batch *sb)
+static void ds2_attn_out(struct ds2 *m, int il, const model_batch *sb, int q_done)
 {
 	const struct ds2_hparams *hp = &m->hp;
 	const struct ds2_layer *L = &m->layers[il];
@@ -838,13 +846,14 @@ static void ds2_attn_out(struct ds2 *m, int il, const model_batch *sb)
 
 	/* q: (n, E) -> (n, H, hk) */
 	if (L->q_a) {
-		ops_matmul(p, L->q_a, s->h, E, n, s->qa, hp->q_lora, s->mm);
+		if (!q_done)
+			ops_matmul(p, L->q_a, s->h, E, n, s->qa, hp->q_lora, s->mm);
 		for (int t = 0; t < n; t++) {
 			float *qa = s->qa + (size_t)t * hp->q_lora;
 			ops_rmsnorm(qa, qa, ds2_f32(L->q_a_norm), hp->q_lora, hp->eps);
 		}
 		ops_matmul(p, L->q_b, s->qa, hp->q_lora, n, s->q, H * hk, s->mm);
-	} else {
+	} else if (!q_done) {
 		ops_matmul(p, L->q, s->h, E, n, s->q, H * hk, s->mm);
 	}
 
@@ -926,6 +935,9 @@ static int ds2_forward(void *state, const model_batch *b, float *logits)
 
 	model_batch sb = *b; /* rows still computed (all but in the last layer) */
 	int n = b->n_tokens;
+	int all_rows = 1; /* every row wants logits: the last layer keeps them all */
+	for (int t = 0; t < n && b->logits; t++)
+		all_rows &= b->logits[t] != 0;
 	for (int il = 0; il < hp->n_layer; il++) {
 		const struct ds2_layer *L = &m->layers[il];
 
@@ -933,13 +945,14 @@ static int ds2_forward(void *state, const model_batch *b, float *logits)
 		for (int t = 0; t < n; t++)
 			ops_rmsnorm(s->h + (size_t)t * E, s->x + (size_t)t * E,
 				    ds2_f32(L->attn_norm), E, hp->eps);
-		ds2_attn_kv(m, il, &sb);
-		if (il == hp->n_layer - 1) {
+		const int last = il == hp->n_layer - 1;
+		ds2_attn_kv(m, il, &sb, !last || all_rows);
+		if (last) {
 			n = ds2_keep_rows(m, b, &sb);
 			if (n == 0)
 				return 0;
 		}
-		ds2_attn_out(m, il, &sb);
+		ds2_attn_out(m, il, &sb, !last || all_rows);
 		/* ffn_inp = attn_out + x */
 		for (int64_t i = 0; i < (int64_t)n * E; i++)
 			s->x[i] = s->y[i] + s->x[i];
