@@ -18,12 +18,13 @@
 #include "common/pool.h"
 #include "kernels/kern.h"
 
-/* Thread CPU time: the machine is shared, so wall time would count other
- * processes' time slices. */
-static double now(void)
+/* Seconds on clock c.  Single-thread runs use the thread's CPU time (the
+ * machine is shared, so wall time would count other processes' time slices);
+ * the two-thread run needs wall time. */
+static double seconds(clockid_t c)
 {
 	struct timespec ts;
-	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	clock_gettime(c, &ts);
 	return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
@@ -68,10 +69,10 @@ static double time_matmul(uint32_t t, const uint8_t *w, int64_t n_in, int64_t n_
 {
 	double best = 1e30;
 	for (int k = 0; k < 5; k++) {
-		double t0 = now();
+		double t0 = seconds(CLOCK_THREAD_CPUTIME_ID);
 		for (int r = 0; r < reps; r++)
 			kern_matmul(t, w, n_in, 0, n_out, x, xs, n_rows, y, n_out);
-		double dt = (now() - t0) / reps;
+		double dt = (seconds(CLOCK_THREAD_CPUTIME_ID) - t0) / reps;
 		if (dt < best)
 			best = dt;
 	}
@@ -94,21 +95,14 @@ static void mm2_run(void *ctx, int ith, int nth)
 	kern_matmul(j->t, j->w, j->n_in, lo, hi, j->x, 0, 1, j->y, j->n_out);
 }
 
-static double wall_now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* Seconds per single-row matmul split over the pool's threads, best of 5. */
 static double time_matmul_pool(pool *p, const struct mm2 *j)
 {
 	double best = 1e30;
 	for (int k = 0; k < 5; k++) {
-		double t0 = wall_now();
+		double t0 = seconds(CLOCK_MONOTONIC);
 		pool_run(p, mm2_run, (void *)j);
-		double dt = wall_now() - t0;
+		double dt = seconds(CLOCK_MONOTONIC) - t0;
 		if (dt < best)
 			best = dt;
 	}

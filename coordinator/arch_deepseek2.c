@@ -945,14 +945,14 @@ static int ds2_forward(void *state, const model_batch *b, float *logits)
 		for (int t = 0; t < n; t++)
 			ops_rmsnorm(s->h + (size_t)t * E, s->x + (size_t)t * E,
 				    ds2_f32(L->attn_norm), E, hp->eps);
-		const int last = il == hp->n_layer - 1;
-		ds2_attn_kv(m, il, &sb, !last || all_rows);
+		const int last = il == hp->n_layer - 1, q_early = !last || all_rows;
+		ds2_attn_kv(m, il, &sb, q_early);
 		if (last) {
 			n = ds2_keep_rows(m, b, &sb);
 			if (n == 0)
 				return 0;
 		}
-		ds2_attn_out(m, il, &sb, !last || all_rows);
+		ds2_attn_out(m, il, &sb, q_early);
 		/* ffn_inp = attn_out + x */
 		for (int64_t i = 0; i < (int64_t)n * E; i++)
 			s->x[i] = s->y[i] + s->x[i];

@@ -224,13 +224,8 @@ static inline int use_avx2(void)
 
 int kern_use_avx2(void)
 {
-	static atomic_int cpu = -1; /* kern_cpu_avx2(), once */
-	int v = atomic_load_explicit(&cpu, memory_order_relaxed);
-	if (v < 0) {
-		v = kern_cpu_avx2();
-		atomic_store_explicit(&cpu, v, memory_order_relaxed);
-	}
-	return v && !atomic_load_explicit(&kern_ref_forced, memory_order_relaxed);
+	kern_init();
+	return use_avx2();
 }
 
 const char *kern_isa_name(void)
