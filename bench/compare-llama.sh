@@ -24,16 +24,8 @@ rounds=${4:-3}
 threads=${5:-2}
 workers=${WORKERS:-2}
 here=$(cd "$(dirname "$0")" && pwd)
-bin=${MOEFLEET:-}
-if [ -z "$bin" ]; then
-	if [ -x ./moefleet ]; then bin=./moefleet; else bin=$here/../moefleet; fi
-fi
-oracle=${ORACLE_DIR:-}
-if [ -z "$oracle" ]; then
-	for d in /tmp/oracle "$here/../../shared/oracle"; do
-		[ -f "$d/bench.mjs" ] && { oracle=$d; break; }
-	done
-fi
+. "$here/locate.sh"
+bench_locate bench.mjs
 [ -x "$bin" ] || { echo "compare-llama: no moefleet binary at $bin (set MOEFLEET)" >&2; exit 2; }
 [ -f "${oracle:-}/bench.mjs" ] || { echo "compare-llama: no oracle bench.mjs (set ORACLE_DIR)" >&2; exit 2; }
 [ -f "$model" ] || { echo "compare-llama: no model file $model" >&2; exit 2; }

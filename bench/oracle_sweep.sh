@@ -41,16 +41,8 @@ set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
 list=${1:-$here/oracle_variants.txt}
-bin=${MOEFLEET:-}
-if [ -z "$bin" ]; then
-	if [ -x ./moefleet ]; then bin=./moefleet; else bin=$here/../moefleet; fi
-fi
-oracle=${ORACLE_DIR:-}
-if [ -z "$oracle" ]; then
-	for d in /tmp/oracle "$here/../../shared/oracle"; do
-		[ -f "$d/gen_gguf.mjs" ] && { oracle=$d; break; }
-	done
-fi
+. "$here/locate.sh"
+bench_locate gen_gguf.mjs
 workers=${WORKERS:-1}
 noise=${NOISE:-1}
 threads=${THREADS:-2}
