@@ -11,81 +11,118 @@
 
 /* ---------------------------------------------------------------- types */
 
+struct kern_type_info {
+	const char *name;
+	uint16_t block;	    /* values per block; 0: GGML's id, not read here */
+	uint16_t bytes;	    /* bytes per block */
+	uint8_t act;	    /* activation type of a weight of this type */
+	uint8_t family;	    /* enum kern_family */
+	uint8_t weight;	    /* 1 if it can be a matmul weight */
+};
+
+#define W(n, b, by, a, f) {n, b, by, a, f, 1}
+static const struct kern_type_info kern_types[] = {
+    [KERN_F32] = W("F32", 1, 4, KERN_F32, KERN_FAM_BASE),
+    [KERN_F16] = W("F16", 1, 2, KERN_F16, KERN_FAM_BASE),
+    [KERN_Q4_0] = W("Q4_0", 32, 18, KERN_Q8_0, KERN_FAM_BASE),
+    [KERN_Q4_1] = W("Q4_1", 32, 20, KERN_Q8_1, KERN_FAM_LEGACY),
+    [4] = {"Q4_2", 0, 0, 0, 0, 0},
+    [5] = {"Q4_3", 0, 0, 0, 0, 0},
+    [KERN_Q5_0] = W("Q5_0", 32, 22, KERN_Q8_0, KERN_FAM_LEGACY),
+    [KERN_Q5_1] = W("Q5_1", 32, 24, KERN_Q8_1, KERN_FAM_LEGACY),
+    [KERN_Q8_0] = W("Q8_0", 32, 34, KERN_Q8_0, KERN_FAM_BASE),
+    [KERN_Q8_1] = {"Q8_1", 32, 36, KERN_Q8_1, KERN_FAM_LEGACY, 0},
+    [KERN_Q2_K] = W("Q2_K", 256, 84, KERN_Q8_K, KERN_FAM_KQ),
+    [KERN_Q3_K] = W("Q3_K", 256, 110, KERN_Q8_K, KERN_FAM_KQ),
+    [KERN_Q4_K] = W("Q4_K", 256, 144, KERN_Q8_K, KERN_FAM_KQ),
+    [KERN_Q5_K] = W("Q5_K", 256, 176, KERN_Q8_K, KERN_FAM_KQ),
+    [KERN_Q6_K] = W("Q6_K", 256, 210, KERN_Q8_K, KERN_FAM_KQ),
+    [KERN_Q8_K] = {"Q8_K", 256, 292, KERN_Q8_K, KERN_FAM_KQ, 0},
+    [KERN_IQ2_XXS] = W("IQ2_XXS", 256, 66, KERN_Q8_K, KERN_FAM_IQ),
+    [KERN_IQ2_XS] = W("IQ2_XS", 256, 74, KERN_Q8_K, KERN_FAM_IQ),
+    [KERN_IQ3_XXS] = W("IQ3_XXS", 256, 98, KERN_Q8_K, KERN_FAM_IQ),
+    [KERN_IQ1_S] = W("IQ1_S", 256, 50, KERN_Q8_K, KERN_FAM_IQ),
+    [KERN_IQ4_NL] = W("IQ4_NL", 32, 18, KERN_Q8_0, KERN_FAM_LEGACY),
+    [KERN_IQ3_S] = W("IQ3_S", 256, 110, KERN_Q8_K, KERN_FAM_IQ),
+    [KERN_IQ2_S] = W("IQ2_S", 256, 82, KERN_Q8_K, KERN_FAM_IQ),
+    [KERN_IQ4_XS] = W("IQ4_XS", 256, 136, KERN_Q8_K, KERN_FAM_KQ),
+    [24] = {"I8", 0, 0, 0, 0, 0},
+    [25] = {"I16", 0, 0, 0, 0, 0},
+    [KERN_I32] = {"I32", 1, 4, KERN_F32, KERN_FAM_BASE, 0},
+    [27] = {"I64", 0, 0, 0, 0, 0},
+    [28] = {"F64", 0, 0, 0, 0, 0},
+    [KERN_IQ1_M] = W("IQ1_M", 256, 56, KERN_Q8_K, KERN_FAM_IQ),
+    [KERN_BF16] = W("BF16", 1, 2, KERN_BF16, KERN_FAM_BASE),
+    [31] = {"Q4_0_4_4", 0, 0, 0, 0, 0},
+    [32] = {"Q4_0_4_8", 0, 0, 0, 0, 0},
+    [33] = {"Q4_0_8_8", 0, 0, 0, 0, 0},
+    [34] = {"TQ1_0", 0, 0, 0, 0, 0},
+    [35] = {"TQ2_0", 0, 0, 0, 0, 0},
+    [36] = {"IQ4_NL_4_4", 0, 0, 0, 0, 0},
+    [37] = {"IQ4_NL_4_8", 0, 0, 0, 0, 0},
+    [38] = {"IQ4_NL_8_8", 0, 0, 0, 0, 0},
+    [KERN_MXFP4] = W("MXFP4", 32, 17, KERN_Q8_0, KERN_FAM_BASE),
+    [40] = {"NVFP4", 0, 0, 0, 0, 0},
+    [41] = {"Q1_0", 0, 0, 0, 0, 0},
+    [42] = {"Q2_0", 0, 0, 0, 0, 0},
+};
+#undef W
+
+static const struct kern_type_info *type_info(uint32_t type)
+{
+	if (type >= sizeof(kern_types) / sizeof(kern_types[0]) || !kern_types[type].block)
+		return NULL;
+	return &kern_types[type];
+}
+
 int kern_type_known(uint32_t type)
 {
-	switch (type) {
-	case KERN_F32:
-	case KERN_F16:
-	case KERN_Q4_0:
-	case KERN_Q8_0:
-	case KERN_BF16:
-	case KERN_I32:
-	case KERN_MXFP4: return 1;
-	default: return 0;
-	}
+	return type_info(type) != NULL;
 }
 
 int kern_type_dot(uint32_t type)
 {
-	return type != KERN_I32 && kern_type_known(type);
+	const struct kern_type_info *t = type_info(type);
+	return t && t->weight;
+}
+
+int kern_type_family(uint32_t type)
+{
+	const struct kern_type_info *t = type_info(type);
+	return t ? t->family : -1;
 }
 
 const char *kern_type_name(uint32_t type)
 {
-	switch (type) {
-	case KERN_F32: return "F32";
-	case KERN_F16: return "F16";
-	case KERN_Q4_0: return "Q4_0";
-	case KERN_Q8_0: return "Q8_0";
-	case KERN_BF16: return "BF16";
-	case KERN_MXFP4: return "MXFP4";
-	case KERN_I32: return "I32";
-	default: return "?";
-	}
+	if (type >= sizeof(kern_types) / sizeof(kern_types[0]) || !kern_types[type].name)
+		return "?";
+	return kern_types[type].name;
 }
 
 int kern_type_block(uint32_t type)
 {
-	switch (type) {
-	case KERN_Q4_0:
-	case KERN_Q8_0:
-	case KERN_MXFP4: return KERN_QK;
-	default: return 1;
-	}
+	const struct kern_type_info *t = type_info(type);
+	return t ? t->block : 0;
 }
 
 size_t kern_type_block_bytes(uint32_t type)
 {
-	switch (type) {
-	case KERN_F32: return 4;
-	case KERN_I32: return 4;
-	case KERN_F16: return 2;
-	case KERN_BF16: return 2;
-	case KERN_Q4_0: return sizeof(struct kern_block_q4_0);
-	case KERN_Q8_0: return sizeof(struct kern_block_q8_0);
-	case KERN_MXFP4: return sizeof(struct kern_block_mxfp4);
-	default: return 0;
-	}
+	const struct kern_type_info *t = type_info(type);
+	return t ? t->bytes : 0;
 }
 
 size_t kern_row_bytes(uint32_t type, int64_t n)
 {
 	int blk = kern_type_block(type);
-	if (n < 0)
+	if (n < 0 || blk == 0)
 		return 0;
 	return (size_t)(n / blk) * kern_type_block_bytes(type);
 }
 
 enum kern_type kern_act_type(uint32_t weight_type)
 {
-	switch (weight_type) {
-	case KERN_Q4_0:
-	case KERN_Q8_0:
-	case KERN_MXFP4: return KERN_Q8_0;
-	case KERN_F16: return KERN_F16;
-	case KERN_BF16: return KERN_BF16;
-	default: return KERN_F32;
-	}
+	const struct kern_type_info *t = type_info(weight_type);
+	return t ? (enum kern_type)t->act : KERN_F32;
 }
 
 /* ---------------------------------------------------------- conversions */
@@ -235,33 +272,64 @@ const char *kern_isa_name(void)
 
 void kern_dequant_row(uint32_t type, const void *src, float *dst, int64_t n)
 {
-	if (use_avx2())
-		kern_dequant_row_avx2(type, src, dst, n);
-	else
+	if (!use_avx2())
 		kern_dequant_row_ref(type, src, dst, n);
+	else if (kern_type_family(type) == KERN_FAM_LEGACY)
+		kern_legacy_dequant_avx2(type, src, dst, n);
+	else if (kern_type_family(type) == KERN_FAM_KQ)
+		kern_kq_dequant_avx2(type, src, dst, n);
+	else if (kern_type_family(type) == KERN_FAM_IQ)
+		kern_iq_dequant_avx2(type, src, dst, n);
+	else
+		kern_dequant_row_avx2(type, src, dst, n);
 }
 
 void kern_convert_row(enum kern_type act_type, const float *x, void *dst, int64_t n)
 {
-	if (use_avx2())
-		kern_convert_row_avx2(act_type, x, dst, n);
-	else
+	if (!use_avx2())
 		kern_convert_row_ref(act_type, x, dst, n);
+	else if (act_type == KERN_Q8_1)
+		kern_legacy_convert_avx2(act_type, x, dst, n);
+	else if (act_type == KERN_Q8_K)
+		kern_kq_convert_avx2(act_type, x, dst, n);
+	else
+		kern_convert_row_avx2(act_type, x, dst, n);
 }
 
 float kern_dot(uint32_t weight_type, int64_t n, const void *w, const void *x)
 {
-	if (use_avx2())
-		return kern_dot_avx2(weight_type, n, w, x);
-	return kern_dot_ref(weight_type, n, w, x);
+	if (!use_avx2())
+		return kern_dot_ref(weight_type, n, w, x);
+	switch (kern_type_family(weight_type)) {
+	case KERN_FAM_LEGACY: return kern_legacy_dot_avx2(weight_type, n, w, x);
+	case KERN_FAM_KQ: return kern_kq_dot_avx2(weight_type, n, w, x);
+	case KERN_FAM_IQ: return kern_iq_dot_avx2(weight_type, n, w, x);
+	default: return kern_dot_avx2(weight_type, n, w, x);
+	}
 }
 
 void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
 {
 	if (use_avx2()) {
-		kern_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride);
-		return;
+		switch (kern_type_family(weight_type)) {
+		case KERN_FAM_LEGACY:
+			kern_legacy_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows,
+						y, y_stride);
+			return;
+		case KERN_FAM_KQ:
+			kern_kq_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y,
+					    y_stride);
+			return;
+		case KERN_FAM_IQ:
+			kern_iq_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y,
+					    y_stride);
+			return;
+		default:
+			kern_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y,
+					 y_stride);
+			return;
+		}
 	}
 	size_t w_row = kern_row_bytes(weight_type, n_in);
 	const uint8_t *wb = w;

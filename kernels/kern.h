@@ -13,11 +13,22 @@
  *   MXFP4 (39) 17 bytes per 32: u8 E8M0 exponent e, 16 bytes in Q4_0's nibble
  *              order; a nibble is an E2M1 code (bit 3 sign, bits 0-2 index into
  *              {0, .5, 1, 1.5, 2, 3, 4, 6}); x = E2M1 * 2^(e-127)  (OCP MX v1.0)
+ * and the further block types of GGML with its ids and byte layouts, grouped
+ * by family (each family's file documents its layouts):
+ *   32-value blocks (kern_legacy_*.c): Q4_1 (3), Q5_0 (6), Q5_1 (7),
+ *              IQ4_NL (20); activation-only Q8_1 (9)
+ *   256-value K-quants (kern_kq_*.c): Q2_K (10), Q3_K (11), Q4_K (12),
+ *              Q5_K (13), Q6_K (14), IQ4_XS (23); activation-only Q8_K (15)
+ *   256-value grid types (kern_iq_*.c): IQ2_XXS (16), IQ2_XS (17),
+ *              IQ3_XXS (18), IQ1_S (19), IQ3_S (21), IQ2_S (22), IQ1_M (29)
  *
  * Matching llama.cpp's CPU numerics: a weight type multiplies activations
  * converted to its "activation type" (kern_act_type): quantised weights
- * (Q4_0, Q8_0, MXFP4) take activations quantised to Q8_0 blocks of 32
- * (d = amax / 127 rounded to f16, q = round-to-nearest(x / d)); F16 weights take
+ * (Q4_0, Q8_0, MXFP4, Q5_0, IQ4_NL) take activations quantised to Q8_0 blocks
+ * of 32 (d = amax / 127 rounded to f16, q = round-to-nearest(x / d)); Q4_1 and
+ * Q5_1 take Q8_1 (Q8_0 plus s = f16(d * sum q)); K-quants, IQ4_XS and the grid
+ * types take Q8_K (blocks of 256, f32 d = max / -127 of the signed value of
+ * largest magnitude, q = round-half-even(x * -127 / max), 16 sums of 16 q); F16 weights take
  * F16 activations, BF16 weights BF16 activations, F32 weights F32.  Integer
  * block dot products are summed in int32 per block and scaled in float, as
  * ggml does.
@@ -36,19 +47,42 @@ enum kern_type {
 	KERN_F32 = 0,
 	KERN_F16 = 1,
 	KERN_Q4_0 = 2,
+	KERN_Q4_1 = 3,
+	KERN_Q5_0 = 6,
+	KERN_Q5_1 = 7,
 	KERN_Q8_0 = 8,
+	KERN_Q8_1 = 9, /* activations only */
+	KERN_Q2_K = 10,
+	KERN_Q3_K = 11,
+	KERN_Q4_K = 12,
+	KERN_Q5_K = 13,
+	KERN_Q6_K = 14,
+	KERN_Q8_K = 15, /* activations only */
+	KERN_IQ2_XXS = 16,
+	KERN_IQ2_XS = 17,
+	KERN_IQ3_XXS = 18,
+	KERN_IQ1_S = 19,
+	KERN_IQ4_NL = 20,
+	KERN_IQ3_S = 21,
+	KERN_IQ2_S = 22,
+	KERN_IQ4_XS = 23,
 	KERN_I32 = 26, /* storage only: no dot product, no conversion */
+	KERN_IQ1_M = 29,
 	KERN_BF16 = 30,
 	KERN_MXFP4 = 39,
 };
 
-#define KERN_QK 32 /* values per block of the block-quantised types */
+#define KERN_QK 32   /* values per block of the 32-value block types */
+#define KERN_QK_K 256 /* values per block of the K-quants and grid types */
 
 /* Type table. */
 int kern_type_known(uint32_t type); /* 1 for the types above */
-int kern_type_dot(uint32_t type);   /* 1 if it can be a matrix for kern_dot/kern_matmul (not I32) */
-const char *kern_type_name(uint32_t type); /* "Q4_0", ...; "?" if unknown */
-int kern_type_block(uint32_t type);	   /* values per block: 1 or 32 */
+/* 1 if it can be a matrix for kern_dot/kern_matmul (not I32, Q8_1, Q8_K) */
+int kern_type_dot(uint32_t type);
+/* "Q4_0", ...; GGML's name for ids GGML has but moefleet does not read
+ * ("TQ1_0"), "?" otherwise. */
+const char *kern_type_name(uint32_t type);
+int kern_type_block(uint32_t type); /* values per block: 1, 32 or 256 (0 if unknown) */
 size_t kern_type_block_bytes(uint32_t type);
 /* Bytes of a row of n values (n a multiple of the block). */
 size_t kern_row_bytes(uint32_t type, int64_t n);

@@ -55,6 +55,59 @@ static inline uint16_t kern_load_u16(const void *p)
  * _mm256_cvtps_epi32 + packs do (NaN and out-of-range give -128 / clamp). */
 int8_t kern_q8_round(float v);
 
+/* Families of block types (kern_type_family): the base types live in
+ * kern_ref.c / kern_avx2.c; each further family in its own pair of files,
+ * behind the same five entry points, for its own types only.  The family's
+ * activation-only type (Q8_1, Q8_K) is converted by its convert functions. */
+enum kern_family { KERN_FAM_BASE, KERN_FAM_LEGACY, KERN_FAM_KQ, KERN_FAM_IQ };
+int kern_type_family(uint32_t type); /* -1 if unknown */
+
+/* Q4_1, Q5_0, Q5_1, IQ4_NL; Q8_1 activations (kern_legacy_ref.c, kern_legacy_avx2.c) */
+void kern_legacy_dequant_ref(uint32_t type, const void *src, float *dst, int64_t n);
+float kern_legacy_dot_ref(uint32_t type, int64_t n, const void *w, const void *x);
+void kern_legacy_convert_ref(enum kern_type act_type, const float *x, void *dst, int64_t n);
+void kern_legacy_dequant_avx2(uint32_t type, const void *src, float *dst, int64_t n);
+float kern_legacy_dot_avx2(uint32_t type, int64_t n, const void *w, const void *x);
+void kern_legacy_convert_avx2(enum kern_type act_type, const float *x, void *dst, int64_t n);
+void kern_legacy_matmul_avx2(uint32_t type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			     const void *x, size_t x_stride, int64_t n_rows, float *y,
+			     int64_t y_stride);
+
+/* Q2_K..Q6_K, IQ4_XS; Q8_K activations (kern_kq_ref.c, kern_kq_avx2.c) */
+void kern_kq_dequant_ref(uint32_t type, const void *src, float *dst, int64_t n);
+float kern_kq_dot_ref(uint32_t type, int64_t n, const void *w, const void *x);
+void kern_kq_convert_ref(enum kern_type act_type, const float *x, void *dst, int64_t n);
+void kern_kq_dequant_avx2(uint32_t type, const void *src, float *dst, int64_t n);
+float kern_kq_dot_avx2(uint32_t type, int64_t n, const void *w, const void *x);
+void kern_kq_convert_avx2(enum kern_type act_type, const float *x, void *dst, int64_t n);
+void kern_kq_matmul_avx2(uint32_t type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+
+/* IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S; Q8_K activations
+ * (kern_iq_ref.c, kern_iq_avx2.c, grids in kern_iq_grid.c) */
+void kern_iq_dequant_ref(uint32_t type, const void *src, float *dst, int64_t n);
+float kern_iq_dot_ref(uint32_t type, int64_t n, const void *w, const void *x);
+void kern_iq_dequant_avx2(uint32_t type, const void *src, float *dst, int64_t n);
+float kern_iq_dot_avx2(uint32_t type, int64_t n, const void *w, const void *x);
+void kern_iq_matmul_avx2(uint32_t type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+
+/* Q8_K activation block (kern_kq_ref.c quantises, every Q8_K family reads). */
+struct kern_block_q8_k {
+	float d;
+	int8_t qs[KERN_QK_K];
+	int16_t bsums[KERN_QK_K / 16];
+};
+_Static_assert(sizeof(struct kern_block_q8_k) == 292, "q8_k block size");
+
+/* Q8_1 activation block (kern_legacy_ref.c). */
+struct kern_block_q8_1 {
+	uint16_t d; /* f16 */
+	uint16_t s; /* f16 of d * sum(qs) */
+	int8_t qs[KERN_QK];
+};
+_Static_assert(sizeof(struct kern_block_q8_1) == 36, "q8_1 block size");
+
 /* AVX2 implementations (kern_avx2.c). */
 void kern_dequant_row_avx2(uint32_t type, const void *src, float *dst, int64_t n);
 void kern_convert_row_avx2(enum kern_type act_type, const float *x, void *dst, int64_t n);

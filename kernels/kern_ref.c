@@ -12,6 +12,12 @@ const int8_t kern_mxfp4_values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4
 
 void kern_dequant_row_ref(uint32_t type, const void *src, float *dst, int64_t n)
 {
+	switch (kern_type_family(type)) {
+	case KERN_FAM_LEGACY: kern_legacy_dequant_ref(type, src, dst, n); return;
+	case KERN_FAM_KQ: kern_kq_dequant_ref(type, src, dst, n); return;
+	case KERN_FAM_IQ: kern_iq_dequant_ref(type, src, dst, n); return;
+	default: break;
+	}
 	switch (type) {
 	case KERN_F32: memcpy(dst, src, (size_t)n * sizeof(float)); break;
 	case KERN_F16: {
@@ -100,6 +106,8 @@ void kern_convert_row_ref(enum kern_type act_type, const float *x, void *dst, in
 		break;
 	}
 	case KERN_Q8_0: quantize_row_q8_0_ref(x, dst, n); break;
+	case KERN_Q8_1: kern_legacy_convert_ref(act_type, x, dst, n); break;
+	case KERN_Q8_K: kern_kq_convert_ref(act_type, x, dst, n); break;
 	default: break;
 	}
 }
@@ -156,6 +164,12 @@ static float dot_mxfp4_q8_0(int64_t n, const struct kern_block_mxfp4 *w,
 
 float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x)
 {
+	switch (kern_type_family(weight_type)) {
+	case KERN_FAM_LEGACY: return kern_legacy_dot_ref(weight_type, n, w, x);
+	case KERN_FAM_KQ: return kern_kq_dot_ref(weight_type, n, w, x);
+	case KERN_FAM_IQ: return kern_iq_dot_ref(weight_type, n, w, x);
+	default: break;
+	}
 	switch (weight_type) {
 	case KERN_F32: { /* rows need not be 4-byte aligned */
 		const uint8_t *a = w, *b = x;

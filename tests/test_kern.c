@@ -187,7 +187,14 @@ static void test_types(void **state)
 {
 	(void)state;
 	assert_true(kern_type_known(KERN_MXFP4));
-	assert_false(kern_type_known(3));
+	assert_false(kern_type_known(4)); /* Q4_2: GGML dropped it */
+	assert_string_equal(kern_type_name(34), "TQ1_0");
+	assert_false(kern_type_known(34));
+	assert_int_equal(kern_row_bytes(KERN_Q4_K, 512), 288);
+	assert_int_equal(kern_act_type(KERN_Q6_K), KERN_Q8_K);
+	assert_int_equal(kern_act_type(KERN_Q4_1), KERN_Q8_1);
+	assert_int_equal(kern_act_type(KERN_IQ4_NL), KERN_Q8_0);
+	assert_false(kern_type_dot(KERN_Q8_K));
 	assert_string_equal(kern_type_name(KERN_Q4_0), "Q4_0");
 	assert_string_equal(kern_type_name(77), "?");
 	assert_int_equal(kern_act_type(KERN_Q4_0), KERN_Q8_0);
