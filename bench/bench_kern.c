@@ -53,8 +53,23 @@ static void fill(uint32_t t, uint8_t *w, size_t bytes)
 	}
 	for (size_t i = 0; i < bytes; i++)
 		w[i] = (uint8_t)next();
-	for (size_t b = 0; b < bytes; b += bs) {
-		if (t == KERN_MXFP4) {
+	/* K-quants: f16 d (and dmin) at these offsets of the block */
+	int f16_at[2] = {0, -1};
+	switch (t) {
+	case KERN_Q2_K: f16_at[0] = 80, f16_at[1] = 82; break;
+	case KERN_Q3_K: f16_at[0] = 108; break;
+	case KERN_Q4_K:
+	case KERN_Q5_K: f16_at[1] = 2; break;
+	case KERN_Q6_K: f16_at[0] = 208; break;
+	default: break;
+	}
+	for (size_t b = 0; b + bs <= bytes; b += bs) {
+		if (kern_type_block(t) == 256) {
+			uint16_t d = kern_f32_to_f16(0.01f);
+			for (int f = 0; f < 2; f++)
+				if (f16_at[f] >= 0)
+					memcpy(w + b + f16_at[f], &d, 2);
+		} else if (t == KERN_MXFP4) {
 			w[b] = (uint8_t)(120 + next() % 8);
 		} else {
 			uint16_t d = kern_f32_to_f16(0.01f);
@@ -120,7 +135,9 @@ int main(int argc, char **argv)
 	printf("isa: %s\n", kern_isa_name());
 	printf("%-6s %5s %14s %14s %14s %18s\n", "type", "n_in", "decode GB/s", "in-L2 GB/s",
 	       "decode 2T GB/s", "prefill64 Gop/s");
-	const uint32_t types[] = {KERN_MXFP4, KERN_Q4_0, KERN_Q8_0, KERN_F16, KERN_BF16, KERN_F32};
+	const uint32_t types[] = {KERN_MXFP4, KERN_Q4_0, KERN_Q8_0, KERN_F16,
+				  KERN_BF16,  KERN_F32,	 KERN_Q4_K, KERN_Q6_K,
+				  KERN_Q5_K,  KERN_Q3_K, KERN_Q2_K, KERN_IQ4_XS};
 	const int64_t ns[] = {1024, 2048, 2880, 4096};
 	const size_t big = (size_t)128 << 20; /* bytes of weights for the decode run */
 	uint8_t *w = malloc(big + 4096);
@@ -140,6 +157,8 @@ int main(int argc, char **argv)
 		fill(t, w, big);
 		for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
 			int64_t n = ns[ni];
+			if (n % kern_type_block(t))
+				continue;
 			size_t wr = kern_row_bytes(t, n), xs = kern_row_bytes(kern_act_type(t), n);
 			for (int r = 0; r < 64; r++) {
 				for (int64_t i = 0; i < n; i++)
