@@ -157,13 +157,19 @@ static ALWAYS_INLINE struct kq_scales kq_scales_of(uint32_t type, const uint8_t 
 		break;
 	}
 	default: { /* IQ4_XS */
-		const unsigned sh = kern_load_u16(b + 2);
-		uint64_t ls = 0;
-		for (int k = 0; k < 8; k++) {
-			const unsigned v =
-			    ((b[4 + k / 2] >> (4 * (k % 2))) & 15) | ((sh >> (2 * k)) & 3) << 4;
-			ls |= (uint64_t)v << (8 * k);
-		}
+		/* nibble k of scales_l to byte k, 2-bit field k of scales_h to
+		 * bits 4-5 of byte k */
+		uint32_t sl;
+		memcpy(&sl, b + 4, 4);
+		uint64_t lo = sl;
+		lo = (lo | lo << 16) & 0x0000ffff0000ffffull;
+		lo = (lo | lo << 8) & 0x00ff00ff00ff00ffull;
+		lo = (lo | lo << 4) & 0x0f0f0f0f0f0f0f0full;
+		uint64_t hi = kern_load_u16(b + 2);
+		hi = (hi | hi << 24) & 0x000000ff000000ffull;
+		hi = (hi | hi << 12) & 0x000f000f000f000full;
+		hi = (hi | hi << 6) & 0x0303030303030303ull;
+		const uint64_t ls = lo | hi << 4;
 		const __m128i l16 = _mm_sub_epi16(
 		    _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)ls)), _mm_set1_epi16(32));
 		s.svec = _mm256_broadcastsi128_si256(l16);
