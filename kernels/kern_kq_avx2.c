@@ -23,7 +23,11 @@
  * each output's block is unpacked once per tile and multiplied with every
  * row while in registers; the eight-lane int32 partial sums of the tile's
  * outputs are reduced together by horizontal adds, so the float steps run on
- * 4-lane vectors (lane = output). */
+ * 4-lane vectors (lane = output).  The first pass over streaming weights
+ * prefetches the next tile's blocks (without it decode from DRAM ran at half
+ * the speed).  Tried and dropped (no gain measured): adding two or four
+ * chunks' maddubs results by horizontal adds before one madd (fewer
+ * multiplies, but the adds cost as much), prefetching two tiles ahead. */
 #include <immintrin.h>
 #include <string.h>
 
