@@ -7,6 +7,7 @@
  *   - when the CPU has AVX2+FMA+F16C: AVX2 dequant, convert, dot and matmul
  *     against the scalar reference bit for bit, on random and edge-case
  *     blocks, and kern_matmul against kern_dot for every tiling. */
+#define _DEFAULT_SOURCE /* MAP_ANONYMOUS */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -17,6 +18,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "kernels/kern.h"
 
@@ -74,6 +77,25 @@ static void *xmalloc(size_t n)
 	void *p = malloc(n ? n : 1);
 	assert_non_null(p);
 	return p;
+}
+
+/* n bytes that end where an inaccessible page begins, so that reading past
+ * them crashes the test; guarded_free(p, n) releases them. */
+static void *guarded_alloc(size_t n)
+{
+	const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+	const size_t len = (n + pg - 1) / pg * pg + pg;
+	uint8_t *base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	assert_true(base != MAP_FAILED);
+	assert_int_equal(mprotect(base + len - pg, pg, PROT_NONE), 0);
+	return base + len - pg - n;
+}
+
+static void guarded_free(void *p, size_t n)
+{
+	const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+	const size_t len = (n + pg - 1) / pg * pg + pg;
+	munmap((uint8_t *)p + n + pg - len, len);
 }
 
 static int has_m(uint32_t t)
@@ -607,17 +629,20 @@ static void test_dot_simd(void **state)
 /* ------------------------------------------------------------- matmul */
 
 /* kern_matmul (dispatched: AVX2 if the CPU has it) == kern_dot_ref for every
- * (row, output) in [o0, o1), bit for bit; nothing written outside. */
+ * (row, output) in [o0, o1), bit for bit; nothing written outside.  W's rows
+ * at and above o1 and x's rows from n_rows on are not there: reading them
+ * crashes (a tile may read rows below o0 only). */
 static void run_matmul(uint32_t t, int64_t n_in, int64_t n_out, int64_t n_rows, int64_t o0,
 		       int64_t o1, int wm, int xm)
 {
 	const size_t wr = kern_row_bytes(t, n_in);
 	const size_t xr = kern_row_bytes(kern_act_type(t), n_in) + 5; /* odd stride */
+	const size_t xbytes = xr * (size_t)(n_rows - 1) + xr - 5;
 	const int64_t ys = n_out + 3;
-	uint8_t *w = xmalloc(wr * (size_t)n_out);
-	uint8_t *x = xmalloc(xr * (size_t)n_rows);
+	uint8_t *w = guarded_alloc(wr * (size_t)o1);
+	uint8_t *x = guarded_alloc(xbytes);
 	float *y = xmalloc((size_t)(ys * n_rows) * sizeof(float));
-	for (int64_t o = 0; o < n_out; o++)
+	for (int64_t o = 0; o < o1; o++)
 		fill_row(t, w + (size_t)o * wr, n_in, o % 3 == 1 ? W_RANDOM : wm);
 	for (int64_t r = 0; r < n_rows; r++)
 		fill_act(t, x + (size_t)r * xr, n_in, r % 2 ? X_RANDOM : xm, 1.0f);
@@ -644,8 +669,8 @@ static void run_matmul(uint32_t t, int64_t n_in, int64_t n_out, int64_t n_rows, 
 				fail();
 			}
 		}
-	free(w);
-	free(x);
+	guarded_free(w, wr * (size_t)o1);
+	guarded_free(x, xbytes);
 	free(y);
 }
 
