@@ -527,7 +527,7 @@ void kern_legacy_dequant_avx2(uint32_t type, const void *src, float *dst, int64_
 /* ------------------------------------------------------------- convert */
 
 /* llama.cpp's x86 quantiser, operation for operation (see kern_legacy_ref.c). */
-static void quantize_row_q8_1_avx2(const float *x, struct kern_block_q8_1 *y, int64_t n)
+static void quantize_row_q8_1_avx2(const float *x, uint8_t *dst, int64_t n)
 {
 	const __m256 sign = _mm256_set1_ps(-0.0f);
 	const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -553,12 +553,13 @@ static void quantize_row_q8_1_avx2(const float *x, struct kern_block_q8_1 *y, in
 		    _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
 		const int32_t sum = hsum_i32(
 		    _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1)));
-		y[ib].d = _cvtss_sh(d, 0);
-		y[ib].s = _cvtss_sh(d * (float)sum, 0);
+		uint8_t *y = dst + (size_t)ib * sizeof(struct kern_block_q8_1);
+		const uint16_t h[2] = {_cvtss_sh(d, 0), _cvtss_sh(d * (float)sum, 0)};
+		memcpy(y, h, sizeof(h));
 		i0 = _mm256_packs_epi32(i0, i1);
 		i2 = _mm256_packs_epi32(i2, i3);
 		i0 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i0, i2), perm);
-		_mm256_storeu_si256((__m256i *)y[ib].qs, i0);
+		_mm256_storeu_si256((__m256i *)(y + 4), i0);
 	}
 }
 

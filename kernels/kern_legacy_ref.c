@@ -81,20 +81,23 @@ static float amax_32(const float *x)
 	return max_ps1(m[0], m[1]);
 }
 
-static void quantize_row_q8_1_ref(const float *x, struct kern_block_q8_1 *y, int64_t n)
+/* Writes n / 32 Q8_1 blocks at dst (no alignment needed). */
+static void quantize_row_q8_1_ref(const float *x, uint8_t *dst, int64_t n)
 {
 	for (int64_t ib = 0; ib < n / KERN_QK; ib++, x += KERN_QK) {
+		uint8_t *y = dst + (size_t)ib * sizeof(struct kern_block_q8_1);
 		const float amax = amax_32(x);
 		const float d = amax / 127.0f;
 		const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
 		uint32_t sum = 0; /* wraps as the int32 vector adds do */
 		for (int j = 0; j < KERN_QK; j++) {
 			const int32_t v = cvt_i32(x[j] * id);
-			y[ib].qs[j] = (int8_t)(v > 127 ? 127 : v < -128 ? -128 : v);
+			y[4 + j] = (uint8_t)(int8_t)(v > 127 ? 127 : v < -128 ? -128 : v);
 			sum += (uint32_t)v;
 		}
-		y[ib].d = kern_f32_to_f16(d);
-		y[ib].s = kern_f32_to_f16(d * (float)(int32_t)sum);
+		const uint16_t h[2] = {kern_f32_to_f16(d),
+				       kern_f32_to_f16(d * (float)(int32_t)sum)};
+		memcpy(y, h, sizeof(h));
 	}
 }
 

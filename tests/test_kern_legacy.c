@@ -193,11 +193,16 @@ static void fill_act(uint32_t t, uint8_t *x, int64_t n, int mode, float scale)
 {
 	const size_t xs = xblock(t), off = has_m(t) ? 4 : 2;
 	if (mode == X_RANDOM || mode == X_ZERO) {
+		/* converted into an aligned buffer: x may be at any address */
+		const size_t rb = kern_row_bytes(kern_act_type(t), n);
 		float *xf = xmalloc((size_t)n * sizeof(float));
+		uint8_t *tmp = xmalloc(rb);
 		for (int64_t i = 0; i < n; i++)
 			xf[i] = mode == X_ZERO ? 0.0f : rng_f() * scale;
-		kern_convert_row_ref(kern_act_type(t), xf, x, n);
+		kern_convert_row_ref(kern_act_type(t), xf, tmp, n);
+		memcpy(x, tmp, rb);
 		free(xf);
+		free(tmp);
 		return;
 	}
 	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
