@@ -266,6 +266,30 @@ static ALWAYS_INLINE __m256 f16x8(const uint8_t *p, const uint8_t *p4, size_t ws
 	    _mm_unpacklo_epi64(_mm_cvtsi64_si128((long long)lo), _mm_cvtsi64_si128((long long)hi)));
 }
 
+static ALWAYS_INLINE int load_i32(const uint8_t *p)
+{
+	int v;
+	memcpy(&v, p, sizeof(v));
+	return v;
+}
+
+/* Q4_1 / Q5_1: the (d, m) pairs of the blocks at p, p + ws, p + 2 ws,
+ * p + 3 ws and the same from p4, as 8 F32 d and 8 F32 m. */
+static ALWAYS_INLINE void f16x8_dm(const uint8_t *p, const uint8_t *p4, size_t ws, size_t ws3,
+				   __m256 *d, __m256 *m)
+{
+	/* per lane [d d d d m m m m] as f16, then d's and m's together */
+	const __m256i split =
+	    _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9,
+			     12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+	__m256i v = _mm256_setr_epi32(load_i32(p), load_i32(p + ws), load_i32(p + 2 * ws),
+				      load_i32(p + ws3), load_i32(p4), load_i32(p4 + ws),
+				      load_i32(p4 + 2 * ws), load_i32(p4 + ws3));
+	v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0xd8);
+	*d = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
+	*m = _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1));
+}
+
 /* The f16 at p, p + ws, p + 2 ws, p + 3 ws as 4 F32. */
 static ALWAYS_INLINE __m128 f16x4(const uint8_t *p, size_t ws)
 {
@@ -313,11 +337,15 @@ static ALWAYS_INLINE void tile_1(uint32_t type, const uint8_t *w, size_t ws, con
 					     _mm256_permute2x128_si256(a, b, 0x31));
 		if (type == KERN_Q5_0)
 			s = _mm256_sub_epi32(s, _mm256_set1_epi32(xq[ib].corr));
-		const __m256 d = _mm256_mul_ps(f16x8(p, p4, ws, ws3), _mm256_set1_ps(xq[ib].d));
+		__m256 dw, mw = _mm256_setzero_ps();
+		if (has_m(type))
+			f16x8_dm(p, p4, ws, ws3, &dw, &mw);
+		else
+			dw = f16x8(p, p4, ws, ws3);
+		const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(xq[ib].d));
 		acc = _mm256_add_ps(acc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(s)));
 		if (has_m(type))
-			acc = _mm256_add_ps(acc, _mm256_mul_ps(f16x8(p + 2, p4 + 2, ws, ws3),
-							       _mm256_set1_ps(xq[ib].s)));
+			acc = _mm256_add_ps(acc, _mm256_mul_ps(mw, _mm256_set1_ps(xq[ib].s)));
 	}
 	_mm256_storeu_ps(out, acc);
 }
