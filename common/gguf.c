@@ -554,10 +554,6 @@ static int gguf_open_shards(gguf *g)
 		n_total += g->shards[i]->n_tensors;
 		g->total_size += g->shards[i]->size;
 	}
-	if (n_total != (uint64_t)g->split_total)
-		return gguf_fail(path,
-				 "split.tensors.count is %lld, but the %u shards hold %llu tensors",
-				 (long long)g->split_total, count, (unsigned long long)n_total);
 	gguf_tensor *all = malloc((n_total ? n_total : 1) * sizeof(*all));
 	if (!all)
 		return ERR_NOMEM;
@@ -573,7 +569,14 @@ static int gguf_open_shards(gguf *g)
 	free(g->tensors);
 	g->tensors = all;
 	g->n_tensors = n_total;
-	return gguf_check_unique_across(g);
+	int rc = gguf_check_unique_across(g);
+	if (rc)
+		return rc;
+	if (n_total != (uint64_t)g->split_total)
+		return gguf_fail(path,
+				 "split.tensors.count is %lld, but the %u shards hold %llu tensors",
+				 (long long)g->split_total, count, (unsigned long long)n_total);
+	return 0;
 }
 
 int gguf_open(const char *path, gguf **out)
