@@ -59,8 +59,12 @@
  * and the logits are those of the split file with the same values); otherwise
  * Q8_0 (nope a multiple of 32; else F16), as llama-quantize would type a split
  * attn_k_b, adding Q8_0's rounding to the file's.  The numerics differ from
- * llama.cpp's legacy path only by summation order and F16 rounding of other
- * intermediates (as llama.cpp's own split and legacy runs of one model do).
+ * llama.cpp's legacy path in where activations are rounded: it converts c to
+ * attn_kv_b's activation type (F16, BF16, Q8_0, Q8_K) and caches K and V in
+ * F16, this pass converts the query and the attention output instead (as
+ * llama.cpp does for split files).  On the test models the difference is the
+ * size of llama.cpp's own flash-attention on/off difference (with Q8_0 or
+ * BF16 dense weights both exceed compare_logits' defaults on some seeds).
  * Cost of the built k_b on DeepSeek-V3/R1 shapes (61 layers x 128 heads x 512
  * rows x 128 values): Q8_0 518.5 MiB (F16 would be 976 MiB, F32 1.91 GiB), on
  * top of the mapped file, whose K rows are then no longer read. */

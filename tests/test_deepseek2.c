@@ -44,7 +44,7 @@ struct ds2_cfg {
 	float scale;
 	const char *rope_type; /* NULL: no rope.scaling keys */
 	float rope_factor, yarn_log_mul;
-	uint32_t weight_type; /* KERN_F32 or KERN_F16 for the matrices */
+	uint32_t weight_type; /* KERN_F32, KERN_F16 or KERN_BF16 for the matrices */
 	/* one metadata override (key NULL: none), written last */
 	const char *ov_key;
 	enum gguf_type ov_type;
@@ -57,7 +57,7 @@ struct ds2_cfg {
 		LAYOUT_KV_B,  /* attn_kv_b of kv_b_type, legacy metadata */
 		LAYOUT_BUILT, /* the split tensors the engine builds from LAYOUT_KV_B */
 	} layout;
-	uint32_t kv_b_type; /* LAYOUT_KV_B / LAYOUT_BUILT: F32, F16 or Q8_0 */
+	uint32_t kv_b_type; /* LAYOUT_KV_B / LAYOUT_BUILT: F32, F16, BF16 or Q8_0 */
 	uint64_t kv_b_rows; /* LAYOUT_KV_B: attn_kv_b rows if not the right count */
 };
 
@@ -211,7 +211,7 @@ static float *draw(const struct ds2_tensor *t)
 	return v;
 }
 
-/* Writes n_rows rows of n values as type (F32, F16 or Q8_0). */
+/* Writes n_rows rows of n values as type (F32, F16, BF16 or Q8_0). */
 static int write_rows(gguf_writer *w, uint32_t type, const float *v, int64_t n, int64_t n_rows)
 {
 	const size_t rb = kern_row_bytes(type, n);
@@ -222,6 +222,11 @@ static int write_rows(gguf_writer *w, uint32_t type, const float *v, int64_t n, 
 		if (type == KERN_F16)
 			for (int64_t i = 0; i < n; i++) {
 				uint16_t h = kern_f32_to_f16(x[i]);
+				memcpy(buf + 2 * i, &h, 2);
+			}
+		else if (type == KERN_BF16)
+			for (int64_t i = 0; i < n; i++) {
+				uint16_t h = kern_f32_to_bf16(x[i]);
 				memcpy(buf + 2 * i, &h, 2);
 			}
 		else if (type == KERN_Q8_0)
@@ -603,8 +608,8 @@ static float *logits_of(const struct ds2_cfg *c)
 }
 
 /* Legacy layout (attn_kv_b) against the split layout holding the same
- * values: bit for bit the same logits, for attn_kv_b in F32 and F16 (kept as
- * they are) and in Q8_0 (k_b built as Q8_0, or F16 when nope is not a
+ * values: bit for bit the same logits, for attn_kv_b in F32, F16 and BF16
+ * (kept as they are) and in Q8_0 (k_b built as Q8_0, or F16 when nope is not a
  * multiple of 32, the V rows used in place). */
 static void test_legacy_layout(void **state)
 {
@@ -613,8 +618,8 @@ static void test_legacy_layout(void **state)
 		uint32_t type;
 		int nope, q_lora;
 	} cases[] = {
-	    {KERN_F32, 16, 32},	 {KERN_F16, 16, 32}, {KERN_F16, 24, 0},
-	    {KERN_Q8_0, 32, 32}, {KERN_Q8_0, 16, 0},
+	    {KERN_F32, 16, 32},	 {KERN_F16, 16, 32},  {KERN_F16, 24, 0},
+	    {KERN_BF16, 16, 32}, {KERN_Q8_0, 32, 32}, {KERN_Q8_0, 16, 0},
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		struct ds2_cfg c = base_cfg;
