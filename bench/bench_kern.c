@@ -135,9 +135,10 @@ int main(int argc, char **argv)
 	printf("isa: %s\n", kern_isa_name());
 	printf("%-6s %5s %14s %14s %14s %18s\n", "type", "n_in", "decode GB/s", "in-L2 GB/s",
 	       "decode 2T GB/s", "prefill64 Gop/s");
-	const uint32_t types[] = {KERN_MXFP4, KERN_Q4_0, KERN_Q8_0, KERN_F16,
-				  KERN_BF16,  KERN_F32,	 KERN_Q4_K, KERN_Q6_K,
-				  KERN_Q5_K,  KERN_Q3_K, KERN_Q2_K, KERN_IQ4_XS};
+	const uint32_t types[] = {KERN_MXFP4, KERN_Q4_0, KERN_Q8_0,   KERN_Q4_1,
+				  KERN_Q5_0,  KERN_Q5_1, KERN_IQ4_NL, KERN_F16,
+				  KERN_BF16,  KERN_F32,	 KERN_Q4_K,   KERN_Q6_K,
+				  KERN_Q5_K,  KERN_Q3_K, KERN_Q2_K,   KERN_IQ4_XS};
 	const int64_t ns[] = {1024, 2048, 2880, 4096};
 	const size_t big = (size_t)128 << 20; /* bytes of weights for the decode run */
 	uint8_t *w = malloc(big + 4096);
