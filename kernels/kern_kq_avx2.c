@@ -457,8 +457,10 @@ void kern_kq_dequant_avx2(uint32_t type, const void *src, float *dst, int64_t n)
 {
 	const size_t bs = kern_type_block_bytes(type);
 	const uint8_t *s = src;
-	if (!kq_tiles_for(type))
+	if (!kq_tiles_for(type)) { /* Q8_K activations */
+		kern_kq_dequant_ref(type, src, dst, n);
 		return;
+	}
 	for (int64_t ib = 0; ib < n / KERN_QK_K; ib++, dst += KERN_QK_K) {
 		const uint8_t *b = s + (size_t)ib * bs;
 		const struct kq_scales sc = kq_scales_of(type, b);

@@ -56,7 +56,7 @@
  * (the first on a tie), iscale = -127 / max, q = min(127, round-half-even(
  * iscale * x)), d = 1 / iscale as f32, bsums[j] = sum of q[16j .. 16j+15].
  * An all-zero block gives d = 0, q = 0, bsums = 0.  |iscale * x| rounds to at
- * most 127, so q is in [-127, 127]. */
+ * most 127, so q is in [-127, 127].  A Q8_K row dequantises to d * q. */
 #include <math.h>
 #include <string.h>
 
@@ -233,6 +233,13 @@ void kern_kq_dequant_ref(uint32_t type, const void *src, float *dst, int64_t n)
 	const size_t bs = kern_type_block_bytes(type);
 	const uint8_t *s = src;
 	struct kq_block k;
+	if (type == KERN_Q8_K) { /* activations: x = d * q (ggml's dequantize_row_q8_K) */
+		const struct kern_block_q8_k *b = src;
+		for (int64_t ib = 0; ib < n / KERN_QK_K; ib++, dst += KERN_QK_K)
+			for (int j = 0; j < KERN_QK_K; j++)
+				dst[j] = b[ib].d * (float)b[ib].qs[j];
+		return;
+	}
 	for (int64_t ib = 0; ib < n / KERN_QK_K; ib++, dst += KERN_QK_K) {
 		kq_decode(type, s + (size_t)ib * bs, &k);
 		for (int g = 0; g < 16; g++) {
@@ -257,6 +264,8 @@ float kern_kq_dot_ref(uint32_t type, int64_t n, const void *w, const void *x)
 	const struct kern_block_q8_k *xb = x;
 	struct kq_block k;
 	float acc = 0.0f;
+	if (type == KERN_Q8_K) /* not a weight type */
+		return 0.0f;
 	for (int64_t ib = 0; ib < n / KERN_QK_K; ib++) {
 		kq_decode(type, wb + (size_t)ib * bs, &k);
 		int32_t isum = 0, msum = 0;

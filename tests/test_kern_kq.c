@@ -258,6 +258,28 @@ static void test_q8k_hand(void **state)
 		print_message("no AVX2: SIMD quantiser not checked\n");
 }
 
+/* Q8_K rows dequantise to d * q (a worker may receive them over the wire and
+ * need floats), through both paths; Q8_K is never a matmul weight. */
+static void test_q8k_dequant(void **state)
+{
+	(void)state;
+	struct kern_block_q8_k x[2];
+	float y[2 * QK];
+	rng_seed(13);
+	fill_act(x, 2, 5);
+	for (int pass = 0; pass < 2; pass++) {
+		if (pass == 1 && !have_avx2())
+			break;
+		memset(y, 0, sizeof(y));
+		if (pass == 0)
+			kern_dequant_row_ref(KERN_Q8_K, x, y, 2 * QK);
+		else
+			kern_dequant_row(KERN_Q8_K, x, y, 2 * QK);
+		for (int i = 0; i < 2 * QK; i++)
+			assert_int_equal(f2u(y[i]), f2u(x[i / QK].d * (float)x[i / QK].qs[i % QK]));
+	}
+}
+
 /* AVX2 quantiser = reference, byte for byte, on random rows with ties,
  * huge and tiny values, infinities and NaNs. */
 static void test_q8k_simd(void **state)
@@ -535,10 +557,11 @@ int main(void)
 {
 	kern_init();
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_type_table),	 cmocka_unit_test(test_q8k_hand),
-	    cmocka_unit_test(test_q8k_simd),	 cmocka_unit_test(test_dequant_oracle),
-	    cmocka_unit_test(test_dequant_simd), cmocka_unit_test(test_dot_ref_double),
-	    cmocka_unit_test(test_dot_simd),	 cmocka_unit_test(test_matmul),
+	    cmocka_unit_test(test_type_table),	   cmocka_unit_test(test_q8k_hand),
+	    cmocka_unit_test(test_q8k_simd),	   cmocka_unit_test(test_q8k_dequant),
+	    cmocka_unit_test(test_dequant_oracle), cmocka_unit_test(test_dequant_simd),
+	    cmocka_unit_test(test_dot_ref_double), cmocka_unit_test(test_dot_simd),
+	    cmocka_unit_test(test_matmul),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
