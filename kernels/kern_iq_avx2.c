@@ -37,9 +37,10 @@ static ALWAYS_INLINE uint32_t ld32(const uint8_t *p)
 	return v;
 }
 
+/* f16 -> f32 as kern_f16_to_f32 (F16C quiets a NaN the same way) */
 static ALWAYS_INLINE float ldf16(const uint8_t *p)
 {
-	return kern_f16_to_f32(kern_load_u16(p));
+	return _cvtsh_ss(kern_load_u16(p));
 }
 
 /* scales: ls0 for values 0-15, ls1 for 16-31 */
@@ -181,8 +182,8 @@ static ALWAYS_INLINE float block_d(uint32_t type, const uint8_t *b)
 		return ldf16(b);
 	uint16_t sc0 = kern_load_u16(b + 48), sc1 = kern_load_u16(b + 50);
 	uint16_t sc2 = kern_load_u16(b + 52), sc3 = kern_load_u16(b + 54);
-	return kern_f16_to_f32((uint16_t)((sc0 >> 12) | ((sc1 >> 8) & 0x00f0) |
-					  ((sc2 >> 4) & 0x0f00) | (sc3 & 0xf000)));
+	return _cvtsh_ss((uint16_t)((sc0 >> 12) | ((sc1 >> 8) & 0x00f0) | ((sc2 >> 4) & 0x0f00) |
+				    (sc3 & 0xf000)));
 }
 
 static ALWAYS_INLINE size_t block_bytes(uint32_t type)
@@ -211,33 +212,53 @@ static ALWAYS_INLINE int32_t hsum_i32(__m256i v)
 	return _mm_cvtsi128_si32(r);
 }
 
+#define IQ_CHUNK 16 /* blocks whose integer sums are taken before their float steps */
+
 /* One weight row (nb blocks) against nr activation rows xs bytes apart:
- * out[r] = the reference's dot of the row with activation row r. */
+ * out[r] = the reference's dot of the row with activation row r.  The
+ * integer sums of a chunk of blocks come first, their float steps (in block
+ * order) after, so the latency of one block's float tail does not hold up
+ * the next block's decoding. */
 static ALWAYS_INLINE void tile(uint32_t type, int nr, const uint8_t *w, int64_t nb,
 			       const uint8_t *x, size_t xs, float *out)
 {
 	const size_t bs = block_bytes(type);
 	float acc[IQ_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
-	for (int64_t ib = 0; ib < nb; ib++) {
-		const uint8_t *b = w + (size_t)ib * bs;
-		__m256i isum[IQ_ROWS];
-		for (int r = 0; r < nr; r++)
-			isum[r] = _mm256_setzero_si256();
-		for (int k = 0; k < 8; k++) {
-			struct sub s = decode_sub(type, b, k);
+	for (int64_t ib0 = 0; ib0 < nb; ib0 += IQ_CHUNK) {
+		const int nc = nb - ib0 < IQ_CHUNK ? (int)(nb - ib0) : IQ_CHUNK;
+		int32_t isum[IQ_ROWS][IQ_CHUNK];
+		float dw[IQ_CHUNK];
+		for (int c = 0; c < nc; c++) {
+			const int64_t ib = ib0 + c;
+			const uint8_t *b = w + (size_t)ib * bs;
+			const int8_t *q[IQ_ROWS];
+			__m256i sum[IQ_ROWS];
 			for (int r = 0; r < nr; r++) {
-				const struct kern_block_q8_k *xb =
-				    (const struct kern_block_q8_k *)(x + (size_t)r * xs) + ib;
-				__m256i q = _mm256_loadu_si256((const __m256i *)(xb->qs + 32 * k));
-				__m256i p = _mm256_maddubs_epi16(s.g, _mm256_sign_epi8(q, s.sg));
-				isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, s.sc));
+				q[r] =
+				    ((const struct kern_block_q8_k *)(x + (size_t)r * xs) + ib)->qs;
+				sum[r] = _mm256_setzero_si256();
 			}
+#pragma GCC unroll 8
+			for (int k = 0; k < 8; k++) {
+				struct sub s = decode_sub(type, b, k);
+				for (int r = 0; r < nr; r++) {
+					__m256i v =
+					    _mm256_loadu_si256((const __m256i *)(q[r] + 32 * k));
+					__m256i p =
+					    _mm256_maddubs_epi16(s.g, _mm256_sign_epi8(v, s.sg));
+					sum[r] =
+					    _mm256_add_epi32(sum[r], _mm256_madd_epi16(p, s.sc));
+				}
+			}
+			for (int r = 0; r < nr; r++)
+				isum[r][c] = hsum_i32(sum[r]);
+			dw[c] = block_d(type, b);
 		}
-		const float d = block_d(type, b);
 		for (int r = 0; r < nr; r++) {
 			const struct kern_block_q8_k *xb =
-			    (const struct kern_block_q8_k *)(x + (size_t)r * xs) + ib;
-			acc[r] += (d * xb->d) * (float)hsum_i32(isum[r]);
+			    (const struct kern_block_q8_k *)(x + (size_t)r * xs) + ib0;
+			for (int c = 0; c < nc; c++)
+				acc[r] += (dw[c] * xb[c].d) * (float)isum[r][c];
 		}
 	}
 	for (int r = 0; r < nr; r++)
