@@ -18,7 +18,8 @@ const char *wire_kind_name(enum wire_kind k)
 
 static int wire_dtype_ok(uint32_t t)
 {
-	return t == KERN_F32 || t == KERN_BF16 || t == KERN_Q8_0;
+	return t == KERN_F32 || t == KERN_BF16 || t == KERN_Q8_0 || t == KERN_Q8_1 ||
+	       t == KERN_Q8_K;
 }
 
 size_t wire_batch_frame_bytes(const struct wire_batch *b, uint32_t n_embd)

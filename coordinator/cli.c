@@ -231,9 +231,11 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 			}
 			o->transport_name = v;
 		} else if (!strcmp(a, "--wire-dtype")) {
-			if (strcmp(v, "q8_0") && strcmp(v, "bf16") && strcmp(v, "f32")) {
+			if (strcmp(v, "q8_0") && strcmp(v, "q8_1") && strcmp(v, "q8_k") &&
+			    strcmp(v, "bf16") && strcmp(v, "f32")) {
 				fprintf(stderr,
-					"moefleet: --wire-dtype: '%s' is not q8_0, bf16 or f32\n",
+					"moefleet: --wire-dtype: '%s' is not q8_0, q8_1, q8_k, "
+					"bf16 or f32\n",
 					v);
 				return -1;
 			}
@@ -381,8 +383,9 @@ static const char *cli_usage_cluster =
     "  --worker-timeout MS    drop a worker silent this long in a step (10000); its\n"
     "                         rows go to other replicas, its experts are re-created\n"
     "  --replicas R           copies of each expert (default 1)\n"
-    "  --wire-dtype D         q8_0 | bf16 | f32 activations on the wire (default: the\n"
-    "                         experts' own activation type, Q8_0 for quantised experts)\n"
+    "  --wire-dtype D         q8_0 | q8_1 | q8_k | bf16 | f32 activations on the wire\n"
+    "                         (default: the experts' own activation type: Q8_0, Q8_1\n"
+    "                         or Q8_K for quantised experts; others fall back to f32)\n"
     "  --stream-weights       send expert weights to workers even if they have the file\n"
     "  --stats                print per-worker statistics and the expert balance at the end\n"
     "  --balance-window N     tokens over which router counts decay (default 4096)\n"
@@ -520,6 +523,8 @@ static int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_clus
 	    .join_timeout_ms = o->listen ? 600000 : 60000,
 	    .wire_dtype = !o->wire_dtype		   ? 0
 			  : !strcmp(o->wire_dtype, "q8_0") ? KERN_Q8_0
+			  : !strcmp(o->wire_dtype, "q8_1") ? KERN_Q8_1
+			  : !strcmp(o->wire_dtype, "q8_k") ? KERN_Q8_K
 			  : !strcmp(o->wire_dtype, "bf16") ? KERN_BF16
 							   : KERN_F32,
 	    .stream = o->stream_weights,

@@ -1168,8 +1168,15 @@ static uint32_t cluster_wire_type(const cluster *c, int layer)
 {
 	uint32_t act = kern_act_type(c->layer_types[layer][0]);
 	uint32_t want = c->cfg.wire_dtype;
+	/* gate and up multiplying different activation types take F32 rows, so
+	 * each conversion starts from the values the in-process path converts */
+	if (kern_act_type(c->layer_types[layer][1]) != act)
+		return KERN_F32;
 	if (!want)
-		want = act == KERN_Q8_0 || act == KERN_BF16 ? act : KERN_F32;
+		want = act == KERN_Q8_0 || act == KERN_Q8_1 || act == KERN_Q8_K ||
+			       act == KERN_BF16
+			   ? act
+			   : KERN_F32;
 	/* rows are only sent pre-converted when that is the experts' own type */
 	return want == act || want == KERN_F32 ? want : KERN_F32;
 }

@@ -521,10 +521,14 @@ int shard_compute(shard *s, pool *p, int layer, int n_rows, int k, const void *x
 			prev = at;
 		}
 	}
-	/* Work units: about 64 hidden columns (whole activation blocks, so a
+	/* Work units: 64 hidden columns or one activation block of the down
+	 * weights if larger (Q8_K: 256), whole activation blocks, so a
 	 * unit converts its own columns for the down weights) and 64 output
 	 * columns; a handful of rows runs the light phases on this thread. */
-	c.ff_chunk = sp->n_ff_exp >= 64 ? 64 : sp->n_ff_exp;
+	const int64_t blk = kern_type_block(c.at_down);
+	c.ff_chunk = blk >= 64 ? blk : 64;
+	if (c.ff_chunk > sp->n_ff_exp)
+		c.ff_chunk = sp->n_ff_exp;
 	c.emb_chunk = 64;
 	const int small = n_items <= 16;
 	shard_phase(p, shard_gather, &c, small);
