@@ -43,11 +43,195 @@ static ALWAYS_INLINE float ldf16(const uint8_t *p)
 	return _cvtsh_ss(kern_load_u16(p));
 }
 
-/* scales: ls0 for values 0-15, ls1 for 16-31 */
-static ALWAYS_INLINE __m256i scales2(int s0, int s1)
+/* Per-block fields unpacked with vector operations before the sub-blocks are
+ * decoded (what a sub-block would otherwise compute with several scalar
+ * shifts and masks). */
+struct prep {
+	uint16_t idx[64];   /* grid index of each entry (not IQ2_XXS, IQ3_XXS) */
+	uint32_t sidx[32];  /* 7-bit sign indices: group 4ib+l at [8l+ib] (IQ2_XS: [g]) */
+	uint32_t ls[8];	    /* sub-block ib: ls of values 0-15 | ls of 16-31 << 16 */
+	uint16_t delta[32]; /* IQ1: group g's delta byte, twice (0xffff or 0x0101) */
+};
+
+/* eight u32 sign-and-scale words a (IQ2_XXS, IQ3_XXS) -> sign indices, ls */
+static ALWAYS_INLINE void prep_aux(__m256i a, struct prep *p)
 {
-	return _mm256_setr_m128i(_mm_set1_epi16((short)(2 * s0 + 1)),
-				 _mm_set1_epi16((short)(2 * s1 + 1)));
+	const __m256i m7 = _mm256_set1_epi32(127);
+	for (int l = 0; l < 4; l++)
+		_mm256_storeu_si256((__m256i *)(p->sidx + 8 * l),
+				    _mm256_and_si256(_mm256_srli_epi32(a, 7 * l), m7));
+	/* 2 * (a >> 28) + 1: bit 27 (a sign bit) is overwritten by the 1 */
+	__m256i ls = _mm256_or_si256(_mm256_srli_epi32(a, 27), _mm256_set1_epi32(1));
+	ls = _mm256_or_si256(ls, _mm256_slli_epi32(ls, 16));
+	_mm256_storeu_si256((__m256i *)p->ls, ls);
+}
+
+/* codes c (u32 lanes) for values 0-15 and h for 16-31 -> ls pairs */
+static ALWAYS_INLINE void prep_ls(__m256i c, __m256i h, struct prep *p)
+{
+	const __m256i one = _mm256_set1_epi32(1);
+	c = _mm256_add_epi32(_mm256_add_epi32(c, c), one);
+	h = _mm256_add_epi32(_mm256_add_epi32(h, h), one);
+	_mm256_storeu_si256((__m256i *)p->ls, _mm256_or_si256(c, _mm256_slli_epi32(h, 16)));
+}
+
+/* 8 scale bytes of two nibbles each (IQ2_XS, IQ2_S) -> ls pairs */
+static ALWAYS_INLINE void prep_nibble_scales(const uint8_t *sc, struct prep *p)
+{
+	const __m256i m4 = _mm256_set1_epi32(15);
+	__m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sc));
+	prep_ls(_mm256_and_si256(v, m4), _mm256_srli_epi32(v, 4), p);
+}
+
+/* 16 u16 lanes holding index bits 8.. in their low bits, shifted up by the
+ * per-lane multipliers mul, masked, or-ed with 16 low index bytes at qs */
+static ALWAYS_INLINE void prep_idx16(__m256i hi, __m256i mul, int mask, const uint8_t *qs,
+				     uint16_t *idx)
+{
+	hi = _mm256_and_si256(_mm256_mullo_epi16(hi, mul), _mm256_set1_epi16((short)mask));
+	__m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)qs));
+	_mm256_storeu_si256((__m256i *)idx, _mm256_or_si256(lo, hi));
+}
+
+/* bytes v[0..7] of a 64-bit value, each repeated n times into 16 u16 lanes
+ * (n = 2: lanes 2i, 2i+1 = v[i]; n = 4: lanes 4i..4i+3 = v[i], i < 4) */
+static ALWAYS_INLINE __m256i spread_bytes16(__m128i v, int n)
+{
+	__m128i w = _mm_cvtepu8_epi16(v);
+	if (n == 4)
+		w = _mm_unpacklo_epi16(w, w);
+	return _mm256_setr_m128i(_mm_unpacklo_epi16(w, w), _mm_unpackhi_epi16(w, w));
+}
+
+static ALWAYS_INLINE void prep_block(uint32_t type, const uint8_t *b, struct prep *p)
+{
+	switch (type) {
+	case KERN_IQ2_XXS: {
+		/* the odd u32 of each 8-byte sub-block */
+		const __m256i odd = _mm256_setr_epi32(1, 3, 5, 7, 0, 2, 4, 6);
+		__m256i v0 =
+		    _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(b + 2)), odd);
+		__m256i v1 =
+		    _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(b + 34)), odd);
+		prep_aux(_mm256_permute2x128_si256(v0, v1, 0x20), p);
+		break;
+	}
+	case KERN_IQ3_XXS: prep_aux(_mm256_loadu_si256((const __m256i *)(b + 66)), p); break;
+	case KERN_IQ2_XS: {
+		const __m256i m9 = _mm256_set1_epi16(511);
+		for (int h = 0; h < 2; h++) {
+			__m256i q = _mm256_loadu_si256((const __m256i *)(b + 2 + 32 * h));
+			_mm256_storeu_si256((__m256i *)(p->idx + 16 * h), _mm256_and_si256(q, m9));
+			__m256i si = _mm256_srli_epi16(q, 9);
+			_mm256_storeu_si256((__m256i *)(p->sidx + 16 * h),
+					    _mm256_cvtepu16_epi32(_mm256_castsi256_si128(si)));
+			_mm256_storeu_si256((__m256i *)(p->sidx + 16 * h + 8),
+					    _mm256_cvtepu16_epi32(_mm256_extracti128_si256(si, 1)));
+		}
+		prep_nibble_scales(b + 66, p);
+		break;
+	}
+	case KERN_IQ2_S: {
+		/* group 4ib+l: bits 2l, 2l+1 of qh[ib] to bits 8, 9 */
+		const __m256i mul = _mm256_setr_epi16(256, 64, 16, 4, 256, 64, 16, 4, 256, 64, 16,
+						      4, 256, 64, 16, 4);
+		__m128i qh = _mm_loadl_epi64((const __m128i *)(b + 66));
+		prep_idx16(spread_bytes16(qh, 4), mul, 0x300, b + 2, p->idx);
+		prep_idx16(spread_bytes16(_mm_srli_si128(qh, 4), 4), mul, 0x300, b + 18,
+			   p->idx + 16);
+		prep_nibble_scales(b + 74, p);
+		break;
+	}
+	case KERN_IQ3_S: {
+		/* entry 8ib+i: bit i of qh[ib] to bit 8 */
+		const __m256i mul =
+		    _mm256_setr_epi16(256, 128, 64, 32, 16, 8, 4, 2, 256, 128, 64, 32, 16, 8, 4, 2);
+		const __m256i dup =
+		    _mm256_setr_epi8(0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 1, -1,
+				     1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
+		for (int h = 0; h < 4; h++) {
+			__m256i qh = _mm256_set1_epi16((short)kern_load_u16(b + 66 + 2 * h));
+			prep_idx16(_mm256_shuffle_epi8(qh, dup), mul, 0x100, b + 2 + 16 * h,
+				   p->idx + 16 * h);
+		}
+		const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+		__m256i c =
+		    _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)ld32(b + 106)), sh),
+				     _mm256_set1_epi32(15));
+		prep_ls(c, c, p);
+		break;
+	}
+	case KERN_IQ1_S: {
+		/* group 4ib+l: bits 3l..3l+2 of qh[ib] to bits 8-10 (l = 3: a
+		 * right shift, done by the high half of a multiply) */
+		const __m256i mul =
+		    _mm256_setr_epi16(256, 32, 4, 0, 256, 32, 4, 0, 256, 32, 4, 0, 256, 32, 4, 0);
+		const __m256i mulh = _mm256_setr_epi16(0, 0, 0, -32768, 0, 0, 0, -32768, 0, 0, 0,
+						       -32768, 0, 0, 0, -32768);
+		const __m256i rep =
+		    _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 4, 5, 4, 5, 4,
+				     5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7);
+		__m128i qh = _mm_loadu_si128((const __m128i *)(b + 34));
+		for (int h = 0; h < 2; h++) {
+			__m128i q4 = h ? _mm_unpackhi_epi64(qh, qh) : qh;
+			/* lanes 0-7: words 0, 1; lanes 8-15: words 2, 3 */
+			__m256i w = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(q4), rep);
+			__m256i hi = _mm256_or_si256(_mm256_mullo_epi16(w, mul),
+						     _mm256_mulhi_epu16(w, mulh));
+			hi = _mm256_and_si256(hi, _mm256_set1_epi16(0x700));
+			__m256i lo = _mm256_cvtepu8_epi16(
+			    _mm_loadu_si128((const __m128i *)(b + 2 + 16 * h)));
+			_mm256_storeu_si256((__m256i *)(p->idx + 16 * h), _mm256_or_si256(lo, hi));
+		}
+		__m256i w = _mm256_cvtepu16_epi32(qh);
+		__m256i c = _mm256_and_si256(_mm256_srli_epi32(w, 12), _mm256_set1_epi32(7));
+		prep_ls(c, c, p);
+		/* delta of sub-block ib in all four groups: bit 15 of qh[ib] */
+		__m256i neg = _mm256_srai_epi32(_mm256_slli_epi32(w, 16), 31);
+		_mm256_storeu_si256((__m256i *)p->delta, _mm256_or_si256(neg, _mm256_set1_epi8(1)));
+		break;
+	}
+	default: { /* IQ1_M: group g: nibble g%2 of qh[g/2] */
+		const __m256i mul = _mm256_setr_epi16(256, 16, 256, 16, 256, 16, 256, 16, 256, 16,
+						      256, 16, 256, 16, 256, 16);
+		const __m256i dbit = _mm256_setr_epi16(8, 128, 8, 128, 8, 128, 8, 128, 8, 128, 8,
+						       128, 8, 128, 8, 128);
+		__m128i qh = _mm_loadu_si128((const __m128i *)(b + 32));
+		for (int h = 0; h < 2; h++) {
+			__m256i w = spread_bytes16(h ? _mm_unpackhi_epi64(qh, qh) : qh, 2);
+			prep_idx16(w, mul, 0x700, b + 16 * h, p->idx + 16 * h);
+			__m256i neg = _mm256_cmpeq_epi16(_mm256_and_si256(w, dbit), dbit);
+			_mm256_storeu_si256((__m256i *)(p->delta + 16 * h),
+					    _mm256_or_si256(neg, _mm256_set1_epi8(1)));
+		}
+		/* slot k: bits 3(k%4).. of word k/4; sub-block ib = slots 2ib, 2ib+1 */
+		__m256i sc = _mm256_permutevar8x32_epi32(
+		    _mm256_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(b + 48))),
+		    _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+		const __m256i sh = _mm256_setr_epi32(0, 6, 0, 6, 0, 6, 0, 6);
+		const __m256i m3 = _mm256_set1_epi32(7);
+		__m256i c = _mm256_and_si256(_mm256_srlv_epi32(sc, sh), m3);
+		__m256i h = _mm256_and_si256(
+		    _mm256_srlv_epi32(sc, _mm256_add_epi32(sh, _mm256_set1_epi32(3))), m3);
+		prep_ls(c, h, p);
+		break;
+	}
+	}
+}
+
+/* ls pair of sub-block ib -> 16 int16 scales */
+static ALWAYS_INLINE __m256i sub_scales(const struct prep *p, int ib)
+{
+	const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3,
+					      2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+	return _mm256_shuffle_epi8(_mm256_set1_epi32((int)p->ls[ib]), pick);
+}
+
+/* 4 sign indices -> 32 sign operands */
+static ALWAYS_INLINE __m256i signs4(uint32_t s0, uint32_t s1, uint32_t s2, uint32_t s3)
+{
+	return _mm256_setr_epi64x((long long)kern_iq_sign8[s0], (long long)kern_iq_sign8[s1],
+				  (long long)kern_iq_sign8[s2], (long long)kern_iq_sign8[s3]);
 }
 
 /* 4 bytes of 8 sign bits each -> 32 sign operands */
@@ -61,24 +245,28 @@ static ALWAYS_INLINE __m256i signs_from_bytes(uint32_t bits)
 	return _mm256_or_si256(v, _mm256_set1_epi8(1));
 }
 
-/* 4 seven-bit sign indices (bits 0-27 of a) -> 32 sign operands */
-static ALWAYS_INLINE __m256i signs_from_index(uint32_t a)
+static ALWAYS_INLINE __m256i grid64x4(const uint64_t *grid, const uint16_t *i)
 {
-	return _mm256_setr_epi64x(
-	    (long long)kern_iq_sign8[a & 127], (long long)kern_iq_sign8[(a >> 7) & 127],
-	    (long long)kern_iq_sign8[(a >> 14) & 127], (long long)kern_iq_sign8[(a >> 21) & 127]);
+	return _mm256_setr_epi64x((long long)grid[i[0]], (long long)grid[i[1]],
+				  (long long)grid[i[2]], (long long)grid[i[3]]);
 }
 
-static ALWAYS_INLINE __m256i grid64x4(const uint64_t *grid, unsigned i0, unsigned i1, unsigned i2,
-				      unsigned i3)
+static ALWAYS_INLINE __m256i grid32x8(const uint32_t *grid, const uint16_t *i)
 {
-	return _mm256_setr_epi64x((long long)grid[i0], (long long)grid[i1], (long long)grid[i2],
-				  (long long)grid[i3]);
+	return _mm256_setr_epi32((int)grid[i[0]], (int)grid[i[1]], (int)grid[i[2]], (int)grid[i[3]],
+				 (int)grid[i[4]], (int)grid[i[5]], (int)grid[i[6]],
+				 (int)grid[i[7]]);
 }
 
-/* IQ1: int8 grid rows r -> w = 8 * r + delta (delta bytes +-1) */
-static ALWAYS_INLINE struct sub iq1_sub(__m256i r, __m256i delta, __m256i sc)
+/* IQ1: int8 grid rows r -> w = 8 * r + delta; delta: the four groups'
+ * delta bytes (u16 pairs at d) spread over their 8 values */
+static ALWAYS_INLINE struct sub iq1_sub(__m256i r, const uint16_t *d, __m256i sc)
 {
+	const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2, 4,
+						4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
+	uint64_t dv;
+	memcpy(&dv, d, sizeof(dv));
+	__m256i delta = _mm256_shuffle_epi8(_mm256_set1_epi64x((long long)dv), spread);
 	struct sub s;
 	__m256i w = _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), r), delta);
 	s.g = _mm256_abs_epi8(w);
@@ -87,91 +275,53 @@ static ALWAYS_INLINE struct sub iq1_sub(__m256i r, __m256i delta, __m256i sc)
 	return s;
 }
 
-/* Sub-block ib of a block of the given type. */
-static ALWAYS_INLINE struct sub decode_sub(uint32_t type, const uint8_t *b, int ib)
+/* Sub-block ib of a block of the given type (p from prep_block). */
+static ALWAYS_INLINE struct sub decode_sub(uint32_t type, const uint8_t *b, const struct prep *p,
+					   int ib)
 {
 	struct sub s;
+	s.sc = sub_scales(p, ib);
 	switch (type) {
 	case KERN_IQ2_XXS: {
-		const uint8_t *p = b + 2 + 8 * ib;
-		uint32_t a = ld32(p + 4);
-		s.g = grid64x4(kern_iq2xxs_grid, p[0], p[1], p[2], p[3]);
-		s.sg = signs_from_index(a);
-		s.sc = _mm256_set1_epi16((short)(2 * (a >> 28) + 1));
+		const uint8_t *q = b + 2 + 8 * ib;
+		s.g = _mm256_setr_epi64x(
+		    (long long)kern_iq2xxs_grid[q[0]], (long long)kern_iq2xxs_grid[q[1]],
+		    (long long)kern_iq2xxs_grid[q[2]], (long long)kern_iq2xxs_grid[q[3]]);
+		s.sg = signs4(p->sidx[ib], p->sidx[8 + ib], p->sidx[16 + ib], p->sidx[24 + ib]);
 		break;
 	}
-	case KERN_IQ2_XS: {
-		const uint8_t *p = b + 2 + 8 * ib;
-		uint16_t q0 = kern_load_u16(p), q1 = kern_load_u16(p + 2);
-		uint16_t q2 = kern_load_u16(p + 4), q3 = kern_load_u16(p + 6);
-		s.g = grid64x4(kern_iq2xs_grid, q0 & 511, q1 & 511, q2 & 511, q3 & 511);
-		s.sg = _mm256_setr_epi64x(
-		    (long long)kern_iq_sign8[q0 >> 9], (long long)kern_iq_sign8[q1 >> 9],
-		    (long long)kern_iq_sign8[q2 >> 9], (long long)kern_iq_sign8[q3 >> 9]);
-		s.sc = scales2(b[66 + ib] & 15, b[66 + ib] >> 4);
+	case KERN_IQ2_XS:
+		s.g = grid64x4(kern_iq2xs_grid, p->idx + 4 * ib);
+		s.sg = signs4(p->sidx[4 * ib], p->sidx[4 * ib + 1], p->sidx[4 * ib + 2],
+			      p->sidx[4 * ib + 3]);
 		break;
-	}
-	case KERN_IQ2_S: {
-		const uint8_t *p = b + 2 + 4 * ib;
-		unsigned qh = b[66 + ib];
-		s.g = grid64x4(kern_iq2s_grid, p[0] | (qh << 8 & 0x300), p[1] | (qh << 6 & 0x300),
-			       p[2] | (qh << 4 & 0x300), p[3] | (qh << 2 & 0x300));
+	case KERN_IQ2_S:
+		s.g = grid64x4(kern_iq2s_grid, p->idx + 4 * ib);
 		s.sg = signs_from_bytes(ld32(b + 34 + 4 * ib));
-		s.sc = scales2(b[74 + ib] & 15, b[74 + ib] >> 4);
 		break;
-	}
 	case KERN_IQ3_XXS: {
-		const uint8_t *p = b + 2 + 8 * ib;
-		uint32_t a = ld32(b + 66 + 4 * ib);
-		s.g = _mm256_setr_epi32((int)kern_iq3xxs_grid[p[0]], (int)kern_iq3xxs_grid[p[1]],
-					(int)kern_iq3xxs_grid[p[2]], (int)kern_iq3xxs_grid[p[3]],
-					(int)kern_iq3xxs_grid[p[4]], (int)kern_iq3xxs_grid[p[5]],
-					(int)kern_iq3xxs_grid[p[6]], (int)kern_iq3xxs_grid[p[7]]);
-		s.sg = signs_from_index(a);
-		s.sc = _mm256_set1_epi16((short)(2 * (a >> 28) + 1));
+		const uint8_t *q = b + 2 + 8 * ib;
+		s.g = _mm256_setr_epi32((int)kern_iq3xxs_grid[q[0]], (int)kern_iq3xxs_grid[q[1]],
+					(int)kern_iq3xxs_grid[q[2]], (int)kern_iq3xxs_grid[q[3]],
+					(int)kern_iq3xxs_grid[q[4]], (int)kern_iq3xxs_grid[q[5]],
+					(int)kern_iq3xxs_grid[q[6]], (int)kern_iq3xxs_grid[q[7]]);
+		s.sg = signs4(p->sidx[ib], p->sidx[8 + ib], p->sidx[16 + ib], p->sidx[24 + ib]);
 		break;
 	}
-	case KERN_IQ3_S: {
-		const uint8_t *p = b + 2 + 8 * ib;
-		unsigned qh = b[66 + ib];
-		s.g = _mm256_setr_epi32((int)kern_iq3s_grid[p[0] | (qh << 8 & 256)],
-					(int)kern_iq3s_grid[p[1] | (qh << 7 & 256)],
-					(int)kern_iq3s_grid[p[2] | (qh << 6 & 256)],
-					(int)kern_iq3s_grid[p[3] | (qh << 5 & 256)],
-					(int)kern_iq3s_grid[p[4] | (qh << 4 & 256)],
-					(int)kern_iq3s_grid[p[5] | (qh << 3 & 256)],
-					(int)kern_iq3s_grid[p[6] | (qh << 2 & 256)],
-					(int)kern_iq3s_grid[p[7] | (qh << 1 & 256)]);
+	case KERN_IQ3_S:
+		s.g = grid32x8(kern_iq3s_grid, p->idx + 8 * ib);
 		s.sg = signs_from_bytes(ld32(b + 74 + 4 * ib));
-		uint8_t sc = b[106 + ib / 2];
-		s.sc = _mm256_set1_epi16((short)(2 * (ib % 2 ? sc >> 4 : sc & 15) + 1));
 		break;
-	}
 	case KERN_IQ1_S: {
-		const uint8_t *p = b + 2 + 4 * ib;
-		unsigned qh = kern_load_u16(b + 34 + 2 * ib);
-		__m256i r =
-		    grid64x4(kern_iq1s_grid, p[0] | (qh << 8 & 0x700), p[1] | (qh << 5 & 0x700),
-			     p[2] | (qh << 2 & 0x700), p[3] | (qh >> 1 & 0x700));
-		__m256i delta = _mm256_set1_epi8(qh & 0x8000 ? -1 : 1);
-		s = iq1_sub(r, delta, _mm256_set1_epi16((short)(2 * ((qh >> 12) & 7) + 1)));
+		/* sub-block ib's delta word, as four group pairs */
+		uint16_t d4[4];
+		d4[0] = d4[1] = d4[2] = d4[3] = p->delta[2 * ib];
+		s = iq1_sub(grid64x4(kern_iq1s_grid, p->idx + 4 * ib), d4, s.sc);
 		break;
 	}
-	default: { /* IQ1_M */
-		const uint8_t *p = b + 4 * ib;
-		unsigned h0 = b[32 + 2 * ib], h1 = b[33 + 2 * ib];
-		__m256i r =
-		    grid64x4(kern_iq1s_grid, p[0] | (h0 << 8 & 0x700), p[1] | (h0 << 4 & 0x700),
-			     p[2] | (h1 << 8 & 0x700), p[3] | (h1 << 4 & 0x700));
-		/* delta bytes: bit 3 of each group's nibble set -> -1, else +1 */
-		const __m256i nib = _mm256_setr_epi64x(0x08, 0x80, 0x08, 0x80);
-		__m256i hv = _mm256_setr_epi64x(h0, h0, h1, h1);
-		__m256i neg = _mm256_cmpeq_epi64(_mm256_and_si256(hv, nib), nib);
-		__m256i delta = _mm256_or_si256(neg, _mm256_set1_epi8(1));
-		unsigned sc = kern_load_u16(b + 48 + 2 * (ib / 2)) >> (6 * (ib % 2));
-		s = iq1_sub(r, delta, scales2(sc & 7, (sc >> 3) & 7));
+	default: /* IQ1_M */
+		s = iq1_sub(grid64x4(kern_iq1s_grid, p->idx + 4 * ib), p->delta + 4 * ib, s.sc);
 		break;
-	}
 	}
 	return s;
 }
@@ -238,9 +388,11 @@ static ALWAYS_INLINE void tile(uint32_t type, int nr, const uint8_t *w, int64_t 
 				    ((const struct kern_block_q8_k *)(x + (size_t)r * xs) + ib)->qs;
 				sum[r] = _mm256_setzero_si256();
 			}
+			struct prep pp;
+			prep_block(type, b, &pp);
 #pragma GCC unroll 8
 			for (int k = 0; k < 8; k++) {
-				struct sub s = decode_sub(type, b, k);
+				struct sub s = decode_sub(type, b, &pp, k);
 				for (int r = 0; r < nr; r++) {
 					__m256i v =
 					    _mm256_loadu_si256((const __m256i *)(q[r] + 32 * k));
@@ -352,8 +504,10 @@ void kern_iq_dequant_avx2(uint32_t type, const void *src, float *dst, int64_t n)
 		const uint8_t *b = s + (size_t)ib * bs;
 		const float d = block_d(type, b);
 		float *y = dst + ib * KERN_QK_K;
+		struct prep pp;
+		prep_block(type, b, &pp);
 		for (int k = 0; k < 8; k++) {
-			struct sub sb = decode_sub(type, b, k);
+			struct sub sb = decode_sub(type, b, &pp, k);
 			__m256i wv = _mm256_sign_epi8(sb.g, sb.sg);
 			for (int h = 0; h < 2; h++) {
 				/* the 16 values of one scale */
