@@ -383,6 +383,7 @@ static ALWAYS_INLINE void tile(uint32_t type, int nr, const uint8_t *w, int64_t 
 			const uint8_t *b = w + (size_t)ib * bs;
 			const int8_t *q[IQ_ROWS];
 			__m256i sum[IQ_ROWS];
+#pragma GCC unroll 4
 			for (int r = 0; r < nr; r++) {
 				q[r] =
 				    ((const struct kern_block_q8_k *)(x + (size_t)r * xs) + ib)->qs;
@@ -393,6 +394,7 @@ static ALWAYS_INLINE void tile(uint32_t type, int nr, const uint8_t *w, int64_t 
 #pragma GCC unroll 8
 			for (int k = 0; k < 8; k++) {
 				struct sub s = decode_sub(type, b, &pp, k);
+#pragma GCC unroll 4
 				for (int r = 0; r < nr; r++) {
 					__m256i v =
 					    _mm256_loadu_si256((const __m256i *)(q[r] + 32 * k));
@@ -402,6 +404,7 @@ static ALWAYS_INLINE void tile(uint32_t type, int nr, const uint8_t *w, int64_t 
 					    _mm256_add_epi32(sum[r], _mm256_madd_epi16(p, s.sc));
 				}
 			}
+#pragma GCC unroll 4
 			for (int r = 0; r < nr; r++)
 				isum[r][c] = hsum_i32(sum[r]);
 			dw[c] = block_d(type, b);
