@@ -2,7 +2,9 @@
  * IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) against Q8_K activations; block layouts, the
  * decoded form and the exact operation sequence in kern_iq_ref.c.
  *
- * A 32-value sub-block decodes into three registers: g, the 32 unsigned
+ * A block's packed fields (grid indices, sign indices, scale codes, IQ1
+ * deltas) are first unpacked with vector operations (prep_block); each
+ * 32-value sub-block then decodes into three registers: g, the 32 unsigned
  * magnitudes |w| (grid rows looked up by index), sg, their signs as
  * _mm256_sign_epi8 operands (0xff negate, 0x01 keep; for IQ1 w itself), and
  * sc, the 16 int16 scales ls (values 0-15 in the low half, 16-31 in the
@@ -514,10 +516,8 @@ void kern_iq_dequant_avx2(uint32_t type, const void *src, float *dst, int64_t n)
 			__m256i wv = _mm256_sign_epi8(sb.g, sb.sg);
 			for (int h = 0; h < 2; h++) {
 				/* the 16 values of one scale */
-				int ls = _mm256_extract_epi16(sb.sc, 0);
-				if (h)
-					ls = _mm256_extract_epi16(sb.sc, 8);
-				const int sk = (ls - 1) / 2;
+				const int ls = (int)(pp.ls[k] >> (16 * h)) & 0xffff;
+				const int sk = ls >> 1;
 				float db;
 				switch (type) {
 				case KERN_IQ2_XXS:
