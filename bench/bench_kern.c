@@ -120,7 +120,8 @@ int main(int argc, char **argv)
 	printf("isa: %s\n", kern_isa_name());
 	printf("%-6s %5s %14s %14s %14s %18s\n", "type", "n_in", "decode GB/s", "in-L2 GB/s",
 	       "decode 2T GB/s", "prefill64 Gop/s");
-	const uint32_t types[] = {KERN_MXFP4, KERN_Q4_0, KERN_Q8_0, KERN_F16, KERN_BF16, KERN_F32};
+	const uint32_t types[] = {KERN_MXFP4, KERN_Q4_0,   KERN_Q8_0, KERN_Q4_1, KERN_Q5_0,
+				  KERN_Q5_1,  KERN_IQ4_NL, KERN_F16,  KERN_BF16, KERN_F32};
 	const int64_t ns[] = {1024, 2048, 2880, 4096};
 	const size_t big = (size_t)128 << 20; /* bytes of weights for the decode run */
 	uint8_t *w = malloc(big + 4096);

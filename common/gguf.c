@@ -39,17 +39,26 @@ struct gguf_kv {
 
 struct gguf {
 	char *path;
-	int fd;
 	int mapped; /* map is ours (gguf_open), else the caller's (gguf_open_memory) */
 	const uint8_t *map;
 	uint64_t size;
 	uint64_t n_kv;
 	struct gguf_kv *kv;
-	uint64_t n_tensors;
+	uint64_t n_tensors; /* all shards' tensors for a split model */
 	gguf_tensor *tensors;
+	uint64_t n_names; /* tensors of this file, whose names tensor_names owns */
 	char **tensor_names;
 	uint64_t alignment;
 	uint64_t data_start;
+	/* this file's split.* keys: -1 or 0 when absent */
+	int64_t split_no;
+	uint32_t split_count;
+	int64_t split_total;
+	/* the whole model: shard 0 is this file, the others are opened and
+	 * checked as files of their own (their tensors are in tensors above) */
+	uint32_t n_shards;
+	struct gguf **shards; /* n_shards entries, [0] unused; NULL for a plain file */
+	uint64_t total_size;
 };
 
 /* --------------------------------------------------------------- cursor */
@@ -279,11 +288,17 @@ static int gguf_read_tensor(gguf *g, struct cur *c, uint64_t idx, gguf_tensor *t
 	if (rc)
 		return rc;
 	if (!kern_type_known(t->type)) {
-		log_error("%s: tensor %s: unsupported tensor type %u", g->path, t->name, t->type);
+		const char *tn = kern_type_name(t->type);
+		if (strcmp(tn, "?") != 0)
+			log_error("%s: tensor '%s' has type %s (%u), which moefleet does not read",
+				  g->path, t->name, tn, t->type);
+		else
+			log_error("%s: tensor '%s' has type %u, which is not a GGML type", g->path,
+				  t->name, t->type);
 		return ERR_FORMAT;
 	}
 	if (t->ne[0] % (uint64_t)kern_type_block(t->type) != 0) {
-		log_error("%s: tensor %s: row length %llu is not a multiple of the %s block (%d)",
+		log_error("%s: tensor '%s': row length %llu is not a multiple of the %s block (%d)",
 			  g->path, t->name, (unsigned long long)t->ne[0], kern_type_name(t->type),
 			  kern_type_block(t->type));
 		return ERR_FORMAT;
@@ -298,6 +313,7 @@ static int gguf_read_tensor(gguf *g, struct cur *c, uint64_t idx, gguf_tensor *t
 }
 
 static int gguf_parse(gguf *g);
+static int gguf_read_split(gguf *g);
 
 static int gguf_fail(const char *path, const char *fmt, ...)
 {
@@ -337,27 +353,31 @@ static int gguf_check_unique(const gguf *g, const char *what, uint64_t n, const 
 	return rc;
 }
 
-int gguf_open(const char *path, gguf **out)
+/* Maps the file at path and checks it as one GGUF file: a plain model or a
+ * single shard (its split.* keys are read but no other shard is opened).
+ * The descriptor is closed once mapped: a model of many shards holds no
+ * descriptor per shard. */
+static int gguf_open_file(const char *path, gguf **out)
 {
 	int rc = 0;
+	int fd = -1;
 	*out = NULL;
 	gguf *g = calloc(1, sizeof(*g));
 	if (!g)
 		return ERR_NOMEM;
-	g->fd = -1;
 	g->path = strdup(path);
 	if (!g->path) {
 		rc = ERR_NOMEM;
 		goto out;
 	}
-	g->fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (g->fd < 0) {
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
 		log_error("%s: cannot open: %s", path, strerror(errno));
 		rc = ERR_IO;
 		goto out;
 	}
 	struct stat st;
-	if (fstat(g->fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
 		log_error("%s: not a regular file", path);
 		rc = ERR_IO;
 		goto out;
@@ -368,7 +388,7 @@ int gguf_open(const char *path, gguf **out)
 			       (unsigned long long)g->size);
 		goto out;
 	}
-	void *m = mmap(NULL, g->size, PROT_READ, MAP_SHARED, g->fd, 0);
+	void *m = mmap(NULL, g->size, PROT_READ, MAP_SHARED, fd, 0);
 	if (m == MAP_FAILED) {
 		log_error("%s: cannot mmap: %s", path, strerror(errno));
 		rc = ERR_IO;
@@ -378,9 +398,195 @@ int gguf_open(const char *path, gguf **out)
 	g->mapped = 1;
 	rc = gguf_parse(g);
 out:
+	if (fd >= 0)
+		close(fd);
 	if (rc)
 		gguf_destroy(&g);
 	*out = g;
+	return rc;
+}
+
+/* ------------------------------------------------------------ split files */
+
+/* When path ends in the name of shard no (0-based) of count, "-%05u-of-%05u.gguf"
+ * with no + 1, the length of the prefix before it; else 0. */
+static size_t gguf_split_prefix_len(const char *path, uint32_t no, uint32_t count)
+{
+	char suffix[48];
+	int n = snprintf(suffix, sizeof(suffix), "-%05u-of-%05u.gguf", no + 1, count);
+	size_t len = strlen(path);
+	if (n <= 0 || len <= (size_t)n || strcmp(path + len - (size_t)n, suffix) != 0)
+		return 0;
+	return len - (size_t)n;
+}
+
+/* The path of shard no (0-based) of count: the first prefix_len bytes of
+ * path, then the numbered suffix.  NULL when out of memory. */
+static char *gguf_split_path(const char *path, size_t prefix_len, uint32_t no, uint32_t count)
+{
+	size_t n = prefix_len + 48;
+	char *p = malloc(n);
+	if (p)
+		snprintf(p, n, "%.*s-%05u-of-%05u.gguf", (int)prefix_len, path, no + 1, count);
+	return p;
+}
+
+/* Opens shard no of the split model whose first shard is first, and checks
+ * that its split.* keys agree with first's. */
+static int gguf_open_shard(const gguf *first, const char *path, uint32_t no, gguf **out)
+{
+	const uint32_t count = first->split_count;
+	struct stat st;
+	*out = NULL;
+	if (stat(path, &st) != 0 && errno == ENOENT) {
+		log_error("%s: shard %u of %u is missing: %s", first->path, no + 1, count, path);
+		return ERR_IO;
+	}
+	gguf *s = NULL;
+	int rc = gguf_open_file(path, &s);
+	if (rc)
+		return rc;
+	if (s->split_no < 0)
+		rc = gguf_fail(path, "no split.no key, so it is not shard %u of %u of %s", no + 1,
+			       count, first->path);
+	else if (s->split_no != no)
+		rc = gguf_fail(path,
+			       "split.no is %lld, but this name is shard %u of %u (split.no %u)",
+			       (long long)s->split_no, no + 1, count, no);
+	else if (s->split_count && s->split_count != count)
+		rc = gguf_fail(path, "split.count is %u, but the first shard %s says %u",
+			       s->split_count, first->path, count);
+	else if (s->split_total >= 0 && s->split_total != first->split_total)
+		rc = gguf_fail(
+		    path, "split.tensors.count is %lld, but the first shard %s says %lld",
+		    (long long)s->split_total, first->path, (long long)first->split_total);
+	if (rc)
+		gguf_destroy(&s);
+	*out = s;
+	return rc;
+}
+
+static int gguf_cmp_tensor_name(const void *a, const void *b)
+{
+	return strcmp((*(const gguf_tensor *const *)a)->name,
+		      (*(const gguf_tensor *const *)b)->name);
+}
+
+/* Fails when two tensors of the merged table have one name, naming the
+ * shards that hold them. */
+static int gguf_check_unique_across(const gguf *g)
+{
+	const gguf_tensor **v = malloc((g->n_tensors ? g->n_tensors : 1) * sizeof(*v));
+	if (!v)
+		return ERR_NOMEM;
+	for (uint64_t i = 0; i < g->n_tensors; i++)
+		v[i] = &g->tensors[i];
+	qsort(v, g->n_tensors, sizeof(*v), gguf_cmp_tensor_name);
+	int rc = 0;
+	for (uint64_t i = 1; i < g->n_tensors && !rc; i++) {
+		if (strcmp(v[i - 1]->name, v[i]->name) == 0)
+			rc = gguf_fail(g->path, "duplicate tensor %s: in %s and in %s", v[i]->name,
+				       gguf_shard_path(g, v[i - 1]->shard),
+				       gguf_shard_path(g, v[i]->shard));
+	}
+	free(v);
+	return rc;
+}
+
+/* g has just been parsed as one file.  A plain model (no split.count, or
+ * 1) is complete; the first shard of several finds the others by name
+ * (only when opened from a file), opens and checks each, and takes all
+ * their tensors into its table.  Any other shard is refused with the name
+ * of the first. */
+static int gguf_open_shards(gguf *g)
+{
+	const char *path = g->path;
+	const uint32_t count = g->split_count;
+	g->n_shards = 1;
+	g->total_size = g->size;
+	if (count <= 1) {
+		if (g->split_total >= 0 && (uint64_t)g->split_total != g->n_tensors)
+			return gguf_fail(path,
+					 "split.tensors.count is %lld, but the file holds %llu "
+					 "tensors",
+					 (long long)g->split_total,
+					 (unsigned long long)g->n_tensors);
+		return 0;
+	}
+	if (g->split_no < 0)
+		return gguf_fail(path, "split.count is %u but there is no split.no key", count);
+	if (g->split_no != 0) {
+		size_t pl = gguf_split_prefix_len(path, (uint32_t)g->split_no, count);
+		char *first = pl ? gguf_split_path(path, pl, 0, count) : NULL;
+		log_error("%s: this is shard %lld of %u of a split model; open the first shard%s%s",
+			  path, (long long)g->split_no + 1, count, first ? ", " : " (split.no 0)",
+			  first ? first : "");
+		free(first);
+		return ERR_CONFIG;
+	}
+	if (g->split_total < 0)
+		return gguf_fail(path, "split.count is %u but there is no split.tensors.count key",
+				 count);
+	if (!g->mapped)
+		return gguf_fail(path,
+				 "first shard of %u: the others can only be found next to a "
+				 "file, not from memory",
+				 count);
+	size_t pl = gguf_split_prefix_len(path, 0, count);
+	if (!pl)
+		return gguf_fail(path,
+				 "first shard of %u, but the name does not end in "
+				 "-00001-of-%05u.gguf, so the other shards cannot be found",
+				 count, count);
+	g->shards = calloc(count, sizeof(*g->shards));
+	if (!g->shards)
+		return ERR_NOMEM;
+	g->n_shards = count;
+	uint64_t n_total = g->n_tensors;
+	for (uint32_t i = 1; i < count; i++) {
+		char *sp = gguf_split_path(path, pl, i, count);
+		if (!sp)
+			return ERR_NOMEM;
+		int rc = gguf_open_shard(g, sp, i, &g->shards[i]);
+		free(sp);
+		if (rc)
+			return rc;
+		n_total += g->shards[i]->n_tensors;
+		g->total_size += g->shards[i]->size;
+	}
+	gguf_tensor *all = malloc((n_total ? n_total : 1) * sizeof(*all));
+	if (!all)
+		return ERR_NOMEM;
+	memcpy(all, g->tensors, g->n_tensors * sizeof(*all));
+	uint64_t n = g->n_tensors;
+	for (uint32_t i = 1; i < count; i++) {
+		const gguf *s = g->shards[i];
+		for (uint64_t j = 0; j < s->n_tensors; j++) {
+			all[n] = s->tensors[j];
+			all[n++].shard = i;
+		}
+	}
+	free(g->tensors);
+	g->tensors = all;
+	g->n_tensors = n_total;
+	int rc = gguf_check_unique_across(g);
+	if (rc)
+		return rc;
+	if (n_total != (uint64_t)g->split_total)
+		return gguf_fail(path,
+				 "split.tensors.count is %lld, but the %u shards hold %llu tensors",
+				 (long long)g->split_total, count, (unsigned long long)n_total);
+	return 0;
+}
+
+int gguf_open(const char *path, gguf **out)
+{
+	int rc = gguf_open_file(path, out);
+	if (rc)
+		return rc;
+	rc = gguf_open_shards(*out);
+	if (rc)
+		gguf_destroy(out);
 	return rc;
 }
 
@@ -391,7 +597,6 @@ int gguf_open_memory(const char *name, const void *data, size_t size, gguf **out
 	gguf *g = calloc(1, sizeof(*g));
 	if (!g)
 		return ERR_NOMEM;
-	g->fd = -1;
 	g->path = strdup(name);
 	if (!g->path) {
 		rc = ERR_NOMEM;
@@ -405,11 +610,53 @@ int gguf_open_memory(const char *name, const void *data, size_t size, gguf **out
 	}
 	g->map = data;
 	rc = gguf_parse(g);
+	if (!rc)
+		rc = gguf_open_shards(g);
 out:
 	if (rc)
 		gguf_destroy(&g);
 	*out = g;
 	return rc;
+}
+
+/* Reads this file's split.* keys, with the types gguf-split writes (u16
+ * split.no and split.count, i32 split.tensors.count), and checks that they
+ * agree with each other and with the file. */
+static int gguf_read_split(gguf *g)
+{
+	uint16_t v;
+	int32_t total;
+	int rc;
+	g->split_no = -1;
+	g->split_total = -1;
+	if ((rc = gguf_get_u16(g, "split.count", &v)) != ERR_RANGE) {
+		if (rc)
+			return rc;
+		if (v == 0)
+			return gguf_fail(g->path, "split.count is 0");
+		g->split_count = v;
+	}
+	if ((rc = gguf_get_u16(g, "split.no", &v)) != ERR_RANGE) {
+		if (rc)
+			return rc;
+		g->split_no = v;
+	}
+	if ((rc = gguf_get_i32(g, "split.tensors.count", &total)) != ERR_RANGE) {
+		if (rc)
+			return rc;
+		if ((uint64_t)(int64_t)total < g->n_tensors || total < 0)
+			return gguf_fail(g->path,
+					 "split.tensors.count is %d, fewer than the %llu tensors "
+					 "of this file",
+					 (int)total, (unsigned long long)g->n_tensors);
+		g->split_total = total;
+	}
+	if (g->split_count && g->split_no >= (int64_t)g->split_count)
+		return gguf_fail(g->path,
+				 "split.no is %lld, but split.count is %u (shards are "
+				 "numbered from 0)",
+				 (long long)g->split_no, g->split_count);
+	return 0;
 }
 
 /* Checks the whole file at g->map (g->size bytes, at least a header) and
@@ -448,6 +695,7 @@ static int gguf_parse(gguf *g)
 		rc = ERR_NOMEM;
 		goto out;
 	}
+	g->n_names = g->n_tensors;
 	for (uint64_t i = 0; i < g->n_kv; i++) {
 		rc = gguf_read_kv(g, &c, &g->kv[i]);
 		if (rc)
@@ -498,6 +746,9 @@ static int gguf_parse(gguf *g)
 	}
 	/* duplicate tensor names make lookups ambiguous */
 	rc = gguf_check_unique(g, "tensor", g->n_tensors, &g->tensors[0].name, sizeof(*g->tensors));
+	if (rc)
+		goto out;
+	rc = gguf_read_split(g);
 out:
 	return rc;
 }
@@ -509,8 +760,11 @@ void gguf_destroy(gguf **pg)
 		return;
 	if (g->mapped)
 		munmap((void *)g->map, g->size);
-	if (g->fd >= 0)
-		close(g->fd);
+	if (g->shards) {
+		for (uint32_t i = 1; i < g->n_shards; i++)
+			gguf_destroy(&g->shards[i]);
+		free(g->shards);
+	}
 	if (g->kv) {
 		for (uint64_t i = 0; i < g->n_kv; i++) {
 			free(g->kv[i].key_c);
@@ -518,7 +772,7 @@ void gguf_destroy(gguf **pg)
 		}
 	}
 	if (g->tensor_names)
-		for (uint64_t i = 0; i < g->n_tensors; i++)
+		for (uint64_t i = 0; i < g->n_names; i++)
 			free(g->tensor_names[i]);
 	free(g->tensor_names);
 	free(g->tensors);
@@ -534,7 +788,38 @@ const char *gguf_path(const gguf *g)
 }
 uint64_t gguf_file_size(const gguf *g)
 {
-	return g->size;
+	return g->total_size;
+}
+
+uint32_t gguf_n_shards(const gguf *g)
+{
+	return g->n_shards;
+}
+
+/* Shard i as a file of its own (shard 0 is g itself). */
+static const gguf *gguf_shard(const gguf *g, uint32_t i)
+{
+	if (i >= g->n_shards)
+		return NULL;
+	return i == 0 ? g : g->shards[i];
+}
+
+const char *gguf_shard_path(const gguf *g, uint32_t i)
+{
+	const gguf *s = gguf_shard(g, i);
+	return s ? s->path : NULL;
+}
+
+uint64_t gguf_shard_size(const gguf *g, uint32_t i)
+{
+	const gguf *s = gguf_shard(g, i);
+	return s ? s->size : 0;
+}
+
+uint64_t gguf_shard_n_tensors(const gguf *g, uint32_t i)
+{
+	const gguf *s = gguf_shard(g, i);
+	return s ? s->n_names : 0;
 }
 uint64_t gguf_n_kv(const gguf *g)
 {
@@ -582,6 +867,7 @@ static int gguf_get_typed(const gguf *g, const char *key, enum gguf_type t,
 		memcpy(out, kv->value, sizeof(ctype));                                             \
 		return 0;                                                                          \
 	}
+GGUF_GETTER(gguf_get_u16, uint16_t, GGUF_TYPE_U16)
 GGUF_GETTER(gguf_get_u32, uint32_t, GGUF_TYPE_U32)
 GGUF_GETTER(gguf_get_i32, int32_t, GGUF_TYPE_I32)
 GGUF_GETTER(gguf_get_f32, float, GGUF_TYPE_F32)

@@ -16,6 +16,21 @@
  * one line "FILE: problem" and returns ERR_FORMAT or ERR_IO.  After that the
  * accessors cannot read outside the mapping.
  *
+ * Split models (llama.cpp's gguf-split): PREFIX-%05d-of-%05d.gguf, numbered
+ * from 1, each shard a complete GGUF file of its own (header, tensor infos,
+ * aligned data; offsets relative to its own data section).  All model keys
+ * are in the first shard; every shard has split.no (u16, from 0), split.count
+ * (u16) and split.tensors.count (i32, the total), and a tensor lies in one
+ * shard.  gguf_open() of the first shard finds the others by name, opens,
+ * maps and checks each one (split.no equal to its position, split.count and
+ * split.tensors.count equal to the first's when present, no tensor name
+ * twice, the total equal to split.tensors.count) and presents one model: the
+ * keys of the first shard and one tensor table whose data point into the
+ * mapping of the shard holding them.  Opening another shard fails
+ * (ERR_CONFIG) with the first shard's name; a missing shard fails (ERR_IO)
+ * naming its path.  gguf_open_memory() accepts a split model of one shard
+ * only.  A file without split keys (or split.count 1) is a plain model.
+ *
  * Getters are strict about types, like llama.cpp: asking for a u32 key that is
  * stored as i32 is an error.  They return ERR_FORMAT (and log) on a type
  * mismatch and ERR_RANGE (without logging) when the key is absent, so callers
@@ -58,6 +73,7 @@ typedef struct gguf_tensor {
 	uint64_t ne[GGUF_MAX_DIMS];
 	uint64_t n_bytes;
 	const void *data;
+	uint32_t shard; /* the shard holding the data (0 for a plain file) */
 } gguf_tensor;
 
 /* A string inside the mapping: not NUL-terminated. */
@@ -75,8 +91,16 @@ int gguf_open(const char *path, gguf **out);
 int gguf_open_memory(const char *name, const void *data, size_t size, gguf **out);
 void gguf_destroy(gguf **g);
 
-const char *gguf_path(const gguf *g);
-uint64_t gguf_file_size(const gguf *g);
+const char *gguf_path(const gguf *g);	/* the path opened: the first shard */
+uint64_t gguf_file_size(const gguf *g); /* bytes, summed over the shards */
+
+/* The files of a split model (1 and the file itself for a plain one):
+ * shard i's path, size in bytes and number of tensors; NULL / 0 when i is
+ * out of range. */
+uint32_t gguf_n_shards(const gguf *g);
+const char *gguf_shard_path(const gguf *g, uint32_t i);
+uint64_t gguf_shard_size(const gguf *g, uint32_t i);
+uint64_t gguf_shard_n_tensors(const gguf *g, uint32_t i);
 
 /* Metadata. */
 uint64_t gguf_n_kv(const gguf *g);
@@ -90,6 +114,7 @@ int64_t gguf_find_kv(const gguf *g, const char *key); /* index or -1 */
  * out of range.  Lets a writer copy an entry without decoding it. */
 int gguf_kv_raw(const gguf *g, uint64_t i, const void **p, size_t *n);
 
+int gguf_get_u16(const gguf *g, const char *key, uint16_t *out);
 int gguf_get_u32(const gguf *g, const char *key, uint32_t *out);
 int gguf_get_i32(const gguf *g, const char *key, int32_t *out);
 int gguf_get_f32(const gguf *g, const char *key, float *out);

@@ -210,6 +210,21 @@ static int gw_set_scalar(gguf_writer *w, const char *key, enum gguf_type type, c
 	return gw_end(w, key, &b);
 }
 
+int gguf_writer_set_u16(gguf_writer *w, const char *key, uint16_t v)
+{
+	return gw_set_scalar(w, key, GGUF_TYPE_U16, &v);
+}
+
+int gguf_writer_set_split(gguf_writer *w, uint16_t no, uint16_t count, int32_t n_tensors)
+{
+	int rc = gguf_writer_set_u16(w, "split.no", no);
+	if (!rc)
+		rc = gguf_writer_set_u16(w, "split.count", count);
+	if (!rc)
+		rc = gguf_writer_set_i32(w, "split.tensors.count", n_tensors);
+	return rc;
+}
+
 int gguf_writer_set_u32(gguf_writer *w, const char *key, uint32_t v)
 {
 	return gw_set_scalar(w, key, GGUF_TYPE_U32, &v);
@@ -311,6 +326,8 @@ int gguf_writer_copy_kv(gguf_writer *w, const gguf *src, uint64_t i)
 int gguf_writer_copy_all_kv(gguf_writer *w, const gguf *src)
 {
 	for (uint64_t i = 0; i < gguf_n_kv(src); i++) {
+		if (strncmp(gguf_kv_key(src, i), "split.", 6) == 0)
+			continue;
 		int rc = gguf_writer_copy_kv(w, src, i);
 		if (rc)
 			return rc;

@@ -4,7 +4,10 @@
  * Use, in this order:
  *   gguf_writer_new(&w)
  *   metadata: gguf_writer_copy_kv() / gguf_writer_copy_all_kv() (an entry of an
- *     open file, byte for byte) and gguf_writer_set_*() (typed values).  Entries
+ *     open file, byte for byte; copy_all leaves out the source's split.* keys,
+ *     which describe its files, not the model) and gguf_writer_set_*() (typed
+ *     values).  One shard of a split model is a file like any other with
+ *     gguf_writer_set_split(); the first shard carries the model's keys.  Entries
  *     keep the order they were first added in; setting a key that is already
  *     there replaces its value in place.
  *   gguf_writer_add_tensor() for every tensor, in file order (the shapes and
@@ -39,6 +42,7 @@ void gguf_writer_destroy(gguf_writer **w);
 /* Metadata. */
 int gguf_writer_copy_kv(gguf_writer *w, const gguf *src, uint64_t i);
 int gguf_writer_copy_all_kv(gguf_writer *w, const gguf *src);
+int gguf_writer_set_u16(gguf_writer *w, const char *key, uint16_t v);
 int gguf_writer_set_u32(gguf_writer *w, const char *key, uint32_t v);
 int gguf_writer_set_i32(gguf_writer *w, const char *key, int32_t v);
 int gguf_writer_set_f32(gguf_writer *w, const char *key, float v);
@@ -48,6 +52,9 @@ int gguf_writer_set_str(gguf_writer *w, const char *key, const char *v);
 int gguf_writer_set_arr(gguf_writer *w, const char *key, enum gguf_type elem_type, const void *data,
 			uint64_t count);
 int gguf_writer_set_arr_str(gguf_writer *w, const char *key, const char *const *v, uint64_t count);
+/* The keys of shard no (from 0) of count of a split model holding n_tensors
+ * tensors in all, typed as gguf-split writes them (u16, u16, i32). */
+int gguf_writer_set_split(gguf_writer *w, uint16_t no, uint16_t count, int32_t n_tensors);
 uint64_t gguf_writer_n_kv(const gguf_writer *w);
 
 /* Tensors: ne[0..n_dims) with ne[0] the row length; type a kern.h type id. */

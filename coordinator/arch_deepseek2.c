@@ -38,7 +38,36 @@
  *   linear: ext_factor 0, freq_scale 1/f, attn_factor = A;  none: freq_scale 1
  *   kq_scale = mscale^2 / sqrt(key_length_mla),
  *   mscale = attn_factor * (1 + 0.1 ln(1/freq_scale)) * (1 + 0.1 m_all ln(1/freq_scale)).
- * yarn_beta_fast/slow are not read from the file (llama.cpp uses 32 and 1). */
+ * yarn_beta_fast/slow are not read from the file (llama.cpp uses 32 and 1).
+ *
+ * Two GGUF layouts of the MLA weights, told apart as llama.cpp does by the
+ * attention.key_length_mla / value_length_mla keys (both or neither):
+ *   split (keys present): attn_k_b {nope, kv_lora, n_head} and attn_v_b
+ *     {kv_lora, head_v, n_head}; key_length = kv_lora + rope, head_count_kv 1.
+ *   legacy (no keys; files converted before mid-2025, e.g. the R1 UD-IQ1_S
+ *     and UD-Q2_K_XL quants): one attn_kv_b {kv_lora, n_head * (nope + head_v)}
+ *     whose rows are, per head h, nope K rows then head_v V rows, each over
+ *     the kv_lora compressed values; key_length = nope + rope, value_length =
+ *     head_v, head_count_kv = n_head.
+ * llama.cpp runs legacy files as plain multi-head attention over decompressed
+ * K and V.  Here both layouts run the absorbed form above with the same small
+ * cache (kv_lora + rope values per token and layer, not n_head * (nope + rope
+ * + head_v)): v_b[h] is the V rows of head h read in place from attn_kv_b (rows
+ * are packed, only the head stride differs), and k_b[h] = (K rows of head
+ * h)^T is built once at load (dequantise the nope rows, transpose, store).  Its
+ * type: the file's when that is F32, F16 or BF16 (the transpose is then exact
+ * and the logits are those of the split file with the same values); otherwise
+ * Q8_0 (nope a multiple of 32; else F16), as llama-quantize would type a split
+ * attn_k_b, adding Q8_0's rounding to the file's.  The numerics differ from
+ * llama.cpp's legacy path in where activations are rounded: it converts c to
+ * attn_kv_b's activation type (F16, BF16, Q8_0, Q8_K) and caches K and V in
+ * F16, this pass converts the query and the attention output instead (as
+ * llama.cpp does for split files).  On the test models the difference is the
+ * size of llama.cpp's own flash-attention on/off difference (with Q8_0 or
+ * BF16 dense weights both exceed compare_logits' defaults on some seeds).
+ * Cost of the built k_b on DeepSeek-V3/R1 shapes (61 layers x 128 heads x 512
+ * rows x 128 values): Q8_0 518.5 MiB (F16 would be 976 MiB, F32 1.91 GiB), on
+ * top of the mapped file, whose K rows are then no longer read. */
 #include "arch.h"
 #include "attn.h"
 #include "ops.h"
@@ -49,6 +78,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -70,9 +100,10 @@ struct ds2_hparams {
 	int q_lora;    /* 0: plain attn_q */
 	int kv_lora;   /* width of the compressed KV c (= value width) */
 	int n_rot;     /* RoPE dimensions of each query / key head */
-	int head_k;    /* key_length_mla: nope + rope per query head */
+	int head_k;    /* nope + rope per query head (key_length_mla; legacy: key_length) */
 	int head_nope; /* head_k - n_rot */
-	int head_v;    /* value_length_mla: per head after v_b */
+	int head_v;    /* per head after v_b (value_length_mla; legacy: value_length) */
+	int legacy;    /* 1: one attn_kv_b per layer instead of attn_k_b + attn_v_b */
 	int n_expert;
 	int n_expert_used;
 	int n_expert_shared;
@@ -86,6 +117,16 @@ struct ds2_hparams {
 	float kq_scale;
 };
 
+/* A per-head weight: n_head matrices of n_out rows x n_in values of type,
+ * rows packed, matrix h starting at data + h * stride. */
+struct ds2_heads {
+	uint32_t type;
+	int64_t n_in;
+	int64_t n_out;
+	const char *data;
+	size_t stride;
+};
+
 struct ds2_layer {
 	const gguf_tensor *attn_norm;	/* [n_embd] F32 */
 	const gguf_tensor *q_a;		/* n_embd -> q_lora */
@@ -94,8 +135,9 @@ struct ds2_layer {
 	const gguf_tensor *q;		/* n_embd -> n_head * head_k (when q_lora = 0) */
 	const gguf_tensor *kv_a_mqa;	/* n_embd -> kv_lora + n_rot */
 	const gguf_tensor *kv_a_norm;	/* [kv_lora] F32 */
-	const gguf_tensor *k_b;		/* head_nope x kv_lora x n_head: per head nope -> kv_lora */
-	const gguf_tensor *v_b;		/* kv_lora x head_v x n_head: per head kv_lora -> head_v */
+	const gguf_tensor *kv_b;	/* legacy: kv_lora -> n_head * (head_nope + head_v) */
+	struct ds2_heads k_b;		/* per head head_nope -> kv_lora */
+	struct ds2_heads v_b;		/* per head kv_lora -> head_v */
 	const gguf_tensor *wo;		/* n_head * head_v -> n_embd */
 	const gguf_tensor *ffn_norm;	/* [n_embd] F32 */
 	const gguf_tensor *ffn_gate;	/* dense: n_embd -> n_ff */
@@ -138,6 +180,7 @@ struct ds2 {
 	const gguf_tensor *tok_embd;	/* n_embd x n_vocab */
 	const gguf_tensor *output_norm; /* [n_embd] F32 */
 	const gguf_tensor *output;	/* n_embd -> n_vocab */
+	void *k_b_built;		/* legacy layout: every layer's k_b, built at load */
 	struct ops_rope rope;
 	struct attn_params attn; /* MQA: one KV head [c | k_pe], value c */
 	attn_cache *cache;
@@ -178,7 +221,7 @@ static int ds2_load_hparams(const struct arch_env *env, struct ds2_hparams *hp,
 {
 	const uint32_t big = 1u << 20;
 	int rc, v;
-	int n_head_kv, key_len, n_ctx_orig;
+	int n_head_kv, key_len, val_len, n_ctx_orig;
 
 	if ((rc = ds2_u32(env, "embedding_length", 1, 0, big, &hp->n_embd)) ||
 	    (rc = ds2_u32(env, "block_count", 1, 0, MOE_MAX_LAYERS, &hp->n_layer)) ||
@@ -235,21 +278,33 @@ static int ds2_load_hparams(const struct arch_env *env, struct ds2_hparams *hp,
 	if (temp_scale != 0.0f)
 		return ds2_bad(env, "attention.temperature_scale is not supported");
 
-	/* MLA stored as MQA: one KV head of [c | k_pe] */
-	n_head_kv = hp->n_head;
-	if ((rc = ds2_u32(env, "attention.head_count_kv", 0, (uint32_t)n_head_kv, 65536,
-			  &n_head_kv)))
-		return rc;
-	if (n_head_kv != 1)
-		return ds2_bad(env, "attention.head_count_kv must be 1 (MLA in MQA form)");
-	if (hp->head_k == 0 || hp->head_v == 0)
-		return ds2_bad(env, "attention.key_length_mla and value_length_mla are required "
-				    "(files with the unsplit attn_kv_b are not supported)");
+	/* MLA stored as MQA: one KV head of [c | k_pe].  Without the *_mla keys
+	 * the file describes the multi-head form of the legacy layout. */
 	if (hp->kv_lora < 1)
 		return ds2_bad(env, "attention.kv_lora_rank must be >= 1");
+	if ((hp->head_k == 0) != (hp->head_v == 0))
+		return ds2_bad(env, "attention.key_length_mla and value_length_mla must both be "
+				    "present (split attn_k_b/attn_v_b) or both absent (attn_kv_b)");
+	hp->legacy = hp->head_k == 0;
+	n_head_kv = hp->n_head;
 	key_len = hp->n_embd / hp->n_head;
-	if ((rc = ds2_u32(env, "attention.key_length", 0, (uint32_t)key_len, big, &key_len)))
+	val_len = key_len;
+	if ((rc = ds2_u32(env, "attention.head_count_kv", 0, (uint32_t)n_head_kv, 65536,
+			  &n_head_kv)) ||
+	    (rc = ds2_u32(env, "attention.key_length", 0, (uint32_t)key_len, big, &key_len)) ||
+	    (rc = ds2_u32(env, "attention.value_length", 0, (uint32_t)val_len, big, &val_len)))
 		return rc;
+	if (hp->legacy) {
+		if (n_head_kv != hp->n_head)
+			return ds2_bad(env, "attention.head_count_kv must equal head_count in the "
+					    "legacy layout (no key_length_mla)");
+		hp->head_k = key_len;
+		hp->head_v = val_len;
+		if (hp->head_v < 1)
+			return ds2_bad(env, "attention.value_length must be >= 1");
+	} else if (n_head_kv != 1) {
+		return ds2_bad(env, "attention.head_count_kv must be 1 (MLA in MQA form)");
+	}
 	hp->n_rot = key_len;
 	if ((rc = ds2_u32(env, "rope.dimension_count", 0, (uint32_t)key_len, big, &hp->n_rot)))
 		return rc;
@@ -257,8 +312,10 @@ static int ds2_load_hparams(const struct arch_env *env, struct ds2_hparams *hp,
 		return ds2_bad(env, "rope.dimension_count must be even and >= 2");
 	hp->head_nope = hp->head_k - hp->n_rot;
 	if (hp->head_nope < 1)
-		return ds2_bad(env, "key_length_mla must exceed rope.dimension_count");
-	if (key_len != hp->kv_lora + hp->n_rot)
+		return ds2_bad(env, hp->legacy ? "attention.key_length must exceed "
+						 "rope.dimension_count (legacy layout)"
+					       : "key_length_mla must exceed rope.dimension_count");
+	if (!hp->legacy && key_len != hp->kv_lora + hp->n_rot)
 		return ds2_bad(env, "attention.key_length must equal kv_lora_rank + "
 				    "rope.dimension_count");
 
@@ -396,6 +453,73 @@ static int ds2_check_type(const struct arch_env *env, const gguf_tensor *t, int 
 	return 0;
 }
 
+/* The per-head view of a 3-D tensor ne0 x ne1 x n_head. */
+static struct ds2_heads ds2_heads_of(const gguf_tensor *t)
+{
+	const int64_t n_in = (int64_t)t->ne[0], n_out = (int64_t)t->ne[1];
+	return (struct ds2_heads){
+	    .type = t->type,
+	    .n_in = n_in,
+	    .n_out = n_out,
+	    .data = t->data,
+	    .stride = (size_t)n_out * kern_row_bytes(t->type, n_in),
+	};
+}
+
+/* Split layout: attn_k_b and attn_v_b as they are. */
+static int ds2_load_k_b_v_b(const struct arch_env *env, const struct ds2_hparams *hp, int il,
+			    struct ds2_layer *L)
+{
+	const int64_t H = hp->n_head, kvr = hp->kv_lora;
+	const gguf_tensor *k_b, *v_b;
+	int rc;
+	if ((rc = arch_tensor(env, &k_b, hp->head_nope, kvr, H, "blk.%d.attn_k_b.weight", il)) ||
+	    (rc = arch_tensor(env, &v_b, kvr, hp->head_v, H, "blk.%d.attn_v_b.weight", il)) ||
+	    (rc = ds2_check_type(env, k_b, 0)) || (rc = ds2_check_type(env, v_b, 0)))
+		return rc;
+	L->k_b = ds2_heads_of(k_b);
+	L->v_b = ds2_heads_of(v_b);
+	return 0;
+}
+
+/* Legacy layout: attn_kv_b; v_b is its V rows in place, k_b is built later
+ * (ds2_build_k_b). */
+static int ds2_load_kv_b(const struct arch_env *env, const struct ds2_hparams *hp, int il,
+			 struct ds2_layer *L)
+{
+	const int64_t H = hp->n_head, kvr = hp->kv_lora, nope = hp->head_nope, hv = hp->head_v;
+	char name[64];
+	snprintf(name, sizeof(name), "blk.%d.attn_kv_b.weight", il);
+	if (!gguf_find_tensor(env->g, name)) {
+		char k_b[64];
+		snprintf(k_b, sizeof(k_b), "blk.%d.attn_k_b.weight", il);
+		if (gguf_find_tensor(env->g, k_b))
+			log_error("%s: tensor %s is present but %s.attention.key_length_mla and "
+				  "value_length_mla are not (a split MLA file needs them)",
+				  gguf_path(env->g), k_b, DS2_ARCH);
+	}
+	int rc = arch_tensor(env, &L->kv_b, kvr, H * (nope + hv), 0, "%s", name);
+	if (rc) {
+		if (gguf_find_tensor(env->g, name))
+			log_error(
+			    "%s: tensor %s: the legacy MLA layout needs kv_lora_rank (%lld) x "
+			    "head_count (%lld) * (key_length - rope.dimension_count (%lld) + "
+			    "value_length (%lld))",
+			    gguf_path(env->g), name, (long long)kvr, (long long)H, (long long)nope,
+			    (long long)hv);
+		return rc;
+	}
+	const size_t rb = kern_row_bytes(L->kv_b->type, kvr);
+	L->v_b = (struct ds2_heads){
+	    .type = L->kv_b->type,
+	    .n_in = kvr,
+	    .n_out = hv,
+	    .data = (const char *)L->kv_b->data + (size_t)nope * rb,
+	    .stride = (size_t)(nope + hv) * rb,
+	};
+	return 0;
+}
+
 static int ds2_load_layer(const struct arch_env *env, const struct ds2_hparams *hp, int il,
 			  struct ds2_layer *L)
 {
@@ -408,11 +532,11 @@ static int ds2_load_layer(const struct arch_env *env, const struct ds2_hparams *
 	    (rc = arch_tensor(env, &L->kv_a_mqa, E, kvr + rot, 0, "blk.%d.attn_kv_a_mqa.weight",
 			      il)) ||
 	    (rc = arch_tensor(env, &L->kv_a_norm, kvr, 0, 0, "blk.%d.attn_kv_a_norm.weight", il)) ||
-	    (rc = arch_tensor(env, &L->k_b, hp->head_nope, kvr, H, "blk.%d.attn_k_b.weight", il)) ||
-	    (rc = arch_tensor(env, &L->v_b, kvr, hp->head_v, H, "blk.%d.attn_v_b.weight", il)) ||
 	    (rc =
 		 arch_tensor(env, &L->wo, H * hp->head_v, E, 0, "blk.%d.attn_output.weight", il)) ||
 	    (rc = arch_tensor(env, &L->ffn_norm, E, 0, 0, "blk.%d.ffn_norm.weight", il)))
+		return rc;
+	if ((rc = hp->legacy ? ds2_load_kv_b(env, hp, il, L) : ds2_load_k_b_v_b(env, hp, il, L)))
 		return rc;
 	if (hp->q_lora > 0) {
 		if ((rc = arch_tensor(env, &L->q_a, E, hp->q_lora, 0, "blk.%d.attn_q_a.weight",
@@ -461,10 +585,10 @@ static int ds2_load_layer(const struct arch_env *env, const struct ds2_hparams *
 	}
 	const gguf_tensor *f32s[] = {L->attn_norm, L->q_a_norm, L->kv_a_norm, L->ffn_norm,
 				     L->exp_probs_b};
-	const gguf_tensor *mats[] = {L->q_a,	  L->q_b,	L->q,	     L->kv_a_mqa,
-				     L->k_b,	  L->v_b,	L->wo,	     L->ffn_gate,
-				     L->ffn_up,	  L->ffn_down,	L->gate_inp, L->gate_shexp,
-				     L->up_shexp, L->down_shexp};
+	const gguf_tensor *mats[] = {L->q_a,	   L->q_b,	L->q,	       L->kv_a_mqa,
+				     L->kv_b,	   L->wo,	L->ffn_gate,   L->ffn_up,
+				     L->ffn_down,  L->gate_inp, L->gate_shexp, L->up_shexp,
+				     L->down_shexp};
 	for (size_t i = 0; i < sizeof(f32s) / sizeof(f32s[0]); i++)
 		if ((rc = ds2_check_type(env, f32s[i], 1)))
 			return rc;
@@ -472,6 +596,109 @@ static int ds2_load_layer(const struct arch_env *env, const struct ds2_hparams *
 		if ((rc = ds2_check_type(env, mats[i], 0)))
 			return rc;
 	return 0;
+}
+
+/* ------------------------------------------- legacy layout: k_b from attn_kv_b */
+
+/* The type k_b is stored in when built from an attn_kv_b of type kv_b_type. */
+static uint32_t ds2_k_b_type(uint32_t kv_b_type, int64_t nope)
+{
+	if (kv_b_type == KERN_F32 || kv_b_type == KERN_F16 || kv_b_type == KERN_BF16)
+		return kv_b_type;
+	return nope % KERN_QK == 0 ? KERN_Q8_0 : KERN_F16;
+}
+
+/* Builds k_b of one layer: for each head h and compressed index c, row c of
+ * k_b[h] = column c of the nope K rows of head h in attn_kv_b. */
+struct ds2_k_b_job {
+	const gguf_tensor *kv_b;
+	int64_t n_head, nope, hv, kvr;
+	struct ds2_heads dst;
+	float *tmp; /* [nth][nope * kvr + nope] */
+};
+
+static void ds2_k_b_run(void *ctx, int ith, int nth)
+{
+	const struct ds2_k_b_job *j = ctx;
+	const int64_t nope = j->nope, kvr = j->kvr;
+	const size_t src_row = kern_row_bytes(j->kv_b->type, kvr);
+	const size_t dst_row = kern_row_bytes(j->dst.type, nope);
+	float *rows = j->tmp + (size_t)ith * (size_t)(nope * kvr + nope), *col = rows + nope * kvr;
+	int64_t h0, h1;
+	pool_split(j->n_head, ith, nth, 1, &h0, &h1);
+	for (int64_t h = h0; h < h1; h++) {
+		const char *src =
+		    (const char *)j->kv_b->data + (size_t)(h * (nope + j->hv)) * src_row;
+		char *dst = (char *)j->dst.data + (size_t)h * j->dst.stride;
+		for (int64_t i = 0; i < nope; i++)
+			kern_dequant_row(j->kv_b->type, src + (size_t)i * src_row, rows + i * kvr,
+					 kvr);
+		for (int64_t c = 0; c < kvr; c++) {
+			for (int64_t i = 0; i < nope; i++)
+				col[i] = rows[i * kvr + c];
+			kern_convert_row((enum kern_type)j->dst.type, col,
+					 dst + (size_t)c * dst_row, nope);
+		}
+	}
+}
+
+/* Legacy layout: builds every layer's k_b into one buffer (m->k_b_built). */
+static int ds2_build_k_b(struct ds2 *m)
+{
+	const struct ds2_hparams *hp = &m->hp;
+	const int64_t H = hp->n_head, nope = hp->head_nope, kvr = hp->kv_lora;
+	const uint32_t type = ds2_k_b_type(m->layers[0].kv_b->type, nope);
+	size_t total = 0, per_layer[MOE_MAX_LAYERS];
+	int rc = 0;
+
+	for (int il = 0; il < hp->n_layer; il++) {
+		const size_t row =
+		    kern_row_bytes(ds2_k_b_type(m->layers[il].kv_b->type, nope), nope);
+		if ((size_t)(H * kvr) > (SIZE_MAX - total) / row) {
+			log_error("%s: attn_k_b built from attn_kv_b is too large",
+				  gguf_path(m->env->g));
+			return ERR_NOMEM;
+		}
+		per_layer[il] = (size_t)(H * kvr) * row;
+		total += per_layer[il];
+	}
+	const int nth = pool_size(m->env->pool);
+	float *tmp = malloc((size_t)nth * (size_t)(nope * kvr + nope) * sizeof(float));
+	m->k_b_built = malloc(total);
+	if (!tmp || !m->k_b_built) {
+		log_error("%s: out of memory for attn_k_b built from attn_kv_b (%zu bytes)",
+			  gguf_path(m->env->g), total);
+		rc = ERR_NOMEM;
+		goto out;
+	}
+	char *p = m->k_b_built;
+	for (int il = 0; il < hp->n_layer; il++) {
+		struct ds2_layer *L = &m->layers[il];
+		const uint32_t t = ds2_k_b_type(L->kv_b->type, nope);
+		L->k_b = (struct ds2_heads){
+		    .type = t,
+		    .n_in = nope,
+		    .n_out = kvr,
+		    .data = p,
+		    .stride = (size_t)kvr * kern_row_bytes(t, nope),
+		};
+		struct ds2_k_b_job job = {
+		    .kv_b = L->kv_b,
+		    .n_head = H,
+		    .nope = nope,
+		    .hv = hp->head_v,
+		    .kvr = kvr,
+		    .dst = L->k_b,
+		    .tmp = tmp,
+		};
+		pool_run(m->env->pool, ds2_k_b_run, &job);
+		p += per_layer[il];
+	}
+	log_info("%s: legacy MLA layout (attn_kv_b): built attn_k_b as %s, %.1f MiB",
+		 gguf_path(m->env->g), kern_type_name(type), (double)total / 1048576.0);
+out:
+	free(tmp);
+	return rc;
 }
 
 /* calloc of n elements of size sz with an overflow check; sets *failed on failure. */
@@ -552,6 +779,7 @@ static void ds2_destroy(void **state)
 	for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
 		free(bufs[i]);
 	attn_cache_destroy(&m->cache);
+	free(m->k_b_built);
 	free(m->layers);
 	free(m);
 	*state = NULL;
@@ -597,6 +825,8 @@ static int ds2_load(const struct arch_env *env, struct model_info *info, void **
 	for (int il = 0; il < hp->n_layer; il++)
 		if ((rc = ds2_load_layer(env, hp, il, &m->layers[il])))
 			goto out;
+	if (hp->legacy && (rc = ds2_build_k_b(m)))
+		goto out;
 
 	/* KV cache: key [c | k_pe], value c (stored separately, same F16 values) */
 	if ((rc = attn_cache_new(hp->n_layer, env->n_seq, env->n_ctx, hp->kv_lora + hp->n_rot,
@@ -664,13 +894,13 @@ static const float *ds2_f32(const gguf_tensor *t)
 	return (const float *)t->data;
 }
 
-/* Per-head products with a 3-D weight w (ne0 x ne1 x n_head): for every row t
- * and head h, y[t][h][0..ne1) = w[h] · x[t][h][0..ne0), where x rows hold
+/* Per-head products with a per-head weight w: for every row t and head h,
+ * y[t][h][0..n_out) = w[h] · x[t][h][0..n_in), where x rows hold
  * n_head blocks of x_head floats and y rows n_head blocks of y_head floats.
  * One pool run; each thread converts and multiplies the heads it owns, with the
  * same kernels (and so the same results) as ops_matmul. */
 struct ds2_heads_job {
-	const gguf_tensor *w;
+	const struct ds2_heads *w;
 	const float *x;
 	int64_t x_head;
 	float *y;
@@ -685,8 +915,7 @@ struct ds2_heads_job {
 static void ds2_heads_run(void *ctx, int ith, int nth)
 {
 	const struct ds2_heads_job *j = ctx;
-	const int64_t n_in = (int64_t)j->w->ne[0], n_out = (int64_t)j->w->ne[1];
-	const size_t slice = (size_t)n_out * kern_row_bytes(j->w->type, n_in);
+	const int64_t n_in = j->w->n_in, n_out = j->w->n_out;
 	const int64_t H = j->n_head;
 	int64_t h0, h1;
 	pool_split(H, ith, nth, 1, &h0, &h1);
@@ -694,14 +923,14 @@ static void ds2_heads_run(void *ctx, int ith, int nth)
 		for (int64_t t = 0; t < j->n_rows; t++)
 			kern_convert_row(j->act, j->x + (t * H + h) * j->x_head,
 					 j->xa + (size_t)(t * H + h) * j->act_row, n_in);
-		kern_matmul(j->w->type, (const char *)j->w->data + (size_t)h * slice, n_in, 0,
-			    n_out, j->xa + (size_t)h * j->act_row, (size_t)H * j->act_row,
-			    j->n_rows, j->y + h * j->y_head, H * j->y_head);
+		kern_matmul(j->w->type, j->w->data + (size_t)h * j->w->stride, n_in, 0, n_out,
+			    j->xa + (size_t)h * j->act_row, (size_t)H * j->act_row, j->n_rows,
+			    j->y + h * j->y_head, H * j->y_head);
 	}
 }
 
-static void ds2_heads_matmul(struct ds2 *m, const gguf_tensor *w, const float *x, int64_t x_head,
-			     int n, float *y, int64_t y_head)
+static void ds2_heads_matmul(struct ds2 *m, const struct ds2_heads *w, const float *x,
+			     int64_t x_head, int n, float *y, int64_t y_head)
 {
 	struct ds2_heads_job j = {
 	    .w = w,
@@ -714,7 +943,7 @@ static void ds2_heads_matmul(struct ds2 *m, const gguf_tensor *w, const float *x
 	    .act = kern_act_type(w->type),
 	    .xa = m->s.heads_xa,
 	};
-	j.act_row = kern_row_bytes(j.act, (int64_t)w->ne[0]);
+	j.act_row = kern_row_bytes(j.act, w->n_in);
 	pool_run(m->env->pool, ds2_heads_run, &j);
 }
 
@@ -867,13 +1096,13 @@ static void ds2_attn_out(struct ds2 *m, int il, const model_batch *sb, int q_don
 		}
 	}
 	/* per head: (n, nope) @ (nope, kvr) -> (n, kvr) */
-	ds2_heads_matmul(m, L->k_b, s->q, hk, n, s->qf, kw);
+	ds2_heads_matmul(m, &L->k_b, s->q, hk, n, s->qf, kw);
 
 	/* MQA over the cache: (n, H, kw) -> (n, H, kvr) */
 	attn_forward(p, m->cache, il, &m->attn, sb, s->qf, s->o);
 
 	/* per head v_b[h]: (n, kvr) @ (kvr, hv) -> (n, hv) */
-	ds2_heads_matmul(m, L->v_b, s->o, kvr, n, s->ov, hv);
+	ds2_heads_matmul(m, &L->v_b, s->o, kvr, n, s->ov, hv);
 	/* (n, H * hv) @ (H * hv, E) -> (n, E) */
 	ops_matmul(p, L->wo, s->ov, H * hv, n, s->y, E, s->mm);
 }

@@ -670,6 +670,8 @@ static const char *cli_usage_info =
     "usage: moefleet info -m MODEL.gguf [--workers N | --worker-memory 64G,64G,...]\n"
     "  Prints the architecture, hyper-parameters, every tensor's\n"
     "  type and size, and the bytes of routed experts versus the rest;\n"
+    "  the tensor count and bytes per type, experts and the rest apart; the\n"
+    "  files of a split model (give its first shard, NAME-00001-of-0000K.gguf);\n"
     "  then what a cluster needs: coordinator bytes, expert bytes per layer,\n"
     "  KV cache per 1K tokens, and with --workers / --worker-memory the\n"
     "  bytes each worker would hold.\n";
@@ -680,6 +682,12 @@ static void cli_print_kv(const gguf *g, uint64_t i)
 	enum gguf_type t = gguf_kv_type(g, i);
 	printf("  %-48s ", key);
 	switch (t) {
+	case GGUF_TYPE_U16: {
+		uint16_t v;
+		gguf_get_u16(g, key, &v);
+		printf("%u\n", (unsigned)v);
+		break;
+	}
 	case GGUF_TYPE_U32: {
 		uint32_t v;
 		gguf_get_u32(g, key, &v);
@@ -721,6 +729,43 @@ static void cli_print_kv(const gguf *g, uint64_t i)
 	}
 	default: printf("(type %d)\n", (int)t); break;
 	}
+}
+
+/* Tensors and bytes per tensor type, routed experts (names with "_exps.")
+ * and the rest apart. */
+static void cli_print_type_mix(const gguf *g)
+{
+	enum { N_TYPES = 64 };
+	uint64_t count[2][N_TYPES] = {{0}}, bytes[2][N_TYPES] = {{0}};
+	for (uint64_t i = 0; i < gguf_n_tensors(g); i++) {
+		const gguf_tensor *t = gguf_tensor_at(g, i);
+		int ex = strstr(t->name, "_exps.") != NULL;
+		uint32_t ty = t->type < N_TYPES ? t->type : N_TYPES - 1; /* known types are below */
+		count[ex][ty]++;
+		bytes[ex][ty] += t->n_bytes;
+	}
+	printf("tensor types:              routed experts              everything else\n");
+	printf("  %-8s %8s %16s    %8s %16s\n", "type", "tensors", "bytes", "tensors", "bytes");
+	for (uint32_t ty = 0; ty < N_TYPES; ty++) {
+		if (!count[0][ty] && !count[1][ty])
+			continue;
+		printf("  %-8s %8llu %16llu    %8llu %16llu\n", kern_type_name(ty),
+		       (unsigned long long)count[1][ty], (unsigned long long)bytes[1][ty],
+		       (unsigned long long)count[0][ty], (unsigned long long)bytes[0][ty]);
+	}
+}
+
+/* The files of a split model: path, tensors and bytes of each shard. */
+static void cli_print_shards(const gguf *g)
+{
+	uint32_t n = gguf_n_shards(g);
+	if (n < 2)
+		return;
+	printf("split into %u files:\n", n);
+	for (uint32_t i = 0; i < n; i++)
+		printf("  %s: %llu tensors, %llu bytes\n", gguf_shard_path(g, i),
+		       (unsigned long long)gguf_shard_n_tensors(g, i),
+		       (unsigned long long)gguf_shard_size(g, i));
 }
 
 static int cli_info(int argc, char **argv)
@@ -780,6 +825,8 @@ static int cli_info(int argc, char **argv)
 	       (double)experts / 1048576.0);
 	printf("everything else: %llu bytes (%.1f MiB)\n", (unsigned long long)rest,
 	       (double)rest / 1048576.0);
+	cli_print_type_mix(g);
+	cli_print_shards(g);
 	int frc = footprint_report(g, n_wmem ? wmem : NULL, n_wmem ? n_wmem : (int)o.workers);
 	gguf_destroy(&g);
 	return frc ? CLI_FAIL : CLI_OK;

@@ -3,6 +3,7 @@
 #include "cli_impl.h"
 #include "serve.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -33,7 +34,8 @@ static const char *cli_usage_serve =
     "  --max-batch N      tokens per forward step (default 512); prompts are\n"
     "                     prefilled in chunks of N - parallel tokens\n"
     "  --queue N          requests that may wait for a slot before 503 (default 64)\n"
-    "  --model-name NAME  the model id clients send (default: file name without .gguf)\n"
+    "  --model-name NAME  the model id clients send (default: the file name without\n"
+    "                     .gguf, or a split model's without -00001-of-0000K.gguf)\n"
     "  --max-body BYTES   largest request body (default 4194304)\n"
     "  --max-conns N      simultaneous connections (default 256)\n";
 
@@ -78,6 +80,21 @@ static int cli_serve_metrics(void *ctx, FILE *f)
 static int cli_is_flag(const char *a)
 {
 	return !strcmp(a, "--stream-weights") || !strcmp(a, "--stats") || !strcmp(a, "--insecure");
+}
+
+/* Cuts a split model's "-NNNNN-of-NNNNN" (gguf-split's shard number) off
+ * the end of name, so that its id is the model's, not its first file's. */
+static void cli_strip_split_suffix(char *name)
+{
+	static const char pat[] = "-#####-of-#####";
+	size_t n = strlen(name), k = sizeof(pat) - 1;
+	if (n <= k)
+		return;
+	char *p = name + n - k;
+	for (size_t i = 0; i < k; i++)
+		if (pat[i] == '#' ? !isdigit((unsigned char)p[i]) : p[i] != pat[i])
+			return;
+	*p = 0;
 }
 
 int cli_serve(int argc, char **argv)
@@ -174,6 +191,7 @@ int cli_serve(int argc, char **argv)
 		size_t n = strlen(name_buf);
 		if (n > 5 && !strcmp(name_buf + n - 5, ".gguf"))
 			name_buf[n - 5] = 0;
+		cli_strip_split_suffix(name_buf);
 		name = name_buf;
 	}
 	gguf *g = NULL;

@@ -20,7 +20,9 @@ static const char *cli_usage_quantize =
     "  Writes a copy of IN whose routed-expert tensors (names containing\n"
     "  \"_exps.weight\") are converted to TYPE: mxfp4, q8_0 or q4_0 (the bytes\n"
     "  ggml's reference quantiser gives).  Every other tensor and all metadata are\n"
-    "  copied unchanged.  OUT is written as OUT.tmp and renamed when complete.\n";
+    "  copied unchanged.  OUT is written as OUT.tmp and renamed when complete.\n"
+    "  IN may be the first shard of a split model (NAME-00001-of-0000K.gguf);\n"
+    "  OUT is one file.\n";
 
 int cli_quantize(int argc, char **argv)
 {

@@ -8,6 +8,7 @@
 
 #include "../common/err.h"
 #include "../common/log.h"
+#include "../kernels/kern.h"
 #include "placement.h"
 
 /* "<arch>.<key>" as u32; def when absent. */
@@ -95,6 +96,39 @@ static int footprint_kv(const gguf *g, struct footprint *f)
 	return 0;
 }
 
+/* deepseek2 legacy layout: bytes of the attn_k_b the coordinator builds from
+ * each layer's attn_kv_b (0 for split files). */
+static uint64_t footprint_built_deepseek2(const gguf *g, const struct footprint *f)
+{
+	const char *a = f->arch;
+	char k[192];
+	snprintf(k, sizeof(k), "%s.attention.key_length_mla", a);
+	if (strcmp(a, "deepseek2") != 0 || gguf_find_kv(g, k) >= 0)
+		return 0;
+	const uint64_t H = footprint_u32(g, a, "attention.head_count", 0);
+	const uint64_t kvr = footprint_u32(g, a, "attention.kv_lora_rank", 0);
+	const uint64_t E = footprint_u32(g, a, "embedding_length", 0);
+	const uint64_t key_len = footprint_u32(g, a, "attention.key_length", H ? E / H : 0);
+	const uint64_t rot = footprint_u32(g, a, "rope.dimension_count", key_len);
+	const uint64_t nextn = footprint_u32(g, a, "nextn_predict_layers", 0);
+	if (H == 0 || kvr == 0 || key_len <= rot || nextn >= (uint64_t)f->n_layer)
+		return 0;
+	const uint64_t nope = key_len - rot;
+	uint64_t bytes = 0;
+	for (uint64_t l = 0; l < (uint64_t)f->n_layer - nextn; l++) {
+		char name[64];
+		snprintf(name, sizeof(name), "blk.%llu.attn_kv_b.weight", (unsigned long long)l);
+		const gguf_tensor *t = gguf_find_tensor(g, name);
+		if (!t)
+			continue;
+		uint32_t type = t->type;
+		if (type != KERN_F32 && type != KERN_F16 && type != KERN_BF16)
+			type = nope % KERN_QK == 0 ? KERN_Q8_0 : KERN_F16;
+		bytes += H * kvr * kern_row_bytes(type, (int64_t)nope);
+	}
+	return bytes;
+}
+
 int footprint_measure(const gguf *g, struct footprint *out)
 {
 	memset(out, 0, sizeof(*out));
@@ -126,6 +160,7 @@ int footprint_measure(const gguf *g, struct footprint *out)
 	}
 	out->n_expert_used = (int)footprint_u32(g, out->arch, "expert_used_count", 0);
 	out->kv_known = footprint_kv(g, out);
+	out->coordinator_built_bytes = footprint_built_deepseek2(g, out);
 	return 0;
 }
 
@@ -250,6 +285,11 @@ int footprint_report(const gguf *g, const uint64_t *mem, int n_worker)
 	printf("  coordinator (all but routed experts): %14llu bytes (%s)\n",
 	       (unsigned long long)f.coordinator_bytes,
 	       footprint_human(f.coordinator_bytes, h1, 32));
+	if (f.coordinator_built_bytes)
+		printf("  coordinator, built at load (attn_k_b from the legacy attn_kv_b): %llu "
+		       "bytes (%s)\n",
+		       (unsigned long long)f.coordinator_built_bytes,
+		       footprint_human(f.coordinator_built_bytes, h1, 32));
 	printf("  routed experts (workers):             %14llu bytes (%s), %d per layer, %d per "
 	       "token\n",
 	       (unsigned long long)f.expert_bytes, footprint_human(f.expert_bytes, h1, 32),

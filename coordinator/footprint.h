@@ -20,6 +20,11 @@
  *                       compressor states (r = 4: 2 x 8 x 2*key_length and
  *                       2 x 8 x 2*indexer.key_length floats; r = 128:
  *                       2 x 128 x key_length floats).
+ * The coordinator also builds, in memory, deepseek2's attn_k_b from a legacy
+ * attn_kv_b (files without attention.key_length_mla): per layer n_head x
+ * kv_lora_rank rows of nope (= key_length - rope.dimension_count) values, F32,
+ * F16 or BF16 when attn_kv_b is, otherwise Q8_0 (F16 if nope is not a multiple
+ * of 32), as coordinator/arch_deepseek2.c does.
  * footprint_place() runs the placement function (placement.h) on the routed
  * experts for a list of worker memory budgets and returns each worker's bytes.
  * footprint_parse_memory() reads "64G,64G,32G" (suffixes K, M, G, T: powers
@@ -40,8 +45,9 @@ struct footprint {
 	int n_expert; /* routed experts per layer (0: none) */
 	int n_expert_used;
 	uint64_t file_bytes;
-	uint64_t coordinator_bytes;		     /* every tensor but the routed experts */
-	uint64_t expert_bytes;			     /* all routed experts */
+	uint64_t coordinator_bytes;	  /* every tensor but the routed experts */
+	uint64_t coordinator_built_bytes; /* built at load on top of the file (see above) */
+	uint64_t expert_bytes;		  /* all routed experts */
 	uint64_t layer_expert_bytes[MOE_MAX_LAYERS]; /* all routed experts of layer L */
 	uint64_t kv_bytes_per_1k;		     /* one sequence, per 1024 tokens of context */
 	uint64_t kv_bytes_fixed;		     /* one sequence, independent of context */

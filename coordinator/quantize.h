@@ -3,7 +3,9 @@
  *
  * quantize_file(in, out, type) writes a copy of IN to OUT in which
  *   - every metadata entry is copied byte for byte, in order (general.file_type
- *     and general.name included: llama.cpp only displays them);
+ *     and general.name included: llama.cpp only displays them), except a split
+ *     model's split.* keys: IN may be the first shard of a split model, and OUT
+ *     is always one file with every tensor, in shard order;
  *   - every tensor whose name does not contain "_exps.weight" is copied byte for
  *     byte, and every tensor keeps its name, shape and place in the file;
  *   - every routed-expert tensor (name containing "_exps.weight", any type) not

@@ -74,11 +74,21 @@ perl -0777 -pe 's/(indexer\.key_length\x04\x00\x00\x00)\x40/$1\x50/' "$ds4" >"$t
 perl -0777 -pe 's/(attention\.key_length\x04\x00\x00\x00)\x80/$1\x60/' "$ds4" >"$tmp/ds4-head.gguf"
 perl -0777 -pe 's/(hyper_connection\.count\x04\x00\x00\x00)\x04/$1\x03/' "$ds4" >"$tmp/ds4-hc.gguf"
 perl -0777 -pe 's/\A(.*)((?:[\x00-\x0f]\x00\x00\x00){48})/$1."\x40\x00\x00\x00".substr($2,4)/se' "$ds4" >"$tmp/ds4-tid.gguf"
+# output_norm.weight: type F32 -> 34 (TQ1_0, a GGML type moefleet does not read)
+perl -0777 -pe 's/(output_norm\.weight\x01\x00\x00\x00\x80\x00{7})\x00\x00\x00\x00/$1\x22\x00\x00\x00/' "$model" >"$tmp/tq1.gguf"
+cmp -s "$model" "$tmp/tq1.gguf" && echo "# warning: TQ1_0 corruption did not apply"
+# split models: shard 2 of 3 given instead of the first; a first shard
+# (the same file with split.no 0) whose second shard is missing
+shard=$top_srcdir/tests/fuzz/corpus/gguf/split-00002-of-00003.gguf
+cp "$shard" "$tmp/m-00002-of-00003.gguf"
+mkdir "$tmp/gap"
+perl -0777 -pe 's/(split\.no\x02\x00\x00\x00)\x01\x00/$1\x00\x00/' "$shard" >"$tmp/gap/m-00001-of-00003.gguf"
+cmp -s "$shard" "$tmp/gap/m-00001-of-00003.gguf" && echo "# warning: split.no corruption did not apply"
 for f in missing ratio noratio nlayer idx head hc tid; do
 	cmp -s "$ds4" "$tmp/ds4-$f.gguf" && echo "# warning: deepseek4 $f corruption did not apply"
 done
 
-echo "1..35"
+echo "1..38"
 check "valid run" 0 -- "$bin" logits -m "$model" --tokens 1,2,3 --out "$tmp/ok.f32"
 check "truncated gguf" 1 -- "$bin" logits -m "$tmp/truncated.gguf" --tokens 1,2 --out "$tmp/out.f32"
 check "10-byte gguf" 1 -- "$bin" logits -m "$tmp/tiny.gguf" --tokens 1,2 --out "$tmp/out.f32"
@@ -101,6 +111,9 @@ check "bad thread count" 2 -- "$bin" logits -m "$model" --tokens 1 --threads 0 -
 check "unknown command" 2 -- "$bin" frobnicate
 check "no command" 2 -- "$bin"
 check "info on truncated" 1 -- "$bin" info -m "$tmp/truncated.gguf"
+check "tensor type not read (TQ1_0)" 1 -- "$bin" logits -m "$tmp/tq1.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "split model: not the first shard" 1 -- "$bin" info -m "$tmp/m-00002-of-00003.gguf"
+check "split model: missing shard" 1 -- "$bin" logits -m "$tmp/gap/m-00001-of-00003.gguf" --tokens 1 --out "$tmp/out.f32"
 check "bench bad reps" 2 -- "$bin" bench -m "$model" --reps 0
 check "logits help" 0 -- "$bin" logits --help
 check "deepseek4 with an F32 KV cache" 0 -- "$bin" logits -m "$ds4" --tokens 1,2,3 --kv-type f32 --out "$tmp/ok4.f32"

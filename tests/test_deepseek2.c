@@ -7,8 +7,10 @@
  *  - bit-exact invariants: a prefill equals the same tokens decoded one at a
  *    time, asking for a subset of the logits gives the same rows, a batch
  *    split into micro-batches gives the same logits;
- *  - bad hyper-parameters and missing tensors fail model_open with ERR_FORMAT
- *    (no crash).
+ *  - the legacy MLA layout (one attn_kv_b instead of attn_k_b + attn_v_b)
+ *    gives bit for bit the logits of the split layout with the same values;
+ *  - bad hyper-parameters and missing or misshapen tensors fail model_open
+ *    with ERR_FORMAT (no crash).
  * The comparison with llama.cpp itself is tests/test_vectors.c. */
 #include <math.h>
 #include <setjmp.h>
@@ -42,13 +44,21 @@ struct ds2_cfg {
 	float scale;
 	const char *rope_type; /* NULL: no rope.scaling keys */
 	float rope_factor, yarn_log_mul;
-	uint32_t weight_type; /* KERN_F32 or KERN_F16 for the matrices */
+	uint32_t weight_type; /* KERN_F32, KERN_F16 or KERN_BF16 for the matrices */
 	/* one metadata override (key NULL: none), written last */
 	const char *ov_key;
 	enum gguf_type ov_type;
 	uint32_t ov_u32;
 	const char *ov_str;
 	const char *drop_tensor; /* a tensor left out, or NULL */
+	/* MLA layout: the same values as attn_k_b / attn_v_b stored as */
+	enum ds2_layout {
+		LAYOUT_SPLIT, /* attn_k_b + attn_v_b (weight_type) */
+		LAYOUT_KV_B,  /* attn_kv_b of kv_b_type, legacy metadata */
+		LAYOUT_BUILT, /* the split tensors the engine builds from LAYOUT_KV_B */
+	} layout;
+	uint32_t kv_b_type; /* LAYOUT_KV_B / LAYOUT_BUILT: F32, F16, BF16 or Q8_0 */
+	uint64_t kv_b_rows; /* LAYOUT_KV_B: attn_kv_b rows if not the right count */
 };
 
 static const struct ds2_cfg base_cfg = {
@@ -191,6 +201,140 @@ static int set_f32(gguf_writer *w, const char *key, float v)
 	return gguf_writer_set_f32(w, k, v);
 }
 
+/* The tensor's values: mean + std * N(0, 1), in order. */
+static float *draw(const struct ds2_tensor *t)
+{
+	const uint64_t n = t->ne[0] * t->ne[1] * t->ne[2];
+	float *v = malloc(sizeof(float) * n);
+	for (uint64_t j = 0; v && j < n; j++)
+		v[j] = t->mean + t->std * rng_normal();
+	return v;
+}
+
+/* Writes n_rows rows of n values as type (F32, F16, BF16 or Q8_0). */
+static int write_rows(gguf_writer *w, uint32_t type, const float *v, int64_t n, int64_t n_rows)
+{
+	const size_t rb = kern_row_bytes(type, n);
+	char *buf = malloc(rb);
+	int rc = buf ? 0 : ERR_NOMEM;
+	for (int64_t r = 0; r < n_rows && !rc; r++) {
+		const float *x = v + r * n;
+		if (type == KERN_F16)
+			for (int64_t i = 0; i < n; i++) {
+				uint16_t h = kern_f32_to_f16(x[i]);
+				memcpy(buf + 2 * i, &h, 2);
+			}
+		else if (type == KERN_BF16)
+			for (int64_t i = 0; i < n; i++) {
+				uint16_t h = kern_f32_to_bf16(x[i]);
+				memcpy(buf + 2 * i, &h, 2);
+			}
+		else if (type == KERN_Q8_0)
+			kern_convert_row(KERN_Q8_0, x, buf, n);
+		else
+			memcpy(buf, x, rb);
+		rc = gguf_writer_write(w, buf, rb);
+	}
+	free(buf);
+	return rc;
+}
+
+static int is_mla_b(const char *name, const char *suffix)
+{
+	const size_t n = strlen(name), k = strlen(suffix);
+	return n > k && strcmp(name + n - k, suffix) == 0;
+}
+
+/* "blk.N.attn_kv_b.weight" for k_b_name "blk.N.attn_k_b.weight". */
+static void kv_b_name(const char *k_b_name, char out[64])
+{
+	snprintf(out, 64, "%.*sattn_kv_b.weight",
+		 (int)(strlen(k_b_name) - strlen("attn_k_b.weight")), k_b_name);
+}
+
+/* 0 if tensor i (or, in LAYOUT_KV_B, the attn_kv_b it belongs to) is dropped. */
+static int kept(const struct ds2_cfg *c, int i)
+{
+	char name[64];
+	const char *n = tensors[i].name;
+	if (!c->drop_tensor)
+		return 1;
+	if (c->layout == LAYOUT_KV_B &&
+	    (is_mla_b(n, "attn_k_b.weight") || is_mla_b(n, "attn_v_b.weight"))) {
+		kv_b_name(is_mla_b(n, "attn_k_b.weight") ? n : tensors[i - 1].name, name);
+		n = name;
+	}
+	return strcmp(c->drop_tensor, n) != 0;
+}
+
+/* The type of attn_k_b the engine builds from an attn_kv_b of c->kv_b_type. */
+static uint32_t built_k_b_type(const struct ds2_cfg *c)
+{
+	if (c->kv_b_type != KERN_Q8_0)
+		return c->kv_b_type;
+	return c->nope % 32 == 0 ? KERN_Q8_0 : KERN_F16;
+}
+
+/* One layer's attn_k_b values kb[h][kv_lora][nope] and attn_v_b values
+ * vb[h][v_head][kv_lora] as attn_kv_b (LAYOUT_KV_B: per head nope K rows,
+ * k[i][c] = kb[h][c][i], then v_head V rows) or as the split tensors built
+ * from that attn_kv_b (LAYOUT_BUILT: K rows transposed from the stored
+ * values, V rows byte for byte). */
+static int write_kv_b(gguf_writer *w, const struct ds2_cfg *c, const float *kb, const float *vb,
+		      int keep)
+{
+	const int64_t H = c->n_head, np = c->nope, hv = c->v_head, kvr = c->kv_lora;
+	const int64_t rows = H * (np + hv);
+	const uint32_t T = c->kv_b_type;
+	const size_t rb = kern_row_bytes(T, kvr);
+	float *kv = malloc(sizeof(float) * (size_t)(rows * kvr));
+	char *q = malloc(rb * (size_t)rows);
+	float *kt = malloc(sizeof(float) * (size_t)(H * kvr * np));
+	int rc = kv && q && kt ? 0 : ERR_NOMEM;
+	for (int64_t h = 0; h < H && !rc; h++) {
+		for (int64_t i = 0; i < np; i++)
+			for (int64_t x = 0; x < kvr; x++)
+				kv[(h * (np + hv) + i) * kvr + x] = kb[(h * kvr + x) * np + i];
+		for (int64_t j = 0; j < hv; j++)
+			memcpy(kv + (h * (np + hv) + np + j) * kvr, vb + (h * hv + j) * kvr,
+			       sizeof(float) * (size_t)kvr);
+	}
+	if (!rc && c->layout == LAYOUT_KV_B) {
+		const int64_t n_rows = c->kv_b_rows ? (int64_t)c->kv_b_rows : rows;
+		for (int64_t r = 0; r < n_rows && !rc && keep; r++)
+			rc = write_rows(w, T, kv + (r % rows) * kvr, kvr, 1);
+	} else if (!rc) {
+		/* the stored attn_kv_b, then k_b from its dequantised K rows */
+		float *row = malloc(sizeof(float) * (size_t)kvr);
+		rc = row ? 0 : ERR_NOMEM;
+		for (int64_t r = 0; r < rows && !rc; r++) {
+			if (T == KERN_Q8_0) {
+				kern_convert_row(KERN_Q8_0, kv + r * kvr, q + (size_t)r * rb, kvr);
+				kern_dequant_row(KERN_Q8_0, q + (size_t)r * rb, row, kvr);
+				memcpy(kv + r * kvr, row, sizeof(float) * (size_t)kvr);
+			}
+		}
+		free(row);
+		for (int64_t h = 0; h < H && !rc; h++)
+			for (int64_t x = 0; x < kvr; x++)
+				for (int64_t i = 0; i < np; i++)
+					kt[(h * kvr + x) * np + i] =
+					    kv[(h * (np + hv) + i) * kvr + x];
+		if (!rc && keep)
+			rc = write_rows(w, built_k_b_type(c), kt, np, H * kvr);
+		for (int64_t h = 0; h < H && !rc && keep; h++)
+			for (int64_t j = 0; j < hv && !rc; j++) {
+				const int64_t r = h * (np + hv) + np + j;
+				rc = T == KERN_Q8_0 ? gguf_writer_write(w, q + (size_t)r * rb, rb)
+						    : write_rows(w, T, kv + r * kvr, kvr, 1);
+			}
+	}
+	free(kv);
+	free(q);
+	free(kt);
+	return rc;
+}
+
 /* Writes c as tmp_path; returns 0 on success. */
 static int write_model(const struct ds2_cfg *c)
 {
@@ -207,7 +351,8 @@ static int write_model(const struct ds2_cfg *c)
 		rc |= set_u32(w, "nextn_predict_layers", (uint32_t)c->nextn);
 	rc |= set_u32(w, "feed_forward_length", (uint32_t)c->n_ff);
 	rc |= set_u32(w, "attention.head_count", (uint32_t)c->n_head);
-	rc |= set_u32(w, "attention.head_count_kv", 1);
+	const int legacy = c->layout == LAYOUT_KV_B;
+	rc |= set_u32(w, "attention.head_count_kv", legacy ? (uint32_t)c->n_head : 1);
 	rc |= set_f32(w, "attention.layer_norm_rms_epsilon", 1e-6f);
 	rc |= set_f32(w, "rope.freq_base", 10000.0f);
 	rc |= set_u32(w, "expert_count", (uint32_t)c->n_expert);
@@ -216,10 +361,15 @@ static int write_model(const struct ds2_cfg *c)
 	rc |= set_u32(w, "leading_dense_block_count", (uint32_t)c->n_dense);
 	rc |= set_u32(w, "attention.q_lora_rank", (uint32_t)c->q_lora);
 	rc |= set_u32(w, "attention.kv_lora_rank", (uint32_t)c->kv_lora);
-	rc |= set_u32(w, "attention.key_length", (uint32_t)(c->kv_lora + c->rope));
-	rc |= set_u32(w, "attention.value_length", (uint32_t)c->kv_lora);
-	rc |= set_u32(w, "attention.key_length_mla", (uint32_t)(c->nope + c->rope));
-	rc |= set_u32(w, "attention.value_length_mla", (uint32_t)c->v_head);
+	if (legacy) {
+		rc |= set_u32(w, "attention.key_length", (uint32_t)(c->nope + c->rope));
+		rc |= set_u32(w, "attention.value_length", (uint32_t)c->v_head);
+	} else {
+		rc |= set_u32(w, "attention.key_length", (uint32_t)(c->kv_lora + c->rope));
+		rc |= set_u32(w, "attention.value_length", (uint32_t)c->kv_lora);
+		rc |= set_u32(w, "attention.key_length_mla", (uint32_t)(c->nope + c->rope));
+		rc |= set_u32(w, "attention.value_length_mla", (uint32_t)c->v_head);
+	}
 	rc |= set_u32(w, "rope.dimension_count", (uint32_t)c->rope);
 	rc |= set_u32(w, "expert_shared_count", (uint32_t)c->n_shared);
 	rc |= set_f32(w, "expert_weights_scale", c->scale);
@@ -246,28 +396,48 @@ static int write_model(const struct ds2_cfg *c)
 			rc |= gguf_writer_set_u32(w, c->ov_key, c->ov_u32);
 	}
 	describe(c);
-	for (int i = 0; i < n_tensors && !rc; i++)
-		if (!c->drop_tensor || strcmp(c->drop_tensor, tensors[i].name) != 0)
-			rc = gguf_writer_add_tensor(w, tensors[i].name, tensors[i].type,
-						    tensors[i].n_dims, tensors[i].ne);
+	for (int i = 0; i < n_tensors && !rc; i++) {
+		const struct ds2_tensor *t = &tensors[i];
+		if (!kept(c, i))
+			continue;
+		uint32_t type = t->type;
+		if (c->layout != LAYOUT_SPLIT && is_mla_b(t->name, "attn_k_b.weight")) {
+			if (c->layout == LAYOUT_KV_B) {
+				char name[64];
+				kv_b_name(t->name, name);
+				const uint64_t rows =
+				    c->kv_b_rows ? c->kv_b_rows
+						 : (uint64_t)c->n_head * (c->nope + c->v_head);
+				const uint64_t ne[2] = {(uint64_t)c->kv_lora, rows};
+				rc = gguf_writer_add_tensor(w, name, c->kv_b_type, 2, ne);
+				i++; /* attn_v_b is part of it */
+				continue;
+			}
+			type = built_k_b_type(c);
+		} else if (c->layout == LAYOUT_BUILT && is_mla_b(t->name, "attn_v_b.weight")) {
+			type = c->kv_b_type;
+		}
+		rc = gguf_writer_add_tensor(w, t->name, type, t->n_dims, t->ne);
+	}
 	if (!rc)
 		rc = gguf_writer_open(w, tmp_path);
 	rng_state = 12345;
 	for (int i = 0; i < n_tensors && !rc; i++) {
 		const struct ds2_tensor *t = &tensors[i];
-		const uint64_t n = t->ne[0] * t->ne[1] * t->ne[2];
-		int keep = !c->drop_tensor || strcmp(c->drop_tensor, t->name) != 0;
-		for (uint64_t j = 0; j < n && !rc; j++) {
-			float v = t->mean + t->std * rng_normal();
-			if (!keep)
-				continue;
-			if (t->type == KERN_F16) {
-				uint16_t h = kern_f32_to_f16(v);
-				rc = gguf_writer_write(w, &h, 2);
-			} else {
-				rc = gguf_writer_write(w, &v, 4);
-			}
+		const int keep = kept(c, i);
+		float *v = draw(t);
+		if (!v) {
+			rc = ERR_NOMEM;
+		} else if (c->layout != LAYOUT_SPLIT && is_mla_b(t->name, "attn_k_b.weight")) {
+			float *vb = draw(&tensors[i + 1]);
+			rc = vb ? write_kv_b(w, c, v, vb, keep) : ERR_NOMEM;
+			free(vb);
+			i++;
+		} else if (keep) {
+			rc = write_rows(w, t->type, v, (int64_t)t->ne[0],
+					(int64_t)(t->ne[1] * t->ne[2]));
 		}
+		free(v);
 	}
 	if (!rc)
 		rc = gguf_writer_commit(w);
@@ -420,6 +590,60 @@ static void test_invariants(void **state)
 	free(got);
 }
 
+/* All N_TOK logits of c prefilled in one batch into a new buffer. */
+static float *logits_of(const struct ds2_cfg *c)
+{
+	if (write_model(c))
+		return NULL;
+	model *m = open_tmp(512, 1);
+	if (!m)
+		return NULL;
+	float *out = malloc(sizeof(float) * N_TOK * (size_t)c->n_vocab);
+	if (out && prefill(m, 0, N_TOK, NULL, out)) {
+		free(out);
+		out = NULL;
+	}
+	model_destroy(&m);
+	return out;
+}
+
+/* Legacy layout (attn_kv_b) against the split layout holding the same
+ * values: bit for bit the same logits, for attn_kv_b in F32, F16 and BF16
+ * (kept as they are) and in Q8_0 (k_b built as Q8_0, or F16 when nope is not a
+ * multiple of 32, the V rows used in place). */
+static void test_legacy_layout(void **state)
+{
+	(void)state;
+	static const struct {
+		uint32_t type;
+		int nope, q_lora;
+	} cases[] = {
+	    {KERN_F32, 16, 32},	 {KERN_F16, 16, 32},  {KERN_F16, 24, 0},
+	    {KERN_BF16, 16, 32}, {KERN_Q8_0, 32, 32}, {KERN_Q8_0, 16, 0},
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct ds2_cfg c = base_cfg;
+		c.weight_type = cases[i].type == KERN_Q8_0 ? KERN_F16 : cases[i].type;
+		c.nope = cases[i].nope;
+		c.q_lora = cases[i].q_lora;
+		c.kv_b_type = cases[i].type;
+		c.layout = cases[i].type == KERN_Q8_0 ? LAYOUT_BUILT : LAYOUT_SPLIT;
+		float *split = logits_of(&c);
+		c.layout = LAYOUT_KV_B;
+		float *legacy = logits_of(&c);
+		assert_non_null(split);
+		assert_non_null(legacy);
+		check_finite(legacy, (size_t)N_TOK * c.n_vocab);
+		if (memcmp(split, legacy, sizeof(float) * N_TOK * (size_t)c.n_vocab) != 0)
+			print_message("attn_kv_b %s, nope %d: logits differ from the split "
+				      "layout\n",
+				      kern_type_name(cases[i].type), cases[i].nope);
+		assert_memory_equal(split, legacy, sizeof(float) * N_TOK * (size_t)c.n_vocab);
+		free(split);
+		free(legacy);
+	}
+}
+
 struct bad_case {
 	const char *what;
 	const char *key;
@@ -428,6 +652,31 @@ struct bad_case {
 	const char *s;
 	const char *drop;
 };
+
+/* model_open of base_cfg changed as bc says (in the given layout, with
+ * kv_b_rows rows of attn_kv_b when not 0) must fail with ERR_FORMAT. */
+static void expect_reject(const struct bad_case *bc, enum ds2_layout layout, uint64_t kv_b_rows)
+{
+	struct ds2_cfg c = base_cfg;
+	c.layout = layout;
+	c.kv_b_type = KERN_F16;
+	c.kv_b_rows = kv_b_rows;
+	c.ov_key = bc->key;
+	c.ov_type = bc->type;
+	c.ov_u32 = bc->u;
+	c.ov_str = bc->s;
+	c.drop_tensor = bc->drop;
+	assert_int_equal(write_model(&c), 0);
+	struct model_params mp;
+	model_params_default(&mp);
+	mp.n_ctx = 64;
+	model *m = NULL;
+	int rc = model_open(tmp_path, &mp, &m);
+	if (rc != ERR_FORMAT)
+		print_message("case '%s': model_open returned %d\n", bc->what, rc);
+	assert_int_equal(rc, ERR_FORMAT);
+	assert_null(m);
+}
 
 static void test_rejects(void **state)
 {
@@ -461,24 +710,34 @@ static void test_rejects(void **state)
 	    {"missing router", NULL, 0, 0, NULL, "blk.1.ffn_gate_inp.weight"},
 	    {"missing output norm", NULL, 0, 0, NULL, "output_norm.weight"},
 	};
-	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-		struct ds2_cfg c = base_cfg;
-		c.ov_key = cases[i].key;
-		c.ov_type = cases[i].type;
-		c.ov_u32 = cases[i].u;
-		c.ov_str = cases[i].s;
-		c.drop_tensor = cases[i].drop;
-		assert_int_equal(write_model(&c), 0);
-		struct model_params mp;
-		model_params_default(&mp);
-		mp.n_ctx = 64;
-		model *m = NULL;
-		int rc = model_open(tmp_path, &mp, &m);
-		if (rc != ERR_FORMAT)
-			print_message("case '%s': model_open returned %d\n", cases[i].what, rc);
-		assert_int_equal(rc, ERR_FORMAT);
-		assert_null(m);
-	}
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		expect_reject(&cases[i], LAYOUT_SPLIT, 0);
+
+	/* legacy layout: attn_kv_b of 4 heads x (16 + 16) rows of 32 */
+	static const struct {
+		struct bad_case bc;
+		uint64_t kv_b_rows;
+	} legacy[] = {
+	    {{"kv_b: missing", NULL, 0, 0, NULL, "blk.1.attn_kv_b.weight"}, 0},
+	    {{"kv_b: rows", NULL, 0, 0, NULL, NULL}, 4 * 32 - 1},
+	    {{"kv_b: rows of a split head", NULL, 0, 0, NULL, NULL}, 4 * 40},
+	    {{"kv_b: one KV head", "deepseek2.attention.head_count_kv", GGUF_TYPE_U32, 1, NULL,
+	      NULL},
+	     0},
+	    {{"kv_b: value length", "deepseek2.attention.value_length", GGUF_TYPE_U32, 0, NULL,
+	      NULL},
+	     0},
+	    {{"kv_b: key length = rope", "deepseek2.attention.key_length", GGUF_TYPE_U32, 8, NULL,
+	      NULL},
+	     0},
+	    {{"kv_b: key length", "deepseek2.attention.key_length", GGUF_TYPE_U32, 32, NULL, NULL},
+	     0},
+	    {{"kv_b: only key_length_mla", "deepseek2.attention.key_length_mla", GGUF_TYPE_U32, 24,
+	      NULL, NULL},
+	     0},
+	};
+	for (size_t i = 0; i < sizeof(legacy) / sizeof(legacy[0]); i++)
+		expect_reject(&legacy[i].bc, LAYOUT_KV_B, legacy[i].kv_b_rows);
 }
 
 int main(void)
@@ -489,6 +748,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_variants),
 	    cmocka_unit_test(test_invariants),
+	    cmocka_unit_test(test_legacy_layout),
 	    cmocka_unit_test(test_rejects),
 	};
 	int rc = cmocka_run_group_tests(tests, NULL, NULL);

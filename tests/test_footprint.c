@@ -81,6 +81,26 @@ static void test_measure(void **state)
 	assert_true(mem[0] == 64ull << 30 && mem[1] == 3ull << 39);
 }
 
+/* deepseek2: the split layout builds nothing; the legacy attn_kv_b layout
+ * (F16, 3 layers, 8 heads, kv_lora 64, nope 32) builds n_head x kv_lora rows
+ * of nope F16 values per layer; the KV cache is the same for both. */
+static void test_deepseek2_layouts(void **state)
+{
+	(void)state;
+	gguf *g = NULL;
+	struct footprint split, legacy;
+	assert_int_equal(gguf_open(data_path("ds2-tiny-f32.gguf"), &g), 0);
+	assert_int_equal(footprint_measure(g, &split), 0);
+	gguf_destroy(&g);
+	assert_int_equal(gguf_open(data_path("ds2-tiny-kvb.gguf"), &g), 0);
+	assert_int_equal(footprint_measure(g, &legacy), 0);
+	gguf_destroy(&g);
+	assert_true(split.coordinator_built_bytes == 0);
+	assert_true(legacy.coordinator_built_bytes == 3ull * 8 * 64 * 32 * 2);
+	assert_true(legacy.kv_known && legacy.kv_bytes_per_1k == split.kv_bytes_per_1k);
+	assert_true(legacy.expert_bytes == split.expert_bytes);
+}
+
 /* DeepSeek-V4-Flash's attention hyper-parameters (metadata only): the KV
  * cache at 1M tokens must match the spec's own arithmetic, about 6.7 GiB in
  * 16-bit entries (Flash: 21 CSA layers with 512-wide entries per 4 tokens plus
@@ -252,6 +272,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_measure),
+	    cmocka_unit_test(test_deepseek2_layouts),
 	    cmocka_unit_test(test_deepseek4_kv),
 	    cmocka_unit_test(test_coordinator_untouched),
 	};

@@ -10,7 +10,8 @@
  *   - quantize_file on tests/data/qwen3moe-tiny-f32.gguf keeps metadata and
  *     non-expert tensors byte-identical, its MXFP4 experts equal the oracle's
  *     (tests/data/qwen3moe-tiny-mxfp4.gguf, same seed) and decode close to the
- *     originals; bad inputs fail cleanly. */
+ *     originals; the first shard of the same model split in three gives the
+ *     same output file; bad inputs fail cleanly. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -674,6 +675,58 @@ static void test_quantize_qwen3moe(void **state)
 	unlink(out);
 }
 
+/* The first shard of a split model gives the output its single file gives:
+ * the same bytes (the split keys are left out, the tensors follow in shard
+ * order). */
+static void test_quantize_split_input(void **state)
+{
+	(void)state;
+	gguf *src = NULL;
+	assert_int_equal(gguf_open(data_path("qwen3moe-tiny-f32.gguf"), &src), 0);
+	const uint64_t n = gguf_n_tensors(src);
+	char shard[3][512];
+	for (int s = 0; s < 3; s++) {
+		char name[64];
+		snprintf(name, sizeof(name), "m-%05d-of-00003.gguf", s + 1);
+		snprintf(shard[s], sizeof(shard[s]), "%s", tmp_path(name));
+		gguf_writer *w = NULL;
+		assert_int_equal(gguf_writer_new(&w), 0);
+		if (s == 0)
+			assert_int_equal(gguf_writer_copy_all_kv(w, src), 0);
+		assert_int_equal(gguf_writer_set_split(w, (uint16_t)s, 3, (int32_t)n), 0);
+		for (uint64_t i = n * (uint64_t)s / 3; i < n * (uint64_t)(s + 1) / 3; i++) {
+			const gguf_tensor *t = gguf_tensor_at(src, i);
+			assert_int_equal(
+			    gguf_writer_add_tensor(w, t->name, t->type, t->n_dims, t->ne), 0);
+		}
+		assert_int_equal(gguf_writer_open(w, shard[s]), 0);
+		for (uint64_t i = n * (uint64_t)s / 3; i < n * (uint64_t)(s + 1) / 3; i++) {
+			const gguf_tensor *t = gguf_tensor_at(src, i);
+			assert_int_equal(gguf_writer_write(w, t->data, (size_t)t->n_bytes), 0);
+		}
+		assert_int_equal(gguf_writer_commit(w), 0);
+		gguf_writer_destroy(&w);
+	}
+	char from_split[512], from_one[512];
+	snprintf(from_split, sizeof(from_split), "%s", tmp_path("from-split.gguf"));
+	snprintf(from_one, sizeof(from_one), "%s", tmp_path("from-one.gguf"));
+	assert_int_equal(quantize_file(shard[0], from_split, KERN_Q8_0), 0);
+	assert_int_equal(quantize_file(gguf_path(src), from_one, KERN_Q8_0), 0);
+	size_t na, nb;
+	uint8_t *a = read_all(from_split, &na), *b = read_all(from_one, &nb);
+	assert_int_equal(na, nb);
+	assert_memory_equal(a, b, na);
+	free(a);
+	free(b);
+	/* a later shard is refused before anything is written */
+	assert_int_equal(quantize_file(shard[1], from_split, KERN_Q8_0), ERR_CONFIG);
+	gguf_destroy(&src);
+	unlink(from_split);
+	unlink(from_one);
+	for (int s = 0; s < 3; s++)
+		unlink(shard[s]);
+}
+
 /* A small model file: one expert tensor `expert` (F32, ne0 x 2 x 2) unless
  * NULL, one norm, with values from fill. */
 static void make_model(const char *path, const char *expert, uint64_t ne0, float fill_bad)
@@ -787,6 +840,7 @@ int main(void)
 	    cmocka_unit_test(test_writer_every_type_and_alignment),
 	    cmocka_unit_test(test_writer_misuse_leaves_nothing),
 	    cmocka_unit_test(test_quantize_qwen3moe),
+	    cmocka_unit_test(test_quantize_split_input),
 	    cmocka_unit_test(test_quantize_bad_inputs),
 	};
 	int rc = cmocka_run_group_tests(tests, NULL, NULL);

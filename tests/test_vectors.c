@@ -2,7 +2,9 @@
  * (a GGUF, the token sequence and llama.cpp's logits) must pass the oracle's
  * comparison rule, prefilling the prompt in one batch and decoding the rest one
  * token at a time.  Also: two sequences batched together give exactly the
- * logits each gives alone, and 1 thread equals 2 threads bit for bit. */
+ * logits each gives alone, and 1 thread equals 2 threads bit for bit.  A
+ * model written as gguf-split shards (one model per architecture, three
+ * shards) gives the single file's logits bit for bit. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -10,9 +12,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
+#include "../common/gguf.h"
+#include "../common/gguf_write.h"
 #include "../common/log.h"
 #include "../coordinator/model.h"
 #include "compare.h"
@@ -150,6 +155,81 @@ static void test_threads_agree(void **state)
 	test_case_free(&tc);
 }
 
+/* Writes the model of file src as count shards PREFIX-%05d-of-%05d.gguf, as
+ * gguf-split does: tensors in file order, spread evenly, the model keys in
+ * the first shard and the split keys in every one. */
+static void write_split(const char *src, const char *prefix, int count)
+{
+	gguf *g = NULL;
+	assert_int_equal(gguf_open(src, &g), 0);
+	const uint64_t n = gguf_n_tensors(g);
+	for (int s = 0; s < count; s++) {
+		uint64_t first = n * (uint64_t)s / (uint64_t)count;
+		uint64_t end = n * (uint64_t)(s + 1) / (uint64_t)count;
+		char path[320];
+		snprintf(path, sizeof(path), "%s-%05d-of-%05d.gguf", prefix, s + 1, count);
+		gguf_writer *w = NULL;
+		assert_int_equal(gguf_writer_new(&w), 0);
+		if (s == 0)
+			assert_int_equal(gguf_writer_copy_all_kv(w, g), 0);
+		assert_int_equal(gguf_writer_set_split(w, (uint16_t)s, (uint16_t)count, (int32_t)n),
+				 0);
+		for (uint64_t i = first; i < end; i++) {
+			const gguf_tensor *t = gguf_tensor_at(g, i);
+			assert_int_equal(
+			    gguf_writer_add_tensor(w, t->name, t->type, t->n_dims, t->ne), 0);
+		}
+		assert_int_equal(gguf_writer_open(w, path), 0);
+		for (uint64_t i = first; i < end; i++) {
+			const gguf_tensor *t = gguf_tensor_at(g, i);
+			assert_int_equal(gguf_writer_write(w, t->data, (size_t)t->n_bytes), 0);
+		}
+		assert_int_equal(gguf_writer_commit(w), 0);
+		gguf_writer_destroy(&w);
+	}
+	gguf_destroy(&g);
+}
+
+static void test_split_same_logits(void **state)
+{
+	const char *name = *state;
+	struct test_case tc;
+	if (test_case_load(name, &tc) != 0) {
+		print_message("# %s: not in tests/data, skipped\n", name);
+		return;
+	}
+	char dir[] = "/tmp/moefleet-test-split-XXXXXX", prefix[128], first[192], file[192];
+	assert_non_null(mkdtemp(dir));
+	snprintf(prefix, sizeof(prefix), "%s/%s", dir, name);
+	snprintf(file, sizeof(file), "%s.gguf", name);
+	write_split(test_data_path(file), prefix, 3);
+	snprintf(first, sizeof(first), "%s-00001-of-00003.gguf", prefix);
+	struct model_params mp;
+	model_params_default(&mp);
+	mp.n_threads = 2;
+	mp.n_ctx = tc.n_tokens;
+	model *ms = NULL;
+	assert_int_equal(model_open(first, &mp, &ms), 0);
+	model *m = open_model(name, 2, 1, tc.n_tokens);
+	assert_non_null(m);
+	assert_int_equal(gguf_n_shards(model_get_gguf(ms)), 3);
+	const size_t sz = sizeof(float) * (size_t)tc.n_tokens * tc.n_vocab;
+	float *a = malloc(sz), *b = malloc(sz);
+	assert_int_equal(run_case(m, &tc, 0, a), 0);
+	assert_int_equal(run_case(ms, &tc, 0, b), 0);
+	assert_memory_equal(a, b, sz);
+	free(a);
+	free(b);
+	model_destroy(&ms);
+	model_destroy(&m);
+	for (int s = 0; s < 3; s++) {
+		snprintf(file, sizeof(file), "%s-%05d-of-00003.gguf", prefix, s + 1);
+		unlink(file);
+	}
+	rmdir(dir);
+	test_case_free(&tc);
+}
+
 int main(void)
 {
 	FILE *f = fopen(test_data_path("vectors.list"), "r");
@@ -157,8 +237,8 @@ int main(void)
 		fprintf(stderr, "cannot open %s\n", test_data_path("vectors.list"));
 		return 1;
 	}
-	static struct CMUnitTest tests[3 * MAX_CASES];
-	static char test_names[3 * MAX_CASES][160];
+	static struct CMUnitTest tests[3 * MAX_CASES + 4];
+	static char test_names[3 * MAX_CASES + 4][160];
 	int n = 0, nt = 0;
 	char line[256];
 	while (n < MAX_CASES && fgets(line, sizeof(line), f)) {
@@ -179,6 +259,15 @@ int main(void)
 		n++;
 	}
 	fclose(f);
+	/* one model per architecture as split files */
+	static const char *split_cases[] = {"qwen3moe-tiny-mxfp4", "gptoss-tiny-mxfp4",
+					    "ds2-tiny-q4_0", "ds4-tiny-mxfp4"};
+	for (size_t i = 0; i < sizeof(split_cases) / sizeof(split_cases[0]); i++) {
+		snprintf(test_names[nt], sizeof(test_names[nt]), "split_%s", split_cases[i]);
+		tests[nt] = (struct CMUnitTest){test_names[nt], test_split_same_logits, NULL, NULL,
+						(void *)split_cases[i]};
+		nt++;
+	}
 	log_set_quiet(1);
 	return _cmocka_run_group_tests("vectors", tests, (size_t)nt, NULL, NULL);
 }

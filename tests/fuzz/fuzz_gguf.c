@@ -4,7 +4,9 @@
  * one byte past the end, which a page-rounded mapping would hide); when it
  * is accepted, every accessor is exercised on the keys and tensors (lookups,
  * which are linear, on the first FUZZ_MAX_LOOKUPS of each), and each
- * tensor's bytes must lie inside the file. */
+ * tensor's bytes must lie inside the file.  An accepted input is one file: a
+ * plain model or a split model of one shard (a shard of several is refused
+ * from memory and, in the replay, from disk). */
 #define _GNU_SOURCE
 #include "fuzz.h"
 #include "../../common/gguf.h"
@@ -70,6 +72,7 @@ static void fuzz_touch_kv(const gguf *g, const uint8_t *in, size_t in_size, uint
 	size_t n;
 	if (gguf_kv_raw(g, i, &raw, &n) || !fuzz_inside(in, in_size, raw, n))
 		abort();
+	uint16_t u16;
 	uint32_t u32;
 	int32_t i32;
 	float f;
@@ -78,8 +81,13 @@ static void fuzz_touch_kv(const gguf *g, const uint8_t *in, size_t in_size, uint
 	char buf[64];
 	switch (gguf_kv_type(g, i)) {
 	/* the getter of the stored type succeeds, another one fails */
+	case GGUF_TYPE_U16:
+		if (gguf_get_u16(g, key, &u16) || !gguf_get_u32(g, key, &u32))
+			abort();
+		break;
 	case GGUF_TYPE_U32:
-		if (gguf_get_u32(g, key, &u32) || !gguf_get_i32(g, key, &i32))
+		if (gguf_get_u32(g, key, &u32) || !gguf_get_i32(g, key, &i32) ||
+		    !gguf_get_u16(g, key, &u16))
 			abort();
 		break;
 	case GGUF_TYPE_I32:
@@ -142,11 +150,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	uint64_t size_file = gguf_file_size(g);
 	if (size_file != size)
 		abort();
+	if (gguf_n_shards(g) != 1 || gguf_shard_size(g, 0) != size ||
+	    gguf_shard_n_tensors(g, 0) != gguf_n_tensors(g) || gguf_shard_path(g, 1))
+		abort();
 	for (uint64_t i = 0; i < gguf_n_kv(g) && i < FUZZ_MAX_LOOKUPS; i++)
 		fuzz_touch_kv(g, data, size, i);
 	for (uint64_t i = 0; i < gguf_n_tensors(g); i++) {
 		const gguf_tensor *t = gguf_tensor_at(g, i);
-		if (!t || !t->name)
+		if (!t || !t->name || t->shard != 0)
 			abort();
 		if (t->n_bytes > size_file)
 			abort();
