@@ -675,6 +675,60 @@ static void test_quantize_qwen3moe(void **state)
 	unlink(out);
 }
 
+/* Experts of every block-type family as the source: each converted row is
+ * the MXFP4 quantisation of the source row as kern_dequant_row_ref decodes
+ * it, whatever the source type (K-quants, grid types, 32-value types). */
+static void test_quantize_any_source_type(void **state)
+{
+	(void)state;
+	static const char *const models[] = {"q3-kq-q2k.gguf", "q3-kq-q4km.gguf", "q3-lg-q51.gguf",
+					     "go-lg-q50.gguf", "q3-iq-iq1m.gguf", "q3-iq-iq3.gguf",
+					     "go-iq-iq2s.gguf"};
+	const char *out = tmp_path("any.gguf");
+	int seen[64] = {0};
+	for (size_t m = 0; m < sizeof(models) / sizeof(models[0]); m++) {
+		char in[4096];
+		snprintf(in, sizeof(in), "%s", data_path(models[m]));
+		assert_int_equal(quantize_file(in, out, KERN_MXFP4), 0);
+		gguf *a = NULL, *b = NULL;
+		assert_int_equal(gguf_open(in, &a), 0);
+		assert_int_equal(gguf_open(out, &b), 0);
+		assert_int_equal(gguf_n_tensors(a), gguf_n_tensors(b));
+		for (uint64_t i = 0; i < gguf_n_tensors(a); i++) {
+			const gguf_tensor *ta = gguf_tensor_at(a, i), *tb = gguf_tensor_at(b, i);
+			if (!quantize_is_expert(ta->name))
+				continue;
+			assert_int_equal(tb->type, KERN_MXFP4);
+			seen[ta->type & 63] = 1;
+			const int64_t ne0 = (int64_t)ta->ne[0];
+			const size_t ra = kern_row_bytes(ta->type, ne0),
+				     rb = kern_row_bytes(KERN_MXFP4, ne0);
+			float *x = malloc((size_t)ne0 * sizeof(float));
+			uint8_t *q = malloc(rb);
+			assert_non_null(x);
+			assert_non_null(q);
+			for (uint64_t r = 0; r < ta->n_bytes / ra; r++) {
+				kern_dequant_row_ref(ta->type, (const uint8_t *)ta->data + r * ra,
+						     x, ne0);
+				assert_int_equal(quant_row(KERN_MXFP4, x, q, ne0), 0);
+				assert_memory_equal(q, (const uint8_t *)tb->data + r * rb, rb);
+			}
+			free(x);
+			free(q);
+		}
+		gguf_destroy(&a);
+		gguf_destroy(&b);
+	}
+	/* the sources covered: K-quants, grid types and 32-value types */
+	static const uint32_t want[] = {KERN_Q2_K,  KERN_Q4_K,	  KERN_Q5_1, KERN_Q5_0,
+					KERN_IQ1_M, KERN_IQ3_XXS, KERN_IQ2_S};
+	for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++)
+		if (!seen[want[i]])
+			fail_msg("no %s expert tensor among the test models",
+				 kern_type_name(want[i]));
+	unlink(out);
+}
+
 /* The first shard of a split model gives the output its single file gives:
  * the same bytes (the split keys are left out, the tensors follow in shard
  * order). */
@@ -840,6 +894,7 @@ int main(void)
 	    cmocka_unit_test(test_writer_every_type_and_alignment),
 	    cmocka_unit_test(test_writer_misuse_leaves_nothing),
 	    cmocka_unit_test(test_quantize_qwen3moe),
+	    cmocka_unit_test(test_quantize_any_source_type),
 	    cmocka_unit_test(test_quantize_split_input),
 	    cmocka_unit_test(test_quantize_bad_inputs),
 	};
