@@ -11,12 +11,36 @@
 #include "fuzz.h"
 #include "../../common/gguf.h"
 #include "../../common/log.h"
+#include "../../kernels/kern.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define FUZZ_MAX_LOOKUPS 256
+#define FUZZ_MAX_DECODES 16
+#define FUZZ_MAX_ROW 4096 /* values of a decoded row, at most */
+
+/* Row 0 of t through kern_dequant_row, kern_convert_row and kern_dot, with
+ * both implementations. */
+static void fuzz_decode_row(const gguf_tensor *t)
+{
+	static float x[FUZZ_MAX_ROW];
+	static uint8_t xa[FUZZ_MAX_ROW * 4 + 64];
+	const int64_t n = (int64_t)t->ne[0];
+	if (!kern_type_dot(t->type) || n <= 0 || n > FUZZ_MAX_ROW ||
+	    kern_row_bytes(t->type, n) > t->n_bytes)
+		return;
+	const uint32_t at = kern_act_type(t->type);
+	for (int ref = 0; ref < 2; ref++) {
+		kern_force_ref(ref);
+		kern_dequant_row(t->type, t->data, x, n);
+		kern_convert_row(at, x, xa, n);
+		volatile float d = kern_dot(t->type, n, t->data, xa);
+		(void)d;
+	}
+	kern_force_ref(0);
+}
 
 #ifdef FUZZ_NAME
 #include <sys/mman.h>
@@ -138,6 +162,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	static int init;
 	if (!init) {
 		log_set_quiet(1);
+		kern_init();
 		init = 1;
 	}
 	gguf *g = NULL;
@@ -169,6 +194,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			(void)*(volatile const uint8_t *)p;
 			(void)*(volatile const uint8_t *)(p + t->n_bytes - 1);
 		}
+		if (i < FUZZ_MAX_DECODES)
+			fuzz_decode_row(t);
 		if (i >= FUZZ_MAX_LOOKUPS)
 			continue;
 		if (gguf_find_tensor(g, t->name) != t) /* names are unique */
