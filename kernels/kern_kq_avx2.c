@@ -285,11 +285,10 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int nc, int nr, const uint8_t *
 #pragma GCC unroll 4
 		for (int o = 0; o < nc; o++) {
 			const uint8_t *b = w + o * ws + (size_t)ib * bs;
-			if (pf) {
-				_mm_prefetch((const char *)b + pf, _MM_HINT_T0);
-				_mm_prefetch((const char *)b + pf + 64, _MM_HINT_T0);
-				_mm_prefetch((const char *)b + pf + 128, _MM_HINT_T0);
-			}
+			if (pf) /* one per 64 bytes of the block */
+#pragma GCC unroll 4
+				for (size_t l = 0; l < bs; l += 64)
+					_mm_prefetch((const char *)b + pf + l, _MM_HINT_T0);
 			const struct kq_scales s = kq_scales_of(type, b);
 			__m256i p[KQ_QR];
 #pragma GCC unroll 4
