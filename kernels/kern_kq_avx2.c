@@ -480,9 +480,10 @@ void kern_kq_dequant_avx2(uint32_t type, const void *src, float *dst, int64_t n)
 				const __m256 dl = _mm256_set1_ps(d * (float)sv[c + 8 * h]);
 				const __m256 ml = _mm256_set1_ps(dmin * (float)cv[g]);
 				float *y = dst + 16 * g;
+				const __m128i half[2] = {qq[h], _mm_srli_si128(qq[h], 8)};
 				for (int k = 0; k < 2; k++) {
-					const __m256 v = _mm256_cvtepi32_ps(
-					    _mm256_cvtepi8_epi32(_mm_srli_si128(qq[h], 8 * k)));
+					const __m256 v =
+					    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(half[k]));
 					__m256 r = _mm256_mul_ps(dl, v);
 					if (kq_has_min(type))
 						r = _mm256_sub_ps(r, ml);
