@@ -93,6 +93,32 @@ __attribute__((target("avx2,fma"))) static void attn_simd_axpy(float q, const fl
 		sv[i] = fmaf(q, row[i], sv[i]);
 }
 
+/* The scores of a key tile: sv[i] = the FMA chain over d < dk of
+ * q[d] * kt[d * ATTN_TILE_KV + i] in d order, for i < nv; what attn_simd_axpy
+ * gives over d from sv = 0, with a full tile's 64 sums held in registers. */
+__attribute__((target("avx2,fma"))) static void
+attn_simd_tile_scores(const float *q, const float *kt, int dk, int nv, float *sv)
+{
+	if (nv != ATTN_TILE_KV) {
+		for (int i = 0; i < nv; i++)
+			sv[i] = 0.0f;
+		for (int d = 0; d < dk; d++)
+			attn_simd_axpy(q[d], kt + (size_t)d * ATTN_TILE_KV, sv, nv);
+		return;
+	}
+	__m256 a[ATTN_TILE_KV / 8];
+	for (int j = 0; j < ATTN_TILE_KV / 8; j++)
+		a[j] = _mm256_setzero_ps();
+	for (int d = 0; d < dk; d++) {
+		const __m256 qv = _mm256_set1_ps(q[d]);
+		const float *row = kt + (size_t)d * ATTN_TILE_KV;
+		for (int j = 0; j < ATTN_TILE_KV / 8; j++)
+			a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(row + 8 * j), a[j]);
+	}
+	for (int j = 0; j < ATTN_TILE_KV / 8; j++)
+		_mm256_storeu_ps(sv + 8 * j, a[j]);
+}
+
 /* The 4 x 16-lane accumulation of attn_dot_f16 over np values (a multiple of
  * 64): acc[j][l] = acc[j][l] + q16[i + 16 j + l] * k[i + 16 j + l], then
  * acc[0] + acc[2], acc[1] + acc[3], and their sum, into out[16]. */
@@ -291,6 +317,10 @@ static void attn_simd_axpy(float q, const float *row, float *sv, int n)
 static void attn_simd_dot16(const float *q16, const uint16_t *k, int np, float *out)
 {
 	(void)q16, (void)k, (void)np, (void)out;
+}
+static void attn_simd_tile_scores(const float *q, const float *kt, int dk, int nv, float *sv)
+{
+	(void)q, (void)kt, (void)dk, (void)nv, (void)sv;
 }
 static void attn_simd_scale_f16(float *acc, float ms, int n)
 {
@@ -921,17 +951,17 @@ ATTN_HOT static void attn_row_tiled(const struct attn_job *jb, struct attn_kvf *
 			}
 		}
 		float sv[ATTN_TILE_KV];
-		for (int i = 0; i < nv; i++)
-			sv[i] = 0.0f;
-		for (int d = 0; d < dk; d++) {
-			const float qd = qh[d];
-			const float *row = ktile + (size_t)d * ATTN_TILE_KV + kt_off;
-			if (simd) {
-				attn_simd_axpy(qd, row, sv, nv);
-				continue;
-			}
+		if (simd) {
+			attn_simd_tile_scores(qh, ktile + kt_off, dk, nv, sv);
+		} else {
 			for (int i = 0; i < nv; i++)
-				sv[i] = fmaf(qd, row[i], sv[i]);
+				sv[i] = 0.0f;
+			for (int d = 0; d < dk; d++) {
+				const float qd = qh[d];
+				const float *row = ktile + (size_t)d * ATTN_TILE_KV + kt_off;
+				for (int i = 0; i < nv; i++)
+					sv[i] = fmaf(qd, row[i], sv[i]);
+			}
 		}
 		float tile_max = -INFINITY;
 		for (int i = 0; i < ATTN_TILE_KV; i++) {
@@ -1186,16 +1216,16 @@ ATTN_HOT static void attn_gather_tiled(const struct attn_keys *ks, int dim, cons
 			for (int d = 0; d < dim; d++)
 				kt[(size_t)d * ATTN_TILE_KV + (size_t)u] = vrow[d];
 		}
-		for (int u = 0; u < nv; u++)
-			sv[u] = 0.0f;
-		for (int d = 0; d < dim; d++) {
-			const float *row = kt + (size_t)d * ATTN_TILE_KV;
-			if (simd) {
-				attn_simd_axpy(q[d], row, sv, nv);
-				continue;
-			}
+		if (simd) {
+			attn_simd_tile_scores(q, kt, dim, nv, sv);
+		} else {
 			for (int u = 0; u < nv; u++)
-				sv[u] = fmaf(q[d], row[u], sv[u]);
+				sv[u] = 0.0f;
+			for (int d = 0; d < dim; d++) {
+				const float *row = kt + (size_t)d * ATTN_TILE_KV;
+				for (int u = 0; u < nv; u++)
+					sv[u] = fmaf(q[d], row[u], sv[u]);
+			}
 		}
 		float tile_max = -INFINITY;
 		for (int c = 0; c < ATTN_TILE_KV; c++)
