@@ -119,42 +119,6 @@ attn_simd_tile_scores(const float *q, const float *kt, int dk, int nv, float *sv
 		_mm256_storeu_ps(sv + 8 * j, a[j]);
 }
 
-/* acc[d] = fma(w[u], v_u[d], acc[d]) for u = 0 .. nk-1 in order, d < n, with
- * v_u = v + u * ld (F32 rows, f16 = 0) or the F16 rows at v16 + u * ld: what
- * attn_simd_axpy(_f16) gives key after key, with 64 sums held in registers
- * across the keys. */
-__attribute__((target("avx2,fma,f16c"))) static void
-attn_simd_tile_values(const float *w, const float *v, const uint16_t *v16, size_t ld, int nk,
-		      float *acc, int n)
-{
-	int d0 = 0;
-	for (; d0 + 64 <= n; d0 += 64) {
-		__m256 a[8];
-		for (int j = 0; j < 8; j++)
-			a[j] = _mm256_loadu_ps(acc + d0 + 8 * j);
-		for (int u = 0; u < nk; u++) {
-			const __m256 wv = _mm256_set1_ps(w[u]);
-			for (int j = 0; j < 8; j++) {
-				const size_t at = (size_t)u * ld + (size_t)(d0 + 8 * j);
-				const __m256 x = v16 ? _mm256_cvtph_ps(_mm_loadu_si128(
-							   (const __m128i *)(v16 + at)))
-						     : _mm256_loadu_ps(v + at);
-				a[j] = _mm256_fmadd_ps(wv, x, a[j]);
-			}
-		}
-		for (int j = 0; j < 8; j++)
-			_mm256_storeu_ps(acc + d0 + 8 * j, a[j]);
-	}
-	if (d0 < n)
-		for (int u = 0; u < nk; u++) {
-			if (v16)
-				attn_simd_axpy_f16(w[u], v16 + (size_t)u * ld + d0, acc + d0,
-						   n - d0);
-			else
-				attn_simd_axpy(w[u], v + (size_t)u * ld + d0, acc + d0, n - d0);
-		}
-}
-
 /* The 4 x 16-lane accumulation of attn_dot_f16 over np values (a multiple of
  * 64): acc[j][l] = acc[j][l] + q16[i + 16 j + l] * k[i + 16 j + l], then
  * acc[0] + acc[2], acc[1] + acc[3], and their sum, into out[16]. */
@@ -357,11 +321,6 @@ static void attn_simd_dot16(const float *q16, const uint16_t *k, int np, float *
 static void attn_simd_tile_scores(const float *q, const float *kt, int dk, int nv, float *sv)
 {
 	(void)q, (void)kt, (void)dk, (void)nv, (void)sv;
-}
-static void attn_simd_tile_values(const float *w, const float *v, const uint16_t *v16, size_t ld,
-				  int nk, float *acc, int n)
-{
-	(void)w, (void)v, (void)v16, (void)ld, (void)nk, (void)acc, (void)n;
 }
 static void attn_simd_scale_f16(float *acc, float ms, int n)
 {
@@ -1038,17 +997,6 @@ ATTN_HOT static void attn_row_tiled(const struct attn_job *jb, struct attn_kvf *
 
 		/* acc[d] += sum_i kq[i] * v[i][d], one FMA chain per d in tile
 		 * order; masked positions add exact zeros and are skipped */
-		if (simd) {
-			if (kvf)
-				attn_simd_tile_values(kq + (a - ic),
-						      kvf->v + (size_t)a * (size_t)dv, NULL,
-						      (size_t)dv, z - a, acc, dv);
-			else
-				attn_simd_tile_values(kq + (a - ic), NULL,
-						      vbase + (size_t)a * (size_t)c->v_width,
-						      (size_t)c->v_width, z - a, acc, dv);
-			continue;
-		}
 		for (int j = a; j < z; j++) {
 			const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
 			const float w = kq[j - ic];
