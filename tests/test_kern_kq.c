@@ -1,0 +1,544 @@
+/* test_kern_kq: the K-quant kernels (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS with
+ * Q8_K activations).  The scalar dequantisation against the oracle's
+ * independent decoder (tests/data/kq-blocks.bin, from tools/kquant_blocks.mjs),
+ * the scalar dot against a double-precision sum, the Q8_K quantiser against
+ * hand-computed blocks, and (when the CPU has AVX2+FMA+F16C) the AVX2
+ * dequantisation, quantiser, dot and matmul against the scalar twins bit for
+ * bit. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/kern.h"
+#include "kernels/kern_impl.h"
+
+/* ----------------------------------------------------------- helpers */
+
+static uint64_t rng_state;
+
+static void rng_seed(uint64_t s)
+{
+	rng_state = s * 0x9e3779b97f4a7c15ull + 1;
+}
+
+static uint32_t rng_u32(void)
+{
+	uint64_t x = rng_state;
+	x ^= x >> 12;
+	x ^= x << 25;
+	x ^= x >> 27;
+	rng_state = x;
+	return (uint32_t)((x * 0x2545f4914f6cdd1dull) >> 32);
+}
+
+/* uniform in [-1, 1) */
+static float rng_f(void)
+{
+	return (float)((double)rng_u32() / 2147483648.0 - 1.0);
+}
+
+static uint32_t f2u(float f)
+{
+	uint32_t u;
+	memcpy(&u, &f, sizeof(u));
+	return u;
+}
+
+static void *xmalloc(size_t n)
+{
+	void *p = malloc(n ? n : 1);
+	assert_non_null(p);
+	return p;
+}
+
+static int have_avx2(void)
+{
+	kern_init();
+	kern_force_ref(0);
+	return kern_cpu_avx2();
+}
+
+static const uint32_t kq_types[] = {KERN_Q2_K, KERN_Q3_K, KERN_Q4_K,
+				    KERN_Q5_K, KERN_Q6_K, KERN_IQ4_XS};
+#define N_KQ (sizeof(kq_types) / sizeof(kq_types[0]))
+#define QK   KERN_QK_K
+
+/* Byte offsets of a block's f16 fields (d, then dmin if any). */
+static int f16_fields(uint32_t t, int off[2])
+{
+	switch (t) {
+	case KERN_Q2_K: off[0] = 80, off[1] = 82; return 2;
+	case KERN_Q3_K: off[0] = 108; return 1;
+	case KERN_Q4_K:
+	case KERN_Q5_K: off[0] = 0, off[1] = 2; return 2;
+	case KERN_Q6_K: off[0] = 208; return 1;
+	default: off[0] = 0; return 1;
+	}
+}
+
+static void put_f16(uint8_t *p, float v)
+{
+	uint16_t h = kern_f32_to_f16(v);
+	memcpy(p, &h, 2);
+}
+
+/* Weight blocks: random bytes (every scale, min and code pattern), f16
+ * fields from moderate random values, or per mode:
+ *   0 random, 1 all bytes 0xff, 2 all bytes 0, 3 extreme d (+-65504 and a
+ *   subnormal), 4 negative d and dmin, 5 bytes 0xaa / 0x55 alternating. */
+static void fill_weights(uint32_t t, uint8_t *w, int64_t nb, int mode)
+{
+	const size_t bs = kern_type_block_bytes(t);
+	int off[2];
+	const int nf = f16_fields(t, off);
+	for (int64_t ib = 0; ib < nb; ib++) {
+		uint8_t *b = w + (size_t)ib * bs;
+		for (size_t j = 0; j < bs; j++)
+			b[j] = mode == 1   ? 0xff
+			       : mode == 2 ? 0
+			       : mode == 5 ? (j & 1 ? 0x55 : 0xaa)
+					   : (uint8_t)rng_u32();
+		for (int f = 0; f < nf; f++) {
+			float v = 0.001f + 0.05f * (rng_f() + 1.0f);
+			if (mode == 3)
+				v = (ib + f) % 3 == 0	? 65504.0f
+				    : (ib + f) % 3 == 1 ? -65504.0f
+							: 5.9604645e-8f; /* smallest subnormal */
+			else if (mode == 4)
+				v = -v;
+			put_f16(b + off[f], v);
+		}
+	}
+}
+
+/* Q8_K activation rows: quantised from random floats (mode 0), or built by
+ * hand with consistent bsums: 1 all q = 127, 2 all q = -127, 3 alternating
+ * +-127, 4 zero block (d = 0), 5 random q in [-127, 127] with negative d. */
+static void fill_act(struct kern_block_q8_k *x, int64_t nb, int mode)
+{
+	if (mode == 0) {
+		float *f = xmalloc((size_t)nb * QK * sizeof(float));
+		for (int64_t i = 0; i < nb * QK; i++)
+			f[i] = rng_f() * (float)(1 + (i / 37) % 5);
+		kern_convert_row_ref(KERN_Q8_K, f, x, nb * QK);
+		free(f);
+		return;
+	}
+	for (int64_t ib = 0; ib < nb; ib++) {
+		struct kern_block_q8_k *b = &x[ib];
+		b->d = mode == 4 ? 0.0f : mode == 5 ? -0.0123f : 0.0371f * (float)(ib + 1);
+		for (int j = 0; j < QK; j++) {
+			int q = mode == 1   ? 127
+				: mode == 2 ? -127
+				: mode == 3 ? (j & 1 ? 127 : -127)
+				: mode == 4 ? 0
+					    : (int)(rng_u32() % 255) - 127;
+			b->qs[j] = (int8_t)q;
+		}
+		for (int g = 0; g < 16; g++) {
+			int s = 0;
+			for (int j = 0; j < 16; j++)
+				s += b->qs[16 * g + j];
+			b->bsums[g] = (int16_t)s;
+		}
+	}
+}
+
+/* ------------------------------------------------------------- tests */
+
+static void test_type_table(void **state)
+{
+	(void)state;
+	static const int bytes[] = {84, 110, 144, 176, 210, 136};
+	for (size_t i = 0; i < N_KQ; i++) {
+		assert_int_equal(kern_type_block(kq_types[i]), QK);
+		assert_int_equal(kern_type_block_bytes(kq_types[i]), bytes[i]);
+		assert_int_equal(kern_act_type(kq_types[i]), KERN_Q8_K);
+		assert_true(kern_type_dot(kq_types[i]));
+	}
+	assert_false(kern_type_dot(KERN_Q8_K));
+	assert_int_equal(kern_type_block_bytes(KERN_Q8_K), sizeof(struct kern_block_q8_k));
+}
+
+/* Hand-computed Q8_K blocks through both the reference and the dispatched
+ * quantiser. */
+static void check_q8k_hand(int use_ref)
+{
+	float x[QK];
+	struct kern_block_q8_k y;
+	void (*conv)(enum kern_type, const float *, void *, int64_t) =
+	    use_ref ? kern_convert_row_ref : kern_convert_row;
+
+	/* max = -127 -> iscale = 1: q = round-half-even(x), d = 1 */
+	for (int j = 0; j < QK; j++)
+		x[j] = 0.0f;
+	x[0] = -127.0f;
+	x[1] = 2.5f;	/* -> 2 */
+	x[2] = 3.5f;	/* -> 4 */
+	x[3] = -2.5f;	/* -> -2 */
+	x[4] = 0.5f;	/* -> 0 */
+	x[5] = 1.5f;	/* -> 2 */
+	x[6] = -0.5f;	/* -> 0 */
+	x[7] = 126.5f;	/* -> 126 */
+	x[16] = 127.0f; /* ties the max in magnitude: the first one wins */
+	x[17] = -1.49f; /* -> -1 */
+	memset(&y, 0x5a, sizeof(y));
+	conv(KERN_Q8_K, x, &y, QK);
+	assert_int_equal(f2u(y.d), f2u(1.0f));
+	static const int8_t want[8] = {-127, 2, 4, -2, 0, 2, 0, 126};
+	for (int j = 0; j < 8; j++)
+		assert_int_equal(y.qs[j], want[j]);
+	assert_int_equal(y.qs[16], 127);
+	assert_int_equal(y.qs[17], -1);
+	for (int j = 18; j < QK; j++)
+		assert_int_equal(y.qs[j], 0);
+	assert_int_equal(y.bsums[0], -127 + 2 + 4 - 2 + 0 + 2 + 0 + 126);
+	assert_int_equal(y.bsums[1], 127 - 1);
+	for (int g = 2; g < 16; g++)
+		assert_int_equal(y.bsums[g], 0);
+
+	/* the positive value comes first: iscale = -1, everything mirrored */
+	x[0] = 127.0f;
+	x[16] = -127.0f;
+	conv(KERN_Q8_K, x, &y, QK);
+	assert_int_equal(f2u(y.d), f2u(-1.0f));
+	assert_int_equal(y.qs[0], -127);
+	assert_int_equal(y.qs[1], -2);
+	assert_int_equal(y.qs[2], -4);
+	assert_int_equal(y.qs[16], 127);
+
+	/* a scale that is not a power of two: max = 2 -> iscale = -63.5 */
+	for (int j = 0; j < QK; j++)
+		x[j] = 0.0f;
+	x[9] = 2.0f;
+	x[10] = 1.0f;	    /* -63.5 -> -64 (even) */
+	x[11] = -1.0f;	    /* 63.5 -> 64 */
+	x[12] = 3.0f / 127; /* about -1.5 */
+	conv(KERN_Q8_K, x, &y, QK);
+	assert_int_equal(f2u(y.d), f2u(1.0f / (-127.0f / 2.0f)));
+	assert_int_equal(y.qs[9], -127);
+	assert_int_equal(y.qs[10], -64);
+	assert_int_equal(y.qs[11], 64);
+	{
+		float v = (-127.0f / 2.0f) * (3.0f / 127);
+		int r = (int)nearbyintf(v);
+		assert_int_equal(y.qs[12], r);
+	}
+
+	/* zero block (second of two): d = 0, q = 0, bsums = 0 */
+	float x2[2 * QK];
+	struct kern_block_q8_k y2[2];
+	for (int j = 0; j < 2 * QK; j++)
+		x2[j] = j < QK ? (float)(j % 7) - 3.0f : 0.0f;
+	x2[QK + 5] = -0.0f;
+	memset(y2, 0x5a, sizeof(y2));
+	conv(KERN_Q8_K, x2, y2, 2 * QK);
+	assert_int_equal(f2u(y2[1].d), 0);
+	for (int j = 0; j < QK; j++)
+		assert_int_equal(y2[1].qs[j], 0);
+	for (int g = 0; g < 16; g++)
+		assert_int_equal(y2[1].bsums[g], 0);
+	assert_int_equal(f2u(y2[0].d), f2u(1.0f / (-127.0f / -3.0f)));
+}
+
+static void test_q8k_hand(void **state)
+{
+	(void)state;
+	check_q8k_hand(1);
+	if (have_avx2())
+		check_q8k_hand(0);
+	else
+		print_message("no AVX2: SIMD quantiser not checked\n");
+}
+
+/* AVX2 quantiser = reference, byte for byte, on random rows with ties,
+ * huge and tiny values, infinities and NaNs. */
+static void test_q8k_simd(void **state)
+{
+	(void)state;
+	if (!have_avx2()) {
+		print_message("no AVX2: skipped\n");
+		return;
+	}
+	const int64_t nb = 4;
+	float *x = xmalloc(nb * QK * sizeof(float));
+	struct kern_block_q8_k *a = xmalloc(nb * sizeof(*a)), *b = xmalloc(nb * sizeof(*b));
+	rng_seed(7);
+	for (int it = 0; it < 300; it++) {
+		const int mode = it % 6;
+		for (int64_t i = 0; i < nb * QK; i++) {
+			float v = rng_f();
+			switch (mode) {
+			case 1: v = (float)((int)(v * 20)) * 0.5f; break; /* many ties */
+			case 2: v *= 1e30f; break;
+			case 3: v *= 1e-38f; break; /* subnormals */
+			case 4:
+				v = rng_u32() % 50 == 0 ? (rng_u32() & 1 ? INFINITY : NAN) : v;
+				break;
+			case 5: v = (i / QK) % 2 ? 0.0f : v; break; /* zero blocks */
+			default: break;
+			}
+			x[i] = v;
+		}
+		memset(a, 0x11, nb * sizeof(*a));
+		memset(b, 0x22, nb * sizeof(*b));
+		kern_convert_row_ref(KERN_Q8_K, x, a, nb * QK);
+		kern_convert_row(KERN_Q8_K, x, b, nb * QK);
+		assert_memory_equal(a, b, nb * sizeof(*a));
+	}
+	free(x);
+	free(a);
+	free(b);
+}
+
+/* The reference dequantisation reproduces the oracle's decoder exactly. */
+static void test_dequant_oracle(void **state)
+{
+	(void)state;
+	const char *top = getenv("top_srcdir");
+	char path[4096];
+	snprintf(path, sizeof(path), "%s/tests/data/kq-blocks.bin", top ? top : ".");
+	FILE *f = fopen(path, "rb");
+	assert_non_null(f);
+	char magic[4];
+	uint32_t count;
+	assert_int_equal(fread(magic, 1, 4, f), 4);
+	assert_memory_equal(magic, "KQB1", 4);
+	assert_int_equal(fread(&count, 4, 1, f), 1);
+	assert_int_equal(count, N_KQ);
+	for (uint32_t rec = 0; rec < count; rec++) {
+		uint32_t hdr[2];
+		assert_int_equal(fread(hdr, 4, 2, f), 2);
+		assert_true(hdr[1] >= 1 && hdr[1] <= 16);
+		const size_t bytes = kern_row_bytes(hdr[0], (int64_t)hdr[1] * QK);
+		assert_true(bytes > 0);
+		const int64_t n = (int64_t)hdr[1] * QK;
+		uint8_t *blk = xmalloc(bytes);
+		float *want = xmalloc((size_t)n * sizeof(float));
+		float *got = xmalloc((size_t)n * sizeof(float));
+		assert_int_equal(fread(blk, 1, bytes, f), bytes);
+		assert_int_equal(fread(want, sizeof(float), (size_t)n, f), (size_t)n);
+		for (int pass = 0; pass < 2; pass++) {
+			if (pass == 1 && !have_avx2())
+				break;
+			memset(got, 0, (size_t)n * sizeof(float));
+			if (pass == 0)
+				kern_dequant_row_ref(hdr[0], blk, got, n);
+			else
+				kern_dequant_row(hdr[0], blk, got, n);
+			for (int64_t i = 0; i < n; i++)
+				if (f2u(got[i]) != f2u(want[i])) {
+					print_error("%s %s value %lld: got %.9g want %.9g\n",
+						    pass ? "dispatched" : "ref",
+						    kern_type_name(hdr[0]), (long long)i,
+						    (double)got[i], (double)want[i]);
+					fail();
+				}
+		}
+		free(blk);
+		free(want);
+		free(got);
+	}
+	fclose(f);
+}
+
+/* AVX2 dequantisation = reference, bit for bit. */
+static void test_dequant_simd(void **state)
+{
+	(void)state;
+	if (!have_avx2()) {
+		print_message("no AVX2: skipped\n");
+		return;
+	}
+	const int64_t nb = 5;
+	rng_seed(11);
+	for (size_t ti = 0; ti < N_KQ; ti++) {
+		const uint32_t t = kq_types[ti];
+		uint8_t *w = xmalloc(kern_row_bytes(t, nb * QK));
+		float *a = xmalloc(nb * QK * sizeof(float)), *b = xmalloc(nb * QK * sizeof(float));
+		for (int mode = 0; mode < 6; mode++)
+			for (int rep = 0; rep < (mode == 0 ? 20 : 1); rep++) {
+				fill_weights(t, w, nb, mode);
+				kern_dequant_row_ref(t, w, a, nb * QK);
+				kern_dequant_row(t, w, b, nb * QK);
+				for (int64_t i = 0; i < nb * QK; i++)
+					if (f2u(a[i]) != f2u(b[i])) {
+						print_error("%s mode %d value %lld: %.9g vs %.9g\n",
+							    kern_type_name(t), mode, (long long)i,
+							    (double)a[i], (double)b[i]);
+						fail();
+					}
+			}
+		free(w);
+		free(a);
+		free(b);
+	}
+}
+
+/* The reference dot against a double-precision sum over the dequantised
+ * weights and activations. */
+static void test_dot_ref_double(void **state)
+{
+	(void)state;
+	const int64_t nbs[] = {1, 2, 3, 8};
+	rng_seed(3);
+	for (size_t ti = 0; ti < N_KQ; ti++) {
+		const uint32_t t = kq_types[ti];
+		for (size_t ni = 0; ni < sizeof(nbs) / sizeof(nbs[0]); ni++) {
+			const int64_t nb = nbs[ni], n = nb * QK;
+			uint8_t *w = xmalloc(kern_row_bytes(t, n));
+			struct kern_block_q8_k *x = xmalloc((size_t)nb * sizeof(*x));
+			float *wf = xmalloc((size_t)n * sizeof(float));
+			for (int rep = 0; rep < 10; rep++) {
+				fill_weights(t, w, nb, rep == 9 ? 4 : 0);
+				fill_act(x, nb, rep % 6);
+				kern_dequant_row_ref(t, w, wf, n);
+				double s = 0, sa = 0;
+				for (int64_t i = 0; i < n; i++) {
+					double p = (double)wf[i] * (double)x[i / QK].d *
+						   (double)x[i / QK].qs[i % QK];
+					s += p;
+					sa += fabs(p);
+				}
+				const double got = kern_dot_ref(t, n, w, x);
+				const double tol = 1e-5 * sa + 1e-30;
+				if (!(fabs(got - s) <= tol)) {
+					print_error(
+					    "%s n=%lld rep %d: got %.9g want %.9g (sumabs %.6g)\n",
+					    kern_type_name(t), (long long)n, rep, got, s, sa);
+					fail();
+				}
+			}
+			free(w);
+			free(x);
+			free(wf);
+		}
+	}
+}
+
+/* kern_dot (AVX2) = kern_dot_ref, bit for bit, over weight and activation
+ * edge cases. */
+static void test_dot_simd(void **state)
+{
+	(void)state;
+	if (!have_avx2()) {
+		print_message("no AVX2: skipped\n");
+		return;
+	}
+	const int64_t nbs[] = {1, 2, 3, 5};
+	rng_seed(5);
+	for (size_t ti = 0; ti < N_KQ; ti++) {
+		const uint32_t t = kq_types[ti];
+		for (size_t ni = 0; ni < sizeof(nbs) / sizeof(nbs[0]); ni++) {
+			const int64_t nb = nbs[ni], n = nb * QK;
+			uint8_t *w = xmalloc(kern_row_bytes(t, n));
+			struct kern_block_q8_k *x = xmalloc((size_t)nb * sizeof(*x));
+			for (int wm = 0; wm < 6; wm++)
+				for (int xm = 0; xm < 6; xm++)
+					for (int rep = 0; rep < (wm == 0 && xm == 0 ? 30 : 2);
+					     rep++) {
+						fill_weights(t, w, nb, wm);
+						fill_act(x, nb, xm);
+						const float a = kern_dot_ref(t, n, w, x);
+						const float b = kern_dot(t, n, w, x);
+						if (f2u(a) != f2u(b)) {
+							print_error("%s n=%lld w%d x%d: ref %.9g "
+								    "simd %.9g\n",
+								    kern_type_name(t), (long long)n,
+								    wm, xm, (double)a, (double)b);
+							fail();
+						}
+					}
+			free(w);
+			free(x);
+		}
+	}
+}
+
+/* kern_matmul = kern_dot_ref per element, bit for bit, for 1..7 rows and
+ * output ranges of every width and start; nothing outside [o0, o1) written. */
+static void check_matmul(uint32_t t, int64_t nb, int64_t n_out, int64_t n_rows)
+{
+	const int64_t n = nb * QK;
+	const size_t wr = kern_row_bytes(t, n);
+	const size_t xs = kern_row_bytes(KERN_Q8_K, n) + 292; /* a gap between rows */
+	uint8_t *w = xmalloc(wr * (size_t)n_out);
+	uint8_t *x = xmalloc(xs * (size_t)n_rows);
+	float *y = xmalloc((size_t)(n_rows * n_out) * sizeof(float));
+	float *want = xmalloc((size_t)(n_rows * n_out) * sizeof(float));
+	for (int64_t o = 0; o < n_out; o++)
+		fill_weights(t, w + (size_t)o * wr, nb, o % 7 == 6 ? 4 : 0);
+	for (int64_t r = 0; r < n_rows; r++)
+		fill_act((struct kern_block_q8_k *)(x + (size_t)r * xs), nb, r % 3 == 2 ? 5 : 0);
+	for (int64_t r = 0; r < n_rows; r++)
+		for (int64_t o = 0; o < n_out; o++)
+			want[r * n_out + o] =
+			    kern_dot_ref(t, n, w + (size_t)o * wr, x + (size_t)r * xs);
+	const int64_t ranges[][2] = {{0, n_out},	 {1, n_out}, {3, n_out - 2},
+				     {n_out - 1, n_out}, {5, 6},     {2, 9}};
+	for (size_t k = 0; k < sizeof(ranges) / sizeof(ranges[0]); k++) {
+		const int64_t o0 = ranges[k][0], o1 = ranges[k][1];
+		if (o0 < 0 || o1 > n_out || o0 >= o1)
+			continue;
+		for (int64_t i = 0; i < n_rows * n_out; i++)
+			y[i] = -12345.0f;
+		kern_matmul(t, w, n, o0, o1, x, xs, n_rows, y, n_out);
+		for (int64_t r = 0; r < n_rows; r++)
+			for (int64_t o = 0; o < n_out; o++) {
+				const float g = y[r * n_out + o];
+				const float e = o >= o0 && o < o1 ? want[r * n_out + o] : -12345.0f;
+				if (f2u(g) != f2u(e)) {
+					print_error(
+					    "%s nb=%lld rows=%lld [%lld,%lld) r=%lld o=%lld: "
+					    "%.9g want %.9g\n",
+					    kern_type_name(t), (long long)nb, (long long)n_rows,
+					    (long long)o0, (long long)o1, (long long)r,
+					    (long long)o, (double)g, (double)e);
+					fail();
+				}
+			}
+	}
+	free(w);
+	free(x);
+	free(y);
+	free(want);
+}
+
+static void test_matmul(void **state)
+{
+	(void)state;
+	rng_seed(9);
+	for (int pass = 0; pass < 2; pass++) {
+		if (pass == 0 && !have_avx2()) {
+			print_message("no AVX2: SIMD matmul not checked\n");
+			continue;
+		}
+		kern_force_ref(pass == 1);
+		for (size_t ti = 0; ti < N_KQ; ti++)
+			for (int64_t rows = 1; rows <= 7; rows++)
+				check_matmul(kq_types[ti], 1 + rows % 3, 13, rows);
+		/* many rows: the output range is cut into chunks that stay in L2 */
+		check_matmul(KERN_Q4_K, 8, 70, 9);
+		check_matmul(KERN_Q6_K, 8, 50, 6);
+	}
+	kern_force_ref(0);
+}
+
+int main(void)
+{
+	kern_init();
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_type_table),	 cmocka_unit_test(test_q8k_hand),
+	    cmocka_unit_test(test_q8k_simd),	 cmocka_unit_test(test_dequant_oracle),
+	    cmocka_unit_test(test_dequant_simd), cmocka_unit_test(test_dot_ref_double),
+	    cmocka_unit_test(test_dot_simd),	 cmocka_unit_test(test_matmul),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
