@@ -108,6 +108,9 @@ struct kern_block_q8_1 {
 };
 _Static_assert(sizeof(struct kern_block_q8_1) == 36, "q8_1 block size");
 
+/* IQ4_NL code values, ggml's kvalues_iq4nl (kern_legacy_ref.c). */
+extern const int8_t kern_legacy_iq4nl_values[16];
+
 /* AVX2 implementations (kern_avx2.c). */
 void kern_dequant_row_avx2(uint32_t type, const void *src, float *dst, int64_t n);
 void kern_convert_row_avx2(enum kern_type act_type, const float *x, void *dst, int64_t n);

@@ -1,32 +1,100 @@
 /* kern_legacy_ref: scalar reference of the 32-value block types Q4_1, Q5_0,
  * Q5_1 and IQ4_NL, and of the Q8_1 activations Q4_1 / Q5_1 multiply.
  *
- * Q8_1 follows llama.cpp's x86 quantiser, as Q8_0 does (kern_ref.c):
- * d = amax / 127 stored as f16, q = round-half-even(x * (127 / amax)),
- * s = f16(d * sum q) with d the f32 value before rounding. */
+ * Block layouts (GGML's, little-endian; f16 = IEEE half):
+ *   Q4_1   (3)  20 bytes: f16 d, f16 m, qs[16]; byte j holds value j (low
+ *               nibble) and value j+16 (high nibble); x = q * d + m
+ *   Q5_0   (6)  22 bytes: f16 d, u32 qh, qs[16]; q = nibble | bit i of qh
+ *               << 4 (value i, nibbles as Q4_1); x = (q - 16) * d
+ *   Q5_1   (7)  24 bytes: f16 d, f16 m, u32 qh, qs[16]; q as Q5_0;
+ *               x = q * d + m
+ *   IQ4_NL (20) 18 bytes: f16 d, qs[16] in Q4_1's nibble order;
+ *               x = kern_legacy_iq4nl_values[nibble] * d
+ *   Q8_1   (9)  36 bytes: f16 d, f16 s, int8 qs[32]; x = q * d (activations)
+ * q * d is exact in F32 (at most 16 significant bits), so each value is
+ * rounded once, as in ggml's dequantize_row_*.
+ *
+ * Activation types: Q4_1 and Q5_1 take Q8_1, Q5_0 and IQ4_NL take Q8_0.
+ * Q8_1 follows llama.cpp's x86 quantiser exactly: amax = the maximum of |x|
+ * taken in the lane order of its AVX2 reduction (which decides what NaN
+ * gives), d = amax / 127 stored as f16, q = round-half-even(x * (127 / amax))
+ * saturated to int8, s = f16(d * sum) with d the F32 value before rounding
+ * and sum the int32 sum of the unsaturated rounded values (wrapping; they
+ * differ from q only for NaN and infinite inputs).
+ *
+ * The dot product (the house contract, which kern_legacy_avx2.c reproduces
+ * bit for bit): per block of 32 an exact int32 sum
+ *   sumi = sum_j c_j * x_j
+ * with c the integer weight code (Q4_1: 0..15, Q5_1: 0..31, Q5_0: q - 16,
+ * IQ4_NL: the table value) and x the int8 activations, then with one F32
+ * accumulator in block order, every product and sum rounded to F32 (no FMA):
+ *   Q5_0, IQ4_NL:  acc += (d_w * d_x) * (float)sumi;
+ *   Q4_1, Q5_1:    acc += (d_w * d_x) * (float)sumi;  acc += m_w * s_x;
+ * These are ggml's integer sums; ggml adds the float terms in other orders
+ * (and differently in each of its kernels), a few ulps of the sum. */
 #include <math.h>
 #include <string.h>
 
 #include "kernels/kern.h"
 #include "kernels/kern_impl.h"
 
+const int8_t kern_legacy_iq4nl_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+					     1,	   13,	 25,  38,  53,	69,  89,  113};
+
+/* ------------------------------------------------------------- convert */
+
+/* What _mm256_cvtps_epi32 gives for v (round-half-even): INT32_MIN for NaN
+ * and for values outside the int32 range. */
+static int32_t cvt_i32(float v)
+{
+	if (!(v > -2147483648.0f && v < 2147483648.0f))
+		return INT32_MIN;
+	if (fabsf(v) >= 8388608.0f) /* already an integer */
+		return (int32_t)v;
+	/* |v| < 2^23: adding 2^23 rounds to an integer, ties to even */
+	float r = v >= 0 ? (v + 8388608.0f) - 8388608.0f : (v - 8388608.0f) + 8388608.0f;
+	return (int32_t)r;
+}
+
+/* MAXPS: the first operand if greater, else the second (so NaN in the
+ * first operand loses, NaN in the second wins). */
+static float max_ps1(float a, float b)
+{
+	return a > b ? a : b;
+}
+
+/* max |x| over 32 values in the AVX2 reduction's order: lanes l of the
+ * four groups of 8, then lanes 4-7 against 0-3, 2-3 against 0-1, 1 against
+ * 0. */
+static float amax_32(const float *x)
+{
+	float m[8];
+	for (int l = 0; l < 8; l++) {
+		m[l] = fabsf(x[l]);
+		for (int g = 1; g < 4; g++)
+			m[l] = max_ps1(m[l], fabsf(x[8 * g + l]));
+	}
+	for (int l = 0; l < 4; l++)
+		m[l] = max_ps1(m[l + 4], m[l]);
+	for (int l = 0; l < 2; l++)
+		m[l] = max_ps1(m[l], m[l + 2]);
+	return max_ps1(m[0], m[1]);
+}
+
 static void quantize_row_q8_1_ref(const float *x, struct kern_block_q8_1 *y, int64_t n)
 {
 	for (int64_t ib = 0; ib < n / KERN_QK; ib++, x += KERN_QK) {
-		float amax = 0.0f;
-		for (int j = 0; j < KERN_QK; j++) {
-			float a = fabsf(x[j]);
-			amax = a > amax ? a : amax;
-		}
+		const float amax = amax_32(x);
 		const float d = amax / 127.0f;
 		const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
-		int sum = 0;
+		uint32_t sum = 0; /* wraps as the int32 vector adds do */
 		for (int j = 0; j < KERN_QK; j++) {
-			y[ib].qs[j] = kern_q8_round(x[j] * id);
-			sum += y[ib].qs[j];
+			const int32_t v = cvt_i32(x[j] * id);
+			y[ib].qs[j] = (int8_t)(v > 127 ? 127 : v < -128 ? -128 : v);
+			sum += (uint32_t)v;
 		}
 		y[ib].d = kern_f32_to_f16(d);
-		y[ib].s = kern_f32_to_f16(d * (float)sum);
+		y[ib].s = kern_f32_to_f16(d * (float)(int32_t)sum);
 	}
 }
 
@@ -36,13 +104,81 @@ void kern_legacy_convert_ref(enum kern_type act_type, const float *x, void *dst,
 		quantize_row_q8_1_ref(x, dst, n);
 }
 
+/* ------------------------------------------------------------- dequant */
+
+/* The 32 integer codes of one block (before any offset) and its scales;
+ * m = 0 for the types without a minimum. */
+static void block_codes(uint32_t type, const uint8_t *b, int c[KERN_QK], float *d, float *m)
+{
+	const uint8_t *qs;
+	uint32_t qh = 0;
+	*d = kern_f16_to_f32(kern_load_u16(b));
+	*m = 0.0f;
+	switch (type) {
+	case KERN_Q4_1:
+		*m = kern_f16_to_f32(kern_load_u16(b + 2));
+		qs = b + 4;
+		break;
+	case KERN_Q5_0:
+		memcpy(&qh, b + 2, 4);
+		qs = b + 6;
+		break;
+	case KERN_Q5_1:
+		*m = kern_f16_to_f32(kern_load_u16(b + 2));
+		memcpy(&qh, b + 4, 4);
+		qs = b + 8;
+		break;
+	default: /* IQ4_NL */ qs = b + 2; break;
+	}
+	for (int j = 0; j < KERN_QK / 2; j++) {
+		c[j] = (qs[j] & 0x0f) | (int)((qh >> j) & 1) << 4;
+		c[j + 16] = (qs[j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4;
+	}
+	for (int j = 0; j < KERN_QK; j++) {
+		if (type == KERN_Q5_0)
+			c[j] -= 16;
+		else if (type == KERN_IQ4_NL)
+			c[j] = kern_legacy_iq4nl_values[c[j]];
+	}
+}
+
 void kern_legacy_dequant_ref(uint32_t type, const void *src, float *dst, int64_t n)
 {
-	(void)type, (void)src, (void)dst, (void)n; /* TODO(legacy) */
+	const uint8_t *s = src;
+	const size_t bs = kern_type_block_bytes(type);
+	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
+		int c[KERN_QK];
+		float d, m;
+		block_codes(type, s + (size_t)ib * bs, c, &d, &m);
+		for (int j = 0; j < KERN_QK; j++)
+			dst[ib * KERN_QK + j] = type == KERN_Q4_1 || type == KERN_Q5_1
+						    ? (float)c[j] * d + m
+						    : (float)c[j] * d;
+	}
 }
+
+/* ----------------------------------------------------------------- dot */
 
 float kern_legacy_dot_ref(uint32_t type, int64_t n, const void *w, const void *x)
 {
-	(void)type, (void)n, (void)w, (void)x; /* TODO(legacy) */
-	return 0.0f;
+	const uint8_t *wb = w, *xb = x;
+	const size_t bs = kern_type_block_bytes(type);
+	const int q8_1 = type == KERN_Q4_1 || type == KERN_Q5_1;
+	const size_t xs = q8_1 ? sizeof(struct kern_block_q8_1) : sizeof(struct kern_block_q8_0);
+	float acc = 0.0f;
+	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
+		const uint8_t *xblk = xb + (size_t)ib * xs;
+		const int8_t *xq = (const int8_t *)(xblk + (q8_1 ? 4 : 2));
+		int c[KERN_QK];
+		float dw, mw;
+		block_codes(type, wb + (size_t)ib * bs, c, &dw, &mw);
+		int32_t sumi = 0;
+		for (int j = 0; j < KERN_QK; j++)
+			sumi += c[j] * xq[j];
+		const float dx = kern_f16_to_f32(kern_load_u16(xblk));
+		acc += (dw * dx) * (float)sumi;
+		if (q8_1)
+			acc += mw * kern_f16_to_f32(kern_load_u16(xblk + 2));
+	}
+	return acc;
 }
