@@ -3,9 +3,10 @@
  * layouts and the exact arithmetic).
  *
  * Every dot computes the reference's integers exactly and then its float
- * sequence per block (acc + (d_w * d_x) * isum, then - (dmin_w * d_x) * msum,
- * each operation rounded on its own), so kern_dot, kern_matmul and
- * kern_dot_ref agree bit for bit whatever the tiling.
+ * sequence per block (Q2_K, Q4_K: acc + (d_w * d_x) * isum, then
+ * - (dmin_w * d_x) * msum, each operation rounded on its own; Q3_K, Q5_K,
+ * Q6_K, IQ4_XS: ggml's eight F32 lanes, see kern_kq_ref.c), so kern_dot,
+ * kern_matmul and kern_dot_ref agree bit for bit whatever the tiling.
  *
  * A weight block is taken as eight 32-value chunks c (values 32c .. 32c+31,
  * groups 2c and 2c+1).  Each chunk's codes are unpacked to unsigned bytes u
@@ -17,7 +18,8 @@
  * scales (int16) widens to int32.  The per-group integer "corr" vector is
  * dotted with the activation bsums in one more madd: the mins (Q2_K, Q4_K,
  * Q5_K: msum) or the code offset times the scale (Q3_K 4 s_g, Q6_K 32 s_g),
- * subtracted from isum.
+ * subtracted from isum; Q3_K instead subtracts maddubs(4, x) from each
+ * chunk's pair sums (ggml's lanes).
  *
  * A tile is up to KQ_QC consecutive outputs x up to KQ_QR activation rows:
  * each output's block is unpacked once per tile and multiplied with every
@@ -25,6 +27,7 @@
  * outputs are reduced together by horizontal adds, so the float steps run on
  * 4-lane vectors (lane = output). */
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include "kernels/kern.h"
@@ -70,7 +73,7 @@ static ALWAYS_INLINE int kq_has_min(uint32_t type)
 	return type == KERN_Q2_K || type == KERN_Q4_K || type == KERN_Q5_K;
 }
 
-/* Q3_K, Q6_K: corr is subtracted from isum (the code offset) */
+/* Q3_K, Q6_K: a code offset (Q6_K: corr subtracted from isum; Q3_K: see kq_tile) */
 static ALWAYS_INLINE int kq_has_offset(uint32_t type)
 {
 	return type == KERN_Q3_K || type == KERN_Q6_K;
@@ -239,6 +242,33 @@ static ALWAYS_INLINE __m256i kq_chunk(uint32_t type, const uint8_t *b, int c)
 
 /* ----------------------------------------------------------------- dots */
 
+/* Q3_K, Q5_K, Q6_K, IQ4_XS: the float steps of ggml's ggml_vec_dot_*_q8_K
+ * (see kern_kq_ref.c): per block, lane m of the eight int32 lanes (values
+ * 32c + 4m .. 32c + 4m + 3 of each chunk c, times their scale; Q6_K less
+ * 32 (s_2m bsums_2m + s_2m+1 bsums_2m+1)) is accumulated in F32 by an FMA,
+ * and the lanes are summed as hsum_f32x8 at the end. */
+static ALWAYS_INLINE int kq_lane_type(uint32_t type)
+{
+	return type == KERN_Q3_K || type == KERN_Q5_K || type == KERN_Q6_K || type == KERN_IQ4_XS;
+}
+
+/* ggml's hsum_float_8: high half + low half, then lanes 0+2, 1+3, then 0+1 */
+static ALWAYS_INLINE float hsum_f32x8(__m256 v)
+{
+	__m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+	r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+	r = _mm_add_ss(r, _mm_movehdup_ps(r));
+	return _mm_cvtss_f32(r);
+}
+
+static ALWAYS_INLINE int32_t hsum_i32(__m256i v)
+{
+	__m128i r = _mm_add_epi32(_mm256_extracti128_si256(v, 1), _mm256_castsi256_si128(v));
+	r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4e));
+	r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xb1));
+	return _mm_cvtsi128_si32(r);
+}
+
 /* [sum(a), sum(b), sum(c), sum(d)] of four int32 x 8 vectors */
 static ALWAYS_INLINE __m128i reduce4(__m256i a, __m256i b, __m256i c, __m256i d)
 {
@@ -264,11 +294,19 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int nc, int nr, const uint8_t *
 	const size_t bs = kq_block_bytes(type), doff = kq_d_offset(type);
 	const int has_min = kq_has_min(type), has_off = kq_has_offset(type);
 	const int sgn = type == KERN_IQ4_XS;
+	const int lanes = kq_lane_type(type);
 	__m128 acc[KQ_QR];
+	__m256 acc8[KQ_QR][KQ_QC];
+	float summs[KQ_QR][KQ_QC];
 
 #pragma GCC unroll 4
-	for (int r = 0; r < nr; r++)
+	for (int r = 0; r < nr; r++) {
 		acc[r] = _mm_setzero_ps();
+		for (int o = 0; o < KQ_QC; o++) {
+			acc8[r][o] = _mm256_setzero_ps();
+			summs[r][o] = 0.0f;
+		}
+	}
 	for (int64_t ib = 0; ib < nb; ib++) {
 		__m256i pi[KQ_QR][KQ_QC], pm[KQ_QR][KQ_QC];
 		const uint8_t *xb = x + (size_t)ib * Q8K_BYTES;
@@ -296,14 +334,17 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int nc, int nr, const uint8_t *
 					    (const __m256i *)(xb + r * xs + Q8K_QS + 32 * c));
 					if (sgn)
 						q = _mm256_sign_epi8(q, u);
-					p[r] = _mm256_add_epi32(
-					    p[r],
-					    _mm256_madd_epi16(_mm256_maddubs_epi16(a, q), sc));
+					__m256i p16 = _mm256_maddubs_epi16(a, q);
+					if (type == KERN_Q3_K)
+						p16 = _mm256_sub_epi16(
+						    p16,
+						    _mm256_maddubs_epi16(_mm256_set1_epi8(4), q));
+					p[r] = _mm256_add_epi32(p[r], _mm256_madd_epi16(p16, sc));
 				}
 			}
 #pragma GCC unroll 4
 			for (int r = 0; r < nr; r++) {
-				if (has_min || has_off) {
+				if (has_min || (has_off && type != KERN_Q3_K)) {
 					const __m256i bsum = _mm256_loadu_si256(
 					    (const __m256i *)(xb + r * xs + Q8K_BSUMS));
 					const __m256i cv = _mm256_madd_epi16(s.corr, bsum);
@@ -321,6 +362,30 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int nc, int nr, const uint8_t *
 			for (int r = 0; r < nr; r++)
 				pi[r][o] = pm[r][o] = _mm256_setzero_si256();
 		const uint8_t *b0 = w + (size_t)ib * bs;
+		if (lanes) {
+			/* ggml's lanes: acc8 = fma(d_w * d_x, lane, acc8); Q5_K's
+			 * mins: summs = fma(-(d_x * dmin_w), msum, summs) */
+#pragma GCC unroll 4
+			for (int r = 0; r < nr; r++) {
+				float dxf;
+				memcpy(&dxf, xb + r * xs, sizeof(dxf));
+#pragma GCC unroll 4
+				for (int o = 0; o < nc; o++) {
+					const uint8_t *bo = b0 + o * ws;
+					const float d = _cvtsh_ss(kern_load_u16(bo + doff)) * dxf;
+					acc8[r][o] = _mm256_fmadd_ps(_mm256_set1_ps(d),
+								     _mm256_cvtepi32_ps(pi[r][o]),
+								     acc8[r][o]);
+					if (has_min) {
+						const float dm = -(
+						    dxf * _cvtsh_ss(kern_load_u16(bo + doff + 2)));
+						summs[r][o] = fmaf(dm, (float)hsum_i32(pm[r][o]),
+								   summs[r][o]);
+					}
+				}
+			}
+			continue;
+		}
 		const __m128 dw = f16x4(b0 + doff, ws, nc);
 		const __m128 dm = has_min ? f16x4(b0 + doff + 2, ws, nc) : _mm_setzero_ps();
 #pragma GCC unroll 4
@@ -337,6 +402,16 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int nc, int nr, const uint8_t *
 				    acc[r], _mm_mul_ps(_mm_mul_ps(dm, dx), _mm_cvtepi32_ps(ms)));
 			}
 		}
+	}
+	if (lanes) {
+#pragma GCC unroll 4
+		for (int r = 0; r < nr; r++)
+#pragma GCC unroll 4
+			for (int o = 0; o < nc; o++) {
+				const float h = hsum_f32x8(acc8[r][o]);
+				out[r * KQ_QC + o] = type == KERN_Q5_K ? h + summs[r][o] : h;
+			}
+		return;
 	}
 #pragma GCC unroll 4
 	for (int r = 0; r < nr; r++)
