@@ -3,12 +3,13 @@
  * Only called through kern.c's dispatch after kern_init() found the features.
  *
  * Quantised weights (Q4_0, Q8_0, MXFP4 x Q8_0 activations) are computed
- * exactly as the scalar reference computes them (an exact int32 sum per block,
- * then acc + (d_w * d_x) * sum in F32, block by block; details at tile_q), so
- * kern_dot, kern_matmul and kern_dot_ref agree bit for bit.  llama.cpp's own
- * summation order differs (and differs between its kernels); the difference
- * is a few ulps of the sum, far inside the logit tolerance, whereas the
- * activation rounding points (Q8_0 quantisation) are matched exactly.
+ * exactly as the scalar reference computes them (Q4_0, MXFP4: an exact int32
+ * sum per block, then acc + (d_w * d_x) * sum in F32, block by block, details
+ * at tile_q; Q8_0: llama.cpp's eight FMA lanes, tile_q8_0), so kern_dot,
+ * kern_matmul and kern_dot_ref agree bit for bit.  For Q4_0 and MXFP4
+ * llama.cpp's own summation order differs (and differs between its kernels);
+ * the difference is a few ulps of the sum, whereas the activation rounding
+ * points (Q8_0 quantisation) are matched exactly.
  *
  * Float dots (F32, F16, BF16) go through one tile routine that computes nr
  * (1..FL_ROWS) activation rows against one weight row with a fixed
@@ -412,6 +413,57 @@ static ALWAYS_INLINE void tile_q4(uint32_t type, int nr, const uint8_t *w, size_
 		_mm_storeu_ps(out + r * QC, acc[r]);
 }
 
+/* Q8_0: out[r * QC + c] for r < nr, c < 4 with llama.cpp's float steps
+ * (llamafile's tinyBLAS_Q0_AVX for several rows and ggml_vec_dot_q8_0_q8_0
+ * for one compute the same): per block, eight int32 lanes, lane m the sum of
+ * the products of values 4m .. 4m + 3; acc_m = fma(d_w * d_x, lane_m, acc_m)
+ * (the product of two f16 values is exact); out = hsum8(acc). */
+static ALWAYS_INLINE void tile_q8_0(int nr, const uint8_t *w, size_t ws, const uint8_t *x,
+				    size_t xs, const struct xq *xq, int64_t nb, size_t pf,
+				    float *out)
+{
+	const __m256i ones = _mm256_set1_epi16(1);
+	__m256 acc[QR][4];
+
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++)
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++)
+			acc[r][c] = _mm256_setzero_ps();
+	for (int64_t ib = 0; ib < nb; ib++) {
+		const size_t o = (size_t)ib * 34;
+		__m256i wv[4], aw[4];
+		float dw[4];
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++) {
+			const uint8_t *b = w + c * ws + o;
+			if (pf)
+				_mm_prefetch((const char *)b + pf, _MM_HINT_T0);
+			wv[c] = _mm256_loadu_si256((const __m256i *)(b + 2));
+			aw[c] = _mm256_sign_epi8(wv[c], wv[c]);
+			dw[c] = _cvtsh_ss(kern_load_u16(b));
+		}
+#pragma GCC unroll 4
+		for (int r = 0; r < nr; r++) {
+			const __m256i xv =
+			    _mm256_loadu_si256((const __m256i *)(x + r * xs + o + 2));
+			const float dx = xq[r * nb + ib].d;
+#pragma GCC unroll 4
+			for (int c = 0; c < 4; c++) {
+				const __m256i l = _mm256_madd_epi16(
+				    _mm256_maddubs_epi16(aw[c], _mm256_sign_epi8(xv, wv[c])), ones);
+				acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw[c] * dx),
+							    _mm256_cvtepi32_ps(l), acc[r][c]);
+			}
+		}
+	}
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++)
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++)
+			out[r * QC + c] = hsum8(acc[r][c]);
+}
+
 /* Outputs per tile of a quantised type. */
 static ALWAYS_INLINE int qtile_width(uint32_t type)
 {
@@ -425,7 +477,7 @@ static ALWAYS_INLINE void tile_q(uint32_t type, int nr, const uint8_t *w, size_t
 				 size_t pf, float *out)
 {
 	if (type == KERN_Q8_0) {
-		tile_q4(type, nr, w, ws, x, xs, xq, nb, pf, out);
+		tile_q8_0(nr, w, ws, x, xs, xq, nb, pf, out);
 		return;
 	}
 	if (nr == 1) {

@@ -131,19 +131,29 @@ static float dot_q4_0_q8_0(int64_t n, const struct kern_block_q4_0 *w,
 	return acc;
 }
 
+/* llama.cpp's float steps for Q8_0 (ggml_vec_dot_q8_0_q8_0 and llamafile's
+ * tinyBLAS_Q0_AVX alike): eight lanes, lane m summing the products of values
+ * 4m .. 4m + 3 of each block, acc_m = fma(d_w * d_x, lane_m, acc_m) (the
+ * product of two f16 values is exact), then ggml's hsum_float_8. */
 static float dot_q8_0_q8_0(int64_t n, const struct kern_block_q8_0 *w,
 			   const struct kern_block_q8_0 *x)
 {
-	float acc = 0.0f;
+	float acc[8] = {0};
 	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
-		int sumi = 0;
-		for (int j = 0; j < KERN_QK; j++)
-			sumi += w[ib].qs[j] * x[ib].qs[j];
 		float d = kern_f16_to_f32(kern_load_u16(&w[ib].d)) *
 			  kern_f16_to_f32(kern_load_u16(&x[ib].d));
-		acc += d * (float)sumi;
+		for (int m = 0; m < 8; m++) {
+			int sumi = 0;
+			for (int j = 4 * m; j < 4 * m + 4; j++)
+				sumi += w[ib].qs[j] * x[ib].qs[j];
+			acc[m] = fmaf(d, (float)sumi, acc[m]);
+		}
 	}
-	return acc;
+	float r[4];
+	for (int i = 0; i < 4; i++)
+		r[i] = acc[4 + i] + acc[i];
+	const float r0 = r[0] + r[2], r1 = r[1] + r[3];
+	return r0 + r1;
 }
 
 static float dot_mxfp4_q8_0(int64_t n, const struct kern_block_mxfp4 *w,

@@ -804,6 +804,42 @@ static void run_matmul_case(uint32_t t, int64_t n_in, int64_t n_out, int64_t n_r
 	run_matmul_scales(t, n_in, n_out, n_rows, o0, o1, SCALES_RANDOM);
 }
 
+/* Q8_0: kern_dot_ref (and kern_dot) give llama.cpp's results bit for bit.
+ * The expected values are what ggml_vec_dot_q8_0_q8_0 of llama.cpp's prebuilt
+ * x86 CPU backend returned for these rows (its llamafile GEMM computes the
+ * same): rng_seed(21), then per case c (n = 32 (1 + 3c)) fill_weights(Q8_0,
+ * w, n, 1) and the activations make_act of rng_f() * 2 per value. */
+#define Q8_GGML_CASES 6
+static const uint32_t q8_ggml_want[Q8_GGML_CASES] = {0x41cbe114, 0xc24a0031, 0x4269679b,
+						     0xc2661da9, 0xc31b11a6, 0xc20a6cdc};
+
+static void test_q8_0_ggml(void **state)
+{
+	(void)state;
+	const int simd = have_avx2();
+	rng_seed(21);
+	for (int c = 0; c < Q8_GGML_CASES; c++) {
+		const int64_t n = 32 * (1 + 3 * c);
+		uint8_t *w = xmalloc(kern_row_bytes(KERN_Q8_0, n));
+		uint8_t *xa = xmalloc(kern_row_bytes(KERN_Q8_0, n));
+		float *x = xmalloc((size_t)n * sizeof(float));
+		fill_weights(KERN_Q8_0, w, n, 1.0f);
+		for (int64_t i = 0; i < n; i++)
+			x[i] = rng_f() * 2.0f;
+		make_act(KERN_Q8_0, x, xa, n);
+		const float ref = kern_dot_ref(KERN_Q8_0, n, w, xa);
+		const float got = simd ? kern_dot(KERN_Q8_0, n, w, xa) : ref;
+		if (f2u(ref) != q8_ggml_want[c] || f2u(got) != q8_ggml_want[c]) {
+			print_error("Q8_0 case %d: ref %08x simd %08x, llama.cpp %08x\n", c,
+				    f2u(ref), f2u(got), q8_ggml_want[c]);
+			fail();
+		}
+		free(w);
+		free(xa);
+		free(x);
+	}
+}
+
 static void test_matmul(void **state)
 {
 	(void)state;
@@ -867,6 +903,7 @@ int main(void)
 	    cmocka_unit_test(test_dot_simd),
 	    cmocka_unit_test(test_matmul),
 	    cmocka_unit_test(test_matmul_quant_tiles),
+	    cmocka_unit_test(test_q8_0_ggml),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
