@@ -221,16 +221,16 @@ void ops_rope_apply(const struct ops_rope *r, float *x, int64_t pos)
 		float mscale = r->attn_factor;
 		if (r->ext_factor != 0.0f) {
 			const float ramp_mix = rope_yarn_ramp(corr0, corr1, i0) * r->ext_factor;
-			theta = theta_interp * (1.0f - ramp_mix) + theta_extrap * ramp_mix;
-			mscale *= 1.0f + 0.1f * logf(1.0f / r->freq_scale);
+			theta = fmaf(theta_interp, 1.0f - ramp_mix, theta_extrap * ramp_mix);
+			mscale *= fmaf(0.1f, logf(1.0f / r->freq_scale), 1.0f);
 		}
 		const float c = cosf(theta) * mscale;
 		const float s = sinf(theta) * mscale;
 		const int a = r->neox ? i0 / 2 : i0;
 		const int b = r->neox ? i0 / 2 + n / 2 : i0 + 1;
 		const float x0 = x[a], x1 = x[b];
-		x[a] = x0 * c - x1 * s;
-		x[b] = x0 * s + x1 * c;
+		x[a] = fmaf(x0, c, -(x1 * s));
+		x[b] = fmaf(x0, s, x1 * c);
 		theta_extrap *= theta_scale;
 	}
 }

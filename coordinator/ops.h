@@ -59,7 +59,10 @@ void ops_softmax(float *x, int64_t n);
 static inline float ops_silu(float x);
 void ops_add(float *y, const float *a, const float *b, int64_t n); /* y = a + b */
 
-/* RoPE with YaRN, as ggml_rope_ext. */
+/* RoPE with YaRN, as ggml_rope_ext on llama.cpp's x86 CPU backend, where GCC
+ * fuses multiply-adds: theta = fma(theta_interp, 1 - ramp, theta_extrap *
+ * ramp), the magnitude factor fma(0.1, ln(1 / freq_scale), 1), and the
+ * rotation x0' = fma(x0, cos, -(x1 sin)), x1' = fma(x0, sin, x1 cos). */
 struct ops_rope {
 	int n_dims; /* rotated dimensions (pairs: n_dims / 2) */
 	int neox;   /* 0: pairs (2i, 2i+1); 1: pairs (i, i + n_dims/2) */
