@@ -3,9 +3,11 @@
  * kern_legacy_ref.c), and the Q8_1 quantiser.  Compiled with -mavx2 -mfma
  * -mf16c; called only through kern.c's dispatch after kern_init().
  *
- * Every result equals the scalar reference bit for bit: per block an exact
- * int32 sum, then the reference's F32 operations in the same order (no FMA),
- * so kern_dot, kern_matmul (whatever its tiling) and kern_dot_ref agree.
+ * Every result equals the scalar reference bit for bit (Q4_1, Q5_0, Q5_1:
+ * llama.cpp's eight FMA lanes per block, tile_lanes; IQ4_NL: per block an
+ * exact int32 sum, then the reference's F32 operations in the same order, no
+ * FMA), so kern_dot, kern_matmul (whatever its tiling) and kern_dot_ref
+ * agree.
  *
  * Integer products (per 16 values, on 128-bit halves of a block as
  * kern_avx2.c does):
@@ -25,6 +27,7 @@
  * blocks staying in registers across the rows.  kern_dot has its own
  * single-output loop. */
 #include <immintrin.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -181,8 +184,48 @@ static ALWAYS_INLINE int32_t block_sumi(uint32_t type, const uint8_t *wb, const 
 
 /* ------------------------------------------------------------ the dot */
 
+/* ggml's hsum_float_8: high half + low half, then lanes 0+2, 1+3, then 0+1 */
+static ALWAYS_INLINE float hsum8(__m256 v)
+{
+	__m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+	r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+	r = _mm_add_ss(r, _mm_movehdup_ps(r));
+	return _mm_cvtss_f32(r);
+}
+
+/* Q4_1, Q5_0, Q5_1, one output: llama.cpp's lanes (see tile_lanes). */
+static ALWAYS_INLINE float dot_lanes_1(uint32_t type, int64_t nb, const uint8_t *w,
+				       const uint8_t *x)
+{
+	const size_t bs = w_bytes(type), xbs = x_bytes(type);
+	const __m256i ones = _mm256_set1_epi16(1);
+	__m256 acc = _mm256_setzero_ps();
+	float summs = 0.0f;
+	for (int64_t ib = 0; ib < nb; ib++) {
+		const uint8_t *wb = w + (size_t)ib * bs, *xb = x + (size_t)ib * xbs;
+		const struct lw q = lw_unpack(type, wb, _mm_setzero_si128());
+		__m256i u = _mm256_set_m128i(q.b, q.a);
+		__m256i xv = _mm256_loadu_si256((const __m256i *)(xb + xqs_off(type)));
+		if (type == KERN_Q5_0) {
+			u = _mm256_sub_epi8(u, _mm256_set1_epi8(16));
+			xv = _mm256_sign_epi8(xv, u);
+			u = _mm256_sign_epi8(u, u);
+		}
+		const __m256i l = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones);
+		const float d = _cvtsh_ss(kern_load_u16(wb)) * _cvtsh_ss(kern_load_u16(xb));
+		acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(l), acc);
+		if (has_m(type))
+			summs = fmaf(_cvtsh_ss(kern_load_u16(wb + 2)),
+				     _cvtsh_ss(kern_load_u16(xb + 2)), summs);
+	}
+	const float hs = hsum8(acc);
+	return has_m(type) ? hs + summs : hs;
+}
+
 static ALWAYS_INLINE float dot_1(uint32_t type, int64_t nb, const uint8_t *w, const uint8_t *x)
 {
+	if (type != KERN_IQ4_NL)
+		return dot_lanes_1(type, nb, w, x);
 	const __m128i tab = _mm_loadu_si128((const __m128i *)kern_legacy_iq4nl_values);
 	const size_t bs = w_bytes(type), xbs = x_bytes(type);
 	float acc = 0.0f;
@@ -422,11 +465,83 @@ static ALWAYS_INLINE void tile_4(uint32_t type, int nr, const uint8_t *w, size_t
 		_mm_storeu_ps(out + r * LC, acc[r]);
 }
 
+/* Q4_1, Q5_0, Q5_1: out[r * LC + c] for r < nr, c < 4 with llama.cpp's
+ * float steps (kern_legacy_ref.c, dot_lanes): per block the eight int32 lanes
+ * of four products (Q5_0 with its offset: maddubs(|c|, sign(x, c)) as ggml),
+ * acc = fma(d_w * d_x, lane, acc) per lane, Q4_1 / Q5_1 summs = fma(m_w,
+ * s_x, summs); out = hsum8(acc) (+ summs). */
+static ALWAYS_INLINE void tile_lanes(uint32_t type, int nr, const uint8_t *w, size_t ws,
+				     const uint8_t *x, size_t xs, const struct lxq *xq, int64_t nb,
+				     size_t pf, float *out)
+{
+	const size_t bs = w_bytes(type), xbs = x_bytes(type);
+	const __m128i tab = _mm_setzero_si128();
+	const __m256i ones = _mm256_set1_epi16(1);
+	const int hm = has_m(type);
+	__m256 acc[LR][4];
+	float summs[LR][4];
+
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++)
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++) {
+			acc[r][c] = _mm256_setzero_ps();
+			summs[r][c] = 0.0f;
+		}
+	for (int64_t ib = 0; ib < nb; ib++) {
+		__m256i u[4], au[4];
+		float dw[4], mw[4];
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++) {
+			const uint8_t *b = w + c * ws + (size_t)ib * bs;
+			if (pf)
+				_mm_prefetch((const char *)b + pf, _MM_HINT_T0);
+			const struct lw q = lw_unpack(type, b, tab);
+			u[c] = _mm256_set_m128i(q.b, q.a);
+			if (type == KERN_Q5_0)
+				u[c] = _mm256_sub_epi8(u[c], _mm256_set1_epi8(16));
+			au[c] = type == KERN_Q5_0 ? _mm256_sign_epi8(u[c], u[c]) : u[c];
+			dw[c] = _cvtsh_ss(kern_load_u16(b));
+			mw[c] = hm ? _cvtsh_ss(kern_load_u16(b + 2)) : 0.0f;
+		}
+#pragma GCC unroll 4
+		for (int r = 0; r < nr; r++) {
+			const uint8_t *xb = x + r * xs + (size_t)ib * xbs;
+			const __m256i xv =
+			    _mm256_loadu_si256((const __m256i *)(xb + xqs_off(type)));
+			const struct lxq *q = xq + r * nb + ib;
+#pragma GCC unroll 4
+			for (int c = 0; c < 4; c++) {
+				const __m256i sx =
+				    type == KERN_Q5_0 ? _mm256_sign_epi8(xv, u[c]) : xv;
+				const __m256i l =
+				    _mm256_madd_epi16(_mm256_maddubs_epi16(au[c], sx), ones);
+				acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw[c] * q->d),
+							    _mm256_cvtepi32_ps(l), acc[r][c]);
+				if (hm)
+					summs[r][c] = fmaf(mw[c], q->s, summs[r][c]);
+			}
+		}
+	}
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++)
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++) {
+			const float h = hsum8(acc[r][c]);
+			out[r * LC + c] = hm ? h + summs[r][c] : h;
+		}
+}
+
 /* out[r * LC + c] = dot(weight row w + c * ws, activation row r) for r < nr,
  * c < LC. */
 static ALWAYS_INLINE void tile(uint32_t type, int nr, const uint8_t *w, size_t ws, const uint8_t *x,
 			       size_t xs, const struct lxq *xq, int64_t nb, size_t pf, float *out)
 {
+	if (type != KERN_IQ4_NL) {
+		tile_lanes(type, nr, w, ws, x, xs, xq, nb, pf, out);
+		tile_lanes(type, nr, w + 4 * ws, ws, x, xs, xq, nb, pf, out + 4);
+		return;
+	}
 	if (nr == 1) {
 		tile_1(type, w, ws, x, xq, nb, pf, out);
 		return;

@@ -710,6 +710,48 @@ static void test_matmul(void **state)
 
 /* kern_matmul's results do not depend on the batch: rows computed alone
  * and among others, and output ranges split anywhere, agree bit for bit. */
+/* Q4_1, Q5_0, Q5_1: kern_dot_ref (and kern_dot) give llama.cpp's results bit
+ * for bit.  The expected values are what ggml_vec_dot_q4_1_q8_1,
+ * _q5_0_q8_0 and _q5_1_q8_1 of llama.cpp's prebuilt x86 CPU backend
+ * returned for these rows: rng_seed(31), then per type and case c
+ * (n = 32 (1 + 3c)) fill_row(t, w, n, W_RANDOM) and fill_act(t, x, n,
+ * c == 5 ? X_RAW : X_RANDOM, 1) (X_RAW has int8 -128, which ggml's sign trick
+ * multiplies as -128 against negative Q5_0 codes). */
+#define LEG_GGML_CASES 6
+static const uint32_t leg_ggml_types[] = {KERN_Q4_1, KERN_Q5_0, KERN_Q5_1};
+static const uint32_t leg_ggml_want[][LEG_GGML_CASES] = {
+    {0xbf4bf937, 0xbfa20730, 0xbed71905, 0x40804965, 0x40b8ae89, 0x41a2c1cf},
+    {0x4054e771, 0x40e4a78a, 0x40d24afe, 0xc0a04fbd, 0x4063284c, 0xc2b59457},
+    {0xc0921865, 0x40e447c7, 0x415f7de1, 0x4154ec08, 0x41019eac, 0xc314e519},
+};
+
+static void test_dot_ggml(void **state)
+{
+	(void)state;
+	const int simd = have_avx2();
+	rng_seed(31);
+	for (size_t ti = 0; ti < sizeof(leg_ggml_types) / sizeof(leg_ggml_types[0]); ti++) {
+		const uint32_t t = leg_ggml_types[ti];
+		for (int c = 0; c < LEG_GGML_CASES; c++) {
+			const int64_t n = 32 * (1 + 3 * c);
+			uint8_t *w = xmalloc(kern_row_bytes(t, n));
+			uint8_t *x = xmalloc(kern_row_bytes(kern_act_type(t), n));
+			fill_row(t, w, n, W_RANDOM);
+			fill_act(t, x, n, c == 5 ? X_RAW : X_RANDOM, 1.0f);
+			const float ref = kern_dot_ref(t, n, w, x);
+			const float got = simd ? kern_dot(t, n, w, x) : ref;
+			if (f2u(ref) != leg_ggml_want[ti][c] || f2u(got) != leg_ggml_want[ti][c]) {
+				print_error("%s case %d: ref %08x simd %08x, llama.cpp %08x\n",
+					    kern_type_name(t), c, f2u(ref), f2u(got),
+					    leg_ggml_want[ti][c]);
+				fail();
+			}
+			free(w);
+			free(x);
+		}
+	}
+}
+
 static void test_matmul_batch(void **state)
 {
 	(void)state;
@@ -746,7 +788,7 @@ int main(void)
 	    cmocka_unit_test(test_dequant_oracle), cmocka_unit_test(test_dequant_simd),
 	    cmocka_unit_test(test_convert_q8_1),   cmocka_unit_test(test_dot_ref_double),
 	    cmocka_unit_test(test_dot_simd),	   cmocka_unit_test(test_matmul),
-	    cmocka_unit_test(test_matmul_batch),
+	    cmocka_unit_test(test_matmul_batch),   cmocka_unit_test(test_dot_ggml),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
