@@ -42,8 +42,8 @@ static void mm_compute(void *ctx, int ith, int nth)
 	int64_t lo, hi;
 	pool_split(j->n_out, ith, nth, 16, &lo, &hi);
 	if (lo < hi)
-		kern_matmul(j->type, j->w, j->n_in, lo, hi, j->xa, j->xa_stride, j->n_rows, j->y,
-			    j->y_stride);
+		kern_matmul_dense(j->type, j->w, j->n_in, lo, hi, j->xa, j->xa_stride, j->n_rows,
+				  j->y, j->y_stride);
 }
 
 void ops_matmul_raw(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t n_out,
@@ -96,8 +96,8 @@ static void mm_compute_multi(void *ctx, int ith, int nth)
 		int64_t o0 = (a - m->units[i]) * 16, o1 = (b - m->units[i]) * 16;
 		if (o1 > j->n_out)
 			o1 = j->n_out;
-		kern_matmul(j->type, j->w, j->n_in, o0, o1, j->xa, j->xa_stride, j->n_rows, j->y,
-			    j->y_stride);
+		kern_matmul_dense(j->type, j->w, j->n_in, o0, o1, j->xa, j->xa_stride, j->n_rows,
+				  j->y, j->y_stride);
 	}
 }
 

@@ -13,14 +13,17 @@
 
 struct kern_type_info {
 	const char *name;
-	uint16_t block;	    /* values per block; 0: GGML's id, not read here */
-	uint16_t bytes;	    /* bytes per block */
-	uint8_t act;	    /* activation type of a weight of this type */
-	uint8_t family;	    /* enum kern_family */
-	uint8_t weight;	    /* 1 if it can be a matmul weight */
+	uint16_t block; /* values per block; 0: GGML's id, not read here */
+	uint16_t bytes; /* bytes per block */
+	uint8_t act;	/* activation type of a weight of this type */
+	uint8_t family; /* enum kern_family */
+	uint8_t weight; /* 1 if it can be a matmul weight */
 };
 
-#define W(n, b, by, a, f) {n, b, by, a, f, 1}
+#define W(n, b, by, a, f)                                                                          \
+	{                                                                                          \
+		n, b, by, a, f, 1                                                                  \
+	}
 static const struct kern_type_info kern_types[] = {
     [KERN_F32] = W("F32", 1, 4, KERN_F32, KERN_FAM_BASE),
     [KERN_F16] = W("F16", 1, 2, KERN_F16, KERN_FAM_BASE),
@@ -308,8 +311,9 @@ float kern_dot(uint32_t weight_type, int64_t n, const void *w, const void *x)
 	}
 }
 
-void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
-		 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
+static void matmul_rows(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
+			int64_t gemm_rows)
 {
 	if (use_avx2()) {
 		switch (kern_type_family(weight_type)) {
@@ -319,7 +323,7 @@ void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, 
 			return;
 		case KERN_FAM_KQ:
 			kern_kq_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y,
-					    y_stride);
+					    y_stride, gemm_rows);
 			return;
 		case KERN_FAM_IQ:
 			kern_iq_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y,
@@ -336,6 +340,20 @@ void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, 
 	const uint8_t *xb = x;
 	for (int64_t o = o0; o < o1; o++)
 		for (int64_t r = 0; r < n_rows; r++)
-			y[r * y_stride + o] = kern_dot_ref(
+			y[r * y_stride + o] = (r < gemm_rows ? kern_kq_dot_gemm_ref : kern_dot_ref)(
 			    weight_type, n_in, wb + (size_t)o * w_row, xb + (size_t)r * x_stride);
+}
+
+void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+		 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
+{
+	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, 0);
+}
+
+void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+		       const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
+{
+	const int gemm = weight_type == KERN_Q2_K || weight_type == KERN_Q4_K;
+	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride,
+		    gemm ? n_rows - n_rows % 4 : 0);
 }

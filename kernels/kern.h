@@ -72,7 +72,7 @@ enum kern_type {
 	KERN_MXFP4 = 39,
 };
 
-#define KERN_QK 32   /* values per block of the 32-value block types */
+#define KERN_QK	  32  /* values per block of the 32-value block types */
 #define KERN_QK_K 256 /* values per block of the K-quants and grid types */
 
 /* Type table. */
@@ -126,5 +126,13 @@ float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x
  * several rows per weight pass where it pays; results equal kern_dot's. */
 void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+/* kern_matmul for a 2-D weight multiplied as one llama.cpp MUL_MAT of n_rows
+ * rows (not an expert's share of a MUL_MAT_ID): llama.cpp repacks Q2_K and
+ * Q4_K weights of such products and runs its GEMM on the rows below
+ * n_rows - n_rows % 4, which rounds per 64 (Q4_K) or 128 (Q2_K) values rather
+ * than per block (kern_kq_ref.c); those rows get that arithmetic, every other
+ * row and type kern_matmul's. */
+void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+		       const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
 
 #endif

@@ -41,10 +41,11 @@
  *   IQ4_XS isum = sum_s (ls_s - 32) * sum_{v in s} kvalues_iq4nl[q_v] q8_v
  * (the integers ggml's ggml_vec_dot_*_q8_K form).  The float steps follow
  * the kernel llama.cpp's x86 CPU backend runs for the type:
- *   Q2_K, Q4_K (repacked at load, ggml's q*_K_8x8 GEMM/GEMV): one accumulator
- *   in block order, every operation rounded on its own (no FMA):
- *     acc = acc + (d_w * d_x) * (float)isum;
- *     acc = acc - (dmin_w * d_x) * (float)msum;   (types with mins only)
+ *   Q2_K, Q4_K (repacked at load, ggml's q*_K_8x8 GEMV, one output per
+ *   vector lane; its GEMM for batched dense rows: kern_kq_dot_gemm_ref): two
+ *   accumulators in block order,
+ *     acc = fma((float)isum, d_w * d_x, acc);
+ *     accm = fma((float)msum, dmin_w * d_x, accm);   result acc - accm.
  *   Q3_K, Q5_K, Q6_K, IQ4_XS (ggml_vec_dot_*_q8_K, AVX2 code): isum split in
  *   eight int32 lanes, lane m = sum over the 32-value chunks c of
  *   s_(2c + m/4) * sum of q_v q8_v for v = 32c + 4m .. 32c + 4m + 3 (Q6_K
@@ -323,7 +324,7 @@ float kern_kq_dot_ref(uint32_t type, int64_t n, const void *w, const void *x)
 	const uint8_t *wb = w;
 	const struct kern_block_q8_k *xb = x;
 	struct kq_block k;
-	float acc = 0.0f;
+	float acc = 0.0f, accm = 0.0f;
 	if (kq_lane_type(type))
 		return kq_dot_lanes(type, n, wb, xb);
 	for (int64_t ib = 0; ib < n / KERN_QK_K; ib++) {
@@ -337,12 +338,43 @@ float kern_kq_dot_ref(uint32_t type, int64_t n, const void *w, const void *x)
 			msum += k.mn[g] * xb[ib].bsums[g];
 		}
 		const float dx = xb[ib].d;
-		const float d = k.d * dx;
-		acc = acc + d * (float)isum;
-		if (k.has_min) {
-			const float m = k.dmin * dx;
-			acc = acc - m * (float)msum;
+		acc = fmaf((float)isum, k.d * dx, acc);
+		accm = fmaf((float)msum, k.dmin * dx, accm);
+	}
+	return acc - accm;
+}
+
+/* Q2_K, Q4_K rows of a batched dense product: ggml's repacked GEMM (rows in
+ * groups of four) accumulates per step of 64 values (Q4_K: sub-blocks 2s,
+ * 2s + 1) or 128 values (Q2_K: groups 8h .. 8h + 7) instead of per block:
+ *   acc = fma((float)isum_step, d_w * d_x, acc);
+ *   accm = fma((float)msum_step, dmin_w * d_x, accm);   result acc - accm.
+ * Other types: kern_kq_dot_ref. */
+float kern_kq_dot_gemm_ref(uint32_t type, int64_t n, const void *w, const void *x)
+{
+	if (type != KERN_Q2_K && type != KERN_Q4_K)
+		return kern_kq_dot_ref(type, n, w, x);
+	const size_t bs = kern_type_block_bytes(type);
+	const uint8_t *wb = w;
+	const struct kern_block_q8_k *xb = x;
+	const int gps = type == KERN_Q4_K ? 4 : 8; /* groups of 16 per step */
+	struct kq_block k;
+	float acc = 0.0f, accm = 0.0f;
+	for (int64_t ib = 0; ib < n / KERN_QK_K; ib++) {
+		kq_decode(type, wb + (size_t)ib * bs, &k);
+		const float dx = xb[ib].d;
+		for (int g0 = 0; g0 < 16; g0 += gps) {
+			int32_t isum = 0, msum = 0;
+			for (int g = g0; g < g0 + gps; g++) {
+				int32_t s = 0;
+				for (int j = 16 * g; j < 16 * g + 16; j++)
+					s += k.w[j] * xb[ib].qs[j];
+				isum += k.sc[g] * s;
+				msum += k.mn[g] * xb[ib].bsums[g];
+			}
+			acc = fmaf((float)isum, k.d * dx, acc);
+			accm = fmaf((float)msum, k.dmin * dx, accm);
 		}
 	}
-	return acc;
+	return acc - accm;
 }
