@@ -353,7 +353,10 @@ void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, 
 void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		       const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
 {
-	const int gemm = weight_type == KERN_Q2_K || weight_type == KERN_Q4_K;
-	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride,
-		    gemm ? n_rows - n_rows % 4 : 0);
+	int64_t gemm_rows = 0;
+	if (weight_type == KERN_Q2_K || weight_type == KERN_Q4_K)
+		gemm_rows = n_rows - n_rows % 4;
+	else if (weight_type == KERN_IQ4_XS && n_rows >= 8)
+		gemm_rows = n_rows;
+	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, gemm_rows);
 }

@@ -301,13 +301,15 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int gemm, int nc, int nr, const
 				  size_t ws, const uint8_t *x, size_t xs, int64_t nb, size_t pf,
 				  float *out)
 {
-	/* gemm (Q2_K, Q4_K): the float steps per step of sc chunks */
+	/* gemm: Q2_K, Q4_K: the float steps per step of `step` chunks (gstep);
+	 * IQ4_XS: per block, one accumulator (ggml's IQ panel) */
 	const int step = type == KERN_Q4_K ? 2 : 4;
+	const int gstep = gemm && (type == KERN_Q2_K || type == KERN_Q4_K);
 	__m256i ps[KQ_QR][KQ_QC][4];
 	const size_t bs = kq_block_bytes(type), doff = kq_d_offset(type);
 	const int has_min = kq_has_min(type), has_off = kq_has_offset(type);
 	const int sgn = type == KERN_IQ4_XS;
-	const int lanes = kq_lane_type(type);
+	const int lanes = kq_lane_type(type) && !gemm;
 	__m128 acc[KQ_QR], accm[KQ_QR];
 	__m256 acc8[KQ_QR][KQ_QC];
 	float summs[KQ_QR][KQ_QC];
@@ -343,7 +345,7 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int gemm, int nc, int nr, const
 				const __m256i sc = chunk_scales(s.svec, c);
 #pragma GCC unroll 4
 				for (int r = 0; r < nr; r++) {
-					if (gemm && c % step == 0 && c > 0) {
+					if (gstep && c % step == 0 && c > 0) {
 						ps[r][o][c / step - 1] = p[r];
 						p[r] = _mm256_setzero_si256();
 					}
@@ -371,7 +373,7 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int gemm, int nc, int nr, const
 						pm[r][o] = cv;
 				}
 				pi[r][o] = p[r];
-				if (gemm)
+				if (gstep)
 					ps[r][o][8 / step - 1] = p[r];
 			}
 		}
@@ -415,7 +417,7 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int gemm, int nc, int nr, const
 			float dxf;
 			memcpy(&dxf, xb + r * xs, sizeof(dxf));
 			const __m128 dx = _mm_set1_ps(dxf);
-			if (gemm) {
+			if (gstep) {
 				/* per step: the step's chunk sums, and the mins of its
 				 * groups (lanes m of pm hold groups 2m, 2m + 1) */
 				const __m128 d = _mm_mul_ps(dw, dx), dmx = _mm_mul_ps(dm, dx);
@@ -487,8 +489,10 @@ typedef void (*kq_tile_fn)(const uint8_t *w, size_t ws, const uint8_t *x, size_t
 #define KQ_GEMM_kq_tiles_iq4_xs 0
 #define KQ_GEMM_kq_gemm_q2_k	1
 #define KQ_GEMM_kq_gemm_q4_k	1
+#define KQ_GEMM_kq_gemm_iq4_xs	1
 KQ_TILE_SET(kq_gemm_q2_k, KERN_Q2_K)
 KQ_TILE_SET(kq_gemm_q4_k, KERN_Q4_K)
+KQ_TILE_SET(kq_gemm_iq4_xs, KERN_IQ4_XS)
 KQ_TILE_SET(kq_tiles_q2_k, KERN_Q2_K)
 KQ_TILE_SET(kq_tiles_q3_k, KERN_Q3_K)
 KQ_TILE_SET(kq_tiles_q4_k, KERN_Q4_K)
@@ -525,9 +529,10 @@ void kern_kq_matmul_avx2(uint32_t type, const void *w, int64_t n_in, int64_t o0,
 			 int64_t gemm_rows)
 {
 	const kq_tile_fn(*t)[KQ_QR] = kq_tiles_for(type);
-	const kq_tile_fn(*tg)[KQ_QR] = type == KERN_Q4_K   ? kq_gemm_q4_k
-				       : type == KERN_Q2_K ? kq_gemm_q2_k
-							   : t;
+	const kq_tile_fn(*tg)[KQ_QR] = type == KERN_Q4_K     ? kq_gemm_q4_k
+				       : type == KERN_Q2_K   ? kq_gemm_q2_k
+				       : type == KERN_IQ4_XS ? kq_gemm_iq4_xs
+							     : t;
 	const uint8_t *wb = w, *xb = x;
 	const int64_t nb = n_in / KERN_QK_K;
 	const size_t w_row = kern_row_bytes(type, n_in);

@@ -344,6 +344,27 @@ float kern_kq_dot_ref(uint32_t type, int64_t n, const void *w, const void *x)
 	return acc - accm;
 }
 
+/* IQ4_XS in ggml's IQ panel GEMM (dense products of at least 8 rows, experts
+ * with at least 8 rows): per block acc = fma((float)isum, d_w * d_x, acc). */
+static float kq_dot_panel(int64_t n, const uint8_t *wb, const struct kern_block_q8_k *xb)
+{
+	const size_t bs = kern_type_block_bytes(KERN_IQ4_XS);
+	struct kq_block k;
+	float acc = 0.0f;
+	for (int64_t ib = 0; ib < n / KERN_QK_K; ib++) {
+		kq_decode(KERN_IQ4_XS, wb + (size_t)ib * bs, &k);
+		int32_t isum = 0;
+		for (int g = 0; g < 16; g++) {
+			int32_t s = 0;
+			for (int j = 16 * g; j < 16 * g + 16; j++)
+				s += k.w[j] * xb[ib].qs[j];
+			isum += k.sc[g] * s;
+		}
+		acc = fmaf((float)isum, k.d * xb[ib].d, acc);
+	}
+	return acc;
+}
+
 /* Q2_K, Q4_K rows of a batched dense product: ggml's repacked GEMM (rows in
  * groups of four) accumulates per step of 64 values (Q4_K: sub-blocks 2s,
  * 2s + 1) or 128 values (Q2_K: groups 8h .. 8h + 7) instead of per block:
@@ -352,6 +373,8 @@ float kern_kq_dot_ref(uint32_t type, int64_t n, const void *w, const void *x)
  * Other types: kern_kq_dot_ref. */
 float kern_kq_dot_gemm_ref(uint32_t type, int64_t n, const void *w, const void *x)
 {
+	if (type == KERN_IQ4_XS)
+		return kq_dot_panel(n, w, x);
 	if (type != KERN_Q2_K && type != KERN_Q4_K)
 		return kern_kq_dot_ref(type, n, w, x);
 	const size_t bs = kern_type_block_bytes(type);

@@ -526,6 +526,65 @@ static void test_matmul_dense_ggml(void **state)
 	free(x);
 }
 
+/* kern_matmul_dense with IQ4_XS: from 8 rows on, every row as llama.cpp's IQ
+ * panel GEMM (per block acc = fma(isum, d_w * d_x, acc)), computed here in
+ * double and rounded step by step, scalar and AVX2 alike; fewer rows as
+ * kern_matmul. */
+static void test_matmul_dense_iq4xs(void **state)
+{
+	(void)state;
+	const int64_t n = 768, nb = n / QK, n_out = 8;
+	const size_t wrow = kern_row_bytes(KERN_IQ4_XS, n),
+		     xrow = (size_t)nb * sizeof(struct kern_block_q8_k);
+	uint8_t *w = xmalloc(wrow * (size_t)n_out);
+	struct kern_block_q8_k *x = xmalloc(xrow * 9);
+	float y[9 * 8], y1[9 * 8];
+	rng_seed(43);
+	fill_weights(KERN_IQ4_XS, w, n_out * nb, 0);
+	fill_act(x, 9 * nb, 0);
+	for (int simd = 0; simd < 2; simd++) {
+		if (simd && !have_avx2())
+			break;
+		kern_force_ref(!simd);
+		for (int rows = 7; rows <= 9; rows++) {
+			kern_matmul_dense(KERN_IQ4_XS, w, n, 0, n_out, x, xrow, rows, y, n_out);
+			kern_matmul(KERN_IQ4_XS, w, n, 0, n_out, x, xrow, rows, y1, n_out);
+			for (int r = 0; r < rows; r++)
+				for (int o = 0; o < n_out; o++) {
+					float want = y1[r * n_out + o];
+					if (rows >= 8) {
+						float acc = 0.0f;
+						for (int64_t ib = 0; ib < nb; ib++) {
+							const uint8_t *b = w + o * wrow + ib * 136;
+							float wf[QK];
+							kern_dequant_row_ref(KERN_IQ4_XS, b, wf,
+									     QK);
+							const float d =
+							    kern_f16_to_f32(kern_load_u16(b));
+							const struct kern_block_q8_k *xb =
+							    &x[r * nb + ib];
+							double isum = 0;
+							for (int j = 0; j < QK; j++)
+								isum +=
+								    (double)(wf[j] / d) * xb->qs[j];
+							acc = fmaf((float)isum, d * xb->d, acc);
+						}
+						want = acc;
+					}
+					if (f2u(y[r * n_out + o]) != f2u(want)) {
+						print_error("%s rows %d: [%d][%d] %.9g want %.9g\n",
+							    simd ? "avx2" : "ref", rows, r, o,
+							    (double)y[r * n_out + o], (double)want);
+						fail();
+					}
+				}
+		}
+	}
+	kern_force_ref(0);
+	free(w);
+	free(x);
+}
+
 /* kern_dot (AVX2) = kern_dot_ref, bit for bit, over weight and activation
  * edge cases. */
 static void test_dot_simd(void **state)
@@ -638,11 +697,12 @@ int main(void)
 {
 	kern_init();
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_type_table),	 cmocka_unit_test(test_q8k_hand),
-	    cmocka_unit_test(test_q8k_simd),	 cmocka_unit_test(test_dequant_oracle),
-	    cmocka_unit_test(test_dequant_simd), cmocka_unit_test(test_dot_ref_double),
-	    cmocka_unit_test(test_dot_simd),	 cmocka_unit_test(test_matmul),
-	    cmocka_unit_test(test_dot_ggml),	 cmocka_unit_test(test_matmul_dense_ggml),
+	    cmocka_unit_test(test_type_table),	       cmocka_unit_test(test_q8k_hand),
+	    cmocka_unit_test(test_q8k_simd),	       cmocka_unit_test(test_dequant_oracle),
+	    cmocka_unit_test(test_dequant_simd),       cmocka_unit_test(test_dot_ref_double),
+	    cmocka_unit_test(test_dot_simd),	       cmocka_unit_test(test_matmul),
+	    cmocka_unit_test(test_dot_ggml),	       cmocka_unit_test(test_matmul_dense_ggml),
+	    cmocka_unit_test(test_matmul_dense_iq4xs),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
