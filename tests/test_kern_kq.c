@@ -565,8 +565,8 @@ static void test_matmul_dense_iq4xs(void **state)
 							    &x[r * nb + ib];
 							double isum = 0;
 							for (int j = 0; j < QK; j++)
-								isum +=
-								    (double)(wf[j] / d) * xb->qs[j];
+								isum += (double)lrintf(wf[j] / d) *
+									xb->qs[j];
 							acc = fmaf((float)isum, d * xb->d, acc);
 						}
 						want = acc;
