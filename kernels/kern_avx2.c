@@ -4,12 +4,10 @@
  *
  * Quantised weights (Q4_0, Q8_0, MXFP4 x Q8_0 activations) are computed
  * exactly as the scalar reference computes them (Q4_0, MXFP4: an exact int32
- * sum per block, then acc + (d_w * d_x) * sum in F32, block by block, details
- * at tile_q; Q8_0: llama.cpp's eight FMA lanes, tile_q8_0), so kern_dot,
- * kern_matmul and kern_dot_ref agree bit for bit.  For Q4_0 and MXFP4
- * llama.cpp's own summation order differs (and differs between its kernels);
- * the difference is a few ulps of the sum, whereas the activation rounding
- * points (Q8_0 quantisation) are matched exactly.
+ * sum per block, then acc = fma(sum, d_w * d_x, acc) block by block, as
+ * llama.cpp's repacked GEMV/GEMM for these types, details at tile_q; Q8_0:
+ * llama.cpp's eight FMA lanes, tile_q8_0), so kern_dot, kern_matmul and
+ * kern_dot_ref agree bit for bit and with llama.cpp.
  *
  * Float dots (F32, F16, BF16) go through one tile routine that computes nr
  * (1..FL_ROWS) activation rows against one weight row with a fixed
@@ -332,7 +330,7 @@ static ALWAYS_INLINE void tile_q1(uint32_t type, const uint8_t *w, size_t ws, co
 			s = _mm256_sub_epi32(s, _mm256_set1_epi32(xq[ib].corr));
 		const __m256 d =
 		    _mm256_mul_ps(qw_scales8(type, p, p4, ws, ws3), _mm256_set1_ps(xq[ib].d));
-		acc = _mm256_add_ps(acc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(s)));
+		acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc);
 	}
 	_mm256_storeu_ps(out, acc);
 }
@@ -405,7 +403,7 @@ static ALWAYS_INLINE void tile_q4(uint32_t type, int nr, const uint8_t *w, size_
 			if (off)
 				s = _mm_sub_epi32(s, _mm_set1_epi32(q->corr));
 			__m128 d = _mm_mul_ps(dw, _mm_set1_ps(q->d));
-			acc[r] = _mm_add_ps(acc[r], _mm_mul_ps(d, _mm_cvtepi32_ps(s)));
+			acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(s), d, acc[r]);
 		}
 	}
 #pragma GCC unroll 4

@@ -126,7 +126,7 @@ static float dot_q4_0_q8_0(int64_t n, const struct kern_block_q4_0 *w,
 		}
 		float d = kern_f16_to_f32(kern_load_u16(&w[ib].d)) *
 			  kern_f16_to_f32(kern_load_u16(&x[ib].d));
-		acc += d * (float)sumi;
+		acc = fmaf((float)sumi, d, acc);
 	}
 	return acc;
 }
@@ -167,7 +167,7 @@ static float dot_mxfp4_q8_0(int64_t n, const struct kern_block_mxfp4 *w,
 			sumi += kern_mxfp4_values[w[ib].qs[j] >> 4] * x[ib].qs[j + 16];
 		}
 		float d = kern_e8m0_half(w[ib].e) * kern_f16_to_f32(kern_load_u16(&x[ib].d));
-		acc += d * (float)sumi;
+		acc = fmaf((float)sumi, d, acc);
 	}
 	return acc;
 }

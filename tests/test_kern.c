@@ -840,6 +840,40 @@ static void test_q8_0_ggml(void **state)
 	}
 }
 
+/* Q4_0: kern_dot_ref (and kern_dot) give llama.cpp's results bit for bit.
+ * llama.cpp repacks Q4_0 weights (8 rows interleaved); the expected values are
+ * what ggml_gemv_q4_0_8x8_q8_0 of its prebuilt x86 CPU backend returned for
+ * these 8 rows repacked: rng_seed(23), fill_weights(Q4_0, w, 8 * 128, 1), and
+ * the activations make_act of 128 values rng_f() * 2. */
+static const uint32_t q40_ggml_want[8] = {0x4083f2e7, 0x3e01d547, 0xbf74553b, 0xc03fa086,
+					  0xc0a54674, 0xc0d1207d, 0x3b6cca5e, 0xbf7f3135};
+
+static void test_q4_0_ggml(void **state)
+{
+	(void)state;
+	const int simd = have_avx2();
+	const int64_t n = 128;
+	const size_t row = kern_row_bytes(KERN_Q4_0, n);
+	uint8_t *w = xmalloc(row * 8), *xa = xmalloc(kern_row_bytes(KERN_Q8_0, n));
+	float x[128];
+	rng_seed(23);
+	fill_weights(KERN_Q4_0, w, 8 * n, 1.0f);
+	for (int64_t i = 0; i < n; i++)
+		x[i] = rng_f() * 2.0f;
+	make_act(KERN_Q4_0, x, xa, n);
+	for (int o = 0; o < 8; o++) {
+		const float ref = kern_dot_ref(KERN_Q4_0, n, w + o * row, xa);
+		const float got = simd ? kern_dot(KERN_Q4_0, n, w + o * row, xa) : ref;
+		if (f2u(ref) != q40_ggml_want[o] || f2u(got) != q40_ggml_want[o]) {
+			print_error("Q4_0 row %d: ref %08x simd %08x, llama.cpp %08x\n", o,
+				    f2u(ref), f2u(got), q40_ggml_want[o]);
+			fail();
+		}
+	}
+	free(w);
+	free(xa);
+}
+
 static void test_matmul(void **state)
 {
 	(void)state;
@@ -904,6 +938,7 @@ int main(void)
 	    cmocka_unit_test(test_matmul),
 	    cmocka_unit_test(test_matmul_quant_tiles),
 	    cmocka_unit_test(test_q8_0_ggml),
+	    cmocka_unit_test(test_q4_0_ggml),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
