@@ -99,8 +99,8 @@ static ALWAYS_INLINE __m256 q8w_scales8(uint32_t type, const uint8_t *b0, const 
 
 /* Exact block dots.  Every (row, output) pair is computed as the scalar
  * reference does: per block the integer dot product sum_j w_j * x_j is formed
- * exactly in int32, then acc = acc + (d_w * d_x) * (float)sum with one F32
- * accumulator in block order (multiply, then add: no FMA).  So the results
+ * exactly in int32, then acc = fma((float)sum, d_w * d_x, acc) with one F32
+ * accumulator in block order (Q8_0: tile_q8_0's lanes).  So the results
  * equal kern_dot_ref's bit for bit, whatever the tiling.
  *
  * A tile is up to QC consecutive outputs (weight rows) x up to QR activation
