@@ -5,9 +5,8 @@
  *
  * Every result equals the scalar reference bit for bit (Q4_1, Q5_0, Q5_1:
  * llama.cpp's eight FMA lanes per block, tile_lanes; IQ4_NL: per block an
- * exact int32 sum, then the reference's F32 operations in the same order, no
- * FMA), so kern_dot, kern_matmul (whatever its tiling) and kern_dot_ref
- * agree.
+ * exact int32 sum, then the reference's fused accumulation), so kern_dot, kern_matmul (whatever its
+ * tiling) and kern_dot_ref agree.
  *
  * Integer products (per 16 values, on 128-bit halves of a block as
  * kern_avx2.c does):
@@ -233,7 +232,7 @@ static ALWAYS_INLINE float dot_1(uint32_t type, int64_t nb, const uint8_t *w, co
 		const uint8_t *wb = w + (size_t)ib * bs, *xb = x + (size_t)ib * xbs;
 		const int32_t sumi = block_sumi(type, wb, xb, tab);
 		const float dw = _cvtsh_ss(kern_load_u16(wb)), dx = _cvtsh_ss(kern_load_u16(xb));
-		acc += (dw * dx) * (float)sumi;
+		acc = fmaf((float)sumi, dw * dx, acc);
 		if (has_m(type))
 			acc += _cvtsh_ss(kern_load_u16(wb + 2)) * _cvtsh_ss(kern_load_u16(xb + 2));
 	}
@@ -391,7 +390,7 @@ static ALWAYS_INLINE void tile_1(uint32_t type, const uint8_t *w, size_t ws, con
 				s = _mm256_sub_epi32(s, _mm256_set1_epi32(xq[ib].corr));
 		}
 		const __m256 d = _mm256_mul_ps(f16x8(p, p4, ws, ws3), _mm256_set1_ps(xq[ib].d));
-		acc = _mm256_add_ps(acc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(s)));
+		acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc);
 		if (has_m(type))
 			acc = _mm256_add_ps(acc, _mm256_mul_ps(f16x8(p + 2, p4 + 2, ws, ws3),
 							       _mm256_set1_ps(xq[ib].s)));
@@ -455,7 +454,7 @@ static ALWAYS_INLINE void tile_4(uint32_t type, int nr, const uint8_t *w, size_t
 					s = _mm_sub_epi32(s, _mm_set1_epi32(q->corr));
 			}
 			const __m128 d = _mm_mul_ps(dw, _mm_set1_ps(q->d));
-			acc[r] = _mm_add_ps(acc[r], _mm_mul_ps(d, _mm_cvtepi32_ps(s)));
+			acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(s), d, acc[r]);
 			if (has_m(type))
 				acc[r] = _mm_add_ps(acc[r], _mm_mul_ps(mw, _mm_set1_ps(q->s)));
 		}

@@ -29,9 +29,8 @@
  *     int32 lanes of four products each, accumulated by FMA per lane, the
  *     lanes summed as ggml's hsum_float_8, plus the fused m_w * s_x sum.
  *   IQ4_NL: per block of 32 an exact int32 sum sumi = sum_j c_j * x_j, then
- *     one F32 accumulator in block order, every product and sum rounded to
- *     F32 (no FMA): acc += (d_w * d_x) * (float)sumi.  llama.cpp repacks
- *     IQ4_NL weights and adds these terms in other orders (a few ulps). */
+ *     one F32 accumulator in block order: acc = fma((float)sumi, d_w * d_x,
+ *     acc), as llama.cpp's repacked GEMV/GEMM (2-D weights and experts). */
 #include <math.h>
 #include <string.h>
 
@@ -189,7 +188,8 @@ static float dot_lanes(uint32_t type, int64_t n, const uint8_t *wb, const uint8_
 		for (int m = 0; m < 8; m++) {
 			int32_t lane = 0;
 			for (int j = 4 * m; j < 4 * m + 4; j++)
-				lane += type == KERN_Q5_0 ? sign_product(c[j], xq[j]) : c[j] * xq[j];
+				lane +=
+				    type == KERN_Q5_0 ? sign_product(c[j], xq[j]) : c[j] * xq[j];
 			acc[m] = fmaf(d, (float)lane, acc[m]);
 		}
 		if (q8_1)
@@ -222,7 +222,7 @@ float kern_legacy_dot_ref(uint32_t type, int64_t n, const void *w, const void *x
 		for (int j = 0; j < KERN_QK; j++)
 			sumi += c[j] * xq[j];
 		const float dx = kern_f16_to_f32(kern_load_u16(xblk));
-		acc += (dw * dx) * (float)sumi;
+		acc = fmaf((float)sumi, dw * dx, acc);
 		if (q8_1)
 			acc += mw * kern_f16_to_f32(kern_load_u16(xblk + 2));
 	}

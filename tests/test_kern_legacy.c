@@ -752,6 +752,37 @@ static void test_dot_ggml(void **state)
 	}
 }
 
+/* IQ4_NL: llama.cpp repacks 2-D IQ4_NL weights (8 rows interleaved);
+ * kern_dot_ref and kern_dot give its GEMV's results bit for bit.  The expected
+ * values are what ggml_gemv_iq4_nl_8x8_q8_0 of its prebuilt x86 CPU backend
+ * returned for these 8 rows repacked: rng_seed(33), fill_row(IQ4_NL, w, 8 * 128,
+ * W_RANDOM) and fill_act(IQ4_NL, x, 128, X_RANDOM, 1). */
+static const uint32_t iq4nl_ggml_want[8] = {0xc23759ec, 0x403410e9, 0xc195e895, 0xc135532a,
+					    0xc1d79650, 0x41096916, 0xc14f5d58, 0x424ceb60};
+
+static void test_iq4_nl_ggml(void **state)
+{
+	(void)state;
+	const int simd = have_avx2();
+	const int64_t n = 128;
+	const size_t row = kern_row_bytes(KERN_IQ4_NL, n);
+	uint8_t *w = xmalloc(row * 8), *x = xmalloc(kern_row_bytes(KERN_Q8_0, n));
+	rng_seed(33);
+	fill_row(KERN_IQ4_NL, w, 8 * n, W_RANDOM);
+	fill_act(KERN_IQ4_NL, x, n, X_RANDOM, 1.0f);
+	for (int o = 0; o < 8; o++) {
+		const float ref = kern_dot_ref(KERN_IQ4_NL, n, w + o * row, x);
+		const float got = simd ? kern_dot(KERN_IQ4_NL, n, w + o * row, x) : ref;
+		if (f2u(ref) != iq4nl_ggml_want[o] || f2u(got) != iq4nl_ggml_want[o]) {
+			print_error("IQ4_NL row %d: ref %08x simd %08x, llama.cpp %08x\n", o,
+				    f2u(ref), f2u(got), iq4nl_ggml_want[o]);
+			fail();
+		}
+	}
+	free(w);
+	free(x);
+}
+
 static void test_matmul_batch(void **state)
 {
 	(void)state;
@@ -789,6 +820,7 @@ int main(void)
 	    cmocka_unit_test(test_convert_q8_1),   cmocka_unit_test(test_dot_ref_double),
 	    cmocka_unit_test(test_dot_simd),	   cmocka_unit_test(test_matmul),
 	    cmocka_unit_test(test_matmul_batch),   cmocka_unit_test(test_dot_ggml),
+	    cmocka_unit_test(test_iq4_nl_ggml),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
