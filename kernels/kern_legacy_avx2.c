@@ -5,8 +5,8 @@
  *
  * Every result equals the scalar reference bit for bit (Q4_1, Q5_0, Q5_1:
  * llama.cpp's eight FMA lanes per block, tile_lanes; IQ4_NL: per block an
- * exact int32 sum, then the reference's fused accumulation), so kern_dot, kern_matmul (whatever its
- * tiling) and kern_dot_ref agree.
+ * exact int32 sum, then the reference's fused accumulation), so kern_dot,
+ * kern_matmul (whatever its tiling) and kern_dot_ref agree.
  *
  * Integer products (per 16 values, on 128-bit halves of a block as
  * kern_avx2.c does):
