@@ -668,7 +668,8 @@ static const float *ds2_f32(const gguf_tensor *t)
  * and head h, y[t][h][0..ne1) = w[h] · x[t][h][0..ne0), where x rows hold
  * n_head blocks of x_head floats and y rows n_head blocks of y_head floats.
  * One pool run; each thread converts and multiplies the heads it owns, with the
- * same kernels (and so the same results) as ops_matmul. */
+ * kernels llama.cpp uses for a 3-D weight it does not repack
+ * (kern_matmul_unpacked). */
 struct ds2_heads_job {
 	const gguf_tensor *w;
 	const float *x;
@@ -694,9 +695,10 @@ static void ds2_heads_run(void *ctx, int ith, int nth)
 		for (int64_t t = 0; t < j->n_rows; t++)
 			kern_convert_row(j->act, j->x + (t * H + h) * j->x_head,
 					 j->xa + (size_t)(t * H + h) * j->act_row, n_in);
-		kern_matmul(j->w->type, (const char *)j->w->data + (size_t)h * slice, n_in, 0,
-			    n_out, j->xa + (size_t)h * j->act_row, (size_t)H * j->act_row,
-			    j->n_rows, j->y + h * j->y_head, H * j->y_head);
+		kern_matmul_unpacked(j->w->type, (const char *)j->w->data + (size_t)h * slice, n_in,
+				     0, n_out, j->xa + (size_t)h * j->act_row,
+				     (size_t)H * j->act_row, j->n_rows, j->y + h * j->y_head,
+				     H * j->y_head);
 	}
 }
 
@@ -730,8 +732,8 @@ static void ds2_swiglu_ffn(struct ds2 *m, const gguf_tensor *gate, const gguf_te
 	float *const gu_y[2] = {g, u};
 	const int64_t gu_s[2] = {F, F};
 	ops_matmul_multi(p, 2, gu, h, E, n, gu_y, gu_s, m->s.mm);
-	for (int64_t i = 0; i < (int64_t)n * F; i++)
-		g[i] = ops_silu(g[i]) * u[i];
+	for (int t = 0; t < n; t++) /* as llama.cpp's ggml_vec_swiglu_f32, row by row */
+		kern_swiglu(g + (size_t)t * F, u + (size_t)t * F, 0, F, F);
 	/* (n, F) @ (F, E) -> (n, E) */
 	ops_matmul(p, down, g, F, n, out, E, m->s.mm);
 }

@@ -115,6 +115,12 @@ void kern_convert_row_ref(enum kern_type act_type, const float *x, void *dst, in
 
 /* One dot product: weight row (weight_type) x activation row
  * (kern_act_type(weight_type)), n values. */
+/* g[j] = silu(g[j]) * u[j] for j in [j0, j1) of a row of n values, as
+ * llama.cpp's ggml_vec_swiglu_f32 on its AVX-512 x86 build (the reference
+ * machine's): values below n - n % 16 take ggml_v_silu, x / (1 + v_expf(0 - x))
+ * with ggml's vector exp (AVX-512 form), the last n % 16 x / (1 + expf(-x)). */
+void kern_swiglu(float *g, const float *u, int64_t j0, int64_t j1, int64_t n);
+void kern_swiglu_ref(float *g, const float *u, int64_t j0, int64_t j1, int64_t n);
 float kern_dot(uint32_t weight_type, int64_t n, const void *w, const void *x);
 float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x);
 
@@ -135,5 +141,12 @@ void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, 
  * those rows get that arithmetic, every other row and type kern_matmul's. */
 void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		       const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+/* kern_matmul for a weight llama.cpp does not repack (a slice of a 3-D weight
+ * in a MUL_MAT, e.g. deepseek2's per-head attn_k_b / attn_v_b): IQ4_NL as
+ * llamafile's GEMM (n_rows >= 2) or ggml_vec_dot_iq4_nl_q8_0 (one row),
+ * scalar only (kern_legacy_ref.c); every other type as kern_matmul. */
+void kern_matmul_unpacked(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			  const void *x, size_t x_stride, int64_t n_rows, float *y,
+			  int64_t y_stride);
 
 #endif

@@ -228,3 +228,56 @@ float kern_legacy_dot_ref(uint32_t type, int64_t n, const void *w, const void *x
 	}
 	return acc;
 }
+
+/* IQ4_NL weights llama.cpp does not repack (the slices of a 3-D weight in a
+ * MUL_MAT): several rows go through llamafile's tinyBLAS_Q0_AVX (eight lanes
+ * of four products per block, acc_m = fma(d_w * d_x, lane_m, acc_m), ggml's
+ * hsum_float_8), one row through ggml_vec_dot_iq4_nl_q8_0 (even and odd blocks
+ * in two such lane sets, added lane by lane before the hsum; an odd last block
+ * then fused in as fma((float)sumi, d, sum)).  Other types: kern_legacy_dot_ref. */
+float kern_legacy_dot_unpacked_ref(uint32_t type, int64_t n, const void *w, const void *x,
+				   int batched)
+{
+	if (type != KERN_IQ4_NL)
+		return kern_legacy_dot_ref(type, n, w, x);
+	const uint8_t *wb = w, *xb = x;
+	const size_t bs = kern_type_block_bytes(type), xs = sizeof(struct kern_block_q8_0);
+	const int64_t nb = n / KERN_QK;
+	float acc[2][8] = {{0}};
+	const int64_t n_lanes = batched ? nb : nb - nb % 2; /* blocks taken in lanes */
+	int64_t ib = 0;
+	for (; ib < n_lanes; ib++) {
+		const uint8_t *xblk = xb + (size_t)ib * xs;
+		const int8_t *xq = (const int8_t *)(xblk + 2);
+		int c[KERN_QK];
+		float dw, mw;
+		block_codes(type, wb + (size_t)ib * bs, c, &dw, &mw);
+		const float d = dw * kern_f16_to_f32(kern_load_u16(xblk));
+		float *a = acc[batched ? 0 : ib % 2];
+		for (int m = 0; m < 8; m++) {
+			int32_t lane = 0;
+			for (int j = 4 * m; j < 4 * m + 4; j++)
+				lane += sign_product(c[j], xq[j]);
+			a[m] = fmaf(d, (float)lane, a[m]);
+		}
+	}
+	float t[8], r[4];
+	for (int m = 0; m < 8; m++)
+		t[m] = acc[0][m] + acc[1][m];
+	for (int i = 0; i < 4; i++)
+		r[i] = t[4 + i] + t[i];
+	const float r0 = r[0] + r[2], r1 = r[1] + r[3];
+	float sum = r0 + r1;
+	for (; ib < nb; ib++) {
+		const uint8_t *xblk = xb + (size_t)ib * xs;
+		const int8_t *xq = (const int8_t *)(xblk + 2);
+		int c[KERN_QK];
+		float dw, mw;
+		block_codes(type, wb + (size_t)ib * bs, c, &dw, &mw);
+		int32_t sumi = 0;
+		for (int j = 0; j < KERN_QK; j++)
+			sumi += c[j] * xq[j];
+		sum = fmaf((float)sumi, kern_f16_to_f32(kern_load_u16(xblk)) * dw, sum);
+	}
+	return sum;
+}

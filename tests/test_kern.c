@@ -874,6 +874,54 @@ static void test_q4_0_ggml(void **state)
 	free(xa);
 }
 
+/* kern_swiglu: AVX2 = scalar bit for bit (lanes needing the scalar power of
+ * two, row tails, partial ranges), and both close to silu(g) * u in double;
+ * the values at and past n - n % 16 are exactly x / (1 + expf(-x)) * u. */
+static void test_swiglu(void **state)
+{
+	(void)state;
+	enum { N = 83 };
+	float g[N], u[N], a[N], b[N];
+	rng_seed(51);
+	for (int i = 0; i < N; i++) {
+		g[i] = rng_f() * (i % 7 == 0 ? 150.0f : 12.0f);
+		u[i] = rng_f() * 3.0f;
+	}
+	g[3] = 0.0f, g[4] = -0.0f, g[5] = 95.0f, g[6] = -95.0f, g[9] = 200.0f, g[10] = -200.0f;
+	const int64_t ranges[][2] = {{0, N}, {3, 61}, {17, 20}, {64, 83}};
+	for (size_t k = 0; k < sizeof(ranges) / sizeof(ranges[0]); k++) {
+		const int64_t j0 = ranges[k][0], j1 = ranges[k][1];
+		memcpy(a, g, sizeof(g));
+		memcpy(b, g, sizeof(g));
+		kern_swiglu_ref(a, u, j0, j1, N);
+		if (have_avx2())
+			kern_swiglu(b, u, j0, j1, N);
+		else
+			memcpy(b, a, sizeof(a));
+		for (int64_t j = 0; j < N; j++) {
+			if (j < j0 || j >= j1) {
+				assert_true(f2u(a[j]) == f2u(g[j]) && f2u(b[j]) == f2u(g[j]));
+				continue;
+			}
+			if (f2u(a[j]) != f2u(b[j])) {
+				print_error("swiglu [%lld]: avx2 %.9g ref %.9g\n", (long long)j,
+					    (double)b[j], (double)a[j]);
+				fail();
+			}
+			const double x = g[j], want = x / (1.0 + exp(-x)) * u[j];
+			if (!(fabs(a[j] - want) <= 1e-6 * fabs(want) + 1e-30)) {
+				print_error("swiglu [%lld]: %.9g, silu * u %.9g\n", (long long)j,
+					    (double)a[j], want);
+				fail();
+			}
+			if (j >= N - N % 16) {
+				const float t = g[j] / (1.0f + expf(-g[j])) * u[j];
+				assert_true(f2u(a[j]) == f2u(t));
+			}
+		}
+	}
+}
+
 static void test_matmul(void **state)
 {
 	(void)state;
@@ -939,6 +987,7 @@ int main(void)
 	    cmocka_unit_test(test_matmul_quant_tiles),
 	    cmocka_unit_test(test_q8_0_ggml),
 	    cmocka_unit_test(test_q4_0_ggml),
+	    cmocka_unit_test(test_swiglu),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -783,6 +783,43 @@ static void test_iq4_nl_ggml(void **state)
 	free(x);
 }
 
+/* kern_matmul_unpacked with IQ4_NL and one row: ggml_vec_dot_iq4_nl_q8_0's
+ * result bit for bit (the expected values are what llama.cpp's prebuilt x86
+ * CPU backend returned: rng_seed(35), per case c n = 32 (1 + c) (odd and even
+ * block counts), fill_row(IQ4_NL, w, n, W_RANDOM), fill_act(IQ4_NL, x, n,
+ * X_RANDOM, 1)); with two rows each row as the lanes of llamafile's GEMM,
+ * which for one block equals the one-row result. */
+#define UNP_CASES 5
+static const uint32_t unp_ggml_want[UNP_CASES] = {0xc151308e, 0xc11ee5fa, 0xc1d318a8, 0xc21e3d22,
+						  0x40b572ca};
+
+static void test_matmul_unpacked(void **state)
+{
+	(void)state;
+	rng_seed(35);
+	for (int c = 0; c < UNP_CASES; c++) {
+		const int64_t n = 32 * (1 + c);
+		const size_t xs = kern_row_bytes(KERN_Q8_0, n);
+		uint8_t *w = xmalloc(kern_row_bytes(KERN_IQ4_NL, n)), *x = xmalloc(2 * xs);
+		float y[2];
+		fill_row(KERN_IQ4_NL, w, n, W_RANDOM);
+		fill_act(KERN_IQ4_NL, x, n, X_RANDOM, 1.0f);
+		memcpy(x + xs, x, xs);
+		kern_matmul_unpacked(KERN_IQ4_NL, w, n, 0, 1, x, xs, 1, y, 1);
+		if (f2u(y[0]) != unp_ggml_want[c]) {
+			print_error("IQ4_NL unpacked n=%lld: %08x, llama.cpp %08x\n", (long long)n,
+				    f2u(y[0]), unp_ggml_want[c]);
+			fail();
+		}
+		kern_matmul_unpacked(KERN_IQ4_NL, w, n, 0, 1, x, xs, 2, y, 1);
+		assert_true(f2u(y[0]) == f2u(y[1]));
+		if (n == 32)
+			assert_true(f2u(y[0]) == unp_ggml_want[c]);
+		free(w);
+		free(x);
+	}
+}
+
 static void test_matmul_batch(void **state)
 {
 	(void)state;
@@ -820,7 +857,7 @@ int main(void)
 	    cmocka_unit_test(test_convert_q8_1),   cmocka_unit_test(test_dot_ref_double),
 	    cmocka_unit_test(test_dot_simd),	   cmocka_unit_test(test_matmul),
 	    cmocka_unit_test(test_matmul_batch),   cmocka_unit_test(test_dot_ggml),
-	    cmocka_unit_test(test_iq4_nl_ggml),
+	    cmocka_unit_test(test_iq4_nl_ggml),	   cmocka_unit_test(test_matmul_unpacked),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

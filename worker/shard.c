@@ -340,10 +340,7 @@ static void shard_act_cols(const struct shard_call *c, int e, int64_t i0, int64_
 			}
 		}
 		switch (sp->act) {
-		case MOE_ACT_SWIGLU:
-			for (int64_t j = j0; j < j1; j++)
-				g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-			break;
+		case MOE_ACT_SWIGLU: kern_swiglu(g, u, j0, j1, F); break;
 		case MOE_ACT_SWIGLU_OAI:
 			for (int64_t j = j0; j < j1; j++) {
 				float x = fminf(g[j], lim);
