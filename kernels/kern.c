@@ -385,3 +385,10 @@ void kern_swiglu(float *g, const float *u, int64_t j0, int64_t j1, int64_t n)
 	else
 		kern_swiglu_ref(g, u, j0, j1, n);
 }
+
+void kern_matmul_expert(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
+{
+	const int64_t panel = weight_type == KERN_IQ4_XS && n_rows >= 8 ? n_rows : 0;
+	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, panel);
+}

@@ -141,6 +141,12 @@ void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, 
  * those rows get that arithmetic, every other row and type kern_matmul's. */
 void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		       const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+/* kern_matmul for one expert's rows of a llama.cpp MUL_MAT_ID (n_rows = all
+ * the batch rows routed to this expert): IQ4_XS experts with at least 8 rows
+ * go through llama.cpp's IQ panel GEMM (as kern_matmul_dense); every other
+ * case as kern_matmul (Q2_K / Q4_K experts use the repacked GEMV). */
+void kern_matmul_expert(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
 /* kern_matmul for a weight llama.cpp does not repack (a slice of a 3-D weight
  * in a MUL_MAT, e.g. deepseek2's per-head attn_k_b / attn_v_b): IQ4_NL as
  * llamafile's GEMM (n_rows >= 2) or ggml_vec_dot_iq4_nl_q8_0 (one row),
