@@ -303,6 +303,8 @@ float kern_dot(uint32_t weight_type, int64_t n, const void *w, const void *x)
 {
 	if (!use_avx2())
 		return kern_dot_ref(weight_type, n, w, x);
+	if (weight_type == KERN_F32)
+		return kern_f32_dot_vec_avx2(n, w, x);
 	switch (kern_type_family(weight_type)) {
 	case KERN_FAM_LEGACY: return kern_legacy_dot_avx2(weight_type, n, w, x);
 	case KERN_FAM_KQ: return kern_kq_dot_avx2(weight_type, n, w, x);
@@ -315,6 +317,21 @@ static void matmul_rows(uint32_t weight_type, const void *w, int64_t n_in, int64
 			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
 			int64_t gemm_rows)
 {
+	if (weight_type == KERN_F32) { /* per output, as ggml's two F32 paths */
+		const int simd = use_avx2();
+		const uint8_t *wb = w, *xb = x;
+		for (int64_t o = o0; o < o1; o++)
+			for (int64_t r = 0; r < n_rows; r++) {
+				const void *wr = wb + (size_t)o * (size_t)n_in * 4,
+					   *xr = xb + (size_t)r * x_stride;
+				y[r * y_stride + o] =
+				    r < gemm_rows ? (simd ? kern_f32_dot_gemm_avx2(n_in, wr, xr)
+							  : kern_f32_dot_gemm_ref(n_in, wr, xr))
+						  : (simd ? kern_f32_dot_vec_avx2(n_in, wr, xr)
+							  : kern_f32_dot_vec_ref(n_in, wr, xr));
+			}
+		return;
+	}
 	if (use_avx2()) {
 		switch (kern_type_family(weight_type)) {
 		case KERN_FAM_LEGACY:
@@ -357,6 +374,8 @@ void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_
 	if (weight_type == KERN_Q2_K || weight_type == KERN_Q4_K)
 		gemm_rows = n_rows - n_rows % 4;
 	else if (weight_type == KERN_IQ4_XS && n_rows >= 8)
+		gemm_rows = n_rows;
+	else if (weight_type == KERN_F32 && n_rows >= 2 && n_in % 16 == 0)
 		gemm_rows = n_rows;
 	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, gemm_rows);
 }

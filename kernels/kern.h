@@ -133,7 +133,9 @@ float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x
 void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
 /* kern_matmul for a 2-D weight multiplied as one llama.cpp MUL_MAT of n_rows
- * rows (not an expert's share of a MUL_MAT_ID), whose n_out is a multiple of 8:
+ * rows (not an expert's share of a MUL_MAT_ID), whose n_out is a multiple of 8.
+ * F32 weights with n_rows >= 2 (n_in a multiple of 16) take llamafile's GEMM
+ * form (16 FMA lanes, kern_ref.c) instead of ggml_vec_dot_f32's (kern_dot's):
  * llama.cpp repacks Q2_K and Q4_K weights of such products and runs its GEMM
  * on the rows below n_rows - n_rows % 4, which rounds per 64 (Q4_K) or 128
  * (Q2_K) values rather than per block, and runs IQ4_XS products of at least 8

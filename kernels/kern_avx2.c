@@ -9,7 +9,9 @@
  * llama.cpp's eight FMA lanes, tile_q8_0), so kern_dot, kern_matmul and
  * kern_dot_ref agree bit for bit and with llama.cpp.
  *
- * Float dots (F32, F16, BF16) go through one tile routine that computes nr
+ * F32 dots follow llama.cpp's AVX-512 forms (kern_f32_dot_vec_avx2 and
+ * _gemm_avx2 at the end, dispatched per output by kern.c).  F16 and BF16 dots
+ * go through one tile routine that computes nr
  * (1..FL_ROWS) activation rows against one weight row with a fixed
  * per-(row, output) operation sequence in four 8-lane accumulators (details
  * at tile_fl), so kern_matmul's results are bit-identical to kern_dot's
@@ -1028,4 +1030,63 @@ void kern_swiglu_avx2(float *g, const float *u, int64_t j0, int64_t j1, int64_t 
 	}
 	if (j < j1)
 		kern_swiglu_ref(g, u, j, j1, n);
+}
+
+/* ---------------------------------------------------------------- F32 */
+
+/* kern_f32_dot_vec_ref: ggml_vec_dot_f32's AVX-512 form, each 16-lane
+ * accumulator held as two 8-lane halves (the same lane operations). */
+float kern_f32_dot_vec_avx2(int64_t n, const void *w, const void *x)
+{
+	const float *a = w, *b = x;
+	const int64_t np = n & ~(int64_t)63;
+	__m256 s[8];
+	for (int j = 0; j < 8; j++)
+		s[j] = _mm256_setzero_ps();
+	for (int64_t i = 0; i < np; i += 64)
+		for (int j = 0; j < 8; j++)
+			s[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * j),
+					       _mm256_loadu_ps(b + i + 8 * j), s[j]);
+	/* groups g = s[2g] (lanes 0-7), s[2g + 1] (lanes 8-15): g0 + g2, g1 + g3,
+	 * then g0 + g1 */
+	for (int h = 0; h < 2; h++) {
+		s[h] = _mm256_add_ps(s[h], s[4 + h]);
+		s[2 + h] = _mm256_add_ps(s[2 + h], s[6 + h]);
+		s[h] = _mm256_add_ps(s[h], s[2 + h]);
+	}
+	float sum = hsum8(_mm256_add_ps(s[1], s[0]));
+	const int64_t unfused = (n - np) / 8 * 8;
+	for (int64_t k = np; k < n; k++) {
+		float u, v;
+		memcpy(&u, a + k, 4);
+		memcpy(&v, b + k, 4);
+		sum = k < np + unfused ? sum + u * v : __builtin_fmaf(u, v, sum);
+	}
+	return sum;
+}
+
+/* kern_f32_dot_gemm_ref: llamafile's tinyBLAS F32 GEMM (AVX-512): 16 lanes. */
+float kern_f32_dot_gemm_avx2(int64_t n, const void *w, const void *x)
+{
+	const float *a = w, *b = x;
+	__m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+	int64_t k = 0;
+	for (; k + 16 <= n; k += 16) {
+		lo = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), lo);
+		hi = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), hi);
+	}
+	if (k < n) {
+		float l[16];
+		_mm256_storeu_ps(l, lo);
+		_mm256_storeu_ps(l + 8, hi);
+		for (; k < n; k++) {
+			float u, v;
+			memcpy(&u, a + k, 4);
+			memcpy(&v, b + k, 4);
+			l[k % 16] = __builtin_fmaf(u, v, l[k % 16]);
+		}
+		lo = _mm256_loadu_ps(l);
+		hi = _mm256_loadu_ps(l + 8);
+	}
+	return hsum8(_mm256_add_ps(hi, lo));
 }

@@ -63,6 +63,12 @@ enum kern_family { KERN_FAM_BASE, KERN_FAM_LEGACY, KERN_FAM_KQ, KERN_FAM_IQ };
 int kern_type_family(uint32_t type); /* -1 if unknown */
 
 /* Q4_1, Q5_0, Q5_1, IQ4_NL; Q8_1 activations (kern_legacy_ref.c, kern_legacy_avx2.c) */
+/* F32 dots: ggml_vec_dot_f32 (one row) and llamafile's F32 GEMM (several),
+ * both in their AVX-512 forms (kern_ref.c) */
+float kern_f32_dot_vec_ref(int64_t n, const void *w, const void *x);
+float kern_f32_dot_gemm_ref(int64_t n, const void *w, const void *x);
+float kern_f32_dot_vec_avx2(int64_t n, const void *w, const void *x);
+float kern_f32_dot_gemm_avx2(int64_t n, const void *w, const void *x);
 void kern_swiglu_avx2(float *g, const float *u, int64_t j0, int64_t j1, int64_t n);
 /* as llama.cpp multiplies a weight it does not repack; batched: n_rows >= 2 */
 float kern_legacy_dot_unpacked_ref(uint32_t type, int64_t n, const void *w, const void *x,

@@ -172,6 +172,64 @@ static float dot_mxfp4_q8_0(int64_t n, const struct kern_block_mxfp4 *w,
 	return acc;
 }
 
+/* ---------------------------------------------------------------- F32 */
+
+static float ld_f32(const uint8_t *p) /* rows need not be 4-byte aligned */
+{
+	float f;
+	memcpy(&f, p, sizeof(f));
+	return f;
+}
+
+/* _mm512_reduce_add_ps as GCC implements it */
+static float reduce16(const float *a)
+{
+	float t[8], u[4];
+	for (int i = 0; i < 8; i++)
+		t[i] = a[8 + i] + a[i];
+	for (int i = 0; i < 4; i++)
+		u[i] = t[4 + i] + t[i];
+	const float v0 = u[0] + u[2], v1 = u[1] + u[3];
+	return v0 + v1;
+}
+
+float kern_f32_dot_vec_ref(int64_t n, const void *w, const void *x)
+{
+	const uint8_t *a = w, *b = x;
+	const int64_t np = n & ~(int64_t)63;
+	float s[4][16] = {{0}};
+	for (int64_t i = 0; i < np; i += 64)
+		for (int j = 0; j < 4; j++)
+			for (int l = 0; l < 16; l++) {
+				const int64_t k = i + 16 * j + l;
+				s[j][l] = fmaf(ld_f32(a + 4 * k), ld_f32(b + 4 * k), s[j][l]);
+			}
+	for (int l = 0; l < 16; l++) {
+		s[0][l] = s[0][l] + s[2][l];
+		s[1][l] = s[1][l] + s[3][l];
+	}
+	for (int l = 0; l < 16; l++)
+		s[0][l] = s[0][l] + s[1][l];
+	float sum = reduce16(s[0]);
+	/* leftovers as GCC vectorised ggml's loop: products rounded and added in
+	 * order for whole 16s and then one 8, fused for the last < 8 */
+	const int64_t rem = n - np, unfused = rem >= 16 ? rem / 8 * 8 : rem / 8 * 8;
+	for (int64_t k = np; k < n; k++) {
+		const float u = ld_f32(a + 4 * k), v = ld_f32(b + 4 * k);
+		sum = k < np + unfused ? sum + u * v : fmaf(u, v, sum);
+	}
+	return sum;
+}
+
+float kern_f32_dot_gemm_ref(int64_t n, const void *w, const void *x)
+{
+	const uint8_t *a = w, *b = x;
+	float s[16] = {0};
+	for (int64_t k = 0; k < n; k++)
+		s[k % 16] = fmaf(ld_f32(a + 4 * k), ld_f32(b + 4 * k), s[k % 16]);
+	return reduce16(s);
+}
+
 float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x)
 {
 	switch (kern_type_family(weight_type)) {
@@ -181,17 +239,7 @@ float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x
 	default: break;
 	}
 	switch (weight_type) {
-	case KERN_F32: { /* rows need not be 4-byte aligned */
-		const uint8_t *a = w, *b = x;
-		float acc = 0.0f;
-		for (int64_t i = 0; i < n; i++) {
-			float u, v;
-			memcpy(&u, a + 4 * i, 4);
-			memcpy(&v, b + 4 * i, 4);
-			acc += u * v;
-		}
-		return acc;
-	}
+	case KERN_F32: return kern_f32_dot_vec_ref(n, w, x);
 	case KERN_F16: {
 		const uint8_t *a = w, *b = x;
 		float acc = 0.0f;

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "kernels/kern.h"
+#include "kernels/kern_impl.h"
 
 /* ----------------------------------------------------------- helpers */
 
@@ -922,6 +923,48 @@ static void test_swiglu(void **state)
 	}
 }
 
+/* F32: ggml_vec_dot_f32's and llamafile's GEMM's AVX-512 forms (kern_ref.c):
+ * AVX2 = scalar bit for bit, both close to the double sum; kern_dot and a
+ * one-row kern_matmul_dense take the vec_dot form, several rows the GEMM's. */
+static void test_f32_forms(void **state)
+{
+	(void)state;
+	const int64_t ns[] = {16, 64, 69, 72, 80, 101, 128, 192, 200, 256};
+	rng_seed(61);
+	for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++) {
+		const int64_t n = ns[i];
+		float *w = xmalloc((size_t)n * 2 * sizeof(float)), *x = w + n;
+		for (int64_t k = 0; k < 2 * n; k++)
+			w[k] = rng_f() * (k % 9 == 0 ? 40.0f : 1.0f);
+		double want = 0, sa = 0;
+		for (int64_t k = 0; k < n; k++) {
+			want += (double)w[k] * x[k];
+			sa += fabs((double)w[k] * x[k]);
+		}
+		const float v = kern_f32_dot_vec_ref(n, w, x), g = kern_f32_dot_gemm_ref(n, w, x);
+		assert_true(fabs(v - want) <= 1e-6 * sa && fabs(g - want) <= 1e-6 * sa);
+		assert_true(f2u(kern_dot_ref(KERN_F32, n, w, x)) == f2u(v));
+		if (have_avx2()) {
+			assert_true(f2u(kern_f32_dot_vec_avx2(n, w, x)) == f2u(v));
+			assert_true(f2u(kern_f32_dot_gemm_avx2(n, w, x)) == f2u(g));
+			assert_true(f2u(kern_dot(KERN_F32, n, w, x)) == f2u(v));
+		}
+		float y[2];
+		/* two rows, both x */
+		float *x2 = xmalloc((size_t)n * 2 * sizeof(float));
+		memcpy(x2, x, (size_t)n * sizeof(float));
+		memcpy(x2 + n, x, (size_t)n * sizeof(float));
+		kern_matmul_dense(KERN_F32, w, n, 0, 1, x2, (size_t)n * 4, 1, y, 1);
+		assert_true(f2u(y[0]) == f2u(v));
+		kern_matmul_dense(KERN_F32, w, n, 0, 1, x2, (size_t)n * 4, 2, y, 1);
+		assert_true(f2u(y[0]) == f2u(n % 16 ? v : g) && f2u(y[1]) == f2u(y[0]));
+		kern_matmul(KERN_F32, w, n, 0, 1, x2, (size_t)n * 4, 2, y, 1);
+		assert_true(f2u(y[0]) == f2u(v) && f2u(y[1]) == f2u(v));
+		free(x2);
+		free(w);
+	}
+}
+
 static void test_matmul(void **state)
 {
 	(void)state;
@@ -988,6 +1031,7 @@ int main(void)
 	    cmocka_unit_test(test_q8_0_ggml),
 	    cmocka_unit_test(test_q4_0_ggml),
 	    cmocka_unit_test(test_swiglu),
+	    cmocka_unit_test(test_f32_forms),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
