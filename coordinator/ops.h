@@ -31,6 +31,14 @@ void ops_matmul(pool *p, const gguf_tensor *w, const float *x, int64_t x_stride,
 void ops_matmul_multi(pool *p, int n_w, const gguf_tensor *const *w, const float *x,
 		      int64_t x_stride, int64_t n_rows, float *const *y, const int64_t *y_stride,
 		      void *scratch);
+/* The sequences of the batch rows the next products take (model.c sets it
+ * around each forward; NULL clears it): llama.cpp computes some weight types
+ * differently for a sequence of several rows than for one row (F32, Q2_K,
+ * Q4_K, IQ4_XS: kern_matmul_form), and each row gets the form its sequence
+ * would get alone, so a sequence's results do not depend on the others in the
+ * batch.  A product of any other number of rows takes them as one sequence.
+ * Per calling thread. */
+void ops_batch_rows(const int32_t *seq, int n_rows);
 /* The same for a raw weight matrix (e.g. one slice of a 3-D tensor). */
 void ops_matmul_raw(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t n_out,
 		    const float *x, int64_t x_stride, int64_t n_rows, float *y, int64_t y_stride,

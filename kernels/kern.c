@@ -367,6 +367,22 @@ void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, 
 	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, 0);
 }
 
+int kern_batch_form_type(uint32_t weight_type)
+{
+	return weight_type == KERN_F32 || weight_type == KERN_Q2_K || weight_type == KERN_Q4_K ||
+	       weight_type == KERN_IQ4_XS;
+}
+
+void kern_matmul_form(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+		      const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
+		      int batch_form)
+{
+	int64_t gemm_rows = batch_form && kern_batch_form_type(weight_type) ? n_rows : 0;
+	if (weight_type == KERN_F32 && n_in % 16 != 0)
+		gemm_rows = 0;
+	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, gemm_rows);
+}
+
 void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		       const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
 {

@@ -143,6 +143,16 @@ void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, 
  * those rows get that arithmetic, every other row and type kern_matmul's. */
 void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		       const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+/* The per-row choice behind kern_matmul_dense, made by the caller: with
+ * batch_form, every row takes the arithmetic llama.cpp's batched dense product
+ * gives the rows of a sequence that has them (F32: llamafile's GEMM when
+ * n_in % 16 == 0; Q2_K/Q4_K: the repacked GEMM; IQ4_XS: the IQ panel),
+ * without it kern_matmul's.  kern_batch_form_type: whether weight_type has
+ * such a second form. */
+int kern_batch_form_type(uint32_t weight_type);
+void kern_matmul_form(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+		      const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
+		      int batch_form);
 /* kern_matmul for one expert's rows of a llama.cpp MUL_MAT_ID (n_rows = all
  * the batch rows routed to this expert): IQ4_XS experts with at least 8 rows
  * go through llama.cpp's IQ panel GEMM (as kern_matmul_dense); every other
