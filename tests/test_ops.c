@@ -1,4 +1,5 @@
-/* test_ops: ops_rope_apply against llama.cpp's ROPE output, bit for bit.
+/* test_ops: ops_rope_apply against llama.cpp's ROPE output, bit for bit, and
+ * ops_matmul_raw's per-sequence forms (ops_batch_rows).
  * tests/data/rope-llama.f32 holds keys before and after llama.cpp's
  * ggml_rope_ext (its x86 CPU backend) for positions 0, 1, 2, 5, 14, 31, 47
  * of two of the shared test models' first layers: per position
@@ -20,6 +21,7 @@
 #include <string.h>
 
 #include "coordinator/ops.h"
+#include "kernels/kern.h"
 
 #define N_POS 7
 static const int rope_pos[N_POS] = {0, 1, 2, 5, 14, 31, 47};
@@ -109,11 +111,62 @@ static void test_rope_gptoss(void **state)
 	}
 }
 
+/* Three sequences interleaved in one batch: every row of an F32 product
+ * equals the row of its sequence run alone (vec_dot form for a one-row
+ * sequence, the GEMM form for one of several rows), and the GEMM rows differ
+ * from a one-row product somewhere (the forms are really chosen per sequence). */
+static void test_batch_rows_f32(void **state)
+{
+	(void)state;
+	enum { NI = 64, NO = 24, NR = 5 };
+	static float w[NO * NI], x[NR * NI], y[NR * NO], ya[NR * NO];
+	pool *p = NULL;
+	assert_int_equal(pool_new(2, &p), 0);
+	void *scratch = malloc(ops_matmul_scratch(NI, NR));
+	assert_non_null(scratch);
+	uint32_t s = 7;
+	for (int i = 0; i < NO * NI; i++) {
+		s = s * 1664525u + 1013904223u;
+		w[i] = (float)((int)(s >> 9) % 2001 - 1000) / 97.0f;
+	}
+	for (int i = 0; i < NR * NI; i++) {
+		s = s * 1664525u + 1013904223u;
+		x[i] = (float)((int)(s >> 9) % 2001 - 1000) / 31.0f;
+	}
+	/* rows 0, 2, 4: sequence 0 (3 rows, GEMM form); rows 1 and 3: sequences
+	 * 1 and 2, one row each (vec_dot form): the product mixes both forms */
+	const int32_t seq[NR] = {0, 1, 0, 2, 0};
+	ops_batch_rows(seq, NR);
+	ops_matmul_raw(p, KERN_F32, w, NI, NO, x, NI, NR, y, NO, scratch);
+	ops_batch_rows(NULL, 0);
+	int differs = 0;
+	for (int r = 0; r < NR; r++) {
+		/* alone: the rows of r's sequence, in order */
+		float xs[NR * NI], ys[NR * NO];
+		int m = 0, at = 0;
+		for (int q = 0; q < NR; q++)
+			if (seq[q] == seq[r]) {
+				if (q == r)
+					at = m;
+				memcpy(xs + m * NI, x + q * NI, sizeof(float) * NI);
+				m++;
+			}
+		ops_matmul_raw(p, KERN_F32, w, NI, NO, xs, NI, m, ys, NO, scratch);
+		assert_memory_equal(y + r * NO, ys + at * NO, sizeof(float) * NO);
+		ops_matmul_raw(p, KERN_F32, w, NI, NO, x + r * NI, NI, 1, ya + r * NO, NO, scratch);
+		differs |= memcmp(ya + r * NO, y + r * NO, sizeof(float) * NO) != 0;
+	}
+	assert_true(differs);
+	free(scratch);
+	pool_destroy(&p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_rope_deepseek2),
 	    cmocka_unit_test(test_rope_gptoss),
+	    cmocka_unit_test(test_batch_rows_f32),
 	};
 	return cmocka_run_group_tests(tests, load_data, NULL);
 }
