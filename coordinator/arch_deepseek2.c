@@ -679,8 +679,9 @@ struct ds2_heads_job {
 	int n_rows;
 	int n_head;
 	enum kern_type act;
-	size_t act_row; /* bytes of one converted ne0-row */
-	char *xa;	/* [n_rows][n_head] converted rows */
+	size_t act_row;		/* bytes of one converted ne0-row */
+	char *xa;		/* [n_rows][n_head] converted rows */
+	const uint8_t *batched; /* per row: its sequence has several rows, or NULL */
 };
 
 static void ds2_heads_run(void *ctx, int ith, int nth)
@@ -698,7 +699,7 @@ static void ds2_heads_run(void *ctx, int ith, int nth)
 		kern_matmul_unpacked(j->w->type, (const char *)j->w->data + (size_t)h * slice, n_in,
 				     0, n_out, j->xa + (size_t)h * j->act_row,
 				     (size_t)H * j->act_row, j->n_rows, j->y + h * j->y_head,
-				     H * j->y_head);
+				     H * j->y_head, j->batched);
 	}
 }
 
@@ -717,7 +718,15 @@ static void ds2_heads_matmul(struct ds2 *m, const gguf_tensor *w, const float *x
 	    .xa = m->s.heads_xa,
 	};
 	j.act_row = kern_row_bytes(j.act, (int64_t)w->ne[0]);
+	/* IQ4_NL's arithmetic depends on how many rows a sequence has: per row,
+	 * as that sequence alone (without memory, as one sequence) */
+	uint8_t *batched = w->type == KERN_IQ4_NL ? malloc((size_t)(n > 0 ? n : 1)) : NULL;
+	if (batched)
+		for (int t = 0; t < n; t++)
+			batched[t] = ops_seq_rows(t, n) >= 2;
+	j.batched = batched;
 	pool_run(m->env->pool, ds2_heads_run, &j);
+	free(batched);
 }
 
 /* out = down · (silu(gate · h) * (up · h)) for n rows of h (n_embd wide). */

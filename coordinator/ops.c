@@ -84,6 +84,11 @@ void ops_batch_rows(const int32_t *seq, int n_rows)
 	ops_rows.n = n_rows;
 }
 
+int64_t ops_seq_rows(int64_t r, int64_t n_rows)
+{
+	return ops_rows.n == n_rows ? ops_rows.n_seq_rows[r] : n_rows;
+}
+
 /* Whether row r of an n_rows product of a weight of type t takes llama.cpp's
  * batched form, as it would if r's sequence ran alone (kern_matmul_form).
  * Rows are taken as the batch's rows when there are as many, else as one

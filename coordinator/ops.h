@@ -39,6 +39,9 @@ void ops_matmul_multi(pool *p, int n_w, const gguf_tensor *const *w, const float
  * batch.  A product of any other number of rows takes them as one sequence.
  * Per calling thread. */
 void ops_batch_rows(const int32_t *seq, int n_rows);
+/* How many rows row r's sequence has in the batch (n_rows when the product's
+ * rows are not the batch's); on the thread that set the batch. */
+int64_t ops_seq_rows(int64_t r, int64_t n_rows);
 /* The same for a raw weight matrix (e.g. one slice of a 3-D tensor). */
 void ops_matmul_raw(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t n_out,
 		    const float *x, int64_t x_stride, int64_t n_rows, float *y, int64_t y_stride,

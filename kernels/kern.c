@@ -398,7 +398,7 @@ void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_
 
 void kern_matmul_unpacked(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 			  const void *x, size_t x_stride, int64_t n_rows, float *y,
-			  int64_t y_stride)
+			  int64_t y_stride, const uint8_t *batched)
 {
 	if (weight_type != KERN_IQ4_NL) {
 		kern_matmul(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride);
@@ -408,9 +408,9 @@ void kern_matmul_unpacked(uint32_t weight_type, const void *w, int64_t n_in, int
 	const uint8_t *wb = w, *xb = x;
 	for (int64_t o = o0; o < o1; o++)
 		for (int64_t r = 0; r < n_rows; r++)
-			y[r * y_stride + o] =
-			    kern_legacy_dot_unpacked_ref(weight_type, n_in, wb + (size_t)o * w_row,
-							 xb + (size_t)r * x_stride, n_rows >= 2);
+			y[r * y_stride + o] = kern_legacy_dot_unpacked_ref(
+			    weight_type, n_in, wb + (size_t)o * w_row, xb + (size_t)r * x_stride,
+			    batched ? batched[r] : n_rows >= 2);
 }
 
 void kern_swiglu(float *g, const float *u, int64_t j0, int64_t j1, int64_t n)

@@ -160,11 +160,12 @@ void kern_matmul_form(uint32_t weight_type, const void *w, int64_t n_in, int64_t
 void kern_matmul_expert(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
 /* kern_matmul for a weight llama.cpp does not repack (a slice of a 3-D weight
- * in a MUL_MAT, e.g. deepseek2's per-head attn_k_b / attn_v_b): IQ4_NL as
- * llamafile's GEMM (n_rows >= 2) or ggml_vec_dot_iq4_nl_q8_0 (one row),
- * scalar only (kern_legacy_ref.c); every other type as kern_matmul. */
+ * in a MUL_MAT, e.g. deepseek2's per-head attn_k_b / attn_v_b): IQ4_NL rows as
+ * llamafile's GEMM (batched[r] != 0: r's sequence has several rows) or
+ * ggml_vec_dot_iq4_nl_q8_0 (one row), scalar only (kern_legacy_ref.c);
+ * batched NULL: all rows one sequence.  Every other type as kern_matmul. */
 void kern_matmul_unpacked(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 			  const void *x, size_t x_stride, int64_t n_rows, float *y,
-			  int64_t y_stride);
+			  int64_t y_stride, const uint8_t *batched);
 
 #endif

@@ -805,14 +805,18 @@ static void test_matmul_unpacked(void **state)
 		fill_row(KERN_IQ4_NL, w, n, W_RANDOM);
 		fill_act(KERN_IQ4_NL, x, n, X_RANDOM, 1.0f);
 		memcpy(x + xs, x, xs);
-		kern_matmul_unpacked(KERN_IQ4_NL, w, n, 0, 1, x, xs, 1, y, 1);
+		kern_matmul_unpacked(KERN_IQ4_NL, w, n, 0, 1, x, xs, 1, y, 1, NULL);
 		if (f2u(y[0]) != unp_ggml_want[c]) {
 			print_error("IQ4_NL unpacked n=%lld: %08x, llama.cpp %08x\n", (long long)n,
 				    f2u(y[0]), unp_ggml_want[c]);
 			fail();
 		}
-		kern_matmul_unpacked(KERN_IQ4_NL, w, n, 0, 1, x, xs, 2, y, 1);
+		kern_matmul_unpacked(KERN_IQ4_NL, w, n, 0, 1, x, xs, 2, y, 1, NULL);
 		assert_true(f2u(y[0]) == f2u(y[1]));
+		float y1[2];
+		const uint8_t alone[2] = {0, 1}; /* row 0 a one-row sequence */
+		kern_matmul_unpacked(KERN_IQ4_NL, w, n, 0, 1, x, xs, 2, y1, 1, alone);
+		assert_true(f2u(y1[0]) == unp_ggml_want[c] && f2u(y1[1]) == f2u(y[1]));
 		if (n == 32)
 			assert_true(f2u(y[0]) == unp_ggml_want[c]);
 		free(w);
