@@ -718,9 +718,10 @@ static void ds2_heads_matmul(struct ds2 *m, const gguf_tensor *w, const float *x
 	    .xa = m->s.heads_xa,
 	};
 	j.act_row = kern_row_bytes(j.act, (int64_t)w->ne[0]);
-	/* IQ4_NL's arithmetic depends on how many rows a sequence has: per row,
-	 * as that sequence alone (without memory, as one sequence) */
-	uint8_t *batched = w->type == KERN_IQ4_NL ? malloc((size_t)(n > 0 ? n : 1)) : NULL;
+	/* IQ4_NL's, F16's and F32's arithmetic depends on how many rows a sequence
+	 * has: per row, as that sequence alone (without memory, as one sequence) */
+	const int per_row = w->type == KERN_IQ4_NL || w->type == KERN_F16 || w->type == KERN_F32;
+	uint8_t *batched = per_row ? malloc((size_t)(n > 0 ? n : 1)) : NULL;
 	if (batched)
 		for (int t = 0; t < n; t++)
 			batched[t] = ops_seq_rows(t, n) >= 2;

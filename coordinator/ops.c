@@ -101,7 +101,8 @@ static int ops_row_form(uint32_t t, int64_t r, int64_t n_rows)
 		k = ops_rows.rank[r];
 	}
 	switch (t) {
-	case KERN_F32: return n >= 2;
+	case KERN_F32:
+	case KERN_F16: return n >= 2;
 	case KERN_IQ4_XS: return n >= 8;
 	case KERN_Q2_K:
 	case KERN_Q4_K: return k < n - n % 4;
@@ -221,8 +222,8 @@ static void mm_compute_multi(void *ctx, int ith, int nth)
 		int64_t o0 = (a - m->units[i]) * 16, o1 = (b - m->units[i]) * 16;
 		if (o1 > j->n_out)
 			o1 = j->n_out;
-		kern_matmul_dense(j->type, j->w, j->n_in, o0, o1, j->xa, j->xa_stride, j->n_rows,
-				  j->y, j->y_stride);
+		kern_matmul_form(j->type, j->w, j->n_in, o0, o1, j->xa, j->xa_stride, j->n_rows,
+				 j->y, j->y_stride, j->form);
 	}
 }
 

@@ -33,8 +33,8 @@ void ops_matmul_multi(pool *p, int n_w, const gguf_tensor *const *w, const float
 		      void *scratch);
 /* The sequences of the batch rows the next products take (model.c sets it
  * around each forward; NULL clears it): llama.cpp computes some weight types
- * differently for a sequence of several rows than for one row (F32, Q2_K,
- * Q4_K, IQ4_XS: kern_matmul_form), and each row gets the form its sequence
+ * differently for a sequence of several rows than for one row (F32, F16,
+ * Q2_K, Q4_K, IQ4_XS: kern_matmul_form), and each row gets the form its sequence
  * would get alone, so a sequence's results do not depend on the others in the
  * batch.  A product of any other number of rows takes them as one sequence.
  * Per calling thread. */

@@ -134,8 +134,9 @@ void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, 
 		 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
 /* kern_matmul for a 2-D weight multiplied as one llama.cpp MUL_MAT of n_rows
  * rows (not an expert's share of a MUL_MAT_ID), whose n_out is a multiple of 8.
- * F32 weights with n_rows >= 2 (n_in a multiple of 16) take llamafile's GEMM
- * form (16 FMA lanes, kern_ref.c) instead of ggml_vec_dot_f32's (kern_dot's):
+ * F32 and F16 weights with n_rows >= 2 (n_in a multiple of 16) take
+ * llamafile's GEMM form (16 FMA lanes, kern_ref.c) instead of
+ * ggml_vec_dot_f32's / _f16's (kern_dot's):
  * llama.cpp repacks Q2_K and Q4_K weights of such products and runs its GEMM
  * on the rows below n_rows - n_rows % 4, which rounds per 64 (Q4_K) or 128
  * (Q2_K) values rather than per block, and runs IQ4_XS products of at least 8
@@ -145,7 +146,7 @@ void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_
 		       const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
 /* The per-row choice behind kern_matmul_dense, made by the caller: with
  * batch_form, every row takes the arithmetic llama.cpp's batched dense product
- * gives the rows of a sequence that has them (F32: llamafile's GEMM when
+ * gives the rows of a sequence that has them (F32, F16: llamafile's GEMM when
  * n_in % 16 == 0; Q2_K/Q4_K: the repacked GEMM; IQ4_XS: the IQ panel),
  * without it kern_matmul's.  kern_batch_form_type: whether weight_type has
  * such a second form. */
@@ -162,8 +163,9 @@ void kern_matmul_expert(uint32_t weight_type, const void *w, int64_t n_in, int64
 /* kern_matmul for a weight llama.cpp does not repack (a slice of a 3-D weight
  * in a MUL_MAT, e.g. deepseek2's per-head attn_k_b / attn_v_b): IQ4_NL rows as
  * llamafile's GEMM (batched[r] != 0: r's sequence has several rows) or
- * ggml_vec_dot_iq4_nl_q8_0 (one row), scalar only (kern_legacy_ref.c);
- * batched NULL: all rows one sequence.  Every other type as kern_matmul. */
+ * ggml_vec_dot_iq4_nl_q8_0 (one row), scalar only (kern_legacy_ref.c), and
+ * F32 / F16 rows as kern_matmul_form with batched[r]; batched NULL: all rows
+ * one sequence.  Every other type as kern_matmul. */
 void kern_matmul_unpacked(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 			  const void *x, size_t x_stride, int64_t n_rows, float *y,
 			  int64_t y_stride, const uint8_t *batched);

@@ -1090,3 +1090,62 @@ float kern_f32_dot_gemm_avx2(int64_t n, const void *w, const void *x)
 	}
 	return hsum8(_mm256_add_ps(hi, lo));
 }
+
+/* kern_f16_dot_vec_ref with 8-lane halves of its 16-lane accumulators. */
+float kern_f16_dot_vec_avx2(int64_t n, const void *w, const void *x)
+{
+	const uint16_t *a = w, *b = x;
+	const int64_t np = n & ~(int64_t)63;
+	__m256 s[8];
+	for (int j = 0; j < 8; j++)
+		s[j] = _mm256_setzero_ps();
+	for (int64_t i = 0; i < np; i += 64)
+		for (int j = 0; j < 8; j++)
+			s[j] = _mm256_fmadd_ps(
+			    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i + 8 * j))),
+			    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i + 8 * j))),
+			    s[j]);
+	for (int h = 0; h < 2; h++) {
+		s[h] = _mm256_add_ps(s[h], s[4 + h]);
+		s[2 + h] = _mm256_add_ps(s[2 + h], s[6 + h]);
+		s[h] = _mm256_add_ps(s[h], s[2 + h]);
+	}
+	double sum = (double)hsum8(_mm256_add_ps(s[1], s[0]));
+	for (int64_t k = np; k < n; k++) {
+		uint16_t u, v;
+		memcpy(&u, a + k, 2);
+		memcpy(&v, b + k, 2);
+		sum += (double)(_cvtsh_ss(u) * _cvtsh_ss(v));
+	}
+	return (float)sum;
+}
+
+/* kern_f16_dot_gemm_ref: 16 lanes as two 8-lane halves. */
+float kern_f16_dot_gemm_avx2(int64_t n, const void *w, const void *x)
+{
+	const uint16_t *a = w, *b = x;
+	__m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+	int64_t k = 0;
+	for (; k + 16 <= n; k += 16) {
+		lo =
+		    _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + k))),
+				    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + k))), lo);
+		hi = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + k + 8))),
+				     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + k + 8))),
+				     hi);
+	}
+	if (k < n) {
+		float l[16];
+		_mm256_storeu_ps(l, lo);
+		_mm256_storeu_ps(l + 8, hi);
+		for (; k < n; k++) {
+			uint16_t u, v;
+			memcpy(&u, a + k, 2);
+			memcpy(&v, b + k, 2);
+			l[k % 16] = __builtin_fmaf(_cvtsh_ss(u), _cvtsh_ss(v), l[k % 16]);
+		}
+		lo = _mm256_loadu_ps(l);
+		hi = _mm256_loadu_ps(l + 8);
+	}
+	return hsum8(_mm256_add_ps(hi, lo));
+}

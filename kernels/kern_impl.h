@@ -68,6 +68,11 @@ int kern_type_family(uint32_t type); /* -1 if unknown */
 float kern_f32_dot_vec_ref(int64_t n, const void *w, const void *x);
 float kern_f32_dot_gemm_ref(int64_t n, const void *w, const void *x);
 float kern_f32_dot_vec_avx2(int64_t n, const void *w, const void *x);
+/* F16: ggml_vec_dot_f16 and llamafile's F16 GEMM, AVX-512 forms */
+float kern_f16_dot_vec_ref(int64_t n, const void *w, const void *x);
+float kern_f16_dot_gemm_ref(int64_t n, const void *w, const void *x);
+float kern_f16_dot_vec_avx2(int64_t n, const void *w, const void *x);
+float kern_f16_dot_gemm_avx2(int64_t n, const void *w, const void *x);
 float kern_f32_dot_gemm_avx2(int64_t n, const void *w, const void *x);
 void kern_swiglu_avx2(float *g, const float *u, int64_t j0, int64_t j1, int64_t n);
 /* as llama.cpp multiplies a weight it does not repack; batched: n_rows >= 2 */

@@ -221,6 +221,48 @@ float kern_f32_dot_vec_ref(int64_t n, const void *w, const void *x)
 	return sum;
 }
 
+static float ld_f16(const uint8_t *p)
+{
+	return kern_f16_to_f32(kern_load_u16(p));
+}
+
+/* ggml_vec_dot_f16, AVX-512 form: 4 x 16 lanes per 64 values (products of
+ * two halves are exact), its reduction to a float, then the last n % 64
+ * products added in double. */
+float kern_f16_dot_vec_ref(int64_t n, const void *w, const void *x)
+{
+	const uint8_t *a = w, *b = x;
+	const int64_t np = n & ~(int64_t)63;
+	float s[4][16] = {{0}};
+	for (int64_t i = 0; i < np; i += 64)
+		for (int j = 0; j < 4; j++)
+			for (int l = 0; l < 16; l++) {
+				const int64_t k = i + 16 * j + l;
+				s[j][l] = fmaf(ld_f16(a + 2 * k), ld_f16(b + 2 * k), s[j][l]);
+			}
+	for (int l = 0; l < 16; l++) {
+		s[0][l] = s[0][l] + s[2][l];
+		s[1][l] = s[1][l] + s[3][l];
+	}
+	for (int l = 0; l < 16; l++)
+		s[0][l] = s[0][l] + s[1][l];
+	double sum = (double)reduce16(s[0]);
+	for (int64_t k = np; k < n; k++)
+		sum += (double)(ld_f16(a + 2 * k) * ld_f16(b + 2 * k));
+	return (float)sum;
+}
+
+/* llamafile's F16 GEMM (AVX-512): 16 FMA lanes, k in order, reduced as
+ * _mm512_reduce_add_ps. */
+float kern_f16_dot_gemm_ref(int64_t n, const void *w, const void *x)
+{
+	const uint8_t *a = w, *b = x;
+	float s[16] = {0};
+	for (int64_t k = 0; k < n; k++)
+		s[k % 16] = fmaf(ld_f16(a + 2 * k), ld_f16(b + 2 * k), s[k % 16]);
+	return reduce16(s);
+}
+
 float kern_f32_dot_gemm_ref(int64_t n, const void *w, const void *x)
 {
 	const uint8_t *a = w, *b = x;
@@ -240,14 +282,7 @@ float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x
 	}
 	switch (weight_type) {
 	case KERN_F32: return kern_f32_dot_vec_ref(n, w, x);
-	case KERN_F16: {
-		const uint8_t *a = w, *b = x;
-		float acc = 0.0f;
-		for (int64_t i = 0; i < n; i++)
-			acc += kern_f16_to_f32(kern_load_u16(a + 2 * i)) *
-			       kern_f16_to_f32(kern_load_u16(b + 2 * i));
-		return acc;
-	}
+	case KERN_F16: return kern_f16_dot_vec_ref(n, w, x);
 	case KERN_BF16: {
 		const uint8_t *a = w, *b = x;
 		float acc = 0.0f;

@@ -965,6 +965,43 @@ static void test_f32_forms(void **state)
 	}
 }
 
+/* F16: ggml_vec_dot_f16's and llamafile's F16 GEMM's AVX-512 forms, as
+ * test_f32_forms (F16 weights and activations). */
+static void test_f16_forms(void **state)
+{
+	(void)state;
+	const int64_t ns[] = {16, 64, 69, 80, 128, 200, 256};
+	rng_seed(62);
+	for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++) {
+		const int64_t n = ns[i];
+		uint16_t *w = xmalloc((size_t)n * 2 * 3 * sizeof(uint16_t)), *x = w + n,
+			 *x2 = w + 2 * n;
+		double want = 0, sa = 0;
+		for (int64_t k = 0; k < n; k++) {
+			w[k] = kern_f32_to_f16(rng_f() * (k % 9 == 0 ? 40.0f : 1.0f));
+			x[k] = kern_f32_to_f16(rng_f());
+			const double p = (double)kern_f16_to_f32(w[k]) * kern_f16_to_f32(x[k]);
+			want += p;
+			sa += fabs(p);
+		}
+		memcpy(x2, x, (size_t)n * sizeof(uint16_t));
+		const float v = kern_f16_dot_vec_ref(n, w, x), g = kern_f16_dot_gemm_ref(n, w, x);
+		assert_true(fabs(v - want) <= 1e-6 * sa && fabs(g - want) <= 1e-6 * sa);
+		assert_true(f2u(kern_dot_ref(KERN_F16, n, w, x)) == f2u(v));
+		if (have_avx2()) {
+			assert_true(f2u(kern_f16_dot_vec_avx2(n, w, x)) == f2u(v));
+			assert_true(f2u(kern_f16_dot_gemm_avx2(n, w, x)) == f2u(g));
+			assert_true(f2u(kern_dot(KERN_F16, n, w, x)) == f2u(v));
+		}
+		float y[2];
+		kern_matmul_form(KERN_F16, w, n, 0, 1, x, (size_t)n * 2, 2, y, 1, 1);
+		assert_true(f2u(y[0]) == f2u(n % 16 ? v : g) && f2u(y[1]) == f2u(y[0]));
+		kern_matmul_form(KERN_F16, w, n, 0, 1, x, (size_t)n * 2, 2, y, 1, 0);
+		assert_true(f2u(y[0]) == f2u(v) && f2u(y[1]) == f2u(v));
+		free(w);
+	}
+}
+
 static void test_matmul(void **state)
 {
 	(void)state;
@@ -1032,6 +1069,7 @@ int main(void)
 	    cmocka_unit_test(test_q4_0_ggml),
 	    cmocka_unit_test(test_swiglu),
 	    cmocka_unit_test(test_f32_forms),
+	    cmocka_unit_test(test_f16_forms),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
