@@ -918,6 +918,7 @@ static int ds2_keep_rows(struct ds2 *m, const model_batch *b, model_batch *sb)
 	    .seq = s->sub_seq,
 	    .logits = NULL,
 	};
+	ops_batch_rows(s->sub_seq, j); /* the products now take these rows */
 	return j;
 }
 

@@ -57,8 +57,18 @@ static _Thread_local struct {
 
 void ops_batch_rows(const int32_t *seq, int n_rows)
 {
+	ops_batch_rows_keep(seq, NULL, n_rows);
+}
+
+void ops_batch_rows_keep(const int32_t *seq, const uint8_t *keep, int n_batch)
+{
+	int n_rows = 0;
 	ops_rows.n = 0;
-	if (!seq || n_rows <= 0)
+	if (!seq || n_batch <= 0)
+		return;
+	for (int t = 0; t < n_batch; t++)
+		n_rows += !keep || keep[t];
+	if (n_rows == 0)
 		return;
 	if (n_rows > ops_rows.cap) {
 		int32_t *a = realloc(ops_rows.n_seq_rows, (size_t)n_rows * sizeof(int32_t));
@@ -71,15 +81,19 @@ void ops_batch_rows(const int32_t *seq, int n_rows)
 			return; /* no table: every product treats its rows as one sequence */
 		ops_rows.cap = n_rows;
 	}
-	for (int r = 0; r < n_rows; r++) {
+	int r = 0;
+	for (int t = 0; t < n_batch; t++) {
+		if (keep && !keep[t])
+			continue;
 		int before = 0, all = 0;
-		for (int q = 0; q < n_rows; q++)
-			if (seq[q] == seq[r]) {
-				before += q < r;
+		for (int q = 0; q < n_batch; q++)
+			if ((!keep || keep[q]) && seq[q] == seq[t]) {
+				before += q < t;
 				all++;
 			}
 		ops_rows.rank[r] = before;
 		ops_rows.n_seq_rows[r] = all;
+		r++;
 	}
 	ops_rows.n = n_rows;
 }

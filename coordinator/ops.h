@@ -39,6 +39,10 @@ void ops_matmul_multi(pool *p, int n_w, const gguf_tensor *const *w, const float
  * batch.  A product of any other number of rows takes them as one sequence.
  * Per calling thread. */
 void ops_batch_rows(const int32_t *seq, int n_rows);
+/* The same for the rows t of a batch of n_batch with keep[t] != 0 (keep NULL:
+ * all), in batch order: what the products take after a forward pass keeps only
+ * the rows whose logits are wanted (llama.cpp multiplies those rows alone). */
+void ops_batch_rows_keep(const int32_t *seq, const uint8_t *keep, int n_batch);
 /* How many rows row r's sequence has in the batch (n_rows when the product's
  * rows are not the batch's); on the thread that set the batch. */
 int64_t ops_seq_rows(int64_t r, int64_t n_rows);
