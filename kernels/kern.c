@@ -391,9 +391,7 @@ void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_
 		       const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
 {
 	int64_t gemm_rows = 0;
-	if (weight_type == KERN_Q2_K || weight_type == KERN_Q4_K)
-		gemm_rows = n_rows - n_rows % 4;
-	else if (weight_type == KERN_IQ4_XS && n_rows >= 8)
+	if (weight_type == KERN_IQ4_XS && n_rows >= 8)
 		gemm_rows = n_rows;
 	else if ((weight_type == KERN_F32 || weight_type == KERN_F16) && n_rows >= 2 &&
 		 n_in % 16 == 0)
@@ -437,6 +435,6 @@ void kern_swiglu(float *g, const float *u, int64_t j0, int64_t j1, int64_t n)
 void kern_matmul_expert(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
 {
-	const int64_t panel = weight_type == KERN_IQ4_XS && n_rows >= 8 ? n_rows : 0;
+	const int64_t panel = weight_type == KERN_IQ4_XS ? n_rows : 0;
 	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, panel);
 }

@@ -154,10 +154,11 @@ int kern_batch_form_type(uint32_t weight_type);
 void kern_matmul_form(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		      const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
 		      int batch_form);
-/* kern_matmul for one expert's rows of a llama.cpp MUL_MAT_ID (n_rows = all
- * the batch rows routed to this expert): IQ4_XS experts with at least 8 rows
- * go through llama.cpp's IQ panel GEMM (as kern_matmul_dense); every other
- * case as kern_matmul (Q2_K / Q4_K experts use the repacked GEMV). */
+/* kern_matmul for one expert's rows of a llama.cpp MUL_MAT_ID: IQ4_XS experts
+ * go through llama.cpp's IQ panel GEMM, which llama.cpp takes for 8 rows or
+ * more, whatever the row count (an expert's rows come from every sequence of
+ * the batch, so the form may not depend on how many there are); every other
+ * type as kern_matmul (Q2_K / Q4_K experts use the repacked GEMV). */
 void kern_matmul_expert(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
 /* kern_matmul for a weight llama.cpp does not repack (a slice of a 3-D weight
