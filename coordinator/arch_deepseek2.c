@@ -898,7 +898,8 @@ static const float *ds2_f32(const gguf_tensor *t)
  * y[t][h][0..n_out) = w[h] · x[t][h][0..n_in), where x rows hold
  * n_head blocks of x_head floats and y rows n_head blocks of y_head floats.
  * One pool run; each thread converts and multiplies the heads it owns, with the
- * same kernels (and so the same results) as ops_matmul. */
+ * kernels llama.cpp uses for a 3-D weight it does not repack
+ * (kern_matmul_unpacked). */
 struct ds2_heads_job {
 	const struct ds2_heads *w;
 	const float *x;
@@ -908,8 +909,9 @@ struct ds2_heads_job {
 	int n_rows;
 	int n_head;
 	enum kern_type act;
-	size_t act_row; /* bytes of one converted ne0-row */
-	char *xa;	/* [n_rows][n_head] converted rows */
+	size_t act_row;		/* bytes of one converted ne0-row */
+	char *xa;		/* [n_rows][n_head] converted rows */
+	const uint8_t *batched; /* per row: its sequence has several rows, or NULL */
 };
 
 static void ds2_heads_run(void *ctx, int ith, int nth)
@@ -923,9 +925,10 @@ static void ds2_heads_run(void *ctx, int ith, int nth)
 		for (int64_t t = 0; t < j->n_rows; t++)
 			kern_convert_row(j->act, j->x + (t * H + h) * j->x_head,
 					 j->xa + (size_t)(t * H + h) * j->act_row, n_in);
-		kern_matmul(j->w->type, j->w->data + (size_t)h * j->w->stride, n_in, 0, n_out,
-			    j->xa + (size_t)h * j->act_row, (size_t)H * j->act_row, j->n_rows,
-			    j->y + h * j->y_head, H * j->y_head);
+		kern_matmul_unpacked(j->w->type, (const char *)j->w->data + (size_t)h * j->w->stride,
+				     n_in, 0, n_out, j->xa + (size_t)h * j->act_row,
+				     (size_t)H * j->act_row, j->n_rows, j->y + h * j->y_head,
+				     H * j->y_head, j->batched);
 	}
 }
 
@@ -944,7 +947,16 @@ static void ds2_heads_matmul(struct ds2 *m, const struct ds2_heads *w, const flo
 	    .xa = m->s.heads_xa,
 	};
 	j.act_row = kern_row_bytes(j.act, w->n_in);
+	/* IQ4_NL's, F16's and F32's arithmetic depends on how many rows a sequence
+	 * has: per row, as that sequence alone (without memory, as one sequence) */
+	const int per_row = w->type == KERN_IQ4_NL || w->type == KERN_F16 || w->type == KERN_F32;
+	uint8_t *batched = per_row ? malloc((size_t)(n > 0 ? n : 1)) : NULL;
+	if (batched)
+		for (int t = 0; t < n; t++)
+			batched[t] = ops_seq_rows(t, n) >= 2;
+	j.batched = batched;
 	pool_run(m->env->pool, ds2_heads_run, &j);
+	free(batched);
 }
 
 /* out = down · (silu(gate · h) * (up · h)) for n rows of h (n_embd wide). */
@@ -959,8 +971,8 @@ static void ds2_swiglu_ffn(struct ds2 *m, const gguf_tensor *gate, const gguf_te
 	float *const gu_y[2] = {g, u};
 	const int64_t gu_s[2] = {F, F};
 	ops_matmul_multi(p, 2, gu, h, E, n, gu_y, gu_s, m->s.mm);
-	for (int64_t i = 0; i < (int64_t)n * F; i++)
-		g[i] = ops_silu(g[i]) * u[i];
+	for (int t = 0; t < n; t++) /* as llama.cpp's ggml_vec_swiglu_f32, row by row */
+		kern_swiglu(g + (size_t)t * F, u + (size_t)t * F, 0, F, F);
 	/* (n, F) @ (F, E) -> (n, E) */
 	ops_matmul(p, down, g, F, n, out, E, m->s.mm);
 }
@@ -1135,6 +1147,7 @@ static int ds2_keep_rows(struct ds2 *m, const model_batch *b, model_batch *sb)
 	    .seq = s->sub_seq,
 	    .logits = NULL,
 	};
+	ops_batch_rows(s->sub_seq, j); /* the products now take these rows */
 	return j;
 }
 

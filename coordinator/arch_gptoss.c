@@ -789,6 +789,8 @@ static int gptoss_forward(void *state, const model_batch *b, float *logits)
 				}
 				n_rows++;
 			}
+			/* the products now take these rows */
+			ops_batch_rows_keep(b->seq, b->logits, n);
 		}
 		/* x = attention output + x */
 		for (int t = 0; t < n_rows; t++) {

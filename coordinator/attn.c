@@ -13,7 +13,8 @@
  *   one-row path  q -> F16; s = ggml_vec_dot_f16(q16, k) (attn_dot_f16) * scale;
  *                 online softmax per key: a new maximum rescales the F16
  *                 accumulator (acc = f16(acc * ms)), then
- *                 acc = f16(fma(v, vs, acc)); S = fma(S, ms, vs).
+ *                 acc = f16(fma(v, vs, acc)); S = S * ms + vs (two roundings:
+ *                 GCC does not fuse it in ggml's kernel).
  *   split decode  the one-row path on each half of llama.cpp's cache view,
  *                 then per half: M' = max(M, m), acc = fma(acc, e^(M-M'),
  *                 part * e^(m-M')), S likewise.
@@ -830,7 +831,7 @@ ATTN_HOT static void attn_chunk_f16(const struct attn_job *jb, int t, int h, int
 		else
 			for (int d = 0; d < dv; d++)
 				acc[d] = attn_f16_round(fmaf(attn_f16_to_f32(vj[d]), vs, acc[d]));
-		*S = fmaf(*S, ms, vs);
+		*S = *S * ms + vs;
 	}
 }
 
@@ -1137,7 +1138,7 @@ ATTN_HOT static void attn_gather_chunk(const struct attn_keys *ks, int i0, int i
 		}
 		if (!f32 && simd) {
 			attn_simd_fma_f16(acc, ks->row[i], vs, dim);
-			*S = fmaf(*S, ms, vs);
+			*S = *S * ms + vs;
 			continue;
 		}
 		attn_gather_load(ks, i, dim, vrow);
@@ -1148,7 +1149,7 @@ ATTN_HOT static void attn_gather_chunk(const struct attn_keys *ks, int i0, int i
 			for (int d = 0; d < dim; d++)
 				acc[d] = attn_f16_round(fmaf(vrow[d], vs, acc[d]));
 		}
-		*S = fmaf(*S, ms, vs);
+		*S = *S * ms + vs;
 	}
 }
 

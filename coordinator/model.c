@@ -1,4 +1,5 @@
 #include "model.h"
+#include "ops.h"
 #include "arch.h"
 #include "../common/err.h"
 #include "../common/log.h"
@@ -238,7 +239,9 @@ int model_forward(model *m, const model_batch *b, float *logits)
 		};
 		if (m->observer)
 			m->observer(m->observer_ctx, &ub);
+		ops_batch_rows(ub.seq, n);
 		rc = m->arch->forward(m->state, &ub, lo);
+		ops_batch_rows(NULL, 0);
 		if (rc)
 			return rc;
 		for (int i = 0; i < n; i++)

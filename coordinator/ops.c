@@ -24,6 +24,7 @@ struct mm_job {
 	void *xa;
 	size_t xa_stride;
 	enum kern_type at;
+	int form; /* kern_matmul_form's batch_form */
 };
 
 static void mm_convert(void *ctx, int ith, int nth)
@@ -42,13 +43,151 @@ static void mm_compute(void *ctx, int ith, int nth)
 	int64_t lo, hi;
 	pool_split(j->n_out, ith, nth, 16, &lo, &hi);
 	if (lo < hi)
-		kern_matmul(j->type, j->w, j->n_in, lo, hi, j->xa, j->xa_stride, j->n_rows, j->y,
-			    j->y_stride);
+		kern_matmul_form(j->type, j->w, j->n_in, lo, hi, j->xa, j->xa_stride, j->n_rows,
+				 j->y, j->y_stride, j->form);
+}
+
+/* The rows of the batch being computed (ops_batch_rows): per row, how many
+ * rows its sequence has in the batch and its rank among them. */
+static _Thread_local struct {
+	int n;
+	int32_t *n_seq_rows, *rank;
+	int cap;
+} ops_rows;
+
+void ops_batch_rows(const int32_t *seq, int n_rows)
+{
+	ops_batch_rows_keep(seq, NULL, n_rows);
+}
+
+void ops_batch_rows_keep(const int32_t *seq, const uint8_t *keep, int n_batch)
+{
+	int n_rows = 0;
+	ops_rows.n = 0;
+	if (!seq || n_batch <= 0)
+		return;
+	for (int t = 0; t < n_batch; t++)
+		n_rows += !keep || keep[t];
+	if (n_rows == 0)
+		return;
+	if (n_rows > ops_rows.cap) {
+		int32_t *a = realloc(ops_rows.n_seq_rows, (size_t)n_rows * sizeof(int32_t));
+		if (a)
+			ops_rows.n_seq_rows = a;
+		int32_t *b = a ? realloc(ops_rows.rank, (size_t)n_rows * sizeof(int32_t)) : NULL;
+		if (b)
+			ops_rows.rank = b;
+		if (!a || !b)
+			return; /* no table: every product treats its rows as one sequence */
+		ops_rows.cap = n_rows;
+	}
+	int r = 0;
+	for (int t = 0; t < n_batch; t++) {
+		if (keep && !keep[t])
+			continue;
+		int before = 0, all = 0;
+		for (int q = 0; q < n_batch; q++)
+			if ((!keep || keep[q]) && seq[q] == seq[t]) {
+				before += q < t;
+				all++;
+			}
+		ops_rows.rank[r] = before;
+		ops_rows.n_seq_rows[r] = all;
+		r++;
+	}
+	ops_rows.n = n_rows;
+}
+
+int64_t ops_seq_rows(int64_t r, int64_t n_rows)
+{
+	return ops_rows.n == n_rows ? ops_rows.n_seq_rows[r] : n_rows;
+}
+
+/* Whether row r of an n_rows product of a weight of type t takes llama.cpp's
+ * batched form, as it would if r's sequence ran alone (kern_matmul_form).
+ * Rows are taken as the batch's rows when there are as many, else as one
+ * sequence. */
+static int ops_row_form(uint32_t t, int64_t r, int64_t n_rows)
+{
+	int64_t n = n_rows, k = r;
+	if (ops_rows.n == n_rows) {
+		n = ops_rows.n_seq_rows[r];
+		k = ops_rows.rank[r];
+	}
+	switch (t) {
+	case KERN_F32:
+	case KERN_F16: return n >= 2;
+	case KERN_IQ4_XS: return n >= 8;
+	case KERN_Q2_K:
+	case KERN_Q4_K: return k < n - n % 4;
+	default: return 0;
+	}
+}
+
+/* -1 when the rows' forms differ, else the common form */
+static int ops_rows_form(uint32_t t, int64_t n_rows)
+{
+	if (!kern_batch_form_type(t) || n_rows <= 0)
+		return 0;
+	const int f = ops_row_form(t, 0, n_rows);
+	for (int64_t r = 1; r < n_rows; r++)
+		if (ops_row_form(t, r, n_rows) != f)
+			return -1;
+	return f;
+}
+
+static void mm_run(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t n_out,
+		   const float *x, int64_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
+		   void *scratch, int form);
+
+/* Rows of mixed forms: each form's rows gathered, multiplied, scattered back. */
+static void mm_split(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t n_out,
+		     const float *x, int64_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
+		     void *scratch)
+{
+	float *xs = malloc((size_t)(n_rows * n_in) * sizeof(float));
+	float *ys = malloc((size_t)(n_rows * n_out) * sizeof(float));
+	int64_t *idx = malloc((size_t)n_rows * sizeof(int64_t));
+	if (!xs || !ys || !idx) { /* no memory: one form for all (results stay defined) */
+		mm_run(p, type, w, n_in, n_out, x, x_stride, n_rows, y, y_stride, scratch, 0);
+		goto out;
+	}
+	for (int f = 0; f < 2; f++) {
+		int64_t m = 0;
+		for (int64_t r = 0; r < n_rows; r++)
+			if (ops_row_form(type, r, n_rows) == f) {
+				memcpy(xs + m * n_in, x + r * x_stride,
+				       (size_t)n_in * sizeof(float));
+				idx[m++] = r;
+			}
+		if (m == 0)
+			continue;
+		mm_run(p, type, w, n_in, n_out, xs, n_in, m, ys, n_out, scratch, f);
+		for (int64_t i = 0; i < m; i++)
+			memcpy(y + idx[i] * y_stride, ys + i * n_out,
+			       (size_t)n_out * sizeof(float));
+	}
+out:
+	free(xs);
+	free(ys);
+	free(idx);
 }
 
 void ops_matmul_raw(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t n_out,
 		    const float *x, int64_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
 		    void *scratch)
+{
+	const int form = ops_rows_form(type, n_rows);
+	if (form < 0) {
+		mm_split(p, type, w, n_in, n_out, x, x_stride, n_rows, y, y_stride, scratch);
+		return;
+	}
+	mm_run(p, type, w, n_in, n_out, x, x_stride, n_rows, y, y_stride, scratch, form);
+}
+
+static void mm_run(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t n_out,
+		   const float *x, int64_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
+		   void *scratch, int form)
 {
 	struct mm_job j = {
 	    .type = type,
@@ -62,6 +201,7 @@ void ops_matmul_raw(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t
 	    .y_stride = y_stride,
 	    .xa = scratch,
 	    .at = kern_act_type(type),
+	    .form = form,
 	};
 	j.xa_stride = kern_row_bytes(j.at, n_in);
 	if (n_rows * n_in < 4096 || pool_size(p) == 1) {
@@ -96,8 +236,8 @@ static void mm_compute_multi(void *ctx, int ith, int nth)
 		int64_t o0 = (a - m->units[i]) * 16, o1 = (b - m->units[i]) * 16;
 		if (o1 > j->n_out)
 			o1 = j->n_out;
-		kern_matmul(j->type, j->w, j->n_in, o0, o1, j->xa, j->xa_stride, j->n_rows, j->y,
-			    j->y_stride);
+		kern_matmul_form(j->type, j->w, j->n_in, o0, o1, j->xa, j->xa_stride, j->n_rows,
+				 j->y, j->y_stride, j->form);
 	}
 }
 
@@ -108,6 +248,8 @@ void ops_matmul_multi(pool *p, int n_w, const gguf_tensor *const *w, const float
 	int same = n_w >= 1 && n_w <= OPS_MULTI_MAX;
 	for (int i = 1; i < n_w && same; i++)
 		same = w[i]->type == w[0]->type && w[i]->ne[0] == w[0]->ne[0];
+	const int form = same ? ops_rows_form(w[0]->type, n_rows) : 0;
+	same = same && form >= 0;
 	if (!same) {
 		for (int i = 0; i < n_w; i++)
 			ops_matmul(p, w[i], x, x_stride, n_rows, y[i], y_stride[i], scratch);
@@ -127,6 +269,7 @@ void ops_matmul_multi(pool *p, int n_w, const gguf_tensor *const *w, const float
 		    .y_stride = y_stride[i],
 		    .xa = scratch,
 		    .at = kern_act_type(w[i]->type),
+		    .form = form,
 		};
 		m.j[i].xa_stride = kern_row_bytes(m.j[i].at, m.j[i].n_in);
 		m.units[i + 1] = m.units[i] + (m.j[i].n_out + 15) / 16;
@@ -221,16 +364,16 @@ void ops_rope_apply(const struct ops_rope *r, float *x, int64_t pos)
 		float mscale = r->attn_factor;
 		if (r->ext_factor != 0.0f) {
 			const float ramp_mix = rope_yarn_ramp(corr0, corr1, i0) * r->ext_factor;
-			theta = theta_interp * (1.0f - ramp_mix) + theta_extrap * ramp_mix;
-			mscale *= 1.0f + 0.1f * logf(1.0f / r->freq_scale);
+			theta = fmaf(theta_interp, 1.0f - ramp_mix, theta_extrap * ramp_mix);
+			mscale *= fmaf(0.1f, logf(1.0f / r->freq_scale), 1.0f);
 		}
 		const float c = cosf(theta) * mscale;
 		const float s = sinf(theta) * mscale;
 		const int a = r->neox ? i0 / 2 : i0;
 		const int b = r->neox ? i0 / 2 + n / 2 : i0 + 1;
 		const float x0 = x[a], x1 = x[b];
-		x[a] = x0 * c - x1 * s;
-		x[b] = x0 * s + x1 * c;
+		x[a] = fmaf(x0, c, -(x1 * s));
+		x[b] = fmaf(x0, s, x1 * c);
 		theta_extrap *= theta_scale;
 	}
 }

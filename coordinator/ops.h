@@ -31,6 +31,21 @@ void ops_matmul(pool *p, const gguf_tensor *w, const float *x, int64_t x_stride,
 void ops_matmul_multi(pool *p, int n_w, const gguf_tensor *const *w, const float *x,
 		      int64_t x_stride, int64_t n_rows, float *const *y, const int64_t *y_stride,
 		      void *scratch);
+/* The sequences of the batch rows the next products take (model.c sets it
+ * around each forward; NULL clears it): llama.cpp computes some weight types
+ * differently for a sequence of several rows than for one row (F32, F16,
+ * Q2_K, Q4_K, IQ4_XS: kern_matmul_form), and each row gets the form its sequence
+ * would get alone, so a sequence's results do not depend on the others in the
+ * batch.  A product of any other number of rows takes them as one sequence.
+ * Per calling thread. */
+void ops_batch_rows(const int32_t *seq, int n_rows);
+/* The same for the rows t of a batch of n_batch with keep[t] != 0 (keep NULL:
+ * all), in batch order: what the products take after a forward pass keeps only
+ * the rows whose logits are wanted (llama.cpp multiplies those rows alone). */
+void ops_batch_rows_keep(const int32_t *seq, const uint8_t *keep, int n_batch);
+/* How many rows row r's sequence has in the batch (n_rows when the product's
+ * rows are not the batch's); on the thread that set the batch. */
+int64_t ops_seq_rows(int64_t r, int64_t n_rows);
 /* The same for a raw weight matrix (e.g. one slice of a 3-D tensor). */
 void ops_matmul_raw(pool *p, uint32_t type, const void *w, int64_t n_in, int64_t n_out,
 		    const float *x, int64_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
@@ -59,7 +74,10 @@ void ops_softmax(float *x, int64_t n);
 static inline float ops_silu(float x);
 void ops_add(float *y, const float *a, const float *b, int64_t n); /* y = a + b */
 
-/* RoPE with YaRN, as ggml_rope_ext. */
+/* RoPE with YaRN, as ggml_rope_ext on llama.cpp's x86 CPU backend, where GCC
+ * fuses multiply-adds: theta = fma(theta_interp, 1 - ramp, theta_extrap *
+ * ramp), the magnitude factor fma(0.1, ln(1 / freq_scale), 1), and the
+ * rotation x0' = fma(x0, cos, -(x1 sin)), x1' = fma(x0, sin, x1 cos). */
 struct ops_rope {
 	int n_dims; /* rotated dimensions (pairs: n_dims / 2) */
 	int neox;   /* 0: pairs (2i, 2i+1); 1: pairs (i, i + n_dims/2) */

@@ -13,14 +13,17 @@
 
 struct kern_type_info {
 	const char *name;
-	uint16_t block;	    /* values per block; 0: GGML's id, not read here */
-	uint16_t bytes;	    /* bytes per block */
-	uint8_t act;	    /* activation type of a weight of this type */
-	uint8_t family;	    /* enum kern_family */
-	uint8_t weight;	    /* 1 if it can be a matmul weight */
+	uint16_t block; /* values per block; 0: GGML's id, not read here */
+	uint16_t bytes; /* bytes per block */
+	uint8_t act;	/* activation type of a weight of this type */
+	uint8_t family; /* enum kern_family */
+	uint8_t weight; /* 1 if it can be a matmul weight */
 };
 
-#define W(n, b, by, a, f) {n, b, by, a, f, 1}
+#define W(n, b, by, a, f)                                                                          \
+	{                                                                                          \
+		n, b, by, a, f, 1                                                                  \
+	}
 static const struct kern_type_info kern_types[] = {
     [KERN_F32] = W("F32", 1, 4, KERN_F32, KERN_FAM_BASE),
     [KERN_F16] = W("F16", 1, 2, KERN_F16, KERN_FAM_BASE),
@@ -300,6 +303,10 @@ float kern_dot(uint32_t weight_type, int64_t n, const void *w, const void *x)
 {
 	if (!use_avx2())
 		return kern_dot_ref(weight_type, n, w, x);
+	if (weight_type == KERN_F32)
+		return kern_f32_dot_vec_avx2(n, w, x);
+	if (weight_type == KERN_F16)
+		return kern_f16_dot_vec_avx2(n, w, x);
 	switch (kern_type_family(weight_type)) {
 	case KERN_FAM_LEGACY: return kern_legacy_dot_avx2(weight_type, n, w, x);
 	case KERN_FAM_KQ: return kern_kq_dot_avx2(weight_type, n, w, x);
@@ -308,9 +315,27 @@ float kern_dot(uint32_t weight_type, int64_t n, const void *w, const void *x)
 	}
 }
 
-void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
-		 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
+static void matmul_rows(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
+			int64_t gemm_rows)
 {
+	if (weight_type == KERN_F32 || weight_type == KERN_F16) {
+		/* per output, as ggml's two paths (vec_dot, llamafile's GEMM) */
+		const int simd = use_avx2(), f16 = weight_type == KERN_F16;
+		float (*const vec)(int64_t, const void *, const void *) =
+		    f16 ? (simd ? kern_f16_dot_vec_avx2 : kern_f16_dot_vec_ref)
+			: (simd ? kern_f32_dot_vec_avx2 : kern_f32_dot_vec_ref);
+		float (*const gemm)(int64_t, const void *, const void *) =
+		    f16 ? (simd ? kern_f16_dot_gemm_avx2 : kern_f16_dot_gemm_ref)
+			: (simd ? kern_f32_dot_gemm_avx2 : kern_f32_dot_gemm_ref);
+		const size_t w_row = kern_row_bytes(weight_type, n_in);
+		const uint8_t *wb = w, *xb = x;
+		for (int64_t o = o0; o < o1; o++)
+			for (int64_t r = 0; r < n_rows; r++)
+				y[r * y_stride + o] = (r < gemm_rows ? gemm : vec)(
+				    n_in, wb + (size_t)o * w_row, xb + (size_t)r * x_stride);
+		return;
+	}
 	if (use_avx2()) {
 		switch (kern_type_family(weight_type)) {
 		case KERN_FAM_LEGACY:
@@ -319,7 +344,7 @@ void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, 
 			return;
 		case KERN_FAM_KQ:
 			kern_kq_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y,
-					    y_stride);
+					    y_stride, gemm_rows);
 			return;
 		case KERN_FAM_IQ:
 			kern_iq_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y,
@@ -336,6 +361,80 @@ void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, 
 	const uint8_t *xb = x;
 	for (int64_t o = o0; o < o1; o++)
 		for (int64_t r = 0; r < n_rows; r++)
-			y[r * y_stride + o] = kern_dot_ref(
+			y[r * y_stride + o] = (r < gemm_rows ? kern_kq_dot_gemm_ref : kern_dot_ref)(
 			    weight_type, n_in, wb + (size_t)o * w_row, xb + (size_t)r * x_stride);
+}
+
+void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+		 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
+{
+	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, 0);
+}
+
+int kern_batch_form_type(uint32_t weight_type)
+{
+	return weight_type == KERN_F32 || weight_type == KERN_F16 || weight_type == KERN_Q2_K ||
+	       weight_type == KERN_Q4_K || weight_type == KERN_IQ4_XS;
+}
+
+void kern_matmul_form(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+		      const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
+		      int batch_form)
+{
+	int64_t gemm_rows = batch_form && kern_batch_form_type(weight_type) ? n_rows : 0;
+	if ((weight_type == KERN_F32 || weight_type == KERN_F16) && n_in % 16 != 0)
+		gemm_rows = 0;
+	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, gemm_rows);
+}
+
+void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+		       const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
+{
+	int64_t gemm_rows = 0;
+	if (weight_type == KERN_IQ4_XS && n_rows >= 8)
+		gemm_rows = n_rows;
+	else if ((weight_type == KERN_F32 || weight_type == KERN_F16) && n_rows >= 2 &&
+		 n_in % 16 == 0)
+		gemm_rows = n_rows;
+	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, gemm_rows);
+}
+
+void kern_matmul_unpacked(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			  const void *x, size_t x_stride, int64_t n_rows, float *y,
+			  int64_t y_stride, const uint8_t *batched)
+{
+	if (weight_type == KERN_F16 || weight_type == KERN_F32) { /* llamafile takes these too */
+		const uint8_t *xb = x;
+		for (int64_t r = 0; r < n_rows; r++)
+			kern_matmul_form(weight_type, w, n_in, o0, o1, xb + (size_t)r * x_stride,
+					 x_stride, 1, y + r * y_stride, y_stride,
+					 batched ? batched[r] : n_rows >= 2);
+		return;
+	}
+	if (weight_type != KERN_IQ4_NL) {
+		kern_matmul(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride);
+		return;
+	}
+	const size_t w_row = kern_row_bytes(weight_type, n_in);
+	const uint8_t *wb = w, *xb = x;
+	for (int64_t o = o0; o < o1; o++)
+		for (int64_t r = 0; r < n_rows; r++)
+			y[r * y_stride + o] = kern_legacy_dot_unpacked_ref(
+			    weight_type, n_in, wb + (size_t)o * w_row, xb + (size_t)r * x_stride,
+			    batched ? batched[r] : n_rows >= 2);
+}
+
+void kern_swiglu(float *g, const float *u, int64_t j0, int64_t j1, int64_t n)
+{
+	if (use_avx2())
+		kern_swiglu_avx2(g, u, j0, j1, n);
+	else
+		kern_swiglu_ref(g, u, j0, j1, n);
+}
+
+void kern_matmul_expert(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
+{
+	const int64_t panel = weight_type == KERN_IQ4_XS ? n_rows : 0;
+	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, panel);
 }

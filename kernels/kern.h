@@ -72,7 +72,7 @@ enum kern_type {
 	KERN_MXFP4 = 39,
 };
 
-#define KERN_QK 32   /* values per block of the 32-value block types */
+#define KERN_QK	  32  /* values per block of the 32-value block types */
 #define KERN_QK_K 256 /* values per block of the K-quants and grid types */
 
 /* Type table. */
@@ -115,6 +115,12 @@ void kern_convert_row_ref(enum kern_type act_type, const float *x, void *dst, in
 
 /* One dot product: weight row (weight_type) x activation row
  * (kern_act_type(weight_type)), n values. */
+/* g[j] = silu(g[j]) * u[j] for j in [j0, j1) of a row of n values, as
+ * llama.cpp's ggml_vec_swiglu_f32 on its AVX-512 x86 build (the reference
+ * machine's): values below n - n % 16 take ggml_v_silu, x / (1 + v_expf(0 - x))
+ * with ggml's vector exp (AVX-512 form), the last n % 16 x / (1 + expf(-x)). */
+void kern_swiglu(float *g, const float *u, int64_t j0, int64_t j1, int64_t n);
+void kern_swiglu_ref(float *g, const float *u, int64_t j0, int64_t j1, int64_t n);
 float kern_dot(uint32_t weight_type, int64_t n, const void *w, const void *x);
 float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x);
 
@@ -126,5 +132,43 @@ float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x
  * several rows per weight pass where it pays; results equal kern_dot's. */
 void kern_matmul(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+/* kern_matmul for a 2-D weight multiplied as one llama.cpp MUL_MAT of n_rows
+ * rows (not an expert's share of a MUL_MAT_ID), whose n_out is a multiple of 8.
+ * F32 and F16 weights with n_rows >= 2 (n_in a multiple of 16) take
+ * llamafile's GEMM form (16 FMA lanes, kern_ref.c) instead of
+ * ggml_vec_dot_f32's / _f16's (kern_dot's):
+ * llama.cpp repacks Q2_K and Q4_K weights of such products and runs its GEMM
+ * on the rows below n_rows - n_rows % 4, which rounds per 64 (Q4_K) or 128
+ * (Q2_K) values rather than per block, and runs IQ4_XS products of at least 8
+ * rows through its IQ panel GEMM (one accumulator per output, kern_kq_ref.c);
+ * those rows get that arithmetic, every other row and type kern_matmul's. */
+void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+		       const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+/* The per-row choice behind kern_matmul_dense, made by the caller: with
+ * batch_form, every row takes the arithmetic llama.cpp's batched dense product
+ * gives the rows of a sequence that has them (F32, F16: llamafile's GEMM when
+ * n_in % 16 == 0; Q2_K/Q4_K: the repacked GEMM; IQ4_XS: the IQ panel),
+ * without it kern_matmul's.  kern_batch_form_type: whether weight_type has
+ * such a second form. */
+int kern_batch_form_type(uint32_t weight_type);
+void kern_matmul_form(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+		      const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
+		      int batch_form);
+/* kern_matmul for one expert's rows of a llama.cpp MUL_MAT_ID: IQ4_XS experts
+ * go through llama.cpp's IQ panel GEMM, which llama.cpp takes for 8 rows or
+ * more, whatever the row count (an expert's rows come from every sequence of
+ * the batch, so the form may not depend on how many there are); every other
+ * type as kern_matmul (Q2_K / Q4_K experts use the repacked GEMV). */
+void kern_matmul_expert(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+/* kern_matmul for a weight llama.cpp does not repack (a slice of a 3-D weight
+ * in a MUL_MAT, e.g. deepseek2's per-head attn_k_b / attn_v_b): IQ4_NL rows as
+ * llamafile's GEMM (batched[r] != 0: r's sequence has several rows) or
+ * ggml_vec_dot_iq4_nl_q8_0 (one row), scalar only (kern_legacy_ref.c), and
+ * F32 / F16 rows as kern_matmul_form with batched[r]; batched NULL: all rows
+ * one sequence.  Every other type as kern_matmul. */
+void kern_matmul_unpacked(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			  const void *x, size_t x_stride, int64_t n_rows, float *y,
+			  int64_t y_stride, const uint8_t *batched);
 
 #endif

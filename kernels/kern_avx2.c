@@ -3,14 +3,15 @@
  * Only called through kern.c's dispatch after kern_init() found the features.
  *
  * Quantised weights (Q4_0, Q8_0, MXFP4 x Q8_0 activations) are computed
- * exactly as the scalar reference computes them (an exact int32 sum per block,
- * then acc + (d_w * d_x) * sum in F32, block by block; details at tile_q), so
- * kern_dot, kern_matmul and kern_dot_ref agree bit for bit.  llama.cpp's own
- * summation order differs (and differs between its kernels); the difference
- * is a few ulps of the sum, far inside the logit tolerance, whereas the
- * activation rounding points (Q8_0 quantisation) are matched exactly.
+ * exactly as the scalar reference computes them (Q4_0, MXFP4: an exact int32
+ * sum per block, then acc = fma(sum, d_w * d_x, acc) block by block, as
+ * llama.cpp's repacked GEMV/GEMM for these types, details at tile_q; Q8_0:
+ * llama.cpp's eight FMA lanes, tile_q8_0), so kern_dot, kern_matmul and
+ * kern_dot_ref agree bit for bit and with llama.cpp.
  *
- * Float dots (F32, F16, BF16) go through one tile routine that computes nr
+ * F32 dots follow llama.cpp's AVX-512 forms (kern_f32_dot_vec_avx2 and
+ * _gemm_avx2 at the end, dispatched per output by kern.c).  F16 and BF16 dots
+ * go through one tile routine that computes nr
  * (1..FL_ROWS) activation rows against one weight row with a fixed
  * per-(row, output) operation sequence in four 8-lane accumulators (details
  * at tile_fl), so kern_matmul's results are bit-identical to kern_dot's
@@ -100,8 +101,8 @@ static ALWAYS_INLINE __m256 q8w_scales8(uint32_t type, const uint8_t *b0, const 
 
 /* Exact block dots.  Every (row, output) pair is computed as the scalar
  * reference does: per block the integer dot product sum_j w_j * x_j is formed
- * exactly in int32, then acc = acc + (d_w * d_x) * (float)sum with one F32
- * accumulator in block order (multiply, then add: no FMA).  So the results
+ * exactly in int32, then acc = fma((float)sum, d_w * d_x, acc) with one F32
+ * accumulator in block order (Q8_0: tile_q8_0's lanes).  So the results
  * equal kern_dot_ref's bit for bit, whatever the tiling.
  *
  * A tile is up to QC consecutive outputs (weight rows) x up to QR activation
@@ -331,7 +332,7 @@ static ALWAYS_INLINE void tile_q1(uint32_t type, const uint8_t *w, size_t ws, co
 			s = _mm256_sub_epi32(s, _mm256_set1_epi32(xq[ib].corr));
 		const __m256 d =
 		    _mm256_mul_ps(qw_scales8(type, p, p4, ws, ws3), _mm256_set1_ps(xq[ib].d));
-		acc = _mm256_add_ps(acc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(s)));
+		acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc);
 	}
 	_mm256_storeu_ps(out, acc);
 }
@@ -404,12 +405,63 @@ static ALWAYS_INLINE void tile_q4(uint32_t type, int nr, const uint8_t *w, size_
 			if (off)
 				s = _mm_sub_epi32(s, _mm_set1_epi32(q->corr));
 			__m128 d = _mm_mul_ps(dw, _mm_set1_ps(q->d));
-			acc[r] = _mm_add_ps(acc[r], _mm_mul_ps(d, _mm_cvtepi32_ps(s)));
+			acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(s), d, acc[r]);
 		}
 	}
 #pragma GCC unroll 4
 	for (int r = 0; r < nr; r++)
 		_mm_storeu_ps(out + r * QC, acc[r]);
+}
+
+/* Q8_0: out[r * QC + c] for r < nr, c < 4 with llama.cpp's float steps
+ * (llamafile's tinyBLAS_Q0_AVX for several rows and ggml_vec_dot_q8_0_q8_0
+ * for one compute the same): per block, eight int32 lanes, lane m the sum of
+ * the products of values 4m .. 4m + 3; acc_m = fma(d_w * d_x, lane_m, acc_m)
+ * (the product of two f16 values is exact); out = hsum8(acc). */
+static ALWAYS_INLINE void tile_q8_0(int nr, const uint8_t *w, size_t ws, const uint8_t *x,
+				    size_t xs, const struct xq *xq, int64_t nb, size_t pf,
+				    float *out)
+{
+	const __m256i ones = _mm256_set1_epi16(1);
+	__m256 acc[QR][4];
+
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++)
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++)
+			acc[r][c] = _mm256_setzero_ps();
+	for (int64_t ib = 0; ib < nb; ib++) {
+		const size_t o = (size_t)ib * 34;
+		__m256i wv[4], aw[4];
+		float dw[4];
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++) {
+			const uint8_t *b = w + c * ws + o;
+			if (pf)
+				_mm_prefetch((const char *)b + pf, _MM_HINT_T0);
+			wv[c] = _mm256_loadu_si256((const __m256i *)(b + 2));
+			aw[c] = _mm256_sign_epi8(wv[c], wv[c]);
+			dw[c] = _cvtsh_ss(kern_load_u16(b));
+		}
+#pragma GCC unroll 4
+		for (int r = 0; r < nr; r++) {
+			const __m256i xv =
+			    _mm256_loadu_si256((const __m256i *)(x + r * xs + o + 2));
+			const float dx = xq[r * nb + ib].d;
+#pragma GCC unroll 4
+			for (int c = 0; c < 4; c++) {
+				const __m256i l = _mm256_madd_epi16(
+				    _mm256_maddubs_epi16(aw[c], _mm256_sign_epi8(xv, wv[c])), ones);
+				acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw[c] * dx),
+							    _mm256_cvtepi32_ps(l), acc[r][c]);
+			}
+		}
+	}
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++)
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++)
+			out[r * QC + c] = hsum8(acc[r][c]);
 }
 
 /* Outputs per tile of a quantised type. */
@@ -425,7 +477,7 @@ static ALWAYS_INLINE void tile_q(uint32_t type, int nr, const uint8_t *w, size_t
 				 size_t pf, float *out)
 {
 	if (type == KERN_Q8_0) {
-		tile_q4(type, nr, w, ws, x, xs, xq, nb, pf, out);
+		tile_q8_0(nr, w, ws, x, xs, xq, nb, pf, out);
 		return;
 	}
 	if (nr == 1) {
@@ -934,4 +986,166 @@ void kern_dequant_row_avx2(uint32_t type, const void *src, float *dst, int64_t n
 		break;
 	default: kern_dequant_row_ref(type, src, dst, n); break;
 	}
+}
+
+/* ------------------------------------------------------------- swiglu */
+
+/* kern_swiglu_ref's vector part, 8 values at a time with the same operations
+ * (FMA as fmaf; the power of two built in the exponent bits when
+ * -126 <= n <= 127, else those lanes redone by the scalar reference). */
+void kern_swiglu_avx2(float *g, const float *u, int64_t j0, int64_t j1, int64_t n)
+{
+	const int64_t nv = n - n % 16;
+	int64_t j = j0;
+	const __m256 r = _mm256_set1_ps(0x1.8p23f), one = _mm256_set1_ps(1.0f);
+	for (; j + 8 <= j1 && j + 8 <= nv; j += 8) {
+		const __m256 xin = _mm256_loadu_ps(g + j);
+		const __m256 x = _mm256_sub_ps(_mm256_setzero_ps(), xin);
+		const __m256 z = _mm256_fmadd_ps(x, _mm256_set1_ps(0x1.715476p+0f), r);
+		const __m256 nn = _mm256_sub_ps(z, r);
+		const __m256 b =
+		    _mm256_fnmadd_ps(nn, _mm256_set1_ps(0x1.7f7d1cp-20f),
+				     _mm256_fnmadd_ps(nn, _mm256_set1_ps(0x1.62e4p-1f), x));
+		const __m256 uu = _mm256_mul_ps(b, b);
+		const __m256 jj = _mm256_fmadd_ps(
+		    _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(0x1.0e4020p-7f), b,
+						    _mm256_set1_ps(0x1.573e2ep-5f)),
+				    uu,
+				    _mm256_fmadd_ps(_mm256_set1_ps(0x1.555e66p-3f), b,
+						    _mm256_set1_ps(0x1.fffdb6p-2f))),
+		    uu, _mm256_fmadd_ps(_mm256_set1_ps(0x1.ffffecp-1f), b, one));
+		const __m256 inrange =
+		    _mm256_and_ps(_mm256_cmp_ps(nn, _mm256_set1_ps(-126.0f), _CMP_GE_OQ),
+				  _mm256_cmp_ps(nn, _mm256_set1_ps(127.0f), _CMP_LE_OQ));
+		if (_mm256_movemask_ps(inrange) != 0xff) {
+			kern_swiglu_ref(g, u, j, j + 8, n);
+			continue;
+		}
+		const __m256i e = _mm256_slli_epi32(
+		    _mm256_add_epi32(_mm256_cvtps_epi32(nn), _mm256_set1_epi32(127)), 23);
+		const __m256 ex = _mm256_mul_ps(jj, _mm256_castsi256_ps(e));
+		const __m256 y = _mm256_mul_ps(_mm256_div_ps(xin, _mm256_add_ps(one, ex)),
+					       _mm256_loadu_ps(u + j));
+		_mm256_storeu_ps(g + j, y);
+	}
+	if (j < j1)
+		kern_swiglu_ref(g, u, j, j1, n);
+}
+
+/* ---------------------------------------------------------------- F32 */
+
+/* kern_f32_dot_vec_ref: ggml_vec_dot_f32's AVX-512 form, each 16-lane
+ * accumulator held as two 8-lane halves (the same lane operations). */
+float kern_f32_dot_vec_avx2(int64_t n, const void *w, const void *x)
+{
+	const float *a = w, *b = x;
+	const int64_t np = n & ~(int64_t)63;
+	__m256 s[8];
+	for (int j = 0; j < 8; j++)
+		s[j] = _mm256_setzero_ps();
+	for (int64_t i = 0; i < np; i += 64)
+		for (int j = 0; j < 8; j++)
+			s[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * j),
+					       _mm256_loadu_ps(b + i + 8 * j), s[j]);
+	/* groups g = s[2g] (lanes 0-7), s[2g + 1] (lanes 8-15): g0 + g2, g1 + g3,
+	 * then g0 + g1 */
+	for (int h = 0; h < 2; h++) {
+		s[h] = _mm256_add_ps(s[h], s[4 + h]);
+		s[2 + h] = _mm256_add_ps(s[2 + h], s[6 + h]);
+		s[h] = _mm256_add_ps(s[h], s[2 + h]);
+	}
+	float sum = hsum8(_mm256_add_ps(s[1], s[0]));
+	const int64_t unfused = (n - np) / 8 * 8;
+	for (int64_t k = np; k < n; k++) {
+		float u, v;
+		memcpy(&u, a + k, 4);
+		memcpy(&v, b + k, 4);
+		sum = k < np + unfused ? sum + u * v : __builtin_fmaf(u, v, sum);
+	}
+	return sum;
+}
+
+/* kern_f32_dot_gemm_ref: llamafile's tinyBLAS F32 GEMM (AVX-512): 16 lanes. */
+float kern_f32_dot_gemm_avx2(int64_t n, const void *w, const void *x)
+{
+	const float *a = w, *b = x;
+	__m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+	int64_t k = 0;
+	for (; k + 16 <= n; k += 16) {
+		lo = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), lo);
+		hi = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), hi);
+	}
+	if (k < n) {
+		float l[16];
+		_mm256_storeu_ps(l, lo);
+		_mm256_storeu_ps(l + 8, hi);
+		for (; k < n; k++) {
+			float u, v;
+			memcpy(&u, a + k, 4);
+			memcpy(&v, b + k, 4);
+			l[k % 16] = __builtin_fmaf(u, v, l[k % 16]);
+		}
+		lo = _mm256_loadu_ps(l);
+		hi = _mm256_loadu_ps(l + 8);
+	}
+	return hsum8(_mm256_add_ps(hi, lo));
+}
+
+/* kern_f16_dot_vec_ref with 8-lane halves of its 16-lane accumulators. */
+float kern_f16_dot_vec_avx2(int64_t n, const void *w, const void *x)
+{
+	const uint16_t *a = w, *b = x;
+	const int64_t np = n & ~(int64_t)63;
+	__m256 s[8];
+	for (int j = 0; j < 8; j++)
+		s[j] = _mm256_setzero_ps();
+	for (int64_t i = 0; i < np; i += 64)
+		for (int j = 0; j < 8; j++)
+			s[j] = _mm256_fmadd_ps(
+			    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i + 8 * j))),
+			    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i + 8 * j))),
+			    s[j]);
+	for (int h = 0; h < 2; h++) {
+		s[h] = _mm256_add_ps(s[h], s[4 + h]);
+		s[2 + h] = _mm256_add_ps(s[2 + h], s[6 + h]);
+		s[h] = _mm256_add_ps(s[h], s[2 + h]);
+	}
+	double sum = (double)hsum8(_mm256_add_ps(s[1], s[0]));
+	for (int64_t k = np; k < n; k++) {
+		uint16_t u, v;
+		memcpy(&u, a + k, 2);
+		memcpy(&v, b + k, 2);
+		sum += (double)(_cvtsh_ss(u) * _cvtsh_ss(v));
+	}
+	return (float)sum;
+}
+
+/* kern_f16_dot_gemm_ref: 16 lanes as two 8-lane halves. */
+float kern_f16_dot_gemm_avx2(int64_t n, const void *w, const void *x)
+{
+	const uint16_t *a = w, *b = x;
+	__m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+	int64_t k = 0;
+	for (; k + 16 <= n; k += 16) {
+		lo =
+		    _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + k))),
+				    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + k))), lo);
+		hi = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + k + 8))),
+				     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + k + 8))),
+				     hi);
+	}
+	if (k < n) {
+		float l[16];
+		_mm256_storeu_ps(l, lo);
+		_mm256_storeu_ps(l + 8, hi);
+		for (; k < n; k++) {
+			uint16_t u, v;
+			memcpy(&u, a + k, 2);
+			memcpy(&v, b + k, 2);
+			l[k % 16] = __builtin_fmaf(_cvtsh_ss(u), _cvtsh_ss(v), l[k % 16]);
+		}
+		lo = _mm256_loadu_ps(l);
+		hi = _mm256_loadu_ps(l + 8);
+	}
+	return hsum8(_mm256_add_ps(hi, lo));
 }

@@ -63,6 +63,21 @@ enum kern_family { KERN_FAM_BASE, KERN_FAM_LEGACY, KERN_FAM_KQ, KERN_FAM_IQ };
 int kern_type_family(uint32_t type); /* -1 if unknown */
 
 /* Q4_1, Q5_0, Q5_1, IQ4_NL; Q8_1 activations (kern_legacy_ref.c, kern_legacy_avx2.c) */
+/* F32 dots: ggml_vec_dot_f32 (one row) and llamafile's F32 GEMM (several),
+ * both in their AVX-512 forms (kern_ref.c) */
+float kern_f32_dot_vec_ref(int64_t n, const void *w, const void *x);
+float kern_f32_dot_gemm_ref(int64_t n, const void *w, const void *x);
+float kern_f32_dot_vec_avx2(int64_t n, const void *w, const void *x);
+/* F16: ggml_vec_dot_f16 and llamafile's F16 GEMM, AVX-512 forms */
+float kern_f16_dot_vec_ref(int64_t n, const void *w, const void *x);
+float kern_f16_dot_gemm_ref(int64_t n, const void *w, const void *x);
+float kern_f16_dot_vec_avx2(int64_t n, const void *w, const void *x);
+float kern_f16_dot_gemm_avx2(int64_t n, const void *w, const void *x);
+float kern_f32_dot_gemm_avx2(int64_t n, const void *w, const void *x);
+void kern_swiglu_avx2(float *g, const float *u, int64_t j0, int64_t j1, int64_t n);
+/* as llama.cpp multiplies a weight it does not repack; batched: n_rows >= 2 */
+float kern_legacy_dot_unpacked_ref(uint32_t type, int64_t n, const void *w, const void *x,
+				   int batched);
 void kern_legacy_dequant_ref(uint32_t type, const void *src, float *dst, int64_t n);
 float kern_legacy_dot_ref(uint32_t type, int64_t n, const void *w, const void *x);
 void kern_legacy_convert_ref(enum kern_type act_type, const float *x, void *dst, int64_t n);
@@ -76,12 +91,16 @@ void kern_legacy_matmul_avx2(uint32_t type, const void *w, int64_t n_in, int64_t
 /* Q2_K..Q6_K, IQ4_XS; Q8_K activations (kern_kq_ref.c, kern_kq_avx2.c) */
 void kern_kq_dequant_ref(uint32_t type, const void *src, float *dst, int64_t n);
 float kern_kq_dot_ref(uint32_t type, int64_t n, const void *w, const void *x);
+float kern_kq_dot_gemm_ref(uint32_t type, int64_t n, const void *w, const void *x);
 void kern_kq_convert_ref(enum kern_type act_type, const float *x, void *dst, int64_t n);
 void kern_kq_dequant_avx2(uint32_t type, const void *src, float *dst, int64_t n);
 float kern_kq_dot_avx2(uint32_t type, int64_t n, const void *w, const void *x);
 void kern_kq_convert_avx2(enum kern_type act_type, const float *x, void *dst, int64_t n);
+/* rows below gemm_rows (a multiple of 4) as kern_kq_dot_gemm_ref, the others
+ * as kern_kq_dot_ref */
 void kern_kq_matmul_avx2(uint32_t type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
-			 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+			 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
+			 int64_t gemm_rows);
 
 /* IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S; Q8_K activations
  * (kern_iq_ref.c, kern_iq_avx2.c, grids in kern_iq_grid.c) */
@@ -90,7 +109,8 @@ float kern_iq_dot_ref(uint32_t type, int64_t n, const void *w, const void *x);
 void kern_iq_dequant_avx2(uint32_t type, const void *src, float *dst, int64_t n);
 float kern_iq_dot_avx2(uint32_t type, int64_t n, const void *w, const void *x);
 void kern_iq_matmul_avx2(uint32_t type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
-			 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+			 const void *x, size_t x_stride, int64_t n_rows, float *y,
+			 int64_t y_stride);
 
 /* Q8_K activation block (kern_kq_ref.c quantises, every Q8_K family reads). */
 struct kern_block_q8_k {

@@ -3,9 +3,10 @@
  * layouts and the exact arithmetic).
  *
  * Every dot computes the reference's integers exactly and then its float
- * sequence per block (acc + (d_w * d_x) * isum, then - (dmin_w * d_x) * msum,
- * each operation rounded on its own), so kern_dot, kern_matmul and
- * kern_dot_ref agree bit for bit whatever the tiling.
+ * sequence per block (Q2_K, Q4_K: acc = fma(isum, d_w * d_x, acc) and
+ * accm = fma(msum, dmin_w * d_x, accm), result acc - accm; Q3_K, Q5_K,
+ * Q6_K, IQ4_XS: ggml's eight F32 lanes, see kern_kq_ref.c), so kern_dot,
+ * kern_matmul and kern_dot_ref agree bit for bit whatever the tiling.
  *
  * A weight block is taken as eight 32-value chunks c (values 32c .. 32c+31,
  * groups 2c and 2c+1).  Each chunk's codes are unpacked to unsigned bytes u
@@ -17,7 +18,8 @@
  * scales (int16) widens to int32.  The per-group integer "corr" vector is
  * dotted with the activation bsums in one more madd: the mins (Q2_K, Q4_K,
  * Q5_K: msum) or the code offset times the scale (Q3_K 4 s_g, Q6_K 32 s_g),
- * subtracted from isum.
+ * subtracted from isum; Q3_K instead subtracts maddubs(4, x) from each
+ * chunk's pair sums (ggml's lanes).
  *
  * A tile is up to KQ_QC consecutive outputs x up to KQ_QR activation rows:
  * each output's block is unpacked once per tile and multiplied with every
@@ -29,6 +31,7 @@
  * chunks' maddubs results by horizontal adds before one madd (fewer
  * multiplies, but the adds cost as much), prefetching two tiles ahead. */
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include "kernels/kern.h"
@@ -74,7 +77,7 @@ static ALWAYS_INLINE int kq_has_min(uint32_t type)
 	return type == KERN_Q2_K || type == KERN_Q4_K || type == KERN_Q5_K;
 }
 
-/* Q3_K, Q6_K: corr is subtracted from isum (the code offset) */
+/* Q3_K, Q6_K: a code offset (Q6_K: corr subtracted from isum; Q3_K: see kq_tile) */
 static ALWAYS_INLINE int kq_has_offset(uint32_t type)
 {
 	return type == KERN_Q3_K || type == KERN_Q6_K;
@@ -249,6 +252,33 @@ static ALWAYS_INLINE __m256i kq_chunk(uint32_t type, const uint8_t *b, int c)
 
 /* ----------------------------------------------------------------- dots */
 
+/* Q3_K, Q5_K, Q6_K, IQ4_XS: the float steps of ggml's ggml_vec_dot_*_q8_K
+ * (see kern_kq_ref.c): per block, lane m of the eight int32 lanes (values
+ * 32c + 4m .. 32c + 4m + 3 of each chunk c, times their scale; Q6_K less
+ * 32 (s_2m bsums_2m + s_2m+1 bsums_2m+1)) is accumulated in F32 by an FMA,
+ * and the lanes are summed as hsum_f32x8 at the end. */
+static ALWAYS_INLINE int kq_lane_type(uint32_t type)
+{
+	return type == KERN_Q3_K || type == KERN_Q5_K || type == KERN_Q6_K || type == KERN_IQ4_XS;
+}
+
+/* ggml's hsum_float_8: high half + low half, then lanes 0+2, 1+3, then 0+1 */
+static ALWAYS_INLINE float hsum_f32x8(__m256 v)
+{
+	__m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+	r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+	r = _mm_add_ss(r, _mm_movehdup_ps(r));
+	return _mm_cvtss_f32(r);
+}
+
+static ALWAYS_INLINE int32_t hsum_i32(__m256i v)
+{
+	__m128i r = _mm_add_epi32(_mm256_extracti128_si256(v, 1), _mm256_castsi256_si128(v));
+	r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4e));
+	r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xb1));
+	return _mm_cvtsi128_si32(r);
+}
+
 /* [sum(a), sum(b), sum(c), sum(d)] of four int32 x 8 vectors */
 static ALWAYS_INLINE __m128i reduce4(__m256i a, __m256i b, __m256i c, __m256i d)
 {
@@ -268,17 +298,27 @@ static ALWAYS_INLINE __m128 f16x4(const uint8_t *p, size_t ws, int nc)
 /* out[r * KQ_QC + o] = dot(weight row w + o * ws, activation row x + r * xs)
  * for o < nc, r < nr (nb blocks); pf: bytes from a weight block to the one to
  * prefetch (0: none). */
-static ALWAYS_INLINE void kq_tile(uint32_t type, int nc, int nr, const uint8_t *w, size_t ws,
-				  const uint8_t *x, size_t xs, int64_t nb, size_t pf, float *out)
+static ALWAYS_INLINE void kq_tile(uint32_t type, int gemm, int nc, int nr, const uint8_t *w,
+				  size_t ws, const uint8_t *x, size_t xs, int64_t nb, size_t pf,
+				  float *out)
 {
+	/* gemm (IQ4_XS): per block, one accumulator (ggml's IQ panel) */
 	const size_t bs = kq_block_bytes(type), doff = kq_d_offset(type);
 	const int has_min = kq_has_min(type), has_off = kq_has_offset(type);
 	const int sgn = type == KERN_IQ4_XS;
-	__m128 acc[KQ_QR];
+	const int lanes = kq_lane_type(type) && !gemm;
+	__m128 acc[KQ_QR], accm[KQ_QR];
+	__m256 acc8[KQ_QR][KQ_QC];
+	float summs[KQ_QR][KQ_QC];
 
 #pragma GCC unroll 4
-	for (int r = 0; r < nr; r++)
-		acc[r] = _mm_setzero_ps();
+	for (int r = 0; r < nr; r++) {
+		acc[r] = accm[r] = _mm_setzero_ps();
+		for (int o = 0; o < KQ_QC; o++) {
+			acc8[r][o] = _mm256_setzero_ps();
+			summs[r][o] = 0.0f;
+		}
+	}
 	for (int64_t ib = 0; ib < nb; ib++) {
 		__m256i pi[KQ_QR][KQ_QC], pm[KQ_QR][KQ_QC];
 		const uint8_t *xb = x + (size_t)ib * Q8K_BYTES;
@@ -305,14 +345,17 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int nc, int nr, const uint8_t *
 					    (const __m256i *)(xb + r * xs + Q8K_QS + 32 * c));
 					if (sgn)
 						q = _mm256_sign_epi8(q, u);
-					p[r] = _mm256_add_epi32(
-					    p[r],
-					    _mm256_madd_epi16(_mm256_maddubs_epi16(a, q), sc));
+					__m256i p16 = _mm256_maddubs_epi16(a, q);
+					if (type == KERN_Q3_K)
+						p16 = _mm256_sub_epi16(
+						    p16,
+						    _mm256_maddubs_epi16(_mm256_set1_epi8(4), q));
+					p[r] = _mm256_add_epi32(p[r], _mm256_madd_epi16(p16, sc));
 				}
 			}
 #pragma GCC unroll 4
 			for (int r = 0; r < nr; r++) {
-				if (has_min || has_off) {
+				if (has_min || (has_off && type != KERN_Q3_K)) {
 					const __m256i bsum = _mm256_loadu_si256(
 					    (const __m256i *)(xb + r * xs + Q8K_BSUMS));
 					const __m256i cv = _mm256_madd_epi16(s.corr, bsum);
@@ -330,6 +373,30 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int nc, int nr, const uint8_t *
 			for (int r = 0; r < nr; r++)
 				pi[r][o] = pm[r][o] = _mm256_setzero_si256();
 		const uint8_t *b0 = w + (size_t)ib * bs;
+		if (lanes) {
+			/* ggml's lanes: acc8 = fma(d_w * d_x, lane, acc8); Q5_K's
+			 * mins: summs = fma(-(d_x * dmin_w), msum, summs) */
+#pragma GCC unroll 4
+			for (int r = 0; r < nr; r++) {
+				float dxf;
+				memcpy(&dxf, xb + r * xs, sizeof(dxf));
+#pragma GCC unroll 4
+				for (int o = 0; o < nc; o++) {
+					const uint8_t *bo = b0 + o * ws;
+					const float d = _cvtsh_ss(kern_load_u16(bo + doff)) * dxf;
+					acc8[r][o] = _mm256_fmadd_ps(_mm256_set1_ps(d),
+								     _mm256_cvtepi32_ps(pi[r][o]),
+								     acc8[r][o]);
+					if (has_min) {
+						const float dm = -(
+						    dxf * _cvtsh_ss(kern_load_u16(bo + doff + 2)));
+						summs[r][o] = fmaf(dm, (float)hsum_i32(pm[r][o]),
+								   summs[r][o]);
+					}
+				}
+			}
+			continue;
+		}
 		const __m128 dw = f16x4(b0 + doff, ws, nc);
 		const __m128 dm = has_min ? f16x4(b0 + doff + 2, ws, nc) : _mm_setzero_ps();
 #pragma GCC unroll 4
@@ -338,18 +405,27 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int nc, int nr, const uint8_t *
 			memcpy(&dxf, xb + r * xs, sizeof(dxf));
 			const __m128 dx = _mm_set1_ps(dxf);
 			const __m128i is = reduce4(pi[r][0], pi[r][1], pi[r][2], pi[r][3]);
-			acc[r] =
-			    _mm_add_ps(acc[r], _mm_mul_ps(_mm_mul_ps(dw, dx), _mm_cvtepi32_ps(is)));
+			acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(is), _mm_mul_ps(dw, dx), acc[r]);
 			if (has_min) {
 				const __m128i ms = reduce4(pm[r][0], pm[r][1], pm[r][2], pm[r][3]);
-				acc[r] = _mm_sub_ps(
-				    acc[r], _mm_mul_ps(_mm_mul_ps(dm, dx), _mm_cvtepi32_ps(ms)));
+				accm[r] =
+				    _mm_fmadd_ps(_mm_cvtepi32_ps(ms), _mm_mul_ps(dm, dx), accm[r]);
 			}
 		}
 	}
+	if (lanes) {
+#pragma GCC unroll 4
+		for (int r = 0; r < nr; r++)
+#pragma GCC unroll 4
+			for (int o = 0; o < nc; o++) {
+				const float h = hsum_f32x8(acc8[r][o]);
+				out[r * KQ_QC + o] = type == KERN_Q5_K ? h + summs[r][o] : h;
+			}
+		return;
+	}
 #pragma GCC unroll 4
 	for (int r = 0; r < nr; r++)
-		_mm_storeu_ps(out + r * KQ_QC, acc[r]);
+		_mm_storeu_ps(out + r * KQ_QC, _mm_sub_ps(acc[r], accm[r]));
 }
 
 typedef void (*kq_tile_fn)(const uint8_t *w, size_t ws, const uint8_t *x, size_t xs, int64_t nb,
@@ -359,7 +435,7 @@ typedef void (*kq_tile_fn)(const uint8_t *w, size_t ws, const uint8_t *x, size_t
 	static void name##_##nc##_##nr(const uint8_t *w, size_t ws, const uint8_t *x, size_t xs,   \
 				       int64_t nb, size_t pf, float *out)                          \
 	{                                                                                          \
-		kq_tile(type, nc, nr, w, ws, x, xs, nb, pf, out);                                  \
+		kq_tile(type, KQ_GEMM_##name, nc, nr, w, ws, x, xs, nb, pf, out);                  \
 	}
 #define KQ_TILE_SET(name, type)                                                                    \
 	KQ_TILE_DEF(name, type, 1, 1)                                                              \
@@ -374,6 +450,14 @@ typedef void (*kq_tile_fn)(const uint8_t *w, size_t ws, const uint8_t *x, size_t
 	    {name##_1_1, name##_1_2, name##_1_3, name##_1_4},                                      \
 	    {name##_4_1, name##_4_2, name##_4_3, name##_4_4}};
 
+#define KQ_GEMM_kq_tiles_q2_k	0
+#define KQ_GEMM_kq_tiles_q3_k	0
+#define KQ_GEMM_kq_tiles_q4_k	0
+#define KQ_GEMM_kq_tiles_q5_k	0
+#define KQ_GEMM_kq_tiles_q6_k	0
+#define KQ_GEMM_kq_tiles_iq4_xs 0
+#define KQ_GEMM_kq_gemm_iq4_xs	1
+KQ_TILE_SET(kq_gemm_iq4_xs, KERN_IQ4_XS)
 KQ_TILE_SET(kq_tiles_q2_k, KERN_Q2_K)
 KQ_TILE_SET(kq_tiles_q3_k, KERN_Q3_K)
 KQ_TILE_SET(kq_tiles_q4_k, KERN_Q4_K)
@@ -406,9 +490,11 @@ float kern_kq_dot_avx2(uint32_t type, int64_t n, const void *w, const void *x)
 }
 
 void kern_kq_matmul_avx2(uint32_t type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
-			 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
+			 const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride,
+			 int64_t gemm_rows)
 {
 	const kq_tile_fn(*t)[KQ_QR] = kq_tiles_for(type);
+	const kq_tile_fn(*tg)[KQ_QR] = type == KERN_IQ4_XS ? kq_gemm_iq4_xs : t;
 	const uint8_t *wb = w, *xb = x;
 	const int64_t nb = n_in / KERN_QK_K;
 	const size_t w_row = kern_row_bytes(type, n_in);
@@ -439,8 +525,8 @@ void kern_kq_matmul_avx2(uint32_t type, const void *w, int64_t n_in, int64_t o0,
 				const size_t pf = r == 0 && nc == KQ_QC && o + 2 * KQ_QC <= oe
 						      ? KQ_QC * w_row
 						      : 0;
-				t[nc == KQ_QC][nr - 1](wb + (size_t)o * w_row, w_row, xr, x_stride,
-						       nb, pf, out);
+				(r < gemm_rows ? tg : t)[nc == KQ_QC][nr - 1](
+				    wb + (size_t)o * w_row, w_row, xr, x_stride, nb, pf, out);
 				for (int i = 0; i < nr; i++)
 					for (int c = 0; c < nc; c++)
 						y[(r + i) * y_stride + o + c] = out[i * KQ_QC + c];

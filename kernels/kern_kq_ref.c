@@ -39,12 +39,25 @@
  *          msum = sum_s m_s * (bsums[2s] + bsums[2s + 1])
  *   Q6_K   isum = sum_g scales[g] * sum_{v in g} (q_v - 32) q8_v
  *   IQ4_XS isum = sum_s (ls_s - 32) * sum_{v in s} kvalues_iq4nl[q_v] q8_v
- * (the integers ggml's ggml_vec_dot_*_q8_K form), then in F32, one
- * accumulator in block order, every operation rounded on its own (no FMA):
- *   acc = acc + (d_w * d_x) * (float)isum;
- *   acc = acc - (dmin_w * d_x) * (float)msum;     (types with mins only)
- * That order is the contract the AVX2 kernels reproduce bit for bit.  They
- * take the Q3_K and Q6_K code offsets (4, 32) through bsums, so a Q8_K row's
+ * (the integers ggml's ggml_vec_dot_*_q8_K form).  The float steps follow
+ * the kernel llama.cpp's x86 CPU backend runs for the type:
+ *   Q2_K, Q4_K (repacked at load, ggml's q*_K_8x8 GEMV, one output per
+ *   vector lane; batched dense rows take the same steps, although llama.cpp's
+ *   GEMM rounds every 64 (Q4_K) or 128 (Q2_K) values there: emulating that
+ *   cost 13 % of a Qwen3-30B-A3B prefill and moved no test vector): two
+ *   accumulators in block order,
+ *     acc = fma((float)isum, d_w * d_x, acc);
+ *     accm = fma((float)msum, dmin_w * d_x, accm);   result acc - accm.
+ *   Q3_K, Q5_K, Q6_K, IQ4_XS (ggml_vec_dot_*_q8_K, AVX2 code): isum split in
+ *   eight int32 lanes, lane m = sum over the 32-value chunks c of
+ *   s_(2c + m/4) * sum of q_v q8_v for v = 32c + 4m .. 32c + 4m + 3 (Q6_K
+ *   with the unsigned codes q + 32, less 32 (s_2m bsums_2m + s_2m+1
+ *   bsums_2m+1)); per block acc_m = fma(d_w * d_x, (float)lane_m, acc_m);
+ *   Q5_K's mins apart: summs = fma(-(d_x * dmin_w), (float)msum, summs);
+ *   result = ((acc_0 + acc_4) + (acc_2 + acc_6)) + ((acc_1 + acc_5) +
+ *   (acc_3 + acc_7)) (+ summs for Q5_K).
+ * That is the contract the AVX2 kernels reproduce bit for bit.  They
+ * take Q6_K's code offset 32 and the mins through bsums, so a Q8_K row's
  * bsums must be the sums of its q (as the quantiser writes them).
  * int32 bounds with |q8| <= 128: Q2_K |isum| <= 16*15*16*3*128 = 1.5e6,
  * |msum| <= 16*15*2048 = 4.9e5; Q3_K 16*32*16*4*128 = 4.2e6; Q4_K 8*63*32*15*128
@@ -257,15 +270,74 @@ void kern_kq_dequant_ref(uint32_t type, const void *src, float *dst, int64_t n)
 
 /* ----------------------------------------------------------------- dot */
 
+/* Q3_K, Q5_K, Q6_K and IQ4_XS: ggml's ggml_vec_dot_*_q8_K (x86 AVX2 code,
+ * which llama.cpp's AVX2 and AVX-512 CPU builds both run for these types) keeps
+ * eight int32 lanes per block, lane m summing values 32c + 4m .. 32c + 4m + 3
+ * of every 32-value chunk c times their group scale, and accumulates each lane
+ * in F32 with a fused multiply-add. */
+static int kq_lane_type(uint32_t type)
+{
+	return type == KERN_Q3_K || type == KERN_Q5_K || type == KERN_Q6_K || type == KERN_IQ4_XS;
+}
+
+/* _mm256 horizontal sum as ggml's hsum_float_8: halves, then pairs. */
+static float kq_hsum8(const float *a)
+{
+	float r[4];
+	for (int i = 0; i < 4; i++)
+		r[i] = a[4 + i] + a[i];
+	const float r0 = r[0] + r[2], r1 = r[1] + r[3];
+	return r0 + r1;
+}
+
+static float kq_dot_lanes(uint32_t type, int64_t n, const uint8_t *wb,
+			  const struct kern_block_q8_k *xb)
+{
+	const size_t bs = kern_type_block_bytes(type);
+	struct kq_block k;
+	float acc[8] = {0}, summs = 0.0f;
+	for (int64_t ib = 0; ib < n / KERN_QK_K; ib++) {
+		kq_decode(type, wb + (size_t)ib * bs, &k);
+		const int off = type == KERN_Q6_K ? 32 : 0; /* Q6_K: unsigned codes */
+		int32_t lane[8] = {0};
+		for (int c = 0; c < 8; c++)
+			for (int m = 0; m < 8; m++) {
+				const int v0 = 32 * c + 4 * m;
+				int32_t s = 0;
+				for (int j = v0; j < v0 + 4; j++)
+					s += (k.w[j] + off) * xb[ib].qs[j];
+				lane[m] += k.sc[2 * c + m / 4] * s;
+			}
+		if (off)
+			for (int m = 0; m < 8; m++)
+				lane[m] -= off * (k.sc[2 * m] * xb[ib].bsums[2 * m] +
+						  k.sc[2 * m + 1] * xb[ib].bsums[2 * m + 1]);
+		const float dx = xb[ib].d;
+		const float d = k.d * dx;
+		for (int m = 0; m < 8; m++)
+			acc[m] = fmaf(d, (float)lane[m], acc[m]);
+		if (k.has_min) {
+			int32_t msum = 0;
+			for (int g = 0; g < 16; g++)
+				msum += k.mn[g] * xb[ib].bsums[g];
+			summs = fmaf(-(dx * k.dmin), (float)msum, summs);
+		}
+	}
+	const float h = kq_hsum8(acc);
+	return type == KERN_Q5_K ? h + summs : h;
+}
+
 float kern_kq_dot_ref(uint32_t type, int64_t n, const void *w, const void *x)
 {
 	const size_t bs = kern_type_block_bytes(type);
 	const uint8_t *wb = w;
 	const struct kern_block_q8_k *xb = x;
 	struct kq_block k;
-	float acc = 0.0f;
+	float acc = 0.0f, accm = 0.0f;
 	if (type == KERN_Q8_K) /* not a weight type */
 		return 0.0f;
+	if (kq_lane_type(type))
+		return kq_dot_lanes(type, n, wb, xb);
 	for (int64_t ib = 0; ib < n / KERN_QK_K; ib++) {
 		kq_decode(type, wb + (size_t)ib * bs, &k);
 		int32_t isum = 0, msum = 0;
@@ -277,12 +349,42 @@ float kern_kq_dot_ref(uint32_t type, int64_t n, const void *w, const void *x)
 			msum += k.mn[g] * xb[ib].bsums[g];
 		}
 		const float dx = xb[ib].d;
-		const float d = k.d * dx;
-		acc = acc + d * (float)isum;
-		if (k.has_min) {
-			const float m = k.dmin * dx;
-			acc = acc - m * (float)msum;
+		acc = fmaf((float)isum, k.d * dx, acc);
+		accm = fmaf((float)msum, k.dmin * dx, accm);
+	}
+	return acc - accm;
+}
+
+/* IQ4_XS in ggml's IQ panel GEMM (dense products of at least 8 rows, experts
+ * with at least 8 rows): per block acc = fma((float)isum, d_w * d_x, acc). */
+static float kq_dot_panel(int64_t n, const uint8_t *wb, const struct kern_block_q8_k *xb)
+{
+	const size_t bs = kern_type_block_bytes(KERN_IQ4_XS);
+	struct kq_block k;
+	float acc = 0.0f;
+	for (int64_t ib = 0; ib < n / KERN_QK_K; ib++) {
+		kq_decode(KERN_IQ4_XS, wb + (size_t)ib * bs, &k);
+		int32_t isum = 0;
+		for (int g = 0; g < 16; g++) {
+			int32_t s = 0;
+			for (int j = 16 * g; j < 16 * g + 16; j++)
+				s += k.w[j] * xb[ib].qs[j];
+			isum += k.sc[g] * s;
 		}
+		acc = fmaf((float)isum, k.d * xb[ib].d, acc);
 	}
 	return acc;
+}
+
+/* Q2_K, Q4_K rows of a batched dense product: ggml's repacked GEMM (rows in
+ * groups of four) accumulates per step of 64 values (Q4_K: sub-blocks 2s,
+ * 2s + 1) or 128 values (Q2_K: groups 8h .. 8h + 7) instead of per block:
+ *   acc = fma((float)isum_step, d_w * d_x, acc);
+ *   accm = fma((float)msum_step, dmin_w * d_x, accm);   result acc - accm.
+ * Other types: kern_kq_dot_ref. */
+float kern_kq_dot_gemm_ref(uint32_t type, int64_t n, const void *w, const void *x)
+{
+	if (type == KERN_IQ4_XS)
+		return kq_dot_panel(n, w, x);
+	return kern_kq_dot_ref(type, n, w, x);
 }

@@ -3,20 +3,18 @@
  * kern_legacy_ref.c), and the Q8_1 quantiser.  Compiled with -mavx2 -mfma
  * -mf16c; called only through kern.c's dispatch after kern_init().
  *
- * Every result equals the scalar reference bit for bit: per block an exact
- * int32 sum, then the reference's F32 operations in the same order (no FMA),
- * so kern_dot, kern_matmul (whatever its tiling) and kern_dot_ref agree.
+ * Every result equals the scalar reference bit for bit (Q4_1, Q5_0, Q5_1:
+ * llama.cpp's eight FMA lanes per block, tile_lanes; IQ4_NL: per block an
+ * exact int32 sum, then the reference's fused accumulation), so kern_dot,
+ * kern_matmul (whatever its tiling) and kern_dot_ref agree.
  *
- * Integer products, a whole block in one 256-bit register (unlike
- * kern_avx2.c's 128-bit halves: on this Zen 3 the wide form measured about
- * 1.4x faster for Q5_0 / Q5_1 / IQ4_NL, whose unpacking costs most):
+ * Integer products (per 16 values, on 128-bit halves of a block as
+ * kern_avx2.c does):
  *   Q4_1, Q5_1, Q5_0: the unsigned codes (0..15 or 0..31) go straight into
  *     maddubs against the int8 activations; Q5_0's offset 16 is taken off the
  *     int32 sum as 16 x the block's activation sum, precomputed per row and
  *     block (struct lxq).  A maddubs pair is at most 2 * 31 * 128 = 7936 in
  *     magnitude, so int16 sums of up to 8 products (31744) do not overflow.
- *     Q5's fifth bits: qh broadcast, one byte per value picked by pshufb,
- *     every other bit set, compared with all ones.
  *   IQ4_NL: the table values (-127..113) come from one pshufb; the sign goes
  *     onto the weights, maddubs(|x|, sign(w, x)), which stays exact for
  *     x = -128 (|x| = 128 as unsigned; -w never overflows since w > -128).
@@ -28,6 +26,7 @@
  * blocks staying in registers across the rows.  kern_dot has its own
  * single-output loop. */
 #include <immintrin.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -81,53 +80,78 @@ static ALWAYS_INLINE size_t xqs_off(uint32_t t)
 
 /* --------------------------------------------------- unpack and products */
 
-/* One weight block's 32 codes in one register, in value order: unsigned
- * codes for Q4_1 / Q5_0 / Q5_1 (Q5_0 before its offset), int8 table values
- * for IQ4_NL (tab: the table in both 128-bit lanes). */
-static ALWAYS_INLINE __m256i lw_unpack(uint32_t type, const uint8_t *blk, __m256i tab)
+/* One weight block's codes: a = values 0-15, b = 16-31; unsigned codes
+ * for Q4_1 / Q5_0 / Q5_1 (Q5_0 before its offset), int8 table values for
+ * IQ4_NL. */
+struct lw {
+	__m128i a, b;
+};
+
+static ALWAYS_INLINE struct lw lw_unpack(uint32_t type, const uint8_t *blk, __m128i tab)
 {
+	const __m128i m4 = _mm_set1_epi8(0x0f);
 	const __m128i q = _mm_loadu_si128((const __m128i *)(blk + qs_off(type)));
-	__m256i v =
-	    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
-	if (type == KERN_IQ4_NL)
-		return _mm256_shuffle_epi8(tab, v);
-	if (is_q5(type)) {
-		/* byte j takes bit j of qh: spread qh's byte j / 8 over
-		 * byte j, set every other bit, compare with all ones */
-		const __m256i sel =
-		    _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2,
-				     2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-		const __m256i others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+	struct lw r;
+	r.a = _mm_and_si128(q, m4);
+	r.b = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+	if (type == KERN_IQ4_NL) {
+		r.a = _mm_shuffle_epi8(tab, r.a);
+		r.b = _mm_shuffle_epi8(tab, r.b);
+	} else if (is_q5(type)) {
+		/* byte j of a takes bit j of qh (bytes 0-1), of b bit 16 + j
+		 * (bytes 2-3): spread the byte, test its bit, keep 0x10 */
+		const __m128i sel_a = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+		const __m128i sel_b = _mm_setr_epi8(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+		const __m128i bit = _mm_set1_epi64x((long long)0x8040201008040201ull);
+		const __m128i b4 = _mm_set1_epi8(0x10);
 		uint32_t qh;
 		memcpy(&qh, blk + qh_off(type), sizeof(qh));
-		__m256i h = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), sel);
-		h = _mm256_cmpeq_epi8(_mm256_or_si256(h, others), _mm256_set1_epi8(-1));
-		v = _mm256_or_si256(v, _mm256_and_si256(h, _mm256_set1_epi8(0x10)));
+		const __m128i h = _mm_cvtsi32_si128((int)qh);
+		__m128i ha = _mm_and_si128(_mm_shuffle_epi8(h, sel_a), bit);
+		__m128i hb = _mm_and_si128(_mm_shuffle_epi8(h, sel_b), bit);
+		ha = _mm_and_si128(_mm_cmpeq_epi8(ha, bit), b4);
+		hb = _mm_and_si128(_mm_cmpeq_epi8(hb, bit), b4);
+		r.a = _mm_or_si128(r.a, ha);
+		r.b = _mm_or_si128(r.b, hb);
 	}
-	return v;
+	return r;
 }
 
-/* The products of one weight block with one activation block x (ax = |x|,
- * used by IQ4_NL only): Q4_1 / Q5_0 / Q5_1 as 16 int16 pair sums (|lane| <=
- * 7936), IQ4_NL as 8 int32 sums of 4. */
-static ALWAYS_INLINE __m256i lw_prod(uint32_t type, __m256i w, __m256i x, __m256i ax)
+/* Q4_1 / Q5_0 / Q5_1: 8 int16 sums of 4 products each (|lane| <= 15872). */
+static ALWAYS_INLINE __m128i lw_prod16(const struct lw *w, __m128i xl, __m128i xh)
 {
-	if (type == KERN_IQ4_NL)
-		return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)),
-					 _mm256_set1_epi16(1));
-	return _mm256_maddubs_epi16(w, x);
+	return _mm_add_epi16(_mm_maddubs_epi16(w->a, xl), _mm_maddubs_epi16(w->b, xh));
 }
 
-/* The products p0..p3 of four weight blocks (lw_prod) -> int32
- * [sum p0, sum p1, sum p2, sum p3] of the low 128-bit lanes, then the same of
- * the high lanes.  int16 lanes after two pairwise adds: at most 31744. */
-static ALWAYS_INLINE __m256i reduce4(uint32_t type, __m256i p0, __m256i p1, __m256i p2, __m256i p3)
+/* IQ4_NL: 4 int32 partial sums; axl, axh = |xl|, |xh|. */
+static ALWAYS_INLINE __m128i lw_prod32(const struct lw *w, __m128i xl, __m128i xh, __m128i axl,
+				       __m128i axh)
 {
-	if (type == KERN_IQ4_NL)
-		return _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
-	return _mm256_madd_epi16(
-	    _mm256_hadd_epi16(_mm256_hadd_epi16(p0, p1), _mm256_hadd_epi16(p2, p3)),
-	    _mm256_set1_epi16(1));
+	const __m128i ones = _mm_set1_epi16(1);
+	const __m128i pl = _mm_maddubs_epi16(axl, _mm_sign_epi8(w->a, xl));
+	const __m128i ph = _mm_maddubs_epi16(axh, _mm_sign_epi8(w->b, xh));
+	return _mm_add_epi32(_mm_madd_epi16(pl, ones), _mm_madd_epi16(ph, ones));
+}
+
+/* int16 vectors p0, p1 (|lane| <= 15872) -> int32 [s0, s1, s0, s1] whose
+ * pairwise sums are sum(p0), sum(p1). */
+static ALWAYS_INLINE __m128i pair16(__m128i p0, __m128i p1)
+{
+	return _mm_madd_epi16(_mm_add_epi16(_mm_unpacklo_epi32(p0, p1), _mm_unpackhi_epi32(p0, p1)),
+			      _mm_set1_epi16(1));
+}
+
+/* int32 [a0, a1, a0', a1'] and [b0, b1, b0', b1'] -> [a0 + a0', a1 + a1', ...] */
+static ALWAYS_INLINE __m128i quad32(__m128i a, __m128i b)
+{
+	return _mm_add_epi32(_mm_unpacklo_epi64(a, b), _mm_unpackhi_epi64(a, b));
+}
+
+/* [sum(s0), sum(s1), sum(s2), sum(s3)] of four int32 vectors */
+static ALWAYS_INLINE __m128i hsum4x4(__m128i s0, __m128i s1, __m128i s2, __m128i s3)
+{
+	return quad32(_mm_add_epi32(_mm_unpacklo_epi32(s0, s1), _mm_unpackhi_epi32(s0, s1)),
+		      _mm_add_epi32(_mm_unpacklo_epi32(s2, s3), _mm_unpackhi_epi32(s2, s3)));
 }
 
 static ALWAYS_INLINE int32_t hsum_i32(__m128i s)
@@ -137,56 +161,78 @@ static ALWAYS_INLINE int32_t hsum_i32(__m128i s)
 	return _mm_cvtsi128_si32(s);
 }
 
-static ALWAYS_INLINE int32_t hsum8_i32(__m256i s)
-{
-	return hsum_i32(_mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)));
-}
-
-/* 32 activations (Q8_0 or Q8_1 block xb) */
-static ALWAYS_INLINE __m256i x_load(uint32_t type, const uint8_t *xb)
-{
-	return _mm256_loadu_si256((const __m256i *)(xb + xqs_off(type)));
-}
-
-/* sum of the 32 int8 values of x */
-static ALWAYS_INLINE int32_t x_sum(__m256i x)
-{
-	const __m256i s = _mm256_maddubs_epi16(_mm256_set1_epi8(1), x);
-	return hsum8_i32(_mm256_madd_epi16(s, _mm256_set1_epi16(1)));
-}
-
 /* The int32 sum sum_j c_j * x_j of one weight block with one activation
  * block (c as in kern_legacy_ref.c: Q5_0 after its offset). */
 static ALWAYS_INLINE int32_t block_sumi(uint32_t type, const uint8_t *wb, const uint8_t *xb,
-					__m256i tab)
+					__m128i tab)
 {
-	const __m256i x = x_load(type, xb);
-	const __m256i ax = type == KERN_IQ4_NL ? _mm256_abs_epi8(x) : x;
-	__m256i p = lw_prod(type, lw_unpack(type, wb, tab), x, ax);
-	if (type != KERN_IQ4_NL)
-		p = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-	const int32_t s = hsum8_i32(p);
-	return type == KERN_Q5_0 ? s - 16 * x_sum(x) : s;
-}
-
-static ALWAYS_INLINE __m256i iq4nl_tab(void)
-{
-	return _mm256_broadcastsi128_si256(
-	    _mm_loadu_si128((const __m128i *)kern_legacy_iq4nl_values));
+	const __m128i xl = _mm_loadu_si128((const __m128i *)(xb + xqs_off(type)));
+	const __m128i xh = _mm_loadu_si128((const __m128i *)(xb + xqs_off(type) + 16));
+	const struct lw w = lw_unpack(type, wb, tab);
+	if (type == KERN_IQ4_NL)
+		return hsum_i32(lw_prod32(&w, xl, xh, _mm_abs_epi8(xl), _mm_abs_epi8(xh)));
+	__m128i s = _mm_madd_epi16(lw_prod16(&w, xl, xh), _mm_set1_epi16(1));
+	if (type == KERN_Q5_0) {
+		const __m128i ones8 = _mm_set1_epi8(1);
+		__m128i sx =
+		    _mm_add_epi16(_mm_maddubs_epi16(ones8, xl), _mm_maddubs_epi16(ones8, xh));
+		s = _mm_sub_epi32(s, _mm_slli_epi32(_mm_madd_epi16(sx, _mm_set1_epi16(1)), 4));
+	}
+	return hsum_i32(s);
 }
 
 /* ------------------------------------------------------------ the dot */
 
+/* ggml's hsum_float_8: high half + low half, then lanes 0+2, 1+3, then 0+1 */
+static ALWAYS_INLINE float hsum8(__m256 v)
+{
+	__m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+	r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+	r = _mm_add_ss(r, _mm_movehdup_ps(r));
+	return _mm_cvtss_f32(r);
+}
+
+/* Q4_1, Q5_0, Q5_1, one output: llama.cpp's lanes (see tile_lanes). */
+static ALWAYS_INLINE float dot_lanes_1(uint32_t type, int64_t nb, const uint8_t *w,
+				       const uint8_t *x)
+{
+	const size_t bs = w_bytes(type), xbs = x_bytes(type);
+	const __m256i ones = _mm256_set1_epi16(1);
+	__m256 acc = _mm256_setzero_ps();
+	float summs = 0.0f;
+	for (int64_t ib = 0; ib < nb; ib++) {
+		const uint8_t *wb = w + (size_t)ib * bs, *xb = x + (size_t)ib * xbs;
+		const struct lw q = lw_unpack(type, wb, _mm_setzero_si128());
+		__m256i u = _mm256_set_m128i(q.b, q.a);
+		__m256i xv = _mm256_loadu_si256((const __m256i *)(xb + xqs_off(type)));
+		if (type == KERN_Q5_0) {
+			u = _mm256_sub_epi8(u, _mm256_set1_epi8(16));
+			xv = _mm256_sign_epi8(xv, u);
+			u = _mm256_sign_epi8(u, u);
+		}
+		const __m256i l = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones);
+		const float d = _cvtsh_ss(kern_load_u16(wb)) * _cvtsh_ss(kern_load_u16(xb));
+		acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(l), acc);
+		if (has_m(type))
+			summs = fmaf(_cvtsh_ss(kern_load_u16(wb + 2)),
+				     _cvtsh_ss(kern_load_u16(xb + 2)), summs);
+	}
+	const float hs = hsum8(acc);
+	return has_m(type) ? hs + summs : hs;
+}
+
 static ALWAYS_INLINE float dot_1(uint32_t type, int64_t nb, const uint8_t *w, const uint8_t *x)
 {
-	const __m256i tab = iq4nl_tab();
+	if (type != KERN_IQ4_NL)
+		return dot_lanes_1(type, nb, w, x);
+	const __m128i tab = _mm_loadu_si128((const __m128i *)kern_legacy_iq4nl_values);
 	const size_t bs = w_bytes(type), xbs = x_bytes(type);
 	float acc = 0.0f;
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const uint8_t *wb = w + (size_t)ib * bs, *xb = x + (size_t)ib * xbs;
 		const int32_t sumi = block_sumi(type, wb, xb, tab);
 		const float dw = _cvtsh_ss(kern_load_u16(wb)), dx = _cvtsh_ss(kern_load_u16(xb));
-		acc += (dw * dx) * (float)sumi;
+		acc = fmaf((float)sumi, dw * dx, acc);
 		if (has_m(type))
 			acc += _cvtsh_ss(kern_load_u16(wb + 2)) * _cvtsh_ss(kern_load_u16(xb + 2));
 	}
@@ -243,12 +289,20 @@ struct lxq {
 
 static void lxq_row(uint32_t type, const uint8_t *x, int64_t nb, struct lxq *q)
 {
+	const __m128i ones8 = _mm_set1_epi8(1), ones = _mm_set1_epi16(1);
 	const size_t xbs = x_bytes(type);
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const uint8_t *xb = x + (size_t)ib * xbs;
 		q[ib].d = _cvtsh_ss(kern_load_u16(xb));
 		q[ib].s = has_m(type) ? _cvtsh_ss(kern_load_u16(xb + 2)) : 0.0f;
-		q[ib].corr = type == KERN_Q5_0 ? 16 * x_sum(x_load(type, xb)) : 0;
+		q[ib].corr = 0;
+		if (type == KERN_Q5_0) {
+			__m128i xl = _mm_loadu_si128((const __m128i *)(xb + 2));
+			__m128i xh = _mm_loadu_si128((const __m128i *)(xb + 18));
+			__m128i s = _mm_add_epi16(_mm_maddubs_epi16(ones8, xl),
+						  _mm_maddubs_epi16(ones8, xh));
+			q[ib].corr = 16 * hsum_i32(_mm_madd_epi16(s, ones));
+		}
 	}
 }
 
@@ -264,30 +318,6 @@ static ALWAYS_INLINE __m256 f16x8(const uint8_t *p, const uint8_t *p4, size_t ws
 			    (uint64_t)kern_load_u16(p4 + ws3) << 48;
 	return _mm256_cvtph_ps(
 	    _mm_unpacklo_epi64(_mm_cvtsi64_si128((long long)lo), _mm_cvtsi64_si128((long long)hi)));
-}
-
-static ALWAYS_INLINE int load_i32(const uint8_t *p)
-{
-	int v;
-	memcpy(&v, p, sizeof(v));
-	return v;
-}
-
-/* Q4_1 / Q5_1: the (d, m) pairs of the blocks at p, p + ws, p + 2 ws,
- * p + 3 ws and the same from p4, as 8 F32 d and 8 F32 m. */
-static ALWAYS_INLINE void f16x8_dm(const uint8_t *p, const uint8_t *p4, size_t ws, size_t ws3,
-				   __m256 *d, __m256 *m)
-{
-	/* per lane [d d d d m m m m] as f16, then d's and m's together */
-	const __m256i split =
-	    _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9,
-			     12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
-	__m256i v = _mm256_setr_epi32(load_i32(p), load_i32(p + ws), load_i32(p + 2 * ws),
-				      load_i32(p + ws3), load_i32(p4), load_i32(p4 + ws),
-				      load_i32(p4 + 2 * ws), load_i32(p4 + ws3));
-	v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0xd8);
-	*d = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
-	*m = _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1));
 }
 
 /* The f16 at p, p + ws, p + 2 ws, p + 3 ws as 4 F32. */
@@ -306,7 +336,7 @@ static ALWAYS_INLINE void tile_1(uint32_t type, const uint8_t *w, size_t ws, con
 				 const struct lxq *xq, int64_t nb, size_t pf, float *out)
 {
 	const size_t bs = w_bytes(type), xbs = x_bytes(type), ws3 = 3 * ws;
-	const __m256i tab = iq4nl_tab();
+	const __m128i tab = _mm_loadu_si128((const __m128i *)kern_legacy_iq4nl_values);
 	const uint8_t *p = w, *p4 = w + 4 * ws; /* rows 0 and 4, at block ib */
 	__m256 acc = _mm256_setzero_ps();
 
@@ -323,29 +353,47 @@ static ALWAYS_INLINE void tile_1(uint32_t type, const uint8_t *w, size_t ws, con
 			_mm_prefetch((const char *)p4 + 2 * ws + pf, _MM_HINT_T0);
 			_mm_prefetch((const char *)p4 + ws3 + pf, _MM_HINT_T0);
 		}
-		const __m256i xv = x_load(type, x + (size_t)ib * xbs);
-		const __m256i ax = type == KERN_IQ4_NL ? _mm256_abs_epi8(xv) : xv;
-		const __m256i a = reduce4(type, lw_prod(type, lw_unpack(type, p, tab), xv, ax),
-					  lw_prod(type, lw_unpack(type, p + ws, tab), xv, ax),
-					  lw_prod(type, lw_unpack(type, p + 2 * ws, tab), xv, ax),
-					  lw_prod(type, lw_unpack(type, p + ws3, tab), xv, ax));
-		const __m256i b = reduce4(type, lw_prod(type, lw_unpack(type, p4, tab), xv, ax),
-					  lw_prod(type, lw_unpack(type, p4 + ws, tab), xv, ax),
-					  lw_prod(type, lw_unpack(type, p4 + 2 * ws, tab), xv, ax),
-					  lw_prod(type, lw_unpack(type, p4 + ws3, tab), xv, ax));
-		__m256i s = _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20),
-					     _mm256_permute2x128_si256(a, b, 0x31));
-		if (type == KERN_Q5_0)
-			s = _mm256_sub_epi32(s, _mm256_set1_epi32(xq[ib].corr));
-		__m256 dw, mw = _mm256_setzero_ps();
+		const uint8_t *xb = x + (size_t)ib * xbs + xqs_off(type);
+		const __m128i xl = _mm_loadu_si128((const __m128i *)xb);
+		const __m128i xh = _mm_loadu_si128((const __m128i *)(xb + 16));
+		__m256i s;
+		if (type == KERN_IQ4_NL) {
+			const __m128i axl = _mm_abs_epi8(xl), axh = _mm_abs_epi8(xh);
+			struct lw w0 = lw_unpack(type, p, tab), w1 = lw_unpack(type, p + ws, tab);
+			struct lw w2 = lw_unpack(type, p + 2 * ws, tab);
+			struct lw w3 = lw_unpack(type, p + ws3, tab);
+			const __m128i s0 = hsum4x4(
+			    lw_prod32(&w0, xl, xh, axl, axh), lw_prod32(&w1, xl, xh, axl, axh),
+			    lw_prod32(&w2, xl, xh, axl, axh), lw_prod32(&w3, xl, xh, axl, axh));
+			w0 = lw_unpack(type, p4, tab);
+			w1 = lw_unpack(type, p4 + ws, tab);
+			w2 = lw_unpack(type, p4 + 2 * ws, tab);
+			w3 = lw_unpack(type, p4 + ws3, tab);
+			const __m128i s1 = hsum4x4(
+			    lw_prod32(&w0, xl, xh, axl, axh), lw_prod32(&w1, xl, xh, axl, axh),
+			    lw_prod32(&w2, xl, xh, axl, axh), lw_prod32(&w3, xl, xh, axl, axh));
+			s = _mm256_set_m128i(s1, s0);
+		} else {
+			struct lw w0 = lw_unpack(type, p, tab), w1 = lw_unpack(type, p + ws, tab);
+			const __m128i u0 = pair16(lw_prod16(&w0, xl, xh), lw_prod16(&w1, xl, xh));
+			w0 = lw_unpack(type, p + 2 * ws, tab);
+			w1 = lw_unpack(type, p + ws3, tab);
+			const __m128i u1 = pair16(lw_prod16(&w0, xl, xh), lw_prod16(&w1, xl, xh));
+			w0 = lw_unpack(type, p4, tab);
+			w1 = lw_unpack(type, p4 + ws, tab);
+			const __m128i u2 = pair16(lw_prod16(&w0, xl, xh), lw_prod16(&w1, xl, xh));
+			w0 = lw_unpack(type, p4 + 2 * ws, tab);
+			w1 = lw_unpack(type, p4 + ws3, tab);
+			const __m128i u3 = pair16(lw_prod16(&w0, xl, xh), lw_prod16(&w1, xl, xh));
+			s = _mm256_set_m128i(quad32(u2, u3), quad32(u0, u1));
+			if (type == KERN_Q5_0)
+				s = _mm256_sub_epi32(s, _mm256_set1_epi32(xq[ib].corr));
+		}
+		const __m256 d = _mm256_mul_ps(f16x8(p, p4, ws, ws3), _mm256_set1_ps(xq[ib].d));
+		acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc);
 		if (has_m(type))
-			f16x8_dm(p, p4, ws, ws3, &dw, &mw);
-		else
-			dw = f16x8(p, p4, ws, ws3);
-		const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(xq[ib].d));
-		acc = _mm256_add_ps(acc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(s)));
-		if (has_m(type))
-			acc = _mm256_add_ps(acc, _mm256_mul_ps(mw, _mm256_set1_ps(xq[ib].s)));
+			acc = _mm256_add_ps(acc, _mm256_mul_ps(f16x8(p + 2, p4 + 2, ws, ws3),
+							       _mm256_set1_ps(xq[ib].s)));
 	}
 	_mm256_storeu_ps(out, acc);
 }
@@ -359,7 +407,8 @@ static ALWAYS_INLINE void tile_4(uint32_t type, int nr, const uint8_t *w, size_t
 {
 	const uint8_t *const wr[4] = {w, w + ws, w + 2 * ws, w + 3 * ws};
 	const size_t bs = w_bytes(type), xbs = x_bytes(type);
-	const __m256i tab = iq4nl_tab();
+	const __m128i tab = _mm_loadu_si128((const __m128i *)kern_legacy_iq4nl_values);
+	const __m128i ones = _mm_set1_epi16(1);
 	__m128 acc[LR];
 
 #pragma GCC unroll 4
@@ -367,7 +416,7 @@ static ALWAYS_INLINE void tile_4(uint32_t type, int nr, const uint8_t *w, size_t
 		acc[r] = _mm_setzero_ps();
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const size_t o = (size_t)ib * bs;
-		__m256i wq[4];
+		struct lw wq[4];
 		if (pf)
 #pragma GCC unroll 4
 			for (int c = 0; c < 4; c++)
@@ -379,18 +428,33 @@ static ALWAYS_INLINE void tile_4(uint32_t type, int nr, const uint8_t *w, size_t
 		const __m128 mw = has_m(type) ? f16x4(wr[0] + o + 2, ws) : _mm_setzero_ps();
 #pragma GCC unroll 4
 		for (int r = 0; r < nr; r++) {
+			const uint8_t *xb = x + r * xs + (size_t)ib * xbs + xqs_off(type);
 			const struct lxq *q = xq + r * nb + ib;
-			const __m256i xv = x_load(type, x + r * xs + (size_t)ib * xbs);
-			const __m256i ax = type == KERN_IQ4_NL ? _mm256_abs_epi8(xv) : xv;
-			const __m256i a = reduce4(
-			    type, lw_prod(type, wq[0], xv, ax), lw_prod(type, wq[1], xv, ax),
-			    lw_prod(type, wq[2], xv, ax), lw_prod(type, wq[3], xv, ax));
-			__m128i s = _mm_add_epi32(_mm256_castsi256_si128(a),
-						  _mm256_extracti128_si256(a, 1));
-			if (type == KERN_Q5_0)
-				s = _mm_sub_epi32(s, _mm_set1_epi32(q->corr));
+			const __m128i xl = _mm_loadu_si128((const __m128i *)xb);
+			const __m128i xh = _mm_loadu_si128((const __m128i *)(xb + 16));
+			__m128i s;
+			if (type == KERN_IQ4_NL) {
+				const __m128i axl = _mm_abs_epi8(xl), axh = _mm_abs_epi8(xh);
+				s = hsum4x4(lw_prod32(&wq[0], xl, xh, axl, axh),
+					    lw_prod32(&wq[1], xl, xh, axl, axh),
+					    lw_prod32(&wq[2], xl, xh, axl, axh),
+					    lw_prod32(&wq[3], xl, xh, axl, axh));
+			} else {
+				/* adjacent int16 lanes of one output: at most 31744 */
+				__m128i p[4];
+#pragma GCC unroll 4
+				for (int c = 0; c < 4; c++)
+					p[c] = lw_prod16(&wq[c], xl, xh);
+				const __m128i m01 =
+				    _mm_madd_epi16(_mm_hadd_epi16(p[0], p[1]), ones);
+				const __m128i m23 =
+				    _mm_madd_epi16(_mm_hadd_epi16(p[2], p[3]), ones);
+				s = _mm_hadd_epi32(m01, m23);
+				if (type == KERN_Q5_0)
+					s = _mm_sub_epi32(s, _mm_set1_epi32(q->corr));
+			}
 			const __m128 d = _mm_mul_ps(dw, _mm_set1_ps(q->d));
-			acc[r] = _mm_add_ps(acc[r], _mm_mul_ps(d, _mm_cvtepi32_ps(s)));
+			acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(s), d, acc[r]);
 			if (has_m(type))
 				acc[r] = _mm_add_ps(acc[r], _mm_mul_ps(mw, _mm_set1_ps(q->s)));
 		}
@@ -400,11 +464,83 @@ static ALWAYS_INLINE void tile_4(uint32_t type, int nr, const uint8_t *w, size_t
 		_mm_storeu_ps(out + r * LC, acc[r]);
 }
 
+/* Q4_1, Q5_0, Q5_1: out[r * LC + c] for r < nr, c < 4 with llama.cpp's
+ * float steps (kern_legacy_ref.c, dot_lanes): per block the eight int32 lanes
+ * of four products (Q5_0 with its offset: maddubs(|c|, sign(x, c)) as ggml),
+ * acc = fma(d_w * d_x, lane, acc) per lane, Q4_1 / Q5_1 summs = fma(m_w,
+ * s_x, summs); out = hsum8(acc) (+ summs). */
+static ALWAYS_INLINE void tile_lanes(uint32_t type, int nr, const uint8_t *w, size_t ws,
+				     const uint8_t *x, size_t xs, const struct lxq *xq, int64_t nb,
+				     size_t pf, float *out)
+{
+	const size_t bs = w_bytes(type), xbs = x_bytes(type);
+	const __m128i tab = _mm_setzero_si128();
+	const __m256i ones = _mm256_set1_epi16(1);
+	const int hm = has_m(type);
+	__m256 acc[LR][4];
+	float summs[LR][4];
+
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++)
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++) {
+			acc[r][c] = _mm256_setzero_ps();
+			summs[r][c] = 0.0f;
+		}
+	for (int64_t ib = 0; ib < nb; ib++) {
+		__m256i u[4], au[4];
+		float dw[4], mw[4];
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++) {
+			const uint8_t *b = w + c * ws + (size_t)ib * bs;
+			if (pf)
+				_mm_prefetch((const char *)b + pf, _MM_HINT_T0);
+			const struct lw q = lw_unpack(type, b, tab);
+			u[c] = _mm256_set_m128i(q.b, q.a);
+			if (type == KERN_Q5_0)
+				u[c] = _mm256_sub_epi8(u[c], _mm256_set1_epi8(16));
+			au[c] = type == KERN_Q5_0 ? _mm256_sign_epi8(u[c], u[c]) : u[c];
+			dw[c] = _cvtsh_ss(kern_load_u16(b));
+			mw[c] = hm ? _cvtsh_ss(kern_load_u16(b + 2)) : 0.0f;
+		}
+#pragma GCC unroll 4
+		for (int r = 0; r < nr; r++) {
+			const uint8_t *xb = x + r * xs + (size_t)ib * xbs;
+			const __m256i xv =
+			    _mm256_loadu_si256((const __m256i *)(xb + xqs_off(type)));
+			const struct lxq *q = xq + r * nb + ib;
+#pragma GCC unroll 4
+			for (int c = 0; c < 4; c++) {
+				const __m256i sx =
+				    type == KERN_Q5_0 ? _mm256_sign_epi8(xv, u[c]) : xv;
+				const __m256i l =
+				    _mm256_madd_epi16(_mm256_maddubs_epi16(au[c], sx), ones);
+				acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw[c] * q->d),
+							    _mm256_cvtepi32_ps(l), acc[r][c]);
+				if (hm)
+					summs[r][c] = fmaf(mw[c], q->s, summs[r][c]);
+			}
+		}
+	}
+#pragma GCC unroll 4
+	for (int r = 0; r < nr; r++)
+#pragma GCC unroll 4
+		for (int c = 0; c < 4; c++) {
+			const float h = hsum8(acc[r][c]);
+			out[r * LC + c] = hm ? h + summs[r][c] : h;
+		}
+}
+
 /* out[r * LC + c] = dot(weight row w + c * ws, activation row r) for r < nr,
  * c < LC. */
 static ALWAYS_INLINE void tile(uint32_t type, int nr, const uint8_t *w, size_t ws, const uint8_t *x,
 			       size_t xs, const struct lxq *xq, int64_t nb, size_t pf, float *out)
 {
+	if (type != KERN_IQ4_NL) {
+		tile_lanes(type, nr, w, ws, x, xs, xq, nb, pf, out);
+		tile_lanes(type, nr, w + 4 * ws, ws, x, xs, xq, nb, pf, out + 4);
+		return;
+	}
 	if (nr == 1) {
 		tile_1(type, w, ws, x, xq, nb, pf, out);
 		return;
@@ -514,30 +650,35 @@ void kern_legacy_matmul_avx2(uint32_t type, const void *w, int64_t n_in, int64_t
 
 /* ------------------------------------------------------------- dequant */
 
-static ALWAYS_INLINE __m256 code8(__m128i q8, __m256 d, __m256 m, int add_m)
+static ALWAYS_INLINE void store_16(__m128i q, __m256 d, __m256 m, int add_m, float *y)
 {
-	const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), d);
-	return add_m ? _mm256_add_ps(v, m) : v;
+	__m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+	__m256 hi =
+	    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), d);
+	if (add_m) {
+		lo = _mm256_add_ps(lo, m);
+		hi = _mm256_add_ps(hi, m);
+	}
+	_mm256_storeu_ps(y, lo);
+	_mm256_storeu_ps(y + 8, hi);
 }
 
 static ALWAYS_INLINE void dequant(uint32_t type, const uint8_t *src, float *dst, int64_t nb)
 {
-	const __m256i tab = iq4nl_tab();
+	const __m128i tab = _mm_loadu_si128((const __m128i *)kern_legacy_iq4nl_values);
 	const size_t bs = w_bytes(type);
-	const int am = has_m(type);
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const uint8_t *b = src + (size_t)ib * bs;
-		__m256i q = lw_unpack(type, b, tab);
-		if (type == KERN_Q5_0)
-			q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+		struct lw q = lw_unpack(type, b, tab);
+		if (type == KERN_Q5_0) {
+			q.a = _mm_sub_epi8(q.a, _mm_set1_epi8(16));
+			q.b = _mm_sub_epi8(q.b, _mm_set1_epi8(16));
+		}
 		const __m256 d = _mm256_set1_ps(_cvtsh_ss(kern_load_u16(b)));
-		const __m256 m = am ? _mm256_set1_ps(_cvtsh_ss(kern_load_u16(b + 2))) : d;
-		const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-		float *y = dst + ib * KERN_QK;
-		_mm256_storeu_ps(y, code8(lo, d, m, am));
-		_mm256_storeu_ps(y + 8, code8(_mm_srli_si128(lo, 8), d, m, am));
-		_mm256_storeu_ps(y + 16, code8(hi, d, m, am));
-		_mm256_storeu_ps(y + 24, code8(_mm_srli_si128(hi, 8), d, m, am));
+		const __m256 m = has_m(type) ? _mm256_set1_ps(_cvtsh_ss(kern_load_u16(b + 2)))
+					     : _mm256_setzero_ps();
+		store_16(q.a, d, m, has_m(type), dst + ib * KERN_QK);
+		store_16(q.b, d, m, has_m(type), dst + ib * KERN_QK + 16);
 	}
 }
 
@@ -555,7 +696,7 @@ void kern_legacy_dequant_avx2(uint32_t type, const void *src, float *dst, int64_
 /* ------------------------------------------------------------- convert */
 
 /* llama.cpp's x86 quantiser, operation for operation (see kern_legacy_ref.c). */
-static void quantize_row_q8_1_avx2(const float *x, uint8_t *dst, int64_t n)
+static void quantize_row_q8_1_avx2(const float *x, struct kern_block_q8_1 *y, int64_t n)
 {
 	const __m256 sign = _mm256_set1_ps(-0.0f);
 	const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -581,13 +722,12 @@ static void quantize_row_q8_1_avx2(const float *x, uint8_t *dst, int64_t n)
 		    _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
 		const int32_t sum = hsum_i32(
 		    _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1)));
-		uint8_t *y = dst + (size_t)ib * sizeof(struct kern_block_q8_1);
-		const uint16_t h[2] = {_cvtss_sh(d, 0), _cvtss_sh(d * (float)sum, 0)};
-		memcpy(y, h, sizeof(h));
+		y[ib].d = _cvtss_sh(d, 0);
+		y[ib].s = _cvtss_sh(d * (float)sum, 0);
 		i0 = _mm256_packs_epi32(i0, i1);
 		i2 = _mm256_packs_epi32(i2, i3);
 		i0 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i0, i2), perm);
-		_mm256_storeu_si256((__m256i *)(y + 4), i0);
+		_mm256_storeu_si256((__m256i *)y[ib].qs, i0);
 	}
 }
 

@@ -22,16 +22,15 @@
  * and sum the int32 sum of the unsaturated rounded values (wrapping; they
  * differ from q only for NaN and infinite inputs).
  *
- * The dot product (the house contract, which kern_legacy_avx2.c reproduces
- * bit for bit): per block of 32 an exact int32 sum
- *   sumi = sum_j c_j * x_j
+ * The dot product (the contract kern_legacy_avx2.c reproduces bit for bit),
  * with c the integer weight code (Q4_1: 0..15, Q5_1: 0..31, Q5_0: q - 16,
- * IQ4_NL: the table value) and x the int8 activations, then with one F32
- * accumulator in block order, every product and sum rounded to F32 (no FMA):
- *   Q5_0, IQ4_NL:  acc += (d_w * d_x) * (float)sumi;
- *   Q4_1, Q5_1:    acc += (d_w * d_x) * (float)sumi;  acc += m_w * s_x;
- * These are ggml's integer sums; ggml adds the float terms in other orders
- * (and differently in each of its kernels), a few ulps of the sum. */
+ * IQ4_NL: the table value) and x the int8 activations:
+ *   Q4_1, Q5_0, Q5_1: llama.cpp's (see dot_lanes): per block eight exact
+ *     int32 lanes of four products each, accumulated by FMA per lane, the
+ *     lanes summed as ggml's hsum_float_8, plus the fused m_w * s_x sum.
+ *   IQ4_NL: per block of 32 an exact int32 sum sumi = sum_j c_j * x_j, then
+ *     one F32 accumulator in block order: acc = fma((float)sumi, d_w * d_x,
+ *     acc), as llama.cpp's repacked GEMV/GEMM (2-D weights and experts). */
 #include <math.h>
 #include <string.h>
 
@@ -162,6 +161,51 @@ void kern_legacy_dequant_ref(uint32_t type, const void *src, float *dst, int64_t
 
 /* ----------------------------------------------------------------- dot */
 
+/* Q4_1, Q5_0, Q5_1: llama.cpp's float steps (ggml_vec_dot_q4_1_q8_1,
+ * _q5_1_q8_1, _q5_0_q8_0, and for Q5_0 llamafile's tinyBLAS_Q0_AVX on
+ * several rows, which computes the same): eight lanes, lane m summing
+ * c_j * x_j for j = 4m .. 4m + 3; acc_m = fma(d_w * d_x, lane_m, acc_m);
+ * Q4_1 / Q5_1 also summs = fma(m_w, s_x, summs); result ggml's hsum_float_8
+ * of acc, plus summs. */
+/* c * x as ggml's sign trick computes it for Q5_0 (maddubs(|c|, sign(x, c))):
+ * exact except for x = -128 with c < 0, where sign() leaves -128. */
+static int32_t sign_product(int c, int x)
+{
+	const int sx = c < 0 ? (x == -128 ? -128 : -x) : c == 0 ? 0 : x;
+	return (c < 0 ? -c : c) * sx;
+}
+
+static float dot_lanes(uint32_t type, int64_t n, const uint8_t *wb, const uint8_t *xb)
+{
+	const size_t bs = kern_type_block_bytes(type);
+	const int q8_1 = type == KERN_Q4_1 || type == KERN_Q5_1;
+	const size_t xs = q8_1 ? sizeof(struct kern_block_q8_1) : sizeof(struct kern_block_q8_0);
+	float acc[8] = {0}, summs = 0.0f;
+	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
+		const uint8_t *xblk = xb + (size_t)ib * xs;
+		const int8_t *xq = (const int8_t *)(xblk + (q8_1 ? 4 : 2));
+		int c[KERN_QK];
+		float dw, mw;
+		block_codes(type, wb + (size_t)ib * bs, c, &dw, &mw);
+		const float d = dw * kern_f16_to_f32(kern_load_u16(xblk));
+		for (int m = 0; m < 8; m++) {
+			int32_t lane = 0;
+			for (int j = 4 * m; j < 4 * m + 4; j++)
+				lane +=
+				    type == KERN_Q5_0 ? sign_product(c[j], xq[j]) : c[j] * xq[j];
+			acc[m] = fmaf(d, (float)lane, acc[m]);
+		}
+		if (q8_1)
+			summs = fmaf(mw, kern_f16_to_f32(kern_load_u16(xblk + 2)), summs);
+	}
+	float r[4];
+	for (int i = 0; i < 4; i++)
+		r[i] = acc[4 + i] + acc[i];
+	const float r0 = r[0] + r[2], r1 = r[1] + r[3];
+	const float h = r0 + r1;
+	return q8_1 ? h + summs : h;
+}
+
 float kern_legacy_dot_ref(uint32_t type, int64_t n, const void *w, const void *x)
 {
 	const uint8_t *wb = w, *xb = x;
@@ -169,6 +213,8 @@ float kern_legacy_dot_ref(uint32_t type, int64_t n, const void *w, const void *x
 	const int q8_1 = type == KERN_Q4_1 || type == KERN_Q5_1;
 	const size_t xs = q8_1 ? sizeof(struct kern_block_q8_1) : sizeof(struct kern_block_q8_0);
 	float acc = 0.0f;
+	if (type != KERN_IQ4_NL)
+		return dot_lanes(type, n, wb, xb);
 	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
 		const uint8_t *xblk = xb + (size_t)ib * xs;
 		const int8_t *xq = (const int8_t *)(xblk + (q8_1 ? 4 : 2));
@@ -179,9 +225,62 @@ float kern_legacy_dot_ref(uint32_t type, int64_t n, const void *w, const void *x
 		for (int j = 0; j < KERN_QK; j++)
 			sumi += c[j] * xq[j];
 		const float dx = kern_f16_to_f32(kern_load_u16(xblk));
-		acc += (dw * dx) * (float)sumi;
+		acc = fmaf((float)sumi, dw * dx, acc);
 		if (q8_1)
 			acc += mw * kern_f16_to_f32(kern_load_u16(xblk + 2));
 	}
 	return acc;
+}
+
+/* IQ4_NL weights llama.cpp does not repack (the slices of a 3-D weight in a
+ * MUL_MAT): several rows go through llamafile's tinyBLAS_Q0_AVX (eight lanes
+ * of four products per block, acc_m = fma(d_w * d_x, lane_m, acc_m), ggml's
+ * hsum_float_8), one row through ggml_vec_dot_iq4_nl_q8_0 (even and odd blocks
+ * in two such lane sets, added lane by lane before the hsum; an odd last block
+ * then fused in as fma((float)sumi, d, sum)).  Other types: kern_legacy_dot_ref. */
+float kern_legacy_dot_unpacked_ref(uint32_t type, int64_t n, const void *w, const void *x,
+				   int batched)
+{
+	if (type != KERN_IQ4_NL)
+		return kern_legacy_dot_ref(type, n, w, x);
+	const uint8_t *wb = w, *xb = x;
+	const size_t bs = kern_type_block_bytes(type), xs = sizeof(struct kern_block_q8_0);
+	const int64_t nb = n / KERN_QK;
+	float acc[2][8] = {{0}};
+	const int64_t n_lanes = batched ? nb : nb - nb % 2; /* blocks taken in lanes */
+	int64_t ib = 0;
+	for (; ib < n_lanes; ib++) {
+		const uint8_t *xblk = xb + (size_t)ib * xs;
+		const int8_t *xq = (const int8_t *)(xblk + 2);
+		int c[KERN_QK];
+		float dw, mw;
+		block_codes(type, wb + (size_t)ib * bs, c, &dw, &mw);
+		const float d = dw * kern_f16_to_f32(kern_load_u16(xblk));
+		float *a = acc[batched ? 0 : ib % 2];
+		for (int m = 0; m < 8; m++) {
+			int32_t lane = 0;
+			for (int j = 4 * m; j < 4 * m + 4; j++)
+				lane += sign_product(c[j], xq[j]);
+			a[m] = fmaf(d, (float)lane, a[m]);
+		}
+	}
+	float t[8], r[4];
+	for (int m = 0; m < 8; m++)
+		t[m] = acc[0][m] + acc[1][m];
+	for (int i = 0; i < 4; i++)
+		r[i] = t[4 + i] + t[i];
+	const float r0 = r[0] + r[2], r1 = r[1] + r[3];
+	float sum = r0 + r1;
+	for (; ib < nb; ib++) {
+		const uint8_t *xblk = xb + (size_t)ib * xs;
+		const int8_t *xq = (const int8_t *)(xblk + 2);
+		int c[KERN_QK];
+		float dw, mw;
+		block_codes(type, wb + (size_t)ib * bs, c, &dw, &mw);
+		int32_t sumi = 0;
+		for (int j = 0; j < KERN_QK; j++)
+			sumi += c[j] * xq[j];
+		sum = fmaf((float)sumi, kern_f16_to_f32(kern_load_u16(xblk)) * dw, sum);
+	}
+	return sum;
 }

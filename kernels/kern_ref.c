@@ -126,24 +126,34 @@ static float dot_q4_0_q8_0(int64_t n, const struct kern_block_q4_0 *w,
 		}
 		float d = kern_f16_to_f32(kern_load_u16(&w[ib].d)) *
 			  kern_f16_to_f32(kern_load_u16(&x[ib].d));
-		acc += d * (float)sumi;
+		acc = fmaf((float)sumi, d, acc);
 	}
 	return acc;
 }
 
+/* llama.cpp's float steps for Q8_0 (ggml_vec_dot_q8_0_q8_0 and llamafile's
+ * tinyBLAS_Q0_AVX alike): eight lanes, lane m summing the products of values
+ * 4m .. 4m + 3 of each block, acc_m = fma(d_w * d_x, lane_m, acc_m) (the
+ * product of two f16 values is exact), then ggml's hsum_float_8. */
 static float dot_q8_0_q8_0(int64_t n, const struct kern_block_q8_0 *w,
 			   const struct kern_block_q8_0 *x)
 {
-	float acc = 0.0f;
+	float acc[8] = {0};
 	for (int64_t ib = 0; ib < n / KERN_QK; ib++) {
-		int sumi = 0;
-		for (int j = 0; j < KERN_QK; j++)
-			sumi += w[ib].qs[j] * x[ib].qs[j];
 		float d = kern_f16_to_f32(kern_load_u16(&w[ib].d)) *
 			  kern_f16_to_f32(kern_load_u16(&x[ib].d));
-		acc += d * (float)sumi;
+		for (int m = 0; m < 8; m++) {
+			int sumi = 0;
+			for (int j = 4 * m; j < 4 * m + 4; j++)
+				sumi += w[ib].qs[j] * x[ib].qs[j];
+			acc[m] = fmaf(d, (float)sumi, acc[m]);
+		}
 	}
-	return acc;
+	float r[4];
+	for (int i = 0; i < 4; i++)
+		r[i] = acc[4 + i] + acc[i];
+	const float r0 = r[0] + r[2], r1 = r[1] + r[3];
+	return r0 + r1;
 }
 
 static float dot_mxfp4_q8_0(int64_t n, const struct kern_block_mxfp4 *w,
@@ -157,9 +167,109 @@ static float dot_mxfp4_q8_0(int64_t n, const struct kern_block_mxfp4 *w,
 			sumi += kern_mxfp4_values[w[ib].qs[j] >> 4] * x[ib].qs[j + 16];
 		}
 		float d = kern_e8m0_half(w[ib].e) * kern_f16_to_f32(kern_load_u16(&x[ib].d));
-		acc += d * (float)sumi;
+		acc = fmaf((float)sumi, d, acc);
 	}
 	return acc;
+}
+
+/* ---------------------------------------------------------------- F32 */
+
+static float ld_f32(const uint8_t *p) /* rows need not be 4-byte aligned */
+{
+	float f;
+	memcpy(&f, p, sizeof(f));
+	return f;
+}
+
+/* _mm512_reduce_add_ps as GCC implements it */
+static float reduce16(const float *a)
+{
+	float t[8], u[4];
+	for (int i = 0; i < 8; i++)
+		t[i] = a[8 + i] + a[i];
+	for (int i = 0; i < 4; i++)
+		u[i] = t[4 + i] + t[i];
+	const float v0 = u[0] + u[2], v1 = u[1] + u[3];
+	return v0 + v1;
+}
+
+float kern_f32_dot_vec_ref(int64_t n, const void *w, const void *x)
+{
+	const uint8_t *a = w, *b = x;
+	const int64_t np = n & ~(int64_t)63;
+	float s[4][16] = {{0}};
+	for (int64_t i = 0; i < np; i += 64)
+		for (int j = 0; j < 4; j++)
+			for (int l = 0; l < 16; l++) {
+				const int64_t k = i + 16 * j + l;
+				s[j][l] = fmaf(ld_f32(a + 4 * k), ld_f32(b + 4 * k), s[j][l]);
+			}
+	for (int l = 0; l < 16; l++) {
+		s[0][l] = s[0][l] + s[2][l];
+		s[1][l] = s[1][l] + s[3][l];
+	}
+	for (int l = 0; l < 16; l++)
+		s[0][l] = s[0][l] + s[1][l];
+	float sum = reduce16(s[0]);
+	/* leftovers as GCC vectorised ggml's loop: products rounded and added in
+	 * order for whole 16s and then one 8, fused for the last < 8 */
+	const int64_t rem = n - np, unfused = rem >= 16 ? rem / 8 * 8 : rem / 8 * 8;
+	for (int64_t k = np; k < n; k++) {
+		const float u = ld_f32(a + 4 * k), v = ld_f32(b + 4 * k);
+		sum = k < np + unfused ? sum + u * v : fmaf(u, v, sum);
+	}
+	return sum;
+}
+
+static float ld_f16(const uint8_t *p)
+{
+	return kern_f16_to_f32(kern_load_u16(p));
+}
+
+/* ggml_vec_dot_f16, AVX-512 form: 4 x 16 lanes per 64 values (products of
+ * two halves are exact), its reduction to a float, then the last n % 64
+ * products added in double. */
+float kern_f16_dot_vec_ref(int64_t n, const void *w, const void *x)
+{
+	const uint8_t *a = w, *b = x;
+	const int64_t np = n & ~(int64_t)63;
+	float s[4][16] = {{0}};
+	for (int64_t i = 0; i < np; i += 64)
+		for (int j = 0; j < 4; j++)
+			for (int l = 0; l < 16; l++) {
+				const int64_t k = i + 16 * j + l;
+				s[j][l] = fmaf(ld_f16(a + 2 * k), ld_f16(b + 2 * k), s[j][l]);
+			}
+	for (int l = 0; l < 16; l++) {
+		s[0][l] = s[0][l] + s[2][l];
+		s[1][l] = s[1][l] + s[3][l];
+	}
+	for (int l = 0; l < 16; l++)
+		s[0][l] = s[0][l] + s[1][l];
+	double sum = (double)reduce16(s[0]);
+	for (int64_t k = np; k < n; k++)
+		sum += (double)(ld_f16(a + 2 * k) * ld_f16(b + 2 * k));
+	return (float)sum;
+}
+
+/* llamafile's F16 GEMM (AVX-512): 16 FMA lanes, k in order, reduced as
+ * _mm512_reduce_add_ps. */
+float kern_f16_dot_gemm_ref(int64_t n, const void *w, const void *x)
+{
+	const uint8_t *a = w, *b = x;
+	float s[16] = {0};
+	for (int64_t k = 0; k < n; k++)
+		s[k % 16] = fmaf(ld_f16(a + 2 * k), ld_f16(b + 2 * k), s[k % 16]);
+	return reduce16(s);
+}
+
+float kern_f32_dot_gemm_ref(int64_t n, const void *w, const void *x)
+{
+	const uint8_t *a = w, *b = x;
+	float s[16] = {0};
+	for (int64_t k = 0; k < n; k++)
+		s[k % 16] = fmaf(ld_f32(a + 4 * k), ld_f32(b + 4 * k), s[k % 16]);
+	return reduce16(s);
 }
 
 float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x)
@@ -171,25 +281,8 @@ float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x
 	default: break;
 	}
 	switch (weight_type) {
-	case KERN_F32: { /* rows need not be 4-byte aligned */
-		const uint8_t *a = w, *b = x;
-		float acc = 0.0f;
-		for (int64_t i = 0; i < n; i++) {
-			float u, v;
-			memcpy(&u, a + 4 * i, 4);
-			memcpy(&v, b + 4 * i, 4);
-			acc += u * v;
-		}
-		return acc;
-	}
-	case KERN_F16: {
-		const uint8_t *a = w, *b = x;
-		float acc = 0.0f;
-		for (int64_t i = 0; i < n; i++)
-			acc += kern_f16_to_f32(kern_load_u16(a + 2 * i)) *
-			       kern_f16_to_f32(kern_load_u16(b + 2 * i));
-		return acc;
-	}
+	case KERN_F32: return kern_f32_dot_vec_ref(n, w, x);
+	case KERN_F16: return kern_f16_dot_vec_ref(n, w, x);
 	case KERN_BF16: {
 		const uint8_t *a = w, *b = x;
 		float acc = 0.0f;
@@ -202,5 +295,43 @@ float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x
 	case KERN_Q8_0: return dot_q8_0_q8_0(n, w, x);
 	case KERN_MXFP4: return dot_mxfp4_q8_0(n, w, x);
 	default: return 0.0f;
+	}
+}
+
+/* ------------------------------------------------------------- swiglu */
+
+static float bits_f32(uint32_t u)
+{
+	float f;
+	memcpy(&f, &u, sizeof(f));
+	return f;
+}
+
+/* ggml_v_expf, AVX-512 form, for one lane: exp(x) within ~1.5 ulp. */
+static float vexpf16_ref(float x)
+{
+	const float r = 0x1.8p23f;
+	const float z = fmaf(x, 0x1.715476p+0f, r);
+	const float n = z - r;
+	const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+	if (fabsf(n) > 192.0f)
+		return n <= 0.0f ? 0.0f : INFINITY;
+	const float u = b * b;
+	const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
+				  fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+			     u, fmaf(0x1.ffffecp-1f, b, 1.0f));
+	/* _mm512_scalef_ps(j, n): exact, or rounded once when subnormal */
+	if (n >= -126.0f && n <= 127.0f)
+		return j * bits_f32((uint32_t)((int)n + 127) << 23);
+	return ldexpf(j, (int)n);
+}
+
+void kern_swiglu_ref(float *g, const float *u, int64_t j0, int64_t j1, int64_t n)
+{
+	const int64_t nv = n - n % 16;
+	for (int64_t j = j0; j < j1; j++) {
+		const float x = g[j];
+		g[j] = j < nv ? x / (1.0f + vexpf16_ref(0.0f - x)) * u[j]
+			      : x / (1.0f + expf(-x)) * u[j];
 	}
 }

@@ -550,8 +550,12 @@ static void test_variants(void **state)
 	run_variant(&c, "8 groups");
 }
 
-/* Prefill == decode one at a time == micro-batches of 5 == a subset of rows,
- * bit for bit (fewer than 64 tokens: the same attention kernel everywhere). */
+/* Prefill == micro-batches of 5 == a subset of rows, bit for bit (fewer than
+ * 64 tokens: the same attention kernel everywhere; at least 2 rows per product:
+ * the same F16/F32 GEMM form), and == decode one token at a time within a
+ * tolerance of 1% of the largest logit: as llama.cpp, a one-row product of
+ * F16/F32 weights takes ggml_vec_dot's summation order instead of the GEMM's
+ * (kern_matmul_form), which can also move a router's choice. */
 static void test_invariants(void **state)
 {
 	(void)state;
@@ -569,7 +573,16 @@ static void test_invariants(void **state)
 		model_batch d = {1, toks + i, &pos, &seq, NULL};
 		assert_int_equal(model_forward(m, &d, got + (size_t)i * V), 0);
 	}
-	assert_memory_equal(ref, got, row * N_TOK);
+	float maxd = 0.0f, maxr = 0.0f;
+	for (size_t i = 0; i < (size_t)N_TOK * (size_t)V; i++) {
+		maxd = fmaxf(maxd, fabsf(got[i] - ref[i]));
+		maxr = fmaxf(maxr, fabsf(ref[i]));
+	}
+	if (!(maxd <= 0.01f * maxr)) {
+		print_error("decode vs prefill: max |diff| %g (max |logit| %g)\n", (double)maxd,
+			    (double)maxr);
+		fail();
+	}
 
 	/* only rows 3 and the last */
 	model_reset_seq(m, 1);

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "kernels/kern.h"
+#include "kernels/kern_impl.h"
 
 /* ----------------------------------------------------------- helpers */
 
@@ -804,6 +805,203 @@ static void run_matmul_case(uint32_t t, int64_t n_in, int64_t n_out, int64_t n_r
 	run_matmul_scales(t, n_in, n_out, n_rows, o0, o1, SCALES_RANDOM);
 }
 
+/* Q8_0: kern_dot_ref (and kern_dot) give llama.cpp's results bit for bit.
+ * The expected values are what ggml_vec_dot_q8_0_q8_0 of llama.cpp's prebuilt
+ * x86 CPU backend returned for these rows (its llamafile GEMM computes the
+ * same): rng_seed(21), then per case c (n = 32 (1 + 3c)) fill_weights(Q8_0,
+ * w, n, 1) and the activations make_act of rng_f() * 2 per value. */
+#define Q8_GGML_CASES 6
+static const uint32_t q8_ggml_want[Q8_GGML_CASES] = {0x41cbe114, 0xc24a0031, 0x4269679b,
+						     0xc2661da9, 0xc31b11a6, 0xc20a6cdc};
+
+static void test_q8_0_ggml(void **state)
+{
+	(void)state;
+	const int simd = have_avx2();
+	rng_seed(21);
+	for (int c = 0; c < Q8_GGML_CASES; c++) {
+		const int64_t n = 32 * (1 + 3 * c);
+		uint8_t *w = xmalloc(kern_row_bytes(KERN_Q8_0, n));
+		uint8_t *xa = xmalloc(kern_row_bytes(KERN_Q8_0, n));
+		float *x = xmalloc((size_t)n * sizeof(float));
+		fill_weights(KERN_Q8_0, w, n, 1.0f);
+		for (int64_t i = 0; i < n; i++)
+			x[i] = rng_f() * 2.0f;
+		make_act(KERN_Q8_0, x, xa, n);
+		const float ref = kern_dot_ref(KERN_Q8_0, n, w, xa);
+		const float got = simd ? kern_dot(KERN_Q8_0, n, w, xa) : ref;
+		if (f2u(ref) != q8_ggml_want[c] || f2u(got) != q8_ggml_want[c]) {
+			print_error("Q8_0 case %d: ref %08x simd %08x, llama.cpp %08x\n", c,
+				    f2u(ref), f2u(got), q8_ggml_want[c]);
+			fail();
+		}
+		free(w);
+		free(xa);
+		free(x);
+	}
+}
+
+/* Q4_0: kern_dot_ref (and kern_dot) give llama.cpp's results bit for bit.
+ * llama.cpp repacks Q4_0 weights (8 rows interleaved); the expected values are
+ * what ggml_gemv_q4_0_8x8_q8_0 of its prebuilt x86 CPU backend returned for
+ * these 8 rows repacked: rng_seed(23), fill_weights(Q4_0, w, 8 * 128, 1), and
+ * the activations make_act of 128 values rng_f() * 2. */
+static const uint32_t q40_ggml_want[8] = {0x4083f2e7, 0x3e01d547, 0xbf74553b, 0xc03fa086,
+					  0xc0a54674, 0xc0d1207d, 0x3b6cca5e, 0xbf7f3135};
+
+static void test_q4_0_ggml(void **state)
+{
+	(void)state;
+	const int simd = have_avx2();
+	const int64_t n = 128;
+	const size_t row = kern_row_bytes(KERN_Q4_0, n);
+	uint8_t *w = xmalloc(row * 8), *xa = xmalloc(kern_row_bytes(KERN_Q8_0, n));
+	float x[128];
+	rng_seed(23);
+	fill_weights(KERN_Q4_0, w, 8 * n, 1.0f);
+	for (int64_t i = 0; i < n; i++)
+		x[i] = rng_f() * 2.0f;
+	make_act(KERN_Q4_0, x, xa, n);
+	for (int o = 0; o < 8; o++) {
+		const float ref = kern_dot_ref(KERN_Q4_0, n, w + o * row, xa);
+		const float got = simd ? kern_dot(KERN_Q4_0, n, w + o * row, xa) : ref;
+		if (f2u(ref) != q40_ggml_want[o] || f2u(got) != q40_ggml_want[o]) {
+			print_error("Q4_0 row %d: ref %08x simd %08x, llama.cpp %08x\n", o,
+				    f2u(ref), f2u(got), q40_ggml_want[o]);
+			fail();
+		}
+	}
+	free(w);
+	free(xa);
+}
+
+/* kern_swiglu: AVX2 = scalar bit for bit (lanes needing the scalar power of
+ * two, row tails, partial ranges), and both close to silu(g) * u in double;
+ * the values at and past n - n % 16 are exactly x / (1 + expf(-x)) * u. */
+static void test_swiglu(void **state)
+{
+	(void)state;
+	enum { N = 83 };
+	float g[N], u[N], a[N], b[N];
+	rng_seed(51);
+	for (int i = 0; i < N; i++) {
+		g[i] = rng_f() * (i % 7 == 0 ? 150.0f : 12.0f);
+		u[i] = rng_f() * 3.0f;
+	}
+	g[3] = 0.0f, g[4] = -0.0f, g[5] = 95.0f, g[6] = -95.0f, g[9] = 200.0f, g[10] = -200.0f;
+	const int64_t ranges[][2] = {{0, N}, {3, 61}, {17, 20}, {64, 83}};
+	for (size_t k = 0; k < sizeof(ranges) / sizeof(ranges[0]); k++) {
+		const int64_t j0 = ranges[k][0], j1 = ranges[k][1];
+		memcpy(a, g, sizeof(g));
+		memcpy(b, g, sizeof(g));
+		kern_swiglu_ref(a, u, j0, j1, N);
+		if (have_avx2())
+			kern_swiglu(b, u, j0, j1, N);
+		else
+			memcpy(b, a, sizeof(a));
+		for (int64_t j = 0; j < N; j++) {
+			if (j < j0 || j >= j1) {
+				assert_true(f2u(a[j]) == f2u(g[j]) && f2u(b[j]) == f2u(g[j]));
+				continue;
+			}
+			if (f2u(a[j]) != f2u(b[j])) {
+				print_error("swiglu [%lld]: avx2 %.9g ref %.9g\n", (long long)j,
+					    (double)b[j], (double)a[j]);
+				fail();
+			}
+			const double x = g[j], want = x / (1.0 + exp(-x)) * u[j];
+			if (!(fabs(a[j] - want) <= 1e-6 * fabs(want) + 1e-30)) {
+				print_error("swiglu [%lld]: %.9g, silu * u %.9g\n", (long long)j,
+					    (double)a[j], want);
+				fail();
+			}
+			if (j >= N - N % 16) {
+				const float t = g[j] / (1.0f + expf(-g[j])) * u[j];
+				assert_true(f2u(a[j]) == f2u(t));
+			}
+		}
+	}
+}
+
+/* F32: ggml_vec_dot_f32's and llamafile's GEMM's AVX-512 forms (kern_ref.c):
+ * AVX2 = scalar bit for bit, both close to the double sum; kern_dot and a
+ * one-row kern_matmul_dense take the vec_dot form, several rows the GEMM's. */
+static void test_f32_forms(void **state)
+{
+	(void)state;
+	const int64_t ns[] = {16, 64, 69, 72, 80, 101, 128, 192, 200, 256};
+	rng_seed(61);
+	for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++) {
+		const int64_t n = ns[i];
+		float *w = xmalloc((size_t)n * 2 * sizeof(float)), *x = w + n;
+		for (int64_t k = 0; k < 2 * n; k++)
+			w[k] = rng_f() * (k % 9 == 0 ? 40.0f : 1.0f);
+		double want = 0, sa = 0;
+		for (int64_t k = 0; k < n; k++) {
+			want += (double)w[k] * x[k];
+			sa += fabs((double)w[k] * x[k]);
+		}
+		const float v = kern_f32_dot_vec_ref(n, w, x), g = kern_f32_dot_gemm_ref(n, w, x);
+		assert_true(fabs(v - want) <= 1e-6 * sa && fabs(g - want) <= 1e-6 * sa);
+		assert_true(f2u(kern_dot_ref(KERN_F32, n, w, x)) == f2u(v));
+		if (have_avx2()) {
+			assert_true(f2u(kern_f32_dot_vec_avx2(n, w, x)) == f2u(v));
+			assert_true(f2u(kern_f32_dot_gemm_avx2(n, w, x)) == f2u(g));
+			assert_true(f2u(kern_dot(KERN_F32, n, w, x)) == f2u(v));
+		}
+		float y[2];
+		/* two rows, both x */
+		float *x2 = xmalloc((size_t)n * 2 * sizeof(float));
+		memcpy(x2, x, (size_t)n * sizeof(float));
+		memcpy(x2 + n, x, (size_t)n * sizeof(float));
+		kern_matmul_dense(KERN_F32, w, n, 0, 1, x2, (size_t)n * 4, 1, y, 1);
+		assert_true(f2u(y[0]) == f2u(v));
+		kern_matmul_dense(KERN_F32, w, n, 0, 1, x2, (size_t)n * 4, 2, y, 1);
+		assert_true(f2u(y[0]) == f2u(n % 16 ? v : g) && f2u(y[1]) == f2u(y[0]));
+		kern_matmul(KERN_F32, w, n, 0, 1, x2, (size_t)n * 4, 2, y, 1);
+		assert_true(f2u(y[0]) == f2u(v) && f2u(y[1]) == f2u(v));
+		free(x2);
+		free(w);
+	}
+}
+
+/* F16: ggml_vec_dot_f16's and llamafile's F16 GEMM's AVX-512 forms, as
+ * test_f32_forms (F16 weights and activations). */
+static void test_f16_forms(void **state)
+{
+	(void)state;
+	const int64_t ns[] = {16, 64, 69, 80, 128, 200, 256};
+	rng_seed(62);
+	for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++) {
+		const int64_t n = ns[i];
+		uint16_t *w = xmalloc((size_t)n * 2 * 3 * sizeof(uint16_t)), *x = w + n,
+			 *x2 = w + 2 * n;
+		double want = 0, sa = 0;
+		for (int64_t k = 0; k < n; k++) {
+			w[k] = kern_f32_to_f16(rng_f() * (k % 9 == 0 ? 40.0f : 1.0f));
+			x[k] = kern_f32_to_f16(rng_f());
+			const double p = (double)kern_f16_to_f32(w[k]) * kern_f16_to_f32(x[k]);
+			want += p;
+			sa += fabs(p);
+		}
+		memcpy(x2, x, (size_t)n * sizeof(uint16_t));
+		const float v = kern_f16_dot_vec_ref(n, w, x), g = kern_f16_dot_gemm_ref(n, w, x);
+		assert_true(fabs(v - want) <= 1e-6 * sa && fabs(g - want) <= 1e-6 * sa);
+		assert_true(f2u(kern_dot_ref(KERN_F16, n, w, x)) == f2u(v));
+		if (have_avx2()) {
+			assert_true(f2u(kern_f16_dot_vec_avx2(n, w, x)) == f2u(v));
+			assert_true(f2u(kern_f16_dot_gemm_avx2(n, w, x)) == f2u(g));
+			assert_true(f2u(kern_dot(KERN_F16, n, w, x)) == f2u(v));
+		}
+		float y[2];
+		kern_matmul_form(KERN_F16, w, n, 0, 1, x, (size_t)n * 2, 2, y, 1, 1);
+		assert_true(f2u(y[0]) == f2u(n % 16 ? v : g) && f2u(y[1]) == f2u(y[0]));
+		kern_matmul_form(KERN_F16, w, n, 0, 1, x, (size_t)n * 2, 2, y, 1, 0);
+		assert_true(f2u(y[0]) == f2u(v) && f2u(y[1]) == f2u(v));
+		free(w);
+	}
+}
+
 static void test_matmul(void **state)
 {
 	(void)state;
@@ -867,6 +1065,11 @@ int main(void)
 	    cmocka_unit_test(test_dot_simd),
 	    cmocka_unit_test(test_matmul),
 	    cmocka_unit_test(test_matmul_quant_tiles),
+	    cmocka_unit_test(test_q8_0_ggml),
+	    cmocka_unit_test(test_q4_0_ggml),
+	    cmocka_unit_test(test_swiglu),
+	    cmocka_unit_test(test_f32_forms),
+	    cmocka_unit_test(test_f16_forms),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -445,6 +445,106 @@ static void test_dot_ref_double(void **state)
 	}
 }
 
+/* Q3_K, Q5_K, Q6_K, IQ4_XS: kern_dot_ref (and kern_dot) give llama.cpp's
+ * results bit for bit.  The expected values are what ggml_vec_dot_*_q8_K of
+ * llama.cpp's prebuilt x86 CPU backend (the AVX2 code its AVX2 and AVX-512
+ * builds share) returned for these blocks: rng_seed(11), then per type and
+ * case c, fill_weights(t, w, 1 + c % 3, c == 3 ? 4 : 0) and fill_act(x, 1 + c % 3, 0). */
+#define KQ_GGML_CASES 6
+static const uint32_t kq_ggml_types[] = {KERN_Q3_K, KERN_Q5_K, KERN_Q6_K, KERN_IQ4_XS};
+static const uint32_t kq_ggml_want[][KQ_GGML_CASES] = {
+    {0x416317ea, 0x4254d043, 0x41bfd4a8, 0xc1c347d3, 0xc3a4e73d, 0xc2d210f7},
+    {0x43efc526, 0x450de7da, 0xc4697c3e, 0xc4144d96, 0xc4279e2b, 0x45020ac7},
+    {0x44051dc8, 0x44c81294, 0x44c9c5b0, 0xc532b69a, 0x4418d517, 0x451e8ab0},
+    {0xc3a67fd8, 0x436df45e, 0xc52e0877, 0xc58f8f1f, 0x442b4633, 0x4538c654},
+};
+
+static void test_dot_ggml(void **state)
+{
+	(void)state;
+	const int simd = have_avx2();
+	rng_seed(11);
+	for (size_t ti = 0; ti < sizeof(kq_ggml_types) / sizeof(kq_ggml_types[0]); ti++) {
+		const uint32_t t = kq_ggml_types[ti];
+		for (int c = 0; c < KQ_GGML_CASES; c++) {
+			const int64_t nb = 1 + c % 3, n = nb * QK;
+			uint8_t *w = xmalloc(kern_row_bytes(t, n));
+			struct kern_block_q8_k *x = xmalloc((size_t)nb * sizeof(*x));
+			fill_weights(t, w, nb, c == 3 ? 4 : 0);
+			fill_act(x, nb, 0);
+			const float ref = kern_dot_ref(t, n, w, x);
+			const float got = simd ? kern_dot(t, n, w, x) : ref;
+			if (f2u(ref) != kq_ggml_want[ti][c] || f2u(got) != kq_ggml_want[ti][c]) {
+				print_error("%s case %d: ref %08x simd %08x, llama.cpp %08x\n",
+					    kern_type_name(t), c, f2u(ref), f2u(got),
+					    kq_ggml_want[ti][c]);
+				fail();
+			}
+			free(w);
+			free(x);
+		}
+	}
+}
+
+/* kern_matmul_dense with IQ4_XS: from 8 rows on, every row as llama.cpp's IQ
+ * panel GEMM (per block acc = fma(isum, d_w * d_x, acc)), computed here in
+ * double and rounded step by step, scalar and AVX2 alike; fewer rows as
+ * kern_matmul. */
+static void test_matmul_dense_iq4xs(void **state)
+{
+	(void)state;
+	const int64_t n = 768, nb = n / QK, n_out = 8;
+	const size_t wrow = kern_row_bytes(KERN_IQ4_XS, n),
+		     xrow = (size_t)nb * sizeof(struct kern_block_q8_k);
+	uint8_t *w = xmalloc(wrow * (size_t)n_out);
+	struct kern_block_q8_k *x = xmalloc(xrow * 9);
+	float y[9 * 8], y1[9 * 8];
+	rng_seed(43);
+	fill_weights(KERN_IQ4_XS, w, n_out * nb, 0);
+	fill_act(x, 9 * nb, 0);
+	for (int simd = 0; simd < 2; simd++) {
+		if (simd && !have_avx2())
+			break;
+		kern_force_ref(!simd);
+		for (int rows = 7; rows <= 9; rows++) {
+			kern_matmul_dense(KERN_IQ4_XS, w, n, 0, n_out, x, xrow, rows, y, n_out);
+			kern_matmul(KERN_IQ4_XS, w, n, 0, n_out, x, xrow, rows, y1, n_out);
+			for (int r = 0; r < rows; r++)
+				for (int o = 0; o < n_out; o++) {
+					float want = y1[r * n_out + o];
+					if (rows >= 8) {
+						float acc = 0.0f;
+						for (int64_t ib = 0; ib < nb; ib++) {
+							const uint8_t *b = w + o * wrow + ib * 136;
+							float wf[QK];
+							kern_dequant_row_ref(KERN_IQ4_XS, b, wf,
+									     QK);
+							const float d =
+							    kern_f16_to_f32(kern_load_u16(b));
+							const struct kern_block_q8_k *xb =
+							    &x[r * nb + ib];
+							double isum = 0;
+							for (int j = 0; j < QK; j++)
+								isum += (double)lrintf(wf[j] / d) *
+									xb->qs[j];
+							acc = fmaf((float)isum, d * xb->d, acc);
+						}
+						want = acc;
+					}
+					if (f2u(y[r * n_out + o]) != f2u(want)) {
+						print_error("%s rows %d: [%d][%d] %.9g want %.9g\n",
+							    simd ? "avx2" : "ref", rows, r, o,
+							    (double)y[r * n_out + o], (double)want);
+						fail();
+					}
+				}
+		}
+	}
+	kern_force_ref(0);
+	free(w);
+	free(x);
+}
+
 /* kern_dot (AVX2) = kern_dot_ref, bit for bit, over weight and activation
  * edge cases. */
 static void test_dot_simd(void **state)
@@ -557,11 +657,17 @@ int main(void)
 {
 	kern_init();
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_type_table),	   cmocka_unit_test(test_q8k_hand),
-	    cmocka_unit_test(test_q8k_simd),	   cmocka_unit_test(test_q8k_dequant),
-	    cmocka_unit_test(test_dequant_oracle), cmocka_unit_test(test_dequant_simd),
-	    cmocka_unit_test(test_dot_ref_double), cmocka_unit_test(test_dot_simd),
+	    cmocka_unit_test(test_type_table),
+	    cmocka_unit_test(test_q8k_hand),
+	    cmocka_unit_test(test_q8k_simd),
+	    cmocka_unit_test(test_q8k_dequant),
+	    cmocka_unit_test(test_dequant_oracle),
+	    cmocka_unit_test(test_dequant_simd),
+	    cmocka_unit_test(test_dot_ref_double),
+	    cmocka_unit_test(test_dot_simd),
 	    cmocka_unit_test(test_matmul),
+	    cmocka_unit_test(test_dot_ggml),
+	    cmocka_unit_test(test_matmul_dense_iq4xs),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

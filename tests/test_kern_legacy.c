@@ -715,6 +715,120 @@ static void test_matmul(void **state)
 
 /* kern_matmul's results do not depend on the batch: rows computed alone
  * and among others, and output ranges split anywhere, agree bit for bit. */
+/* Q4_1, Q5_0, Q5_1: kern_dot_ref (and kern_dot) give llama.cpp's results bit
+ * for bit.  The expected values are what ggml_vec_dot_q4_1_q8_1,
+ * _q5_0_q8_0 and _q5_1_q8_1 of llama.cpp's prebuilt x86 CPU backend
+ * returned for these rows: rng_seed(31), then per type and case c
+ * (n = 32 (1 + 3c)) fill_row(t, w, n, W_RANDOM) and fill_act(t, x, n,
+ * c == 5 ? X_RAW : X_RANDOM, 1) (X_RAW has int8 -128, which ggml's sign trick
+ * multiplies as -128 against negative Q5_0 codes). */
+#define LEG_GGML_CASES 6
+static const uint32_t leg_ggml_types[] = {KERN_Q4_1, KERN_Q5_0, KERN_Q5_1};
+static const uint32_t leg_ggml_want[][LEG_GGML_CASES] = {
+    {0xbf4bf937, 0xbfa20730, 0xbed71905, 0x40804965, 0x40b8ae89, 0x41a2c1cf},
+    {0x4054e771, 0x40e4a78a, 0x40d24afe, 0xc0a04fbd, 0x4063284c, 0xc2b59457},
+    {0xc0921865, 0x40e447c7, 0x415f7de1, 0x4154ec08, 0x41019eac, 0xc314e519},
+};
+
+static void test_dot_ggml(void **state)
+{
+	(void)state;
+	const int simd = have_avx2();
+	rng_seed(31);
+	for (size_t ti = 0; ti < sizeof(leg_ggml_types) / sizeof(leg_ggml_types[0]); ti++) {
+		const uint32_t t = leg_ggml_types[ti];
+		for (int c = 0; c < LEG_GGML_CASES; c++) {
+			const int64_t n = 32 * (1 + 3 * c);
+			uint8_t *w = xmalloc(kern_row_bytes(t, n));
+			uint8_t *x = xmalloc(kern_row_bytes(kern_act_type(t), n));
+			fill_row(t, w, n, W_RANDOM);
+			fill_act(t, x, n, c == 5 ? X_RAW : X_RANDOM, 1.0f);
+			const float ref = kern_dot_ref(t, n, w, x);
+			const float got = simd ? kern_dot(t, n, w, x) : ref;
+			if (f2u(ref) != leg_ggml_want[ti][c] || f2u(got) != leg_ggml_want[ti][c]) {
+				print_error("%s case %d: ref %08x simd %08x, llama.cpp %08x\n",
+					    kern_type_name(t), c, f2u(ref), f2u(got),
+					    leg_ggml_want[ti][c]);
+				fail();
+			}
+			free(w);
+			free(x);
+		}
+	}
+}
+
+/* IQ4_NL: llama.cpp repacks 2-D IQ4_NL weights (8 rows interleaved);
+ * kern_dot_ref and kern_dot give its GEMV's results bit for bit.  The expected
+ * values are what ggml_gemv_iq4_nl_8x8_q8_0 of its prebuilt x86 CPU backend
+ * returned for these 8 rows repacked: rng_seed(33), fill_row(IQ4_NL, w, 8 * 128,
+ * W_RANDOM) and fill_act(IQ4_NL, x, 128, X_RANDOM, 1). */
+static const uint32_t iq4nl_ggml_want[8] = {0xc23759ec, 0x403410e9, 0xc195e895, 0xc135532a,
+					    0xc1d79650, 0x41096916, 0xc14f5d58, 0x424ceb60};
+
+static void test_iq4_nl_ggml(void **state)
+{
+	(void)state;
+	const int simd = have_avx2();
+	const int64_t n = 128;
+	const size_t row = kern_row_bytes(KERN_IQ4_NL, n);
+	uint8_t *w = xmalloc(row * 8), *x = xmalloc(kern_row_bytes(KERN_Q8_0, n));
+	rng_seed(33);
+	fill_row(KERN_IQ4_NL, w, 8 * n, W_RANDOM);
+	fill_act(KERN_IQ4_NL, x, n, X_RANDOM, 1.0f);
+	for (int o = 0; o < 8; o++) {
+		const float ref = kern_dot_ref(KERN_IQ4_NL, n, w + o * row, x);
+		const float got = simd ? kern_dot(KERN_IQ4_NL, n, w + o * row, x) : ref;
+		if (f2u(ref) != iq4nl_ggml_want[o] || f2u(got) != iq4nl_ggml_want[o]) {
+			print_error("IQ4_NL row %d: ref %08x simd %08x, llama.cpp %08x\n", o,
+				    f2u(ref), f2u(got), iq4nl_ggml_want[o]);
+			fail();
+		}
+	}
+	free(w);
+	free(x);
+}
+
+/* kern_matmul_unpacked with IQ4_NL and one row: ggml_vec_dot_iq4_nl_q8_0's
+ * result bit for bit (the expected values are what llama.cpp's prebuilt x86
+ * CPU backend returned: rng_seed(35), per case c n = 32 (1 + c) (odd and even
+ * block counts), fill_row(IQ4_NL, w, n, W_RANDOM), fill_act(IQ4_NL, x, n,
+ * X_RANDOM, 1)); with two rows each row as the lanes of llamafile's GEMM,
+ * which for one block equals the one-row result. */
+#define UNP_CASES 5
+static const uint32_t unp_ggml_want[UNP_CASES] = {0xc151308e, 0xc11ee5fa, 0xc1d318a8, 0xc21e3d22,
+						  0x40b572ca};
+
+static void test_matmul_unpacked(void **state)
+{
+	(void)state;
+	rng_seed(35);
+	for (int c = 0; c < UNP_CASES; c++) {
+		const int64_t n = 32 * (1 + c);
+		const size_t xs = kern_row_bytes(KERN_Q8_0, n);
+		uint8_t *w = xmalloc(kern_row_bytes(KERN_IQ4_NL, n)), *x = xmalloc(2 * xs);
+		float y[2];
+		fill_row(KERN_IQ4_NL, w, n, W_RANDOM);
+		fill_act(KERN_IQ4_NL, x, n, X_RANDOM, 1.0f);
+		memcpy(x + xs, x, xs);
+		kern_matmul_unpacked(KERN_IQ4_NL, w, n, 0, 1, x, xs, 1, y, 1, NULL);
+		if (f2u(y[0]) != unp_ggml_want[c]) {
+			print_error("IQ4_NL unpacked n=%lld: %08x, llama.cpp %08x\n", (long long)n,
+				    f2u(y[0]), unp_ggml_want[c]);
+			fail();
+		}
+		kern_matmul_unpacked(KERN_IQ4_NL, w, n, 0, 1, x, xs, 2, y, 1, NULL);
+		assert_true(f2u(y[0]) == f2u(y[1]));
+		float y1[2];
+		const uint8_t alone[2] = {0, 1}; /* row 0 a one-row sequence */
+		kern_matmul_unpacked(KERN_IQ4_NL, w, n, 0, 1, x, xs, 2, y1, 1, alone);
+		assert_true(f2u(y1[0]) == unp_ggml_want[c] && f2u(y1[1]) == f2u(y[1]));
+		if (n == 32)
+			assert_true(f2u(y[0]) == unp_ggml_want[c]);
+		free(w);
+		free(x);
+	}
+}
+
 static void test_matmul_batch(void **state)
 {
 	(void)state;
@@ -751,7 +865,8 @@ int main(void)
 	    cmocka_unit_test(test_dequant_oracle), cmocka_unit_test(test_dequant_simd),
 	    cmocka_unit_test(test_convert_q8_1),   cmocka_unit_test(test_dot_ref_double),
 	    cmocka_unit_test(test_dot_simd),	   cmocka_unit_test(test_matmul),
-	    cmocka_unit_test(test_matmul_batch),
+	    cmocka_unit_test(test_matmul_batch),   cmocka_unit_test(test_dot_ggml),
+	    cmocka_unit_test(test_iq4_nl_ggml),	   cmocka_unit_test(test_matmul_unpacked),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

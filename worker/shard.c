@@ -340,10 +340,7 @@ static void shard_act_cols(const struct shard_call *c, int e, int64_t i0, int64_
 			}
 		}
 		switch (sp->act) {
-		case MOE_ACT_SWIGLU:
-			for (int64_t j = j0; j < j1; j++)
-				g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-			break;
+		case MOE_ACT_SWIGLU: kern_swiglu(g, u, j0, j1, F); break;
 		case MOE_ACT_SWIGLU_OAI:
 			for (int64_t j = j0; j < j1; j++) {
 				float x = fminf(g[j], lim);
@@ -384,13 +381,14 @@ static void shard_gate_up(void *ctx, int ith, int nth)
 		const struct shard_expert_src *src = &c->L->experts[e];
 		const int64_t o0 = ch * c->ff_chunk,
 			      o1 = o0 + c->ff_chunk < F ? o0 + c->ff_chunk : F;
-		kern_matmul(src->types[SHARD_GATE], src->weights[SHARD_GATE], E, o0, o1,
-			    (const char *)w->xa_gate + (size_t)i0 * c->xg_stride, c->xg_stride, n,
-			    w->g + (size_t)i0 * F, F);
+		kern_matmul_expert(src->types[SHARD_GATE], src->weights[SHARD_GATE], E, o0, o1,
+				   (const char *)w->xa_gate + (size_t)i0 * c->xg_stride,
+				   c->xg_stride, n, w->g + (size_t)i0 * F, F);
 		const void *xu = up_own ? w->xa_up : w->xa_gate;
 		size_t xus = up_own ? c->xu_stride : c->xg_stride;
-		kern_matmul(src->types[SHARD_UP], src->weights[SHARD_UP], E, o0, o1,
-			    (const char *)xu + (size_t)i0 * xus, xus, n, w->u + (size_t)i0 * F, F);
+		kern_matmul_expert(src->types[SHARD_UP], src->weights[SHARD_UP], E, o0, o1,
+				   (const char *)xu + (size_t)i0 * xus, xus, n,
+				   w->u + (size_t)i0 * F, F);
 		shard_act_cols(c, e, i0, n, o0, o1);
 	}
 }
@@ -413,9 +411,9 @@ static void shard_down(void *ctx, int ith, int nth)
 		const struct shard_expert_src *src = &c->L->experts[e];
 		const int64_t o0 = ch * c->emb_chunk,
 			      o1 = o0 + c->emb_chunk < E ? o0 + c->emb_chunk : E;
-		kern_matmul(src->types[SHARD_DOWN], src->weights[SHARD_DOWN], F, o0, o1,
-			    (const char *)w->ha + (size_t)i0 * c->h_stride, c->h_stride, n,
-			    w->d + (size_t)i0 * E, E);
+		kern_matmul_expert(src->types[SHARD_DOWN], src->weights[SHARD_DOWN], F, o0, o1,
+				   (const char *)w->ha + (size_t)i0 * c->h_stride, c->h_stride, n,
+				   w->d + (size_t)i0 * E, E);
 		const float *b = src->biases[SHARD_DOWN];
 		for (int64_t i = i0; i < i0 + n; i++) {
 			const size_t rs =
