@@ -391,7 +391,9 @@ void kern_matmul_dense(uint32_t weight_type, const void *w, int64_t n_in, int64_
 		       const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
 {
 	int64_t gemm_rows = 0;
-	if (weight_type == KERN_IQ4_XS && n_rows >= 8)
+	if (weight_type == KERN_Q2_K || weight_type == KERN_Q4_K)
+		gemm_rows = n_rows - n_rows % 4;
+	else if (weight_type == KERN_IQ4_XS && n_rows >= 8)
 		gemm_rows = n_rows;
 	else if ((weight_type == KERN_F32 || weight_type == KERN_F16) && n_rows >= 2 &&
 		 n_in % 16 == 0)

@@ -295,6 +295,15 @@ static ALWAYS_INLINE __m128 f16x4(const uint8_t *p, size_t ws, int nc)
 	return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)h));
 }
 
+/* Lanes of step k (of `step` chunks, i.e. 2 * step groups, lane m holding
+ * groups 2m and 2m + 1) all ones, the others zero. */
+static ALWAYS_INLINE __m256i kq_step_mask(int step, int k)
+{
+	const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+	const __m256i lo = _mm256_set1_epi32(k * step - 1), hi = _mm256_set1_epi32((k + 1) * step);
+	return _mm256_and_si256(_mm256_cmpgt_epi32(lane, lo), _mm256_cmpgt_epi32(hi, lane));
+}
+
 /* out[r * KQ_QC + o] = dot(weight row w + o * ws, activation row x + r * xs)
  * for o < nc, r < nr (nb blocks); pf: bytes from a weight block to the one to
  * prefetch (0: none). */
@@ -302,7 +311,11 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int gemm, int nc, int nr, const
 				  size_t ws, const uint8_t *x, size_t xs, int64_t nb, size_t pf,
 				  float *out)
 {
-	/* gemm (IQ4_XS): per block, one accumulator (ggml's IQ panel) */
+	/* gemm: Q2_K, Q4_K: the float steps per step of `step` chunks (gstep);
+	 * IQ4_XS: per block, one accumulator (ggml's IQ panel) */
+	const int step = type == KERN_Q4_K ? 2 : 4;
+	const int gstep = gemm && (type == KERN_Q2_K || type == KERN_Q4_K);
+	__m256i ps[KQ_QR][KQ_QC][4];
 	const size_t bs = kq_block_bytes(type), doff = kq_d_offset(type);
 	const int has_min = kq_has_min(type), has_off = kq_has_offset(type);
 	const int sgn = type == KERN_IQ4_XS;
@@ -341,6 +354,10 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int gemm, int nc, int nr, const
 				const __m256i sc = chunk_scales(s.svec, c);
 #pragma GCC unroll 4
 				for (int r = 0; r < nr; r++) {
+					if (gstep && c % step == 0 && c > 0) {
+						ps[r][o][c / step - 1] = p[r];
+						p[r] = _mm256_setzero_si256();
+					}
 					__m256i q = _mm256_loadu_si256(
 					    (const __m256i *)(xb + r * xs + Q8K_QS + 32 * c));
 					if (sgn)
@@ -365,13 +382,18 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int gemm, int nc, int nr, const
 						pm[r][o] = cv;
 				}
 				pi[r][o] = p[r];
+				if (gstep)
+					ps[r][o][8 / step - 1] = p[r];
 			}
 		}
 #pragma GCC unroll 4
 		for (int o = nc; o < KQ_QC; o++)
 #pragma GCC unroll 4
-			for (int r = 0; r < nr; r++)
+			for (int r = 0; r < nr; r++) {
 				pi[r][o] = pm[r][o] = _mm256_setzero_si256();
+				for (int k = 0; k < 4; k++)
+					ps[r][o][k] = _mm256_setzero_si256();
+			}
 		const uint8_t *b0 = w + (size_t)ib * bs;
 		if (lanes) {
 			/* ggml's lanes: acc8 = fma(d_w * d_x, lane, acc8); Q5_K's
@@ -404,6 +426,24 @@ static ALWAYS_INLINE void kq_tile(uint32_t type, int gemm, int nc, int nr, const
 			float dxf;
 			memcpy(&dxf, xb + r * xs, sizeof(dxf));
 			const __m128 dx = _mm_set1_ps(dxf);
+			if (gstep) {
+				/* per step: the step's chunk sums, and the mins of its
+				 * groups (lanes m of pm hold groups 2m, 2m + 1) */
+				const __m128 d = _mm_mul_ps(dw, dx), dmx = _mm_mul_ps(dm, dx);
+#pragma GCC unroll 4
+				for (int k = 0; k < 8 / step; k++) {
+					const __m128i is = reduce4(ps[r][0][k], ps[r][1][k],
+								   ps[r][2][k], ps[r][3][k]);
+					acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(is), d, acc[r]);
+					const __m256i lm = kq_step_mask(step, k);
+					const __m128i ms = reduce4(_mm256_and_si256(pm[r][0], lm),
+								   _mm256_and_si256(pm[r][1], lm),
+								   _mm256_and_si256(pm[r][2], lm),
+								   _mm256_and_si256(pm[r][3], lm));
+					accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(ms), dmx, accm[r]);
+				}
+				continue;
+			}
 			const __m128i is = reduce4(pi[r][0], pi[r][1], pi[r][2], pi[r][3]);
 			acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(is), _mm_mul_ps(dw, dx), acc[r]);
 			if (has_min) {
@@ -456,7 +496,11 @@ typedef void (*kq_tile_fn)(const uint8_t *w, size_t ws, const uint8_t *x, size_t
 #define KQ_GEMM_kq_tiles_q5_k	0
 #define KQ_GEMM_kq_tiles_q6_k	0
 #define KQ_GEMM_kq_tiles_iq4_xs 0
+#define KQ_GEMM_kq_gemm_q2_k	1
+#define KQ_GEMM_kq_gemm_q4_k	1
 #define KQ_GEMM_kq_gemm_iq4_xs	1
+KQ_TILE_SET(kq_gemm_q2_k, KERN_Q2_K)
+KQ_TILE_SET(kq_gemm_q4_k, KERN_Q4_K)
 KQ_TILE_SET(kq_gemm_iq4_xs, KERN_IQ4_XS)
 KQ_TILE_SET(kq_tiles_q2_k, KERN_Q2_K)
 KQ_TILE_SET(kq_tiles_q3_k, KERN_Q3_K)
@@ -494,7 +538,10 @@ void kern_kq_matmul_avx2(uint32_t type, const void *w, int64_t n_in, int64_t o0,
 			 int64_t gemm_rows)
 {
 	const kq_tile_fn(*t)[KQ_QR] = kq_tiles_for(type);
-	const kq_tile_fn(*tg)[KQ_QR] = type == KERN_IQ4_XS ? kq_gemm_iq4_xs : t;
+	const kq_tile_fn(*tg)[KQ_QR] = type == KERN_Q4_K     ? kq_gemm_q4_k
+				       : type == KERN_Q2_K   ? kq_gemm_q2_k
+				       : type == KERN_IQ4_XS ? kq_gemm_iq4_xs
+							     : t;
 	const uint8_t *wb = w, *xb = x;
 	const int64_t nb = n_in / KERN_QK_K;
 	const size_t w_row = kern_row_bytes(type, n_in);

@@ -42,9 +42,7 @@
  * (the integers ggml's ggml_vec_dot_*_q8_K form).  The float steps follow
  * the kernel llama.cpp's x86 CPU backend runs for the type:
  *   Q2_K, Q4_K (repacked at load, ggml's q*_K_8x8 GEMV, one output per
- *   vector lane; batched dense rows take the same steps, although llama.cpp's
- *   GEMM rounds every 64 (Q4_K) or 128 (Q2_K) values there: emulating that
- *   cost 13 % of a Qwen3-30B-A3B prefill and moved no test vector): two
+ *   vector lane; its GEMM for batched dense rows: kern_kq_dot_gemm_ref): two
  *   accumulators in block order,
  *     acc = fma((float)isum, d_w * d_x, acc);
  *     accm = fma((float)msum, dmin_w * d_x, accm);   result acc - accm.
@@ -386,5 +384,29 @@ float kern_kq_dot_gemm_ref(uint32_t type, int64_t n, const void *w, const void *
 {
 	if (type == KERN_IQ4_XS)
 		return kq_dot_panel(n, w, x);
-	return kern_kq_dot_ref(type, n, w, x);
+	if (type != KERN_Q2_K && type != KERN_Q4_K)
+		return kern_kq_dot_ref(type, n, w, x);
+	const size_t bs = kern_type_block_bytes(type);
+	const uint8_t *wb = w;
+	const struct kern_block_q8_k *xb = x;
+	const int gps = type == KERN_Q4_K ? 4 : 8; /* groups of 16 per step */
+	struct kq_block k;
+	float acc = 0.0f, accm = 0.0f;
+	for (int64_t ib = 0; ib < n / KERN_QK_K; ib++) {
+		kq_decode(type, wb + (size_t)ib * bs, &k);
+		const float dx = xb[ib].d;
+		for (int g0 = 0; g0 < 16; g0 += gps) {
+			int32_t isum = 0, msum = 0;
+			for (int g = g0; g < g0 + gps; g++) {
+				int32_t s = 0;
+				for (int j = 16 * g; j < 16 * g + 16; j++)
+					s += k.w[j] * xb[ib].qs[j];
+				isum += k.sc[g] * s;
+				msum += k.mn[g] * xb[ib].bsums[g];
+			}
+			acc = fmaf((float)isum, k.d * dx, acc);
+			accm = fmaf((float)msum, k.dmin * dx, accm);
+		}
+	}
+	return acc - accm;
 }

@@ -486,6 +486,68 @@ static void test_dot_ggml(void **state)
 	}
 }
 
+/* kern_matmul_dense with Q4_K: llama.cpp's repacked GEMM on the rows below
+ * n_rows - n_rows % 4 and its GEMV on the others, bit for bit, scalar and
+ * AVX2.  The expected values are what ggml_gemm_q4_K_8x8_q8_K (rows 0-3, with
+ * ggml_quantize_mat_q8_K_4x8's activations) and ggml_gemv_q4_K_8x8_q8_K
+ * (row 4) of llama.cpp's prebuilt x86 CPU backend returned for these weights
+ * repacked as llama.cpp repacks them: rng_seed(41), fill_weights(Q4_K, w,
+ * 16, 0) (8 rows of 2 blocks), then 5 activation rows of 512 values
+ * rng_f() * 3.  kern_matmul (every row as the GEMV) is checked on row 4. */
+#define DENSE_ROWS 5
+static const uint32_t dense_q4k_want[DENSE_ROWS][8] = {
+    {0x4438ae94, 0x437239c0, 0xc3782311, 0xc240dd85, 0xc4690075, 0x434cdb07, 0x435caa66,
+     0x433d4fd6},
+    {0x438b3602, 0x440a7c63, 0xc21e90ac, 0x44096638, 0x43f5cb86, 0xc490348e, 0xc2ad49ea,
+     0xc2fbfee1},
+    {0xc38f78a3, 0x43906617, 0x4279fd4c, 0x441f81fb, 0x44dc4dbb, 0x4298e191, 0xc2127ea4,
+     0xc2f76a67},
+    {0xc48b9f4c, 0xc398e0d0, 0xc3102e34, 0xc438dd7c, 0xc523c777, 0xc46d724d, 0xc31dc8a6,
+     0x42fd57c6},
+    {0xc3c348a2, 0xc40dc079, 0x43be657d, 0x4476cd9b, 0xc3fe970a, 0x4436d011, 0xc3758052,
+     0xc205212a},
+};
+
+static void test_matmul_dense_ggml(void **state)
+{
+	(void)state;
+	const int64_t n = 512, nb = n / QK;
+	const size_t xrow = (size_t)nb * sizeof(struct kern_block_q8_k);
+	uint8_t *w = xmalloc(kern_row_bytes(KERN_Q4_K, n) * 8);
+	float *xf = xmalloc((size_t)(DENSE_ROWS * n) * sizeof(float));
+	uint8_t *x = xmalloc(xrow * DENSE_ROWS);
+	float y[DENSE_ROWS * 8], y1[DENSE_ROWS * 8];
+	rng_seed(41);
+	fill_weights(KERN_Q4_K, w, 8 * nb, 0);
+	for (int64_t i = 0; i < DENSE_ROWS * n; i++)
+		xf[i] = rng_f() * 3.0f;
+	for (int r = 0; r < DENSE_ROWS; r++)
+		kern_convert_row_ref(KERN_Q8_K, xf + r * n, x + r * xrow, n);
+	for (int simd = 0; simd < 2; simd++) {
+		if (simd && !have_avx2())
+			break;
+		kern_force_ref(!simd);
+		kern_matmul_dense(KERN_Q4_K, w, n, 0, 8, x, xrow, DENSE_ROWS, y, 8);
+		kern_matmul(KERN_Q4_K, w, n, 0, 8, x, xrow, DENSE_ROWS, y1, 8);
+		for (int r = 0; r < DENSE_ROWS; r++)
+			for (int o = 0; o < 8; o++) {
+				const uint32_t want = dense_q4k_want[r][o];
+				if (f2u(y[r * 8 + o]) != want ||
+				    (r == DENSE_ROWS - 1 && f2u(y1[r * 8 + o]) != want)) {
+					print_error("%s row %d out %d: %08x (kern_matmul %08x), "
+						    "llama.cpp %08x\n",
+						    simd ? "avx2" : "ref", r, o, f2u(y[r * 8 + o]),
+						    f2u(y1[r * 8 + o]), want);
+					fail();
+				}
+			}
+	}
+	kern_force_ref(0);
+	free(w);
+	free(xf);
+	free(x);
+}
+
 /* kern_matmul_dense with IQ4_XS: from 8 rows on, every row as llama.cpp's IQ
  * panel GEMM (per block acc = fma(isum, d_w * d_x, acc)), computed here in
  * double and rounded step by step, scalar and AVX2 alike; fewer rows as
@@ -657,17 +719,12 @@ int main(void)
 {
 	kern_init();
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_type_table),
-	    cmocka_unit_test(test_q8k_hand),
-	    cmocka_unit_test(test_q8k_simd),
-	    cmocka_unit_test(test_q8k_dequant),
-	    cmocka_unit_test(test_dequant_oracle),
-	    cmocka_unit_test(test_dequant_simd),
-	    cmocka_unit_test(test_dot_ref_double),
-	    cmocka_unit_test(test_dot_simd),
-	    cmocka_unit_test(test_matmul),
-	    cmocka_unit_test(test_dot_ggml),
-	    cmocka_unit_test(test_matmul_dense_iq4xs),
+	    cmocka_unit_test(test_type_table),	       cmocka_unit_test(test_q8k_hand),
+	    cmocka_unit_test(test_q8k_simd),	       cmocka_unit_test(test_q8k_dequant),
+	    cmocka_unit_test(test_dequant_oracle),     cmocka_unit_test(test_dequant_simd),
+	    cmocka_unit_test(test_dot_ref_double),     cmocka_unit_test(test_dot_simd),
+	    cmocka_unit_test(test_matmul),	       cmocka_unit_test(test_dot_ggml),
+	    cmocka_unit_test(test_matmul_dense_ggml),  cmocka_unit_test(test_matmul_dense_iq4xs),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
