@@ -1764,6 +1764,8 @@ static int ds4_forward(void *state, const model_batch *b, float *logits)
 		 * wanted matter: the rest of the model runs on those alone */
 		if (il == hp->n_layer - 1 && b->logits) {
 			n = ds4_keep_rows(m, b, &kept);
+			/* the products now take these rows */
+			ops_batch_rows_keep(b->seq, b->logits, b->n_tokens);
 			b = &kept;
 			if (n == 0)
 				return 0;

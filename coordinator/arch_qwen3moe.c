@@ -725,6 +725,8 @@ static int qwen_keep_output_rows(struct qwen *s, const model_batch *b)
 		}
 		kept++;
 	}
+	/* the products now take these rows */
+	ops_batch_rows_keep(b->seq, b->logits, b->n_tokens);
 	return kept;
 }
 
