@@ -64,8 +64,13 @@ void ops_batch_rows_keep(const int32_t *seq, const uint8_t *keep, int n_batch)
 {
 	int n_rows = 0;
 	ops_rows.n = 0;
-	if (!seq || n_batch <= 0)
+	if (!seq || n_batch <= 0) { /* the batch is done: nothing outlives it */
+		free(ops_rows.n_seq_rows);
+		free(ops_rows.rank);
+		ops_rows.n_seq_rows = ops_rows.rank = NULL;
+		ops_rows.cap = 0;
 		return;
+	}
 	for (int t = 0; t < n_batch; t++)
 		n_rows += !keep || keep[t];
 	if (n_rows == 0)

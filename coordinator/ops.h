@@ -32,7 +32,7 @@ void ops_matmul_multi(pool *p, int n_w, const gguf_tensor *const *w, const float
 		      int64_t x_stride, int64_t n_rows, float *const *y, const int64_t *y_stride,
 		      void *scratch);
 /* The sequences of the batch rows the next products take (model.c sets it
- * around each forward; NULL clears it): llama.cpp computes some weight types
+ * around each forward; NULL clears it and frees its table): llama.cpp computes some weight types
  * differently for a sequence of several rows than for one row (F32, F16,
  * Q2_K, Q4_K, IQ4_XS: kern_matmul_form), and each row gets the form its sequence
  * would get alone, so a sequence's results do not depend on the others in the
