@@ -13,58 +13,15 @@
 #include <string.h>
 
 #include "kernels/kern.h"
+#include "kern_test.h"
 #include "kernels/kern_impl.h"
 
 /* ----------------------------------------------------------- helpers */
-
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-
-static void rng_seed(uint64_t s)
-{
-	rng_state = s * 0x9e3779b97f4a7c15ull + 1;
-}
-
-static uint32_t rng_u32(void)
-{
-	uint64_t x = rng_state;
-	x ^= x >> 12;
-	x ^= x << 25;
-	x ^= x >> 27;
-	rng_state = x;
-	return (uint32_t)((x * 0x2545f4914f6cdd1dull) >> 32);
-}
-
-/* uniform in [-1, 1) */
-static float rng_f(void)
-{
-	return (float)((double)rng_u32() / 2147483648.0 - 1.0);
-}
-
-static uint32_t f2u(float f)
-{
-	uint32_t u;
-	memcpy(&u, &f, sizeof(u));
-	return u;
-}
-
-static float u2f(uint32_t u)
-{
-	float f;
-	memcpy(&f, &u, sizeof(f));
-	return f;
-}
 
 static int have_avx2(void)
 {
 	kern_force_ref(0);
 	return strcmp(kern_isa_name(), "avx2") == 0;
-}
-
-static void *xmalloc(size_t n)
-{
-	void *p = malloc(n ? n : 1);
-	assert_non_null(p);
-	return p;
 }
 
 static const uint32_t all_types[] = {KERN_F32,	KERN_F16,  KERN_BF16,

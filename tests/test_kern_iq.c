@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "kernels/kern.h"
+#include "kern_test.h"
 #include "kernels/kern_iq_grid.h"
 
 static const uint32_t iq_types[] = {KERN_IQ2_XXS, KERN_IQ2_XS, KERN_IQ2_S, KERN_IQ3_XXS,
@@ -33,42 +34,6 @@ static const uint32_t iq_types[] = {KERN_IQ2_XXS, KERN_IQ2_XS, KERN_IQ2_S, KERN_
 #define Q8K_BYTES 292 /* f32 d, 256 int8, 16 int16 sums */
 
 /* ----------------------------------------------------------- helpers */
-
-static uint64_t rng_state;
-
-static void rng_seed(uint64_t s)
-{
-	rng_state = s * 0x9e3779b97f4a7c15ull + 1;
-}
-
-static uint32_t rng_u32(void)
-{
-	uint64_t x = rng_state;
-	x ^= x >> 12;
-	x ^= x << 25;
-	x ^= x >> 27;
-	rng_state = x;
-	return (uint32_t)((x * 0x2545f4914f6cdd1dull) >> 32);
-}
-
-static float rng_f(void)
-{
-	return (float)((double)rng_u32() / 2147483648.0 - 1.0);
-}
-
-static void *xmalloc(size_t n)
-{
-	void *p = malloc(n ? n : 1);
-	assert_non_null(p);
-	return p;
-}
-
-static uint32_t f2u(float f)
-{
-	uint32_t u;
-	memcpy(&u, &f, sizeof(u));
-	return u;
-}
 
 static unsigned get16(const uint8_t *p)
 {

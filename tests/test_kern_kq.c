@@ -17,46 +17,10 @@
 #include <string.h>
 
 #include "kernels/kern.h"
+#include "kern_test.h"
 #include "kernels/kern_impl.h"
 
 /* ----------------------------------------------------------- helpers */
-
-static uint64_t rng_state;
-
-static void rng_seed(uint64_t s)
-{
-	rng_state = s * 0x9e3779b97f4a7c15ull + 1;
-}
-
-static uint32_t rng_u32(void)
-{
-	uint64_t x = rng_state;
-	x ^= x >> 12;
-	x ^= x << 25;
-	x ^= x >> 27;
-	rng_state = x;
-	return (uint32_t)((x * 0x2545f4914f6cdd1dull) >> 32);
-}
-
-/* uniform in [-1, 1) */
-static float rng_f(void)
-{
-	return (float)((double)rng_u32() / 2147483648.0 - 1.0);
-}
-
-static uint32_t f2u(float f)
-{
-	uint32_t u;
-	memcpy(&u, &f, sizeof(u));
-	return u;
-}
-
-static void *xmalloc(size_t n)
-{
-	void *p = malloc(n ? n : 1);
-	assert_non_null(p);
-	return p;
-}
 
 static int have_avx2(void)
 {
@@ -719,12 +683,18 @@ int main(void)
 {
 	kern_init();
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_type_table),	       cmocka_unit_test(test_q8k_hand),
-	    cmocka_unit_test(test_q8k_simd),	       cmocka_unit_test(test_q8k_dequant),
-	    cmocka_unit_test(test_dequant_oracle),     cmocka_unit_test(test_dequant_simd),
-	    cmocka_unit_test(test_dot_ref_double),     cmocka_unit_test(test_dot_simd),
-	    cmocka_unit_test(test_matmul),	       cmocka_unit_test(test_dot_ggml),
-	    cmocka_unit_test(test_matmul_dense_ggml),  cmocka_unit_test(test_matmul_dense_iq4xs),
+	    cmocka_unit_test(test_type_table),
+	    cmocka_unit_test(test_q8k_hand),
+	    cmocka_unit_test(test_q8k_simd),
+	    cmocka_unit_test(test_q8k_dequant),
+	    cmocka_unit_test(test_dequant_oracle),
+	    cmocka_unit_test(test_dequant_simd),
+	    cmocka_unit_test(test_dot_ref_double),
+	    cmocka_unit_test(test_dot_simd),
+	    cmocka_unit_test(test_matmul),
+	    cmocka_unit_test(test_dot_ggml),
+	    cmocka_unit_test(test_matmul_dense_ggml),
+	    cmocka_unit_test(test_matmul_dense_iq4xs),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "kernels/kern.h"
+#include "kern_test.h"
 
 static const uint32_t types[] = {KERN_Q4_1, KERN_Q5_0, KERN_Q5_1, KERN_IQ4_NL};
 #define N_TYPES (sizeof(types) / sizeof(types[0]))
@@ -30,35 +31,6 @@ static const int iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
 			      1,    13,	  25,  38,  53,	 69,  89,  113};
 
 /* ----------------------------------------------------------- helpers */
-
-static uint64_t rng_state;
-
-static void rng_seed(uint64_t s)
-{
-	rng_state = s * 0x9e3779b97f4a7c15ull + 1;
-}
-
-static uint32_t rng_u32(void)
-{
-	uint64_t x = rng_state;
-	x ^= x >> 12;
-	x ^= x << 25;
-	x ^= x >> 27;
-	rng_state = x;
-	return (uint32_t)((x * 0x2545f4914f6cdd1dull) >> 32);
-}
-
-static float rng_f(void) /* [-1, 1) */
-{
-	return (float)((double)rng_u32() / 2147483648.0 - 1.0);
-}
-
-static uint32_t f2u(float f)
-{
-	uint32_t u;
-	memcpy(&u, &f, sizeof(u));
-	return u;
-}
 
 /* bit-identical, or both NaN (the sign and payload of a NaN from an
  * operation depend on operand order, which is the compiler's choice) */
@@ -70,13 +42,6 @@ static int same_float(float a, float b)
 static int have_avx2(void)
 {
 	return kern_cpu_avx2();
-}
-
-static void *xmalloc(size_t n)
-{
-	void *p = malloc(n ? n : 1);
-	assert_non_null(p);
-	return p;
 }
 
 /* n bytes that end where an inaccessible page begins, so that reading past
