@@ -13,6 +13,11 @@ void log_set_quiet(int quiet)
 	log_quiet = quiet;
 }
 
+int log_is_quiet(void)
+{
+	return log_quiet;
+}
+
 static void log_write_line(const char *level, const char *fmt, va_list ap)
 {
 	char line[2048];

@@ -16,5 +16,6 @@ void log_error(const char *fmt, ...) LOG_PRINTF(1, 2);
 void log_warn(const char *fmt, ...) LOG_PRINTF(1, 2);
 void log_info(const char *fmt, ...) LOG_PRINTF(1, 2);
 void log_set_quiet(int quiet);
+int log_is_quiet(void);
 
 #endif

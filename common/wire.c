@@ -12,8 +12,8 @@ const char *wire_kind_name(enum wire_kind k)
 {
 	static const char *names[] = {"none",  "hello",	   "assign", "weight_chunk",
 				      "ready", "batch",	   "result", "heartbeat",
-				      "stats", "shutdown", "error",  "release"};
-	return (unsigned)k <= WIRE_RELEASE ? names[k] : "?";
+				      "stats", "shutdown", "error",  "release", "progress"};
+	return (unsigned)k <= WIRE_PROGRESS ? names[k] : "?";
 }
 
 static int wire_dtype_ok(uint32_t t)
@@ -50,6 +50,7 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 	Moefleet__Shutdown shutdown = MOEFLEET__SHUTDOWN__INIT;
 	Moefleet__Error error = MOEFLEET__ERROR__INIT;
 	Moefleet__Release release = MOEFLEET__RELEASE__INIT;
+	Moefleet__Progress progress = MOEFLEET__PROGRESS__INIT;
 	Moefleet__LayerExperts *layers = NULL, **layer_ptrs = NULL;
 	int n_group = 0; /* entries of layers[] whose experts arrays to free */
 	protobuf_c_boolean *moe_flags = NULL;
@@ -141,6 +142,13 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		ready.released = m->u.ready.released != 0;
 		env.body_case = MOEFLEET__ENVELOPE__BODY_READY;
 		env.ready = &ready;
+		break;
+	case WIRE_PROGRESS:
+		progress.placement_epoch = m->u.progress.placement_epoch;
+		progress.done_bytes = m->u.progress.done;
+		progress.total_bytes = m->u.progress.total;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_PROGRESS;
+		env.progress = &progress;
 		break;
 	case WIRE_BATCH: {
 		const struct wire_batch *b = &m->u.batch;
@@ -386,6 +394,16 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 		out->u.ready.n_experts = env->ready->n_experts;
 		out->u.ready.bytes = env->ready->bytes;
 		out->u.ready.released = env->ready->released;
+		break;
+	case MOEFLEET__ENVELOPE__BODY_PROGRESS:
+		if (env->progress->done_bytes > env->progress->total_bytes) {
+			rc = wire_bad(peer, "progress beyond its total");
+			goto out;
+		}
+		out->kind = WIRE_PROGRESS;
+		out->u.progress = (struct wire_progress){env->progress->placement_epoch,
+							 env->progress->done_bytes,
+							 env->progress->total_bytes};
 		break;
 	case MOEFLEET__ENVELOPE__BODY_RELEASE: {
 		const Moefleet__Release *r = env->release;

@@ -41,6 +41,7 @@ enum wire_kind {
 	WIRE_SHUTDOWN,
 	WIRE_ERROR,
 	WIRE_RELEASE,
+	WIRE_PROGRESS,
 };
 
 struct wire_hello {
@@ -85,6 +86,12 @@ struct wire_release {
 	uint32_t *pair_expert;
 };
 
+/* Loading progress (done <= total, checked on decode). */
+struct wire_progress {
+	uint64_t placement_epoch;
+	uint64_t done, total;
+};
+
 struct wire_batch {
 	uint64_t step;
 	uint32_t layer;
@@ -119,6 +126,7 @@ struct wire_msg {
 		struct wire_result result;
 		uint64_t heartbeat_nonce;
 		struct wire_stats stats;
+		struct wire_progress progress;
 		char text[WIRE_MAX_NAME]; /* shutdown reason, error message */
 	} u;
 	/* Shutdown: the coordinator does not know this worker (dropped as lost,

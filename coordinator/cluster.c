@@ -4,6 +4,7 @@
 #include "simulate.h"
 #include "../common/err.h"
 #include "../common/log.h"
+#include "../common/progress.h"
 #include "../common/wire.h"
 #include "../kernels/kern.h"
 #include "../worker/shard.h"
@@ -49,6 +50,7 @@ struct cluster_peer {
 	/* compute seconds at the start of the epoch in force */
 	double epoch_compute0;
 	int releasing; /* a Release is not answered yet */
+	uint64_t load_done, load_total; /* its last Progress at start-up */
 	/* each answered batch's wall time (sent to answered) minus the compute
 	 * time the worker reported, for the simulator's calibration (the first
 	 * CLUSTER_FIT_MAX batches) */
@@ -454,10 +456,30 @@ out:
 	return rc;
 }
 
+/* The cluster's loading progress from the workers' Progress messages: the
+ * bytes read so far over the bytes all workers that read their own file
+ * will read (a worker not heard from yet counts with its placed bytes). */
+static void cluster_report_load(cluster *c, struct progress *pr)
+{
+	uint64_t done = 0, total = 0;
+	for (int i = 0; i < c->n; i++) {
+		if (c->w[i].load_total) {
+			done += c->w[i].load_done;
+			total += c->w[i].load_total;
+		} else if (!c->cfg.stream && c->w[i].hello.has_model && !c->w[i].ready) {
+			total += c->plan.worker_bytes[i];
+		}
+	}
+	pr->total = total;
+	progress_report(pr, done, progress_now());
+}
+
 static int cluster_wait_ready(cluster *c)
 {
 	double deadline = cluster_now() + c->cfg.join_timeout_ms / 1000.0;
 	int ready = 0;
+	struct progress pr;
+	progress_start(&pr, "cluster: reading experts", 0, -1, progress_now());
 	while (ready < c->n) {
 		int left = (int)((deadline - cluster_now()) * 1000.0);
 		if (left <= 0) {
@@ -481,6 +503,12 @@ static int cluster_wait_ready(cluster *c)
 			transport_drop_peer(c->t, peer);
 		} else if (who < 0) {
 			cluster_on_stranger(c, peer, &m);
+		} else if (m.kind == WIRE_PROGRESS) {
+			/* a worker still reading is alive: the wait restarts */
+			c->w[who].load_done = m.u.progress.done;
+			c->w[who].load_total = m.u.progress.total;
+			deadline = cluster_now() + c->cfg.join_timeout_ms / 1000.0;
+			cluster_report_load(c, &pr);
 		} else if (m.kind == WIRE_READY && !c->w[who].ready) {
 			c->w[who].ready = 1;
 			c->w[who].serving = 1;
@@ -2032,7 +2060,8 @@ static void cluster_take(cluster *c, const struct expert_job *job, int who,
 		cluster_drop(c, who, m->u.text);
 	} else if (m->kind == WIRE_READY) {
 		cluster_on_ready(c, who, &m->u.ready);
-	} else if (m->kind != WIRE_HEARTBEAT && m->kind != WIRE_STATS && m->kind != WIRE_HELLO) {
+	} else if (m->kind != WIRE_HEARTBEAT && m->kind != WIRE_STATS && m->kind != WIRE_HELLO &&
+		   m->kind != WIRE_PROGRESS) {
 		/* a repeated Hello of a member is harmless */
 		cluster_drop(c, who, "unexpected message during a step");
 	}

@@ -5,6 +5,7 @@
 #include "../common/gguf.h"
 #include "../common/log.h"
 #include "../common/pool.h"
+#include "../common/progress.h"
 #include "../common/wire.h"
 #include "../kernels/kern.h"
 
@@ -42,7 +43,8 @@ struct worker {
 	transport *t;
 	const struct worker_config *cfg;
 	pool *pool;
-	gguf *g;
+	const gguf *g; /* the model file: cfg->model, or g_own */
+	gguf *g_own;
 	shard *shard;
 	struct moe_spec spec;
 	uint64_t epoch;		     /* of the last Assign */
@@ -226,6 +228,76 @@ static int worker_add_streamed(struct worker *w, size_t b0)
 	return 0;
 }
 
+/* Brings [p, p + n) of the mapped file into memory: the pages holding these
+ * bytes and no others (their neighbours' bytes only share the end pages). */
+static void worker_read_pages(const uint8_t *p, uint64_t n)
+{
+	const uintptr_t psz = (uintptr_t)sysconf(_SC_PAGE_SIZE);
+	uintptr_t lo = (uintptr_t)p & ~(psz - 1), hi = ((uintptr_t)p + n + psz - 1) & ~(psz - 1);
+	if (n == 0)
+		return;
+#ifdef MADV_POPULATE_READ
+	if (madvise((void *)lo, hi - lo, MADV_POPULATE_READ) == 0)
+		return;
+#endif
+	madvise((void *)lo, hi - lo, MADV_WILLNEED);
+	uint8_t acc = 0;
+	for (uintptr_t q = (uintptr_t)p; q < (uintptr_t)p + n; q = (q & ~(psz - 1)) + psz)
+		acc ^= *(const volatile uint8_t *)q;
+	(void)acc;
+}
+
+/* The first assignment's experts, taken from the file as mmap pointers, are
+ * read in now, so that the first Batch does not wait for the disk: only
+ * their bytes, in file order within each tensor.  Progress goes to the log
+ * and, as Progress messages (at each 1 %), to the coordinator, which sums
+ * them over the cluster. */
+static int worker_read_experts(struct worker *w, const uint32_t *pl, const uint32_t *pe,
+			       uint32_t n)
+{
+	uint64_t total = 0, done = 0, n_b;
+	int n_t = w->spec.has_bias ? 6 : 3;
+	for (uint32_t i = 0; i < n; i++)
+		total += worker_file_expert_bytes(w, (int)pl[i], (int)pe[i]);
+	struct progress pr;
+	progress_start(&pr, "worker: reading experts", total, -1, progress_now());
+	struct wire_msg m = {.kind = WIRE_PROGRESS};
+	m.u.progress = (struct wire_progress){w->epoch, 0, total};
+	int rc = worker_send(w, &m, NULL, 0), sent_pct = 0;
+	/* tensor-major: consecutive experts of a tensor are adjacent in the file */
+	for (int t = 0; t < n_t && !rc; t++) {
+		for (uint32_t i = 0; i < n && !rc; i++) {
+			const uint8_t *p = worker_file_tensor(w, (int)pl[i], (int)pe[i], t, &n_b);
+			if (!p)
+				continue;
+			if (i + 1 < n) { /* the next one is read ahead while this one is faulted in */
+				uint64_t n2;
+				const uint8_t *q =
+				    worker_file_tensor(w, (int)pl[i + 1], (int)pe[i + 1], t, &n2);
+				const uintptr_t psz = (uintptr_t)sysconf(_SC_PAGE_SIZE);
+				uintptr_t lo = (uintptr_t)q & ~(psz - 1);
+				if (q)
+					madvise((void *)lo, (uintptr_t)q + n2 - lo, MADV_WILLNEED);
+			}
+			worker_read_pages(p, n_b);
+			done += n_b;
+			progress_report(&pr, done, progress_now());
+			int pct = total ? (int)(100 * done / total) : 100;
+			if (pct > sent_pct && done < total) {
+				sent_pct = pct;
+				m.u.progress.done = done;
+				rc = worker_send(w, &m, NULL, 0);
+			}
+		}
+	}
+	if (!rc) {
+		m.u.progress.done = total;
+		progress_report(&pr, total, progress_now());
+		rc = worker_send(w, &m, NULL, 0);
+	}
+	return rc;
+}
+
 static int worker_new_shard(struct worker *w, const struct moe_spec *spec)
 {
 	worker_clear(w);
@@ -266,7 +338,12 @@ static int worker_on_assign(struct worker *w, const struct wire_assign *a)
 	w->bufs = calloc((size_t)a->n_pairs * per + 1, sizeof(*w->bufs));
 	if (!w->bufs)
 		return ERR_NOMEM;
-	uint32_t added = 0;
+	uint32_t added = 0, n_file = 0;
+	rc = 0;
+	uint32_t *file_l = malloc(((size_t)a->n_pairs + 1) * 2 * sizeof(uint32_t));
+	if (!file_l)
+		return ERR_NOMEM;
+	uint32_t *file_e = file_l + a->n_pairs + 1;
 	for (uint32_t i = 0; i < a->n_pairs; i++) {
 		int l = (int)a->pair_layer[i], e = (int)a->pair_expert[i];
 		if (shard_has(w->shard, l, e))
@@ -276,7 +353,9 @@ static int worker_on_assign(struct worker *w, const struct wire_assign *a)
 			/* mmap pointers: nothing is read until used */
 			rc = worker_add_from_file(w, l, e);
 			if (rc)
-				return rc;
+				goto out;
+			file_l[n_file] = (uint32_t)l;
+			file_e[n_file++] = (uint32_t)e;
 			continue;
 		}
 		for (size_t t = 0; t < per; t++) {
@@ -289,11 +368,17 @@ static int worker_on_assign(struct worker *w, const struct wire_assign *a)
 	log_info("worker: epoch %llu assigns %u experts, %u new (%s)",
 		 (unsigned long long)a->placement_epoch, a->n_pairs, added,
 		 stream ? "streamed from the coordinator" : "from the local model file");
-	if (w->n_bufs == 0) {
+	/* a later epoch's experts are faulted in by use: reading them here
+	 * would hold up the Batches of the epoch in force */
+	if (w->initial && n_file)
+		rc = worker_read_experts(w, file_l, file_e, n_file);
+	if (!rc && w->n_bufs == 0) {
 		w->initial = 0;
-		return worker_send_ready(w, 0);
+		rc = worker_send_ready(w, 0);
 	}
-	return 0;
+out:
+	free(file_l);
+	return rc;
 }
 
 static int worker_on_chunk(struct worker *w, const struct wire_weight_chunk *c, const uint8_t *data,
@@ -609,9 +694,13 @@ out:
 
 static int worker_open_model(struct worker *w)
 {
-	if (!w->cfg->model_path)
+	if (w->cfg->model || !w->cfg->model_path) {
+		w->g = w->cfg->model;
 		return 0;
-	return gguf_open(w->cfg->model_path, &w->g);
+	}
+	int rc = gguf_open(w->cfg->model_path, &w->g_own);
+	w->g = w->g_own;
+	return rc;
 }
 
 int worker_run(transport *t, const struct worker_config *cfg)
@@ -771,7 +860,7 @@ out:
 	free(w.hdr);
 	free(w.out);
 	free(w.items);
-	gguf_destroy(&w.g);
+	gguf_destroy(&w.g_own);
 	pool_destroy(&w.pool);
 	return rc;
 }

@@ -51,6 +51,7 @@ enum worker_fault {
 
 struct worker_config {
 	const char *model_path; /* NULL: weights must be streamed */
+	const struct gguf *model; /* an open model the caller owns (overrides model_path) */
 	int n_threads;		/* <= 0: all cores */
 	uint64_t memory_bytes;	/* offered for experts; 0: physical memory */
 	const char *name;
