@@ -533,6 +533,13 @@ static int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_clus
 	    .rebalance_every = (int)o->rebalance_every,
 	    .rebalance_threshold = 0.02,
 	};
+	struct footprint fp;
+	if (footprint_measure(model_get_gguf(m), &fp) == 0)
+		log_info("coordinator: %.2f GiB of weights stay here (the %.2f GiB of routed "
+			 "experts go to the workers), plus KV %.1f MiB per 1K tokens of a sequence",
+			 (double)(fp.coordinator_bytes + fp.coordinator_built_bytes) / 1073741824.0,
+			 (double)fp.expert_bytes / 1073741824.0,
+			 (double)fp.kv_bytes_per_1k / 1048576.0);
 	rc = cluster_new(t, &cfg, model_get_pool(m), &cc->c);
 	if (rc)
 		return rc;

@@ -535,6 +535,7 @@ int cluster_new(transport *t, const struct cluster_config *cfg, pool *p, cluster
 		transport_destroy(&t);
 		return ERR_NOMEM;
 	}
+	double t0 = cluster_now();
 	c->t = t;
 	c->cfg = *cfg;
 	c->spec = *cfg->spec;
@@ -567,6 +568,8 @@ int cluster_new(transport *t, const struct cluster_config *cfg, pool *p, cluster
 		rc = cluster_assign(c);
 	if (!rc)
 		rc = cluster_wait_ready(c);
+	if (!rc)
+		log_info("cluster: %d workers ready %.1f s after start", c->n, cluster_now() - t0);
 	if (!rc)
 		rc = cluster_grow(c, (size_t)c->n);
 	c->started = 1;

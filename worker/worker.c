@@ -692,6 +692,39 @@ out:
 	return best;
 }
 
+/* The memory limit of this process's cgroup (v1 memory controller or v2),
+ * or 0 when there is none. */
+static uint64_t worker_cgroup_limit(void)
+{
+	FILE *f = fopen("/proc/self/cgroup", "r");
+	if (!f)
+		return 0;
+	char line[512], path[700];
+	uint64_t limit = 0;
+	while (!limit && fgets(line, sizeof(line), f)) {
+		line[strcspn(line, "\n")] = 0;
+		const char *rel = NULL, *file = NULL;
+		if (!strncmp(line, "0::", 3)) {
+			rel = line + 3;
+			file = "/sys/fs/cgroup%s/memory.max";
+		} else if (strstr(line, ":memory:")) {
+			rel = strstr(line, ":memory:") + 8;
+			file = "/sys/fs/cgroup/memory%s/memory.limit_in_bytes";
+		}
+		if (!rel)
+			continue;
+		snprintf(path, sizeof(path), file, rel);
+		FILE *g = fopen(path, "r");
+		unsigned long long v;
+		if (g && fscanf(g, "%llu", &v) == 1 && v < (1ull << 60))
+			limit = v; /* "max" or a huge number: no limit */
+		if (g)
+			fclose(g);
+	}
+	fclose(f);
+	return limit;
+}
+
 static int worker_open_model(struct worker *w)
 {
 	if (w->cfg->model || !w->cfg->model_path) {
@@ -717,9 +750,11 @@ int worker_run(transport *t, const struct worker_config *cfg)
 	struct wire_msg hello = {.kind = WIRE_HELLO};
 	hello.u.hello.cores = (uint32_t)pool_size(w.pool);
 	long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGE_SIZE);
-	hello.u.hello.memory_bytes =
-	    cfg->memory_bytes ? cfg->memory_bytes
-			      : (pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0);
+	uint64_t phys = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0;
+	uint64_t cg = worker_cgroup_limit();
+	hello.u.hello.memory_bytes = cfg->memory_bytes	   ? cfg->memory_bytes
+				     : cg && (!phys || cg < phys) ? cg
+							      : phys;
 	hello.u.hello.has_model = w.g != NULL;
 	hello.u.hello.expert_rows_per_sec = worker_calibrate(&w);
 	if (w.g)

@@ -53,7 +53,7 @@ struct worker_config {
 	const char *model_path; /* NULL: weights must be streamed */
 	const struct gguf *model; /* an open model the caller owns (overrides model_path) */
 	int n_threads;		/* <= 0: all cores */
-	uint64_t memory_bytes;	/* offered for experts; 0: physical memory */
+	uint64_t memory_bytes;	/* offered for experts; 0: physical memory, or the cgroup limit if lower */
 	const char *name;
 	int idle_timeout_ms; /* <= 0: wait forever */
 	enum worker_fault fault;
