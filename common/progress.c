@@ -7,7 +7,7 @@
 #include <unistd.h>
 
 #define PROGRESS_TTY_INTERVAL 0.2
-#define PROGRESS_MIN_BYTES (256ull << 20)
+#define PROGRESS_MIN_BYTES    (256ull << 20)
 
 void progress_start(struct progress *p, const char *what, uint64_t total, int tty, double now)
 {
@@ -76,7 +76,8 @@ void progress_report(struct progress *p, uint64_t done, double now)
 	char out[300];
 	int k = snprintf(out, sizeof(out), "\rmoefleet: %s\033[K%s", line, p->ended ? "\n" : "");
 	if (k > 0) {
-		ssize_t w = write(STDERR_FILENO, out, (size_t)k < sizeof(out) ? (size_t)k : sizeof(out) - 1);
+		ssize_t w = write(STDERR_FILENO, out,
+				  (size_t)k < sizeof(out) ? (size_t)k : sizeof(out) - 1);
 		(void)w;
 	}
 }

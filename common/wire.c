@@ -10,9 +10,9 @@
 
 const char *wire_kind_name(enum wire_kind k)
 {
-	static const char *names[] = {"none",  "hello",	   "assign", "weight_chunk",
-				      "ready", "batch",	   "result", "heartbeat",
-				      "stats", "shutdown", "error",  "release", "progress"};
+	static const char *names[] = {"none",  "hello",	  "assign",    "weight_chunk", "ready",
+				      "batch", "result",  "heartbeat", "stats",	       "shutdown",
+				      "error", "release", "progress"};
 	return (unsigned)k <= WIRE_PROGRESS ? names[k] : "?";
 }
 
@@ -401,9 +401,9 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 			goto out;
 		}
 		out->kind = WIRE_PROGRESS;
-		out->u.progress = (struct wire_progress){env->progress->placement_epoch,
-							 env->progress->done_bytes,
-							 env->progress->total_bytes};
+		out->u.progress =
+		    (struct wire_progress){env->progress->placement_epoch,
+					   env->progress->done_bytes, env->progress->total_bytes};
 		break;
 	case MOEFLEET__ENVELOPE__BODY_RELEASE: {
 		const Moefleet__Release *r = env->release;

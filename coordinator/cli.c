@@ -64,6 +64,8 @@ struct cli_opts {
 	int insecure;		     /* --insecure: plain tcp:// */
 	struct route_opts route;     /* --routing, --router-bias (all zero: the model's own) */
 	const char *worker_memory;   /* info: --worker-memory 64G,64G */
+	const char *node_memory;     /* info: --node-memory 32G */
+	long ctx_size;		     /* info: --ctx-size N */
 	int kv_f32;		     /* --kv-type f32 */
 	int roofline;		     /* bench --roofline */
 };
@@ -242,6 +244,11 @@ static int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts
 			o->wire_dtype = v;
 		} else if (!strcmp(a, "--worker-memory")) {
 			o->worker_memory = v;
+		} else if (!strcmp(a, "--node-memory")) {
+			o->node_memory = v;
+		} else if (!strcmp(a, "--ctx-size")) {
+			if (cli_parse_long(a, v, 1, 1L << 24, &o->ctx_size))
+				return -1;
 		} else if (!strcmp(a, "--routing")) {
 			if (route_parse_routing(v, &o->route))
 				return -1;
@@ -675,13 +682,18 @@ void cli_model_close(model **m, struct cli_model **hp)
 
 static const char *cli_usage_info =
     "usage: moefleet info -m MODEL.gguf [--workers N | --worker-memory 64G,64G,...]\n"
+    "                     [--node-memory 32G [--ctx-size N]]\n"
     "  Prints the architecture, hyper-parameters, every tensor's\n"
     "  type and size, and the bytes of routed experts versus the rest;\n"
     "  the tensor count and bytes per type, experts and the rest apart; the\n"
     "  files of a split model (give its first shard, NAME-00001-of-0000K.gguf);\n"
     "  then what a cluster needs: coordinator bytes, expert bytes per layer,\n"
     "  KV cache per 1K tokens, and with --workers / --worker-memory the\n"
-    "  bytes each worker would hold.\n";
+    "  bytes each worker would hold.  --node-memory plans a cluster of nodes\n"
+    "  with that much memory each: per node what it holds (the coordinator:\n"
+    "  weights and the KV of one sequence of --ctx-size tokens, default 4096;\n"
+    "  each worker: its experts), whether it fits, and how many worker nodes\n"
+    "  the experts need.\n";
 
 static void cli_print_kv(const gguf *g, uint64_t i)
 {
@@ -778,16 +790,23 @@ static void cli_print_shards(const gguf *g)
 static int cli_info(int argc, char **argv)
 {
 	struct cli_opts o = {0};
-	if (cli_parse(argc, argv, "-m --model --workers --worker-memory", &o) ||
+	if (cli_parse(argc, argv, "-m --model --workers --worker-memory --node-memory --ctx-size",
+		      &o) ||
 	    (!o.help && !o.model)) {
 		fputs(cli_usage_info, stderr);
 		return CLI_USAGE;
 	}
 	uint64_t wmem[FOOTPRINT_MAX_WORKERS];
 	int n_wmem = 0;
-	if (o.worker_memory &&
-	    footprint_parse_memory(o.worker_memory, wmem, FOOTPRINT_MAX_WORKERS, &n_wmem))
+	struct footprint_plan plan = {0, (int)o.ctx_size};
+	int n_node = 0;
+	if ((o.worker_memory &&
+	     footprint_parse_memory(o.worker_memory, wmem, FOOTPRINT_MAX_WORKERS, &n_wmem)) ||
+	    (o.node_memory &&
+	     footprint_parse_memory(o.node_memory, &plan.node_memory, 1, &n_node))) {
+		fputs(cli_usage_info, stderr);
 		return CLI_USAGE;
+	}
 	if (o.help) {
 		fputs(cli_usage_info, stdout);
 		return CLI_OK;
@@ -834,7 +853,8 @@ static int cli_info(int argc, char **argv)
 	       (double)rest / 1048576.0);
 	cli_print_type_mix(g);
 	cli_print_shards(g);
-	int frc = footprint_report(g, n_wmem ? wmem : NULL, n_wmem ? n_wmem : (int)o.workers);
+	int frc =
+	    footprint_report(g, n_wmem ? wmem : NULL, n_wmem ? n_wmem : (int)o.workers, &plan);
 	gguf_destroy(&g);
 	return frc ? CLI_FAIL : CLI_OK;
 }

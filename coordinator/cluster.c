@@ -49,7 +49,7 @@ struct cluster_peer {
 	uint64_t sq_off;
 	/* compute seconds at the start of the epoch in force */
 	double epoch_compute0;
-	int releasing; /* a Release is not answered yet */
+	int releasing;			/* a Release is not answered yet */
 	uint64_t load_done, load_total; /* its last Progress at start-up */
 	/* each answered batch's wall time (sent to answered) minus the compute
 	 * time the worker reported, for the simulator's calibration (the first
@@ -1204,8 +1204,7 @@ static uint32_t cluster_wire_type(const cluster *c, int layer)
 	if (kern_act_type(c->layer_types[layer][1]) != act)
 		return KERN_F32;
 	if (!want)
-		want = act == KERN_Q8_0 || act == KERN_Q8_1 || act == KERN_Q8_K ||
-			       act == KERN_BF16
+		want = act == KERN_Q8_0 || act == KERN_Q8_1 || act == KERN_Q8_K || act == KERN_BF16
 			   ? act
 			   : KERN_F32;
 	/* rows are only sent pre-converted when that is the experts' own type */

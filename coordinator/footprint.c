@@ -241,7 +241,7 @@ int footprint_parse_memory(const char *list, uint64_t *mem, int max, int *n)
 		if (*end != ',' && *end != '\0')
 			goto bad;
 		if (*n == max) {
-			log_error("--worker-memory %s: more than %d workers", list, max);
+			log_error("memory sizes '%s': more than %d", list, max);
 			return ERR_CONFIG;
 		}
 		if (v * mul > 1.8e19 || v * mul < 1)
@@ -255,7 +255,7 @@ int footprint_parse_memory(const char *list, uint64_t *mem, int max, int *n)
 		goto bad;
 	return 0;
 bad:
-	log_error("--worker-memory %s: expected sizes like 64G,64G,32G", list ? list : "");
+	log_error("memory sizes '%s': expected sizes like 64G,64G,32G", list ? list : "");
 	return ERR_CONFIG;
 }
 
@@ -273,7 +273,74 @@ static const char *footprint_human(uint64_t b, char *buf, size_t cap)
 	return buf;
 }
 
-int footprint_report(const gguf *g, const uint64_t *mem, int n_worker)
+/* Whether a node of `memory` bytes holds `bytes` plus the working room. */
+static const char *footprint_fits(uint64_t bytes, uint64_t memory)
+{
+	return bytes + FOOTPRINT_ROOM <= memory ? "fits" : "DOES NOT FIT";
+}
+
+/* Per node: what it holds and whether that fits --node-memory. */
+static int footprint_report_nodes(const struct footprint *f, const uint64_t *mem, int n_worker,
+				  const struct footprint_plan *plan)
+{
+	char h1[32], h2[32], h3[32], h4[32];
+	uint64_t node = plan->node_memory, kv = 0, *wb = NULL, *budget = NULL;
+	int n_ctx = plan->n_ctx > 0 ? plan->n_ctx : 4096, rc = 0;
+	if (f->kv_known)
+		kv = (uint64_t)((double)f->kv_bytes_per_1k * n_ctx / 1024.0) + f->kv_bytes_fixed;
+	uint64_t coord = f->coordinator_bytes + f->coordinator_built_bytes + kv;
+	printf("  plan: nodes of %s each (%s of it kept for buffers and the system), one "
+	       "sequence of %d tokens:\n",
+	       footprint_human(node, h1, 32), footprint_human(FOOTPRINT_ROOM, h2, 32), n_ctx);
+	printf("    coordinator: %s of weights + %s of KV + room = %s of %s: %s\n",
+	       footprint_human(f->coordinator_bytes + f->coordinator_built_bytes, h1, 32),
+	       footprint_human(kv, h2, 32), footprint_human(coord + FOOTPRINT_ROOM, h3, 32),
+	       footprint_human(node, h4, 32), footprint_fits(coord, node));
+	uint64_t per = node > FOOTPRINT_ROOM ? node - FOOTPRINT_ROOM : 0;
+	if (per == 0) {
+		printf("    workers: %s leaves no room for experts\n",
+		       footprint_human(node, h1, 32));
+		return 0;
+	}
+	uint64_t need_n = (f->expert_bytes + per - 1) / per;
+	if (n_worker <= 0) {
+		printf("    workers: %s of experts need at least %llu node(s) of this size "
+		       "(--workers N to place them)\n",
+		       footprint_human(f->expert_bytes, h1, 32), (unsigned long long)need_n);
+		return 0;
+	}
+	wb = calloc((size_t)n_worker, sizeof(*wb));
+	budget = calloc((size_t)n_worker, sizeof(*budget));
+	if (!wb || !budget) {
+		rc = ERR_NOMEM;
+		goto out;
+	}
+	for (int i = 0; i < n_worker; i++)
+		budget[i] = mem ? (mem[i] < per ? mem[i] : per) : per;
+	if (footprint_place(f, budget, n_worker, wb) != 0) {
+		printf("    workers: %s of experts DO NOT FIT on %d node(s); at least %llu are "
+		       "needed\n",
+		       footprint_human(f->expert_bytes, h1, 32), n_worker,
+		       (unsigned long long)need_n);
+		goto out;
+	}
+	for (int i = 0; i < n_worker; i++) {
+		uint64_t has = mem && mem[i] < node ? mem[i] : node;
+		printf("    worker %d: %s of experts + room = %s of %s: %s\n", i,
+		       footprint_human(wb[i], h1, 32),
+		       footprint_human(wb[i] + FOOTPRINT_ROOM, h2, 32),
+		       footprint_human(has, h3, 32), footprint_fits(wb[i], has));
+	}
+	printf("    the model needs at least %llu worker node(s) of this size\n",
+	       (unsigned long long)need_n);
+out:
+	free(wb);
+	free(budget);
+	return rc;
+}
+
+int footprint_report(const gguf *g, const uint64_t *mem, int n_worker,
+		     const struct footprint_plan *plan)
 {
 	struct footprint f;
 	uint64_t *wb = NULL, *ample = NULL;
@@ -309,6 +376,8 @@ int footprint_report(const gguf *g, const uint64_t *mem, int n_worker)
 		       footprint_human(f.kv_bytes_fixed, h2, 32));
 	else
 		printf("  KV cache: layout of architecture '%s' unknown\n", f.arch);
+	if (plan && plan->node_memory)
+		return footprint_report_nodes(&f, mem, n_worker, plan);
 	if (n_worker <= 0)
 		return 0;
 	wb = calloc((size_t)n_worker, sizeof(*wb));

@@ -65,9 +65,26 @@ int footprint_place(const struct footprint *f, const uint64_t *mem, int n_worker
 /* "64G,64G" -> mem[0..*n); at most max entries, each > 0. */
 int footprint_parse_memory(const char *list, uint64_t *mem, int max, int *n);
 
+/* Bytes of a node's memory kept for buffers, the system and the program
+ * itself when planning. */
+#define FOOTPRINT_ROOM (512ull << 20)
+
+/* A cluster to plan for: every node (coordinator and workers) has
+ * node_memory bytes (0: no plan), the coordinator holds one sequence of
+ * n_ctx tokens (<= 0: 4096). */
+struct footprint_plan {
+	uint64_t node_memory;
+	int n_ctx;
+};
+
 /* Prints the cluster summary of `moefleet info` to stdout: coordinator and
  * expert bytes, experts per layer, KV per 1K tokens and, when n_worker > 0,
- * the placement's bytes per worker (mem NULL: no memory limit). */
-int footprint_report(const gguf *g, const uint64_t *mem, int n_worker);
+ * the placement's bytes per worker (mem NULL: no memory limit).  With a plan
+ * (node_memory > 0), per node instead: the coordinator's weights + KV, each
+ * worker's experts (placed on node_memory - FOOTPRINT_ROOM each, or less
+ * where mem says so), whether each fits, and how many worker nodes of that
+ * size the experts need at least. */
+int footprint_report(const gguf *g, const uint64_t *mem, int n_worker,
+		     const struct footprint_plan *plan);
 
 #endif

@@ -126,6 +126,23 @@ check "deepseek4 indexer head size" 1 -- "$bin" logits -m "$tmp/ds4-idx.gguf" --
 check "deepseek4 key and value sizes differ" 1 -- "$bin" logits -m "$tmp/ds4-head.gguf" --tokens 1,2 --out "$tmp/out.f32"
 check "deepseek4 three streams" 1 -- "$bin" logits -m "$tmp/ds4-hc.gguf" --tokens 1,2 --out "$tmp/out.f32"
 check "deepseek4 tid2eid expert out of range" 1 -- "$bin" logits -m "$tmp/ds4-tid.gguf" --tokens 1,2 --out "$tmp/out.f32"
+check "info: bad --node-memory" 2 -- "$bin" info -m "$model" --node-memory 7X
+check "info: bad --ctx-size" 2 -- "$bin" info -m "$model" --node-memory 1G --ctx-size 0
+# planning: every node fits in 1G; in 513M the coordinator's KV does not, and
+# 2 workers cannot hold the 612K of experts in 512M + 100K: 7 would
+plan_ok() {
+	n=$((n + 1))
+	if "$@"; then echo "ok $n - $name"; else echo "not ok $n - $name"; fail=$((fail + 1)); fi
+}
+"$bin" info -m "$model" --workers 2 --node-memory 1G >"$tmp/plan1" 2>&1
+name="info plans 2 workers in 1G nodes"
+plan_ok test "$(grep -c ': fits$' "$tmp/plan1")" -eq 3
+"$bin" info -m "$model" --workers 2 --node-memory 513M --ctx-size 8192 >"$tmp/plan2" 2>&1
+name="info: a coordinator whose KV does not fit"
+plan_ok grep -q '^    coordinator: .*6.00 MiB of KV.*DOES NOT FIT$' "$tmp/plan2"
+"$bin" info -m "$model" --workers 2 --node-memory 524388K >"$tmp/plan3" 2>&1
+name="info: experts that do not fit 2 workers"
+plan_ok grep -q 'DO NOT FIT on 2 node(s); at least 7 are needed' "$tmp/plan3"
 # the valid run wrote 3 rows of 512 floats
 size=$(stat -c %s "$tmp/ok.f32" 2>/dev/null || echo 0)
 n=$((n + 1))

@@ -34,7 +34,7 @@
 #include "../worker/worker.h"
 #include "compare.h"
 
-#define MODEL "qwen3moe-tiny-f32" /* expert slices of 32 KiB: 7+ whole pages each */
+#define MODEL	  "qwen3moe-tiny-f32" /* expert slices of 32 KiB: 7+ whole pages each */
 #define MAX_PAGES (1 << 16)
 
 /* ------------------------------------------------------------ progress */
@@ -228,8 +228,8 @@ static void test_worker_reads_only_its_experts(void **state)
 	snprintf(endpoint, sizeof(endpoint), "ipc:///tmp/moefleet-load-%d.sock", (int)getpid());
 	pid_t pids[2];
 	for (int i = 0; i < 2; i++) {
-		snprintf(report[i], sizeof(report[i]), "/tmp/moefleet-load-%d-w%d.txt", (int)getpid(),
-			 i);
+		snprintf(report[i], sizeof(report[i]), "/tmp/moefleet-load-%d-w%d.txt",
+			 (int)getpid(), i);
 		pids[i] = fork();
 		assert_true(pids[i] >= 0);
 		if (pids[i] == 0)

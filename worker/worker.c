@@ -252,8 +252,7 @@ static void worker_read_pages(const uint8_t *p, uint64_t n)
  * their bytes, in file order within each tensor.  Progress goes to the log
  * and, as Progress messages (at each 1 %), to the coordinator, which sums
  * them over the cluster. */
-static int worker_read_experts(struct worker *w, const uint32_t *pl, const uint32_t *pe,
-			       uint32_t n)
+static int worker_read_experts(struct worker *w, const uint32_t *pl, const uint32_t *pe, uint32_t n)
 {
 	uint64_t total = 0, done = 0, n_b;
 	int n_t = w->spec.has_bias ? 6 : 3;
@@ -270,7 +269,8 @@ static int worker_read_experts(struct worker *w, const uint32_t *pl, const uint3
 			const uint8_t *p = worker_file_tensor(w, (int)pl[i], (int)pe[i], t, &n_b);
 			if (!p)
 				continue;
-			if (i + 1 < n) { /* the next one is read ahead while this one is faulted in */
+			if (i + 1 <
+			    n) { /* the next one is read ahead while this one is faulted in */
 				uint64_t n2;
 				const uint8_t *q =
 				    worker_file_tensor(w, (int)pl[i + 1], (int)pe[i + 1], t, &n2);
@@ -752,9 +752,9 @@ int worker_run(transport *t, const struct worker_config *cfg)
 	long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGE_SIZE);
 	uint64_t phys = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0;
 	uint64_t cg = worker_cgroup_limit();
-	hello.u.hello.memory_bytes = cfg->memory_bytes	   ? cfg->memory_bytes
+	hello.u.hello.memory_bytes = cfg->memory_bytes		  ? cfg->memory_bytes
 				     : cg && (!phys || cg < phys) ? cg
-							      : phys;
+								  : phys;
 	hello.u.hello.has_model = w.g != NULL;
 	hello.u.hello.expert_rows_per_sec = worker_calibrate(&w);
 	if (w.g)
