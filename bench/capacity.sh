@@ -55,6 +55,9 @@ case $nodes in '' | *[!0-9]*) die "NODES must be a number" ;; esac
 for c in ip tc; do command -v $c >/dev/null || die "$c (iproute2) is not installed"; done
 cap_bytes=$(numfmt --from=iec "${cap%B}" 2>/dev/null) || die "CAP: a size like 7G"
 [ "$cap_bytes" -ge $((256 << 20)) ] || die "CAP below 256M"
+# what a worker offers for experts: `ip netns exec` mounts its own /sys, where
+# the worker cannot see its cgroup's limit, so it is told
+offer=$((cap_bytes - (512 << 20)))
 cap_gib=$(awk -v b="$cap_bytes" 'BEGIN { printf "%.1f", b / 1073741824 }')
 
 if [ -d /sys/fs/cgroup/memory ] && [ -f /sys/fs/cgroup/memory/memory.limit_in_bytes ]; then
@@ -203,6 +206,7 @@ run_cluster() {
 	for i in $(seq 1 "$nodes"); do
 		in_node "${gw[$((i - 1))]}" "${tag}w$i" "$tmp/$name.w$i" "$wbin" \
 			--connect "tcp://10.214.0.1:$port" -m "$model" --threads "$wthreads" --name "w$i" \
+			--memory "$offer" \
 			--key "$tmp/keys/w$i.key" --server-key "$tmp/keys/cluster.pub" \
 			2>"$tmp/$name.w$i.err"
 	done
@@ -227,8 +231,9 @@ run_cluster() {
 		"$(gib $(($(cat "$tmp/$name.c.hwm" 2>/dev/null || echo 0) * 1024)))" "$(gib "$(group_peak "$gc")")" \
 		"${coord_bytes:-?}"
 	for i in $(seq 1 "$nodes"); do
-		local mib
-		mib=$(sed -nE "s/.*worker $((i - 1)): [0-9]+ experts, ([0-9.]+) MiB.*/\1/p" "$tmp/$name.c.err" | head -1)
+		local mib k
+		k=$(sed -nE "s/.*worker ([0-9]+) joined: w$i, .*/\1/p" "$tmp/$name.c.err" | head -1)
+		mib=$(sed -nE "s/.*worker ${k:-x}: [0-9]+ experts, ([0-9.]+) MiB.*/\1/p" "$tmp/$name.c.err" | head -1)
 		printf '    %-12s peak RSS %6s GiB  node peak %6s GiB  (experts placed %s GiB)\n' "worker $i" \
 			"$(gib $(($(cat "$tmp/$name.w$i.hwm" 2>/dev/null || echo 0) * 1024)))" \
 			"$(gib "$(group_peak "${gw[$((i - 1))]}")")" \

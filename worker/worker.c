@@ -36,6 +36,10 @@ struct worker_owned {
  * that its coordinator still knows it (a Heartbeat). */
 #define WORKER_PROBE_S 5.0
 
+/* Memory kept back from the node's (physical or cgroup) memory when the
+ * worker offers it for experts: the program, its buffers, the system. */
+#define WORKER_RESERVE (512ull << 20)
+
 /* Upper bound on n_layer x n_expert of the table of held experts. */
 #define WORKER_MAX_TABLE (1u << 22)
 
@@ -751,10 +755,11 @@ int worker_run(transport *t, const struct worker_config *cfg)
 	hello.u.hello.cores = (uint32_t)pool_size(w.pool);
 	long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGE_SIZE);
 	uint64_t phys = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0;
-	uint64_t cg = worker_cgroup_limit();
-	hello.u.hello.memory_bytes = cfg->memory_bytes		  ? cfg->memory_bytes
-				     : cg && (!phys || cg < phys) ? cg
-								  : phys;
+	uint64_t cg = worker_cgroup_limit(), have = cg && (!phys || cg < phys) ? cg : phys;
+	/* what the node has, less room for this program, its buffers and the system */
+	hello.u.hello.memory_bytes = cfg->memory_bytes		 ? cfg->memory_bytes
+				     : have > 2 * WORKER_RESERVE ? have - WORKER_RESERVE
+								 : have / 2;
 	hello.u.hello.has_model = w.g != NULL;
 	hello.u.hello.expert_rows_per_sec = worker_calibrate(&w);
 	if (w.g)

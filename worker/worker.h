@@ -50,10 +50,11 @@ enum worker_fault {
 };
 
 struct worker_config {
-	const char *model_path; /* NULL: weights must be streamed */
+	const char *model_path;	  /* NULL: weights must be streamed */
 	const struct gguf *model; /* an open model the caller owns (overrides model_path) */
-	int n_threads;		/* <= 0: all cores */
-	uint64_t memory_bytes;	/* offered for experts; 0: physical memory, or the cgroup limit if lower */
+	int n_threads;		  /* <= 0: all cores */
+	uint64_t memory_bytes;	  /* offered for experts; 0: the node's memory (physical, or the
+				     cgroup limit if lower) less 512 MiB */
 	const char *name;
 	int idle_timeout_ms; /* <= 0: wait forever */
 	enum worker_fault fault;
