@@ -21,9 +21,12 @@
 # (Y: the first rate).  Everything it creates (namespaces, cgroups, files) is
 # removed on exit, whatever happens.
 #
+# Then the cluster again with workers that have no copy of the model: the
+# coordinator streams their experts (load time and GiB/s at each rate of
+# STREAM_RATES).
 # Environment: PP (prompt tokens, 32), TG (decoded tokens, 32), REPS (3),
 # CAPPED_TG (decoded tokens of the capped single node, 8), RATES
-# ("10gbit 1gbit"), THREADS (coordinator and single-node threads, 2),
+# ("10gbit 1gbit"), STREAM_RATES ("1gbit"; "" for none), THREADS (coordinator and single-node threads, 2),
 # WORKER_THREADS (1: all nodes share this machine's cores), TIMEOUT (seconds
 # per run, 1800).
 #
@@ -189,7 +192,9 @@ rows=()
 
 # One cluster run: coordinator and NODES workers, each node capped.
 run_cluster() {
-	local name=$1 rate=$2 cold=$3
+	local name=$1 rate=$2 cold=$3 stream=${4:-}
+	local wmodel=(-m "$model")
+	[ -n "$stream" ] && wmodel=()
 	port=$((port + 1))
 	shape "$rate"
 	[ "$cold" = cold ] && drop_caches
@@ -205,7 +210,7 @@ run_cluster() {
 		>"$tmp/$name.c.out" 2>"$tmp/$name.c.err"
 	for i in $(seq 1 "$nodes"); do
 		in_node "${gw[$((i - 1))]}" "${tag}w$i" "$tmp/$name.w$i" "$wbin" \
-			--connect "tcp://10.214.0.1:$port" -m "$model" --threads "$wthreads" --name "w$i" \
+			--connect "tcp://10.214.0.1:$port" "${wmodel[@]}" --threads "$wthreads" --name "w$i" \
 			--memory "$offer" \
 			--key "$tmp/keys/w$i.key" --server-key "$tmp/keys/cluster.pub" \
 			2>"$tmp/$name.w$i.err"
@@ -226,7 +231,14 @@ run_cluster() {
 	load=$(sed -nE 's/.*cluster: [0-9]+ workers ready ([0-9.]+) s after start.*/\1/p' "$tmp/$name.c.err")
 	local coord_bytes
 	coord_bytes=$(sed -nE 's/.*coordinator: ([0-9.]+) GiB of weights stay here.*/\1/p' "$tmp/$name.c.err")
-	printf '%-24s %8s tok/s  load %6s s (%s cache)\n' "$name ($rate)" "$tgs" "${load:-?}" "$cold"
+	local how="$cold cache"
+	if [ -n "$stream" ]; then
+		local sent
+		sent=$(sed -nE 's/.*worker [0-9]+: streamed ([0-9.]+) MiB of weights.*/\1/p' "$tmp/$name.c.err" |
+			awk '{ s += $1 } END { printf "%.2f", s / 1024 }')
+		how="streamed $sent GiB, $(awk -v g="$sent" -v t="${load:-0}" 'BEGIN { if (t > 0) printf "%.2f", g / t; else printf "?" }') GiB/s"
+	fi
+	printf '%-24s %8s tok/s  load %6s s (%s)\n' "$name ($rate)" "$tgs" "${load:-?}" "$how"
 	printf '    %-12s peak RSS %6s GiB  node peak %6s GiB  (non-expert weights %s GiB)\n' coordinator \
 		"$(gib $(($(cat "$tmp/$name.c.hwm" 2>/dev/null || echo 0) * 1024)))" "$(gib "$(group_peak "$gc")")" \
 		"${coord_bytes:-?}"
@@ -282,6 +294,11 @@ for rate in $rates; do
 	run_cluster "$name" "$rate" "$cold"
 	[ -z "$first" ] && first=$name
 	cold=warm
+done
+# workers without a copy of the model: the coordinator streams every
+# expert's bytes over the shaped links (cold cache: it reads them from disk)
+for rate in ${STREAM_RATES:-1gbit}; do
+	run_cluster "stream_${rate}" "$rate" cold stream
 done
 run_single capped_1node capped "$capped_tg" 1
 run_single unconstrained free "$tg" "$reps"

@@ -4,7 +4,6 @@
 #include "log.h"
 
 #include <pthread.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -14,6 +13,7 @@ struct pool {
 	pthread_t *threads;
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
+	pthread_cond_t done_cv; /* the caller sleeps here when the last worker is late */
 	pool_fn fn;
 	void *ctx;
 	atomic_uint gen;      /* bumped for each run; workers wait for a change */
@@ -55,7 +55,12 @@ static void *pool_main(void *arg)
 		if (atomic_load(&p->quit))
 			return NULL;
 		p->fn(p->ctx, a.ith, p->n);
-		atomic_fetch_sub_explicit(&p->remaining, 1, memory_order_release);
+		if (atomic_fetch_sub_explicit(&p->remaining, 1, memory_order_acq_rel) == 1) {
+			/* the last one: wake the caller if it went to sleep */
+			pthread_mutex_lock(&p->mu);
+			pthread_cond_signal(&p->done_cv);
+			pthread_mutex_unlock(&p->mu);
+		}
 	}
 }
 
@@ -76,6 +81,7 @@ int pool_new(int n_threads, pool **out)
 	p->n = n_threads;
 	pthread_mutex_init(&p->mu, NULL);
 	pthread_cond_init(&p->cv, NULL);
+	pthread_cond_init(&p->done_cv, NULL);
 	p->threads = calloc((size_t)n_threads, sizeof(pthread_t));
 	if (!p->threads) {
 		pool_destroy(&p);
@@ -113,6 +119,7 @@ void pool_destroy(pool **pp)
 			pthread_join(p->threads[i], NULL);
 	pthread_mutex_destroy(&p->mu);
 	pthread_cond_destroy(&p->cv);
+	pthread_cond_destroy(&p->done_cv);
 	free(p->threads);
 	free(p);
 	*pp = NULL;
@@ -137,18 +144,20 @@ void pool_run(pool *p, pool_fn fn, void *ctx)
 	pthread_cond_broadcast(&p->cv);
 	pthread_mutex_unlock(&p->mu);
 	fn(ctx, 0, p->n);
-	/* spin briefly, then yield: on a loaded machine the thread we wait for
-	 * may need this core */
-	for (int spins = 0; atomic_load_explicit(&p->remaining, memory_order_acquire) > 0;
-	     spins++) {
-		if (spins < POOL_SPIN) {
+	/* spin briefly, then sleep until the last worker is done: on a loaded
+	 * machine (other processes, workers of a cluster on the same cores) the
+	 * thread we wait for needs this core more than we do */
+	for (int spins = 0; spins < POOL_SPIN; spins++) {
+		if (atomic_load_explicit(&p->remaining, memory_order_acquire) == 0)
+			return;
 #if defined(__x86_64__) || defined(__i386__)
-			__builtin_ia32_pause();
+		__builtin_ia32_pause();
 #endif
-		} else {
-			sched_yield();
-		}
 	}
+	pthread_mutex_lock(&p->mu);
+	while (atomic_load_explicit(&p->remaining, memory_order_acquire) > 0)
+		pthread_cond_wait(&p->done_cv, &p->mu);
+	pthread_mutex_unlock(&p->mu);
 }
 
 void pool_split(int64_t n, int ith, int nth, int64_t align, int64_t *lo, int64_t *hi)

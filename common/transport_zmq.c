@@ -41,6 +41,7 @@
 #define TZMQ_KEYS_MAX	       4096	  /* authorised keys in one file */
 #define TZMQ_KEYFILE_MAX       (1u << 20) /* bytes of one key file */
 #define TZMQ_HANDSHAKE_DEFAULT 10000	  /* ms */
+#define TZMQ_SNDHWM	       128	  /* frames queued for one peer (4 MiB weight chunks: ~170 MiB) */
 #define TZMQ_ZAP_ENDPOINT      "inproc://zeromq.zap.01"
 #define TZMQ_ZAP_DOMAIN	       "moefleet"
 
@@ -748,9 +749,14 @@ static int tzmq_open(const char *endpoint, int router, const struct transport_zm
 		goto out;
 	}
 	if (router) {
-		/* unknown peers fail loudly; a reconnecting worker takes its id back */
+		/* unknown peers fail loudly; a reconnecting worker takes its id back;
+		 * at most TZMQ_SNDHWM frames wait for a peer (a send blocks beyond),
+		 * so that streaming GiBs of weights to a slow link does not queue
+		 * them all in memory */
+		int hwm = TZMQ_SNDHWM;
 		if (zmq_setsockopt(tz->sock, ZMQ_ROUTER_MANDATORY, &one, sizeof(one)) ||
-		    zmq_setsockopt(tz->sock, ZMQ_ROUTER_HANDOVER, &one, sizeof(one))) {
+		    zmq_setsockopt(tz->sock, ZMQ_ROUTER_HANDOVER, &one, sizeof(one)) ||
+		    zmq_setsockopt(tz->sock, ZMQ_SNDHWM, &hwm, sizeof(hwm))) {
 			log_error("%s: cannot set ROUTER options: %s", endpoint,
 				  zmq_strerror(errno));
 			goto out;
