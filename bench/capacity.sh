@@ -190,6 +190,20 @@ bench_args=(bench -m "$model" --pp "$pp" --tg "$tg" --reps "$reps")
 port=$((21000 + $$ % 20000))
 rows=()
 
+# The tg speed a bench run printed in $3.out (exit status $2), or 0 and its
+# error.
+bench_tg() {
+	local line
+	line=$(grep '^bench:' "$3.out")
+	if [ "$2" -ne 0 ] || [ -z "$line" ]; then
+		echo "capacity: $1 failed (exit $2):" >&2
+		tail -5 "$3.err" >&2
+		echo 0
+	else
+		echo "$line" | sed -E 's/.*tg[0-9]+ ([0-9.]+) tok\/s.*/\1/'
+	fi
+}
+
 # One cluster run: coordinator and NODES workers, each node capped.
 run_cluster() {
 	local name=$1 rate=$2 cold=$3 stream=${4:-}
@@ -219,15 +233,8 @@ run_cluster() {
 	local st=$?
 	for i in $(seq 1 "$nodes"); do wait "$(cat "$tmp/$name.w$i.pid")" 2>/dev/null; done
 	sleep 0.3
-	local line tgs load
-	line=$(grep '^bench:' "$tmp/$name.c.out")
-	if [ $st -ne 0 ] || [ -z "$line" ]; then
-		echo "capacity: $name failed (exit $st):" >&2
-		tail -5 "$tmp/$name.c.err" >&2
-		tgs=0
-	else
-		tgs=$(echo "$line" | sed -E 's/.*tg[0-9]+ ([0-9.]+) tok\/s.*/\1/')
-	fi
+	local tgs load
+	tgs=$(bench_tg "$name" $st "$tmp/$name.c")
 	load=$(sed -nE 's/.*cluster: [0-9]+ workers ready ([0-9.]+) s after start.*/\1/p' "$tmp/$name.c.err")
 	local coord_bytes
 	coord_bytes=$(sed -nE 's/.*coordinator: ([0-9.]+) GiB of weights stay here.*/\1/p' "$tmp/$name.c.err")
@@ -267,16 +274,9 @@ run_single() {
 		--reps "$n_reps" --threads "$threads" >"$tmp/$name.out" 2>"$tmp/$name.err"
 	local t0=$SECONDS
 	wait "$(cat "$tmp/$name.pid")"
-	local st=$? line tgs
+	local st=$? tgs
 	sleep 0.3
-	line=$(grep '^bench:' "$tmp/$name.out")
-	if [ $st -ne 0 ] || [ -z "$line" ]; then
-		echo "capacity: $name failed (exit $st):" >&2
-		tail -5 "$tmp/$name.err" >&2
-		tgs=0
-	else
-		tgs=$(echo "$line" | sed -E 's/.*tg[0-9]+ ([0-9.]+) tok\/s.*/\1/')
-	fi
+	tgs=$(bench_tg "$name" $st "$tmp/$name")
 	local peak=-
 	[ "$g" != - ] && peak=$(gib "$(group_peak "$g")")
 	printf '%-24s %8s tok/s  wall %5s s (cold cache)\n' "$name" "$tgs" "$((SECONDS - t0))"
