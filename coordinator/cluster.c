@@ -4,6 +4,7 @@
 #include "simulate.h"
 #include "../common/err.h"
 #include "../common/log.h"
+#include "../common/shardfile.h"
 #include "../common/wire.h"
 #include "../kernels/kern.h"
 #include "../worker/shard.h"
@@ -32,8 +33,10 @@ enum {
 #define CLUSTER_LIVE_GUARD 2.0
 
 struct cluster_peer {
-	int peer; /* transport peer index */
-	struct wire_hello hello;
+	int peer;		 /* transport peer index */
+	struct wire_hello hello; /* without its held list, which is in `held` */
+	uint8_t *held;		 /* [n_layer][n_expert] the experts its shard file holds; NULL: a
+				    full model file, or none */
 	int ready;
 	int lost;
 	int serving;	   /* holds the experts of the placement in force: may get Batches */
@@ -141,6 +144,7 @@ struct cluster {
 	uint64_t epoch_step0; /* fwd_step at the start of the epoch in force */
 	struct cluster_epoch_stats *epochs;
 	size_t n_epochs;
+	char model_id[SHARDFILE_ID_LEN]; /* shardfile_model_id() of cfg->g */
 };
 
 static void cluster_epoch_now(const cluster *c, struct cluster_epoch_stats *out);
@@ -174,6 +178,53 @@ static int cluster_find(const cluster *c, int peer)
 		if (c->w[i].peer == peer && !c->w[i].lost)
 			return i;
 	return -1;
+}
+
+/* 1 if worker i gets (l, e) as WeightChunks rather than from its own file. */
+static int cluster_streams(const cluster *c, int i, int l, int e)
+{
+	const struct cluster_peer *w = &c->w[i];
+	return c->cfg.stream || !w->hello.has_model ||
+	       (w->held && !w->held[(size_t)l * (size_t)c->spec.n_expert + (size_t)e]);
+}
+
+/* Takes a worker's Hello: a shard file must come from this model and name
+ * experts it has; *held receives its table (NULL for a full model file or
+ * none).  The hello's held arrays stay with the caller's message.  Returns 0,
+ * or ERR_CONFIG with the reason in why. */
+static int cluster_take_hello(const cluster *c, const struct wire_hello *h, uint8_t **held,
+			      char *why, size_t cap)
+{
+	*held = NULL;
+	if (!h->has_model || !h->shard_file)
+		return 0;
+	if (strcmp(h->model_sha, c->model_id)) {
+		snprintf(why, cap,
+			 "its shard file was made from another model (%s; this model is %s)",
+			 h->model_sha, c->model_id);
+		return ERR_CONFIG;
+	}
+	size_t cells = (size_t)c->spec.n_layer * (size_t)c->spec.n_expert;
+	uint8_t *t = calloc(cells ? cells : 1, 1);
+	if (!t) {
+		snprintf(why, cap, "out of memory");
+		return ERR_NOMEM;
+	}
+	for (uint32_t i = 0; i < h->n_held; i++) {
+		uint32_t l = h->held_layer[i], e = h->held_expert[i];
+		if (l >= (uint32_t)c->spec.n_layer || !c->spec.layer_moe[l] ||
+		    e >= (uint32_t)c->spec.n_expert) {
+			snprintf(why, cap,
+				 "its shard file lists expert %u of layer %u, which this model "
+				 "does not route",
+				 e, l);
+			free(t);
+			return ERR_CONFIG;
+		}
+		t[(size_t)l * (size_t)c->spec.n_expert + e] = 1;
+	}
+	*held = t;
+	return 0;
 }
 
 /* Worker i is lost (dropped with a logged reason): it gets no more Batches,
@@ -291,12 +342,28 @@ static int cluster_join(cluster *c)
 		}
 		struct cluster_peer *w = &c->w[c->n];
 		memset(w, 0, sizeof(*w));
+		char why[WIRE_MAX_NAME];
+		rc = cluster_take_hello(c, &m.u.hello, &w->held, why, sizeof(why));
+		if (rc) {
+			/* a wrong file is a configuration error: say so at once */
+			log_error("%s (%s): refused: %s", transport_peer_name(c->t, peer),
+				  m.u.hello.name, why);
+			cluster_send_shutdown(c, peer, why, 0);
+			wire_msg_free(&m);
+			return rc;
+		}
 		w->peer = peer;
 		w->hello = m.u.hello;
+		w->hello.held_layer = w->hello.held_expert = NULL;
 		snprintf(w->st.name, sizeof(w->st.name), "%s", m.u.hello.name);
 		log_info("worker %d joined: %s, %u cores, %.1f GiB, %s", c->n, w->st.name,
 			 w->hello.cores, (double)w->hello.memory_bytes / (1 << 30),
-			 w->hello.has_model ? "has the model" : "needs the weights streamed");
+			 w->held	      ? "has a shard file"
+			 : w->hello.has_model ? "has the model"
+					      : "needs the weights streamed");
+		if (w->held)
+			log_info("worker %d: its shard file holds %u experts", c->n,
+				 m.u.hello.n_held);
 		c->n++;
 		wire_msg_free(&m);
 	}
@@ -352,6 +419,7 @@ static int cluster_place(cluster *c)
 	double top = 0;
 	for (int i = 0; i < c->n; i++) {
 		pw[i].mem_bytes = c->w[i].hello.memory_bytes;
+		pw[i].held = c->w[i].held;
 		pw[i].speed = calibrated ? c->w[i].hello.expert_rows_per_sec
 					 : (c->w[i].hello.cores ? c->w[i].hello.cores : 1);
 		top = fmax(top, pw[i].speed);
@@ -419,12 +487,17 @@ static int cluster_assign(cluster *c)
 		log_info("worker %d: %u experts, %.1f MiB", i, a->n_pairs,
 			 (double)c->plan.worker_bytes[i] / 1048576.0);
 		rc = cluster_send(c, i, &m, NULL, 0);
-		if (rc || !a->stream)
+		if (rc)
 			continue;
-		/* stream the bytes of every assigned expert */
+		/* stream the bytes of every assigned expert the worker does not
+		 * take from its own file */
 		uint64_t sent = 0;
+		uint32_t n_streamed = 0;
 		int n_t = c->spec.has_bias ? 6 : 3;
 		for (uint32_t p = 0; p < a->n_pairs && !rc; p++) {
+			if (!cluster_streams(c, i, (int)pl[p], (int)pe[p]))
+				continue;
+			n_streamed++;
 			for (int t = 0; t < n_t && !rc; t++) {
 				uint32_t type;
 				uint64_t total;
@@ -446,7 +519,11 @@ static int cluster_assign(cluster *c)
 			}
 		}
 		c->w[i].st.streamed_bytes += sent;
-		log_info("worker %d: streamed %.1f MiB of weights", i, (double)sent / 1048576.0);
+		if (n_streamed)
+			log_info("worker %d: streamed %u experts, %.1f MiB of weights", i,
+				 n_streamed, (double)sent / 1048576.0);
+		else
+			log_info("worker %d: streamed nothing (it has its experts in its file)", i);
 	}
 out:
 	free(pl);
@@ -531,6 +608,7 @@ int cluster_new(transport *t, const struct cluster_config *cfg, pool *p, cluster
 		goto out;
 	}
 	rc = cluster_layer_types(c);
+	shardfile_model_id(c->cfg.g, c->model_id);
 	if (!rc)
 		rc = cluster_join(c);
 	if (!rc)
@@ -561,6 +639,7 @@ void cluster_destroy(cluster **pc)
 			cluster_send(c, i, &m, NULL, 0);
 		}
 		free(c->w[i].sq_layer);
+		free(c->w[i].held);
 		free(c->w[i].sq_expert);
 		free(c->w[i].fit_lat);
 	}
@@ -983,6 +1062,10 @@ void cluster_print_stats(cluster *c)
 		    s->compute_seconds, s->wait_seconds, s->speed, s->held_experts,
 		    (double)s->held_bytes / 1048576.0, s->lost ? " LOST" : "");
 	}
+	uint64_t streamed = 0;
+	for (int i = 0; i < c->n; i++)
+		streamed += c->w[i].st.streamed_bytes;
+	fprintf(stderr, "weights streamed: %llu bytes\n", (unsigned long long)streamed);
 	/* what each worker should hold: the placement in force plus the one
 	 * being loaded (released experts are gone) */
 	for (int i = 0; i < c->n; i++) {
@@ -1173,8 +1256,7 @@ static uint32_t cluster_wire_type(const cluster *c, int layer)
 	if (kern_act_type(c->layer_types[layer][1]) != act)
 		return KERN_F32;
 	if (!want)
-		want = act == KERN_Q8_0 || act == KERN_Q8_1 || act == KERN_Q8_K ||
-			       act == KERN_BF16
+		want = act == KERN_Q8_0 || act == KERN_Q8_1 || act == KERN_Q8_K || act == KERN_BF16
 			   ? act
 			   : KERN_F32;
 	/* rows are only sent pre-converted when that is the experts' own type */
@@ -1420,22 +1502,26 @@ static int cluster_send_next(cluster *c, placement *next)
 		a->spec = c->spec;
 		a->placement_epoch = epoch;
 		a->stream = c->cfg.stream || !w->hello.has_model;
-		/* queue the experts it lacks; they follow as chunks between steps
-		 * (a rejoined worker lacks everything) */
-		if (a->stream) {
-			free(w->sq_layer);
-			free(w->sq_expert);
-			w->sq_layer = malloc(cap * sizeof(uint32_t));
-			w->sq_expert = malloc(cap * sizeof(uint32_t));
-			if (!w->sq_layer || !w->sq_expert) {
-				rc = ERR_NOMEM;
-				break;
-			}
-			placement none = {0};
-			w->sq_n = cluster_diff(c, next, w->fresh ? &none : &c->plan, i, w->sq_layer,
-					       w->sq_expert);
-			for (uint32_t q = 0; q < w->sq_n; q++)
-				queued += c->expert_bytes[w->sq_layer[q]];
+		/* queue the experts it lacks and does not have in its own file;
+		 * they follow as chunks between steps (a rejoined worker lacks
+		 * everything) */
+		free(w->sq_layer);
+		free(w->sq_expert);
+		w->sq_layer = malloc(cap * sizeof(uint32_t));
+		w->sq_expert = malloc(cap * sizeof(uint32_t));
+		if (!w->sq_layer || !w->sq_expert) {
+			rc = ERR_NOMEM;
+			break;
+		}
+		placement none = {0};
+		uint32_t n_new = cluster_diff(c, next, w->fresh ? &none : &c->plan, i, w->sq_layer,
+					      w->sq_expert);
+		for (uint32_t q = 0; q < n_new; q++) {
+			if (!cluster_streams(c, i, (int)w->sq_layer[q], (int)w->sq_expert[q]))
+				continue;
+			w->sq_layer[w->sq_n] = w->sq_layer[q];
+			w->sq_expert[w->sq_n++] = w->sq_expert[q];
+			queued += c->expert_bytes[w->sq_layer[q]];
 		}
 		a->pair_layer = pl;
 		a->pair_expert = pe;
@@ -1823,8 +1909,20 @@ static void cluster_rejoin(cluster *c, int peer, const struct wire_hello *h)
 		return;
 	}
 	struct cluster_peer *w = &c->w[i];
+	uint8_t *held;
+	char why[WIRE_MAX_NAME];
+	if (cluster_take_hello(c, h, &held, why, sizeof(why))) {
+		log_error("%s (%s): refused: %s", transport_peer_name(c->t, peer), h->name, why);
+		cluster_send_shutdown(c, peer, why, 0);
+		transport_drop_peer(c->t, peer);
+		return;
+	}
+	free(w->held);
+	w->held = held;
+	c->pw[i].held = held;
 	w->peer = peer;
 	w->hello = *h;
+	w->hello.held_layer = w->hello.held_expert = NULL;
 	w->lost = 0;
 	w->st.lost = 0;
 	w->ready = 1;
