@@ -14,6 +14,7 @@
 struct placement_item {
 	int layer;
 	int expert;
+	int in_file; /* some worker's held set has it */
 	uint64_t bytes;
 	double work;
 };
@@ -90,10 +91,13 @@ static int placement_check_workers(const struct placement_worker *workers, int n
 	return 0;
 }
 
-/* Descending work, then descending bytes, then ascending (layer, expert). */
+/* Experts in a worker's file first, then descending work, then descending
+ * bytes, then ascending (layer, expert). */
 static int placement_item_cmp(const void *a, const void *b)
 {
 	const struct placement_item *x = a, *y = b;
+	if (x->in_file != y->in_file)
+		return x->in_file ? -1 : 1;
 	if (x->work != y->work)
 		return x->work > y->work ? -1 : 1;
 	if (x->bytes != y->bytes)
@@ -217,9 +221,15 @@ int placement_build(const struct placement_model *m, const struct placement_work
 		for (int e = 0; m->layer_moe[l] && e < m->n_expert; e++) {
 			double load =
 			    m->load ? m->load[(size_t)l * (size_t)m->n_expert + (size_t)e] : 1.0;
+			int in_file = 0;
+			for (int w = 0; w < n_worker; w++)
+				in_file |=
+				    workers[w].held &&
+				    workers[w].held[(size_t)l * (size_t)m->n_expert + (size_t)e];
 			items[n_items++] = (struct placement_item){
 			    .layer = l,
 			    .expert = e,
+			    .in_file = in_file,
 			    .bytes = m->expert_bytes[l],
 			    .work = load * (double)m->expert_bytes[l],
 			};

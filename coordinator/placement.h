@@ -13,7 +13,8 @@
  * Algorithm (greedy LPT, "longest processing time first"):
  *   work(L, e)   = load(L, e) * bytes(L)        (expected rows x weight bytes)
  *   items        = every (L, e) of a routed layer, sorted by work descending,
- *                  then bytes descending, then (L, e) ascending
+ *                  then bytes descending, then (L, e) ascending (with held
+ *                  sets, see below, the experts in some file first)
  *   for each item, for each replica r = 0..R-1:
  *     candidates = workers not yet holding the item with room for bytes(L);
  *                  if some of them have the item in their own file (held),
@@ -30,9 +31,11 @@
  * fail on near-full memory with mixed expert sizes even though a packing
  * exists; that is reported like any other misfit.
  *
- * Held sets (placement_worker.held) describe per-node shard files: an expert
- * goes to a worker whose file holds it whenever one has room, and only
- * otherwise to the least busy worker, which must then receive its bytes.
+ * Held sets (placement_worker.held) describe per-node shard files: the
+ * experts some file holds are placed first (then the others, each group in
+ * the order above), and an expert goes to a worker whose file holds it
+ * whenever one has room, only otherwise to the least busy worker, which must
+ * then receive its bytes.
  * When the files partition the experts and every worker has room for its
  * file (the files `moefleet split-experts` makes for this many workers and
  * replicas), the placement is exactly the files' assignment, whatever the

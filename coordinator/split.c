@@ -21,10 +21,15 @@ int split_path(const char *model, const char *dir, int k, int n, char *buf, size
 	if (len > 5 && !strcmp(base + len - 5, ".gguf"))
 		len -= 5;
 	/* a gguf-split set's first shard: NAME-00001-of-0000K */
+	char suffix[16];
 	unsigned a, b;
-	char tail[32];
-	if (len > 15 && sscanf(base + len - 15, "-%5u-of-%5u%31s", &a, &b, tail) == 2)
-		len -= 15;
+	int used = 0;
+	if (len > 15) {
+		memcpy(suffix, base + len - 15, 15);
+		suffix[15] = 0;
+		if (sscanf(suffix, "-%5u-of-%5u%n", &a, &b, &used) == 2 && used == 15)
+			len -= 15;
+	}
 	int w = snprintf(buf, cap, "%s/%.*s-w%d-of-%d.gguf", dir, (int)len, base, k, n);
 	return w < 0 || (size_t)w >= cap ? ERR_RANGE : 0;
 }
