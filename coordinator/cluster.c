@@ -145,6 +145,7 @@ struct cluster {
 	struct cluster_epoch_stats *epochs;
 	size_t n_epochs;
 	char model_id[SHARDFILE_ID_LEN]; /* shardfile_model_id() of cfg->g */
+	uint8_t *held_none;		 /* [n_layer][n_expert] zeros */
 };
 
 static void cluster_epoch_now(const cluster *c, struct cluster_epoch_stats *out);
@@ -186,6 +187,25 @@ static int cluster_streams(const cluster *c, int i, int l, int e)
 	const struct cluster_peer *w = &c->w[i];
 	return c->cfg.stream || !w->hello.has_model ||
 	       (w->held && !w->held[(size_t)l * (size_t)c->spec.n_expert + (size_t)e]);
+}
+
+/* The held sets placement_build gets (c->pw[i].held): a shard file's
+ * experts; NULL (no preference) for a full model file; for a worker without
+ * a file, none when shard files serve the cluster and no full copy does (so
+ * the shard workers keep their files' experts), else NULL as well. */
+static void cluster_held_sets(cluster *c)
+{
+	int any_shard = 0, any_full = 0;
+	for (int i = 0; i < c->n; i++) {
+		if (c->w[i].lost)
+			continue;
+		any_shard |= c->w[i].held != NULL;
+		any_full |= c->w[i].hello.has_model && !c->w[i].held;
+	}
+	for (int i = 0; i < c->n; i++)
+		c->pw[i].held = c->w[i].held					     ? c->w[i].held
+				: !c->w[i].hello.has_model && any_shard && !any_full ? c->held_none
+										     : NULL;
 }
 
 /* Takes a worker's Hello: a shard file must come from this model and name
@@ -419,13 +439,16 @@ static int cluster_place(cluster *c)
 	double top = 0;
 	for (int i = 0; i < c->n; i++) {
 		pw[i].mem_bytes = c->w[i].hello.memory_bytes;
-		pw[i].held = c->w[i].held;
 		pw[i].speed = calibrated ? c->w[i].hello.expert_rows_per_sec
 					 : (c->w[i].hello.cores ? c->w[i].hello.cores : 1);
 		top = fmax(top, pw[i].speed);
 	}
 	for (int i = 0; i < c->n; i++)
 		pw[i].speed = top * fmax(1.0, round(8.0 * pw[i].speed / top)) / 8.0;
+	c->held_none = calloc((size_t)c->spec.n_layer * (size_t)c->spec.n_expert + 1, 1);
+	if (!c->held_none)
+		return ERR_NOMEM;
+	cluster_held_sets(c);
 	int rc = placement_build(&pm, pw, c->n, c->cfg.replicas, &c->plan);
 	c->finish = calloc((size_t)c->n, sizeof(double));
 	c->speed = calloc((size_t)c->n, sizeof(double));
@@ -661,6 +684,7 @@ void cluster_destroy(cluster **pc)
 	placement_free(&c->next);
 	free(c->finish);
 	free(c->pw);
+	free(c->held_none);
 	balance_counts_destroy(&c->counts);
 	free(c->speed);
 	free(c->visits);
@@ -1919,11 +1943,11 @@ static void cluster_rejoin(cluster *c, int peer, const struct wire_hello *h)
 	}
 	free(w->held);
 	w->held = held;
-	c->pw[i].held = held;
 	w->peer = peer;
 	w->hello = *h;
 	w->hello.held_layer = w->hello.held_expert = NULL;
 	w->lost = 0;
+	cluster_held_sets(c);
 	w->st.lost = 0;
 	w->ready = 1;
 	w->serving = 0;

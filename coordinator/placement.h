@@ -66,7 +66,7 @@ struct placement_worker {
 	uint64_t mem_bytes;  /* memory budget for expert weights */
 	double speed;	     /* expert-rows per second (relative is fine), > 0 */
 	const uint8_t *held; /* [n_layer][n_expert] 1 = its own file holds the expert;
-				NULL = it can load every expert itself */
+				NULL = no preference (e.g. it has the whole model) */
 };
 
 typedef struct placement {

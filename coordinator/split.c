@@ -34,6 +34,30 @@ int split_path(const char *model, const char *dir, int k, int n, char *buf, size
 	return w < 0 || (size_t)w >= cap ? ERR_RANGE : 0;
 }
 
+/* Creates dir and its missing parents. */
+static int split_mkdir(const char *dir)
+{
+	char path[4096];
+	size_t n = strlen(dir);
+	if (n == 0 || n >= sizeof(path)) {
+		log_error("%s: bad output directory", dir);
+		return ERR_IO;
+	}
+	memcpy(path, dir, n + 1);
+	for (size_t i = 1; i <= n; i++) {
+		if (path[i] != '/' && path[i] != 0)
+			continue;
+		char c = path[i];
+		path[i] = 0;
+		if (mkdir(path, 0777) && errno != EEXIST) {
+			log_error("%s: cannot create the directory: %s", path, strerror(errno));
+			return ERR_IO;
+		}
+		path[i] = c;
+	}
+	return 0;
+}
+
 /* The model's routed experts as placement input: the layers with expert
  * tensors and the bytes of one of their experts (weights and biases). */
 static int split_table(const gguf *g, int *n_layer, int *n_expert, uint8_t *layer_moe,
@@ -174,11 +198,9 @@ int split_experts(const char *model, const struct placement_worker *workers, int
 	rc = placement_build(&pm, workers, n_worker, replicas, &p);
 	if (rc)
 		goto out;
-	if (mkdir(dir, 0777) && errno != EEXIST) {
-		log_error("%s: cannot create the directory: %s", dir, strerror(errno));
-		rc = ERR_IO;
+	rc = split_mkdir(dir);
+	if (rc)
 		goto out;
-	}
 	ids = malloc((size_t)n_layer * (size_t)X * sizeof(*ids));
 	if (!ids) {
 		rc = ERR_NOMEM;
