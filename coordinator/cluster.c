@@ -1650,7 +1650,10 @@ static void cluster_plan_repair(cluster *c, int rebuild)
 				while (n < R && h[n] >= 0)
 					n++;
 				for (; n < R && n < live; n++) {
-					int best = -1;
+					/* the least busy worker with room, one whose
+					 * shard file holds the expert if any (as
+					 * placement_build) */
+					int best = -1, best_has = 0;
 					double best_t = INFINITY;
 					for (int i = 0; i < c->n; i++) {
 						int dup = 0;
@@ -1660,11 +1663,19 @@ static void cluster_plan_repair(cluster *c, int rebuild)
 						    next.worker_bytes[i] > pw[i].mem_bytes ||
 						    bytes > pw[i].mem_bytes - next.worker_bytes[i])
 							continue;
+						int has =
+						    !pw[i].held || pw[i].held[(size_t)l * X + e];
+						if (best >= 0 && has != best_has) {
+							if (best_has)
+								continue;
+							best = -1;
+						}
 						double t =
 						    (next.worker_load[i] + work / R) / pw[i].speed;
-						if (t < best_t) {
+						if (best < 0 || t < best_t) {
 							best_t = t;
 							best = i;
+							best_has = has;
 						}
 					}
 					if (best < 0)
