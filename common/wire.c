@@ -34,6 +34,40 @@ size_t wire_result_frame_bytes(const struct wire_result *r, uint32_t n_embd)
 
 /* ------------------------------------------------------------ encode */
 
+/* Groups (layer, expert) pairs by layer (layers < MOE_MAX_LAYERS, keeping
+ * their order) into *layers (MOE_MAX_LAYERS entries, each experts array to be
+ * freed) and the non-empty ones' pointers into *ptrs (*n_layers of them). */
+static int wire_group_pairs(uint32_t n_pairs, const uint32_t *pl, const uint32_t *pe,
+			    Moefleet__LayerExperts **layers, Moefleet__LayerExperts ***ptrs,
+			    size_t *n_layers)
+{
+	*layers = calloc(MOE_MAX_LAYERS, sizeof(**layers));
+	*ptrs = calloc(MOE_MAX_LAYERS, sizeof(**ptrs));
+	if (!*layers || !*ptrs)
+		return ERR_NOMEM;
+	uint32_t cnt[MOE_MAX_LAYERS] = {0};
+	for (uint32_t i = 0; i < n_pairs; i++) {
+		if (pl[i] >= MOE_MAX_LAYERS)
+			return ERR_RANGE;
+		cnt[pl[i]]++;
+	}
+	for (uint32_t l = 0; l < MOE_MAX_LAYERS; l++) {
+		if (!cnt[l])
+			continue;
+		Moefleet__LayerExperts *le = &(*layers)[l];
+		moefleet__layer_experts__init(le);
+		le->layer = l;
+		le->experts = malloc(cnt[l] * sizeof(uint32_t));
+		if (!le->experts)
+			return ERR_NOMEM;
+		for (uint32_t i = 0; i < n_pairs; i++)
+			if (pl[i] == l)
+				le->experts[le->n_experts++] = pe[i];
+		(*ptrs)[(*n_layers)++] = le;
+	}
+	return 0;
+}
+
 int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *len)
 {
 	int rc = 0;
@@ -63,6 +97,18 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		hello.has_model = m->u.hello.has_model;
 		hello.model_sha = (char *)m->u.hello.model_sha;
 		hello.name = (char *)m->u.hello.name;
+		hello.shard_file = m->u.hello.shard_file != 0;
+		if (m->u.hello.shard_file) {
+			size_t n_layers = 0;
+			n_group = MOE_MAX_LAYERS;
+			rc = wire_group_pairs(m->u.hello.n_held, m->u.hello.held_layer,
+					      m->u.hello.held_expert, &layers, &layer_ptrs,
+					      &n_layers);
+			if (rc)
+				goto out;
+			hello.n_held = n_layers;
+			hello.held = layer_ptrs;
+		}
 		env.body_case = MOEFLEET__ENVELOPE__BODY_HELLO;
 		env.hello = &hello;
 		break;
@@ -203,33 +249,12 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		break;
 	case WIRE_RELEASE: {
 		const struct wire_release *r = &m->u.release;
-		layers = calloc(MOE_MAX_LAYERS, sizeof(*layers));
-		layer_ptrs = calloc(MOE_MAX_LAYERS, sizeof(*layer_ptrs));
-		n_group = MOE_MAX_LAYERS;
-		if (!layers || !layer_ptrs) {
-			rc = ERR_NOMEM;
-			goto out;
-		}
 		size_t n_layers = 0;
-		for (uint32_t l = 0; l < MOE_MAX_LAYERS; l++) {
-			size_t cnt = 0;
-			for (uint32_t i = 0; i < r->n_pairs; i++)
-				cnt += r->pair_layer[i] == l;
-			if (!cnt)
-				continue;
-			Moefleet__LayerExperts *le = &layers[l];
-			moefleet__layer_experts__init(le);
-			le->layer = l;
-			le->experts = malloc(cnt * sizeof(uint32_t));
-			if (!le->experts) {
-				rc = ERR_NOMEM;
-				goto out;
-			}
-			for (uint32_t i = 0; i < r->n_pairs; i++)
-				if (r->pair_layer[i] == l)
-					le->experts[le->n_experts++] = r->pair_expert[i];
-			layer_ptrs[n_layers++] = le;
-		}
+		n_group = MOE_MAX_LAYERS;
+		rc = wire_group_pairs(r->n_pairs, r->pair_layer, r->pair_expert, &layers,
+				      &layer_ptrs, &n_layers);
+		if (rc)
+			goto out;
 		release.placement_epoch = r->placement_epoch;
 		release.n_experts = n_layers;
 		release.experts = layer_ptrs;
@@ -304,6 +329,43 @@ static int wire_decode_spec(const Moefleet__ExpertSpec *s, const char *peer, str
 	return 0;
 }
 
+/* (layer, expert) pairs of a list of LayerExperts: layers < MOE_MAX_LAYERS,
+ * experts < WIRE_MAX_EXPERTS, at most one entry per pair in all. */
+static int wire_decode_pairs(Moefleet__LayerExperts *const *les, size_t n, const char *peer,
+			     const char *what, uint32_t *n_pairs, uint32_t **pl, uint32_t **pe)
+{
+	char why[96];
+	uint64_t total = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (les[i]->layer >= MOE_MAX_LAYERS) {
+			snprintf(why, sizeof(why), "%s layer out of range", what);
+			return wire_bad(peer, why);
+		}
+		total += les[i]->n_experts;
+	}
+	if (total > (uint64_t)MOE_MAX_LAYERS * WIRE_MAX_EXPERTS) {
+		snprintf(why, sizeof(why), "more experts %s than can exist", what);
+		return wire_bad(peer, why);
+	}
+	*pl = malloc((total ? total : 1) * sizeof(uint32_t));
+	*pe = malloc((total ? total : 1) * sizeof(uint32_t));
+	if (!*pl || !*pe)
+		return ERR_NOMEM;
+	for (size_t i = 0; i < n; i++) {
+		const Moefleet__LayerExperts *le = les[i];
+		for (size_t j = 0; j < le->n_experts; j++) {
+			if (le->experts[j] >= WIRE_MAX_EXPERTS) {
+				snprintf(why, sizeof(why), "%s expert id out of range", what);
+				return wire_bad(peer, why);
+			}
+			(*pl)[*n_pairs] = le->layer;
+			(*pe)[*n_pairs] = le->experts[j];
+			(*n_pairs)++;
+		}
+	}
+	return 0;
+}
+
 int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_msg *out)
 {
 	int rc = 0;
@@ -330,6 +392,15 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 		out->u.hello.has_model = h->has_model;
 		wire_copy_str(out->u.hello.model_sha, sizeof(out->u.hello.model_sha), h->model_sha);
 		wire_copy_str(out->u.hello.name, sizeof(out->u.hello.name), h->name);
+		out->u.hello.shard_file = h->shard_file;
+		if (!h->shard_file && h->n_held) {
+			rc = wire_bad(peer, "hello lists held experts without a shard file");
+			goto out;
+		}
+		rc = wire_decode_pairs(h->held, h->n_held, peer, "held", &out->u.hello.n_held,
+				       &out->u.hello.held_layer, &out->u.hello.held_expert);
+		if (rc)
+			goto out;
 		break;
 	}
 	case MOEFLEET__ENVELOPE__BODY_ASSIGN: {
@@ -410,36 +481,10 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 		struct wire_release *o = &out->u.release;
 		out->kind = WIRE_RELEASE;
 		o->placement_epoch = r->placement_epoch;
-		uint64_t total = 0;
-		for (size_t i = 0; i < r->n_experts; i++) {
-			if (r->experts[i]->layer >= MOE_MAX_LAYERS) {
-				rc = wire_bad(peer, "released layer out of range");
-				goto out;
-			}
-			total += r->experts[i]->n_experts;
-		}
-		if (total > (uint64_t)MOE_MAX_LAYERS * WIRE_MAX_EXPERTS) {
-			rc = wire_bad(peer, "more experts released than can exist");
+		rc = wire_decode_pairs(r->experts, r->n_experts, peer, "released", &o->n_pairs,
+				       &o->pair_layer, &o->pair_expert);
+		if (rc)
 			goto out;
-		}
-		o->pair_layer = malloc((total ? total : 1) * sizeof(uint32_t));
-		o->pair_expert = malloc((total ? total : 1) * sizeof(uint32_t));
-		if (!o->pair_layer || !o->pair_expert) {
-			rc = ERR_NOMEM;
-			goto out;
-		}
-		for (size_t i = 0; i < r->n_experts; i++) {
-			const Moefleet__LayerExperts *le = r->experts[i];
-			for (size_t j = 0; j < le->n_experts; j++) {
-				if (le->experts[j] >= WIRE_MAX_EXPERTS) {
-					rc = wire_bad(peer, "released expert id out of range");
-					goto out;
-				}
-				o->pair_layer[o->n_pairs] = le->layer;
-				o->pair_expert[o->n_pairs] = le->experts[j];
-				o->n_pairs++;
-			}
-		}
 		break;
 	}
 	case MOEFLEET__ENVELOPE__BODY_BATCH: {
@@ -525,6 +570,9 @@ void wire_msg_free(struct wire_msg *m)
 	} else if (m->kind == WIRE_RELEASE) {
 		free(m->u.release.pair_layer);
 		free(m->u.release.pair_expert);
+	} else if (m->kind == WIRE_HELLO) {
+		free(m->u.hello.held_layer);
+		free(m->u.hello.held_expert);
 	} else if (m->kind == WIRE_BATCH) {
 		free(m->u.batch.ids);
 		free(m->u.batch.weights);

@@ -51,6 +51,15 @@ struct wire_hello {
 	int has_model;
 	char model_sha[80];
 	char name[WIRE_MAX_NAME];
+	/* has_model with shard_file: the file is a per-node shard file holding
+	 * only these (layer, expert) pairs (layers < MOE_MAX_LAYERS, experts <
+	 * WIRE_MAX_EXPERTS; the coordinator checks them against its model);
+	 * model_sha names the model it was made from.  The arrays are owned by
+	 * the message (wire_msg_free) */
+	int shard_file;
+	uint32_t n_held;
+	uint32_t *held_layer;
+	uint32_t *held_expert;
 };
 
 struct wire_assign {

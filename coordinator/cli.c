@@ -1156,6 +1156,7 @@ static const char *cli_usage_main =
     "  placement simulate  replay a routing trace against placement policies\n"
     "  placement show      draw a layer x expert heatmap of a routing trace\n"
     "  quantize  convert a model's routed experts to MXFP4, Q8_0 or Q4_0\n"
+    "  split-experts  write per-node shard files holding each worker's experts\n"
     "  keygen    write a CURVE key pair for authenticated, encrypted cluster links\n"
     "  serve     OpenAI-compatible HTTP server with continuous batching\n"
     "  tokenize  print the token ids of a text\n"
@@ -1239,6 +1240,8 @@ static int cli_dispatch(int argc, char **argv)
 		return cli_placement(argc - 2, argv + 2);
 	if (!strcmp(cmd, "quantize"))
 		return cli_quantize(argc - 2, argv + 2);
+	if (!strcmp(cmd, "split-experts"))
+		return cli_split_experts(argc - 2, argv + 2);
 	if (!strcmp(cmd, "keygen"))
 		return cli_keygen(argc - 2, argv + 2);
 	if (!strcmp(cmd, "serve"))

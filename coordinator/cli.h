@@ -1,5 +1,5 @@
 /* cli: the moefleet command line (info, logits, generate, bench, quantize,
- * placement, keygen, serve, tokenize).
+ * split-experts, placement, keygen, serve, tokenize).
  *
  * cli_main() parses argv, runs one subcommand and returns the process exit
  * status: 0 success, 1 failure (one clear line on stderr), 2 bad usage (usage

@@ -11,11 +11,12 @@ enum { CLI_OK = 0, CLI_FAIL = 1, CLI_USAGE = 2 };
 int cli_parse_long(const char *opt, const char *s, long lo, long hi, long *out);
 int cli_parse_double(const char *opt, const char *s, double lo, double hi, double *out);
 
-int cli_quantize(int argc, char **argv);  /* cli_tools.c */
-int cli_placement(int argc, char **argv); /* cli_tools.c */
-int cli_keygen(int argc, char **argv);	  /* cli_keys.c */
-int cli_serve(int argc, char **argv);	  /* cli_serve.c */
-int cli_tokenize(int argc, char **argv);  /* cli_serve.c */
+int cli_quantize(int argc, char **argv);      /* cli_tools.c */
+int cli_split_experts(int argc, char **argv); /* cli_tools.c */
+int cli_placement(int argc, char **argv);     /* cli_tools.c */
+int cli_keygen(int argc, char **argv);	      /* cli_keys.c */
+int cli_serve(int argc, char **argv);	      /* cli_serve.c */
+int cli_tokenize(int argc, char **argv);      /* cli_serve.c */
 
 /* A model opened with the options every model-running command shares (-m,
  * --threads and the cluster and routing options of argv; anything else is an

@@ -1,16 +1,21 @@
 /* cli_tools: the subcommands that work on files without running a model:
- * `quantize` (routed experts to MXFP4/Q8_0/Q4_0), `placement simulate`
+ * `quantize` (routed experts to MXFP4/Q8_0/Q4_0), `split-experts` (per-node
+ * shard files), `placement simulate`
  * (replaying a routing trace against placement policies) and `placement
  * show` (a trace's summary and heatmap). */
 #define _GNU_SOURCE
 #include "cli_impl.h"
+#include "footprint.h"
 #include "heatmap.h"
+#include "placement.h"
 #include "quantize.h"
 #include "simulate.h"
+#include "split.h"
 #include "trace.h"
 
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ------------------------------------------------------------ quantize */
@@ -69,6 +74,98 @@ int cli_quantize(int argc, char **argv)
 		return CLI_USAGE;
 	}
 	return quantize_file(in, out, type) ? CLI_FAIL : CLI_OK;
+}
+
+/* ------------------------------------------------------------ split-experts */
+
+static const char *cli_usage_split =
+    "usage: moefleet split-experts -m MODEL.gguf --workers CLUSTER.txt|N --out DIR\n"
+    "                              [--worker-memory 64G,64G,...] [--replicas R]\n"
+    "  Writes one per-node shard file per worker, DIR/NAME-wK-of-N.gguf (K = 1..N),\n"
+    "  holding all of MODEL's metadata and only the routed-expert weights of the\n"
+    "  experts placed on worker K: the placement a coordinator makes for N workers\n"
+    "  (with the memory budgets and speeds of CLUSTER.txt, a 'placement simulate'\n"
+    "  cluster file, or of --worker-memory; R copies of each expert).  Start each\n"
+    "  worker with 'moefleet-worker -m NAME-wK-of-N.gguf': it tells the coordinator\n"
+    "  which experts its file holds, the coordinator places them there, and streams\n"
+    "  only experts a worker's file lacks.  MODEL may be the first shard of a split\n"
+    "  model.  Each file is written as FILE.tmp and renamed when complete.\n";
+
+int cli_split_experts(int argc, char **argv)
+{
+	const char *model = NULL, *workers = NULL, *dir = NULL, *memory = NULL;
+	long replicas = 1;
+	for (int i = 0; i < argc; i++) {
+		const char *a = argv[i];
+		if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+			fputs(cli_usage_split, stdout);
+			return CLI_OK;
+		}
+		if (i + 1 >= argc) {
+			fprintf(stderr, "moefleet: unknown or incomplete argument '%s'\n", a);
+			fputs(cli_usage_split, stderr);
+			return CLI_USAGE;
+		}
+		const char *v = argv[++i];
+		if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
+			model = v;
+		} else if (!strcmp(a, "--workers")) {
+			workers = v;
+		} else if (!strcmp(a, "--out") || !strcmp(a, "-o")) {
+			dir = v;
+		} else if (!strcmp(a, "--worker-memory")) {
+			memory = v;
+		} else if (!strcmp(a, "--replicas")) {
+			if (cli_parse_long(a, v, 1, 64, &replicas))
+				return CLI_USAGE;
+		} else {
+			fprintf(stderr, "moefleet: unknown argument '%s'\n", a);
+			fputs(cli_usage_split, stderr);
+			return CLI_USAGE;
+		}
+	}
+	if (!model || !workers || !dir) {
+		fputs(cli_usage_split, stderr);
+		return CLI_USAGE;
+	}
+	struct placement_worker *pw = NULL;
+	int n = 0, rc = CLI_FAIL;
+	if (strspn(workers, "0123456789") == strlen(workers)) {
+		long l;
+		if (cli_parse_long("--workers", workers, 1, FOOTPRINT_MAX_WORKERS, &l))
+			return CLI_USAGE;
+		n = (int)l;
+		pw = calloc((size_t)n, sizeof(*pw));
+		if (!pw)
+			return CLI_FAIL;
+		for (int i = 0; i < n; i++)
+			pw[i] = (struct placement_worker){.mem_bytes = UINT64_MAX, .speed = 1.0};
+	} else if (simulate_read_cluster(workers, &pw, &n)) {
+		return CLI_FAIL;
+	}
+	if (memory) {
+		uint64_t mem[FOOTPRINT_MAX_WORKERS];
+		int n_mem = 0;
+		if (footprint_parse_memory(memory, mem, FOOTPRINT_MAX_WORKERS, &n_mem) ||
+		    n_mem != n) {
+			fprintf(stderr,
+				"moefleet: --worker-memory: expected %d sizes such as 64G, "
+				"separated by commas\n",
+				n);
+			free(pw);
+			return CLI_USAGE;
+		}
+		for (int i = 0; i < n; i++)
+			pw[i].mem_bytes = mem[i];
+	}
+	if (replicas > n) {
+		fprintf(stderr, "moefleet: --replicas %ld: at most the %d workers\n", replicas, n);
+		rc = CLI_USAGE;
+	} else if (split_experts(model, pw, n, (int)replicas, dir) == 0) {
+		rc = CLI_OK;
+	}
+	free(pw);
+	return rc;
 }
 
 /* ------------------------------------------------------------ placement */

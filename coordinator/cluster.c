@@ -5,6 +5,7 @@
 #include "../common/err.h"
 #include "../common/log.h"
 #include "../common/progress.h"
+#include "../common/shardfile.h"
 #include "../common/wire.h"
 #include "../kernels/kern.h"
 #include "../worker/shard.h"
@@ -33,8 +34,10 @@ enum {
 #define CLUSTER_LIVE_GUARD 2.0
 
 struct cluster_peer {
-	int peer; /* transport peer index */
-	struct wire_hello hello;
+	int peer;		 /* transport peer index */
+	struct wire_hello hello; /* without its held list, which is in `held` */
+	uint8_t *held;		 /* [n_layer][n_expert] the experts its shard file holds; NULL: a
+				    full model file, or none */
 	int ready;
 	int lost;
 	int serving;	   /* holds the experts of the placement in force: may get Batches */
@@ -143,6 +146,8 @@ struct cluster {
 	uint64_t epoch_step0; /* fwd_step at the start of the epoch in force */
 	struct cluster_epoch_stats *epochs;
 	size_t n_epochs;
+	char model_id[SHARDFILE_ID_LEN]; /* shardfile_model_id() of cfg->g */
+	uint8_t *held_none;		 /* [n_layer][n_expert] zeros */
 };
 
 static void cluster_epoch_now(const cluster *c, struct cluster_epoch_stats *out);
@@ -176,6 +181,72 @@ static int cluster_find(const cluster *c, int peer)
 		if (c->w[i].peer == peer && !c->w[i].lost)
 			return i;
 	return -1;
+}
+
+/* 1 if worker i gets (l, e) as WeightChunks rather than from its own file. */
+static int cluster_streams(const cluster *c, int i, int l, int e)
+{
+	const struct cluster_peer *w = &c->w[i];
+	return c->cfg.stream || !w->hello.has_model ||
+	       (w->held && !w->held[(size_t)l * (size_t)c->spec.n_expert + (size_t)e]);
+}
+
+/* The held sets placement_build gets (c->pw[i].held): a shard file's
+ * experts; NULL (no preference) for a full model file; for a worker without
+ * a file, none when shard files serve the cluster and no full copy does (so
+ * the shard workers keep their files' experts), else NULL as well. */
+static void cluster_held_sets(cluster *c)
+{
+	int any_shard = 0, any_full = 0;
+	for (int i = 0; i < c->n; i++) {
+		if (c->w[i].lost)
+			continue;
+		any_shard |= c->w[i].held != NULL;
+		any_full |= c->w[i].hello.has_model && !c->w[i].held;
+	}
+	for (int i = 0; i < c->n; i++)
+		c->pw[i].held = c->w[i].held					     ? c->w[i].held
+				: !c->w[i].hello.has_model && any_shard && !any_full ? c->held_none
+										     : NULL;
+}
+
+/* Takes a worker's Hello: a shard file must come from this model and name
+ * experts it has; *held receives its table (NULL for a full model file or
+ * none).  The hello's held arrays stay with the caller's message.  Returns 0,
+ * or ERR_CONFIG with the reason in why. */
+static int cluster_take_hello(const cluster *c, const struct wire_hello *h, uint8_t **held,
+			      char *why, size_t cap)
+{
+	*held = NULL;
+	if (!h->has_model || !h->shard_file)
+		return 0;
+	if (strcmp(h->model_sha, c->model_id)) {
+		snprintf(why, cap,
+			 "its shard file was made from another model (%s; this model is %s)",
+			 h->model_sha, c->model_id);
+		return ERR_CONFIG;
+	}
+	size_t cells = (size_t)c->spec.n_layer * (size_t)c->spec.n_expert;
+	uint8_t *t = calloc(cells ? cells : 1, 1);
+	if (!t) {
+		snprintf(why, cap, "out of memory");
+		return ERR_NOMEM;
+	}
+	for (uint32_t i = 0; i < h->n_held; i++) {
+		uint32_t l = h->held_layer[i], e = h->held_expert[i];
+		if (l >= (uint32_t)c->spec.n_layer || !c->spec.layer_moe[l] ||
+		    e >= (uint32_t)c->spec.n_expert) {
+			snprintf(why, cap,
+				 "its shard file lists expert %u of layer %u, which this model "
+				 "does not route",
+				 e, l);
+			free(t);
+			return ERR_CONFIG;
+		}
+		t[(size_t)l * (size_t)c->spec.n_expert + e] = 1;
+	}
+	*held = t;
+	return 0;
 }
 
 /* Worker i is lost (dropped with a logged reason): it gets no more Batches,
@@ -293,12 +364,28 @@ static int cluster_join(cluster *c)
 		}
 		struct cluster_peer *w = &c->w[c->n];
 		memset(w, 0, sizeof(*w));
+		char why[WIRE_MAX_NAME];
+		rc = cluster_take_hello(c, &m.u.hello, &w->held, why, sizeof(why));
+		if (rc) {
+			/* a wrong file is a configuration error: say so at once */
+			log_error("%s (%s): refused: %s", transport_peer_name(c->t, peer),
+				  m.u.hello.name, why);
+			cluster_send_shutdown(c, peer, why, 0);
+			wire_msg_free(&m);
+			return rc;
+		}
 		w->peer = peer;
 		w->hello = m.u.hello;
+		w->hello.held_layer = w->hello.held_expert = NULL;
 		snprintf(w->st.name, sizeof(w->st.name), "%s", m.u.hello.name);
 		log_info("worker %d joined: %s, %u cores, %.1f GiB, %s", c->n, w->st.name,
 			 w->hello.cores, (double)w->hello.memory_bytes / (1 << 30),
-			 w->hello.has_model ? "has the model" : "needs the weights streamed");
+			 w->held	      ? "has a shard file"
+			 : w->hello.has_model ? "has the model"
+					      : "needs the weights streamed");
+		if (w->held)
+			log_info("worker %d: its shard file holds %u experts", c->n,
+				 m.u.hello.n_held);
 		c->n++;
 		wire_msg_free(&m);
 	}
@@ -360,6 +447,10 @@ static int cluster_place(cluster *c)
 	}
 	for (int i = 0; i < c->n; i++)
 		pw[i].speed = top * fmax(1.0, round(8.0 * pw[i].speed / top)) / 8.0;
+	c->held_none = calloc((size_t)c->spec.n_layer * (size_t)c->spec.n_expert + 1, 1);
+	if (!c->held_none)
+		return ERR_NOMEM;
+	cluster_held_sets(c);
 	int rc = placement_build(&pm, pw, c->n, c->cfg.replicas, &c->plan);
 	c->finish = calloc((size_t)c->n, sizeof(double));
 	c->speed = calloc((size_t)c->n, sizeof(double));
@@ -421,12 +512,17 @@ static int cluster_assign(cluster *c)
 		log_info("worker %d: %u experts, %.1f MiB", i, a->n_pairs,
 			 (double)c->plan.worker_bytes[i] / 1048576.0);
 		rc = cluster_send(c, i, &m, NULL, 0);
-		if (rc || !a->stream)
+		if (rc)
 			continue;
-		/* stream the bytes of every assigned expert */
+		/* stream the bytes of every assigned expert the worker does not
+		 * take from its own file */
 		uint64_t sent = 0;
+		uint32_t n_streamed = 0;
 		int n_t = c->spec.has_bias ? 6 : 3;
 		for (uint32_t p = 0; p < a->n_pairs && !rc; p++) {
+			if (!cluster_streams(c, i, (int)pl[p], (int)pe[p]))
+				continue;
+			n_streamed++;
 			for (int t = 0; t < n_t && !rc; t++) {
 				uint32_t type;
 				uint64_t total;
@@ -448,7 +544,11 @@ static int cluster_assign(cluster *c)
 			}
 		}
 		c->w[i].st.streamed_bytes += sent;
-		log_info("worker %d: streamed %.1f MiB of weights", i, (double)sent / 1048576.0);
+		if (n_streamed)
+			log_info("worker %d: streamed %u experts, %.1f MiB of weights", i,
+				 n_streamed, (double)sent / 1048576.0);
+		else
+			log_info("worker %d: streamed nothing (it has its experts in its file)", i);
 	}
 out:
 	free(pl);
@@ -560,6 +660,7 @@ int cluster_new(transport *t, const struct cluster_config *cfg, pool *p, cluster
 		goto out;
 	}
 	rc = cluster_layer_types(c);
+	shardfile_model_id(c->cfg.g, c->model_id);
 	if (!rc)
 		rc = cluster_join(c);
 	if (!rc)
@@ -592,6 +693,7 @@ void cluster_destroy(cluster **pc)
 			cluster_send(c, i, &m, NULL, 0);
 		}
 		free(c->w[i].sq_layer);
+		free(c->w[i].held);
 		free(c->w[i].sq_expert);
 		free(c->w[i].fit_lat);
 	}
@@ -613,6 +715,7 @@ void cluster_destroy(cluster **pc)
 	placement_free(&c->next);
 	free(c->finish);
 	free(c->pw);
+	free(c->held_none);
 	balance_counts_destroy(&c->counts);
 	free(c->speed);
 	free(c->visits);
@@ -1014,6 +1117,10 @@ void cluster_print_stats(cluster *c)
 		    s->compute_seconds, s->wait_seconds, s->speed, s->held_experts,
 		    (double)s->held_bytes / 1048576.0, s->lost ? " LOST" : "");
 	}
+	uint64_t streamed = 0;
+	for (int i = 0; i < c->n; i++)
+		streamed += c->w[i].st.streamed_bytes;
+	fprintf(stderr, "weights streamed: %llu bytes\n", (unsigned long long)streamed);
 	/* what each worker should hold: the placement in force plus the one
 	 * being loaded (released experts are gone) */
 	for (int i = 0; i < c->n; i++) {
@@ -1450,22 +1557,26 @@ static int cluster_send_next(cluster *c, placement *next)
 		a->spec = c->spec;
 		a->placement_epoch = epoch;
 		a->stream = c->cfg.stream || !w->hello.has_model;
-		/* queue the experts it lacks; they follow as chunks between steps
-		 * (a rejoined worker lacks everything) */
-		if (a->stream) {
-			free(w->sq_layer);
-			free(w->sq_expert);
-			w->sq_layer = malloc(cap * sizeof(uint32_t));
-			w->sq_expert = malloc(cap * sizeof(uint32_t));
-			if (!w->sq_layer || !w->sq_expert) {
-				rc = ERR_NOMEM;
-				break;
-			}
-			placement none = {0};
-			w->sq_n = cluster_diff(c, next, w->fresh ? &none : &c->plan, i, w->sq_layer,
-					       w->sq_expert);
-			for (uint32_t q = 0; q < w->sq_n; q++)
-				queued += c->expert_bytes[w->sq_layer[q]];
+		/* queue the experts it lacks and does not have in its own file;
+		 * they follow as chunks between steps (a rejoined worker lacks
+		 * everything) */
+		free(w->sq_layer);
+		free(w->sq_expert);
+		w->sq_layer = malloc(cap * sizeof(uint32_t));
+		w->sq_expert = malloc(cap * sizeof(uint32_t));
+		if (!w->sq_layer || !w->sq_expert) {
+			rc = ERR_NOMEM;
+			break;
+		}
+		placement none = {0};
+		uint32_t n_new = cluster_diff(c, next, w->fresh ? &none : &c->plan, i, w->sq_layer,
+					      w->sq_expert);
+		for (uint32_t q = 0; q < n_new; q++) {
+			if (!cluster_streams(c, i, (int)w->sq_layer[q], (int)w->sq_expert[q]))
+				continue;
+			w->sq_layer[w->sq_n] = w->sq_layer[q];
+			w->sq_expert[w->sq_n++] = w->sq_expert[q];
+			queued += c->expert_bytes[w->sq_layer[q]];
 		}
 		a->pair_layer = pl;
 		a->pair_expert = pe;
@@ -1570,7 +1681,10 @@ static void cluster_plan_repair(cluster *c, int rebuild)
 				while (n < R && h[n] >= 0)
 					n++;
 				for (; n < R && n < live; n++) {
-					int best = -1;
+					/* the least busy worker with room, one whose
+					 * shard file holds the expert if any (as
+					 * placement_build) */
+					int best = -1, best_has = 0;
 					double best_t = INFINITY;
 					for (int i = 0; i < c->n; i++) {
 						int dup = 0;
@@ -1580,11 +1694,19 @@ static void cluster_plan_repair(cluster *c, int rebuild)
 						    next.worker_bytes[i] > pw[i].mem_bytes ||
 						    bytes > pw[i].mem_bytes - next.worker_bytes[i])
 							continue;
+						int has =
+						    !pw[i].held || pw[i].held[(size_t)l * X + e];
+						if (best >= 0 && has != best_has) {
+							if (best_has)
+								continue;
+							best = -1;
+						}
 						double t =
 						    (next.worker_load[i] + work / R) / pw[i].speed;
-						if (t < best_t) {
+						if (best < 0 || t < best_t) {
 							best_t = t;
 							best = i;
+							best_has = has;
 						}
 					}
 					if (best < 0)
@@ -1853,9 +1975,21 @@ static void cluster_rejoin(cluster *c, int peer, const struct wire_hello *h)
 		return;
 	}
 	struct cluster_peer *w = &c->w[i];
+	uint8_t *held;
+	char why[WIRE_MAX_NAME];
+	if (cluster_take_hello(c, h, &held, why, sizeof(why))) {
+		log_error("%s (%s): refused: %s", transport_peer_name(c->t, peer), h->name, why);
+		cluster_send_shutdown(c, peer, why, 0);
+		transport_drop_peer(c->t, peer);
+		return;
+	}
+	free(w->held);
+	w->held = held;
 	w->peer = peer;
 	w->hello = *h;
+	w->hello.held_layer = w->hello.held_expert = NULL;
 	w->lost = 0;
+	cluster_held_sets(c);
 	w->st.lost = 0;
 	w->ready = 1;
 	w->serving = 0;

@@ -2,10 +2,14 @@
  *
  * cluster_new() waits (up to cfg->join_timeout_ms) for cfg->n_workers workers
  * to say Hello over the transport, refuses the ones that speak another
- * protocol version, places the model's experts on them with placement_build()
- * (by memory and speed, cfg->replicas copies of each), sends each its Assign,
- * streams the weights to workers without their own model copy (or to all when
- * cfg->stream is set), and waits for every Ready, logging progress.
+ * protocol version (and fails when one has a per-node shard file made from
+ * another model), places the model's experts on them with placement_build()
+ * (by memory and speed, cfg->replicas copies of each, preferring for each
+ * expert a worker whose shard file holds it), sends each its Assign, streams
+ * the weights of every assigned expert a worker's file does not hold (all of
+ * them to a worker without a file, or to all when cfg->stream is set), and
+ * waits for every Ready, logging progress.  Later epochs stream by the same
+ * rule.
  *
  * As a backend, one layer's job is split by the holder of each chosen expert:
  * every worker receives, at once, only the rows it needs (activations as

@@ -3,6 +3,7 @@
 #include "arch.h"
 #include "../common/err.h"
 #include "../common/log.h"
+#include "../common/shardfile.h"
 #include "../kernels/kern.h"
 
 #include <math.h>
@@ -62,6 +63,13 @@ int model_open(const char *path, const struct model_params *params, model **out)
 	rc = gguf_open(path, &m->g);
 	if (rc)
 		goto out;
+	if (gguf_find_kv(m->g, SHARDFILE_KEY_HELD) >= 0) {
+		log_error("%s: is a per-node shard file (moefleet split-experts) for "
+			  "moefleet-worker -m; the coordinator needs the full model",
+			  path);
+		rc = ERR_FORMAT;
+		goto out;
+	}
 	char arch[64];
 	rc = gguf_get_cstr(m->g, "general.architecture", arch, sizeof(arch));
 	if (rc) {

@@ -14,6 +14,7 @@
 struct placement_item {
 	int layer;
 	int expert;
+	int in_file; /* some worker's held set has it */
 	uint64_t bytes;
 	double work;
 };
@@ -90,10 +91,13 @@ static int placement_check_workers(const struct placement_worker *workers, int n
 	return 0;
 }
 
-/* Descending work, then descending bytes, then ascending (layer, expert). */
+/* Experts in a worker's file first, then descending work, then descending
+ * bytes, then ascending (layer, expert). */
 static int placement_item_cmp(const void *a, const void *b)
 {
 	const struct placement_item *x = a, *y = b;
+	if (x->in_file != y->in_file)
+		return x->in_file ? -1 : 1;
 	if (x->work != y->work)
 		return x->work > y->work ? -1 : 1;
 	if (x->bytes != y->bytes)
@@ -130,11 +134,19 @@ static int placement_alloc(placement *p, int n_layer, int n_expert, int n_replic
 	return 0;
 }
 
-/* The best worker for one replica of `it`, or -1 if none has room. */
+/* 1 if worker w can load `it` from its own file. */
+static int placement_has(const placement *p, const struct placement_worker *w,
+			 const struct placement_item *it)
+{
+	return !w->held || w->held[(size_t)it->layer * (size_t)p->n_expert + (size_t)it->expert];
+}
+
+/* The best worker for one replica of `it` (among those holding it in their
+ * file, when one of them has room), or -1 if none has room. */
 static int placement_pick(const placement *p, const struct placement_worker *workers,
 			  const int32_t *taken, int n_taken, const struct placement_item *it)
 {
-	int best = -1;
+	int best = -1, best_has = 0;
 	double best_time = 0, best_fill = 0;
 	double share = it->work / (double)p->n_replica;
 	for (int w = 0; w < p->n_worker; w++) {
@@ -144,11 +156,18 @@ static int placement_pick(const placement *p, const struct placement_worker *wor
 		if (dup || p->worker_bytes[w] > workers[w].mem_bytes ||
 		    it->bytes > workers[w].mem_bytes - p->worker_bytes[w])
 			continue;
+		int has = placement_has(p, &workers[w], it);
+		if (best >= 0 && has != best_has) {
+			if (best_has)
+				continue;
+			best = -1; /* the first candidate holding it in its file */
+		}
 		double time = (p->worker_load[w] + share) / workers[w].speed;
 		double fill =
 		    (double)(p->worker_bytes[w] + it->bytes) / (double)workers[w].mem_bytes;
 		if (best < 0 || time < best_time || (time == best_time && fill < best_fill)) {
 			best = w;
+			best_has = has;
 			best_time = time;
 			best_fill = fill;
 		}
@@ -202,9 +221,15 @@ int placement_build(const struct placement_model *m, const struct placement_work
 		for (int e = 0; m->layer_moe[l] && e < m->n_expert; e++) {
 			double load =
 			    m->load ? m->load[(size_t)l * (size_t)m->n_expert + (size_t)e] : 1.0;
+			int in_file = 0;
+			for (int w = 0; w < n_worker; w++)
+				in_file |=
+				    workers[w].held &&
+				    workers[w].held[(size_t)l * (size_t)m->n_expert + (size_t)e];
 			items[n_items++] = (struct placement_item){
 			    .layer = l,
 			    .expert = e,
+			    .in_file = in_file,
 			    .bytes = m->expert_bytes[l],
 			    .work = load * (double)m->expert_bytes[l],
 			};

@@ -13,9 +13,12 @@
  * Algorithm (greedy LPT, "longest processing time first"):
  *   work(L, e)   = load(L, e) * bytes(L)        (expected rows x weight bytes)
  *   items        = every (L, e) of a routed layer, sorted by work descending,
- *                  then bytes descending, then (L, e) ascending
+ *                  then bytes descending, then (L, e) ascending (with held
+ *                  sets, see below, the experts in some file first)
  *   for each item, for each replica r = 0..R-1:
- *     candidates = workers not yet holding the item with room for bytes(L)
+ *     candidates = workers not yet holding the item with room for bytes(L);
+ *                  if some of them have the item in their own file (held),
+ *                  only those
  *     pick the one with the least predicted finish time
  *                  (worker_load + work / R) / speed,
  *     ties -> least memory fraction (worker_bytes + bytes) / mem,
@@ -27,6 +30,16 @@
  * replicated expert are spread evenly over its holders.  Being greedy, it may
  * fail on near-full memory with mixed expert sizes even though a packing
  * exists; that is reported like any other misfit.
+ *
+ * Held sets (placement_worker.held) describe per-node shard files: the
+ * experts some file holds are placed first (then the others, each group in
+ * the order above), and an expert goes to a worker whose file holds it
+ * whenever one has room, only otherwise to the least busy worker, which must
+ * then receive its bytes.
+ * When the files partition the experts and every worker has room for its
+ * file (the files `moefleet split-experts` makes for this many workers and
+ * replicas), the placement is exactly the files' assignment, whatever the
+ * speeds.  With every held NULL the result is the plain LPT placement.
  *
  * Errors (ERR_CONFIG, reason logged): no workers, R < 1 or R > n_worker,
  * invalid sizes (no routed layer, n_expert < 1, zero bytes, speed <= 0,
@@ -50,8 +63,10 @@ struct placement_model {
 };
 
 struct placement_worker {
-	uint64_t mem_bytes; /* memory budget for expert weights */
-	double speed;	    /* expert-rows per second (relative is fine), > 0 */
+	uint64_t mem_bytes;  /* memory budget for expert weights */
+	double speed;	     /* expert-rows per second (relative is fine), > 0 */
+	const uint8_t *held; /* [n_layer][n_expert] 1 = its own file holds the expert;
+				NULL = no preference (e.g. it has the whole model) */
 };
 
 typedef struct placement {

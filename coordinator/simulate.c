@@ -252,6 +252,21 @@ static int sim_read_workers(const char *path, struct sim_worker **out, int *n_ou
 	return 0;
 }
 
+int simulate_read_cluster(const char *path, struct placement_worker **out, int *n)
+{
+	struct sim_worker *sw = NULL;
+	struct sim_coord coord = {0};
+	*out = NULL;
+	int rc = sim_read_workers(path, &sw, n, &coord);
+	if (rc)
+		return rc;
+	*out = calloc((size_t)*n, sizeof(**out));
+	for (int i = 0; *out && i < *n; i++)
+		(*out)[i] = (struct placement_worker){.mem_bytes = sw[i].mem, .speed = sw[i].speed};
+	free(sw);
+	return *out ? 0 : ERR_NOMEM;
+}
+
 int simulate_run(const struct simulate_config *cfg, FILE *out)
 {
 	int rc = 0;
@@ -316,7 +331,7 @@ int simulate_run(const struct simulate_config *cfg, FILE *out)
 		goto out;
 	}
 	for (int i = 0; i < nw; i++)
-		pw[i] = (struct placement_worker){sw[i].mem, sw[i].speed};
+		pw[i] = (struct placement_worker){.mem_bytes = sw[i].mem, .speed = sw[i].speed};
 	struct placement_model pm = {L, X, moe, bytes, NULL};
 	/* start from the placement the trace recorded (what the measured run
 	 * had), unless told otherwise or it does not fit the cluster file */

@@ -70,4 +70,9 @@ int simulate_step_sizes(const int32_t *tokens, const double *ms, size_t n,
 /* Runs one policy and prints its report line to out. */
 int simulate_run(const struct simulate_config *cfg, FILE *out);
 
+/* The workers of a cluster file (the format above) as placement input, in
+ * file order: *out (free() it) gets each one's memory budget and speed. */
+struct placement_worker;
+int simulate_read_cluster(const char *path, struct placement_worker **out, int *n);
+
 #endif

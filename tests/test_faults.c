@@ -5,7 +5,9 @@
  * the good workers form the cluster and give the in-process logits bit for
  * bit; with two replicas of every expert, a worker that dies or stops
  * answering at its first batch is replaced within the same step by the
- * survivors (no error) and the logits are unchanged. */
+ * survivors (no error) and the logits are unchanged.  A Hello listing the
+ * experts of a shard file survives encoding and decoding; ids out of range
+ * are refused. */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <signal.h>
@@ -245,12 +247,56 @@ static void test_worker_hangs(void **state)
 	lost_worker(FAKE_HANG_ON_BATCH);
 }
 
+/* Hello with a shard file's experts: the pairs come back grouped by layer;
+ * a layer beyond MOE_MAX_LAYERS cannot be encoded, an expert id beyond
+ * WIRE_MAX_EXPERTS is refused by the decoder. */
+static void test_hello_held(void **state)
+{
+	(void)state;
+	uint32_t pl[5] = {2, 0, 2, 0, 7}, pe[5] = {5, 1, 3, 0, 9};
+	struct wire_msg m = {.kind = WIRE_HELLO}, d;
+	m.u.hello.has_model = 1;
+	m.u.hello.shard_file = 1;
+	m.u.hello.n_held = 5;
+	m.u.hello.held_layer = pl;
+	m.u.hello.held_expert = pe;
+	snprintf(m.u.hello.model_sha, sizeof(m.u.hello.model_sha), "moefleet1:0123");
+	uint8_t *buf = NULL;
+	size_t cap = 0, len = 0;
+	assert_int_equal(wire_encode(&m, &buf, &cap, &len), 0);
+	assert_int_equal(wire_decode(buf, len, "test", &d), 0);
+	assert_int_equal(d.kind, WIRE_HELLO);
+	assert_true(d.u.hello.shard_file && d.u.hello.has_model);
+	assert_string_equal(d.u.hello.model_sha, "moefleet1:0123");
+	const uint32_t wl[5] = {0, 0, 2, 2, 7}, we[5] = {1, 0, 5, 3, 9};
+	assert_int_equal(d.u.hello.n_held, 5);
+	assert_memory_equal(d.u.hello.held_layer, wl, sizeof(wl));
+	assert_memory_equal(d.u.hello.held_expert, we, sizeof(we));
+	wire_msg_free(&d);
+	/* a full model file: nothing listed */
+	m.u.hello.shard_file = 0;
+	assert_int_equal(wire_encode(&m, &buf, &cap, &len), 0);
+	assert_int_equal(wire_decode(buf, len, "test", &d), 0);
+	assert_int_equal(d.u.hello.shard_file, 0);
+	assert_int_equal(d.u.hello.n_held, 0);
+	wire_msg_free(&d);
+	m.u.hello.shard_file = 1;
+	pe[1] = WIRE_MAX_EXPERTS;
+	assert_int_equal(wire_encode(&m, &buf, &cap, &len), 0);
+	assert_int_equal(wire_decode(buf, len, "test", &d), ERR_PROTO);
+	pe[1] = 1;
+	pl[4] = MOE_MAX_LAYERS;
+	assert_int_equal(wire_encode(&m, &buf, &cap, &len), ERR_RANGE);
+	free(buf);
+}
+
 int main(void)
 {
 	snprintf(endpoint, sizeof(endpoint), "ipc:///tmp/moefleet-faults-%d.sock", (int)getpid());
 	log_set_quiet(1);
 	signal(SIGPIPE, SIG_IGN);
 	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_hello_held),
 	    cmocka_unit_test(test_bad_peers_refused),
 	    cmocka_unit_test(test_worker_dies),
 	    cmocka_unit_test(test_worker_hangs),

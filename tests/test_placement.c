@@ -239,6 +239,106 @@ static void test_replicas(void **state)
 	placement_free(&p);
 }
 
+/* Per-node shard files: held[w] = the experts placement `files` gave w. */
+static void held_from(const placement *files, int w, uint8_t *held)
+{
+	for (int l = 0; l < T_LAYERS; l++)
+		for (int e = 0; e < T_EXPERTS; e++)
+			held[l * T_EXPERTS + e] = (uint8_t)placement_holds(files, w, l, e);
+}
+
+/* Files made for the cluster give exactly their assignment, whatever the
+ * speeds the coordinator measures, for one and two replicas; held sets that
+ * hold everything change nothing. */
+static void test_held_reproduces(void **state)
+{
+	(void)state;
+	static uint8_t held[3][T_LAYERS * T_EXPERTS];
+	struct tmodel t;
+	struct placement_worker w[3];
+	placement files, p;
+	tmodel_init(&t, 1000, 2000, 3000, 1);
+	for (int rep = 1; rep <= 2; rep++) {
+		workers_init(w, 3, UINT64_MAX);
+		assert_int_equal(placement_build(&t.m, w, 3, rep, &files), 0);
+		const double speed[3] = {1.0, 3.0, 0.5};
+		for (int i = 0; i < 3; i++) {
+			held_from(&files, i, held[i]);
+			w[i] = (struct placement_worker){tmodel_bytes(&t), speed[i], held[i]};
+		}
+		tmodel_init(&t, 1000, 2000, 3000, 0); /* and a skewed load */
+		assert_int_equal(placement_build(&t.m, w, 3, rep, &p), 0);
+		check_consistent(&p, &t, 3, rep);
+		for (int i = 0; i < 3; i++)
+			for (int l = 0; l < T_LAYERS; l++)
+				for (int e = 0; e < T_EXPERTS; e++)
+					assert_int_equal(placement_holds(&p, i, l, e),
+							 placement_holds(&files, i, l, e));
+		placement_free(&p);
+		placement_free(&files);
+		tmodel_init(&t, 1000, 2000, 3000, 1);
+	}
+	/* every worker holding everything == no held sets */
+	placement q;
+	memset(held[0], 1, sizeof(held[0]));
+	tmodel_init(&t, 1000, 2000, 3000, 0);
+	workers_init(w, 3, tmodel_bytes(&t));
+	assert_int_equal(placement_build(&t.m, w, 3, 2, &q), 0);
+	for (int i = 0; i < 3; i++)
+		w[i].held = held[0];
+	assert_int_equal(placement_build(&t.m, w, 3, 2, &p), 0);
+	assert_memory_equal(p.holder, q.holder, sizeof(int32_t) * T_LAYERS * T_EXPERTS * 2);
+	placement_free(&p);
+	placement_free(&q);
+}
+
+/* Files made for three workers used by two: each keeps its file's experts,
+ * the third file's are shared out by load; a budget smaller than a file
+ * keeps only what fits, the rest goes elsewhere. */
+static void test_held_partial(void **state)
+{
+	(void)state;
+	static uint8_t held[3][T_LAYERS * T_EXPERTS];
+	struct tmodel t;
+	struct placement_worker w[3];
+	placement files, p;
+	tmodel_init(&t, 1000, 1000, 1000, 1);
+	workers_init(w, 3, UINT64_MAX);
+	assert_int_equal(placement_build(&t.m, w, 3, 1, &files), 0);
+	for (int i = 0; i < 3; i++)
+		held_from(&files, i, held[i]);
+	w[0].held = held[0];
+	w[1].held = held[1];
+	assert_int_equal(placement_build(&t.m, w, 2, 1, &p), 0);
+	check_consistent(&p, &t, 2, 1);
+	int third[2] = {0, 0};
+	for (int l = 1; l < T_LAYERS; l++)
+		for (int e = 0; e < T_EXPERTS; e++) {
+			int h = placement_holder(&p, l, e, 0);
+			int f = placement_holder(&files, l, e, 0);
+			if (f < 2)
+				assert_int_equal(h, f);
+			else
+				third[h]++;
+		}
+	assert_true(third[0] > 0 && third[1] > 0);
+	assert_true(third[0] - third[1] <= 1 && third[1] - third[0] <= 1);
+	placement_free(&p);
+
+	/* worker 0 has room for half its file */
+	w[0].mem_bytes = files.worker_bytes[0] / 2;
+	assert_int_equal(placement_build(&t.m, w, 2, 1, &p), 0);
+	check_consistent(&p, &t, 2, 1);
+	assert_int_equal(p.worker_bytes[0], files.worker_bytes[0] / 2);
+	for (int l = 1; l < T_LAYERS; l++)
+		for (int e = 0; e < T_EXPERTS; e++)
+			if (placement_holds(&p, 0, l, e))
+				assert_true(held[0][l * T_EXPERTS + e]);
+	assert_int_equal(placement_validate(&p, &t.m, w, 2), 0);
+	placement_free(&p);
+	placement_free(&files);
+}
+
 static void test_errors(void **state)
 {
 	(void)state;
@@ -403,7 +503,8 @@ int main(void)
 	    cmocka_unit_test(test_uneven_memory), cmocka_unit_test(test_uneven_speed),
 	    cmocka_unit_test(test_replicas),	  cmocka_unit_test(test_errors),
 	    cmocka_unit_test(test_deterministic), cmocka_unit_test(test_copy_choose),
-	    cmocka_unit_test(test_validate),
+	    cmocka_unit_test(test_validate),	  cmocka_unit_test(test_held_reproduces),
+	    cmocka_unit_test(test_held_partial),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

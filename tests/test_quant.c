@@ -11,7 +11,12 @@
  *     non-expert tensors byte-identical, its MXFP4 experts equal the oracle's
  *     (tests/data/qwen3moe-tiny-mxfp4.gguf, same seed) and decode close to the
  *     originals; the first shard of the same model split in three gives the
- *     same output file; bad inputs fail cleanly. */
+ *     same output file; bad inputs fail cleanly;
+ *   - split_experts (per-node shard files): every routed expert lands in the
+ *     files of exactly its placement's holders with the source's bytes, the
+ *     metadata is kept, nothing else is copied, shardfile_read finds the
+ *     slots; a split model gives the same files; bad inputs and damaged
+ *     shard files are refused. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -29,7 +34,9 @@
 #include "../common/gguf.h"
 #include "../common/gguf_write.h"
 #include "../common/log.h"
+#include "../common/shardfile.h"
 #include "../coordinator/quantize.h"
+#include "../coordinator/split.h"
 #include "../kernels/kern.h"
 #include "../kernels/quant.h"
 
@@ -729,16 +736,10 @@ static void test_quantize_any_source_type(void **state)
 	unlink(out);
 }
 
-/* The first shard of a split model gives the output its single file gives:
- * the same bytes (the split keys are left out, the tensors follow in shard
- * order). */
-static void test_quantize_split_input(void **state)
+/* Writes src as a gguf-split set of three shards m-0000i-of-00003.gguf. */
+static void write_split_set(const gguf *src, char shard[3][512])
 {
-	(void)state;
-	gguf *src = NULL;
-	assert_int_equal(gguf_open(data_path("qwen3moe-tiny-f32.gguf"), &src), 0);
 	const uint64_t n = gguf_n_tensors(src);
-	char shard[3][512];
 	for (int s = 0; s < 3; s++) {
 		char name[64];
 		snprintf(name, sizeof(name), "m-%05d-of-00003.gguf", s + 1);
@@ -761,6 +762,18 @@ static void test_quantize_split_input(void **state)
 		assert_int_equal(gguf_writer_commit(w), 0);
 		gguf_writer_destroy(&w);
 	}
+}
+
+/* The first shard of a split model gives the output its single file gives:
+ * the same bytes (the split keys are left out, the tensors follow in shard
+ * order). */
+static void test_quantize_split_input(void **state)
+{
+	(void)state;
+	gguf *src = NULL;
+	assert_int_equal(gguf_open(data_path("qwen3moe-tiny-f32.gguf"), &src), 0);
+	char shard[3][512];
+	write_split_set(src, shard);
 	char from_split[512], from_one[512];
 	snprintf(from_split, sizeof(from_split), "%s", tmp_path("from-split.gguf"));
 	snprintf(from_one, sizeof(from_one), "%s", tmp_path("from-one.gguf"));
@@ -779,6 +792,249 @@ static void test_quantize_split_input(void **state)
 	unlink(from_one);
 	for (int s = 0; s < 3; s++)
 		unlink(shard[s]);
+}
+
+/* ------------------------------------------------------------ split-experts */
+
+#define SPLIT_MODEL "qwen3moe-tiny-mxfp4.gguf"
+
+static void split_dir(const char *name, char *dir, size_t cap)
+{
+	snprintf(dir, cap, "%s", tmp_path(name));
+}
+
+static void unlink_split(const char *model, const char *dir, int n)
+{
+	char path[1024];
+	for (int k = 1; k <= n; k++)
+		if (split_path(model, dir, k, n, path, sizeof(path)) == 0)
+			unlink(path);
+	rmdir(dir);
+}
+
+/* n workers with ample memory and equal speed */
+static struct placement_worker *split_workers(int n)
+{
+	static struct placement_worker w[8];
+	for (int i = 0; i < n; i++)
+		w[i] = (struct placement_worker){.mem_bytes = UINT64_MAX, .speed = 1.0};
+	return w;
+}
+
+/* The files split_experts wrote for n workers and `rep` replicas: each
+ * routed expert in exactly rep files, with the source's bytes in its slot;
+ * the source's metadata plus the six moefleet.shard keys; no other tensor;
+ * expert counts within one of each other. */
+static void check_split_files(const char *model, const char *dir, int n, int rep)
+{
+	gguf *src = NULL;
+	assert_int_equal(gguf_open(model, &src), 0);
+	char id[SHARDFILE_ID_LEN];
+	shardfile_model_id(src, id);
+	int copies[64][64] = {{0}};
+	uint32_t lo = UINT32_MAX, hi = 0;
+	int n_layer = 0, X = 0;
+	for (int k = 1; k <= n; k++) {
+		char path[1024];
+		assert_int_equal(split_path(model, dir, k, n, path, sizeof(path)), 0);
+		gguf *g = NULL;
+		struct shardfile sf;
+		assert_int_equal(gguf_open(path, &g), 0);
+		assert_int_equal(shardfile_read(g, &sf), 0);
+		assert_int_equal(sf.index, (uint32_t)k);
+		assert_int_equal(sf.count, (uint32_t)n);
+		assert_string_equal(sf.model, id);
+		assert_true(sf.n_layer <= 64 && sf.n_expert <= 64);
+		n_layer = sf.n_layer;
+		X = sf.n_expert;
+		lo = sf.n_held < lo ? sf.n_held : lo;
+		hi = sf.n_held > hi ? sf.n_held : hi;
+		assert_int_equal(gguf_n_kv(g), gguf_n_kv(src) + 6);
+		for (uint64_t i = 0; i < gguf_n_kv(src); i++)
+			assert_true(gguf_find_kv(g, gguf_kv_key(src, i)) >= 0);
+		for (uint64_t i = 0; i < gguf_n_tensors(g); i++)
+			assert_non_null(strstr(gguf_tensor_at(g, i)->name, "_exps."));
+		for (int l = 0; l < sf.n_layer; l++)
+			for (int e = 0; e < sf.n_expert; e++) {
+				int slot = shardfile_slot(&sf, l, e);
+				if (slot < 0)
+					continue;
+				copies[l][e]++;
+				for (int t = 0; t < 6; t++) {
+					char name[96];
+					shardfile_tensor_name(l, t, name, sizeof(name));
+					const gguf_tensor *a = gguf_find_tensor(src, name);
+					const gguf_tensor *b = gguf_find_tensor(g, name);
+					assert_true((a == NULL) == (b == NULL));
+					if (!a)
+						continue;
+					uint64_t per = a->n_bytes / (uint64_t)sf.n_expert;
+					assert_int_equal(b->n_bytes, per * sf.layer_held[l]);
+					assert_memory_equal((const uint8_t *)a->data + per * e,
+							    (const uint8_t *)b->data + per * slot,
+							    per);
+				}
+			}
+		shardfile_free(&sf);
+		gguf_destroy(&g);
+	}
+	assert_true(n_layer > 0 && X > 0);
+	assert_true(hi - lo <= 1);
+	for (int l = 0; l < n_layer; l++)
+		for (int e = 0; e < X; e++)
+			assert_int_equal(copies[l][e], rep);
+	gguf_destroy(&src);
+}
+
+static void test_split_experts_files(void **state)
+{
+	(void)state;
+	char dir[512];
+	const char *model = data_path(SPLIT_MODEL);
+	char m[4096];
+	snprintf(m, sizeof(m), "%s", model);
+	split_dir("split2", dir, sizeof(dir));
+	assert_int_equal(split_experts(m, split_workers(2), 2, 1, dir), 0);
+	check_split_files(m, dir, 2, 1);
+	unlink_split(m, dir, 2);
+	split_dir("split3r2", dir, sizeof(dir));
+	assert_int_equal(split_experts(m, split_workers(3), 3, 2, dir), 0);
+	check_split_files(m, dir, 3, 2);
+	unlink_split(m, dir, 3);
+	/* a worker with less memory holds fewer experts */
+	struct placement_worker *w = split_workers(2);
+	split_dir("split-mem", dir, sizeof(dir));
+	gguf *g = NULL;
+	assert_int_equal(gguf_open(m, &g), 0);
+	const gguf_tensor *t = gguf_find_tensor(g, "blk.0.ffn_down_exps.weight");
+	assert_non_null(t);
+	w[0].mem_bytes = 3 * (t->n_bytes / t->ne[2]) * 10; /* room for 10 experts */
+	gguf_destroy(&g);
+	assert_int_equal(split_experts(m, w, 2, 1, dir), 0);
+	char path[1024];
+	struct shardfile sf;
+	assert_int_equal(split_path(m, dir, 1, 2, path, sizeof(path)), 0);
+	assert_int_equal(gguf_open(path, &g), 0);
+	assert_int_equal(shardfile_read(g, &sf), 0);
+	assert_true(sf.n_held <= 10);
+	shardfile_free(&sf);
+	gguf_destroy(&g);
+	unlink_split(m, dir, 2);
+}
+
+/* The first shard of a split model gives the files its single file gives;
+ * a later shard is refused. */
+static void test_split_experts_split_input(void **state)
+{
+	(void)state;
+	gguf *src = NULL;
+	assert_int_equal(gguf_open(data_path(SPLIT_MODEL), &src), 0);
+	char shard[3][512], d1[512], d2[512];
+	write_split_set(src, shard);
+	split_dir("from-set", d1, sizeof(d1));
+	split_dir("from-one", d2, sizeof(d2));
+	assert_int_equal(split_experts(shard[0], split_workers(2), 2, 1, d1), 0);
+	assert_int_equal(split_experts(gguf_path(src), split_workers(2), 2, 1, d2), 0);
+	for (int k = 1; k <= 2; k++) {
+		char p1[1024], p2[1024];
+		assert_int_equal(split_path(shard[0], d1, k, 2, p1, sizeof(p1)), 0);
+		assert_int_equal(split_path(gguf_path(src), d2, k, 2, p2, sizeof(p2)), 0);
+		assert_non_null(strstr(p1, "/m-w"));
+		size_t na, nb;
+		uint8_t *a = read_all(p1, &na), *b = read_all(p2, &nb);
+		assert_int_equal(na, nb);
+		assert_memory_equal(a, b, na);
+		free(a);
+		free(b);
+	}
+	assert_int_not_equal(split_experts(shard[1], split_workers(2), 2, 1, d1), 0);
+	unlink_split(shard[0], d1, 2);
+	unlink_split(gguf_path(src), d2, 2);
+	gguf_destroy(&src);
+	for (int s = 0; s < 3; s++)
+		unlink(shard[s]);
+}
+
+/* A copy of shard file `good` with its held list, index and count replaced. */
+static void write_bad_shard(const gguf *good, const char *path, const uint32_t *ids, uint64_t n,
+			    uint32_t index, uint32_t count)
+{
+	gguf_writer *w = NULL;
+	assert_int_equal(gguf_writer_new(&w), 0);
+	assert_int_equal(gguf_writer_copy_all_kv(w, good), 0);
+	assert_int_equal(gguf_writer_set_arr(w, SHARDFILE_KEY_HELD, GGUF_TYPE_U32, ids, n), 0);
+	assert_int_equal(gguf_writer_set_u32(w, SHARDFILE_KEY_INDEX, index), 0);
+	assert_int_equal(gguf_writer_set_u32(w, SHARDFILE_KEY_COUNT, count), 0);
+	for (uint64_t i = 0; i < gguf_n_tensors(good); i++) {
+		const gguf_tensor *t = gguf_tensor_at(good, i);
+		assert_int_equal(gguf_writer_add_tensor(w, t->name, t->type, t->n_dims, t->ne), 0);
+	}
+	assert_int_equal(gguf_writer_open(w, path), 0);
+	for (uint64_t i = 0; i < gguf_n_tensors(good); i++) {
+		const gguf_tensor *t = gguf_tensor_at(good, i);
+		assert_int_equal(gguf_writer_write(w, t->data, (size_t)t->n_bytes), 0);
+	}
+	assert_int_equal(gguf_writer_commit(w), 0);
+	gguf_writer_destroy(&w);
+}
+
+static void test_split_experts_bad(void **state)
+{
+	(void)state;
+	char m[4096], dir[512], path[1024], bad[512];
+	snprintf(m, sizeof(m), "%s", data_path(SPLIT_MODEL));
+	split_dir("split-bad", dir, sizeof(dir));
+	/* too many workers for 3 x 16 experts, a budget nothing fits in, an
+	 * unwritable directory */
+	assert_int_equal(split_experts(m, split_workers(2), 49, 1, dir), ERR_CONFIG);
+	struct placement_worker *w = split_workers(2);
+	w[0].mem_bytes = w[1].mem_bytes = 1000;
+	assert_int_equal(split_experts(m, w, 2, 1, dir), ERR_CONFIG);
+	assert_int_equal(split_experts(m, split_workers(2), 2, 1, "/proc/no/such/dir"), ERR_IO);
+	/* a plain model is no shard file; a shard file is not split again */
+	gguf *g = NULL, *good = NULL;
+	struct shardfile sf;
+	assert_int_equal(gguf_open(m, &g), 0);
+	assert_int_equal(shardfile_read(g, &sf), ERR_RANGE);
+	gguf_destroy(&g);
+	assert_int_equal(split_experts(m, split_workers(2), 2, 1, dir), 0);
+	assert_int_equal(split_path(m, dir, 1, 2, path, sizeof(path)), 0);
+	assert_int_equal(split_experts(path, split_workers(2), 2, 1, dir), ERR_FORMAT);
+	/* damaged metadata */
+	assert_int_equal(gguf_open(path, &good), 0);
+	assert_int_equal(shardfile_read(good, &sf), 0);
+	uint32_t ids[64 * 64];
+	uint64_t n = 0;
+	for (int l = 0; l < sf.n_layer; l++)
+		for (int e = 0; e < sf.n_expert; e++)
+			if (shardfile_slot(&sf, l, e) >= 0)
+				ids[n++] = (uint32_t)(l * sf.n_expert + e);
+	snprintf(bad, sizeof(bad), "%s", tmp_path("bad-shard.gguf"));
+	uint32_t tmp = ids[0]; /* not ascending */
+	ids[0] = ids[1];
+	ids[1] = tmp;
+	write_bad_shard(good, bad, ids, n, 1, 2);
+	assert_int_equal(gguf_open(bad, &g), 0);
+	assert_int_equal(shardfile_read(g, &sf), ERR_FORMAT);
+	gguf_destroy(&g);
+	ids[1] = ids[0];
+	ids[0] = tmp;
+	write_bad_shard(good, bad, ids + 1, n - 1, 1, 2); /* one expert fewer than stored */
+	assert_int_equal(gguf_open(bad, &g), 0);
+	assert_int_equal(shardfile_read(g, &sf), ERR_FORMAT);
+	gguf_destroy(&g);
+	write_bad_shard(good, bad, ids, n, 3, 2); /* index beyond the count */
+	assert_int_equal(gguf_open(bad, &g), 0);
+	assert_int_equal(shardfile_read(g, &sf), ERR_FORMAT);
+	gguf_destroy(&g);
+	ids[n - 1] = 3u * 16u; /* beyond the model */
+	write_bad_shard(good, bad, ids, n, 1, 2);
+	assert_int_equal(gguf_open(bad, &g), 0);
+	assert_int_equal(shardfile_read(g, &sf), ERR_FORMAT);
+	gguf_destroy(&g);
+	gguf_destroy(&good);
+	unlink(bad);
+	unlink_split(m, dir, 2);
 }
 
 /* A small model file: one expert tensor `expert` (F32, ne0 x 2 x 2) unless
@@ -897,6 +1153,9 @@ int main(void)
 	    cmocka_unit_test(test_quantize_any_source_type),
 	    cmocka_unit_test(test_quantize_split_input),
 	    cmocka_unit_test(test_quantize_bad_inputs),
+	    cmocka_unit_test(test_split_experts_files),
+	    cmocka_unit_test(test_split_experts_split_input),
+	    cmocka_unit_test(test_split_experts_bad),
 	};
 	int rc = cmocka_run_group_tests(tests, NULL, NULL);
 	rmdir(tmp_dir); /* fails harmlessly if a failed test left files */

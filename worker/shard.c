@@ -149,15 +149,19 @@ static int shard_expect(const gguf *g, const char *name, uint64_t a, uint64_t b,
 
 int shard_add_from_gguf(shard *s, const gguf *g, int layer, int expert)
 {
+	return shard_add_from_gguf_slot(s, g, layer, expert, expert, s->spec.n_expert);
+}
+
+int shard_add_from_gguf_slot(shard *s, const gguf *g, int layer, int expert, int slot, int n_slots)
+{
 	const struct moe_spec *sp = &s->spec;
 	if (layer < 0 || layer >= sp->n_layer || !sp->layer_moe[layer] || expert < 0 ||
-	    expert >= sp->n_expert) {
+	    expert >= sp->n_expert || slot < 0 || slot >= n_slots) {
 		log_error("%s: expert %d of layer %d does not exist", gguf_path(g), expert, layer);
 		return ERR_RANGE;
 	}
 	static const char *names[3] = {"gate", "up", "down"};
-	const uint64_t E = (uint64_t)sp->n_embd, F = (uint64_t)sp->n_ff_exp,
-		       X = (uint64_t)sp->n_expert;
+	const uint64_t E = (uint64_t)sp->n_embd, F = (uint64_t)sp->n_ff_exp, X = (uint64_t)n_slots;
 	struct shard_expert_src src = {0};
 	for (int t = 0; t < 3; t++) {
 		char name[128];
@@ -168,7 +172,7 @@ int shard_add_from_gguf(shard *s, const gguf *g, int layer, int expert)
 		if (rc)
 			return rc;
 		size_t per = kern_row_bytes(w->type, (int64_t)n_in) * n_out;
-		src.weights[t] = (const char *)w->data + per * (size_t)expert;
+		src.weights[t] = (const char *)w->data + per * (size_t)slot;
 		src.types[t] = w->type;
 		if (sp->has_bias) {
 			snprintf(name, sizeof(name), "blk.%d.ffn_%s_exps.bias", layer, names[t]);
@@ -179,7 +183,7 @@ int shard_add_from_gguf(shard *s, const gguf *g, int layer, int expert)
 				log_error("%s: tensor %s must be F32", gguf_path(g), name);
 				return ERR_FORMAT;
 			}
-			src.biases[t] = (const float *)b->data + n_out * (size_t)expert;
+			src.biases[t] = (const float *)b->data + n_out * (size_t)slot;
 		}
 	}
 	return shard_add_expert(s, layer, expert, &src);

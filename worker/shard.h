@@ -42,6 +42,9 @@ const struct moe_spec *shard_spec(const shard *s);
 
 /* Validates the expert's tensors in g against the spec and adds it. */
 int shard_add_from_gguf(shard *s, const gguf *g, int layer, int expert);
+/* The same from a file whose expert tensors of `layer` hold n_slots experts
+ * (a per-node shard file, common/shardfile.h), the expert being the slot-th. */
+int shard_add_from_gguf_slot(shard *s, const gguf *g, int layer, int expert, int slot, int n_slots);
 /* Adds every expert of every MoE layer of g. */
 int shard_add_all_from_gguf(shard *s, const gguf *g);
 int shard_add_expert(shard *s, int layer, int expert, const struct shard_expert_src *src);

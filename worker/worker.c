@@ -6,6 +6,7 @@
 #include "../common/log.h"
 #include "../common/pool.h"
 #include "../common/progress.h"
+#include "../common/shardfile.h"
 #include "../common/wire.h"
 #include "../kernels/kern.h"
 
@@ -49,6 +50,7 @@ struct worker {
 	pool *pool;
 	const gguf *g; /* the model file: cfg->model, or g_own */
 	gguf *g_own;
+	struct shardfile sf; /* g is a per-node shard file when sf.slot != NULL */
 	shard *shard;
 	struct moe_spec spec;
 	uint64_t epoch;		     /* of the last Assign */
@@ -148,19 +150,49 @@ static void worker_clear(struct worker *w)
 	w->held_bytes = 0;
 }
 
+/* Where (l, e) is in the model file: its slot in the layer's expert tensors
+ * and how many experts they hold; 0 if the file does not hold it. */
+static int worker_file_slot(const struct worker *w, int l, int e, int *slot, int *n_slots)
+{
+	if (!w->g)
+		return 0;
+	if (!w->sf.slot) {
+		*slot = e;
+		*n_slots = w->spec.n_expert;
+		return 1;
+	}
+	*slot = shardfile_slot(&w->sf, l, e);
+	if (*slot < 0)
+		return 0;
+	*n_slots = (int)w->sf.layer_held[l];
+	return 1;
+}
+
 /* The bytes of tensor t (0..2 weights, 3..5 biases) of (l, e) in the model
  * file, or NULL. */
 static const uint8_t *worker_file_tensor(const struct worker *w, int l, int e, int t, uint64_t *n)
 {
-	static const char *names[3] = {"gate", "up", "down"};
 	char name[96];
-	snprintf(name, sizeof(name), "blk.%d.ffn_%s_exps.%s", l, names[t % 3],
-		 t < 3 ? "weight" : "bias");
-	const gguf_tensor *x = gguf_find_tensor(w->g, name);
-	if (!x || w->spec.n_expert < 1)
+	int slot, n_slots;
+	if (!worker_file_slot(w, l, e, &slot, &n_slots) || n_slots < 1)
 		return NULL;
-	*n = x->n_bytes / (uint64_t)w->spec.n_expert;
-	return (const uint8_t *)x->data + *n * (uint64_t)e;
+	shardfile_tensor_name(l, t, name, sizeof(name));
+	const gguf_tensor *x = gguf_find_tensor(w->g, name);
+	if (!x)
+		return NULL;
+	*n = x->n_bytes / (uint64_t)n_slots;
+	return (const uint8_t *)x->data + *n * (uint64_t)slot;
+}
+
+/* Adds (l, e) from the model file to shard s. */
+static int worker_shard_add_file(const struct worker *w, shard *s, int l, int e)
+{
+	int slot, n_slots;
+	if (!worker_file_slot(w, l, e, &slot, &n_slots)) {
+		log_error("%s: holds no expert %d of layer %d", gguf_path(w->g), e, l);
+		return ERR_RANGE;
+	}
+	return shard_add_from_gguf_slot(s, w->g, l, e, slot, n_slots);
 }
 
 static uint64_t worker_file_expert_bytes(const struct worker *w, int l, int e)
@@ -186,7 +218,7 @@ static int worker_send_ready(struct worker *w, int released)
 
 static int worker_add_from_file(struct worker *w, int l, int e)
 {
-	int rc = shard_add_from_gguf(w->shard, w->g, l, e);
+	int rc = worker_shard_add_file(w, w->shard, l, e);
 	if (rc)
 		return rc;
 	w->n_held++;
@@ -337,7 +369,11 @@ static int worker_on_assign(struct worker *w, const struct wire_assign *a)
 	}
 	worker_free_bufs(w); /* an unfinished earlier epoch is superseded */
 	w->epoch = a->placement_epoch;
-	int stream = a->stream || !w->g;
+	if (w->sf.slot &&
+	    (w->sf.n_layer != w->spec.n_layer || w->sf.n_expert != w->spec.n_expert)) {
+		worker_error(w, "the shard file was made for a model of another size");
+		return 0;
+	}
 	size_t per = w->spec.has_bias ? 6 : 3;
 	w->bufs = calloc((size_t)a->n_pairs * per + 1, sizeof(*w->bufs));
 	if (!w->bufs)
@@ -349,11 +385,11 @@ static int worker_on_assign(struct worker *w, const struct wire_assign *a)
 		return ERR_NOMEM;
 	uint32_t *file_e = file_l + a->n_pairs + 1;
 	for (uint32_t i = 0; i < a->n_pairs; i++) {
-		int l = (int)a->pair_layer[i], e = (int)a->pair_expert[i];
+		int l = (int)a->pair_layer[i], e = (int)a->pair_expert[i], slot, n_slots;
 		if (shard_has(w->shard, l, e))
 			continue;
 		added++;
-		if (!stream) {
+		if (!a->stream && worker_file_slot(w, l, e, &slot, &n_slots)) {
 			/* mmap pointers: nothing is read until used */
 			rc = worker_add_from_file(w, l, e);
 			if (rc)
@@ -369,9 +405,10 @@ static int worker_on_assign(struct worker *w, const struct wire_assign *a)
 			b->tensor = (uint32_t)t;
 		}
 	}
-	log_info("worker: epoch %llu assigns %u experts, %u new (%s)",
-		 (unsigned long long)a->placement_epoch, a->n_pairs, added,
-		 stream ? "streamed from the coordinator" : "from the local model file");
+	log_info("worker: epoch %llu assigns %u experts, %u new (%u from the local model file, "
+		 "%u streamed from the coordinator)",
+		 (unsigned long long)a->placement_epoch, a->n_pairs, added, n_file,
+		 added - n_file);
 	/* a later epoch's experts are faulted in by use: reading them here
 	 * would hold up the Batches of the epoch in force */
 	if (w->initial && n_file)
@@ -521,7 +558,7 @@ static int worker_on_release(struct worker *w, const struct wire_release *r)
 				rc = shard_add_expert(next, l, e, &src);
 				bytes += o->bytes;
 			} else {
-				rc = shard_add_from_gguf(next, w->g, l, e);
+				rc = worker_shard_add_file(w, next, l, e);
 				bytes += worker_file_expert_bytes(w, l, e);
 			}
 			kept++;
@@ -729,29 +766,63 @@ static uint64_t worker_cgroup_limit(void)
 	return limit;
 }
 
-static int worker_open_model(struct worker *w)
+/* Opens the -m file; a per-node shard file also fills w->sf and the Hello
+ * fields that list what it holds. */
+static int worker_open_model(struct worker *w, struct wire_hello *h)
 {
-	if (w->cfg->model || !w->cfg->model_path) {
-		w->g = w->cfg->model;
+	w->g = w->cfg->model;
+	if (!w->g && !w->cfg->model_path)
+		return 0;
+	if (!w->g) {
+		int rc = gguf_open(w->cfg->model_path, &w->g_own);
+		if (rc)
+			return rc;
+		w->g = w->g_own;
+	}
+	h->has_model = 1;
+	int rc = shardfile_read(w->g, &w->sf);
+	if (rc == ERR_RANGE) {
+		snprintf(h->model_sha, sizeof(h->model_sha), "size:%llu",
+			 (unsigned long long)gguf_file_size(w->g));
+		log_info("worker: %s holds every expert", gguf_path(w->g));
 		return 0;
 	}
-	int rc = gguf_open(w->cfg->model_path, &w->g_own);
-	w->g = w->g_own;
-	return rc;
+	if (rc)
+		return rc;
+	const struct shardfile *sf = &w->sf;
+	h->shard_file = 1;
+	snprintf(h->model_sha, sizeof(h->model_sha), "%s", sf->model);
+	h->held_layer = malloc((sf->n_held ? sf->n_held : 1) * sizeof(uint32_t));
+	h->held_expert = malloc((sf->n_held ? sf->n_held : 1) * sizeof(uint32_t));
+	if (!h->held_layer || !h->held_expert)
+		return ERR_NOMEM;
+	for (int l = 0; l < sf->n_layer; l++)
+		for (int e = 0; e < sf->n_expert; e++)
+			if (shardfile_slot(sf, l, e) >= 0) {
+				h->held_layer[h->n_held] = (uint32_t)l;
+				h->held_expert[h->n_held++] = (uint32_t)e;
+			}
+	log_info("worker: %s is shard file %u of %u (model %s): %u of %d x %d experts",
+		 gguf_path(w->g), sf->index, sf->count, sf->model, sf->n_held, sf->n_layer,
+		 sf->n_expert);
+	for (int l = 0; l < sf->n_layer; l++)
+		if (sf->layer_held[l])
+			log_info("worker:   layer %d: %u experts", l, sf->layer_held[l]);
+	return 0;
 }
 
 int worker_run(transport *t, const struct worker_config *cfg)
 {
 	struct worker w = {.t = t, .cfg = cfg};
+	struct wire_msg hello = {.kind = WIRE_HELLO};
 	int rc = 0;
 	kern_init();
 	rc = pool_new(cfg->n_threads, &w.pool);
 	if (rc)
 		goto out;
-	rc = worker_open_model(&w);
+	rc = worker_open_model(&w, &hello.u.hello);
 	if (rc)
 		goto out;
-	struct wire_msg hello = {.kind = WIRE_HELLO};
 	hello.u.hello.cores = (uint32_t)pool_size(w.pool);
 	long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGE_SIZE);
 	uint64_t phys = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0;
@@ -760,11 +831,7 @@ int worker_run(transport *t, const struct worker_config *cfg)
 	hello.u.hello.memory_bytes = cfg->memory_bytes		 ? cfg->memory_bytes
 				     : have > 2 * WORKER_RESERVE ? have - WORKER_RESERVE
 								 : have / 2;
-	hello.u.hello.has_model = w.g != NULL;
 	hello.u.hello.expert_rows_per_sec = worker_calibrate(&w);
-	if (w.g)
-		snprintf(hello.u.hello.model_sha, sizeof(hello.u.hello.model_sha), "size:%llu",
-			 (unsigned long long)gguf_file_size(w.g));
 	if (cfg->name)
 		snprintf(hello.u.hello.name, sizeof(hello.u.hello.name), "%s", cfg->name);
 	else
@@ -900,6 +967,8 @@ out:
 	free(w.hdr);
 	free(w.out);
 	free(w.items);
+	wire_msg_free(&hello);
+	shardfile_free(&w.sf);
 	gguf_destroy(&w.g_own);
 	pool_destroy(&w.pool);
 	return rc;

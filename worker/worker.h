@@ -26,9 +26,13 @@
  *
  * Before Hello the worker measures its speed on a synthetic expert (Hello's
  * expert_rows_per_sec; CPU-based, scaled by cfg->slowdown).
- * In LOADING the worker takes its experts from its own copy of the GGUF
+ * In LOADING the worker takes each expert from its own copy of the GGUF
  * (cfg->model_path, mmapped: only the assigned experts' bytes are read) or,
- * when the Assign says `stream` or it has no copy, from WeightChunk messages.
+ * when the Assign says `stream`, it has no copy or its copy lacks the expert,
+ * from WeightChunk messages.  The copy may be a per-node shard file
+ * (common/shardfile.h) holding only some experts: Hello then lists them (and
+ * names the model the file was made from), so the coordinator streams only
+ * the others.
  * A message that breaks the protocol (undecodable, oversized, out of order,
  * a Batch naming experts it does not hold, a frame of the wrong size) is
  * answered with an Error message naming the problem and otherwise ignored; the

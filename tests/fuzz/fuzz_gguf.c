@@ -6,11 +6,13 @@
  * which are linear, on the first FUZZ_MAX_LOOKUPS of each), and each
  * tensor's bytes must lie inside the file.  An accepted input is one file: a
  * plain model or a split model of one shard (a shard of several is refused
- * from memory and, in the replay, from disk). */
+ * from memory and, in the replay, from disk).  A per-node shard file's
+ * table of held experts is read and checked too. */
 #define _GNU_SOURCE
 #include "fuzz.h"
 #include "../../common/gguf.h"
 #include "../../common/log.h"
+#include "../../common/shardfile.h"
 #include "../../kernels/kern.h"
 
 #include <stdio.h>
@@ -19,7 +21,7 @@
 
 #define FUZZ_MAX_LOOKUPS 256
 #define FUZZ_MAX_DECODES 16
-#define FUZZ_MAX_ROW 4096 /* values of a decoded row, at most */
+#define FUZZ_MAX_ROW	 4096 /* values of a decoded row, at most */
 
 /* Row 0 of t through kern_dequant_row, kern_convert_row and kern_dot, with
  * both implementations. */
@@ -208,6 +210,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	}
 	if (gguf_tensor_at(g, gguf_n_tensors(g)) || gguf_kv_key(g, gguf_n_kv(g)))
 		abort();
+	/* a per-node shard file's table: every held slot inside its layer's count */
+	struct shardfile sf;
+	if (shardfile_read(g, &sf) == 0) {
+		for (int l = 0; l < sf.n_layer && (size_t)sf.n_layer * sf.n_expert <= 65536; l++)
+			for (int e = 0; e < sf.n_expert; e++) {
+				int slot = shardfile_slot(&sf, l, e);
+				if (slot >= 0 && (uint32_t)slot >= sf.layer_held[l])
+					abort();
+			}
+		shardfile_free(&sf);
+	}
 	gguf_destroy(&g);
 	return 0;
 }

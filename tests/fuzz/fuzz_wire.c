@@ -43,7 +43,9 @@ static void fuzz_same(const struct wire_msg *a, const struct wire_msg *b)
 	case WIRE_HELLO:
 		if (strcmp(a->u.hello.name, b->u.hello.name) ||
 		    strcmp(a->u.hello.model_sha, b->u.hello.model_sha) ||
-		    a->u.hello.memory_bytes != b->u.hello.memory_bytes)
+		    a->u.hello.memory_bytes != b->u.hello.memory_bytes ||
+		    a->u.hello.shard_file != b->u.hello.shard_file ||
+		    a->u.hello.n_held != b->u.hello.n_held)
 			abort();
 		break;
 	case WIRE_SHUTDOWN:

@@ -52,6 +52,13 @@ int main(int argc, char **argv)
 	snprintf(m.u.hello.name, sizeof(m.u.hello.name), "w1");
 	wire_encode(&m, &buf, &cap, &len);
 	put("hello", 0, buf, len, NULL, 0, 0);
+	m.u.hello.has_model = 1;
+	m.u.hello.shard_file = 1;
+	m.u.hello.n_held = 3;
+	m.u.hello.held_layer = pl;
+	m.u.hello.held_expert = pe;
+	wire_encode(&m, &buf, &cap, &len);
+	put("hello-shard", 0, buf, len, NULL, 0, 0);
 
 	memset(&m, 0, sizeof(m));
 	m.kind = WIRE_ASSIGN;
