@@ -204,10 +204,11 @@ static void cluster_held_sets(cluster *c)
 		any_shard |= c->w[i].held != NULL;
 		any_full |= c->w[i].hello.has_model && !c->w[i].held;
 	}
-	for (int i = 0; i < c->n; i++)
-		c->pw[i].held = c->w[i].held					     ? c->w[i].held
-				: !c->w[i].hello.has_model && any_shard && !any_full ? c->held_none
-										     : NULL;
+	for (int i = 0; i < c->n; i++) {
+		c->pw[i].held = c->w[i].held;
+		if (!c->w[i].held && !c->w[i].hello.has_model && any_shard && !any_full)
+			c->pw[i].held = c->held_none;
+	}
 }
 
 /* Takes a worker's Hello: a shard file must come from this model and name

@@ -1,4 +1,5 @@
 /* split: per-node shard files of a model's routed experts (see split.h). */
+#define _GNU_SOURCE
 #include "split.h"
 #include "footprint.h"
 #include "../common/err.h"
@@ -11,7 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 int split_path(const char *model, const char *dir, int k, int n, char *buf, size_t cap)
 {
@@ -32,6 +35,19 @@ int split_path(const char *model, const char *dir, int k, int n, char *buf, size
 	}
 	int w = snprintf(buf, cap, "%s/%.*s-w%d-of-%d.gguf", dir, (int)len, base, k, n);
 	return w < 0 || (size_t)w >= cap ? ERR_RANGE : 0;
+}
+
+/* Gives the mapped pages of a tensor that was copied back to the kernel, so
+ * the resident size stays that of one tensor whatever the model's. */
+static void split_drop_pages(const gguf_tensor *x)
+{
+	long psz = sysconf(_SC_PAGE_SIZE);
+	if (psz <= 0)
+		return;
+	uintptr_t lo = (uintptr_t)x->data & ~((uintptr_t)psz - 1);
+	uintptr_t hi = ((uintptr_t)x->data + x->n_bytes) & ~((uintptr_t)psz - 1);
+	if (hi > lo)
+		madvise((void *)lo, hi - lo, MADV_DONTNEED);
 }
 
 /* Creates dir and its missing parents. */
@@ -150,6 +166,7 @@ static int split_write(const gguf *g, const char *path, int k, int n, int n_laye
 						       (size_t)per);
 				written += per;
 			}
+			split_drop_pages(x);
 		}
 		at += per_layer[l];
 	}
