@@ -1,3 +1,4 @@
+#define _GNU_SOURCE /* madvise */
 #include "cluster.h"
 #include "balance.h"
 #include "placement.h"
@@ -15,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 enum {
@@ -485,75 +487,129 @@ static const uint8_t *cluster_tensor_bytes(cluster *c, int l, int e, int t, uint
 	return (const uint8_t *)x->data + per * (uint64_t)e;
 }
 
+/* Where start-up streaming stands for one worker: the next chunk to send. */
+struct cluster_stream_pos {
+	uint32_t *pl, *pe, n_pairs; /* the worker's assigned experts */
+	uint32_t p;		    /* pair being sent */
+	int t;			    /* its tensor */
+	uint64_t off;		    /* offset of the next chunk in that tensor */
+	uint64_t sent;
+	uint32_t n_streamed;
+};
+
+/* Sends worker i's next weight chunk, skipping what it takes from its own
+ * file; *more = 0 when nothing is left.  The coordinator never reads expert
+ * pages for itself: once a tensor is sent its whole pages are unmapped, so
+ * that streaming GiBs leaves them first in line for reclaim. */
+static int cluster_stream_next(cluster *c, int i, struct cluster_stream_pos *s, int *more)
+{
+	const int n_t = c->spec.has_bias ? 6 : 3;
+	for (; s->p < s->n_pairs; s->p++, s->t = 0, s->off = 0) {
+		int l = (int)s->pl[s->p], e = (int)s->pe[s->p];
+		if (!cluster_streams(c, i, l, e))
+			continue;
+		for (; s->t < n_t; s->t++, s->off = 0) {
+			uint32_t type;
+			uint64_t total;
+			const uint8_t *src = cluster_tensor_bytes(c, l, e, s->t, &type, &total);
+			if (!src)
+				return ERR_FORMAT;
+			if (s->off >= total)
+				continue;
+			if (s->t == 0 && s->off == 0)
+				s->n_streamed++;
+			uint64_t len = total - s->off < CLUSTER_CHUNK ? total - s->off : CLUSTER_CHUNK;
+			struct wire_msg ch = {.kind = WIRE_WEIGHT_CHUNK};
+			ch.u.chunk = (struct wire_weight_chunk){(uint32_t)l, (uint32_t)e, (uint32_t)s->t,
+								type, s->off, total};
+			int rc = cluster_send(c, i, &ch, src + s->off, len);
+			s->off += len;
+			s->sent += len;
+			if (!rc && s->off >= total) {
+				const uintptr_t psz = (uintptr_t)sysconf(_SC_PAGE_SIZE);
+				uintptr_t lo = ((uintptr_t)src + psz - 1) & ~(psz - 1);
+				uintptr_t hi = ((uintptr_t)src + total) & ~(psz - 1);
+				if (hi > lo)
+					madvise((void *)lo, hi - lo, MADV_DONTNEED);
+			}
+			*more = 1;
+			return rc;
+		}
+	}
+	*more = 0;
+	return 0;
+}
+
+/* Epoch 1: every worker gets its Assign, then the experts it does not take
+ * from its own file are streamed to all such workers at once, one chunk to
+ * each in turn, so that every link is busy (the transport queues a bounded
+ * number of chunks per worker: a slow link holds back only its own). */
 static int cluster_assign(cluster *c)
 {
 	int rc = 0;
 	uint32_t cap = (uint32_t)(c->spec.n_layer * c->spec.n_expert) + 1;
-	uint32_t *pl = malloc(cap * sizeof(uint32_t)), *pe = malloc(cap * sizeof(uint32_t));
-	if (!pl || !pe) {
-		rc = ERR_NOMEM;
-		goto out;
-	}
+	struct cluster_stream_pos *sp = calloc((size_t)c->n, sizeof(*sp));
+	if (!sp)
+		return ERR_NOMEM;
+	uint64_t to_stream = 0;
 	for (int i = 0; i < c->n && !rc; i++) {
+		struct cluster_stream_pos *s = &sp[i];
+		s->pl = malloc(cap * sizeof(uint32_t));
+		s->pe = malloc(cap * sizeof(uint32_t));
+		if (!s->pl || !s->pe) {
+			rc = ERR_NOMEM;
+			goto out;
+		}
 		struct wire_msg m = {.kind = WIRE_ASSIGN};
 		struct wire_assign *a = &m.u.assign;
 		a->worker_id = (uint32_t)i;
 		a->spec = c->spec;
 		a->placement_epoch = 1;
 		a->stream = c->cfg.stream || !c->w[i].hello.has_model;
-		a->pair_layer = pl;
-		a->pair_expert = pe;
+		a->pair_layer = s->pl;
+		a->pair_expert = s->pe;
 		for (int l = 0; l < c->spec.n_layer; l++)
 			for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++)
 				if (placement_holds(&c->plan, i, l, e)) {
-					pl[a->n_pairs] = (uint32_t)l;
-					pe[a->n_pairs] = (uint32_t)e;
+					s->pl[a->n_pairs] = (uint32_t)l;
+					s->pe[a->n_pairs] = (uint32_t)e;
 					a->n_pairs++;
+					if (cluster_streams(c, i, l, e))
+						to_stream += c->expert_bytes[l];
 				}
+		s->n_pairs = a->n_pairs;
 		log_info("worker %d: %u experts, %.1f MiB", i, a->n_pairs,
 			 (double)c->plan.worker_bytes[i] / 1048576.0);
 		rc = cluster_send(c, i, &m, NULL, 0);
-		if (rc)
-			continue;
-		/* stream the bytes of every assigned expert the worker does not
-		 * take from its own file */
-		uint64_t sent = 0;
-		uint32_t n_streamed = 0;
-		int n_t = c->spec.has_bias ? 6 : 3;
-		for (uint32_t p = 0; p < a->n_pairs && !rc; p++) {
-			if (!cluster_streams(c, i, (int)pl[p], (int)pe[p]))
-				continue;
-			n_streamed++;
-			for (int t = 0; t < n_t && !rc; t++) {
-				uint32_t type;
-				uint64_t total;
-				const uint8_t *src = cluster_tensor_bytes(c, (int)pl[p], (int)pe[p],
-									  t, &type, &total);
-				if (!src) {
-					rc = ERR_FORMAT;
-					break;
-				}
-				for (uint64_t off = 0; off < total && !rc; off += CLUSTER_CHUNK) {
-					uint64_t len = total - off < CLUSTER_CHUNK ? total - off
-										   : CLUSTER_CHUNK;
-					struct wire_msg ch = {.kind = WIRE_WEIGHT_CHUNK};
-					ch.u.chunk = (struct wire_weight_chunk){
-					    pl[p], pe[p], (uint32_t)t, type, off, total};
-					rc = cluster_send(c, i, &ch, src + off, len);
-					sent += len;
-				}
-			}
+	}
+	struct progress pr;
+	progress_start(&pr, "cluster: streaming experts", to_stream, -1, progress_now());
+	uint64_t sent = 0;
+	for (int busy = 1; busy && !rc;) {
+		busy = 0;
+		for (int i = 0; i < c->n && !rc; i++) {
+			int more = 0;
+			uint64_t before = sp[i].sent;
+			rc = cluster_stream_next(c, i, &sp[i], &more);
+			busy |= more;
+			sent += sp[i].sent - before;
 		}
-		c->w[i].st.streamed_bytes += sent;
-		if (n_streamed)
+		progress_report(&pr, sent, progress_now());
+	}
+	for (int i = 0; i < c->n && !rc; i++) {
+		c->w[i].st.streamed_bytes += sp[i].sent;
+		if (sp[i].n_streamed)
 			log_info("worker %d: streamed %u experts, %.1f MiB of weights", i,
-				 n_streamed, (double)sent / 1048576.0);
+				 sp[i].n_streamed, (double)sp[i].sent / 1048576.0);
 		else
 			log_info("worker %d: streamed nothing (it has its experts in its file)", i);
 	}
 out:
-	free(pl);
-	free(pe);
+	for (int i = 0; i < c->n; i++) {
+		free(sp[i].pl);
+		free(sp[i].pe);
+	}
+	free(sp);
 	return rc;
 }
 
