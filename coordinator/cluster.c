@@ -487,6 +487,25 @@ static const uint8_t *cluster_tensor_bytes(cluster *c, int l, int e, int t, uint
 	return (const uint8_t *)x->data + per * (uint64_t)e;
 }
 
+/* The coordinator's pages of the model: the kernel reads around a fault (a
+ * whole read_ahead_kb, often megabytes), which would bring in expert bytes
+ * the workers hold; so faults read only their page, and the tensors the
+ * coordinator uses are asked for at once, exactly, in the background. */
+static void cluster_advise_pages(const gguf *g)
+{
+	const uintptr_t psz = (uintptr_t)sysconf(_SC_PAGE_SIZE);
+	for (uint64_t i = 0; i < gguf_n_tensors(g); i++) {
+		const gguf_tensor *x = gguf_tensor_at(g, i);
+		uintptr_t lo = (uintptr_t)x->data & ~(psz - 1);
+		uintptr_t hi = ((uintptr_t)x->data + x->n_bytes + psz - 1) & ~(psz - 1);
+		if (x->n_bytes == 0)
+			continue;
+		madvise((void *)lo, hi - lo, MADV_RANDOM);
+		if (!strstr(x->name, "_exps."))
+			madvise((void *)lo, hi - lo, MADV_WILLNEED);
+	}
+}
+
 /* Where start-up streaming stands for one worker: the next chunk to send. */
 struct cluster_stream_pos {
 	uint32_t *pl, *pe, n_pairs; /* the worker's assigned experts */
@@ -518,10 +537,11 @@ static int cluster_stream_next(cluster *c, int i, struct cluster_stream_pos *s, 
 				continue;
 			if (s->t == 0 && s->off == 0)
 				s->n_streamed++;
-			uint64_t len = total - s->off < CLUSTER_CHUNK ? total - s->off : CLUSTER_CHUNK;
+			uint64_t len =
+			    total - s->off < CLUSTER_CHUNK ? total - s->off : CLUSTER_CHUNK;
 			struct wire_msg ch = {.kind = WIRE_WEIGHT_CHUNK};
-			ch.u.chunk = (struct wire_weight_chunk){(uint32_t)l, (uint32_t)e, (uint32_t)s->t,
-								type, s->off, total};
+			ch.u.chunk = (struct wire_weight_chunk){
+			    (uint32_t)l, (uint32_t)e, (uint32_t)s->t, type, s->off, total};
 			int rc = cluster_send(c, i, &ch, src + s->off, len);
 			s->off += len;
 			s->sent += len;
@@ -718,6 +738,7 @@ int cluster_new(transport *t, const struct cluster_config *cfg, pool *p, cluster
 	}
 	rc = cluster_layer_types(c);
 	shardfile_model_id(c->cfg.g, c->model_id);
+	cluster_advise_pages(c->cfg.g);
 	if (!rc)
 		rc = cluster_join(c);
 	if (!rc)

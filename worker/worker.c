@@ -264,23 +264,43 @@ static int worker_add_streamed(struct worker *w, size_t b0)
 	return 0;
 }
 
-/* Brings [p, p + n) of the mapped file into memory: the pages holding these
- * bytes and no others (their neighbours' bytes only share the end pages). */
-static void worker_read_pages(const uint8_t *p, uint64_t n)
+/* madvise() on the pages holding [p, p + n). */
+static void worker_advise(const uint8_t *p, uint64_t n, int advice)
 {
 	const uintptr_t psz = (uintptr_t)sysconf(_SC_PAGE_SIZE);
 	uintptr_t lo = (uintptr_t)p & ~(psz - 1), hi = ((uintptr_t)p + n + psz - 1) & ~(psz - 1);
+	if (p && n)
+		madvise((void *)lo, hi - lo, advice);
+}
+
+/* Brings [p, p + n) of the mapped file into memory: the pages holding these
+ * bytes and no others (their neighbours' bytes only share the end pages; the
+ * kernel's read-around is off for expert tensors, see worker_open_model). */
+static void worker_read_pages(const uint8_t *p, uint64_t n)
+{
 	if (n == 0)
 		return;
+	worker_advise(p, n, MADV_WILLNEED);
 #ifdef MADV_POPULATE_READ
+	const uintptr_t psz = (uintptr_t)sysconf(_SC_PAGE_SIZE);
+	uintptr_t lo = (uintptr_t)p & ~(psz - 1), hi = ((uintptr_t)p + n + psz - 1) & ~(psz - 1);
 	if (madvise((void *)lo, hi - lo, MADV_POPULATE_READ) == 0)
 		return;
 #endif
-	madvise((void *)lo, hi - lo, MADV_WILLNEED);
+	const uintptr_t step = (uintptr_t)sysconf(_SC_PAGE_SIZE);
 	uint8_t acc = 0;
-	for (uintptr_t q = (uintptr_t)p; q < (uintptr_t)p + n; q = (q & ~(psz - 1)) + psz)
+	for (uintptr_t q = (uintptr_t)p; q < (uintptr_t)p + n; q = (q & ~(step - 1)) + step)
 		acc ^= *(const volatile uint8_t *)q;
 	(void)acc;
+}
+
+/* Later epochs' experts from the file: their pages are asked for now, read
+ * in the background, and mapped when a Batch first uses them. */
+static void worker_prefetch_expert(const struct worker *w, int l, int e)
+{
+	uint64_t n;
+	for (int t = 0; t < (w->spec.has_bias ? 6 : 3); t++)
+		worker_advise(worker_file_tensor(w, l, e, t, &n), n, MADV_WILLNEED);
 }
 
 /* The first assignment's experts, taken from the file as mmap pointers, are
@@ -305,15 +325,11 @@ static int worker_read_experts(struct worker *w, const uint32_t *pl, const uint3
 			const uint8_t *p = worker_file_tensor(w, (int)pl[i], (int)pe[i], t, &n_b);
 			if (!p)
 				continue;
-			if (i + 1 <
-			    n) { /* the next one is read ahead while this one is faulted in */
-				uint64_t n2;
-				const uint8_t *q =
-				    worker_file_tensor(w, (int)pl[i + 1], (int)pe[i + 1], t, &n2);
-				const uintptr_t psz = (uintptr_t)sysconf(_SC_PAGE_SIZE);
-				uintptr_t lo = (uintptr_t)q & ~(psz - 1);
-				if (q)
-					madvise((void *)lo, (uintptr_t)q + n2 - lo, MADV_WILLNEED);
+			if (i + 1 < n) { /* the next one is read while this one is mapped */
+				uint64_t n2 = 0;
+				worker_advise(
+				    worker_file_tensor(w, (int)pl[i + 1], (int)pe[i + 1], t, &n2),
+				    n2, MADV_WILLNEED);
 			}
 			worker_read_pages(p, n_b);
 			done += n_b;
@@ -407,12 +423,13 @@ static int worker_on_assign(struct worker *w, const struct wire_assign *a)
 	}
 	log_info("worker: epoch %llu assigns %u experts, %u new (%u from the local model file, "
 		 "%u streamed from the coordinator)",
-		 (unsigned long long)a->placement_epoch, a->n_pairs, added, n_file,
-		 added - n_file);
+		 (unsigned long long)a->placement_epoch, a->n_pairs, added, n_file, added - n_file);
 	/* a later epoch's experts are faulted in by use: reading them here
 	 * would hold up the Batches of the epoch in force */
 	if (w->initial && n_file)
 		rc = worker_read_experts(w, file_l, file_e, n_file);
+	for (uint32_t i = 0; !w->initial && i < n_file; i++)
+		worker_prefetch_expert(w, (int)file_l[i], (int)file_e[i]);
 	if (!rc && w->n_bufs == 0) {
 		w->initial = 0;
 		rc = worker_send_ready(w, 0);
@@ -780,6 +797,13 @@ static int worker_open_model(struct worker *w, struct wire_hello *h)
 		w->g = w->g_own;
 	}
 	h->has_model = 1;
+	/* expert bytes are read only where assigned: no read-around (it may be
+	 * megabytes) into the neighbours another worker holds */
+	for (uint64_t i = 0; i < gguf_n_tensors(w->g); i++) {
+		const gguf_tensor *x = gguf_tensor_at(w->g, i);
+		if (strstr(x->name, "_exps."))
+			worker_advise(x->data, x->n_bytes, MADV_RANDOM);
+	}
 	int rc = shardfile_read(w->g, &w->sf);
 	if (rc == ERR_RANGE) {
 		snprintf(h->model_sha, sizeof(h->model_sha), "size:%llu",
