@@ -241,7 +241,7 @@ run_cluster() {
 	local how="$cold cache"
 	if [ -n "$stream" ]; then
 		local sent
-		sent=$(sed -nE 's/.*worker [0-9]+: streamed ([0-9.]+) MiB of weights.*/\1/p' "$tmp/$name.c.err" |
+		sent=$(sed -nE 's/.*worker [0-9]+: streamed [0-9]+ experts, ([0-9.]+) MiB of weights.*/\1/p' "$tmp/$name.c.err" |
 			awk '{ s += $1 } END { printf "%.2f", s / 1024 }')
 		how="streamed $sent GiB, $(awk -v g="$sent" -v t="${load:-0}" 'BEGIN { if (t > 0) printf "%.2f", g / t; else printf "?" }') GiB/s"
 	fi

@@ -487,149 +487,154 @@ static const uint8_t *cluster_tensor_bytes(cluster *c, int l, int e, int t, uint
 	return (const uint8_t *)x->data + per * (uint64_t)e;
 }
 
+/* madvise() on the pages holding [p, p + n); DONTNEED only on the pages
+ * wholly inside (the others hold a neighbour's bytes too). */
+static void cluster_advise(const void *p, uint64_t n, int advice)
+{
+	const uintptr_t psz = (uintptr_t)sysconf(_SC_PAGE_SIZE), a = (uintptr_t)p;
+	uintptr_t lo = a & ~(psz - 1), hi = (a + n + psz - 1) & ~(psz - 1);
+	if (advice == MADV_DONTNEED) {
+		lo = (a + psz - 1) & ~(psz - 1);
+		hi = (a + n) & ~(psz - 1);
+	}
+	if (p && n && hi > lo)
+		madvise((void *)lo, hi - lo, advice);
+}
+
 /* The coordinator's pages of the model: the kernel reads around a fault (a
  * whole read_ahead_kb, often megabytes), which would bring in expert bytes
  * the workers hold; so faults read only their page, and the tensors the
  * coordinator uses are asked for at once, exactly, in the background. */
 static void cluster_advise_pages(const gguf *g)
 {
-	const uintptr_t psz = (uintptr_t)sysconf(_SC_PAGE_SIZE);
 	for (uint64_t i = 0; i < gguf_n_tensors(g); i++) {
 		const gguf_tensor *x = gguf_tensor_at(g, i);
-		uintptr_t lo = (uintptr_t)x->data & ~(psz - 1);
-		uintptr_t hi = ((uintptr_t)x->data + x->n_bytes + psz - 1) & ~(psz - 1);
-		if (x->n_bytes == 0)
-			continue;
-		madvise((void *)lo, hi - lo, MADV_RANDOM);
+		cluster_advise(x->data, x->n_bytes, MADV_RANDOM);
 		if (!strstr(x->name, "_exps."))
-			madvise((void *)lo, hi - lo, MADV_WILLNEED);
+			cluster_advise(x->data, x->n_bytes, MADV_WILLNEED);
 	}
 }
 
-/* Where start-up streaming stands for one worker: the next chunk to send. */
-struct cluster_stream_pos {
-	uint32_t *pl, *pe, n_pairs; /* the worker's assigned experts */
-	uint32_t p;		    /* pair being sent */
-	int t;			    /* its tensor */
-	uint64_t off;		    /* offset of the next chunk in that tensor */
-	uint64_t sent;
-	uint32_t n_streamed;
-};
+/* Sends one tensor slice of (l, e) to worker i, in CLUSTER_CHUNK pieces. */
+static int cluster_send_slice(cluster *c, int i, int l, int e, int t, const uint8_t *src,
+			      uint32_t type, uint64_t total)
+{
+	int rc = 0;
+	for (uint64_t off = 0; off < total && !rc; off += CLUSTER_CHUNK) {
+		uint64_t len = total - off < CLUSTER_CHUNK ? total - off : CLUSTER_CHUNK;
+		struct wire_msg ch = {.kind = WIRE_WEIGHT_CHUNK};
+		ch.u.chunk = (struct wire_weight_chunk){(uint32_t)l, (uint32_t)e, (uint32_t)t,
+							type,	     off,	  total};
+		rc = cluster_send(c, i, &ch, src + off, len);
+	}
+	return rc;
+}
 
-/* Sends worker i's next weight chunk, skipping what it takes from its own
- * file; *more = 0 when nothing is left.  The coordinator never reads expert
- * pages for itself: once a tensor is sent its whole pages are unmapped, so
- * that streaming GiBs leaves them first in line for reclaim. */
-static int cluster_stream_next(cluster *c, int i, struct cluster_stream_pos *s, int *more)
+/* Start-up streaming: the experts workers do not take from their own file,
+ * sent in file order -- tensor by tensor, expert by expert, each slice to
+ * the workers that hold it -- so the coordinator reads the file
+ * sequentially (the next tensor asked for while this one is sent) and every
+ * link is busy at once (a layer's experts are spread over the workers; the
+ * transport queues a bounded number of chunks per worker, so a slow link
+ * holds back only its own).  The coordinator never needs expert bytes
+ * itself: a tensor's pages are unmapped once sent, first in line for
+ * reclaim. */
+static int cluster_stream_initial(cluster *c, uint64_t total_bytes)
 {
 	const int n_t = c->spec.has_bias ? 6 : 3;
-	for (; s->p < s->n_pairs; s->p++, s->t = 0, s->off = 0) {
-		int l = (int)s->pl[s->p], e = (int)s->pe[s->p];
-		if (!cluster_streams(c, i, l, e))
+	int rc = 0;
+	uint64_t done = 0;
+	struct progress pr;
+	progress_start(&pr, "cluster: streaming experts", total_bytes, -1, progress_now());
+	for (int l = 0; l < c->spec.n_layer && !rc && total_bytes; l++) {
+		if (!c->spec.layer_moe[l])
 			continue;
-		for (; s->t < n_t; s->t++, s->off = 0) {
+		for (int t = 0; t < n_t && !rc; t++) {
 			uint32_t type;
-			uint64_t total;
-			const uint8_t *src = cluster_tensor_bytes(c, l, e, s->t, &type, &total);
+			uint64_t per;
+			const uint8_t *src = cluster_tensor_bytes(c, l, 0, t, &type, &per);
 			if (!src)
 				return ERR_FORMAT;
-			if (s->off >= total)
-				continue;
-			if (s->t == 0 && s->off == 0)
-				s->n_streamed++;
-			uint64_t len =
-			    total - s->off < CLUSTER_CHUNK ? total - s->off : CLUSTER_CHUNK;
-			struct wire_msg ch = {.kind = WIRE_WEIGHT_CHUNK};
-			ch.u.chunk = (struct wire_weight_chunk){
-			    (uint32_t)l, (uint32_t)e, (uint32_t)s->t, type, s->off, total};
-			int rc = cluster_send(c, i, &ch, src + s->off, len);
-			s->off += len;
-			s->sent += len;
-			if (!rc && s->off >= total) {
-				const uintptr_t psz = (uintptr_t)sysconf(_SC_PAGE_SIZE);
-				uintptr_t lo = ((uintptr_t)src + psz - 1) & ~(psz - 1);
-				uintptr_t hi = ((uintptr_t)src + total) & ~(psz - 1);
-				if (hi > lo)
-					madvise((void *)lo, hi - lo, MADV_DONTNEED);
-			}
-			*more = 1;
-			return rc;
+			uint64_t whole = per * (uint64_t)c->spec.n_expert;
+			cluster_advise(src, whole, MADV_WILLNEED);
+			/* the next tensor is read while this one is sent */
+			int l2 = t + 1 < n_t ? l : l + 1, t2 = t + 1 < n_t ? t + 1 : 0;
+			uint32_t type2;
+			uint64_t per2;
+			const uint8_t *next =
+			    l2 < c->spec.n_layer && c->spec.layer_moe[l2]
+				? cluster_tensor_bytes(c, l2, 0, t2, &type2, &per2)
+				: NULL;
+			if (next)
+				cluster_advise(next, per2 * (uint64_t)c->spec.n_expert,
+					       MADV_WILLNEED);
+			for (int e = 0; e < c->spec.n_expert && !rc; e++)
+				for (int i = 0; i < c->n && !rc; i++) {
+					if (!placement_holds(&c->plan, i, l, e) ||
+					    !cluster_streams(c, i, l, e))
+						continue;
+					rc = cluster_send_slice(c, i, l, e, t,
+								src + per * (uint64_t)e, type, per);
+					c->w[i].st.streamed_bytes += per;
+					done += per;
+					progress_report(&pr, done, progress_now());
+				}
+			cluster_advise(src, whole, MADV_DONTNEED);
 		}
 	}
-	*more = 0;
-	return 0;
+	return rc;
 }
 
 /* Epoch 1: every worker gets its Assign, then the experts it does not take
- * from its own file are streamed to all such workers at once, one chunk to
- * each in turn, so that every link is busy (the transport queues a bounded
- * number of chunks per worker: a slow link holds back only its own). */
+ * from its own file are streamed (cluster_stream_initial). */
 static int cluster_assign(cluster *c)
 {
 	int rc = 0;
 	uint32_t cap = (uint32_t)(c->spec.n_layer * c->spec.n_expert) + 1;
-	struct cluster_stream_pos *sp = calloc((size_t)c->n, sizeof(*sp));
-	if (!sp)
-		return ERR_NOMEM;
+	uint32_t *pl = malloc(cap * sizeof(uint32_t)), *pe = malloc(cap * sizeof(uint32_t));
+	uint32_t *n_streamed = calloc((size_t)c->n, sizeof(uint32_t));
 	uint64_t to_stream = 0;
+	if (!pl || !pe || !n_streamed) {
+		rc = ERR_NOMEM;
+		goto out;
+	}
 	for (int i = 0; i < c->n && !rc; i++) {
-		struct cluster_stream_pos *s = &sp[i];
-		s->pl = malloc(cap * sizeof(uint32_t));
-		s->pe = malloc(cap * sizeof(uint32_t));
-		if (!s->pl || !s->pe) {
-			rc = ERR_NOMEM;
-			goto out;
-		}
 		struct wire_msg m = {.kind = WIRE_ASSIGN};
 		struct wire_assign *a = &m.u.assign;
 		a->worker_id = (uint32_t)i;
 		a->spec = c->spec;
 		a->placement_epoch = 1;
 		a->stream = c->cfg.stream || !c->w[i].hello.has_model;
-		a->pair_layer = s->pl;
-		a->pair_expert = s->pe;
+		a->pair_layer = pl;
+		a->pair_expert = pe;
 		for (int l = 0; l < c->spec.n_layer; l++)
 			for (int e = 0; e < c->spec.n_expert && c->spec.layer_moe[l]; e++)
 				if (placement_holds(&c->plan, i, l, e)) {
-					s->pl[a->n_pairs] = (uint32_t)l;
-					s->pe[a->n_pairs] = (uint32_t)e;
+					pl[a->n_pairs] = (uint32_t)l;
+					pe[a->n_pairs] = (uint32_t)e;
 					a->n_pairs++;
-					if (cluster_streams(c, i, l, e))
+					if (cluster_streams(c, i, l, e)) {
 						to_stream += c->expert_bytes[l];
+						n_streamed[i]++;
+					}
 				}
-		s->n_pairs = a->n_pairs;
 		log_info("worker %d: %u experts, %.1f MiB", i, a->n_pairs,
 			 (double)c->plan.worker_bytes[i] / 1048576.0);
 		rc = cluster_send(c, i, &m, NULL, 0);
 	}
-	struct progress pr;
-	progress_start(&pr, "cluster: streaming experts", to_stream, -1, progress_now());
-	uint64_t sent = 0;
-	for (int busy = 1; busy && !rc;) {
-		busy = 0;
-		for (int i = 0; i < c->n && !rc; i++) {
-			int more = 0;
-			uint64_t before = sp[i].sent;
-			rc = cluster_stream_next(c, i, &sp[i], &more);
-			busy |= more;
-			sent += sp[i].sent - before;
-		}
-		progress_report(&pr, sent, progress_now());
-	}
+	if (!rc)
+		rc = cluster_stream_initial(c, to_stream);
 	for (int i = 0; i < c->n && !rc; i++) {
-		c->w[i].st.streamed_bytes += sp[i].sent;
-		if (sp[i].n_streamed)
+		if (n_streamed[i])
 			log_info("worker %d: streamed %u experts, %.1f MiB of weights", i,
-				 sp[i].n_streamed, (double)sp[i].sent / 1048576.0);
+				 n_streamed[i], (double)c->w[i].st.streamed_bytes / 1048576.0);
 		else
 			log_info("worker %d: streamed nothing (it has its experts in its file)", i);
 	}
 out:
-	for (int i = 0; i < c->n; i++) {
-		free(sp[i].pl);
-		free(sp[i].pe);
-	}
-	free(sp);
+	free(pl);
+	free(pe);
+	free(n_streamed);
 	return rc;
 }
 
