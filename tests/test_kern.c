@@ -21,7 +21,7 @@
 static int have_avx2(void)
 {
 	kern_force_ref(0);
-	return strcmp(kern_isa_name(), "avx2") == 0;
+	return kern_isa_now() != KERN_ISA_SCALAR;
 }
 
 static const uint32_t all_types[] = {KERN_F32,	KERN_F16,  KERN_BF16,
@@ -418,7 +418,8 @@ static void check_dequant(uint32_t t, const void *blk, int64_t n, const float *w
 		for (int64_t j = 0; j < n; j++)
 			if (!(got[j] == want[j] || (isnan(got[j]) && isnan(want[j])))) {
 				print_error("%s %s value %lld: got %a want %a\n", kern_type_name(t),
-					    pass ? "avx2" : "ref", (long long)j, got[j], want[j]);
+					    pass ? kern_isa_name() : "ref", (long long)j, got[j],
+					    want[j]);
 				fail();
 			}
 	}
@@ -742,7 +743,7 @@ static void run_matmul_scales(uint32_t t, int64_t n_in, int64_t n_out, int64_t n
 					print_error(
 					    "matmul %s %s n_in=%lld rows=%lld [%lld,%lld) r=%lld "
 					    "o=%lld: %a != dot %a\n",
-					    kern_type_name(t), pass ? "avx2" : "ref",
+					    kern_type_name(t), pass ? kern_isa_name() : "ref",
 					    (long long)n_in, (long long)n_rows, (long long)o0,
 					    (long long)o1, (long long)r, (long long)o, got, want);
 					fail();
@@ -1028,5 +1029,5 @@ int main(void)
 	    cmocka_unit_test(test_f32_forms),
 	    cmocka_unit_test(test_f16_forms),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return kern_test_run_levels("kern", tests, sizeof(tests) / sizeof(tests[0]));
 }

@@ -696,5 +696,5 @@ int main(void)
 	    cmocka_unit_test(test_matmul_dense_ggml),
 	    cmocka_unit_test(test_matmul_dense_iq4xs),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return kern_test_run_levels("kern_kq", tests, sizeof(tests) / sizeof(tests[0]));
 }
