@@ -405,8 +405,9 @@ static void matmul_rows(uint32_t weight_type, const void *w, int64_t n_in, int64
 						y, y_stride);
 			return;
 		case KERN_FAM_KQ:
-			kern_kq_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y,
-					    y_stride, gemm_rows);
+			(use_avx512() ? kern_kq_matmul_avx512 : kern_kq_matmul_avx2)(
+			    weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride,
+			    gemm_rows);
 			return;
 		case KERN_FAM_IQ:
 			kern_iq_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y,

@@ -165,11 +165,13 @@ static ALWAYS_INLINE void tile_q4(int nr, const __m512i *pw, const uint8_t *x, s
 				  const struct xc *q, int64_t nb, float *out)
 {
 	__m512 acc[R4];
+#pragma GCC unroll 8
 	for (int r = 0; r < nr; r++)
 		acc[r] = _mm512_setzero_ps();
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const __m512i *v = pw + ib * BLK_VECS;
 		const __m512 dw = _mm512_castsi512_ps(v[8]);
+#pragma GCC unroll 8
 		for (int r = 0; r < nr; r++) {
 			const uint8_t *xb = x + r * xs + (size_t)ib * 34 + 2;
 			const struct xc *qb = q + r * nb + ib;
@@ -189,6 +191,7 @@ static ALWAYS_INLINE void tile_q4(int nr, const __m512i *pw, const uint8_t *x, s
 						 acc[r]);
 		}
 	}
+#pragma GCC unroll 8
 	for (int r = 0; r < nr; r++)
 		_mm512_storeu_ps(out + r * TW, acc[r]);
 }
@@ -198,16 +201,20 @@ static ALWAYS_INLINE void tile_q8(int nr, const __m512i *pw, const uint8_t *x, s
 				  const struct xc *q, int64_t nb, float *out)
 {
 	__m512 acc[R8][8];
+#pragma GCC unroll 8
 	for (int r = 0; r < nr; r++)
+#pragma GCC unroll 8
 		for (int m = 0; m < 8; m++)
 			acc[r][m] = _mm512_setzero_ps();
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const __m512i *v = pw + ib * BLK_VECS;
 		const __m512 dw = _mm512_castsi512_ps(v[8]);
+#pragma GCC unroll 8
 		for (int r = 0; r < nr; r++) {
 			const uint8_t *xb = x + r * xs + (size_t)ib * 34 + 2;
 			const struct xc *qb = q + r * nb + ib;
 			const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(qb->d));
+#pragma GCC unroll 8
 			for (int m = 0; m < 8; m++) {
 				const __m512i s = _mm512_dpbusd_epi32(_mm512_set1_epi32(qb->c[m]),
 								      v[m], bcast4(xb + 4 * m));
@@ -215,6 +222,7 @@ static ALWAYS_INLINE void tile_q8(int nr, const __m512i *pw, const uint8_t *x, s
 			}
 		}
 	}
+#pragma GCC unroll 8
 	for (int r = 0; r < nr; r++) {
 		const __m512 a0 = _mm512_add_ps(acc[r][4], acc[r][0]);
 		const __m512 a1 = _mm512_add_ps(acc[r][5], acc[r][1]);
@@ -225,12 +233,12 @@ static ALWAYS_INLINE void tile_q8(int nr, const __m512i *pw, const uint8_t *x, s
 	}
 }
 
-typedef void (*tile_fn)(const __m512i *pw, const uint8_t *x, size_t xs, const struct xc *q,
-			int64_t nb, float *out);
+typedef void (*tile_fn)(const __m512i *pw, const uint8_t *x, size_t xs, const void *q, int64_t nb,
+			float *out);
 
 #define TILE_DEF(kind, nr)                                                                         \
-	static void kind##_##nr(const __m512i *pw, const uint8_t *x, size_t xs,                    \
-				const struct xc *q, int64_t nb, float *out)                        \
+	static void kind##_##nr(const __m512i *pw, const uint8_t *x, size_t xs, const void *q,     \
+				int64_t nb, float *out)                                            \
 	{                                                                                          \
 		kind(nr, pw, x, xs, q, nb, out);                                                   \
 	}
@@ -261,34 +269,277 @@ static void pack_mxfp4(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
 	pack_tile(KERN_MXFP4, row, nb, dst);
 }
 
-static void matmul_vnni(uint32_t type, const uint8_t *w, int64_t n_in, int64_t o0, int64_t o1,
-			const uint8_t *x, size_t xs, int64_t n_rows, float *y, int64_t ys)
+static void xc_q4_0(const uint8_t *x, int64_t nb, void *q)
+{
+	xc_row(KERN_Q4_0, x, nb, q);
+}
+
+static void xc_q8_0(const uint8_t *x, int64_t nb, void *q)
+{
+	xc_row(KERN_Q8_0, x, nb, q);
+}
+
+static void xc_mxfp4(const uint8_t *x, int64_t nb, void *q)
+{
+	xc_row(KERN_MXFP4, x, nb, q);
+}
+
+/* ---------------------------------------------------------------- Q4_K */
+
+/* Q4_K x Q8_K, kern_kq_ref.c's block form (and its repacked-GEMM form, per
+ * 64 values, for the rows below gemm_rows): per block
+ *   isum = sum_s sc_s * sum_{v in s} q_v q8_v,  msum = sum_s m_s * B_s
+ * (B_s = bsums[2s] + bsums[2s + 1]); acc = fma((float)isum, d_w * d_x, acc),
+ * accm = fma((float)msum, dmin_w * d_x, accm); result acc - accm.  A
+ * repacked block: sub-block s's eight code vectors at 8s (nibbles, used
+ * unsigned, no offset), its scales sc_s as int32 at 64 + s, the mins as int16
+ * pairs (m_2t, m_2t+1) at 72 + t, d and dmin at 76, 77.  The activation table
+ * holds d_x and the B_s as int16 pairs, so one VPDPWSSD per pair of
+ * sub-blocks forms msum. */
+#define K4_VECS 78
+#define RK	4 /* activation rows per pass */
+
+struct xk {
+	float d;
+	int32_t bp[4]; /* B_2t | B_2t+1 << 16 */
+};
+
+static void pack_q4_k(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
+{
+	const __m512i m4 = _mm512_set1_epi8(0x0f);
+	for (int64_t ib = 0; ib < nb; ib++) {
+		const size_t o = (size_t)ib * 144;
+		__m512i *v = dst + ib * K4_VECS;
+		for (int p = 0; p < 4; p++)
+			for (int h = 0; h < 2; h++) {
+				const size_t q = o + 16 + 32 * p + 16 * h;
+				__m512i z[4], hi[4];
+				for (int k = 0; k < 4; k++) {
+					z[k] = load4x16(row[k] + q, row[4 + k] + q, row[8 + k] + q,
+							row[12 + k] + q);
+					hi[k] = _mm512_and_si512(_mm512_srli_epi16(z[k], 4), m4);
+					z[k] = _mm512_and_si512(z[k], m4);
+				}
+				transpose4(z, v + 8 * (2 * p) + 4 * h);
+				transpose4(hi, v + 8 * (2 * p + 1) + 4 * h);
+			}
+		int32_t sc[8][TW], mp[4][TW];
+		float d[2][TW];
+		for (int c = 0; c < TW; c++) {
+			const uint8_t *b = row[c] + o, *k = b + 4;
+			int mn[8];
+			for (int s = 0; s < 8; s++) {
+				sc[s][c] =
+				    s < 4 ? k[s] & 63 : (k[s + 4] & 15) | (k[s - 4] >> 6) << 4;
+				mn[s] = s < 4 ? k[s + 4] & 63 : (k[s + 4] >> 4) | (k[s] >> 6) << 4;
+			}
+			for (int t = 0; t < 4; t++)
+				mp[t][c] = mn[2 * t] | mn[2 * t + 1] << 16;
+			d[0][c] = _cvtsh_ss(kern_load_u16(b));
+			d[1][c] = _cvtsh_ss(kern_load_u16(b + 2));
+		}
+		for (int s = 0; s < 8; s++)
+			v[64 + s] = _mm512_loadu_si512(sc[s]);
+		for (int t = 0; t < 4; t++)
+			v[72 + t] = _mm512_loadu_si512(mp[t]);
+		v[76] = _mm512_castps_si512(_mm512_loadu_ps(d[0]));
+		v[77] = _mm512_castps_si512(_mm512_loadu_ps(d[1]));
+	}
+}
+
+static void xk_row(const uint8_t *x, int64_t nb, void *tab)
+{
+	struct xk *q = tab;
+	for (int64_t ib = 0; ib < nb; ib++) {
+		const struct kern_block_q8_k *b = (const struct kern_block_q8_k *)x + ib;
+		memcpy(&q[ib].d, &b->d, sizeof(float));
+		for (int t = 0; t < 4; t++) {
+			int16_t bs[4];
+			memcpy(bs, b->bsums + 4 * t, sizeof(bs));
+			const int b0 = bs[0] + bs[1], b1 = bs[2] + bs[3];
+			q[ib].bp[t] = (int32_t)((uint32_t)(uint16_t)b0 | (uint32_t)b1 << 16);
+		}
+	}
+}
+
+/* out[r * TW + c] for r < nr; gemm: kern_kq_dot_gemm_ref's 64-value steps. */
+static ALWAYS_INLINE void tile_k4(int nr, int gemm, const __m512i *pw, const uint8_t *x, size_t xs,
+				  const struct xk *q, int64_t nb, float *out)
+{
+	__m512 acc[RK], accm[RK];
+#pragma GCC unroll 8
+	for (int r = 0; r < nr; r++)
+		acc[r] = accm[r] = _mm512_setzero_ps();
+	for (int64_t ib = 0; ib < nb; ib++) {
+		const __m512i *v = pw + ib * K4_VECS;
+		const uint8_t *xb = x + (size_t)ib * sizeof(struct kern_block_q8_k) + 4;
+		__m512i isum[RK], msum[RK];
+#pragma GCC unroll 8
+		for (int p = 0; p < 4; p++) {
+			if (gemm || p == 0)
+#pragma GCC unroll 8
+				for (int r = 0; r < nr; r++)
+					isum[r] = msum[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+			for (int s = 2 * p; s < 2 * p + 2; s++) {
+				__m512i s0[RK], s1[RK];
+#pragma GCC unroll 8
+				for (int r = 0; r < nr; r++)
+					s0[r] = s1[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+				for (int g = 0; g < 8; g += 2) {
+					const __m512i w0 = v[8 * s + g], w1 = v[8 * s + g + 1];
+#pragma GCC unroll 8
+					for (int r = 0; r < nr; r++) {
+						const uint8_t *xr = xb + r * xs + 32 * s + 4 * g;
+						s0[r] = _mm512_dpbusd_epi32(s0[r], w0, bcast4(xr));
+						s1[r] =
+						    _mm512_dpbusd_epi32(s1[r], w1, bcast4(xr + 4));
+					}
+				}
+#pragma GCC unroll 8
+				for (int r = 0; r < nr; r++) {
+					const __m512i t = _mm512_mullo_epi32(
+					    v[64 + s], _mm512_add_epi32(s0[r], s1[r]));
+					isum[r] = _mm512_add_epi32(isum[r], t);
+				}
+			}
+#pragma GCC unroll 8
+			for (int r = 0; r < nr; r++) {
+				const __m512i b = _mm512_set1_epi32(q[r * nb + ib].bp[p]);
+				msum[r] = _mm512_dpwssd_epi32(msum[r], v[72 + p], b);
+			}
+			if (!gemm && p < 3)
+				continue;
+#pragma GCC unroll 8
+			for (int r = 0; r < nr; r++) {
+				const __m512 dx = _mm512_set1_ps(q[r * nb + ib].d);
+				acc[r] = _mm512_fmadd_ps(
+				    _mm512_cvtepi32_ps(isum[r]),
+				    _mm512_mul_ps(_mm512_castsi512_ps(v[76]), dx), acc[r]);
+				accm[r] = _mm512_fmadd_ps(
+				    _mm512_cvtepi32_ps(msum[r]),
+				    _mm512_mul_ps(_mm512_castsi512_ps(v[77]), dx), accm[r]);
+			}
+		}
+	}
+#pragma GCC unroll 8
+	for (int r = 0; r < nr; r++)
+		_mm512_storeu_ps(out + r * TW, _mm512_sub_ps(acc[r], accm[r]));
+}
+
+static ALWAYS_INLINE void tile_k4_dot(int nr, const __m512i *pw, const uint8_t *x, size_t xs,
+				      const void *q, int64_t nb, float *out)
+{
+	tile_k4(nr, 0, pw, x, xs, q, nb, out);
+}
+
+static ALWAYS_INLINE void tile_k4_gemm(int nr, const __m512i *pw, const uint8_t *x, size_t xs,
+				       const void *q, int64_t nb, float *out)
+{
+	tile_k4(nr, 1, pw, x, xs, q, nb, out);
+}
+
+TILE_DEF(tile_k4_dot, 1)
+TILE_DEF(tile_k4_dot, 2)
+TILE_DEF(tile_k4_dot, 3)
+TILE_DEF(tile_k4_dot, 4)
+TILE_DEF(tile_k4_gemm, 1)
+TILE_DEF(tile_k4_gemm, 2)
+TILE_DEF(tile_k4_gemm, 3)
+TILE_DEF(tile_k4_gemm, 4)
+static const tile_fn tiles_k4_dot[RK] = {tile_k4_dot_1, tile_k4_dot_2, tile_k4_dot_3,
+					 tile_k4_dot_4};
+static const tile_fn tiles_k4_gemm[RK] = {tile_k4_gemm_1, tile_k4_gemm_2, tile_k4_gemm_3,
+					  tile_k4_gemm_4};
+
+/* -------------------------------------------------------------- driver */
+
+/* How one weight type runs through the driver. */
+struct vnni_kind {
+	int qk;	       /* values per block */
+	int vecs;      /* repacked vectors per block and tile */
+	size_t xbytes; /* activation block bytes */
+	size_t tab;    /* activation table bytes per block */
+	int rmax;      /* rows per pass */
+	void (*pack)(const uint8_t *const row[TW], int64_t nb, __m512i *dst);
+	void (*xrow)(const uint8_t *x, int64_t nb, void *tab);
+	const tile_fn *tiles, *tiles_gemm;
+};
+
+static const struct vnni_kind kind_q4_0 = {KERN_QK,   BLK_VECS, 34,	  sizeof(struct xc), R4,
+					   pack_q4_0, xc_q4_0,	tiles_q4, tiles_q4};
+static const struct vnni_kind kind_q8_0 = {KERN_QK,   BLK_VECS, 34,	  sizeof(struct xc), R8,
+					   pack_q8_0, xc_q8_0,	tiles_q8, tiles_q8};
+static const struct vnni_kind kind_mxfp4 = {KERN_QK,	BLK_VECS, 34,	    sizeof(struct xc), R4,
+					    pack_mxfp4, xc_mxfp4, tiles_q4, tiles_q4};
+static const struct vnni_kind kind_q4_k = {KERN_QK_K,
+					   K4_VECS,
+					   sizeof(struct kern_block_q8_k),
+					   sizeof(struct xk),
+					   RK,
+					   pack_q4_k,
+					   xk_row,
+					   tiles_k4_dot,
+					   tiles_k4_gemm};
+
+static const struct vnni_kind *vnni_kind_for(uint32_t type)
+{
+	switch (type) {
+	case KERN_Q4_0: return &kind_q4_0;
+	case KERN_Q8_0: return &kind_q8_0;
+	case KERN_MXFP4: return &kind_mxfp4;
+	case KERN_Q4_K: return &kind_q4_k;
+	default: return NULL;
+	}
+}
+
+/* Rows [r0, r1) of the outputs [oc, oe) against their repacked tiles. */
+static void rows_vnni(const struct vnni_kind *k, const tile_fn *tf, const __m512i *packed,
+		      int64_t nb, int64_t oc, int64_t oe, const uint8_t *x, size_t xs,
+		      const uint8_t *tab, int64_t r0, int64_t r1, float *y, int64_t ys)
+{
+	const int64_t nt = (oe - oc + TW - 1) / TW;
+	for (int64_t r = r0; r < r1; r += k->rmax) {
+		const int nr = r1 - r < k->rmax ? (int)(r1 - r) : k->rmax;
+		for (int64_t t = 0; t < nt; t++) {
+			float out[R4 * TW];
+			const int64_t o = oc + t * TW;
+			const int nc = oe - o < TW ? (int)(oe - o) : TW;
+			tf[nr - 1](packed + (size_t)t * nb * k->vecs, x + (size_t)r * xs, xs,
+				   tab + (size_t)(r * nb) * k->tab, nb, out);
+			for (int i = 0; i < nr; i++)
+				memcpy(y + (r + i) * ys + o, out + i * TW,
+				       (size_t)nc * sizeof(float));
+		}
+	}
+}
+
+/* 0, or -1 if the scratch buffer could not grow (nothing written).  Rows
+ * below gemm_rows take the kind's tiles_gemm. */
+static int matmul_vnni(uint32_t type, const struct vnni_kind *k, const uint8_t *w, int64_t n_in,
+		       int64_t o0, int64_t o1, const uint8_t *x, size_t xs, int64_t n_rows,
+		       float *y, int64_t ys, int64_t gemm_rows)
 {
 	const size_t w_row = kern_row_bytes(type, n_in);
-	const int64_t nb = n_in / KERN_QK;
-	const size_t tile_bytes = (size_t)nb * BLK_VECS * sizeof(__m512i);
+	const int64_t nb = n_in / k->qk;
+	const size_t tile_bytes = (size_t)nb * (size_t)k->vecs * sizeof(__m512i);
 	int64_t tiles = (int64_t)(CHUNK_PACK / tile_bytes);
 	const int64_t need = (o1 - o0 + TW - 1) / TW;
 	if (tiles < 1)
 		tiles = 1;
 	if (tiles > need)
 		tiles = need;
-	const size_t xc_bytes = (size_t)(nb * n_rows) * sizeof(struct xc);
-	uint8_t *buf = kern_scratch((size_t)tiles * tile_bytes + xc_bytes + 64);
-	if (!buf) { /* same results */
-		kern_matmul_avx2(type, w, n_in, o0, o1, x, xs, n_rows, y, ys);
-		return;
-	}
+	const size_t tab_bytes = (size_t)(nb * n_rows) * k->tab;
+	uint8_t *buf = kern_scratch((size_t)tiles * tile_bytes + tab_bytes + 64);
+	if (!buf)
+		return -1;
 	__m512i *packed = (__m512i *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
-	struct xc *xq = (struct xc *)(packed + (size_t)tiles * nb * BLK_VECS);
+	uint8_t *tab = (uint8_t *)(packed + (size_t)tiles * nb * k->vecs);
 	for (int64_t r = 0; r < n_rows; r++)
-		xc_row(type, x + (size_t)r * xs, nb, xq + r * nb);
-
-	void (*pack)(const uint8_t *const *, int64_t, __m512i *) = type == KERN_Q4_0   ? pack_q4_0
-								   : type == KERN_Q8_0 ? pack_q8_0
-										       : pack_mxfp4;
-	const tile_fn *tf = type == KERN_Q8_0 ? tiles_q8 : tiles_q4;
-	const int rmax = type == KERN_Q8_0 ? R8 : R4;
+		k->xrow(x + (size_t)r * xs, nb, tab + (size_t)(r * nb) * k->tab);
+	if (gemm_rows > n_rows)
+		gemm_rows = n_rows;
 
 	for (int64_t oc = o0; oc < o1; oc += tiles * TW) {
 		const int64_t oe = oc + tiles * TW < o1 ? oc + tiles * TW : o1;
@@ -301,32 +552,31 @@ static void matmul_vnni(uint32_t type, const uint8_t *w, int64_t n_in, int64_t o
 				const int64_t o = oc + t * TW + c < oe ? oc + t * TW + c : oe - 1;
 				row[c] = w + (size_t)o * w_row;
 			}
-			pack(row, nb, packed + (size_t)t * nb * BLK_VECS);
+			k->pack(row, nb, packed + (size_t)t * nb * k->vecs);
 		}
-		for (int64_t r = 0; r < n_rows; r += rmax) {
-			const int nr = n_rows - r < rmax ? (int)(n_rows - r) : rmax;
-			for (int64_t t = 0; t < nt; t++) {
-				float out[R4 * TW];
-				const int64_t o = oc + t * TW;
-				const int nc = oe - o < TW ? (int)(oe - o) : TW;
-				tf[nr - 1](packed + (size_t)t * nb * BLK_VECS, x + (size_t)r * xs,
-					   xs, xq + r * nb, nb, out);
-				for (int i = 0; i < nr; i++)
-					memcpy(y + (r + i) * ys + o, out + i * TW,
-					       (size_t)nc * sizeof(float));
-			}
-		}
+		rows_vnni(k, k->tiles_gemm, packed, nb, oc, oe, x, xs, tab, 0, gemm_rows, y, ys);
+		rows_vnni(k, k->tiles, packed, nb, oc, oe, x, xs, tab, gemm_rows, n_rows, y, ys);
 	}
+	return 0;
 }
 
 void kern_matmul_avx512(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
 {
-	const int vnni =
-	    weight_type == KERN_Q4_0 || weight_type == KERN_Q8_0 || weight_type == KERN_MXFP4;
-	if (vnni && n_rows >= MIN_ROWS && o1 > o0 && n_in >= KERN_QK) {
-		matmul_vnni(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride);
+	const struct vnni_kind *k = vnni_kind_for(weight_type);
+	if (k && n_rows >= MIN_ROWS && o1 > o0 && n_in >= k->qk &&
+	    matmul_vnni(weight_type, k, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, 0) == 0)
 		return;
-	}
 	kern_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride);
+}
+
+void kern_kq_matmul_avx512(uint32_t type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			   const void *x, size_t x_stride, int64_t n_rows, float *y,
+			   int64_t y_stride, int64_t gemm_rows)
+{
+	const struct vnni_kind *k = vnni_kind_for(type);
+	if (k && n_rows >= MIN_ROWS && o1 > o0 && n_in >= k->qk &&
+	    matmul_vnni(type, k, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, gemm_rows) == 0)
+		return;
+	kern_kq_matmul_avx2(type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, gemm_rows);
 }

@@ -144,9 +144,13 @@ void kern_matmul_avx2(uint32_t weight_type, const void *w, int64_t n_in, int64_t
 		      const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
 
 /* AVX-512 implementations (kern_avx512.c, compiled with AVX-512 F/BW/VL/DQ/VNNI;
- * called only when kern_init() found them): Q4_0, Q8_0 and MXFP4 products of
- * several rows with VNNI, everything else through the AVX2 forms. */
+ * called only when kern_init() found them): Q4_0, Q8_0, MXFP4 and Q4_K
+ * products of several rows with VNNI, everything else through the AVX2 forms
+ * (same contracts as the _avx2 functions). */
 void kern_matmul_avx512(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+void kern_kq_matmul_avx512(uint32_t type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			   const void *x, size_t x_stride, int64_t n_rows, float *y,
+			   int64_t y_stride, int64_t gemm_rows);
 
 #endif
