@@ -453,6 +453,175 @@ static const tile_fn tiles_k4_dot[RK] = {tile_k4_dot_1, tile_k4_dot_2, tile_k4_d
 static const tile_fn tiles_k4_gemm[RK] = {tile_k4_gemm_1, tile_k4_gemm_2, tile_k4_gemm_3,
 					  tile_k4_gemm_4};
 
+/* ---------------------------------------------------------------- Q6_K */
+
+/* Q6_K x Q8_K, kern_kq_ref.c's lane form: per block eight int32 lanes, lane m
+ * = sum over the 32-value chunks c of scales[2c + m/4] * sum of q_v q8_v for
+ * v = 32c + 4m .. 32c + 4m + 3 (q the unsigned code), less 32 (scales[2m]
+ * bsums[2m] + scales[2m + 1] bsums[2m + 1]); acc_m = fma(d_w * d_x,
+ * (float)lane_m, acc_m); result ggml's hsum_float_8 of the eight.  Here the
+ * repacking multiplies each code by its scale into int16 (|scale * q| <=
+ * 8064), so VPDPWSSD takes pairs of values straight into the lanes: the four
+ * values of group gi = 8c + m (values 4 gi .. 4 gi + 3) are two vectors,
+ * values (0, 2) at 2 gi and (1, 3) at 2 gi + 1; the 16 scales d_w at 128;
+ * lane m's correction pair (-32 scales[2m], -32 scales[2m + 1]) at 129 + m.
+ * The activation table holds the Q8_K values widened to int16 in the same
+ * pairs and the bsums pairs. */
+#define K6_VECS 137
+#define R6	2 /* activation rows per pass (eight accumulators a row) */
+
+struct x6 {
+	float d;
+	int32_t xe[64]; /* group gi: values 4 gi, 4 gi + 2 as int16 */
+	int32_t xo[64]; /* values 4 gi + 1, 4 gi + 3 */
+	int32_t bs[8];	/* bsums[2m], bsums[2m + 1] as int16 */
+};
+
+/* The 256 (unsigned) codes of a Q6_K block in value order. */
+static ALWAYS_INLINE void q6_codes(const uint8_t *b, int8_t *q)
+{
+	const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(3);
+	for (int h = 0; h < 2; h++) {
+		const __m256i l0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+		const __m256i l1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+		const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+		const __m256i lo[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+				       _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+				       _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
+		const __m256i hi[4] = {_mm256_and_si256(hb, m3),
+				       _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3),
+				       _mm256_and_si256(_mm256_srli_epi16(hb, 4), m3),
+				       _mm256_and_si256(_mm256_srli_epi16(hb, 6), m3)};
+		for (int k = 0; k < 4; k++) {
+			const __m256i v = _mm256_or_si256(lo[k], _mm256_slli_epi16(hi[k], 4));
+			_mm256_storeu_si256((__m256i *)(q + 128 * h + 32 * k), v);
+		}
+	}
+}
+
+static void pack_q6_k(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
+{
+	int8_t q[TW][KERN_QK_K];
+	for (int64_t ib = 0; ib < nb; ib++) {
+		const size_t o = (size_t)ib * 210;
+		__m512i *v = dst + ib * K6_VECS;
+		int16_t sc[16][2 * TW];
+		float d[TW];
+		for (int c = 0; c < TW; c++) {
+			q6_codes(row[c] + o, q[c]);
+			for (int j = 0; j < 16; j++)
+				sc[j][2 * c] = sc[j][2 * c + 1] = (int8_t)row[c][o + 192 + j];
+			d[c] = _cvtsh_ss(kern_load_u16(row[c] + o + 208));
+		}
+		for (int j = 0; j < 16; j++) { /* values 16j .. 16j + 15: groups 4j .. 4j + 3 */
+			__m512i z[4], g[4];
+			for (int k = 0; k < 4; k++)
+				z[k] = load4x16((const uint8_t *)q[k] + 16 * j,
+						(const uint8_t *)q[4 + k] + 16 * j,
+						(const uint8_t *)q[8 + k] + 16 * j,
+						(const uint8_t *)q[12 + k] + 16 * j);
+			transpose4(z, g);
+			const __m512i s = _mm512_loadu_si512(sc[j]);
+			for (int k = 0; k < 4; k++) {
+				const int gi = 4 * j + k;
+				const __m512i e = _mm512_srai_epi16(_mm512_slli_epi16(g[k], 8), 8);
+				const __m512i od = _mm512_srai_epi16(g[k], 8);
+				v[2 * gi] = _mm512_mullo_epi16(e, s);
+				v[2 * gi + 1] = _mm512_mullo_epi16(od, s);
+			}
+		}
+		v[128] = _mm512_castps_si512(_mm512_loadu_ps(d));
+		for (int m = 0; m < 8; m++) {
+			int32_t cp[TW];
+			for (int c = 0; c < TW; c++)
+				cp[c] = (int32_t)((uint32_t)(uint16_t)(-32 * sc[2 * m][2 * c]) |
+						  (uint32_t)(uint16_t)(-32 * sc[2 * m + 1][2 * c])
+						      << 16);
+			v[129 + m] = _mm512_loadu_si512(cp);
+		}
+	}
+}
+
+static void x6_row(const uint8_t *x, int64_t nb, void *tab)
+{
+	struct x6 *q = tab;
+	for (int64_t ib = 0; ib < nb; ib++) {
+		const struct kern_block_q8_k *b = (const struct kern_block_q8_k *)x + ib;
+		memcpy(&q[ib].d, &b->d, sizeof(float));
+		for (int k = 0; k < 4; k++) {
+			const __m512i v = _mm512_loadu_si512(b->qs + 64 * k);
+			_mm512_storeu_si512(q[ib].xe + 16 * k,
+					    _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8));
+			_mm512_storeu_si512(q[ib].xo + 16 * k, _mm512_srai_epi16(v, 8));
+		}
+		memcpy(q[ib].bs, b->bsums, sizeof(q[ib].bs));
+	}
+}
+
+static ALWAYS_INLINE void tile_k6(int nr, const __m512i *pw, const uint8_t *x, size_t xs,
+				  const void *tab, int64_t nb, float *out)
+{
+	const struct x6 *q = tab;
+	__m512 acc[R6][8];
+#pragma GCC unroll 8
+	for (int r = 0; r < nr; r++)
+#pragma GCC unroll 8
+		for (int m = 0; m < 8; m++)
+			acc[r][m] = _mm512_setzero_ps();
+	for (int64_t ib = 0; ib < nb; ib++) {
+		const __m512i *v = pw + ib * K6_VECS;
+		__m512 d[R6];
+#pragma GCC unroll 8
+		for (int r = 0; r < nr; r++)
+			d[r] = _mm512_mul_ps(_mm512_castsi512_ps(v[128]),
+					     _mm512_set1_ps(q[r * nb + ib].d));
+#pragma GCC unroll 8
+		for (int m = 0; m < 8; m++) {
+			__m512i l0[R6], l1[R6];
+#pragma GCC unroll 8
+			for (int r = 0; r < nr; r++) {
+				l0[r] =
+				    _mm512_dpwssd_epi32(_mm512_setzero_si512(), v[129 + m],
+							_mm512_set1_epi32(q[r * nb + ib].bs[m]));
+				l1[r] = _mm512_setzero_si512();
+			}
+#pragma GCC unroll 8
+			for (int c = 0; c < 8; c++) {
+				const int gi = 8 * c + m;
+				const __m512i we = v[2 * gi], wo = v[2 * gi + 1];
+#pragma GCC unroll 8
+				for (int r = 0; r < nr; r++) {
+					const struct x6 *t = q + r * nb + ib;
+					l0[r] = _mm512_dpwssd_epi32(l0[r], we,
+								    _mm512_set1_epi32(t->xe[gi]));
+					l1[r] = _mm512_dpwssd_epi32(l1[r], wo,
+								    _mm512_set1_epi32(t->xo[gi]));
+				}
+			}
+#pragma GCC unroll 8
+			for (int r = 0; r < nr; r++)
+				acc[r][m] = _mm512_fmadd_ps(
+				    d[r], _mm512_cvtepi32_ps(_mm512_add_epi32(l0[r], l1[r])),
+				    acc[r][m]);
+		}
+	}
+	(void)x;
+	(void)xs;
+#pragma GCC unroll 8
+	for (int r = 0; r < nr; r++) {
+		const __m512 a0 = _mm512_add_ps(acc[r][4], acc[r][0]);
+		const __m512 a1 = _mm512_add_ps(acc[r][5], acc[r][1]);
+		const __m512 a2 = _mm512_add_ps(acc[r][6], acc[r][2]);
+		const __m512 a3 = _mm512_add_ps(acc[r][7], acc[r][3]);
+		_mm512_storeu_ps(out + r * TW,
+				 _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+	}
+}
+
+TILE_DEF(tile_k6, 1)
+TILE_DEF(tile_k6, 2)
+static const tile_fn tiles_k6[R6] = {tile_k6_1, tile_k6_2};
+
 /* -------------------------------------------------------------- driver */
 
 /* How one weight type runs through the driver. */
@@ -483,6 +652,10 @@ static const struct vnni_kind kind_q4_k = {KERN_QK_K,
 					   tiles_k4_dot,
 					   tiles_k4_gemm};
 
+static const struct vnni_kind kind_q6_k = {
+    KERN_QK_K, K6_VECS, sizeof(struct kern_block_q8_k), sizeof(struct x6), R6, pack_q6_k, x6_row,
+    tiles_k6,  tiles_k6};
+
 static const struct vnni_kind *vnni_kind_for(uint32_t type)
 {
 	switch (type) {
@@ -490,6 +663,7 @@ static const struct vnni_kind *vnni_kind_for(uint32_t type)
 	case KERN_Q8_0: return &kind_q8_0;
 	case KERN_MXFP4: return &kind_mxfp4;
 	case KERN_Q4_K: return &kind_q4_k;
+	case KERN_Q6_K: return &kind_q6_k;
 	default: return NULL;
 	}
 }
