@@ -3,28 +3,31 @@
  *
  * Only called through kern.c's dispatch after kern_init() found the features.
  *
- * Q4_0, Q8_0 and MXFP4 weights times Q8_0 activations, several activation
- * rows (prefill, an expert's batch): the weights of 16 consecutive outputs
- * are repacked once per call so that int32 lane c of a vector belongs to
- * output c: for block ib and group m (values 4m .. 4m + 3), one vector holds
- * the 16 outputs' four codes of that group, unsigned (Q4_0: the nibble,
- * MXFP4: doubled E2M1 + 12, Q8_0: the int8 + 128), and one more the 16 weight
- * scales as F32.  An activation row's four int8 of group m are broadcast and
- * VPDPBUSD adds the four products into each output's lane, so a block's eight
- * groups give the 16 outputs' exact int32 block sums with no horizontal
- * adds.  The code offset times the activations' sum (per block, Q8_0 per
- * group) starts the sum, so the results are the signed dot products exactly.
+ * Products of several activation rows (prefill, an expert's batch) for
+ * Q4_0, Q8_0 and MXFP4 weights (Q8_0 activations) and Q4_K and Q6_K (Q8_K
+ * activations): the weights of 16 consecutive outputs are repacked once per
+ * call so that int32 lane c of a vector belongs to output c: for a group of
+ * four values, one vector holds the 16 outputs' four codes of that group, and
+ * further vectors the 16 outputs' scales.  An activation row's four int8 of
+ * the group are broadcast and VPDPBUSD adds the four products into each
+ * output's lane, so a block's groups give the 16 outputs' exact int32 sums
+ * with no horizontal adds.
  *
- * The float steps are the scalar reference's (kern_ref.c), lane by lane:
- * Q4_0 / MXFP4 acc = fma((float)sum, d_w * d_x, acc) block by block; Q8_0
- * eight accumulators per output, acc_m = fma(d_w * d_x, (float)lane_m, acc_m),
- * summed as ggml's hsum_float_8.  So the results equal kern_dot_ref's bit for
- * bit, whatever the tiling.
+ * Q4_0, Q8_0, MXFP4: the codes unsigned (Q4_0: the nibble, MXFP4: doubled
+ * E2M1 + 12, Q8_0: the int8 + 128); the code offset times the activations'
+ * sum (per block, Q8_0 per group) starts the sum, so the results are the
+ * signed dot products exactly.  The float steps are the scalar reference's
+ * (kern_ref.c), lane by lane: Q4_0 / MXFP4 acc = fma((float)sum, d_w * d_x,
+ * acc) block by block; Q8_0 eight accumulators per output, acc_m = fma(d_w *
+ * d_x, (float)lane_m, acc_m), summed as ggml's hsum_float_8.  Q4_K and Q6_K
+ * as described at their tiles, again with kern_kq_ref.c's float steps.  So
+ * the results equal the _ref twins' bit for bit, whatever the tiling.
  *
  * Outputs run in chunks whose repacked weights (about 128 KiB) stay in L2
- * while every group of activation rows passes over them.  One row (decode)
- * and every other type take the AVX2 kernels (kern_avx2.c): without rows to
- * share it the repacking would not pay. */
+ * while every group of activation rows passes over them.  Fewer rows than a
+ * type's min_rows (decode) and every other type take the AVX2 kernels
+ * (kern_avx2.c, kern_kq_avx2.c): without rows to share it the repacking does
+ * not pay. */
 #include <immintrin.h>
 #include <string.h>
 
@@ -36,7 +39,6 @@
 #define TW	   16 /* outputs per tile: one int32 lane each */
 #define R4	   6  /* activation rows per pass, Q4_0 / MXFP4 */
 #define R8	   2  /* activation rows per pass, Q8_0 (eight accumulators a row) */
-#define MIN_ROWS   2  /* fewer rows take the AVX2 kernels */
 #define CHUNK_PACK ((size_t)128 << 10)
 
 /* Repacked block of a tile: eight code vectors (groups 0-7), then the scales. */
@@ -157,6 +159,16 @@ static ALWAYS_INLINE __m512i bcast4(const uint8_t *p)
 	int32_t v;
 	memcpy(&v, p, sizeof(v));
 	return _mm512_set1_epi32(v);
+}
+
+/* Lane c: the four bytes at row[c] + off (the rows of a tile lie within 2 GiB
+ * of row[0]). */
+static ALWAYS_INLINE __m512i gather32(const uint8_t *const row[TW], size_t off)
+{
+	int32_t idx[TW];
+	for (int c = 0; c < TW; c++)
+		idx[c] = (int32_t)(row[c] - row[0]);
+	return _mm512_i32gather_epi32(_mm512_loadu_si512(idx), row[0] + off, 1);
 }
 
 /* Q4_0 / MXFP4: out[r * TW + c] for r < nr rows (activation row r at
@@ -323,27 +335,32 @@ static void pack_q4_k(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
 				transpose4(z, v + 8 * (2 * p) + 4 * h);
 				transpose4(hi, v + 8 * (2 * p + 1) + 4 * h);
 			}
-		int32_t sc[8][TW], mp[4][TW];
-		float d[2][TW];
-		for (int c = 0; c < TW; c++) {
-			const uint8_t *b = row[c] + o, *k = b + 4;
-			int mn[8];
-			for (int s = 0; s < 8; s++) {
-				sc[s][c] =
-				    s < 4 ? k[s] & 63 : (k[s + 4] & 15) | (k[s - 4] >> 6) << 4;
-				mn[s] = s < 4 ? k[s + 4] & 63 : (k[s + 4] >> 4) | (k[s] >> 6) << 4;
-			}
-			for (int t = 0; t < 4; t++)
-				mp[t][c] = mn[2 * t] | mn[2 * t + 1] << 16;
-			d[0][c] = _cvtsh_ss(kern_load_u16(b));
-			d[1][c] = _cvtsh_ss(kern_load_u16(b + 2));
+		/* per output (lane): scale bytes 0-3, 4-7, 8-11, and d | dmin << 16 */
+		const __m512i a = gather32(row, o + 4), b = gather32(row, o + 8);
+		const __m512i c = gather32(row, o + 12), dd = gather32(row, o);
+		const __m512i m63 = _mm512_set1_epi32(63), m15 = _mm512_set1_epi32(15);
+		const __m512i m3 = _mm512_set1_epi32(3);
+		__m512i mn[8];
+		for (int s4 = 0; s4 < 4; s4++) {
+			const __m128i n = _mm_cvtsi32_si128(8 * s4);
+			const __m512i as = _mm512_srl_epi32(a, n);
+			const __m512i bs = _mm512_srl_epi32(b, n);
+			const __m512i cs = _mm512_srl_epi32(c, n);
+			v[64 + s4] = _mm512_and_si512(as, m63);
+			mn[s4] = _mm512_and_si512(bs, m63);
+			v[68 + s4] = _mm512_or_si512(
+			    _mm512_and_si512(cs, m15),
+			    _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(as, 6), m3), 4));
+			mn[4 + s4] = _mm512_or_si512(
+			    _mm512_and_si512(_mm512_srli_epi32(cs, 4), m15),
+			    _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(bs, 6), m3), 4));
 		}
-		for (int s = 0; s < 8; s++)
-			v[64 + s] = _mm512_loadu_si512(sc[s]);
 		for (int t = 0; t < 4; t++)
-			v[72 + t] = _mm512_loadu_si512(mp[t]);
-		v[76] = _mm512_castps_si512(_mm512_loadu_ps(d[0]));
-		v[77] = _mm512_castps_si512(_mm512_loadu_ps(d[1]));
+			v[72 + t] =
+			    _mm512_or_si512(mn[2 * t], _mm512_slli_epi32(mn[2 * t + 1], 16));
+		v[76] = _mm512_castps_si512(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd)));
+		v[77] = _mm512_castps_si512(
+		    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dd, 16))));
 	}
 }
 
@@ -502,16 +519,18 @@ static ALWAYS_INLINE void q6_codes(const uint8_t *b, int8_t *q)
 static void pack_q6_k(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
 {
 	int8_t q[TW][KERN_QK_K];
+	const __m512i lo16 = _mm512_set1_epi32(0xffff);
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const size_t o = (size_t)ib * 210;
 		__m512i *v = dst + ib * K6_VECS;
-		int16_t sc[16][2 * TW];
-		float d[TW];
-		for (int c = 0; c < TW; c++) {
+		for (int c = 0; c < TW; c++)
 			q6_codes(row[c] + o, q[c]);
-			for (int j = 0; j < 16; j++)
-				sc[j][2 * c] = sc[j][2 * c + 1] = (int8_t)row[c][o + 192 + j];
-			d[c] = _cvtsh_ss(kern_load_u16(row[c] + o + 208));
+		__m512i sc[16]; /* lane c: output c's scale j */
+		for (int t = 0; t < 4; t++) {
+			const __m512i g = gather32(row, o + 192 + 4 * (size_t)t);
+			for (int k = 0; k < 4; k++)
+				sc[4 * t + k] = _mm512_srai_epi32(
+				    _mm512_sll_epi32(g, _mm_cvtsi32_si128(24 - 8 * k)), 24);
 		}
 		for (int j = 0; j < 16; j++) { /* values 16j .. 16j + 15: groups 4j .. 4j + 3 */
 			__m512i z[4], g[4];
@@ -521,7 +540,9 @@ static void pack_q6_k(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
 						(const uint8_t *)q[8 + k] + 16 * j,
 						(const uint8_t *)q[12 + k] + 16 * j);
 			transpose4(z, g);
-			const __m512i s = _mm512_loadu_si512(sc[j]);
+			/* the scale in both int16 halves */
+			const __m512i s = _mm512_or_si512(_mm512_and_si512(sc[j], lo16),
+							  _mm512_slli_epi32(sc[j], 16));
 			for (int k = 0; k < 4; k++) {
 				const int gi = 4 * j + k;
 				const __m512i e = _mm512_srai_epi16(_mm512_slli_epi16(g[k], 8), 8);
@@ -530,14 +551,16 @@ static void pack_q6_k(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
 				v[2 * gi + 1] = _mm512_mullo_epi16(od, s);
 			}
 		}
-		v[128] = _mm512_castps_si512(_mm512_loadu_ps(d));
+		/* d: the upper half of the four bytes before the block's end */
+		v[128] = _mm512_castps_si512(_mm512_cvtph_ps(
+		    _mm512_cvtepi32_epi16(_mm512_srli_epi32(gather32(row, o + 206), 16))));
 		for (int m = 0; m < 8; m++) {
-			int32_t cp[TW];
-			for (int c = 0; c < TW; c++)
-				cp[c] = (int32_t)((uint32_t)(uint16_t)(-32 * sc[2 * m][2 * c]) |
-						  (uint32_t)(uint16_t)(-32 * sc[2 * m + 1][2 * c])
-						      << 16);
-			v[129 + m] = _mm512_loadu_si512(cp);
+			const __m512i n0 = _mm512_sub_epi32(_mm512_setzero_si512(),
+							    _mm512_slli_epi32(sc[2 * m], 5));
+			const __m512i n1 = _mm512_sub_epi32(_mm512_setzero_si512(),
+							    _mm512_slli_epi32(sc[2 * m + 1], 5));
+			v[129 + m] =
+			    _mm512_or_si512(_mm512_and_si512(n0, lo16), _mm512_slli_epi32(n1, 16));
 		}
 	}
 }
@@ -626,35 +649,62 @@ static const tile_fn tiles_k6[R6] = {tile_k6_1, tile_k6_2};
 
 /* How one weight type runs through the driver. */
 struct vnni_kind {
-	int qk;	       /* values per block */
-	int vecs;      /* repacked vectors per block and tile */
-	size_t xbytes; /* activation block bytes */
-	size_t tab;    /* activation table bytes per block */
-	int rmax;      /* rows per pass */
+	int qk;	      /* values per block */
+	int vecs;     /* repacked vectors per block and tile */
+	size_t tab;   /* activation table bytes per block */
+	int rmax;     /* rows per pass */
+	int min_rows; /* fewer rows take the AVX2 kernels (the repacking would
+			 cost more than it saves; measured on Zen 5) */
 	void (*pack)(const uint8_t *const row[TW], int64_t nb, __m512i *dst);
 	void (*xrow)(const uint8_t *x, int64_t nb, void *tab);
 	const tile_fn *tiles, *tiles_gemm;
 };
 
-static const struct vnni_kind kind_q4_0 = {KERN_QK,   BLK_VECS, 34,	  sizeof(struct xc), R4,
-					   pack_q4_0, xc_q4_0,	tiles_q4, tiles_q4};
-static const struct vnni_kind kind_q8_0 = {KERN_QK,   BLK_VECS, 34,	  sizeof(struct xc), R8,
-					   pack_q8_0, xc_q8_0,	tiles_q8, tiles_q8};
-static const struct vnni_kind kind_mxfp4 = {KERN_QK,	BLK_VECS, 34,	    sizeof(struct xc), R4,
-					    pack_mxfp4, xc_mxfp4, tiles_q4, tiles_q4};
-static const struct vnni_kind kind_q4_k = {KERN_QK_K,
-					   K4_VECS,
-					   sizeof(struct kern_block_q8_k),
-					   sizeof(struct xk),
-					   RK,
-					   pack_q4_k,
-					   xk_row,
-					   tiles_k4_dot,
-					   tiles_k4_gemm};
-
-static const struct vnni_kind kind_q6_k = {
-    KERN_QK_K, K6_VECS, sizeof(struct kern_block_q8_k), sizeof(struct x6), R6, pack_q6_k, x6_row,
-    tiles_k6,  tiles_k6};
+static const struct vnni_kind kind_q4_0 = {.qk = KERN_QK,
+					   .vecs = BLK_VECS,
+					   .tab = sizeof(struct xc),
+					   .rmax = R4,
+					   .min_rows = 2,
+					   .pack = pack_q4_0,
+					   .xrow = xc_q4_0,
+					   .tiles = tiles_q4,
+					   .tiles_gemm = tiles_q4};
+static const struct vnni_kind kind_mxfp4 = {.qk = KERN_QK,
+					    .vecs = BLK_VECS,
+					    .tab = sizeof(struct xc),
+					    .rmax = R4,
+					    .min_rows = 2,
+					    .pack = pack_mxfp4,
+					    .xrow = xc_mxfp4,
+					    .tiles = tiles_q4,
+					    .tiles_gemm = tiles_q4};
+static const struct vnni_kind kind_q8_0 = {.qk = KERN_QK,
+					   .vecs = BLK_VECS,
+					   .tab = sizeof(struct xc),
+					   .rmax = R8,
+					   .min_rows = 3,
+					   .pack = pack_q8_0,
+					   .xrow = xc_q8_0,
+					   .tiles = tiles_q8,
+					   .tiles_gemm = tiles_q8};
+static const struct vnni_kind kind_q4_k = {.qk = KERN_QK_K,
+					   .vecs = K4_VECS,
+					   .tab = sizeof(struct xk),
+					   .rmax = RK,
+					   .min_rows = 3,
+					   .pack = pack_q4_k,
+					   .xrow = xk_row,
+					   .tiles = tiles_k4_dot,
+					   .tiles_gemm = tiles_k4_gemm};
+static const struct vnni_kind kind_q6_k = {.qk = KERN_QK_K,
+					   .vecs = K6_VECS,
+					   .tab = sizeof(struct x6),
+					   .rmax = R6,
+					   .min_rows = 10,
+					   .pack = pack_q6_k,
+					   .xrow = x6_row,
+					   .tiles = tiles_k6,
+					   .tiles_gemm = tiles_k6};
 
 static const struct vnni_kind *vnni_kind_for(uint32_t type)
 {
@@ -738,7 +788,7 @@ void kern_matmul_avx512(uint32_t weight_type, const void *w, int64_t n_in, int64
 			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride)
 {
 	const struct vnni_kind *k = vnni_kind_for(weight_type);
-	if (k && n_rows >= MIN_ROWS && o1 > o0 && n_in >= k->qk &&
+	if (k && n_rows >= k->min_rows && o1 > o0 && n_in >= k->qk &&
 	    matmul_vnni(weight_type, k, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, 0) == 0)
 		return;
 	kern_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride);
@@ -749,7 +799,7 @@ void kern_kq_matmul_avx512(uint32_t type, const void *w, int64_t n_in, int64_t o
 			   int64_t y_stride, int64_t gemm_rows)
 {
 	const struct vnni_kind *k = vnni_kind_for(type);
-	if (k && n_rows >= MIN_ROWS && o1 > o0 && n_in >= k->qk &&
+	if (k && n_rows >= k->min_rows && o1 > o0 && n_in >= k->qk &&
 	    matmul_vnni(type, k, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, gemm_rows) == 0)
 		return;
 	kern_kq_matmul_avx2(type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, gemm_rows);

@@ -581,7 +581,7 @@ static void test_matmul_dense_tiles(void **state)
 	if (!have_avx2())
 		skip();
 	static const uint32_t types[] = {KERN_Q4_K, KERN_Q6_K};
-	const int64_t nb = 3, n = nb * QK, n_out = 37, o0 = 3, o1 = 35, max_rows = 11;
+	const int64_t nb = 3, n = nb * QK, n_out = 37, o0 = 3, o1 = 35, max_rows = 14;
 	const size_t xrow = (size_t)nb * sizeof(struct kern_block_q8_k);
 	struct kern_block_q8_k *x = xmalloc(xrow * (size_t)max_rows);
 	float *y = xmalloc((size_t)(max_rows * n_out) * sizeof(float));
