@@ -1,5 +1,6 @@
-/* kern: type table, scalar conversions, and run-time dispatch between the
- * scalar (kern_ref.c) and AVX2 (kern_avx2.c) implementations. */
+/* kern: type table, scalar conversions, run-time dispatch between the scalar
+ * (kern_ref.c), AVX2 (kern_avx2.c) and AVX-512 (kern_avx512.c)
+ * implementations, and the per-thread scratch buffer of the SIMD matmuls. */
 #include <pthread.h>
 #include <stdatomic.h>
 #if defined(__x86_64__) || defined(__i386__)

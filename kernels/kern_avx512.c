@@ -40,6 +40,7 @@
 #define R4	   6  /* activation rows per pass, Q4_0 / MXFP4 */
 #define R8	   2  /* activation rows per pass, Q8_0 (eight accumulators a row) */
 #define CHUNK_PACK ((size_t)128 << 10)
+#define PF_AHEAD   512 /* bytes the repacking prefetches ahead in each row */
 
 /* Repacked block of a tile: eight code vectors (groups 0-7), then the scales. */
 #define BLK_VECS 9
@@ -70,6 +71,24 @@ static ALWAYS_INLINE __m512i load4x16(const uint8_t *p0, const uint8_t *p1, cons
 	return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
+/* Lane c: the four bytes at row[c] + off (the rows of a tile lie within 2 GiB
+ * of row[0]). */
+static ALWAYS_INLINE __m512i gather32(const uint8_t *const row[TW], size_t off)
+{
+	int32_t idx[TW];
+	for (int c = 0; c < TW; c++)
+		idx[c] = (int32_t)(row[c] - row[0]);
+	return _mm512_i32gather_epi32(_mm512_loadu_si512(idx), row[0] + off, 1);
+}
+
+/* Streams the tile's weights ahead of the repacking: the bytes ahead bytes
+ * past off of each row (prefetches do not fault past a row's end). */
+static ALWAYS_INLINE void prefetch_rows(const uint8_t *const row[TW], size_t off)
+{
+	for (int c = 0; c < TW; c++)
+		_mm_prefetch((const char *)row[c] + off + PF_AHEAD, _MM_HINT_T0);
+}
+
 /* z[k]: lane L holds four dwords of output 4L + k; g[m] lane 4L + k = dword m
  * of z[k] lane L, i.e. dword m of output 4L + k. */
 static ALWAYS_INLINE void transpose4(const __m512i z[4], __m512i *g)
@@ -98,6 +117,8 @@ static ALWAYS_INLINE void pack_tile(uint32_t type, const uint8_t *const row[TW],
 		const size_t o = (size_t)ib * bs;
 		__m512i *v = dst + ib * BLK_VECS;
 		__m512i z[4], h[4];
+		if (!(ib & 1))
+			prefetch_rows(row, o);
 		for (int k = 0; k < 4; k++)
 			z[k] = load4x16(row[k] + o + qo, row[4 + k] + o + qo, row[8 + k] + o + qo,
 					row[12 + k] + o + qo);
@@ -121,11 +142,18 @@ static ALWAYS_INLINE void pack_tile(uint32_t type, const uint8_t *const row[TW],
 		}
 		transpose4(z, v);
 		transpose4(h, v + 4);
-		float d[TW];
-		for (int c = 0; c < TW; c++)
-			d[c] = type == KERN_MXFP4 ? kern_e8m0_half(row[c][o])
-						  : _cvtsh_ss(kern_load_u16(row[c] + o));
-		v[8] = _mm512_castps_si512(_mm512_loadu_ps(d));
+		const __m512i g = gather32(row, o); /* the scale in the low bytes */
+		if (type == KERN_MXFP4) {
+			/* kern_e8m0_half: (e - 1) << 23, e = 0, 1 the subnormals */
+			const __m512i e = _mm512_and_si512(g, _mm512_set1_epi32(0xff));
+			const __m512i norm =
+			    _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+			const __m512i sub = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
+			v[8] = _mm512_mask_blend_epi32(
+			    _mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(2)), norm, sub);
+		} else {
+			v[8] = _mm512_castps_si512(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(g)));
+		}
 	}
 }
 
@@ -161,20 +189,22 @@ static ALWAYS_INLINE __m512i bcast4(const uint8_t *p)
 	return _mm512_set1_epi32(v);
 }
 
-/* Lane c: the four bytes at row[c] + off (the rows of a tile lie within 2 GiB
- * of row[0]). */
-static ALWAYS_INLINE __m512i gather32(const uint8_t *const row[TW], size_t off)
+/* Where a tile writes row r's 16 results: y + r * ys, the lanes in m. */
+struct ydst {
+	float *y;
+	int64_t ys;
+	__mmask16 m;
+};
+
+static ALWAYS_INLINE void store_out(const struct ydst *d, int r, __m512 v)
 {
-	int32_t idx[TW];
-	for (int c = 0; c < TW; c++)
-		idx[c] = (int32_t)(row[c] - row[0]);
-	return _mm512_i32gather_epi32(_mm512_loadu_si512(idx), row[0] + off, 1);
+	_mm512_mask_storeu_ps(d->y + r * d->ys, d->m, v);
 }
 
-/* Q4_0 / MXFP4: out[r * TW + c] for r < nr rows (activation row r at
- * x + r * xs, table q + r * nb) against a repacked tile. */
+/* Q4_0 / MXFP4: the 16 outputs of a repacked tile for nr rows (activation
+ * row r at x + r * xs, table q + r * nb), stored through out. */
 static ALWAYS_INLINE void tile_q4(int nr, const __m512i *pw, const uint8_t *x, size_t xs,
-				  const struct xc *q, int64_t nb, float *out)
+				  const struct xc *q, int64_t nb, const struct ydst *out)
 {
 	__m512 acc[R4];
 #pragma GCC unroll 8
@@ -205,12 +235,12 @@ static ALWAYS_INLINE void tile_q4(int nr, const __m512i *pw, const uint8_t *x, s
 	}
 #pragma GCC unroll 8
 	for (int r = 0; r < nr; r++)
-		_mm512_storeu_ps(out + r * TW, acc[r]);
+		store_out(out, r, acc[r]);
 }
 
 /* Q8_0: as tile_q4 with kern_ref.c's eight accumulators per output. */
 static ALWAYS_INLINE void tile_q8(int nr, const __m512i *pw, const uint8_t *x, size_t xs,
-				  const struct xc *q, int64_t nb, float *out)
+				  const struct xc *q, int64_t nb, const struct ydst *out)
 {
 	__m512 acc[R8][8];
 #pragma GCC unroll 8
@@ -240,17 +270,16 @@ static ALWAYS_INLINE void tile_q8(int nr, const __m512i *pw, const uint8_t *x, s
 		const __m512 a1 = _mm512_add_ps(acc[r][5], acc[r][1]);
 		const __m512 a2 = _mm512_add_ps(acc[r][6], acc[r][2]);
 		const __m512 a3 = _mm512_add_ps(acc[r][7], acc[r][3]);
-		_mm512_storeu_ps(out + r * TW,
-				 _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+		store_out(out, r, _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
 	}
 }
 
 typedef void (*tile_fn)(const __m512i *pw, const uint8_t *x, size_t xs, const void *q, int64_t nb,
-			float *out);
+			const struct ydst *out);
 
 #define TILE_DEF(kind, nr)                                                                         \
 	static void kind##_##nr(const __m512i *pw, const uint8_t *x, size_t xs, const void *q,     \
-				int64_t nb, float *out)                                            \
+				int64_t nb, const struct ydst *out)                                \
 	{                                                                                          \
 		kind(nr, pw, x, xs, q, nb, out);                                                   \
 	}
@@ -322,6 +351,8 @@ static void pack_q4_k(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const size_t o = (size_t)ib * 144;
 		__m512i *v = dst + ib * K4_VECS;
+		prefetch_rows(row, o);
+		prefetch_rows(row, o + 64);
 		for (int p = 0; p < 4; p++)
 			for (int h = 0; h < 2; h++) {
 				const size_t q = o + 16 + 32 * p + 16 * h;
@@ -379,9 +410,9 @@ static void xk_row(const uint8_t *x, int64_t nb, void *tab)
 	}
 }
 
-/* out[r * TW + c] for r < nr; gemm: kern_kq_dot_gemm_ref's 64-value steps. */
+/* As tile_q4; gemm: kern_kq_dot_gemm_ref's 64-value steps. */
 static ALWAYS_INLINE void tile_k4(int nr, int gemm, const __m512i *pw, const uint8_t *x, size_t xs,
-				  const struct xk *q, int64_t nb, float *out)
+				  const struct xk *q, int64_t nb, const struct ydst *out)
 {
 	__m512 acc[RK], accm[RK];
 #pragma GCC unroll 8
@@ -442,17 +473,17 @@ static ALWAYS_INLINE void tile_k4(int nr, int gemm, const __m512i *pw, const uin
 	}
 #pragma GCC unroll 8
 	for (int r = 0; r < nr; r++)
-		_mm512_storeu_ps(out + r * TW, _mm512_sub_ps(acc[r], accm[r]));
+		store_out(out, r, _mm512_sub_ps(acc[r], accm[r]));
 }
 
 static ALWAYS_INLINE void tile_k4_dot(int nr, const __m512i *pw, const uint8_t *x, size_t xs,
-				      const void *q, int64_t nb, float *out)
+				      const void *q, int64_t nb, const struct ydst *out)
 {
 	tile_k4(nr, 0, pw, x, xs, q, nb, out);
 }
 
 static ALWAYS_INLINE void tile_k4_gemm(int nr, const __m512i *pw, const uint8_t *x, size_t xs,
-				       const void *q, int64_t nb, float *out)
+				       const void *q, int64_t nb, const struct ydst *out)
 {
 	tile_k4(nr, 1, pw, x, xs, q, nb, out);
 }
@@ -523,6 +554,9 @@ static void pack_q6_k(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const size_t o = (size_t)ib * 210;
 		__m512i *v = dst + ib * K6_VECS;
+		prefetch_rows(row, o);
+		prefetch_rows(row, o + 64);
+		prefetch_rows(row, o + 128);
 		for (int c = 0; c < TW; c++)
 			q6_codes(row[c] + o, q[c]);
 		__m512i sc[16]; /* lane c: output c's scale j */
@@ -582,7 +616,7 @@ static void x6_row(const uint8_t *x, int64_t nb, void *tab)
 }
 
 static ALWAYS_INLINE void tile_k6(int nr, const __m512i *pw, const uint8_t *x, size_t xs,
-				  const void *tab, int64_t nb, float *out)
+				  const void *tab, int64_t nb, const struct ydst *out)
 {
 	const struct x6 *q = tab;
 	__m512 acc[R6][8];
@@ -636,8 +670,7 @@ static ALWAYS_INLINE void tile_k6(int nr, const __m512i *pw, const uint8_t *x, s
 		const __m512 a1 = _mm512_add_ps(acc[r][5], acc[r][1]);
 		const __m512 a2 = _mm512_add_ps(acc[r][6], acc[r][2]);
 		const __m512 a3 = _mm512_add_ps(acc[r][7], acc[r][3]);
-		_mm512_storeu_ps(out + r * TW,
-				 _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+		store_out(out, r, _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
 	}
 }
 
@@ -727,14 +760,11 @@ static void rows_vnni(const struct vnni_kind *k, const tile_fn *tf, const __m512
 	for (int64_t r = r0; r < r1; r += k->rmax) {
 		const int nr = r1 - r < k->rmax ? (int)(r1 - r) : k->rmax;
 		for (int64_t t = 0; t < nt; t++) {
-			float out[R4 * TW];
 			const int64_t o = oc + t * TW;
 			const int nc = oe - o < TW ? (int)(oe - o) : TW;
+			const struct ydst out = {y + r * ys + o, ys, (__mmask16)((1u << nc) - 1)};
 			tf[nr - 1](packed + (size_t)t * nb * k->vecs, x + (size_t)r * xs, xs,
-				   tab + (size_t)(r * nb) * k->tab, nb, out);
-			for (int i = 0; i < nr; i++)
-				memcpy(y + (r + i) * ys + o, out + i * TW,
-				       (size_t)nc * sizeof(float));
+				   tab + (size_t)(r * nb) * k->tab, nb, &out);
 		}
 	}
 }
