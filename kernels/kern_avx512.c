@@ -238,16 +238,30 @@ static ALWAYS_INLINE void tile_q4(int nr, const __m512i *pw, const uint8_t *x, s
 		store_out(out, r, acc[r]);
 }
 
-/* Q8_0: as tile_q4 with kern_ref.c's eight accumulators per output. */
-static ALWAYS_INLINE void tile_q8(int nr, const __m512i *pw, const uint8_t *x, size_t xs,
-				  const struct xc *q, int64_t nb, const struct ydst *out)
+/* Eight accumulators per output (ggml's eight lanes): zeroed for nr rows, and
+ * summed as ggml's hsum_float_8: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)). */
+static ALWAYS_INLINE void zero_lanes(int nr, __m512 (*acc)[8])
 {
-	__m512 acc[R8][8];
 #pragma GCC unroll 8
 	for (int r = 0; r < nr; r++)
 #pragma GCC unroll 8
 		for (int m = 0; m < 8; m++)
 			acc[r][m] = _mm512_setzero_ps();
+}
+
+static ALWAYS_INLINE __m512 hsum8_lanes(const __m512 *a)
+{
+	const __m512 a0 = _mm512_add_ps(a[4], a[0]), a1 = _mm512_add_ps(a[5], a[1]);
+	const __m512 a2 = _mm512_add_ps(a[6], a[2]), a3 = _mm512_add_ps(a[7], a[3]);
+	return _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3));
+}
+
+/* Q8_0: as tile_q4 with kern_ref.c's eight accumulators per output. */
+static ALWAYS_INLINE void tile_q8(int nr, const __m512i *pw, const uint8_t *x, size_t xs,
+				  const struct xc *q, int64_t nb, const struct ydst *out)
+{
+	__m512 acc[R8][8];
+	zero_lanes(nr, acc);
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const __m512i *v = pw + ib * BLK_VECS;
 		const __m512 dw = _mm512_castsi512_ps(v[8]);
@@ -265,13 +279,8 @@ static ALWAYS_INLINE void tile_q8(int nr, const __m512i *pw, const uint8_t *x, s
 		}
 	}
 #pragma GCC unroll 8
-	for (int r = 0; r < nr; r++) {
-		const __m512 a0 = _mm512_add_ps(acc[r][4], acc[r][0]);
-		const __m512 a1 = _mm512_add_ps(acc[r][5], acc[r][1]);
-		const __m512 a2 = _mm512_add_ps(acc[r][6], acc[r][2]);
-		const __m512 a3 = _mm512_add_ps(acc[r][7], acc[r][3]);
-		store_out(out, r, _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
-	}
+	for (int r = 0; r < nr; r++)
+		store_out(out, r, hsum8_lanes(acc[r]));
 }
 
 typedef void (*tile_fn)(const __m512i *pw, const uint8_t *x, size_t xs, const void *q, int64_t nb,
@@ -620,11 +629,7 @@ static ALWAYS_INLINE void tile_k6(int nr, const __m512i *pw, const uint8_t *x, s
 {
 	const struct x6 *q = tab;
 	__m512 acc[R6][8];
-#pragma GCC unroll 8
-	for (int r = 0; r < nr; r++)
-#pragma GCC unroll 8
-		for (int m = 0; m < 8; m++)
-			acc[r][m] = _mm512_setzero_ps();
+	zero_lanes(nr, acc);
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const __m512i *v = pw + ib * K6_VECS;
 		__m512 d[R6];
@@ -665,13 +670,8 @@ static ALWAYS_INLINE void tile_k6(int nr, const __m512i *pw, const uint8_t *x, s
 	(void)x;
 	(void)xs;
 #pragma GCC unroll 8
-	for (int r = 0; r < nr; r++) {
-		const __m512 a0 = _mm512_add_ps(acc[r][4], acc[r][0]);
-		const __m512 a1 = _mm512_add_ps(acc[r][5], acc[r][1]);
-		const __m512 a2 = _mm512_add_ps(acc[r][6], acc[r][2]);
-		const __m512 a3 = _mm512_add_ps(acc[r][7], acc[r][3]);
-		store_out(out, r, _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
-	}
+	for (int r = 0; r < nr; r++)
+		store_out(out, r, hsum8_lanes(acc[r]));
 }
 
 TILE_DEF(tile_k6, 1)
@@ -693,60 +693,25 @@ struct vnni_kind {
 	const tile_fn *tiles, *tiles_gemm;
 };
 
-static const struct vnni_kind kind_q4_0 = {.qk = KERN_QK,
-					   .vecs = BLK_VECS,
-					   .tab = sizeof(struct xc),
-					   .rmax = R4,
-					   .min_rows = 2,
-					   .pack = pack_q4_0,
-					   .xrow = xc_q4_0,
-					   .tiles = tiles_q4,
-					   .tiles_gemm = tiles_q4};
-static const struct vnni_kind kind_mxfp4 = {.qk = KERN_QK,
-					    .vecs = BLK_VECS,
-					    .tab = sizeof(struct xc),
-					    .rmax = R4,
-					    .min_rows = 2,
-					    .pack = pack_mxfp4,
-					    .xrow = xc_mxfp4,
-					    .tiles = tiles_q4,
-					    .tiles_gemm = tiles_q4};
-static const struct vnni_kind kind_q8_0 = {.qk = KERN_QK,
-					   .vecs = BLK_VECS,
-					   .tab = sizeof(struct xc),
-					   .rmax = R8,
-					   .min_rows = 3,
-					   .pack = pack_q8_0,
-					   .xrow = xc_q8_0,
-					   .tiles = tiles_q8,
-					   .tiles_gemm = tiles_q8};
-static const struct vnni_kind kind_q4_k = {.qk = KERN_QK_K,
-					   .vecs = K4_VECS,
-					   .tab = sizeof(struct xk),
-					   .rmax = RK,
-					   .min_rows = 3,
-					   .pack = pack_q4_k,
-					   .xrow = xk_row,
-					   .tiles = tiles_k4_dot,
-					   .tiles_gemm = tiles_k4_gemm};
-static const struct vnni_kind kind_q6_k = {.qk = KERN_QK_K,
-					   .vecs = K6_VECS,
-					   .tab = sizeof(struct x6),
-					   .rmax = R6,
-					   .min_rows = 10,
-					   .pack = pack_q6_k,
-					   .xrow = x6_row,
-					   .tiles = tiles_k6,
-					   .tiles_gemm = tiles_k6};
+/* clang-format off */
+static const struct vnni_kind kinds[] = {
+	/* qk, vecs, table bytes, rows per pass, min rows, repack, table, tiles, GEMM-form tiles */
+	{KERN_QK, BLK_VECS, sizeof(struct xc), R4, 2, pack_q4_0, xc_q4_0, tiles_q4, tiles_q4},
+	{KERN_QK, BLK_VECS, sizeof(struct xc), R4, 2, pack_mxfp4, xc_mxfp4, tiles_q4, tiles_q4},
+	{KERN_QK, BLK_VECS, sizeof(struct xc), R8, 3, pack_q8_0, xc_q8_0, tiles_q8, tiles_q8},
+	{KERN_QK_K, K4_VECS, sizeof(struct xk), RK, 3, pack_q4_k, xk_row, tiles_k4_dot, tiles_k4_gemm},
+	{KERN_QK_K, K6_VECS, sizeof(struct x6), R6, 10, pack_q6_k, x6_row, tiles_k6, tiles_k6},
+};
+/* clang-format on */
 
 static const struct vnni_kind *vnni_kind_for(uint32_t type)
 {
 	switch (type) {
-	case KERN_Q4_0: return &kind_q4_0;
-	case KERN_Q8_0: return &kind_q8_0;
-	case KERN_MXFP4: return &kind_mxfp4;
-	case KERN_Q4_K: return &kind_q4_k;
-	case KERN_Q6_K: return &kind_q6_k;
+	case KERN_Q4_0: return &kinds[0];
+	case KERN_MXFP4: return &kinds[1];
+	case KERN_Q8_0: return &kinds[2];
+	case KERN_Q4_K: return &kinds[3];
+	case KERN_Q6_K: return &kinds[4];
 	default: return NULL;
 	}
 }
