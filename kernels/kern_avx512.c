@@ -29,6 +29,7 @@
  * (kern_avx2.c, kern_kq_avx2.c): without rows to share it the repacking does
  * not pay. */
 #include <immintrin.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "kernels/kern.h"
@@ -41,6 +42,7 @@
 #define R8	   2  /* activation rows per pass, Q8_0 (eight accumulators a row) */
 #define CHUNK_PACK ((size_t)128 << 10)
 #define PF_AHEAD   512 /* bytes the repacking prefetches ahead in each row */
+#define ROW_BLOCK  256 /* activation rows per table (and per repacking) */
 
 /* Repacked block of a tile: eight code vectors (groups 0-7), then the scales. */
 #define BLK_VECS 9
@@ -734,8 +736,11 @@ static void rows_vnni(const struct vnni_kind *k, const tile_fn *tf, const __m512
 	}
 }
 
-/* 0, or -1 if the scratch buffer could not grow (nothing written).  Rows
- * below gemm_rows take the kind's tiles_gemm. */
+/* 0, or -1 if the scratch buffer could not grow or the rows are too long
+ * (nothing written).  Rows below gemm_rows take the kind's tiles_gemm.
+ * Activation rows in blocks of ROW_BLOCK, each block's table built once and
+ * the weights repacked once per block, so the scratch buffer stays bounded
+ * however many rows come. */
 static int matmul_vnni(uint32_t type, const struct vnni_kind *k, const uint8_t *w, int64_t n_in,
 		       int64_t o0, int64_t o1, const uint8_t *x, size_t xs, int64_t n_rows,
 		       float *y, int64_t ys, int64_t gemm_rows)
@@ -743,38 +748,47 @@ static int matmul_vnni(uint32_t type, const struct vnni_kind *k, const uint8_t *
 	const size_t w_row = kern_row_bytes(type, n_in);
 	const int64_t nb = n_in / k->qk;
 	const size_t tile_bytes = (size_t)nb * (size_t)k->vecs * sizeof(__m512i);
+	if (w_row > (size_t)INT32_MAX / TW) /* gather32's offsets */
+		return -1;
 	int64_t tiles = (int64_t)(CHUNK_PACK / tile_bytes);
 	const int64_t need = (o1 - o0 + TW - 1) / TW;
 	if (tiles < 1)
 		tiles = 1;
 	if (tiles > need)
 		tiles = need;
-	const size_t tab_bytes = (size_t)(nb * n_rows) * k->tab;
+	const int64_t rb_max = n_rows < ROW_BLOCK ? n_rows : ROW_BLOCK;
+	const size_t tab_bytes = (size_t)(nb * rb_max) * k->tab;
 	uint8_t *buf = kern_scratch((size_t)tiles * tile_bytes + tab_bytes + 64);
 	if (!buf)
 		return -1;
 	__m512i *packed = (__m512i *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
 	uint8_t *tab = (uint8_t *)(packed + (size_t)tiles * nb * k->vecs);
-	for (int64_t r = 0; r < n_rows; r++)
-		k->xrow(x + (size_t)r * xs, nb, tab + (size_t)(r * nb) * k->tab);
-	if (gemm_rows > n_rows)
-		gemm_rows = n_rows;
 
-	for (int64_t oc = o0; oc < o1; oc += tiles * TW) {
-		const int64_t oe = oc + tiles * TW < o1 ? oc + tiles * TW : o1;
-		const int64_t nt = (oe - oc + TW - 1) / TW;
-		for (int64_t t = 0; t < nt; t++) {
-			/* a short last tile repeats its last row; those lanes
-			 * are dropped */
-			const uint8_t *row[TW];
-			for (int64_t c = 0; c < TW; c++) {
-				const int64_t o = oc + t * TW + c < oe ? oc + t * TW + c : oe - 1;
-				row[c] = w + (size_t)o * w_row;
+	for (int64_t r0 = 0; r0 < n_rows; r0 += rb_max) {
+		const int64_t nr = n_rows - r0 < rb_max ? n_rows - r0 : rb_max;
+		const uint8_t *xr = x + (size_t)r0 * xs;
+		float *yr = y + r0 * ys;
+		/* this block's rows below gemm_rows, relative to r0 */
+		const int64_t g = gemm_rows <= r0 ? 0 : gemm_rows - r0 < nr ? gemm_rows - r0 : nr;
+		for (int64_t r = 0; r < nr; r++)
+			k->xrow(xr + (size_t)r * xs, nb, tab + (size_t)(r * nb) * k->tab);
+		for (int64_t oc = o0; oc < o1; oc += tiles * TW) {
+			const int64_t oe = oc + tiles * TW < o1 ? oc + tiles * TW : o1;
+			const int64_t nt = (oe - oc + TW - 1) / TW;
+			for (int64_t t = 0; t < nt; t++) {
+				/* a short last tile repeats its last row; those
+				 * lanes are dropped */
+				const uint8_t *row[TW];
+				for (int64_t c = 0; c < TW; c++) {
+					const int64_t o =
+					    oc + t * TW + c < oe ? oc + t * TW + c : oe - 1;
+					row[c] = w + (size_t)o * w_row;
+				}
+				k->pack(row, nb, packed + (size_t)t * nb * k->vecs);
 			}
-			k->pack(row, nb, packed + (size_t)t * nb * k->vecs);
+			rows_vnni(k, k->tiles_gemm, packed, nb, oc, oe, xr, xs, tab, 0, g, yr, ys);
+			rows_vnni(k, k->tiles, packed, nb, oc, oe, xr, xs, tab, g, nr, yr, ys);
 		}
-		rows_vnni(k, k->tiles_gemm, packed, nb, oc, oe, x, xs, tab, 0, gemm_rows, y, ys);
-		rows_vnni(k, k->tiles, packed, nb, oc, oe, x, xs, tab, gemm_rows, n_rows, y, ys);
 	}
 	return 0;
 }

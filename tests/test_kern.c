@@ -974,6 +974,9 @@ static void test_matmul(void **state)
 		}
 		/* several output chunks (about 64 KiB of weights each) */
 		run_matmul_case(t, is_quant(t) ? 4096 : 1000, 40, 6, 1, 39);
+		/* more rows than one block of activation rows */
+		if (is_quant(t))
+			run_matmul_case(t, 64, 19, 300, 1, 18);
 	}
 }
 
