@@ -1,6 +1,7 @@
 /* test_kern: the kernels against hand-computed values, a double-precision
- * reference, and (when the CPU has AVX2+FMA+F16C) the AVX2 versions against
- * their scalar twins; kern_matmul against kern_dot bit for bit. */
+ * reference, and (when the CPU has AVX2+FMA+F16C) the SIMD versions against
+ * their scalar twins, once per SIMD level the CPU has (AVX2, AVX-512);
+ * kern_matmul against kern_dot bit for bit. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
