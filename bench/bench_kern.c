@@ -2,8 +2,11 @@
  *
  * Build (from a configured build dir):
  *   cc -std=c11 -O2 -D_POSIX_C_SOURCE=200809L -I$SRC $SRC/bench/bench_kern.c \
- *      libmoefleet.a libkern_avx2.a -lm -lpthread -o bench_kern
+ *      libmoefleet.a libkern_avx512.a libkern_avx2.a libmoefleet.a -lm -lpthread \
+ *      -o bench_kern
  * Usage: bench_kern [--ref] [TYPE...]   (TYPE: MXFP4, Q4_0, ...; default all)
+ * The best instruction set the CPU has is used; MOEFLEET_ISA=avx2 (or scalar)
+ * caps it, e.g. to compare the AVX2 and AVX-512 kernels in one session.
  *
  * For each quantised weight type and row length, reports the weight bandwidth
  * of single-row matmuls (decode) over a matrix larger than the caches and over

@@ -1,9 +1,12 @@
-/* kern: type table, scalar conversions, and run-time dispatch between the
- * scalar (kern_ref.c) and AVX2 (kern_avx2.c) implementations. */
+/* kern: type table, scalar conversions, run-time dispatch between the scalar
+ * (kern_ref.c), AVX2 (kern_avx2.c) and AVX-512 (kern_avx512.c)
+ * implementations, and the per-thread scratch buffer of the SIMD matmuls. */
+#include <pthread.h>
 #include <stdatomic.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels/kern.h"
@@ -226,9 +229,8 @@ int8_t kern_q8_round(float v)
 
 /* ------------------------------------------------------------- dispatch */
 
-enum kern_isa { KERN_ISA_SCALAR = 0, KERN_ISA_AVX2 = 1 };
-
 static atomic_int kern_isa_found = -1; /* -1: kern_init() not yet run */
+static atomic_int kern_isa_cap = KERN_ISA_AVX512;
 static atomic_int kern_ref_forced;
 
 int kern_cpu_avx2(void)
@@ -244,11 +246,50 @@ int kern_cpu_avx2(void)
 #endif
 }
 
+/* AVX-512 F, BW, VL, DQ and VNNI from cpuid leaf 7, and the OS saving the
+ * opmask and ZMM registers (XCR0 bits 1, 2, 5, 6, 7: XGETBV needs OSXSAVE). */
+static int cpu_avx512(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	unsigned int eax, ebx, ecx, edx, xlo, xhi;
+	if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & bit_OSXSAVE))
+		return 0;
+	__asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+	(void)xhi;
+	if ((xlo & 0xe6) != 0xe6)
+		return 0;
+	if (__get_cpuid_max(0, NULL) < 7)
+		return 0;
+	__cpuid_count(7, 0, eax, ebx, ecx, edx);
+	const unsigned int need_b = bit_AVX512F | bit_AVX512DQ | bit_AVX512BW | bit_AVX512VL;
+	return (ebx & need_b) == need_b && (ecx & bit_AVX512VNNI);
+#else
+	return 0;
+#endif
+}
+
+enum kern_isa kern_cpu_isa(void)
+{
+	if (!kern_cpu_avx2())
+		return KERN_ISA_SCALAR;
+	return cpu_avx512() ? KERN_ISA_AVX512 : KERN_ISA_AVX2;
+}
+
+void kern_limit_isa(enum kern_isa max)
+{
+	atomic_store(&kern_isa_cap, (int)max);
+}
+
 void kern_init(void)
 {
 	if (atomic_load(&kern_isa_found) >= 0)
 		return;
-	atomic_store(&kern_isa_found, kern_cpu_avx2() ? KERN_ISA_AVX2 : KERN_ISA_SCALAR);
+	static const char *const names[] = {"scalar", "avx2", "avx512"};
+	const char *env = getenv("MOEFLEET_ISA");
+	for (int i = 0; env && i < 3; i++)
+		if (strcmp(env, names[i]) == 0)
+			kern_limit_isa((enum kern_isa)i);
+	atomic_store(&kern_isa_found, (int)kern_cpu_isa());
 }
 
 void kern_force_ref(int on)
@@ -256,10 +297,23 @@ void kern_force_ref(int on)
 	atomic_store(&kern_ref_forced, on ? 1 : 0);
 }
 
+static inline int isa_now(void)
+{
+	if (atomic_load_explicit(&kern_ref_forced, memory_order_relaxed))
+		return KERN_ISA_SCALAR;
+	const int f = atomic_load_explicit(&kern_isa_found, memory_order_relaxed);
+	const int c = atomic_load_explicit(&kern_isa_cap, memory_order_relaxed);
+	return f < c ? (f < 0 ? KERN_ISA_SCALAR : f) : c;
+}
+
 static inline int use_avx2(void)
 {
-	return atomic_load_explicit(&kern_isa_found, memory_order_relaxed) == KERN_ISA_AVX2 &&
-	       !atomic_load_explicit(&kern_ref_forced, memory_order_relaxed);
+	return isa_now() >= KERN_ISA_AVX2;
+}
+
+static inline int use_avx512(void)
+{
+	return isa_now() == KERN_ISA_AVX512;
 }
 
 int kern_use_avx2(void)
@@ -268,9 +322,18 @@ int kern_use_avx2(void)
 	return use_avx2();
 }
 
+enum kern_isa kern_isa_now(void)
+{
+	return (enum kern_isa)isa_now();
+}
+
 const char *kern_isa_name(void)
 {
-	return use_avx2() ? "avx2" : "scalar";
+	switch (isa_now()) {
+	case KERN_ISA_AVX512: return "avx512";
+	case KERN_ISA_AVX2: return "avx2";
+	default: return "scalar";
+	}
 }
 
 void kern_dequant_row(uint32_t type, const void *src, float *dst, int64_t n)
@@ -343,16 +406,17 @@ static void matmul_rows(uint32_t weight_type, const void *w, int64_t n_in, int64
 						y, y_stride);
 			return;
 		case KERN_FAM_KQ:
-			kern_kq_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y,
-					    y_stride, gemm_rows);
+			(use_avx512() ? kern_kq_matmul_avx512 : kern_kq_matmul_avx2)(
+			    weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride,
+			    gemm_rows);
 			return;
 		case KERN_FAM_IQ:
 			kern_iq_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y,
 					    y_stride);
 			return;
 		default:
-			kern_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y,
-					 y_stride);
+			(use_avx512() ? kern_matmul_avx512 : kern_matmul_avx2)(
+			    weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride);
 			return;
 		}
 	}
@@ -439,4 +503,51 @@ void kern_matmul_expert(uint32_t weight_type, const void *w, int64_t n_in, int64
 {
 	const int64_t panel = weight_type == KERN_IQ4_XS ? n_rows : 0;
 	matmul_rows(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, panel);
+}
+
+/* ------------------------------------------------------------- scratch */
+
+/* One buffer per thread, grown on demand and kept, so a steady stream of
+ * matmuls allocates nothing; freed when its thread exits. */
+struct scratch_buf {
+	void *p;
+	size_t cap;
+};
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok;
+
+static void scratch_free(void *v)
+{
+	struct scratch_buf *b = v;
+	free(b->p);
+	free(b);
+}
+
+static void scratch_key_init(void)
+{
+	scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0;
+}
+
+void *kern_scratch(size_t bytes)
+{
+	pthread_once(&scratch_once, scratch_key_init);
+	if (!scratch_key_ok)
+		return NULL;
+	struct scratch_buf *b = pthread_getspecific(scratch_key);
+	if (!b) {
+		b = calloc(1, sizeof(*b));
+		if (!b || pthread_setspecific(scratch_key, b) != 0) {
+			free(b);
+			return NULL;
+		}
+	}
+	if (bytes > b->cap) {
+		void *p = realloc(b->p, bytes);
+		if (!p)
+			return NULL;
+		b->p = p;
+		b->cap = bytes;
+	}
+	return b->p;
 }

@@ -35,8 +35,10 @@
  *
  * Every SIMD function has a scalar twin named *_ref with the same signature;
  * tests/test_kern.c checks one against the other.  kern_init() picks the best
- * implementation for this CPU once (AVX2+FMA+F16C, else scalar); the dispatched
- * entry points below may be called from any thread afterwards. */
+ * implementation for this CPU once (AVX-512 F/BW/VL/DQ/VNNI with the OS saving
+ * ZMM state, else AVX2+FMA+F16C, else scalar; a kernel without an AVX-512 form
+ * takes its AVX2 one); the dispatched entry points below may be called from
+ * any thread afterwards.  Every level computes the same bits. */
 #ifndef MOEFLEET_KERN_H
 #define MOEFLEET_KERN_H
 
@@ -94,11 +96,23 @@ uint16_t kern_f32_to_f16(float f);
 float kern_bf16_to_f32(uint16_t h);
 uint16_t kern_f32_to_bf16(float f);
 
-/* Detects CPU features and selects implementations.  Idempotent.
- * kern_force_ref(1) makes every dispatched call use the scalar twin. */
+/* Instruction set levels, each including the one below. */
+enum kern_isa { KERN_ISA_SCALAR = 0, KERN_ISA_AVX2 = 1, KERN_ISA_AVX512 = 2 };
+
+/* Detects CPU features and selects implementations.  Idempotent.  The
+ * environment variable MOEFLEET_ISA=scalar|avx2|avx512 caps the level used
+ * (read once, by the first call; other values are ignored).
+ * kern_force_ref(1) makes every dispatched call use the scalar twin;
+ * kern_limit_isa(level) caps the level from now on (tests compare the levels;
+ * KERN_ISA_AVX512 lifts the cap). */
 void kern_init(void);
 void kern_force_ref(int on);
-const char *kern_isa_name(void); /* "avx2" or "scalar" */
+void kern_limit_isa(enum kern_isa max);
+/* The level this CPU (and OS) runs, whatever the caps say. */
+enum kern_isa kern_cpu_isa(void);
+/* The level in use now (after kern_init(), caps and kern_force_ref). */
+enum kern_isa kern_isa_now(void);
+const char *kern_isa_name(void); /* "avx512", "avx2" or "scalar" */
 /* 1 if this CPU runs AVX2+FMA+F16C code (whatever kern_force_ref says). */
 int kern_cpu_avx2(void);
 /* 1 if SIMD code outside this module (attention) may take its AVX2 form now:

@@ -17,7 +17,6 @@
  * at tile_fl), so kern_matmul's results are bit-identical to kern_dot's
  * whatever the batch composition. */
 #include <immintrin.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -675,52 +674,6 @@ static const tile_fn *tiles_for(uint32_t type)
 /* Largest activation expansion kern_matmul allocates (bytes). */
 #define XEXP_MAX ((size_t)64 << 20)
 
-/* Per-thread buffer for expanded F16/BF16 activations or a quantised
- * matmul's xq table: grown on demand and kept, so a steady stream of matmuls
- * allocates nothing; freed when its thread exits. */
-struct xexp_buf {
-	float *p;
-	size_t cap;
-};
-static pthread_key_t xexp_key;
-static pthread_once_t xexp_once = PTHREAD_ONCE_INIT;
-static int xexp_key_ok;
-
-static void xexp_free(void *v)
-{
-	struct xexp_buf *b = v;
-	free(b->p);
-	free(b);
-}
-
-static void xexp_key_init(void)
-{
-	xexp_key_ok = pthread_key_create(&xexp_key, xexp_free) == 0;
-}
-
-static float *xexp_reserve(size_t bytes)
-{
-	pthread_once(&xexp_once, xexp_key_init);
-	if (!xexp_key_ok)
-		return NULL;
-	struct xexp_buf *b = pthread_getspecific(xexp_key);
-	if (!b) {
-		b = calloc(1, sizeof(*b));
-		if (!b || pthread_setspecific(xexp_key, b) != 0) {
-			free(b);
-			return NULL;
-		}
-	}
-	if (bytes > b->cap) {
-		float *p = realloc(b->p, bytes);
-		if (!p)
-			return NULL;
-		b->p = p;
-		b->cap = bytes;
-	}
-	return b->p;
-}
-
 float kern_dot_avx2(uint32_t weight_type, int64_t n, const void *w, const void *x)
 {
 	float out[QC] = {0};
@@ -729,7 +682,7 @@ float kern_dot_avx2(uint32_t weight_type, int64_t n, const void *w, const void *
 	const qtile_fn *qt = qtiles_for(weight_type);
 	if (qt) {
 		const int64_t nb = n / KERN_QK;
-		struct xq *xq = nb > 0 ? (struct xq *)xexp_reserve((size_t)nb * sizeof(*xq)) : NULL;
+		struct xq *xq = nb > 0 ? (struct xq *)kern_scratch((size_t)nb * sizeof(*xq)) : NULL;
 		if (!xq) /* same result */
 			return nb > 0 ? kern_dot_ref(weight_type, n, w, x) : 0.0f;
 		xq_row(weight_type, x, nb, xq);
@@ -750,7 +703,7 @@ static void matmul_q(const qtile_fn *qt, uint32_t type, const uint8_t *w, int64_
 	const size_t w_row = kern_row_bytes(type, n_in);
 	const int64_t nb = n_in / KERN_QK;
 	struct xq *xq =
-	    nb > 0 ? (struct xq *)xexp_reserve((size_t)(nb * n_rows) * sizeof(*xq)) : NULL;
+	    nb > 0 ? (struct xq *)kern_scratch((size_t)(nb * n_rows) * sizeof(*xq)) : NULL;
 	if (!xq) { /* no memory for the table, or nothing to sum: same results */
 		for (int64_t o = o0; o < o1; o++)
 			for (int64_t r = 0; r < n_rows; r++)
@@ -826,7 +779,7 @@ void kern_matmul_avx2(uint32_t weight_type, const void *w, int64_t n_in, int64_t
 		int64_t len = fl_expanded_len(n_in);
 		size_t bytes = (size_t)len * sizeof(float) * (size_t)n_rows;
 		if (bytes <= XEXP_MAX)
-			xexp = xexp_reserve(bytes);
+			xexp = kern_scratch(bytes);
 		if (xexp) {
 			for (int64_t r = 0; r < n_rows; r++)
 				fl_expand_row(weight_type, xb + (size_t)r * x_stride, n_in,

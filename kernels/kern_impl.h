@@ -131,11 +131,26 @@ _Static_assert(sizeof(struct kern_block_q8_1) == 36, "q8_1 block size");
 /* IQ4_NL code values, ggml's kvalues_iq4nl (kern_legacy_ref.c). */
 extern const int8_t kern_legacy_iq4nl_values[16];
 
+/* The calling thread's scratch buffer of at least bytes (16-byte aligned,
+ * contents undefined), valid until its next call on this thread; NULL if
+ * out of memory (kern.c).  For the SIMD matmuls' per-call tables. */
+void *kern_scratch(size_t bytes);
+
 /* AVX2 implementations (kern_avx2.c). */
 void kern_dequant_row_avx2(uint32_t type, const void *src, float *dst, int64_t n);
 void kern_convert_row_avx2(enum kern_type act_type, const float *x, void *dst, int64_t n);
 float kern_dot_avx2(uint32_t weight_type, int64_t n, const void *w, const void *x);
 void kern_matmul_avx2(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 		      const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+
+/* AVX-512 implementations (kern_avx512.c, compiled with AVX-512 F/BW/VL/DQ/VNNI;
+ * called only when kern_init() found them): Q4_0, Q8_0, MXFP4 and Q4_K
+ * products of several rows with VNNI, everything else through the AVX2 forms
+ * (same contracts as the _avx2 functions). */
+void kern_matmul_avx512(uint32_t weight_type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			const void *x, size_t x_stride, int64_t n_rows, float *y, int64_t y_stride);
+void kern_kq_matmul_avx512(uint32_t type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			   const void *x, size_t x_stride, int64_t n_rows, float *y,
+			   int64_t y_stride, int64_t gemm_rows);
 
 #endif

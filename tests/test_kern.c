@@ -1,6 +1,7 @@
 /* test_kern: the kernels against hand-computed values, a double-precision
- * reference, and (when the CPU has AVX2+FMA+F16C) the AVX2 versions against
- * their scalar twins; kern_matmul against kern_dot bit for bit. */
+ * reference, and (when the CPU has AVX2+FMA+F16C) the SIMD versions against
+ * their scalar twins, once per SIMD level the CPU has (AVX2, AVX-512);
+ * kern_matmul against kern_dot bit for bit. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -21,7 +22,7 @@
 static int have_avx2(void)
 {
 	kern_force_ref(0);
-	return strcmp(kern_isa_name(), "avx2") == 0;
+	return kern_isa_now() != KERN_ISA_SCALAR;
 }
 
 static const uint32_t all_types[] = {KERN_F32,	KERN_F16,  KERN_BF16,
@@ -418,7 +419,8 @@ static void check_dequant(uint32_t t, const void *blk, int64_t n, const float *w
 		for (int64_t j = 0; j < n; j++)
 			if (!(got[j] == want[j] || (isnan(got[j]) && isnan(want[j])))) {
 				print_error("%s %s value %lld: got %a want %a\n", kern_type_name(t),
-					    pass ? "avx2" : "ref", (long long)j, got[j], want[j]);
+					    pass ? kern_isa_name() : "ref", (long long)j, got[j],
+					    want[j]);
 				fail();
 			}
 	}
@@ -742,7 +744,7 @@ static void run_matmul_scales(uint32_t t, int64_t n_in, int64_t n_out, int64_t n
 					print_error(
 					    "matmul %s %s n_in=%lld rows=%lld [%lld,%lld) r=%lld "
 					    "o=%lld: %a != dot %a\n",
-					    kern_type_name(t), pass ? "avx2" : "ref",
+					    kern_type_name(t), pass ? kern_isa_name() : "ref",
 					    (long long)n_in, (long long)n_rows, (long long)o0,
 					    (long long)o1, (long long)r, (long long)o, got, want);
 					fail();
@@ -973,6 +975,9 @@ static void test_matmul(void **state)
 		}
 		/* several output chunks (about 64 KiB of weights each) */
 		run_matmul_case(t, is_quant(t) ? 4096 : 1000, 40, 6, 1, 39);
+		/* more rows than one block of activation rows */
+		if (is_quant(t))
+			run_matmul_case(t, 64, 19, 300, 1, 18);
 	}
 }
 
@@ -1028,5 +1033,5 @@ int main(void)
 	    cmocka_unit_test(test_f32_forms),
 	    cmocka_unit_test(test_f16_forms),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return kern_test_run_levels("kern", tests, sizeof(tests) / sizeof(tests[0]));
 }

@@ -642,5 +642,5 @@ int main(void)
 	    cmocka_unit_test(test_dot_zero),	 cmocka_unit_test(test_dequant_simd),
 	    cmocka_unit_test(test_dot_simd),	 cmocka_unit_test(test_matmul),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return kern_test_run_levels("kern_iq", tests, sizeof(tests) / sizeof(tests[0]));
 }

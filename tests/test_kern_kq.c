@@ -571,6 +571,58 @@ static void test_matmul_dense_iq4xs(void **state)
 	free(x);
 }
 
+/* kern_matmul_dense of Q4_K (the rows below n_rows - n_rows % 4 in the
+ * repacked GEMM's form, the others in kern_dot's) and Q6_K at the SIMD level
+ * = the scalar twins, bit for bit, over several 16-output tiles and an
+ * output range that cuts the first and the last. */
+static void test_matmul_dense_tiles(void **state)
+{
+	(void)state;
+	if (!have_avx2())
+		skip();
+	static const uint32_t types[] = {KERN_Q4_K, KERN_Q6_K};
+	const int64_t nb = 3, n = nb * QK, n_out = 37, o0 = 3, o1 = 35, max_rows = 299;
+	const size_t xrow = (size_t)nb * sizeof(struct kern_block_q8_k);
+	struct kern_block_q8_k *x = xmalloc(xrow * (size_t)max_rows);
+	float *y = xmalloc((size_t)(max_rows * n_out) * sizeof(float));
+	float *want = xmalloc((size_t)(max_rows * n_out) * sizeof(float));
+	rng_seed(47);
+	for (int64_t r = 0; r < max_rows; r++)
+		fill_act(x + r * nb, nb, r % 4 == 3 ? 5 : 0);
+	for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
+		const uint32_t t = types[ti];
+		const size_t wrow = kern_row_bytes(t, n);
+		uint8_t *w = xmalloc(wrow * (size_t)n_out);
+		for (int64_t o = 0; o < n_out; o++)
+			fill_weights(t, w + (size_t)o * wrow, nb, o % 5 == 4 ? 4 : 0);
+		/* a few row counts around the tiles' row groups, and one past a
+		 * block of activation rows (the GEMM rows crossing it) */
+		static const int64_t row_counts[] = {2, 5, 8, 11, 14, 299};
+		for (size_t ri = 0; ri < sizeof(row_counts) / sizeof(row_counts[0]); ri++) {
+			const int64_t rows = row_counts[ri];
+			for (int64_t i = 0; i < rows * n_out; i++)
+				y[i] = want[i] = -1.0f;
+			kern_force_ref(1);
+			kern_matmul_dense(t, w, n, o0, o1, x, xrow, rows, want, n_out);
+			kern_force_ref(0);
+			kern_matmul_dense(t, w, n, o0, o1, x, xrow, rows, y, n_out);
+			for (int64_t i = 0; i < rows * n_out; i++)
+				if (f2u(y[i]) != f2u(want[i])) {
+					print_error(
+					    "%s %s rows %lld: [%lld][%lld] %.9g want %.9g\n",
+					    kern_type_name(t), kern_isa_name(), (long long)rows,
+					    (long long)(i / n_out), (long long)(i % n_out),
+					    (double)y[i], (double)want[i]);
+					fail();
+				}
+		}
+		free(w);
+	}
+	free(x);
+	free(y);
+	free(want);
+}
+
 /* kern_dot (AVX2) = kern_dot_ref, bit for bit, over weight and activation
  * edge cases. */
 static void test_dot_simd(void **state)
@@ -695,6 +747,7 @@ int main(void)
 	    cmocka_unit_test(test_dot_ggml),
 	    cmocka_unit_test(test_matmul_dense_ggml),
 	    cmocka_unit_test(test_matmul_dense_iq4xs),
+	    cmocka_unit_test(test_matmul_dense_tiles),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return kern_test_run_levels("kern_kq", tests, sizeof(tests) / sizeof(tests[0]));
 }

@@ -833,5 +833,5 @@ int main(void)
 	    cmocka_unit_test(test_matmul_batch),   cmocka_unit_test(test_dot_ggml),
 	    cmocka_unit_test(test_iq4_nl_ggml),	   cmocka_unit_test(test_matmul_unpacked),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return kern_test_run_levels("kern_legacy", tests, sizeof(tests) / sizeof(tests[0]));
 }
