@@ -56,6 +56,7 @@ die() { echo "capacity: $*" >&2; exit 1; }
 case $nodes in '' | *[!0-9]*) die "NODES must be a number" ;; esac
 [ "$nodes" -ge 1 ] && [ "$nodes" -le 32 ] || die "NODES must be 1..32"
 for c in ip tc; do command -v $c >/dev/null || die "$c (iproute2) is not installed"; done
+[ -x /usr/bin/time ] || die "GNU time (/usr/bin/time, Debian package time) is not installed"
 cap_bytes=$(numfmt --from=iec "${cap%B}" 2>/dev/null) || die "CAP: a size like 7G"
 [ "$cap_bytes" -ge $((256 << 20)) ] || die "CAP below 256M"
 # what a worker offers for experts: `ip netns exec` mounts its own /sys, where
@@ -117,8 +118,8 @@ group_peak() {
 	if [ $cgv = 1 ]; then cat "$g/memory.max_usage_in_bytes"; else cat "$g/memory.peak" 2>/dev/null || echo 0; fi
 }
 
-# Runs a command in cgroup $1 (or "-") and namespace $2 (or "-"), its peak RSS
-# and wall time into $3 (GNU time's format without /usr/bin/time: polls).
+# Runs a command in cgroup $1 (or "-") and namespace $2 (or "-") in the
+# background; its pid goes to $3.pid, its peak RSS (KiB, GNU time) to $3.hwm.
 in_node() {
 	local g=$1 ns=$2 out=$3
 	shift 3
@@ -126,22 +127,9 @@ in_node() {
 	[ "$ns" != - ] && pre=(ip netns exec "$ns")
 	(
 		[ "$g" != - ] && echo $BASHPID >"$g/cgroup.procs"
-		exec "${pre[@]}" timeout "$limit_s" "$@"
+		exec "${pre[@]}" /usr/bin/time -f %M -o "$out.hwm" timeout "$limit_s" "$@"
 	) &
-	local pid=$!
-	# peak RSS of the process: VmHWM, read until it exits
-	(
-		hwm=0
-		while kill -0 $pid 2>/dev/null; do
-			for p in $pid $(pgrep -P $pid 2>/dev/null) $(pgrep -P "$(pgrep -P $pid | head -1)" 2>/dev/null); do
-				v=$(awk '/^VmHWM/ { print $2 }' /proc/$p/status 2>/dev/null)
-				[ -n "$v" ] && [ "$v" -gt "$hwm" ] && hwm=$v
-			done
-			echo "$hwm" >"$out.hwm"
-			sleep 0.2
-		done
-	) &
-	echo $pid >"$out.pid"
+	echo $! >"$out.pid"
 }
 
 drop_caches() { sync; echo 1 >/proc/sys/vm/drop_caches; }
@@ -297,7 +285,7 @@ for rate in $rates; do
 done
 # workers without a copy of the model: the coordinator streams every
 # expert's bytes over the shaped links (cold cache: it reads them from disk)
-for rate in ${STREAM_RATES:-1gbit}; do
+for rate in ${STREAM_RATES-1gbit}; do
 	run_cluster "stream_${rate}" "$rate" cold stream
 done
 run_single capped_1node capped "$capped_tg" 1

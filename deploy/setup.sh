@@ -10,7 +10,7 @@ action=${1:-run}
 packages=(build-essential autoconf automake libtool pkg-config autoconf-archive
 	libopenmpi-dev openmpi-bin libzmq3-dev libprotobuf-c-dev protobuf-c-compiler
 	libopenblas-dev libcmocka-dev libpcre2-dev iproute2
-	libmicrohttpd-dev libjansson-dev libcairo2-dev clang valgrind curl jq procps)
+	libmicrohttpd-dev libjansson-dev libcairo2-dev clang valgrind curl jq procps time)
 
 missing=()
 for p in "${packages[@]}"; do
