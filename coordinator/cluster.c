@@ -573,11 +573,6 @@ static int cluster_stream_initial(cluster *c, uint64_t total_bytes)
 					if (!placement_holds(&c->plan, i, l, e) ||
 					    !cluster_streams(c, i, l, e))
 						continue;
-#ifdef MADV_POPULATE_READ
-					/* mapped in one call, not a fault per page */
-					cluster_advise(src + per * (uint64_t)e, per,
-						       MADV_POPULATE_READ);
-#endif
 					rc = cluster_send_slice(c, i, l, e, t,
 								src + per * (uint64_t)e, type, per);
 					c->w[i].st.streamed_bytes += per;

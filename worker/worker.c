@@ -264,20 +264,13 @@ static int worker_add_streamed(struct worker *w, size_t b0)
 	return 0;
 }
 
-/* madvise() on the pages holding [p, p + n), or with `inner` only on those
- * wholly inside it (malloc'd memory shares its end pages with others). */
-static void worker_advise_pages(const uint8_t *p, uint64_t n, int advice, int inner)
-{
-	const uintptr_t psz = (uintptr_t)sysconf(_SC_PAGE_SIZE), a = (uintptr_t)p;
-	uintptr_t lo = (inner ? a + psz - 1 : a) & ~(psz - 1);
-	uintptr_t hi = (inner ? a + n : a + n + psz - 1) & ~(psz - 1);
-	if (p && n && hi > lo)
-		madvise((void *)lo, hi - lo, advice);
-}
-
+/* madvise() on the pages holding [p, p + n). */
 static void worker_advise(const uint8_t *p, uint64_t n, int advice)
 {
-	worker_advise_pages(p, n, advice, 0);
+	const uintptr_t psz = (uintptr_t)sysconf(_SC_PAGE_SIZE);
+	uintptr_t lo = (uintptr_t)p & ~(psz - 1), hi = ((uintptr_t)p + n + psz - 1) & ~(psz - 1);
+	if (p && n)
+		madvise((void *)lo, hi - lo, advice);
 }
 
 /* Brings [p, p + n) of the mapped file into memory: the pages holding these
@@ -494,10 +487,6 @@ static int worker_on_chunk(struct worker *w, const struct wire_weight_chunk *c, 
 		b->bytes = malloc(want ? want : 1);
 		if (!b->bytes)
 			return ERR_NOMEM;
-#ifdef MADV_POPULATE_WRITE
-		/* its pages made in one call, not one fault each as chunks arrive */
-		worker_advise_pages(b->bytes, want, MADV_POPULATE_WRITE, 1);
-#endif
 		b->type = c->type;
 		b->total = want;
 	}
