@@ -330,7 +330,8 @@ static int wire_decode_spec(const Moefleet__ExpertSpec *s, const char *peer, str
 }
 
 /* (layer, expert) pairs of a list of LayerExperts: layers < MOE_MAX_LAYERS,
- * experts < WIRE_MAX_EXPERTS, at most one entry per pair in all. */
+ * experts < WIRE_MAX_EXPERTS, at most one entry per pair in all; one entry
+ * per layer, in increasing order (as wire_group_pairs writes them). */
 static int wire_decode_pairs(Moefleet__LayerExperts *const *les, size_t n, const char *peer,
 			     const char *what, uint32_t *n_pairs, uint32_t **pl, uint32_t **pe)
 {
@@ -339,6 +340,11 @@ static int wire_decode_pairs(Moefleet__LayerExperts *const *les, size_t n, const
 	for (size_t i = 0; i < n; i++) {
 		if (les[i]->layer >= MOE_MAX_LAYERS) {
 			snprintf(why, sizeof(why), "%s layer out of range", what);
+			return wire_bad(peer, why);
+		}
+		if (i > 0 && les[i]->layer <= les[i - 1]->layer) {
+			/* one entry per layer, in order, as every encoder writes them */
+			snprintf(why, sizeof(why), "%s layers out of order", what);
 			return wire_bad(peer, why);
 		}
 		total += les[i]->n_experts;
@@ -435,6 +441,11 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 		}
 		for (size_t i = 0; i < a->n_experts; i++) {
 			const Moefleet__LayerExperts *le = a->experts[i];
+			if (i > 0 && le->layer <= a->experts[i - 1]->layer) {
+				/* one entry per layer, in order, as wire_encode writes them */
+				rc = wire_bad(peer, "assigned layers out of order");
+				goto out;
+			}
 			for (size_t j = 0; j < le->n_experts; j++) {
 				if (le->experts[j] >= (uint32_t)o->spec.n_expert) {
 					rc = wire_bad(peer, "assigned expert id out of range");
