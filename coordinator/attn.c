@@ -205,6 +205,133 @@ __attribute__((target("avx2,fma"))) static void attn_simd_transpose(const float 
 		}
 }
 
+/* AVX-512 forms of attn_simd_scores and attn_simd_values: up to four heads
+ * at a time against up to 64 lanes (four zmm registers), so a loaded key or
+ * value serves every head of the block; each lane's FMA chain is the AVX2
+ * one, so the results are the same bits.  Lanes past the count are masked. */
+#define ATTN_HB 4 /* heads per register block */
+
+__attribute__((target("avx512f"), always_inline)) static inline void
+attn_s512_block(const float *kt, int ld, int dim, const float *q, size_t qs, float *sv, int svs,
+		const int nh, const int nc, __mmask16 last)
+{
+	__m512 a[ATTN_HB][4], k[4];
+	for (int h = 0; h < nh; h++)
+		for (int c = 0; c < nc; c++)
+			a[h][c] = _mm512_setzero_ps();
+	for (int d = 0; d < dim; d++) {
+		const float *row = kt + (size_t)d * (size_t)ld;
+		for (int c = 0; c < nc; c++)
+			k[c] = c == nc - 1 ? _mm512_maskz_loadu_ps(last, row + 16 * c)
+					   : _mm512_loadu_ps(row + 16 * c);
+		for (int h = 0; h < nh; h++) {
+			const __m512 qb = _mm512_set1_ps(q[(size_t)h * qs + (size_t)d]);
+			for (int c = 0; c < nc; c++)
+				a[h][c] = _mm512_fmadd_ps(qb, k[c], a[h][c]);
+		}
+	}
+	for (int h = 0; h < nh; h++)
+		for (int c = 0; c < nc; c++)
+			_mm512_mask_storeu_ps(sv + (size_t)h * (size_t)svs + 16 * c,
+					      c == nc - 1 ? last : (__mmask16)0xffff, a[h][c]);
+}
+
+__attribute__((target("avx512f"), always_inline)) static inline void
+attn_v512_block(const float *vt, int nv, int dim, int d0, const float *w, int ws, float *acc,
+		const int nh, const int nc, __mmask16 last)
+{
+	__m512 a[ATTN_HB][4], v[4];
+	for (int h = 0; h < nh; h++)
+		for (int c = 0; c < nc; c++)
+			a[h][c] =
+			    _mm512_maskz_loadu_ps(c == nc - 1 ? last : (__mmask16)0xffff,
+						  acc + (size_t)h * (size_t)dim + d0 + 16 * c);
+	for (int u = 0; u < nv; u++) {
+		const float *vr = vt + (size_t)u * (size_t)dim + d0;
+		for (int c = 0; c < nc; c++)
+			v[c] = c == nc - 1 ? _mm512_maskz_loadu_ps(last, vr + 16 * c)
+					   : _mm512_loadu_ps(vr + 16 * c);
+		for (int h = 0; h < nh; h++) {
+			const __m512 wb = _mm512_set1_ps(w[(size_t)h * (size_t)ws + (size_t)u]);
+			for (int c = 0; c < nc; c++)
+				a[h][c] = _mm512_fmadd_ps(wb, v[c], a[h][c]);
+		}
+	}
+	for (int h = 0; h < nh; h++)
+		for (int c = 0; c < nc; c++)
+			_mm512_mask_storeu_ps(acc + (size_t)h * (size_t)dim + d0 + 16 * c,
+					      c == nc - 1 ? last : (__mmask16)0xffff, a[h][c]);
+}
+
+/* The block for nh (1..ATTN_HB) heads and nc (1..4) vectors, with constant
+ * counts so that the accumulators stay in registers. */
+#define ATTN_512_CASES(CALL)                                                                       \
+	switch ((nh - 1) * 4 + nc - 1) {                                                           \
+	case 0: CALL(1, 1); break;                                                                 \
+	case 1: CALL(1, 2); break;                                                                 \
+	case 2: CALL(1, 3); break;                                                                 \
+	case 3: CALL(1, 4); break;                                                                 \
+	case 4: CALL(2, 1); break;                                                                 \
+	case 5: CALL(2, 2); break;                                                                 \
+	case 6: CALL(2, 3); break;                                                                 \
+	case 7: CALL(2, 4); break;                                                                 \
+	case 8: CALL(3, 1); break;                                                                 \
+	case 9: CALL(3, 2); break;                                                                 \
+	case 10: CALL(3, 3); break;                                                                \
+	case 11: CALL(3, 4); break;                                                                \
+	case 12: CALL(4, 1); break;                                                                \
+	case 13: CALL(4, 2); break;                                                                \
+	case 14: CALL(4, 3); break;                                                                \
+	default: CALL(4, 4); break;                                                                \
+	}
+
+static inline __mmask16 attn_512_mask(int n)
+{
+	return (__mmask16)((1u << n) - 1u);
+}
+
+__attribute__((target("avx512f"))) static void attn_simd512_scores(const float *kt, int ld, int dim,
+								   int nv, const float *q,
+								   size_t qs, int nh_all, float *sv,
+								   int svs)
+{
+	const int nc = (nv + 15) / 16;
+	const __mmask16 last = attn_512_mask(nv - 16 * (nc - 1));
+	for (int h0 = 0; h0 < nh_all; h0 += ATTN_HB) {
+		const int nh = nh_all - h0 < ATTN_HB ? nh_all - h0 : ATTN_HB;
+		const float *qh = q + (size_t)h0 * qs;
+		float *s = sv + (size_t)h0 * (size_t)svs;
+#define ATTN_S512(NH, NC) attn_s512_block(kt, ld, dim, qh, qs, s, svs, NH, NC, last)
+		ATTN_512_CASES(ATTN_S512)
+#undef ATTN_S512
+	}
+}
+
+__attribute__((target("avx512f"))) static void attn_simd512_values(const float *vt, int nv, int dim,
+								   const float *w, int ws,
+								   int nh_all, float *acc)
+{
+	for (int h0 = 0; h0 < nh_all; h0 += ATTN_HB) {
+		const int nh = nh_all - h0 < ATTN_HB ? nh_all - h0 : ATTN_HB;
+		const float *wh = w + (size_t)h0 * (size_t)ws;
+		float *ah = acc + (size_t)h0 * (size_t)dim;
+		for (int d0 = 0; d0 < dim; d0 += 64) {
+			const int left = dim - d0 < 64 ? dim - d0 : 64;
+			const int nc = (left + 15) / 16;
+			const __mmask16 last = attn_512_mask(left - 16 * (nc - 1));
+#define ATTN_V512(NH, NC) attn_v512_block(vt, nv, dim, d0, wh, ws, ah, NH, NC, last)
+			ATTN_512_CASES(ATTN_V512)
+#undef ATTN_V512
+		}
+	}
+}
+
+/* The AVX-512 forms unless the CPU lacks them or a lower level is asked for */
+static int attn_simd_512(void)
+{
+	return kern_isa_now() >= KERN_ISA_AVX512;
+}
+
 /* sv[v][l] = fma chain over d < dim of q[d] * kt[d][8 v + l] for v < NV,
  * continuing from sv's values. */
 __attribute__((target("avx2,fma"), always_inline)) static inline void
@@ -231,6 +358,10 @@ __attribute__((target("avx2,fma"))) static void attn_simd_scores(const float *kt
 								 int nv8, const float *q, size_t qs,
 								 int nh, float *sv, int svs)
 {
+	if (attn_simd_512()) {
+		attn_simd512_scores(kt, ld, dim, nv8, q, qs, nh, sv, svs);
+		return;
+	}
 	for (int h = 0; h < nh; h++)
 		memset(sv + (size_t)h * (size_t)svs, 0, (size_t)nv8 * sizeof(float));
 	/* blocks of 64 dimensions: the block of the tile stays in L1 over the heads */
@@ -258,6 +389,10 @@ __attribute__((target("avx2,fma"))) static void attn_simd_scores(const float *kt
 __attribute__((target("avx2,fma"))) static void
 attn_simd_values(const float *vt, int nv, int dim, const float *w, int ws, int nh, float *acc)
 {
+	if (attn_simd_512()) {
+		attn_simd512_values(vt, nv, dim, w, ws, nh, acc);
+		return;
+	}
 	int d0 = 0;
 	for (; d0 + 32 <= dim; d0 += 32)
 		for (int h = 0; h < nh; h++) {
@@ -744,6 +879,11 @@ static int attn_kvf_fill(struct attn_kvf *f, const attn_cache *c, const uint16_t
 		for (int d = 0; d < dv; d++)
 			f->v[(size_t)j * (size_t)dv + (size_t)d] = attn_f16_to_f32(vj[d]);
 	}
+	/* the last tile's lanes past z: zeros (the SIMD scores read whole tiles) */
+	float *tile = f->kt + (size_t)(z / ATTN_TILE_KV) * ATTN_TILE_KV * (size_t)dk;
+	for (int d = 0; d < dk && z % ATTN_TILE_KV; d++)
+		memset(tile + (size_t)d * ATTN_TILE_KV + z % ATTN_TILE_KV, 0,
+		       (size_t)(ATTN_TILE_KV - z % ATTN_TILE_KV) * sizeof(float));
 	f->n = z;
 	return 0;
 }
@@ -894,24 +1034,60 @@ ATTN_HOT static void attn_row_split(const struct attn_job *jb, int t, int h)
 		       jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dv);
 }
 
-/* One (token, head) row, ggml's tiled kernel: F32 query and accumulator, one
- * softmax update per tile of ATTN_TILE_KV positions (tiles start at 0). */
-ATTN_HOT static void attn_row_tiled(const struct attn_job *jb, struct attn_kvf *kvf, int t, int h)
+/* Heads of one token computed together by the tiled kernel (at most). */
+#define ATTN_GROUP 4
+
+/* One head's softmax step over a tile: kq holds the tile's ATTN_TILE_KV
+ * scaled scores (-inf where masked), tile_max their maximum (not -inf).  A
+ * new maximum rescales acc[dv] and S; kq becomes the weights vexpf(kq - M)
+ * and S gains their sum (lane groups added as ggml_vec_soft_max_f32 does). */
+static inline __attribute__((always_inline)) void
+attn_tile_softmax(float *kq, float tile_max, float *M, float *S, float *acc, int dv)
 {
+	const float m_new = fmaxf(*M, tile_max);
+	if (m_new > *M) {
+		const float ms = expf(*M - m_new);
+		for (int d = 0; d < dv; d++)
+			acc[d] *= ms;
+		*S *= ms;
+	}
+	*M = m_new;
+	double sum = 0.0;
+	for (int g = 0; g < ATTN_TILE_KV; g += ATTN_GGML_LANES) {
+		for (int i = 0; i < ATTN_GGML_LANES; i++)
+			kq[g + i] = attn_vexpf(kq[g + i] - m_new);
+		sum += (double)attn_hsum_softmax(kq + g);
+	}
+	*S = (float)((double)*S + sum);
+}
+
+/* Heads h0 .. h0 + ng - 1 (ng <= ATTN_GROUP, one KV head) of token t through
+ * ggml's tiled kernel: F32 query and accumulator, one softmax update per tile
+ * of ATTN_TILE_KV positions (tiles start at 0).  Each head's arithmetic is
+ * exactly what it would be alone; the heads go together so that a key or
+ * value converted and loaded once serves all of them. */
+ATTN_HOT static void attn_rows_tiled(const struct attn_job *jb, struct attn_kvf *kvf, int t, int h0,
+				     int ng)
+{
+	enum { T = ATTN_TILE_KV };
 	const attn_cache *c = jb->c;
 	const struct attn_params *ap = jb->ap;
 	const int dk = ap->head_dim_k;
 	const int dv = ap->head_dim_v;
-	const int hkv = h / (ap->n_head / ap->n_head_kv);
+	const int hkv = h0 / (ap->n_head / ap->n_head_kv);
 	const int seq = jb->b->seq[t];
 	const int pos = jb->b->pos[t];
-	float acc[ATTN_MAX_HEAD_DIM], vrow[ATTN_MAX_HEAD_DIM];
-	float kq[ATTN_TILE_KV];
-	float kt[ATTN_MAX_HEAD_DIM * ATTN_TILE_KV]; /* key tile, [d][i] */
-	const int simd = attn_simd_ok();
+	float acc[ATTN_GROUP * ATTN_MAX_HEAD_DIM], vrow[ATTN_MAX_HEAD_DIM];
+	float kq[ATTN_GROUP][T], sv[ATTN_GROUP][T], M[ATTN_GROUP], S[ATTN_GROUP];
+	float kt[ATTN_MAX_HEAD_DIM * T]; /* key tile, [d][i], without kvf */
+	int live[ATTN_GROUP];
 
-	const float *qh = jb->q + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dk;
-	memset(acc, 0, (size_t)dv * sizeof(float));
+	const float *q = jb->q + ((size_t)t * (size_t)ap->n_head + (size_t)h0) * (size_t)dk;
+	memset(acc, 0, (size_t)ng * (size_t)dv * sizeof(float));
+	for (int g = 0; g < ng; g++) {
+		M[g] = -INFINITY;
+		S[g] = 0.0f;
+	}
 
 	int j0, j1;
 	attn_visible(ap, pos, &j0, &j1);
@@ -919,133 +1095,127 @@ ATTN_HOT static void attn_row_tiled(const struct attn_job *jb, struct attn_kvf *
 	const uint16_t *kbase = c->k + e0 * (size_t)c->k_width + (size_t)hkv * (size_t)dk;
 	const uint16_t *vbase = c->v + e0 * (size_t)c->v_width + (size_t)hkv * (size_t)dv;
 
-	float S = 0.0f;
-	float M = -INFINITY;
-	/* the keys and values as F32, shared with the thread's other rows */
-	if (kvf && simd && attn_kvf_fill(kvf, c, kbase, vbase, dk, dv, j1) != 0)
+	/* the keys and values as F32, shared with the thread's other rows
+	 * (the SIMD path; without it, each tile's keys are converted here) */
+	if (kvf && (!attn_simd_ok() || attn_kvf_fill(kvf, c, kbase, vbase, dk, dv, j1) != 0))
 		kvf = NULL;
-	if (!simd)
-		kvf = NULL;
-	for (int ic = j0 - j0 % ATTN_TILE_KV; ic < j1; ic += ATTN_TILE_KV) {
+	for (int ic = j0 - j0 % T; ic < j1; ic += T) {
 		/* visible part [a, z) of this tile; the rest scores -inf */
 		const int a = ic > j0 ? ic : j0;
-		const int z = ic + ATTN_TILE_KV < j1 ? ic + ATTN_TILE_KV : j1;
-		/* scores: one FMA chain over d per key, as ggml; the keys of the
-		 * tile are transposed so the chains run side by side */
-		const int nv = z - a;
-		const float *ktile = kt;
-		size_t kt_off = 0;
+		const int z = ic + T < j1 ? ic + T : j1;
+		/* scores sv[g][j - ic]: one FMA chain over d per key, as ggml;
+		 * the keys of the tile are transposed so the chains run side by
+		 * side (lanes outside [a, z) are not used) */
 		if (kvf) {
-			ktile = kvf->kt + (size_t)(ic / ATTN_TILE_KV) * ATTN_TILE_KV * (size_t)dk;
-			kt_off = (size_t)(a - ic);
-		}
-		for (int i = 0; i < nv && !kvf; i++) {
-			const uint16_t *kj = kbase + (size_t)(a + i) * (size_t)c->k_width;
-			if (simd) {
-				attn_simd_f16_row(kj, vrow, dk);
+			attn_simd_scores(kvf->kt + (size_t)(ic / T) * T * (size_t)dk, T, dk, T, q,
+					 (size_t)dk, ng, sv[0], T);
+		} else {
+			for (int j = a; j < z; j++) {
+				const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
 				for (int d = 0; d < dk; d++)
-					kt[(size_t)d * ATTN_TILE_KV + (size_t)i] = vrow[d];
-			} else {
-				for (int d = 0; d < dk; d++)
-					kt[(size_t)d * ATTN_TILE_KV + (size_t)i] =
+					kt[(size_t)d * T + (size_t)(j - ic)] =
 					    attn_f16_to_f32(kj[d]);
 			}
-		}
-		float sv[ATTN_TILE_KV];
-		if (simd) {
-			attn_simd_tile_scores(qh, ktile + kt_off, dk, nv, sv);
-		} else {
-			for (int i = 0; i < nv; i++)
-				sv[i] = 0.0f;
-			for (int d = 0; d < dk; d++) {
-				const float qd = qh[d];
-				const float *row = ktile + (size_t)d * ATTN_TILE_KV + kt_off;
-				for (int i = 0; i < nv; i++)
-					sv[i] = fmaf(qd, row[i], sv[i]);
+			for (int g = 0; g < ng; g++) {
+				const float *qh = q + (size_t)g * (size_t)dk;
+				for (int i = a - ic; i < z - ic; i++)
+					sv[g][i] = 0.0f;
+				for (int d = 0; d < dk; d++)
+					for (int i = a - ic; i < z - ic; i++)
+						sv[g][i] = fmaf(
+						    qh[d], kt[(size_t)d * T + (size_t)i], sv[g][i]);
 			}
 		}
-		float tile_max = -INFINITY;
-		for (int i = 0; i < ATTN_TILE_KV; i++) {
-			const int j = ic + i;
-			if (j < a || j >= z) {
-				kq[i] = -INFINITY;
-				continue;
+		int n_live = 0;
+		for (int g = 0; g < ng; g++) {
+			float tile_max = -INFINITY;
+			for (int i = 0; i < T; i++) {
+				const int j = ic + i;
+				if (j < a || j >= z) {
+					kq[g][i] = -INFINITY;
+					continue;
+				}
+				kq[g][i] = sv[g][i] * ap->scale;
+				if (kq[g][i] > tile_max)
+					tile_max = kq[g][i];
 			}
-			kq[i] = sv[j - a] * ap->scale;
-			if (kq[i] > tile_max)
-				tile_max = kq[i];
+			if (tile_max == -INFINITY)
+				continue; /* the head skips this tile */
+			live[n_live++] = g;
+			attn_tile_softmax(kq[g], tile_max, &M[g], &S[g],
+					  acc + (size_t)g * (size_t)dv, dv);
 		}
-		if (tile_max == -INFINITY)
+
+		/* acc[g][d] += sum_j kq[g][j] * v[j][d], one FMA chain per d in
+		 * tile order; masked positions add exact zeros and are skipped */
+		if (kvf && n_live == ng) {
+			attn_simd_values(kvf->v + (size_t)a * (size_t)dv, z - a, dv,
+					 kq[0] + (a - ic), T, ng, acc);
 			continue;
-		const float m_new = fmaxf(M, tile_max);
-		if (m_new > M) {
-			const float ms = expf(M - m_new);
-			for (int d = 0; d < dv; d++)
-				acc[d] *= ms;
-			S *= ms;
 		}
-		M = m_new;
-
-		/* ggml_vec_soft_max_f32: vector expf, each group of LANES
-		 * values summed in F32 (attn_hsum_softmax), the groups in double */
-		double sum = 0.0;
-		for (int g = 0; g < ATTN_TILE_KV; g += ATTN_GGML_LANES) {
-			for (int i = 0; i < ATTN_GGML_LANES; i++)
-				kq[g + i] = attn_vexpf(kq[g + i] - M);
-			sum += (double)attn_hsum_softmax(kq + g);
-		}
-		S = (float)((double)S + sum);
-
-		/* acc[d] += sum_i kq[i] * v[i][d], one FMA chain per d in tile
-		 * order; masked positions add exact zeros and are skipped */
-		for (int j = a; j < z; j++) {
-			const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
-			const float w = kq[j - ic];
+		for (int l = 0; l < n_live; l++) {
+			const int g = live[l];
+			float *ag = acc + (size_t)g * (size_t)dv;
 			if (kvf) {
-				attn_simd_axpy(w, kvf->v + (size_t)j * (size_t)dv, acc, dv);
+				attn_simd_values(kvf->v + (size_t)a * (size_t)dv, z - a, dv,
+						 kq[g] + (a - ic), T, 1, ag);
 				continue;
 			}
-			if (simd) {
-				attn_simd_axpy_f16(w, vj, acc, dv);
-				continue;
+			for (int j = a; j < z; j++) {
+				const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
+				const float w = kq[g][j - ic];
+				for (int d = 0; d < dv; d++)
+					vrow[d] = attn_f16_to_f32(vj[d]);
+				for (int d = 0; d < dv; d++)
+					ag[d] = fmaf(w, vrow[d], ag[d]);
 			}
-			for (int d = 0; d < dv; d++)
-				vrow[d] = attn_f16_to_f32(vj[d]);
-			for (int d = 0; d < dv; d++)
-				acc[d] = fmaf(w, vrow[d], acc[d]);
 		}
 	}
 
-	/* the sink (M is not moved here, unlike the one-row kernel) */
-	if (ap->sinks) {
-		float m = M;
-		attn_add_sink(ap->sinks[h], &m, &S, acc, dv);
+	for (int g = 0; g < ng; g++) {
+		float *ag = acc + (size_t)g * (size_t)dv;
+		/* the sink (M is not moved here, unlike the one-row kernel) */
+		if (ap->sinks) {
+			float m = M[g];
+			attn_add_sink(ap->sinks[h0 + g], &m, &S[g], ag, dv);
+		}
+		attn_normalize(S[g], ag, dv,
+			       jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)(h0 + g)) *
+					     (size_t)dv);
 	}
-	attn_normalize(S, acc, dv,
-		       jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dv);
 }
 
 static void attn_worker(void *ctx, int ith, int nth)
 {
 	const struct attn_job *jb = ctx;
+	const struct attn_params *ap = jb->ap;
 	const int n_tok = jb->b->n_tokens;
+	const int hpk = ap->n_head / ap->n_head_kv; /* heads per KV head */
+	const int gpk = (hpk + ATTN_GROUP - 1) / ATTN_GROUP;
 	int64_t lo, hi;
-	/* rows are head-major (as ggml's): each thread takes whole heads when
-	 * it can, so causal rows of every length are spread evenly */
-	pool_split((int64_t)n_tok * jb->ap->n_head, ith, nth, 1, &lo, &hi);
+	/* units (group of heads, token), group-major as ggml's rows are
+	 * head-major: each thread takes whole groups when it can, so causal
+	 * rows of every length are spread evenly, and its rows share keys */
+	pool_split((int64_t)n_tok * ap->n_head_kv * gpk, ith, nth, 1, &lo, &hi);
 	struct attn_kvf *kvf = jb->tiled_ok ? attn_kvf_get(jb->c, ith) : NULL;
-	for (int64_t r = lo; r < hi; r++) {
-		const int h = (int)(r / n_tok);
-		const int t = (int)(r % n_tok);
+	for (int64_t u = lo; u < hi; u++) {
+		const int gi = (int)(u / n_tok);
+		const int t = (int)(u % n_tok);
+		const int h0 = gi / gpk * hpk + gi % gpk * ATTN_GROUP;
+		const int h1 =
+		    h0 + ATTN_GROUP < (gi / gpk + 1) * hpk ? h0 + ATTN_GROUP : (gi / gpk + 1) * hpk;
 		/* the kernel llama.cpp would use for this sequence alone */
 		const int32_t n_seq_tok = jb->c->seq_tokens[jb->b->seq[t]];
-		if (jb->tiled_ok && n_seq_tok >= ATTN_TILE_Q)
-			attn_row_tiled(jb, kvf, t, h);
-		else if (jb->split_ok && n_seq_tok == 1 &&
-			 attn_llama_n_kv(jb->b->pos[t]) >= ATTN_SPLIT_MIN_KV)
-			attn_row_split(jb, t, h);
-		else
-			attn_row_f16(jb, t, h);
+		if (jb->tiled_ok && n_seq_tok >= ATTN_TILE_Q) {
+			attn_rows_tiled(jb, kvf, t, h0, h1 - h0);
+			continue;
+		}
+		for (int h = h0; h < h1; h++)
+			if (jb->split_ok && n_seq_tok == 1 &&
+			    attn_llama_n_kv(jb->b->pos[t]) >= ATTN_SPLIT_MIN_KV)
+				attn_row_split(jb, t, h);
+			else
+				attn_row_f16(jb, t, h);
 	}
 }
 

@@ -156,6 +156,14 @@ static void run_case(const struct case_spec *cs, int n_threads, float *out_copy,
 	attn_cache_destroy(&c);
 }
 
+/* Kernels of ISA level isa from now on (the scalar loops for KERN_ISA_SCALAR,
+ * the best the CPU has for KERN_ISA_AVX512). */
+static void isa_use(int isa)
+{
+	kern_force_ref(isa == KERN_ISA_SCALAR);
+	kern_limit_isa((enum kern_isa)isa);
+}
+
 static void check_case(const struct case_spec *cs, double tol)
 {
 	size_t n_out = (size_t)cs->n_seq * cs->n_tok * cs->n_head * cs->dv;
@@ -168,10 +176,11 @@ static void check_case(const struct case_spec *cs, double tol)
 		fail_msg("max error %g > %g", e1, tol);
 	/* the thread count must not change a single bit */
 	assert_memory_equal(o1, o2, sizeof(float) * n_out);
-	if (kern_cpu_avx2()) { /* nor the AVX2 forms against the scalar loops */
-		kern_force_ref(1);
+	/* nor the SIMD forms of each level against the scalar loops */
+	for (int isa = KERN_ISA_SCALAR; isa < (int)kern_cpu_isa(); isa++) {
+		isa_use(isa);
 		run_case(cs, 2, o2, &e2);
-		kern_force_ref(0);
+		isa_use(KERN_ISA_AVX512);
 		assert_memory_equal(o1, o2, sizeof(float) * n_out);
 	}
 	free(o1);
@@ -217,6 +226,17 @@ static void test_attn_window_sinks(void **state)
 			      .n_seq = 1,
 			      .n_tok = 200};
 	check_case(&b, 1e-5);
+	/* heads per KV head not a multiple of the group, head sizes not a
+	 * multiple of the widest vectors */
+	struct case_spec c = {.n_head = 12,
+			      .n_head_kv = 2,
+			      .dk = 72,
+			      .dv = 80,
+			      .window = 90,
+			      .sinks = 1,
+			      .n_seq = 2,
+			      .n_tok = 100};
+	check_case(&c, 1e-5);
 }
 
 static void test_attn_mla_multiseq(void **state)
@@ -397,76 +417,87 @@ static void test_attn_gather_simd_scalar(void **state)
 		q[d] = rng_normal();
 	const int dims[] = {64, 72, 136};
 	const int counts[] = {1, 40, NK};
-	for (int f32 = 0; f32 < 2; f32++)
-		for (int kern = ATTN_KERNEL_ONE_ROW; kern <= ATTN_KERNEL_TILED; kern++)
-			for (size_t di = 0; di < 3; di++)
-				for (size_t ci = 0; ci < 3; ci++)
-					for (int sk = 0; sk < 2; sk++) {
-						const int dim = dims[di], n = counts[ci];
-						struct attn_keys ks = {.n = n,
-								       .cell = cell,
-								       .row = f32 ? rows32 : rows16,
-								       .f32 = f32,
-								       .n_cells = cell[n - 1] + 1,
-								       .kernel =
-									   (enum attn_kernel)kern};
-						const float *sk_p = sk ? sinks : NULL;
-						attn_gather_heads(&ks, NH, dim, q, 0.1f, sk_p,
-								  scratch, simd);
-						kern_force_ref(1);
-						attn_gather_heads(&ks, NH, dim, q, 0.1f, sk_p,
-								  scratch, ref);
-						kern_force_ref(0);
-						/* F32 rows use kern_dot, whose AVX2 form
-						 * sums in another order than its scalar
-						 * twin (test_kern bounds that) */
-						for (int d = 0; d < NH * dim && f32; d++)
-							if (fabsf(simd[d] - ref[d]) > 1e-5f)
-								fail_msg(
-								    "f32 kernel %d dim %d n %d: "
-								    "%g vs %g",
-								    kern, dim, n, simd[d], ref[d]);
-						if (!f32)
-							assert_memory_equal(
-							    simd, ref, sizeof(float) * NH * dim);
-						for (int h = 0; h < NH; h++) {
-							attn_gather_row(&ks, dim, q + h * dim, 0.1f,
-									sk ? &sinks[h] : NULL, one);
-							assert_memory_equal(one, simd + h * dim,
-									    sizeof(float) * dim);
-						}
-						/* head 0 against a double-precision softmax */
-						double w[NK], mx = sk ? sinks[0] : -INFINITY,
-							      den = 0.0;
-						for (int j = 0; j < n; j++) {
-							double s = 0.0;
-							for (int d = 0; d < dim; d++)
-								s += (double)q[d] *
-								     (f32 ? k32[j][d]
-									  : kern_f16_to_f32(
-										k16[j][d]));
-							w[j] = 0.1 * s;
-							mx = w[j] > mx ? w[j] : mx;
-						}
-						for (int j = 0; j < n; j++)
-							den += exp(w[j] - mx);
-						if (sk)
-							den += exp(sinks[0] - mx);
-						for (int d = 0; d < dim; d++) {
-							double r = 0.0;
+	/* each SIMD level the CPU has against the scalar loops */
+	for (int isa = kern_cpu_isa() ? KERN_ISA_AVX2 : KERN_ISA_SCALAR; isa <= (int)kern_cpu_isa();
+	     isa++)
+		for (int f32 = 0; f32 < 2; f32++)
+			for (int kern = ATTN_KERNEL_ONE_ROW; kern <= ATTN_KERNEL_TILED; kern++)
+				for (size_t di = 0; di < 3; di++)
+					for (size_t ci = 0; ci < 3; ci++)
+						for (int sk = 0; sk < 2; sk++) {
+							const int dim = dims[di], n = counts[ci];
+							struct attn_keys ks = {
+							    .n = n,
+							    .cell = cell,
+							    .row = f32 ? rows32 : rows16,
+							    .f32 = f32,
+							    .n_cells = cell[n - 1] + 1,
+							    .kernel = (enum attn_kernel)kern};
+							const float *sk_p = sk ? sinks : NULL;
+							attn_gather_heads(&ks, NH, dim, q, 0.1f,
+									  sk_p, scratch, simd);
+							isa_use(KERN_ISA_SCALAR);
+							attn_gather_heads(&ks, NH, dim, q, 0.1f,
+									  sk_p, scratch, ref);
+							isa_use(isa);
+							/* F32 rows use kern_dot, whose AVX2 form
+							 * sums in another order than its scalar
+							 * twin (test_kern bounds that) */
+							for (int d = 0; d < NH * dim && f32; d++)
+								if (fabsf(simd[d] - ref[d]) > 1e-5f)
+									fail_msg("f32 kernel %d "
+										 "dim %d n %d: "
+										 "%g vs %g",
+										 kern, dim, n,
+										 simd[d], ref[d]);
+							if (!f32)
+								assert_memory_equal(simd, ref,
+										    sizeof(float) *
+											NH * dim);
+							for (int h = 0; h < NH; h++) {
+								attn_gather_row(
+								    &ks, dim, q + h * dim, 0.1f,
+								    sk ? &sinks[h] : NULL, one);
+								assert_memory_equal(
+								    one, simd + h * dim,
+								    sizeof(float) * dim);
+							}
+							/* head 0 against a double-precision softmax
+							 */
+							double w[NK],
+							    mx = sk ? sinks[0] : -INFINITY,
+							    den = 0.0;
+							for (int j = 0; j < n; j++) {
+								double s = 0.0;
+								for (int d = 0; d < dim; d++)
+									s += (double)q[d] *
+									     (f32 ? k32[j][d]
+										  : kern_f16_to_f32(
+											k16[j][d]));
+								w[j] = 0.1 * s;
+								mx = w[j] > mx ? w[j] : mx;
+							}
 							for (int j = 0; j < n; j++)
-								r += exp(w[j] - mx) *
-								     (f32 ? k32[j][d]
-									  : kern_f16_to_f32(
-										k16[j][d]));
-							r /= den;
-							if (fabs(r - simd[d]) > 4e-3)
-								fail_msg(
-								    "f32 %d kernel %d dim %d n "
-								    "%d: %g vs %g",
-								    f32, kern, dim, n, simd[d], r);
+								den += exp(w[j] - mx);
+							if (sk)
+								den += exp(sinks[0] - mx);
+							for (int d = 0; d < dim; d++) {
+								double r = 0.0;
+								for (int j = 0; j < n; j++)
+									r += exp(w[j] - mx) *
+									     (f32 ? k32[j][d]
+										  : kern_f16_to_f32(
+											k16[j][d]));
+								r /= den;
+								if (fabs(r - simd[d]) > 4e-3)
+									fail_msg("f32 %d kernel %d "
+										 "dim %d n "
+										 "%d: %g vs %g",
+										 f32, kern, dim, n,
+										 simd[d], r);
+							}
 						}
-					}
+	isa_use(KERN_ISA_AVX512);
 	/* the compressors' softmax */
 	float x[77], xr[77];
 	for (int i = 0; i < 77; i++)
