@@ -216,21 +216,28 @@ attn_s512_block(const float *kt, int ld, int dim, const float *q, size_t qs, flo
 		const int nh, const int nc, __mmask16 last)
 {
 	__m512 a[ATTN_HB][4], k[4];
+#pragma GCC unroll 4
 	for (int h = 0; h < nh; h++)
+#pragma GCC unroll 4
 		for (int c = 0; c < nc; c++)
 			a[h][c] = _mm512_setzero_ps();
 	for (int d = 0; d < dim; d++) {
 		const float *row = kt + (size_t)d * (size_t)ld;
+#pragma GCC unroll 4
 		for (int c = 0; c < nc; c++)
 			k[c] = c == nc - 1 ? _mm512_maskz_loadu_ps(last, row + 16 * c)
 					   : _mm512_loadu_ps(row + 16 * c);
+#pragma GCC unroll 4
 		for (int h = 0; h < nh; h++) {
 			const __m512 qb = _mm512_set1_ps(q[(size_t)h * qs + (size_t)d]);
+#pragma GCC unroll 4
 			for (int c = 0; c < nc; c++)
 				a[h][c] = _mm512_fmadd_ps(qb, k[c], a[h][c]);
 		}
 	}
+#pragma GCC unroll 4
 	for (int h = 0; h < nh; h++)
+#pragma GCC unroll 4
 		for (int c = 0; c < nc; c++)
 			_mm512_mask_storeu_ps(sv + (size_t)h * (size_t)svs + 16 * c,
 					      c == nc - 1 ? last : (__mmask16)0xffff, a[h][c]);
@@ -241,23 +248,30 @@ attn_v512_block(const float *vt, int nv, int dim, int d0, const float *w, int ws
 		const int nh, const int nc, __mmask16 last)
 {
 	__m512 a[ATTN_HB][4], v[4];
+#pragma GCC unroll 4
 	for (int h = 0; h < nh; h++)
+#pragma GCC unroll 4
 		for (int c = 0; c < nc; c++)
 			a[h][c] =
 			    _mm512_maskz_loadu_ps(c == nc - 1 ? last : (__mmask16)0xffff,
 						  acc + (size_t)h * (size_t)dim + d0 + 16 * c);
 	for (int u = 0; u < nv; u++) {
 		const float *vr = vt + (size_t)u * (size_t)dim + d0;
+#pragma GCC unroll 4
 		for (int c = 0; c < nc; c++)
 			v[c] = c == nc - 1 ? _mm512_maskz_loadu_ps(last, vr + 16 * c)
 					   : _mm512_loadu_ps(vr + 16 * c);
+#pragma GCC unroll 4
 		for (int h = 0; h < nh; h++) {
 			const __m512 wb = _mm512_set1_ps(w[(size_t)h * (size_t)ws + (size_t)u]);
+#pragma GCC unroll 4
 			for (int c = 0; c < nc; c++)
 				a[h][c] = _mm512_fmadd_ps(wb, v[c], a[h][c]);
 		}
 	}
+#pragma GCC unroll 4
 	for (int h = 0; h < nh; h++)
+#pragma GCC unroll 4
 		for (int c = 0; c < nc; c++)
 			_mm512_mask_storeu_ps(acc + (size_t)h * (size_t)dim + d0 + 16 * c,
 					      c == nc - 1 ? last : (__mmask16)0xffff, a[h][c]);
