@@ -1084,6 +1084,15 @@ static int cli_bench(int argc, char **argv)
 	}
 	printf("model: %s (%s), threads %d, kernels %s\n", o.model, info->arch,
 	       pool_size(model_get_pool(m)), kern_isa_name());
+	/* warm-up, untimed (as llama.cpp's benchmarks): pages the weights in */
+	{
+		const int nw = n < 64 ? n : 64;
+		want[nw - 1] = 1;
+		model_batch b = {nw, ids, pos, seq, want};
+		if (model_forward(m, &b, logits))
+			goto out;
+		want[nw - 1] = 0;
+	}
 	printf("%-8s %6s %12s %12s\n", "test", "rep", "seconds", "tok/s");
 	for (int r = 0; r < o.reps; r++) {
 		if (o.pp > 0) {
