@@ -105,6 +105,25 @@ static ALWAYS_INLINE void transpose4(const __m512i z[4], __m512i *g)
 	g[3] = _mm512_unpackhi_epi64(t2, t3);
 }
 
+/* Q4_0 / MXFP4 / Q8_0: the scales in the low bytes of g's lanes as F32
+ * (MXFP4 as kern_e8m0_half: (e - 1) << 23, e = 0, 1 the subnormals); from
+ * the blocks at row[c] + off into lane c (tile_scales). */
+static ALWAYS_INLINE __m512 scales_of(uint32_t type, __m512i g)
+{
+	if (type != KERN_MXFP4)
+		return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+	const __m512i e = _mm512_and_si512(g, _mm512_set1_epi32(0xff));
+	const __m512i norm = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+	const __m512i sub = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
+	return _mm512_castsi512_ps(
+	    _mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(2)), norm, sub));
+}
+
+static ALWAYS_INLINE __m512 tile_scales(uint32_t type, const uint8_t *const row[TW], size_t off)
+{
+	return scales_of(type, gather32(row, off)); /* the scale in the low bytes */
+}
+
 /* Repacks nb blocks of the 16 weight rows at row[c] into dst (nb * BLK_VECS
  * vectors). */
 static ALWAYS_INLINE void pack_tile(uint32_t type, const uint8_t *const row[TW], int64_t nb,
@@ -144,18 +163,7 @@ static ALWAYS_INLINE void pack_tile(uint32_t type, const uint8_t *const row[TW],
 		}
 		transpose4(z, v);
 		transpose4(h, v + 4);
-		const __m512i g = gather32(row, o); /* the scale in the low bytes */
-		if (type == KERN_MXFP4) {
-			/* kern_e8m0_half: (e - 1) << 23, e = 0, 1 the subnormals */
-			const __m512i e = _mm512_and_si512(g, _mm512_set1_epi32(0xff));
-			const __m512i norm =
-			    _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
-			const __m512i sub = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
-			v[8] = _mm512_mask_blend_epi32(
-			    _mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(2)), norm, sub);
-		} else {
-			v[8] = _mm512_castps_si512(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(g)));
-		}
+		v[8] = _mm512_castps_si512(tile_scales(type, row, o));
 	}
 }
 
@@ -238,6 +246,83 @@ static ALWAYS_INLINE void tile_q4(int nr, const __m512i *pw, const uint8_t *x, s
 #pragma GCC unroll 8
 	for (int r = 0; r < nr; r++)
 		store_out(out, r, acc[r]);
+}
+
+/* ------------------------------------------------ one activation row */
+
+/* Decode (one activation row), Q4_0 / MXFP4, the weights read in place:
+ * tiles of 16 outputs; per block, four vectors hold the code bytes of four
+ * outputs each (128-bit lane L of vector k: output 4L + k), split into
+ * nibbles (MXFP4: mapped to the unsigned codes), and VPDPBUSD with the
+ * block's activations broadcast to every lane leaves four int32 partial sums
+ * per output; two unpack-and-add rounds gather each output's total into
+ * lane 4L + k of one vector.  The float step is tile_q4's, so the results
+ * are again the scalar twin's.  Each tile's rows prefetch the next tile's.
+ * Needs at least 16 outputs (a short last tile ends at o1, overlapping). */
+static void matvec_q4(uint32_t type, const uint8_t *w, size_t w_row, int64_t nb, int64_t o0,
+		      int64_t o1, const uint8_t *x, const struct xc *q, float *y)
+{
+	const size_t bs = block_bytes(type);
+	const size_t qo = type == KERN_MXFP4 ? 1 : 2; /* codes' offset in the block */
+	const __m512i m4 = _mm512_set1_epi8(0x0f);
+	const __m512i tab =
+	    _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)mxfp4_unsigned));
+	for (int64_t o = o0; o < o1; o += TW) {
+		const int64_t ot = o1 - o < TW ? o1 - TW : o;
+		const size_t pf = o + TW < o1 ? TW * w_row : 0;
+		const uint8_t *row[TW];
+		for (int c = 0; c < TW; c++)
+			row[c] = w + (size_t)(ot + c) * w_row;
+		__m512 acc = _mm512_setzero_ps();
+		for (int64_t ib = 0; ib < nb; ib++) {
+			const size_t off = (size_t)ib * bs;
+			const uint8_t *xb = x + (size_t)ib * 34;
+			if (pf && !(ib & 1))
+#pragma GCC unroll 16
+				for (int c = 0; c < TW; c++)
+					_mm_prefetch((const char *)row[c] + off + pf, _MM_HINT_T0);
+			const __m512i xl =
+			    _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + 2)));
+			const __m512i xh =
+			    _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + 18)));
+			__m512i s[4];
+#pragma GCC unroll 4
+			for (int k = 0; k < 4; k++) {
+				const __m512i z =
+				    load4x16(row[k] + off + qo, row[4 + k] + off + qo,
+					     row[8 + k] + off + qo, row[12 + k] + off + qo);
+				__m512i lo = _mm512_and_si512(z, m4);
+				__m512i hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
+				if (type == KERN_MXFP4) {
+					lo = _mm512_shuffle_epi8(tab, lo);
+					hi = _mm512_shuffle_epi8(tab, hi);
+				}
+				s[k] = _mm512_dpbusd_epi32(
+				    _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
+			}
+			/* the blocks' first bytes (the scales), the same way:
+			 * lane 4L + k of g is output 4L + k's (a gather is slower) */
+			__m512i e[4];
+#pragma GCC unroll 4
+			for (int k = 0; k < 4; k++)
+				e[k] = load4x16(row[k] + off, row[4 + k] + off, row[8 + k] + off,
+						row[12 + k] + off);
+			const __m512i g = _mm512_unpacklo_epi64(_mm512_unpacklo_epi32(e[0], e[1]),
+								_mm512_unpacklo_epi32(e[2], e[3]));
+			const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]),
+							     _mm512_unpackhi_epi32(s[0], s[1]));
+			const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]),
+							     _mm512_unpackhi_epi32(s[2], s[3]));
+			const __m512i sum =
+			    _mm512_add_epi32(_mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23),
+							      _mm512_unpackhi_epi64(t01, t23)),
+					     _mm512_set1_epi32(q[ib].c[0]));
+			const __m512 d = _mm512_mul_ps(scales_of(type, g), _mm512_set1_ps(q[ib].d));
+			acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, acc);
+		}
+		/* an overlapping last tile keeps the outputs already written */
+		_mm512_mask_storeu_ps(y + ot, (__mmask16)(0xffffu << (o - ot)), acc);
+	}
 }
 
 /* Eight accumulators per output (ggml's eight lanes): zeroed for nr rows, and
@@ -800,6 +885,17 @@ void kern_matmul_avx512(uint32_t weight_type, const void *w, int64_t n_in, int64
 	if (k && n_rows >= k->min_rows && o1 > o0 && n_in >= k->qk &&
 	    matmul_vnni(weight_type, k, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, 0) == 0)
 		return;
+	if (n_rows == 1 && (weight_type == KERN_Q4_0 || weight_type == KERN_MXFP4) &&
+	    o1 - o0 >= TW && n_in >= KERN_QK) {
+		const size_t w_row = kern_row_bytes(weight_type, n_in);
+		const int64_t nb = n_in / KERN_QK;
+		struct xc *q = kern_scratch((size_t)nb * sizeof(*q));
+		if (q && w_row <= (size_t)INT32_MAX / TW) { /* gather32's offsets */
+			xc_row(weight_type, x, nb, q);
+			matvec_q4(weight_type, w, w_row, nb, o0, o1, x, q, y);
+			return;
+		}
+	}
 	kern_matmul_avx2(weight_type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride);
 }
 
