@@ -25,9 +25,10 @@
  *
  * Outputs run in chunks whose repacked weights (about 128 KiB) stay in L2
  * while every group of activation rows passes over them.  Fewer rows than a
- * type's min_rows (decode) and every other type take the AVX2 kernels
- * (kern_avx2.c, kern_kq_avx2.c): without rows to share it the repacking does
- * not pay. */
+ * type's min_rows and every other type take the AVX2 kernels (kern_avx2.c,
+ * kern_kq_avx2.c): without rows to share it the repacking does not pay;
+ * except one row (decode) of Q4_0 or MXFP4, which matvec_q4 multiplies with
+ * the weights in place. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
