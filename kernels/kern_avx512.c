@@ -74,16 +74,6 @@ static ALWAYS_INLINE __m512i load4x16(const uint8_t *p0, const uint8_t *p1, cons
 	return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
-/* Lane c: the four bytes at row[c] + off (the rows of a tile lie within 2 GiB
- * of row[0]). */
-static ALWAYS_INLINE __m512i gather32(const uint8_t *const row[TW], size_t off)
-{
-	int32_t idx[TW];
-	for (int c = 0; c < TW; c++)
-		idx[c] = (int32_t)(row[c] - row[0]);
-	return _mm512_i32gather_epi32(_mm512_loadu_si512(idx), row[0] + off, 1);
-}
-
 /* Streams the tile's weights ahead of the repacking: the bytes ahead bytes
  * past off of each row (prefetches do not fault past a row's end). */
 static ALWAYS_INLINE void prefetch_rows(const uint8_t *const row[TW], size_t off)
@@ -106,6 +96,18 @@ static ALWAYS_INLINE void transpose4(const __m512i z[4], __m512i *g)
 	g[3] = _mm512_unpackhi_epi64(t2, t3);
 }
 
+/* g[m] lane c: dword m of the 16 bytes at row[c] + off (four vector loads
+ * and a transpose: a gather of the same dwords is slower) */
+static ALWAYS_INLINE void rows_dwords(const uint8_t *const row[TW], size_t off, __m512i g[4])
+{
+	__m512i z[4];
+#pragma GCC unroll 4
+	for (int k = 0; k < 4; k++)
+		z[k] =
+		    load4x16(row[k] + off, row[4 + k] + off, row[8 + k] + off, row[12 + k] + off);
+	transpose4(z, g);
+}
+
 /* Q4_0 / MXFP4 / Q8_0: the scales in the low bytes of g's lanes as F32
  * (MXFP4 as kern_e8m0_half: (e - 1) << 23, e = 0, 1 the subnormals); from
  * the blocks at row[c] + off into lane c (tile_scales). */
@@ -122,7 +124,9 @@ static ALWAYS_INLINE __m512 scales_of(uint32_t type, __m512i g)
 
 static ALWAYS_INLINE __m512 tile_scales(uint32_t type, const uint8_t *const row[TW], size_t off)
 {
-	return scales_of(type, gather32(row, off)); /* the scale in the low bytes */
+	__m512i g[4];
+	rows_dwords(row, off, g); /* the scale in the low bytes of dword 0 */
+	return scales_of(type, g[0]);
 }
 
 /* Repacks nb blocks of the 16 weight rows at row[c] into dst (nb * BLK_VECS
@@ -260,8 +264,9 @@ static ALWAYS_INLINE void tile_q4(int nr, const __m512i *pw, const uint8_t *x, s
  * lane 4L + k of one vector.  The float step is tile_q4's, so the results
  * are again the scalar twin's.  Each tile's rows prefetch the next tile's.
  * Needs at least 16 outputs (a short last tile ends at o1, overlapping). */
-static void matvec_q4(uint32_t type, const uint8_t *w, size_t w_row, int64_t nb, int64_t o0,
-		      int64_t o1, const uint8_t *x, const struct xc *q, float *y)
+static ALWAYS_INLINE void matvec_q4(uint32_t type, const uint8_t *w, size_t w_row, int64_t nb,
+				    int64_t o0, int64_t o1, const uint8_t *x, const struct xc *q,
+				    float *y)
 {
 	const size_t bs = block_bytes(type);
 	const size_t qo = type == KERN_MXFP4 ? 1 : 2; /* codes' offset in the block */
@@ -301,15 +306,6 @@ static void matvec_q4(uint32_t type, const uint8_t *w, size_t w_row, int64_t nb,
 				s[k] = _mm512_dpbusd_epi32(
 				    _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
 			}
-			/* the blocks' first bytes (the scales), the same way:
-			 * lane 4L + k of g is output 4L + k's (a gather is slower) */
-			__m512i e[4];
-#pragma GCC unroll 4
-			for (int k = 0; k < 4; k++)
-				e[k] = load4x16(row[k] + off, row[4 + k] + off, row[8 + k] + off,
-						row[12 + k] + off);
-			const __m512i g = _mm512_unpacklo_epi64(_mm512_unpacklo_epi32(e[0], e[1]),
-								_mm512_unpacklo_epi32(e[2], e[3]));
 			const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]),
 							     _mm512_unpackhi_epi32(s[0], s[1]));
 			const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]),
@@ -318,12 +314,25 @@ static void matvec_q4(uint32_t type, const uint8_t *w, size_t w_row, int64_t nb,
 			    _mm512_add_epi32(_mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23),
 							      _mm512_unpackhi_epi64(t01, t23)),
 					     _mm512_set1_epi32(q[ib].c[0]));
-			const __m512 d = _mm512_mul_ps(scales_of(type, g), _mm512_set1_ps(q[ib].d));
+			const __m512 d =
+			    _mm512_mul_ps(tile_scales(type, row, off), _mm512_set1_ps(q[ib].d));
 			acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, acc);
 		}
 		/* an overlapping last tile keeps the outputs already written */
 		_mm512_mask_storeu_ps(y + ot, (__mmask16)(0xffffu << (o - ot)), acc);
 	}
+}
+
+static void matvec_q4_0(const uint8_t *w, size_t w_row, int64_t nb, int64_t o0, int64_t o1,
+			const uint8_t *x, const struct xc *q, float *y)
+{
+	matvec_q4(KERN_Q4_0, w, w_row, nb, o0, o1, x, q, y);
+}
+
+static void matvec_mxfp4(const uint8_t *w, size_t w_row, int64_t nb, int64_t o0, int64_t o1,
+			 const uint8_t *x, const struct xc *q, float *y)
+{
+	matvec_q4(KERN_MXFP4, w, w_row, nb, o0, o1, x, q, y);
 }
 
 /* Eight accumulators per output (ggml's eight lanes): zeroed for nr rows, and
@@ -464,8 +473,9 @@ static void pack_q4_k(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
 				transpose4(hi, v + 8 * (2 * p + 1) + 4 * h);
 			}
 		/* per output (lane): scale bytes 0-3, 4-7, 8-11, and d | dmin << 16 */
-		const __m512i a = gather32(row, o + 4), b = gather32(row, o + 8);
-		const __m512i c = gather32(row, o + 12), dd = gather32(row, o);
+		__m512i hd[4];
+		rows_dwords(row, o, hd);
+		const __m512i dd = hd[0], a = hd[1], b = hd[2], c = hd[3];
 		const __m512i m63 = _mm512_set1_epi32(63), m15 = _mm512_set1_epi32(15);
 		const __m512i m3 = _mm512_set1_epi32(3);
 		__m512i mn[8];
@@ -657,12 +667,12 @@ static void pack_q6_k(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
 		for (int c = 0; c < TW; c++)
 			q6_codes(row[c] + o, q[c]);
 		__m512i sc[16]; /* lane c: output c's scale j */
-		for (int t = 0; t < 4; t++) {
-			const __m512i g = gather32(row, o + 192 + 4 * (size_t)t);
+		__m512i sg[4], dg[4];
+		rows_dwords(row, o + 192, sg);
+		for (int t = 0; t < 4; t++)
 			for (int k = 0; k < 4; k++)
 				sc[4 * t + k] = _mm512_srai_epi32(
-				    _mm512_sll_epi32(g, _mm_cvtsi32_si128(24 - 8 * k)), 24);
-		}
+				    _mm512_sll_epi32(sg[t], _mm_cvtsi32_si128(24 - 8 * k)), 24);
 		for (int j = 0; j < 16; j++) { /* values 16j .. 16j + 15: groups 4j .. 4j + 3 */
 			__m512i z[4], g[4];
 			for (int k = 0; k < 4; k++)
@@ -683,8 +693,9 @@ static void pack_q6_k(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
 			}
 		}
 		/* d: the upper half of the four bytes before the block's end */
-		v[128] = _mm512_castps_si512(_mm512_cvtph_ps(
-		    _mm512_cvtepi32_epi16(_mm512_srli_epi32(gather32(row, o + 206), 16))));
+		rows_dwords(row, o + 194, dg);
+		v[128] = _mm512_castps_si512(
+		    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dg[3], 16))));
 		for (int m = 0; m < 8; m++) {
 			const __m512i n0 = _mm512_sub_epi32(_mm512_setzero_si512(),
 							    _mm512_slli_epi32(sc[2 * m], 5));
@@ -834,8 +845,6 @@ static int matmul_vnni(uint32_t type, const struct vnni_kind *k, const uint8_t *
 	const size_t w_row = kern_row_bytes(type, n_in);
 	const int64_t nb = n_in / k->qk;
 	const size_t tile_bytes = (size_t)nb * (size_t)k->vecs * sizeof(__m512i);
-	if (w_row > (size_t)INT32_MAX / TW) /* gather32's offsets */
-		return -1;
 	int64_t tiles = (int64_t)(CHUNK_PACK / tile_bytes);
 	const int64_t need = (o1 - o0 + TW - 1) / TW;
 	if (tiles < 1)
@@ -891,9 +900,10 @@ void kern_matmul_avx512(uint32_t weight_type, const void *w, int64_t n_in, int64
 		const size_t w_row = kern_row_bytes(weight_type, n_in);
 		const int64_t nb = n_in / KERN_QK;
 		struct xc *q = kern_scratch((size_t)nb * sizeof(*q));
-		if (q && w_row <= (size_t)INT32_MAX / TW) { /* gather32's offsets */
+		if (q) {
 			xc_row(weight_type, x, nb, q);
-			matvec_q4(weight_type, w, w_row, nb, o0, o1, x, q, y);
+			(weight_type == KERN_Q4_0 ? matvec_q4_0 : matvec_mxfp4)(w, w_row, nb, o0,
+										o1, x, q, y);
 			return;
 		}
 	}
