@@ -12,7 +12,8 @@
  * of single-row matmuls (decode) over a matrix larger than the caches and over
  * one that fits in L2, the same decode with the output rows split over two
  * threads (wall time: both threads share the memory bus, as in a decode step),
- * and the throughput of a 64-row matmul (prefill). */
+ * and the throughput of a 64-row matmul (prefill) in cache and of a 32-row one
+ * (an expert's batch) streaming the large matrix from memory. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -136,8 +137,8 @@ int main(int argc, char **argv)
 		argi++;
 	}
 	printf("isa: %s\n", kern_isa_name());
-	printf("%-6s %5s %14s %14s %14s %18s\n", "type", "n_in", "decode GB/s", "in-L2 GB/s",
-	       "decode 2T GB/s", "prefill64 Gop/s");
+	printf("%-6s %5s %14s %14s %14s %18s %18s\n", "type", "n_in", "decode GB/s", "in-L2 GB/s",
+	       "decode 2T GB/s", "prefill64 Gop/s", "batch32 Gop/s");
 	const uint32_t types[] = {KERN_MXFP4, KERN_Q4_0, KERN_Q8_0,   KERN_Q4_1,
 				  KERN_Q5_0,  KERN_Q5_1, KERN_IQ4_NL, KERN_F16,
 				  KERN_BF16,  KERN_F32,	 KERN_Q4_K,   KERN_Q6_K,
@@ -177,11 +178,14 @@ int main(int argc, char **argv)
 			double s4 = time_matmul_pool(p, &j2);
 			int64_t n_out_pf = 256;
 			double s3 = time_matmul(t, w, n, n_out_pf, x, xs, 64, y, 3);
-			printf("%-6s %5lld %14.2f %14.2f %14.2f %18.2f\n", kern_type_name(t),
+			/* an expert's batch: 32 rows against weights streamed from DRAM */
+			double s5 = time_matmul(t, w, n, n_out_big, x, xs, 32, y, 1);
+			printf("%-6s %5lld %14.2f %14.2f %14.2f %18.2f %18.2f\n", kern_type_name(t),
 			       (long long)n, (double)(wr * n_out_big) / s1 * 1e-9,
 			       (double)(wr * n_out_l2) / s2 * 1e-9,
 			       (double)(wr * n_out_big) / s4 * 1e-9,
-			       2.0 * (double)n * (double)n_out_pf * 64 / s3 * 1e-9);
+			       2.0 * (double)n * (double)n_out_pf * 64 / s3 * 1e-9,
+			       2.0 * (double)n * (double)n_out_big * 32 / s5 * 1e-9);
 			fflush(stdout);
 		}
 	}

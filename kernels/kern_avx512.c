@@ -42,7 +42,6 @@
 #define R4	   6  /* activation rows per pass, Q4_0 / MXFP4 */
 #define R8	   2  /* activation rows per pass, Q8_0 (eight accumulators a row) */
 #define CHUNK_PACK ((size_t)128 << 10)
-#define PF_AHEAD   512 /* bytes the repacking prefetches ahead in each row */
 #define ROW_BLOCK  256 /* activation rows per table (and per repacking) */
 
 /* Repacked block of a tile: eight code vectors (groups 0-7), then the scales. */
@@ -74,12 +73,14 @@ static ALWAYS_INLINE __m512i load4x16(const uint8_t *p0, const uint8_t *p1, cons
 	return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
-/* Streams the tile's weights ahead of the repacking: the bytes ahead bytes
- * past off of each row (prefetches do not fault past a row's end). */
+/* Streams the next tile's weights in while this one is repacked: the line
+ * at off of each row, off taken past this tile by pf, the distance to the
+ * next tile's rows (prefetches do not fault past the weights' end). */
 static ALWAYS_INLINE void prefetch_rows(const uint8_t *const row[TW], size_t off)
 {
+#pragma GCC unroll 16
 	for (int c = 0; c < TW; c++)
-		_mm_prefetch((const char *)row[c] + off + PF_AHEAD, _MM_HINT_T0);
+		_mm_prefetch((const char *)row[c] + off, _MM_HINT_T0);
 }
 
 /* z[k]: lane L holds four dwords of output 4L + k; g[m] lane 4L + k = dword m
@@ -132,7 +133,7 @@ static ALWAYS_INLINE __m512 tile_scales(uint32_t type, const uint8_t *const row[
 /* Repacks nb blocks of the 16 weight rows at row[c] into dst (nb * BLK_VECS
  * vectors). */
 static ALWAYS_INLINE void pack_tile(uint32_t type, const uint8_t *const row[TW], int64_t nb,
-				    __m512i *dst)
+				    size_t pf, __m512i *dst)
 {
 	const size_t bs = block_bytes(type);
 	const size_t qo = type == KERN_MXFP4 ? 1 : 2; /* codes' offset in the block */
@@ -143,8 +144,8 @@ static ALWAYS_INLINE void pack_tile(uint32_t type, const uint8_t *const row[TW],
 		const size_t o = (size_t)ib * bs;
 		__m512i *v = dst + ib * BLK_VECS;
 		__m512i z[4], h[4];
-		if (!(ib & 1))
-			prefetch_rows(row, o);
+		if (!(ib & 1) || type == KERN_Q8_0) /* a line per 64 bytes or fewer */
+			prefetch_rows(row, o + pf);
 		for (int k = 0; k < 4; k++)
 			z[k] = load4x16(row[k] + o + qo, row[4 + k] + o + qo, row[8 + k] + o + qo,
 					row[12 + k] + o + qo);
@@ -401,19 +402,19 @@ static const tile_fn tiles_q4[R4] = {tile_q4_1, tile_q4_2, tile_q4_3,
 				     tile_q4_4, tile_q4_5, tile_q4_6};
 static const tile_fn tiles_q8[R8] = {tile_q8_1, tile_q8_2};
 
-static void pack_q4_0(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
+static void pack_q4_0(const uint8_t *const row[TW], int64_t nb, size_t pf, __m512i *dst)
 {
-	pack_tile(KERN_Q4_0, row, nb, dst);
+	pack_tile(KERN_Q4_0, row, nb, pf, dst);
 }
 
-static void pack_q8_0(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
+static void pack_q8_0(const uint8_t *const row[TW], int64_t nb, size_t pf, __m512i *dst)
 {
-	pack_tile(KERN_Q8_0, row, nb, dst);
+	pack_tile(KERN_Q8_0, row, nb, pf, dst);
 }
 
-static void pack_mxfp4(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
+static void pack_mxfp4(const uint8_t *const row[TW], int64_t nb, size_t pf, __m512i *dst)
 {
-	pack_tile(KERN_MXFP4, row, nb, dst);
+	pack_tile(KERN_MXFP4, row, nb, pf, dst);
 }
 
 static void xc_q4_0(const uint8_t *x, int64_t nb, void *q)
@@ -451,14 +452,15 @@ struct xk {
 	int32_t bp[4]; /* B_2t | B_2t+1 << 16 */
 };
 
-static void pack_q4_k(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
+static void pack_q4_k(const uint8_t *const row[TW], int64_t nb, size_t pf, __m512i *dst)
 {
 	const __m512i m4 = _mm512_set1_epi8(0x0f);
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const size_t o = (size_t)ib * 144;
 		__m512i *v = dst + ib * K4_VECS;
-		prefetch_rows(row, o);
-		prefetch_rows(row, o + 64);
+		prefetch_rows(row, o + pf);
+		prefetch_rows(row, o + pf + 64);
+		prefetch_rows(row, o + pf + 128);
 		for (int p = 0; p < 4; p++)
 			for (int h = 0; h < 2; h++) {
 				const size_t q = o + 16 + 32 * p + 16 * h;
@@ -654,16 +656,17 @@ static ALWAYS_INLINE void q6_codes(const uint8_t *b, int8_t *q)
 	}
 }
 
-static void pack_q6_k(const uint8_t *const row[TW], int64_t nb, __m512i *dst)
+static void pack_q6_k(const uint8_t *const row[TW], int64_t nb, size_t pf, __m512i *dst)
 {
 	int8_t q[TW][KERN_QK_K];
 	const __m512i lo16 = _mm512_set1_epi32(0xffff);
 	for (int64_t ib = 0; ib < nb; ib++) {
 		const size_t o = (size_t)ib * 210;
 		__m512i *v = dst + ib * K6_VECS;
-		prefetch_rows(row, o);
-		prefetch_rows(row, o + 64);
-		prefetch_rows(row, o + 128);
+		prefetch_rows(row, o + pf);
+		prefetch_rows(row, o + pf + 64);
+		prefetch_rows(row, o + pf + 128);
+		prefetch_rows(row, o + pf + 192);
 		for (int c = 0; c < TW; c++)
 			q6_codes(row[c] + o, q[c]);
 		__m512i sc[16]; /* lane c: output c's scale j */
@@ -787,7 +790,7 @@ struct vnni_kind {
 	int rmax;     /* rows per pass */
 	int min_rows; /* fewer rows take the AVX2 kernels (the repacking would
 			 cost more than it saves; measured on Zen 5) */
-	void (*pack)(const uint8_t *const row[TW], int64_t nb, __m512i *dst);
+	void (*pack)(const uint8_t *const row[TW], int64_t nb, size_t pf, __m512i *dst);
 	void (*xrow)(const uint8_t *x, int64_t nb, void *tab);
 	const tile_fn *tiles, *tiles_gemm;
 };
@@ -879,7 +882,7 @@ static int matmul_vnni(uint32_t type, const struct vnni_kind *k, const uint8_t *
 					    oc + t * TW + c < oe ? oc + t * TW + c : oe - 1;
 					row[c] = w + (size_t)o * w_row;
 				}
-				k->pack(row, nb, packed + (size_t)t * nb * k->vecs);
+				k->pack(row, nb, TW * w_row, packed + (size_t)t * nb * k->vecs);
 			}
 			rows_vnni(k, k->tiles_gemm, packed, nb, oc, oe, xr, xs, tab, 0, g, yr, ys);
 			rows_vnni(k, k->tiles, packed, nb, oc, oe, xr, xs, tab, g, nr, yr, ys);
