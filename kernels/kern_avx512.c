@@ -336,6 +336,76 @@ static void matvec_mxfp4(const uint8_t *w, size_t w_row, int64_t nb, int64_t o0,
 	matvec_q4(KERN_MXFP4, w, w_row, nb, o0, o1, x, q, y);
 }
 
+/* Decode, Q8_0, the weights read in place: two outputs per vector (one
+ * block each per 256-bit half), eight outputs per tile.  The weights biased
+ * to unsigned (w ^ 0x80) and VPDPBUSD with the block's activations, starting
+ * from the table's -128 x group sums, give each output's eight lanes exactly
+ * (ggml's lane m: values 4m .. 4m + 3); acc_m = fma(d_w * d_x, lane_m, acc_m)
+ * and ggml's hsum_float_8 at the end, as tile_q8.  Needs at least 8 outputs
+ * (a short last tile ends at o1, overlapping). */
+static void matvec_q8_0(const uint8_t *w, size_t w_row, int64_t nb, int64_t o0, int64_t o1,
+			const uint8_t *x, const struct xc *q, float *y)
+{
+	enum { QW = 8 };
+	const __m512i x80 = _mm512_set1_epi8((char)0x80);
+	for (int64_t o = o0; o < o1; o += QW) {
+		const int64_t ot = o1 - o < QW ? o1 - QW : o;
+		const size_t pf = o + QW < o1 ? QW * w_row : 0;
+		const uint8_t *row = w + (size_t)ot * w_row;
+		__m512 acc[QW / 2];
+#pragma GCC unroll 4
+		for (int p = 0; p < QW / 2; p++)
+			acc[p] = _mm512_setzero_ps();
+		for (int64_t ib = 0; ib < nb; ib++) {
+			const size_t off = (size_t)ib * 34;
+			const __m512i xv = _mm512_broadcast_i64x4(
+			    _mm256_loadu_si256((const __m256i *)(x + off + 2)));
+			const __m512i c =
+			    _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)q[ib].c));
+			const __m512 dx = _mm512_set1_ps(q[ib].d);
+#pragma GCC unroll 4
+			for (int p = 0; p < QW / 2; p++) {
+				const uint8_t *r0 = row + (size_t)(2 * p) * w_row + off,
+					      *r1 = r0 + w_row;
+				if (pf) {
+					_mm_prefetch((const char *)r0 + pf, _MM_HINT_T0);
+					_mm_prefetch((const char *)r1 + pf, _MM_HINT_T0);
+				}
+				const __m512i wv = _mm512_xor_si512(
+				    _mm512_inserti64x4(
+					_mm512_castsi256_si512(
+					    _mm256_loadu_si256((const __m256i *)(r0 + 2))),
+					_mm256_loadu_si256((const __m256i *)(r1 + 2)), 1),
+				    x80);
+				const __m512i l = _mm512_dpbusd_epi32(c, wv, xv);
+				const __m512 dw = _mm512_cvtph_ps(
+				    _mm256_set_m128i(_mm_set1_epi16((short)kern_load_u16(r1)),
+						     _mm_set1_epi16((short)kern_load_u16(r0))));
+				acc[p] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx),
+							 _mm512_cvtepi32_ps(l), acc[p]);
+			}
+		}
+		float out[QW];
+#pragma GCC unroll 4
+		for (int p = 0; p < QW / 2; p++) {
+			/* hsum_float_8 of each half: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 +
+			 * a7)) */
+			for (int h = 0; h < 2; h++) {
+				const __m256 v = h ? _mm512_extractf32x8_ps(acc[p], 1)
+						   : _mm512_castps512_ps256(acc[p]);
+				__m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1),
+						      _mm256_castps256_ps128(v));
+				r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+				r = _mm_add_ss(r, _mm_movehdup_ps(r));
+				out[2 * p + h] = _mm_cvtss_f32(r);
+			}
+		}
+		/* an overlapping last tile keeps the outputs already written */
+		for (int64_t i = o - ot; i < QW; i++)
+			y[ot + i] = out[i];
+	}
+}
+
 /* Eight accumulators per output (ggml's eight lanes): zeroed for nr rows, and
  * summed as ggml's hsum_float_8: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)). */
 static ALWAYS_INLINE void zero_lanes(int nr, __m512 (*acc)[8])
@@ -898,15 +968,18 @@ void kern_matmul_avx512(uint32_t weight_type, const void *w, int64_t n_in, int64
 	if (k && n_rows >= k->min_rows && o1 > o0 && n_in >= k->qk &&
 	    matmul_vnni(weight_type, k, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, 0) == 0)
 		return;
-	if (n_rows == 1 && (weight_type == KERN_Q4_0 || weight_type == KERN_MXFP4) &&
-	    o1 - o0 >= TW && n_in >= KERN_QK) {
+	const int64_t mv_min = weight_type == KERN_Q8_0 ? 8 : TW; /* outputs of a tile */
+	if (n_rows == 1 &&
+	    (weight_type == KERN_Q4_0 || weight_type == KERN_MXFP4 || weight_type == KERN_Q8_0) &&
+	    o1 - o0 >= mv_min && n_in >= KERN_QK) {
 		const size_t w_row = kern_row_bytes(weight_type, n_in);
 		const int64_t nb = n_in / KERN_QK;
 		struct xc *q = kern_scratch((size_t)nb * sizeof(*q));
 		if (q) {
 			xc_row(weight_type, x, nb, q);
-			(weight_type == KERN_Q4_0 ? matvec_q4_0 : matvec_mxfp4)(w, w_row, nb, o0,
-										o1, x, q, y);
+			(weight_type == KERN_Q4_0    ? matvec_q4_0
+			 : weight_type == KERN_MXFP4 ? matvec_mxfp4
+						     : matvec_q8_0)(w, w_row, nb, o0, o1, x, q, y);
 			return;
 		}
 	}
