@@ -18,6 +18,12 @@ struct pool {
 	void *ctx;
 	atomic_uint gen;      /* bumped for each run; workers wait for a change */
 	atomic_int remaining; /* workers still running the current job */
+	/* who sleeps (set under mu, before waiting): the other side takes the
+	 * mutex and signals only then, so runs that find everyone spinning make
+	 * no system call (sequentially consistent: each side stores its own
+	 * flag, then loads the other's) */
+	atomic_int n_asleep;	  /* workers waiting on cv */
+	atomic_int caller_asleep; /* the caller waiting on done_cv */
 	atomic_int quit;
 };
 
@@ -47,16 +53,18 @@ static void *pool_main(void *arg)
 				continue;
 			}
 			pthread_mutex_lock(&p->mu);
+			atomic_fetch_add(&p->n_asleep, 1);
 			while (atomic_load(&p->gen) == seen && !atomic_load(&p->quit))
 				pthread_cond_wait(&p->cv, &p->mu);
+			atomic_fetch_sub(&p->n_asleep, 1);
 			pthread_mutex_unlock(&p->mu);
 		}
 		seen = g;
 		if (atomic_load(&p->quit))
 			return NULL;
 		p->fn(p->ctx, a.ith, p->n);
-		if (atomic_fetch_sub_explicit(&p->remaining, 1, memory_order_acq_rel) == 1) {
-			/* the last one: wake the caller if it went to sleep */
+		if (atomic_fetch_sub(&p->remaining, 1) == 1 && atomic_load(&p->caller_asleep)) {
+			/* the last one: wake the caller, which went to sleep */
 			pthread_mutex_lock(&p->mu);
 			pthread_cond_signal(&p->done_cv);
 			pthread_mutex_unlock(&p->mu);
@@ -139,10 +147,12 @@ void pool_run(pool *p, pool_fn fn, void *ctx)
 	p->fn = fn;
 	p->ctx = ctx;
 	atomic_store_explicit(&p->remaining, p->n - 1, memory_order_relaxed);
-	pthread_mutex_lock(&p->mu);
-	atomic_fetch_add_explicit(&p->gen, 1, memory_order_release);
-	pthread_cond_broadcast(&p->cv);
-	pthread_mutex_unlock(&p->mu);
+	atomic_fetch_add(&p->gen, 1);
+	if (atomic_load(&p->n_asleep) > 0) {
+		pthread_mutex_lock(&p->mu);
+		pthread_cond_broadcast(&p->cv);
+		pthread_mutex_unlock(&p->mu);
+	}
 	fn(ctx, 0, p->n);
 	/* spin briefly, then sleep until the last worker is done: on a loaded
 	 * machine (other processes, workers of a cluster on the same cores) the
@@ -155,8 +165,10 @@ void pool_run(pool *p, pool_fn fn, void *ctx)
 #endif
 	}
 	pthread_mutex_lock(&p->mu);
-	while (atomic_load_explicit(&p->remaining, memory_order_acquire) > 0)
+	atomic_store(&p->caller_asleep, 1);
+	while (atomic_load(&p->remaining) > 0)
 		pthread_cond_wait(&p->done_cv, &p->mu);
+	atomic_store(&p->caller_asleep, 0);
 	pthread_mutex_unlock(&p->mu);
 }
 

@@ -1,10 +1,12 @@
 /* The thread pool: every share runs exactly once per run, splits cover the
- * range without overlap, and many back-to-back runs complete. */
+ * range without overlap, many back-to-back runs complete, and so do runs
+ * whose workers or caller had time to fall asleep. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include <cmocka.h>
 
@@ -46,6 +48,41 @@ static void test_runs(void **state)
 	}
 }
 
+static void nap(long us)
+{
+	struct timespec ts = {0, us * 1000};
+	nanosleep(&ts, NULL);
+}
+
+/* Shares of a run take turns being late, longer than the pool spins. */
+static void late_fn(void *ctx, int ith, int nth)
+{
+	struct count_ctx *c = ctx;
+	if (c->n % nth == ith)
+		nap(300);
+	count_fn(ctx, ith, nth);
+}
+
+/* Workers asleep between runs (the caller pauses), and a caller asleep
+ * while a late worker finishes: every run still completes, once per share. */
+static void test_sleepers(void **state)
+{
+	(void)state;
+	for (int threads = 2; threads <= 3; threads++) {
+		pool *p = NULL;
+		assert_int_equal(pool_new(threads, &p), 0);
+		for (int rep = 0; rep < 60; rep++) {
+			struct count_ctx c = {.n = 1000 + rep};
+			if (rep % 3 == 0)
+				nap(300);
+			pool_run(p, rep % 2 ? late_fn : count_fn, &c);
+			assert_int_equal(atomic_load(&c.calls), threads);
+			assert_int_equal(atomic_load(&c.sum), (long)(c.n * (c.n - 1) / 2));
+		}
+		pool_destroy(&p);
+	}
+}
+
 static void test_split(void **state)
 {
 	(void)state;
@@ -78,6 +115,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_runs),
+	    cmocka_unit_test(test_sleepers),
 	    cmocka_unit_test(test_split),
 	    cmocka_unit_test(test_bad_size),
 	};
