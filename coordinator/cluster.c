@@ -9,7 +9,7 @@
 #include "../common/shardfile.h"
 #include "../common/wire.h"
 #include "../kernels/kern.h"
-#include "../worker/shard.h"
+#include "../common/shard.h"
 
 #include <math.h>
 #include <stdio.h>

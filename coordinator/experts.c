@@ -1,7 +1,7 @@
 #include "experts.h"
 #include "../common/err.h"
 #include "../kernels/kern.h"
-#include "../worker/shard.h"
+#include "../common/shard.h"
 
 #include <stdlib.h>
 #include <string.h>

@@ -12,6 +12,8 @@
 #include <string.h>
 #include <strings.h>
 
+_Static_assert((int)QUANT_ERR_UNSUPPORTED == (int)ERR_CONFIG, "quant_row fails with ERR_CONFIG");
+
 /* Output bytes converted per pool run: large enough to keep threads busy,
  * small enough to bound memory. */
 #define QZ_CHUNK_BYTES (8u << 20)

@@ -20,9 +20,9 @@
 #ifndef MOEFLEET_SHARD_H
 #define MOEFLEET_SHARD_H
 
-#include "../common/gguf.h"
-#include "../common/moe.h"
-#include "../common/pool.h"
+#include "gguf.h"
+#include "moe.h"
+#include "pool.h"
 
 enum { SHARD_GATE = 0, SHARD_UP = 1, SHARD_DOWN = 2 };
 

@@ -1,6 +1,6 @@
 #include "shard.h"
-#include "../common/err.h"
-#include "../common/log.h"
+#include "err.h"
+#include "log.h"
 #include "../kernels/kern.h"
 
 #include <math.h>
