@@ -2,8 +2,8 @@
 #include "cli.h"
 #include "cli_impl.h"
 #include "cluster.h"
-#include "footprint.h"
-#include "model.h"
+#include "model/footprint.h"
+#include "model/model.h"
 #include "../common/transport.h"
 #include "../common/wire.h"
 #include "../worker/worker.h"
@@ -13,7 +13,7 @@
 #include "../common/err.h"
 #include "../common/log.h"
 #include "../kernels/kern.h"
-#include "ops.h"
+#include "model/ops.h"
 
 #include <errno.h>
 #include <fcntl.h>

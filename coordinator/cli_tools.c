@@ -5,7 +5,7 @@
  * show` (a trace's summary and heatmap). */
 #define _GNU_SOURCE
 #include "cli_impl.h"
-#include "footprint.h"
+#include "model/footprint.h"
 #include "heatmap.h"
 #include "placement.h"
 #include "quantize.h"

@@ -62,7 +62,7 @@
 #include "../common/moe.h"
 #include "../common/pool.h"
 #include "../common/transport.h"
-#include "experts.h"
+#include "model/experts.h"
 #include "placement.h"
 
 struct cluster_config {

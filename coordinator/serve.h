@@ -25,7 +25,7 @@
 #include <stdio.h>
 
 #include "../common/tokenizer.h"
-#include "model.h"
+#include "model/model.h"
 
 struct serve_config {
 	const char *host;	/* NULL: 127.0.0.1 */

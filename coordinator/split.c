@@ -1,7 +1,7 @@
 /* split: per-node shard files of a model's routed experts (see split.h). */
 #define _GNU_SOURCE
 #include "split.h"
-#include "footprint.h"
+#include "model/footprint.h"
 #include "../common/err.h"
 #include "../common/gguf.h"
 #include "../common/gguf_write.h"

@@ -16,8 +16,8 @@
 #include "../common/gguf.h"
 #include "../common/moe.h"
 #include "../common/wire.h"
-#include "experts.h"
-#include "model.h"
+#include "model/experts.h"
+#include "model/model.h"
 #include "placement.h"
 
 typedef struct trace_writer trace_writer;

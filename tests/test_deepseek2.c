@@ -27,7 +27,7 @@
 #include "../common/err.h"
 #include "../common/gguf_write.h"
 #include "../common/log.h"
-#include "../coordinator/model.h"
+#include "../coordinator/model/model.h"
 #include "../kernels/kern.h"
 
 static char tmp_path[64];

@@ -28,7 +28,7 @@
 #include "../common/transport.h"
 #include "../common/wire.h"
 #include "../coordinator/cluster.h"
-#include "../coordinator/model.h"
+#include "../coordinator/model/model.h"
 #include "../worker/worker.h"
 #include "compare.h"
 

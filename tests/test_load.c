@@ -30,7 +30,7 @@
 #include "../common/progress.h"
 #include "../common/transport.h"
 #include "../coordinator/cluster.h"
-#include "../coordinator/model.h"
+#include "../coordinator/model/model.h"
 #include "../worker/worker.h"
 #include "compare.h"
 

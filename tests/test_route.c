@@ -15,7 +15,7 @@
 
 #include <cmocka.h>
 
-#include "coordinator/route.h"
+#include "coordinator/model/route.h"
 #include "common/err.h"
 
 #define X_MAX 64

@@ -15,9 +15,9 @@
 
 #include <stdint.h>
 
-#include "../common/gguf.h"
-#include "../common/moe.h"
-#include "../common/pool.h"
+#include "../../common/gguf.h"
+#include "../../common/moe.h"
+#include "../../common/pool.h"
 
 struct expert_job {
 	int layer;

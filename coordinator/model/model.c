@@ -1,10 +1,10 @@
 #include "model.h"
 #include "ops.h"
 #include "arch.h"
-#include "../common/err.h"
-#include "../common/log.h"
-#include "../common/shardfile.h"
-#include "../kernels/kern.h"
+#include "../../common/err.h"
+#include "../../common/log.h"
+#include "../../common/shardfile.h"
+#include "../../kernels/kern.h"
 
 #include <math.h>
 #include <stdarg.h>

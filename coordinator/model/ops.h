@@ -10,8 +10,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../common/gguf.h"
-#include "../common/pool.h"
+#include "../../common/gguf.h"
+#include "../../common/pool.h"
 
 /* Bytes of scratch ops_matmul needs for n_rows rows of n_in values (any type). */
 size_t ops_matmul_scratch(int64_t n_in, int64_t n_rows);

@@ -16,9 +16,9 @@
 
 #include <stdint.h>
 
-#include "../common/gguf.h"
-#include "../common/moe.h"
-#include "../common/pool.h"
+#include "../../common/gguf.h"
+#include "../../common/moe.h"
+#include "../../common/pool.h"
 #include "experts.h"
 #include "route.h"
 

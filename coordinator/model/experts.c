@@ -1,12 +1,12 @@
 #include "experts.h"
-#include "../common/err.h"
-#include "../kernels/kern.h"
-#include "../common/shard.h"
+#include "../../common/err.h"
+#include "../../kernels/kern.h"
+#include "../../common/shard.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-#include "../common/log.h"
+#include "../../common/log.h"
 
 struct expert_backend {
 	const struct expert_backend_ops *ops;

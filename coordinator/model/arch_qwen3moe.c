@@ -37,9 +37,9 @@
 #include "attn.h"
 #include "ops.h"
 #include "route.h"
-#include "../common/err.h"
-#include "../common/log.h"
-#include "../kernels/kern.h"
+#include "../../common/err.h"
+#include "../../common/log.h"
+#include "../../kernels/kern.h"
 
 #include <math.h>
 #include <stddef.h>

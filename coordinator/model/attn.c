@@ -37,9 +37,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../common/err.h"
-#include "../common/log.h"
-#include "../kernels/kern.h"
+#include "../../common/err.h"
+#include "../../common/log.h"
+#include "../../kernels/kern.h"
 
 /* The row kernels are built twice and chosen at load time by CPU: with FMA,
  * fmaf() is one instruction instead of a library call (same result: an FMA

@@ -22,7 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../common/pool.h"
+#include "../../common/pool.h"
 #include "model.h"
 
 typedef struct attn_cache attn_cache;

@@ -1,5 +1,5 @@
 #include "ops.h"
-#include "../kernels/kern.h"
+#include "../../kernels/kern.h"
 
 #include <math.h>
 #include <stdlib.h>

@@ -56,7 +56,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../common/moe.h"
+#include "../../common/moe.h"
 
 enum route_gating {
 	ROUTE_GATING_SOFTMAX = 1,	 /* s = softmax(logits) (qwen3moe, deepseek2) */

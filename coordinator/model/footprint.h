@@ -34,8 +34,8 @@
 
 #include <stdint.h>
 
-#include "../common/gguf.h"
-#include "../common/moe.h"
+#include "../../common/gguf.h"
+#include "../../common/moe.h"
 
 #define FOOTPRINT_MAX_WORKERS 1024
 
