@@ -27,7 +27,7 @@
 #include "../common/log.h"
 #include "../common/transport.h"
 #include "../common/wire.h"
-#include "../coordinator/cluster.h"
+#include "../coordinator/cluster/cluster.h"
 #include "../coordinator/model/model.h"
 #include "../worker/worker.h"
 #include "compare.h"

@@ -14,7 +14,7 @@
 
 #include "../common/err.h"
 #include "../common/log.h"
-#include "../coordinator/sched.h"
+#include "../coordinator/serve/sched.h"
 
 static sched *make(int slots, int ctx, int batch, int chunk, int queue)
 {

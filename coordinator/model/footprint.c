@@ -9,7 +9,7 @@
 #include "../../common/err.h"
 #include "../../common/log.h"
 #include "../../kernels/kern.h"
-#include "../placement.h"
+#include "../placement/placement.h"
 
 /* "<arch>.<key>" as u32; def when absent. */
 static uint64_t footprint_u32(const gguf *g, const char *arch, const char *key, uint64_t def)

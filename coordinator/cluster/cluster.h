@@ -58,12 +58,12 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "../common/gguf.h"
-#include "../common/moe.h"
-#include "../common/pool.h"
-#include "../common/transport.h"
-#include "model/experts.h"
-#include "placement.h"
+#include "../../common/gguf.h"
+#include "../../common/moe.h"
+#include "../../common/pool.h"
+#include "../../common/transport.h"
+#include "../model/experts.h"
+#include "../placement/placement.h"
 
 struct cluster_config {
 	const gguf *g;

@@ -13,11 +13,11 @@
 #ifndef MOEFLEET_TRACE_H
 #define MOEFLEET_TRACE_H
 
-#include "../common/gguf.h"
-#include "../common/moe.h"
-#include "../common/wire.h"
-#include "model/experts.h"
-#include "model/model.h"
+#include "../../common/gguf.h"
+#include "../../common/moe.h"
+#include "../../common/wire.h"
+#include "../model/experts.h"
+#include "../model/model.h"
 #include "placement.h"
 
 typedef struct trace_writer trace_writer;

@@ -5,13 +5,13 @@
  * show` (a trace's summary and heatmap). */
 #define _GNU_SOURCE
 #include "cli_impl.h"
-#include "model/footprint.h"
-#include "heatmap.h"
-#include "placement.h"
-#include "quantize.h"
-#include "simulate.h"
-#include "split.h"
-#include "trace.h"
+#include "../model/footprint.h"
+#include "../placement/heatmap.h"
+#include "../placement/placement.h"
+#include "../convert/quantize.h"
+#include "../placement/simulate.h"
+#include "../convert/split.h"
+#include "../placement/trace.h"
 
 #include <stdint.h>
 #include <stdio.h>

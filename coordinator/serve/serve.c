@@ -9,8 +9,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "../common/err.h"
-#include "../common/log.h"
+#include "../../common/err.h"
+#include "../../common/log.h"
 #include "api.h"
 #include "chat.h"
 #include "http.h"

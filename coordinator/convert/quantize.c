@@ -1,12 +1,12 @@
 /* quantize: routed experts to another type, everything else copied (see quantize.h). */
 #include "quantize.h"
-#include "../common/err.h"
-#include "../common/gguf.h"
-#include "../common/gguf_write.h"
-#include "../common/log.h"
-#include "../common/pool.h"
-#include "../kernels/kern.h"
-#include "../kernels/quant.h"
+#include "../../common/err.h"
+#include "../../common/gguf.h"
+#include "../../common/gguf_write.h"
+#include "../../common/log.h"
+#include "../../common/pool.h"
+#include "../../kernels/kern.h"
+#include "../../kernels/quant.h"
 
 #include <stdlib.h>
 #include <string.h>

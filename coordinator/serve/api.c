@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../common/err.h"
+#include "../../common/err.h"
 
 void api_error_set(struct api_error *e, int status, const char *type, const char *param,
 		   const char *code, const char *fmt, ...)

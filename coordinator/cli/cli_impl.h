@@ -23,8 +23,8 @@ int cli_tokenize(int argc, char **argv);      /* cli_serve.c */
  * error): mp gets their routing, KV type and thread count, then the model is
  * opened and the workers attached.  *h is set even on failure;
  * cli_model_close() releases both (and reaps local workers). */
-#include "cluster.h"
-#include "model/model.h"
+#include "../cluster/cluster.h"
+#include "../model/model.h"
 struct cli_model;
 int cli_model_open(int argc, char **argv, struct model_params *mp, model **m, struct cli_model **h);
 cluster *cli_model_cluster(struct cli_model *h); /* NULL without workers */

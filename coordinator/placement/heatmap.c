@@ -1,6 +1,6 @@
 #include "heatmap.h"
-#include "../common/err.h"
-#include "../common/log.h"
+#include "../../common/err.h"
+#include "../../common/log.h"
 
 #include <cairo.h>
 #include <cairo-svg.h>

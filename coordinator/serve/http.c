@@ -10,8 +10,8 @@
 #include <string.h>
 #include <sys/socket.h>
 
-#include "../common/err.h"
-#include "../common/log.h"
+#include "../../common/err.h"
+#include "../../common/log.h"
 
 struct http {
 	struct MHD_Daemon *d;

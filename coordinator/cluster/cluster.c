@@ -1,15 +1,15 @@
 #define _GNU_SOURCE /* madvise */
 #include "cluster.h"
-#include "balance.h"
-#include "placement.h"
-#include "simulate.h"
-#include "../common/err.h"
-#include "../common/log.h"
-#include "../common/progress.h"
-#include "../common/shardfile.h"
-#include "../common/wire.h"
-#include "../kernels/kern.h"
-#include "../common/shard.h"
+#include "../placement/balance.h"
+#include "../placement/placement.h"
+#include "../placement/simulate.h"
+#include "../../common/err.h"
+#include "../../common/log.h"
+#include "../../common/progress.h"
+#include "../../common/shardfile.h"
+#include "../../common/wire.h"
+#include "../../kernels/kern.h"
+#include "../../common/shard.h"
 
 #include <math.h>
 #include <stdio.h>

@@ -2,8 +2,8 @@
 #include "balance.h"
 #include "placement.h"
 #include "trace.h"
-#include "../common/err.h"
-#include "../common/log.h"
+#include "../../common/err.h"
+#include "../../common/log.h"
 
 #include <errno.h>
 #include <math.h>

@@ -18,9 +18,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "../common/err.h"
-#include "../common/log.h"
-#include "../common/transport.h"
+#include "../../common/err.h"
+#include "../../common/log.h"
+#include "../../common/transport.h"
 #include "cli_impl.h"
 
 static const char *cli_usage_keygen =

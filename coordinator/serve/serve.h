@@ -24,8 +24,8 @@
 #include <stddef.h>
 #include <stdio.h>
 
-#include "../common/tokenizer.h"
-#include "model/model.h"
+#include "../../common/tokenizer.h"
+#include "../model/model.h"
 
 struct serve_config {
 	const char *host;	/* NULL: 127.0.0.1 */

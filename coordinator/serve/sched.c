@@ -3,8 +3,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../common/err.h"
-#include "../common/log.h"
+#include "../../common/err.h"
+#include "../../common/log.h"
 
 struct sched_req {
 	uint64_t id;

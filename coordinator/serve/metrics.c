@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../common/err.h"
+#include "../../common/err.h"
 
 #define METRICS_MAX_BUCKETS 16
 #define METRICS_MAX_SERIES  64

@@ -1,7 +1,7 @@
 /* `moefleet serve` and `moefleet tokenize`. */
 #define _GNU_SOURCE
 #include "cli_impl.h"
-#include "serve.h"
+#include "../serve/serve.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -12,10 +12,10 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "../common/err.h"
-#include "../common/gguf.h"
-#include "../common/log.h"
-#include "../common/tokenizer.h"
+#include "../../common/err.h"
+#include "../../common/gguf.h"
+#include "../../common/log.h"
+#include "../../common/tokenizer.h"
 
 static const char *cli_usage_serve =
     "usage: moefleet serve -m MODEL.gguf [--host H] [--port P] [--api-key KEY |\n"

@@ -1,6 +1,6 @@
 #include "trace.h"
-#include "../common/err.h"
-#include "../common/log.h"
+#include "../../common/err.h"
+#include "../../common/log.h"
 
 #include <errno.h>
 #include <stdio.h>

@@ -5,8 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../common/err.h"
-#include "../common/log.h"
+#include "../../common/err.h"
+#include "../../common/log.h"
 
 #define PLACEMENT_MAX_DIM   65536      /* cap on n_layer, n_expert, n_worker */
 #define PLACEMENT_MAX_CELLS (1u << 28) /* cap on n_layer * n_expert * n_replica */

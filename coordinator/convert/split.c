@@ -1,12 +1,12 @@
 /* split: per-node shard files of a model's routed experts (see split.h). */
 #define _GNU_SOURCE
 #include "split.h"
-#include "model/footprint.h"
-#include "../common/err.h"
-#include "../common/gguf.h"
-#include "../common/gguf_write.h"
-#include "../common/log.h"
-#include "../common/shardfile.h"
+#include "../model/footprint.h"
+#include "../../common/err.h"
+#include "../../common/gguf.h"
+#include "../../common/gguf_write.h"
+#include "../../common/log.h"
+#include "../../common/shardfile.h"
 
 #include <errno.h>
 #include <stdio.h>

@@ -27,7 +27,7 @@
 
 #include <stddef.h>
 
-#include "placement.h"
+#include "../placement/placement.h"
 
 int split_experts(const char *model, const struct placement_worker *workers, int n_worker,
 		  int replicas, const char *dir);
