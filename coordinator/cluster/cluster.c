@@ -584,7 +584,6 @@ int cluster_n_workers(const cluster *c)
 {
 	return c->n;
 }
-
 const placement *cluster_placement(const cluster *c)
 {
 	return &c->plan;

@@ -28,7 +28,6 @@ enum {
  * median quiet step; a single loading step slower than CLUSTER_LIVE_GUARD x
  * the quiet median halves the budget at once. */
 #define CLUSTER_LIVE_SLACK 0.15
-
 #define CLUSTER_LIVE_GUARD 2.0
 
 struct cluster_peer {
