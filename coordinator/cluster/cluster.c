@@ -16,6 +16,7 @@
 #include <time.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include <stdio.h>
 
 double cluster_now(void)
 {

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdio.h>
 
 static uint32_t cluster_wire_type(const cluster *c, int layer)
 {

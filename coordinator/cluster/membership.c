@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdio.h>
 
 /* Takes a worker's Hello: a shard file must come from this model and name
  * experts it has; *held receives its table (NULL for a full model file or
