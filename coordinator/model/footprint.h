@@ -24,7 +24,7 @@
  * attn_kv_b (files without attention.key_length_mla): per layer n_head x
  * kv_lora_rank rows of nope (= key_length - rope.dimension_count) values, F32,
  * F16 or BF16 when attn_kv_b is, otherwise Q8_0 (F16 if nope is not a multiple
- * of 32), as coordinator/arch_deepseek2.c does.
+ * of 32), as coordinator/model/arch_deepseek2.c does.
  * footprint_place() runs the placement function (placement.h) on the routed
  * experts for a list of worker memory budgets and returns each worker's bytes.
  * footprint_parse_memory() reads "64G,64G,32G" (suffixes K, M, G, T: powers
