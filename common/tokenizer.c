@@ -56,7 +56,7 @@ static const char *const user_defined_texts[] = {
 
 static int32_t tok_find_cstr(const tokenizer *t, const char *s)
 {
-	return strtab_find(&t->texts, (const uint8_t *)s, strlen(s));
+	return tok_strtab_find(&t->texts, (const uint8_t *)s, strlen(s));
 }
 
 /* The lowest id whose text is in list, or -1. */
@@ -147,7 +147,7 @@ static int tok_load_tokens(tokenizer *t, const gguf *g)
 		}
 		int32_t idx;
 		int added;
-		rc = strtab_intern(&t->texts, (const uint8_t *)s.ptr, s.len, &idx, &added);
+		rc = tok_strtab_intern(&t->texts, (const uint8_t *)s.ptr, s.len, &idx, &added);
 		if (rc)
 			return rc;
 		if (!added) {
@@ -198,10 +198,10 @@ static int tok_build_syms(tokenizer *t)
 
 	for (int b = 0; b < 256; b++) {
 		uint8_t c = (uint8_t)b;
-		rc = strtab_intern(&t->syms, &c, 1, &t->byte_sym[b], NULL);
+		rc = tok_strtab_intern(&t->syms, &c, 1, &t->byte_sym[b], NULL);
 		if (rc)
 			goto out;
-		t->text1_tok[b] = strtab_find(&t->texts, &c, 1);
+		t->text1_tok[b] = tok_strtab_find(&t->texts, &c, 1);
 	}
 	for (int32_t id = 0; id < t->n_vocab; id++) {
 		uint32_t n = t->texts.len[id];
@@ -216,9 +216,10 @@ static int tok_build_syms(tokenizer *t)
 				goto out;
 			}
 		}
-		if (byte_map_unspell(&t->bmap, strtab_str(&t->texts, (uint32_t)id), n, buf, &m))
+		if (tok_byte_map_unspell(&t->bmap, tok_strtab_str(&t->texts, (uint32_t)id), n, buf,
+					 &m))
 			continue;
-		rc = strtab_intern(&t->syms, buf, m, &sid, NULL);
+		rc = tok_strtab_intern(&t->syms, buf, m, &sid, NULL);
 		if (rc)
 			goto out;
 	}
@@ -240,10 +241,10 @@ static int tok_map_syms(tokenizer *t)
 		t->sym_tok[i] = -1;
 	for (int32_t id = 0; id < t->n_vocab; id++) {
 		size_t m;
-		if (byte_map_unspell(&t->bmap, strtab_str(&t->texts, (uint32_t)id),
-				     t->texts.len[id], buf, &m))
+		if (tok_byte_map_unspell(&t->bmap, tok_strtab_str(&t->texts, (uint32_t)id),
+					 t->texts.len[id], buf, &m))
 			continue;
-		t->sym_tok[strtab_find(&t->syms, buf, m)] = id;
+		t->sym_tok[tok_strtab_find(&t->syms, buf, m)] = id;
 	}
 	free(buf);
 	return 0;
@@ -269,7 +270,7 @@ static int tok_load_merges(tokenizer *t, const gguf *g)
 		log_error("%s: key tokenizer.ggml.merges: expected an array of strings", path);
 		return ERR_FORMAT;
 	}
-	rc = pairtab_init(&t->merges, n);
+	rc = tok_pairtab_init(&t->merges, n);
 	if (rc)
 		return rc;
 	for (uint64_t i = 0; i < n; i++) {
@@ -297,21 +298,21 @@ static int tok_load_merges(tokenizer *t, const gguf *g)
 				goto out;
 			}
 		}
-		if (byte_map_unspell(&t->bmap, (const uint8_t *)s.ptr, nl, buf, &ml) ||
-		    byte_map_unspell(&t->bmap, (const uint8_t *)sp + 1, nr, buf + ml, &mr)) {
+		if (tok_byte_map_unspell(&t->bmap, (const uint8_t *)s.ptr, nl, buf, &ml) ||
+		    tok_byte_map_unspell(&t->bmap, (const uint8_t *)sp + 1, nr, buf + ml, &mr)) {
 			n_dead++; /* cannot apply to spelled bytes, as in llama.cpp */
 			continue;
 		}
 		int32_t l, r, res;
-		rc = strtab_intern(&t->syms, buf, ml, &l, NULL);
+		rc = tok_strtab_intern(&t->syms, buf, ml, &l, NULL);
 		if (!rc)
-			rc = strtab_intern(&t->syms, buf + ml, mr, &r, NULL);
+			rc = tok_strtab_intern(&t->syms, buf + ml, mr, &r, NULL);
 		if (!rc)
-			rc = strtab_intern(&t->syms, buf, ml + mr, &res, NULL);
+			rc = tok_strtab_intern(&t->syms, buf, ml + mr, &res, NULL);
 		if (rc)
 			goto out;
-		uint64_t key = pair_key(l, r);
-		uint32_t slot = pairtab_slot(&t->merges, key);
+		uint64_t key = tok_pair_key(l, r);
+		uint32_t slot = tok_pairtab_slot(&t->merges, key);
 		if (t->merges.key[slot] == key)
 			continue; /* a repeated pair keeps its first (lowest) rank */
 		t->merges.key[slot] = key;
@@ -439,7 +440,7 @@ static int tok_load_special(tokenizer *t, const gguf *g)
 	return 0;
 }
 
-int special_order_cmp(const void *a, const void *b)
+int tok_special_order_cmp(const void *a, const void *b)
 {
 	const struct special_order *x = a, *y = b;
 	if (x->len != y->len)
@@ -468,7 +469,7 @@ static int tok_build_special(tokenizer *t)
 			o[n++] = (struct special_order){t->texts.len[id], id};
 	}
 	/* llama.cpp sorts by length only (std::sort, unstable); ties go by id here */
-	qsort(o, (size_t)n, sizeof(*o), special_order_cmp);
+	qsort(o, (size_t)n, sizeof(*o), tok_special_order_cmp);
 	for (int32_t i = 0; i < n; i++)
 		t->special[i] = o[i].id;
 	t->n_special = n;
@@ -476,7 +477,7 @@ static int tok_build_special(tokenizer *t)
 	for (int32_t i = 0; i < n; i++) {
 		if (o[i].len == 0)
 			continue;
-		t->special_first[strtab_str(&t->texts, (uint32_t)o[i].id)[0]] = 1;
+		t->special_first[tok_strtab_str(&t->texts, (uint32_t)o[i].id)[0]] = 1;
 		if (t->n_special_len < 0 ||
 		    (t->n_special_len > 0 && t->special_len[t->n_special_len - 1] == o[i].len))
 			continue;
@@ -531,7 +532,7 @@ static int tok_unspell_piece(const tokenizer *t, const uint8_t *s, size_t n, str
 	int rc = 0;
 	for (size_t i = 0; !rc && i < n;) {
 		size_t adv;
-		uint32_t cpt = utf8_next_lenient(s + i, n - i, &adv);
+		uint32_t cpt = tok_utf8_next_lenient(s + i, n - i, &adv);
 		i += adv;
 		if (cpt < 0x144 && t->bmap.cpt_byte[cpt] >= 0) {
 			uint8_t b = (uint8_t)t->bmap.cpt_byte[cpt];
@@ -540,7 +541,7 @@ static int tok_unspell_piece(const tokenizer *t, const uint8_t *s, size_t n, str
 		}
 		uint8_t u[4];
 		char hex[32] = "[UNK_BYTE_0x";
-		size_t k = utf8_encode(cpt, u), h = strlen(hex);
+		size_t k = tok_utf8_encode(cpt, u), h = strlen(hex);
 		for (size_t j = 0; j < k; j++)
 			h += (size_t)snprintf(hex + h, sizeof(hex) - h, "%02x", u[j]);
 		rc = dynbuf_put(d, hex, h);
@@ -565,7 +566,7 @@ static int tok_build_pieces(tokenizer *t, const char *path)
 	if (!t->piece_off || !t->piece_len)
 		return ERR_NOMEM;
 	for (int32_t id = 0; !rc && id < t->n_vocab; id++) {
-		const uint8_t *s = strtab_str(&t->texts, (uint32_t)id);
+		const uint8_t *s = tok_strtab_str(&t->texts, (uint32_t)id);
 		size_t n = t->texts.len[id];
 		uint8_t attr = t->attr[id];
 		t->piece_off[id] = d.len;
@@ -635,7 +636,7 @@ int tokenizer_new(const gguf *g, tokenizer **out)
 	*out = NULL;
 	if (!t)
 		return ERR_NOMEM;
-	byte_map_init(&t->bmap);
+	tok_byte_map_init(&t->bmap);
 	rc = gguf_get_str(g, "tokenizer.ggml.model", &model);
 	if (rc == ERR_RANGE) {
 		log_error("%s: key tokenizer.ggml.model missing", path);
@@ -687,9 +688,9 @@ void tokenizer_destroy(tokenizer **pt)
 		return;
 	for (int i = 0; i < TOK_MAX_REGEX; i++)
 		pcre2_code_free(t->re[i]);
-	strtab_free(&t->texts);
-	strtab_free(&t->syms);
-	pairtab_free(&t->merges);
+	tok_strtab_free(&t->texts);
+	tok_strtab_free(&t->syms);
+	tok_pairtab_free(&t->merges);
 	free(t->attr);
 	free(t->eog);
 	free(t->piece_arena);
@@ -768,7 +769,7 @@ int tokenizer_attr(const tokenizer *t, int32_t id)
 
 int32_t tokenizer_find(const tokenizer *t, const char *text, size_t len)
 {
-	return strtab_find(&t->texts, (const uint8_t *)text, len);
+	return tok_strtab_find(&t->texts, (const uint8_t *)text, len);
 }
 
 struct tokenizer_stream {

@@ -28,7 +28,7 @@ static uint64_t hash_u64(uint64_t x)
 	return x;
 }
 
-void strtab_free(struct strtab *t)
+void tok_strtab_free(struct strtab *t)
 {
 	free(t->arena);
 	free(t->off);
@@ -37,12 +37,12 @@ void strtab_free(struct strtab *t)
 	memset(t, 0, sizeof(*t));
 }
 
-const uint8_t *strtab_str(const struct strtab *t, uint32_t i)
+const uint8_t *tok_strtab_str(const struct strtab *t, uint32_t i)
 {
 	return t->arena + t->off[i];
 }
 
-int32_t strtab_find(const struct strtab *t, const uint8_t *s, size_t n)
+int32_t tok_strtab_find(const struct strtab *t, const uint8_t *s, size_t n)
 {
 	if (t->n_slots == 0)
 		return -1;
@@ -51,7 +51,7 @@ int32_t strtab_find(const struct strtab *t, const uint8_t *s, size_t n)
 		int32_t i = t->slots[h];
 		if (i < 0)
 			return -1;
-		if (t->len[i] == n && memcmp(strtab_str(t, (uint32_t)i), s, n) == 0)
+		if (t->len[i] == n && memcmp(tok_strtab_str(t, (uint32_t)i), s, n) == 0)
 			return i;
 	}
 }
@@ -64,7 +64,7 @@ static int strtab_rehash(struct strtab *t, uint32_t n_slots)
 	for (uint32_t i = 0; i < n_slots; i++)
 		slots[i] = -1;
 	for (uint32_t i = 0; i < t->n; i++) {
-		uint32_t h = (uint32_t)hash_bytes(strtab_str(t, i), t->len[i]) & (n_slots - 1);
+		uint32_t h = (uint32_t)hash_bytes(tok_strtab_str(t, i), t->len[i]) & (n_slots - 1);
 		while (slots[h] >= 0)
 			h = (h + 1) & (n_slots - 1);
 		slots[h] = (int32_t)i;
@@ -76,9 +76,9 @@ static int strtab_rehash(struct strtab *t, uint32_t n_slots)
 }
 
 /* *idx = the string's index; *added = 1 if it was new. */
-int strtab_intern(struct strtab *t, const uint8_t *s, size_t n, int32_t *idx, int *added)
+int tok_strtab_intern(struct strtab *t, const uint8_t *s, size_t n, int32_t *idx, int *added)
 {
-	int32_t i = strtab_find(t, s, n);
+	int32_t i = tok_strtab_find(t, s, n);
 	if (added)
 		*added = i < 0;
 	if (i >= 0) {
@@ -129,7 +129,7 @@ int strtab_intern(struct strtab *t, const uint8_t *s, size_t n, int32_t *idx, in
 	return 0;
 }
 
-void pairtab_free(struct pairtab *p)
+void tok_pairtab_free(struct pairtab *p)
 {
 	free(p->key);
 	free(p->rank);
@@ -137,7 +137,7 @@ void pairtab_free(struct pairtab *p)
 	memset(p, 0, sizeof(*p));
 }
 
-int pairtab_init(struct pairtab *p, uint64_t n_expected)
+int tok_pairtab_init(struct pairtab *p, uint64_t n_expected)
 {
 	uint32_t n_slots = 1024;
 	while (n_slots < n_expected * 2 && n_slots < (1u << 31))
@@ -153,13 +153,13 @@ int pairtab_init(struct pairtab *p, uint64_t n_expected)
 	return 0;
 }
 
-uint64_t pair_key(int32_t l, int32_t r)
+uint64_t tok_pair_key(int32_t l, int32_t r)
 {
 	return ((uint64_t)(uint32_t)l << 32) | (uint32_t)r;
 }
 
 /* Returns the slot of (l, r): occupied by it or the empty slot where it goes. */
-uint32_t pairtab_slot(const struct pairtab *p, uint64_t key)
+uint32_t tok_pairtab_slot(const struct pairtab *p, uint64_t key)
 {
 	uint32_t mask = p->n_slots - 1;
 	uint32_t h = (uint32_t)hash_u64(key) & mask;
@@ -279,8 +279,8 @@ static int bpe_try_pair(struct enc *e, int32_t left, int32_t right)
 	if (left < 0 || right < 0)
 		return 0;
 	const struct pairtab *m = &e->t->merges;
-	uint64_t key = pair_key(e->sym[left].sid, e->sym[right].sid);
-	uint32_t slot = pairtab_slot(m, key);
+	uint64_t key = tok_pair_key(e->sym[left].sid, e->sym[right].sid);
+	uint32_t slot = tok_pairtab_slot(m, key);
 	if (m->key[slot] != key)
 		return 0;
 	struct bpe_cand c = {m->rank[slot],	left,	     right, e->sym[left].sid,
@@ -295,7 +295,7 @@ static int bpe_word(struct enc *e, const uint8_t *w, size_t n)
 	int rc;
 
 	if (t->pre->ignore_merges) {
-		int32_t sid = strtab_find(&t->syms, w, n);
+		int32_t sid = tok_strtab_find(&t->syms, w, n);
 		if (sid >= 0 && t->sym_tok[sid] >= 0) {
 			enc_emit(e, t->sym_tok[sid]);
 			return 0;
@@ -349,7 +349,7 @@ static int bpe_word(struct enc *e, const uint8_t *w, size_t n)
 			/* as llama.cpp: each byte of the symbol's spelling looked up alone */
 			for (uint32_t k = 0; k < s->len; k++) {
 				uint8_t u[4];
-				size_t m = utf8_encode(t->bmap.byte_cpt[w[(size_t)i + k]], u);
+				size_t m = tok_utf8_encode(t->bmap.byte_cpt[w[(size_t)i + k]], u);
 				for (size_t j = 0; j < m; j++) {
 					if (t->text1_tok[u[j]] >= 0)
 						enc_emit(e, t->text1_tok[u[j]]);
@@ -425,13 +425,13 @@ static int tok_encode_text(struct enc *e, const uint8_t *s, size_t n)
 	/* decode as llama.cpp, re-encode: norm = its bytes, proxy = what PCRE2 sees */
 	for (size_t i = 0; i < n;) {
 		size_t adv;
-		uint32_t cpt = utf8_next_lenient(s + i, n - i, &adv);
+		uint32_t cpt = tok_utf8_next_lenient(s + i, n - i, &adv);
 		i += adv;
-		size_t k = utf8_encode(cpt, e->norm + len);
+		size_t k = tok_utf8_encode(cpt, e->norm + len);
 		if (cpt < 0x80)
 			e->proxy[len] = e->norm[len];
 		else
-			utf8_encode(tok_proxy_cpt(cpt), e->proxy + len); /* same length */
+			tok_utf8_encode(tok_proxy_cpt(cpt), e->proxy + len); /* same length */
 		len += k;
 	}
 	e->cur.n = 0;
@@ -462,7 +462,7 @@ static int tok_special_found(struct enc *e, const uint8_t *text, size_t len, int
 			size_t pl = t->special_len[l];
 			if (pl > len - i)
 				continue;
-			int32_t id = strtab_find(&t->texts, text + i, pl);
+			int32_t id = tok_strtab_find(&t->texts, text + i, pl);
 			if (id < 0 || !(t->attr[id] & want) ||
 			    (!parse_special &&
 			     (t->attr[id] & (TOKENIZER_ATTR_CONTROL | TOKENIZER_ATTR_UNKNOWN))))
@@ -479,7 +479,7 @@ static int tok_special_found(struct enc *e, const uint8_t *text, size_t len, int
 		}
 	}
 	if (e->n_found > 1)
-		qsort(e->found, e->n_found, sizeof(*e->found), special_order_cmp);
+		qsort(e->found, e->n_found, sizeof(*e->found), tok_special_order_cmp);
 	e->cand = malloc((e->n_found ? e->n_found : 1) * sizeof(*e->cand));
 	if (!e->cand)
 		return ERR_NOMEM;
@@ -513,7 +513,7 @@ static int tok_partition(struct enc *e, const uint8_t *text, size_t len, int par
 		if (!parse_special &&
 		    (t->attr[id] & (TOKENIZER_ATTR_CONTROL | TOKENIZER_ATTR_UNKNOWN)))
 			continue;
-		const uint8_t *p = strtab_str(&t->texts, (uint32_t)id);
+		const uint8_t *p = tok_strtab_str(&t->texts, (uint32_t)id);
 		size_t pl = t->texts.len[id];
 		e->next.n = 0;
 		for (size_t f = 0; !rc && f < e->frags.n; f++) {

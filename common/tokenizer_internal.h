@@ -87,25 +87,25 @@ struct special_order {
 };
 
 /* tokenizer.c */
-int special_order_cmp(const void *a, const void *b);
+int tok_special_order_cmp(const void *a, const void *b);
 
 /* tokenizer_pretok.c */
-size_t utf8_encode(uint32_t cpt, uint8_t *out);
-uint32_t utf8_next_lenient(const uint8_t *s, size_t n, size_t *adv);
+size_t tok_utf8_encode(uint32_t cpt, uint8_t *out);
+uint32_t tok_utf8_next_lenient(const uint8_t *s, size_t n, size_t *adv);
 uint32_t tok_proxy_cpt(uint32_t cpt);
-void byte_map_init(struct byte_map *m);
-int byte_map_unspell(const struct byte_map *m, const uint8_t *s, size_t n, uint8_t *out,
-		     size_t *n_out);
+void tok_byte_map_init(struct byte_map *m);
+int tok_byte_map_unspell(const struct byte_map *m, const uint8_t *s, size_t n, uint8_t *out,
+			 size_t *n_out);
 int tok_load_pre(tokenizer *t, const gguf *g);
 
 /* tokenizer_bpe.c */
-void strtab_free(struct strtab *t);
-const uint8_t *strtab_str(const struct strtab *t, uint32_t i);
-int32_t strtab_find(const struct strtab *t, const uint8_t *s, size_t n);
-int strtab_intern(struct strtab *t, const uint8_t *s, size_t n, int32_t *idx, int *added);
-void pairtab_free(struct pairtab *p);
-int pairtab_init(struct pairtab *p, uint64_t n_expected);
-uint64_t pair_key(int32_t l, int32_t r);
-uint32_t pairtab_slot(const struct pairtab *p, uint64_t key);
+void tok_strtab_free(struct strtab *t);
+const uint8_t *tok_strtab_str(const struct strtab *t, uint32_t i);
+int32_t tok_strtab_find(const struct strtab *t, const uint8_t *s, size_t n);
+int tok_strtab_intern(struct strtab *t, const uint8_t *s, size_t n, int32_t *idx, int *added);
+void tok_pairtab_free(struct pairtab *p);
+int tok_pairtab_init(struct pairtab *p, uint64_t n_expected);
+uint64_t tok_pair_key(int32_t l, int32_t r);
+uint32_t tok_pairtab_slot(const struct pairtab *p, uint64_t key);
 
 #endif

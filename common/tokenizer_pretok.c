@@ -98,7 +98,7 @@ static const uint32_t uni_standin[6][2] = {
 
 #define CPT_REPLACEMENT 0xFFFD
 
-size_t utf8_encode(uint32_t cpt, uint8_t *out)
+size_t tok_utf8_encode(uint32_t cpt, uint8_t *out)
 {
 	if (cpt < 0x80) {
 		out[0] = (uint8_t)cpt;
@@ -127,7 +127,7 @@ size_t utf8_encode(uint32_t cpt, uint8_t *out)
  * surrogates.  Anything else is one invalid byte, read as U+FFFD (llama.cpp
  * unicode_cpts_from_utf8); so are values above U+10FFFF, which llama.cpp
  * accepts here and then aborts on. */
-uint32_t utf8_next_lenient(const uint8_t *s, size_t n, size_t *adv)
+uint32_t tok_utf8_next_lenient(const uint8_t *s, size_t n, size_t *adv)
 {
 	uint8_t c = s[0];
 	size_t len;
@@ -191,7 +191,7 @@ uint32_t tok_proxy_cpt(uint32_t cpt)
 	return cpt;
 }
 
-void byte_map_init(struct byte_map *m)
+void tok_byte_map_init(struct byte_map *m)
 {
 	int n = 0;
 	for (int c = 0; c < 0x144; c++)
@@ -208,8 +208,8 @@ void byte_map_init(struct byte_map *m)
  * UTF-8 can spell a byte; returns 0 and the length in *n_out, or -1 if the
  * text is not a byte spelling (such a token or merge can never be reached by
  * BPE over spelled bytes). */
-int byte_map_unspell(const struct byte_map *m, const uint8_t *s, size_t n, uint8_t *out,
-		     size_t *n_out)
+int tok_byte_map_unspell(const struct byte_map *m, const uint8_t *s, size_t n, uint8_t *out,
+			 size_t *n_out)
 {
 	size_t o = 0;
 	for (size_t i = 0; i < n;) {
