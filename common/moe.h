@@ -1,7 +1,7 @@
 /* moe: what a routed-expert computation needs to know about a model.
  *
  * The coordinator fills a moe_spec from the GGUF's architecture; the expert
- * code (worker/shard.c, used in-process and by worker processes) computes
+ * code (common/shard.c, used in-process and by worker processes) computes
  *   out = w * down( act( gate(x) [+ b_gate], up(x) [+ b_up] ) ) [+ b_down]
  * for each (row, chosen expert, weight), using the tensors
  *   blk.L.ffn_{gate,up,down}_exps.weight  (ne: n_embd x n_ff_exp x n_expert,

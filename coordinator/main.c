@@ -1,5 +1,5 @@
 /* moefleet: run Mixture-of-Experts models from GGUF files. */
-#include "cli.h"
+#include "cli/cli.h"
 
 int main(int argc, char **argv)
 {

@@ -2,7 +2,6 @@
 #include <math.h>
 #include <string.h>
 
-#include "common/err.h"
 #include "kernels/kern_impl.h"
 #include "kernels/quant.h"
 
@@ -125,7 +124,7 @@ int quant_type_supported(uint32_t type)
 int quant_row(uint32_t type, const float *x, void *dst, int64_t n)
 {
 	if (!quant_type_supported(type) || n < 0 || n % kern_type_block(type) != 0)
-		return ERR_CONFIG;
+		return QUANT_ERR_UNSUPPORTED;
 	uint8_t *p = dst;
 	switch (type) {
 	case KERN_F32: memcpy(dst, x, (size_t)n * sizeof(float)); break;

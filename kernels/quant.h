@@ -35,9 +35,13 @@ void quant_row_q4_0_ref(const float *x, void *dst, int64_t n);
 /* 1 if quant_row() can produce this type: F32, F16, BF16, Q8_0, Q4_0, MXFP4. */
 int quant_type_supported(uint32_t type);
 
+/* quant_row's failure code; it has the value of ERR_CONFIG in common/err.h
+ * (kernels include nothing outside kernels/ and libc). */
+enum { QUANT_ERR_UNSUPPORTED = -6 };
+
 /* Converts n floats to `type` (F16/BF16 round to nearest even, F32 copies).
- * Returns 0, or ERR_CONFIG when the type is not supported or n is not a
- * multiple of its block (nothing is written then; nothing is logged). */
+ * Returns 0, or QUANT_ERR_UNSUPPORTED when the type is not supported or n is
+ * not a multiple of its block (nothing is written then; nothing is logged). */
 int quant_row(uint32_t type, const float *x, void *dst, int64_t n);
 
 /* Index of the first NaN or infinity among n floats, or -1 if all are finite. */

@@ -15,7 +15,7 @@
 #include "common/err.h"
 #include "common/log.h"
 #include "common/pool.h"
-#include "coordinator/attn.h"
+#include "coordinator/model/attn.h"
 #include "kernels/kern.h"
 
 static uint64_t rng_state = 88172645463325252ull;

@@ -11,7 +11,7 @@
 
 #include "../common/err.h"
 #include "../common/log.h"
-#include "../coordinator/balance.h"
+#include "../coordinator/placement/balance.h"
 
 #define T_LAYERS  3 /* layer 0 dense */
 #define T_EXPERTS 16

@@ -17,7 +17,7 @@
 
 #include "../common/err.h"
 #include "../common/log.h"
-#include "../coordinator/chat.h"
+#include "../coordinator/serve/chat.h"
 
 static const char *data_path(const char *file)
 {

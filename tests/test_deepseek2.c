@@ -1,4 +1,4 @@
-/* The deepseek2 forward pass (coordinator/arch_deepseek2.c) on small random
+/* The deepseek2 forward pass (coordinator/model/arch_deepseek2.c) on small random
  * models written here with gguf_writer, no llama.cpp needed:
  *  - every feature combination loads and gives finite logits (q_lora or plain
  *    attn_q, group routing on/off, sigmoid/softmax gating, selection bias
@@ -27,7 +27,7 @@
 #include "../common/err.h"
 #include "../common/gguf_write.h"
 #include "../common/log.h"
-#include "../coordinator/model.h"
+#include "../coordinator/model/model.h"
 #include "../kernels/kern.h"
 
 static char tmp_path[64];

@@ -27,8 +27,8 @@
 #include "../common/log.h"
 #include "../common/transport.h"
 #include "../common/wire.h"
-#include "../coordinator/cluster.h"
-#include "../coordinator/model.h"
+#include "../coordinator/cluster/cluster.h"
+#include "../coordinator/model/model.h"
 #include "../worker/worker.h"
 #include "compare.h"
 

@@ -25,9 +25,9 @@
 #include "common/err.h"
 #include "common/gguf.h"
 #include "common/gguf_write.h"
-#include "coordinator/experts.h"
-#include "coordinator/footprint.h"
-#include "coordinator/model.h"
+#include "coordinator/model/experts.h"
+#include "coordinator/model/footprint.h"
+#include "coordinator/model/model.h"
 
 static char *data_path(const char *name)
 {

@@ -29,8 +29,8 @@
 #include "../common/log.h"
 #include "../common/progress.h"
 #include "../common/transport.h"
-#include "../coordinator/cluster.h"
-#include "../coordinator/model.h"
+#include "../coordinator/cluster/cluster.h"
+#include "../coordinator/model/model.h"
 #include "../worker/worker.h"
 #include "compare.h"
 

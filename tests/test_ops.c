@@ -20,7 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "coordinator/ops.h"
+#include "coordinator/model/ops.h"
 #include "kernels/kern.h"
 
 #define N_POS 7

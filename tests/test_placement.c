@@ -9,7 +9,7 @@
 #include <cmocka.h>
 
 #include "../common/err.h"
-#include "../coordinator/placement.h"
+#include "../coordinator/placement/placement.h"
 
 #define T_LAYERS  4
 #define T_EXPERTS 64

@@ -35,8 +35,8 @@
 #include "../common/gguf_write.h"
 #include "../common/log.h"
 #include "../common/shardfile.h"
-#include "../coordinator/quantize.h"
-#include "../coordinator/split.h"
+#include "../coordinator/convert/quantize.h"
+#include "../coordinator/convert/split.h"
 #include "../kernels/kern.h"
 #include "../kernels/quant.h"
 

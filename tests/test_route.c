@@ -1,4 +1,4 @@
-/* test_route: expert selection (coordinator/route.c).
+/* test_route: expert selection (coordinator/model/route.c).
  *
  * The default selection is checked against a separate, deliberately naive
  * statement of each architecture's rule (llama.cpp build_moe_ffn: sort all
@@ -15,7 +15,7 @@
 
 #include <cmocka.h>
 
-#include "coordinator/route.h"
+#include "coordinator/model/route.h"
 #include "common/err.h"
 
 #define X_MAX 64

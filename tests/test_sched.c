@@ -1,4 +1,4 @@
-/* The continuous-batching scheduler (coordinator/sched.c) without a model:
+/* The continuous-batching scheduler (coordinator/serve/sched.c) without a model:
  * admission order and the bounded queue, the token budget, whole prefill
  * chunks cut the same way whatever else runs, one decode per running request
  * per step, slot reuse and context refusal, and stop strings. */
@@ -14,7 +14,7 @@
 
 #include "../common/err.h"
 #include "../common/log.h"
-#include "../coordinator/sched.h"
+#include "../coordinator/serve/sched.h"
 
 static sched *make(int slots, int ctx, int batch, int chunk, int queue)
 {

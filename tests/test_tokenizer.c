@@ -25,7 +25,7 @@
 #include "../common/gguf.h"
 #include "../common/log.h"
 #include "../common/tokenizer.h"
-#include "../coordinator/sampler.h"
+#include "../coordinator/serve/sampler.h"
 
 /* ------------------------------------------------------------ helpers */
 

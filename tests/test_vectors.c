@@ -19,7 +19,7 @@
 #include "../common/gguf.h"
 #include "../common/gguf_write.h"
 #include "../common/log.h"
-#include "../coordinator/model.h"
+#include "../coordinator/model/model.h"
 #include "compare.h"
 
 #define MAX_CASES 128

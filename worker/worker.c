@@ -1,6 +1,6 @@
 #define _GNU_SOURCE
 #include "worker.h"
-#include "shard.h"
+#include "../common/shard.h"
 #include "../common/err.h"
 #include "../common/gguf.h"
 #include "../common/log.h"

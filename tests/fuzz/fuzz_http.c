@@ -20,8 +20,8 @@
 #include "fuzz.h"
 #include "../../common/err.h"
 #include "../../common/log.h"
-#include "../../coordinator/api.h"
-#include "../../coordinator/chat.h"
+#include "../../coordinator/serve/api.h"
+#include "../../coordinator/serve/chat.h"
 
 #include <stdlib.h>
 #include <string.h>

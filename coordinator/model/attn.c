@@ -1,0 +1,1195 @@
+/* attn: causal attention over an F16 KV cache, with llama.cpp's CPU
+ * flash-attention numerics (ggml/src/ggml-cpu/ops.cpp,
+ * ggml_compute_forward_flash_attn_ext_f16 and its two row kernels).
+ *
+ * Cache layout: k[layer][seq][pos][k_width] and v[layer][seq][pos][v_width],
+ * uint16_t IEEE halves, allocated once.  A query at position p of sequence s
+ * reads positions j0..p of s in increasing order (j0 = 0, or p - window + 1
+ * with a sliding window), which is the order llama.cpp visits the cells of a
+ * single-sequence cache.  Positions of one sequence are written before they
+ * are read (model.c keeps them consecutive), so resetting a slot needs no work.
+ *
+ * What each path rounds (see attn.h for when each is used):
+ *   one-row path  q -> F16; s = ggml_vec_dot_f16(q16, k) (attn_dot_f16) * scale;
+ *                 online softmax per key: a new maximum rescales the F16
+ *                 accumulator (acc = f16(acc * ms)), then
+ *                 acc = f16(fma(v, vs, acc)); S = S * ms + vs (two roundings:
+ *                 GCC does not fuse it in ggml's kernel).
+ *   split decode  the one-row path on each half of llama.cpp's cache view,
+ *                 then per half: M' = max(M, m), acc = fma(acc, e^(M-M'),
+ *                 part * e^(m-M')), S likewise.
+ *   tiled path    per tile of 64 positions: s = fma chain over d of q[d]*k[d]
+ *                 (F32 query), s *= scale; M' = max(M, tile max); a new
+ *                 maximum rescales the F32 accumulator and S by expf(M - M');
+ *                 e = vexpf(s - M'), S += sum e (lane groups added as
+ *                 ggml_vec_soft_max_f32 does); acc[d] = fma chain over the tile
+ *                 of e*v[d].
+ *   all           acc -> F32; a sink logit t joins: if t > M the accumulator
+ *                 and S are scaled by expf(M - t), else S += expf(t - M);
+ *                 out = acc * (1 / S).
+ * The fused multiply-adds are where GCC contracts ggml's C++ (or where ggml
+ * uses FMA intrinsics); checked against a local ggml build, see attn.h. */
+#include "attn.h"
+#include "attn_internal.h"
+
+#include <assert.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../common/err.h"
+#include "../../common/log.h"
+#include "../../kernels/kern.h"
+
+/* The row kernels are built twice and chosen at load time by CPU: with FMA,
+ * fmaf() is one instruction instead of a library call (same result: an FMA
+ * is exact by definition). */
+/* not under TSan: it instruments the clone resolver, which runs before it is set up */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
+#define ATTN_HOT __attribute__((target_clones("fma", "default")))
+#else
+#define ATTN_HOT
+#endif
+
+/* Per-thread F32 copies of one (layer, sequence, KV head)'s keys, transposed
+ * per tile ([tile][d][i], as attn_row_tiled builds them) and values
+ * ([j][d]), converted once and reused by every row of the thread's share of
+ * an attn_forward call (the values are exactly the F16 ones). */
+#define ATTN_KVF_SLOTS 64
+struct attn_kvf {
+	float *kt, *v;
+	size_t cap_kt, cap_v;  /* floats */
+	const uint16_t *kbase; /* what is cached: the first key's address */
+	int n;		       /* keys converted (a multiple of ATTN_TILE_KV or all) */
+};
+
+struct attn_cache {
+	int n_layer;
+	int n_seq;
+	int n_ctx;
+	int k_width;
+	int v_width;
+	uint16_t *k;	      /* [n_layer][n_seq][n_ctx][k_width] */
+	uint16_t *v;	      /* [n_layer][n_seq][n_ctx][v_width] */
+	int32_t *seq_tokens;  /* [n_seq] scratch of attn_forward: tokens per sequence */
+	struct attn_kvf *kvf; /* [ATTN_KVF_SLOTS] per pool thread, or NULL */
+};
+
+/* ------------------------------------------------------------ f16 helpers */
+
+static float attn_f16_table[65536]; /* f16 bits -> f32 value */
+static pthread_once_t attn_f16_once = PTHREAD_ONCE_INIT;
+
+static void attn_f16_table_init(void)
+{
+	for (uint32_t h = 0; h < 65536; h++)
+		attn_f16_table[h] = kern_f16_to_f32((uint16_t)h);
+}
+
+static inline float attn_f16_to_f32(uint16_t h)
+{
+	return attn_f16_table[h];
+}
+
+static inline uint32_t attn_f32_bits(float f)
+{
+	uint32_t u;
+	memcpy(&u, &f, sizeof(u));
+	return u;
+}
+
+static inline float attn_bits_f32(uint32_t u)
+{
+	float f;
+	memcpy(&f, &u, sizeof(f));
+	return f;
+}
+
+/* x rounded to the nearest F16 value (ties to even), as a float: the value an
+ * F16 store followed by a load gives (F16C's VCVTPS2PH with rounding mode 0). */
+static inline float attn_f16_round(float x)
+{
+	uint32_t u = attn_f32_bits(x);
+	uint32_t a = u & 0x7fffffffu;
+	if (a >= 0x38800000u && a < 0x477ff000u) {
+		/* normal half: drop 13 mantissa bits, ties to even */
+		a += 0x0fffu + ((a >> 13) & 1u);
+		a &= ~0x1fffu;
+		return attn_bits_f32((u & 0x80000000u) | a);
+	}
+	/* subnormal, zero, overflow, inf, NaN: rare, exact slow path */
+	return kern_f16_to_f32(kern_f32_to_f16(x));
+}
+
+/* Which of ggml's x86 SIMD builds the reductions below reproduce: 16 lanes
+ * (AVX-512, the machine that made the shared reference vectors) or 8 (AVX2).
+ * Only the order of a few float additions and ggml's vector expf depend on it. */
+#ifndef ATTN_GGML_LANES
+#define ATTN_GGML_LANES 16
+#endif
+#if ATTN_GGML_LANES != 16 && ATTN_GGML_LANES != 8
+#error "ATTN_GGML_LANES must be 16 or 8"
+#endif
+
+#if ATTN_GGML_LANES == 16
+/* ggml_v_expf (ggml-cpu/vec.h, AVX-512 version) for one lane.  Inlined into
+ * the (FMA-built) kernels, so fmaf() is an instruction there. */
+static inline __attribute__((always_inline)) float attn_vexpf(float x)
+{
+	const float r = 0x1.8p23f;
+	const float z = fmaf(x, 0x1.715476p+0f, r);
+	const float n = z - r;
+	const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+	if (fabsf(n) > 192.0f)
+		return n <= 0.0f ? 0.0f : INFINITY;
+	const float u = b * b;
+	const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
+				  fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+			     u, fmaf(0x1.ffffecp-1f, b, 1.0f));
+	/* _mm512_scalef_ps: exact, or rounded once if subnormal; a product by
+	 * a power of two (normal for n >= -126) rounds the same way */
+	if (n >= -126.0f && n <= 127.0f)
+		return j * attn_bits_f32((uint32_t)((int)n + 127) << 23);
+	return ldexpf(j, (int)n);
+}
+
+/* _mm512_reduce_add_ps as GCC implements it: what both ggml_vec_soft_max_f32
+ * and GGML_F32Cx16_REDUCE end with. */
+static float attn_hsum_softmax(const float *a)
+{
+	float t[8], u[4];
+	for (int i = 0; i < 8; i++)
+		t[i] = a[i + 8] + a[i];
+	for (int i = 0; i < 4; i++)
+		u[i] = t[i + 4] + t[i];
+	return (u[0] + u[2]) + (u[1] + u[3]);
+}
+
+static float attn_hsum_dot(const float *a)
+{
+	return attn_hsum_softmax(a);
+}
+#else
+/* ggml_v_expf (ggml-cpu/vec.h, AVX2+FMA version) for one lane: exp(x) with at
+ * most ~1.5 ulp error. */
+static inline __attribute__((always_inline)) float attn_vexpf(float x)
+{
+	const float r = 0x1.8p23f;
+	const float z = fmaf(x, 0x1.715476p+0f, r);
+	const float n = z - r;
+	const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+	const uint32_t e = attn_f32_bits(z) << 23;
+	const float k = attn_bits_f32(e + attn_f32_bits(1.0f));
+	const float u = b * b;
+	const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
+				  fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+			     u, 0x1.ffffecp-1f * b);
+	if (!(fabsf(n) > 126.0f))
+		return fmaf(j, k, k);
+	const uint32_t g = n <= 0.0f ? 0x82000000u : 0u;
+	const float s1 = attn_bits_f32(g + 0x7f000000u);
+	const float s2 = attn_bits_f32(e - g);
+	if (fabsf(n) > 192.0f)
+		return s1 * s1;
+	return fmaf(s2, j, s2) * s1;
+}
+
+/* ggml_vec_soft_max_f32's AVX2 sum of 8 lanes (halves, movehl, movehdup). */
+static float attn_hsum_softmax(const float *a)
+{
+	float p[4];
+	for (int i = 0; i < 4; i++)
+		p[i] = a[i + 4] + a[i];
+	return (p[0] + p[2]) + (p[1] + p[3]);
+}
+
+/* The horizontal part of GGML_F32x8_REDUCE (halves, then two hadds). */
+static float attn_hsum_dot(const float *a)
+{
+	float t[4];
+	for (int i = 0; i < 4; i++)
+		t[i] = a[i] + a[i + 4];
+	return (t[0] + t[1]) + (t[2] + t[3]);
+}
+#endif
+
+/* ggml_vec_dot_f16 for x86 SIMD builds: blocks of 4 x LANES values go to 4
+ * vector accumulators (products of two F16 values are exact in F32), which are
+ * reduced (0+2, 1+3, then 0+1, then across lanes); the tail is added in double. */
+static float attn_dot_f16(const float *q16, const uint16_t *k, int n, int simd)
+{
+	enum { L = ATTN_GGML_LANES, STEP = 4 * ATTN_GGML_LANES };
+	const int np = n & ~(STEP - 1);
+	double sum = 0.0;
+#if ATTN_GGML_LANES == 16
+	if (np > 0 && simd) {
+		float red[16];
+		attn_simd_dot16(q16, k, np, red);
+		sum = (double)attn_hsum_dot(red);
+	} else
+#endif
+	    if (np > 0) {
+		float acc[4][L];
+		memset(acc, 0, sizeof(acc));
+		for (int i = 0; i < np; i += STEP)
+			for (int j = 0; j < 4; j++)
+				for (int l = 0; l < L; l++)
+					acc[j][l] +=
+					    q16[i + j * L + l] * attn_f16_to_f32(k[i + j * L + l]);
+		for (int l = 0; l < L; l++) {
+			acc[0][l] += acc[2][l];
+			acc[1][l] += acc[3][l];
+		}
+		for (int l = 0; l < L; l++)
+			acc[0][l] += acc[1][l];
+		sum = (double)attn_hsum_dot(acc[0]);
+	}
+	for (int i = np; i < n; i++)
+		sum += (double)(q16[i] * attn_f16_to_f32(k[i]));
+	return (float)sum;
+}
+
+/* ggml's split-KV decode (see attn_row_split) as llama.cpp drives it with the
+ * reference settings: cells padded to 256, 2 threads. */
+#define ATTN_SPLIT_PAD	  256
+#define ATTN_SPLIT_MIN_KV 512
+#define ATTN_SPLIT_CHUNKS 2
+
+/* ------------------------------------------------------------------ cache */
+
+int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, attn_cache **out)
+{
+	int rc = 0;
+	attn_cache *c = NULL;
+	*out = NULL;
+	if (n_layer <= 0 || n_seq <= 0 || n_ctx <= 0 || k_width <= 0 || v_width <= 0) {
+		log_error("attn: invalid KV cache shape (layers %d, sequences %d, positions %d, "
+			  "widths %d/%d)",
+			  n_layer, n_seq, n_ctx, k_width, v_width);
+		return ERR_CONFIG;
+	}
+	/* entries = n_layer * n_seq * n_ctx; every product checked for overflow */
+	const size_t max_entries =
+	    SIZE_MAX / sizeof(uint16_t) / (size_t)(k_width > v_width ? k_width : v_width);
+	size_t entries = (size_t)n_layer;
+	if (entries > max_entries / (size_t)n_seq ||
+	    entries * (size_t)n_seq > max_entries / (size_t)n_ctx) {
+		log_error("attn: KV cache of %d layers x %d sequences x %d positions x %d+%d "
+			  "values is too large",
+			  n_layer, n_seq, n_ctx, k_width, v_width);
+		return ERR_NOMEM;
+	}
+	entries *= (size_t)n_seq * (size_t)n_ctx;
+	const size_t bytes_k = entries * (size_t)k_width * sizeof(uint16_t);
+	const size_t bytes_v = entries * (size_t)v_width * sizeof(uint16_t);
+
+	pthread_once(&attn_f16_once, attn_f16_table_init);
+
+	c = calloc(1, sizeof(*c));
+	if (!c) {
+		rc = ERR_NOMEM;
+		goto out;
+	}
+	c->n_layer = n_layer;
+	c->n_seq = n_seq;
+	c->n_ctx = n_ctx;
+	c->k_width = k_width;
+	c->v_width = v_width;
+	/* calloc: positions never stored read as +0, never garbage */
+	c->k = calloc(1, bytes_k);
+	c->v = calloc(1, bytes_v);
+	c->seq_tokens = calloc((size_t)n_seq, sizeof(int32_t));
+	c->kvf = calloc(ATTN_KVF_SLOTS, sizeof(*c->kvf)); /* buffers grow when used */
+	if (!c->k || !c->v || !c->seq_tokens || !c->kvf)
+		rc = ERR_NOMEM;
+out:
+	if (rc) {
+		log_error("attn: cannot allocate the KV cache (%zu + %zu bytes)", bytes_k, bytes_v);
+		attn_cache_destroy(&c);
+	}
+	*out = c;
+	return rc;
+}
+
+void attn_cache_destroy(attn_cache **c)
+{
+	if (!c || !*c)
+		return;
+	free((*c)->k);
+	free((*c)->v);
+	free((*c)->seq_tokens);
+	if ((*c)->kvf)
+		for (int i = 0; i < ATTN_KVF_SLOTS; i++) {
+			free((*c)->kvf[i].kt);
+			free((*c)->kvf[i].v);
+		}
+	free((*c)->kvf);
+	free(*c);
+	*c = NULL;
+}
+
+void attn_cache_reset_seq(attn_cache *c, int seq)
+{
+	/* Nothing to clear: a query only reads positions its sequence has
+	 * stored since the reset (positions restart at 0 and are consecutive). */
+	(void)c;
+	(void)seq;
+	assert(seq >= 0 && seq < c->n_seq);
+}
+
+static inline size_t attn_entry(const attn_cache *c, int layer, int seq, int pos)
+{
+	return ((size_t)layer * (size_t)c->n_seq + (size_t)seq) * (size_t)c->n_ctx + (size_t)pos;
+}
+
+void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k, const float *v)
+{
+	assert(layer >= 0 && layer < c->n_layer && seq >= 0 && seq < c->n_seq && pos >= 0 &&
+	       pos < c->n_ctx);
+	size_t e = attn_entry(c, layer, seq, pos);
+	uint16_t *kd = c->k + e * (size_t)c->k_width;
+	uint16_t *vd = c->v + e * (size_t)c->v_width;
+	for (int i = 0; i < c->k_width; i++)
+		kd[i] = kern_f32_to_f16(k[i]);
+	for (int i = 0; i < c->v_width; i++)
+		vd[i] = kern_f32_to_f16(v[i]);
+}
+
+int attn_check_params(const attn_cache *c, const struct attn_params *ap, const char *what)
+{
+	if (ap->n_head <= 0 || ap->n_head_kv <= 0 || ap->n_head % ap->n_head_kv != 0) {
+		log_error("%s: attention: %d query heads are not a multiple of %d KV heads", what,
+			  ap->n_head, ap->n_head_kv);
+		return ERR_FORMAT;
+	}
+	if (ap->head_dim_k <= 0 || ap->head_dim_k > ATTN_MAX_HEAD_DIM || ap->head_dim_v <= 0 ||
+	    ap->head_dim_v > ATTN_MAX_HEAD_DIM) {
+		log_error("%s: attention: head sizes %d/%d outside 1..%d", what, ap->head_dim_k,
+			  ap->head_dim_v, ATTN_MAX_HEAD_DIM);
+		return ERR_FORMAT;
+	}
+	if ((int64_t)ap->n_head_kv * ap->head_dim_k != c->k_width ||
+	    (int64_t)ap->n_head_kv * ap->head_dim_v != c->v_width) {
+		log_error("%s: attention: %d KV heads of %d/%d values do not match the KV cache "
+			  "widths %d/%d",
+			  what, ap->n_head_kv, ap->head_dim_k, ap->head_dim_v, c->k_width,
+			  c->v_width);
+		return ERR_FORMAT;
+	}
+	if (ap->window < 0) {
+		log_error("%s: attention: negative sliding window %d", what, ap->window);
+		return ERR_FORMAT;
+	}
+	if (!isfinite(ap->scale)) {
+		log_error("%s: attention: scale is not finite", what);
+		return ERR_FORMAT;
+	}
+	return 0;
+}
+
+/* -------------------------------------------------------------- forward */
+
+struct attn_job {
+	const attn_cache *c;
+	int layer;
+	const struct attn_params *ap;
+	const model_batch *b;
+	const float *q;
+	float *out;
+	int tiled_ok; /* head_dim_v suits ggml's tiled kernel */
+	int split_ok; /* no sliding window: split-KV decode possible */
+};
+
+/* Thread ith's copies (slots of the cache; threads beyond them go without),
+ * emptied; NULL if there are none. */
+static struct attn_kvf *attn_kvf_get(const attn_cache *c, int ith)
+{
+	if (!c->kvf || ith >= ATTN_KVF_SLOTS)
+		return NULL;
+	struct attn_kvf *f = &c->kvf[ith];
+	f->kbase = NULL;
+	f->n = 0;
+	return f;
+}
+
+/* Makes keys and values [0, z) of kbase/vbase available as F32; 0 on success. */
+static int attn_kvf_fill(struct attn_kvf *f, const attn_cache *c, const uint16_t *kbase,
+			 const uint16_t *vbase, int dk, int dv, int z)
+{
+	if (f->kbase != kbase) {
+		f->kbase = kbase;
+		f->n = 0;
+	}
+	if (z <= f->n)
+		return 0;
+	const int zt = (z + ATTN_TILE_KV - 1) / ATTN_TILE_KV * ATTN_TILE_KV;
+	const size_t need_kt = (size_t)zt * (size_t)dk, need_v = (size_t)zt * (size_t)dv;
+	if (need_kt > f->cap_kt) {
+		float *p = realloc(f->kt, need_kt * sizeof(float));
+		if (!p)
+			return -1;
+		f->kt = p;
+		f->cap_kt = need_kt;
+	}
+	if (need_v > f->cap_v) {
+		float *p = realloc(f->v, need_v * sizeof(float));
+		if (!p)
+			return -1;
+		f->v = p;
+		f->cap_v = need_v;
+	}
+	for (int j = f->n; j < z; j++) {
+		const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
+		const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
+		float *tile = f->kt + (size_t)(j / ATTN_TILE_KV) * ATTN_TILE_KV * (size_t)dk;
+		const int i = j % ATTN_TILE_KV;
+		for (int d = 0; d < dk; d++)
+			tile[(size_t)d * ATTN_TILE_KV + (size_t)i] = attn_f16_to_f32(kj[d]);
+		for (int d = 0; d < dv; d++)
+			f->v[(size_t)j * (size_t)dv + (size_t)d] = attn_f16_to_f32(vj[d]);
+	}
+	/* the last tile's lanes past z: zeros (the SIMD scores read whole tiles) */
+	float *tile = f->kt + (size_t)(z / ATTN_TILE_KV) * ATTN_TILE_KV * (size_t)dk;
+	for (int d = 0; d < dk && z % ATTN_TILE_KV; d++)
+		memset(tile + (size_t)d * ATTN_TILE_KV + z % ATTN_TILE_KV, 0,
+		       (size_t)(ATTN_TILE_KV - z % ATTN_TILE_KV) * sizeof(float));
+	f->n = z;
+	return 0;
+}
+
+/* The visible key positions [j0, j1) of a query at position pos. */
+static inline void attn_visible(const struct attn_params *ap, int pos, int *j0, int *j1)
+{
+	*j0 = 0;
+	if (ap->window > 0 && pos - ap->window + 1 > 0)
+		*j0 = pos - ap->window + 1;
+	*j1 = pos + 1;
+}
+
+/* Adds a sink logit t to the softmax state (M, S, acc), as ggml's kernels do
+ * after the keys: the one-row kernel also moves M to t when t is larger. */
+static void attn_add_sink(float t, float *M, float *S, float *acc, int dv)
+{
+	float ms = 1.0f;
+	float vs = 1.0f;
+	if (t > *M) {
+		ms = expf(*M - t);
+		*M = t;
+		for (int d = 0; d < dv; d++)
+			acc[d] *= ms;
+	} else {
+		vs = expf(t - *M);
+	}
+	*S = fmaf(*S, ms, vs);
+}
+
+/* out = acc * (1 / S) (zero when no key was visible). */
+static void attn_normalize(float S, const float *acc, int dv, float *out)
+{
+	const float s_inv = S == 0.0f ? 0.0f : 1.0f / S;
+	for (int d = 0; d < dv; d++)
+		out[d] = acc[d] * s_inv;
+}
+
+/* ggml's one-row kernel (ggml_compute_forward_flash_attn_ext_f16_one_chunk)
+ * over the keys [j0, j1) of one (token, head): F16 query, F16 accumulator.
+ * Leaves the running max, sum and the accumulator (as F32) in *M, *S, acc. */
+ATTN_HOT static void attn_chunk_f16(const struct attn_job *jb, int t, int h, int j0, int j1,
+				    float *M, float *S, float *acc)
+{
+	const attn_cache *c = jb->c;
+	const struct attn_params *ap = jb->ap;
+	const int dk = ap->head_dim_k;
+	const int dv = ap->head_dim_v;
+	const int hkv = h / (ap->n_head / ap->n_head_kv);
+	float q16[ATTN_MAX_HEAD_DIM];
+	const int simd = attn_simd_ok();
+
+	const float *qh = jb->q + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dk;
+	for (int d = 0; d < dk; d++)
+		q16[d] = attn_f16_round(qh[d]);
+	memset(acc, 0, (size_t)dv * sizeof(float)); /* F16 values held in floats */
+
+	const size_t e0 = attn_entry(c, jb->layer, jb->b->seq[t], 0);
+	const uint16_t *kbase = c->k + e0 * (size_t)c->k_width + (size_t)hkv * (size_t)dk;
+	const uint16_t *vbase = c->v + e0 * (size_t)c->v_width + (size_t)hkv * (size_t)dv;
+
+	*S = 0.0f;
+	*M = -INFINITY;
+	for (int j = j0; j < j1; j++) {
+		const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
+		const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
+		const float s = attn_dot_f16(q16, kj, dk, simd) * ap->scale;
+
+		float ms = 1.0f;
+		float vs = 1.0f;
+		if (s > *M) {
+			const float m_old = *M;
+			*M = s;
+			ms = expf(m_old - *M);
+			if (simd)
+				attn_simd_scale_f16(acc, ms, dv);
+			else
+				for (int d = 0; d < dv; d++)
+					acc[d] = attn_f16_round(acc[d] * ms);
+		} else {
+			vs = expf(s - *M);
+		}
+		if (simd)
+			attn_simd_fma_f16(acc, vj, vs, dv);
+		else
+			for (int d = 0; d < dv; d++)
+				acc[d] = attn_f16_round(fmaf(attn_f16_to_f32(vj[d]), vs, acc[d]));
+		*S = *S * ms + vs;
+	}
+}
+
+/* One (token, head) row through the one-row kernel. */
+static void attn_row_f16(const struct attn_job *jb, int t, int h)
+{
+	const struct attn_params *ap = jb->ap;
+	float acc[ATTN_MAX_HEAD_DIM];
+	float M, S;
+	int j0, j1;
+	attn_visible(ap, jb->b->pos[t], &j0, &j1);
+	attn_chunk_f16(jb, t, h, j0, j1, &M, &S, acc);
+	if (ap->sinks)
+		attn_add_sink(ap->sinks[h], &M, &S, acc, ap->head_dim_v);
+	attn_normalize(S, acc, ap->head_dim_v,
+		       jb->out +
+			   ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)ap->head_dim_v);
+}
+
+/* The KV length llama.cpp's cache presents to a decode step at position pos
+ * (llama_kv_cache::get_n_kv: the used cells padded to 256, at least 256). */
+static int attn_llama_n_kv(int pos)
+{
+	return (pos + 1 + ATTN_SPLIT_PAD - 1) / ATTN_SPLIT_PAD * ATTN_SPLIT_PAD;
+}
+
+/* A single-token step over at least ATTN_SPLIT_MIN_KV cache cells: ggml splits
+ * the cells into ATTN_SPLIT_CHUNKS equal chunks (one per thread), runs the
+ * one-row kernel on each (the sink joins the first chunk) and merges the
+ * partial results in chunk order (ggml_flash_attn_ext_reduce_partials). */
+ATTN_HOT static void attn_row_split(const struct attn_job *jb, int t, int h)
+{
+	const struct attn_params *ap = jb->ap;
+	const int dv = ap->head_dim_v;
+	const int n_kv = attn_llama_n_kv(jb->b->pos[t]);
+	const int chunk = (n_kv + ATTN_SPLIT_CHUNKS - 1) / ATTN_SPLIT_CHUNKS;
+	float acc[ATTN_MAX_HEAD_DIM], part[ATTN_MAX_HEAD_DIM];
+	float M = -INFINITY, S = 0.0f;
+	int j0, j1;
+	attn_visible(ap, jb->b->pos[t], &j0, &j1);
+	memset(acc, 0, (size_t)dv * sizeof(float));
+	for (int ic = 0; ic < n_kv; ic += chunk) {
+		const int a = ic > j0 ? ic : j0;
+		const int z = ic + chunk < j1 ? ic + chunk : j1;
+		float m_c, s_c;
+		attn_chunk_f16(jb, t, h, a, z > a ? z : a, &m_c, &s_c, part);
+		if (ap->sinks && ic == 0)
+			attn_add_sink(ap->sinks[h], &m_c, &s_c, part, dv);
+		if (s_c == 0.0f)
+			continue;
+		const float m_new = fmaxf(M, m_c);
+		const float scale_old = expf(M - m_new);
+		const float scale_new = expf(m_c - m_new);
+		for (int d = 0; d < dv; d++)
+			acc[d] = fmaf(acc[d], scale_old, part[d] * scale_new);
+		S = fmaf(S, scale_old, s_c * scale_new);
+		M = m_new;
+	}
+	attn_normalize(S, acc, dv,
+		       jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dv);
+}
+
+/* Heads of one token computed together by the tiled kernel (at most). */
+#define ATTN_GROUP 4
+
+/* One head's softmax step over a tile: kq holds the tile's ATTN_TILE_KV
+ * scaled scores (-inf where masked), tile_max their maximum (not -inf).  A
+ * new maximum rescales acc[dv] and S; kq becomes the weights vexpf(kq - M)
+ * and S gains their sum (lane groups added as ggml_vec_soft_max_f32 does). */
+static inline __attribute__((always_inline)) void
+attn_tile_softmax(float *kq, float tile_max, float *M, float *S, float *acc, int dv)
+{
+	const float m_new = fmaxf(*M, tile_max);
+	if (m_new > *M) {
+		const float ms = expf(*M - m_new);
+		for (int d = 0; d < dv; d++)
+			acc[d] *= ms;
+		*S *= ms;
+	}
+	*M = m_new;
+	double sum = 0.0;
+	for (int g = 0; g < ATTN_TILE_KV; g += ATTN_GGML_LANES) {
+		for (int i = 0; i < ATTN_GGML_LANES; i++)
+			kq[g + i] = attn_vexpf(kq[g + i] - m_new);
+		sum += (double)attn_hsum_softmax(kq + g);
+	}
+	*S = (float)((double)*S + sum);
+}
+
+/* Heads h0 .. h0 + ng - 1 (ng <= ATTN_GROUP, one KV head) of token t through
+ * ggml's tiled kernel: F32 query and accumulator, one softmax update per tile
+ * of ATTN_TILE_KV positions (tiles start at 0).  Each head's arithmetic is
+ * exactly what it would be alone; the heads go together so that a key or
+ * value converted and loaded once serves all of them. */
+ATTN_HOT static void attn_rows_tiled(const struct attn_job *jb, struct attn_kvf *kvf, int t, int h0,
+				     int ng)
+{
+	enum { T = ATTN_TILE_KV };
+	const attn_cache *c = jb->c;
+	const struct attn_params *ap = jb->ap;
+	const int dk = ap->head_dim_k;
+	const int dv = ap->head_dim_v;
+	const int hkv = h0 / (ap->n_head / ap->n_head_kv);
+	const int seq = jb->b->seq[t];
+	const int pos = jb->b->pos[t];
+	float acc[ATTN_GROUP * ATTN_MAX_HEAD_DIM], vrow[ATTN_MAX_HEAD_DIM];
+	float kq[ATTN_GROUP][T], sv[ATTN_GROUP][T], M[ATTN_GROUP], S[ATTN_GROUP];
+	float kt[ATTN_MAX_HEAD_DIM * T]; /* key tile, [d][i], without kvf */
+	int live[ATTN_GROUP];
+
+	const float *q = jb->q + ((size_t)t * (size_t)ap->n_head + (size_t)h0) * (size_t)dk;
+	memset(acc, 0, (size_t)ng * (size_t)dv * sizeof(float));
+	for (int g = 0; g < ng; g++) {
+		M[g] = -INFINITY;
+		S[g] = 0.0f;
+	}
+
+	int j0, j1;
+	attn_visible(ap, pos, &j0, &j1);
+	const size_t e0 = attn_entry(c, jb->layer, seq, 0);
+	const uint16_t *kbase = c->k + e0 * (size_t)c->k_width + (size_t)hkv * (size_t)dk;
+	const uint16_t *vbase = c->v + e0 * (size_t)c->v_width + (size_t)hkv * (size_t)dv;
+
+	/* the keys and values as F32, shared with the thread's other rows
+	 * (the SIMD path; without it, each tile's keys are converted here) */
+	if (kvf && (!attn_simd_ok() || attn_kvf_fill(kvf, c, kbase, vbase, dk, dv, j1) != 0))
+		kvf = NULL;
+	for (int ic = j0 - j0 % T; ic < j1; ic += T) {
+		/* visible part [a, z) of this tile; the rest scores -inf */
+		const int a = ic > j0 ? ic : j0;
+		const int z = ic + T < j1 ? ic + T : j1;
+		/* scores sv[g][j - ic]: one FMA chain over d per key, as ggml;
+		 * the keys of the tile are transposed so the chains run side by
+		 * side (lanes outside [a, z) are not used) */
+		if (kvf) {
+			attn_simd_scores(kvf->kt + (size_t)(ic / T) * T * (size_t)dk, T, dk, T, q,
+					 (size_t)dk, ng, sv[0], T);
+		} else {
+			for (int j = a; j < z; j++) {
+				const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
+				for (int d = 0; d < dk; d++)
+					kt[(size_t)d * T + (size_t)(j - ic)] =
+					    attn_f16_to_f32(kj[d]);
+			}
+			for (int g = 0; g < ng; g++) {
+				const float *qh = q + (size_t)g * (size_t)dk;
+				for (int i = a - ic; i < z - ic; i++)
+					sv[g][i] = 0.0f;
+				for (int d = 0; d < dk; d++)
+					for (int i = a - ic; i < z - ic; i++)
+						sv[g][i] = fmaf(
+						    qh[d], kt[(size_t)d * T + (size_t)i], sv[g][i]);
+			}
+		}
+		int n_live = 0;
+		for (int g = 0; g < ng; g++) {
+			float tile_max = -INFINITY;
+			for (int i = 0; i < T; i++) {
+				const int j = ic + i;
+				if (j < a || j >= z) {
+					kq[g][i] = -INFINITY;
+					continue;
+				}
+				kq[g][i] = sv[g][i] * ap->scale;
+				if (kq[g][i] > tile_max)
+					tile_max = kq[g][i];
+			}
+			if (tile_max == -INFINITY)
+				continue; /* the head skips this tile */
+			live[n_live++] = g;
+			attn_tile_softmax(kq[g], tile_max, &M[g], &S[g],
+					  acc + (size_t)g * (size_t)dv, dv);
+		}
+
+		/* acc[g][d] += sum_j kq[g][j] * v[j][d], one FMA chain per d in
+		 * tile order; masked positions add exact zeros and are skipped */
+		if (kvf && n_live == ng) {
+			attn_simd_values(kvf->v + (size_t)a * (size_t)dv, z - a, dv,
+					 kq[0] + (a - ic), T, ng, acc);
+			continue;
+		}
+		for (int l = 0; l < n_live; l++) {
+			const int g = live[l];
+			float *ag = acc + (size_t)g * (size_t)dv;
+			if (kvf) {
+				attn_simd_values(kvf->v + (size_t)a * (size_t)dv, z - a, dv,
+						 kq[g] + (a - ic), T, 1, ag);
+				continue;
+			}
+			for (int j = a; j < z; j++) {
+				const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
+				const float w = kq[g][j - ic];
+				for (int d = 0; d < dv; d++)
+					vrow[d] = attn_f16_to_f32(vj[d]);
+				for (int d = 0; d < dv; d++)
+					ag[d] = fmaf(w, vrow[d], ag[d]);
+			}
+		}
+	}
+
+	for (int g = 0; g < ng; g++) {
+		float *ag = acc + (size_t)g * (size_t)dv;
+		/* the sink (M is not moved here, unlike the one-row kernel) */
+		if (ap->sinks) {
+			float m = M[g];
+			attn_add_sink(ap->sinks[h0 + g], &m, &S[g], ag, dv);
+		}
+		attn_normalize(S[g], ag, dv,
+			       jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)(h0 + g)) *
+					     (size_t)dv);
+	}
+}
+
+static void attn_worker(void *ctx, int ith, int nth)
+{
+	const struct attn_job *jb = ctx;
+	const struct attn_params *ap = jb->ap;
+	const int n_tok = jb->b->n_tokens;
+	const int hpk = ap->n_head / ap->n_head_kv; /* heads per KV head */
+	const int gpk = (hpk + ATTN_GROUP - 1) / ATTN_GROUP;
+	int64_t lo, hi;
+	/* units (group of heads, token), group-major as ggml's rows are
+	 * head-major: each thread takes whole groups when it can, so causal
+	 * rows of every length are spread evenly, and its rows share keys */
+	pool_split((int64_t)n_tok * ap->n_head_kv * gpk, ith, nth, 1, &lo, &hi);
+	struct attn_kvf *kvf = jb->tiled_ok ? attn_kvf_get(jb->c, ith) : NULL;
+	for (int64_t u = lo; u < hi; u++) {
+		const int gi = (int)(u / n_tok);
+		const int t = (int)(u % n_tok);
+		const int h0 = gi / gpk * hpk + gi % gpk * ATTN_GROUP;
+		const int h1 =
+		    h0 + ATTN_GROUP < (gi / gpk + 1) * hpk ? h0 + ATTN_GROUP : (gi / gpk + 1) * hpk;
+		/* the kernel llama.cpp would use for this sequence alone */
+		const int32_t n_seq_tok = jb->c->seq_tokens[jb->b->seq[t]];
+		if (jb->tiled_ok && n_seq_tok >= ATTN_TILE_Q) {
+			attn_rows_tiled(jb, kvf, t, h0, h1 - h0);
+			continue;
+		}
+		for (int h = h0; h < h1; h++)
+			if (jb->split_ok && n_seq_tok == 1 &&
+			    attn_llama_n_kv(jb->b->pos[t]) >= ATTN_SPLIT_MIN_KV)
+				attn_row_split(jb, t, h);
+			else
+				attn_row_f16(jb, t, h);
+	}
+}
+
+void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_params *ap,
+		  const model_batch *b, const float *q, float *out)
+{
+	assert(layer >= 0 && layer < c->n_layer);
+	assert(ap->head_dim_k <= ATTN_MAX_HEAD_DIM && ap->head_dim_v <= ATTN_MAX_HEAD_DIM);
+	if (b->n_tokens <= 0)
+		return;
+	/* ggml picks its kernel by the number of query rows; rows are chosen
+	 * here per sequence, so that a sequence's results do not depend on the
+	 * other sequences sharing its batch (single-sequence runs match llama.cpp) */
+	for (int t = 0; t < b->n_tokens; t++)
+		c->seq_tokens[b->seq[t]] = 0;
+	for (int t = 0; t < b->n_tokens; t++)
+		c->seq_tokens[b->seq[t]]++;
+	struct attn_job jb = {
+	    .c = c,
+	    .layer = layer,
+	    .ap = ap,
+	    .b = b,
+	    .q = q,
+	    .out = out,
+	    /* ggml: tiled with >= 64 query rows when the value size is a
+	     * multiple of the F32 vector width */
+	    .tiled_ok = ap->head_dim_v % ATTN_GGML_LANES == 0,
+	    /* ggml: a single query over >= 512 cells splits the cells; a
+	     * sliding-window layer has its own small cache in llama.cpp */
+	    .split_ok = ap->window == 0,
+	};
+	pool_run(p, attn_worker, &jb);
+}
+
+/* ------------------------------------------------- gathered keys (K = V) */
+
+enum attn_kernel attn_pick_kernel(int n_seq_tokens, int n_cells, int dim)
+{
+	if (n_seq_tokens >= ATTN_TILE_Q && dim % ATTN_GGML_LANES == 0)
+		return ATTN_KERNEL_TILED;
+	if (n_seq_tokens == 1 && n_cells >= ATTN_SPLIT_MIN_KV)
+		return ATTN_KERNEL_SPLIT;
+	return ATTN_KERNEL_ONE_ROW;
+}
+
+/* Key row i as floats. */
+static inline void attn_gather_load(const struct attn_keys *ks, int i, int dim, float *dst)
+{
+	if (ks->f32) {
+		memcpy(dst, ks->row[i], (size_t)dim * sizeof(float));
+		return;
+	}
+	const uint16_t *r = ks->row[i];
+	for (int d = 0; d < dim; d++)
+		dst[d] = attn_f16_to_f32(r[d]);
+}
+
+/* The one-row kernel over keys [i0, i1): F16 rows take an F16 query and an
+ * accumulator rounded to F16 after every key (as attn_chunk_f16); F32 rows an
+ * F32 query, F32 dot products and an F32 accumulator. */
+ATTN_HOT static void attn_gather_chunk(const struct attn_keys *ks, int i0, int i1, int dim,
+				       const float *q, float scale, float *M, float *S, float *acc)
+{
+	float q16[ATTN_MAX_HEAD_DIM], vrow[ATTN_MAX_HEAD_DIM];
+	const int f32 = ks->f32;
+	const int simd = attn_simd_ok();
+	if (!f32)
+		for (int d = 0; d < dim; d++)
+			q16[d] = attn_f16_round(q[d]);
+	memset(acc, 0, (size_t)dim * sizeof(float));
+	*S = 0.0f;
+	*M = -INFINITY;
+	for (int i = i0; i < i1; i++) {
+		const float s = (f32 ? kern_dot(KERN_F32, dim, ks->row[i], q)
+				     : attn_dot_f16(q16, ks->row[i], dim, simd)) *
+				scale;
+		float ms = 1.0f;
+		float vs = 1.0f;
+		if (s > *M) {
+			const float m_old = *M;
+			*M = s;
+			ms = expf(m_old - *M);
+			if (!f32 && simd)
+				attn_simd_scale_f16(acc, ms, dim);
+			else
+				for (int d = 0; d < dim; d++)
+					acc[d] = f32 ? acc[d] * ms : attn_f16_round(acc[d] * ms);
+		} else {
+			vs = expf(s - *M);
+		}
+		if (!f32 && simd) {
+			attn_simd_fma_f16(acc, ks->row[i], vs, dim);
+			*S = *S * ms + vs;
+			continue;
+		}
+		attn_gather_load(ks, i, dim, vrow);
+		if (f32) {
+			for (int d = 0; d < dim; d++)
+				acc[d] = fmaf(vrow[d], vs, acc[d]);
+		} else {
+			for (int d = 0; d < dim; d++)
+				acc[d] = attn_f16_round(fmaf(vrow[d], vs, acc[d]));
+		}
+		*S = *S * ms + vs;
+	}
+}
+
+/* First key index at or after cell c (keys are in increasing cell order). */
+static int attn_gather_first(const struct attn_keys *ks, int c)
+{
+	int lo = 0, hi = ks->n;
+	while (lo < hi) {
+		int mid = (lo + hi) / 2;
+		if (ks->cell[mid] < c)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+ATTN_HOT static void attn_gather_split(const struct attn_keys *ks, int dim, const float *q,
+				       float scale, const float *sink, float *out)
+{
+	const int chunk = (ks->n_cells + ATTN_SPLIT_CHUNKS - 1) / ATTN_SPLIT_CHUNKS;
+	float acc[ATTN_MAX_HEAD_DIM], part[ATTN_MAX_HEAD_DIM];
+	float M = -INFINITY, S = 0.0f;
+	memset(acc, 0, (size_t)dim * sizeof(float));
+	for (int ic = 0; ic < ks->n_cells; ic += chunk) {
+		const int a = attn_gather_first(ks, ic);
+		const int z = attn_gather_first(ks, ic + chunk);
+		float m_c, s_c;
+		attn_gather_chunk(ks, a, z, dim, q, scale, &m_c, &s_c, part);
+		if (sink && ic == 0)
+			attn_add_sink(*sink, &m_c, &s_c, part, dim);
+		if (s_c == 0.0f)
+			continue;
+		const float m_new = fmaxf(M, m_c);
+		const float scale_old = expf(M - m_new);
+		const float scale_new = expf(m_c - m_new);
+		for (int d = 0; d < dim; d++)
+			acc[d] = fmaf(acc[d], scale_old, part[d] * scale_new);
+		S = fmaf(S, scale_old, s_c * scale_new);
+		M = m_new;
+	}
+	attn_normalize(S, acc, dim, out);
+}
+
+/* The tiled kernel (see attn_row_tiled) over the cells holding keys. */
+ATTN_HOT static void attn_gather_tiled(const struct attn_keys *ks, int dim, const float *q,
+				       float scale, const float *sink, float *out)
+{
+	float acc[ATTN_MAX_HEAD_DIM], vrow[ATTN_MAX_HEAD_DIM];
+	float kq[ATTN_TILE_KV], sv[ATTN_TILE_KV];
+	float kt[ATTN_MAX_HEAD_DIM * ATTN_TILE_KV]; /* key tile, [d][i] */
+	int idx[ATTN_TILE_KV];
+	const int simd = attn_simd_ok();
+	float S = 0.0f, M = -INFINITY;
+	memset(acc, 0, (size_t)dim * sizeof(float));
+
+	int i = 0;
+	while (i < ks->n) {
+		const int ic = ks->cell[i] - ks->cell[i] % ATTN_TILE_KV;
+		int nv = 0;
+		while (i < ks->n && ks->cell[i] < ic + ATTN_TILE_KV)
+			idx[nv++] = i++;
+		for (int u = 0; u < nv; u++) {
+			attn_gather_load(ks, idx[u], dim, vrow);
+			for (int d = 0; d < dim; d++)
+				kt[(size_t)d * ATTN_TILE_KV + (size_t)u] = vrow[d];
+		}
+		if (simd) {
+			attn_simd_tile_scores(q, kt, dim, nv, sv);
+		} else {
+			for (int u = 0; u < nv; u++)
+				sv[u] = 0.0f;
+			for (int d = 0; d < dim; d++) {
+				const float *row = kt + (size_t)d * ATTN_TILE_KV;
+				for (int u = 0; u < nv; u++)
+					sv[u] = fmaf(q[d], row[u], sv[u]);
+			}
+		}
+		float tile_max = -INFINITY;
+		for (int c = 0; c < ATTN_TILE_KV; c++)
+			kq[c] = -INFINITY;
+		for (int u = 0; u < nv; u++) {
+			const int c = ks->cell[idx[u]] - ic;
+			kq[c] = sv[u] * scale;
+			if (kq[c] > tile_max)
+				tile_max = kq[c];
+		}
+		if (tile_max == -INFINITY)
+			continue;
+		const float m_new = fmaxf(M, tile_max);
+		if (m_new > M) {
+			const float ms = expf(M - m_new);
+			for (int d = 0; d < dim; d++)
+				acc[d] *= ms;
+			S *= ms;
+		}
+		M = m_new;
+		double sum = 0.0;
+		for (int g = 0; g < ATTN_TILE_KV; g += ATTN_GGML_LANES) {
+			for (int l = 0; l < ATTN_GGML_LANES; l++)
+				kq[g + l] = attn_vexpf(kq[g + l] - M);
+			sum += (double)attn_hsum_softmax(kq + g);
+		}
+		S = (float)((double)S + sum);
+		for (int u = 0; u < nv; u++) {
+			const float w = kq[ks->cell[idx[u]] - ic];
+			if (!ks->f32 && simd) {
+				attn_simd_axpy_f16(w, ks->row[idx[u]], acc, dim);
+				continue;
+			}
+			attn_gather_load(ks, idx[u], dim, vrow);
+			for (int d = 0; d < dim; d++)
+				acc[d] = fmaf(w, vrow[d], acc[d]);
+		}
+	}
+	if (sink) {
+		float m = M;
+		attn_add_sink(*sink, &m, &S, acc, dim);
+	}
+	attn_normalize(S, acc, dim, out);
+}
+
+size_t attn_gather_scratch_floats(int n_head, int dim)
+{
+	/* vt [tile][dim], kt [dim][tile], acc [n_head][dim], sv and kq
+	 * [n_head][tile], M and S [n_head] */
+	return (size_t)2 * ATTN_TILE_KV * (size_t)dim + (size_t)n_head * (size_t)dim +
+	       (size_t)n_head * (2 * ATTN_TILE_KV + 2);
+}
+
+/* The tiled kernel for nh heads over the same keys: each tile's keys are
+ * converted (and transposed) once; per head the arithmetic is exactly
+ * attn_gather_tiled's. */
+ATTN_HOT static void attn_gather_tiled_heads(const struct attn_keys *ks, int nh, int dim,
+					     const float *q, float scale, const float *sinks,
+					     float *scr, float *out)
+{
+	enum { T = ATTN_TILE_KV };
+	float *vt = scr;			  /* [T][dim] key rows as F32 */
+	float *kt = vt + (size_t)T * (size_t)dim; /* [dim][T] transposed */
+	float *acc = kt + (size_t)T * (size_t)dim;
+	float *sv = acc + (size_t)nh * (size_t)dim; /* scores, then weights, by key */
+	float *kq = sv + (size_t)nh * T;	    /* by cell of the tile */
+	float *Mh = kq + (size_t)nh * T, *Sh = Mh + nh;
+	int idx[ATTN_TILE_KV], live[ATTN_TILE_KV];
+	const int simd = attn_simd_ok() && dim % 8 == 0;
+	memset(acc, 0, (size_t)nh * (size_t)dim * sizeof(float));
+	for (int h = 0; h < nh; h++) {
+		Mh[h] = -INFINITY;
+		Sh[h] = 0.0f;
+	}
+
+	int i = 0;
+	while (i < ks->n) {
+		const int ic = ks->cell[i] - ks->cell[i] % T;
+		int nv = 0;
+		while (i < ks->n && ks->cell[i] < ic + T)
+			idx[nv++] = i++;
+		const int nv8 = (nv + 7) & ~7;
+		for (int u = 0; u < nv; u++) {
+			float *dst = vt + (size_t)u * (size_t)dim;
+			if (!ks->f32 && simd)
+				attn_simd_f16_row(ks->row[idx[u]], dst, dim);
+			else
+				attn_gather_load(ks, idx[u], dim, dst);
+		}
+		if (nv8 > nv)
+			memset(vt + (size_t)nv * (size_t)dim, 0,
+			       (size_t)(nv8 - nv) * (size_t)dim * sizeof(float));
+		/* sv[h][u] = fma chain over d of q[h][d] * k_u[d] */
+		if (simd) {
+			attn_simd_transpose(vt, nv8, dim, kt, T);
+			attn_simd_scores(kt, T, dim, nv8, q, (size_t)dim, nh, sv, T);
+		} else {
+			for (int h = 0; h < nh; h++)
+				for (int u = 0; u < nv; u++) {
+					const float *qh = q + (size_t)h * (size_t)dim;
+					const float *k = vt + (size_t)u * (size_t)dim;
+					float a = 0.0f;
+					for (int d = 0; d < dim; d++)
+						a = fmaf(qh[d], k[d], a);
+					sv[(size_t)h * T + (size_t)u] = a;
+				}
+		}
+		int n_live = 0;
+		for (int h = 0; h < nh; h++) {
+			float *kh = kq + (size_t)h * T, *sh = sv + (size_t)h * T;
+			float *ah = acc + (size_t)h * (size_t)dim;
+			float tile_max = -INFINITY;
+			for (int c = 0; c < T; c++)
+				kh[c] = -INFINITY;
+			for (int u = 0; u < nv; u++) {
+				const int c = ks->cell[idx[u]] - ic;
+				kh[c] = sh[u] * scale;
+				if (kh[c] > tile_max)
+					tile_max = kh[c];
+			}
+			if (tile_max == -INFINITY)
+				continue; /* the head skips this tile */
+			live[n_live++] = h;
+			const float m_new = fmaxf(Mh[h], tile_max);
+			if (m_new > Mh[h]) {
+				const float ms = expf(Mh[h] - m_new);
+				for (int d = 0; d < dim; d++)
+					ah[d] *= ms;
+				Sh[h] *= ms;
+			}
+			Mh[h] = m_new;
+			double sum = 0.0;
+			for (int g = 0; g < T; g += ATTN_GGML_LANES) {
+				for (int l = 0; l < ATTN_GGML_LANES; l++)
+					kh[g + l] = attn_vexpf(kh[g + l] - m_new);
+				sum += (double)attn_hsum_softmax(kh + g);
+			}
+			Sh[h] = (float)((double)Sh[h] + sum);
+			for (int u = 0; u < nv; u++)
+				sh[u] = kh[ks->cell[idx[u]] - ic];
+		}
+		/* acc[h][d] = fma chain over the tile's keys of w[h][u] * v_u[d] */
+		if (simd && n_live == nh) {
+			attn_simd_values(vt, nv, dim, sv, T, nh, acc);
+			continue;
+		}
+		for (int l = 0; l < n_live; l++) {
+			const int h = live[l];
+			float *ah = acc + (size_t)h * (size_t)dim;
+			if (simd) {
+				attn_simd_values(vt, nv, dim, sv + (size_t)h * T, T, 1, ah);
+				continue;
+			}
+			for (int u = 0; u < nv; u++) {
+				const float w = sv[(size_t)h * T + (size_t)u];
+				const float *v = vt + (size_t)u * (size_t)dim;
+				for (int d = 0; d < dim; d++)
+					ah[d] = fmaf(w, v[d], ah[d]);
+			}
+		}
+	}
+	for (int h = 0; h < nh; h++) {
+		float *ah = acc + (size_t)h * (size_t)dim;
+		if (sinks) {
+			float m = Mh[h];
+			attn_add_sink(sinks[h], &m, &Sh[h], ah, dim);
+		}
+		attn_normalize(Sh[h], ah, dim, out + (size_t)h * (size_t)dim);
+	}
+}
+
+void attn_gather_heads(const struct attn_keys *ks, int n_head, int dim, const float *q, float scale,
+		       const float *sinks, float *scratch, float *out)
+{
+	assert(dim > 0 && dim <= ATTN_MAX_HEAD_DIM);
+	pthread_once(&attn_f16_once, attn_f16_table_init);
+	if (ks->kernel == ATTN_KERNEL_TILED) {
+		attn_gather_tiled_heads(ks, n_head, dim, q, scale, sinks, scratch, out);
+		return;
+	}
+	for (int h = 0; h < n_head; h++)
+		attn_gather_row(ks, dim, q + (size_t)h * (size_t)dim, scale,
+				sinks ? sinks + h : NULL, out + (size_t)h * (size_t)dim);
+}
+
+void attn_gather_row(const struct attn_keys *ks, int dim, const float *q, float scale,
+		     const float *sink, float *out)
+{
+	assert(dim > 0 && dim <= ATTN_MAX_HEAD_DIM);
+	pthread_once(&attn_f16_once, attn_f16_table_init);
+	if (ks->kernel == ATTN_KERNEL_TILED) {
+		attn_gather_tiled(ks, dim, q, scale, sink, out);
+		return;
+	}
+	if (ks->kernel == ATTN_KERNEL_SPLIT) {
+		attn_gather_split(ks, dim, q, scale, sink, out);
+		return;
+	}
+	float acc[ATTN_MAX_HEAD_DIM];
+	float M, S;
+	attn_gather_chunk(ks, 0, ks->n, dim, q, scale, &M, &S, acc);
+	if (sink)
+		attn_add_sink(*sink, &M, &S, acc, dim);
+	attn_normalize(S, acc, dim, out);
+}
+
+ATTN_HOT void attn_soft_max_row(float *x, int n)
+{
+	float max = -INFINITY;
+	for (int i = 0; i < n; i++)
+		max = fmaxf(max, x[i]);
+	double sum = 0.0;
+	int i = 0;
+	for (; i + ATTN_GGML_LANES - 1 < n; i += ATTN_GGML_LANES) {
+		for (int l = 0; l < ATTN_GGML_LANES; l++)
+			x[i + l] = attn_vexpf(x[i + l] - max);
+		sum += (double)attn_hsum_softmax(x + i);
+	}
+	for (; i < n; i++) {
+		x[i] = expf(x[i] - max);
+		sum += (double)x[i];
+	}
+	const float inv = (float)(1.0 / sum);
+	for (i = 0; i < n; i++)
+		x[i] *= inv;
+}

@@ -1,0 +1,132 @@
+/* attn: causal multi-head attention over a per-sequence KV cache.
+ *
+ * The cache keeps, for every layer, sequence slot and position, one key vector
+ * of k_width values and one value vector of v_width values, stored as F16 (as
+ * llama.cpp's default KV cache; values are rounded when stored).  One cache
+ * serves GQA (qwen3moe, gpt-oss: k_width = n_head_kv * head_dim) and MLA in the
+ * absorbed form (deepseek2: one shared KV head, key = [c, k_pe], value = c).
+ *
+ * attn_forward() reproduces llama.cpp's CPU flash attention (ggml-cpu/ops.cpp,
+ * ggml_compute_forward_flash_attn_ext_f16) bit for bit where it can: an online
+ * softmax over the visible keys in position order, optional per-head sink
+ * logits that join the denominator only, the same roundings (F16 query and
+ * accumulator on the one-row path) and the same order of additions as ggml's
+ * AVX-512 build (the reference machine; -DATTN_GGML_LANES=8 for its AVX2 build,
+ * which this file was checked against: identical outputs on every path).
+ * Token t of the batch (sequence s, position p) sees the entries j <= p of s,
+ * and only j > p - window when window > 0.  Entries for the batch's own tokens
+ * must be stored (attn_cache_store) before attn_forward() is called. */
+#ifndef MOEFLEET_ATTN_H
+#define MOEFLEET_ATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../../common/pool.h"
+#include "model.h"
+
+typedef struct attn_cache attn_cache;
+
+/* Largest head size (key or value) attn_forward supports; its per-thread
+ * buffers live on the stack. */
+#define ATTN_MAX_HEAD_DIM 1024
+
+int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, attn_cache **out);
+void attn_cache_destroy(attn_cache **c);
+void attn_cache_reset_seq(attn_cache *c, int seq);
+/* k: k_width floats, v: v_width floats (rounded to F16). */
+void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k, const float *v);
+
+struct attn_params {
+	int n_head;
+	int n_head_kv;	/* query head h uses KV head h / (n_head / n_head_kv) */
+	int head_dim_k; /* per head; k_width = n_head_kv * head_dim_k */
+	int head_dim_v;
+	float scale;
+	int window;	    /* 0: none */
+	const float *sinks; /* [n_head] or NULL */
+};
+
+/* Checks attention parameters against a cache once, at load time: head sizes
+ * in [1, ATTN_MAX_HEAD_DIM], n_head a multiple of n_head_kv, the per-head
+ * sizes times n_head_kv equal to the cache's widths, window >= 0, a finite
+ * scale.  Logs "WHAT: problem" (what: e.g. the model file) and returns
+ * ERR_FORMAT on failure.  attn_forward() assumes parameters that passed. */
+int attn_check_params(const attn_cache *c, const struct attn_params *ap, const char *what);
+
+/* q: [n_tokens][n_head][head_dim_k]; out: [n_tokens][n_head][head_dim_v].
+ * Threaded over (token, head) with the pool.  Not to be called concurrently on
+ * one cache (it keeps a little scratch there).  The result does not depend on
+ * the thread count, nor on the other sequences sharing the batch; like
+ * llama.cpp's, it does depend on how many tokens of the token's own sequence
+ * the batch holds, which picks ggml's kernel (as llama.cpp would pick it for
+ * that sequence alone):
+ *  - fewer than ATTN_TILE_Q tokens (decode steps, short prefills): the one-row
+ *    kernel (..._f16_one_chunk): per key, score = F16(q) . k, online softmax
+ *    with the value accumulator rounded to F16 after every key;
+ *  - one token whose llama.cpp cache view has >= 512 cells (position >= 256)
+ *    and no window: the same kernel on two halves of the cells, merged in F32
+ *    (ggml's split-KV decode with llama.cpp's 2 threads);
+ *  - ATTN_TILE_Q tokens or more (head_dim_v a multiple of the SIMD width):
+ *    the tiled kernel: F32 query, keys in tiles of ATTN_TILE_KV positions,
+ *    one max/sum update per tile with ggml's vector expf, F32 accumulator.
+ * All then add the sink, if any, and multiply by 1/sum. */
+#define ATTN_TILE_Q  64
+#define ATTN_TILE_KV 64
+void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_params *ap,
+		  const model_batch *b, const float *q, float *out);
+
+/* ------------------------------------------------ attention over gathered keys
+ *
+ * DeepSeek-V4 attends, per query token, to a list of keys gathered from
+ * several caches (its sliding window and the compressed entries), with one
+ * vector serving as key and value (K = V).  The caller owns the caches and
+ * passes, per token, the keys in llama.cpp's order together with each key's
+ * index ("cell") in the KV view llama.cpp would build (window cells first,
+ * then compressed cells); the cells decide tile and split boundaries, so the
+ * same three kernels as attn_forward() give llama.cpp's roundings.  Rows are
+ * F16 (values as stored) or F32 (--kv-type f32: F32 dot products and an F32
+ * accumulator on every path, as ggml does for F32 K/V). */
+enum attn_kernel {
+	ATTN_KERNEL_ONE_ROW = 0, /* ggml's one-row kernel over all keys */
+	ATTN_KERNEL_SPLIT = 1,	 /* the same on two halves of the cells, merged */
+	ATTN_KERNEL_TILED = 2,	 /* the tiled kernel (tiles of ATTN_TILE_KV cells) */
+};
+
+struct attn_keys {
+	int n;			/* keys */
+	const int32_t *cell;	/* [n] strictly increasing view index of each key */
+	const void *const *row; /* [n] key (= value) rows of dim values */
+	int f32;		/* rows are F32 (else F16 bit patterns) */
+	int n_cells;		/* size of the view (ATTN_KERNEL_SPLIT halves it) */
+	enum attn_kernel kernel;
+};
+
+/* The kernel llama.cpp picks for a token whose sequence has n_seq_tokens
+ * query rows in the micro-batch and a key view of n_cells cells (ggml:
+ * tiled from ATTN_TILE_Q rows when dim is a multiple of the SIMD width; a
+ * single row over >= 512 cells splits; else one-row). */
+enum attn_kernel attn_pick_kernel(int n_seq_tokens, int n_cells, int dim);
+
+/* One (token, head): out[dim] = sum_u e^{s_u} k_u / (sum_u e^{s_u} [+ e^{sink}])
+ * with s_u = scale * q . k_u.  q: dim floats (F32).  sink: NULL or one logit.
+ * dim <= ATTN_MAX_HEAD_DIM.  No keys: out = 0.  Thread-safe (stack scratch). */
+void attn_gather_row(const struct attn_keys *ks, int dim, const float *q, float scale,
+		     const float *sink, float *out);
+
+/* attn_gather_row() for n_head query heads over the same keys: q and out
+ * [n_head][dim], sinks NULL or [n_head]; every head's result is exactly
+ * attn_gather_row()'s.  The tiled kernel converts and transposes each tile of
+ * keys once for all heads.  scratch: attn_gather_scratch_floats(n_head, dim)
+ * floats of the calling thread's own. */
+size_t attn_gather_scratch_floats(int n_head, int dim);
+void attn_gather_heads(const struct attn_keys *ks, int n_head, int dim, const float *q, float scale,
+		       const float *sinks, float *scratch, float *out);
+
+/* In place: x[n] = softmax(x) as ggml_soft_max computes one row on the CPU
+ * (vector expf in groups of the SIMD width, the rest scalar, sum in double,
+ * multiplied by the F32 inverse).  -INFINITY entries give 0; at least one
+ * entry must be finite.  Used by DeepSeek-V4's compressors. */
+void attn_soft_max_row(float *x, int n);
+
+#endif
