@@ -979,21 +979,7 @@ ATTN_HOT static void attn_gather_tiled(const struct attn_keys *ks, int dim, cons
 		}
 		if (tile_max == -INFINITY)
 			continue;
-		const float m_new = fmaxf(M, tile_max);
-		if (m_new > M) {
-			const float ms = expf(M - m_new);
-			for (int d = 0; d < dim; d++)
-				acc[d] *= ms;
-			S *= ms;
-		}
-		M = m_new;
-		double sum = 0.0;
-		for (int g = 0; g < ATTN_TILE_KV; g += ATTN_GGML_LANES) {
-			for (int l = 0; l < ATTN_GGML_LANES; l++)
-				kq[g + l] = attn_vexpf(kq[g + l] - M);
-			sum += (double)attn_hsum_softmax(kq + g);
-		}
-		S = (float)((double)S + sum);
+		attn_tile_softmax(kq, tile_max, &M, &S, acc, dim);
 		for (int u = 0; u < nv; u++) {
 			const float w = kq[ks->cell[idx[u]] - ic];
 			if (!ks->f32 && simd) {
@@ -1090,21 +1076,7 @@ ATTN_HOT static void attn_gather_tiled_heads(const struct attn_keys *ks, int nh,
 			if (tile_max == -INFINITY)
 				continue; /* the head skips this tile */
 			live[n_live++] = h;
-			const float m_new = fmaxf(Mh[h], tile_max);
-			if (m_new > Mh[h]) {
-				const float ms = expf(Mh[h] - m_new);
-				for (int d = 0; d < dim; d++)
-					ah[d] *= ms;
-				Sh[h] *= ms;
-			}
-			Mh[h] = m_new;
-			double sum = 0.0;
-			for (int g = 0; g < T; g += ATTN_GGML_LANES) {
-				for (int l = 0; l < ATTN_GGML_LANES; l++)
-					kh[g + l] = attn_vexpf(kh[g + l] - m_new);
-				sum += (double)attn_hsum_softmax(kh + g);
-			}
-			Sh[h] = (float)((double)Sh[h] + sum);
+			attn_tile_softmax(kh, tile_max, &Mh[h], &Sh[h], ah, dim);
 			for (int u = 0; u < nv; u++)
 				sh[u] = kh[ks->cell[idx[u]] - ic];
 		}
