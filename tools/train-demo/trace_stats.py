@@ -1,10 +1,10 @@
 #!/usr/bin/python3
 """Expert load skew and co-activation in a moefleet routing trace.
 
-    /usr/bin/python3 tools/train-demo/trace_stats.py run.trace [--workers 2]
+    /usr/bin/python3 tools/train-demo/trace_stats.py run.trace... [--workers 2]
 
-Reads a --trace-routing file (length-prefixed TraceRecord messages,
-proto/moefleet.proto) and prints, per MoE layer, the expert load skew
+Reads --trace-routing files (length-prefixed TraceRecord messages,
+proto/moefleet.proto; several runs of one model pool their tokens) and prints, per MoE layer, the expert load skew
 (busiest / mean, idlest / mean, coefficient of variation, normalised entropy)
 and the co-activation within the layer (pairs of experts chosen for the same
 token, against independence); across layers, how well a token's experts at
@@ -87,21 +87,21 @@ def read_trace(path):
     return recs
 
 
-def tokens_by_layer(recs):
-    """{(step, row): {layer: tuple of expert ids}}, the expert table and placement."""
+def tokens_by_layer(recs, run, toks):
+    """Adds run's tokens to toks, {(run, step, row): {layer: tuple of expert ids}};
+    returns the expert table and the placement."""
     head = recs[0]
     n_layer, n_expert = head[9][0], head[10][0]
     n_rep = head[12][0] if head[12] else 0
     holders = np.array(head[13]).reshape(n_layer, n_expert, n_rep) if n_rep else None
-    toks = collections.defaultdict(dict)
     for r in recs:
         rows, k = r[4][0] if r[4] else 0, r[5][0] if r[5] else 0
         ids = r[6]
         step, layer = r[2][0] if r[2] else 0, r[3][0] if r[3] else 0
         for row in range(rows):
             sel = tuple(e for e in ids[row * k:(row + 1) * k] if e >= 0)
-            toks[(step, row)][layer] = sel
-    return toks, n_layer, n_expert, holders
+            toks[(run, step, row)][layer] = sel
+    return n_layer, n_expert, holders
 
 
 def skew(load):
@@ -163,16 +163,23 @@ def worker_balance(tokens, layer, place, W):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("trace")
+    ap.add_argument("trace", nargs="+")
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
-    try:
-        recs = read_trace(a.trace)
-    except (OSError, ValueError, IndexError, struct.error) as e:
-        sys.exit(f"trace_stats: {a.trace}: {e}")
-    if not recs or not recs[0][9]:
-        sys.exit(f"trace_stats: {a.trace}: no expert table in the first record")
-    toks, n_layer, n_expert, holders = tokens_by_layer(recs)
+    toks = collections.defaultdict(dict)
+    shapes = set()
+    for run, path in enumerate(a.trace):
+        try:
+            recs = read_trace(path)
+        except (OSError, ValueError, IndexError, struct.error) as e:
+            sys.exit(f"trace_stats: {path}: {e}")
+        if not recs or not recs[0][9] or not recs[0][10]:
+            sys.exit(f"trace_stats: {path}: no expert table in the first record")
+        n_layer, n_expert, h = tokens_by_layer(recs, run, toks)
+        holders = h if run == 0 else holders
+        shapes.add((n_layer, n_expert))
+    if len(shapes) > 1:
+        sys.exit("trace_stats: the traces are of different models")
     tokens = [toks[k] for k in sorted(toks)]
     layers = sorted({L for t in tokens for L in t})
     k = max(len(s) for t in tokens for s in t.values())
