@@ -234,14 +234,16 @@ def main():
     W = a.workers
     print(f"\nworkers per token and layer ({W} workers; co-activation placement fitted on the "
           f"first {half} tokens, measured on the other {len(tokens) - half}):\n")
-    print("| layer | trace placement | balance | co-activation placement | balance | "
+    traced_ok = holders is not None and holders[:, :, 0].max() + 1 == W
+    first = "trace placement" if traced_ok else "round robin"
+    print(f"| layer | {first} | balance | co-activation placement | balance | "
           "contiguous blocks | balance |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     tot = np.zeros(3)
     for L in layers:
-        if holders is not None and ((holders[L, :, 0] >= 0) & (holders[L, :, 0] < W)).all():
+        if traced_ok and (holders[L, :, 0] >= 0).all():
             traced = {e: int(holders[L, e, 0]) for e in range(n_expert)}
-        else:  # no placement of W workers in the trace: round robin
+        else:
             traced = {e: e % W for e in range(n_expert)}
         blocks = {e: e * W // n_expert for e in range(n_expert)}
         coact = coactivation_placement(fit, L, n_expert, W)
