@@ -381,7 +381,7 @@ def sample(model, tok, prompt, n, seed=1):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", required=True, help="cache directory (corpus, tokens, checkpoint)")
-    ap.add_argument("--out", required=True, help="the GGUF file to write")
+    ap.add_argument("--out", help="the GGUF file to write (required unless --logits)")
     ap.add_argument("--minutes", type=float, default=32.0, help="training time budget")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16)
@@ -395,6 +395,8 @@ def main():
                     help="write the saved checkpoint's logits (weights as stored) for the "
                          "comma-separated token ids in file IDS to OUT (float32 rows), and exit")
     a = ap.parse_args()
+    if not a.out and not a.logits:
+        ap.error("--out is required")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
 
