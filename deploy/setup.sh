@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up moefleet on a fresh Debian 12 machine and either run it or test it.
-#   bash deploy/setup.sh run    install packages, build, generate text with a shipped tiny model
+#   bash deploy/setup.sh run    install packages, build, generate text with the shipped demo model
 #   bash deploy/setup.sh test   install packages, build, run the test suite (make check)
 # Needs root (or sudo) for the package installation; everything else runs in this checkout.
 set -euo pipefail
@@ -32,11 +32,12 @@ make -j"$(nproc)" -s
 
 case "$action" in
 run)
-	./moefleet info -m tests/data/qwen3moe-tiny-mxfp4.gguf | tail -n 2
-	# two local worker processes compute the routed experts (random weights:
-	# the text is noise; the logits equal llama.cpp's and the in-process run's)
-	./moefleet generate -m tests/data/qwen3moe-tiny-mxfp4.gguf -p "The cluster said" -n 48 \
-		--temp 0.8 --seed 7 --workers 2
+	./moefleet info -m tests/data/demo-kjv.gguf | tail -n 2
+	# a small qwen3moe trained on the King James Bible (tools/train-demo);
+	# two local worker processes compute its routed experts (the logits equal
+	# llama.cpp's and the in-process run's)
+	./moefleet generate -m tests/data/demo-kjv.gguf -p "And God said unto Moses," -n 64 \
+		--temp 0.7 --seed 7 --workers 2
 	;;
 test)
 	# the OpenAI client used by tests/test_serve.sh (skipped without it)

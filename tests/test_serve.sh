@@ -6,7 +6,7 @@
 # scheduler cuts every prompt into the same chunks), streaming, stop strings,
 # the API key, bad input, overload, client disconnects freeing their slot,
 # 1000 connections opened and dropped, metrics; `moefleet tokenize` against
-# llama.cpp's ids.  tests/serve_client.mjs (the openai package) runs at the
+# llama.cpp's ids; the trained demo model answering in English.  tests/serve_client.mjs (the openai package) runs at the
 # end when node and tests/node_modules are there.
 set -u
 top_srcdir=${top_srcdir:-.}
@@ -34,11 +34,11 @@ not_ok() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $1"; [ $# -gt 1
 check() { if eval "$2"; then ok "$1"; else not_ok "$1" "${3:-}"; fi; }
 
 key=sekrit-key
-# start_server NAME ARGS...: sets port_NAME; the log is $tmp/NAME.err
+# [serve_model=FILE] start_server NAME ARGS...: sets port_NAME; the log is $tmp/NAME.err
 start_server() {
 	local name=$1
 	shift
-	"$bin" serve -m "$model" --port 0 --threads 1 "$@" >"$tmp/$name.out" 2>"$tmp/$name.err" &
+	"$bin" serve -m "${serve_model:-$model}" --port 0 --threads 1 "$@" >"$tmp/$name.out" 2>"$tmp/$name.err" &
 	pids+=($!)
 	eval "pid_$name=$!"
 	local p=$!
@@ -53,7 +53,7 @@ start_server() {
 start_server main --workers 2 --parallel 4 --ctx-size 2048 --max-batch 64 --queue 2 \
 	--api-key "$key" --max-body 65536
 url=http://127.0.0.1:$port_main
-echo "1..41"
+echo "1..43"
 if [ -z "$port_main" ]; then
 	not_ok "server starts" "$(cat "$tmp/main.err")"
 	exit 1
@@ -281,6 +281,22 @@ if command -v node >/dev/null && [ -d "$top_srcdir/tests/node_modules/openai" ];
 else
 	ok "openai client # SKIP node or tests/node_modules/openai absent"
 fi
+
+# ---------------------------------------------------------------- a trained model
+# tests/data/demo-kjv.gguf (tools/train-demo) was trained on the King James
+# Bible: its greedy continuation is English, which random weights never give
+serve_model=$top_srcdir/tests/data/demo-kjv.gguf start_server demo --workers 2
+r=$(curl -s "http://127.0.0.1:$port_demo/v1/completions" \
+	-d '{"prompt":"And God said unto Moses,","max_tokens":32,"temperature":0}' | jq -j '.choices[0].text')
+echo "# demo-kjv: And God said unto Moses,$r"
+letters=$(printf '%s' "$r" | tr -cd 'A-Za-z ' | wc -c)
+words=$(printf '%s' "$r" | tr -s ' \n' '\n\n' | grep -c -x -E '(the|and|of|unto|that|LORD|shall|I|him|them|thee)[,.;:]?')
+check "a trained model answers in English (letters and spaces, common words)" \
+	'[ ${#r} -ge 60 ] && [ $((letters * 100)) -ge $((${#r} * 90)) ] && [ "$words" -ge 4 ]' \
+	"${#r} characters, $letters letters or spaces, $words common words: $r"
+kill "$pid_demo"
+wait "$pid_demo" 2>/dev/null
+check "the demo server stops" '! kill -0 $pid_demo 2>/dev/null'
 
 kill "$pid_main"
 wait "$pid_main" 2>/dev/null

@@ -6,9 +6,12 @@
 # length, the input tokens, n_vocab) and NAME.logits.f32 (llama.cpp's logits
 # for every input: the prompt as one batch, then single-token decodes).
 # Add NAME to tests/data/vectors.list to have tests/test_vectors check it.
+# PRESET "-": keep the existing tests/data/NAME.gguf (e.g. a trained model;
+# SEED is then ignored).  TEXT=...: the prompt is llama.cpp's tokens of TEXT
+# instead of N_PROMPT random ones.
 # ORACLE_DIR: the oracle (default /tmp/oracle, else ../shared/oracle).
 set -euo pipefail
-[ $# -ge 6 ] || { sed -n 2,9p "$0" >&2; exit 2; }
+[ $# -ge 6 ] || { sed -n 2,12p "$0" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/../bench/locate.sh"
 bench_locate gen_gguf.mjs
@@ -18,8 +21,15 @@ shift 6
 data=$here/../tests/data
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-(cd "$oracle" && node gen_gguf.mjs --preset "$preset" --seed "$seed" "$@" --out "$data/$name.gguf") >/dev/null
-(cd "$oracle" && node ref_logits.mjs --model "$data/$name.gguf" --random "$np" --token-seed "$tseed" \
+if [ "$preset" != - ]; then
+	(cd "$oracle" && node gen_gguf.mjs --preset "$preset" --seed "$seed" "$@" --out "$data/$name.gguf") >/dev/null
+fi
+if [ -n "${TEXT:-}" ]; then
+	prompt=(--text "$TEXT")
+else
+	prompt=(--random "$np" --token-seed "$tseed")
+fi
+(cd "$oracle" && node ref_logits.mjs --model "$data/$name.gguf" "${prompt[@]}" \
 	--n-gen "$ng" --out "$tmp/ref") >/dev/null
 node -e '
 	const fs = require("fs");

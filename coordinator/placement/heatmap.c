@@ -110,9 +110,18 @@ static void heatmap_draw(cairo_t *cr, const struct heatmap_data *d, int width, i
 	cairo_rectangle(cr, x_load - 0.5, HM_TOP - 0.5, d->n_expert * cw + 1, d->n_layer * ch + 1);
 	cairo_rectangle(cr, x_place - 0.5, HM_TOP - 0.5, d->n_expert * cw + 1, d->n_layer * ch + 1);
 	cairo_stroke(cr);
-	/* legend */
+	/* legend; below it the load colour scale, 0 to the layer's busiest expert */
 	double y = height - HM_BOTTOM + 14, x = x_place;
 	heatmap_text(cr, x_load, y + 9, "layer down, expert across");
+	cairo_pattern_t *scale = cairo_pattern_create_linear(x_load, 0, x_load + 80, 0);
+	cairo_pattern_add_color_stop_rgb(scale, 0, 1, 1, 1);
+	cairo_pattern_add_color_stop_rgb(scale, 1, 0.55, 0.05, 0.05);
+	cairo_set_source(cr, scale);
+	cairo_rectangle(cr, x_load, y + 14, 80, 10);
+	cairo_fill(cr);
+	cairo_pattern_destroy(scale);
+	heatmap_text(cr, x_load - 12, y + 23, "0");
+	heatmap_text(cr, x_load + 84, y + 23, "layer max");
 	for (int w = 0; w < d->n_worker && x + 40 < width; w++) {
 		double rgb[3];
 		heatmap_worker_rgb(w, rgb);

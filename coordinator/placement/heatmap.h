@@ -4,7 +4,8 @@
  * The only module that includes cairo.  Two panels side by side, one row per
  * layer (top to bottom), one column per expert (left to right):
  *   left   load: white (none) to dark red (the layer's busiest expert), each
- *          layer scaled to its own maximum; layers without routed experts grey
+ *          layer scaled to its own maximum; layers without routed experts grey;
+ *          the colour scale runs along the bottom
  *   right  placement: each cell split into n_replica vertical stripes coloured
  *          by the holding worker (white = no holder); a legend of the worker
  *          colours runs along the bottom.
