@@ -68,10 +68,10 @@ static ALWAYS_INLINE __m512i x_chunks(const uint8_t *xb, int k)
  * lane L: result dword o of lane L = the sum of v[o]'s four dwords of L. */
 static ALWAYS_INLINE __m512i sum4_by_lane(const __m512i v[NC])
 {
-	const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]),
-					   _mm512_unpackhi_epi32(v[0], v[1]));
-	const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]),
-					   _mm512_unpackhi_epi32(v[2], v[3]));
+	const __m512i a =
+	    _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+	const __m512i b =
+	    _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
 	return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
 }
 
@@ -92,7 +92,8 @@ static ALWAYS_INLINE __m512i k4_scales(__m512i head)
 	const __m512i a = _mm512_srlv_epi32(_mm512_shuffle_epi8(head, ia),
 					    _mm512_broadcast_i32x4(_mm_setr_epi32(0, 0, 0, 4)));
 	const __m512i lo = _mm512_and_si512(
-	    a, _mm512_broadcast_i32x4(_mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)));
+	    a,
+	    _mm512_broadcast_i32x4(_mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)));
 	const __m512i hi = _mm512_srli_epi32(_mm512_shuffle_epi8(head, ih), 2);
 	return _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi8(0x30), 0xf8); /* a | b & c */
 }
@@ -101,15 +102,21 @@ static ALWAYS_INLINE __m512i k4_scales(__m512i head)
  * int16 scales of chunks 2k (128-bit lanes 0, 1) and 2k + 1 (lanes 2, 3);
  * k4_index[4 + o] to int16 (m_2L, m_2L+1) in dword o of 128-bit lane L, zeros
  * elsewhere (output o's mins). */
-#define Z -128
+#define Z     -128
 #define S8(a) a, Z, a, Z, a, Z, a, Z, a, Z, a, Z, a, Z, a, Z
-#define SCALES(k) {S8(2 * k), S8(2 * k), S8(2 * k + 1), S8(2 * k + 1)}
+#define SCALES(k)                                                                                  \
+	{                                                                                          \
+		S8(2 * k), S8(2 * k), S8(2 * k + 1), S8(2 * k + 1)                                 \
+	}
 #define M4(o, l)                                                                                   \
-	(o) == 0 ? 8 + 2 * (l) : Z, Z, (o) == 0 ? 9 + 2 * (l) : Z, Z, (o) == 1 ? 8 + 2 * (l) : Z, \
-	    Z, (o) == 1 ? 9 + 2 * (l) : Z, Z, (o) == 2 ? 8 + 2 * (l) : Z, Z,                      \
-	    (o) == 2 ? 9 + 2 * (l) : Z, Z, (o) == 3 ? 8 + 2 * (l) : Z, Z,                         \
+	(o) == 0 ? 8 + 2 * (l) : Z, Z, (o) == 0 ? 9 + 2 * (l) : Z, Z, (o) == 1 ? 8 + 2 * (l) : Z,  \
+	    Z, (o) == 1 ? 9 + 2 * (l) : Z, Z, (o) == 2 ? 8 + 2 * (l) : Z, Z,                       \
+	    (o) == 2 ? 9 + 2 * (l) : Z, Z, (o) == 3 ? 8 + 2 * (l) : Z, Z,                          \
 	    (o) == 3 ? 9 + 2 * (l) : Z, Z
-#define MINS(o) {M4(o, 0), M4(o, 1), M4(o, 2), M4(o, 3)}
+#define MINS(o)                                                                                    \
+	{                                                                                          \
+		M4(o, 0), M4(o, 1), M4(o, 2), M4(o, 3)                                             \
+	}
 static const int8_t k4_index[8][64] __attribute__((aligned(64))) = {
     SCALES(0), SCALES(1), SCALES(2), SCALES(3), MINS(0), MINS(1), MINS(2), MINS(3)};
 #undef Z
@@ -140,8 +147,7 @@ static ALWAYS_INLINE void k4_tile(int nr, const uint8_t *const b[NC], const uint
 				  int64_t nb, size_t pf, float *out)
 {
 	const __m512i m4 = _mm512_set1_epi8(0x0f);
-	const __m512i idx_d =
-	    _mm512_castsi128_si512(_mm_setr_epi16(0, 8, 16, 24, 1, 9, 17, 25));
+	const __m512i idx_d = _mm512_castsi128_si512(_mm_setr_epi16(0, 8, 16, 24, 1, 9, 17, 25));
 	__m256 acc[NR];
 	for (int r = 0; r < nr; r++)
 		acc[r] = _mm256_setzero_ps();
@@ -153,7 +159,8 @@ static ALWAYS_INLINE void k4_tile(int nr, const uint8_t *const b[NC], const uint
 			bs[r] = k4_bsum_pairs(xb + r * xs);
 			mins[r] = _mm512_setzero_si512();
 		}
-		__m512i head = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(b[0] + off)));
+		__m512i head =
+		    _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(b[0] + off)));
 		head = _mm512_inserti32x4(head, _mm_loadu_si128((const __m128i *)(b[1] + off)), 1);
 		head = _mm512_inserti32x4(head, _mm_loadu_si128((const __m128i *)(b[2] + off)), 2);
 		head = _mm512_inserti32x4(head, _mm_loadu_si128((const __m128i *)(b[3] + off)), 3);
@@ -175,8 +182,9 @@ static ALWAYS_INLINE void k4_tile(int nr, const uint8_t *const b[NC], const uint
 				for (int r = 0; r < nr; r++) {
 					const __m512i p =
 					    _mm512_maddubs_epi16(u, x_chunks(xb + r * xs, k));
-					isum[r][o] = k == 0 ? _mm512_madd_epi16(p, sc)
-							    : _mm512_dpwssd_epi32(isum[r][o], p, sc);
+					isum[r][o] = k == 0
+							 ? _mm512_madd_epi16(p, sc)
+							 : _mm512_dpwssd_epi32(isum[r][o], p, sc);
 				}
 			}
 			const __m512i mv = _mm512_shuffle_epi8(so, k4_shuffle(4 + o));
@@ -184,8 +192,8 @@ static ALWAYS_INLINE void k4_tile(int nr, const uint8_t *const b[NC], const uint
 				mins[r] = _mm512_dpwssd_epi32(mins[r], mv, bs[r]);
 		}
 		/* [d_0..3 | dmin_0..3] */
-		const __m256 dw = _mm256_cvtph_ps(
-		    _mm512_castsi512_si128(_mm512_permutexvar_epi16(idx_d, head)));
+		const __m256 dw =
+		    _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi16(idx_d, head)));
 		for (int r = 0; r < nr; r++) {
 			const __m512i t = sum4_by_lane(isum[r]); /* lane L: isum partials */
 			/* [t0 + t1, t2 + t3, m0 + m1, m2 + m3] (128-bit lanes) */
@@ -230,7 +238,10 @@ static ALWAYS_INLINE __m512i k6_chunks(const uint8_t *b, __m512i qh2, int k)
 /* vpermw indices of a Q6_K block's int16 scales for chunks 2k, 2k + 1:
  * groups 4k .. 4k + 3, eight words each */
 #define G8(g) g, g, g, g, g, g, g, g
-#define K6(k) {G8(4 * k), G8(4 * k + 1), G8(4 * k + 2), G8(4 * k + 3)}
+#define K6(k)                                                                                      \
+	{                                                                                          \
+		G8(4 * k), G8(4 * k + 1), G8(4 * k + 2), G8(4 * k + 3)                             \
+	}
 static const int16_t k6_index[4][32] __attribute__((aligned(64))) = {K6(0), K6(1), K6(2), K6(3)};
 #undef G8
 #undef K6
@@ -265,7 +276,8 @@ static ALWAYS_INLINE void k6_tile(int nr, const uint8_t *const b[NC], const uint
 #pragma GCC unroll 4
 		for (int o = 0; o < NC; o++)
 			dh |= (uint64_t)kern_load_u16(b[o] + off + 208) << (16 * o);
-		const __m512 dw = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128((long long)dh)));
+		const __m512 dw =
+		    _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128((long long)dh)));
 #pragma GCC unroll 4
 		for (int o = 0; o < NC; o++) {
 			const uint8_t *bo = b[o] + off;
@@ -281,8 +293,9 @@ static ALWAYS_INLINE void k6_tile(int nr, const uint8_t *const b[NC], const uint
 #pragma GCC unroll 4
 			for (int k = 0; k < 4; k++) {
 				if (k % 2 == 0) {
-					const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-					    (const __m256i *)(bo + 128 + 16 * k)));
+					const __m512i qh =
+					    _mm512_broadcast_i64x4(_mm256_loadu_si256(
+						(const __m256i *)(bo + 128 + 16 * k)));
 					qh2 = _mm512_mask_slli_epi16(qh, 0xffffu, qh, 2);
 				}
 				const __m512i u = k6_chunks(bo, qh2, k);
@@ -305,8 +318,8 @@ static ALWAYS_INLINE void k6_tile(int nr, const uint8_t *const b[NC], const uint
 				const __m512i l = _mm512_add_epi32(
 				    _mm512_shuffle_i64x2(a, c, _MM_SHUFFLE(1, 0, 1, 0)),
 				    _mm512_shuffle_i64x2(a, c, _MM_SHUFFLE(3, 2, 3, 2)));
-				const __m512i di = _mm512_inserti64x4(_mm512_set1_epi32(2 * p),
-								      _mm256_set1_epi32(2 * p + 1), 1);
+				const __m512i di = _mm512_inserti64x4(
+				    _mm512_set1_epi32(2 * p), _mm256_set1_epi32(2 * p + 1), 1);
 				acc[r][p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(di, d),
 							    _mm512_cvtepi32_ps(l), acc[r][p]);
 			}
