@@ -268,10 +268,14 @@ static ALWAYS_INLINE void k6_tile(int nr, const uint8_t *const b[NC], const uint
 		const size_t off = (size_t)ib * Q6K_BYTES;
 		const uint8_t *xb = x + (size_t)ib * Q8K_BYTES;
 		__m512i nbs[NR], lanes[NR][NC];
-		for (int r = 0; r < nr; r++)
-			nbs[r] = _mm512_zextsi256_si512(_mm256_sub_epi16(
-			    _mm256_setzero_si256(),
-			    _mm256_loadu_si256((const __m256i *)(xb + r * xs + Q8K_BSUMS))));
+		/* -16 bsums in both halves (|bsums| <= 16 * 127: fits int16); each
+		 * half gives half the code offset's -32 s_g bsums_g */
+		for (int r = 0; r < nr; r++) {
+			const __m256i bs16 = _mm256_mullo_epi16(
+			    _mm256_loadu_si256((const __m256i *)(xb + r * xs + Q8K_BSUMS)),
+			    _mm256_set1_epi16(-16));
+			nbs[r] = _mm512_broadcast_i64x4(bs16);
+		}
 		uint64_t dh = 0;
 #pragma GCC unroll 4
 		for (int o = 0; o < NC; o++)
@@ -283,12 +287,11 @@ static ALWAYS_INLINE void k6_tile(int nr, const uint8_t *const b[NC], const uint
 			const uint8_t *bo = b[o] + off;
 			if (pf)
 				prefetch_block(bo + pf, Q6K_BYTES);
-			const __m256i sc16 =
-			    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(bo + 192)));
-			const __m512i sc = _mm512_castsi256_si512(sc16);
-			for (int r = 0; r < nr; r++) /* the code offset: -32 s_g bsums_g */
-				lanes[r][o] = _mm512_madd_epi16(
-				    _mm512_zextsi256_si512(_mm256_slli_epi16(sc16, 5)), nbs[r]);
+			/* int16 scales [s_0..15 | s_0..15] */
+			const __m512i sc = _mm512_cvtepi8_epi16(_mm256_broadcastsi128_si256(
+			    _mm_loadu_si128((const __m128i *)(bo + 192))));
+			for (int r = 0; r < nr; r++)
+				lanes[r][o] = _mm512_madd_epi16(sc, nbs[r]);
 			__m512i qh2 = _mm512_setzero_si512();
 #pragma GCC unroll 4
 			for (int k = 0; k < 4; k++) {
