@@ -52,10 +52,12 @@
 #define Q4K_BYTES 144
 #define Q6K_BYTES 210
 
+/* Every cache line of bytes at p, each once. */
 static ALWAYS_INLINE void prefetch_block(const uint8_t *p, size_t bytes)
 {
-	for (size_t l = 0; l < bytes; l += 64)
-		_mm_prefetch((const char *)p + l, _MM_HINT_T0);
+	const uintptr_t end = (uintptr_t)p + bytes;
+	for (uintptr_t a = (uintptr_t)p & ~(uintptr_t)63; a < end; a += 64)
+		_mm_prefetch((const char *)a, _MM_HINT_T0);
 }
 
 /* 64 activations of a Q8_K block, chunks 2k and 2k + 1 */
@@ -276,12 +278,6 @@ static ALWAYS_INLINE void k6_tile(int nr, const uint8_t *const b[NC], const uint
 			    _mm256_set1_epi16(-16));
 			nbs[r] = _mm512_broadcast_i64x4(bs16);
 		}
-		uint64_t dh = 0;
-#pragma GCC unroll 4
-		for (int o = 0; o < NC; o++)
-			dh |= (uint64_t)kern_load_u16(b[o] + off + 208) << (16 * o);
-		const __m512 dw =
-		    _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128((long long)dh)));
 #pragma GCC unroll 4
 		for (int o = 0; o < NC; o++) {
 			const uint8_t *bo = b[o] + off;
@@ -311,6 +307,12 @@ static ALWAYS_INLINE void k6_tile(int nr, const uint8_t *const b[NC], const uint
 				}
 			}
 		}
+		uint64_t dh = 0;
+#pragma GCC unroll 4
+		for (int o = 0; o < NC; o++)
+			dh |= (uint64_t)kern_load_u16(b[o] + off + 208) << (16 * o);
+		const __m512 dw =
+		    _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128((long long)dh)));
 		for (int r = 0; r < nr; r++) {
 			float dxf;
 			memcpy(&dxf, xb + r * xs, sizeof(dxf));
@@ -359,7 +361,7 @@ int kern_kq_decode_avx512(uint32_t type, const void *w, int64_t n_in, int64_t o0
 		return 0;
 	if (type != KERN_Q4_K && type != KERN_Q6_K)
 		return 0;
-	const tile_fn f = (type == KERN_Q4_K ? k4 : k6)[n_rows - 1];
+	const tile_fn f = (type == KERN_Q4_K ? k4 : k6)[n_rows == 2];
 	const size_t w_row = kern_row_bytes(type, n_in);
 	const int64_t nb = n_in / KERN_QK_K;
 	for (int64_t o = o0; o < o1; o += NC) {
@@ -369,7 +371,7 @@ int kern_kq_decode_avx512(uint32_t type, const void *w, int64_t n_in, int64_t o0
 		for (int c = 0; c < NC; c++)
 			b[c] = wb + (size_t)(o + (c < nc ? c : nc - 1)) * w_row;
 		/* the next tile's blocks, while one follows */
-		const size_t pf = o + 2 * NC <= o1 ? NC * w_row : 0;
+		const size_t pf = o + 2 * NC <= o1 ? (size_t)NC * w_row : 0;
 		float out[NR * NC];
 		f(b, xb, x_stride, nb, pf, out);
 		for (int64_t r = 0; r < n_rows; r++)
