@@ -13,23 +13,27 @@
  * low nibbles in the low half, high ones in the high half; Q6_K: 64 bytes of
  * ql, low or high nibbles, or'ed with two bits of qh moved to bits 4-5, codes
  * q + 32 in 0..63), in the natural order of the Q8_K row's 64 activations.
- * VPMADDUBSW gives the int16 pair sums (at most 2 * 63 * 128, no
- * saturation) and VPDPWSSD multiplies them by the int16 group scales of
- * their chunk (a shuffle of the block's scales) and adds them to one int32
- * vector per output and row: int32 lane j of half h holds values 4j .. 4j + 3
- * of chunk 2k + h, summed over k.
- *   Q4_K: the tile's four vectors per row are summed lane by lane by an
- *   unpack-add tree, and the mins (m_s times the pair sums of bsums, from a
- *   shuffle of the scales and VPDPWSSD into one vector per row, output o in
- *   dword o of every 128-bit lane) are reduced along with them, giving
- *   [isum_0..3 | msum_0..3]; acc = fma(isum, d_w * d_x, acc) and
+ * Products with the activations, times the int16 group scales of their
+ * chunks (shuffles of the block's scales), go into one int32 vector per
+ * output and row:
+ *   Q4_K: VPDPBUSD gives the sums of four products (at most 4 * 15 * 128:
+ *   exact in int16), two vectors are packed to int16 and VPDPWSSD multiplies
+ *   them by their scales.  The tile's four vectors per row are summed lane by
+ *   lane by an unpack-add tree, and the mins (m_s times the pair sums of
+ *   bsums, from a shuffle of the scales and VPDPWSSD into one vector per row,
+ *   output o in dword o of every 128-bit lane) are reduced along with them,
+ *   giving [isum_0..3 | msum_0..3]; acc = fma(isum, d_w * d_x, acc) and
  *   accm = fma(msum, dmin_w * d_x, accm) run as one 8-lane FMA with
  *   [d_0..3 | dmin_0..3], and the result is acc - accm.
- *   Q6_K: the code offset is taken out by one more VPDPWSSD (32 s_g times
- *   -bsums_g into lanes 0-7); the two halves added give ggml's eight lanes
- *   of the output (lane m: values 4m .. 4m + 3 of every chunk), two outputs
- *   per vector, each accumulated per block by acc_m = fma(d_w * d_x, lane_m,
- *   acc_m) and summed at the end as ggml's hsum_float_8.
+ *   Q6_K: VPMADDUBSW gives the int16 pair sums (at most 2 * 63 * 128, no
+ *   saturation) and VPDPWSSD multiplies them by their scales, so int32
+ *   lane j of half h holds values 4j .. 4j + 3 of chunk 2k + h, summed over
+ *   k; the code offset is taken out by one VPMADDWD of the scales with
+ *   -16 bsums in both halves (half of -32 s_g bsums_g each).  The two
+ *   halves added give ggml's eight lanes of the output (lane m: values
+ *   4m .. 4m + 3 of every chunk), two outputs per vector, each accumulated
+ *   per block by acc_m = fma(d_w * d_x, lane_m, acc_m) and summed at the
+ *   end as ggml's hsum_float_8.
  *
  * The next tile's blocks are prefetched while this one runs (as the AVX2
  * kernels do; decode from DRAM needs it). */
@@ -100,15 +104,18 @@ static ALWAYS_INLINE __m512i k4_scales(__m512i head)
 	return _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi8(0x30), 0xf8); /* a | b & c */
 }
 
-/* Shuffles of a block's broadcast [s | m] bytes: k4_index[k] (k < 4) to the
- * int16 scales of chunks 2k (128-bit lanes 0, 1) and 2k + 1 (lanes 2, 3);
- * k4_index[4 + o] to int16 (m_2L, m_2L+1) in dword o of 128-bit lane L, zeros
- * elsewhere (output o's mins). */
+/* Shuffles of a block's broadcast [s | m] bytes: k4_index[h] (h < 2) to the
+ * int16 scales of the packed sums of chunk pairs 2h and 2h + 1 (words 0-3
+ * of a 128-bit lane from pair 2h: chunk 4h in lanes 0, 1, chunk 4h + 1 in
+ * lanes 2, 3; words 4-7 from pair 2h + 1: chunks 4h + 2, 4h + 3);
+ * k4_index[2 + o] to int16 (m_2L, m_2L+1) in dword o of 128-bit lane L,
+ * zeros elsewhere (output o's mins). */
 #define Z     -128
-#define S8(a) a, Z, a, Z, a, Z, a, Z, a, Z, a, Z, a, Z, a, Z
+#define S4(a) a, Z, a, Z, a, Z, a, Z
 #define SCALES(k)                                                                                  \
 	{                                                                                          \
-		S8(2 * k), S8(2 * k), S8(2 * k + 1), S8(2 * k + 1)                                 \
+		S4(4 * k), S4(4 * k + 2), S4(4 * k), S4(4 * k + 2), S4(4 * k + 1), S4(4 * k + 3),  \
+		    S4(4 * k + 1), S4(4 * k + 3)                                                   \
 	}
 #define M4(o, l)                                                                                   \
 	(o) == 0 ? 8 + 2 * (l) : Z, Z, (o) == 0 ? 9 + 2 * (l) : Z, Z, (o) == 1 ? 8 + 2 * (l) : Z,  \
@@ -119,10 +126,10 @@ static ALWAYS_INLINE __m512i k4_scales(__m512i head)
 	{                                                                                          \
 		M4(o, 0), M4(o, 1), M4(o, 2), M4(o, 3)                                             \
 	}
-static const int8_t k4_index[8][64] __attribute__((aligned(64))) = {
-    SCALES(0), SCALES(1), SCALES(2), SCALES(3), MINS(0), MINS(1), MINS(2), MINS(3)};
+static const int8_t k4_index[6][64]
+    __attribute__((aligned(64))) = {SCALES(0), SCALES(1), MINS(0), MINS(1), MINS(2), MINS(3)};
 #undef Z
-#undef S8
+#undef S4
 #undef SCALES
 #undef M4
 #undef MINS
@@ -173,23 +180,31 @@ static ALWAYS_INLINE void k4_tile(int nr, const uint8_t *const b[NC], const uint
 			if (pf)
 				prefetch_block(bo + pf, Q4K_BYTES);
 			const __m512i so = _mm512_shuffle_i32x4(sm, sm, 0x55 * o);
+			__m512i u[4];
 #pragma GCC unroll 4
 			for (int k = 0; k < 4; k++) {
 				const __m512i q = _mm512_broadcast_i64x4(
 				    _mm256_loadu_si256((const __m256i *)(bo + 16 + 32 * k)));
 				/* high half: the high nibbles */
-				const __m512i u = _mm512_and_si512(
+				u[k] = _mm512_and_si512(
 				    _mm512_mask_srli_epi16(q, 0xffff0000u, q, 4), m4);
-				const __m512i sc = _mm512_shuffle_epi8(so, k4_shuffle(k));
+			}
+#pragma GCC unroll 2
+			for (int k = 0; k < 4; k += 2) {
+				const __m512i sc = _mm512_shuffle_epi8(so, k4_shuffle(k / 2));
 				for (int r = 0; r < nr; r++) {
-					const __m512i p =
-					    _mm512_maddubs_epi16(u, x_chunks(xb + r * xs, k));
+					const __m512i z = _mm512_setzero_si512();
+					const __m512i v0 =
+					    _mm512_dpbusd_epi32(z, u[k], x_chunks(xb + r * xs, k));
+					const __m512i v1 = _mm512_dpbusd_epi32(
+					    z, u[k + 1], x_chunks(xb + r * xs, k + 1));
+					const __m512i p = _mm512_packs_epi32(v0, v1);
 					isum[r][o] = k == 0
 							 ? _mm512_madd_epi16(p, sc)
 							 : _mm512_dpwssd_epi32(isum[r][o], p, sc);
 				}
 			}
-			const __m512i mv = _mm512_shuffle_epi8(so, k4_shuffle(4 + o));
+			const __m512i mv = _mm512_shuffle_epi8(so, k4_shuffle(2 + o));
 			for (int r = 0; r < nr; r++)
 				mins[r] = _mm512_dpwssd_epi32(mins[r], mv, bs[r]);
 		}
