@@ -233,16 +233,16 @@ static ALWAYS_INLINE void k4_tile(int nr, const uint8_t *const b[NC], const uint
 
 /* ------------------------------------------------------------------ Q6_K */
 
-/* Chunks 2k, 2k + 1 of a Q6_K block: codes q + 32 (0..63) as bytes; qh2:
- * the block's qh bytes 32 (k / 2) .. + 31, shifted left by 2 in the low
- * 256 bits (qh bits 0-1 | 2-3 of k even go to bits 4-5 by a further shift
- * left by 2, bits 4-5 | 6-7 of k odd by a shift right by 2). */
-static ALWAYS_INLINE __m512i k6_chunks(const uint8_t *b, __m512i qh2, int k)
+/* Chunks of a Q6_K block as codes q + 32 (0..63) in bytes: from 64 bytes of
+ * ql and qh2, 32 bytes of qh broadcast and shifted left by 2 in the low 256
+ * bits; high = 0: the low nibbles and qh bits 0-1 | 2-3 (to bits 4-5 by a
+ * further shift left by 2), 1: the high nibbles and bits 4-5 | 6-7 (a shift
+ * right by 2). */
+static ALWAYS_INLINE __m512i k6_chunks(__m512i ql, __m512i qh2, int high)
 {
 	const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
-	const __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * (k / 2)));
 	__m512i lo, hi;
-	if (k % 2 == 0) {
+	if (!high) {
 		lo = _mm512_and_si512(ql, m4);
 		hi = _mm512_slli_epi16(qh2, 2);
 	} else {
@@ -298,29 +298,35 @@ static ALWAYS_INLINE void k6_tile(int nr, const uint8_t *const b[NC], const uint
 			const uint8_t *bo = b[o] + off;
 			if (pf)
 				prefetch_block(bo + pf, Q6K_BYTES);
+			/* the block in memory order: ql, qh, the scales */
+			const __m512i ql[2] = {_mm512_loadu_si512((const void *)bo),
+					       _mm512_loadu_si512((const void *)(bo + 64))};
+			__m512i u[4];
+#pragma GCC unroll 2
+			for (int h = 0; h < 2; h++) {
+				const __m512i qh = _mm512_broadcast_i64x4(
+				    _mm256_loadu_si256((const __m256i *)(bo + 128 + 32 * h)));
+				const __m512i qh2 = _mm512_mask_slli_epi16(qh, 0xffffu, qh, 2);
+				u[2 * h] = k6_chunks(ql[h], qh2, 0);
+				u[2 * h + 1] = k6_chunks(ql[h], qh2, 1);
+			}
 			/* int16 scales [s_0..15 | s_0..15] */
 			const __m512i sc = _mm512_cvtepi8_epi16(_mm256_broadcastsi128_si256(
 			    _mm_loadu_si128((const __m128i *)(bo + 192))));
-			for (int r = 0; r < nr; r++)
-				lanes[r][o] = _mm512_madd_epi16(sc, nbs[r]);
-			__m512i qh2 = _mm512_setzero_si512();
 #pragma GCC unroll 4
 			for (int k = 0; k < 4; k++) {
-				if (k % 2 == 0) {
-					const __m512i qh =
-					    _mm512_broadcast_i64x4(_mm256_loadu_si256(
-						(const __m256i *)(bo + 128 + 16 * k)));
-					qh2 = _mm512_mask_slli_epi16(qh, 0xffffu, qh, 2);
-				}
-				const __m512i u = k6_chunks(bo, qh2, k);
 				const __m512i s = _mm512_permutexvar_epi16(
 				    _mm512_load_si512((const void *)k6_index[k]), sc);
 				for (int r = 0; r < nr; r++) {
 					const __m512i p =
-					    _mm512_maddubs_epi16(u, x_chunks(xb + r * xs, k));
-					lanes[r][o] = _mm512_dpwssd_epi32(lanes[r][o], p, s);
+					    _mm512_maddubs_epi16(u[k], x_chunks(xb + r * xs, k));
+					lanes[r][o] = k == 0
+							  ? _mm512_madd_epi16(p, s)
+							  : _mm512_dpwssd_epi32(lanes[r][o], p, s);
 				}
 			}
+			for (int r = 0; r < nr; r++)
+				lanes[r][o] = _mm512_dpwssd_epi32(lanes[r][o], sc, nbs[r]);
 		}
 		uint64_t dh = 0;
 #pragma GCC unroll 4
