@@ -737,17 +737,18 @@ static void test_matmul(void **state)
 }
 
 /* Decode, one and two rows (at the AVX-512 level Q4_K and Q6_K take their
- * own kernels, tiles of four outputs): kern_matmul = kern_dot_ref, bit for
- * bit, for one block (256 values) and odd block counts, output counts below,
- * at and past a tile, ranges starting past 0 (check_matmul), and every
- * weight and activation edge case. */
+ * own kernels, tiles of four or eight outputs): kern_matmul = kern_dot_ref,
+ * bit for bit, for one block (256 values) and odd block counts, output counts
+ * below, at and past a tile (and past two, where the next tile is
+ * prefetched), ranges starting past 0 (check_matmul), and every weight and
+ * activation edge case. */
 static void test_matmul_decode(void **state)
 {
 	(void)state;
 	if (!have_avx2())
 		skip();
 	static const int64_t nbs[] = {1, 2, 3, 5, 9};
-	static const int64_t n_outs[] = {1, 3, 4, 5, 8, 11};
+	static const int64_t n_outs[] = {1, 3, 4, 5, 8, 11, 19};
 	rng_seed(61);
 	for (size_t ti = 0; ti < N_KQ; ti++)
 		for (size_t ni = 0; ni < sizeof(nbs) / sizeof(nbs[0]); ni++)
