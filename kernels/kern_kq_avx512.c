@@ -295,7 +295,7 @@ static ALWAYS_INLINE void k6_tile(int nr, int nct, const uint8_t *const b[NC_MAX
 			    _mm256_set1_epi16(-16));
 			nbs[r] = _mm512_broadcast_i64x4(bs16);
 		}
-#pragma GCC unroll 4
+#pragma GCC unroll 8
 		for (int o = 0; o < nct; o++) {
 			const uint8_t *bo = b[o] + off;
 			if (pf)
@@ -340,7 +340,7 @@ static ALWAYS_INLINE void k6_tile(int nr, int nct, const uint8_t *const b[NC_MAX
 			float dxf;
 			memcpy(&dxf, xb + r * xs, sizeof(dxf));
 			const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(dxf));
-#pragma GCC unroll 2
+#pragma GCC unroll 4
 			for (int p = 0; p < nct / 2; p++) {
 				const __m512i a = lanes[r][2 * p], c = lanes[r][2 * p + 1];
 				const __m512i l = _mm512_add_epi32(
