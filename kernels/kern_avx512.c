@@ -994,5 +994,8 @@ void kern_kq_matmul_avx512(uint32_t type, const void *w, int64_t n_in, int64_t o
 	if (k && n_rows >= k->min_rows && o1 > o0 && n_in >= k->qk &&
 	    matmul_vnni(type, k, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, gemm_rows) == 0)
 		return;
+	if (kern_kq_decode_avx512(type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride,
+				  gemm_rows))
+		return;
 	kern_kq_matmul_avx2(type, w, n_in, o0, o1, x, x_stride, n_rows, y, y_stride, gemm_rows);
 }

@@ -152,5 +152,11 @@ void kern_matmul_avx512(uint32_t weight_type, const void *w, int64_t n_in, int64
 void kern_kq_matmul_avx512(uint32_t type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
 			   const void *x, size_t x_stride, int64_t n_rows, float *y,
 			   int64_t y_stride, int64_t gemm_rows);
+/* Q4_K and Q6_K decode (kern_kq_avx512.c): one or two rows, none below
+ * gemm_rows, as kern_kq_matmul_avx2 would compute them; 1 if it took the
+ * product, 0 if the type or the rows are not its own (nothing written). */
+int kern_kq_decode_avx512(uint32_t type, const void *w, int64_t n_in, int64_t o0, int64_t o1,
+			  const void *x, size_t x_stride, int64_t n_rows, float *y,
+			  int64_t y_stride, int64_t gemm_rows);
 
 #endif

@@ -663,8 +663,11 @@ static void test_dot_simd(void **state)
 }
 
 /* kern_matmul = kern_dot_ref per element, bit for bit, for 1..7 rows and
- * output ranges of every width and start; nothing outside [o0, o1) written. */
-static void check_matmul(uint32_t t, int64_t nb, int64_t n_out, int64_t n_rows)
+ * output ranges of every width and start; nothing outside [o0, o1) written.
+ * Weight row o in fill_weights mode (o + wm) % 6, activation row r in
+ * fill_act mode (r + xm) % 6; wm, xm < 0: mostly random, a few rows of
+ * negative scales. */
+static void check_matmul(uint32_t t, int64_t nb, int64_t n_out, int64_t n_rows, int wm, int xm)
 {
 	const int64_t n = nb * QK;
 	const size_t wr = kern_row_bytes(t, n);
@@ -674,9 +677,11 @@ static void check_matmul(uint32_t t, int64_t nb, int64_t n_out, int64_t n_rows)
 	float *y = xmalloc((size_t)(n_rows * n_out) * sizeof(float));
 	float *want = xmalloc((size_t)(n_rows * n_out) * sizeof(float));
 	for (int64_t o = 0; o < n_out; o++)
-		fill_weights(t, w + (size_t)o * wr, nb, o % 7 == 6 ? 4 : 0);
+		fill_weights(t, w + (size_t)o * wr, nb,
+			     wm < 0 ? (o % 7 == 6 ? 4 : 0) : (int)((o + wm) % 6));
 	for (int64_t r = 0; r < n_rows; r++)
-		fill_act((struct kern_block_q8_k *)(x + (size_t)r * xs), nb, r % 3 == 2 ? 5 : 0);
+		fill_act((struct kern_block_q8_k *)(x + (size_t)r * xs), nb,
+			 xm < 0 ? (r % 3 == 2 ? 5 : 0) : (int)((r + xm) % 6));
 	for (int64_t r = 0; r < n_rows; r++)
 		for (int64_t o = 0; o < n_out; o++)
 			want[r * n_out + o] =
@@ -723,12 +728,35 @@ static void test_matmul(void **state)
 		kern_force_ref(pass == 1);
 		for (size_t ti = 0; ti < N_KQ; ti++)
 			for (int64_t rows = 1; rows <= 7; rows++)
-				check_matmul(kq_types[ti], 1 + rows % 3, 13, rows);
+				check_matmul(kq_types[ti], 1 + rows % 3, 13, rows, -1, -1);
 		/* many rows: the output range is cut into chunks that stay in L2 */
-		check_matmul(KERN_Q4_K, 8, 70, 9);
-		check_matmul(KERN_Q6_K, 8, 50, 6);
+		check_matmul(KERN_Q4_K, 8, 70, 9, -1, -1);
+		check_matmul(KERN_Q6_K, 8, 50, 6, -1, -1);
 	}
 	kern_force_ref(0);
+}
+
+/* Decode, one and two rows (at the AVX-512 level Q4_K and Q6_K take their
+ * own kernels, tiles of four or eight outputs): kern_matmul = kern_dot_ref,
+ * bit for bit, for one block (256 values) and odd block counts, output counts
+ * below, at and past a tile (and past two, where the next tile is
+ * prefetched), ranges starting past 0 (check_matmul), and every weight and
+ * activation edge case. */
+static void test_matmul_decode(void **state)
+{
+	(void)state;
+	if (!have_avx2())
+		skip();
+	static const int64_t nbs[] = {1, 2, 3, 5, 9};
+	static const int64_t n_outs[] = {1, 3, 4, 5, 8, 11, 19};
+	rng_seed(61);
+	for (size_t ti = 0; ti < N_KQ; ti++)
+		for (size_t ni = 0; ni < sizeof(nbs) / sizeof(nbs[0]); ni++)
+			for (size_t oi = 0; oi < sizeof(n_outs) / sizeof(n_outs[0]); oi++)
+				for (int64_t rows = 1; rows <= 2; rows++)
+					for (int m = 0; m < 6; m++)
+						check_matmul(kq_types[ti], nbs[ni], n_outs[oi],
+							     rows, m, (m + 3 * (int)oi) % 6);
 }
 
 int main(void)
@@ -744,6 +772,7 @@ int main(void)
 	    cmocka_unit_test(test_dot_ref_double),
 	    cmocka_unit_test(test_dot_simd),
 	    cmocka_unit_test(test_matmul),
+	    cmocka_unit_test(test_matmul_decode),
 	    cmocka_unit_test(test_dot_ggml),
 	    cmocka_unit_test(test_matmul_dense_ggml),
 	    cmocka_unit_test(test_matmul_dense_iq4xs),
