@@ -27,8 +27,9 @@
  * while every group of activation rows passes over them.  Fewer rows than a
  * type's min_rows and every other type take the AVX2 kernels (kern_avx2.c,
  * kern_kq_avx2.c): without rows to share it the repacking does not pay;
- * except one row (decode) of Q4_0 or MXFP4, which matvec_q4 multiplies with
- * the weights in place. */
+ * except one row (decode) of Q4_0, MXFP4 and Q8_0, which matvec_q4 and
+ * matvec_q8_0 multiply with the weights in place, and one or two rows of Q4_K
+ * and Q6_K (kern_kq_avx512.c). */
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
