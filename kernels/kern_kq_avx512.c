@@ -181,7 +181,13 @@ static ALWAYS_INLINE void k4_tile(int nr, const uint8_t *const b[NC_MAX], const 
 			const uint8_t *bo = b[o] + off;
 			if (pf)
 				prefetch_block(bo + pf, Q4K_BYTES);
-			const __m512i so = _mm512_shuffle_i32x4(sm, sm, 0x55 * o);
+			/* lane o of sm in every lane (an index vector: o is not a
+			 * constant for every compiler) */
+			const __m512i so = _mm512_permutexvar_epi32(
+			    _mm512_add_epi32(
+				_mm512_set_epi32(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0),
+				_mm512_set1_epi32(4 * o)),
+			    sm);
 			__m512i u[4];
 #pragma GCC unroll 4
 			for (int k = 0; k < 4; k++) {
