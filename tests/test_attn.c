@@ -38,8 +38,9 @@ struct case_spec {
 	int window;
 	int sinks;
 	int n_seq;
-	int n_tok; /* per sequence, all in one batch */
-	int mla;   /* v = first dv values of k (deepseek2's absorbed MLA) */
+	int n_tok;  /* per sequence, all in one batch */
+	int mla;    /* v = first dv values of k (deepseek2's absorbed MLA) */
+	int shared; /* mla: the cache reads the values from the keys */
 };
 
 /* Fills the cache for n_seq sequences of n_tok tokens, runs attn_forward on
@@ -52,7 +53,9 @@ static void run_case(const struct case_spec *cs, int n_threads, float *out_copy,
 	const int n = cs->n_seq * cs->n_tok;
 	attn_cache *c = NULL;
 	pool *p = NULL;
-	assert_int_equal(attn_cache_new(2, cs->n_seq, n_ctx, kw, vw, &c), 0);
+	assert_int_equal(cs->shared ? attn_cache_new_shared(2, cs->n_seq, n_ctx, kw, vw, &c)
+				    : attn_cache_new(2, cs->n_seq, n_ctx, kw, vw, &c),
+			 0);
 	assert_int_equal(pool_new(n_threads, &p), 0);
 
 	float *k = malloc(sizeof(float) * (size_t)n * kw);
@@ -176,6 +179,13 @@ static void check_case(const struct case_spec *cs, double tol)
 		fail_msg("max error %g > %g", e1, tol);
 	/* the thread count must not change a single bit */
 	assert_memory_equal(o1, o2, sizeof(float) * n_out);
+	/* values read from the keys: the same bits as stored apart */
+	if (cs->mla) {
+		struct case_spec sh = *cs;
+		sh.shared = 1;
+		run_case(&sh, 2, o2, &e2);
+		assert_memory_equal(o1, o2, sizeof(float) * n_out);
+	}
 	/* nor the SIMD forms of each level against the scalar loops */
 	for (int isa = KERN_ISA_SCALAR; isa < (int)kern_cpu_isa(); isa++) {
 		isa_use(isa);
@@ -531,6 +541,14 @@ static void test_attn_check_params(void **state)
 	attn_cache_destroy(&c);
 	assert_null(c);
 	assert_int_equal(attn_cache_new(0, 1, 4, 64, 64, &c), ERR_CONFIG);
+	/* values read from the keys: no longer than a key, one KV head */
+	assert_int_equal(attn_cache_new_shared(1, 1, 4, 64, 80, &c), ERR_CONFIG);
+	assert_int_equal(attn_cache_new_shared(1, 1, 4, 64, 48, &c), 0);
+	assert_int_equal(attn_check_params(c, &ok, "test"), ERR_FORMAT);
+	struct attn_params one = {
+	    .n_head = 4, .n_head_kv = 1, .head_dim_k = 64, .head_dim_v = 48, .scale = 1.0f};
+	assert_int_equal(attn_check_params(c, &one, "test"), 0);
+	attn_cache_destroy(&c);
 	assert_int_equal(attn_cache_new(1 << 30, 1 << 30, 1 << 30, 1 << 30, 64, &c), ERR_NOMEM);
 	assert_null(c);
 }

@@ -828,9 +828,9 @@ static int ds2_load(const struct arch_env *env, struct model_info *info, void **
 	if (hp->legacy && (rc = ds2_build_k_b(m)))
 		goto out;
 
-	/* KV cache: key [c | k_pe], value c (stored separately, same F16 values) */
-	if ((rc = attn_cache_new(hp->n_layer, env->n_seq, env->n_ctx, hp->kv_lora + hp->n_rot,
-				 hp->kv_lora, &m->cache)))
+	/* KV cache: key [c | k_pe], value c read from the key (stored once) */
+	if ((rc = attn_cache_new_shared(hp->n_layer, env->n_seq, env->n_ctx,
+					hp->kv_lora + hp->n_rot, hp->kv_lora, &m->cache)))
 		goto out;
 	m->attn = (struct attn_params){
 	    .n_head = hp->n_head,
@@ -925,10 +925,10 @@ static void ds2_heads_run(void *ctx, int ith, int nth)
 		for (int64_t t = 0; t < j->n_rows; t++)
 			kern_convert_row(j->act, j->x + (t * H + h) * j->x_head,
 					 j->xa + (size_t)(t * H + h) * j->act_row, n_in);
-		kern_matmul_unpacked(j->w->type, (const char *)j->w->data + (size_t)h * j->w->stride,
-				     n_in, 0, n_out, j->xa + (size_t)h * j->act_row,
-				     (size_t)H * j->act_row, j->n_rows, j->y + h * j->y_head,
-				     H * j->y_head, j->batched);
+		kern_matmul_unpacked(j->w->type,
+				     (const char *)j->w->data + (size_t)h * j->w->stride, n_in, 0,
+				     n_out, j->xa + (size_t)h * j->act_row, (size_t)H * j->act_row,
+				     j->n_rows, j->y + h * j->y_head, H * j->y_head, j->batched);
 	}
 }
 

@@ -3,11 +3,12 @@
  * ggml_compute_forward_flash_attn_ext_f16 and its two row kernels).
  *
  * Cache layout: k[layer][seq][pos][k_width] and v[layer][seq][pos][v_width],
- * uint16_t IEEE halves, allocated once.  A query at position p of sequence s
- * reads positions j0..p of s in increasing order (j0 = 0, or p - window + 1
- * with a sliding window), which is the order llama.cpp visits the cells of a
- * single-sequence cache.  Positions of one sequence are written before they
- * are read (model.c keeps them consecutive), so resetting a slot needs no work.
+ * uint16_t IEEE halves, allocated once; or, when every value is the start of
+ * its key (deepseek2's MLA), no v at all: values are read from the keys.  A query at position p of
+ * sequence s reads positions j0..p of s in increasing order (j0 = 0, or p - window + 1 with a
+ * sliding window), which is the order llama.cpp visits the cells of a single-sequence cache.
+ * Positions of one sequence are written before they are read (model.c keeps them consecutive), so
+ * resetting a slot needs no work.
  *
  * What each path rounds (see attn.h for when each is used):
  *   one-row path  q -> F16; s = ggml_vec_dot_f16(q16, k) (attn_dot_f16) * scale;
@@ -70,8 +71,9 @@ struct attn_cache {
 	int n_ctx;
 	int k_width;
 	int v_width;
+	int v_stride;	      /* uint16_t from one value to the next: v_width, or k_width */
 	uint16_t *k;	      /* [n_layer][n_seq][n_ctx][k_width] */
-	uint16_t *v;	      /* [n_layer][n_seq][n_ctx][v_width] */
+	uint16_t *v;	      /* [n_layer][n_seq][n_ctx][v_stride], or k (values in the keys) */
 	int32_t *seq_tokens;  /* [n_seq] scratch of attn_forward: tokens per sequence */
 	struct attn_kvf *kvf; /* [ATTN_KVF_SLOTS] per pool thread, or NULL */
 };
@@ -258,12 +260,14 @@ static float attn_dot_f16(const float *q16, const uint16_t *k, int n, int simd)
 
 /* ------------------------------------------------------------------ cache */
 
-int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, attn_cache **out)
+static int attn_cache_make(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, int v_in_k,
+			   attn_cache **out)
 {
 	int rc = 0;
 	attn_cache *c = NULL;
 	*out = NULL;
-	if (n_layer <= 0 || n_seq <= 0 || n_ctx <= 0 || k_width <= 0 || v_width <= 0) {
+	if (n_layer <= 0 || n_seq <= 0 || n_ctx <= 0 || k_width <= 0 || v_width <= 0 ||
+	    (v_in_k && v_width > k_width)) {
 		log_error("attn: invalid KV cache shape (layers %d, sequences %d, positions %d, "
 			  "widths %d/%d)",
 			  n_layer, n_seq, n_ctx, k_width, v_width);
@@ -282,7 +286,7 @@ int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, 
 	}
 	entries *= (size_t)n_seq * (size_t)n_ctx;
 	const size_t bytes_k = entries * (size_t)k_width * sizeof(uint16_t);
-	const size_t bytes_v = entries * (size_t)v_width * sizeof(uint16_t);
+	const size_t bytes_v = v_in_k ? 0 : entries * (size_t)v_width * sizeof(uint16_t);
 
 	pthread_once(&attn_f16_once, attn_f16_table_init);
 
@@ -296,9 +300,10 @@ int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, 
 	c->n_ctx = n_ctx;
 	c->k_width = k_width;
 	c->v_width = v_width;
+	c->v_stride = v_in_k ? k_width : v_width;
 	/* calloc: positions never stored read as +0, never garbage */
 	c->k = calloc(1, bytes_k);
-	c->v = calloc(1, bytes_v);
+	c->v = v_in_k ? c->k : calloc(1, bytes_v);
 	c->seq_tokens = calloc((size_t)n_seq, sizeof(int32_t));
 	c->kvf = calloc(ATTN_KVF_SLOTS, sizeof(*c->kvf)); /* buffers grow when used */
 	if (!c->k || !c->v || !c->seq_tokens || !c->kvf)
@@ -312,12 +317,24 @@ out:
 	return rc;
 }
 
+int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, attn_cache **out)
+{
+	return attn_cache_make(n_layer, n_seq, n_ctx, k_width, v_width, 0, out);
+}
+
+int attn_cache_new_shared(int n_layer, int n_seq, int n_ctx, int k_width, int v_width,
+			  attn_cache **out)
+{
+	return attn_cache_make(n_layer, n_seq, n_ctx, k_width, v_width, 1, out);
+}
+
 void attn_cache_destroy(attn_cache **c)
 {
 	if (!c || !*c)
 		return;
+	if ((*c)->v != (*c)->k)
+		free((*c)->v);
 	free((*c)->k);
-	free((*c)->v);
 	free((*c)->seq_tokens);
 	if ((*c)->kvf)
 		for (int i = 0; i < ATTN_KVF_SLOTS; i++) {
@@ -349,9 +366,11 @@ void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k
 	       pos < c->n_ctx);
 	size_t e = attn_entry(c, layer, seq, pos);
 	uint16_t *kd = c->k + e * (size_t)c->k_width;
-	uint16_t *vd = c->v + e * (size_t)c->v_width;
 	for (int i = 0; i < c->k_width; i++)
 		kd[i] = kern_f32_to_f16(k[i]);
+	if (c->v == c->k) /* the values are the keys' first v_width */
+		return;
+	uint16_t *vd = c->v + e * (size_t)c->v_stride;
 	for (int i = 0; i < c->v_width; i++)
 		vd[i] = kern_f32_to_f16(v[i]);
 }
@@ -375,6 +394,11 @@ int attn_check_params(const attn_cache *c, const struct attn_params *ap, const c
 			  "widths %d/%d",
 			  what, ap->n_head_kv, ap->head_dim_k, ap->head_dim_v, c->k_width,
 			  c->v_width);
+		return ERR_FORMAT;
+	}
+	if (c->v == c->k && ap->n_head_kv != 1) {
+		log_error("%s: attention: values read from the keys need one KV head, not %d", what,
+			  ap->n_head_kv);
 		return ERR_FORMAT;
 	}
 	if (ap->window < 0) {
@@ -441,7 +465,7 @@ static int attn_kvf_fill(struct attn_kvf *f, const attn_cache *c, const uint16_t
 	}
 	for (int j = f->n; j < z; j++) {
 		const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
-		const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
+		const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_stride;
 		float *tile = f->kt + (size_t)(j / ATTN_TILE_KV) * ATTN_TILE_KV * (size_t)dk;
 		const int i = j % ATTN_TILE_KV;
 		for (int d = 0; d < dk; d++)
@@ -513,13 +537,13 @@ ATTN_HOT static void attn_chunk_f16(const struct attn_job *jb, int t, int h, int
 
 	const size_t e0 = attn_entry(c, jb->layer, jb->b->seq[t], 0);
 	const uint16_t *kbase = c->k + e0 * (size_t)c->k_width + (size_t)hkv * (size_t)dk;
-	const uint16_t *vbase = c->v + e0 * (size_t)c->v_width + (size_t)hkv * (size_t)dv;
+	const uint16_t *vbase = c->v + e0 * (size_t)c->v_stride + (size_t)hkv * (size_t)dv;
 
 	*S = 0.0f;
 	*M = -INFINITY;
 	for (int j = j0; j < j1; j++) {
 		const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
-		const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
+		const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_stride;
 		const float s = attn_dot_f16(q16, kj, dk, simd) * ap->scale;
 
 		float ms = 1.0f;
@@ -663,7 +687,7 @@ ATTN_HOT static void attn_rows_tiled(const struct attn_job *jb, struct attn_kvf 
 	attn_visible(ap, pos, &j0, &j1);
 	const size_t e0 = attn_entry(c, jb->layer, seq, 0);
 	const uint16_t *kbase = c->k + e0 * (size_t)c->k_width + (size_t)hkv * (size_t)dk;
-	const uint16_t *vbase = c->v + e0 * (size_t)c->v_width + (size_t)hkv * (size_t)dv;
+	const uint16_t *vbase = c->v + e0 * (size_t)c->v_stride + (size_t)hkv * (size_t)dv;
 
 	/* the keys and values as F32, shared with the thread's other rows
 	 * (the SIMD path; without it, each tile's keys are converted here) */
@@ -732,7 +756,7 @@ ATTN_HOT static void attn_rows_tiled(const struct attn_job *jb, struct attn_kvf 
 				continue;
 			}
 			for (int j = a; j < z; j++) {
-				const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_width;
+				const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_stride;
 				const float w = kq[g][j - ic];
 				for (int d = 0; d < dv; d++)
 					vrow[d] = attn_f16_to_f32(vj[d]);

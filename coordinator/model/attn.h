@@ -32,6 +32,13 @@ typedef struct attn_cache attn_cache;
 #define ATTN_MAX_HEAD_DIM 1024
 
 int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, attn_cache **out);
+/* A cache whose values are the first v_width (<= k_width) values of each key
+ * (deepseek2's MLA: key [c | k_pe], value c), stored once: the keys' bytes
+ * only, and the same results as attn_cache_new with the values stored apart.
+ * One KV head (attn_check_params refuses others); attn_cache_store ignores
+ * its v. */
+int attn_cache_new_shared(int n_layer, int n_seq, int n_ctx, int k_width, int v_width,
+			  attn_cache **out);
 void attn_cache_destroy(attn_cache **c);
 void attn_cache_reset_seq(attn_cache *c, int seq);
 /* k: k_width floats, v: v_width floats (rounded to F16). */

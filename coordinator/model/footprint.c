@@ -81,7 +81,7 @@ static int footprint_kv(const gguf *g, struct footprint *f)
 		const uint64_t rot = footprint_u32(g, a, "rope.dimension_count", 0);
 		if (c == 0)
 			return 0;
-		f->kv_bytes_per_1k = 1024 * L * (c + rot + c) * 2;
+		f->kv_bytes_per_1k = 1024 * L * (c + rot) * 2; /* the value c read from the key */
 		return 1;
 	}
 	if (strcmp(a, "qwen3moe") == 0 || strcmp(a, "gpt-oss") == 0) {
