@@ -18,6 +18,57 @@
  * computes exactly what the scalar loop computes for element i. */
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+
+/* The AVX-512 forms unless the CPU lacks them or a lower level is asked for */
+static int attn_simd_512(void)
+{
+	return kern_isa_now() >= KERN_ISA_AVX512;
+}
+
+/* AVX-512 forms of the one-row kernel's loops: 16 lanes where the AVX2 forms
+ * below have 8, the same operations lane by lane. */
+__attribute__((target("avx512f"))) static void
+attn_simd512_dot16(const float *q16, const uint16_t *k, int np, float *out)
+{
+	__m512 a[4];
+	for (int j = 0; j < 4; j++)
+		a[j] = _mm512_setzero_ps();
+	for (int i = 0; i < np; i += 64)
+#pragma GCC unroll 4
+		for (int j = 0; j < 4; j++) {
+			const __m512 kv =
+			    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k + i + 16 * j)));
+			a[j] = _mm512_add_ps(a[j],
+					     _mm512_mul_ps(_mm512_loadu_ps(q16 + i + 16 * j), kv));
+		}
+	/* lanes 0-7: (a0 + a4) + (a2 + a6) of the AVX2 form's eight, 8-15 likewise */
+	_mm512_storeu_ps(out, _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3])));
+}
+
+__attribute__((target("avx512f"))) static int attn_simd512_scale_f16(float *acc, float ms, int n)
+{
+	const __m512 m = _mm512_set1_ps(ms);
+	int d = 0;
+	for (; d + 16 <= n; d += 16)
+		_mm512_storeu_ps(acc + d, _mm512_cvtph_ps(_mm512_cvtps_ph(
+					      _mm512_mul_ps(_mm512_loadu_ps(acc + d), m),
+					      _MM_FROUND_TO_NEAREST_INT)));
+	return d;
+}
+
+__attribute__((target("avx512f"))) static int attn_simd512_fma_f16(float *acc, const uint16_t *v,
+								   float w, int n)
+{
+	const __m512 wv = _mm512_set1_ps(w);
+	int d = 0;
+	for (; d + 16 <= n; d += 16) {
+		const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + d)));
+		_mm512_storeu_ps(acc + d, _mm512_cvtph_ps(_mm512_cvtps_ph(
+					      _mm512_fmadd_ps(x, wv, _mm512_loadu_ps(acc + d)),
+					      _MM_FROUND_TO_NEAREST_INT)));
+	}
+	return d;
+}
 __attribute__((target("avx2,fma,f16c"))) void attn_simd_f16_row(const uint16_t *src, float *dst,
 								int n)
 {
@@ -87,6 +138,10 @@ __attribute__((target("avx2,fma"))) void attn_simd_tile_scores(const float *q, c
 __attribute__((target("avx2,fma,f16c"))) void attn_simd_dot16(const float *q16, const uint16_t *k,
 							      int np, float *out)
 {
+	if (attn_simd_512()) {
+		attn_simd512_dot16(q16, k, np, out);
+		return;
+	}
 	__m256 a[8];
 	for (int j = 0; j < 8; j++)
 		a[j] = _mm256_setzero_ps();
@@ -108,7 +163,7 @@ __attribute__((target("avx2,fma,f16c"))) void attn_simd_dot16(const float *q16, 
 __attribute__((target("avx2,fma,f16c"))) void attn_simd_scale_f16(float *acc, float ms, int n)
 {
 	const __m256 m = _mm256_set1_ps(ms);
-	int d = 0;
+	int d = attn_simd_512() ? attn_simd512_scale_f16(acc, ms, n) : 0;
 	for (; d + 8 <= n; d += 8)
 		_mm256_storeu_ps(acc + d, _mm256_cvtph_ps(_mm256_cvtps_ph(
 					      _mm256_mul_ps(_mm256_loadu_ps(acc + d), m),
@@ -122,7 +177,7 @@ __attribute__((target("avx2,fma,f16c"))) void attn_simd_fma_f16(float *acc, cons
 								float w, int n)
 {
 	const __m256 wv = _mm256_set1_ps(w);
-	int d = 0;
+	int d = attn_simd_512() ? attn_simd512_fma_f16(acc, v, w, n) : 0;
 	for (; d + 8 <= n; d += 8) {
 		__m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + d)));
 		_mm256_storeu_ps(acc + d, _mm256_cvtph_ps(_mm256_cvtps_ph(
@@ -298,12 +353,6 @@ __attribute__((target("avx512f"))) static void attn_simd512_values(const float *
 #undef ATTN_V512
 		}
 	}
-}
-
-/* The AVX-512 forms unless the CPU lacks them or a lower level is asked for */
-static int attn_simd_512(void)
-{
-	return kern_isa_now() >= KERN_ISA_AVX512;
 }
 
 /* sv[v][l] = fma chain over d < dim of q[d] * kt[d][8 v + l] for v < NV,
