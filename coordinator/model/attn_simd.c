@@ -1,7 +1,8 @@
 /* attn_simd: the AVX2+FMA+F16C forms of attention's inner loops (attn.c),
  * each computing lane for lane what attn.c's scalar loop computes, and
  * AVX-512 forms of the tiled kernel's scores and values for several heads at
- * once (taken when kern_isa_now() allows); where they cannot be built they
+ * once and of the one-row kernel's F16 dot and accumulation (taken when
+ * kern_isa_now() allows); where they cannot be built they
  * are stubs and attn_simd_ok() is 0.  tests/test_attn.c compares every
  * level with the scalar loops bit for bit (kern_force_ref, kern_limit_isa). */
 #include "attn_internal.h"
