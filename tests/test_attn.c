@@ -41,6 +41,8 @@ struct case_spec {
 	int n_tok;  /* per sequence, all in one batch */
 	int mla;    /* v = first dv values of k (deepseek2's absorbed MLA) */
 	int shared; /* mla: the cache reads the values from the keys */
+	int shards; /* attn_cache_set_shards(shards, page) when > 0 */
+	int page;
 };
 
 /* Fills the cache for n_seq sequences of n_tok tokens, runs attn_forward on
@@ -56,6 +58,8 @@ static void run_case(const struct case_spec *cs, int n_threads, float *out_copy,
 	assert_int_equal(cs->shared ? attn_cache_new_shared(2, cs->n_seq, n_ctx, kw, vw, &c)
 				    : attn_cache_new(2, cs->n_seq, n_ctx, kw, vw, &c),
 			 0);
+	if (cs->shards)
+		assert_int_equal(attn_cache_set_shards(c, cs->shards, cs->page), 0);
 	assert_int_equal(pool_new(n_threads, &p), 0);
 
 	float *k = malloc(sizeof(float) * (size_t)n * kw);
@@ -258,6 +262,146 @@ static void test_attn_mla_multiseq(void **state)
 	struct case_spec b = {
 	    .n_head = 8, .n_head_kv = 1, .dk = 80, .dv = 64, .mla = 1, .n_seq = 2, .n_tok = 70};
 	check_case(&b, 1e-5);
+}
+
+/* Sharded numerics: the tiled kernel in chains over pages merged in a tree,
+ * close to the exact attention (a wrong merge is far from it), with GQA,
+ * MLA values read from the keys, sinks, windows (no pages: the tiled kernel),
+ * head sizes the SIMD forms do not take (scalar loops), one chain or many
+ * mostly empty ones. */
+static void test_attn_shards(void **state)
+{
+	(void)state;
+	struct case_spec gqa = {.n_head = 8,
+				.n_head_kv = 2,
+				.dk = 32,
+				.dv = 32,
+				.sinks = 1,
+				.n_seq = 2,
+				.n_tok = 400,
+				.shards = 4,
+				.page = 64};
+	check_case(&gqa, 1e-5);
+	gqa.shards = 1;
+	check_case(&gqa, 1e-5);
+	gqa.shards = 64; /* more chains than pages */
+	gqa.n_seq = 1;
+	check_case(&gqa, 1e-5);
+	struct case_spec mla = {.n_head = 8,
+				.n_head_kv = 1,
+				.dk = 80,
+				.dv = 64,
+				.mla = 1,
+				.n_seq = 1,
+				.n_tok = 300,
+				.shards = 8,
+				.page = 64};
+	check_case(&mla, 2e-5);
+	struct case_spec win = {.n_head = 12,
+				.n_head_kv = 2,
+				.dk = 72,
+				.dv = 80,
+				.window = 90,
+				.sinks = 1,
+				.n_seq = 2,
+				.n_tok = 150,
+				.shards = 2,
+				.page = 64};
+	check_case(&win, 1e-5);
+	struct case_spec odd = {.n_head = 3,
+				.n_head_kv = 1,
+				.dk = 36,
+				.dv = 20,
+				.sinks = 1,
+				.n_seq = 1,
+				.n_tok = 260,
+				.shards = 2,
+				.page = 128};
+	check_case(&odd, 1e-5);
+}
+
+/* Sharded numerics give a row the same bits however it is batched: all
+ * prompts in one batch, one token per step, or steps of 37 tokens of one
+ * sequence with a decode row of the other; at every ISA level, with and
+ * without a window. */
+static void test_attn_shards_any_batch(void **state)
+{
+	(void)state;
+	enum { NT = 333, NS = 2, N = NT * NS, NH = 4, NKV = 1, DK = 48, DV = 32 };
+	attn_cache *c = NULL;
+	pool *p = NULL;
+	assert_int_equal(attn_cache_new(1, NS, NT, NKV * DK, NKV * DV, &c), 0);
+	assert_int_equal(attn_cache_set_shards(c, 4, 64), 0);
+	assert_int_equal(pool_new(2, &p), 0);
+	static float q[N][NH * DK], k[DK], v[DV], all[N][NH * DV], step[N][NH * DV];
+	float sinks[NH];
+	static int32_t pos[N], seq[N], tok[N];
+	for (int h = 0; h < NH; h++)
+		sinks[h] = rng_normal();
+	for (int i = 0; i < N; i++) {
+		seq[i] = i / NT;
+		pos[i] = i % NT;
+		for (int d = 0; d < DK; d++)
+			k[d] = rng_normal();
+		for (int d = 0; d < DV; d++)
+			v[d] = rng_normal();
+		attn_cache_store(c, 0, seq[i], pos[i], k, v);
+		for (int d = 0; d < NH * DK; d++)
+			q[i][d] = rng_normal();
+	}
+	struct attn_params ap = {.n_head = NH,
+				 .n_head_kv = NKV,
+				 .head_dim_k = DK,
+				 .head_dim_v = DV,
+				 .scale = 0.15f,
+				 .sinks = sinks};
+	model_batch b = {.n_tokens = N, .token = tok, .pos = pos, .seq = seq};
+	for (int run = 0; run < 2 * ((int)kern_cpu_isa() + 1); run++) {
+		const int isa = run / 2;
+		ap.window = run % 2 ? 50 : 0; /* a window: tiles cut at its start */
+		isa_use(KERN_ISA_AVX512);
+		attn_forward(p, c, 0, &ap, &b, &q[0][0], &all[0][0]);
+		isa_use(isa);
+		memset(step, 0, sizeof(step));
+		for (int i = 0; i < N; i++) {
+			model_batch one = {
+			    .n_tokens = 1, .token = tok, .pos = &pos[i], .seq = &seq[i]};
+			attn_forward(p, c, 0, &ap, &one, q[i], step[i]);
+		}
+		assert_memory_equal(all, step, sizeof(all));
+		/* sequence 0 in steps of 37, each with one row of sequence 1 */
+		memset(step, 0, sizeof(step));
+		int32_t mp[38], ms[38];
+		float mq[38][NH * DK], mo[38][NH * DV];
+		for (int i0 = 0; i0 < NT; i0 += 37) {
+			const int n = i0 + 37 < NT ? 37 : NT - i0;
+			const int o = NT + i0 / 37 * 11 % NT; /* a row of sequence 1 */
+			for (int j = 0; j < n; j++) {
+				mp[j] = pos[i0 + j];
+				ms[j] = seq[i0 + j];
+				memcpy(mq[j], q[i0 + j], sizeof(mq[j]));
+			}
+			mp[n] = pos[o];
+			ms[n] = seq[o];
+			memcpy(mq[n], q[o], sizeof(mq[n]));
+			model_batch mix = {.n_tokens = n + 1, .token = tok, .pos = mp, .seq = ms};
+			attn_forward(p, c, 0, &ap, &mix, &mq[0][0], &mo[0][0]);
+			for (int j = 0; j < n; j++)
+				memcpy(step[i0 + j], mo[j], sizeof(mo[j]));
+			assert_memory_equal(mo[n], all[o], sizeof(mo[n]));
+		}
+		assert_memory_equal(all, step, sizeof(float) * NT * NH * DV);
+	}
+	isa_use(KERN_ISA_AVX512);
+	/* bad settings are refused */
+	assert_int_equal(attn_cache_set_shards(c, 3, 64), ERR_CONFIG);
+	assert_int_equal(attn_cache_set_shards(c, 128, 64), ERR_CONFIG);
+	assert_int_equal(attn_cache_set_shards(c, -1, 64), ERR_CONFIG);
+	assert_int_equal(attn_cache_set_shards(c, 4, 100), ERR_CONFIG);
+	assert_int_equal(attn_cache_set_shards(c, 4, 0), ERR_CONFIG);
+	assert_int_equal(attn_cache_set_shards(c, 0, 0), 0);
+	pool_destroy(&p);
+	attn_cache_destroy(&c);
 }
 
 /* Decode steps (one token per call) equal the same rows of a short batch:
@@ -566,6 +710,8 @@ int main(void)
 	    cmocka_unit_test(test_attn_split_decode),
 	    cmocka_unit_test(test_attn_batch_independent),
 	    cmocka_unit_test(test_attn_check_params),
+	    cmocka_unit_test(test_attn_shards),
+	    cmocka_unit_test(test_attn_shards_any_batch),
 	    cmocka_unit_test(test_attn_gather_simd_scalar),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -74,6 +74,9 @@ struct cli_opts {
 	const char *node_memory;     /* info: --node-memory 32G */
 	long ctx_size;		     /* info: --ctx-size N */
 	int kv_f32;		     /* --kv-type f32 */
+	long kv_shards;		     /* --kv-shards V */
+	long kv_page;		     /* --kv-page P (0: the default) */
+	long batch;		     /* logits: --batch N (0: the default) */
 	int roofline;		     /* bench --roofline */
 };
 
@@ -81,7 +84,7 @@ struct cli_opts {
 	" --workers --listen --expect-workers --transport --worker-timeout --replicas"             \
 	" --wire-dtype --stream-weights --stats --balance-window --trace-routing --rebalance"      \
 	" --rebalance-every --worker-slowdown --cluster-key --authorized-keys --insecure "         \
-	"--routing --router-bias --kv-type"
+	"--routing --router-bias --kv-type --kv-shards --kv-page"
 
 struct cli_cluster {
 	pid_t *children;
@@ -97,6 +100,8 @@ extern int cli_mpi_size;
 
 /* cli_options.c */
 int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts *o);
+/* The model options of o (threads, routing, KV) into mp. */
+void cli_model_params(const struct cli_opts *o, struct model_params *mp);
 int cli_read_ids(const char *spec, int32_t **ids_out, int *n_out);
 double cli_now(void);
 int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_cluster *cc);

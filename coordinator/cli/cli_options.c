@@ -49,6 +49,18 @@ int cli_parse_double(const char *opt, const char *s, double lo, double hi, doubl
 
 /* Parses the options allowed by `allowed` (a space-separated list of long
  * names, e.g. "-m --tokens").  Returns 0, or -1 after printing the problem. */
+void cli_model_params(const struct cli_opts *o, struct model_params *mp)
+{
+	mp->route = o->route;
+	mp->kv_f32 = o->kv_f32;
+	mp->kv_shards = (int)o->kv_shards;
+	if (o->kv_page > 0)
+		mp->kv_page = (int)o->kv_page;
+	mp->n_threads = (int)o->threads;
+	if (o->batch > 0)
+		mp->n_batch = (int)o->batch;
+}
+
 int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts *o)
 {
 	for (int i = 0; i < argc; i++) {
@@ -202,6 +214,15 @@ int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts *o)
 				return -1;
 			}
 			o->kv_f32 = !strcmp(v, "f32");
+		} else if (!strcmp(a, "--kv-shards")) {
+			if (cli_parse_long(a, v, 0, 64, &o->kv_shards))
+				return -1;
+		} else if (!strcmp(a, "--kv-page")) {
+			if (cli_parse_long(a, v, 64, 1L << 24, &o->kv_page))
+				return -1;
+		} else if (!strcmp(a, "--batch")) {
+			if (cli_parse_long(a, v, 1, 65536, &o->batch))
+				return -1;
 		} else if (!strcmp(a, "--router-bias")) {
 			if (route_parse_bias(v, &o->route))
 				return -1;
@@ -351,7 +372,12 @@ static const char *cli_usage_cluster =
     "  --router-bias E1,E2,...:B  add B to these experts' selection scores (testing)\n"
     "  (with --routing topp, --router-bias or --stats: mean experts per token per layer)\n"
     "  --kv-type f16|f32       KV cache element type (default f16, as llama.cpp;\n"
-    "                         deepseek4 only)\n";
+    "                         deepseek4 only)\n"
+    "  --kv-shards V          attention in V chains over pages of the context, merged\n"
+    "                         in a fixed tree: the same bits in-process and over KV\n"
+    "                         hosts, whatever the batch; within float tolerance of\n"
+    "                         the default (V: a power of two up to 64; 0: off)\n"
+    "  --kv-page P            positions per KV page (default 1024, a multiple of 64)\n";
 
 static int cli_spawn_workers(const struct cli_opts *o, const char *endpoint, struct cli_cluster *cc)
 {
@@ -577,9 +603,7 @@ int cli_model_open(int argc, char **argv, struct model_params *mp, model **m,
 		log_error("no model given (-m MODEL.gguf)");
 		return ERR_CONFIG;
 	}
-	mp->route = h->o.route;
-	mp->kv_f32 = h->o.kv_f32;
-	mp->n_threads = (int)h->o.threads;
+	cli_model_params(&h->o, mp);
 	int rc = model_open(h->o.model, mp, m);
 	if (!rc)
 		rc = cli_cluster_setup(&h->o, *m, &h->cc);

@@ -20,11 +20,12 @@
 
 static const char *cli_usage_logits =
     "usage: moefleet logits -m MODEL.gguf --tokens IDS --out FILE.f32 [--n-prompt P]\n"
-    "                       [--threads T]\n"
+    "                       [--batch N] [--threads T]\n"
     "  IDS: comma-separated token ids, or @path to a file of ids separated by commas\n"
     "  or white space.  Writes float32 little-endian logits, one row of n_vocab per\n"
-    "  input position.  Positions before P (default: all) are one batch; each later\n"
-    "  position is a single-token decode reusing the KV cache.\n";
+    "  input position.  Positions before P (default: all) are one batch, computed in\n"
+    "  steps of N tokens (default 512); each later position is a single-token decode\n"
+    "  reusing the KV cache.\n";
 
 /* Writes all of buf to a temporary file next to path and renames it into
  * place, so that a failure leaves no partial output. */
@@ -65,9 +66,10 @@ int cli_logits(int argc, char **argv)
 {
 	struct cli_opts o = {.n_prompt = -1};
 	int rc = CLI_FAIL;
-	if (cli_parse(argc, argv,
-		      "-m --model --tokens --out -o --n-prompt --threads -t" CLI_CLUSTER_OPTS,
-		      &o) ||
+	if (cli_parse(
+		argc, argv,
+		"-m --model --tokens --out -o --n-prompt --batch --threads -t" CLI_CLUSTER_OPTS,
+		&o) ||
 	    (!o.help && (!o.model || !o.tokens || !o.out))) {
 		fputs(cli_usage_logits, stderr);
 		return CLI_USAGE;
@@ -94,9 +96,7 @@ int cli_logits(int argc, char **argv)
 	}
 	struct model_params mp;
 	model_params_default(&mp);
-	mp.route = o.route;
-	mp.kv_f32 = o.kv_f32;
-	mp.n_threads = (int)o.threads;
+	cli_model_params(&o, &mp);
 	mp.n_ctx = n;
 	if (model_open(o.model, &mp, &m) || cli_cluster_setup(&o, m, &cc) ||
 	    cli_trace_setup(&o, m, &cc))
@@ -209,9 +209,7 @@ int cli_bench(int argc, char **argv)
 	struct cli_cluster cc = {0};
 	struct model_params mp;
 	model_params_default(&mp);
-	mp.route = o.route;
-	mp.kv_f32 = o.kv_f32;
-	mp.n_threads = (int)o.threads;
+	cli_model_params(&o, &mp);
 	mp.n_ctx = (int)(o.pp > o.tg + 1 ? o.pp : o.tg + 1);
 	mp.n_batch = o.pp > 0 ? (int)o.pp : 1;
 	int n = mp.n_ctx;
@@ -362,9 +360,7 @@ int cli_generate(int argc, char **argv)
 	int n = 0;
 	struct model_params mp;
 	model_params_default(&mp);
-	mp.route = o.route;
-	mp.kv_f32 = o.kv_f32;
-	mp.n_threads = (int)o.threads;
+	cli_model_params(&o, &mp);
 	/* the model's file is opened first so that a bad file is reported as such */
 	if (o.tokens && cli_read_ids(o.tokens, &ids, &n))
 		goto out;

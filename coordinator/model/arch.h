@@ -26,6 +26,7 @@ struct arch_env {
 	const struct route_opts *route;	   /* selection options for route_select() */
 	struct route_counts *route_counts; /* the forward pass adds each layer's rows/slots */
 	int kv_f32;			   /* KV caches in F32 instead of F16 (where supported) */
+	int kv_shards, kv_page;		   /* attn_cache_set_shards() of the KV caches */
 };
 
 struct arch_vtable {

@@ -830,7 +830,8 @@ static int ds2_load(const struct arch_env *env, struct model_info *info, void **
 
 	/* KV cache: key [c | k_pe], value c read from the key (stored once) */
 	if ((rc = attn_cache_new_shared(hp->n_layer, env->n_seq, env->n_ctx,
-					hp->kv_lora + hp->n_rot, hp->kv_lora, &m->cache)))
+					hp->kv_lora + hp->n_rot, hp->kv_lora, &m->cache)) ||
+	    (rc = attn_cache_set_shards(m->cache, env->kv_shards, env->kv_page)))
 		goto out;
 	m->attn = (struct attn_params){
 	    .n_head = hp->n_head,

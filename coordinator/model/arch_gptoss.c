@@ -539,6 +539,8 @@ static int gptoss_load(const struct arch_env *env, struct model_info *info, void
 
 	rc = attn_cache_new(hp->n_layer, env->n_seq, env->n_ctx, s->kv_width, s->kv_width,
 			    &s->cache);
+	if (!rc)
+		rc = attn_cache_set_shards(s->cache, env->kv_shards, env->kv_page);
 	if (rc)
 		goto out;
 	for (int il = 0; il < hp->n_layer; il++) {

@@ -516,6 +516,8 @@ static int qwen_load(const struct arch_env *env, struct model_info *info, void *
 	if (!rc)
 		rc = attn_cache_new(s->hp.n_layer, env->n_seq, env->n_ctx, s->kv_width, s->kv_width,
 				    &s->cache);
+	if (!rc)
+		rc = attn_cache_set_shards(s->cache, env->kv_shards, env->kv_page);
 	if (rc)
 		goto out;
 	s->attn = (struct attn_params){

@@ -63,7 +63,13 @@ struct attn_kvf {
 	size_t cap_kt, cap_v;  /* floats */
 	const uint16_t *kbase; /* what is cached: the first key's address */
 	int n;		       /* keys converted (a multiple of ATTN_TILE_KV or all) */
+	float *tile;	       /* attn_tile_load's scratch */
+	size_t cap_tile;       /* floats */
 };
+
+/* Sharded numerics: at most this many chains, whose merge tree a binary
+ * counter of this many levels (and one) builds. */
+#define ATTN_SHARD_LEVELS 7
 
 struct attn_cache {
 	int n_layer;
@@ -74,6 +80,8 @@ struct attn_cache {
 	int v_stride;	      /* uint16_t from one value to the next: v_width, or k_width */
 	uint16_t *k;	      /* [n_layer][n_seq][n_ctx][k_width] */
 	uint16_t *v;	      /* [n_layer][n_seq][n_ctx][v_stride], or k (values in the keys) */
+	int n_shard;	      /* sharded numerics: V chains (0: off) */
+	int page;	      /* and P positions per page */
 	int32_t *seq_tokens;  /* [n_seq] scratch of attn_forward: tokens per sequence */
 	struct attn_kvf *kvf; /* [ATTN_KVF_SLOTS] per pool thread, or NULL */
 };
@@ -340,6 +348,7 @@ void attn_cache_destroy(attn_cache **c)
 		for (int i = 0; i < ATTN_KVF_SLOTS; i++) {
 			free((*c)->kvf[i].kt);
 			free((*c)->kvf[i].v);
+			free((*c)->kvf[i].tile);
 		}
 	free((*c)->kvf);
 	free(*c);
@@ -373,6 +382,24 @@ void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k
 	uint16_t *vd = c->v + e * (size_t)c->v_stride;
 	for (int i = 0; i < c->v_width; i++)
 		vd[i] = kern_f32_to_f16(v[i]);
+}
+
+int attn_cache_set_shards(attn_cache *c, int n_shard, int page)
+{
+	if (n_shard < 0 || n_shard > (1 << (ATTN_SHARD_LEVELS - 1)) ||
+	    (n_shard & (n_shard - 1)) != 0) {
+		log_error("attn: %d KV shards: not a power of two from 1 to %d (or 0: off)",
+			  n_shard, 1 << (ATTN_SHARD_LEVELS - 1));
+		return ERR_CONFIG;
+	}
+	if (n_shard > 0 && (page <= 0 || page % ATTN_TILE_KV != 0)) {
+		log_error("attn: KV page of %d positions: not a positive multiple of %d", page,
+			  ATTN_TILE_KV);
+		return ERR_CONFIG;
+	}
+	c->n_shard = n_shard;
+	c->page = n_shard > 0 ? page : 0;
+	return 0;
 }
 
 int attn_check_params(const attn_cache *c, const struct attn_params *ap, const char *what)
@@ -423,6 +450,7 @@ struct attn_job {
 	float *out;
 	int tiled_ok; /* head_dim_v suits ggml's tiled kernel */
 	int split_ok; /* no sliding window: split-KV decode possible */
+	int sharded;  /* the sharded numerics (attn_cache_set_shards) */
 };
 
 /* Thread ith's copies (slots of the cache; threads beyond them go without),
@@ -435,6 +463,30 @@ static struct attn_kvf *attn_kvf_get(const attn_cache *c, int ith)
 	f->kbase = NULL;
 	f->n = 0;
 	return f;
+}
+
+/* Floats of the scratch attn_tile_load() converts a tile into. */
+static size_t attn_tile_floats(int dk, int dv)
+{
+	return (size_t)ATTN_TILE_KV * (2 * (size_t)dk + (size_t)dv);
+}
+
+/* The tiled kernel's scratch for converting a tile with the SIMD forms in
+ * slot f (attn_tiles), or NULL: no slot, no SIMD forms, sizes that are not
+ * multiples of 8, or no memory (the scalar loops then give the same bits). */
+static float *attn_kvf_tile(struct attn_kvf *f, int dk, int dv)
+{
+	if (!f || !attn_simd_ok() || dk % 8 || dv % 8)
+		return NULL;
+	const size_t need = attn_tile_floats(dk, dv);
+	if (need > f->cap_tile) {
+		float *p = realloc(f->tile, need * sizeof(float));
+		if (!p)
+			return NULL;
+		f->tile = p;
+		f->cap_tile = need;
+	}
+	return f->tile;
 }
 
 /* Makes keys and values [0, z) of kbase/vbase available as F32; 0 on success. */
@@ -655,59 +707,137 @@ attn_tile_softmax(float *kq, float tile_max, float *M, float *S, float *acc, int
 	*S = (float)((double)*S + sum);
 }
 
-/* Heads h0 .. h0 + ng - 1 (ng <= ATTN_GROUP, one KV head) of token t through
- * ggml's tiled kernel: F32 query and accumulator, one softmax update per tile
- * of ATTN_TILE_KV positions (tiles start at 0).  Each head's arithmetic is
- * exactly what it would be alone; the heads go together so that a key or
- * value converted and loaded once serves all of them. */
-ATTN_HOT static void attn_rows_tiled(const struct attn_job *jb, struct attn_kvf *kvf, int t, int h0,
-				     int ng)
+/* Where the tiled kernel reads one KV head: position j's key at k + j * ks
+ * and its value at v + j * vs (F16 bit patterns), dk and dv values. */
+struct attn_src {
+	const uint16_t *k, *v;
+	size_t ks, vs;
+	int dk, dv;
+};
+
+/* The running softmax state of up to ATTN_GROUP heads in the tiled kernel:
+ * maximum, sum and F32 accumulator [ng][dv]. */
+struct attn_run {
+	float M[ATTN_GROUP], S[ATTN_GROUP];
+	float acc[ATTN_GROUP * ATTN_MAX_HEAD_DIM];
+};
+
+static void attn_run_init(struct attn_run *r, int ng, int dv)
+{
+	for (int g = 0; g < ng; g++) {
+		r->M[g] = -INFINITY;
+		r->S[g] = 0.0f;
+	}
+	memset(r->acc, 0, (size_t)ng * (size_t)dv * sizeof(float));
+}
+
+/* Merges the state b into a, a on the left: per head M' = max(Ma, Mb),
+ * acc = fma(acc_a, e^(Ma-M'), acc_b * e^(Mb-M')), S likewise (attn_row_split's
+ * formula); an empty side (S = 0) leaves the other as it is. */
+static void attn_run_merge(struct attn_run *a, const struct attn_run *b, int ng, int dv)
+{
+	for (int g = 0; g < ng; g++) {
+		float *aa = a->acc + (size_t)g * (size_t)dv;
+		const float *ba = b->acc + (size_t)g * (size_t)dv;
+		if (b->S[g] == 0.0f)
+			continue;
+		if (a->S[g] == 0.0f) {
+			a->M[g] = b->M[g];
+			a->S[g] = b->S[g];
+			memcpy(aa, ba, (size_t)dv * sizeof(float));
+			continue;
+		}
+		const float m = fmaxf(a->M[g], b->M[g]);
+		const float sa = expf(a->M[g] - m), sb = expf(b->M[g] - m);
+		for (int d = 0; d < dv; d++)
+			aa[d] = fmaf(aa[d], sa, ba[d] * sb);
+		a->S[g] = fmaf(a->S[g], sa, b->S[g] * sb);
+		a->M[g] = m;
+	}
+}
+
+/* The sinks (the tiled kernel's way: M is not moved), then out[g] =
+ * acc[g] / S[g] for the ng heads (out [ng][dv]). */
+static void attn_run_finish(struct attn_run *r, int ng, int dv, const float *sinks, float *out)
+{
+	for (int g = 0; g < ng; g++) {
+		float *ag = r->acc + (size_t)g * (size_t)dv;
+		if (sinks) {
+			float m = r->M[g];
+			attn_add_sink(sinks[g], &m, &r->S[g], ag, dv);
+		}
+		attn_normalize(r->S[g], ag, dv, out + (size_t)g * (size_t)dv);
+	}
+}
+
+/* Positions [a, z) of the tile starting at ic (ic <= a < z <= ic + T) as F32,
+ * with the SIMD forms (dk and dv multiples of 8): the keys transposed at
+ * tile ([dk][T]; lanes outside [a, z) are zeros up to the multiple of 8 past
+ * z), the values as rows at tile + 2 T dk (row j - ic). */
+static void attn_tile_load(const struct attn_src *src, int ic, int a, int z, float *tile)
 {
 	enum { T = ATTN_TILE_KV };
-	const attn_cache *c = jb->c;
-	const struct attn_params *ap = jb->ap;
-	const int dk = ap->head_dim_k;
-	const int dv = ap->head_dim_v;
-	const int hkv = h0 / (ap->n_head / ap->n_head_kv);
-	const int seq = jb->b->seq[t];
-	const int pos = jb->b->pos[t];
-	float acc[ATTN_GROUP * ATTN_MAX_HEAD_DIM], vrow[ATTN_MAX_HEAD_DIM];
-	float kq[ATTN_GROUP][T], sv[ATTN_GROUP][T], M[ATTN_GROUP], S[ATTN_GROUP];
-	float kt[ATTN_MAX_HEAD_DIM * T]; /* key tile, [d][i], without kvf */
+	const size_t dk = (size_t)src->dk, dv = (size_t)src->dv;
+	float *rows = tile + T * dk, *vr = rows + T * dk;
+	const int nv8 = (z - ic + 7) & ~7;
+	for (int i = 0; i < nv8; i++) {
+		const int j = ic + i;
+		if (j < a || j >= z) {
+			memset(rows + (size_t)i * dk, 0, dk * sizeof(float));
+			continue;
+		}
+		attn_simd_f16_row(src->k + (size_t)j * src->ks, rows + (size_t)i * dk, src->dk);
+		attn_simd_f16_row(src->v + (size_t)j * src->vs, vr + (size_t)i * dv, src->dv);
+	}
+	attn_simd_transpose(rows, nv8, src->dk, tile, T);
+}
+
+/* ggml's tiled kernel over the positions [a0, z1) of src for the heads
+ * q[ng][dk] (ng <= ATTN_GROUP, one KV head), continuing the states r: F32
+ * query and accumulator, one softmax update per tile of ATTN_TILE_KV
+ * positions, tiles at multiples of ATTN_TILE_KV.  Each head's arithmetic is
+ * exactly what it would be alone; the heads go together so that a key or
+ * value converted and loaded once serves all of them.  The keys and values
+ * come from kvf (F32 copies of src up to z1 at least), else are converted
+ * per tile into tile (attn_tile_floats() floats) with the SIMD forms, else
+ * by the scalar loops: the same bits every way. */
+ATTN_HOT static void attn_tiles(const struct attn_src *src, const struct attn_kvf *kvf, float *tile,
+				int a0, int z1, const float *q, int ng, float scale,
+				struct attn_run *r)
+{
+	enum { T = ATTN_TILE_KV };
+	const int dk = src->dk, dv = src->dv;
+	float vrow[ATTN_MAX_HEAD_DIM];
+	float kq[ATTN_GROUP][T], sv[ATTN_GROUP][T];
+	float kts[ATTN_MAX_HEAD_DIM * T]; /* key tile, [d][i], for the scalar loops */
 	int live[ATTN_GROUP];
 
-	const float *q = jb->q + ((size_t)t * (size_t)ap->n_head + (size_t)h0) * (size_t)dk;
-	memset(acc, 0, (size_t)ng * (size_t)dv * sizeof(float));
-	for (int g = 0; g < ng; g++) {
-		M[g] = -INFINITY;
-		S[g] = 0.0f;
-	}
-
-	int j0, j1;
-	attn_visible(ap, pos, &j0, &j1);
-	const size_t e0 = attn_entry(c, jb->layer, seq, 0);
-	const uint16_t *kbase = c->k + e0 * (size_t)c->k_width + (size_t)hkv * (size_t)dk;
-	const uint16_t *vbase = c->v + e0 * (size_t)c->v_stride + (size_t)hkv * (size_t)dv;
-
-	/* the keys and values as F32, shared with the thread's other rows
-	 * (the SIMD path; without it, each tile's keys are converted here) */
-	if (kvf && (!attn_simd_ok() || attn_kvf_fill(kvf, c, kbase, vbase, dk, dv, j1) != 0))
-		kvf = NULL;
-	for (int ic = j0 - j0 % T; ic < j1; ic += T) {
+	for (int ic = a0 - a0 % T; ic < z1; ic += T) {
 		/* visible part [a, z) of this tile; the rest scores -inf */
-		const int a = ic > j0 ? ic : j0;
-		const int z = ic + T < j1 ? ic + T : j1;
+		const int a = ic > a0 ? ic : a0;
+		const int z = ic + T < z1 ? ic + T : z1;
+		/* F32 keys [d][i] of the tile and value rows of [a, z), or NULL */
+		const float *kt = NULL, *vr = NULL;
+		int nv8 = T;
+		if (kvf) {
+			kt = kvf->kt + (size_t)(ic / T) * T * (size_t)dk;
+			vr = kvf->v + (size_t)a * (size_t)dv;
+		} else if (tile) {
+			attn_tile_load(src, ic, a, z, tile);
+			kt = tile;
+			vr = tile + 2 * (size_t)T * (size_t)dk + (size_t)(a - ic) * (size_t)dv;
+			nv8 = (z - ic + 7) & ~7;
+		}
 		/* scores sv[g][j - ic]: one FMA chain over d per key, as ggml;
 		 * the keys of the tile are transposed so the chains run side by
 		 * side (lanes outside [a, z) are not used) */
-		if (kvf) {
-			attn_simd_scores(kvf->kt + (size_t)(ic / T) * T * (size_t)dk, T, dk, T, q,
-					 (size_t)dk, ng, sv[0], T);
+		if (kt) {
+			attn_simd_scores(kt, T, dk, nv8, q, (size_t)dk, ng, sv[0], T);
 		} else {
 			for (int j = a; j < z; j++) {
-				const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
+				const uint16_t *kj = src->k + (size_t)j * src->ks;
 				for (int d = 0; d < dk; d++)
-					kt[(size_t)d * T + (size_t)(j - ic)] =
+					kts[(size_t)d * T + (size_t)(j - ic)] =
 					    attn_f16_to_f32(kj[d]);
 			}
 			for (int g = 0; g < ng; g++) {
@@ -716,8 +846,9 @@ ATTN_HOT static void attn_rows_tiled(const struct attn_job *jb, struct attn_kvf 
 					sv[g][i] = 0.0f;
 				for (int d = 0; d < dk; d++)
 					for (int i = a - ic; i < z - ic; i++)
-						sv[g][i] = fmaf(
-						    qh[d], kt[(size_t)d * T + (size_t)i], sv[g][i]);
+						sv[g][i] =
+						    fmaf(qh[d], kts[(size_t)d * T + (size_t)i],
+							 sv[g][i]);
 			}
 		}
 		int n_live = 0;
@@ -729,34 +860,32 @@ ATTN_HOT static void attn_rows_tiled(const struct attn_job *jb, struct attn_kvf 
 					kq[g][i] = -INFINITY;
 					continue;
 				}
-				kq[g][i] = sv[g][i] * ap->scale;
+				kq[g][i] = sv[g][i] * scale;
 				if (kq[g][i] > tile_max)
 					tile_max = kq[g][i];
 			}
 			if (tile_max == -INFINITY)
 				continue; /* the head skips this tile */
 			live[n_live++] = g;
-			attn_tile_softmax(kq[g], tile_max, &M[g], &S[g],
-					  acc + (size_t)g * (size_t)dv, dv);
+			attn_tile_softmax(kq[g], tile_max, &r->M[g], &r->S[g],
+					  r->acc + (size_t)g * (size_t)dv, dv);
 		}
 
 		/* acc[g][d] += sum_j kq[g][j] * v[j][d], one FMA chain per d in
 		 * tile order; masked positions add exact zeros and are skipped */
-		if (kvf && n_live == ng) {
-			attn_simd_values(kvf->v + (size_t)a * (size_t)dv, z - a, dv,
-					 kq[0] + (a - ic), T, ng, acc);
+		if (vr && n_live == ng) {
+			attn_simd_values(vr, z - a, dv, kq[0] + (a - ic), T, ng, r->acc);
 			continue;
 		}
 		for (int l = 0; l < n_live; l++) {
 			const int g = live[l];
-			float *ag = acc + (size_t)g * (size_t)dv;
-			if (kvf) {
-				attn_simd_values(kvf->v + (size_t)a * (size_t)dv, z - a, dv,
-						 kq[g] + (a - ic), T, 1, ag);
+			float *ag = r->acc + (size_t)g * (size_t)dv;
+			if (vr) {
+				attn_simd_values(vr, z - a, dv, kq[g] + (a - ic), T, 1, ag);
 				continue;
 			}
 			for (int j = a; j < z; j++) {
-				const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_stride;
+				const uint16_t *vj = src->v + (size_t)j * src->vs;
 				const float w = kq[g][j - ic];
 				for (int d = 0; d < dv; d++)
 					vrow[d] = attn_f16_to_f32(vj[d]);
@@ -765,18 +894,94 @@ ATTN_HOT static void attn_rows_tiled(const struct attn_job *jb, struct attn_kvf 
 			}
 		}
 	}
+}
 
-	for (int g = 0; g < ng; g++) {
-		float *ag = acc + (size_t)g * (size_t)dv;
-		/* the sink (M is not moved here, unlike the one-row kernel) */
-		if (ap->sinks) {
-			float m = M[g];
-			attn_add_sink(ap->sinks[h0 + g], &m, &S[g], ag, dv);
+/* Token t's query heads h0.. and the source of their KV head. */
+static const float *attn_rows_src(const struct attn_job *jb, int t, int h0, struct attn_src *src)
+{
+	const attn_cache *c = jb->c;
+	const struct attn_params *ap = jb->ap;
+	const int hkv = h0 / (ap->n_head / ap->n_head_kv);
+	const size_t e0 = attn_entry(c, jb->layer, jb->b->seq[t], 0);
+	*src = (struct attn_src){
+	    .k = c->k + e0 * (size_t)c->k_width + (size_t)hkv * (size_t)ap->head_dim_k,
+	    .v = c->v + e0 * (size_t)c->v_stride + (size_t)hkv * (size_t)ap->head_dim_v,
+	    .ks = (size_t)c->k_width,
+	    .vs = (size_t)c->v_stride,
+	    .dk = ap->head_dim_k,
+	    .dv = ap->head_dim_v,
+	};
+	return jb->q + ((size_t)t * (size_t)ap->n_head + (size_t)h0) * (size_t)ap->head_dim_k;
+}
+
+static float *attn_rows_out(const struct attn_job *jb, int t, int h0)
+{
+	const struct attn_params *ap = jb->ap;
+	return jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h0) * (size_t)ap->head_dim_v;
+}
+
+/* Heads h0 .. h0 + ng - 1 (one KV head) of token t through ggml's tiled
+ * kernel over all their visible keys (tiles start at 0); kvf: the thread's F32
+ * copies, filled here (NULL, or failing: tile, as attn_tiles). */
+ATTN_HOT static void attn_rows_tiled(const struct attn_job *jb, struct attn_kvf *kvf, float *tile,
+				     int t, int h0, int ng)
+{
+	const struct attn_params *ap = jb->ap;
+	struct attn_src src;
+	struct attn_run r;
+	const float *q = attn_rows_src(jb, t, h0, &src);
+	int j0, j1;
+	attn_visible(ap, jb->b->pos[t], &j0, &j1);
+	attn_run_init(&r, ng, src.dv);
+	/* the keys and values as F32, shared with the thread's other rows */
+	if (kvf &&
+	    (!attn_simd_ok() || attn_kvf_fill(kvf, jb->c, src.k, src.v, src.dk, src.dv, j1) != 0))
+		kvf = NULL;
+	attn_tiles(&src, kvf, tile, j0, j1, q, ng, ap->scale, &r);
+	attn_run_finish(&r, ng, src.dv, ap->sinks ? ap->sinks + h0 : NULL,
+			attn_rows_out(jb, t, h0));
+}
+
+/* Heads h0 .. h0 + ng - 1 of token t (position p, page t_p = p / P) with the
+ * sharded numerics: the complete pages i < t_p go to V chains (page i to
+ * chain i mod V), each the tiled kernel over its pages in increasing order;
+ * the chains are merged in a fixed balanced binary tree over the chain index
+ * (lower index on the left; a binary counter builds it as the chains come),
+ * then the token's own page [t_p P, p] is merged on the right, then the sink
+ * joins and the accumulator is divided by the sum.  kvf, tile: as attn_tiles. */
+ATTN_HOT static void attn_rows_sharded(const struct attn_job *jb, struct attn_kvf *kvf, float *tile,
+				       int t, int h0, int ng)
+{
+	const attn_cache *c = jb->c;
+	const struct attn_params *ap = jb->ap;
+	const int V = c->n_shard, P = c->page;
+	const int pos = jb->b->pos[t];
+	const int n_page = pos / P; /* complete pages */
+	struct attn_run st[ATTN_SHARD_LEVELS + 1];
+	int level[ATTN_SHARD_LEVELS + 1];
+	struct attn_src src;
+	const float *q = attn_rows_src(jb, t, h0, &src);
+	if (kvf && (!attn_simd_ok() ||
+		    attn_kvf_fill(kvf, jb->c, src.k, src.v, src.dk, src.dv, pos + 1) != 0))
+		kvf = NULL;
+	int n = 0;
+	for (int v = 0; v < V; v++) {
+		attn_run_init(&st[n], ng, src.dv);
+		for (int i = v; i < n_page; i += V)
+			attn_tiles(&src, kvf, tile, i * P, (i + 1) * P, q, ng, ap->scale, &st[n]);
+		level[n++] = 0;
+		while (n >= 2 && level[n - 1] == level[n - 2]) {
+			attn_run_merge(&st[n - 2], &st[n - 1], ng, src.dv);
+			level[n - 2]++;
+			n--;
 		}
-		attn_normalize(S[g], ag, dv,
-			       jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)(h0 + g)) *
-					     (size_t)dv);
 	}
+	assert(n == 1); /* V is a power of two */
+	attn_run_init(&st[1], ng, src.dv);
+	attn_tiles(&src, kvf, tile, n_page * P, pos + 1, q, ng, ap->scale, &st[1]);
+	attn_run_merge(&st[0], &st[1], ng, src.dv);
+	attn_run_finish(&st[0], ng, src.dv, ap->sinks ? ap->sinks + h0 : NULL,
+			attn_rows_out(jb, t, h0));
 }
 
 static void attn_worker(void *ctx, int ith, int nth)
@@ -791,17 +996,28 @@ static void attn_worker(void *ctx, int ith, int nth)
 	 * head-major: each thread takes whole groups when it can, so causal
 	 * rows of every length are spread evenly, and its rows share keys */
 	pool_split((int64_t)n_tok * ap->n_head_kv * gpk, ith, nth, 1, &lo, &hi);
-	struct attn_kvf *kvf = jb->tiled_ok ? attn_kvf_get(jb->c, ith) : NULL;
+	struct attn_kvf *kvf = jb->tiled_ok || jb->sharded ? attn_kvf_get(jb->c, ith) : NULL;
+	float *tile = jb->sharded ? attn_kvf_tile(kvf, ap->head_dim_k, ap->head_dim_v) : NULL;
 	for (int64_t u = lo; u < hi; u++) {
 		const int gi = (int)(u / n_tok);
 		const int t = (int)(u % n_tok);
 		const int h0 = gi / gpk * hpk + gi % gpk * ATTN_GROUP;
 		const int h1 =
 		    h0 + ATTN_GROUP < (gi / gpk + 1) * hpk ? h0 + ATTN_GROUP : (gi / gpk + 1) * hpk;
-		/* the kernel llama.cpp would use for this sequence alone */
 		const int32_t n_seq_tok = jb->c->seq_tokens[jb->b->seq[t]];
+		if (jb->sharded) {
+			/* the same kernel for every row; F32 copies of the keys
+			 * when the sequence's rows are enough to pay for them */
+			struct attn_kvf *kv = n_seq_tok >= ATTN_TILE_Q && tile ? kvf : NULL;
+			if (ap->window > 0)
+				attn_rows_tiled(jb, kv, tile, t, h0, h1 - h0);
+			else
+				attn_rows_sharded(jb, kv, tile, t, h0, h1 - h0);
+			continue;
+		}
+		/* the kernel llama.cpp would use for this sequence alone */
 		if (jb->tiled_ok && n_seq_tok >= ATTN_TILE_Q) {
-			attn_rows_tiled(jb, kvf, t, h0, h1 - h0);
+			attn_rows_tiled(jb, kvf, NULL, t, h0, h1 - h0);
 			continue;
 		}
 		for (int h = h0; h < h1; h++)
@@ -840,6 +1056,7 @@ void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_par
 	    /* ggml: a single query over >= 512 cells splits the cells; a
 	     * sliding-window layer has its own small cache in llama.cpp */
 	    .split_ok = ap->window == 0,
+	    .sharded = c->n_shard > 0,
 	};
 	pool_run(p, attn_worker, &jb);
 }

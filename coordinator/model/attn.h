@@ -40,6 +40,22 @@ int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, 
 int attn_cache_new_shared(int n_layer, int n_seq, int n_ctx, int k_width, int v_width,
 			  attn_cache **out);
 void attn_cache_destroy(attn_cache **c);
+
+/* Sharded numerics (--kv-shards V --kv-page P): from now on attn_forward()
+ * computes every row with ggml's tiled kernel (F32 query and accumulator,
+ * tiles of ATTN_TILE_KV positions), and, on layers without a sliding window,
+ * splits a row's keys by page: the complete pages before the row's own page
+ * (P positions each) go to V chains, page i to chain i mod V, each chain the
+ * tiled kernel over its pages in order; the chains are merged in a fixed
+ * balanced binary tree over the chain index, then the row's own page, then
+ * the sink (the merge is attn_row_split's formula).  The result of a row
+ * depends on its query, its keys, V and P only: not on the batch, its
+ * sequence's other rows nor how a prompt is cut into steps; and the chains
+ * can be computed anywhere (a KV host) as long as they are merged in that
+ * tree.  It is within float tolerance of the default (llama.cpp's) numerics,
+ * not equal to them.  n_shard: 0 (off, the default) or a power of two up to
+ * 64; page: a positive multiple of ATTN_TILE_KV.  ERR_CONFIG otherwise. */
+int attn_cache_set_shards(attn_cache *c, int n_shard, int page);
 void attn_cache_reset_seq(attn_cache *c, int seq);
 /* k: k_width floats, v: v_width floats (rounded to F16). */
 void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k, const float *v);

@@ -43,6 +43,8 @@ void model_params_default(struct model_params *p)
 	p->n_seq = 1;
 	p->n_batch = 512;
 	p->kv_f32 = 0;
+	p->kv_shards = 0;
+	p->kv_page = 1024;
 	route_opts_default(&p->route);
 }
 
@@ -100,6 +102,8 @@ int model_open(const char *path, const struct model_params *params, model **out)
 	m->env.route = &m->route;
 	m->env.route_counts = &m->route_counts;
 	m->env.kv_f32 = params->kv_f32;
+	m->env.kv_shards = params->kv_shards;
+	m->env.kv_page = params->kv_page;
 	snprintf(m->info.arch, sizeof(m->info.arch), "%s", arch);
 	m->info.bos_id = -1;
 	m->info.eos_id = -1;

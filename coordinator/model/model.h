@@ -28,7 +28,9 @@ struct model_params {
 	int n_seq;		 /* sequence slots */
 	int n_batch;		 /* tokens per internal forward step */
 	struct route_opts route; /* expert selection options (route.h); default: the model's */
-	int kv_f32; /* 1: KV caches hold F32 (default 0: F16, as llama.cpp); deepseek4 only */
+	int kv_f32;    /* 1: KV caches hold F32 (default 0: F16, as llama.cpp); deepseek4 only */
+	int kv_shards; /* attention's sharded numerics over this many chains (0: off; attn.h) */
+	int kv_page;   /* and pages of this many positions */
 };
 
 /* What callers may know about a loaded model. */
