@@ -537,8 +537,14 @@ static int gptoss_load(const struct arch_env *env, struct model_info *info, void
 	if (rc)
 		goto out;
 
-	rc = attn_cache_new(hp->n_layer, env->n_seq, env->n_ctx, s->kv_width, s->kv_width,
-			    &s->cache);
+	/* a sliding-window layer keeps a ring of window + n_batch positions (or
+	 * the whole context when that is smaller): a forward step's tokens span at
+	 * most n_batch positions per sequence, so the ring holds what they see */
+	int ring[MOE_MAX_LAYERS];
+	for (int il = 0; il < hp->n_layer; il++)
+		ring[il] = hp->is_swa[il] ? hp->n_swa + env->n_batch : 0;
+	rc = attn_cache_new_ring(hp->n_layer, env->n_seq, env->n_ctx, s->kv_width, s->kv_width,
+				 ring, &s->cache);
 	if (rc)
 		goto out;
 	for (int il = 0; il < hp->n_layer; il++) {
@@ -552,7 +558,7 @@ static int gptoss_load(const struct arch_env *env, struct model_info *info, void
 		    .window = hp->is_swa[il] ? hp->n_swa : 0, /* j visible iff pos - j < n_swa */
 		    .sinks = l->sinks,
 		};
-		rc = attn_check_params(s->cache, &l->attn, gguf_path(env->g));
+		rc = attn_check_layer(s->cache, il, &l->attn, gguf_path(env->g));
 		if (rc)
 			goto out;
 	}
