@@ -1,7 +1,8 @@
 /* test_attn: the KV cache and attn_forward against a plain double-precision
  * softmax attention, for both code paths (one-row F16 and tiled), with GQA,
  * sliding windows, sinks, MQA with different key/value widths, several
- * sequences, and thread-count invariance. */
+ * sequences, and thread-count invariance; and ring layers against whole-context
+ * ones, bit for bit. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
