@@ -1,7 +1,8 @@
 /* test_attn: the KV cache and attn_forward against a plain double-precision
  * softmax attention, for both code paths (one-row F16 and tiled), with GQA,
  * sliding windows, sinks, MQA with different key/value widths, several
- * sequences, and thread-count invariance. */
+ * sequences, and thread-count invariance; and ring layers against whole-context
+ * ones, bit for bit. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -665,6 +666,154 @@ static void test_attn_gather_simd_scalar(void **state)
 	free(scratch);
 }
 
+/* A stream of attn_forward calls on layer 1 of a two-layer cache: each call
+ * adds chunk[s] tokens to every sequence s (interleaved), stores them, then
+ * attends.  Layer 1 is a ring of cap positions (0: the whole context). */
+struct ring_spec {
+	int window, sinks, n_seq, n_calls, cap;
+	int chunk[3]; /* tokens per call of each sequence */
+};
+
+enum { RING_NH = 4, RING_NKV = 2, RING_D = 64, RING_CTX = 600 };
+
+/* Runs the stream with layer 1 a ring (ring) or whole; out receives every
+ * call's outputs one after the other; returns how many floats. */
+static size_t ring_run(const struct ring_spec *rs, int ring, int n_threads, float *out)
+{
+	enum { KW = RING_NKV * RING_D, QW = RING_NH * RING_D };
+	attn_cache *c = NULL;
+	pool *p = NULL;
+	const int caps[2] = {0, ring ? rs->cap : 0};
+	assert_int_equal(attn_cache_new_ring(2, rs->n_seq, RING_CTX, KW, KW, caps, &c), 0);
+	assert_int_equal(pool_new(n_threads, &p), 0);
+	float sinks[RING_NH] = {0.5f, 3.0f, -1.0f, 8.0f};
+	struct attn_params ap = {.n_head = RING_NH,
+				 .n_head_kv = RING_NKV,
+				 .head_dim_k = RING_D,
+				 .head_dim_v = RING_D,
+				 .scale = 0.125f,
+				 .window = rs->window,
+				 .sinks = rs->sinks ? sinks : NULL};
+	assert_int_equal(attn_check_layer(c, 1, &ap, "test"), 0);
+	static float q[256 * QW], k[KW], v[KW];
+	int32_t pos[256], seq[256], tok[256] = {0}, next[3] = {0};
+	size_t n_out = 0;
+	rng_state = 88172645463325252ull;
+	for (int call = 0; call < rs->n_calls; call++) {
+		int n = 0;
+		for (int i = 0; i < 3 * 256 && n < 256; i++) {
+			const int s = i % rs->n_seq;
+			if (i / rs->n_seq >= rs->chunk[s])
+				continue;
+			seq[n] = s;
+			pos[n] = next[s]++;
+			assert_true(pos[n] < RING_CTX);
+			for (int d = 0; d < KW; d++) {
+				k[d] = rng_normal();
+				v[d] = rng_normal();
+			}
+			for (int d = 0; d < QW; d++)
+				q[(size_t)n * QW + d] = rng_normal();
+			attn_cache_store(c, 1, s, pos[n], k, v);
+			for (int d = 0; d < KW; d++)
+				k[d] = -k[d];
+			attn_cache_store(c, 0, s, pos[n], k, v);
+			n++;
+		}
+		model_batch b = {.n_tokens = n, .token = tok, .pos = pos, .seq = seq};
+		attn_forward(p, c, 1, &ap, &b, q, out + n_out);
+		n_out += (size_t)n * QW;
+	}
+	pool_destroy(&p);
+	attn_cache_destroy(&c);
+	return n_out;
+}
+
+/* A ring gives the bits of the whole-context cache at every ISA level, with
+ * one and two threads. */
+static void check_ring(const struct ring_spec *rs)
+{
+	size_t n_max = 0;
+	for (int s = 0; s < rs->n_seq; s++)
+		n_max += (size_t)rs->chunk[s];
+	n_max *= (size_t)rs->n_calls * RING_NH * RING_D;
+	float *full = malloc(sizeof(float) * n_max), *ring = malloc(sizeof(float) * n_max);
+	for (int isa = KERN_ISA_SCALAR; isa <= (int)kern_cpu_isa(); isa++) {
+		isa_use(isa);
+		for (int nt = 1; nt <= 2; nt++) {
+			const size_t n = ring_run(rs, 0, nt, full);
+			assert_int_equal(ring_run(rs, 1, nt, ring), n);
+			assert_memory_equal(full, ring, n * sizeof(float));
+		}
+	}
+	isa_use(KERN_ISA_AVX512);
+	free(full);
+	free(ring);
+}
+
+/* Window layers in rings of window + batch positions: decode steps past many
+ * wraps (one-row kernel), prefills of >= 64 rows whose window straddles the
+ * wrap (tiled kernel, with and without the F32 copies), several sequences in
+ * one batch, windows that are not multiples of the tile, sinks. */
+static void test_attn_ring(void **state)
+{
+	(void)state;
+	/* decode: ring of window + 1, wrapping ~13 times */
+	check_ring(
+	    &(struct ring_spec){.window = 5, .n_seq = 1, .n_calls = 80, .cap = 6, .chunk = {1}});
+	check_ring(&(struct ring_spec){
+	    .window = 7, .sinks = 1, .n_seq = 2, .n_calls = 60, .cap = 10, .chunk = {1, 3}});
+	/* prefill in chunks of 70 (tiled), window 100 (not a multiple of 64) */
+	check_ring(&(struct ring_spec){
+	    .window = 100, .sinks = 1, .n_seq = 1, .n_calls = 8, .cap = 170, .chunk = {70}});
+	/* window 128 as gpt-oss's, chunks of 64; a tight and a loose ring */
+	check_ring(&(struct ring_spec){
+	    .window = 128, .n_seq = 1, .n_calls = 9, .cap = 192, .chunk = {64}});
+	check_ring(&(struct ring_spec){
+	    .window = 128, .sinks = 1, .n_seq = 1, .n_calls = 9, .cap = 200, .chunk = {64}});
+	/* three sequences in one batch: tiled, one-row and decode rows */
+	check_ring(&(struct ring_spec){.window = 37,
+				       .sinks = 1,
+				       .n_seq = 3,
+				       .n_calls = 7,
+				       .cap = 37 + 80,
+				       .chunk = {80, 9, 1}});
+	/* a window smaller than a tile with tiled rows */
+	check_ring(&(struct ring_spec){
+	    .window = 4, .n_seq = 2, .n_calls = 6, .cap = 4 + 66, .chunk = {66, 2}});
+}
+
+/* Ring sizes the cache or the layer's window cannot use are refused. */
+static void test_attn_ring_params(void **state)
+{
+	(void)state;
+	attn_cache *c = NULL;
+	const int neg[2] = {0, -1};
+	assert_int_equal(attn_cache_new_ring(2, 1, 64, 64, 64, neg, &c), ERR_CONFIG);
+	assert_null(c);
+	const int ring[2] = {0, 16};
+	assert_int_equal(attn_cache_new_ring(2, 1, 64, 64, 64, ring, &c), 0);
+	struct attn_params ap = {
+	    .n_head = 4, .n_head_kv = 2, .head_dim_k = 32, .head_dim_v = 32, .scale = 1.0f};
+	assert_int_equal(attn_check_layer(c, 0, &ap, "test"), 0);
+	assert_int_equal(attn_check_layer(c, 1, &ap, "test"), ERR_FORMAT); /* no window */
+	ap.window = 17;
+	assert_int_equal(attn_check_layer(c, 1, &ap, "test"), ERR_FORMAT); /* ring too small */
+	ap.window = 16;
+	assert_int_equal(attn_check_layer(c, 1, &ap, "test"), 0);
+	assert_int_equal(attn_check_layer(c, 2, &ap, "test"), ERR_FORMAT);
+	ap.head_dim_k = 16; /* and the common checks still apply */
+	assert_int_equal(attn_check_layer(c, 1, &ap, "test"), ERR_FORMAT);
+	attn_cache_destroy(&c);
+	/* a ring as long as the context is the whole context: no window needed */
+	const int whole[2] = {64, 100};
+	assert_int_equal(attn_cache_new_ring(2, 1, 64, 64, 64, whole, &c), 0);
+	ap.head_dim_k = 32;
+	ap.window = 0;
+	assert_int_equal(attn_check_layer(c, 1, &ap, "test"), 0);
+	attn_cache_destroy(&c);
+}
+
 static void test_attn_check_params(void **state)
 {
 	(void)state;
@@ -712,6 +861,8 @@ int main(void)
 	    cmocka_unit_test(test_attn_check_params),
 	    cmocka_unit_test(test_attn_shards),
 	    cmocka_unit_test(test_attn_shards_any_batch),
+	    cmocka_unit_test(test_attn_ring),
+	    cmocka_unit_test(test_attn_ring_params),
 	    cmocka_unit_test(test_attn_gather_simd_scalar),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

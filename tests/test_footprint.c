@@ -144,6 +144,62 @@ static void test_deepseek4_kv(void **state)
 	unlink(path);
 }
 
+/* gpt-oss-120b's attention hyper-parameters (metadata only): 36 layers, 8 KV
+ * heads of 64 + 64 values, a window of 128 on the even layers (no pattern
+ * key).  The 18 window layers keep rings of 128 + n_batch positions, so at
+ * 128K tokens the KV is about half of 36 full layers; a context shorter than
+ * a ring costs what it did (every layer whole); a pattern array picks the
+ * ring layers. */
+static void test_gptoss_kv(void **state)
+{
+	(void)state;
+	for (int with_pattern = 0; with_pattern < 2; with_pattern++) {
+		char path[] = "/tmp/test_footprint_XXXXXX";
+		int fd = mkstemp(path);
+		assert_true(fd >= 0);
+		close(fd);
+		gguf_writer *w = NULL;
+		assert_int_equal(gguf_writer_new(&w), 0);
+		assert_int_equal(gguf_writer_set_str(w, "general.architecture", "gpt-oss"), 0);
+		assert_int_equal(gguf_writer_set_u32(w, "gpt-oss.block_count", 36), 0);
+		assert_int_equal(gguf_writer_set_u32(w, "gpt-oss.embedding_length", 2880), 0);
+		assert_int_equal(gguf_writer_set_u32(w, "gpt-oss.attention.head_count", 64), 0);
+		assert_int_equal(gguf_writer_set_u32(w, "gpt-oss.attention.head_count_kv", 8), 0);
+		assert_int_equal(gguf_writer_set_u32(w, "gpt-oss.attention.key_length", 64), 0);
+		assert_int_equal(gguf_writer_set_u32(w, "gpt-oss.attention.value_length", 64), 0);
+		assert_int_equal(gguf_writer_set_u32(w, "gpt-oss.attention.sliding_window", 128),
+				 0);
+		uint8_t pattern[36] = {0};
+		pattern[0] = pattern[5] = pattern[35] = 1;
+		if (with_pattern)
+			assert_int_equal(
+			    gguf_writer_set_arr(w, "gpt-oss.attention.sliding_window_pattern",
+						GGUF_TYPE_BOOL, pattern, 36),
+			    0);
+		assert_int_equal(gguf_writer_open(w, path), 0);
+		assert_int_equal(gguf_writer_commit(w), 0);
+		gguf_writer_destroy(&w);
+		gguf *g = NULL;
+		assert_int_equal(gguf_open(path, &g), 0);
+		struct footprint f;
+		assert_int_equal(footprint_measure(g, &f), 0);
+		gguf_destroy(&g);
+		unlink(path);
+		const uint64_t row = 8 * (64 + 64) * 2; /* bytes per layer and position */
+		const uint64_t n_ring = with_pattern ? 3 : 18;
+		assert_true(f.kv_known);
+		assert_true(f.kv_bytes_per_1k == 1024 * (36 - n_ring) * row);
+		assert_true(f.kv_ring_bytes_per_pos == n_ring * row && f.kv_ring_window == 128);
+		assert_true(footprint_kv_bytes(&f, 131072, 512) ==
+			    (36 - n_ring) * row * 131072 + n_ring * row * (128 + 512));
+		assert_true(footprint_kv_bytes(&f, 131072, 0) ==
+			    footprint_kv_bytes(&f, 131072, 512)); /* the default batch */
+		assert_true(footprint_kv_bytes(&f, 600, 512) == 36 * row * 600);
+		assert_true(footprint_kv_bytes(&f, 600, 64) ==
+			    (36 - n_ring) * row * 600 + n_ring * row * (128 + 64));
+	}
+}
+
 /* ------------------------------------------------ coordinator residency */
 
 static int stub_submit(void *self, const struct expert_job *job)
@@ -274,6 +330,7 @@ int main(void)
 	    cmocka_unit_test(test_measure),
 	    cmocka_unit_test(test_deepseek2_layouts),
 	    cmocka_unit_test(test_deepseek4_kv),
+	    cmocka_unit_test(test_gptoss_kv),
 	    cmocka_unit_test(test_coordinator_untouched),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

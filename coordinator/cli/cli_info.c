@@ -126,7 +126,7 @@ int cli_info(int argc, char **argv)
 	}
 	uint64_t wmem[FOOTPRINT_MAX_WORKERS];
 	int n_wmem = 0;
-	struct footprint_plan plan = {0, (int)o.ctx_size};
+	struct footprint_plan plan = {.n_ctx = (int)o.ctx_size};
 	int n_node = 0;
 	if ((o.worker_memory &&
 	     footprint_parse_memory(o.worker_memory, wmem, FOOTPRINT_MAX_WORKERS, &n_wmem)) ||

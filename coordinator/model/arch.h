@@ -48,6 +48,12 @@ int arch_bool_opt(const struct arch_env *env, const char *arch, const char *key,
 int arch_str_opt(const struct arch_env *env, const char *arch, const char *key, char *buf,
 		 size_t cap);
 
+/* is_swa[n_layer]: which layers use the sliding window, from
+ * "<arch>.attention.sliding_window_pattern" as a u32 period p (layer il slides
+ * iff il % p < p - 1; p = 0: all), or as an array with one bool/u32/i32 per
+ * layer; absent: period 2 (the even layers).  Only env->g is used. */
+int arch_swa_layers(const struct arch_env *env, const char *arch, int n_layer, uint8_t *is_swa);
+
 /* "<arch>.attention.layer_norm_rms_epsilon": required, finite and > 0. */
 int arch_rms_eps(const struct arch_env *env, const char *arch, float *out);
 /* The vocabulary size as token_embd.weight's row count (n_embd x n_vocab);

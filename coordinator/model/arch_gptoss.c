@@ -152,52 +152,6 @@ static int gptoss_load_dims(const struct arch_env *env, struct gptoss_hparams *h
 	return 0;
 }
 
-/* Which layers use the sliding window: "attention.sliding_window_pattern" as a u32
- * period p (layer il is SWA iff il % p < p - 1; p = 0: all), or as an array with one
- * bool/u32/i32 per layer; absent = period 2 (the even layers). */
-static int gptoss_load_swa_pattern(const struct arch_env *env, struct gptoss_hparams *hp)
-{
-	const char *key = GPTOSS_ARCH ".attention.sliding_window_pattern";
-	const char *path = gguf_path(env->g);
-	int64_t kid = gguf_find_kv(env->g, key);
-	uint32_t period = 2;
-	if (kid >= 0 && gguf_kv_type(env->g, (uint64_t)kid) == GGUF_TYPE_ARRAY) {
-		enum gguf_type et;
-		uint64_t count;
-		const void *data;
-		int rc = gguf_get_arr(env->g, key, &et, &count, &data);
-		if (rc)
-			return rc;
-		if (count != (uint64_t)hp->n_layer) {
-			log_error("%s: key %s has %llu entries, expected one per layer (%d)", path,
-				  key, (unsigned long long)count, hp->n_layer);
-			return ERR_FORMAT;
-		}
-		for (int il = 0; il < hp->n_layer; il++) {
-			if (et == GGUF_TYPE_BOOL || et == GGUF_TYPE_U8 || et == GGUF_TYPE_I8) {
-				uint8_t b;
-				memcpy(&b, (const uint8_t *)data + il, 1);
-				hp->is_swa[il] = b != 0;
-			} else if (et == GGUF_TYPE_U32 || et == GGUF_TYPE_I32) {
-				uint32_t w;
-				memcpy(&w, (const uint8_t *)data + 4 * (size_t)il, 4);
-				hp->is_swa[il] = w != 0;
-			} else {
-				log_error("%s: key %s: unsupported array element type %d", path,
-					  key, (int)et);
-				return ERR_FORMAT;
-			}
-		}
-		return 0;
-	}
-	int rc = arch_u32_opt(env, GPTOSS_ARCH, "attention.sliding_window_pattern", &period);
-	if (rc)
-		return rc;
-	for (int il = 0; il < hp->n_layer; il++)
-		hp->is_swa[il] = period == 0 || (uint32_t)il % period < period - 1;
-	return 0;
-}
-
 static int gptoss_load_hparams(const struct arch_env *env, struct gptoss_hparams *hp)
 {
 	const char *path = gguf_path(env->g);
@@ -265,7 +219,7 @@ static int gptoss_load_hparams(const struct arch_env *env, struct gptoss_hparams
 	if (rc)
 		return rc;
 	hp->n_vocab = (int)n_vocab_key; /* 0: taken from token_embd */
-	return gptoss_load_swa_pattern(env, hp);
+	return arch_swa_layers(env, GPTOSS_ARCH, hp->n_layer, hp->is_swa);
 }
 
 /* RoPE as llama.cpp sets it up (llama_model::load_hparams, llama_context's cparams
@@ -537,8 +491,14 @@ static int gptoss_load(const struct arch_env *env, struct model_info *info, void
 	if (rc)
 		goto out;
 
-	rc = attn_cache_new(hp->n_layer, env->n_seq, env->n_ctx, s->kv_width, s->kv_width,
-			    &s->cache);
+	/* a sliding-window layer keeps a ring of window + n_batch positions (or
+	 * the whole context when that is smaller): a forward step's tokens span at
+	 * most n_batch positions per sequence, so the ring holds what they see */
+	int ring[MOE_MAX_LAYERS];
+	for (int il = 0; il < hp->n_layer; il++)
+		ring[il] = hp->is_swa[il] ? hp->n_swa + env->n_batch : 0;
+	rc = attn_cache_new_ring(hp->n_layer, env->n_seq, env->n_ctx, s->kv_width, s->kv_width,
+				 ring, &s->cache);
 	if (!rc)
 		rc = attn_cache_set_shards(s->cache, env->kv_shards, env->kv_page);
 	if (rc)
@@ -554,7 +514,7 @@ static int gptoss_load(const struct arch_env *env, struct model_info *info, void
 		    .window = hp->is_swa[il] ? hp->n_swa : 0, /* j visible iff pos - j < n_swa */
 		    .sinks = l->sinks,
 		};
-		rc = attn_check_params(s->cache, &l->attn, gguf_path(env->g));
+		rc = attn_check_layer(s->cache, il, &l->attn, gguf_path(env->g));
 		if (rc)
 			goto out;
 	}

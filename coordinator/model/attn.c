@@ -2,9 +2,11 @@
  * flash-attention numerics (ggml/src/ggml-cpu/ops.cpp,
  * ggml_compute_forward_flash_attn_ext_f16 and its two row kernels).
  *
- * Cache layout: k[layer][seq][pos][k_width] and v[layer][seq][pos][v_width],
- * uint16_t IEEE halves, allocated once; or, when every value is the start of
- * its key (deepseek2's MLA), no v at all: values are read from the keys.  A query at position p of
+ * Cache layout: k[layer][seq][slot][k_width] and v[layer][seq][slot][v_width],
+ * uint16_t IEEE halves, allocated once, each layer cap[layer] slots per
+ * sequence (n_ctx, or a ring: position j in slot j % cap); or, when every value
+ * is the start of its key (deepseek2's MLA), no v at all: values are read from
+ * the keys.  A query at position p of
  * sequence s reads positions j0..p of s in increasing order (j0 = 0, or p - window + 1 with a
  * sliding window), which is the order llama.cpp visits the cells of a single-sequence cache.
  * Positions of one sequence are written before they are read (model.c keeps them consecutive), so
@@ -59,10 +61,11 @@
  * an attn_forward call (the values are exactly the F16 ones). */
 #define ATTN_KVF_SLOTS 64
 struct attn_kvf {
-	float *kt, *v;
+	float *kt, *v;	       /* from position lo on: kt's tile of ic at (ic - lo) / T */
 	size_t cap_kt, cap_v;  /* floats */
 	const uint16_t *kbase; /* what is cached: the first key's address */
-	int n;		       /* keys converted (a multiple of ATTN_TILE_KV or all) */
+	int lo;		       /* first position converted (a multiple of ATTN_TILE_KV) */
+	int n;		       /* positions [lo, n) converted */
 	float *tile;	       /* attn_tile_load's scratch */
 	size_t cap_tile;       /* floats */
 };
@@ -77,12 +80,15 @@ struct attn_cache {
 	int n_ctx;
 	int k_width;
 	int v_width;
-	int v_stride;	      /* uint16_t from one value to the next: v_width, or k_width */
-	uint16_t *k;	      /* [n_layer][n_seq][n_ctx][k_width] */
-	uint16_t *v;	      /* [n_layer][n_seq][n_ctx][v_stride], or k (values in the keys) */
-	int n_shard;	      /* sharded numerics: V chains (0: off) */
-	int page;	      /* and P positions per page */
-	int32_t *seq_tokens;  /* [n_seq] scratch of attn_forward: tokens per sequence */
+	int v_stride;	     /* uint16_t from one value to the next: v_width, or k_width */
+	int *cap;	     /* [n_layer] slots per sequence: n_ctx, or fewer for a ring */
+	size_t *off;	     /* [n_layer] first entry of each layer */
+	uint16_t *k;	     /* [n_layer][n_seq][cap[layer]][k_width] */
+	uint16_t *v;	     /* [n_layer][n_seq][cap[layer]][v_stride], or k (values in the keys) */
+	int n_shard;	     /* sharded numerics: V chains (0: off) */
+	int page;	     /* and P positions per page */
+	int32_t *seq_tokens; /* [n_seq] scratch of attn_forward: tokens per sequence */
+	int32_t *seq_last;   /* [n_seq] its scratch too: last position per sequence */
 	struct attn_kvf *kvf; /* [ATTN_KVF_SLOTS] per pool thread, or NULL */
 };
 
@@ -268,12 +274,23 @@ static float attn_dot_f16(const float *q16, const uint16_t *k, int n, int simd)
 
 /* ------------------------------------------------------------------ cache */
 
+/* Slots per sequence of layer l: n_ctx, or ring[l] when 0 < ring[l] < n_ctx. */
+static int attn_ring_cap(const int *ring, int l, int n_ctx)
+{
+	return ring && ring[l] > 0 && ring[l] < n_ctx ? ring[l] : n_ctx;
+}
+
 static int attn_cache_make(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, int v_in_k,
-			   attn_cache **out)
+			   const int *ring, attn_cache **out)
 {
 	int rc = 0;
 	attn_cache *c = NULL;
 	*out = NULL;
+	for (int l = 0; ring && n_layer > 0 && l < n_layer; l++)
+		if (ring[l] < 0) {
+			log_error("attn: layer %d: negative ring size %d", l, ring[l]);
+			return ERR_CONFIG;
+		}
 	if (n_layer <= 0 || n_seq <= 0 || n_ctx <= 0 || k_width <= 0 || v_width <= 0 ||
 	    (v_in_k && v_width > k_width)) {
 		log_error("attn: invalid KV cache shape (layers %d, sequences %d, positions %d, "
@@ -292,7 +309,10 @@ static int attn_cache_make(int n_layer, int n_seq, int n_ctx, int k_width, int v
 			  n_layer, n_seq, n_ctx, k_width, v_width);
 		return ERR_NOMEM;
 	}
-	entries *= (size_t)n_seq * (size_t)n_ctx;
+	/* at most n_layer * n_seq * n_ctx: rings are shorter than the context */
+	entries = 0;
+	for (int l = 0; l < n_layer; l++)
+		entries += (size_t)n_seq * (size_t)attn_ring_cap(ring, l, n_ctx);
 	const size_t bytes_k = entries * (size_t)k_width * sizeof(uint16_t);
 	const size_t bytes_v = v_in_k ? 0 : entries * (size_t)v_width * sizeof(uint16_t);
 
@@ -309,10 +329,21 @@ static int attn_cache_make(int n_layer, int n_seq, int n_ctx, int k_width, int v
 	c->k_width = k_width;
 	c->v_width = v_width;
 	c->v_stride = v_in_k ? k_width : v_width;
+	c->cap = calloc((size_t)n_layer, sizeof(*c->cap));
+	c->off = calloc((size_t)n_layer, sizeof(*c->off));
+	if (!c->cap || !c->off) {
+		rc = ERR_NOMEM;
+		goto out;
+	}
+	for (int l = 0; l < n_layer; l++) {
+		c->cap[l] = attn_ring_cap(ring, l, n_ctx);
+		c->off[l] = l ? c->off[l - 1] + (size_t)n_seq * (size_t)c->cap[l - 1] : 0;
+	}
 	/* calloc: positions never stored read as +0, never garbage */
 	c->k = calloc(1, bytes_k);
 	c->v = v_in_k ? c->k : calloc(1, bytes_v);
-	c->seq_tokens = calloc((size_t)n_seq, sizeof(int32_t));
+	c->seq_tokens = calloc(2 * (size_t)n_seq, sizeof(int32_t));
+	c->seq_last = c->seq_tokens ? c->seq_tokens + n_seq : NULL;
 	c->kvf = calloc(ATTN_KVF_SLOTS, sizeof(*c->kvf)); /* buffers grow when used */
 	if (!c->k || !c->v || !c->seq_tokens || !c->kvf)
 		rc = ERR_NOMEM;
@@ -327,13 +358,19 @@ out:
 
 int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, attn_cache **out)
 {
-	return attn_cache_make(n_layer, n_seq, n_ctx, k_width, v_width, 0, out);
+	return attn_cache_make(n_layer, n_seq, n_ctx, k_width, v_width, 0, NULL, out);
+}
+
+int attn_cache_new_ring(int n_layer, int n_seq, int n_ctx, int k_width, int v_width,
+			const int *ring, attn_cache **out)
+{
+	return attn_cache_make(n_layer, n_seq, n_ctx, k_width, v_width, 0, ring, out);
 }
 
 int attn_cache_new_shared(int n_layer, int n_seq, int n_ctx, int k_width, int v_width,
 			  attn_cache **out)
 {
-	return attn_cache_make(n_layer, n_seq, n_ctx, k_width, v_width, 1, out);
+	return attn_cache_make(n_layer, n_seq, n_ctx, k_width, v_width, 1, NULL, out);
 }
 
 void attn_cache_destroy(attn_cache **c)
@@ -344,6 +381,8 @@ void attn_cache_destroy(attn_cache **c)
 		free((*c)->v);
 	free((*c)->k);
 	free((*c)->seq_tokens);
+	free((*c)->cap);
+	free((*c)->off);
 	if ((*c)->kvf)
 		for (int i = 0; i < ATTN_KVF_SLOTS; i++) {
 			free((*c)->kvf[i].kt);
@@ -358,15 +397,18 @@ void attn_cache_destroy(attn_cache **c)
 void attn_cache_reset_seq(attn_cache *c, int seq)
 {
 	/* Nothing to clear: a query only reads positions its sequence has
-	 * stored since the reset (positions restart at 0 and are consecutive). */
+	 * stored since the reset (positions restart at 0 and are consecutive;
+	 * a ring's slot j % cap holds position j once j is stored). */
 	(void)c;
 	(void)seq;
 	assert(seq >= 0 && seq < c->n_seq);
 }
 
+/* The entry of (layer, seq) holding position pos (slot pos % cap). */
 static inline size_t attn_entry(const attn_cache *c, int layer, int seq, int pos)
 {
-	return ((size_t)layer * (size_t)c->n_seq + (size_t)seq) * (size_t)c->n_ctx + (size_t)pos;
+	const int cap = c->cap[layer];
+	return c->off[layer] + (size_t)seq * (size_t)cap + (size_t)(pos % cap);
 }
 
 void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k, const float *v)
@@ -439,6 +481,26 @@ int attn_check_params(const attn_cache *c, const struct attn_params *ap, const c
 	return 0;
 }
 
+int attn_check_layer(const attn_cache *c, int layer, const struct attn_params *ap, const char *what)
+{
+	int rc = attn_check_params(c, ap, what);
+	if (rc)
+		return rc;
+	if (layer < 0 || layer >= c->n_layer) {
+		log_error("%s: attention: layer %d outside the KV cache's %d", what, layer,
+			  c->n_layer);
+		return ERR_FORMAT;
+	}
+	const int cap = c->cap[layer];
+	if (cap < c->n_ctx && (ap->window <= 0 || cap < ap->window)) {
+		log_error("%s: attention: layer %d keeps a ring of %d positions, which needs a "
+			  "sliding window of 1 to %d positions (window %d)",
+			  what, layer, cap, cap, ap->window);
+		return ERR_FORMAT;
+	}
+	return 0;
+}
+
 /* -------------------------------------------------------------- forward */
 
 struct attn_job {
@@ -489,18 +551,22 @@ static float *attn_kvf_tile(struct attn_kvf *f, int dk, int dv)
 	return f->tile;
 }
 
-/* Makes keys and values [0, z) of kbase/vbase available as F32; 0 on success. */
-static int attn_kvf_fill(struct attn_kvf *f, const attn_cache *c, const uint16_t *kbase,
-			 const uint16_t *vbase, int dk, int dv, int z)
+/* Makes the keys and values of positions [j0, z) of kbase/vbase (slot j % cap)
+ * available as F32, from the start of j0's tile on; 0 on success. */
+static int attn_kvf_fill(struct attn_kvf *f, const attn_cache *c, int cap, const uint16_t *kbase,
+			 const uint16_t *vbase, int dk, int dv, int j0, int z)
 {
-	if (f->kbase != kbase) {
+	const int lo = j0 - j0 % ATTN_TILE_KV;
+	if (f->kbase != kbase || lo < f->lo) {
 		f->kbase = kbase;
-		f->n = 0;
+		f->lo = lo;
+		f->n = lo;
 	}
 	if (z <= f->n)
 		return 0;
 	const int zt = (z + ATTN_TILE_KV - 1) / ATTN_TILE_KV * ATTN_TILE_KV;
-	const size_t need_kt = (size_t)zt * (size_t)dk, need_v = (size_t)zt * (size_t)dv;
+	const size_t need_kt = (size_t)(zt - f->lo) * (size_t)dk,
+		     need_v = (size_t)(zt - f->lo) * (size_t)dv;
 	if (need_kt > f->cap_kt) {
 		float *p = realloc(f->kt, need_kt * sizeof(float));
 		if (!p)
@@ -516,17 +582,18 @@ static int attn_kvf_fill(struct attn_kvf *f, const attn_cache *c, const uint16_t
 		f->cap_v = need_v;
 	}
 	for (int j = f->n; j < z; j++) {
-		const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
-		const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_stride;
-		float *tile = f->kt + (size_t)(j / ATTN_TILE_KV) * ATTN_TILE_KV * (size_t)dk;
+		const uint16_t *kj = kbase + (size_t)(j % cap) * (size_t)c->k_width;
+		const uint16_t *vj = vbase + (size_t)(j % cap) * (size_t)c->v_stride;
+		float *tile =
+		    f->kt + (size_t)((j - f->lo) / ATTN_TILE_KV) * ATTN_TILE_KV * (size_t)dk;
 		const int i = j % ATTN_TILE_KV;
 		for (int d = 0; d < dk; d++)
 			tile[(size_t)d * ATTN_TILE_KV + (size_t)i] = attn_f16_to_f32(kj[d]);
 		for (int d = 0; d < dv; d++)
-			f->v[(size_t)j * (size_t)dv + (size_t)d] = attn_f16_to_f32(vj[d]);
+			f->v[(size_t)(j - f->lo) * (size_t)dv + (size_t)d] = attn_f16_to_f32(vj[d]);
 	}
 	/* the last tile's lanes past z: zeros (the SIMD scores read whole tiles) */
-	float *tile = f->kt + (size_t)(z / ATTN_TILE_KV) * ATTN_TILE_KV * (size_t)dk;
+	float *tile = f->kt + (size_t)((z - f->lo) / ATTN_TILE_KV) * ATTN_TILE_KV * (size_t)dk;
 	for (int d = 0; d < dk && z % ATTN_TILE_KV; d++)
 		memset(tile + (size_t)d * ATTN_TILE_KV + z % ATTN_TILE_KV, 0,
 		       (size_t)(ATTN_TILE_KV - z % ATTN_TILE_KV) * sizeof(float));
@@ -593,9 +660,10 @@ ATTN_HOT static void attn_chunk_f16(const struct attn_job *jb, int t, int h, int
 
 	*S = 0.0f;
 	*M = -INFINITY;
-	for (int j = j0; j < j1; j++) {
-		const uint16_t *kj = kbase + (size_t)j * (size_t)c->k_width;
-		const uint16_t *vj = vbase + (size_t)j * (size_t)c->v_stride;
+	const int cap = c->cap[jb->layer];
+	for (int j = j0, slot = j0 % cap; j < j1; j++, slot = slot + 1 == cap ? 0 : slot + 1) {
+		const uint16_t *kj = kbase + (size_t)slot * (size_t)c->k_width;
+		const uint16_t *vj = vbase + (size_t)slot * (size_t)c->v_stride;
 		const float s = attn_dot_f16(q16, kj, dk, simd) * ap->scale;
 
 		float ms = 1.0f;
@@ -707,12 +775,14 @@ attn_tile_softmax(float *kq, float tile_max, float *M, float *S, float *acc, int
 	*S = (float)((double)*S + sum);
 }
 
-/* Where the tiled kernel reads one KV head: position j's key at k + j * ks
- * and its value at v + j * vs (F16 bit patterns), dk and dv values. */
+/* Where the tiled kernel reads one KV head: position j's key at
+ * k + (j % cap) * ks and its value at v + (j % cap) * vs (F16 bit patterns),
+ * dk and dv values. */
 struct attn_src {
 	const uint16_t *k, *v;
 	size_t ks, vs;
 	int dk, dv;
+	int cap;
 };
 
 /* The running softmax state of up to ATTN_GROUP heads in the tiled kernel:
@@ -786,8 +856,9 @@ static void attn_tile_load(const struct attn_src *src, int ic, int a, int z, flo
 			memset(rows + (size_t)i * dk, 0, dk * sizeof(float));
 			continue;
 		}
-		attn_simd_f16_row(src->k + (size_t)j * src->ks, rows + (size_t)i * dk, src->dk);
-		attn_simd_f16_row(src->v + (size_t)j * src->vs, vr + (size_t)i * dv, src->dv);
+		const size_t slot = (size_t)(j % src->cap);
+		attn_simd_f16_row(src->k + slot * src->ks, rows + (size_t)i * dk, src->dk);
+		attn_simd_f16_row(src->v + slot * src->vs, vr + (size_t)i * dv, src->dv);
 	}
 	attn_simd_transpose(rows, nv8, src->dk, tile, T);
 }
@@ -820,8 +891,8 @@ ATTN_HOT static void attn_tiles(const struct attn_src *src, const struct attn_kv
 		const float *kt = NULL, *vr = NULL;
 		int nv8 = T;
 		if (kvf) {
-			kt = kvf->kt + (size_t)(ic / T) * T * (size_t)dk;
-			vr = kvf->v + (size_t)a * (size_t)dv;
+			kt = kvf->kt + (size_t)((ic - kvf->lo) / T) * T * (size_t)dk;
+			vr = kvf->v + (size_t)(a - kvf->lo) * (size_t)dv;
 		} else if (tile) {
 			attn_tile_load(src, ic, a, z, tile);
 			kt = tile;
@@ -835,7 +906,7 @@ ATTN_HOT static void attn_tiles(const struct attn_src *src, const struct attn_kv
 			attn_simd_scores(kt, T, dk, nv8, q, (size_t)dk, ng, sv[0], T);
 		} else {
 			for (int j = a; j < z; j++) {
-				const uint16_t *kj = src->k + (size_t)j * src->ks;
+				const uint16_t *kj = src->k + (size_t)(j % src->cap) * src->ks;
 				for (int d = 0; d < dk; d++)
 					kts[(size_t)d * T + (size_t)(j - ic)] =
 					    attn_f16_to_f32(kj[d]);
@@ -885,7 +956,7 @@ ATTN_HOT static void attn_tiles(const struct attn_src *src, const struct attn_kv
 				continue;
 			}
 			for (int j = a; j < z; j++) {
-				const uint16_t *vj = src->v + (size_t)j * src->vs;
+				const uint16_t *vj = src->v + (size_t)(j % src->cap) * src->vs;
 				const float w = kq[g][j - ic];
 				for (int d = 0; d < dv; d++)
 					vrow[d] = attn_f16_to_f32(vj[d]);
@@ -910,6 +981,7 @@ static const float *attn_rows_src(const struct attn_job *jb, int t, int h0, stru
 	    .vs = (size_t)c->v_stride,
 	    .dk = ap->head_dim_k,
 	    .dv = ap->head_dim_v,
+	    .cap = c->cap[jb->layer],
 	};
 	return jb->q + ((size_t)t * (size_t)ap->n_head + (size_t)h0) * (size_t)ap->head_dim_k;
 }
@@ -934,8 +1006,8 @@ ATTN_HOT static void attn_rows_tiled(const struct attn_job *jb, struct attn_kvf 
 	attn_visible(ap, jb->b->pos[t], &j0, &j1);
 	attn_run_init(&r, ng, src.dv);
 	/* the keys and values as F32, shared with the thread's other rows */
-	if (kvf &&
-	    (!attn_simd_ok() || attn_kvf_fill(kvf, jb->c, src.k, src.v, src.dk, src.dv, j1) != 0))
+	if (kvf && (!attn_simd_ok() ||
+		    attn_kvf_fill(kvf, jb->c, src.cap, src.k, src.v, src.dk, src.dv, j0, j1) != 0))
 		kvf = NULL;
 	attn_tiles(&src, kvf, tile, j0, j1, q, ng, ap->scale, &r);
 	attn_run_finish(&r, ng, src.dv, ap->sinks ? ap->sinks + h0 : NULL,
@@ -961,8 +1033,8 @@ ATTN_HOT static void attn_rows_sharded(const struct attn_job *jb, struct attn_kv
 	int level[ATTN_SHARD_LEVELS + 1];
 	struct attn_src src;
 	const float *q = attn_rows_src(jb, t, h0, &src);
-	if (kvf && (!attn_simd_ok() ||
-		    attn_kvf_fill(kvf, jb->c, src.k, src.v, src.dk, src.dv, pos + 1) != 0))
+	if (kvf && (!attn_simd_ok() || attn_kvf_fill(kvf, jb->c, src.cap, src.k, src.v, src.dk,
+						     src.dv, 0, pos + 1) != 0))
 		kvf = NULL;
 	int n = 0;
 	for (int v = 0; v < V; v++) {
@@ -1039,10 +1111,23 @@ void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_par
 	/* ggml picks its kernel by the number of query rows; rows are chosen
 	 * here per sequence, so that a sequence's results do not depend on the
 	 * other sequences sharing its batch (single-sequence runs match llama.cpp) */
-	for (int t = 0; t < b->n_tokens; t++)
+	for (int t = 0; t < b->n_tokens; t++) {
 		c->seq_tokens[b->seq[t]] = 0;
-	for (int t = 0; t < b->n_tokens; t++)
+		c->seq_last[b->seq[t]] = b->pos[t];
+	}
+	for (int t = 0; t < b->n_tokens; t++) {
 		c->seq_tokens[b->seq[t]]++;
+		if (b->pos[t] > c->seq_last[b->seq[t]])
+			c->seq_last[b->seq[t]] = b->pos[t];
+	}
+#ifndef NDEBUG
+	/* a ring holds every key the batch's queries see (the caller's promise) */
+	for (int t = 0; t < b->n_tokens && c->cap[layer] < c->n_ctx; t++) {
+		int j0, j1;
+		attn_visible(ap, b->pos[t], &j0, &j1);
+		assert(c->seq_last[b->seq[t]] - j0 < c->cap[layer]);
+	}
+#endif
 	struct attn_job jb = {
 	    .c = c,
 	    .layer = layer,

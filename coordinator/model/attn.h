@@ -15,7 +15,14 @@
  * which this file was checked against: identical outputs on every path).
  * Token t of the batch (sequence s, position p) sees the entries j <= p of s,
  * and only j > p - window when window > 0.  Entries for the batch's own tokens
- * must be stored (attn_cache_store) before attn_forward() is called. */
+ * must be stored (attn_cache_store) before attn_forward() is called.
+ *
+ * A layer holds every position of the context (n_ctx per sequence), or, with
+ * a sliding window, a ring of cap positions: position j lives in slot
+ * j % cap, so storing j replaces j - cap.  The caller promises that within
+ * one attn_forward() each sequence's batch tokens span at most
+ * cap - window + 1 consecutive positions; then the ring still holds every key
+ * a query of the batch sees (checked by an assert). */
 #ifndef MOEFLEET_ATTN_H
 #define MOEFLEET_ATTN_H
 
@@ -32,6 +39,11 @@ typedef struct attn_cache attn_cache;
 #define ATTN_MAX_HEAD_DIM 1024
 
 int attn_cache_new(int n_layer, int n_seq, int n_ctx, int k_width, int v_width, attn_cache **out);
+/* attn_cache_new with rings: ring[n_layer] gives each layer's slots per
+ * sequence (0, or n_ctx and more: the whole context); NULL: no ring.  A ring
+ * layer needs a sliding window of at most its size (attn_check_layer). */
+int attn_cache_new_ring(int n_layer, int n_seq, int n_ctx, int k_width, int v_width,
+			const int *ring, attn_cache **out);
 /* A cache whose values are the first v_width (<= k_width) values of each key
  * (deepseek2's MLA: key [c | k_pe], value c), stored once: the keys' bytes
  * only, and the same results as attn_cache_new with the values stored apart.
@@ -76,6 +88,10 @@ struct attn_params {
  * scale.  Logs "WHAT: problem" (what: e.g. the model file) and returns
  * ERR_FORMAT on failure.  attn_forward() assumes parameters that passed. */
 int attn_check_params(const attn_cache *c, const struct attn_params *ap, const char *what);
+/* attn_check_params for the parameters of one layer, and, when the layer is a
+ * ring, that ap has a sliding window no larger than the ring. */
+int attn_check_layer(const attn_cache *c, int layer, const struct attn_params *ap,
+		     const char *what);
 
 /* q: [n_tokens][n_head][head_dim_k]; out: [n_tokens][n_head][head_dim_v].
  * Threaded over (token, head) with the pool.  Not to be called concurrently on

@@ -10,6 +10,7 @@
 #include "../../common/log.h"
 #include "../../kernels/kern.h"
 #include "../placement/placement.h"
+#include "arch.h"
 
 /* "<arch>.<key>" as u32; def when absent. */
 static uint64_t footprint_u32(const gguf *g, const char *arch, const char *key, uint64_t def)
@@ -90,10 +91,41 @@ static int footprint_kv(const gguf *g, struct footprint *f)
 		const uint64_t hkv = footprint_u32(g, a, "attention.head_count_kv", H);
 		const uint64_t dk = footprint_u32(g, a, "attention.key_length", E / H);
 		const uint64_t dv = footprint_u32(g, a, "attention.value_length", E / H);
-		f->kv_bytes_per_1k = 1024 * L * hkv * (dk + dv) * 2;
+		const uint64_t row = hkv * (dk + dv) * 2; /* one layer, one position */
+		uint64_t n_ring = 0;
+		if (strcmp(a, "gpt-oss") == 0) {
+			/* the sliding-window layers keep rings (arch_gptoss.c) */
+			uint8_t is_swa[MOE_MAX_LAYERS];
+			const struct arch_env env = {.g = g};
+			if (arch_swa_layers(&env, a, f->n_layer, is_swa) != 0)
+				return 0;
+			for (int l = 0; l < f->n_layer; l++)
+				n_ring += is_swa[l];
+			f->kv_ring_window = footprint_u32(g, a, "attention.sliding_window", 0);
+			if (f->kv_ring_window == 0)
+				n_ring = 0;
+		}
+		f->kv_bytes_per_1k = 1024 * (L - n_ring) * row;
+		f->kv_ring_bytes_per_pos = n_ring * row;
 		return 1;
 	}
 	return 0;
+}
+
+uint64_t footprint_kv_bytes(const struct footprint *f, int n_ctx, int n_batch)
+{
+	if (!f->kv_known)
+		return 0;
+	if (n_batch <= 0) {
+		struct model_params mp;
+		model_params_default(&mp);
+		n_batch = mp.n_batch;
+	}
+	uint64_t ring = f->kv_ring_window + (uint64_t)n_batch;
+	if (ring > (uint64_t)n_ctx)
+		ring = (uint64_t)n_ctx;
+	return (uint64_t)((double)f->kv_bytes_per_1k * n_ctx / 1024.0) + f->kv_bytes_fixed +
+	       f->kv_ring_bytes_per_pos * ring;
 }
 
 /* deepseek2 legacy layout: bytes of the attn_k_b the coordinator builds from
@@ -286,8 +318,7 @@ static int footprint_report_nodes(const struct footprint *f, const uint64_t *mem
 	char h1[32], h2[32], h3[32], h4[32];
 	uint64_t node = plan->node_memory, kv = 0, *wb = NULL, *budget = NULL;
 	int n_ctx = plan->n_ctx > 0 ? plan->n_ctx : 4096, rc = 0;
-	if (f->kv_known)
-		kv = (uint64_t)((double)f->kv_bytes_per_1k * n_ctx / 1024.0) + f->kv_bytes_fixed;
+	kv = footprint_kv_bytes(f, n_ctx, plan->n_batch);
 	uint64_t coord = f->coordinator_bytes + f->coordinator_built_bytes + kv;
 	printf("  plan: nodes of %s each (%s of it kept for buffers and the system), one "
 	       "sequence of %d tokens:\n",
@@ -368,13 +399,22 @@ int footprint_report(const gguf *g, const uint64_t *mem, int n_worker,
 			       footprint_human(
 				   f.n_expert ? f.layer_expert_bytes[l] / (uint64_t)f.n_expert : 0,
 				   h1, 32));
-	if (f.kv_known)
+	if (f.kv_known) {
 		printf("  KV cache per sequence: %llu bytes (%s) per 1K tokens of context, plus %s "
 		       "fixed\n",
 		       (unsigned long long)f.kv_bytes_per_1k,
 		       footprint_human(f.kv_bytes_per_1k, h1, 32),
 		       footprint_human(f.kv_bytes_fixed, h2, 32));
-	else
+		if (f.kv_ring_bytes_per_pos)
+			printf("    plus %s per position of the sliding-window layers' rings "
+			       "(window %llu + batch positions, at most the context)\n",
+			       footprint_human(f.kv_ring_bytes_per_pos, h1, 32),
+			       (unsigned long long)f.kv_ring_window);
+		if (plan && plan->n_ctx > 0)
+			printf("  KV cache of one sequence of %d tokens: %s\n", plan->n_ctx,
+			       footprint_human(footprint_kv_bytes(&f, plan->n_ctx, plan->n_batch),
+					       h1, 32));
+	} else
 		printf("  KV cache: layout of architecture '%s' unknown\n", f.arch);
 	if (plan && plan->node_memory)
 		return footprint_report_nodes(&f, mem, n_worker, plan);

@@ -8,8 +8,10 @@
  *     attention, router, shared experts, output head),
  * and computes the KV cache of one sequence as moefleet allocates it (F16):
  *   qwen3moe, gpt-oss   n_layer * n_head_kv * (key_length + value_length) * 2 B
- *                       per token (gpt-oss's sliding-window layers are
- *                       allocated for the whole context too);
+ *                       per token, except gpt-oss's sliding-window layers
+ *                       (attention.sliding_window_pattern, see arch.h): each
+ *                       keeps a ring of sliding_window + n_batch positions
+ *                       (at most the context), the same bytes per position;
  *   deepseek2 (MLA)     n_layer * (kv_lora_rank + n_rot  +  kv_lora_rank) * 2 B
  *                       per token (key [c | k_pe] and value c);
  *   deepseek4           per layer with compression ratio r > 0 a compressed
@@ -51,10 +53,16 @@ struct footprint {
 	uint64_t layer_expert_bytes[MOE_MAX_LAYERS]; /* all routed experts of layer L */
 	uint64_t kv_bytes_per_1k;		     /* one sequence, per 1024 tokens of context */
 	uint64_t kv_bytes_fixed;		     /* one sequence, independent of context */
-	int kv_known;				     /* 0: architecture's cache layout unknown */
+	uint64_t kv_ring_bytes_per_pos; /* one sequence, per position of all window rings */
+	uint64_t kv_ring_window;	/* the rings hold window + n_batch positions, <= n_ctx */
+	int kv_known;			/* 0: architecture's cache layout unknown */
 };
 
 int footprint_measure(const gguf *g, struct footprint *out);
+
+/* The KV cache of one sequence of n_ctx positions run in micro-batches of
+ * n_batch tokens (which sizes the window rings), in bytes. */
+uint64_t footprint_kv_bytes(const struct footprint *f, int n_ctx, int n_batch);
 
 /* Places the routed experts on n_worker workers with the given memory budgets
  * (uniform router load, one replica); worker_bytes[n_worker] receives the
@@ -71,14 +79,17 @@ int footprint_parse_memory(const char *list, uint64_t *mem, int max, int *n);
 
 /* A cluster to plan for: every node (coordinator and workers) has
  * node_memory bytes (0: no plan), the coordinator holds one sequence of
- * n_ctx tokens (<= 0: 4096). */
+ * n_ctx tokens (<= 0: 4096) run in micro-batches of n_batch tokens (<= 0:
+ * model_params_default's). */
 struct footprint_plan {
 	uint64_t node_memory;
 	int n_ctx;
+	int n_batch;
 };
 
 /* Prints the cluster summary of `moefleet info` to stdout: coordinator and
- * expert bytes, experts per layer, KV per 1K tokens and, when n_worker > 0,
+ * expert bytes, experts per layer, KV per 1K tokens (and for the plan's n_ctx,
+ * when it is > 0) and, when n_worker > 0,
  * the placement's bytes per worker (mem NULL: no memory limit).  With a plan
  * (node_memory > 0), per node instead: the coordinator's weights + KV, each
  * worker's experts (placed on node_memory - FOOTPRINT_ROOM each, or less

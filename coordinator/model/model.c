@@ -300,6 +300,54 @@ static int arch_key(char *buf, size_t cap, const char *arch, const char *key)
 ARCH_GET(arch_u32_req, arch_u32_opt, uint32_t, gguf_get_u32)
 ARCH_GET(arch_f32_req, arch_f32_opt, float, gguf_get_f32)
 
+/* Which layers use the sliding window: "attention.sliding_window_pattern" as a u32
+ * period p (layer il is SWA iff il % p < p - 1; p = 0: all), or as an array with one
+ * bool/u32/i32 per layer; absent = period 2 (the even layers). */
+int arch_swa_layers(const struct arch_env *env, const char *arch, int n_layer, uint8_t *is_swa)
+{
+	char key[256];
+	if (arch_key(key, sizeof(key), arch, "attention.sliding_window_pattern"))
+		return ERR_CONFIG;
+	const char *path = gguf_path(env->g);
+	int64_t kid = gguf_find_kv(env->g, key);
+	uint32_t period = 2;
+	if (kid >= 0 && gguf_kv_type(env->g, (uint64_t)kid) == GGUF_TYPE_ARRAY) {
+		enum gguf_type et;
+		uint64_t count;
+		const void *data;
+		int rc = gguf_get_arr(env->g, key, &et, &count, &data);
+		if (rc)
+			return rc;
+		if (count != (uint64_t)n_layer) {
+			log_error("%s: key %s has %llu entries, expected one per layer (%d)", path,
+				  key, (unsigned long long)count, n_layer);
+			return ERR_FORMAT;
+		}
+		for (int il = 0; il < n_layer; il++) {
+			if (et == GGUF_TYPE_BOOL || et == GGUF_TYPE_U8 || et == GGUF_TYPE_I8) {
+				uint8_t b;
+				memcpy(&b, (const uint8_t *)data + il, 1);
+				is_swa[il] = b != 0;
+			} else if (et == GGUF_TYPE_U32 || et == GGUF_TYPE_I32) {
+				uint32_t w;
+				memcpy(&w, (const uint8_t *)data + 4 * (size_t)il, 4);
+				is_swa[il] = w != 0;
+			} else {
+				log_error("%s: key %s: unsupported array element type %d", path,
+					  key, (int)et);
+				return ERR_FORMAT;
+			}
+		}
+		return 0;
+	}
+	int rc = arch_u32_opt(env, arch, "attention.sliding_window_pattern", &period);
+	if (rc)
+		return rc;
+	for (int il = 0; il < n_layer; il++)
+		is_swa[il] = period == 0 || (uint32_t)il % period < period - 1;
+	return 0;
+}
+
 int arch_bool_opt(const struct arch_env *env, const char *arch, const char *key, int *out)
 {
 	char k[256];
