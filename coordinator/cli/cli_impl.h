@@ -77,6 +77,7 @@ struct cli_opts {
 	long kv_shards;		     /* --kv-shards V */
 	long kv_page;		     /* --kv-page P (0: the default) */
 	long batch;		     /* logits: --batch N (0: the default) */
+	long depth;		     /* bench: --depth D */
 	int roofline;		     /* bench --roofline */
 };
 

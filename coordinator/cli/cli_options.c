@@ -126,6 +126,9 @@ int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts *o)
 		} else if (!strcmp(a, "--tg")) {
 			if (cli_parse_long(a, v, 0, 1L << 20, &o->tg))
 				return -1;
+		} else if (!strcmp(a, "--depth")) {
+			if (cli_parse_long(a, v, 0, 1L << 22, &o->depth))
+				return -1;
 		} else if (!strcmp(a, "--reps")) {
 			if (cli_parse_long(a, v, 1, 1000, &o->reps))
 				return -1;

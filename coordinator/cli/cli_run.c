@@ -169,9 +169,11 @@ out:
 }
 
 static const char *cli_usage_bench =
-    "usage: moefleet bench -m MODEL.gguf [--pp 512] [--tg 128] [--reps 5] [--threads T]\n"
+    "usage: moefleet bench -m MODEL.gguf [--pp 512] [--tg 128] [--depth 0] [--reps 5]\n"
+    "                      [--threads T]\n"
     "  pp: one batch of N tokens into an empty context; tg: N single-token decodes,\n"
-    "  each producing logits.  Prints medians; the last line is\n"
+    "  each producing logits, after an untimed prompt of --depth tokens (in steps\n"
+    "  of 512).  Prints medians; the last line is\n"
     "  'bench: ppN X tok/s, tgM Y tok/s'.\n"
     "  --roofline  also print the weight bytes one decoded token reads (attention\n"
     "              and dense, shared experts, the routed experts chosen, head), the\n"
@@ -193,8 +195,10 @@ static double cli_median(double *v, int n)
 int cli_bench(int argc, char **argv)
 {
 	struct cli_opts o = {.pp = 512, .tg = 128, .reps = 5};
-	if (cli_parse(argc, argv,
-		      "-m --model --pp --tg --reps --threads -t --roofline" CLI_CLUSTER_OPTS, &o) ||
+	if (cli_parse(
+		argc, argv,
+		"-m --model --pp --tg --depth --reps --threads -t --roofline" CLI_CLUSTER_OPTS,
+		&o) ||
 	    (!o.help && !o.model)) {
 		fputs(cli_usage_bench, stderr);
 		return CLI_USAGE;
@@ -210,8 +214,8 @@ int cli_bench(int argc, char **argv)
 	struct model_params mp;
 	model_params_default(&mp);
 	cli_model_params(&o, &mp);
-	mp.n_ctx = (int)(o.pp > o.tg + 1 ? o.pp : o.tg + 1);
-	mp.n_batch = o.pp > 0 ? (int)o.pp : 1;
+	mp.n_ctx = (int)(o.pp > o.depth + o.tg + 1 ? o.pp : o.depth + o.tg + 1);
+	mp.n_batch = o.pp > 0 ? (int)o.pp : 512;
 	int n = mp.n_ctx;
 	int32_t *ids = malloc((size_t)n * sizeof(int32_t));
 	int32_t *pos = malloc((size_t)n * sizeof(int32_t));
@@ -261,8 +265,11 @@ int cli_bench(int argc, char **argv)
 		}
 		if (o.tg > 0) {
 			model_reset_seq(m, 0);
+			model_batch d = {(int)o.depth, ids, pos, seq, want};
+			if (o.depth > 0 && model_forward(m, &d, logits))
+				goto out;
 			double t0 = cli_now();
-			for (int i = 0; i < o.tg; i++) {
+			for (int i = (int)o.depth; i < o.depth + o.tg; i++) {
 				model_batch b = {1, ids + i, pos + i, seq, NULL};
 				if (model_forward(m, &b, logits))
 					goto out;
