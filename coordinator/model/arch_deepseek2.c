@@ -1076,7 +1076,7 @@ static void ds2_attn_kv(struct ds2 *m, int il, const model_batch *b, int with_q)
 	}
 }
 
-static void ds2_attn_out(struct ds2 *m, int il, const model_batch *sb, int q_done)
+static int ds2_attn_out(struct ds2 *m, int il, const model_batch *sb, int q_done)
 {
 	const struct ds2_hparams *hp = &m->hp;
 	const struct ds2_layer *L = &m->layers[il];
@@ -1112,12 +1112,15 @@ static void ds2_attn_out(struct ds2 *m, int il, const model_batch *sb, int q_don
 	ds2_heads_matmul(m, &L->k_b, s->q, hk, n, s->qf, kw);
 
 	/* MQA over the cache: (n, H, kw) -> (n, H, kvr) */
-	attn_forward(p, m->cache, il, &m->attn, sb, s->qf, s->o);
+	int rc = attn_forward(p, m->cache, il, &m->attn, sb, s->qf, s->o);
+	if (rc)
+		return rc;
 
 	/* per head v_b[h]: (n, kvr) @ (kvr, hv) -> (n, hv) */
 	ds2_heads_matmul(m, &L->v_b, s->o, kvr, n, s->ov, hv);
 	/* (n, H * hv) @ (H * hv, E) -> (n, E) */
 	ops_matmul(p, L->wo, s->ov, H * hv, n, s->y, E, s->mm);
+	return 0;
 }
 
 /* Keeps only the rows whose logits are wanted (in batch order) in x and h and
@@ -1195,7 +1198,8 @@ static int ds2_forward(void *state, const model_batch *b, float *logits)
 			if (n == 0)
 				return 0;
 		}
-		ds2_attn_out(m, il, &sb, q_early);
+		if ((rc = ds2_attn_out(m, il, &sb, q_early)))
+			return rc;
 		/* ffn_inp = attn_out + x */
 		for (int64_t i = 0; i < (int64_t)n * E; i++)
 			s->x[i] = s->y[i] + s->x[i];

@@ -626,7 +626,7 @@ static void gptoss_rope_rows(void *ctx, int ith, int nth)
 
 /* Attention block of layer il for n rows: s->x -> s->o (= Wo attn + bo), and the
  * rows' keys and values stored in the cache. */
-static void gptoss_attention(struct gptoss *s, int il, const model_batch *b)
+static int gptoss_attention(struct gptoss *s, int il, const model_batch *b)
 {
 	const struct gptoss_hparams *hp = &s->hp;
 	const struct gptoss_layer *l = &s->layers[il];
@@ -656,11 +656,14 @@ static void gptoss_attention(struct gptoss *s, int il, const model_batch *b)
 		pool_run(p, gptoss_rope_rows, &rj);
 
 	/* attn = softmax(q k^T / sqrt(D) + sink, window) v             (n, q_width) */
-	attn_forward(p, s->cache, il, &l->attn, b, s->q, s->attn);
+	int rc = attn_forward(p, s->cache, il, &l->attn, b, s->q, s->attn);
+	if (rc)
+		return rc;
 
 	/* o = Wo attn + bo                                 (n, q_width) -> (n, E) */
 	ops_matmul(p, l->wo, s->attn, s->q_width, n, s->o, E, s->mm_scratch);
 	gptoss_add_bias(s->o, l->bo, n, E);
+	return 0;
 }
 
 /* MoE block of layer il for the first n rows of s->x (already x + attention). */
@@ -734,7 +737,8 @@ static int gptoss_forward(void *state, const model_batch *b, float *logits)
 		n_out += !b->logits || b->logits[t];
 
 	for (int il = 0; il < hp->n_layer; il++) {
-		gptoss_attention(s, il, b);
+		if ((rc = gptoss_attention(s, il, b)))
+			return rc;
 		int n_rows = n;
 		if (il == hp->n_layer - 1) {
 			/* the last layer's FFN only feeds the logits: keep the rows that

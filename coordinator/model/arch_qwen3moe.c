@@ -639,7 +639,7 @@ static void qwen_project_qkv(struct qwen *s, const struct qwen_layer *l, int n)
 
 /* Attention block of layer il for all rows of the batch: s->x -> s->o = Wo a;
  * every token's k, v are cached. */
-static void qwen_attention(struct qwen *s, int il, const model_batch *b)
+static int qwen_attention(struct qwen *s, int il, const model_batch *b)
 {
 	const struct qwen_layer *l = &s->layers[il];
 	pool *p = s->env->pool;
@@ -660,10 +660,13 @@ static void qwen_attention(struct qwen *s, int il, const model_batch *b)
 		pool_run(p, qwen_qk_worker, &job);
 
 	/* a = softmax(q k^T / sqrt(D)) v over each token's visible positions (n, H*D) */
-	attn_forward(p, s->cache, il, &s->attn, b, s->q, s->a);
+	int rc = attn_forward(p, s->cache, il, &s->attn, b, s->q, s->a);
+	if (rc)
+		return rc;
 
 	/* o = Wo a                                           (n, H*D) -> (n, E) */
 	ops_matmul(p, l->wo, s->a, s->q_width, n, s->o, E, s->mm_scratch);
+	return 0;
 }
 
 /* MoE block of layer il for the first n rows of s->x (the residual after
@@ -756,7 +759,8 @@ static int qwen_forward(void *state, const model_batch *b, float *logits)
 
 	int n_rows = n; /* rows carried through the blocks */
 	for (int il = 0; il < hp->n_layer; il++) {
-		qwen_attention(s, il, b);
+		if ((rc = qwen_attention(s, il, b)))
+			return rc;
 		if (il == hp->n_layer - 1)
 			n_rows = qwen_keep_output_rows(s, b);
 		/* x = Wo a + x                                               (n_rows, E) */

@@ -32,6 +32,7 @@
  *                 out = acc * (1 / S).
  * The fused multiply-adds are where GCC contracts ggml's C++ (or where ggml
  * uses FMA intrinsics); checked against a local ggml build, see attn.h. */
+#define _DEFAULT_SOURCE /* madvise */
 #include "attn.h"
 #include "attn_internal.h"
 
@@ -40,6 +41,8 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "../../common/err.h"
 #include "../../common/log.h"
@@ -80,15 +83,19 @@ struct attn_cache {
 	int n_ctx;
 	int k_width;
 	int v_width;
-	int v_stride;	     /* uint16_t from one value to the next: v_width, or k_width */
-	int *cap;	     /* [n_layer] slots per sequence: n_ctx, or fewer for a ring */
-	size_t *off;	     /* [n_layer] first entry of each layer */
-	uint16_t *k;	     /* [n_layer][n_seq][cap[layer]][k_width] */
-	uint16_t *v;	     /* [n_layer][n_seq][cap[layer]][v_stride], or k (values in the keys) */
-	int n_shard;	     /* sharded numerics: V chains (0: off) */
-	int page;	     /* and P positions per page */
-	int32_t *seq_tokens; /* [n_seq] scratch of attn_forward: tokens per sequence */
-	int32_t *seq_last;   /* [n_seq] its scratch too: last position per sequence */
+	int v_stride; /* uint16_t from one value to the next: v_width, or k_width */
+	int *cap;     /* [n_layer] slots per sequence: n_ctx, or fewer for a ring */
+	size_t *off;  /* [n_layer] first entry of each layer */
+	uint16_t *k;  /* [n_layer][n_seq][cap[layer]][k_width] */
+	uint16_t *v;  /* [n_layer][n_seq][cap[layer]][v_stride], or k (values in the keys) */
+	int n_shard;  /* sharded numerics: V chains (0: off) */
+	int page;     /* and P positions per page */
+	const struct attn_remote_ops *remote; /* KV hosts, or NULL */
+	void *remote_self;
+	int n_hosts;
+	int32_t *shipped;     /* [2][n_layer][n_seq]: pages shipped, then released */
+	int32_t *seq_tokens;  /* [n_seq] scratch of attn_forward: tokens per sequence */
+	int32_t *seq_last;    /* [n_seq] its scratch too: last position per sequence */
 	struct attn_kvf *kvf; /* [ATTN_KVF_SLOTS] per pool thread, or NULL */
 };
 
@@ -381,6 +388,7 @@ void attn_cache_destroy(attn_cache **c)
 		free((*c)->v);
 	free((*c)->k);
 	free((*c)->seq_tokens);
+	free((*c)->shipped);
 	free((*c)->cap);
 	free((*c)->off);
 	if ((*c)->kvf)
@@ -399,9 +407,11 @@ void attn_cache_reset_seq(attn_cache *c, int seq)
 	/* Nothing to clear: a query only reads positions its sequence has
 	 * stored since the reset (positions restart at 0 and are consecutive;
 	 * a ring's slot j % cap holds position j once j is stored). */
-	(void)c;
-	(void)seq;
 	assert(seq >= 0 && seq < c->n_seq);
+	for (int l = 0; c->shipped && l < c->n_layer; l++) {
+		c->shipped[(size_t)l * (size_t)c->n_seq + (size_t)seq] = 0;
+		c->shipped[((size_t)c->n_layer + (size_t)l) * (size_t)c->n_seq + (size_t)seq] = 0;
+	}
 }
 
 /* The entry of (layer, seq) holding position pos (slot pos % cap). */
@@ -1014,45 +1024,84 @@ ATTN_HOT static void attn_rows_tiled(const struct attn_job *jb, struct attn_kvf 
 			attn_rows_out(jb, t, h0));
 }
 
+/* The merge tree of the sharded numerics, built by a binary counter as its
+ * leaves come in chain order: a leaf (or an aligned subtree) of level l is
+ * pushed, and while the two top entries have the same level they merge, the
+ * lower chains on the left.  With V a power of two it ends as one root. */
+struct attn_tree {
+	struct attn_run st[ATTN_SHARD_LEVELS + 1];
+	int level[ATTN_SHARD_LEVELS + 1];
+	int n;
+};
+
+/* The entry to fill before attn_tree_push(), emptied. */
+static struct attn_run *attn_tree_next(struct attn_tree *tr, int ng, int dv)
+{
+	attn_run_init(&tr->st[tr->n], ng, dv);
+	return &tr->st[tr->n];
+}
+
+static void attn_tree_push(struct attn_tree *tr, int level, int ng, int dv)
+{
+	tr->level[tr->n++] = level;
+	while (tr->n >= 2 && tr->level[tr->n - 1] == tr->level[tr->n - 2]) {
+		attn_run_merge(&tr->st[tr->n - 2], &tr->st[tr->n - 1], ng, dv);
+		tr->level[tr->n - 2]++;
+		tr->n--;
+	}
+}
+
+/* Pushes the chains v0 .. v1 - 1 of a row that sees n_page complete pages of
+ * P positions, page i in chain i mod V, each the tiled kernel over its pages
+ * in order.  The pages are src's positions [iP, (i+1)P), or, with pages,
+ * pages[i] (k + koff, v + voff; src gives strides and sizes). */
+static void attn_chains(const struct attn_src *src, const struct attn_page *pages, size_t koff,
+			size_t voff, const struct attn_kvf *kvf, float *tile, int P, int V, int v0,
+			int v1, int n_page, const float *q, int ng, float scale,
+			struct attn_tree *tr)
+{
+	for (int v = v0; v < v1; v++) {
+		struct attn_run *r = attn_tree_next(tr, ng, src->dv);
+		for (int i = v; i < n_page; i += V) {
+			if (!pages) {
+				attn_tiles(src, kvf, tile, i * P, (i + 1) * P, q, ng, scale, r);
+				continue;
+			}
+			struct attn_src ps = *src;
+			ps.k = pages[i].k + koff;
+			ps.v = pages[i].v + voff;
+			ps.cap = P;
+			attn_tiles(&ps, NULL, tile, 0, P, q, ng, scale, r);
+		}
+		attn_tree_push(tr, 0, ng, src->dv);
+	}
+}
+
 /* Heads h0 .. h0 + ng - 1 of token t (position p, page t_p = p / P) with the
- * sharded numerics: the complete pages i < t_p go to V chains (page i to
- * chain i mod V), each the tiled kernel over its pages in increasing order;
- * the chains are merged in a fixed balanced binary tree over the chain index
- * (lower index on the left; a binary counter builds it as the chains come),
- * then the token's own page [t_p P, p] is merged on the right, then the sink
- * joins and the accumulator is divided by the sum.  kvf, tile: as attn_tiles. */
+ * sharded numerics: the V chains of the complete pages i < t_p merged in the
+ * tree, then the token's own page [t_p P, p] merged on the right, then the
+ * sink joins and the accumulator is divided by the sum.  kvf, tile: as
+ * attn_tiles. */
 ATTN_HOT static void attn_rows_sharded(const struct attn_job *jb, struct attn_kvf *kvf, float *tile,
 				       int t, int h0, int ng)
 {
 	const attn_cache *c = jb->c;
 	const struct attn_params *ap = jb->ap;
-	const int V = c->n_shard, P = c->page;
+	const int P = c->page;
 	const int pos = jb->b->pos[t];
-	const int n_page = pos / P; /* complete pages */
-	struct attn_run st[ATTN_SHARD_LEVELS + 1];
-	int level[ATTN_SHARD_LEVELS + 1];
+	struct attn_tree tr = {.n = 0};
 	struct attn_src src;
 	const float *q = attn_rows_src(jb, t, h0, &src);
 	if (kvf && (!attn_simd_ok() || attn_kvf_fill(kvf, jb->c, src.cap, src.k, src.v, src.dk,
 						     src.dv, 0, pos + 1) != 0))
 		kvf = NULL;
-	int n = 0;
-	for (int v = 0; v < V; v++) {
-		attn_run_init(&st[n], ng, src.dv);
-		for (int i = v; i < n_page; i += V)
-			attn_tiles(&src, kvf, tile, i * P, (i + 1) * P, q, ng, ap->scale, &st[n]);
-		level[n++] = 0;
-		while (n >= 2 && level[n - 1] == level[n - 2]) {
-			attn_run_merge(&st[n - 2], &st[n - 1], ng, src.dv);
-			level[n - 2]++;
-			n--;
-		}
-	}
-	assert(n == 1); /* V is a power of two */
-	attn_run_init(&st[1], ng, src.dv);
-	attn_tiles(&src, kvf, tile, n_page * P, pos + 1, q, ng, ap->scale, &st[1]);
-	attn_run_merge(&st[0], &st[1], ng, src.dv);
-	attn_run_finish(&st[0], ng, src.dv, ap->sinks ? ap->sinks + h0 : NULL,
+	attn_chains(&src, NULL, 0, 0, kvf, tile, P, c->n_shard, 0, c->n_shard, pos / P, q, ng,
+		    ap->scale, &tr);
+	assert(tr.n == 1); /* V is a power of two */
+	struct attn_run *own = attn_tree_next(&tr, ng, src.dv);
+	attn_tiles(&src, kvf, tile, pos / P * P, pos + 1, q, ng, ap->scale, own);
+	attn_run_merge(&tr.st[0], own, ng, src.dv);
+	attn_run_finish(&tr.st[0], ng, src.dv, ap->sinks ? ap->sinks + h0 : NULL,
 			attn_rows_out(jb, t, h0));
 }
 
@@ -1101,13 +1150,311 @@ static void attn_worker(void *ctx, int ith, int nth)
 	}
 }
 
-void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_params *ap,
-		  const model_batch *b, const float *q, float *out)
+/* ------------------------------------------------------------- KV hosts */
+
+int attn_cache_set_remote(attn_cache *c, const struct attn_remote_ops *ops, void *self, int n_hosts)
+{
+	if (n_hosts == 0) {
+		c->remote = NULL;
+		c->n_hosts = 0;
+		return 0;
+	}
+	if (!ops || c->n_shard == 0 || n_hosts < 0 || n_hosts > c->n_shard ||
+	    (n_hosts & (n_hosts - 1)) != 0) {
+		log_error("attn: %d KV hosts for %d chains: need sharded numerics and a power of "
+			  "two of hosts dividing the chains",
+			  n_hosts, c->n_shard);
+		return ERR_CONFIG;
+	}
+	if (!c->shipped) {
+		c->shipped = calloc(2 * (size_t)c->n_layer * (size_t)c->n_seq, sizeof(int32_t));
+		if (!c->shipped)
+			return ERR_NOMEM;
+	}
+	c->remote = ops;
+	c->remote_self = self;
+	c->n_hosts = n_hosts;
+	return 0;
+}
+
+/* The log2 of a power of two. */
+static int attn_log2(int x)
+{
+	int l = 0;
+	while ((1 << l) < x)
+		l++;
+	return l;
+}
+
+/* A partial [M, S, acc] of ng heads, dv values each, into r (and back). */
+static void attn_run_load(struct attn_run *r, const float *part, int ng, int dv)
+{
+	for (int g = 0; g < ng; g++) {
+		const float *pg = part + (size_t)g * ATTN_PART_FLOATS(dv);
+		r->M[g] = pg[0];
+		r->S[g] = pg[1];
+		memcpy(r->acc + (size_t)g * (size_t)dv, pg + 2, (size_t)dv * sizeof(float));
+	}
+}
+
+static void attn_run_store(const struct attn_run *r, int ng, int dv, float *part)
+{
+	for (int g = 0; g < ng; g++) {
+		float *pg = part + (size_t)g * ATTN_PART_FLOATS(dv);
+		pg[0] = r->M[g];
+		pg[1] = r->S[g];
+		memcpy(pg + 2, r->acc + (size_t)g * (size_t)dv, (size_t)dv * sizeof(float));
+	}
+}
+
+struct attn_host_ctx {
+	const struct attn_host_job *job;
+	float *tiles; /* per thread, attn_tile_floats() each, or NULL */
+	size_t tile_floats;
+};
+
+static void attn_host_worker(void *ctx, int ith, int nth)
+{
+	const struct attn_host_ctx *hc = ctx;
+	const struct attn_host_job *job = hc->job;
+	const struct attn_params *ap = job->ap;
+	const int dk = ap->head_dim_k, dv = ap->head_dim_v;
+	const int hpk = ap->n_head / ap->n_head_kv;
+	const int gpk = (hpk + ATTN_GROUP - 1) / ATTN_GROUP;
+	float *tile = hc->tiles ? hc->tiles + (size_t)ith * hc->tile_floats : NULL;
+	int64_t lo, hi;
+	pool_split((int64_t)job->n_rows * ap->n_head_kv * gpk, ith, nth, 1, &lo, &hi);
+	for (int64_t u = lo; u < hi; u++) {
+		const int gi = (int)(u / job->n_rows);
+		const int r = (int)(u % job->n_rows);
+		const int hkv = gi / gpk;
+		const int h0 = hkv * hpk + gi % gpk * ATTN_GROUP;
+		const int h1 =
+		    h0 + ATTN_GROUP < (hkv + 1) * hpk ? h0 + ATTN_GROUP : (hkv + 1) * hpk;
+		const struct attn_src src = {.ks = (size_t)job->k_width,
+					     .vs = (size_t)job->v_stride,
+					     .dk = dk,
+					     .dv = dv,
+					     .cap = job->page};
+		const float *q =
+		    job->q + ((size_t)r * (size_t)ap->n_head + (size_t)h0) * (size_t)dk;
+		struct attn_tree tr = {.n = 0};
+		attn_chains(&src, job->pages[r], (size_t)hkv * (size_t)dk, (size_t)hkv * (size_t)dv,
+			    NULL, tile, job->page, job->n_shard, job->v0, job->v1,
+			    job->pos[r] / job->page, q, h1 - h0, ap->scale, &tr);
+		attn_run_store(&tr.st[0], h1 - h0, dv,
+			       job->part + ((size_t)r * (size_t)ap->n_head + (size_t)h0) *
+					       ATTN_PART_FLOATS(dv));
+	}
+}
+
+int attn_host_forward(pool *p, const struct attn_host_job *job)
+{
+	const int V = job->n_shard, P = job->page, w = job->v1 - job->v0;
+	const struct attn_params *ap = job->ap;
+	if (V <= 0 || V > (1 << (ATTN_SHARD_LEVELS - 1)) || (V & (V - 1)) || P <= 0 ||
+	    P % ATTN_TILE_KV || w <= 0 || (w & (w - 1)) || job->v0 % w || job->v1 > V) {
+		log_error("attn: chains %d..%d of %d over pages of %d positions: not an aligned "
+			  "subtree",
+			  job->v0, job->v1 - 1, V, P);
+		return ERR_RANGE;
+	}
+	if (ap->head_dim_k > ATTN_MAX_HEAD_DIM || ap->head_dim_v > ATTN_MAX_HEAD_DIM ||
+	    ap->n_head_kv <= 0 || ap->n_head % ap->n_head_kv ||
+	    (int64_t)ap->n_head_kv * ap->head_dim_k > job->k_width ||
+	    (int64_t)ap->n_head_kv * ap->head_dim_v > job->v_stride) {
+		log_error("attn: %d heads over %d KV heads of %d/%d values do not fit pages of "
+			  "%d/%d values",
+			  ap->n_head, ap->n_head_kv, ap->head_dim_k, ap->head_dim_v, job->k_width,
+			  job->v_stride);
+		return ERR_RANGE;
+	}
+	for (int r = 0; r < job->n_rows; r++) {
+		if (job->pos[r] < 0) {
+			log_error("attn: row %d at position %d", r, job->pos[r]);
+			return ERR_RANGE;
+		}
+		const int n_page = job->pos[r] / P;
+		for (int i = 0; i < n_page; i++)
+			if (i % V >= job->v0 && i % V < job->v1 &&
+			    (i >= job->n_pages[r] || !job->pages[r][i].k || !job->pages[r][i].v)) {
+				log_error("attn: row %d at position %d needs page %d, which is "
+					  "not here",
+					  r, job->pos[r], i);
+				return ERR_RANGE;
+			}
+	}
+	pthread_once(&attn_f16_once, attn_f16_table_init);
+	struct attn_host_ctx hc = {.job = job};
+	if (attn_simd_ok() && ap->head_dim_k % 8 == 0 && ap->head_dim_v % 8 == 0) {
+		hc.tile_floats = attn_tile_floats(ap->head_dim_k, ap->head_dim_v);
+		hc.tiles = malloc((size_t)pool_size(p) * hc.tile_floats * sizeof(float));
+	}
+	pool_run(p, attn_host_worker, &hc);
+	free(hc.tiles);
+	return 0;
+}
+
+/* Ships the pages of the batch's sequences completed since the last call to
+ * the hosts of their chains. */
+static int attn_remote_ship(const attn_cache *c, int layer, const model_batch *b)
+{
+	const int P = c->page, per = c->n_shard / c->n_hosts;
+	for (int t = 0; t < b->n_tokens; t++) {
+		const int seq = b->seq[t];
+		int32_t *done = &c->shipped[(size_t)layer * (size_t)c->n_seq + (size_t)seq];
+		const int complete = (c->seq_last[seq] + 1) / P;
+		for (; *done < complete; (*done)++) {
+			const size_t e = attn_entry(c, layer, seq, *done * P);
+			const int rc =
+			    c->remote->ship(c->remote_self, *done % c->n_shard / per, layer, seq,
+					    *done, P, c->k_width, c->v == c->k ? 0 : c->v_width,
+					    c->k + e * (size_t)c->k_width,
+					    c->v == c->k ? NULL : c->v + e * (size_t)c->v_stride);
+			if (rc)
+				return rc;
+		}
+	}
+	return 0;
+}
+
+/* Gives the memory of the pages of the batch's sequences shipped since the
+ * last call back to the system (the whole memory pages inside them; reading
+ * them again would give zeros). */
+static void attn_remote_release(const attn_cache *c, int layer, const model_batch *b)
+{
+	const long pg = sysconf(_SC_PAGESIZE);
+	const size_t n_ls = (size_t)c->n_layer * (size_t)c->n_seq;
+	for (int t = 0; t < b->n_tokens && pg > 0; t++) {
+		const size_t ls = (size_t)layer * (size_t)c->n_seq + (size_t)b->seq[t];
+		int32_t *released = &c->shipped[n_ls + ls];
+		const int from = *released * c->page, to = c->shipped[ls] * c->page;
+		*released = c->shipped[ls];
+		for (int kv = 0; kv < 2 && to > from; kv++) {
+			if (kv && c->v == c->k)
+				break;
+			const size_t w = kv ? (size_t)c->v_stride : (size_t)c->k_width;
+			const uint16_t *base =
+			    (kv ? c->v : c->k) + attn_entry(c, layer, b->seq[t], from) * w;
+			const uintptr_t a = (uintptr_t)base,
+					z = a + (size_t)(to - from) * w * sizeof(uint16_t);
+			const uintptr_t a1 = (a + (uintptr_t)pg - 1) & ~((uintptr_t)pg - 1);
+			const uintptr_t z1 = z & ~((uintptr_t)pg - 1);
+			if (z1 > a1)
+				madvise((void *)a1, z1 - a1, MADV_DONTNEED);
+		}
+	}
+}
+
+struct attn_remote_job {
+	const struct attn_job *jb;
+	float *own;	     /* [n_tokens][n_head][ATTN_PART_FLOATS(dv)]: each row's own page */
+	const float **parts; /* [n_hosts] */
+};
+
+/* Each row's own page, as a partial. */
+static void attn_remote_own(void *ctx, int ith, int nth)
+{
+	const struct attn_remote_job *rj = ctx;
+	const struct attn_job *jb = rj->jb;
+	const struct attn_params *ap = jb->ap;
+	const int P = jb->c->page;
+	int64_t lo, hi;
+	pool_split((int64_t)jb->b->n_tokens * ap->n_head_kv, ith, nth, 1, &lo, &hi);
+	const int hpk = ap->n_head / ap->n_head_kv;
+	struct attn_kvf *kvf = attn_kvf_get(jb->c, ith);
+	float *tile = attn_kvf_tile(kvf, ap->head_dim_k, ap->head_dim_v);
+	for (int64_t u = lo; u < hi; u++) {
+		const int t = (int)(u % jb->b->n_tokens), hkv = (int)(u / jb->b->n_tokens);
+		for (int h0 = hkv * hpk; h0 < (hkv + 1) * hpk; h0 += ATTN_GROUP) {
+			const int ng = hpk - (h0 - hkv * hpk) < ATTN_GROUP ? hpk - (h0 - hkv * hpk)
+									   : ATTN_GROUP;
+			struct attn_src src;
+			struct attn_run r;
+			const float *q = attn_rows_src(jb, t, h0, &src);
+			const int pos = jb->b->pos[t];
+			attn_run_init(&r, ng, src.dv);
+			attn_tiles(&src, NULL, tile, pos / P * P, pos + 1, q, ng, ap->scale, &r);
+			attn_run_store(&r, ng, src.dv,
+				       rj->own + ((size_t)t * (size_t)ap->n_head + (size_t)h0) *
+						     ATTN_PART_FLOATS(src.dv));
+		}
+	}
+}
+
+/* The hosts' partials merged in host order (the tree), then the own page,
+ * then the sink and 1/S. */
+static void attn_remote_merge(void *ctx, int ith, int nth)
+{
+	const struct attn_remote_job *rj = ctx;
+	const struct attn_job *jb = rj->jb;
+	const struct attn_params *ap = jb->ap;
+	const int dv = ap->head_dim_v, R = jb->c->n_hosts;
+	const int level = attn_log2(jb->c->n_shard / R);
+	int64_t lo, hi;
+	pool_split((int64_t)jb->b->n_tokens * ap->n_head, ith, nth, 1, &lo, &hi);
+	for (int64_t u = lo; u < hi; u++) {
+		const size_t at = (size_t)u * ATTN_PART_FLOATS(dv);
+		const int h = (int)(u % ap->n_head), t = (int)(u / ap->n_head);
+		struct attn_tree tr = {.n = 0};
+		for (int k = 0; k < R; k++) {
+			struct attn_run *r = attn_tree_next(&tr, 1, dv);
+			if (rj->parts[k])
+				attn_run_load(r, rj->parts[k] + at, 1, dv);
+			attn_tree_push(&tr, level, 1, dv);
+		}
+		struct attn_run *own = attn_tree_next(&tr, 1, dv);
+		attn_run_load(own, rj->own + at, 1, dv);
+		attn_run_merge(&tr.st[0], own, 1, dv);
+		attn_run_finish(&tr.st[0], 1, dv, ap->sinks ? ap->sinks + h : NULL,
+				attn_rows_out(jb, t, h));
+	}
+}
+
+/* attn_forward() with the chains on KV hosts. */
+static int attn_forward_remote(pool *p, const struct attn_job *jb)
+{
+	const attn_cache *c = jb->c;
+	const model_batch *b = jb->b;
+	const struct attn_params *ap = jb->ap;
+	const int R = c->n_hosts, per = c->n_shard / R;
+	int rc = attn_remote_ship(c, jb->layer, b);
+	if (rc)
+		return rc;
+	const float *parts[1 << (ATTN_SHARD_LEVELS - 1)];
+	for (int h = 0; h < R; h++) {
+		parts[h] = NULL;
+		/* a host is asked when some row sees one of its pages */
+		int need = 0;
+		for (int t = 0; t < b->n_tokens && !need; t++)
+			need = b->pos[t] / c->page > h * per;
+		if (need && (rc = c->remote->submit(c->remote_self, h, jb->layer, ap, c->page,
+						    c->n_shard, h * per, (h + 1) * per, b, jb->q)))
+			return rc;
+	}
+	const size_t need = (size_t)b->n_tokens * (size_t)ap->n_head *
+			    ATTN_PART_FLOATS(ap->head_dim_v) * sizeof(float);
+	float *own = malloc(need);
+	if (!own)
+		return ERR_NOMEM;
+	struct attn_remote_job rj = {.jb = jb, .own = own, .parts = parts};
+	pool_run(p, attn_remote_own, &rj);
+	rc = c->remote->collect(c->remote_self, jb->layer, parts);
+	if (!rc) {
+		pool_run(p, attn_remote_merge, &rj);
+		attn_remote_release(c, jb->layer, b);
+	}
+	free(own);
+	return rc;
+}
+
+int attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_params *ap,
+		 const model_batch *b, const float *q, float *out)
 {
 	assert(layer >= 0 && layer < c->n_layer);
 	assert(ap->head_dim_k <= ATTN_MAX_HEAD_DIM && ap->head_dim_v <= ATTN_MAX_HEAD_DIM);
 	if (b->n_tokens <= 0)
-		return;
+		return 0;
 	/* ggml picks its kernel by the number of query rows; rows are chosen
 	 * here per sequence, so that a sequence's results do not depend on the
 	 * other sequences sharing its batch (single-sequence runs match llama.cpp) */
@@ -1143,7 +1490,10 @@ void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_par
 	    .split_ok = ap->window == 0,
 	    .sharded = c->n_shard > 0,
 	};
+	if (c->remote && ap->window == 0)
+		return attn_forward_remote(p, &jb);
 	pool_run(p, attn_worker, &jb);
+	return 0;
 }
 
 /* ------------------------------------------------- gathered keys (K = V) */

@@ -68,6 +68,7 @@ void attn_cache_destroy(attn_cache **c);
  * not equal to them.  n_shard: 0 (off, the default) or a power of two up to
  * 64; page: a positive multiple of ATTN_TILE_KV.  ERR_CONFIG otherwise. */
 int attn_cache_set_shards(attn_cache *c, int n_shard, int page);
+/* Also forgets which of the slot's pages went to KV hosts. */
 void attn_cache_reset_seq(attn_cache *c, int seq);
 /* k: k_width floats, v: v_width floats (rounded to F16). */
 void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k, const float *v);
@@ -112,8 +113,70 @@ int attn_check_layer(const attn_cache *c, int layer, const struct attn_params *a
  * All then add the sink, if any, and multiply by 1/sum. */
 #define ATTN_TILE_Q  64
 #define ATTN_TILE_KV 64
-void attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_params *ap,
-		  const model_batch *b, const float *q, float *out);
+int attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_params *ap,
+		 const model_batch *b, const float *q, float *out);
+
+/* ------------------------------------------- sharded attention on KV hosts
+ *
+ * With sharded numerics (attn_cache_set_shards) the chains of complete pages
+ * can be computed on other machines: R KV hosts (R a power of two dividing
+ * V), host h computing chains [h V/R, (h+1) V/R) -- an aligned subtree of the
+ * merge tree -- over the pages it was sent, and answering one partial per
+ * (row, head): its subtree's running max M, sum S and accumulator, laid out as
+ * ATTN_PART_FLOATS(dv) floats [M, S, acc[dv]] (an empty subtree has S = 0).
+ * The coordinator keeps each row's own page, merges the hosts' partials in
+ * host order (the same tree), then the own page, then the sink: the same bits
+ * as attn_forward() without hosts.  Sliding-window layers stay local. */
+#define ATTN_PART_FLOATS(dv) (2 + (size_t)(dv))
+
+/* One complete page on a KV host: the keys of its P positions, k_width apart,
+ * and their values, v_stride apart (the keys' address again when the values
+ * are the keys' first values, as deepseek2's). */
+struct attn_page {
+	const uint16_t *k, *v;
+};
+
+/* A host's share of one layer's rows. */
+struct attn_host_job {
+	const struct attn_params *ap; /* heads, sizes, scale (window and sinks unused) */
+	int k_width, v_stride;	      /* of the pages, in F16 values */
+	int page, n_shard;	      /* P and V */
+	int v0, v1;		      /* the chains to compute: an aligned subtree */
+	int n_rows;
+	const int32_t *pos;		      /* [n_rows] */
+	const struct attn_page *const *pages; /* [n_rows]: the row's sequence's pages by number */
+	const int32_t *n_pages;		      /* [n_rows]: entries of pages[r] */
+	const float *q;			      /* [n_rows][n_head][head_dim_k] */
+	float *part;			      /* [n_rows][n_head][ATTN_PART_FLOATS(dv)] */
+};
+
+/* Computes job->part.  A row at position p uses the pages i < p / P whose chain
+ * i mod V lies in [v0, v1); ERR_RANGE (logged) when one of them is missing
+ * (index past n_pages or a NULL k), or the chains are not an aligned subtree. */
+int attn_host_forward(pool *p, const struct attn_host_job *job);
+
+/* Where the coordinator's chains go: the seam to the KV hosts (see
+ * coordinator/cluster/kvhost.c).  Within one attn_forward(): ship() for every
+ * page completed since the last call (before the rows that use it), then
+ * submit() to each host whose chains hold a page some row sees, then
+ * collect(), which waits for those hosts' partials.  Each returns 0 or a
+ * negative error code, which attn_forward() returns. */
+struct attn_remote_ops {
+	int (*ship)(void *self, int host, int layer, int seq, int page, int n_pos, int k_width,
+		    int v_width, const uint16_t *k, const uint16_t *v);
+	int (*submit)(void *self, int host, int layer, const struct attn_params *ap, int page,
+		      int n_shard, int v0, int v1, const model_batch *b, const float *q);
+	/* parts[h]: [n_tokens][n_head][ATTN_PART_FLOATS(dv)] of each submitted host */
+	int (*collect)(void *self, int layer, const float **parts);
+};
+
+/* From now on the chains of complete pages on layers without a window are
+ * computed by n_hosts hosts (a power of two dividing the cache's V; 0: none,
+ * back to local).  Pages shipped to the hosts are released locally (their
+ * memory goes back to the system); the cache keeps every sequence's page in
+ * progress.  ERR_CONFIG without sharded numerics or with a bad n_hosts. */
+int attn_cache_set_remote(attn_cache *c, const struct attn_remote_ops *ops, void *self,
+			  int n_hosts);
 
 /* ------------------------------------------------ attention over gathered keys
  *
