@@ -405,6 +405,174 @@ static void test_attn_shards_any_batch(void **state)
 	attn_cache_destroy(&c);
 }
 
+/* KV hosts in the process: pages copied when shipped, each host's chains
+ * computed by attn_host_forward() over its copies. */
+struct fake_hosts {
+	pool *p;
+	int n_layer, n_seq, n_page;
+	struct attn_page *pages; /* [layer][seq][page], copies (NULL: not shipped) */
+	int k_width, v_stride;
+	float *parts[8];
+	int asked[8];
+	int n_ship, n_submit;
+};
+
+static int fake_ship(void *self, int host, int layer, int seq, int page, int n_pos, int k_width,
+		     int v_width, const uint16_t *k, const uint16_t *v)
+{
+	struct fake_hosts *f = self;
+	(void)host;
+	struct attn_page *pg = &f->pages[((size_t)layer * f->n_seq + seq) * f->n_page + page];
+	const size_t nk = (size_t)n_pos * k_width, nv = (size_t)n_pos * v_width;
+	uint16_t *buf = malloc((nk + nv) * sizeof(uint16_t));
+	assert_non_null(buf);
+	memcpy(buf, k, nk * sizeof(uint16_t));
+	if (v_width)
+		memcpy(buf + nk, v, nv * sizeof(uint16_t));
+	free((void *)pg->k);
+	pg->k = buf;
+	pg->v = v_width ? buf + nk : buf;
+	f->k_width = k_width;
+	f->v_stride = v_width ? v_width : k_width;
+	f->n_ship++;
+	return 0;
+}
+
+static int fake_submit(void *self, int host, int layer, const struct attn_params *ap, int page,
+		       int n_shard, int v0, int v1, const model_batch *b, const float *q)
+{
+	struct fake_hosts *f = self;
+	const struct attn_page *rows[512];
+	int32_t n_pages[512];
+	assert_true(b->n_tokens <= 512);
+	for (int t = 0; t < b->n_tokens; t++) {
+		rows[t] = &f->pages[((size_t)layer * f->n_seq + b->seq[t]) * f->n_page];
+		n_pages[t] = f->n_page;
+	}
+	free(f->parts[host]);
+	f->parts[host] =
+	    malloc(sizeof(float) * b->n_tokens * ap->n_head * ATTN_PART_FLOATS(ap->head_dim_v));
+	struct attn_host_job job = {.ap = ap,
+				    .k_width = f->k_width,
+				    .v_stride = f->v_stride,
+				    .page = page,
+				    .n_shard = n_shard,
+				    .v0 = v0,
+				    .v1 = v1,
+				    .n_rows = b->n_tokens,
+				    .pos = b->pos,
+				    .pages = rows,
+				    .n_pages = n_pages,
+				    .q = q,
+				    .part = f->parts[host]};
+	f->asked[host] = 1;
+	f->n_submit++;
+	return attn_host_forward(f->p, &job);
+}
+
+static int fake_collect(void *self, int layer, const float **parts)
+{
+	struct fake_hosts *f = self;
+	(void)layer;
+	for (int h = 0; h < 8; h++) {
+		parts[h] = f->asked[h] ? f->parts[h] : NULL;
+		f->asked[h] = 0;
+	}
+	return 0;
+}
+
+/* Sharded attention with its chains on 1, 2 or 4 KV hosts gives the bits of
+ * the same numerics in the process, prompts in steps of 29 and decode steps
+ * alike, GQA with sinks and MLA with the values in the keys; the shipped pages
+ * are released here (zeros if read), so the coordinator provably reads only
+ * each row's own page. */
+static void test_attn_shards_hosts(void **state)
+{
+	(void)state;
+	enum { NT = 300, NS = 2, NH = 4, P = 64, V = 4 };
+	static const struct attn_remote_ops ops = {fake_ship, fake_submit, fake_collect};
+	for (int mla = 0; mla < 2; mla++) {
+		const int nkv = mla ? 1 : 2, dk = mla ? 40 : 24, dv = mla ? 32 : 24;
+		const int kw = nkv * dk, vw = nkv * dv;
+		float sinks[NH];
+		for (int h = 0; h < NH; h++)
+			sinks[h] = rng_normal();
+		struct attn_params ap = {.n_head = NH,
+					 .n_head_kv = nkv,
+					 .head_dim_k = dk,
+					 .head_dim_v = dv,
+					 .scale = 0.2f,
+					 .sinks = mla ? NULL : sinks};
+		static float k[NS][NT][64], v[NS][NT][64], q[NS][NT][NH * 40];
+		static float ref[NS][NT][NH * 32], got[NS][NT][NH * 32];
+		for (int sq = 0; sq < NS; sq++)
+			for (int i = 0; i < NT; i++) {
+				for (int d = 0; d < kw; d++)
+					k[sq][i][d] = rng_normal();
+				for (int d = 0; d < vw; d++)
+					v[sq][i][d] = mla ? k[sq][i][d] : rng_normal();
+				for (int d = 0; d < NH * dk; d++)
+					q[sq][i][d] = rng_normal();
+			}
+		for (int R = 0; R <= 4; R = R ? 2 * R : 1) {
+			attn_cache *c = NULL;
+			pool *p = NULL;
+			assert_int_equal(mla ? attn_cache_new_shared(1, NS, NT, kw, vw, &c)
+					     : attn_cache_new(1, NS, NT, kw, vw, &c),
+					 0);
+			assert_int_equal(attn_cache_set_shards(c, V, P), 0);
+			assert_int_equal(pool_new(2, &p), 0);
+			struct fake_hosts f = {.p = p, .n_layer = 1, .n_seq = NS, .n_page = NT / P};
+			f.pages = calloc((size_t)NS * f.n_page, sizeof(*f.pages));
+			if (R)
+				assert_int_equal(attn_cache_set_remote(c, &ops, &f, R), 0);
+			/* sequence 0: a prompt in steps of 29 up to 203, then one
+			 * token per step; sequence 1 one token in each step */
+			memset(got, 0, sizeof(got));
+			int n_step = 0;
+			for (int i0 = 0; i0 < NT; n_step++) {
+				const int n0 = i0 < 200 ? 29 : 1;
+				int32_t pos[30], seq[30], tok[30] = {0};
+				static float qb[30 * NH * 40], ob[30 * NH * 32];
+				int n = 0;
+				for (int j = 0; j < n0; j++, n++) {
+					pos[n] = i0 + j;
+					seq[n] = 0;
+				}
+				pos[n] = n_step;
+				seq[n++] = 1;
+				for (int j = 0; j < n; j++) {
+					attn_cache_store(c, 0, seq[j], pos[j], k[seq[j]][pos[j]],
+							 v[seq[j]][pos[j]]);
+					memcpy(qb + (size_t)j * NH * dk, q[seq[j]][pos[j]],
+					       sizeof(float) * NH * dk);
+				}
+				model_batch b = {
+				    .n_tokens = n, .token = tok, .pos = pos, .seq = seq};
+				assert_int_equal(attn_forward(p, c, 0, &ap, &b, qb, ob), 0);
+				for (int j = 0; j < n; j++)
+					memcpy(R ? got[seq[j]][pos[j]] : ref[seq[j]][pos[j]],
+					       ob + (size_t)j * NH * dv, sizeof(float) * NH * dv);
+				i0 += n0;
+			}
+			if (R) {
+				for (int sq = 0; sq < NS; sq++)
+					for (int i = 0; i < (sq ? n_step : NT); i++)
+						assert_memory_equal(ref[sq][i], got[sq][i],
+								    sizeof(float) * NH * dv);
+				assert_true(f.n_ship > 0 && f.n_submit > 0);
+			}
+			for (int i = 0; i < NS * f.n_page; i++)
+				free((void *)f.pages[i].k);
+			free(f.pages);
+			for (int h = 0; h < 8; h++)
+				free(f.parts[h]);
+			pool_destroy(&p);
+			attn_cache_destroy(&c);
+		}
+	}
+}
+
 /* Decode steps (one token per call) equal the same rows of a short batch:
  * both take the one-row path. */
 static void test_attn_decode_vs_batch(void **state)
@@ -861,6 +1029,7 @@ int main(void)
 	    cmocka_unit_test(test_attn_check_params),
 	    cmocka_unit_test(test_attn_shards),
 	    cmocka_unit_test(test_attn_shards_any_batch),
+	    cmocka_unit_test(test_attn_shards_hosts),
 	    cmocka_unit_test(test_attn_ring),
 	    cmocka_unit_test(test_attn_ring_params),
 	    cmocka_unit_test(test_attn_gather_simd_scalar),
