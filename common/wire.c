@@ -4,16 +4,18 @@
 #include "../kernels/kern.h"
 #include "proto/moefleet.pb-c.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 const char *wire_kind_name(enum wire_kind k)
 {
-	static const char *names[] = {"none",  "hello",	  "assign",    "weight_chunk", "ready",
-				      "batch", "result",  "heartbeat", "stats",	       "shutdown",
-				      "error", "release", "progress"};
-	return (unsigned)k <= WIRE_PROGRESS ? names[k] : "?";
+	static const char *names[] = {"none",	  "hello",    "assign",	    "weight_chunk",
+				      "ready",	  "batch",    "result",	    "heartbeat",
+				      "stats",	  "shutdown", "error",	    "release",
+				      "progress", "kv_page",  "attn_batch", "attn_result"};
+	return (unsigned)k <= WIRE_ATTN_RESULT ? names[k] : "?";
 }
 
 static int wire_dtype_ok(uint32_t t)
@@ -30,6 +32,31 @@ size_t wire_batch_frame_bytes(const struct wire_batch *b, uint32_t n_embd)
 size_t wire_result_frame_bytes(const struct wire_result *r, uint32_t n_embd)
 {
 	return (size_t)r->n_items * n_embd * sizeof(float);
+}
+
+/* a * b * c * d, or SIZE_MAX when it does not fit a size_t. */
+static size_t wire_product(uint64_t a, uint64_t b, uint64_t c, uint64_t d)
+{
+	uint64_t x;
+	if (__builtin_mul_overflow(a, b, &x) || __builtin_mul_overflow(x, c, &x) ||
+	    __builtin_mul_overflow(x, d, &x) || x > SIZE_MAX)
+		return SIZE_MAX;
+	return (size_t)x;
+}
+
+size_t wire_kv_page_frame_bytes(const struct wire_kv_page *p)
+{
+	return wire_product(p->n_pos, (uint64_t)p->k_width + p->v_width, sizeof(uint16_t), 1);
+}
+
+size_t wire_attn_batch_frame_bytes(const struct wire_attn_batch *b)
+{
+	return wire_product(b->n_rows, b->n_head, b->head_dim_k, sizeof(float));
+}
+
+size_t wire_attn_result_frame_bytes(const struct wire_attn_result *r)
+{
+	return wire_product(r->n_rows, r->n_head, 2 + (uint64_t)r->head_dim_v, sizeof(float));
 }
 
 /* ------------------------------------------------------------ encode */
@@ -85,6 +112,9 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 	Moefleet__Error error = MOEFLEET__ERROR__INIT;
 	Moefleet__Release release = MOEFLEET__RELEASE__INIT;
 	Moefleet__Progress progress = MOEFLEET__PROGRESS__INIT;
+	Moefleet__KvPage kv_page = MOEFLEET__KV_PAGE__INIT;
+	Moefleet__AttnBatch attn_batch = MOEFLEET__ATTN_BATCH__INIT;
+	Moefleet__AttnResult attn_result = MOEFLEET__ATTN_RESULT__INIT;
 	Moefleet__LayerExperts *layers = NULL, **layer_ptrs = NULL;
 	int n_group = 0; /* entries of layers[] whose experts arrays to free */
 	protobuf_c_boolean *moe_flags = NULL;
@@ -98,6 +128,7 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		hello.model_sha = (char *)m->u.hello.model_sha;
 		hello.name = (char *)m->u.hello.name;
 		hello.shard_file = m->u.hello.shard_file != 0;
+		hello.kv_bytes = m->u.hello.kv_bytes;
 		if (m->u.hello.shard_file) {
 			size_t n_layers = 0;
 			n_group = MOE_MAX_LAYERS;
@@ -221,6 +252,53 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		env.body_case = MOEFLEET__ENVELOPE__BODY_RESULT;
 		env.result = &result;
 		break;
+	case WIRE_KV_PAGE: {
+		const struct wire_kv_page *p = &m->u.kv_page;
+		kv_page.layer = p->layer;
+		kv_page.seq = p->seq;
+		kv_page.page = p->page;
+		kv_page.n_pos = p->n_pos;
+		kv_page.k_width = p->k_width;
+		kv_page.v_width = p->v_width;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_KV_PAGE;
+		env.kv_page = &kv_page;
+		break;
+	}
+	case WIRE_ATTN_BATCH: {
+		const struct wire_attn_batch *b = &m->u.attn_batch;
+		if (b->n_rows > WIRE_MAX_ROWS)
+			return ERR_RANGE;
+		attn_batch.step = b->step;
+		attn_batch.layer = b->layer;
+		attn_batch.n_rows = b->n_rows;
+		attn_batch.n_head = b->n_head;
+		attn_batch.n_head_kv = b->n_head_kv;
+		attn_batch.head_dim_k = b->head_dim_k;
+		attn_batch.head_dim_v = b->head_dim_v;
+		attn_batch.scale = b->scale;
+		attn_batch.page = b->page;
+		attn_batch.n_shard = b->n_shard;
+		attn_batch.v0 = b->v0;
+		attn_batch.v1 = b->v1;
+		attn_batch.n_seq = attn_batch.n_pos = b->n_rows;
+		attn_batch.seq = b->seq;
+		attn_batch.pos = b->pos;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_ATTN_BATCH;
+		env.attn_batch = &attn_batch;
+		break;
+	}
+	case WIRE_ATTN_RESULT: {
+		const struct wire_attn_result *r = &m->u.attn_result;
+		attn_result.step = r->step;
+		attn_result.layer = r->layer;
+		attn_result.n_rows = r->n_rows;
+		attn_result.n_head = r->n_head;
+		attn_result.head_dim_v = r->head_dim_v;
+		attn_result.compute_seconds = r->compute_seconds;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_ATTN_RESULT;
+		env.attn_result = &attn_result;
+		break;
+	}
 	case WIRE_HEARTBEAT:
 		hb.nonce = m->u.heartbeat_nonce;
 		env.body_case = MOEFLEET__ENVELOPE__BODY_HEARTBEAT;
@@ -295,6 +373,82 @@ static int wire_bad(const char *peer, const char *what)
 {
 	log_error("%s: invalid message: %s", peer ? peer : "peer", what);
 	return ERR_PROTO;
+}
+
+static void *wire_dup(const void *src, size_t n)
+{
+	void *p = malloc(n ? n : 1);
+	if (p && n)
+		memcpy(p, src, n);
+	return p;
+}
+
+/* A page of n_pos positions: a positive multiple of WIRE_ATTN_PAGE_ALIGN up to
+ * WIRE_ATTN_MAX_PAGE. */
+static int wire_page_ok(uint32_t n_pos)
+{
+	return n_pos && n_pos % WIRE_ATTN_PAGE_ALIGN == 0 && n_pos <= WIRE_ATTN_MAX_PAGE;
+}
+
+/* Heads and a per-head size within the attention caps. */
+static int wire_heads_ok(uint32_t n_head, uint32_t head_dim)
+{
+	return n_head && n_head <= WIRE_ATTN_MAX_HEADS && head_dim &&
+	       head_dim <= WIRE_ATTN_MAX_HEAD_DIM;
+}
+
+static int wire_decode_kv_page(const Moefleet__KvPage *p, const char *peer,
+			       struct wire_kv_page *out)
+{
+	if (p->layer >= MOE_MAX_LAYERS || p->seq > INT32_MAX || !wire_page_ok(p->n_pos) ||
+	    (uint64_t)(p->page + 1ull) * p->n_pos > (uint64_t)INT32_MAX + 1 || !p->k_width ||
+	    p->k_width > WIRE_ATTN_MAX_WIDTH || p->v_width > WIRE_ATTN_MAX_WIDTH)
+		return wire_bad(peer, "kv page out of range");
+	*out = (struct wire_kv_page){p->layer, p->seq, p->page, p->n_pos, p->k_width, p->v_width};
+	return 0;
+}
+
+static int wire_decode_attn_batch(const Moefleet__AttnBatch *b, const char *peer,
+				  struct wire_attn_batch *o)
+{
+	if (b->layer >= MOE_MAX_LAYERS || b->n_rows > WIRE_MAX_ROWS ||
+	    !wire_heads_ok(b->n_head, b->head_dim_k) || !wire_heads_ok(b->n_head, b->head_dim_v) ||
+	    !b->n_head_kv || b->n_head % b->n_head_kv || !isfinite(b->scale) ||
+	    !wire_page_ok(b->page) || !b->n_shard || b->n_shard > WIRE_ATTN_MAX_SHARDS ||
+	    (b->n_shard & (b->n_shard - 1)) || b->v0 >= b->v1 || b->v1 > b->n_shard ||
+	    b->n_seq != b->n_rows || b->n_pos != b->n_rows)
+		return wire_bad(peer, "attention batch header out of range");
+	for (size_t i = 0; i < b->n_rows; i++)
+		if (b->seq[i] < 0 || b->pos[i] < 0)
+			return wire_bad(peer,
+					"attention batch with a negative sequence or position");
+	*o = (struct wire_attn_batch){b->step,
+				      b->layer,
+				      b->n_rows,
+				      b->n_head,
+				      b->n_head_kv,
+				      b->head_dim_k,
+				      b->head_dim_v,
+				      b->scale,
+				      b->page,
+				      b->n_shard,
+				      b->v0,
+				      b->v1,
+				      wire_dup(b->seq, b->n_rows * sizeof(int32_t)),
+				      wire_dup(b->pos, b->n_rows * sizeof(int32_t))};
+	return o->seq && o->pos ? 0 : ERR_NOMEM;
+}
+
+static int wire_decode_attn_result(const Moefleet__AttnResult *r, const char *peer,
+				   struct wire_attn_result *out)
+{
+	if (r->layer >= MOE_MAX_LAYERS || r->n_rows > WIRE_MAX_ROWS ||
+	    !wire_heads_ok(r->n_head, r->head_dim_v) || !isfinite(r->compute_seconds) ||
+	    r->compute_seconds < 0)
+		return wire_bad(peer, "attention result out of range");
+	*out = (struct wire_attn_result){r->step,   r->layer,	   r->n_rows,
+					 r->n_head, r->head_dim_v, r->compute_seconds};
+	return 0;
 }
 
 static void wire_copy_str(char *dst, size_t cap, const char *src)
@@ -399,6 +553,7 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 		wire_copy_str(out->u.hello.model_sha, sizeof(out->u.hello.model_sha), h->model_sha);
 		wire_copy_str(out->u.hello.name, sizeof(out->u.hello.name), h->name);
 		out->u.hello.shard_file = h->shard_file;
+		out->u.hello.kv_bytes = h->kv_bytes;
 		if (!h->shard_file && h->n_held) {
 			rc = wire_bad(peer, "hello lists held experts without a shard file");
 			goto out;
@@ -543,6 +698,18 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 		    (struct wire_result){r->step, r->layer, r->n_items, r->compute_seconds};
 		break;
 	}
+	case MOEFLEET__ENVELOPE__BODY_KV_PAGE:
+		out->kind = WIRE_KV_PAGE;
+		rc = wire_decode_kv_page(env->kv_page, peer, &out->u.kv_page);
+		break;
+	case MOEFLEET__ENVELOPE__BODY_ATTN_BATCH:
+		out->kind = WIRE_ATTN_BATCH;
+		rc = wire_decode_attn_batch(env->attn_batch, peer, &out->u.attn_batch);
+		break;
+	case MOEFLEET__ENVELOPE__BODY_ATTN_RESULT:
+		out->kind = WIRE_ATTN_RESULT;
+		rc = wire_decode_attn_result(env->attn_result, peer, &out->u.attn_result);
+		break;
 	case MOEFLEET__ENVELOPE__BODY_HEARTBEAT:
 		out->kind = WIRE_HEARTBEAT;
 		out->u.heartbeat_nonce = env->heartbeat->nonce;
@@ -587,6 +754,9 @@ void wire_msg_free(struct wire_msg *m)
 	} else if (m->kind == WIRE_BATCH) {
 		free(m->u.batch.ids);
 		free(m->u.batch.weights);
+	} else if (m->kind == WIRE_ATTN_BATCH) {
+		free(m->u.attn_batch.seq);
+		free(m->u.attn_batch.pos);
 	}
 	memset(m, 0, sizeof(*m));
 }
@@ -629,14 +799,6 @@ int wire_encode_trace(const struct wire_trace *t, uint8_t **buf, size_t *cap, si
 	}
 	*len = moefleet__trace_record__pack(&r, *buf);
 	return 0;
-}
-
-static void *wire_dup(const void *src, size_t n)
-{
-	void *p = malloc(n ? n : 1);
-	if (p && n)
-		memcpy(p, src, n);
-	return p;
 }
 
 int wire_decode_trace(const uint8_t *buf, size_t len, struct wire_trace *out)

@@ -3,15 +3,16 @@
  *
  * This is the only module that includes the generated protobuf-c code.  A
  * message on the wire is one Envelope (version + one body) plus, for Batch,
- * Result and WeightChunk, a separate raw frame with the bulk bytes; the raw
- * frame never goes through protobuf.
+ * Result, WeightChunk, KvPage, AttnBatch and AttnResult, a separate raw frame
+ * with the bulk bytes; the raw frame never goes through protobuf.
  *
  * wire_decode() refuses, with ERR_PROTO and a logged reason naming the peer:
  * envelopes larger than WIRE_MAX_HEADER, undecodable bytes, another protocol
  * version, a missing body, and bodies whose fields are out of range (counts
  * above the caps below, ids/weights arrays whose length is not n_rows x k,
- * unknown dtypes, layers or experts beyond the spec's caps).  Checking a raw
- * frame's size against its header is wire_check_frame()'s job.  Decoded
+ * unknown dtypes, layers or experts beyond the spec's caps, attention shapes
+ * beyond the WIRE_ATTN_ caps).  Checking a raw frame's size against its
+ * header (the wire_*_frame_bytes() below) is the receiver's job.  Decoded
  * messages own their arrays: free them with wire_msg_free(). */
 #ifndef MOEFLEET_WIRE_H
 #define MOEFLEET_WIRE_H
@@ -28,6 +29,14 @@
 #define WIRE_MAX_EXPERTS 65536	     /* experts per layer */
 #define WIRE_MAX_NAME	 256
 
+/* Attention messages (KvPage, AttnBatch, AttnResult) */
+#define WIRE_ATTN_MAX_HEAD_DIM 1024	  /* head_dim_k, head_dim_v (ATTN_MAX_HEAD_DIM) */
+#define WIRE_ATTN_MAX_HEADS    1024	  /* n_head */
+#define WIRE_ATTN_MAX_WIDTH    (1u << 16) /* k_width, v_width of a page */
+#define WIRE_ATTN_MAX_PAGE     (1u << 20) /* positions of a page */
+#define WIRE_ATTN_PAGE_ALIGN   64	  /* a page is a multiple of this (ATTN_TILE_KV) */
+#define WIRE_ATTN_MAX_SHARDS   64	  /* chains (a power of two) */
+
 enum wire_kind {
 	WIRE_NONE = 0,
 	WIRE_HELLO,
@@ -42,6 +51,9 @@ enum wire_kind {
 	WIRE_ERROR,
 	WIRE_RELEASE,
 	WIRE_PROGRESS,
+	WIRE_KV_PAGE,
+	WIRE_ATTN_BATCH,
+	WIRE_ATTN_RESULT,
 };
 
 struct wire_hello {
@@ -60,6 +72,7 @@ struct wire_hello {
 	uint32_t n_held;
 	uint32_t *held_layer;
 	uint32_t *held_expert;
+	uint64_t kv_bytes; /* memory offered for KV pages; 0: it holds none */
 };
 
 struct wire_assign {
@@ -118,6 +131,44 @@ struct wire_result {
 	double compute_seconds;
 };
 
+/* Coordinator -> KV host: one complete page of n_pos positions of (layer, seq),
+ * positions [page * n_pos, (page + 1) * n_pos).  Raw frame: keys
+ * [n_pos][k_width] F16, then, when v_width > 0, values [n_pos][v_width] F16;
+ * v_width 0: the values are the keys' first values (deepseek2's MLA) and are
+ * not sent.  Decoded: layer < MOE_MAX_LAYERS, seq <= INT32_MAX, n_pos a
+ * positive multiple of WIRE_ATTN_PAGE_ALIGN up to WIRE_ATTN_MAX_PAGE, the
+ * page's positions below 2^31, k_width in [1, WIRE_ATTN_MAX_WIDTH], v_width
+ * up to WIRE_ATTN_MAX_WIDTH. */
+struct wire_kv_page {
+	uint32_t layer, seq, page, n_pos, k_width, v_width;
+};
+
+/* Coordinator -> KV host: one layer's query rows.  The host answers one
+ * AttnResult holding, per row and head, the merge of its chains [v0, v1)
+ * (attn_host_forward).  Raw frame: q F32 [n_rows][n_head][head_dim_k].  seq
+ * and pos: n_rows each, owned by the message.  Decoded: layer <
+ * MOE_MAX_LAYERS, n_rows <= WIRE_MAX_ROWS, n_head in [1, WIRE_ATTN_MAX_HEADS]
+ * a multiple of n_head_kv, head sizes in [1, WIRE_ATTN_MAX_HEAD_DIM], a
+ * finite scale, page as KvPage's n_pos, n_shard a power of two up to
+ * WIRE_ATTN_MAX_SHARDS, v0 < v1 <= n_shard, seq and pos >= 0. */
+struct wire_attn_batch {
+	uint64_t step;
+	uint32_t layer, n_rows;
+	uint32_t n_head, n_head_kv, head_dim_k, head_dim_v;
+	float scale;
+	uint32_t page, n_shard, v0, v1;
+	int32_t *seq, *pos;
+};
+
+/* KV host -> coordinator.  Raw frame: F32 [n_rows][n_head][2 + head_dim_v]
+ * (M, S, acc).  Decoded: layer, n_rows, n_head, head_dim_v within the caps
+ * of AttnBatch, compute_seconds finite and >= 0. */
+struct wire_attn_result {
+	uint64_t step;
+	uint32_t layer, n_rows, n_head, head_dim_v;
+	double compute_seconds;
+};
+
 struct wire_stats {
 	uint64_t rows, items, bytes_in, bytes_out;
 	double compute_seconds, idle_seconds;
@@ -136,6 +187,9 @@ struct wire_msg {
 		uint64_t heartbeat_nonce;
 		struct wire_stats stats;
 		struct wire_progress progress;
+		struct wire_kv_page kv_page;
+		struct wire_attn_batch attn_batch;
+		struct wire_attn_result attn_result;
 		char text[WIRE_MAX_NAME]; /* shutdown reason, error message */
 	} u;
 	/* Shutdown: the coordinator does not know this worker (dropped as lost,
@@ -172,6 +226,11 @@ void wire_trace_free(struct wire_trace *t);
 /* Bytes the raw frame following a Batch / Result must have for n_embd. */
 size_t wire_batch_frame_bytes(const struct wire_batch *b, uint32_t n_embd);
 size_t wire_result_frame_bytes(const struct wire_result *r, uint32_t n_embd);
+/* Bytes the raw frame following a KvPage / AttnBatch / AttnResult must have;
+ * SIZE_MAX when the fields' product does not fit a size_t. */
+size_t wire_kv_page_frame_bytes(const struct wire_kv_page *p);
+size_t wire_attn_batch_frame_bytes(const struct wire_attn_batch *b);
+size_t wire_attn_result_frame_bytes(const struct wire_attn_result *r);
 const char *wire_kind_name(enum wire_kind k);
 
 #endif

@@ -1,6 +1,7 @@
 /* moefleet-worker: holds a shard of a model's routed experts and computes them
  * for a coordinator. */
 #include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,7 +13,8 @@
 
 static const char *usage =
     "usage: moefleet-worker --connect ENDPOINT [-m MODEL.gguf] [--threads T]\n"
-    "                       [--memory BYTES] [--name NAME] [--slowdown F]\n"
+    "                       [--memory BYTES] [--kv-memory BYTES] [--name NAME]\n"
+    "                       [--slowdown F]\n"
     "                       [--key FILE --server-key FILE | --insecure]\n"
     "                       [--handshake-timeout MS] [--reconnect SECONDS]\n"
     "  ENDPOINT: tcp://HOST:PORT or ipc://PATH of a coordinator started with\n"
@@ -20,6 +22,10 @@ static const char *usage =
     "  model; without, the coordinator streams their bytes.  The copy may be a\n"
     "  per-node shard file ('moefleet split-experts'): the worker then tells the\n"
     "  coordinator which experts it holds and receives only the others.\n"
+    "  --memory: bytes offered for experts (default: the node's memory, or its\n"
+    "  cgroup's limit, less 512 MiB).  --kv-memory: bytes offered for the KV\n"
+    "  pages of sharded attention, when the coordinator uses this worker as a KV\n"
+    "  host (default: the same as --memory; 0: none).\n"
     "  --slowdown F makes every batch take F times as long (to test balancing on\n"
     "  uneven hardware).\n"
     "  tcp:// links are CURVE-authenticated and encrypted: --key is this worker's\n"
@@ -96,13 +102,17 @@ int main(int argc, char **argv)
 				return 2;
 			}
 			cfg.slowdown = f;
-		} else if (!strcmp(a, "--memory")) {
+		} else if (!strcmp(a, "--memory") || !strcmp(a, "--kv-memory")) {
+			int kv = !strcmp(a, "--kv-memory");
 			unsigned long long m = strtoull(v, &end, 10);
-			if (errno || *end || m == 0) {
-				fprintf(stderr, "moefleet-worker: bad --memory '%s'\n%s", v, usage);
+			if (errno || *end || v[0] == '-' || (m == 0 && !kv) || m > INT64_MAX) {
+				fprintf(stderr, "moefleet-worker: bad %s '%s'\n%s", a, v, usage);
 				return 2;
 			}
-			cfg.memory_bytes = m;
+			if (kv)
+				cfg.kv_memory_bytes = m ? (int64_t)m : -1;
+			else
+				cfg.memory_bytes = m;
 		} else {
 			fprintf(stderr, "moefleet-worker: unknown argument '%s'\n%s", a, usage);
 			return 2;

@@ -9,6 +9,8 @@
 #include "../common/shardfile.h"
 #include "../common/wire.h"
 #include "../kernels/kern.h"
+#include "../coordinator/model/attn.h"
+#include "kvstore.h"
 
 #include <math.h>
 #include <signal.h>
@@ -64,10 +66,11 @@ struct worker {
 	/* serving */
 	uint8_t *hdr;
 	size_t hdr_cap;
-	float *out;   /* n_rows x k x n_embd */
-	float *items; /* packed results */
+	float *out;   /* n_rows x k x n_embd; an AttnBatch's queries */
+	float *items; /* packed results; an AttnResult's partials */
 	size_t out_cap, items_cap;
 	struct wire_stats stats;
+	kvstore *kv; /* the KV pages held; NULL: none offered */
 };
 
 static double worker_now(void)
@@ -95,6 +98,30 @@ static double worker_throttle(const struct worker *w, double t0, double dt)
 	struct timespec ts = {(time_t)extra, (long)((extra - (double)(time_t)extra) * 1e9)};
 	nanosleep(&ts, NULL);
 	return worker_now() - t0;
+}
+
+/* The compute time to report for work started at wall time t0 and CPU time
+ * c0: what this hardware needed (other processes on the same cores stretch
+ * the wall time, not the CPU time), stretched by cfg->slowdown. */
+static double worker_compute_seconds(const struct worker *w, double t0, double c0)
+{
+	double wall = worker_now() - t0;
+	double dt = fmin(wall, (worker_cpu_now() - c0) / pool_size(w->pool));
+	worker_throttle(w, t0, wall);
+	if (w->cfg->slowdown > 1.0)
+		dt *= w->cfg->slowdown;
+	return dt;
+}
+
+/* Makes *buf hold at least n floats (its contents are lost). */
+static int worker_reserve(float **buf, size_t *cap, size_t n)
+{
+	if (*buf && n <= *cap)
+		return 0;
+	free(*buf);
+	*buf = malloc((n ? n : 1) * sizeof(float));
+	*cap = *buf ? n : 0;
+	return *buf ? 0 : ERR_NOMEM;
 }
 
 static int worker_send(struct worker *w, const struct wire_msg *m, const void *data, size_t n)
@@ -630,20 +657,9 @@ static int worker_on_batch(struct worker *w, const struct wire_batch *b, const u
 		}
 		n_items++;
 	}
-	if (slots * E > w->out_cap) {
-		free(w->out);
-		w->out = malloc(slots * E * sizeof(float));
-		w->out_cap = w->out ? slots * E : 0;
-		if (!w->out)
-			return ERR_NOMEM;
-	}
-	if (n_items * E > w->items_cap || !w->items) {
-		free(w->items);
-		w->items = malloc((n_items ? n_items : 1) * E * sizeof(float));
-		w->items_cap = w->items ? n_items * E : 0;
-		if (!w->items)
-			return ERR_NOMEM;
-	}
+	if (worker_reserve(&w->out, &w->out_cap, slots * E) ||
+	    worker_reserve(&w->items, &w->items_cap, n_items * E))
+		return ERR_NOMEM;
 	uint32_t x_type = b->dtype;
 	if (x_type != KERN_F32 && x_type != shard_act_type(w->shard, (int)b->layer)) {
 		worker_error(w, "batch activation type does not match the experts");
@@ -659,19 +675,109 @@ static int worker_on_batch(struct worker *w, const struct wire_batch *b, const u
 	for (size_t i = 0; i < slots; i++)
 		if (b->ids[i] >= 0)
 			memcpy(w->items + (at++) * E, w->out + i * E, E * sizeof(float));
-	/* the compute time reported is what this hardware needed: other
-	 * processes on the same cores stretch the wall time, not the CPU time */
-	double wall = worker_now() - t0;
-	double dt = fmin(wall, (worker_cpu_now() - c0) / pool_size(w->pool));
-	worker_throttle(w, t0, wall);
-	if (w->cfg->slowdown > 1.0)
-		dt *= w->cfg->slowdown;
+	double dt = worker_compute_seconds(w, t0, c0);
 	w->stats.rows += b->n_rows;
 	w->stats.items += n_items;
 	w->stats.compute_seconds += dt;
 	struct wire_msg m = {.kind = WIRE_RESULT};
 	m.u.result = (struct wire_result){b->step, b->layer, (uint32_t)n_items, dt};
 	return worker_send(w, &m, w->items, n_items * E * sizeof(float));
+}
+
+static int worker_on_kv_page(struct worker *w, const struct wire_kv_page *h, const uint8_t *data,
+			     size_t n)
+{
+	char why[WIRE_MAX_NAME];
+	if (!w->kv) {
+		worker_error(w, "KV page, but this worker offers no memory for KV pages");
+		return 0;
+	}
+	if (!data || n != wire_kv_page_frame_bytes(h)) {
+		worker_error(w, "KV page with a frame of the wrong size");
+		return 0;
+	}
+	int rc = kvstore_put(w->kv, h, data);
+	if (rc == ERR_NOMEM) {
+		snprintf(why, sizeof(why),
+			 "KV page %u of sequence %u on layer %u beyond this worker's KV memory "
+			 "budget of %llu bytes",
+			 h->page, h->seq, h->layer, (unsigned long long)kvstore_budget(w->kv));
+		worker_error(w, why);
+	} else if (rc) {
+		snprintf(why, sizeof(why),
+			 "KV page %u of sequence %u on layer %u: its sizes differ from the layer's "
+			 "other pages",
+			 h->page, h->seq, h->layer);
+		worker_error(w, why);
+	}
+	return 0;
+}
+
+/* The chains [v0, v1) of every row over the pages held: one AttnResult. */
+static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *b,
+				const uint8_t *data, size_t n)
+{
+	char why[WIRE_MAX_NAME];
+	uint32_t page, k_width, v_width;
+	if (!w->kv || kvstore_layer(w->kv, b->layer, &page, &k_width, &v_width)) {
+		snprintf(why, sizeof(why),
+			 "attention batch for layer %u, of which no KV page is here", b->layer);
+		worker_error(w, why);
+		return 0;
+	}
+	if (!data || n != wire_attn_batch_frame_bytes(b) || b->page != page) {
+		worker_error(w, "attention batch with a query frame of the wrong size or pages of "
+				"another size than its layer's");
+		return 0;
+	}
+	struct wire_msg m = {.kind = WIRE_ATTN_RESULT};
+	struct wire_attn_result *r = &m.u.attn_result;
+	*r = (struct wire_attn_result){b->step, b->layer, b->n_rows, b->n_head, b->head_dim_v, 0};
+	const size_t out_bytes = wire_attn_result_frame_bytes(r);
+	const struct attn_page **pages = malloc((b->n_rows ? b->n_rows : 1) * sizeof(*pages));
+	int32_t *n_pages = malloc((b->n_rows ? b->n_rows : 1) * sizeof(*n_pages));
+	int rc = ERR_NOMEM;
+	if (!pages || !n_pages || worker_reserve(&w->out, &w->out_cap, n / sizeof(float)) ||
+	    worker_reserve(&w->items, &w->items_cap, out_bytes / sizeof(float)))
+		goto out;
+	double t0 = worker_now(), c0 = worker_cpu_now();
+	for (uint32_t i = 0; i < b->n_rows; i++)
+		kvstore_pages(w->kv, b->layer, b->seq[i], &pages[i], &n_pages[i]);
+	memcpy(w->out, data, n); /* the frame may not be aligned for floats */
+	const struct attn_params ap = {.n_head = (int)b->n_head,
+				       .n_head_kv = (int)b->n_head_kv,
+				       .head_dim_k = (int)b->head_dim_k,
+				       .head_dim_v = (int)b->head_dim_v,
+				       .scale = b->scale};
+	const struct attn_host_job job = {.ap = &ap,
+					  .k_width = (int)k_width,
+					  .v_stride = (int)(v_width ? v_width : k_width),
+					  .page = (int)page,
+					  .n_shard = (int)b->n_shard,
+					  .v0 = (int)b->v0,
+					  .v1 = (int)b->v1,
+					  .n_rows = (int)b->n_rows,
+					  .pos = b->pos,
+					  .pages = pages,
+					  .n_pages = n_pages,
+					  .q = w->out,
+					  .part = w->items};
+	rc = attn_host_forward(w->pool, &job);
+	if (rc) {
+		snprintf(why, sizeof(why),
+			 "attention batch on layer %u: a row needs a KV page this worker lacks, or "
+			 "the chains or heads do not fit its pages",
+			 b->layer);
+		worker_error(w, why);
+		rc = 0;
+		goto out;
+	}
+	r->compute_seconds = worker_compute_seconds(w, t0, c0);
+	rc = worker_send(w, &m, w->items, out_bytes);
+out:
+	free(pages);
+	free(n_pages);
+	return rc;
 }
 
 /* Expert rows per second on a fixed synthetic expert (Q8_0, 1024 x 512,
@@ -855,6 +961,13 @@ int worker_run(transport *t, const struct worker_config *cfg)
 	hello.u.hello.memory_bytes = cfg->memory_bytes		 ? cfg->memory_bytes
 				     : have > 2 * WORKER_RESERVE ? have - WORKER_RESERVE
 								 : have / 2;
+	if (cfg->kv_memory_bytes >= 0) {
+		hello.u.hello.kv_bytes = cfg->kv_memory_bytes ? (uint64_t)cfg->kv_memory_bytes
+							      : hello.u.hello.memory_bytes;
+		rc = kvstore_new(hello.u.hello.kv_bytes, &w.kv);
+		if (rc)
+			goto out;
+	}
 	hello.u.hello.expert_rows_per_sec = worker_calibrate(&w);
 	if (cfg->name)
 		snprintf(hello.u.hello.name, sizeof(hello.u.hello.name), "%s", cfg->name);
@@ -926,7 +1039,8 @@ int worker_run(transport *t, const struct worker_config *cfg)
 		}
 		if (m.kind != WIRE_SHUTDOWN)
 			waiting = 0;
-		int has_frame = m.kind == WIRE_BATCH || m.kind == WIRE_WEIGHT_CHUNK;
+		int has_frame = m.kind == WIRE_BATCH || m.kind == WIRE_WEIGHT_CHUNK ||
+				m.kind == WIRE_KV_PAGE || m.kind == WIRE_ATTN_BATCH;
 		if (!has_frame && f.data) {
 			worker_error(&w, "unexpected raw frame");
 			wire_msg_free(&m);
@@ -947,6 +1061,12 @@ int worker_run(transport *t, const struct worker_config *cfg)
 			if (cfg->fault == WORKER_FAULT_STOP)
 				raise(SIGSTOP);
 			rc = worker_on_batch(&w, &m.u.batch, f.data, f.data_len);
+			break;
+		case WIRE_KV_PAGE:
+			rc = worker_on_kv_page(&w, &m.u.kv_page, f.data, f.data_len);
+			break;
+		case WIRE_ATTN_BATCH:
+			rc = worker_on_attn_batch(&w, &m.u.attn_batch, f.data, f.data_len);
 			break;
 		case WIRE_HEARTBEAT: rc = worker_send(&w, &m, NULL, 0); break;
 		case WIRE_STATS: {
@@ -969,6 +1089,14 @@ int worker_run(transport *t, const struct worker_config *cfg)
 						   : "the coordinator shut down",
 				 m.u.text);
 			worker_clear(&w);
+			if (w.kv) {
+				kvstore_destroy(&w.kv);
+				rc = kvstore_new(hello.u.hello.kv_bytes, &w.kv);
+				if (rc) {
+					wire_msg_free(&m);
+					goto out;
+				}
+			}
 			w.epoch = 0;
 			w.initial = 0;
 			if (!waiting) { /* a refusal while waiting does not extend the wait */
@@ -988,6 +1116,7 @@ int worker_run(transport *t, const struct worker_config *cfg)
 	}
 out:
 	worker_clear(&w);
+	kvstore_destroy(&w.kv);
 	free(w.hdr);
 	free(w.out);
 	free(w.items);

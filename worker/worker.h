@@ -10,11 +10,19 @@
  *              from WeightChunks arriving between Batches) -> Ready
  *            Release -> free the listed experts -> Ready (released)
  *            Heartbeat -> Heartbeat (same nonce); Stats -> Stats
+ *            KvPage -> keep the page (worker/kvstore.h; an Error beyond the
+ *              KV budget, cfg->kv_memory_bytes)
+ *            AttnBatch -> attn_host_forward over the pages held ->
+ *              AttnResult (+ raw frame of F32 partials); an Error when a row
+ *              needs a page that is not here
  *            Shutdown -> return 0 (with cfg->reconnect_ms: forget everything,
  *              say Hello again and wait for the next coordinator)
- *            Shutdown(rejoin) -> forget everything and say Hello again: the
- *              coordinator dropped this worker as lost (e.g. it answered too
- *              late) or restarted; it may take it back as a new member
+ *            Shutdown(rejoin) -> forget everything (KV pages too) and say
+ *              Hello again: the coordinator dropped this worker as lost (e.g.
+ *              it answered too late) or restarted; it may take it back as a
+ *              new member
+ * KvPage and AttnBatch need no Assign: a worker serves them in any state
+ * after Hello (a KV host may hold no experts).
  *
  * Reconnecting (cfg->reconnect_ms > 0): while no coordinator has answered,
  * Hello is sent again after 0.25, 0.5, 1, 2, 4, 4, ... seconds (ZeroMQ queues
@@ -64,6 +72,8 @@ struct worker_config {
 	enum worker_fault fault;
 	double slowdown;  /* > 1: take this many times as long per batch (tests, benchmarks) */
 	int reconnect_ms; /* > 0: outlive the coordinator (see above); 0: exit at Shutdown */
+	int64_t kv_memory_bytes; /* offered for KV pages (Hello.kv_bytes); 0: the same as for
+				    experts (memory_bytes or its default); < 0: none */
 };
 
 int worker_run(transport *t, const struct worker_config *cfg);
