@@ -76,6 +76,8 @@ struct cli_opts {
 	int kv_f32;		     /* --kv-type f32 */
 	long kv_shards;		     /* --kv-shards V */
 	long kv_page;		     /* --kv-page P (0: the default) */
+	long kv_hosts;		     /* --kv-hosts N */
+	int kv_hosts_given;
 	long batch;		     /* logits: --batch N (0: the default) */
 	long depth;		     /* bench: --depth D */
 	int roofline;		     /* bench --roofline */
@@ -85,7 +87,7 @@ struct cli_opts {
 	" --workers --listen --expect-workers --transport --worker-timeout --replicas"             \
 	" --wire-dtype --stream-weights --stats --balance-window --trace-routing --rebalance"      \
 	" --rebalance-every --worker-slowdown --cluster-key --authorized-keys --insecure "         \
-	"--routing --router-bias --kv-type --kv-shards --kv-page"
+	"--routing --router-bias --kv-type --kv-shards --kv-page --kv-hosts"
 
 struct cli_cluster {
 	pid_t *children;

@@ -220,6 +220,10 @@ int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts *o)
 		} else if (!strcmp(a, "--kv-shards")) {
 			if (cli_parse_long(a, v, 0, 64, &o->kv_shards))
 				return -1;
+		} else if (!strcmp(a, "--kv-hosts")) {
+			if (cli_parse_long(a, v, 0, 64, &o->kv_hosts))
+				return -1;
+			o->kv_hosts_given = 1;
 		} else if (!strcmp(a, "--kv-page")) {
 			if (cli_parse_long(a, v, 64, 1L << 24, &o->kv_page))
 				return -1;
@@ -380,7 +384,10 @@ static const char *cli_usage_cluster =
     "                         in a fixed tree: the same bits in-process and over KV\n"
     "                         hosts, whatever the batch; within float tolerance of\n"
     "                         the default (V: a power of two up to 64; 0: off)\n"
-    "  --kv-page P            positions per KV page (default 1024, a multiple of 64)\n";
+    "  --kv-page P            positions per KV page (default 1024, a multiple of 64)\n"
+    "  --kv-hosts N           with a cluster and --kv-shards: the chains' pages live on\n"
+    "                         the first N workers (default: as many as can, a power of\n"
+    "                         two dividing V; 0: on the coordinator)\n";
 
 static int cli_spawn_workers(const struct cli_opts *o, const char *endpoint, struct cli_cluster *cc)
 {
@@ -519,7 +526,15 @@ int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_cluster *cc
 		return rc;
 	}
 	model_set_experts(m, b);
-	return 0;
+	if (o->kv_shards > 0 && !(o->kv_hosts_given && o->kv_hosts == 0)) {
+		const struct attn_remote_ops *ops = NULL;
+		int n_hosts = 0;
+		rc = cluster_kv_hosts(c, (int)o->kv_shards, o->kv_hosts_given ? (int)o->kv_hosts : -1,
+				      &ops, &n_hosts);
+		if (!rc)
+			rc = model_set_kv_hosts(m, ops, c, n_hosts);
+	}
+	return rc;
 }
 
 /* --trace-routing: wraps whatever backend the model has in a recorder. */

@@ -552,6 +552,9 @@ void cluster_destroy(cluster **pc)
 		free(c->w[i].sq_expert);
 		free(c->w[i].fit_lat);
 	}
+	for (int h = 0; h < ATTN_MAX_HOSTS; h++)
+		free(c->kv_part[h]);
+	free(c->kv_buf);
 	for (int b = 0; b < c->cap_batches; b++) {
 		free(c->batches[b].rows);
 		free(c->batches[b].ids);

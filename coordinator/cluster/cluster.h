@@ -62,6 +62,7 @@
 #include "../../common/moe.h"
 #include "../../common/pool.h"
 #include "../../common/transport.h"
+#include "../model/attn.h"
 #include "../model/experts.h"
 #include "../placement/placement.h"
 
@@ -91,6 +92,9 @@ struct cluster_worker_stats {
 	uint32_t held_experts; /* as last reported by the worker (Ready) */
 	uint64_t held_bytes;
 	uint64_t streamed_bytes; /* expert bytes streamed to it */
+	uint64_t kv_pages;	 /* KV pages shipped to it (a KV host) */
+	uint64_t kv_bytes;	 /* and their bytes */
+	uint64_t kv_batches;	 /* attention batches it answered or was sent */
 };
 
 /* One placement epoch that was in force: its forward steps and how evenly
@@ -136,6 +140,13 @@ void cluster_print_stats(cluster *c);
  * the forward pass changes: call it from the thread that drives the model, or
  * under the lock that serialises forward passes.  ERR_IO if f failed. */
 int cluster_metrics_write(FILE *f, const cluster *c, int per_expert);
+/* The cluster's workers as KV hosts of the sharded attention over n_shard
+ * chains (attn_cache_set_remote): the first workers that offer KV memory in
+ * their Hello, as many as the largest power of two that divides n_shard and
+ * is at most `want` (<= 0: no limit).  *ops with self = c.  ERR_CONFIG when no
+ * worker offers KV memory. */
+int cluster_kv_hosts(cluster *c, int n_shard, int want, const struct attn_remote_ops **ops,
+		     int *n_hosts);
 /* Sends Shutdown to every live worker and frees everything. */
 void cluster_destroy(cluster **c);
 

@@ -143,6 +143,15 @@ struct cluster {
 	uint64_t epoch_step0; /* fwd_step at the start of the epoch in force */
 	struct cluster_epoch_stats *epochs;
 	size_t n_epochs;
+	/* KV hosts (kvhost.c): workers 0 .. kv_hosts - 1 */
+	int kv_hosts;
+	uint64_t kv_asked[ATTN_MAX_HOSTS]; /* step of the AttnBatch in flight to each, 0: none */
+	double kv_sent[ATTN_MAX_HOSTS];
+	float *kv_part[ATTN_MAX_HOSTS]; /* each host's last AttnResult frame */
+	size_t kv_part_cap[ATTN_MAX_HOSTS];
+	int kv_rows, kv_heads, kv_dv; /* of the layer in flight */
+	uint8_t *kv_buf;	      /* a KvPage's frame */
+	size_t kv_buf_cap;
 	char model_id[SHARDFILE_ID_LEN]; /* shardfile_model_id() of cfg->g */
 	uint8_t *held_none;		 /* [n_layer][n_expert] zeros */
 };

@@ -447,6 +447,11 @@ int cluster_metrics_write(FILE *f, const cluster *c, int per_expert)
 	    {"moefleet_worker_load", "gauge",
 	     "Decayed routed rows of the experts the worker holds (shared among replicas)."},
 	    {"moefleet_worker_up", "gauge", "1 while the worker serves, 0 once lost."},
+	    {"moefleet_worker_kv_pages_total", "counter",
+	     "KV pages shipped to the worker as a KV host (--kv-shards)."},
+	    {"moefleet_worker_kv_bytes_total", "counter", "Bytes of those KV pages."},
+	    {"moefleet_worker_attn_batches_total", "counter",
+	     "Attention batches sent to the worker as a KV host."},
 	};
 	const int n_wm = (int)(sizeof(wm) / sizeof(wm[0]));
 	const double *load = c->counts ? balance_counts_load(c->counts) : NULL;
@@ -477,7 +482,10 @@ int cluster_metrics_write(FILE *f, const cluster *c, int per_expert)
 				      (double)s->held_bytes,
 				      s->speed,
 				      wl[i],
-				      s->lost ? 0.0 : 1.0};
+				      s->lost ? 0.0 : 1.0,
+				      (double)s->kv_pages,
+				      (double)s->kv_bytes,
+				      (double)s->kv_batches};
 			cluster_metric_worker(f, c, wm[m].name, i, v[m]);
 		}
 	}

@@ -14,6 +14,7 @@
 
 #include <stddef.h>
 
+#include "attn.h"
 #include "model.h"
 
 struct arch_env {
@@ -35,6 +36,9 @@ struct arch_vtable {
 	void (*destroy)(void **state);
 	int (*forward)(void *state, const model_batch *b, float *logits);
 	void (*reset_seq)(void *state, int seq);
+	/* the attention KV cache whose chains KV hosts may compute; NULL or
+	 * absent: none */
+	attn_cache *(*kv_cache)(void *state);
 };
 
 /* Hyper-parameter helpers: read "<arch>.<key>" with the exact GGUF type.

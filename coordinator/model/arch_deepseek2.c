@@ -1226,10 +1226,16 @@ static int ds2_forward(void *state, const model_batch *b, float *logits)
 	return 0;
 }
 
+static attn_cache *ds2_kv_cache(void *state)
+{
+	return ((struct ds2 *)state)->cache;
+}
+
 const struct arch_vtable arch_deepseek2 = {
     .name = DS2_ARCH,
     .load = ds2_load,
     .destroy = ds2_destroy,
     .forward = ds2_forward,
     .reset_seq = ds2_reset_seq,
+    .kv_cache = ds2_kv_cache,
 };

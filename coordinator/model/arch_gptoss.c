@@ -780,10 +780,16 @@ static int gptoss_forward(void *state, const model_batch *b, float *logits)
 	return 0;
 }
 
+static attn_cache *gptoss_kv_cache(void *state)
+{
+	return ((struct gptoss *)state)->cache;
+}
+
 const struct arch_vtable arch_gptoss = {
     .name = GPTOSS_ARCH,
     .load = gptoss_load,
     .destroy = gptoss_destroy,
     .forward = gptoss_forward,
     .reset_seq = gptoss_reset_seq,
+    .kv_cache = gptoss_kv_cache,
 };

@@ -782,10 +782,16 @@ static int qwen_forward(void *state, const model_batch *b, float *logits)
 	return 0;
 }
 
+static attn_cache *qwen_kv_cache(void *state)
+{
+	return ((struct qwen *)state)->cache;
+}
+
 const struct arch_vtable arch_qwen3moe = {
     .name = QWEN_ARCH,
     .load = qwen_load,
     .destroy = qwen_destroy,
     .forward = qwen_forward,
     .reset_seq = qwen_reset_seq,
+    .kv_cache = qwen_kv_cache,
 };

@@ -1421,7 +1421,7 @@ static int attn_forward_remote(pool *p, const struct attn_job *jb)
 	int rc = attn_remote_ship(c, jb->layer, b);
 	if (rc)
 		return rc;
-	const float *parts[1 << (ATTN_SHARD_LEVELS - 1)];
+	const float *parts[ATTN_MAX_HOSTS];
 	for (int h = 0; h < R; h++) {
 		parts[h] = NULL;
 		/* a host is asked when some row sees one of its pages */

@@ -128,6 +128,7 @@ int attn_forward(pool *p, const attn_cache *c, int layer, const struct attn_para
  * host order (the same tree), then the own page, then the sink: the same bits
  * as attn_forward() without hosts.  Sliding-window layers stay local. */
 #define ATTN_PART_FLOATS(dv) (2 + (size_t)(dv))
+#define ATTN_MAX_HOSTS	     64 /* = the most chains */
 
 /* One complete page on a KV host: the keys of its P positions, k_width apart,
  * and their values, v_stride apart (the keys' address again when the values
@@ -166,7 +167,8 @@ struct attn_remote_ops {
 		    int v_width, const uint16_t *k, const uint16_t *v);
 	int (*submit)(void *self, int host, int layer, const struct attn_params *ap, int page,
 		      int n_shard, int v0, int v1, const model_batch *b, const float *q);
-	/* parts[h]: [n_tokens][n_head][ATTN_PART_FLOATS(dv)] of each submitted host */
+	/* parts[h], h < n_hosts: [n_tokens][n_head][ATTN_PART_FLOATS(dv)] of each
+	 * submitted host, NULL for the others */
 	int (*collect)(void *self, int layer, const float **parts);
 };
 

@@ -174,6 +174,17 @@ void model_set_experts(model *m, expert_backend *b)
 	m->env.experts = b;
 }
 
+int model_set_kv_hosts(model *m, const struct attn_remote_ops *ops, void *self, int n_hosts)
+{
+	attn_cache *c = m->arch->kv_cache ? m->arch->kv_cache(m->state) : NULL;
+	if (!c) {
+		log_error("%s: %s keeps its KV on the coordinator (no KV hosts)", gguf_path(m->g),
+			  m->info.arch);
+		return ERR_CONFIG;
+	}
+	return attn_cache_set_remote(c, ops, self, n_hosts);
+}
+
 void model_set_batch_observer(model *m, void (*fn)(void *ctx, const model_batch *ub), void *ctx)
 {
 	m->observer = fn;

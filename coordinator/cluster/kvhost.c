@@ -1,0 +1,223 @@
+/* cluster KV hosts: the cluster's first workers as the KV hosts of the sharded
+ * attention (attn.h, attn_remote_ops).  A complete page goes to the host of its
+ * chain as one KvPage (keys then values in the raw frame), each layer's rows
+ * to every host that holds a page some row sees as one AttnBatch (the queries
+ * in F32), and the AttnResults come back in any order.  Only the coordinator
+ * holds the tail of each sequence, so a lost host takes pages that exist
+ * nowhere else: the step fails with an error naming the host, never waits
+ * past the worker time-out. */
+#include "cluster_internal.h"
+#include "../../common/err.h"
+#include "../../common/log.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Host h's peer, or a logged ERR_PEER when it is gone. */
+static int kv_live(cluster *c, int h)
+{
+	if (h < 0 || h >= c->kv_hosts || c->w[h].lost) {
+		log_error("KV host %d is lost: the pages of its attention chains are gone, and the "
+			  "sequences that use them cannot go on (prompt them again)",
+			  h);
+		return ERR_PEER;
+	}
+	return 0;
+}
+
+static int kv_send(cluster *c, int h, const struct wire_msg *m, const void *data, size_t n)
+{
+	int rc = kv_live(c, h);
+	if (rc)
+		return rc;
+	if (cluster_send(c, h, m, data, n)) {
+		cluster_drop(c, h, "cannot send");
+		return kv_live(c, h);
+	}
+	return 0;
+}
+
+static int kv_ship(void *self, int host, int layer, int seq, int page, int n_pos, int k_width,
+		   int v_width, const uint16_t *k, const uint16_t *v)
+{
+	cluster *c = self;
+	const size_t nk = (size_t)n_pos * (size_t)k_width, nv = (size_t)n_pos * (size_t)v_width;
+	const size_t bytes = (nk + nv) * sizeof(uint16_t);
+	if (bytes > c->kv_buf_cap) {
+		uint8_t *p = realloc(c->kv_buf, bytes);
+		if (!p)
+			return ERR_NOMEM;
+		c->kv_buf = p;
+		c->kv_buf_cap = bytes;
+	}
+	memcpy(c->kv_buf, k, nk * sizeof(uint16_t));
+	if (nv)
+		memcpy(c->kv_buf + nk * sizeof(uint16_t), v, nv * sizeof(uint16_t));
+	struct wire_msg m = {.kind = WIRE_KV_PAGE};
+	m.u.kv_page = (struct wire_kv_page){(uint32_t)layer,   (uint32_t)seq,	  (uint32_t)page,
+					    (uint32_t)n_pos,   (uint32_t)k_width, (uint32_t)v_width};
+	int rc = kv_send(c, host, &m, c->kv_buf, bytes);
+	if (!rc) {
+		c->w[host].st.kv_pages++;
+		c->w[host].st.kv_bytes += bytes;
+	}
+	return rc;
+}
+
+static int kv_submit(void *self, int host, int layer, const struct attn_params *ap, int page,
+		     int n_shard, int v0, int v1, const model_batch *b, const float *q)
+{
+	cluster *c = self;
+	struct wire_msg m = {.kind = WIRE_ATTN_BATCH};
+	m.u.attn_batch = (struct wire_attn_batch){
+	    .step = ++c->step,
+	    .layer = (uint32_t)layer,
+	    .n_rows = (uint32_t)b->n_tokens,
+	    .n_head = (uint32_t)ap->n_head,
+	    .n_head_kv = (uint32_t)ap->n_head_kv,
+	    .head_dim_k = (uint32_t)ap->head_dim_k,
+	    .head_dim_v = (uint32_t)ap->head_dim_v,
+	    .scale = ap->scale,
+	    .page = (uint32_t)page,
+	    .n_shard = (uint32_t)n_shard,
+	    .v0 = (uint32_t)v0,
+	    .v1 = (uint32_t)v1,
+	    .seq = (int32_t *)b->seq,
+	    .pos = (int32_t *)b->pos,
+	};
+	const size_t bytes = wire_attn_batch_frame_bytes(&m.u.attn_batch);
+	int rc = kv_send(c, host, &m, q, bytes);
+	if (rc)
+		return rc;
+	c->kv_asked[host] = m.u.attn_batch.step;
+	c->kv_rows = b->n_tokens;
+	c->kv_heads = ap->n_head;
+	c->kv_dv = ap->head_dim_v;
+	c->kv_sent[host] = cluster_now();
+	c->w[host].st.kv_batches++;
+	return 0;
+}
+
+/* A message received while waiting for AttnResults: 1 when it was host h's
+ * answer (copied into its buffer), 0 otherwise, or an error. */
+static int kv_take(cluster *c, int who, const struct wire_msg *m, const uint8_t *data, size_t n)
+{
+	if (m->kind == WIRE_ATTN_RESULT) {
+		const struct wire_attn_result *r = &m->u.attn_result;
+		if (who >= c->kv_hosts || !c->kv_asked[who] || r->step != c->kv_asked[who]) {
+			log_warn("worker %d: stale attention result for step %llu ignored", who,
+				 (unsigned long long)r->step);
+			return 0;
+		}
+		if (r->n_rows != (uint32_t)c->kv_rows || r->n_head != (uint32_t)c->kv_heads ||
+		    r->head_dim_v != (uint32_t)c->kv_dv || n != wire_attn_result_frame_bytes(r)) {
+			cluster_drop(c, who, "attention result does not match its batch");
+			return kv_live(c, who);
+		}
+		if (n > c->kv_part_cap[who]) {
+			float *p = realloc(c->kv_part[who], n);
+			if (!p)
+				return ERR_NOMEM;
+			c->kv_part[who] = p;
+			c->kv_part_cap[who] = n;
+		}
+		memcpy(c->kv_part[who], data, n);
+		c->kv_asked[who] = 0;
+		c->w[who].st.compute_seconds += r->compute_seconds;
+		c->w[who].st.wait_seconds += cluster_now() - c->kv_sent[who];
+		return 1;
+	}
+	if (m->kind == WIRE_ERROR) {
+		log_error("worker %d: %s", who, m->u.text);
+		cluster_drop(c, who, m->u.text);
+		return who < c->kv_hosts ? kv_live(c, who) : 0;
+	}
+	if (m->kind == WIRE_READY)
+		cluster_on_ready(c, who, &m->u.ready);
+	return 0; /* heartbeats, statistics, stale expert results */
+}
+
+static int kv_collect(void *self, int layer, const float **parts)
+{
+	cluster *c = self;
+	(void)layer;
+	int waiting = 0, asked[ATTN_MAX_HOSTS];
+	for (int h = 0; h < c->kv_hosts; h++) {
+		asked[h] = c->kv_asked[h] != 0;
+		waiting += asked[h];
+	}
+	int rc = 0;
+	while (waiting > 0 && !rc) {
+		/* probes and time-outs, as an expert step has them */
+		double now = cluster_now(), wake = now + 0.1;
+		for (int h = 0; h < c->kv_hosts && !rc; h++) {
+			if (!c->kv_asked[h])
+				continue;
+			if (now >= c->kv_sent[h] + c->cfg.timeout_ms / 1000.0) {
+				cluster_drop(c, h, "no answer within the worker time-out");
+				rc = kv_live(c, h);
+				break;
+			}
+			struct wire_msg hb = {.kind = WIRE_HEARTBEAT};
+			hb.u.heartbeat_nonce = c->step;
+			if (cluster_send(c, h, &hb, NULL, 0)) {
+				cluster_drop(c, h, "connection lost");
+				rc = kv_live(c, h);
+			}
+		}
+		if (rc)
+			break;
+		struct wire_msg m;
+		const uint8_t *data;
+		size_t n;
+		int peer, who;
+		int left = (int)ceil((wake - cluster_now()) * 1000.0);
+		int r = cluster_recv(c, left > 0 ? left : 0, &m, &peer, &who, &data, &n);
+		if (r == ERR_PROTO || r == ERR_PEER)
+			continue;
+		if (r) {
+			rc = r;
+			break;
+		}
+		if (who < 0) {
+			cluster_on_stranger(c, peer, &m);
+		} else {
+			r = kv_take(c, who, &m, data, n);
+			if (r < 0)
+				rc = r;
+			else
+				waiting -= r;
+		}
+		wire_msg_free(&m);
+	}
+	for (int h = 0; h < c->kv_hosts; h++) {
+		c->kv_asked[h] = 0;
+		parts[h] = asked[h] ? c->kv_part[h] : NULL; /* buffers move as they grow */
+	}
+	return rc;
+}
+
+static const struct attn_remote_ops kv_ops = {kv_ship, kv_submit, kv_collect};
+
+int cluster_kv_hosts(cluster *c, int n_shard, int want, const struct attn_remote_ops **ops,
+		     int *n_hosts)
+{
+	int live = 0;
+	while (live < c->n && !c->w[live].lost && c->w[live].hello.kv_bytes > 0)
+		live++;
+	int r = 1;
+	while (2 * r <= live && 2 * r <= n_shard && 2 * r <= ATTN_MAX_HOSTS &&
+	       (want <= 0 || 2 * r <= want))
+		r *= 2;
+	if (live == 0 || r > n_shard) {
+		log_error("no worker offers memory for KV pages (moefleet-worker --kv-memory)");
+		return ERR_CONFIG;
+	}
+	c->kv_hosts = r;
+	*ops = &kv_ops;
+	*n_hosts = r;
+	log_info("KV hosts: workers 0-%d hold the pages of %d attention chain(s) each", r - 1,
+		 n_shard / r);
+	return 0;
+}

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# KV hosts: the sharded attention (--kv-shards) with the chains' pages on the
+# workers must give the bits of the same numerics in the process.  For a
+# model of each architecture with KV pages (qwen3moe, gpt-oss, deepseek2) and
+# a prompt of 1,400 tokens plus 100 decode steps: `moefleet logits
+# --kv-shards 4 --kv-page 128` in-process, with 2 local workers over ZeroMQ
+# ipc:// (2 hosts), 3 workers limited to 1 host, the chains kept here
+# (--kv-hosts 0), and under mpirun (3 ranks).  Then a KV host killed in the
+# middle of a generation: the coordinator stops with an error naming the
+# lost host, never hangs; and the coordinator, its memory capped (cgroup v1)
+# below the KV of the context, generates the tokens of an uncapped run when
+# its pages live on KV hosts.  Prints TAP.
+set -u
+top_srcdir=${top_srcdir:-.}
+top_builddir=${top_builddir:-.}
+bin=$(cd "$top_builddir" && pwd)/moefleet
+wbin=$(cd "$top_builddir" && pwd)/moefleet-worker
+data=$(cd "$top_srcdir/tests/data" && pwd)
+tmp=$(mktemp -d)
+pids=()
+cg=
+cleanup() {
+	for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
+	wait 2>/dev/null
+	[ -n "$cg" ] && rmdir "$cg" 2>/dev/null
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+n=0
+fail=0
+ok() { n=$((n + 1)); echo "ok $n - $*"; }
+notok() { n=$((n + 1)); echo "not ok $n - $*"; fail=$((fail + 1)); }
+have_mpi=0
+command -v mpirun >/dev/null 2>&1 && have_mpi=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+export OMPI_MCA_btl_vader_single_copy_mechanism=none
+
+# ids N SEED: N token ids below 400
+ids() { awk -v n="$1" -v s="$2" 'BEGIN { for (i = 0; i < n; i++) {
+	s = (s * 1103515245 + 12345) % 2147483648; printf "%s%d", (i ? "," : ""), 3 + s % 397 } }'; }
+ids 1500 7 >"$tmp/ids"
+sh=(--kv-shards 4 --kv-page 128)
+
+for m in qwen3moe-tiny-mxfp4 gptoss-tiny-mxfp4 ds2-tiny-q4_0; do
+	run() { timeout 120 "$bin" logits -m "$data/$m.gguf" --tokens @"$tmp/ids" --n-prompt 1400 \
+		--threads 2 "${sh[@]}" "$@" 2>"$tmp/err"; }
+	if ! run --out "$tmp/inproc.f32"; then
+		notok "$m: in-process --kv-shards run failed: $(head -1 "$tmp/err")"
+		continue
+	fi
+	if run --out "$tmp/w2.f32" --workers 2 && grep -q 'KV hosts: workers 0-1' "$tmp/err" &&
+		cmp -s "$tmp/inproc.f32" "$tmp/w2.f32"; then
+		ok "$m: --workers 2, pages on 2 KV hosts (zmq ipc), bit-identical"
+	else
+		notok "$m: --workers 2 with KV hosts differs or failed: $(grep -m1 -E 'error|KV' "$tmp/err")"
+	fi
+	if run --out "$tmp/w3.f32" --workers 3 --kv-hosts 1 && grep -q 'KV hosts: workers 0-0' "$tmp/err" &&
+		cmp -s "$tmp/inproc.f32" "$tmp/w3.f32"; then
+		ok "$m: --workers 3 --kv-hosts 1 bit-identical"
+	else
+		notok "$m: --workers 3 --kv-hosts 1 differs or failed: $(grep -m1 -E 'error|KV' "$tmp/err")"
+	fi
+	if run --out "$tmp/h0.f32" --workers 2 --kv-hosts 0 && ! grep -q 'KV hosts' "$tmp/err" &&
+		cmp -s "$tmp/inproc.f32" "$tmp/h0.f32"; then
+		ok "$m: --workers 2 --kv-hosts 0 (chains here) bit-identical"
+	else
+		notok "$m: --kv-hosts 0 differs or failed: $(head -1 "$tmp/err")"
+	fi
+	if [ $have_mpi -eq 1 ]; then
+		if ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" timeout 120 mpirun -np 3 \
+			"$bin" logits -m "$data/$m.gguf" --tokens @"$tmp/ids" --n-prompt 1400 --threads 1 \
+			"${sh[@]}" --transport mpi --out "$tmp/mpi.f32" >/dev/null 2>"$tmp/err" &&
+			cmp -s "$tmp/inproc.f32" "$tmp/mpi.f32"; then
+			ok "$m: mpirun -np 3, pages on 2 KV hosts, bit-identical"
+		else
+			notok "$m: mpirun -np 3 differs or failed: $(grep -m1 -E 'error|KV' "$tmp/err")"
+		fi
+	else
+		ok "$m: mpirun # SKIP mpirun not installed"
+	fi
+done
+
+# A KV host killed during a generation: a named error, no hang.
+m=$data/qwen3moe-tiny-mxfp4.gguf
+ep=ipc://$tmp/kill.sock
+timeout 120 "$bin" generate -m "$m" --tokens 1,2,3 -n 3000 --print-ids --threads 1 "${sh[@]}" \
+	--kv-page 64 --listen "$ep" --expect-workers 2 --worker-timeout 3000 >"$tmp/kill.out" \
+	2>"$tmp/kill.err" &
+coord=$!
+pids+=("$coord")
+wk=()
+for i in 0 1; do
+	"$wbin" --connect "$ep" --threads 1 --name "w$i" 2>"$tmp/kill.w$i.err" &
+	wk+=($!)
+	pids+=($!)
+done
+for _ in $(seq 300); do
+	grep -q 'KV hosts' "$tmp/kill.err" 2>/dev/null && [ -s "$tmp/kill.out" ] && break
+	sleep 0.1
+done
+sleep 0.5
+kill -9 "${wk[1]}" 2>/dev/null
+wait "$coord"
+rc=$?
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && grep -q 'KV host 1 is lost' "$tmp/kill.err"; then
+	ok "a KV host killed mid-generation: the coordinator stops with 'KV host 1 is lost' (exit $rc)"
+else
+	notok "killed KV host: exit $rc, $(grep -m1 -E 'error|lost' "$tmp/kill.err")"
+fi
+kill -9 "${wk[0]}" 2>/dev/null
+
+# The coordinator's memory capped below the KV of the context (cgroup v1):
+# the pages on 2 KV hosts, the generated ids of an uncapped run.
+mem=/sys/fs/cgroup/memory
+if [ "$(id -u)" -ne 0 ] || [ ! -w "$mem" ] || ! mkdir "$mem/moefleet-kv-$$" 2>/dev/null; then
+	ok "memory-capped coordinator # SKIP no writable cgroup v1 memory controller"
+else
+	cg=$mem/moefleet-kv-$$
+	ids 20000 11 >"$tmp/long"
+	gen=(generate -m "$data/gptoss-tiny-mxfp4.gguf" --tokens @"$tmp/long" -n 8 --print-ids --threads 1
+		--kv-shards 8 --kv-page 1024)
+	"$bin" "${gen[@]}" >"$tmp/free.out" 2>"$tmp/free.err"
+	tail -1 "$tmp/free.out" >"$tmp/free.ids"
+	echo $((40 << 20)) >"$cg/memory.limit_in_bytes"
+	echo 0 >"$cg/memory.swappiness" 2>/dev/null
+	capped() { # runs the coordinator in the cgroup
+		sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$cg" "$@"
+	}
+	capped timeout 120 "$bin" "${gen[@]}" >"$tmp/cap0.out" 2>"$tmp/cap0.err"
+	rc0=$?
+	ep=ipc://$tmp/cap.sock
+	capped timeout 120 "$bin" "${gen[@]}" --listen "$ep" --expect-workers 2 >"$tmp/cap.out" \
+		2>"$tmp/cap.err" &
+	coord=$!
+	pids+=("$coord")
+	for i in 0 1; do
+		"$wbin" --connect "$ep" --threads 1 --name "c$i" 2>/dev/null &
+		pids+=($!)
+	done
+	wait "$coord"
+	rc=$?
+	tail -1 "$tmp/cap.out" >"$tmp/cap.ids"
+	if [ "$rc0" -ne 0 ] && [ "$rc" -eq 0 ] && cmp -s "$tmp/free.ids" "$tmp/cap.ids"; then
+		ok "capped at 40 MiB: fails alone (exit $rc0), with 2 KV hosts the uncapped run's ids"
+	else
+		notok "capped coordinator: alone exit $rc0, with hosts exit $rc, $(grep -m1 error "$tmp/cap.err")"
+	fi
+fi
+echo "1..$n"
+[ "$fail" -eq 0 ]
