@@ -561,11 +561,22 @@ static float *attn_kvf_tile(struct attn_kvf *f, int dk, int dv)
 	return f->tile;
 }
 
-/* Makes the keys and values of positions [j0, z) of kbase/vbase (slot j % cap)
+/* Where the tiled kernel reads one KV head: position j's key at
+ * k + (j % cap) * ks and its value at v + (j % cap) * vs (F16 bit patterns),
+ * dk and dv values. */
+struct attn_src {
+	const uint16_t *k, *v;
+	size_t ks, vs;
+	int dk, dv;
+	int cap;
+};
+
+/* Makes the keys and values of positions [j0, z) of src (slot j % cap)
  * available as F32, from the start of j0's tile on; 0 on success. */
-static int attn_kvf_fill(struct attn_kvf *f, const attn_cache *c, int cap, const uint16_t *kbase,
-			 const uint16_t *vbase, int dk, int dv, int j0, int z)
+static int attn_kvf_fill(struct attn_kvf *f, const struct attn_src *src, int j0, int z)
 {
+	const uint16_t *kbase = src->k, *vbase = src->v;
+	const int dk = src->dk, dv = src->dv, cap = src->cap;
 	const int lo = j0 - j0 % ATTN_TILE_KV;
 	if (f->kbase != kbase || lo < f->lo) {
 		f->kbase = kbase;
@@ -592,8 +603,8 @@ static int attn_kvf_fill(struct attn_kvf *f, const attn_cache *c, int cap, const
 		f->cap_v = need_v;
 	}
 	for (int j = f->n; j < z; j++) {
-		const uint16_t *kj = kbase + (size_t)(j % cap) * (size_t)c->k_width;
-		const uint16_t *vj = vbase + (size_t)(j % cap) * (size_t)c->v_stride;
+		const uint16_t *kj = kbase + (size_t)(j % cap) * src->ks;
+		const uint16_t *vj = vbase + (size_t)(j % cap) * src->vs;
 		float *tile =
 		    f->kt + (size_t)((j - f->lo) / ATTN_TILE_KV) * ATTN_TILE_KV * (size_t)dk;
 		const int i = j % ATTN_TILE_KV;
@@ -784,16 +795,6 @@ attn_tile_softmax(float *kq, float tile_max, float *M, float *S, float *acc, int
 	}
 	*S = (float)((double)*S + sum);
 }
-
-/* Where the tiled kernel reads one KV head: position j's key at
- * k + (j % cap) * ks and its value at v + (j % cap) * vs (F16 bit patterns),
- * dk and dv values. */
-struct attn_src {
-	const uint16_t *k, *v;
-	size_t ks, vs;
-	int dk, dv;
-	int cap;
-};
 
 /* The running softmax state of up to ATTN_GROUP heads in the tiled kernel:
  * maximum, sum and F32 accumulator [ng][dv]. */
@@ -1016,8 +1017,7 @@ ATTN_HOT static void attn_rows_tiled(const struct attn_job *jb, struct attn_kvf 
 	attn_visible(ap, jb->b->pos[t], &j0, &j1);
 	attn_run_init(&r, ng, src.dv);
 	/* the keys and values as F32, shared with the thread's other rows */
-	if (kvf && (!attn_simd_ok() ||
-		    attn_kvf_fill(kvf, jb->c, src.cap, src.k, src.v, src.dk, src.dv, j0, j1) != 0))
+	if (kvf && (!attn_simd_ok() || attn_kvf_fill(kvf, &src, j0, j1) != 0))
 		kvf = NULL;
 	attn_tiles(&src, kvf, tile, j0, j1, q, ng, ap->scale, &r);
 	attn_run_finish(&r, ng, src.dv, ap->sinks ? ap->sinks + h0 : NULL,
@@ -1053,12 +1053,13 @@ static void attn_tree_push(struct attn_tree *tr, int level, int ng, int dv)
 
 /* Pushes the chains v0 .. v1 - 1 of a row that sees n_page complete pages of
  * P positions, page i in chain i mod V, each the tiled kernel over its pages
- * in order.  The pages are src's positions [iP, (i+1)P), or, with pages,
- * pages[i] (k + koff, v + voff; src gives strides and sizes). */
+ * in order.  The pages are src's positions [iP, (i+1)P), with kvf (or NULL)
+ * its F32 copies; or, with pages, pages[i] (k + koff, v + voff; src gives
+ * strides and sizes), with pkv (or NULL) F32 copies of each page. */
 static void attn_chains(const struct attn_src *src, const struct attn_page *pages, size_t koff,
-			size_t voff, const struct attn_kvf *kvf, float *tile, int P, int V, int v0,
-			int v1, int n_page, const float *q, int ng, float scale,
-			struct attn_tree *tr)
+			size_t voff, const struct attn_kvf *kvf, struct attn_kvf *pkv, float *tile,
+			int P, int V, int v0, int v1, int n_page, const float *q, int ng,
+			float scale, struct attn_tree *tr)
 {
 	for (int v = v0; v < v1; v++) {
 		struct attn_run *r = attn_tree_next(tr, ng, src->dv);
@@ -1071,7 +1072,8 @@ static void attn_chains(const struct attn_src *src, const struct attn_page *page
 			ps.k = pages[i].k + koff;
 			ps.v = pages[i].v + voff;
 			ps.cap = P;
-			attn_tiles(&ps, NULL, tile, 0, P, q, ng, scale, r);
+			const int copied = pkv && attn_kvf_fill(&pkv[i], &ps, 0, P) == 0;
+			attn_tiles(&ps, copied ? &pkv[i] : NULL, tile, 0, P, q, ng, scale, r);
 		}
 		attn_tree_push(tr, 0, ng, src->dv);
 	}
@@ -1092,10 +1094,9 @@ ATTN_HOT static void attn_rows_sharded(const struct attn_job *jb, struct attn_kv
 	struct attn_tree tr = {.n = 0};
 	struct attn_src src;
 	const float *q = attn_rows_src(jb, t, h0, &src);
-	if (kvf && (!attn_simd_ok() || attn_kvf_fill(kvf, jb->c, src.cap, src.k, src.v, src.dk,
-						     src.dv, 0, pos + 1) != 0))
+	if (kvf && (!attn_simd_ok() || attn_kvf_fill(kvf, &src, 0, pos + 1) != 0))
 		kvf = NULL;
-	attn_chains(&src, NULL, 0, 0, kvf, tile, P, c->n_shard, 0, c->n_shard, pos / P, q, ng,
+	attn_chains(&src, NULL, 0, 0, kvf, NULL, tile, P, c->n_shard, 0, c->n_shard, pos / P, q, ng,
 		    ap->scale, &tr);
 	assert(tr.n == 1); /* V is a power of two */
 	struct attn_run *own = attn_tree_next(&tr, ng, src.dv);
@@ -1211,6 +1212,8 @@ struct attn_host_ctx {
 	const struct attn_host_job *job;
 	float *tiles; /* per thread, attn_tile_floats() each, or NULL */
 	size_t tile_floats;
+	struct attn_kvf *pkv; /* per thread, F32 copies of max_pages pages, or NULL */
+	int max_pages;
 };
 
 static void attn_host_worker(void *ctx, int ith, int nth)
@@ -1222,6 +1225,7 @@ static void attn_host_worker(void *ctx, int ith, int nth)
 	const int hpk = ap->n_head / ap->n_head_kv;
 	const int gpk = (hpk + ATTN_GROUP - 1) / ATTN_GROUP;
 	float *tile = hc->tiles ? hc->tiles + (size_t)ith * hc->tile_floats : NULL;
+	struct attn_kvf *pkv = hc->pkv ? hc->pkv + (size_t)ith * (size_t)hc->max_pages : NULL;
 	int64_t lo, hi;
 	pool_split((int64_t)job->n_rows * ap->n_head_kv * gpk, ith, nth, 1, &lo, &hi);
 	for (int64_t u = lo; u < hi; u++) {
@@ -1240,7 +1244,7 @@ static void attn_host_worker(void *ctx, int ith, int nth)
 		    job->q + ((size_t)r * (size_t)ap->n_head + (size_t)h0) * (size_t)dk;
 		struct attn_tree tr = {.n = 0};
 		attn_chains(&src, job->pages[r], (size_t)hkv * (size_t)dk, (size_t)hkv * (size_t)dv,
-			    NULL, tile, job->page, job->n_shard, job->v0, job->v1,
+			    NULL, pkv, tile, job->page, job->n_shard, job->v0, job->v1,
 			    job->pos[r] / job->page, q, h1 - h0, ap->scale, &tr);
 		attn_run_store(&tr.st[0], h1 - h0, dv,
 			       job->part + ((size_t)r * (size_t)ap->n_head + (size_t)h0) *
@@ -1290,7 +1294,18 @@ int attn_host_forward(pool *p, const struct attn_host_job *job)
 		hc.tile_floats = attn_tile_floats(ap->head_dim_k, ap->head_dim_v);
 		hc.tiles = malloc((size_t)pool_size(p) * hc.tile_floats * sizeof(float));
 	}
+	/* prompt rows: each thread converts a page once for all its rows */
+	for (int r = 0; r < job->n_rows; r++)
+		if (job->n_pages[r] > hc.max_pages)
+			hc.max_pages = job->n_pages[r];
+	if (hc.tiles && job->n_rows >= ATTN_TILE_Q && hc.max_pages > 0)
+		hc.pkv = calloc((size_t)pool_size(p) * (size_t)hc.max_pages, sizeof(*hc.pkv));
 	pool_run(p, attn_host_worker, &hc);
+	for (size_t i = 0; hc.pkv && i < (size_t)pool_size(p) * (size_t)hc.max_pages; i++) {
+		free(hc.pkv[i].kt);
+		free(hc.pkv[i].v);
+	}
+	free(hc.pkv);
 	free(hc.tiles);
 	return 0;
 }
