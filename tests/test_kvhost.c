@@ -13,7 +13,8 @@
  * - refused with an Error, after which the worker keeps serving: a batch
  *   needing a page that was never sent, a batch on a layer without pages, a
  *   page beyond the KV budget, a page whose sizes differ from its layer's,
- *   frames of the wrong size for KvPage and AttnBatch;
+ *   frames of the wrong size for KvPage and AttnBatch; a batch of no rows
+ *   (and no frame) gets an empty AttnResult;
  * - kvstore on its own: replacing a page keeps the bytes counted, missing
  *   pages have k == NULL, the budget is exact. */
 #define _GNU_SOURCE
@@ -359,6 +360,19 @@ static void test_kvhost_serves(void **state)
 	/* the whole tree on one host */
 	make_batch(b, 0, 0, 4);
 	check_batch(&k, pl, b);
+	/* no rows and no frame: an empty result */
+	struct wire_msg m = {.kind = WIRE_ATTN_BATCH};
+	m.u.attn_batch = b->w;
+	m.u.attn_batch.n_rows = 0;
+	link_send(&k, &m, NULL, 0);
+	struct wire_msg r;
+	const uint8_t *data;
+	size_t n;
+	link_recv(&k, &r, &data, &n);
+	assert_int_equal(r.kind, WIRE_ATTN_RESULT);
+	assert_int_equal(r.u.attn_result.n_rows, 0);
+	assert_int_equal(n, 0);
+	wire_msg_free(&r);
 	/* a query frame one float short */
 	refused_batch(&k, &b->w, b->q, wire_attn_batch_frame_bytes(&b->w) - sizeof(float),
 		      "wrong size");
@@ -374,7 +388,7 @@ static void test_kvhost_serves(void **state)
 	send_page(&k, 0, 0, 1, 1);
 	expect_error(&k, "wrong size");
 	/* widths other than the layer's */
-	struct wire_msg m = {.kind = WIRE_KV_PAGE};
+	m = (struct wire_msg){.kind = WIRE_KV_PAGE};
 	m.u.kv_page = (struct wire_kv_page){0, 0, 11, P, 64, 64};
 	link_send(&k, &m, pages[0][0][0], (size_t)P * 128 * sizeof(uint16_t)); /* 64 + 64 */
 	expect_error(&k, "differ from the layer's");

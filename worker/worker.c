@@ -692,7 +692,7 @@ static int worker_on_kv_page(struct worker *w, const struct wire_kv_page *h, con
 		worker_error(w, "KV page, but this worker offers no memory for KV pages");
 		return 0;
 	}
-	if (!data || n != wire_kv_page_frame_bytes(h)) {
+	if (n != wire_kv_page_frame_bytes(h)) { /* never 0: a frame is there */
 		worker_error(w, "KV page with a frame of the wrong size");
 		return 0;
 	}
@@ -725,7 +725,7 @@ static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *
 		worker_error(w, why);
 		return 0;
 	}
-	if (!data || n != wire_attn_batch_frame_bytes(b) || b->page != page) {
+	if (n != wire_attn_batch_frame_bytes(b) || b->page != page) {
 		worker_error(w, "attention batch with a query frame of the wrong size or pages of "
 				"another size than its layer's");
 		return 0;
@@ -743,7 +743,8 @@ static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *
 	double t0 = worker_now(), c0 = worker_cpu_now();
 	for (uint32_t i = 0; i < b->n_rows; i++)
 		kvstore_pages(w->kv, b->layer, b->seq[i], &pages[i], &n_pages[i]);
-	memcpy(w->out, data, n); /* the frame may not be aligned for floats */
+	if (n)				 /* no frame: no rows */
+		memcpy(w->out, data, n); /* the frame may not be aligned for floats */
 	const struct attn_params ap = {.n_head = (int)b->n_head,
 				       .n_head_kv = (int)b->n_head_kv,
 				       .head_dim_k = (int)b->head_dim_k,
