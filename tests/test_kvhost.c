@@ -14,7 +14,8 @@
  *   needing a page that was never sent, a batch on a layer without pages, a
  *   page beyond the KV budget, a page whose sizes differ from its layer's,
  *   frames of the wrong size for KvPage and AttnBatch; a batch of no rows
- *   (and no frame) gets an empty AttnResult;
+ *   (and no frame) gets an empty AttnResult; after Shutdown(rejoin) the
+ *   worker says Hello again and holds no page;
  * - kvstore on its own: replacing a page keeps the bytes counted, missing
  *   pages have k == NULL, the budget is exact. */
 #define _GNU_SOURCE
@@ -402,6 +403,14 @@ static void test_kvhost_serves(void **state)
 	/* still serving, with the same pages */
 	make_batch(b, 0, 2, 4);
 	check_batch(&k, pl, b);
+	/* Shutdown(rejoin): the worker forgets its pages and says Hello again */
+	m = (struct wire_msg){.kind = WIRE_SHUTDOWN, .shutdown_rejoin = 1};
+	link_send(&k, &m, NULL, 0);
+	link_recv(&k, &r, NULL, NULL);
+	assert_int_equal(r.kind, WIRE_HELLO);
+	assert_int_equal(r.u.hello.kv_bytes, BUDGET);
+	wire_msg_free(&r);
+	refused_batch(&k, &b->w, b->q, wire_attn_batch_frame_bytes(&b->w), "no KV page");
 	link_close(&k);
 	free(b);
 	free_pages();
