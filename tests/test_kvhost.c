@@ -13,9 +13,10 @@
  * - refused with an Error, after which the worker keeps serving: a batch
  *   needing a page that was never sent, a batch on a layer without pages, a
  *   page beyond the KV budget, a page whose sizes differ from its layer's,
- *   frames of the wrong size for KvPage and AttnBatch; a batch of no rows
- *   (and no frame) gets an empty AttnResult; after Shutdown(rejoin) the
- *   worker says Hello again and holds no page;
+ *   frames of the wrong size for KvPage and AttnBatch, a batch whose result
+ *   would exceed the frame cap; a batch of no rows (and no frame) gets an
+ *   empty AttnResult; after Shutdown(rejoin) the worker says Hello again and
+ *   holds no page;
  * - kvstore on its own: replacing a page keeps the bytes counted, missing
  *   pages have k == NULL, the budget is exact. */
 #define _GNU_SOURCE
@@ -381,6 +382,28 @@ static void test_kvhost_serves(void **state)
 	struct wire_attn_batch w = b->w;
 	w.page = 2 * P;
 	refused_batch(&k, &w, b->q, wire_attn_batch_frame_bytes(&w), "wrong size");
+	/* a result beyond the frame cap from a small query frame: 256 rows of
+	 * 1024 heads of 1 key value and 1024 values (1 MiB in, 1.0 GiB out) */
+	int32_t *many = calloc(256, sizeof(int32_t));
+	float *q1 = calloc((size_t)256 * 1024, sizeof(float));
+	assert_non_null(many);
+	assert_non_null(q1);
+	w = (struct wire_attn_batch){.layer = 0,
+				     .n_rows = 256,
+				     .n_head = 1024,
+				     .n_head_kv = 1,
+				     .head_dim_k = 1,
+				     .head_dim_v = 1024,
+				     .scale = 1,
+				     .page = P,
+				     .n_shard = V,
+				     .v1 = V,
+				     .seq = many,
+				     .pos = many};
+	refused_batch(&k, &w, q1, wire_attn_batch_frame_bytes(&w),
+		      "beyond this worker's frame cap");
+	free(many);
+	free(q1);
 	/* a layer without pages */
 	w = b->w;
 	w.layer = 5;

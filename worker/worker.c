@@ -736,10 +736,18 @@ static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *
 	const size_t out_bytes = wire_attn_result_frame_bytes(r);
 	const struct attn_page **pages = malloc((b->n_rows ? b->n_rows : 1) * sizeof(*pages));
 	int32_t *n_pages = malloc((b->n_rows ? b->n_rows : 1) * sizeof(*n_pages));
-	int rc = ERR_NOMEM;
-	if (!pages || !n_pages || worker_reserve(&w->out, &w->out_cap, n / sizeof(float)) ||
-	    worker_reserve(&w->items, &w->items_cap, out_bytes / sizeof(float)))
+	int rc = 0;
+	/* the sizes come from the coordinator: too much is its error, not ours */
+	if (out_bytes > TRANSPORT_FRAME_CAP_DEFAULT || !pages || !n_pages ||
+	    worker_reserve(&w->out, &w->out_cap, n / sizeof(float)) ||
+	    worker_reserve(&w->items, &w->items_cap, out_bytes / sizeof(float))) {
+		snprintf(why, sizeof(why),
+			 "attention batch on layer %u: a result of %zu bytes is beyond this "
+			 "worker's frame cap or memory",
+			 b->layer, out_bytes);
+		worker_error(w, why);
 		goto out;
+	}
 	double t0 = worker_now(), c0 = worker_cpu_now();
 	for (uint32_t i = 0; i < b->n_rows; i++)
 		kvstore_pages(w->kv, b->layer, b->seq[i], &pages[i], &n_pages[i]);
