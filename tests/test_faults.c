@@ -7,7 +7,10 @@
  * answering at its first batch is replaced within the same step by the
  * survivors (no error) and the logits are unchanged.  A Hello listing the
  * experts of a shard file survives encoding and decoding; ids out of range
- * are refused. */
+ * are refused.  The attention messages (KvPage, AttnBatch, AttnResult) and
+ * Hello's kv_bytes survive encoding and decoding, their frame sizes are
+ * computed without overflow, and every field out of range is refused. */
+#include <math.h>
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <signal.h>
@@ -290,16 +293,270 @@ static void test_hello_held(void **state)
 	free(buf);
 }
 
+/* Encodes m and decodes it into d; returns wire_decode's code. */
+static int round_trip(const struct wire_msg *m, struct wire_msg *d)
+{
+	uint8_t *buf = NULL;
+	size_t cap = 0, len = 0;
+	assert_int_equal(wire_encode(m, &buf, &cap, &len), 0);
+	int rc = wire_decode(buf, len, "test", d);
+	free(buf);
+	return rc;
+}
+
+/* m survives encoding and decoding into *d: the same kind and the same
+ * first `body` bytes of its body (one without arrays). */
+static void round_trip_same(const struct wire_msg *m, size_t body, struct wire_msg *d)
+{
+	assert_int_equal(round_trip(m, d), 0);
+	assert_int_equal(d->kind, m->kind);
+	assert_memory_equal(&d->u, &m->u, body);
+}
+
+static void test_attn_wire_round_trip(void **state)
+{
+	(void)state;
+	struct wire_msg m = {.kind = WIRE_HELLO}, d;
+	m.u.hello.kv_bytes = 3ull << 40;
+	m.u.hello.memory_bytes = 5;
+	assert_int_equal(round_trip(&m, &d), 0);
+	assert_int_equal(d.u.hello.kv_bytes, 3ull << 40);
+	assert_int_equal(d.u.hello.memory_bytes, 5);
+	wire_msg_free(&d);
+
+	m = (struct wire_msg){.kind = WIRE_KV_PAGE, .u.kv_page = {7, 3, 12, 128, 576, 0}};
+	round_trip_same(&m, sizeof(m.u.kv_page), &d);
+	assert_int_equal(wire_kv_page_frame_bytes(&d.u.kv_page), 128 * 576 * 2);
+	d.u.kv_page.v_width = 512;
+	assert_int_equal(wire_kv_page_frame_bytes(&d.u.kv_page), 128 * (576 + 512) * 2);
+	wire_msg_free(&d);
+
+	int32_t seq[3] = {0, 4, 4}, pos[3] = {0, 700, 1 << 30};
+	memset(&m, 0, sizeof(m));
+	m.kind = WIRE_ATTN_BATCH;
+	m.u.attn_batch = (struct wire_attn_batch){.step = 1ull << 40,
+						  .layer = 60,
+						  .n_rows = 3,
+						  .n_head = 64,
+						  .n_head_kv = 8,
+						  .head_dim_k = 128,
+						  .head_dim_v = 64,
+						  .scale = 0.088f,
+						  .page = 256,
+						  .n_shard = 8,
+						  .v0 = 4,
+						  .v1 = 8,
+						  .seq = seq,
+						  .pos = pos};
+	assert_int_equal(round_trip(&m, &d), 0);
+	assert_int_equal(d.kind, WIRE_ATTN_BATCH);
+	const struct wire_attn_batch *a = &m.u.attn_batch, *b = &d.u.attn_batch;
+	assert_true(b->step == a->step && b->layer == a->layer && b->n_rows == a->n_rows &&
+		    b->n_head == a->n_head && b->n_head_kv == a->n_head_kv &&
+		    b->head_dim_k == a->head_dim_k && b->head_dim_v == a->head_dim_v &&
+		    b->scale == a->scale && b->page == a->page && b->n_shard == a->n_shard &&
+		    b->v0 == a->v0 && b->v1 == a->v1);
+	assert_memory_equal(b->seq, seq, sizeof(seq));
+	assert_memory_equal(b->pos, pos, sizeof(pos));
+	assert_int_equal(wire_attn_batch_frame_bytes(b), 3 * 64 * 128 * 4);
+	wire_msg_free(&d);
+	/* no rows: empty arrays */
+	m.u.attn_batch.n_rows = 0;
+	assert_int_equal(round_trip(&m, &d), 0);
+	assert_int_equal(d.u.attn_batch.n_rows, 0);
+	assert_int_equal(wire_attn_batch_frame_bytes(&d.u.attn_batch), 0);
+	wire_msg_free(&d);
+
+	m = (struct wire_msg){.kind = WIRE_ATTN_RESULT, .u.attn_result = {9, 3, 5, 16, 512, 0.25}};
+	round_trip_same(&m, sizeof(m.u.attn_result), &d);
+	assert_int_equal(wire_attn_result_frame_bytes(&d.u.attn_result), 5 * 16 * (2 + 512) * 4);
+	wire_msg_free(&d);
+	assert_string_equal(wire_kind_name(WIRE_ATTN_RESULT), "attn_result");
+
+	/* frame sizes of fields beyond every cap do not wrap around */
+	const struct wire_kv_page hp = {0, 0, 0, UINT32_MAX, UINT32_MAX, UINT32_MAX};
+	const struct wire_attn_batch hb = {
+	    .n_rows = UINT32_MAX, .n_head = UINT32_MAX, .head_dim_k = UINT32_MAX};
+	const struct wire_attn_result hr = {
+	    .n_rows = UINT32_MAX, .n_head = UINT32_MAX, .head_dim_v = UINT32_MAX};
+	assert_true(wire_kv_page_frame_bytes(&hp) == SIZE_MAX);
+	assert_true(wire_attn_batch_frame_bytes(&hb) == SIZE_MAX);
+	assert_true(wire_attn_result_frame_bytes(&hr) == SIZE_MAX);
+}
+
+/* Decodes a hand-built AttnBatch envelope of 2 rows (seq {0, 1}) with n_pos
+ * positions (1..3: {1, 2, 3}). */
+static int attn_batch_envelope(int n_pos, struct wire_msg *d)
+{
+	const uint8_t body[] = {
+	    0x10, 2,		  /* layer */
+	    0x18, 2,		  /* n_rows */
+	    0x20, 8,		  /* n_head */
+	    0x28, 2,		  /* n_head_kv */
+	    0x30, 64,		  /* head_dim_k */
+	    0x38, 64,		  /* head_dim_v */
+	    0x45, 0,  0, 0, 0x3e, /* scale 0.125f */
+	    0x48, 64,		  /* page */
+	    0x50, 4,		  /* n_shard */
+	    0x60, 2,		  /* v1 */
+	    0x6a, 2,  0, 2,	  /* seq: packed sint32 {0, 1} */
+	};
+	uint8_t env[64];
+	size_t n = 0;
+	env[n++] = 0x08; /* version */
+	env[n++] = WIRE_VERSION;
+	env[n++] = 0x7a; /* field 15 (attn_batch), length-delimited */
+	env[n++] = (uint8_t)(sizeof(body) + 2 + (size_t)n_pos);
+	memcpy(env + n, body, sizeof(body));
+	n += sizeof(body);
+	env[n++] = 0x72; /* pos: packed sint32 {1, 2, 3}, zigzag */
+	env[n++] = (uint8_t)n_pos;
+	for (int i = 1; i <= n_pos; i++)
+		env[n++] = (uint8_t)(2 * i);
+	int rc = wire_decode(env, n, "test", d);
+	if (!rc) {
+		assert_int_equal(d->u.attn_batch.n_rows, 2);
+		assert_int_equal(d->u.attn_batch.seq[1], 1);
+		assert_int_equal(d->u.attn_batch.pos[1], 2);
+		wire_msg_free(d);
+	}
+	return rc;
+}
+
+/* Each case breaks one field of a valid message; the decoder must refuse it. */
+static void test_attn_wire_refused(void **state)
+{
+	(void)state;
+	struct wire_msg m, d;
+	const struct wire_kv_page good_page = {7, 3, 12, 128, 576, 0};
+	struct wire_kv_page bad_pages[] = {
+	    {MOE_MAX_LAYERS, 3, 12, 128, 576, 0},	   /* layer */
+	    {7, (uint32_t)INT32_MAX + 1, 12, 128, 576, 0}, /* seq */
+	    {7, 3, 12, 0, 576, 0},			   /* n_pos 0 */
+	    {7, 3, 12, 96, 576, 0},			   /* not a multiple of 64 */
+	    {7, 3, 0, (1u << 20) + 64, 576, 0},		   /* n_pos beyond the cap */
+	    {7, 3, (1u << 31) / 128, 128, 576, 0},	   /* positions beyond int32 */
+	    {7, 3, 12, 128, 0, 0},			   /* no keys */
+	    {7, 3, 12, 128, (1u << 16) + 1, 0},		   /* k_width */
+	    {7, 3, 12, 128, 576, (1u << 16) + 1},	   /* v_width */
+	};
+	memset(&m, 0, sizeof(m));
+	m.kind = WIRE_KV_PAGE;
+	m.u.kv_page = good_page;
+	assert_int_equal(round_trip(&m, &d), 0);
+	wire_msg_free(&d);
+	/* the last page whose positions fit an int32 */
+	m.u.kv_page.page = (1u << 31) / 128 - 1;
+	assert_int_equal(round_trip(&m, &d), 0);
+	wire_msg_free(&d);
+	for (size_t i = 0; i < sizeof(bad_pages) / sizeof(bad_pages[0]); i++) {
+		m.u.kv_page = bad_pages[i];
+		if (round_trip(&m, &d) != ERR_PROTO)
+			fail_msg("bad kv page %zu accepted", i);
+	}
+
+	int32_t seq[2] = {0, 1}, pos[2] = {64, 65};
+	const struct wire_attn_batch good = {.step = 1,
+					     .layer = 2,
+					     .n_rows = 2,
+					     .n_head = 8,
+					     .n_head_kv = 2,
+					     .head_dim_k = 64,
+					     .head_dim_v = 64,
+					     .scale = 0.125f,
+					     .page = 64,
+					     .n_shard = 4,
+					     .v0 = 0,
+					     .v1 = 2,
+					     .seq = seq,
+					     .pos = pos};
+	memset(&m, 0, sizeof(m));
+	m.kind = WIRE_ATTN_BATCH;
+	m.u.attn_batch = good;
+	assert_int_equal(round_trip(&m, &d), 0);
+	wire_msg_free(&d);
+	for (int i = 0;; i++) {
+		struct wire_attn_batch *b = &m.u.attn_batch;
+		*b = good;
+		seq[1] = 1;
+		pos[1] = 65;
+		switch (i) {
+		case 0: b->layer = MOE_MAX_LAYERS; break;
+		case 1: b->n_head = 0; break;
+		case 2: b->n_head = 1026, b->n_head_kv = 2; break;
+		case 3: b->n_head_kv = 3; break;
+		case 4: b->n_head_kv = 0; break;
+		case 5: b->n_head_kv = 16; break;
+		case 6: b->head_dim_k = 0; break;
+		case 7: b->head_dim_k = 1025; break;
+		case 8: b->head_dim_v = 0; break;
+		case 9: b->head_dim_v = 1025; break;
+		case 10: b->scale = NAN; break;
+		case 11: b->scale = INFINITY; break;
+		case 12: b->page = 0; break;
+		case 13: b->page = 100; break;
+		case 14: b->page = (1u << 20) + 64; break;
+		case 15: b->n_shard = 0; break;
+		case 16: b->n_shard = 6, b->v1 = 1; break;
+		case 17: b->n_shard = 128, b->v1 = 1; break;
+		case 18: b->v0 = 2; break;
+		case 19: b->v0 = 3, b->v1 = 1; break;
+		case 20: b->v1 = 5; break;
+		case 21: seq[1] = -1; break;
+		case 22: pos[1] = -1; break;
+		default: b = NULL; break;
+		}
+		if (!b)
+			break;
+		if (round_trip(&m, &d) != ERR_PROTO)
+			fail_msg("bad attention batch %d accepted", i);
+	}
+	/* seq and pos arrays of another length than n_rows: hand-built
+	 * envelopes (the encoder writes n_rows entries) */
+	struct wire_msg e;
+	for (int n_pos = 1; n_pos <= 3; n_pos++)
+		assert_int_equal(attn_batch_envelope(n_pos, &e), n_pos == 2 ? 0 : ERR_PROTO);
+	memset(&m, 0, sizeof(m));
+	m.kind = WIRE_ATTN_RESULT;
+	const struct wire_attn_result good_r = {9, 3, 5, 16, 512, 0.25};
+	const struct wire_attn_result bad_r[] = {
+	    {9, MOE_MAX_LAYERS, 5, 16, 512, 0.25},
+	    {9, 3, WIRE_MAX_ROWS + 1, 16, 512, 0.25},
+	    {9, 3, 5, 0, 512, 0.25},
+	    {9, 3, 5, 1025, 512, 0.25},
+	    {9, 3, 5, 16, 0, 0.25},
+	    {9, 3, 5, 16, 1025, 0.25},
+	    {9, 3, 5, 16, 512, -1},
+	    {9, 3, 5, 16, 512, NAN},
+	};
+	m.u.attn_result = good_r;
+	assert_int_equal(round_trip(&m, &d), 0);
+	wire_msg_free(&d);
+	for (size_t i = 0; i < sizeof(bad_r) / sizeof(bad_r[0]); i++) {
+		m.u.attn_result = bad_r[i];
+		if (round_trip(&m, &d) != ERR_PROTO)
+			fail_msg("bad attention result %zu accepted", i);
+	}
+	/* too many rows cannot be encoded */
+	memset(&m, 0, sizeof(m));
+	m.kind = WIRE_ATTN_BATCH;
+	m.u.attn_batch = good;
+	m.u.attn_batch.n_rows = WIRE_MAX_ROWS + 1;
+	uint8_t *buf = NULL;
+	size_t cap = 0, len = 0;
+	assert_int_equal(wire_encode(&m, &buf, &cap, &len), ERR_RANGE);
+	free(buf);
+}
+
 int main(void)
 {
 	snprintf(endpoint, sizeof(endpoint), "ipc:///tmp/moefleet-faults-%d.sock", (int)getpid());
 	log_set_quiet(1);
 	signal(SIGPIPE, SIG_IGN);
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_hello_held),
-	    cmocka_unit_test(test_bad_peers_refused),
-	    cmocka_unit_test(test_worker_dies),
-	    cmocka_unit_test(test_worker_hangs),
+	    cmocka_unit_test(test_hello_held),	      cmocka_unit_test(test_attn_wire_round_trip),
+	    cmocka_unit_test(test_attn_wire_refused), cmocka_unit_test(test_bad_peers_refused),
+	    cmocka_unit_test(test_worker_dies),	      cmocka_unit_test(test_worker_hangs),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

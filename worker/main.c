@@ -9,6 +9,7 @@
 #include "../common/err.h"
 #include "../common/log.h"
 #include "../common/transport.h"
+#include "../coordinator/model/footprint.h"
 #include "worker.h"
 
 static const char *usage =
@@ -22,10 +23,11 @@ static const char *usage =
     "  model; without, the coordinator streams their bytes.  The copy may be a\n"
     "  per-node shard file ('moefleet split-experts'): the worker then tells the\n"
     "  coordinator which experts it holds and receives only the others.\n"
-    "  --memory: bytes offered for experts (default: the node's memory, or its\n"
-    "  cgroup's limit, less 512 MiB).  --kv-memory: bytes offered for the KV\n"
-    "  pages of sharded attention, when the coordinator uses this worker as a KV\n"
-    "  host (default: the same as --memory; 0: none).\n"
+    "  --memory: bytes offered for experts (suffixes K, M, G, T: powers of 1024;\n"
+    "  default: the node's memory, or its cgroup's limit, less 512 MiB).\n"
+    "  --kv-memory: bytes offered for the KV pages of sharded attention, when\n"
+    "  the coordinator uses this worker as a KV host (same syntax; default: the\n"
+    "  same as for experts; 0: none).\n"
     "  --slowdown F makes every batch take F times as long (to test balancing on\n"
     "  uneven hardware).\n"
     "  tcp:// links are CURVE-authenticated and encrypted: --key is this worker's\n"
@@ -103,9 +105,10 @@ int main(int argc, char **argv)
 			}
 			cfg.slowdown = f;
 		} else if (!strcmp(a, "--memory") || !strcmp(a, "--kv-memory")) {
-			int kv = !strcmp(a, "--kv-memory");
-			unsigned long long m = strtoull(v, &end, 10);
-			if (errno || *end || v[0] == '-' || (m == 0 && !kv) || m > INT64_MAX) {
+			int kv = !strcmp(a, "--kv-memory"), n = 0;
+			uint64_t m = 0;
+			if (!(kv && !strcmp(v, "0")) &&
+			    (footprint_parse_memory(v, &m, 1, &n) || n != 1 || m > INT64_MAX)) {
 				fprintf(stderr, "moefleet-worker: bad %s '%s'\n%s", a, v, usage);
 				return 2;
 			}

@@ -692,7 +692,7 @@ static int worker_on_kv_page(struct worker *w, const struct wire_kv_page *h, con
 		worker_error(w, "KV page, but this worker offers no memory for KV pages");
 		return 0;
 	}
-	if (!data || n != wire_kv_page_frame_bytes(h)) {
+	if (n != wire_kv_page_frame_bytes(h)) { /* never 0: a frame is there */
 		worker_error(w, "KV page with a frame of the wrong size");
 		return 0;
 	}
@@ -725,7 +725,7 @@ static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *
 		worker_error(w, why);
 		return 0;
 	}
-	if (!data || n != wire_attn_batch_frame_bytes(b) || b->page != page) {
+	if (n != wire_attn_batch_frame_bytes(b) || b->page != page) {
 		worker_error(w, "attention batch with a query frame of the wrong size or pages of "
 				"another size than its layer's");
 		return 0;
@@ -736,14 +736,23 @@ static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *
 	const size_t out_bytes = wire_attn_result_frame_bytes(r);
 	const struct attn_page **pages = malloc((b->n_rows ? b->n_rows : 1) * sizeof(*pages));
 	int32_t *n_pages = malloc((b->n_rows ? b->n_rows : 1) * sizeof(*n_pages));
-	int rc = ERR_NOMEM;
-	if (!pages || !n_pages || worker_reserve(&w->out, &w->out_cap, n / sizeof(float)) ||
-	    worker_reserve(&w->items, &w->items_cap, out_bytes / sizeof(float)))
+	int rc = 0;
+	/* the sizes come from the coordinator: too much is its error, not ours */
+	if (out_bytes > TRANSPORT_FRAME_CAP_DEFAULT || !pages || !n_pages ||
+	    worker_reserve(&w->out, &w->out_cap, n / sizeof(float)) ||
+	    worker_reserve(&w->items, &w->items_cap, out_bytes / sizeof(float))) {
+		snprintf(why, sizeof(why),
+			 "attention batch on layer %u: a result of %zu bytes is beyond this "
+			 "worker's frame cap or memory",
+			 b->layer, out_bytes);
+		worker_error(w, why);
 		goto out;
+	}
 	double t0 = worker_now(), c0 = worker_cpu_now();
 	for (uint32_t i = 0; i < b->n_rows; i++)
 		kvstore_pages(w->kv, b->layer, b->seq[i], &pages[i], &n_pages[i]);
-	memcpy(w->out, data, n); /* the frame may not be aligned for floats */
+	if (n)				 /* no frame: no rows */
+		memcpy(w->out, data, n); /* the frame may not be aligned for floats */
 	const struct attn_params ap = {.n_head = (int)b->n_head,
 				       .n_head_kv = (int)b->n_head_kv,
 				       .head_dim_k = (int)b->head_dim_k,

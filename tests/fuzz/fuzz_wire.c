@@ -6,7 +6,8 @@
  *      a worker or coordinator receives them: a Batch's activation frame must
  *      have wire_batch_frame_bytes() for an n_embd picked by the second byte
  *      and is then converted row by row to F32 like a worker does, a Result's
- *      frame is read as F32 outputs.
+ *      frame is read as F32 outputs; the frames of KvPage, AttnBatch and
+ *      AttnResult must have their wire_*_frame_bytes() and are read whole.
  * Every decoded message must encode again, and decode to the same message. */
 #include "fuzz.h"
 #include "../../common/log.h"
@@ -40,10 +41,31 @@ static void fuzz_same(const struct wire_msg *a, const struct wire_msg *b)
 			abort();
 		break;
 	}
+	case WIRE_KV_PAGE:
+		if (memcmp(&a->u.kv_page, &b->u.kv_page, sizeof(a->u.kv_page)))
+			abort();
+		break;
+	case WIRE_ATTN_BATCH: {
+		const struct wire_attn_batch *x = &a->u.attn_batch, *y = &b->u.attn_batch;
+		if (x->step != y->step || x->layer != y->layer || x->n_rows != y->n_rows ||
+		    x->n_head != y->n_head || x->n_head_kv != y->n_head_kv ||
+		    x->head_dim_k != y->head_dim_k || x->head_dim_v != y->head_dim_v ||
+		    memcmp(&x->scale, &y->scale, sizeof(x->scale)) || x->page != y->page ||
+		    x->n_shard != y->n_shard || x->v0 != y->v0 || x->v1 != y->v1 ||
+		    memcmp(x->seq, y->seq, x->n_rows * sizeof(int32_t)) ||
+		    memcmp(x->pos, y->pos, x->n_rows * sizeof(int32_t)))
+			abort();
+		break;
+	}
+	case WIRE_ATTN_RESULT:
+		if (memcmp(&a->u.attn_result, &b->u.attn_result, sizeof(a->u.attn_result)))
+			abort();
+		break;
 	case WIRE_HELLO:
 		if (strcmp(a->u.hello.name, b->u.hello.name) ||
 		    strcmp(a->u.hello.model_sha, b->u.hello.model_sha) ||
 		    a->u.hello.memory_bytes != b->u.hello.memory_bytes ||
+		    a->u.hello.kv_bytes != b->u.hello.kv_bytes ||
 		    a->u.hello.shard_file != b->u.hello.shard_file ||
 		    a->u.hello.n_held != b->u.hello.n_held)
 			abort();
@@ -71,6 +93,18 @@ static void fuzz_round_trip(const struct wire_msg *m)
 	free(buf);
 }
 
+/* Reads every byte of a frame (as floats where it has whole ones). */
+static void fuzz_read_floats(const uint8_t *frame, size_t n)
+{
+	volatile float sum = 0;
+	for (size_t i = 0; i + sizeof(float) <= n; i += sizeof(float)) {
+		float v;
+		memcpy(&v, frame + i, sizeof(v));
+		sum += v;
+	}
+	(void)sum; /* the reads are what matters: every byte of the frame */
+}
+
 static void fuzz_frame(const struct wire_msg *m, const uint8_t *frame, size_t n, uint32_t n_embd)
 {
 	if (m->kind == WIRE_BATCH) {
@@ -85,15 +119,14 @@ static void fuzz_frame(const struct wire_msg *m, const uint8_t *frame, size_t n,
 			kern_dequant_row(b->dtype, frame + r * row, x, n_embd);
 		free(x);
 	} else if (m->kind == WIRE_RESULT) {
-		if (n != wire_result_frame_bytes(&m->u.result, n_embd))
-			return;
-		volatile float sum = 0;
-		for (size_t i = 0; i + sizeof(float) <= n; i += sizeof(float)) {
-			float v;
-			memcpy(&v, frame + i, sizeof(v));
-			sum += v;
-		}
-		(void)sum; /* the reads are what matters: every byte of the frame */
+		if (n == wire_result_frame_bytes(&m->u.result, n_embd))
+			fuzz_read_floats(frame, n);
+	} else if ((m->kind == WIRE_KV_PAGE && n == wire_kv_page_frame_bytes(&m->u.kv_page)) ||
+		   (m->kind == WIRE_ATTN_BATCH &&
+		    n == wire_attn_batch_frame_bytes(&m->u.attn_batch)) ||
+		   (m->kind == WIRE_ATTN_RESULT &&
+		    n == wire_attn_result_frame_bytes(&m->u.attn_result))) {
+		fuzz_read_floats(frame, n);
 	}
 }
 

@@ -49,6 +49,7 @@ int main(int argc, char **argv)
 	m.kind = WIRE_HELLO;
 	m.u.hello.cores = 2;
 	m.u.hello.memory_bytes = 1 << 30;
+	m.u.hello.kv_bytes = 1 << 29;
 	snprintf(m.u.hello.name, sizeof(m.u.hello.name), "w1");
 	wire_encode(&m, &buf, &cap, &len);
 	put("hello", 0, buf, len, NULL, 0, 0);
@@ -105,6 +106,28 @@ int main(int argc, char **argv)
 	wire_encode(&m, &buf, &cap, &len);
 	put("result", 0, buf, len, NULL, 0, 0);
 	put("result", 2, buf, len, frame, 32 * sizeof(float), 0);
+
+	memset(&m, 0, sizeof(m));
+	m.kind = WIRE_KV_PAGE;
+	m.u.kv_page = (struct wire_kv_page){1, 0, 2, 64, 2, 0};
+	wire_encode(&m, &buf, &cap, &len);
+	put("kv_page", 0, buf, len, NULL, 0, 0);
+	put("kv_page", 2, buf, len, frame, wire_kv_page_frame_bytes(&m.u.kv_page), 0);
+
+	int32_t seq[2] = {0, 1}, at[2] = {64, 200};
+	memset(&m, 0, sizeof(m));
+	m.kind = WIRE_ATTN_BATCH;
+	m.u.attn_batch = (struct wire_attn_batch){8, 1, 2, 2, 1, 8, 8, 0.35f, 64, 4, 0, 2, seq, at};
+	wire_encode(&m, &buf, &cap, &len);
+	put("attn_batch", 0, buf, len, NULL, 0, 0);
+	put("attn_batch", 2, buf, len, frame, wire_attn_batch_frame_bytes(&m.u.attn_batch), 0);
+
+	memset(&m, 0, sizeof(m));
+	m.kind = WIRE_ATTN_RESULT;
+	m.u.attn_result = (struct wire_attn_result){8, 1, 2, 2, 8, 0.001};
+	wire_encode(&m, &buf, &cap, &len);
+	put("attn_result", 0, buf, len, NULL, 0, 0);
+	put("attn_result", 2, buf, len, frame, wire_attn_result_frame_bytes(&m.u.attn_result), 0);
 
 	memset(&m, 0, sizeof(m));
 	m.kind = WIRE_HEARTBEAT;
