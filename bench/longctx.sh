@@ -10,6 +10,8 @@
 #   MOEFLEET  the moefleet binary (default: ./moefleet, else next to bench/)
 #   THREADS   threads (default 2)
 #   PP        0: skip the prompt runs (default 1)
+#   HOSTS     also decode with the chains on this many local workers as KV
+#             hosts (--workers HOSTS; they share this machine's cores)
 set -euo pipefail
 model=${1:?usage: bench/longctx.sh MODEL.gguf [LENGTHS] [V] [P] [ROUNDS] [TG]}
 lengths=${2:-4096 8192}
@@ -49,12 +51,14 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) p
 
 echo "model: $model, threads $threads, --kv-shards $shards --kv-page $page, $rounds rounds," \
 	"$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
-printf '%8s %12s %12s %6s %12s %12s %6s\n' length "tg default" "tg sharded" ratio \
-	"pp default" "pp sharded" ratio
+printf '%8s %12s %12s %6s %12s %12s %6s %12s\n' length "tg default" "tg sharded" ratio \
+	"pp default" "pp sharded" ratio "tg hosts"
 for L in $lengths; do
 	for ((r = 0; r < rounds; r++)); do
 		run "d$L" --pp 0 --tg "$tg" --depth "$L"
 		run "s$L" --pp 0 --tg "$tg" --depth "$L" --kv-shards "$shards" --kv-page "$page"
+		[ -n "${HOSTS:-}" ] && run "h$L" --pp 0 --tg "$tg" --depth "$L" --kv-shards "$shards" \
+			--kv-page "$page" --workers "$HOSTS"
 		if [ "${PP:-1}" != 0 ]; then
 			run "d$L" --pp "$L" --tg 0
 			run "s$L" --pp "$L" --tg 0 --kv-shards "$shards" --kv-page "$page"
@@ -62,6 +66,6 @@ for L in $lengths; do
 	done
 	dt=$(median "$tmp/d$L.tg"); st=$(median "$tmp/s$L.tg")
 	dp=$(median "$tmp/d$L.pp"); sp=$(median "$tmp/s$L.pp")
-	printf '%8s %12s %12s %6s %12s %12s %6s\n' "$L" "$dt" "$st" "$(ratio "$st" "$dt")" \
-		"$dp" "$sp" "$(ratio "$sp" "$dp")"
+	printf '%8s %12s %12s %6s %12s %12s %6s %12s\n' "$L" "$dt" "$st" "$(ratio "$st" "$dt")" \
+		"$dp" "$sp" "$(ratio "$sp" "$dp")" "$(median "$tmp/h$L.tg")"
 done

@@ -102,8 +102,8 @@ sleep 0.5
 kill -9 "${wk[1]}" 2>/dev/null
 wait "$coord"
 rc=$?
-if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && grep -q 'KV host 1 is lost' "$tmp/kill.err"; then
-	ok "a KV host killed mid-generation: the coordinator stops with 'KV host 1 is lost' (exit $rc)"
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && grep -q 'KV host [0-9]* is lost' "$tmp/kill.err"; then
+	ok "a KV host killed mid-generation: the coordinator stops with 'KV host N is lost' (exit $rc)"
 else
 	notok "killed KV host: exit $rc, $(grep -m1 -E 'error|lost' "$tmp/kill.err")"
 fi
