@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# KV hosts over shaped links: a coordinator and two workers, each in its own
+# network namespace (veth links to a bridge, made and removed here), every
+# link shaped with `tc qdisc ... tbf` at each RATE.  Per rate it decodes TG
+# tokens after an L-token prompt (`moefleet bench --depth L`) with the
+# experts on the workers and the attention chains on the coordinator
+# (--kv-hosts 0), and with the chains on the two workers as KV hosts, and
+# prints both speeds: the difference is what the hosts cost (their messages
+# and their share of the attention) on that link.  Needs root.
+#   bench/longctx_link.sh MODEL.gguf [L] [V] [P] [TG] [RATES]
+# Defaults: L 8192, V 8, P 1024, TG 32, RATES "10gbit 1gbit".
+set -u
+model=${1:?usage: bench/longctx_link.sh MODEL.gguf [L] [V] [P] [TG] [RATES]}
+L=${2:-8192}
+V=${3:-8}
+P=${4:-1024}
+tg=${5:-32}
+rates=${6:-10gbit 1gbit}
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/locate.sh"
+bench_locate bench.mjs
+bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
+wbin=$(dirname "$bin")/moefleet-worker
+model=$(cd "$(dirname "$model")" && pwd)/$(basename "$model")
+tag=mfl$$
+c=${tag}c
+tmp=$(mktemp -d)
+cleanup() {
+	for ns in "$c" "${tag}w1" "${tag}w2"; do
+		ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null
+		ip netns del "$ns" 2>/dev/null
+	done
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+[ "$(id -u)" -eq 0 ] || { echo "longctx_link: needs root (ip netns, tc)" >&2; exit 2; }
+ip netns add "$c" || exit 2
+ip -n "$c" link set lo up
+ip -n "$c" link add br0 type bridge
+ip -n "$c" addr add 10.214.0.1/24 dev br0
+ip -n "$c" link set br0 up
+for i in 1 2; do
+	w=${tag}w$i
+	ip netns add "$w"
+	ip link add "vc$i$tag" netns "$c" type veth peer name eth0 netns "$w"
+	ip -n "$c" link set "vc$i$tag" master br0 up
+	ip -n "$w" link set lo up
+	ip -n "$w" addr add "10.214.0.1$i/24" dev eth0
+	ip -n "$w" link set eth0 up
+done
+shape() { # RATE on both ends of both links
+	for i in 1 2; do
+		for dev in "$c vc$i$tag" "${tag}w$i eth0"; do
+			set -- $dev
+			ip netns exec "$1" tc qdisc replace dev "$2" root tbf rate "$rate" burst 512kb \
+				latency 100ms
+		done
+	done
+}
+port=$((20000 + $$ % 20000))
+# run HOSTS: the bench's tg speed with --kv-hosts HOSTS
+run() {
+	port=$((port + 1))
+	ip netns exec "$c" "$bin" bench -m "$model" --pp 0 --tg "$tg" --depth "$L" --reps 1 \
+		--threads 2 --kv-shards "$V" --kv-page "$P" --kv-hosts "$1" \
+		--listen "tcp://10.214.0.1:$port" --insecure --expect-workers 2 >"$tmp/out" \
+		2>"$tmp/err" &
+	local cp=$!
+	for i in 1 2; do
+		ip netns exec "${tag}w$i" "$wbin" --connect "tcp://10.214.0.1:$port" --insecure \
+			--threads 1 2>/dev/null &
+	done
+	wait "$cp" || { echo "longctx_link: bench failed: $(grep -m1 error "$tmp/err")" >&2; exit 1; }
+	wait
+	sed -n 's/^bench: .* tg[0-9]* \([0-9.]*\) tok\/s$/\1/p' "$tmp/out"
+}
+echo "model: $model, depth $L, --kv-shards $V --kv-page $P, tg$tg," \
+	"$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
+printf '%8s %16s %16s\n' link "chains here" "2 KV hosts"
+for rate in $rates; do
+	shape
+	printf '%8s %16s %16s\n' "$rate" "$(run 0)" "$(run 2)"
+done
