@@ -178,9 +178,9 @@ int model_set_kv_hosts(model *m, const struct attn_remote_ops *ops, void *self, 
 {
 	attn_cache *c = m->arch->kv_cache ? m->arch->kv_cache(m->state) : NULL;
 	if (!c) {
-		log_error("%s: %s keeps its KV on the coordinator (no KV hosts)", gguf_path(m->g),
-			  m->info.arch);
-		return ERR_CONFIG;
+		log_warn("%s: %s keeps its KV on the coordinator: no KV hosts", gguf_path(m->g),
+			 m->info.arch);
+		return 0;
 	}
 	return attn_cache_set_remote(c, ops, self, n_hosts);
 }

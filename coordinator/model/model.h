@@ -66,8 +66,8 @@ pool *model_get_pool(model *m);
 /* Replaces the in-process expert backend (the model takes ownership). */
 void model_set_experts(model *m, expert_backend *b);
 /* The chains of the sharded attention (params kv_shards) go to n_hosts KV
- * hosts behind ops (attn_cache_set_remote); ERR_CONFIG for an architecture
- * that keeps its KV here (deepseek4) or without kv_shards. */
+ * hosts behind ops (attn_cache_set_remote); ERR_CONFIG without kv_shards.  An
+ * architecture that keeps its KV here (deepseek4) says so and goes on. */
 struct attn_remote_ops;
 int model_set_kv_hosts(model *m, const struct attn_remote_ops *ops, void *self, int n_hosts);
 /* Detaches the current backend and returns it (the caller owns it and must
