@@ -406,7 +406,9 @@ static void test_attn_shards_any_batch(void **state)
 }
 
 /* KV hosts in the process: pages copied when shipped, each host's chains
- * computed by attn_host_forward() over its copies. */
+ * computed by attn_host_forward() over its copies; each offers
+ * fake_budget_bytes. */
+static uint64_t fake_budget_bytes = UINT64_MAX;
 struct fake_hosts {
 	pool *p;
 	int n_layer, n_seq, n_page;
@@ -470,6 +472,12 @@ static int fake_submit(void *self, int host, int layer, const struct attn_params
 	return attn_host_forward(f->p, &job);
 }
 
+static uint64_t fake_budget(void *self, int host)
+{
+	(void)self, (void)host;
+	return fake_budget_bytes;
+}
+
 static int fake_collect(void *self, int layer, const float **parts)
 {
 	struct fake_hosts *f = self;
@@ -490,7 +498,8 @@ static void test_attn_shards_hosts(void **state)
 {
 	(void)state;
 	enum { NT = 300, NS = 2, NH = 4, P = 64, V = 4 };
-	static const struct attn_remote_ops ops = {fake_ship, fake_submit, fake_collect};
+	static const struct attn_remote_ops ops = {fake_ship, fake_submit, fake_collect,
+						   fake_budget};
 	for (int mla = 0; mla < 2; mla++) {
 		const int nkv = mla ? 1 : 2, dk = mla ? 40 : 24, dv = mla ? 32 : 24;
 		const int kw = nkv * dk, vw = nkv * dv;
@@ -524,8 +533,17 @@ static void test_attn_shards_hosts(void **state)
 			assert_int_equal(pool_new(2, &p), 0);
 			struct fake_hosts f = {.p = p, .n_layer = 1, .n_seq = NS, .n_page = NT / P};
 			f.pages = calloc((size_t)NS * f.n_page, sizeof(*f.pages));
-			if (R)
+			if (R) {
+				/* a host must have room for its pages of every slot's
+				 * whole context: pages 0-3, each with a table entry */
+				const uint64_t page_bytes =
+				    64 * (uint64_t)(kw + (mla ? 0 : vw)) * 2 +
+				    sizeof(struct attn_page);
+				fake_budget_bytes = ((uint64_t)(4 / R) * page_bytes + 32) * NS - 1;
+				assert_int_equal(attn_cache_set_remote(c, &ops, &f, R), ERR_CONFIG);
+				fake_budget_bytes++;
 				assert_int_equal(attn_cache_set_remote(c, &ops, &f, R), 0);
+			}
 			/* sequence 0: a prompt in steps of 29 up to 203, then one
 			 * token per step; sequence 1 one token in each step */
 			memset(got, 0, sizeof(got));

@@ -109,6 +109,25 @@ else
 fi
 kill -9 "${wk[0]}" 2>/dev/null
 
+# Hosts that cannot hold every slot's whole context are refused at start.
+ep=ipc://$tmp/small.sock
+timeout 60 "$bin" logits -m "$data/qwen3moe-tiny-mxfp4.gguf" --tokens @"$tmp/ids" --n-prompt 1400 \
+	"${sh[@]}" --listen "$ep" --expect-workers 2 --out "$tmp/small.f32" 2>"$tmp/small.err" &
+coord=$!
+pids+=("$coord")
+for i in 0 1; do
+	"$wbin" --connect "$ep" --threads 1 --kv-memory 100K 2>/dev/null &
+	pids+=($!)
+done
+wait "$coord"
+rc=$?
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] &&
+	grep -q 'would hold up to .* but offers 102400 (moefleet-worker --kv-memory)' "$tmp/small.err"; then
+	ok "hosts offering 100K for a context that needs more: refused at start (exit $rc)"
+else
+	notok "small KV hosts: exit $rc, $(grep -m1 error "$tmp/small.err")"
+fi
+
 # The coordinator's memory capped below the KV of the context (cgroup v1):
 # the pages on 2 KV hosts, the generated ids of an uncapped run.
 mem=/sys/fs/cgroup/memory

@@ -55,8 +55,8 @@ static int kv_ship(void *self, int host, int layer, int seq, int page, int n_pos
 	if (nv)
 		memcpy(c->kv_buf + nk * sizeof(uint16_t), v, nv * sizeof(uint16_t));
 	struct wire_msg m = {.kind = WIRE_KV_PAGE};
-	m.u.kv_page = (struct wire_kv_page){(uint32_t)layer,   (uint32_t)seq,	  (uint32_t)page,
-					    (uint32_t)n_pos,   (uint32_t)k_width, (uint32_t)v_width};
+	m.u.kv_page = (struct wire_kv_page){(uint32_t)layer, (uint32_t)seq,	(uint32_t)page,
+					    (uint32_t)n_pos, (uint32_t)k_width, (uint32_t)v_width};
 	int rc = kv_send(c, host, &m, c->kv_buf, bytes);
 	if (!rc) {
 		c->w[host].st.kv_pages++;
@@ -198,7 +198,14 @@ static int kv_collect(void *self, int layer, const float **parts)
 	return rc;
 }
 
-static const struct attn_remote_ops kv_ops = {kv_ship, kv_submit, kv_collect};
+/* What the worker offered in its Hello. */
+static uint64_t kv_budget(void *self, int host)
+{
+	const cluster *c = self;
+	return c->w[host].hello.kv_bytes;
+}
+
+static const struct attn_remote_ops kv_ops = {kv_ship, kv_submit, kv_collect, kv_budget};
 
 int cluster_kv_hosts(cluster *c, int n_shard, int want, const struct attn_remote_ops **ops,
 		     int *n_hosts)

@@ -1172,6 +1172,32 @@ int attn_cache_set_remote(attn_cache *c, const struct attn_remote_ops *ops, void
 		if (!c->shipped)
 			return ERR_NOMEM;
 	}
+	/* the most a host holds: the complete pages of its chains, every full
+	 * layer and slot, each page with its entry in the host's page table,
+	 * and an entry per (layer, slot) */
+	const int max_page = (c->n_ctx - 1) / c->page, per = c->n_shard / n_hosts;
+	uint64_t layers = 0;
+	for (int l = 0; l < c->n_layer; l++)
+		layers += c->cap[l] == c->n_ctx;
+	const uint64_t page_bytes = (uint64_t)c->page *
+					(uint64_t)(c->k_width + (c->v == c->k ? 0 : c->v_width)) *
+					sizeof(uint16_t) +
+				    sizeof(struct attn_page);
+	for (int h = 0; h < n_hosts; h++) {
+		uint64_t pages = 0;
+		for (int i = 0; i < max_page; i++)
+			pages += i % c->n_shard / per == h;
+		const uint64_t need = (pages * page_bytes + 32) * layers * (uint64_t)c->n_seq;
+		const uint64_t have = ops->budget(self, h);
+		if (need > have) {
+			log_error("KV host %d would hold up to %llu bytes of pages (%d slot(s) of "
+				  "%d positions), but offers %llu (moefleet-worker --kv-memory): "
+				  "fewer or shorter slots, or more hosts",
+				  h, (unsigned long long)need, c->n_seq, c->n_ctx,
+				  (unsigned long long)have);
+			return ERR_CONFIG;
+		}
+	}
 	c->remote = ops;
 	c->remote_self = self;
 	c->n_hosts = n_hosts;

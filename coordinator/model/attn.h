@@ -170,13 +170,17 @@ struct attn_remote_ops {
 	/* parts[h], h < n_hosts: [n_tokens][n_head][ATTN_PART_FLOATS(dv)] of each
 	 * submitted host, NULL for the others */
 	int (*collect)(void *self, int layer, const float **parts);
+	/* bytes host h offers for pages (its page table included) */
+	uint64_t (*budget)(void *self, int host);
 };
 
 /* From now on the chains of complete pages on layers without a window are
  * computed by n_hosts hosts (a power of two dividing the cache's V; 0: none,
  * back to local).  Pages shipped to the hosts are released locally (their
  * memory goes back to the system); the cache keeps every sequence's page in
- * progress.  ERR_CONFIG without sharded numerics or with a bad n_hosts. */
+ * progress.  ERR_CONFIG without sharded numerics, with a bad n_hosts, or when
+ * a host would not have room for the pages of every slot's whole context
+ * (logged with the numbers: the cluster admits what its hosts can hold). */
 int attn_cache_set_remote(attn_cache *c, const struct attn_remote_ops *ops, void *self,
 			  int n_hosts);
 
