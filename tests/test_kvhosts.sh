@@ -48,13 +48,13 @@ for m in qwen3moe-tiny-mxfp4 gptoss-tiny-mxfp4 ds2-tiny-q4_0; do
 		notok "$m: in-process --kv-shards run failed: $(head -1 "$tmp/err")"
 		continue
 	fi
-	if run --out "$tmp/w2.f32" --workers 2 && grep -q 'KV hosts: workers 0-1' "$tmp/err" &&
+	if run --out "$tmp/w2.f32" --workers 2 && grep -q 'KV hosts: 2 worker' "$tmp/err" &&
 		cmp -s "$tmp/inproc.f32" "$tmp/w2.f32"; then
 		ok "$m: --workers 2, pages on 2 KV hosts (zmq ipc), bit-identical"
 	else
 		notok "$m: --workers 2 with KV hosts differs or failed: $(grep -m1 -E 'error|KV' "$tmp/err")"
 	fi
-	if run --out "$tmp/w3.f32" --workers 3 --kv-hosts 1 && grep -q 'KV hosts: workers 0-0' "$tmp/err" &&
+	if run --out "$tmp/w3.f32" --workers 3 --kv-hosts 1 && grep -q 'KV hosts: 1 worker' "$tmp/err" &&
 		cmp -s "$tmp/inproc.f32" "$tmp/w3.f32"; then
 		ok "$m: --workers 3 --kv-hosts 1 bit-identical"
 	else
@@ -80,34 +80,51 @@ for m in qwen3moe-tiny-mxfp4 gptoss-tiny-mxfp4 ds2-tiny-q4_0; do
 	fi
 done
 
-# A KV host killed during a generation: a named error, no hang.
+# A KV host killed during a generation: the chains go to the host left and
+# the sequence is computed again from its ids, so the generated ids are the
+# in-process run's.  With no host left: a named error, no hang.
 m=$data/qwen3moe-tiny-mxfp4.gguf
-ep=ipc://$tmp/kill.sock
-timeout 120 "$bin" generate -m "$m" --tokens 1,2,3 -n 3000 --print-ids --threads 1 "${sh[@]}" \
-	--kv-page 64 --listen "$ep" --expect-workers 2 --worker-timeout 3000 >"$tmp/kill.out" \
-	2>"$tmp/kill.err" &
-coord=$!
-pids+=("$coord")
-wk=()
-for i in 0 1; do
-	"$wbin" --connect "$ep" --threads 1 --name "w$i" 2>"$tmp/kill.w$i.err" &
-	wk+=($!)
-	pids+=($!)
-done
-for _ in $(seq 300); do
-	grep -q 'KV hosts' "$tmp/kill.err" 2>/dev/null && [ -s "$tmp/kill.out" ] && break
-	sleep 0.1
-done
-sleep 0.5
-kill -9 "${wk[1]}" 2>/dev/null
-wait "$coord"
-rc=$?
-if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && grep -q 'KV host [0-9]* is lost' "$tmp/kill.err"; then
-	ok "a KV host killed mid-generation: the coordinator stops with 'KV host N is lost' (exit $rc)"
+gen=(generate -m "$m" --tokens 1,2,3 -n 3000 --print-ids --threads 1 --kv-shards 4 --kv-page 64)
+"$bin" "${gen[@]}" >"$tmp/gen.out" 2>/dev/null
+tail -1 "$tmp/gen.out" >"$tmp/gen.ids"
+# kill NAME KV_MEMORY_OF_W0: w0 and w1, w1 killed once the generation runs;
+# sets rc
+kill_run() {
+	local name=$1
+	ep=ipc://$tmp/$name.sock
+	timeout 120 "$bin" "${gen[@]}" --listen "$ep" --expect-workers 2 --worker-timeout 3000 \
+		>"$tmp/$name.out" 2>"$tmp/$name.err" &
+	coord=$!
+	pids+=("$coord")
+	"$wbin" --connect "$ep" --threads 1 --name w0 --kv-memory "$2" 2>/dev/null &
+	w0=$!
+	"$wbin" --connect "$ep" --threads 1 --name w1 2>/dev/null &
+	w1=$!
+	pids+=("$w0" "$w1")
+	for _ in $(seq 600); do
+		grep -q 'KV hosts' "$tmp/$name.err" 2>/dev/null && [ -s "$tmp/$name.out" ] && break
+		sleep 0.05
+	done
+	kill -9 "$w1" 2>/dev/null
+	wait "$coord"
+	rc=$?
+	kill -9 "$w0" 2>/dev/null
+	wait "$w0" "$w1" 2>/dev/null
+}
+kill_run recover 1G
+if [ "$rc" -eq 0 ] && grep -q 'computed again on 1 host' "$tmp/recover.err" &&
+	cmp -s "$tmp/gen.ids" <(tail -1 "$tmp/recover.out"); then
+	ok "a KV host killed mid-generation: computed again on the host left, the in-process ids"
 else
-	notok "killed KV host: exit $rc, $(grep -m1 -E 'error|lost' "$tmp/kill.err")"
+	notok "killed KV host: exit $rc, $(grep -m1 -E 'error|again' "$tmp/recover.err")"
 fi
-kill -9 "${wk[0]}" 2>/dev/null
+kill_run lost 0
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && grep -q 'KV host 0 (worker [0-9]) is lost' "$tmp/lost.err" &&
+	grep -q 'no live worker offers memory for KV pages' "$tmp/lost.err"; then
+	ok "the only KV host killed: the coordinator stops, naming it (exit $rc)"
+else
+	notok "the only KV host killed: exit $rc, $(grep -m1 error "$tmp/lost.err")"
+fi
 
 # Hosts that cannot hold every slot's whole context are refused at start.
 ep=ipc://$tmp/small.sock

@@ -338,6 +338,58 @@ static int cli_emit(tokenizer_stream *ts, int32_t id, char *buf, size_t cap)
 	return 0;
 }
 
+/* The prompt ids[0..n) of sequence 0 in one step, from position 0; logits: the
+ * last position's. */
+static int cli_prompt(model *m, const int32_t *ids, int n, float *logits)
+{
+	int rc = ERR_NOMEM;
+	int32_t *pos = malloc((size_t)n * sizeof(int32_t));
+	int32_t *seq = calloc((size_t)n, sizeof(int32_t));
+	uint8_t *want = calloc((size_t)n, 1);
+	if (pos && seq && want) {
+		for (int i = 0; i < n; i++)
+			pos[i] = i;
+		want[n - 1] = 1;
+		model_batch b = {n, ids, pos, seq, want};
+		rc = model_forward(m, &b, logits);
+	}
+	free(pos);
+	free(seq);
+	free(want);
+	return rc;
+}
+
+/* A KV host was lost in the middle of the sequence: the pages it held are
+ * gone.  The chains go to the hosts left and the sequence is computed again
+ * from its ids in the steps it had (the prompt in one, then one generated
+ * token per step), which gives the same bits; logits: the last step's.  0, or
+ * an error (also when the failure was not a lost KV host). */
+static int cli_kv_recover(const struct cli_opts *o, model *m, const struct cli_cluster *cc,
+			  const int32_t *ids, int n, const int32_t *gen, int n_gen, float *logits)
+{
+	if (!cc->c || !cluster_kv_lost(cc->c))
+		return ERR_PEER;
+	const struct attn_remote_ops *ops = NULL;
+	int n_hosts = 0;
+	int rc = cluster_kv_hosts(cc->c, (int)o->kv_shards,
+				  o->kv_hosts_given ? (int)o->kv_hosts : -1, &ops, &n_hosts);
+	if (!rc)
+		rc = model_set_kv_hosts(m, ops, cc->c, n_hosts);
+	if (rc)
+		return rc;
+	log_warn("a KV host was lost: the %d tokens of the sequence are computed again on %d "
+		 "host(s)",
+		 n + n_gen, n_hosts);
+	model_reset_seq(m, 0);
+	rc = cli_prompt(m, ids, n, logits);
+	for (int j = 0; j < n_gen && !rc; j++) {
+		int32_t p = n + j, s0 = 0;
+		model_batch d = {1, &gen[j], &p, &s0, NULL};
+		rc = model_forward(m, &d, logits);
+	}
+	return rc;
+}
+
 int cli_generate(int argc, char **argv)
 {
 	struct cli_opts o = {.n_predict = -1, .top_p = 1.0};
@@ -417,24 +469,9 @@ int cli_generate(int argc, char **argv)
 	piece = malloc(pcap);
 	logits = malloc((size_t)info->n_vocab * sizeof(float));
 	out_ids = malloc(((size_t)o.n_predict + 1) * sizeof(int32_t));
-	int32_t *pos = malloc((size_t)(n > 0 ? n : 1) * sizeof(int32_t));
-	int32_t *seq = calloc((size_t)(n > 0 ? n : 1), sizeof(int32_t));
-	uint8_t *want = calloc((size_t)(n > 0 ? n : 1), 1);
-	if (!piece || !logits || !out_ids || !pos || !seq || !want) {
-		free(pos);
-		free(seq);
-		free(want);
+	if (!piece || !logits || !out_ids)
 		goto out;
-	}
-	for (int i = 0; i < n; i++)
-		pos[i] = i;
-	want[n - 1] = 1;
-	model_batch b = {n, ids, pos, seq, want};
-	int frc = model_forward(m, &b, logits);
-	free(pos);
-	free(seq);
-	free(want);
-	if (frc)
+	if (cli_prompt(m, ids, n, logits) && cli_kv_recover(&o, m, &cc, ids, n, out_ids, 0, logits))
 		goto out;
 	if (o.prompt)
 		fputs(o.prompt, stdout);
@@ -456,7 +493,8 @@ int cli_generate(int argc, char **argv)
 			break;
 		int32_t p = n + i, s0 = 0;
 		model_batch d = {1, &next, &p, &s0, NULL};
-		if (model_forward(m, &d, logits))
+		if (model_forward(m, &d, logits) &&
+		    cli_kv_recover(&o, m, &cc, ids, n, out_ids, n_out, logits))
 			goto out;
 	}
 	size_t fl = 0;

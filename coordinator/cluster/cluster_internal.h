@@ -143,8 +143,10 @@ struct cluster {
 	uint64_t epoch_step0; /* fwd_step at the start of the epoch in force */
 	struct cluster_epoch_stats *epochs;
 	size_t n_epochs;
-	/* KV hosts (kvhost.c): workers 0 .. kv_hosts - 1 */
+	/* KV hosts (kvhost.c): host h is worker kv_w[h], h < kv_hosts */
 	int kv_hosts;
+	int kv_w[ATTN_MAX_HOSTS];
+	int kv_lost;			   /* a host was lost since cluster_kv_hosts() */
 	uint64_t kv_asked[ATTN_MAX_HOSTS]; /* step of the AttnBatch in flight to each, 0: none */
 	double kv_sent[ATTN_MAX_HOSTS];
 	float *kv_part[ATTN_MAX_HOSTS]; /* each host's last AttnResult frame */

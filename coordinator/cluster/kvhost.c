@@ -1,11 +1,12 @@
-/* cluster KV hosts: the cluster's first workers as the KV hosts of the sharded
+/* cluster KV hosts: the cluster's workers as the KV hosts of the sharded
  * attention (attn.h, attn_remote_ops).  A complete page goes to the host of its
  * chain as one KvPage (keys then values in the raw frame), each layer's rows
  * to every host that holds a page some row sees as one AttnBatch (the queries
  * in F32), and the AttnResults come back in any order.  Only the coordinator
  * holds the tail of each sequence, so a lost host takes pages that exist
  * nowhere else: the step fails with an error naming the host, never waits
- * past the worker time-out. */
+ * past the worker time-out; cluster_kv_hosts() again gives the chains to the
+ * hosts left, and the sequences are computed again from their ids. */
 #include "cluster_internal.h"
 #include "../../common/err.h"
 #include "../../common/log.h"
@@ -14,16 +15,26 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Host h's peer, or a logged ERR_PEER when it is gone. */
+/* 0 while host h's worker lives, else a logged ERR_PEER. */
 static int kv_live(cluster *c, int h)
 {
-	if (h < 0 || h >= c->kv_hosts || c->w[h].lost) {
-		log_error("KV host %d is lost: the pages of its attention chains are gone, and the "
-			  "sequences that use them cannot go on (prompt them again)",
-			  h);
+	if (h < 0 || h >= c->kv_hosts || c->w[c->kv_w[h]].lost) {
+		log_error("KV host %d (worker %d) is lost: the pages of its attention chains are "
+			  "gone, and the sequences that use them must be computed again",
+			  h, h >= 0 && h < c->kv_hosts ? c->kv_w[h] : -1);
+		c->kv_lost = 1;
 		return ERR_PEER;
 	}
 	return 0;
+}
+
+/* The host index of worker w, or -1. */
+static int kv_host_of(const cluster *c, int w)
+{
+	for (int h = 0; h < c->kv_hosts; h++)
+		if (c->kv_w[h] == w)
+			return h;
+	return -1;
 }
 
 static int kv_send(cluster *c, int h, const struct wire_msg *m, const void *data, size_t n)
@@ -31,8 +42,8 @@ static int kv_send(cluster *c, int h, const struct wire_msg *m, const void *data
 	int rc = kv_live(c, h);
 	if (rc)
 		return rc;
-	if (cluster_send(c, h, m, data, n)) {
-		cluster_drop(c, h, "cannot send");
+	if (cluster_send(c, c->kv_w[h], m, data, n)) {
+		cluster_drop(c, c->kv_w[h], "cannot send");
 		return kv_live(c, h);
 	}
 	return 0;
@@ -59,8 +70,8 @@ static int kv_ship(void *self, int host, int layer, int seq, int page, int n_pos
 					    (uint32_t)n_pos, (uint32_t)k_width, (uint32_t)v_width};
 	int rc = kv_send(c, host, &m, c->kv_buf, bytes);
 	if (!rc) {
-		c->w[host].st.kv_pages++;
-		c->w[host].st.kv_bytes += bytes;
+		c->w[c->kv_w[host]].st.kv_pages++;
+		c->w[c->kv_w[host]].st.kv_bytes += bytes;
 	}
 	return rc;
 }
@@ -95,17 +106,19 @@ static int kv_submit(void *self, int host, int layer, const struct attn_params *
 	c->kv_heads = ap->n_head;
 	c->kv_dv = ap->head_dim_v;
 	c->kv_sent[host] = cluster_now();
-	c->w[host].st.kv_batches++;
+	c->w[c->kv_w[host]].st.kv_batches++;
 	return 0;
 }
 
-/* A message received while waiting for AttnResults: 1 when it was host h's
- * answer (copied into its buffer), 0 otherwise, or an error. */
+/* A message from worker `who` received while waiting for AttnResults: 1 when
+ * it was the answer of a host (copied into its buffer), 0 otherwise, or an
+ * error. */
 static int kv_take(cluster *c, int who, const struct wire_msg *m, const uint8_t *data, size_t n)
 {
+	const int h = kv_host_of(c, who);
 	if (m->kind == WIRE_ATTN_RESULT) {
 		const struct wire_attn_result *r = &m->u.attn_result;
-		if (who >= c->kv_hosts || !c->kv_asked[who] || r->step != c->kv_asked[who]) {
+		if (h < 0 || !c->kv_asked[h] || r->step != c->kv_asked[h]) {
 			log_warn("worker %d: stale attention result for step %llu ignored", who,
 				 (unsigned long long)r->step);
 			return 0;
@@ -113,25 +126,25 @@ static int kv_take(cluster *c, int who, const struct wire_msg *m, const uint8_t 
 		if (r->n_rows != (uint32_t)c->kv_rows || r->n_head != (uint32_t)c->kv_heads ||
 		    r->head_dim_v != (uint32_t)c->kv_dv || n != wire_attn_result_frame_bytes(r)) {
 			cluster_drop(c, who, "attention result does not match its batch");
-			return kv_live(c, who);
+			return kv_live(c, h);
 		}
-		if (n > c->kv_part_cap[who]) {
-			float *p = realloc(c->kv_part[who], n);
+		if (n > c->kv_part_cap[h]) {
+			float *p = realloc(c->kv_part[h], n);
 			if (!p)
 				return ERR_NOMEM;
-			c->kv_part[who] = p;
-			c->kv_part_cap[who] = n;
+			c->kv_part[h] = p;
+			c->kv_part_cap[h] = n;
 		}
-		memcpy(c->kv_part[who], data, n);
-		c->kv_asked[who] = 0;
+		memcpy(c->kv_part[h], data, n);
+		c->kv_asked[h] = 0;
 		c->w[who].st.compute_seconds += r->compute_seconds;
-		c->w[who].st.wait_seconds += cluster_now() - c->kv_sent[who];
+		c->w[who].st.wait_seconds += cluster_now() - c->kv_sent[h];
 		return 1;
 	}
 	if (m->kind == WIRE_ERROR) {
 		log_error("worker %d: %s", who, m->u.text);
 		cluster_drop(c, who, m->u.text);
-		return who < c->kv_hosts ? kv_live(c, who) : 0;
+		return h >= 0 ? kv_live(c, h) : 0;
 	}
 	if (m->kind == WIRE_READY)
 		cluster_on_ready(c, who, &m->u.ready);
@@ -155,14 +168,14 @@ static int kv_collect(void *self, int layer, const float **parts)
 			if (!c->kv_asked[h])
 				continue;
 			if (now >= c->kv_sent[h] + c->cfg.timeout_ms / 1000.0) {
-				cluster_drop(c, h, "no answer within the worker time-out");
+				cluster_drop(c, c->kv_w[h], "no answer within the worker time-out");
 				rc = kv_live(c, h);
 				break;
 			}
 			struct wire_msg hb = {.kind = WIRE_HEARTBEAT};
 			hb.u.heartbeat_nonce = c->step;
-			if (cluster_send(c, h, &hb, NULL, 0)) {
-				cluster_drop(c, h, "connection lost");
+			if (cluster_send(c, c->kv_w[h], &hb, NULL, 0)) {
+				cluster_drop(c, c->kv_w[h], "connection lost");
 				rc = kv_live(c, h);
 			}
 		}
@@ -202,7 +215,7 @@ static int kv_collect(void *self, int layer, const float **parts)
 static uint64_t kv_budget(void *self, int host)
 {
 	const cluster *c = self;
-	return c->w[host].hello.kv_bytes;
+	return c->w[c->kv_w[host]].hello.kv_bytes;
 }
 
 static const struct attn_remote_ops kv_ops = {kv_ship, kv_submit, kv_collect, kv_budget};
@@ -210,21 +223,30 @@ static const struct attn_remote_ops kv_ops = {kv_ship, kv_submit, kv_collect, kv
 int cluster_kv_hosts(cluster *c, int n_shard, int want, const struct attn_remote_ops **ops,
 		     int *n_hosts)
 {
-	int live = 0;
-	while (live < c->n && !c->w[live].lost && c->w[live].hello.kv_bytes > 0)
-		live++;
+	int live = 0, w[ATTN_MAX_HOSTS];
+	for (int i = 0; i < c->n && live < ATTN_MAX_HOSTS; i++)
+		if (!c->w[i].lost && c->w[i].hello.kv_bytes > 0)
+			w[live++] = i;
 	int r = 1;
-	while (2 * r <= live && 2 * r <= n_shard && 2 * r <= ATTN_MAX_HOSTS &&
-	       (want <= 0 || 2 * r <= want))
+	while (2 * r <= live && 2 * r <= n_shard && (want <= 0 || 2 * r <= want))
 		r *= 2;
 	if (live == 0 || r > n_shard) {
-		log_error("no worker offers memory for KV pages (moefleet-worker --kv-memory)");
+		log_error(
+		    "no live worker offers memory for KV pages (moefleet-worker --kv-memory)");
 		return ERR_CONFIG;
 	}
+	memcpy(c->kv_w, w, (size_t)r * sizeof(int));
 	c->kv_hosts = r;
+	c->kv_lost = 0;
 	*ops = &kv_ops;
 	*n_hosts = r;
-	log_info("KV hosts: workers 0-%d hold the pages of %d attention chain(s) each", r - 1,
-		 n_shard / r);
+	log_info("KV hosts: %d worker(s) from worker %d hold the pages of %d attention chain(s) "
+		 "each",
+		 r, w[0], n_shard / r);
 	return 0;
+}
+
+int cluster_kv_lost(const cluster *c)
+{
+	return c->kv_lost;
 }

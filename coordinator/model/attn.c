@@ -1198,6 +1198,7 @@ int attn_cache_set_remote(attn_cache *c, const struct attn_remote_ops *ops, void
 			return ERR_CONFIG;
 		}
 	}
+	memset(c->shipped, 0, 2 * (size_t)c->n_layer * (size_t)c->n_seq * sizeof(int32_t));
 	c->remote = ops;
 	c->remote_self = self;
 	c->n_hosts = n_hosts;

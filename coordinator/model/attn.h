@@ -176,7 +176,9 @@ struct attn_remote_ops {
 
 /* From now on the chains of complete pages on layers without a window are
  * computed by n_hosts hosts (a power of two dividing the cache's V; 0: none,
- * back to local).  Pages shipped to the hosts are released locally (their
+ * back to local).  No page counts as shipped any more: after a change of
+ * hosts every sequence is reset and computed again (the local copies of
+ * shipped pages are gone).  Pages shipped to the hosts are released locally (their
  * memory goes back to the system); the cache keeps every sequence's page in
  * progress.  ERR_CONFIG without sharded numerics, with a bad n_hosts, or when
  * a host would not have room for the pages of every slot's whole context
