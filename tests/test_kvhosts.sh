@@ -35,9 +35,9 @@ command -v mpirun >/dev/null 2>&1 && have_mpi=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export OMPI_MCA_btl_vader_single_copy_mechanism=none
 
-# ids N SEED: N token ids below 400
-ids() { awk -v n="$1" -v s="$2" 'BEGIN { for (i = 0; i < n; i++) {
-	s = (s * 1103515245 + 12345) % 2147483648; printf "%s%d", (i ? "," : ""), 3 + s % 397 } }'; }
+# ids N SEED [BELOW]: N token ids from 3 to BELOW - 1 (default 400)
+ids() { awk -v n="$1" -v s="$2" -v m="$((${3:-400} - 3))" 'BEGIN { for (i = 0; i < n; i++) {
+	s = (s * 1103515245 + 12345) % 2147483648; printf "%s%d", (i ? "," : ""), 3 + s % m } }'; }
 ids 1500 7 >"$tmp/ids"
 sh=(--kv-shards 4 --kv-page 128)
 
@@ -156,9 +156,7 @@ else
 	cg=$mem/moefleet-kv-$$
 	# demo-kjv: 2 MiB of KV per 1K tokens, 16 MiB for this prompt; the
 	# coordinator peaks near 53 MB with the KV, 31 MB without (measured)
-	awk -v n=8000 -v s=11 'BEGIN { for (i = 0; i < n; i++) {
-		s = (s * 1103515245 + 12345) % 2147483648; printf "%s%d", (i ? "," : ""), 3 + s % 3000 } }' \
-		>"$tmp/long"
+	ids 8000 11 3003 >"$tmp/long"
 	gen=(generate -m "$data/demo-kjv.gguf" --tokens @"$tmp/long" -n 8 --print-ids --threads 2
 		--kv-shards 8 --kv-page 512)
 	"$bin" "${gen[@]}" >"$tmp/free.out" 2>"$tmp/free.err"

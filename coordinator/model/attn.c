@@ -1106,43 +1106,56 @@ ATTN_HOT static void attn_rows_sharded(const struct attn_job *jb, struct attn_kv
 			attn_rows_out(jb, t, h0));
 }
 
+/* The units attention splits a layer's rows into: (group of at most
+ * ATTN_GROUP query heads of one KV head, row), group-major as ggml's rows
+ * are head-major, so a thread takes whole groups when it can: causal rows of
+ * every length are spread evenly, and its rows share keys. */
+static int64_t attn_units(const struct attn_params *ap, int n_rows)
+{
+	const int hpk = ap->n_head / ap->n_head_kv;
+	return (int64_t)n_rows * ap->n_head_kv * ((hpk + ATTN_GROUP - 1) / ATTN_GROUP);
+}
+
+/* Unit u: row *t, heads *h0 .. *h0 + *ng - 1. */
+static void attn_unit(const struct attn_params *ap, int n_rows, int64_t u, int *t, int *h0, int *ng)
+{
+	const int hpk = ap->n_head / ap->n_head_kv; /* heads per KV head */
+	const int gpk = (hpk + ATTN_GROUP - 1) / ATTN_GROUP;
+	const int gi = (int)(u / n_rows), end = (gi / gpk + 1) * hpk;
+	*t = (int)(u % n_rows);
+	*h0 = gi / gpk * hpk + gi % gpk * ATTN_GROUP;
+	*ng = (*h0 + ATTN_GROUP < end ? *h0 + ATTN_GROUP : end) - *h0;
+}
+
 static void attn_worker(void *ctx, int ith, int nth)
 {
 	const struct attn_job *jb = ctx;
 	const struct attn_params *ap = jb->ap;
 	const int n_tok = jb->b->n_tokens;
-	const int hpk = ap->n_head / ap->n_head_kv; /* heads per KV head */
-	const int gpk = (hpk + ATTN_GROUP - 1) / ATTN_GROUP;
 	int64_t lo, hi;
-	/* units (group of heads, token), group-major as ggml's rows are
-	 * head-major: each thread takes whole groups when it can, so causal
-	 * rows of every length are spread evenly, and its rows share keys */
-	pool_split((int64_t)n_tok * ap->n_head_kv * gpk, ith, nth, 1, &lo, &hi);
+	pool_split(attn_units(ap, n_tok), ith, nth, 1, &lo, &hi);
 	struct attn_kvf *kvf = jb->tiled_ok || jb->sharded ? attn_kvf_get(jb->c, ith) : NULL;
 	float *tile = jb->sharded ? attn_kvf_tile(kvf, ap->head_dim_k, ap->head_dim_v) : NULL;
 	for (int64_t u = lo; u < hi; u++) {
-		const int gi = (int)(u / n_tok);
-		const int t = (int)(u % n_tok);
-		const int h0 = gi / gpk * hpk + gi % gpk * ATTN_GROUP;
-		const int h1 =
-		    h0 + ATTN_GROUP < (gi / gpk + 1) * hpk ? h0 + ATTN_GROUP : (gi / gpk + 1) * hpk;
+		int t, h0, ng;
+		attn_unit(ap, n_tok, u, &t, &h0, &ng);
 		const int32_t n_seq_tok = jb->c->seq_tokens[jb->b->seq[t]];
 		if (jb->sharded) {
 			/* the same kernel for every row; F32 copies of the keys
 			 * when the sequence's rows are enough to pay for them */
 			struct attn_kvf *kv = n_seq_tok >= ATTN_TILE_Q && tile ? kvf : NULL;
 			if (ap->window > 0)
-				attn_rows_tiled(jb, kv, tile, t, h0, h1 - h0);
+				attn_rows_tiled(jb, kv, tile, t, h0, ng);
 			else
-				attn_rows_sharded(jb, kv, tile, t, h0, h1 - h0);
+				attn_rows_sharded(jb, kv, tile, t, h0, ng);
 			continue;
 		}
 		/* the kernel llama.cpp would use for this sequence alone */
 		if (jb->tiled_ok && n_seq_tok >= ATTN_TILE_Q) {
-			attn_rows_tiled(jb, kvf, NULL, t, h0, h1 - h0);
+			attn_rows_tiled(jb, kvf, NULL, t, h0, ng);
 			continue;
 		}
-		for (int h = h0; h < h1; h++)
+		for (int h = h0; h < h0 + ng; h++)
 			if (jb->split_ok && n_seq_tok == 1 &&
 			    attn_llama_n_kv(jb->b->pos[t]) >= ATTN_SPLIT_MIN_KV)
 				attn_row_split(jb, t, h);
@@ -1249,19 +1262,14 @@ static void attn_host_worker(void *ctx, int ith, int nth)
 	const struct attn_host_job *job = hc->job;
 	const struct attn_params *ap = job->ap;
 	const int dk = ap->head_dim_k, dv = ap->head_dim_v;
-	const int hpk = ap->n_head / ap->n_head_kv;
-	const int gpk = (hpk + ATTN_GROUP - 1) / ATTN_GROUP;
 	float *tile = hc->tiles ? hc->tiles + (size_t)ith * hc->tile_floats : NULL;
 	struct attn_kvf *pkv = hc->pkv ? hc->pkv + (size_t)ith * (size_t)hc->max_pages : NULL;
 	int64_t lo, hi;
-	pool_split((int64_t)job->n_rows * ap->n_head_kv * gpk, ith, nth, 1, &lo, &hi);
+	pool_split(attn_units(ap, job->n_rows), ith, nth, 1, &lo, &hi);
 	for (int64_t u = lo; u < hi; u++) {
-		const int gi = (int)(u / job->n_rows);
-		const int r = (int)(u % job->n_rows);
-		const int hkv = gi / gpk;
-		const int h0 = hkv * hpk + gi % gpk * ATTN_GROUP;
-		const int h1 =
-		    h0 + ATTN_GROUP < (hkv + 1) * hpk ? h0 + ATTN_GROUP : (hkv + 1) * hpk;
+		int r, h0, ng;
+		attn_unit(ap, job->n_rows, u, &r, &h0, &ng);
+		const int hkv = h0 / (ap->n_head / ap->n_head_kv);
 		const struct attn_src src = {.ks = (size_t)job->k_width,
 					     .vs = (size_t)job->v_stride,
 					     .dk = dk,
@@ -1272,8 +1280,8 @@ static void attn_host_worker(void *ctx, int ith, int nth)
 		struct attn_tree tr = {.n = 0};
 		attn_chains(&src, job->pages[r], (size_t)hkv * (size_t)dk, (size_t)hkv * (size_t)dv,
 			    NULL, pkv, tile, job->page, job->n_shard, job->v0, job->v1,
-			    job->pos[r] / job->page, q, h1 - h0, ap->scale, &tr);
-		attn_run_store(&tr.st[0], h1 - h0, dv,
+			    job->pos[r] / job->page, q, ng, ap->scale, &tr);
+		attn_run_store(&tr.st[0], ng, dv,
 			       job->part + ((size_t)r * (size_t)ap->n_head + (size_t)h0) *
 					       ATTN_PART_FLOATS(dv));
 	}
@@ -1402,25 +1410,21 @@ static void attn_remote_own(void *ctx, int ith, int nth)
 	const struct attn_params *ap = jb->ap;
 	const int P = jb->c->page;
 	int64_t lo, hi;
-	pool_split((int64_t)jb->b->n_tokens * ap->n_head_kv, ith, nth, 1, &lo, &hi);
-	const int hpk = ap->n_head / ap->n_head_kv;
+	pool_split(attn_units(ap, jb->b->n_tokens), ith, nth, 1, &lo, &hi);
 	struct attn_kvf *kvf = attn_kvf_get(jb->c, ith);
 	float *tile = attn_kvf_tile(kvf, ap->head_dim_k, ap->head_dim_v);
 	for (int64_t u = lo; u < hi; u++) {
-		const int t = (int)(u % jb->b->n_tokens), hkv = (int)(u / jb->b->n_tokens);
-		for (int h0 = hkv * hpk; h0 < (hkv + 1) * hpk; h0 += ATTN_GROUP) {
-			const int ng = hpk - (h0 - hkv * hpk) < ATTN_GROUP ? hpk - (h0 - hkv * hpk)
-									   : ATTN_GROUP;
-			struct attn_src src;
-			struct attn_run r;
-			const float *q = attn_rows_src(jb, t, h0, &src);
-			const int pos = jb->b->pos[t];
-			attn_run_init(&r, ng, src.dv);
-			attn_tiles(&src, NULL, tile, pos / P * P, pos + 1, q, ng, ap->scale, &r);
-			attn_run_store(&r, ng, src.dv,
-				       rj->own + ((size_t)t * (size_t)ap->n_head + (size_t)h0) *
-						     ATTN_PART_FLOATS(src.dv));
-		}
+		int t, h0, ng;
+		attn_unit(ap, jb->b->n_tokens, u, &t, &h0, &ng);
+		struct attn_src src;
+		struct attn_run r;
+		const float *q = attn_rows_src(jb, t, h0, &src);
+		const int pos = jb->b->pos[t];
+		attn_run_init(&r, ng, src.dv);
+		attn_tiles(&src, NULL, tile, pos / P * P, pos + 1, q, ng, ap->scale, &r);
+		attn_run_store(&r, ng, src.dv,
+			       rj->own + ((size_t)t * (size_t)ap->n_head + (size_t)h0) *
+					     ATTN_PART_FLOATS(src.dv));
 	}
 }
 
