@@ -49,6 +49,7 @@ struct cli_opts {
 	double temp, top_p;
 	unsigned long long seed;
 	int print_ids;
+	int ignore_eos; /* generate: end-of-generation tokens do not stop */
 	int help;
 	/* cluster */
 	long workers;	     /* --workers N: spawn N local workers over ipc:// */

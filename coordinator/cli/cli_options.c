@@ -81,6 +81,10 @@ int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts *o)
 			o->print_ids = 1;
 			continue;
 		}
+		if (!strcmp(a, "--ignore-eos")) {
+			o->ignore_eos = 1;
+			continue;
+		}
 		if (!strcmp(a, "--stream-weights")) {
 			o->stream_weights = 1;
 			continue;

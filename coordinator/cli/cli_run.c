@@ -315,9 +315,10 @@ out:
 
 static const char *cli_usage_generate =
     "usage: moefleet generate -m MODEL.gguf (--tokens IDS | -p TEXT) -n N [--temp T]\n"
-    "                         [--top-k K] [--top-p P] [--seed S] [--print-ids] [--threads T]\n"
+    "                         [--top-k K] [--top-p P] [--seed S] [--print-ids] [--ignore-eos] [--threads T]\n"
     "  Greedy at temperature 0 (the default).  Streams text as it is generated;\n"
-    "  --print-ids also prints the generated ids as one comma-separated line.\n";
+    "  --print-ids also prints the generated ids as one comma-separated line;\n"
+    "  --ignore-eos goes on past end-of-generation tokens until N tokens.\n";
 
 /* SIGTERM / SIGINT while generating: stop after the current token, so that
  * the cluster shuts down cleanly (every worker is sent Shutdown). */
@@ -396,7 +397,7 @@ int cli_generate(int argc, char **argv)
 	if (cli_parse(
 		argc, argv,
 		"-m --model --tokens -p --prompt -n --n-predict --temp --top-k --top-p --seed "
-		"--print-ids --threads -t" CLI_CLUSTER_OPTS,
+		"--print-ids --ignore-eos --threads -t" CLI_CLUSTER_OPTS,
 		&o) ||
 	    (!o.help && (!o.model || (!o.tokens == !o.prompt) || o.n_predict < 0))) {
 		fputs(cli_usage_generate, stderr);
@@ -489,7 +490,7 @@ int cli_generate(int argc, char **argv)
 		out_ids[n_out++] = next;
 		if (cli_emit(ts, next, piece, pcap))
 			goto out;
-		if (tokenizer_is_eog(tok, next) || i + 1 == o.n_predict)
+		if ((tokenizer_is_eog(tok, next) && !o.ignore_eos) || i + 1 == o.n_predict)
 			break;
 		int32_t p = n + i, s0 = 0;
 		model_batch d = {1, &next, &p, &s0, NULL};
