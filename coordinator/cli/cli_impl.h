@@ -34,6 +34,8 @@ int cli_model_open(int argc, char **argv, struct model_params *mp, model **m, st
 cluster *cli_model_cluster(struct cli_model *h); /* NULL without workers */
 const char *cli_model_usage(void);		 /* help text of those options */
 void cli_model_close(model **m, struct cli_model **h);
+/* After a lost KV host: cli_kv_rehost with local chains allowed. */
+int cli_model_kv_rehost(struct cli_model *h, model *m, int *n_hosts);
 
 /* Options common to every subcommand that loads a model. */
 struct cli_opts {
@@ -79,6 +81,8 @@ struct cli_opts {
 	long kv_page;		     /* --kv-page P (0: the default) */
 	long kv_hosts;		     /* --kv-hosts N */
 	int kv_hosts_given;
+	int64_t kv_local; /* --kv-local-memory B, when kv_local_given */
+	int kv_local_given;
 	long batch;		     /* logits: --batch N (0: the default) */
 	long depth;		     /* bench: --depth D */
 	int roofline;		     /* bench --roofline */
@@ -88,7 +92,7 @@ struct cli_opts {
 	" --workers --listen --expect-workers --transport --worker-timeout --replicas"             \
 	" --wire-dtype --stream-weights --stats --balance-window --trace-routing --rebalance"      \
 	" --rebalance-every --worker-slowdown --cluster-key --authorized-keys --insecure "         \
-	"--routing --router-bias --kv-type --kv-shards --kv-page --kv-hosts"
+	"--routing --router-bias --kv-type --kv-shards --kv-page --kv-hosts --kv-local-memory"
 
 struct cli_cluster {
 	pid_t *children;
@@ -109,6 +113,16 @@ void cli_model_params(const struct cli_opts *o, struct model_params *mp);
 int cli_read_ids(const char *spec, int32_t **ids_out, int *n_out);
 double cli_now(void);
 int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_cluster *cc);
+/* The KV hosts of o (--kv-shards, --kv-hosts) on c's live workers, attached
+ * to the model; *n_hosts (may be NULL) how many. */
+int cli_kv_hosts(const struct cli_opts *o, model *m, cluster *c, int *n_hosts);
+/* After a failed step: when a KV host was lost, the chains go to the hosts
+ * left (cli_kv_hosts) or, with none left and local_ok, back here when their
+ * pages fit --kv-local-memory (default: the memory available; *n_hosts 0).
+ * The caller then computes its sequences again from their ids.  ERR_PEER when
+ * no KV host was lost (the failure was another), ERR_CONFIG (logged) when no
+ * host is left and the chains cannot come here. */
+int cli_kv_rehost(const struct cli_opts *o, model *m, cluster *c, int local_ok, int *n_hosts);
 int cli_trace_setup(const struct cli_opts *o, model *m, const struct cli_cluster *cc);
 void cli_cluster_stats(const struct cli_opts *o, const struct cli_cluster *cc);
 void cli_route_stats(const struct cli_opts *o, const model *m);

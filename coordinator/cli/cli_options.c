@@ -4,6 +4,7 @@
  * common options (cli_model_open). */
 #define _GNU_SOURCE
 #include "cli_impl.h"
+#include "../model/attn.h"
 #include "../model/footprint.h"
 #include "../placement/trace.h"
 #include "../../common/err.h"
@@ -71,7 +72,7 @@ int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts *o)
 		}
 		char key[64];
 		snprintf(key, sizeof(key), " %s ", a);
-		char list[512];
+		char list[1024];
 		snprintf(list, sizeof(list), " %s ", allowed);
 		if (a[0] != '-' || !strstr(list, key)) {
 			fprintf(stderr, "moefleet: unknown argument '%s'\n", a);
@@ -228,6 +229,16 @@ int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts *o)
 			if (cli_parse_long(a, v, 0, 64, &o->kv_hosts))
 				return -1;
 			o->kv_hosts_given = 1;
+		} else if (!strcmp(a, "--kv-local-memory")) {
+			uint64_t mem = 0;
+			int n = 0;
+			if (strcmp(v, "0") &&
+			    (footprint_parse_memory(v, &mem, 1, &n) || n != 1 || mem > INT64_MAX)) {
+				fprintf(stderr, "moefleet: --kv-local-memory: bad size '%s'\n", v);
+				return -1;
+			}
+			o->kv_local = (int64_t)mem;
+			o->kv_local_given = 1;
 		} else if (!strcmp(a, "--kv-page")) {
 			if (cli_parse_long(a, v, 64, 1L << 24, &o->kv_page))
 				return -1;
@@ -391,7 +402,10 @@ static const char *cli_usage_cluster =
     "  --kv-page P            positions per KV page (default 1024, a multiple of 64)\n"
     "  --kv-hosts N           with a cluster and --kv-shards: the chains' pages live on\n"
     "                         the first N workers (default: as many as can, a power of\n"
-    "                         two dividing V; 0: on the coordinator)\n";
+    "                         two dividing V; 0: on the coordinator)\n"
+    "  --kv-local-memory B     when every KV host is lost, the chains come back here\n"
+    "                         if their pages need at most B bytes (default: the\n"
+    "                         memory available; 0: never)\n";
 
 static int cli_spawn_workers(const struct cli_opts *o, const char *endpoint, struct cli_cluster *cc)
 {
@@ -530,13 +544,59 @@ int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_cluster *cc
 		return rc;
 	}
 	model_set_experts(m, b);
-	if (o->kv_shards > 0 && !(o->kv_hosts_given && o->kv_hosts == 0)) {
-		const struct attn_remote_ops *ops = NULL;
-		int n_hosts = 0;
-		rc = cluster_kv_hosts(c, (int)o->kv_shards, o->kv_hosts_given ? (int)o->kv_hosts : -1,
-				      &ops, &n_hosts);
-		if (!rc)
-			rc = model_set_kv_hosts(m, ops, c, n_hosts);
+	if (o->kv_shards > 0 && !(o->kv_hosts_given && o->kv_hosts == 0))
+		rc = cli_kv_hosts(o, m, c, NULL);
+	return rc;
+}
+
+int cli_kv_hosts(const struct cli_opts *o, model *m, cluster *c, int *n_hosts)
+{
+	const struct attn_remote_ops *ops = NULL;
+	int n = 0;
+	int rc = cluster_kv_hosts(c, (int)o->kv_shards, o->kv_hosts_given ? (int)o->kv_hosts : -1,
+				  &ops, &n);
+	if (!rc)
+		rc = model_set_kv_hosts(m, ops, c, n);
+	if (!rc && n_hosts)
+		*n_hosts = n;
+	return rc;
+}
+
+/* Bytes of memory available here (MemAvailable), 0 when unknown. */
+static uint64_t cli_mem_available(void)
+{
+	FILE *f = fopen("/proc/meminfo", "r");
+	char line[256];
+	unsigned long long kb = 0;
+	while (f && fgets(line, sizeof(line), f))
+		if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
+			break;
+	if (f)
+		fclose(f);
+	return (uint64_t)kb * 1024;
+}
+
+int cli_kv_rehost(const struct cli_opts *o, model *m, cluster *c, int local_ok, int *n_hosts)
+{
+	if (!c || !cluster_kv_lost(c))
+		return ERR_PEER;
+	int rc = cli_kv_hosts(o, m, c, n_hosts);
+	if (rc != ERR_CONFIG || !local_ok)
+		return rc;
+	struct attn_kv_room room;
+	model_kv_room(m, &room);
+	const uint64_t have = o->kv_local_given ? (uint64_t)o->kv_local : cli_mem_available();
+	if (room.local_bytes > have) {
+		log_error("the chains' pages need %.1f MiB here, but %.1f MiB are available "
+			  "(--kv-local-memory): they stay on no host",
+			  (double)room.local_bytes / 1048576.0, (double)have / 1048576.0);
+		return rc;
+	}
+	rc = model_set_kv_hosts(m, NULL, NULL, 0);
+	if (!rc) {
+		log_warn("no KV host is left: the chains are computed here (%.1f MiB of pages)",
+			 (double)room.local_bytes / 1048576.0);
+		*n_hosts = 0;
 	}
 	return rc;
 }
@@ -637,6 +697,11 @@ int cli_model_open(int argc, char **argv, struct model_params *mp, model **m,
 cluster *cli_model_cluster(struct cli_model *h)
 {
 	return h ? h->cc.c : NULL;
+}
+
+int cli_model_kv_rehost(struct cli_model *h, model *m, int *n_hosts)
+{
+	return cli_kv_rehost(&h->o, m, h->cc.c, 1, n_hosts);
 }
 
 const char *cli_model_usage(void)

@@ -315,7 +315,8 @@ out:
 
 static const char *cli_usage_generate =
     "usage: moefleet generate -m MODEL.gguf (--tokens IDS | -p TEXT) -n N [--temp T]\n"
-    "                         [--top-k K] [--top-p P] [--seed S] [--print-ids] [--ignore-eos] [--threads T]\n"
+    "                         [--top-k K] [--top-p P] [--seed S] [--print-ids] [--ignore-eos] "
+    "[--threads T]\n"
     "  Greedy at temperature 0 (the default).  Streams text as it is generated;\n"
     "  --print-ids also prints the generated ids as one comma-separated line;\n"
     "  --ignore-eos goes on past end-of-generation tokens until N tokens.\n";
@@ -368,14 +369,8 @@ static int cli_prompt(model *m, const int32_t *ids, int n, float *logits)
 static int cli_kv_recover(const struct cli_opts *o, model *m, const struct cli_cluster *cc,
 			  const int32_t *ids, int n, const int32_t *gen, int n_gen, float *logits)
 {
-	if (!cc->c || !cluster_kv_lost(cc->c))
-		return ERR_PEER;
-	const struct attn_remote_ops *ops = NULL;
 	int n_hosts = 0;
-	int rc = cluster_kv_hosts(cc->c, (int)o->kv_shards,
-				  o->kv_hosts_given ? (int)o->kv_hosts : -1, &ops, &n_hosts);
-	if (!rc)
-		rc = model_set_kv_hosts(m, ops, cc->c, n_hosts);
+	int rc = cli_kv_rehost(o, m, cc->c, 0, &n_hosts);
 	if (rc)
 		return rc;
 	log_warn("a KV host was lost: the %d tokens of the sequence are computed again on %d "

@@ -76,6 +76,23 @@ static int cli_serve_metrics(void *ctx, FILE *f)
 	return cluster_metrics_write(f, ctx, 0);
 }
 
+/* The model and its cluster, for the server's kv_recover hook. */
+struct cli_serve_kv {
+	model *m;
+	struct cli_model *cm;
+};
+
+static int cli_serve_kv_recover(void *ctx, char *why, size_t cap)
+{
+	struct cli_serve_kv *k = ctx;
+	cluster *c = cli_model_cluster(k->cm);
+	int w = -1, h = c ? cluster_kv_lost_host(c, &w) : -1;
+	if (h >= 0)
+		snprintf(why, cap, "KV host %d (worker %d) was lost", h, w);
+	int n_hosts = 0;
+	return cli_model_kv_rehost(k->cm, k->m, &n_hosts);
+}
+
 /* Options of the model itself (and the cluster) that take no value. */
 static int cli_is_flag(const char *a)
 {
@@ -209,6 +226,7 @@ int cli_serve(int argc, char **argv)
 	if (cli_model_open(n_rest, rest, &mp, &m, &cm))
 		goto out;
 	cluster *c = cli_model_cluster(cm);
+	struct cli_serve_kv kv = {m, cm};
 	struct serve_config cfg = {
 	    .host = host,
 	    .port = (int)port,
@@ -223,6 +241,8 @@ int cli_serve(int argc, char **argv)
 	    .max_conns = (int)max_conns,
 	    .metrics_hook = c ? cli_serve_metrics : NULL,
 	    .metrics_ctx = c,
+	    .kv_recover = c ? cli_serve_kv_recover : NULL,
+	    .kv_ctx = &kv,
 	};
 	/* SIGINT / SIGTERM end the server; every thread started from here on
 	 * inherits the blocked mask and this thread waits for them. */

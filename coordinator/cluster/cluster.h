@@ -151,6 +151,9 @@ int cluster_kv_hosts(cluster *c, int n_shard, int want, const struct attn_remote
 /* 1 when a KV host was lost since the last cluster_kv_hosts(): its pages are
  * gone, and the sequences must be computed again on the hosts left. */
 int cluster_kv_lost(const cluster *c);
+/* The first KV host whose worker is lost (its index, *worker its worker), or
+ * -1 when every host lives. */
+int cluster_kv_lost_host(const cluster *c, int *worker);
 /* Sends Shutdown to every live worker and frees everything. */
 void cluster_destroy(cluster **c);
 

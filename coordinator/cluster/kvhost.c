@@ -250,3 +250,15 @@ int cluster_kv_lost(const cluster *c)
 {
 	return c->kv_lost;
 }
+
+int cluster_kv_lost_host(const cluster *c, int *worker)
+{
+	for (int h = 0; h < c->kv_hosts; h++) {
+		if (c->w[c->kv_w[h]].lost) {
+			*worker = c->kv_w[h];
+			return h;
+		}
+	}
+	*worker = -1;
+	return -1;
+}

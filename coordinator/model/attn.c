@@ -1185,9 +1185,9 @@ int attn_cache_set_remote(attn_cache *c, const struct attn_remote_ops *ops, void
 		if (!c->shipped)
 			return ERR_NOMEM;
 	}
-	/* the most a host holds: the complete pages of its chains, every full
-	 * layer and slot, each page with its entry in the host's page table,
-	 * and an entry per (layer, slot) */
+	/* the most a host holds for one sequence: the complete pages of its
+	 * chains, every full layer, each page with its entry in the host's page
+	 * table, and an entry per layer */
 	const int max_page = (c->n_ctx - 1) / c->page, per = c->n_shard / n_hosts;
 	uint64_t layers = 0;
 	for (int l = 0; l < c->n_layer; l++)
@@ -1200,14 +1200,13 @@ int attn_cache_set_remote(attn_cache *c, const struct attn_remote_ops *ops, void
 		uint64_t pages = 0;
 		for (int i = 0; i < max_page; i++)
 			pages += i % c->n_shard / per == h;
-		const uint64_t need = (pages * page_bytes + 32) * layers * (uint64_t)c->n_seq;
+		const uint64_t need = (pages * page_bytes + 32) * layers;
 		const uint64_t have = ops->budget(self, h);
 		if (need > have) {
-			log_error("KV host %d would hold up to %llu bytes of pages (%d slot(s) of "
+			log_error("KV host %d would hold up to %llu bytes of pages (a sequence of "
 				  "%d positions), but offers %llu (moefleet-worker --kv-memory): "
-				  "fewer or shorter slots, or more hosts",
-				  h, (unsigned long long)need, c->n_seq, c->n_ctx,
-				  (unsigned long long)have);
+				  "a shorter context, or more hosts",
+				  h, (unsigned long long)need, c->n_ctx, (unsigned long long)have);
 			return ERR_CONFIG;
 		}
 	}
@@ -1216,6 +1215,25 @@ int attn_cache_set_remote(attn_cache *c, const struct attn_remote_ops *ops, void
 	c->remote_self = self;
 	c->n_hosts = n_hosts;
 	return 0;
+}
+
+void attn_cache_kv_room(const attn_cache *c, struct attn_kv_room *r)
+{
+	memset(r, 0, sizeof(*r));
+	for (int l = 0; l < c->n_layer; l++)
+		r->n_layer += c->cap[l] == c->n_ctx;
+	r->n_hosts = c->remote ? c->n_hosts : 0;
+	r->n_shard = c->n_shard;
+	r->page = c->page;
+	r->page_bytes = (uint64_t)c->page *
+			(uint64_t)(c->k_width + (c->v == c->k ? 0 : c->v_width)) * sizeof(uint16_t);
+	r->entry_bytes = sizeof(struct attn_page);
+	r->seq_bytes = 32;
+	for (int h = 0; h < r->n_hosts; h++)
+		r->budget[h] = c->remote->budget(c->remote_self, h);
+	r->local_bytes = (uint64_t)r->n_layer * (uint64_t)c->n_seq * (uint64_t)c->n_ctx *
+			 (uint64_t)(c->k_width + (c->v == c->k ? 0 : c->v_stride)) *
+			 sizeof(uint16_t);
 }
 
 /* The log2 of a power of two. */

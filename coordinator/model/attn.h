@@ -181,10 +181,27 @@ struct attn_remote_ops {
  * shipped pages are gone).  Pages shipped to the hosts are released locally (their
  * memory goes back to the system); the cache keeps every sequence's page in
  * progress.  ERR_CONFIG without sharded numerics, with a bad n_hosts, or when
- * a host would not have room for the pages of every slot's whole context
- * (logged with the numbers: the cluster admits what its hosts can hold). */
+ * a host would not have room for the pages of one sequence of the whole
+ * context (logged with the numbers).  How many sequences run at once is the
+ * caller's admission (attn_cache_kv_room): the server admits a request when
+ * its pages fit beside those the hosts already hold. */
 int attn_cache_set_remote(attn_cache *c, const struct attn_remote_ops *ops, void *self,
 			  int n_hosts);
+
+/* What admission needs to know of the KV hosts.  A host holds, per (full
+ * layer, slot), the pages of its chains it was sent (a page of page_bytes,
+ * page i being chain i mod n_shard, host h's chains [h V/R, (h+1) V/R)), a
+ * table entry of entry_bytes per page number up to the last one, and
+ * seq_bytes; it offers budget[h]. */
+struct attn_kv_room {
+	int n_hosts; /* 0: the chains are computed here */
+	int n_shard, page, n_layer;
+	uint64_t page_bytes, entry_bytes, seq_bytes;
+	uint64_t budget[ATTN_MAX_HOSTS];
+	uint64_t local_bytes; /* the keys and values of those layers for every slot:
+				 what the chains need here without hosts */
+};
+void attn_cache_kv_room(const attn_cache *c, struct attn_kv_room *r);
 
 /* ------------------------------------------------ attention over gathered keys
  *

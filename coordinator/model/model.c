@@ -185,6 +185,15 @@ int model_set_kv_hosts(model *m, const struct attn_remote_ops *ops, void *self, 
 	return attn_cache_set_remote(c, ops, self, n_hosts);
 }
 
+void model_kv_room(model *m, struct attn_kv_room *r)
+{
+	attn_cache *c = m->arch->kv_cache ? m->arch->kv_cache(m->state) : NULL;
+	if (c)
+		attn_cache_kv_room(c, r);
+	else
+		memset(r, 0, sizeof(*r));
+}
+
 void model_set_batch_observer(model *m, void (*fn)(void *ctx, const model_batch *ub), void *ctx)
 {
 	m->observer = fn;

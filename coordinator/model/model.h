@@ -70,6 +70,10 @@ void model_set_experts(model *m, expert_backend *b);
  * architecture that keeps its KV here (deepseek4) says so and goes on. */
 struct attn_remote_ops;
 int model_set_kv_hosts(model *m, const struct attn_remote_ops *ops, void *self, int n_hosts);
+/* The KV hosts' geometry and budgets (attn_cache_kv_room); n_hosts 0 when the
+ * chains are computed here or the architecture keeps its KV here. */
+struct attn_kv_room;
+void model_kv_room(model *m, struct attn_kv_room *r);
 /* Detaches the current backend and returns it (the caller owns it and must
  * attach another with model_set_experts before the next forward). */
 expert_backend *model_take_experts(model *m);

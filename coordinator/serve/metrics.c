@@ -203,3 +203,22 @@ int metrics_write(metrics *m, FILE *f)
 	pthread_mutex_unlock(&m->mu);
 	return ferror(f) ? ERR_IO : 0;
 }
+
+int metrics_write_kv_hosts(FILE *f, int n, const int64_t *used, const int64_t *total)
+{
+	if (n <= 0)
+		return 0;
+	fputs("# HELP moefleet_kv_host_pages_used KV pages (of every layer) a KV host keeps for "
+	      "the server's slots.\n# TYPE moefleet_kv_host_pages_used gauge\n",
+	      f);
+	for (int h = 0; h < n; h++)
+		fprintf(f, "moefleet_kv_host_pages_used{host=\"%d\"} %lld\n", h,
+			(long long)used[h]);
+	fputs("# HELP moefleet_kv_host_pages_free KV pages a KV host has room for beyond those.\n"
+	      "# TYPE moefleet_kv_host_pages_free gauge\n",
+	      f);
+	for (int h = 0; h < n; h++)
+		fprintf(f, "moefleet_kv_host_pages_free{host=\"%d\"} %lld\n", h,
+			(long long)(total[h] > used[h] ? total[h] - used[h] : 0));
+	return ferror(f) ? ERR_IO : 0;
+}

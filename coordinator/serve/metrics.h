@@ -7,7 +7,8 @@
  * inter_token_latency_seconds (histograms), batch_tokens (histogram of tokens
  * per forward step), forward_steps_total, queue_length, requests_active,
  * kv_positions_used / kv_positions_capacity, kv_slots_used / kv_slots_total,
- * client_disconnects_total. */
+ * client_disconnects_total; with KV hosts kv_host_pages_used{host} and
+ * kv_host_pages_free{host} (pages of every layer; metrics_write_kv_hosts). */
 #ifndef MOEFLEET_METRICS_H
 #define MOEFLEET_METRICS_H
 
@@ -30,5 +31,7 @@ void metrics_set_load(metrics *m, int queued, int active, int n_slots, int64_t k
 
 /* ERR_IO if writing to f fails. */
 int metrics_write(metrics *m, FILE *f);
+/* The KV pages the n hosts hold (used[h]) and could hold (total[h]). */
+int metrics_write_kv_hosts(FILE *f, int n, const int64_t *used, const int64_t *total);
 
 #endif

@@ -11,6 +11,7 @@ struct sched_req {
 	enum sched_state state;
 	int slot;
 	int n_prompt;
+	int n_max;
 	int n_fed;    /* positions fed so far (prompt, then sampled tokens) */
 	uint64_t seq; /* arrival order */
 };
@@ -80,6 +81,7 @@ int sched_add(sched *s, uint64_t id, int n_prompt, int n_max)
 					.state = SCHED_QUEUED,
 					.slot = -1,
 					.n_prompt = n_prompt,
+					.n_max = n_max,
 					.seq = s->next_seq++};
 		return 0;
 	}
@@ -126,6 +128,16 @@ static void sched_admit(sched *s)
 		struct sched_req *r = sched_next_in_order(s, SCHED_QUEUED, 0, 1);
 		if (!r)
 			return;
+		if (s->cfg.pick) {
+			slot = s->cfg.pick(s->cfg.pick_ctx, r->id, r->n_prompt + r->n_max,
+					   s->slot_busy);
+			if (slot == -1)
+				return;
+			if (slot < 0 || slot >= s->cfg.n_slots || s->slot_busy[slot]) {
+				memset(r, 0, sizeof(*r));
+				continue;
+			}
+		}
 		r->slot = slot;
 		r->state = SCHED_PREFILL;
 		s->slot_busy[slot] = 1;
@@ -180,6 +192,13 @@ enum sched_state sched_get_state(const sched *s, uint64_t id)
 {
 	const struct sched_req *r = sched_find(s, id);
 	return r ? r->state : SCHED_NONE;
+}
+
+int sched_get_slot(const sched *s, uint64_t id, int *n_fed)
+{
+	const struct sched_req *r = sched_find(s, id);
+	*n_fed = r ? r->n_fed : 0;
+	return r ? r->slot : -1;
 }
 
 int sched_n_queued(const sched *s)

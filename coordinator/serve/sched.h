@@ -22,7 +22,10 @@
  *     beside others.  chunk + n_slots <= max_batch, so the oldest prefill always
  *     fits and cannot starve.
  * A request never uses a position >= n_ctx: sched_add refuses one whose
- * n_prompt + n_max exceeds n_ctx.
+ * n_prompt + n_max exceeds n_ctx.  An optional pick hook chooses the slot a
+ * queued request takes (the KV hosts' room, kvroom.h): the oldest queued
+ * request that must wait holds the queue behind it (first come, first served),
+ * and one the hook refuses leaves the queue.
  *
  * sched_step advances the state as if the step ran (a request whose last
  * prompt chunk was planned is in DECODE afterwards); if the forward pass fails
@@ -39,6 +42,12 @@ struct sched_config {
 	int max_batch; /* tokens per step */
 	int chunk;     /* prefill chunk, >= 1, chunk + n_slots <= max_batch */
 	int queue_cap; /* requests that may wait for a slot, >= 0 */
+	/* Optional (NULL: the first free slot): the free slot (busy[s] 0) the
+	 * queued request id of n_pos = n_prompt + n_max positions takes, -1 to
+	 * wait, or another negative value: it is dropped from the queue (the hook
+	 * tells its owner why). */
+	int (*pick)(void *ctx, uint64_t id, int n_pos, const uint8_t *busy);
+	void *pick_ctx;
 };
 
 /* One entry of a planned step: n_tokens consecutive tokens of one request
@@ -74,6 +83,8 @@ int sched_remove(sched *s, uint64_t id);
 int sched_step(sched *s, struct sched_item *items, int cap);
 
 enum sched_state sched_get_state(const sched *s, uint64_t id);
+/* The slot a request holds (-1: none) and the positions fed so far in it. */
+int sched_get_slot(const sched *s, uint64_t id, int *n_fed);
 int sched_n_queued(const sched *s);
 int sched_n_active(const sched *s); /* requests holding a slot */
 /* Positions in use over all slots (prompt and generated tokens fed so far). */

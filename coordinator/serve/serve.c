@@ -14,6 +14,7 @@
 #include "api.h"
 #include "chat.h"
 #include "http.h"
+#include "kvroom.h"
 #include "metrics.h"
 #include "sampler.h"
 #include "sched.h"
@@ -42,6 +43,7 @@ struct serve_req {
 	sampler *smp;
 	tokenizer_stream *ts;
 	int32_t last_token;
+	int32_t *gen; /* [max_tokens]: the tokens sampled, to compute the sequence again */
 	int n_gen;
 	char *held; /* text that might begin a stop string */
 	size_t held_len, held_cap;
@@ -49,6 +51,8 @@ struct serve_req {
 	/* [mu] */
 	int refs;
 	int in_sched; /* still known to the scheduler */
+	int refused;  /* status: the pick hook dropped it from the queue */
+	char refuse_msg[256];
 	int cancelled;
 	int done;
 	const char *finish;
@@ -86,11 +90,15 @@ struct serve {
 	int thread_started;
 	metrics *met;
 	http *h;
+	kvroom *room;	 /* [mu] the KV hosts' room */
+	int kv_dead;	 /* [mu] no KV host left: requests that need pages are refused */
+	char kv_why[64]; /* [mu] which host was lost */
 	/* scheduler thread buffers */
 	struct sched_item *items;
 	int32_t *b_tok, *b_pos, *b_seq;
 	uint8_t *b_want;
 	float *logits;
+	float *scratch; /* [n_vocab]: logits of the steps computed again */
 	char *piece;
 	size_t piece_cap;
 	int *top_idx;
@@ -130,6 +138,7 @@ static void serve_lps_free(struct api_logprob *lps, int n)
 static void serve_req_free(struct serve_req *r)
 {
 	free(r->prompt);
+	free(r->gen);
 	for (int i = 0; i < r->n_stops; i++)
 		free(r->stops[i]);
 	sampler_destroy(&r->smp);
@@ -314,7 +323,7 @@ static void serve_take_token(serve *s, struct serve_req *r, const float *row)
 		serve_finish(s, r, "stop", hit < 0 ? 500 : 0, "out of memory");
 		return;
 	}
-	r->n_gen++;
+	r->gen[r->n_gen++] = tok;
 	r->last_token = tok;
 	if (r->logprobs && serve_logprob(s, r, row, tok)) {
 		serve_finish(s, r, NULL, 500, "out of memory");
@@ -339,6 +348,153 @@ static void serve_take_token(serve *s, struct serve_req *r, const float *row)
 		pthread_cond_broadcast(&r->cv);
 }
 
+/* ------------------------------------------------------------ KV hosts */
+
+/* Why a request of n_pos positions can get no pages, into msg (status 400 or
+ * 503), or 0 when it may wait or run; under s->mu. */
+static int serve_kv_refusal(serve *s, int n_prompt, int n_max, char *msg, size_t cap)
+{
+	const int n_pos = n_prompt + n_max;
+	const int64_t need = kvroom_need(s->room, n_pos);
+	if (need > 0 && s->kv_dead) {
+		snprintf(msg, cap,
+			 "%s and no live worker offers memory for KV pages: requests of more "
+			 "than %d positions (prompt + max_tokens) cannot be served; retry later",
+			 s->kv_why, kvroom_page(s->room));
+		return 503;
+	}
+	if (kvroom_n_hosts(s->room) == 0 || kvroom_ever(s->room, n_pos))
+		return 0;
+	int64_t held = 0, total = 0;
+	for (int h = 0; h < kvroom_n_hosts(s->room); h++) {
+		int64_t u, t;
+		kvroom_pages(s->room, h, &u, &t);
+		held += u;
+		total += t;
+	}
+	snprintf(msg, cap,
+		 "the prompt (%d tokens) plus max_tokens (%d) needs %lld KV pages of each layer; "
+		 "the KV hosts hold at most %lld in all, %lld of them kept by the server's "
+		 "slots: shorten the prompt or max_tokens",
+		 n_prompt, n_max, (long long)need, (long long)total, (long long)held);
+	return 400;
+}
+
+/* sched's pick hook: the slot with room for the request's pages; under
+ * s->mu. */
+static int serve_pick(void *ctx, uint64_t id, int n_pos, const uint8_t *busy)
+{
+	serve *s = ctx;
+	struct serve_req *r = serve_find(s, id);
+	if (r) {
+		int st = serve_kv_refusal(s, r->n_prompt, n_pos - r->n_prompt, r->refuse_msg,
+					  sizeof(r->refuse_msg));
+		if (st) {
+			r->refused = st;
+			return -2;
+		}
+	}
+	if (kvroom_n_hosts(s->room) == 0) {
+		for (int i = 0; i < s->cfg.n_slots; i++)
+			if (!busy[i])
+				return i;
+		return -1;
+	}
+	const int slot = kvroom_pick(s->room, busy, n_pos);
+	if (slot >= 0)
+		kvroom_take(s->room, slot, n_pos);
+	return slot;
+}
+
+/* The sequence of r in slot, n_fed positions, computed again from its ids in
+ * the steps it had: prompt chunks, then one token per step.  out: the last
+ * position's logits.  Without s->mu, under s->fwd_mu. */
+static int serve_recompute(serve *s, const struct serve_req *r, int slot, int n_fed, float *out)
+{
+	model_reset_seq(s->m, slot);
+	int rc = 0;
+	for (int p = 0; p < n_fed && !rc;) {
+		const int c = p < r->n_prompt ? (r->n_prompt - p < s->cfg.chunk ? r->n_prompt - p
+										: s->cfg.chunk)
+					      : 1;
+		for (int k = 0; k < c; k++) {
+			const int q = p + k;
+			s->b_tok[k] = q < r->n_prompt ? r->prompt[q] : r->gen[q - r->n_prompt];
+			s->b_pos[k] = q;
+			s->b_seq[k] = slot;
+			s->b_want[k] = k == c - 1;
+		}
+		model_batch b = {c, s->b_tok, s->b_pos, s->b_seq, s->b_want};
+		p += c;
+		rc = model_forward(s->m, &b, p == n_fed ? out : s->scratch);
+	}
+	return rc;
+}
+
+/* After the step of items[0..n) failed: when a KV host was lost, the chains
+ * go to the hosts left and every running sequence is computed again (the
+ * sampled rows of the step into s->logits); with none left, the requests that
+ * need pages end with 503 and the others are computed again here.  Returns 0
+ * when the step's logits are ready, else the failure.  Under s->mu (released
+ * while computing). */
+static int serve_kv_recover(serve *s, int n, int frc)
+{
+	for (int tries = 0; frc && s->cfg.kv_recover && !s->kv_dead && tries < ATTN_MAX_HOSTS;
+	     tries++) {
+		char why[64] = "a KV host was lost";
+		pthread_mutex_lock(&s->fwd_mu);
+		int rc = s->cfg.kv_recover(s->cfg.kv_ctx, why, sizeof(why));
+		pthread_mutex_unlock(&s->fwd_mu);
+		if (rc == ERR_PEER)
+			return frc;
+		if (rc) {
+			s->kv_dead = 1;
+			snprintf(s->kv_why, sizeof(s->kv_why), "%s", why);
+			for (int i = 0; i < s->n_reqs; i++) {
+				struct serve_req *r = s->reqs[i];
+				char msg[256];
+				int st = r ? serve_kv_refusal(s, r->n_prompt, r->max_tokens, msg,
+							      sizeof(msg))
+					   : 0;
+				if (st)
+					serve_finish(s, r, NULL, st, msg);
+			}
+		} else {
+			struct attn_kv_room g;
+			model_kv_room(s->m, &g);
+			if ((rc = kvroom_rehost(s->room, &g)))
+				return rc;
+		}
+		/* the sampled row of each item of the step */
+		int n_redo = 0;
+		for (int i = 0; i < s->n_reqs; i++) {
+			struct serve_req *r = s->reqs[i];
+			int n_fed = 0, slot = r ? sched_get_slot(s->sch, r->id, &n_fed) : -1;
+			if (slot < 0 || n_fed == 0)
+				continue;
+			float *out = s->scratch;
+			for (int j = 0, row = 0; j < n; j++) {
+				if (s->items[j].id == r->id && s->items[j].sample)
+					out = s->logits + (size_t)row * (size_t)s->n_vocab;
+				row += s->items[j].sample;
+			}
+			pthread_mutex_unlock(&s->mu);
+			pthread_mutex_lock(&s->fwd_mu);
+			frc = serve_recompute(s, r, slot, n_fed, out);
+			pthread_mutex_unlock(&s->fwd_mu);
+			pthread_mutex_lock(&s->mu);
+			n_redo += n_fed;
+			if (frc)
+				break;
+		}
+		log_warn("%s: %d position(s) of the running requests computed again on %d KV "
+			 "host(s)%s",
+			 why, n_redo, kvroom_n_hosts(s->room),
+			 rc ? " (no host left: only requests without pages go on)" : "");
+	}
+	return frc;
+}
+
 static void *serve_loop(void *arg)
 {
 	serve *s = arg;
@@ -355,6 +511,14 @@ static void *serve_loop(void *arg)
 		if (s->stop)
 			break;
 		int n = sched_step(s->sch, s->items, s->cfg.max_batch);
+		for (int i = 0; i < s->n_reqs; i++) {
+			struct serve_req *r = s->reqs[i];
+			if (r && r->refused) {
+				char msg[sizeof(r->refuse_msg)];
+				memcpy(msg, r->refuse_msg, sizeof(msg));
+				serve_finish(s, r, NULL, r->refused, msg);
+			}
+		}
 		if (n == 0) {
 			pthread_cond_wait(&s->work_cv, &s->mu);
 			continue;
@@ -378,10 +542,14 @@ static void *serve_loop(void *arg)
 		pthread_mutex_unlock(&s->fwd_mu);
 		metrics_observe_batch(s->met, nt);
 		pthread_mutex_lock(&s->mu);
+		if (frc)
+			frc = serve_kv_recover(s, n, frc);
 		int row = 0;
 		for (int i = 0; i < n; i++) {
 			const struct sched_item *it = &s->items[i];
 			struct serve_req *r = serve_find(s, it->id);
+			const float *lrow = s->logits + (size_t)row * (size_t)s->n_vocab;
+			row += it->sample;
 			if (!r)
 				continue;
 			if (frc == ERR_PEER) {
@@ -400,8 +568,6 @@ static void *serve_loop(void *arg)
 			}
 			if (!it->sample)
 				continue;
-			const float *lrow = s->logits + (size_t)row * (size_t)s->n_vocab;
-			row++;
 			if (!r->cancelled)
 				serve_take_token(s, r, lrow);
 		}
@@ -573,6 +739,9 @@ static int serve_submit(serve *s, const struct api_request *q, const struct http
 		goto fail;
 	}
 	r->max_tokens = q->max_tokens > 0 ? (int)q->max_tokens : s->cfg.n_ctx - r->n_prompt;
+	r->gen = malloc((size_t)r->max_tokens * sizeof(int32_t));
+	if (!r->gen)
+		goto nomem;
 	for (int i = 0; i < q->n_stop; i++) {
 		if (!q->stop[i][0])
 			continue;
@@ -596,6 +765,15 @@ static int serve_submit(serve *s, const struct api_request *q, const struct http
 	    (r->kind == API_CHAT && chat_parser_new(s->chat, &r->parser)))
 		goto nomem;
 	pthread_mutex_lock(&s->mu);
+	char why[256];
+	int kv_st = serve_kv_refusal(s, r->n_prompt, r->max_tokens, why, sizeof(why));
+	if (kv_st) {
+		pthread_mutex_unlock(&s->mu);
+		api_error_set(e, kv_st, kv_st == 400 ? "invalid_request_error" : "server_error",
+			      kv_st == 400 ? "max_tokens" : NULL,
+			      kv_st == 400 ? "context_length_exceeded" : NULL, "%s", why);
+		goto fail;
+	}
 	rc = s->stop ? ERR_RANGE : sched_add(s->sch, r->id, r->n_prompt, r->max_tokens);
 	if (rc == 0) {
 		for (int i = 0; i < s->n_reqs; i++) {
@@ -895,6 +1073,13 @@ static void serve_metrics(serve *s, struct http_response *res)
 		return;
 	}
 	metrics_write(s->met, f);
+	int64_t used[ATTN_MAX_HOSTS], total[ATTN_MAX_HOSTS];
+	pthread_mutex_lock(&s->mu);
+	const int n_hosts = s->kv_dead ? 0 : kvroom_n_hosts(s->room);
+	for (int h = 0; h < n_hosts; h++)
+		kvroom_pages(s->room, h, &used[h], &total[h]);
+	pthread_mutex_unlock(&s->mu);
+	metrics_write_kv_hosts(f, n_hosts, used, total);
 	if (s->cfg.metrics_hook) {
 		pthread_mutex_lock(&s->fwd_mu);
 		s->cfg.metrics_hook(s->cfg.metrics_ctx, f);
@@ -1007,8 +1192,13 @@ int serve_new(model *m, const tokenizer *tok, const struct serve_config *cfg, se
 				  .n_ctx = cfg->n_ctx,
 				  .max_batch = cfg->max_batch,
 				  .chunk = cfg->chunk,
-				  .queue_cap = cfg->queue_cap};
-	if ((rc = sched_new(&sc, &s->sch)) || (rc = metrics_new(&s->met)))
+				  .queue_cap = cfg->queue_cap,
+				  .pick = serve_pick,
+				  .pick_ctx = s};
+	struct attn_kv_room room;
+	model_kv_room(m, &room);
+	if ((rc = sched_new(&sc, &s->sch)) || (rc = metrics_new(&s->met)) ||
+	    (rc = kvroom_new(&room, cfg->n_slots, &s->room)))
 		goto out;
 	s->n_reqs = cfg->n_slots + cfg->queue_cap;
 	s->reqs = calloc((size_t)s->n_reqs, sizeof(*s->reqs));
@@ -1019,6 +1209,7 @@ int serve_new(model *m, const tokenizer *tok, const struct serve_config *cfg, se
 	s->b_want = calloc((size_t)cfg->max_batch, 1);
 	/* at most one sampled row per request holding a slot */
 	s->logits = malloc((size_t)cfg->n_slots * (size_t)s->n_vocab * sizeof(float));
+	s->scratch = malloc((size_t)s->n_vocab * sizeof(float));
 	/* a stream's output bound (whole characters, U+FFFD for bad bytes) covers
 	 * tokenizer_piece as well */
 	tokenizer_stream *probe = NULL;
@@ -1029,7 +1220,7 @@ int serve_new(model *m, const tokenizer *tok, const struct serve_config *cfg, se
 	s->piece = malloc(s->piece_cap);
 	s->top_idx = calloc(API_MAX_TOP_LOGPROBS, sizeof(int));
 	if (!s->reqs || !s->items || !s->b_tok || !s->b_pos || !s->b_seq || !s->b_want ||
-	    !s->logits || !s->piece || !s->top_idx) {
+	    !s->logits || !s->scratch || !s->piece || !s->top_idx) {
 		rc = ERR_NOMEM;
 		goto out;
 	}
@@ -1079,6 +1270,7 @@ void serve_destroy(serve **sp)
 	}
 	http_destroy(&s->h); /* waits for the connection threads */
 	sched_destroy(&s->sch);
+	kvroom_destroy(&s->room);
 	metrics_destroy(&s->met);
 	free(s->reqs);
 	free(s->items);
@@ -1087,6 +1279,7 @@ void serve_destroy(serve **sp)
 	free(s->b_seq);
 	free(s->b_want);
 	free(s->logits);
+	free(s->scratch);
 	free(s->piece);
 	free(s->top_idx);
 	pthread_mutex_destroy(&s->mu);

@@ -17,7 +17,18 @@
  * KEY".  Errors use OpenAI's JSON shape: 400 bad request (invalid JSON or
  * UTF-8, wrong types or ranges, body too large, context overflow), 401 key,
  * 404 unknown model or path, 405 method, 503 overloaded (every slot busy and
- * the queue full).  One log line per request. */
+ * the queue full, or a lost KV host, below).  One log line per request.
+ *
+ * KV hosts (the model's sharded attention with its pages on workers):
+ * admission is per request (kvroom.h): a request whose prompt + max_tokens
+ * does not fit in the pages the hosts have room for waits in the queue for a
+ * slot whose pages it can reuse, and is refused with 400 if it never could.
+ * When a step fails because a KV host was lost, kv_recover gives the chains
+ * to the hosts left (or back here) and every running request's sequence is
+ * computed again from its ids in the steps it had (prompt chunks, then one
+ * token per step), so its output is the uninterrupted one; with no host left
+ * the requests that need pages end with 503 naming the host, later ones are
+ * refused the same way, and shorter ones are served. */
 #ifndef MOEFLEET_SERVE_H
 #define MOEFLEET_SERVE_H
 
@@ -43,6 +54,13 @@ struct serve_config {
 	 * thread while no forward step runs; returns 0 or a negative code. */
 	int (*metrics_hook)(void *ctx, FILE *f);
 	void *metrics_ctx;
+	/* Optional, called on the scheduler thread after a failed step, while no
+	 * other forward runs: 0 when a KV host was lost and the chains went to
+	 * the hosts left (or back here), ERR_PEER when no KV host was lost, or
+	 * another negative code when none is left; why gets "KV host H (worker
+	 * W) was lost" in both of the last cases. */
+	int (*kv_recover)(void *ctx, char *why, size_t cap);
+	void *kv_ctx;
 };
 
 typedef struct serve serve;

@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# `moefleet serve` with its KV pages on workers (--kv-shards 4 --kv-page 64,
+# --listen, local workers), driven with curl.  A KV host killed in the middle
+# of a request: the server computes the running sequences again on the host
+# left and answers what the in-process server answers, and serves later long
+# requests.  The only KV host killed (--kv-local-memory 0): that request ends
+# with 503 naming the host, the server stays up, short requests are served and
+# long ones refused with the same 503; without the cap the chains come back to
+# the coordinator and the answer is the in-process one.  Admission per
+# request on one host of 1 MiB (21 pages of 64 positions, each page 3
+# layers): two requests of 9 pages run together; then 11 + 11 pages do not fit
+# beside what the slots keep, so the second waits for the first's slot and
+# both are answered; a request of the whole context (15 pages) can never fit
+# beside what the slots keep: 400 with the numbers.  Prints TAP.
+set -u
+top_srcdir=${top_srcdir:-.}
+top_builddir=${top_builddir:-.}
+bin=$(cd "$top_builddir" && pwd)/moefleet
+wbin=$(cd "$top_builddir" && pwd)/moefleet-worker
+m=$(cd "$top_srcdir/tests/data" && pwd)/qwen3moe-tiny-mxfp4.gguf
+for t in curl jq; do
+	command -v $t >/dev/null || { echo "1..0 # SKIP $t not installed"; exit 77; }
+done
+tmp=$(mktemp -d)
+pids=()
+cleanup() {
+	for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
+	wait 2>/dev/null
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+n=0
+fail=0
+ok() { n=$((n + 1)); echo "ok $n - $*"; }
+notok() { n=$((n + 1)); echo "not ok $n - $*"; fail=$((fail + 1)); }
+
+# ids N SEED: N token ids in [3, 400)
+ids() { awk -v n="$1" -v s="$2" 'BEGIN { for (i = 0; i < n; i++) {
+	s = (s * 1103515245 + 12345) % 2147483648; printf "%s%d", (i ? "," : ""), 3 + s % 397 } }'; }
+kv=(--kv-shards 4 --kv-page 64 --parallel 2 --ctx-size 1024 --threads 1)
+
+# serve NAME [ARGS...]: a server (with --listen ipc://NAME.sock when ARGS
+# name workers); sets port and srv
+serve() {
+	local name=$1
+	shift
+	"$bin" serve -m "$m" --port 0 "${kv[@]}" "$@" >"$tmp/$name.out" 2>"$tmp/$name.err" &
+	srv=$!
+	pids+=("$srv")
+}
+# worker NAME EP KV_MEMORY: sets wpid
+worker() {
+	"$wbin" --connect "$2" --threads 1 --name "$1" --kv-memory "$3" 2>"$tmp/$1.werr" &
+	wpid=$!
+	pids+=("$wpid")
+	wk+=("$wpid")
+}
+# stop: the server and its workers
+stop() {
+	kill -9 "$srv" "${wk[@]}" 2>/dev/null
+	wait "$srv" "${wk[@]}" 2>/dev/null
+	wk=()
+}
+wk=()
+wait_port() {
+	port=
+	for _ in $(seq 600); do
+		port=$(sed -n 's/^listening on http:.*:\([0-9]*\)$/\1/p' "$tmp/$1.out")
+		[ -n "$port" ] && break
+		kill -0 "$srv" 2>/dev/null || break
+		sleep 0.05
+	done
+}
+# req PROMPT_IDS MAX_TOKENS: the body, then the status on the last line
+req() {
+	curl -s -m 60 -w '\n%{http_code}' -H 'Content-Type: application/json' \
+		"http://127.0.0.1:$port/v1/completions" \
+		-d "{\"prompt\":[$1],\"max_tokens\":$2,\"temperature\":0,\"ignore_eos\":true}"
+}
+text() { head -n -1 "$1" | jq -r '.choices[0].text'; }
+status() { tail -n 1 "$1"; }
+# until_fed N: waits until the server holds N positions (a request runs)
+until_fed() {
+	for _ in $(seq 400); do
+		u=$(curl -s -m 5 "http://127.0.0.1:$port/metrics" |
+			sed -n 's/^moefleet_kv_positions_used \([0-9]*\)$/\1/p')
+		[ -n "$u" ] && [ "$u" -ge "$1" ] && return 0
+		sleep 0.02
+	done
+	return 1
+}
+
+long=$(ids 200 7)
+short=$(ids 3 9)
+
+# the in-process answer
+serve ref
+wait_port ref
+req "$long" 700 >"$tmp/ref.res"
+stop
+text "$tmp/ref.res" >"$tmp/ref.txt"
+if [ "$(status "$tmp/ref.res")" != 200 ] || [ ! -s "$tmp/ref.txt" ]; then
+	notok "in-process serve with --kv-shards: $(head -c 300 "$tmp/ref.res")"
+fi
+
+# 1. one of 2 KV hosts killed mid-request
+ep=ipc://$tmp/a.sock
+serve a --listen "$ep" --expect-workers 2 --worker-timeout 3000
+worker a0 "$ep" 1G
+worker a1 "$ep" 1G
+a1=$wpid
+wait_port a
+req "$long" 700 >"$tmp/a.res" &
+cr=$!
+if until_fed 400; then
+	kill -9 "$a1"
+	wait "$a1" 2>/dev/null
+	wait "$cr"
+	text "$tmp/a.res" >"$tmp/a.txt"
+	if [ "$(status "$tmp/a.res")" = 200 ] && cmp -s "$tmp/ref.txt" "$tmp/a.txt" &&
+		grep -q 'KV host [01] (worker [01]) was lost: [0-9]* position(s) of the running requests computed again on 1 KV host' "$tmp/a.err"; then
+		ok "serve: a KV host killed mid-request, recomputed on the host left: the in-process answer"
+	else
+		notok "serve after a lost KV host: $(status "$tmp/a.res") $(grep -m1 -E 'error|lost' "$tmp/a.err")"
+	fi
+	req "$long" 700 >"$tmp/a2.res"
+	text "$tmp/a2.res" >"$tmp/a2.txt"
+	if [ "$(status "$tmp/a2.res")" = 200 ] && cmp -s "$tmp/ref.txt" "$tmp/a2.txt"; then
+		ok "serve: a long request after the loss, on the host left: the in-process answer"
+	else
+		notok "serve: a request after the loss: $(head -c 300 "$tmp/a2.res")"
+	fi
+else
+	notok "serve with 2 KV hosts did not run the request: $(grep -m1 error "$tmp/a.err")"
+	n=$((n + 1))
+fi
+stop
+
+# 2. the only KV host killed: with --kv-local-memory 0 a named 503; without,
+# the chains come back here
+for local in 0 any; do
+	ep=ipc://$tmp/b$local.sock
+	args=(--listen "$ep" --expect-workers 2 --worker-timeout 3000)
+	[ "$local" = 0 ] && args+=(--kv-local-memory 0)
+	serve "b$local" "${args[@]}"
+	worker "b${local}0" "$ep" 0
+	worker "b${local}1" "$ep" 1G
+	b1=$wpid
+	wait_port "b$local"
+	req "$long" 700 >"$tmp/b.res" &
+	cr=$!
+	until_fed 400 && kill -9 "$b1"
+	wait "$b1" 2>/dev/null
+	wait "$cr"
+	if [ "$local" = 0 ]; then
+		h=$(curl -s -m 10 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")
+		req "$short" 8 >"$tmp/b.short"
+		req "$long" 700 >"$tmp/b.long"
+		if [ "$(status "$tmp/b.res")" = 503 ] && grep -q 'KV host 0 (worker [01]) was lost' "$tmp/b.res" &&
+			[ "$h" = 200 ] && [ "$(status "$tmp/b.short")" = 200 ] &&
+			[ "$(status "$tmp/b.long")" = 503 ] && grep -q 'KV host 0 (worker [01]) was lost' "$tmp/b.long"; then
+			ok "serve: the only KV host lost: 503 naming it, still up, short requests served, long ones 503"
+		else
+			notok "serve, only KV host lost: $(head -c 300 "$tmp/b.res") | health $h | $(status "$tmp/b.short") | $(head -c 200 "$tmp/b.long")"
+		fi
+	else
+		text "$tmp/b.res" >"$tmp/b.txt"
+		if [ "$(status "$tmp/b.res")" = 200 ] && cmp -s "$tmp/ref.txt" "$tmp/b.txt" &&
+			grep -q 'no KV host is left: the chains are computed here' "$tmp/b$local.err"; then
+			ok "serve: the only KV host lost, the chains back on the coordinator: the in-process answer"
+		else
+			notok "serve, local chains after the loss: $(status "$tmp/b.res") $(grep -m1 -E 'error|lost' "$tmp/b$local.err")"
+		fi
+	fi
+	stop
+done
+
+# 3. admission: one KV host of 1 MiB
+ep=ipc://$tmp/c.sock
+serve c --listen "$ep" --expect-workers 2
+worker c0 "$ep" 0
+worker c1 "$ep" 1M
+wait_port c
+free=$(curl -s -m 5 "http://127.0.0.1:$port/metrics" | sed -n 's/^moefleet_kv_host_pages_free{host="0"} //p')
+req "$(ids 100 1)" 540 >"$tmp/c1.res" & # 639 positions: 9 pages
+p1=$!
+req "$(ids 100 2)" 540 >"$tmp/c2.res" &
+p2=$!
+wait "$p1" "$p2"
+r=$(req "$(ids 100 3)" 923) # the whole context: 15 pages
+if [ "$free" = 21 ] && [ "$(status "$tmp/c1.res")" = 200 ] && [ "$(status "$tmp/c2.res")" = 200 ] &&
+	[ "$(echo "$r" | tail -n 1)" = 400 ] &&
+	echo "$r" | grep -q 'plus max_tokens (923) needs 15 KV pages of each layer; the KV hosts hold at most 21 in all, 18 of them kept'; then
+	ok "serve: a request that can never fit beside the pages the slots keep: 400 with the numbers"
+else
+	notok "serve admission: free pages $free, $(status "$tmp/c1.res") $(status "$tmp/c2.res"), $(echo "$r" | head -c 300)"
+fi
+req "$(ids 100 4)" 650 >"$tmp/c4.res" & # 749 positions: 11 pages
+p4=$!
+until_fed 50
+req "$(ids 100 5)" 650 >"$tmp/c5.res" &
+p5=$!
+sleep 0.3
+q=$(curl -s -m 5 "http://127.0.0.1:$port/metrics" | sed -n 's/^moefleet_queue_length //p')
+wait "$p4" "$p5"
+if [ "$q" = 1 ] && [ "$(status "$tmp/c4.res")" = 200 ] && [ "$(status "$tmp/c5.res")" = 200 ]; then
+	ok "serve: two requests whose pages do not fit together: the second waits, both answered"
+else
+	notok "serve, two requests that do not fit together: queue $q, $(status "$tmp/c4.res") $(status "$tmp/c5.res")"
+fi
+stop
+echo "1..$n"
+[ "$fail" -eq 0 ]
