@@ -1,7 +1,8 @@
 /* The continuous-batching scheduler (coordinator/serve/sched.c) without a model:
  * admission order and the bounded queue, the token budget, whole prefill
  * chunks cut the same way whatever else runs, one decode per running request
- * per step, slot reuse and context refusal, and stop strings. */
+ * per step, slot reuse and context refusal, stop strings, and admission by
+ * the KV hosts' room (kvroom.c) through the pick hook. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -14,11 +15,12 @@
 
 #include "../common/err.h"
 #include "../common/log.h"
+#include "../coordinator/serve/kvroom.h"
 #include "../coordinator/serve/sched.h"
 
 static sched *make(int slots, int ctx, int batch, int chunk, int queue)
 {
-	struct sched_config c = {slots, ctx, batch, chunk, queue};
+	struct sched_config c = {slots, ctx, batch, chunk, queue, NULL, NULL};
 	sched *s = NULL;
 	assert_int_equal(sched_new(&c, &s), 0);
 	return s;
@@ -45,11 +47,11 @@ static void test_config(void **state)
 	(void)state;
 	sched *s = NULL;
 	struct sched_config bad[] = {
-	    {0, 16, 8, 4, 0},  /* no slots */
-	    {2, 16, 8, 7, 0},  /* chunk + slots > batch */
-	    {2, 0, 8, 4, 0},   /* no context */
-	    {2, 16, 8, 0, 0},  /* no chunk */
-	    {2, 16, 8, 4, -1}, /* negative queue */
+	    {0, 16, 8, 4, 0, NULL, NULL},  /* no slots */
+	    {2, 16, 8, 7, 0, NULL, NULL},  /* chunk + slots > batch */
+	    {2, 0, 8, 4, 0, NULL, NULL},   /* no context */
+	    {2, 16, 8, 0, 0, NULL, NULL},  /* no chunk */
+	    {2, 16, 8, 4, -1, NULL, NULL}, /* negative queue */
 	};
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		assert_int_equal(sched_new(&bad[i], &s), ERR_CONFIG);
@@ -225,6 +227,121 @@ static void test_stops(void **state)
 	assert_int_equal(rel, 2);
 }
 
+/* Hosts of 4 chains of 64 positions, 1 layer, pages of 100 bytes and no
+ * tables, each host offering `budget` bytes. */
+static struct attn_kv_room room(int n_hosts, uint64_t budget)
+{
+	struct attn_kv_room g = {.n_hosts = n_hosts, .n_shard = 4, .page = 64, .n_layer = 1};
+	g.page_bytes = 100;
+	for (int h = 0; h < n_hosts; h++)
+		g.budget[h] = budget;
+	return g;
+}
+
+static void test_kvroom(void **state)
+{
+	(void)state;
+	kvroom *k = NULL;
+	struct attn_kv_room g = room(2, 300);
+	assert_int_equal(kvroom_new(&g, 2, &k), 0);
+	assert_int_equal(kvroom_need(k, 64), 0);
+	assert_int_equal(kvroom_need(k, 65), 1);
+	assert_int_equal(kvroom_need(k, 321), 5);
+	/* 5 pages: chains 0..3 hold 2, 1, 1, 1; host 0 (chains 0, 1) 3 of its 3 */
+	assert_true(kvroom_fits(k, 0, 321));
+	assert_false(kvroom_fits(k, 0, 385)); /* 6: chain 1 gets a second, host 0 4 */
+	assert_false(kvroom_ever(k, 385));
+	kvroom_take(k, 0, 321);
+	int64_t held, total;
+	kvroom_pages(k, 0, &held, &total);
+	assert_int_equal(held, 3);
+	assert_int_equal(total, 3);
+	kvroom_pages(k, 1, &held, &total);
+	assert_int_equal(held, 2);
+	/* slot 1 would add 1 page on host 0: full; slot 0 reuses its own */
+	assert_false(kvroom_fits(k, 1, 129));
+	assert_true(kvroom_fits(k, 0, 129));
+	const uint8_t busy0[2] = {1, 0}, free2[2] = {0, 0};
+	assert_int_equal(kvroom_pick(k, busy0, 129), -1);
+	assert_int_equal(kvroom_pick(k, free2, 129), 0);
+	assert_true(kvroom_ever(k, 129));
+	/* one host left: it may hold every page slot 0 ever had (5), of 6 */
+	g = room(1, 600);
+	assert_int_equal(kvroom_rehost(k, &g), 0);
+	kvroom_pages(k, 0, &held, &total);
+	assert_int_equal(held, 5);
+	assert_int_equal(total, 6);
+	assert_true(kvroom_fits(k, 1, 65));
+	assert_false(kvroom_fits(k, 1, 129));
+	/* no hosts: everything fits */
+	g = room(0, 0);
+	assert_int_equal(kvroom_rehost(k, &g), 0);
+	assert_true(kvroom_ever(k, 1 << 20));
+	kvroom_destroy(&k);
+	assert_null(k);
+	g = room(3, 100); /* 3 hosts for 4 chains */
+	assert_int_equal(kvroom_new(&g, 2, &k), ERR_CONFIG);
+	assert_null(k);
+}
+
+static uint64_t refused;
+
+/* The pick hook the server uses, over a kvroom. */
+static int pick(void *ctx, uint64_t id, int n_pos, const uint8_t *busy)
+{
+	kvroom *k = ctx;
+	if (!kvroom_ever(k, n_pos)) {
+		refused = id;
+		return -2;
+	}
+	const int slot = kvroom_pick(k, busy, n_pos);
+	if (slot >= 0)
+		kvroom_take(k, slot, n_pos);
+	return slot;
+}
+
+static void test_pick_hook(void **state)
+{
+	(void)state;
+	kvroom *k = NULL;
+	struct attn_kv_room g = room(1, 1000); /* 10 pages */
+	assert_int_equal(kvroom_new(&g, 2, &k), 0);
+	struct sched_config c = {2, 1000, 64, 8, 4, pick, k};
+	sched *s = NULL;
+	assert_int_equal(sched_new(&c, &s), 0);
+	struct sched_item it[64];
+	assert_int_equal(sched_add(s, 1, 1, 320), 0); /* 321 positions: 5 pages */
+	assert_int_equal(sched_add(s, 2, 1, 384), 0); /* 6 pages: not beside 1 */
+	assert_int_equal(sched_add(s, 3, 1, 64), 0);  /* 1 page, behind 2 */
+	sched_step(s, it, 64);
+	assert_int_equal(sched_get_state(s, 1), SCHED_DECODE);
+	assert_int_equal(sched_get_state(s, 2), SCHED_QUEUED);
+	assert_int_equal(sched_get_state(s, 3), SCHED_QUEUED); /* first come, first served */
+	int fed = 0;
+	assert_int_equal(sched_get_slot(s, 1, &fed), 0);
+	assert_int_equal(fed, 1);
+	assert_int_equal(sched_get_slot(s, 2, &fed), -1);
+	/* 1 ends: 2 takes its slot (its pages), 3 waits for the other */
+	assert_int_equal(sched_remove(s, 1), 0);
+	sched_step(s, it, 64);
+	assert_int_equal(sched_get_state(s, 2), SCHED_DECODE);
+	assert_int_equal(sched_get_slot(s, 2, &fed), 0);
+	assert_int_equal(sched_get_state(s, 3), SCHED_DECODE);
+	assert_int_equal(sched_get_slot(s, 3, &fed), 1);
+	/* 11 pages never fit: dropped from the queue once a slot is free, the
+	 * hook says so */
+	assert_int_equal(sched_add(s, 4, 1, 704), 0);
+	sched_step(s, it, 64);
+	assert_int_equal(sched_get_state(s, 4), SCHED_QUEUED);
+	assert_int_equal(sched_remove(s, 3), 1);
+	sched_step(s, it, 64);
+	assert_int_equal(refused, 4);
+	assert_int_equal(sched_get_state(s, 4), SCHED_NONE);
+	assert_int_equal(sched_n_queued(s), 0);
+	sched_destroy(&s);
+	kvroom_destroy(&k);
+}
+
 int main(void)
 {
 	log_set_quiet(1);
@@ -232,6 +349,7 @@ int main(void)
 	    cmocka_unit_test(test_config),	 cmocka_unit_test(test_admission_and_queue),
 	    cmocka_unit_test(test_chunks_fixed), cmocka_unit_test(test_decode_fairness),
 	    cmocka_unit_test(test_positions),	 cmocka_unit_test(test_stops),
+	    cmocka_unit_test(test_kvroom),	 cmocka_unit_test(test_pick_hook),
 	};
 	return cmocka_run_group_tests_name("sched", tests, NULL, NULL);
 }
