@@ -77,14 +77,20 @@ req() {
 		"http://127.0.0.1:$port/v1/completions" \
 		-d "{\"prompt\":[$1],\"max_tokens\":$2,\"temperature\":0,\"ignore_eos\":true}"
 }
-text() { head -n -1 "$1" | jq -r '.choices[0].text'; }
+# sreq PROMPT_IDS MAX_TOKENS: the same, streamed (server-sent events)
+sreq() {
+	curl -s -N -m 60 -H 'Content-Type: application/json' "http://127.0.0.1:$port/v1/completions" \
+		-d "{\"prompt\":[$1],\"max_tokens\":$2,\"temperature\":0,\"ignore_eos\":true,\"stream\":true}"
+}
+text() { head -n -1 "$1" | jq -j '.choices[0].text'; }
 status() { tail -n 1 "$1"; }
-# until_fed N: waits until the server holds N positions (a request runs)
-until_fed() {
-	for _ in $(seq 400); do
-		u=$(curl -s -m 5 "http://127.0.0.1:$port/metrics" |
-			sed -n 's/^moefleet_kv_positions_used \([0-9]*\)$/\1/p')
-		[ -n "$u" ] && [ "$u" -ge "$1" ] && return 0
+# stext FILE: the text of a stream, "ERROR" after an error event
+stext() { sed -n 's/^data: //p' "$1" | grep -v '^\[DONE\]' |
+	jq -j 'if .error then "ERROR: " + .error.message else (.choices[0].text // "") end'; }
+# until_events FILE N: waits until a stream has N events (its request runs)
+until_events() {
+	for _ in $(seq 600); do
+		[ "$(grep -c '^data: ' "$1" 2>/dev/null)" -ge "$2" ] && return 0
 		sleep 0.02
 	done
 	return 1
@@ -96,7 +102,7 @@ short=$(ids 3 9)
 # the in-process answer
 serve ref
 wait_port ref
-req "$long" 700 >"$tmp/ref.res"
+req "$long" 800 >"$tmp/ref.res"
 stop
 text "$tmp/ref.res" >"$tmp/ref.txt"
 if [ "$(status "$tmp/ref.res")" != 200 ] || [ ! -s "$tmp/ref.txt" ]; then
@@ -110,20 +116,20 @@ worker a0 "$ep" 1G
 worker a1 "$ep" 1G
 a1=$wpid
 wait_port a
-req "$long" 700 >"$tmp/a.res" &
+sreq "$long" 800 >"$tmp/a.sse" &
 cr=$!
-if until_fed 400; then
+if until_events "$tmp/a.sse" 100; then
 	kill -9 "$a1"
 	wait "$a1" 2>/dev/null
 	wait "$cr"
-	text "$tmp/a.res" >"$tmp/a.txt"
-	if [ "$(status "$tmp/a.res")" = 200 ] && cmp -s "$tmp/ref.txt" "$tmp/a.txt" &&
+	stext "$tmp/a.sse" >"$tmp/a.txt"
+	if grep -q '^data: \[DONE\]' "$tmp/a.sse" && cmp -s "$tmp/ref.txt" "$tmp/a.txt" &&
 		grep -q 'KV host [01] (worker [01]) was lost: [0-9]* position(s) of the running requests computed again on 1 KV host' "$tmp/a.err"; then
 		ok "serve: a KV host killed mid-request, recomputed on the host left: the in-process answer"
 	else
-		notok "serve after a lost KV host: $(status "$tmp/a.res") $(grep -m1 -E 'error|lost' "$tmp/a.err")"
+		notok "serve after a lost KV host: $(tail -c 200 "$tmp/a.txt") $(grep -m1 -E 'error|lost' "$tmp/a.err")"
 	fi
-	req "$long" 700 >"$tmp/a2.res"
+	req "$long" 800 >"$tmp/a2.res"
 	text "$tmp/a2.res" >"$tmp/a2.txt"
 	if [ "$(status "$tmp/a2.res")" = 200 ] && cmp -s "$tmp/ref.txt" "$tmp/a2.txt"; then
 		ok "serve: a long request after the loss, on the host left: the in-process answer"
@@ -147,29 +153,29 @@ for local in 0 any; do
 	worker "b${local}1" "$ep" 1G
 	b1=$wpid
 	wait_port "b$local"
-	req "$long" 700 >"$tmp/b.res" &
+	sreq "$long" 800 >"$tmp/b.sse" &
 	cr=$!
-	until_fed 400 && kill -9 "$b1"
+	until_events "$tmp/b.sse" 100 && kill -9 "$b1"
 	wait "$b1" 2>/dev/null
 	wait "$cr"
+	stext "$tmp/b.sse" >"$tmp/b.txt"
 	if [ "$local" = 0 ]; then
 		h=$(curl -s -m 10 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")
 		req "$short" 8 >"$tmp/b.short"
 		req "$long" 700 >"$tmp/b.long"
-		if [ "$(status "$tmp/b.res")" = 503 ] && grep -q 'KV host 0 (worker [01]) was lost' "$tmp/b.res" &&
+		if grep -q 'ERROR: KV host 0 (worker [01]) was lost' "$tmp/b.txt" &&
 			[ "$h" = 200 ] && [ "$(status "$tmp/b.short")" = 200 ] &&
 			[ "$(status "$tmp/b.long")" = 503 ] && grep -q 'KV host 0 (worker [01]) was lost' "$tmp/b.long"; then
 			ok "serve: the only KV host lost: 503 naming it, still up, short requests served, long ones 503"
 		else
-			notok "serve, only KV host lost: $(head -c 300 "$tmp/b.res") | health $h | $(status "$tmp/b.short") | $(head -c 200 "$tmp/b.long")"
+			notok "serve, only KV host lost: $(tail -c 300 "$tmp/b.txt") | health $h | $(status "$tmp/b.short") | $(head -c 200 "$tmp/b.long")"
 		fi
 	else
-		text "$tmp/b.res" >"$tmp/b.txt"
-		if [ "$(status "$tmp/b.res")" = 200 ] && cmp -s "$tmp/ref.txt" "$tmp/b.txt" &&
+		if grep -q '^data: \[DONE\]' "$tmp/b.sse" && cmp -s "$tmp/ref.txt" "$tmp/b.txt" &&
 			grep -q 'no KV host is left: the chains are computed here' "$tmp/b$local.err"; then
 			ok "serve: the only KV host lost, the chains back on the coordinator: the in-process answer"
 		else
-			notok "serve, local chains after the loss: $(status "$tmp/b.res") $(grep -m1 -E 'error|lost' "$tmp/b$local.err")"
+			notok "serve, local chains after the loss: $(tail -c 200 "$tmp/b.txt") $(grep -m1 -E 'error|lost' "$tmp/b$local.err")"
 		fi
 	fi
 	stop
@@ -187,6 +193,7 @@ p1=$!
 req "$(ids 100 2)" 540 >"$tmp/c2.res" &
 p2=$!
 wait "$p1" "$p2"
+# both ran at once: each slot keeps 9 pages
 r=$(req "$(ids 100 3)" 923) # the whole context: 15 pages
 if [ "$free" = 21 ] && [ "$(status "$tmp/c1.res")" = 200 ] && [ "$(status "$tmp/c2.res")" = 200 ] &&
 	[ "$(echo "$r" | tail -n 1)" = 400 ] &&
@@ -195,18 +202,27 @@ if [ "$free" = 21 ] && [ "$(status "$tmp/c1.res")" = 200 ] && [ "$(status "$tmp/
 else
 	notok "serve admission: free pages $free, $(status "$tmp/c1.res") $(status "$tmp/c2.res"), $(echo "$r" | head -c 300)"
 fi
-req "$(ids 100 4)" 650 >"$tmp/c4.res" & # 749 positions: 11 pages
+sreq "$(ids 100 4)" 650 >"$tmp/c4.sse" & # 749 positions: 11 pages
 p4=$!
-until_fed 50
-req "$(ids 100 5)" 650 >"$tmp/c5.res" &
+until_events "$tmp/c4.sse" 2
+sreq "$(ids 100 5)" 650 >"$tmp/c5.sse" &
 p5=$!
-sleep 0.3
-q=$(curl -s -m 5 "http://127.0.0.1:$port/metrics" | sed -n 's/^moefleet_queue_length //p')
+# the second is accepted (its first event) while the first runs, and gets
+# no tokens (at most a few, the time the first's end takes to reach its
+# file) until the first ends
+until_events "$tmp/c5.sse" 1
+grep -q '^data: \[DONE\]' "$tmp/c4.sse" && early=first-done || early=
+while [ -z "$early" ] && ! grep -q '^data: \[DONE\]' "$tmp/c4.sse"; do
+	[ "$(grep -c '^data: ' "$tmp/c5.sse")" -ge 30 ] && early=overlap
+	kill -0 "$p4" 2>/dev/null || break
+	sleep 0.01
+done
 wait "$p4" "$p5"
-if [ "$q" = 1 ] && [ "$(status "$tmp/c4.res")" = 200 ] && [ "$(status "$tmp/c5.res")" = 200 ]; then
+if [ -z "$early" ] && grep -q '^data: \[DONE\]' "$tmp/c4.sse" && grep -q '^data: \[DONE\]' "$tmp/c5.sse" &&
+	! grep -q '"error"' "$tmp/c4.sse" "$tmp/c5.sse" && [ "$(grep -c '^data: ' "$tmp/c5.sse")" -gt 30 ]; then
 	ok "serve: two requests whose pages do not fit together: the second waits, both answered"
 else
-	notok "serve, two requests that do not fit together: queue $q, $(status "$tmp/c4.res") $(status "$tmp/c5.res")"
+	notok "serve, two requests that do not fit together: ${early:-} $(tail -c 100 "$tmp/c4.sse") $(tail -c 100 "$tmp/c5.sse")"
 fi
 stop
 echo "1..$n"

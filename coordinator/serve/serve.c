@@ -464,7 +464,22 @@ static int serve_kv_recover(serve *s, int n, int frc)
 			model_kv_room(s->m, &g);
 			if ((rc = kvroom_rehost(s->room, &g)))
 				return rc;
+			for (int i = 0; i < s->n_reqs; i++) {
+				struct serve_req *r = s->reqs[i];
+				int n_fed = 0,
+				    slot = r ? sched_get_slot(s->sch, r->id, &n_fed) : -1;
+				if (slot < 0 ||
+				    kvroom_fits(s->room, slot, r->n_prompt + r->max_tokens))
+					continue;
+				char msg[256];
+				snprintf(msg, sizeof(msg),
+					 "%s and the KV hosts left have no room for this request's "
+					 "pages; retry later",
+					 why);
+				serve_finish(s, r, NULL, 503, msg);
+			}
 		}
+		frc = 0;
 		/* the sampled row of each item of the step */
 		int n_redo = 0;
 		for (int i = 0; i < s->n_reqs; i++) {
