@@ -534,15 +534,26 @@ static void test_attn_shards_hosts(void **state)
 			struct fake_hosts f = {.p = p, .n_layer = 1, .n_seq = NS, .n_page = NT / P};
 			f.pages = calloc((size_t)NS * f.n_page, sizeof(*f.pages));
 			if (R) {
-				/* a host must have room for its pages of every slot's
-				 * whole context: pages 0-3, each with a table entry */
+				/* a host must have room for its pages of one whole
+				 * context: pages 0-3, each with a table entry */
 				const uint64_t page_bytes =
 				    64 * (uint64_t)(kw + (mla ? 0 : vw)) * 2 +
 				    sizeof(struct attn_page);
-				fake_budget_bytes = ((uint64_t)(4 / R) * page_bytes + 32) * NS - 1;
+				fake_budget_bytes = (uint64_t)(4 / R) * page_bytes + 32 - 1;
 				assert_int_equal(attn_cache_set_remote(c, &ops, &f, R), ERR_CONFIG);
 				fake_budget_bytes++;
 				assert_int_equal(attn_cache_set_remote(c, &ops, &f, R), 0);
+				/* what admission is told */
+				struct attn_kv_room room;
+				attn_cache_kv_room(c, &room);
+				assert_int_equal(room.n_hosts, R);
+				assert_int_equal(room.n_shard, V);
+				assert_int_equal(room.page, P);
+				assert_int_equal(room.n_layer, 1);
+				assert_int_equal(room.page_bytes + room.entry_bytes, page_bytes);
+				assert_int_equal(room.budget[R - 1], fake_budget_bytes);
+				assert_int_equal(room.local_bytes,
+						 (uint64_t)NS * NT * (kw + (mla ? 0 : vw)) * 2);
 			}
 			/* sequence 0: a prompt in steps of 29 up to 203, then one
 			 * token per step; sequence 1 one token in each step */
