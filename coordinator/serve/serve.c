@@ -502,10 +502,15 @@ static int serve_kv_recover(serve *s, int n, int frc)
 			if (frc)
 				break;
 		}
-		log_warn("%s: %d position(s) of the running requests computed again on %d KV "
-			 "host(s)%s",
-			 why, n_redo, kvroom_n_hosts(s->room),
-			 rc ? " (no host left: only requests without pages go on)" : "");
+		if (rc)
+			log_warn("%s and none is left: the requests that need pages end, %d "
+				 "position(s) of the others computed again",
+				 why, n_redo);
+		else
+			log_warn("%s: %d position(s) of the running requests computed again on %d "
+				 "KV host(s)%s",
+				 why, n_redo, kvroom_n_hosts(s->room),
+				 kvroom_n_hosts(s->room) ? "" : " (the chains on the coordinator)");
 	}
 	return frc;
 }
