@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # `moefleet serve` with its KV pages on workers (--kv-shards 4 --kv-page 64,
 # --listen, local workers), driven with curl.  A KV host killed in the middle
-# of a request: the server computes the running sequences again on the host
+# of two requests: the server computes the running sequences again on the host
 # left and answers what the in-process server answers, and serves later long
 # requests.  The only KV host killed (--kv-local-memory 0): that request ends
 # with 503 naming the host, the server stays up, short requests are served and
 # long ones refused with the same 503; without the cap the chains come back to
 # the coordinator and the answer is the in-process one.  Admission per
-# request on one host of 1 MiB (21 pages of 64 positions, each page 3
-# layers): two requests of 9 pages run together; then 11 + 11 pages do not fit
+# request on one host of 1 MiB (room for 21 pages of 64 positions of every
+# layer): two requests of 9 pages run together; then 11 + 11 pages do not fit
 # beside what the slots keep, so the second waits for the first's slot and
 # both are answered; a request of the whole context (15 pages) can never fit
 # beside what the slots keep: 400 with the numbers.  Prints TAP.
@@ -97,15 +97,18 @@ until_events() {
 }
 
 long=$(ids 200 7)
+long2=$(ids 150 8)
 short=$(ids 3 9)
 
 # the in-process answer
 serve ref
 wait_port ref
 req "$long" 800 >"$tmp/ref.res"
+req "$long2" 700 >"$tmp/ref2.res"
 stop
 text "$tmp/ref.res" >"$tmp/ref.txt"
-if [ "$(status "$tmp/ref.res")" != 200 ] || [ ! -s "$tmp/ref.txt" ]; then
+text "$tmp/ref2.res" >"$tmp/ref2.txt"
+if [ "$(status "$tmp/ref.res")" != 200 ] || [ ! -s "$tmp/ref.txt" ] || [ ! -s "$tmp/ref2.txt" ]; then
 	notok "in-process serve with --kv-shards: $(head -c 300 "$tmp/ref.res")"
 fi
 
@@ -118,14 +121,18 @@ a1=$wpid
 wait_port a
 sreq "$long" 800 >"$tmp/a.sse" &
 cr=$!
+sreq "$long2" 700 >"$tmp/a2.sse" &
+cr2=$!
 if until_events "$tmp/a.sse" 100; then
 	kill -9 "$a1"
 	wait "$a1" 2>/dev/null
-	wait "$cr"
+	wait "$cr" "$cr2"
 	stext "$tmp/a.sse" >"$tmp/a.txt"
+	stext "$tmp/a2.sse" >"$tmp/a2s.txt"
 	if grep -q '^data: \[DONE\]' "$tmp/a.sse" && cmp -s "$tmp/ref.txt" "$tmp/a.txt" &&
+		cmp -s "$tmp/ref2.txt" "$tmp/a2s.txt" &&
 		grep -q 'KV host [01] (worker [01]) was lost: [0-9]* position(s) of the running requests computed again on 1 KV host' "$tmp/a.err"; then
-		ok "serve: a KV host killed mid-request, recomputed on the host left: the in-process answer"
+		ok "serve: a KV host killed during 2 requests, recomputed on the host left: the in-process answers"
 	else
 		notok "serve after a lost KV host: $(tail -c 200 "$tmp/a.txt") $(grep -m1 -E 'error|lost' "$tmp/a.err")"
 	fi
