@@ -5,8 +5,9 @@
 # left and answers what the in-process server answers, and serves later long
 # requests.  The only KV host killed (--kv-local-memory 0): that request ends
 # with 503 naming the host, the server stays up, short requests are served and
-# long ones refused with the same 503; without the cap the chains come back to
-# the coordinator and the answer is the in-process one.  Admission per
+# long ones refused with the same 503, until a new worker joins; without the
+# cap the chains come back to the coordinator and the answer is the in-process
+# one.  Admission per
 # request on one host of 1 MiB (room for 21 pages of 64 positions of every
 # layer): two requests of 9 pages run together; then 11 + 11 pages do not fit
 # beside what the slots keep, so the second waits for the first's slot and
@@ -176,6 +177,23 @@ for local in 0 any; do
 			ok "serve: the only KV host lost: 503 naming it, still up, short requests served, long ones 503"
 		else
 			notok "serve, only KV host lost: $(tail -c 300 "$tmp/b.txt") | health $h | $(status "$tmp/b.short") | $(head -c 200 "$tmp/b.long")"
+		fi
+		# a new worker joins in the lost one's place (short requests run the
+		# steps that take its Hello): long requests are served again
+		worker b02 "$ep" 1G
+		for _ in $(seq 100); do
+			grep -q 'joined in place of a lost worker' "$tmp/b$local.err" && break
+			req "$short" 8 >/dev/null
+			sleep 0.05
+		done
+		sleep 1.1 # hosts are looked for at most once a second
+		req "$long" 800 >"$tmp/b.back"
+		text "$tmp/b.back" >"$tmp/b.back.txt"
+		if [ "$(status "$tmp/b.back")" = 200 ] && cmp -s "$tmp/ref.txt" "$tmp/b.back.txt" &&
+			grep -q 'KV hosts again: 1' "$tmp/b$local.err"; then
+			ok "serve: a worker joined after the loss of every KV host: long requests served, the in-process answer"
+		else
+			notok "serve, a KV host back: $(head -c 200 "$tmp/b.back") $(grep -m1 -E 'joined|again' "$tmp/b$local.err")"
 		fi
 	else
 		if grep -q '^data: \[DONE\]' "$tmp/b.sse" && cmp -s "$tmp/ref.txt" "$tmp/b.txt" &&

@@ -93,6 +93,7 @@ struct serve {
 	kvroom *room;	 /* [mu] the KV hosts' room */
 	int kv_dead;	 /* [mu] no KV host left: requests that need pages are refused */
 	char kv_why[64]; /* [mu] which host was lost */
+	double kv_retry; /* [mu] when kv_dead: the next time to look for hosts */
 	/* scheduler thread buffers */
 	struct sched_item *items;
 	int32_t *b_tok, *b_pos, *b_seq;
@@ -378,6 +379,28 @@ static int serve_kv_refusal(serve *s, int n_prompt, int n_max, char *msg, size_t
 		 "slots: shorten the prompt or max_tokens",
 		 n_prompt, n_max, (long long)need, (long long)total, (long long)held);
 	return 400;
+}
+
+/* With no KV host left, a request of n_pos positions that needs pages looks
+ * for hosts again (a worker that joined since), at most once a second; under
+ * s->mu, on a connection thread. */
+static void serve_kv_retry(serve *s, int n_pos)
+{
+	const double now = serve_now();
+	if (!s->kv_dead || kvroom_need(s->room, n_pos) == 0 || now < s->kv_retry)
+		return;
+	s->kv_retry = now + 1.0;
+	char why[64];
+	struct attn_kv_room g;
+	pthread_mutex_lock(&s->fwd_mu);
+	int rc = s->cfg.kv_recover(s->cfg.kv_ctx, why, sizeof(why));
+	if (!rc)
+		model_kv_room(s->m, &g);
+	pthread_mutex_unlock(&s->fwd_mu);
+	if (rc || kvroom_rehost(s->room, &g))
+		return;
+	s->kv_dead = 0;
+	log_info("KV hosts again: %d; requests that need pages are served", g.n_hosts);
 }
 
 /* sched's pick hook: the slot with room for the request's pages; under
@@ -785,6 +808,7 @@ static int serve_submit(serve *s, const struct api_request *q, const struct http
 	    (r->kind == API_CHAT && chat_parser_new(s->chat, &r->parser)))
 		goto nomem;
 	pthread_mutex_lock(&s->mu);
+	serve_kv_retry(s, r->n_prompt + r->max_tokens);
 	char why[256];
 	int kv_st = serve_kv_refusal(s, r->n_prompt, r->max_tokens, why, sizeof(why));
 	if (kv_st) {

@@ -28,7 +28,8 @@
  * computed again from its ids in the steps it had (prompt chunks, then one
  * token per step), so its output is the uninterrupted one; with no host left
  * the requests that need pages end with 503 naming the host, later ones are
- * refused the same way, and shorter ones are served. */
+ * refused the same way until a worker offering KV memory joins (looked for at
+ * most once a second), and shorter ones are served. */
 #ifndef MOEFLEET_SERVE_H
 #define MOEFLEET_SERVE_H
 
