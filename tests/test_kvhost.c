@@ -489,21 +489,21 @@ static void test_kvstore(void **state)
 	assert_int_equal(kvstore_bytes(s), need + seq_entry);
 	const struct attn_page *pg;
 	int32_t n;
-	kvstore_pages(s, 2, 7, &pg, &n);
+	kvstore_pages(s, WIRE_KV_ATTN, 2, 7, &pg, &n);
 	assert_int_equal(n, 4);
 	for (int i = 0; i < 3; i++)
 		assert_null(pg[i].k);
 	assert_memory_equal(pg[3].k, b, bytes);
 	assert_ptr_equal(pg[3].v, pg[3].k); /* v_width 0: values in the keys */
-	kvstore_pages(s, 2, 8, &pg, &n);
+	kvstore_pages(s, WIRE_KV_ATTN, 2, 8, &pg, &n);
 	assert_int_equal(n, 0);
 	assert_null(pg);
-	kvstore_pages(s, 1, 7, &pg, &n);
+	kvstore_pages(s, WIRE_KV_ATTN, 1, 7, &pg, &n);
 	assert_int_equal(n, 0);
 	uint32_t np, kw, vw;
-	assert_int_equal(kvstore_layer(s, 2, &np, &kw, &vw), 0);
+	assert_int_equal(kvstore_layer(s, WIRE_KV_ATTN, 2, &np, &kw, &vw), 0);
 	assert_true(np == P && kw == 32 && vw == 0);
-	assert_int_equal(kvstore_layer(s, 1, &np, &kw, &vw), ERR_RANGE);
+	assert_int_equal(kvstore_layer(s, WIRE_KV_ATTN, 1, &np, &kw, &vw), ERR_RANGE);
 	/* no room for another page; other widths on the layer; bad ranges */
 	struct wire_kv_page h2 = h;
 	h2.page = 0;
