@@ -192,8 +192,9 @@ static void send_page(struct link *k, int l, int s, int i, size_t cut)
 {
 	const struct layer *L = &layers[l];
 	struct wire_msg m = {.kind = WIRE_KV_PAGE};
-	m.u.kv_page = (struct wire_kv_page){
-	    (uint32_t)l, (uint32_t)s, (uint32_t)i, P, (uint32_t)L->k_width, (uint32_t)L->v_width};
+	m.u.kv_page =
+	    (struct wire_kv_page){(uint32_t)l,		(uint32_t)s,	      (uint32_t)i, P,
+				  (uint32_t)L->k_width, (uint32_t)L->v_width, WIRE_KV_ATTN};
 	link_send(k, &m, pages[l][s][i], page_values(L) * sizeof(uint16_t) - cut);
 }
 
@@ -413,13 +414,13 @@ static void test_kvhost_serves(void **state)
 	expect_error(&k, "wrong size");
 	/* widths other than the layer's */
 	m = (struct wire_msg){.kind = WIRE_KV_PAGE};
-	m.u.kv_page = (struct wire_kv_page){0, 0, 11, P, 64, 64};
+	m.u.kv_page = (struct wire_kv_page){0, 0, 11, P, 64, 64, WIRE_KV_ATTN};
 	link_send(&k, &m, pages[0][0][0], (size_t)P * 128 * sizeof(uint16_t)); /* 64 + 64 */
 	expect_error(&k, "differ from the layer's");
 	/* beyond the budget: a page of 1024 positions of 512 keys is 1 MiB */
 	uint16_t *big = calloc((size_t)1024 * 512, sizeof(uint16_t));
 	assert_non_null(big);
-	m.u.kv_page = (struct wire_kv_page){3, 0, 0, 1024, 512, 0};
+	m.u.kv_page = (struct wire_kv_page){3, 0, 0, 1024, 512, 0, WIRE_KV_ATTN};
 	link_send(&k, &m, big, (size_t)1024 * 512 * sizeof(uint16_t));
 	expect_error(&k, "budget of 1048576 bytes");
 	free(big);
@@ -458,7 +459,7 @@ static void test_kvhost_none(void **state)
 static void test_kvstore(void **state)
 {
 	(void)state;
-	const struct wire_kv_page h = {2, 7, 3, P, 32, 0};
+	const struct wire_kv_page h = {2, 7, 3, P, 32, 0, WIRE_KV_ATTN};
 	const size_t bytes = (size_t)P * 32 * sizeof(uint16_t);
 	/* exactly the page, its table of 4 entries and one sequence */
 	const uint64_t need = bytes + 4 * sizeof(struct attn_page);
