@@ -105,6 +105,16 @@ static int kv_idx_ship(void *self, int host, int layer, int seq, int page, int n
 	return kv_send_page(self, host, &pg, k, NULL);
 }
 
+/* A batch of n_rows rows (an IdxBatch when idx) went to host at step. */
+static void kv_asked(cluster *c, int host, uint64_t step, int n_rows, int idx)
+{
+	c->kv_asked[host] = step;
+	c->kv_rows = n_rows;
+	c->kv_idx = idx;
+	c->kv_sent[host] = cluster_now();
+	c->w[c->kv_w[host]].st.kv_batches++;
+}
+
 static int kv_submit(void *self, int host, int layer, const struct attn_params *ap, int page,
 		     int n_shard, int v0, int v1, const model_batch *b, const float *q)
 {
@@ -130,13 +140,9 @@ static int kv_submit(void *self, int host, int layer, const struct attn_params *
 	int rc = kv_send(c, host, &m, q, bytes);
 	if (rc)
 		return rc;
-	c->kv_asked[host] = m.u.attn_batch.step;
-	c->kv_rows = b->n_tokens;
+	kv_asked(c, host, m.u.attn_batch.step, b->n_tokens, 0);
 	c->kv_heads = ap->n_head;
 	c->kv_dv = ap->head_dim_v;
-	c->kv_idx = 0;
-	c->kv_sent[host] = cluster_now();
-	c->w[c->kv_w[host]].st.kv_batches++;
 	return 0;
 }
 
@@ -173,12 +179,8 @@ static int kv_idx_submit(void *self, int host, int layer, int n_head, int dim, i
 	size_t n_scores = 0;
 	for (int t = 0; t < b->n_tokens; t++)
 		n_scores += indexer_row_scores(b->pos[t], page, n_shard, v0, v1);
-	c->kv_asked[host] = m.u.idx_batch.step;
-	c->kv_rows = b->n_tokens;
-	c->kv_idx = 1;
+	kv_asked(c, host, m.u.idx_batch.step, b->n_tokens, 1);
 	c->kv_scores[host] = n_scores;
-	c->kv_sent[host] = cluster_now();
-	c->w[c->kv_w[host]].st.kv_batches++;
 	return 0;
 }
 
