@@ -99,6 +99,15 @@ else
 	else
 		notok "$m: --workers 2 with KV hosts differs or failed: $(grep -m1 -E 'error|KV' "$tmp/err")"
 	fi
+	# the prompt in steps of 100 tokens: pages ship between the steps
+	if timeout 120 "$bin" "${ds4[@]}" --threads 2 --batch 100 --out "$tmp/ds4b.f32" 2>"$tmp/err" &&
+		timeout 120 "$bin" "${ds4[@]}" --threads 2 --batch 100 "${ds4sh[@]}" --workers 2 \
+			--out "$tmp/ds4bw2.f32" 2>"$tmp/err" && grep -q 'KV hosts: 2 worker' "$tmp/err" &&
+		cmp -s "$tmp/ds4b.f32" "$tmp/ds4bw2.f32"; then
+		ok "$m: prompt in steps of 100, --workers 2, bit-identical"
+	else
+		notok "$m: steps of 100 with KV hosts differ or failed: $(grep -m1 -E 'error|KV' "$tmp/err")"
+	fi
 	if [ $have_mpi -eq 1 ]; then
 		if ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" timeout 120 mpirun -np 3 \
 			"$bin" "${ds4[@]}" --threads 1 "${ds4sh[@]}" --transport mpi --out "$tmp/ds4mpi.f32" \

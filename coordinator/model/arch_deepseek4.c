@@ -44,6 +44,12 @@
  * sum_h w_h relu(q_h . k_j) with w = proj · x / sqrt(dI HI), and the top-k
  * entries (all when fewer are visible) join the attention.
  *
+ * KV hosts (--kv-shards with a cluster, ds4_kv_hosts): the complete pages of
+ * indexer keys go to the hosts, which score them for every row with the same
+ * indexer_score() (indexer.h); the coordinator scores each row's page in
+ * progress and selects as before, so the bits are the single-node run's.
+ * Everything else stays here.
+ *
  * Caches (per layer and sequence; F16 by default, F32 with kv_f32): the window
  * keeps the last W + n_batch raw rows in a ring; compressed entries and
  * indexer keys are kept for the whole context.  Attention goes through
@@ -835,7 +841,10 @@ static void ds4_reset_seq(void *state, int seq)
 
 /* The indexer keys' pages go to n_hosts KV hosts (attn_remote_ops' idx_ship
  * and idx_submit): pages of kv_page / 4 entries, striped over kv_shards
- * chains as attention pages are. */
+ * chains as attention pages are (0: none).  No page counts as shipped any
+ * more: after a change of hosts every sequence is reset and computed again
+ * (the local copies of shipped pages are gone).  An F32 cache stays here
+ * (logged): pages travel as F16. */
 static int ds4_kv_hosts(void *state, const struct attn_remote_ops *ops, void *self, int n_hosts)
 {
 	struct ds4 *m = state;
