@@ -20,8 +20,8 @@
  * - DeepSeek-V4's indexer: KvPages of indexer keys on a layer that also has
  *   attention pages, IdxBatches for chains [0, 2), [2, 4) and [0, 4): every
  *   IdxResult frame is the scores of indexer_score() run here (and close to
- *   the formula in double); a missing page, a layer without indexer pages and
- *   a frame of the wrong size are refused;
+ *   the formula in double); a missing page, a layer without indexer pages, a
+ *   frame of the wrong size and a result beyond the frame cap are refused;
  * - kvstore on its own: replacing a page keeps the bytes counted, missing
  *   pages have k == NULL, the budget is exact. */
 #define _GNU_SOURCE
@@ -581,6 +581,9 @@ static void test_kvhost_indexer(void **state)
 	pos[3] = 639; /* sequence 1 has 6 pages */
 	link_send(&k, &m, frame, wire_idx_batch_frame_bytes(&b));
 	expect_error(&k, "lacks");
+	pos[3] = INT32_MAX; /* 2 GiB of scores */
+	link_send(&k, &m, frame, wire_idx_batch_frame_bytes(&b));
+	expect_error(&k, "beyond this worker's frame cap");
 	link_close(&k);
 	free(want);
 	for (int s = 0; s < N_SEQ; s++)

@@ -34,11 +34,11 @@
 void indexer_score(int n_head, int dim, const float *q, const float *w, const float *keys, int n,
 		   float *out);
 
-/* The complete pages of indexer entries a row at pos sees (E = page entries
- * per page). */
+/* The complete pages of indexer entries a row at pos (>= 0) sees, `page`
+ * entries per page. */
 static inline int indexer_row_pages(int pos, int page)
 {
-	return (pos + 1) / INDEXER_RATIO / page;
+	return (int)(((int64_t)pos + 1) / INDEXER_RATIO / page);
 }
 
 /* How many scores a host of chains [v0, v1) of n_shard answers for a row at
