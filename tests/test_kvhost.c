@@ -491,7 +491,8 @@ static size_t indexer_expect(const struct wire_idx_batch *b, const float *q, con
 /* KvPages of indexer keys next to the attention pages of the same layer,
  * IdxBatches for chains [0, 2), [2, 4) and [0, 4): every IdxResult frame is
  * the scores computed here; refused: a row needing a page never sent, a
- * layer without indexer pages, a frame of the wrong size. */
+ * layer without indexer pages, a frame of the wrong size, a result beyond
+ * the frame cap. */
 static void test_kvhost_indexer(void **state)
 {
 	(void)state;
