@@ -11,11 +11,11 @@
 
 const char *wire_kind_name(enum wire_kind k)
 {
-	static const char *names[] = {"none",	  "hello",    "assign",	    "weight_chunk",
-				      "ready",	  "batch",    "result",	    "heartbeat",
-				      "stats",	  "shutdown", "error",	    "release",
-				      "progress", "kv_page",  "attn_batch", "attn_result"};
-	return (unsigned)k <= WIRE_ATTN_RESULT ? names[k] : "?";
+	static const char *names[] = {
+	    "none",	"hello",     "assign",	   "weight_chunk", "ready",	"batch",
+	    "result",	"heartbeat", "stats",	   "shutdown",	   "error",	"release",
+	    "progress", "kv_page",   "attn_batch", "attn_result",  "idx_batch", "idx_result"};
+	return (unsigned)k <= WIRE_IDX_RESULT ? names[k] : "?";
 }
 
 static int wire_dtype_ok(uint32_t t)
@@ -57,6 +57,16 @@ size_t wire_attn_batch_frame_bytes(const struct wire_attn_batch *b)
 size_t wire_attn_result_frame_bytes(const struct wire_attn_result *r)
 {
 	return wire_product(r->n_rows, r->n_head, 2 + (uint64_t)r->head_dim_v, sizeof(float));
+}
+
+size_t wire_idx_batch_frame_bytes(const struct wire_idx_batch *b)
+{
+	return wire_product(b->n_rows, b->n_head, (uint64_t)b->dim + 1, sizeof(float));
+}
+
+size_t wire_idx_result_frame_bytes(const struct wire_idx_result *r)
+{
+	return wire_product(r->n_scores, sizeof(float), 1, 1);
 }
 
 /* ------------------------------------------------------------ encode */
@@ -115,6 +125,8 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 	Moefleet__KvPage kv_page = MOEFLEET__KV_PAGE__INIT;
 	Moefleet__AttnBatch attn_batch = MOEFLEET__ATTN_BATCH__INIT;
 	Moefleet__AttnResult attn_result = MOEFLEET__ATTN_RESULT__INIT;
+	Moefleet__IdxBatch idx_batch = MOEFLEET__IDX_BATCH__INIT;
+	Moefleet__IdxResult idx_result = MOEFLEET__IDX_RESULT__INIT;
 	Moefleet__LayerExperts *layers = NULL, **layer_ptrs = NULL;
 	int n_group = 0; /* entries of layers[] whose experts arrays to free */
 	protobuf_c_boolean *moe_flags = NULL;
@@ -260,6 +272,7 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		kv_page.n_pos = p->n_pos;
 		kv_page.k_width = p->k_width;
 		kv_page.v_width = p->v_width;
+		kv_page.kind = p->kind;
 		env.body_case = MOEFLEET__ENVELOPE__BODY_KV_PAGE;
 		env.kv_page = &kv_page;
 		break;
@@ -297,6 +310,37 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		attn_result.compute_seconds = r->compute_seconds;
 		env.body_case = MOEFLEET__ENVELOPE__BODY_ATTN_RESULT;
 		env.attn_result = &attn_result;
+		break;
+	}
+	case WIRE_IDX_BATCH: {
+		const struct wire_idx_batch *b = &m->u.idx_batch;
+		if (b->n_rows > WIRE_MAX_ROWS)
+			return ERR_RANGE;
+		idx_batch.step = b->step;
+		idx_batch.layer = b->layer;
+		idx_batch.n_rows = b->n_rows;
+		idx_batch.n_head = b->n_head;
+		idx_batch.dim = b->dim;
+		idx_batch.page = b->page;
+		idx_batch.n_shard = b->n_shard;
+		idx_batch.v0 = b->v0;
+		idx_batch.v1 = b->v1;
+		idx_batch.n_seq = idx_batch.n_pos = b->n_rows;
+		idx_batch.seq = b->seq;
+		idx_batch.pos = b->pos;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_IDX_BATCH;
+		env.idx_batch = &idx_batch;
+		break;
+	}
+	case WIRE_IDX_RESULT: {
+		const struct wire_idx_result *r = &m->u.idx_result;
+		idx_result.step = r->step;
+		idx_result.layer = r->layer;
+		idx_result.n_rows = r->n_rows;
+		idx_result.n_scores = r->n_scores;
+		idx_result.compute_seconds = r->compute_seconds;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_IDX_RESULT;
+		env.idx_result = &idx_result;
 		break;
 	}
 	case WIRE_HEARTBEAT:
@@ -397,14 +441,33 @@ static int wire_heads_ok(uint32_t n_head, uint32_t head_dim)
 	       head_dim <= WIRE_ATTN_MAX_HEAD_DIM;
 }
 
+/* A page of n entries of indexer keys: a positive multiple of
+ * WIRE_IDX_PAGE_ALIGN up to WIRE_ATTN_MAX_PAGE. */
+static int wire_idx_page_ok(uint32_t n)
+{
+	return n && n % WIRE_IDX_PAGE_ALIGN == 0 && n <= WIRE_ATTN_MAX_PAGE;
+}
+
+/* n_shard chains, a power of two up to WIRE_ATTN_MAX_SHARDS, of which the
+ * range [v0, v1). */
+static int wire_chains_ok(uint32_t n_shard, uint32_t v0, uint32_t v1)
+{
+	return n_shard && n_shard <= WIRE_ATTN_MAX_SHARDS && !(n_shard & (n_shard - 1)) &&
+	       v0 < v1 && v1 <= n_shard;
+}
+
 static int wire_decode_kv_page(const Moefleet__KvPage *p, const char *peer,
 			       struct wire_kv_page *out)
 {
-	if (p->layer >= MOE_MAX_LAYERS || p->seq > INT32_MAX || !wire_page_ok(p->n_pos) ||
+	const int idx = p->kind == WIRE_KV_IDX;
+	if (p->layer >= MOE_MAX_LAYERS || p->seq > INT32_MAX || (p->kind != WIRE_KV_ATTN && !idx) ||
+	    !(idx ? wire_idx_page_ok(p->n_pos) : wire_page_ok(p->n_pos)) ||
 	    (uint64_t)(p->page + 1ull) * p->n_pos > (uint64_t)INT32_MAX + 1 || !p->k_width ||
-	    p->k_width > WIRE_ATTN_MAX_WIDTH || p->v_width > WIRE_ATTN_MAX_WIDTH)
+	    p->k_width > WIRE_ATTN_MAX_WIDTH || p->v_width > WIRE_ATTN_MAX_WIDTH ||
+	    (idx && p->v_width))
 		return wire_bad(peer, "kv page out of range");
-	*out = (struct wire_kv_page){p->layer, p->seq, p->page, p->n_pos, p->k_width, p->v_width};
+	*out = (struct wire_kv_page){p->layer,	 p->seq,     p->page, p->n_pos,
+				     p->k_width, p->v_width, p->kind};
 	return 0;
 }
 
@@ -414,8 +477,7 @@ static int wire_decode_attn_batch(const Moefleet__AttnBatch *b, const char *peer
 	if (b->layer >= MOE_MAX_LAYERS || b->n_rows > WIRE_MAX_ROWS ||
 	    !wire_heads_ok(b->n_head, b->head_dim_k) || !wire_heads_ok(b->n_head, b->head_dim_v) ||
 	    !b->n_head_kv || b->n_head % b->n_head_kv || !isfinite(b->scale) ||
-	    !wire_page_ok(b->page) || !b->n_shard || b->n_shard > WIRE_ATTN_MAX_SHARDS ||
-	    (b->n_shard & (b->n_shard - 1)) || b->v0 >= b->v1 || b->v1 > b->n_shard ||
+	    !wire_page_ok(b->page) || !wire_chains_ok(b->n_shard, b->v0, b->v1) ||
 	    b->n_seq != b->n_rows || b->n_pos != b->n_rows)
 		return wire_bad(peer, "attention batch header out of range");
 	for (size_t i = 0; i < b->n_rows; i++)
@@ -448,6 +510,42 @@ static int wire_decode_attn_result(const Moefleet__AttnResult *r, const char *pe
 		return wire_bad(peer, "attention result out of range");
 	*out = (struct wire_attn_result){r->step,   r->layer,	   r->n_rows,
 					 r->n_head, r->head_dim_v, r->compute_seconds};
+	return 0;
+}
+
+static int wire_decode_idx_batch(const Moefleet__IdxBatch *b, const char *peer,
+				 struct wire_idx_batch *o)
+{
+	if (b->layer >= MOE_MAX_LAYERS || b->n_rows > WIRE_MAX_ROWS ||
+	    !wire_heads_ok(b->n_head, b->dim) || !wire_idx_page_ok(b->page) ||
+	    !wire_chains_ok(b->n_shard, b->v0, b->v1) || b->n_seq != b->n_rows ||
+	    b->n_pos != b->n_rows)
+		return wire_bad(peer, "indexer batch header out of range");
+	for (size_t i = 0; i < b->n_rows; i++)
+		if (b->seq[i] < 0 || b->pos[i] < 0)
+			return wire_bad(peer, "indexer batch with a negative sequence or position");
+	*o = (struct wire_idx_batch){b->step,
+				     b->layer,
+				     b->n_rows,
+				     b->n_head,
+				     b->dim,
+				     b->page,
+				     b->n_shard,
+				     b->v0,
+				     b->v1,
+				     wire_dup(b->seq, b->n_rows * sizeof(int32_t)),
+				     wire_dup(b->pos, b->n_rows * sizeof(int32_t))};
+	return o->seq && o->pos ? 0 : ERR_NOMEM;
+}
+
+static int wire_decode_idx_result(const Moefleet__IdxResult *r, const char *peer,
+				  struct wire_idx_result *out)
+{
+	if (r->layer >= MOE_MAX_LAYERS || r->n_rows > WIRE_MAX_ROWS ||
+	    !isfinite(r->compute_seconds) || r->compute_seconds < 0)
+		return wire_bad(peer, "indexer result out of range");
+	*out =
+	    (struct wire_idx_result){r->step, r->layer, r->n_rows, r->n_scores, r->compute_seconds};
 	return 0;
 }
 
@@ -710,6 +808,14 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 		out->kind = WIRE_ATTN_RESULT;
 		rc = wire_decode_attn_result(env->attn_result, peer, &out->u.attn_result);
 		break;
+	case MOEFLEET__ENVELOPE__BODY_IDX_BATCH:
+		out->kind = WIRE_IDX_BATCH;
+		rc = wire_decode_idx_batch(env->idx_batch, peer, &out->u.idx_batch);
+		break;
+	case MOEFLEET__ENVELOPE__BODY_IDX_RESULT:
+		out->kind = WIRE_IDX_RESULT;
+		rc = wire_decode_idx_result(env->idx_result, peer, &out->u.idx_result);
+		break;
 	case MOEFLEET__ENVELOPE__BODY_HEARTBEAT:
 		out->kind = WIRE_HEARTBEAT;
 		out->u.heartbeat_nonce = env->heartbeat->nonce;
@@ -757,6 +863,9 @@ void wire_msg_free(struct wire_msg *m)
 	} else if (m->kind == WIRE_ATTN_BATCH) {
 		free(m->u.attn_batch.seq);
 		free(m->u.attn_batch.pos);
+	} else if (m->kind == WIRE_IDX_BATCH) {
+		free(m->u.idx_batch.seq);
+		free(m->u.idx_batch.pos);
 	}
 	memset(m, 0, sizeof(*m));
 }

@@ -3,7 +3,8 @@
  *
  * This is the only module that includes the generated protobuf-c code.  A
  * message on the wire is one Envelope (version + one body) plus, for Batch,
- * Result, WeightChunk, KvPage, AttnBatch and AttnResult, a separate raw frame
+ * Result, WeightChunk, KvPage, AttnBatch, AttnResult, IdxBatch and IdxResult,
+ * a separate raw frame
  * with the bulk bytes; the raw frame never goes through protobuf.
  *
  * wire_decode() refuses, with ERR_PROTO and a logged reason naming the peer:
@@ -54,6 +55,8 @@ enum wire_kind {
 	WIRE_KV_PAGE,
 	WIRE_ATTN_BATCH,
 	WIRE_ATTN_RESULT,
+	WIRE_IDX_BATCH,
+	WIRE_IDX_RESULT,
 };
 
 struct wire_hello {
@@ -131,17 +134,30 @@ struct wire_result {
 	double compute_seconds;
 };
 
+/* What a KvPage holds. */
+enum wire_kv_kind {
+	WIRE_KV_ATTN = 0, /* attention keys and values */
+	WIRE_KV_IDX = 1,  /* DeepSeek-V4 lightning-indexer keys (IdxBatch) */
+};
+
 /* Coordinator -> KV host: one complete page of n_pos positions of (layer, seq),
  * positions [page * n_pos, (page + 1) * n_pos).  Raw frame: keys
  * [n_pos][k_width] F16, then, when v_width > 0, values [n_pos][v_width] F16;
  * v_width 0: the values are the keys' first values (deepseek2's MLA) and are
- * not sent.  Decoded: layer < MOE_MAX_LAYERS, seq <= INT32_MAX, n_pos a
- * positive multiple of WIRE_ATTN_PAGE_ALIGN up to WIRE_ATTN_MAX_PAGE, the
- * page's positions below 2^31, k_width in [1, WIRE_ATTN_MAX_WIDTH], v_width
- * up to WIRE_ATTN_MAX_WIDTH. */
+ * not sent.  kind WIRE_KV_IDX: n_pos indexer entries (one per 4 positions) of
+ * k_width values, v_width 0.  Decoded: kind known, layer < MOE_MAX_LAYERS, seq
+ * <= INT32_MAX, n_pos a positive multiple of WIRE_ATTN_PAGE_ALIGN (of
+ * WIRE_IDX_PAGE_ALIGN for indexer pages) up to WIRE_ATTN_MAX_PAGE, the page's
+ * positions (entries) below 2^31, k_width in [1, WIRE_ATTN_MAX_WIDTH], v_width
+ * up to WIRE_ATTN_MAX_WIDTH (0 for indexer pages). */
 struct wire_kv_page {
 	uint32_t layer, seq, page, n_pos, k_width, v_width;
+	uint32_t kind; /* enum wire_kv_kind */
 };
+
+/* An indexer page holds the entries of a page of positions: a multiple of
+ * WIRE_ATTN_PAGE_ALIGN / 4. */
+#define WIRE_IDX_PAGE_ALIGN (WIRE_ATTN_PAGE_ALIGN / 4)
 
 /* Coordinator -> KV host: one layer's query rows.  The host answers one
  * AttnResult holding, per row and head, the merge of its chains [v0, v1)
@@ -169,6 +185,33 @@ struct wire_attn_result {
 	double compute_seconds;
 };
 
+/* Coordinator -> KV host: one DeepSeek-V4 CSA layer's indexer queries
+ * (indexer.h, indexer_host_score).  The host answers one IdxResult holding,
+ * per row in row order, the scores of the entries of its indexer pages
+ * (`page` entries each) i < (pos + 1) / 4 / page whose chain i mod n_shard
+ * lies in [v0, v1), page by page in page order.  Raw frame: F32 queries
+ * [n_rows][n_head][dim], then F32 head weights [n_rows][n_head].  seq and
+ * pos: n_rows each, owned by the message.  Decoded: layer < MOE_MAX_LAYERS,
+ * n_rows <= WIRE_MAX_ROWS, n_head in [1, WIRE_ATTN_MAX_HEADS], dim in [1,
+ * WIRE_ATTN_MAX_HEAD_DIM], page a positive multiple of WIRE_IDX_PAGE_ALIGN up
+ * to WIRE_ATTN_MAX_PAGE, n_shard a power of two up to WIRE_ATTN_MAX_SHARDS,
+ * v0 < v1 <= n_shard, seq and pos >= 0. */
+struct wire_idx_batch {
+	uint64_t step;
+	uint32_t layer, n_rows, n_head, dim;
+	uint32_t page, n_shard, v0, v1;
+	int32_t *seq, *pos;
+};
+
+/* KV host -> coordinator.  Raw frame: F32 [n_scores] as IdxBatch says.
+ * Decoded: layer and n_rows within the caps of IdxBatch, compute_seconds
+ * finite and >= 0 (n_scores is checked against the batch by the receiver). */
+struct wire_idx_result {
+	uint64_t step;
+	uint32_t layer, n_rows, n_scores;
+	double compute_seconds;
+};
+
 struct wire_stats {
 	uint64_t rows, items, bytes_in, bytes_out;
 	double compute_seconds, idle_seconds;
@@ -190,6 +233,8 @@ struct wire_msg {
 		struct wire_kv_page kv_page;
 		struct wire_attn_batch attn_batch;
 		struct wire_attn_result attn_result;
+		struct wire_idx_batch idx_batch;
+		struct wire_idx_result idx_result;
 		char text[WIRE_MAX_NAME]; /* shutdown reason, error message */
 	} u;
 	/* Shutdown: the coordinator does not know this worker (dropped as lost,
@@ -226,11 +271,14 @@ void wire_trace_free(struct wire_trace *t);
 /* Bytes the raw frame following a Batch / Result must have for n_embd. */
 size_t wire_batch_frame_bytes(const struct wire_batch *b, uint32_t n_embd);
 size_t wire_result_frame_bytes(const struct wire_result *r, uint32_t n_embd);
-/* Bytes the raw frame following a KvPage / AttnBatch / AttnResult must have;
+/* Bytes the raw frame following a KvPage / AttnBatch / AttnResult / IdxBatch /
+ * IdxResult must have;
  * SIZE_MAX when the fields' product does not fit a size_t. */
 size_t wire_kv_page_frame_bytes(const struct wire_kv_page *p);
 size_t wire_attn_batch_frame_bytes(const struct wire_attn_batch *b);
 size_t wire_attn_result_frame_bytes(const struct wire_attn_result *r);
+size_t wire_idx_batch_frame_bytes(const struct wire_idx_batch *b);
+size_t wire_idx_result_frame_bytes(const struct wire_idx_result *r);
 const char *wire_kind_name(enum wire_kind k);
 
 #endif

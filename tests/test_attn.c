@@ -498,8 +498,8 @@ static void test_attn_shards_hosts(void **state)
 {
 	(void)state;
 	enum { NT = 300, NS = 2, NH = 4, P = 64, V = 4 };
-	static const struct attn_remote_ops ops = {fake_ship, fake_submit, fake_collect,
-						   fake_budget};
+	static const struct attn_remote_ops ops = {fake_ship,	fake_submit, fake_collect,
+						   fake_budget, NULL,	     NULL};
 	for (int mla = 0; mla < 2; mla++) {
 		const int nkv = mla ? 1 : 2, dk = mla ? 40 : 24, dv = mla ? 32 : 24;
 		const int kw = nkv * dk, vw = nkv * dv;

@@ -9,7 +9,9 @@
  * experts of a shard file survives encoding and decoding; ids out of range
  * are refused.  The attention messages (KvPage, AttnBatch, AttnResult) and
  * Hello's kv_bytes survive encoding and decoding, their frame sizes are
- * computed without overflow, and every field out of range is refused. */
+ * computed without overflow, and every field out of range is refused; the
+ * same for DeepSeek-V4's indexer messages (KvPage of indexer keys, IdxBatch,
+ * IdxResult). */
 #include <math.h>
 #define _GNU_SOURCE
 #include <setjmp.h>
@@ -324,7 +326,8 @@ static void test_attn_wire_round_trip(void **state)
 	assert_int_equal(d.u.hello.memory_bytes, 5);
 	wire_msg_free(&d);
 
-	m = (struct wire_msg){.kind = WIRE_KV_PAGE, .u.kv_page = {7, 3, 12, 128, 576, 0}};
+	m = (struct wire_msg){
+	    .kind = WIRE_KV_PAGE, .u.kv_page = {7, 3, 12, 128, 576, 0}, WIRE_KV_ATTN};
 	round_trip_same(&m, sizeof(m.u.kv_page), &d);
 	assert_int_equal(wire_kv_page_frame_bytes(&d.u.kv_page), 128 * 576 * 2);
 	d.u.kv_page.v_width = 512;
@@ -374,7 +377,7 @@ static void test_attn_wire_round_trip(void **state)
 	assert_string_equal(wire_kind_name(WIRE_ATTN_RESULT), "attn_result");
 
 	/* frame sizes of fields beyond every cap do not wrap around */
-	const struct wire_kv_page hp = {0, 0, 0, UINT32_MAX, UINT32_MAX, UINT32_MAX};
+	const struct wire_kv_page hp = {0, 0, 0, UINT32_MAX, UINT32_MAX, UINT32_MAX, WIRE_KV_ATTN};
 	const struct wire_attn_batch hb = {
 	    .n_rows = UINT32_MAX, .n_head = UINT32_MAX, .head_dim_k = UINT32_MAX};
 	const struct wire_attn_result hr = {
@@ -428,17 +431,17 @@ static void test_attn_wire_refused(void **state)
 {
 	(void)state;
 	struct wire_msg m, d;
-	const struct wire_kv_page good_page = {7, 3, 12, 128, 576, 0};
+	const struct wire_kv_page good_page = {7, 3, 12, 128, 576, 0, WIRE_KV_ATTN};
 	struct wire_kv_page bad_pages[] = {
-	    {MOE_MAX_LAYERS, 3, 12, 128, 576, 0},	   /* layer */
-	    {7, (uint32_t)INT32_MAX + 1, 12, 128, 576, 0}, /* seq */
-	    {7, 3, 12, 0, 576, 0},			   /* n_pos 0 */
-	    {7, 3, 12, 96, 576, 0},			   /* not a multiple of 64 */
-	    {7, 3, 0, (1u << 20) + 64, 576, 0},		   /* n_pos beyond the cap */
-	    {7, 3, (1u << 31) / 128, 128, 576, 0},	   /* positions beyond int32 */
-	    {7, 3, 12, 128, 0, 0},			   /* no keys */
-	    {7, 3, 12, 128, (1u << 16) + 1, 0},		   /* k_width */
-	    {7, 3, 12, 128, 576, (1u << 16) + 1},	   /* v_width */
+	    {MOE_MAX_LAYERS, 3, 12, 128, 576, 0, WIRE_KV_ATTN},		 /* layer */
+	    {7, (uint32_t)INT32_MAX + 1, 12, 128, 576, 0, WIRE_KV_ATTN}, /* seq */
+	    {7, 3, 12, 0, 576, 0, WIRE_KV_ATTN},			 /* n_pos 0 */
+	    {7, 3, 12, 96, 576, 0, WIRE_KV_ATTN},			 /* not a multiple of 64 */
+	    {7, 3, 0, (1u << 20) + 64, 576, 0, WIRE_KV_ATTN},		 /* n_pos beyond the cap */
+	    {7, 3, (1u << 31) / 128, 128, 576, 0, WIRE_KV_ATTN}, /* positions beyond int32 */
+	    {7, 3, 12, 128, 0, 0, WIRE_KV_ATTN},		 /* no keys */
+	    {7, 3, 12, 128, (1u << 16) + 1, 0, WIRE_KV_ATTN},	 /* k_width */
+	    {7, 3, 12, 128, 576, (1u << 16) + 1, WIRE_KV_ATTN},	 /* v_width */
 	};
 	memset(&m, 0, sizeof(m));
 	m.kind = WIRE_KV_PAGE;
@@ -548,6 +551,111 @@ static void test_attn_wire_refused(void **state)
 	free(buf);
 }
 
+/* DeepSeek-V4's indexer messages: an indexer KvPage, IdxBatch and IdxResult
+ * survive encoding and decoding, their frame sizes do not wrap, and every
+ * field out of range is refused. */
+static void test_idx_wire(void **state)
+{
+	(void)state;
+	struct wire_msg m = {.kind = WIRE_KV_PAGE}, d;
+	m.u.kv_page = (struct wire_kv_page){7, 3, 12, 16, 128, 0, WIRE_KV_IDX};
+	round_trip_same(&m, sizeof(m.u.kv_page), &d);
+	assert_int_equal(wire_kv_page_frame_bytes(&d.u.kv_page), 16 * 128 * 2);
+	wire_msg_free(&d);
+	const struct wire_kv_page bad_pages[] = {
+	    {7, 3, 12, 16, 128, 0, 2},			      /* kind */
+	    {7, 3, 12, 24, 128, 0, WIRE_KV_IDX},	      /* not a multiple of 16 */
+	    {7, 3, 12, 16, 128, 64, WIRE_KV_IDX},	      /* values */
+	    {7, 3, (1u << 31) / 16, 16, 128, 0, WIRE_KV_IDX}, /* entries beyond int32 */
+	    {7, 3, 12, 16, 128, 0, WIRE_KV_ATTN},	      /* an attention page of 16 */
+	};
+	for (size_t i = 0; i < sizeof(bad_pages) / sizeof(bad_pages[0]); i++) {
+		m.u.kv_page = bad_pages[i];
+		if (round_trip(&m, &d) != ERR_PROTO)
+			fail_msg("bad indexer page %zu accepted", i);
+	}
+
+	int32_t seq[2] = {0, 5}, pos[2] = {3000, 1 << 30};
+	const struct wire_idx_batch good = {.step = 1ull << 40,
+					    .layer = 60,
+					    .n_rows = 2,
+					    .n_head = 64,
+					    .dim = 128,
+					    .page = 64,
+					    .n_shard = 8,
+					    .v0 = 4,
+					    .v1 = 8,
+					    .seq = seq,
+					    .pos = pos};
+	memset(&m, 0, sizeof(m));
+	m.kind = WIRE_IDX_BATCH;
+	m.u.idx_batch = good;
+	assert_int_equal(round_trip(&m, &d), 0);
+	assert_int_equal(d.kind, WIRE_IDX_BATCH);
+	const struct wire_idx_batch *b = &d.u.idx_batch;
+	assert_true(b->step == good.step && b->layer == good.layer && b->n_rows == 2 &&
+		    b->n_head == 64 && b->dim == 128 && b->page == 64 && b->n_shard == 8 &&
+		    b->v0 == 4 && b->v1 == 8);
+	assert_memory_equal(b->seq, seq, sizeof(seq));
+	assert_memory_equal(b->pos, pos, sizeof(pos));
+	assert_int_equal(wire_idx_batch_frame_bytes(b), 2 * 64 * (128 + 1) * 4);
+	wire_msg_free(&d);
+	for (int i = 0;; i++) {
+		struct wire_idx_batch *x = &m.u.idx_batch;
+		*x = good;
+		seq[1] = 5;
+		pos[1] = 1 << 30;
+		switch (i) {
+		case 0: x->layer = MOE_MAX_LAYERS; break;
+		case 1: x->n_head = 0; break;
+		case 2: x->n_head = 1025; break;
+		case 3: x->dim = 0; break;
+		case 4: x->dim = 1025; break;
+		case 5: x->page = 0; break;
+		case 6: x->page = 40; break;
+		case 7: x->page = (1u << 20) + 16; break;
+		case 8: x->n_shard = 0; break;
+		case 9: x->n_shard = 6; break;
+		case 10: x->n_shard = 128; break;
+		case 11: x->v0 = 8; break;
+		case 12: x->v1 = 9; break;
+		case 13: seq[1] = -1; break;
+		case 14: pos[1] = -1; break;
+		default: x = NULL; break;
+		}
+		if (!x)
+			break;
+		if (round_trip(&m, &d) != ERR_PROTO)
+			fail_msg("bad indexer batch %d accepted", i);
+	}
+	m.u.idx_batch = good;
+	m.u.idx_batch.n_rows = WIRE_MAX_ROWS + 1;
+	uint8_t *buf = NULL;
+	size_t cap = 0, len = 0;
+	assert_int_equal(wire_encode(&m, &buf, &cap, &len), ERR_RANGE);
+	free(buf);
+
+	m = (struct wire_msg){.kind = WIRE_IDX_RESULT, .u.idx_result = {9, 3, 5, 640, 0.25}};
+	round_trip_same(&m, sizeof(m.u.idx_result), &d);
+	assert_int_equal(wire_idx_result_frame_bytes(&d.u.idx_result), 640 * 4);
+	wire_msg_free(&d);
+	assert_string_equal(wire_kind_name(WIRE_IDX_RESULT), "idx_result");
+	const struct wire_idx_result bad_r[] = {
+	    {9, MOE_MAX_LAYERS, 5, 640, 0.25},
+	    {9, 3, WIRE_MAX_ROWS + 1, 640, 0.25},
+	    {9, 3, 5, 640, -1},
+	    {9, 3, 5, 640, NAN},
+	};
+	for (size_t i = 0; i < sizeof(bad_r) / sizeof(bad_r[0]); i++) {
+		m.u.idx_result = bad_r[i];
+		if (round_trip(&m, &d) != ERR_PROTO)
+			fail_msg("bad indexer result %zu accepted", i);
+	}
+	const struct wire_idx_batch hb = {
+	    .n_rows = UINT32_MAX, .n_head = UINT32_MAX, .dim = UINT32_MAX};
+	assert_true(wire_idx_batch_frame_bytes(&hb) == SIZE_MAX);
+}
+
 int main(void)
 {
 	snprintf(endpoint, sizeof(endpoint), "ipc:///tmp/moefleet-faults-%d.sock", (int)getpid());
@@ -557,6 +665,7 @@ int main(void)
 	    cmocka_unit_test(test_hello_held),	      cmocka_unit_test(test_attn_wire_round_trip),
 	    cmocka_unit_test(test_attn_wire_refused), cmocka_unit_test(test_bad_peers_refused),
 	    cmocka_unit_test(test_worker_dies),	      cmocka_unit_test(test_worker_hangs),
+	    cmocka_unit_test(test_idx_wire),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -17,9 +17,15 @@
  *   would exceed the frame cap; a batch of no rows (and no frame) gets an
  *   empty AttnResult; after Shutdown(rejoin) the worker says Hello again and
  *   holds no page;
+ * - DeepSeek-V4's indexer: KvPages of indexer keys on a layer that also has
+ *   attention pages, IdxBatches for chains [0, 2), [2, 4) and [0, 4): every
+ *   IdxResult frame is the scores of indexer_score() run here (and close to
+ *   the formula in double); a missing page, a layer without indexer pages, a
+ *   frame of the wrong size and a result beyond the frame cap are refused;
  * - kvstore on its own: replacing a page keeps the bytes counted, missing
  *   pages have k == NULL, the budget is exact. */
 #define _GNU_SOURCE
+#include <math.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -39,6 +45,7 @@
 #include "../common/transport.h"
 #include "../common/wire.h"
 #include "../coordinator/model/attn.h"
+#include "../coordinator/model/indexer.h"
 #include "../kernels/kern.h"
 #include "../worker/kvstore.h"
 #include "../worker/worker.h"
@@ -192,8 +199,9 @@ static void send_page(struct link *k, int l, int s, int i, size_t cut)
 {
 	const struct layer *L = &layers[l];
 	struct wire_msg m = {.kind = WIRE_KV_PAGE};
-	m.u.kv_page = (struct wire_kv_page){
-	    (uint32_t)l, (uint32_t)s, (uint32_t)i, P, (uint32_t)L->k_width, (uint32_t)L->v_width};
+	m.u.kv_page =
+	    (struct wire_kv_page){(uint32_t)l,		(uint32_t)s,	      (uint32_t)i, P,
+				  (uint32_t)L->k_width, (uint32_t)L->v_width, WIRE_KV_ATTN};
 	link_send(k, &m, pages[l][s][i], page_values(L) * sizeof(uint16_t) - cut);
 }
 
@@ -413,13 +421,13 @@ static void test_kvhost_serves(void **state)
 	expect_error(&k, "wrong size");
 	/* widths other than the layer's */
 	m = (struct wire_msg){.kind = WIRE_KV_PAGE};
-	m.u.kv_page = (struct wire_kv_page){0, 0, 11, P, 64, 64};
+	m.u.kv_page = (struct wire_kv_page){0, 0, 11, P, 64, 64, WIRE_KV_ATTN};
 	link_send(&k, &m, pages[0][0][0], (size_t)P * 128 * sizeof(uint16_t)); /* 64 + 64 */
 	expect_error(&k, "differ from the layer's");
 	/* beyond the budget: a page of 1024 positions of 512 keys is 1 MiB */
 	uint16_t *big = calloc((size_t)1024 * 512, sizeof(uint16_t));
 	assert_non_null(big);
-	m.u.kv_page = (struct wire_kv_page){3, 0, 0, 1024, 512, 0};
+	m.u.kv_page = (struct wire_kv_page){3, 0, 0, 1024, 512, 0, WIRE_KV_ATTN};
 	link_send(&k, &m, big, (size_t)1024 * 512 * sizeof(uint16_t));
 	expect_error(&k, "budget of 1048576 bytes");
 	free(big);
@@ -440,6 +448,151 @@ static void test_kvhost_serves(void **state)
 	pool_destroy(&pl);
 }
 
+/* ------------------------------------------------------------ indexer */
+
+#define IE 16 /* entries per indexer page */
+#define ID 64 /* indexer key size */
+#define IH 3  /* indexer heads */
+
+static uint16_t *ipages[N_SEQ][MAX_PG]; /* [IE][ID] F16 */
+
+/* The scores of b's rows over the indexer pages of chains [v0, v1), as the
+ * host lays them out: with indexer_score(), and each within a relative 1e-5
+ * of the formula in double. */
+static size_t indexer_expect(const struct wire_idx_batch *b, const float *q, const float *w,
+			     float *out)
+{
+	size_t at = 0;
+	float keys[IE * ID];
+	for (uint32_t r = 0; r < b->n_rows; r++)
+		for (int i = 0; i < indexer_row_pages(b->pos[r], IE); i++) {
+			if (i % V < (int)b->v0 || i % V >= (int)b->v1)
+				continue;
+			for (int j = 0; j < IE * ID; j++)
+				keys[j] = kern_f16_to_f32(ipages[b->seq[r]][i][j]);
+			indexer_score(IH, ID, q + (size_t)r * IH * ID, w + (size_t)r * IH, keys, IE,
+				      out + at);
+			for (int e = 0; e < IE; e++) {
+				double sum = 0;
+				for (int h = 0; h < IH; h++) {
+					double d = 0;
+					for (int c = 0; c < ID; c++)
+						d += (double)q[((size_t)r * IH + h) * ID + c] *
+						     keys[e * ID + c];
+					sum += (d > 0 ? d : 0) * w[r * IH + h];
+				}
+				assert_true(fabs(out[at + e] - sum) <= 1e-5 * (1 + fabs(sum)));
+			}
+			at += IE;
+		}
+	return at;
+}
+
+/* KvPages of indexer keys next to the attention pages of the same layer,
+ * IdxBatches for chains [0, 2), [2, 4) and [0, 4): every IdxResult frame is
+ * the scores computed here; refused: a row needing a page never sent, a
+ * layer without indexer pages, a frame of the wrong size, a result beyond
+ * the frame cap. */
+static void test_kvhost_indexer(void **state)
+{
+	(void)state;
+	make_pages();
+	struct link k;
+	link_open(&k, BUDGET);
+	for (int s = 0; s < N_SEQ; s++)
+		for (int i = 0; i < seq_pages[s]; i++) {
+			ipages[s][i] = malloc((size_t)IE * ID * sizeof(uint16_t));
+			assert_non_null(ipages[s][i]);
+			for (int j = 0; j < IE * ID; j++)
+				ipages[s][i][j] = kern_f32_to_f16(rnd());
+			/* layer 1 holds both kinds */
+			if (i % V < layers[1].chains_sent)
+				send_page(&k, 1, s, i, 0);
+			struct wire_msg m = {.kind = WIRE_KV_PAGE};
+			m.u.kv_page = (struct wire_kv_page){1,	(uint32_t)s, (uint32_t)i, IE,
+							    ID, 0,	     WIRE_KV_IDX};
+			link_send(&k, &m, ipages[s][i], (size_t)IE * ID * sizeof(uint16_t));
+		}
+	/* rows before, on and after page boundaries (a page: 64 positions) */
+	int32_t seq[N_ROWS] = {0, 0, 0, 1, 0, 1, 1};
+	int32_t pos[N_ROWS] = {5, 63, 300, 200, 639, 383, 127};
+	float q[N_ROWS * IH * ID], w[N_ROWS * IH];
+	for (int i = 0; i < N_ROWS * IH * ID; i++)
+		q[i] = rnd();
+	for (int i = 0; i < N_ROWS * IH; i++)
+		w[i] = rnd();
+	float frame[N_ROWS * IH * (ID + 1)];
+	memcpy(frame, q, sizeof(q));
+	memcpy(frame + N_ROWS * IH * ID, w, sizeof(w));
+	const int chains[3][2] = {{0, 2}, {2, 4}, {0, 4}};
+	struct wire_idx_batch b = {.layer = 1,
+				   .n_rows = N_ROWS,
+				   .n_head = IH,
+				   .dim = ID,
+				   .page = IE,
+				   .n_shard = V,
+				   .seq = seq,
+				   .pos = pos};
+	float *want = malloc((size_t)N_ROWS * MAX_PG * IE * sizeof(float));
+	assert_non_null(want);
+	for (int c = 0; c < 3; c++) {
+		b.step = 300 + (uint64_t)c;
+		b.v0 = (uint32_t)chains[c][0];
+		b.v1 = (uint32_t)chains[c][1];
+		struct wire_msg m = {.kind = WIRE_IDX_BATCH}, r;
+		m.u.idx_batch = b;
+		link_send(&k, &m, frame, wire_idx_batch_frame_bytes(&b));
+		const size_t n_want = indexer_expect(&b, q, w, want);
+		size_t n_rows_sum = 0;
+		for (int i = 0; i < N_ROWS; i++)
+			n_rows_sum += indexer_row_scores(pos[i], IE, V, (int)b.v0, (int)b.v1);
+		assert_int_equal(n_rows_sum, n_want);
+		assert_true(n_want > 0);
+		const uint8_t *data;
+		size_t n;
+		link_recv(&k, &r, &data, &n);
+		if (r.kind == WIRE_ERROR)
+			fail_msg("worker: %s", r.u.text);
+		assert_int_equal(r.kind, WIRE_IDX_RESULT);
+		assert_int_equal(r.u.idx_result.step, b.step);
+		assert_int_equal(r.u.idx_result.n_rows, N_ROWS);
+		assert_int_equal(r.u.idx_result.n_scores, n_want);
+		assert_int_equal(n, n_want * sizeof(float));
+		assert_memory_equal(data, want, n);
+		wire_msg_free(&r);
+	}
+	/* the attention pages of the layer are still served */
+	struct batch *ab = malloc(sizeof(*ab));
+	assert_non_null(ab);
+	pool *pl = NULL;
+	assert_int_equal(pool_new(1, &pl), 0);
+	make_batch(ab, 1, 0, 2);
+	check_batch(&k, pl, ab);
+	pool_destroy(&pl);
+	free(ab);
+	/* refused, and the worker keeps serving */
+	struct wire_msg m = {.kind = WIRE_IDX_BATCH};
+	m.u.idx_batch = b;
+	link_send(&k, &m, frame, wire_idx_batch_frame_bytes(&b) - sizeof(float));
+	expect_error(&k, "wrong size");
+	m.u.idx_batch.layer = 0;
+	link_send(&k, &m, frame, wire_idx_batch_frame_bytes(&b));
+	expect_error(&k, "no indexer page");
+	m.u.idx_batch = b;
+	pos[3] = 639; /* sequence 1 has 6 pages */
+	link_send(&k, &m, frame, wire_idx_batch_frame_bytes(&b));
+	expect_error(&k, "lacks");
+	pos[3] = INT32_MAX; /* 2 GiB of scores */
+	link_send(&k, &m, frame, wire_idx_batch_frame_bytes(&b));
+	expect_error(&k, "beyond this worker's frame cap");
+	link_close(&k);
+	free(want);
+	for (int s = 0; s < N_SEQ; s++)
+		for (int i = 0; i < seq_pages[s]; i++)
+			free(ipages[s][i]);
+	free_pages();
+}
+
 /* --kv-memory 0: Hello offers none and KvPages are refused. */
 static void test_kvhost_none(void **state)
 {
@@ -458,7 +611,7 @@ static void test_kvhost_none(void **state)
 static void test_kvstore(void **state)
 {
 	(void)state;
-	const struct wire_kv_page h = {2, 7, 3, P, 32, 0};
+	const struct wire_kv_page h = {2, 7, 3, P, 32, 0, WIRE_KV_ATTN};
 	const size_t bytes = (size_t)P * 32 * sizeof(uint16_t);
 	/* exactly the page, its table of 4 entries and one sequence */
 	const uint64_t need = bytes + 4 * sizeof(struct attn_page);
@@ -489,21 +642,21 @@ static void test_kvstore(void **state)
 	assert_int_equal(kvstore_bytes(s), need + seq_entry);
 	const struct attn_page *pg;
 	int32_t n;
-	kvstore_pages(s, 2, 7, &pg, &n);
+	kvstore_pages(s, WIRE_KV_ATTN, 2, 7, &pg, &n);
 	assert_int_equal(n, 4);
 	for (int i = 0; i < 3; i++)
 		assert_null(pg[i].k);
 	assert_memory_equal(pg[3].k, b, bytes);
 	assert_ptr_equal(pg[3].v, pg[3].k); /* v_width 0: values in the keys */
-	kvstore_pages(s, 2, 8, &pg, &n);
+	kvstore_pages(s, WIRE_KV_ATTN, 2, 8, &pg, &n);
 	assert_int_equal(n, 0);
 	assert_null(pg);
-	kvstore_pages(s, 1, 7, &pg, &n);
+	kvstore_pages(s, WIRE_KV_ATTN, 1, 7, &pg, &n);
 	assert_int_equal(n, 0);
 	uint32_t np, kw, vw;
-	assert_int_equal(kvstore_layer(s, 2, &np, &kw, &vw), 0);
+	assert_int_equal(kvstore_layer(s, WIRE_KV_ATTN, 2, &np, &kw, &vw), 0);
 	assert_true(np == P && kw == 32 && vw == 0);
-	assert_int_equal(kvstore_layer(s, 1, &np, &kw, &vw), ERR_RANGE);
+	assert_int_equal(kvstore_layer(s, WIRE_KV_ATTN, 1, &np, &kw, &vw), ERR_RANGE);
 	/* no room for another page; other widths on the layer; bad ranges */
 	struct wire_kv_page h2 = h;
 	h2.page = 0;
@@ -534,6 +687,7 @@ int main(void)
 	    cmocka_unit_test(test_kvstore),
 	    cmocka_unit_test(test_kvhost_serves),
 	    cmocka_unit_test(test_kvhost_none),
+	    cmocka_unit_test(test_kvhost_indexer),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -5,7 +5,9 @@
 # a prompt of 1,400 tokens plus 100 decode steps: `moefleet logits
 # --kv-shards 4 --kv-page 128` in-process, with 2 local workers over ZeroMQ
 # ipc:// (2 hosts), 3 workers limited to 1 host, the chains kept here
-# (--kv-hosts 0), and under mpirun (3 ranks).  Then a KV host killed in the
+# (--kv-hosts 0), and under mpirun (3 ranks); DeepSeek-V4's indexer pages
+# scored on the hosts give the logits of the plain in-process run (workers
+# over zmq and under mpirun).  Then a KV host killed in the
 # middle of a generation: the coordinator stops with an error naming the
 # lost host, never hangs; and the coordinator, its memory capped (cgroup v1)
 # below the KV of the context, generates the tokens of an uncapped run when
@@ -80,6 +82,45 @@ for m in qwen3moe-tiny-mxfp4 gptoss-tiny-mxfp4 ds2-tiny-q4_0; do
 	fi
 done
 
+# DeepSeek-V4 (ds4-tiny-mxfp4: 2 CSA layers, top-k 8): the indexer keys go to
+# the KV hosts in pages of 16 entries (--kv-page 64), which score them; the
+# selection, and so the logits, are those of the plain in-process run.
+m=ds4-tiny-mxfp4
+ds4=(logits -m "$data/$m.gguf" --tokens @"$tmp/ids" --n-prompt 1400)
+ds4sh=(--kv-shards 4 --kv-page 64)
+if ! timeout 120 "$bin" "${ds4[@]}" --threads 2 --out "$tmp/ds4.f32" 2>"$tmp/err"; then
+	notok "$m: in-process run failed: $(head -1 "$tmp/err")"
+else
+	if timeout 120 "$bin" "${ds4[@]}" --threads 2 "${ds4sh[@]}" --workers 2 --stats \
+		--out "$tmp/ds4w2.f32" 2>"$tmp/err" &&
+		grep -q 'KV hosts: 2 worker' "$tmp/err" && cmp -s "$tmp/ds4.f32" "$tmp/ds4w2.f32" &&
+		grep -q 'moefleet_worker_attn_batches_total{worker="1".*} [1-9]' "$tmp/err"; then
+		ok "$m: --workers 2, indexer pages scored on 2 KV hosts (zmq ipc), bit-identical"
+	else
+		notok "$m: --workers 2 with KV hosts differs or failed: $(grep -m1 -E 'error|KV' "$tmp/err")"
+	fi
+	# the prompt in steps of 100 tokens: pages ship between the steps
+	if timeout 120 "$bin" "${ds4[@]}" --threads 2 --batch 100 --out "$tmp/ds4b.f32" 2>"$tmp/err" &&
+		timeout 120 "$bin" "${ds4[@]}" --threads 2 --batch 100 "${ds4sh[@]}" --workers 2 \
+			--out "$tmp/ds4bw2.f32" 2>"$tmp/err" && grep -q 'KV hosts: 2 worker' "$tmp/err" &&
+		cmp -s "$tmp/ds4b.f32" "$tmp/ds4bw2.f32"; then
+		ok "$m: prompt in steps of 100, --workers 2, bit-identical"
+	else
+		notok "$m: steps of 100 with KV hosts differ or failed: $(grep -m1 -E 'error|KV' "$tmp/err")"
+	fi
+	if [ $have_mpi -eq 1 ]; then
+		if ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" timeout 120 mpirun -np 3 \
+			"$bin" "${ds4[@]}" --threads 1 "${ds4sh[@]}" --transport mpi --out "$tmp/ds4mpi.f32" \
+			>/dev/null 2>"$tmp/err" && cmp -s "$tmp/ds4.f32" "$tmp/ds4mpi.f32"; then
+			ok "$m: mpirun -np 3, indexer pages on 2 KV hosts, bit-identical"
+		else
+			notok "$m: mpirun -np 3 differs or failed: $(grep -m1 -E 'error|KV' "$tmp/err")"
+		fi
+	else
+		ok "$m: mpirun # SKIP mpirun not installed"
+	fi
+fi
+
 # A KV host killed during a generation: the chains go to the host left and
 # the sequence is computed again from its ids, so the generated ids are the
 # in-process run's.  With no host left: a named error, no hang.
@@ -117,6 +158,18 @@ if [ "$rc" -eq 0 ] && grep -q 'computed again on 1 host' "$tmp/recover.err" &&
 	ok "a KV host killed mid-generation: computed again on the host left, the in-process ids"
 else
 	notok "killed KV host: exit $rc, $(grep -m1 -E 'error|again' "$tmp/recover.err")"
+fi
+# the same for DeepSeek-V4's indexer pages
+gen=(generate -m "$data/ds4-tiny-mxfp4.gguf" --tokens 1,2,3 -n 3000 --ignore-eos --print-ids
+	--threads 1 --kv-shards 4 --kv-page 64)
+"$bin" "${gen[@]::${#gen[@]}-4}" >"$tmp/gen.out" 2>/dev/null
+tail -1 "$tmp/gen.out" >"$tmp/gen.ids"
+kill_run recover4 1G
+if [ "$rc" -eq 0 ] && grep -q 'computed again on 1 host' "$tmp/recover4.err" &&
+	cmp -s "$tmp/gen.ids" <(tail -1 "$tmp/recover4.out"); then
+	ok "deepseek4: a KV host killed mid-generation: computed again, the in-process ids"
+else
+	notok "deepseek4 killed KV host: exit $rc, $(grep -m1 -E 'error|again' "$tmp/recover4.err")"
 fi
 kill_run lost 0
 if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && grep -q 'KV host 0 (worker [0-9]) is lost' "$tmp/lost.err" &&

@@ -20,7 +20,7 @@ struct kvstore_layer {
 
 struct kvstore {
 	uint64_t budget, bytes;
-	struct kvstore_layer layers[MOE_MAX_LAYERS];
+	struct kvstore_layer layers[2][MOE_MAX_LAYERS]; /* by enum wire_kv_kind, layer */
 };
 
 int kvstore_new(uint64_t budget_bytes, kvstore **out)
@@ -36,8 +36,8 @@ void kvstore_destroy(kvstore **s)
 {
 	if (!*s)
 		return;
-	for (int l = 0; l < MOE_MAX_LAYERS; l++) {
-		struct kvstore_layer *L = &(*s)->layers[l];
+	for (int l = 0; l < 2 * MOE_MAX_LAYERS; l++) {
+		struct kvstore_layer *L = &(*s)->layers[l / MOE_MAX_LAYERS][l % MOE_MAX_LAYERS];
 		for (size_t i = 0; i < L->n_seqs; i++) {
 			for (int32_t p = 0; p < L->seqs[i].n_pages; p++)
 				free((void *)L->seqs[i].pages[p].k);
@@ -66,14 +66,14 @@ static size_t kvstore_find(const struct kvstore_layer *L, int32_t seq, int *foun
 
 int kvstore_put(kvstore *s, const struct wire_kv_page *h, const void *frame)
 {
-	if (h->layer >= MOE_MAX_LAYERS || !h->n_pos || !h->k_width || h->seq > INT32_MAX ||
-	    ((uint64_t)h->page + 1) * h->n_pos > (uint64_t)INT32_MAX + 1 ||
+	if (h->layer >= MOE_MAX_LAYERS || h->kind > WIRE_KV_IDX || !h->n_pos || !h->k_width ||
+	    h->seq > INT32_MAX || ((uint64_t)h->page + 1) * h->n_pos > (uint64_t)INT32_MAX + 1 ||
 	    wire_kv_page_frame_bytes(h) == SIZE_MAX) {
 		log_error("kvstore: page %u of sequence %u on layer %u out of range", h->page,
 			  h->seq, h->layer);
 		return ERR_RANGE;
 	}
-	struct kvstore_layer *L = &s->layers[h->layer];
+	struct kvstore_layer *L = &s->layers[h->kind][h->layer];
 	if (L->n_pos &&
 	    (L->n_pos != h->n_pos || L->k_width != h->k_width || L->v_width != h->v_width)) {
 		log_error("kvstore: layer %u: a page of %u positions of %u/%u values, the layer's "
@@ -145,27 +145,27 @@ int kvstore_put(kvstore *s, const struct wire_kv_page *h, const void *frame)
 	return 0;
 }
 
-int kvstore_layer(const kvstore *s, uint32_t layer, uint32_t *n_pos, uint32_t *k_width,
-		  uint32_t *v_width)
+int kvstore_layer(const kvstore *s, uint32_t kind, uint32_t layer, uint32_t *n_pos,
+		  uint32_t *k_width, uint32_t *v_width)
 {
-	if (layer >= MOE_MAX_LAYERS || !s->layers[layer].n_pos)
+	if (kind > WIRE_KV_IDX || layer >= MOE_MAX_LAYERS || !s->layers[kind][layer].n_pos)
 		return ERR_RANGE;
-	const struct kvstore_layer *L = &s->layers[layer];
+	const struct kvstore_layer *L = &s->layers[kind][layer];
 	*n_pos = L->n_pos;
 	*k_width = L->k_width;
 	*v_width = L->v_width;
 	return 0;
 }
 
-void kvstore_pages(const kvstore *s, uint32_t layer, int32_t seq, const struct attn_page **pages,
-		   int32_t *n_pages)
+void kvstore_pages(const kvstore *s, uint32_t kind, uint32_t layer, int32_t seq,
+		   const struct attn_page **pages, int32_t *n_pages)
 {
 	*pages = NULL;
 	*n_pages = 0;
-	if (layer >= MOE_MAX_LAYERS)
+	if (kind > WIRE_KV_IDX || layer >= MOE_MAX_LAYERS)
 		return;
 	int found;
-	const struct kvstore_layer *L = &s->layers[layer];
+	const struct kvstore_layer *L = &s->layers[kind][layer];
 	size_t at = kvstore_find(L, seq, &found);
 	if (found) {
 		*pages = L->seqs[at].pages;

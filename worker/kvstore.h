@@ -1,4 +1,5 @@
-/* kvstore: the KV pages a worker holds as a KV host, for attn_host_forward().
+/* kvstore: the KV pages a worker holds as a KV host, for attn_host_forward()
+ * and (DeepSeek-V4's indexer keys) indexer_host_score().
  *
  * A page is the keys (and values) of n_pos consecutive positions of one
  * (layer, sequence), numbered from 0 (positions [page * n_pos, (page + 1) *
@@ -13,7 +14,7 @@
  * against budget_bytes; a page that would go beyond it is refused with
  * ERR_NOMEM (the store is unchanged).  Nothing is ever dropped otherwise.
  *
- * kvstore_pages() gives a (layer, sequence)'s pages indexed by page number,
+ * kvstore_pages() gives a (kind, layer, sequence)'s pages indexed by page number,
  * k == NULL where a page is missing, valid until the next kvstore_put(). */
 #ifndef MOEFLEET_KVSTORE_H
 #define MOEFLEET_KVSTORE_H
@@ -35,14 +36,15 @@ void kvstore_destroy(kvstore **s);
  * positions do not fit an int32; ERR_NOMEM beyond the budget. */
 int kvstore_put(kvstore *s, const struct wire_kv_page *h, const void *frame);
 
-/* The sizes of layer's pages; ERR_RANGE when the store has none of it. */
-int kvstore_layer(const kvstore *s, uint32_t layer, uint32_t *n_pos, uint32_t *k_width,
-		  uint32_t *v_width);
+/* The sizes of layer's pages of a kind (enum wire_kv_kind); ERR_RANGE when
+ * the store has none of them. */
+int kvstore_layer(const kvstore *s, uint32_t kind, uint32_t layer, uint32_t *n_pos,
+		  uint32_t *k_width, uint32_t *v_width);
 
-/* The pages of (layer, seq) by page number and how many entries (0 and NULL
- * when none was stored). */
-void kvstore_pages(const kvstore *s, uint32_t layer, int32_t seq, const struct attn_page **pages,
-		   int32_t *n_pages);
+/* The pages of a kind of (layer, seq) by page number and how many entries (0
+ * and NULL when none was stored). */
+void kvstore_pages(const kvstore *s, uint32_t kind, uint32_t layer, int32_t seq,
+		   const struct attn_page **pages, int32_t *n_pages);
 
 /* Bytes held (pages and tables) and the budget. */
 uint64_t kvstore_bytes(const kvstore *s);

@@ -10,6 +10,7 @@
 #include "../common/wire.h"
 #include "../kernels/kern.h"
 #include "../coordinator/model/attn.h"
+#include "../coordinator/model/indexer.h"
 #include "kvstore.h"
 
 #include <math.h>
@@ -719,7 +720,7 @@ static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *
 {
 	char why[WIRE_MAX_NAME];
 	uint32_t page, k_width, v_width;
-	if (!w->kv || kvstore_layer(w->kv, b->layer, &page, &k_width, &v_width)) {
+	if (!w->kv || kvstore_layer(w->kv, WIRE_KV_ATTN, b->layer, &page, &k_width, &v_width)) {
 		snprintf(why, sizeof(why),
 			 "attention batch for layer %u, of which no KV page is here", b->layer);
 		worker_error(w, why);
@@ -750,7 +751,7 @@ static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *
 	}
 	double t0 = worker_now(), c0 = worker_cpu_now();
 	for (uint32_t i = 0; i < b->n_rows; i++)
-		kvstore_pages(w->kv, b->layer, b->seq[i], &pages[i], &n_pages[i]);
+		kvstore_pages(w->kv, WIRE_KV_ATTN, b->layer, b->seq[i], &pages[i], &n_pages[i]);
 	if (n)				 /* no frame: no rows */
 		memcpy(w->out, data, n); /* the frame may not be aligned for floats */
 	const struct attn_params ap = {.n_head = (int)b->n_head,
@@ -776,6 +777,82 @@ static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *
 		snprintf(why, sizeof(why),
 			 "attention batch on layer %u: a row needs a KV page this worker lacks, or "
 			 "the chains or heads do not fit its pages",
+			 b->layer);
+		worker_error(w, why);
+		rc = 0;
+		goto out;
+	}
+	r->compute_seconds = worker_compute_seconds(w, t0, c0);
+	rc = worker_send(w, &m, w->items, out_bytes);
+out:
+	free(pages);
+	free(n_pages);
+	return rc;
+}
+
+/* The scores of every row's indexer pages in the chains [v0, v1): one
+ * IdxResult. */
+static int worker_on_idx_batch(struct worker *w, const struct wire_idx_batch *b,
+			       const uint8_t *data, size_t n)
+{
+	char why[WIRE_MAX_NAME];
+	uint32_t page, dim, v_width;
+	if (!w->kv || kvstore_layer(w->kv, WIRE_KV_IDX, b->layer, &page, &dim, &v_width)) {
+		snprintf(why, sizeof(why),
+			 "indexer batch for layer %u, of which no indexer page is here", b->layer);
+		worker_error(w, why);
+		return 0;
+	}
+	if (n != wire_idx_batch_frame_bytes(b) || b->page != page || b->dim != dim) {
+		worker_error(w, "indexer batch with a frame of the wrong size or pages of another "
+				"size than its layer's");
+		return 0;
+	}
+	struct wire_msg m = {.kind = WIRE_IDX_RESULT};
+	struct wire_idx_result *r = &m.u.idx_result;
+	*r = (struct wire_idx_result){b->step, b->layer, b->n_rows, 0, 0};
+	size_t n_scores = 0;
+	for (uint32_t i = 0; i < b->n_rows; i++)
+		n_scores += indexer_row_scores(b->pos[i], (int)page, (int)b->n_shard, (int)b->v0,
+					       (int)b->v1);
+	const size_t out_bytes = n_scores * sizeof(float);
+	const struct attn_page **pages = malloc((b->n_rows ? b->n_rows : 1) * sizeof(*pages));
+	int32_t *n_pages = malloc((b->n_rows ? b->n_rows : 1) * sizeof(*n_pages));
+	int rc = 0;
+	/* the sizes come from the coordinator: too much is its error, not ours */
+	if (n_scores > UINT32_MAX || out_bytes > TRANSPORT_FRAME_CAP_DEFAULT || !pages ||
+	    !n_pages || worker_reserve(&w->out, &w->out_cap, n / sizeof(float)) ||
+	    worker_reserve(&w->items, &w->items_cap, n_scores)) {
+		snprintf(why, sizeof(why),
+			 "indexer batch on layer %u: a result of %zu bytes is beyond this "
+			 "worker's frame cap or memory",
+			 b->layer, out_bytes);
+		worker_error(w, why);
+		goto out;
+	}
+	r->n_scores = (uint32_t)n_scores;
+	double t0 = worker_now(), c0 = worker_cpu_now();
+	for (uint32_t i = 0; i < b->n_rows; i++)
+		kvstore_pages(w->kv, WIRE_KV_IDX, b->layer, b->seq[i], &pages[i], &n_pages[i]);
+	if (n)				 /* no frame: no rows */
+		memcpy(w->out, data, n); /* the frame may not be aligned for floats */
+	const struct indexer_host_job job = {.n_head = (int)b->n_head,
+					     .dim = (int)dim,
+					     .page = (int)page,
+					     .n_shard = (int)b->n_shard,
+					     .v0 = (int)b->v0,
+					     .v1 = (int)b->v1,
+					     .n_rows = (int)b->n_rows,
+					     .pos = b->pos,
+					     .pages = pages,
+					     .n_pages = n_pages,
+					     .q = w->out,
+					     .w = w->out + (size_t)b->n_rows * b->n_head * dim,
+					     .scores = w->items};
+	rc = indexer_host_score(w->pool, &job);
+	if (rc) {
+		snprintf(why, sizeof(why),
+			 "indexer batch on layer %u: a row needs an indexer page this worker lacks",
 			 b->layer);
 		worker_error(w, why);
 		rc = 0;
@@ -1049,7 +1126,8 @@ int worker_run(transport *t, const struct worker_config *cfg)
 		if (m.kind != WIRE_SHUTDOWN)
 			waiting = 0;
 		int has_frame = m.kind == WIRE_BATCH || m.kind == WIRE_WEIGHT_CHUNK ||
-				m.kind == WIRE_KV_PAGE || m.kind == WIRE_ATTN_BATCH;
+				m.kind == WIRE_KV_PAGE || m.kind == WIRE_ATTN_BATCH ||
+				m.kind == WIRE_IDX_BATCH;
 		if (!has_frame && f.data) {
 			worker_error(&w, "unexpected raw frame");
 			wire_msg_free(&m);
@@ -1076,6 +1154,9 @@ int worker_run(transport *t, const struct worker_config *cfg)
 			break;
 		case WIRE_ATTN_BATCH:
 			rc = worker_on_attn_batch(&w, &m.u.attn_batch, f.data, f.data_len);
+			break;
+		case WIRE_IDX_BATCH:
+			rc = worker_on_idx_batch(&w, &m.u.idx_batch, f.data, f.data_len);
 			break;
 		case WIRE_HEARTBEAT: rc = worker_send(&w, &m, NULL, 0); break;
 		case WIRE_STATS: {

@@ -402,8 +402,10 @@ static const char *cli_usage_cluster =
     "  --kv-page P            positions per KV page (default 1024, a multiple of 64)\n"
     "  --kv-hosts N           with a cluster and --kv-shards: the chains' pages live on\n"
     "                         the first N workers (default: as many as can, a power of\n"
-    "                         two dividing V; 0: on the coordinator)\n"
-    "  --kv-local-memory B     when every KV host is lost, the chains come back here\n"
+    "                         two dividing V; 0: on the coordinator); deepseek4: the\n"
+    "                         indexer keys' pages live and are scored there, with the\n"
+    "                         bits of the default\n"
+    "  --kv-local-memory B    when every KV host is lost, the chains come back here\n"
     "                         if their pages need at most B bytes (default: the\n"
     "                         memory available; 0: never)\n";
 

@@ -149,10 +149,12 @@ struct cluster {
 	int kv_lost;			   /* a host was lost since cluster_kv_hosts() */
 	uint64_t kv_asked[ATTN_MAX_HOSTS]; /* step of the AttnBatch in flight to each, 0: none */
 	double kv_sent[ATTN_MAX_HOSTS];
-	float *kv_part[ATTN_MAX_HOSTS]; /* each host's last AttnResult frame */
+	float *kv_part[ATTN_MAX_HOSTS]; /* each host's last AttnResult / IdxResult frame */
 	size_t kv_part_cap[ATTN_MAX_HOSTS];
-	int kv_rows, kv_heads, kv_dv; /* of the layer in flight */
-	uint8_t *kv_buf;	      /* a KvPage's frame */
+	int kv_rows, kv_heads, kv_dv;	  /* of the layer in flight */
+	int kv_idx;			  /* the layer in flight is an indexer's (IdxBatch) */
+	size_t kv_scores[ATTN_MAX_HOSTS]; /* then the scores each host owes */
+	uint8_t *kv_buf;		  /* a KvPage's or IdxBatch's frame */
 	size_t kv_buf_cap;
 	char model_id[SHARDFILE_ID_LEN]; /* shardfile_model_id() of cfg->g */
 	uint8_t *held_none;		 /* [n_layer][n_expert] zeros */

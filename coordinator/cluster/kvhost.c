@@ -2,12 +2,15 @@
  * attention (attn.h, attn_remote_ops).  A complete page goes to the host of its
  * chain as one KvPage (keys then values in the raw frame), each layer's rows
  * to every host that holds a page some row sees as one AttnBatch (the queries
- * in F32), and the AttnResults come back in any order.  Only the coordinator
+ * in F32), and the AttnResults come back in any order.  DeepSeek-V4's indexer
+ * keys travel the same way (KvPage of kind WIRE_KV_IDX, IdxBatch with the
+ * queries and head weights, IdxResult with the scores).  Only the coordinator
  * holds the tail of each sequence, so a lost host takes pages that exist
  * nowhere else: the step fails with an error naming the host, never waits
  * past the worker time-out; cluster_kv_hosts() again gives the chains to the
  * hosts left, and the sequences are computed again from their ids. */
 #include "cluster_internal.h"
+#include "../model/indexer.h"
 #include "../../common/err.h"
 #include "../../common/log.h"
 
@@ -49,12 +52,9 @@ static int kv_send(cluster *c, int h, const struct wire_msg *m, const void *data
 	return 0;
 }
 
-static int kv_ship(void *self, int host, int layer, int seq, int page, int n_pos, int k_width,
-		   int v_width, const uint16_t *k, const uint16_t *v)
+/* c->kv_buf of at least `bytes` bytes. */
+static int kv_buf_reserve(cluster *c, size_t bytes)
 {
-	cluster *c = self;
-	const size_t nk = (size_t)n_pos * (size_t)k_width, nv = (size_t)n_pos * (size_t)v_width;
-	const size_t bytes = (nk + nv) * sizeof(uint16_t);
 	if (bytes > c->kv_buf_cap) {
 		uint8_t *p = realloc(c->kv_buf, bytes);
 		if (!p)
@@ -62,18 +62,57 @@ static int kv_ship(void *self, int host, int layer, int seq, int page, int n_pos
 		c->kv_buf = p;
 		c->kv_buf_cap = bytes;
 	}
+	return 0;
+}
+
+/* One KvPage: frame keys [n_pos][k_width] then values [n_pos][v_width] (none
+ * when v_width is 0). */
+static int kv_send_page(cluster *c, int host, const struct wire_kv_page *pg, const uint16_t *k,
+			const uint16_t *v)
+{
+	const size_t nk = (size_t)pg->n_pos * pg->k_width, nv = (size_t)pg->n_pos * pg->v_width;
+	const size_t bytes = (nk + nv) * sizeof(uint16_t);
+	if (kv_buf_reserve(c, bytes))
+		return ERR_NOMEM;
 	memcpy(c->kv_buf, k, nk * sizeof(uint16_t));
 	if (nv)
 		memcpy(c->kv_buf + nk * sizeof(uint16_t), v, nv * sizeof(uint16_t));
 	struct wire_msg m = {.kind = WIRE_KV_PAGE};
-	m.u.kv_page = (struct wire_kv_page){(uint32_t)layer, (uint32_t)seq,	(uint32_t)page,
-					    (uint32_t)n_pos, (uint32_t)k_width, (uint32_t)v_width};
+	m.u.kv_page = *pg;
 	int rc = kv_send(c, host, &m, c->kv_buf, bytes);
 	if (!rc) {
 		c->w[c->kv_w[host]].st.kv_pages++;
 		c->w[c->kv_w[host]].st.kv_bytes += bytes;
 	}
 	return rc;
+}
+
+static int kv_ship(void *self, int host, int layer, int seq, int page, int n_pos, int k_width,
+		   int v_width, const uint16_t *k, const uint16_t *v)
+{
+	const struct wire_kv_page pg = {(uint32_t)layer, (uint32_t)seq,	    (uint32_t)page,
+					(uint32_t)n_pos, (uint32_t)k_width, (uint32_t)v_width,
+					WIRE_KV_ATTN};
+	return kv_send_page(self, host, &pg, k, v);
+}
+
+static int kv_idx_ship(void *self, int host, int layer, int seq, int page, int n_ent, int dim,
+		       const uint16_t *k)
+{
+	const struct wire_kv_page pg = {(uint32_t)layer, (uint32_t)seq, (uint32_t)page,
+					(uint32_t)n_ent, (uint32_t)dim, 0,
+					WIRE_KV_IDX};
+	return kv_send_page(self, host, &pg, k, NULL);
+}
+
+/* A batch of n_rows rows (an IdxBatch when idx) went to host at step. */
+static void kv_asked(cluster *c, int host, uint64_t step, int n_rows, int idx)
+{
+	c->kv_asked[host] = step;
+	c->kv_rows = n_rows;
+	c->kv_idx = idx;
+	c->kv_sent[host] = cluster_now();
+	c->w[c->kv_w[host]].st.kv_batches++;
 }
 
 static int kv_submit(void *self, int host, int layer, const struct attn_params *ap, int page,
@@ -101,12 +140,47 @@ static int kv_submit(void *self, int host, int layer, const struct attn_params *
 	int rc = kv_send(c, host, &m, q, bytes);
 	if (rc)
 		return rc;
-	c->kv_asked[host] = m.u.attn_batch.step;
-	c->kv_rows = b->n_tokens;
+	kv_asked(c, host, m.u.attn_batch.step, b->n_tokens, 0);
 	c->kv_heads = ap->n_head;
 	c->kv_dv = ap->head_dim_v;
-	c->kv_sent[host] = cluster_now();
-	c->w[c->kv_w[host]].st.kv_batches++;
+	return 0;
+}
+
+static int kv_idx_submit(void *self, int host, int layer, int n_head, int dim, int page,
+			 int n_shard, int v0, int v1, const model_batch *b, const float *q,
+			 const float *w)
+{
+	cluster *c = self;
+	struct wire_msg m = {.kind = WIRE_IDX_BATCH};
+	m.u.idx_batch = (struct wire_idx_batch){
+	    .step = ++c->step,
+	    .layer = (uint32_t)layer,
+	    .n_rows = (uint32_t)b->n_tokens,
+	    .n_head = (uint32_t)n_head,
+	    .dim = (uint32_t)dim,
+	    .page = (uint32_t)page,
+	    .n_shard = (uint32_t)n_shard,
+	    .v0 = (uint32_t)v0,
+	    .v1 = (uint32_t)v1,
+	    .seq = (int32_t *)b->seq,
+	    .pos = (int32_t *)b->pos,
+	};
+	/* the frame: queries, then weights */
+	const size_t nq = (size_t)b->n_tokens * (size_t)n_head * (size_t)dim;
+	const size_t nw = (size_t)b->n_tokens * (size_t)n_head;
+	const size_t bytes = wire_idx_batch_frame_bytes(&m.u.idx_batch);
+	if (kv_buf_reserve(c, bytes))
+		return ERR_NOMEM;
+	memcpy(c->kv_buf, q, nq * sizeof(float));
+	memcpy(c->kv_buf + nq * sizeof(float), w, nw * sizeof(float));
+	int rc = kv_send(c, host, &m, c->kv_buf, bytes);
+	if (rc)
+		return rc;
+	size_t n_scores = 0;
+	for (int t = 0; t < b->n_tokens; t++)
+		n_scores += indexer_row_scores(b->pos[t], page, n_shard, v0, v1);
+	kv_asked(c, host, m.u.idx_batch.step, b->n_tokens, 1);
+	c->kv_scores[host] = n_scores;
 	return 0;
 }
 
@@ -116,16 +190,24 @@ static int kv_submit(void *self, int host, int layer, const struct attn_params *
 static int kv_take(cluster *c, int who, const struct wire_msg *m, const uint8_t *data, size_t n)
 {
 	const int h = kv_host_of(c, who);
-	if (m->kind == WIRE_ATTN_RESULT) {
+	if (m->kind == WIRE_ATTN_RESULT || m->kind == WIRE_IDX_RESULT) {
+		const int idx = m->kind == WIRE_IDX_RESULT;
 		const struct wire_attn_result *r = &m->u.attn_result;
-		if (h < 0 || !c->kv_asked[h] || r->step != c->kv_asked[h]) {
-			log_warn("worker %d: stale attention result for step %llu ignored", who,
-				 (unsigned long long)r->step);
+		const struct wire_idx_result *ir = &m->u.idx_result;
+		const uint64_t step = idx ? ir->step : r->step;
+		if (h < 0 || !c->kv_asked[h] || step != c->kv_asked[h] || idx != c->kv_idx) {
+			log_warn("worker %d: stale %s result for step %llu ignored", who,
+				 idx ? "indexer" : "attention", (unsigned long long)step);
 			return 0;
 		}
-		if (r->n_rows != (uint32_t)c->kv_rows || r->n_head != (uint32_t)c->kv_heads ||
-		    r->head_dim_v != (uint32_t)c->kv_dv || n != wire_attn_result_frame_bytes(r)) {
-			cluster_drop(c, who, "attention result does not match its batch");
+		if (idx ? ir->n_rows != (uint32_t)c->kv_rows || ir->n_scores != c->kv_scores[h] ||
+			      n != wire_idx_result_frame_bytes(ir)
+			: r->n_rows != (uint32_t)c->kv_rows || r->n_head != (uint32_t)c->kv_heads ||
+			      r->head_dim_v != (uint32_t)c->kv_dv ||
+			      n != wire_attn_result_frame_bytes(r)) {
+			cluster_drop(c, who,
+				     idx ? "indexer result does not match its batch"
+					 : "attention result does not match its batch");
 			return kv_live(c, h);
 		}
 		if (n > c->kv_part_cap[h]) {
@@ -137,7 +219,7 @@ static int kv_take(cluster *c, int who, const struct wire_msg *m, const uint8_t 
 		}
 		memcpy(c->kv_part[h], data, n);
 		c->kv_asked[h] = 0;
-		c->w[who].st.compute_seconds += r->compute_seconds;
+		c->w[who].st.compute_seconds += idx ? ir->compute_seconds : r->compute_seconds;
 		c->w[who].st.wait_seconds += cluster_now() - c->kv_sent[h];
 		return 1;
 	}
@@ -218,7 +300,8 @@ static uint64_t kv_budget(void *self, int host)
 	return c->w[c->kv_w[host]].hello.kv_bytes;
 }
 
-static const struct attn_remote_ops kv_ops = {kv_ship, kv_submit, kv_collect, kv_budget};
+static const struct attn_remote_ops kv_ops = {kv_ship,	 kv_submit,   kv_collect,
+					      kv_budget, kv_idx_ship, kv_idx_submit};
 
 int cluster_kv_hosts(cluster *c, int n_shard, int want, const struct attn_remote_ops **ops,
 		     int *n_hosts)

@@ -39,6 +39,9 @@ struct arch_vtable {
 	/* the attention KV cache whose chains KV hosts may compute; NULL or
 	 * absent: none */
 	attn_cache *(*kv_cache)(void *state);
+	/* instead of kv_cache: the architecture gives its own work to KV hosts
+	 * (model_set_kv_hosts' contract); NULL or absent: see kv_cache */
+	int (*kv_hosts)(void *state, const struct attn_remote_ops *ops, void *self, int n_hosts);
 };
 
 /* Hyper-parameter helpers: read "<arch>.<key>" with the exact GGUF type.

@@ -44,6 +44,12 @@
  * sum_h w_h relu(q_h . k_j) with w = proj · x / sqrt(dI HI), and the top-k
  * entries (all when fewer are visible) join the attention.
  *
+ * KV hosts (--kv-shards with a cluster, ds4_kv_hosts): the complete pages of
+ * indexer keys go to the hosts, which score them for every row with the same
+ * indexer_score() (indexer.h); the coordinator scores each row's page in
+ * progress and selects as before, so the bits are the single-node run's.
+ * Everything else stays here.
+ *
  * Caches (per layer and sequence; F16 by default, F32 with kv_f32): the window
  * keeps the last W + n_batch raw rows in a ring; compressed entries and
  * indexer keys are kept for the whole context.  Attention goes through
@@ -62,8 +68,10 @@
  * (llama.cpp crashes on it); hyper_connection.count must be 4 and
  * expert_gating_func 4 (sqrtsoftplus); the indexer head size must be a multiple
  * of 64 and at least r; every tid2eid entry must be a valid expert id. */
+#define _DEFAULT_SOURCE /* madvise */
 #include "arch.h"
 #include "attn.h"
+#include "indexer.h"
 #include "ops.h"
 #include "route.h"
 #include "../../common/err.h"
@@ -75,6 +83,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 /* Row kernels built twice, chosen at load time by CPU: with FMA, fmaf() is
  * one instruction instead of a library call (the same result). */
@@ -193,6 +203,12 @@ struct ds4 {
 	int max_keys; /* keys one query can see */
 	int n_batch;
 	struct ds4_scratch s;
+	/* KV hosts of the indexer keys (ds4_kv_hosts): pages of idx_page
+	 * entries, page i on host attn_page_host(i, n_shard, n_hosts) */
+	const struct attn_remote_ops *remote;
+	void *remote_self;
+	int n_hosts, n_shard, idx_page;
+	int32_t *idx_shipped; /* [2][n_layer][n_seq]: pages shipped, then released */
 };
 
 static inline const float *ds4_f32(const gguf_tensor *t)
@@ -587,6 +603,7 @@ static void ds4_destroy(void **state)
 	    s->ikf};
 	for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
 		free(bufs[i]);
+	free(m->idx_shipped);
 	free(m);
 	*state = NULL;
 }
@@ -811,11 +828,78 @@ out:
 
 static void ds4_reset_seq(void *state, int seq)
 {
-	/* Nothing to clear: a sequence restarts at position 0, and every row a
-	 * query reads (window rows, entries j < (pos + 1) / ratio, compressor
-	 * rows of blocks >= 0) is written again before it is read. */
-	(void)state;
-	(void)seq;
+	/* Nothing else to clear: a sequence restarts at position 0, and every
+	 * row a query reads (window rows, entries j < (pos + 1) / ratio,
+	 * compressor rows of blocks >= 0) is written again before it is read. */
+	struct ds4 *m = state;
+	const size_t n_ls = (size_t)m->hp.n_layer * (size_t)m->env->n_seq;
+	for (int il = 0; m->idx_shipped && il < m->hp.n_layer; il++) {
+		const size_t ls = (size_t)il * (size_t)m->env->n_seq + (size_t)seq;
+		m->idx_shipped[ls] = m->idx_shipped[n_ls + ls] = 0;
+	}
+}
+
+/* The indexer keys' pages go to n_hosts KV hosts (attn_remote_ops' idx_ship
+ * and idx_submit): pages of kv_page / 4 entries, striped over kv_shards
+ * chains as attention pages are (0: none).  No page counts as shipped any
+ * more: after a change of hosts every sequence is reset and computed again
+ * (the local copies of shipped pages are gone).  An F32 cache stays here
+ * (logged): pages travel as F16. */
+static int ds4_kv_hosts(void *state, const struct attn_remote_ops *ops, void *self, int n_hosts)
+{
+	struct ds4 *m = state;
+	const struct ds4_hparams *hp = &m->hp;
+	const int V = m->env->kv_shards, P = m->env->kv_page, S = m->env->n_seq;
+	if (n_hosts == 0) {
+		m->remote = NULL;
+		m->n_hosts = 0;
+		return 0;
+	}
+	int csa = 0;
+	for (int il = 0; il < hp->n_layer; il++)
+		csa += m->layers[il].ratio == DS4_CSA;
+	if (!csa || m->kv_f32) {
+		log_warn("%s: deepseek4 keeps its KV on the coordinator: %s", gguf_path(m->env->g),
+			 m->kv_f32 ? "the KV hosts hold F16 indexer keys, the cache is F32"
+				   : "no layer has an indexer");
+		return 0;
+	}
+	if (!ops || !ops->idx_ship || !ops->idx_submit || V <= 0 || n_hosts < 0 || n_hosts > V ||
+	    (n_hosts & (n_hosts - 1)) || V % n_hosts || P <= 0 || P % ATTN_TILE_KV) {
+		log_error("deepseek4: %d KV hosts for %d chains of pages of %d positions: need "
+			  "--kv-shards, a power of two of hosts dividing the chains and pages of a "
+			  "multiple of %d positions",
+			  n_hosts, V, P, ATTN_TILE_KV);
+		return ERR_CONFIG;
+	}
+	const int E = P / INDEXER_RATIO, max_page = m->env->n_ctx / INDEXER_RATIO / E;
+	const uint64_t page_bytes =
+	    (uint64_t)E * (uint64_t)hp->idx_dim * sizeof(uint16_t) + sizeof(struct attn_page);
+	for (int h = 0; h < n_hosts; h++) {
+		uint64_t pages = 0;
+		for (int i = 0; i < max_page; i++)
+			pages += attn_page_host(i, V, n_hosts) == h;
+		const uint64_t need = (pages * page_bytes + 32) * (uint64_t)csa * (uint64_t)S;
+		const uint64_t have = ops->budget(self, h);
+		if (need > have) {
+			log_error("KV host %d would hold up to %llu bytes of indexer pages (%d "
+				  "slot(s) of %d positions), but offers %llu (moefleet-worker "
+				  "--kv-memory): fewer or shorter slots, or more hosts",
+				  h, (unsigned long long)need, S, m->env->n_ctx,
+				  (unsigned long long)have);
+			return ERR_CONFIG;
+		}
+	}
+	const size_t n = 2 * (size_t)hp->n_layer * (size_t)S;
+	if (!m->idx_shipped && !(m->idx_shipped = malloc(n * sizeof(int32_t))))
+		return ERR_NOMEM;
+	memset(m->idx_shipped, 0, n * sizeof(int32_t));
+	m->remote = ops;
+	m->remote_self = self;
+	m->n_hosts = n_hosts;
+	m->n_shard = V;
+	m->idx_page = E;
+	return 0;
 }
 
 /* ------------------------------------------------------------------ helpers */
@@ -1295,21 +1379,18 @@ static void ds4_indexer_run(void *ctx, int ith, int nth)
 			n_lid = nvis;
 		float *sc = s->iscore + (size_t)t * n_lid_max;
 		const float *q = s->iq + (size_t)t * HI * dI, *w = s->iw + (size_t)t * HI;
+		/* entries before j0 are in pages on KV hosts: their scores are
+		 * in sc already */
+		const int j0 = m->remote ? indexer_row_pages(pos, m->idx_page) * m->idx_page : 0;
 		if (seq != kf_seq) {
 			kf_seq = seq;
 			kf_n = 0;
 		}
+		if (kf_n < j0)
+			kf_n = j0;
 		for (; kf_n < nvis; kf_n++)
 			ds4_get(m, ds4_idx_row(m, jb->L, seq, kf_n), kf + (size_t)kf_n * dI, dI);
-		for (int j = 0; j < nvis; j++) {
-			const float *krow = kf + (size_t)j * dI;
-			float score = 0.0f;
-			for (int h = 0; h < HI; h++) {
-				const float qk = kern_dot(KERN_F32, dI, krow, q + (size_t)h * dI);
-				score = fmaf(fmaxf(qk, 0.0f), w[h], score);
-			}
-			sc[j] = score;
-		}
+		indexer_score(HI, dI, q, w, kf + (size_t)j0 * dI, nvis - j0, sc + j0);
 		for (int j = nvis; j < n_lid; j++)
 			sc[j] = -INFINITY;
 		const int k = hp->idx_topk < n_lid ? hp->idx_topk : n_lid;
@@ -1337,8 +1418,100 @@ static void ds4_row_iq(struct ds4 *m, const model_batch *b, int t, const void *a
 	}
 }
 
+/* Ships the indexer pages of the batch's sequences completed since the last
+ * call to their hosts. */
+static int ds4_idx_ship(struct ds4 *m, int il, const model_batch *b)
+{
+	const int E = m->idx_page, S = m->env->n_seq;
+	const struct ds4_layer *L = &m->layers[il];
+	for (int t = 0; t < b->n_tokens; t++) {
+		const int seq = b->seq[t];
+		int32_t *done = &m->idx_shipped[(size_t)il * (size_t)S + (size_t)seq];
+		const int complete = indexer_row_pages(m->s.seq_maxpos[seq], E);
+		for (; *done < complete; (*done)++) {
+			const int rc = m->remote->idx_ship(
+			    m->remote_self, attn_page_host(*done, m->n_shard, m->n_hosts), il, seq,
+			    *done, E, m->hp.idx_dim,
+			    (const uint16_t *)ds4_idx_row(m, L, seq, *done * E));
+			if (rc)
+				return rc;
+		}
+	}
+	return 0;
+}
+
+/* Gives the memory of the indexer pages shipped since the last call back to
+ * the system (the whole memory pages inside them): the coordinator reads
+ * only each row's page in progress. */
+static void ds4_idx_release(struct ds4 *m, int il, const model_batch *b)
+{
+	const long pg = sysconf(_SC_PAGESIZE);
+	const size_t S = (size_t)m->env->n_seq, n_ls = (size_t)m->hp.n_layer * S;
+	const struct ds4_layer *L = &m->layers[il];
+	for (int t = 0; t < b->n_tokens && pg > 0; t++) {
+		const size_t ls = (size_t)il * S + (size_t)b->seq[t];
+		const int from = m->idx_shipped[n_ls + ls] * m->idx_page;
+		const int to = m->idx_shipped[ls] * m->idx_page;
+		m->idx_shipped[n_ls + ls] = m->idx_shipped[ls];
+		if (to <= from)
+			continue;
+		const uintptr_t a = (uintptr_t)ds4_idx_row(m, L, b->seq[t], from);
+		const uintptr_t z = (uintptr_t)ds4_idx_row(m, L, b->seq[t], to);
+		const uintptr_t a1 = (a + (uintptr_t)pg - 1) & ~((uintptr_t)pg - 1);
+		const uintptr_t z1 = z & ~((uintptr_t)pg - 1);
+		if (z1 > a1)
+			madvise((void *)a1, z1 - a1, MADV_DONTNEED);
+	}
+}
+
+/* The scores of the rows' complete indexer pages, from the KV hosts, into
+ * s->iscore (row t's entry j at t * (n_ctx / 4 + 1) + j). */
+static int ds4_idx_remote(struct ds4 *m, int il, const model_batch *b)
+{
+	const struct ds4_hparams *hp = &m->hp;
+	struct ds4_scratch *s = &m->s;
+	const int E = m->idx_page, R = m->n_hosts, per = m->n_shard / R;
+	const size_t n_lid_max = (size_t)m->env->n_ctx / DS4_CSA + 1;
+	int rc = ds4_idx_ship(m, il, b);
+	if (rc)
+		return rc;
+	const float *parts[ATTN_MAX_HOSTS];
+	int asked = 0;
+	for (int h = 0; h < R; h++) {
+		parts[h] = NULL;
+		/* a host is asked when a row that selects sees one of its pages */
+		int need = 0;
+		for (int t = 0; t < b->n_tokens && !need; t++)
+			need = (b->pos[t] + 1) / DS4_CSA > hp->idx_topk &&
+			       indexer_row_pages(b->pos[t], E) > h * per;
+		if (need && (rc = m->remote->idx_submit(m->remote_self, h, il, hp->idx_heads,
+							hp->idx_dim, E, m->n_shard, h * per,
+							(h + 1) * per, b, s->iq, s->iw)))
+			return rc;
+		asked += need;
+	}
+	if (!asked)
+		return 0;
+	if ((rc = m->remote->collect(m->remote_self, il, parts)))
+		return rc;
+	/* each host's scores: row by row, its pages in page order */
+	size_t at[ATTN_MAX_HOSTS] = {0};
+	for (int t = 0; t < b->n_tokens; t++) {
+		float *sc = s->iscore + (size_t)t * n_lid_max;
+		for (int i = 0; i < indexer_row_pages(b->pos[t], E); i++) {
+			const int h = attn_page_host(i, m->n_shard, R);
+			if (!parts[h])
+				continue; /* no row that selects sees it */
+			memcpy(sc + (size_t)i * (size_t)E, parts[h] + at[h],
+			       (size_t)E * sizeof(float));
+			at[h] += (size_t)E;
+		}
+	}
+	return 0;
+}
+
 /* Indexer queries and weights for the batch, then the selection per token. */
-static void ds4_indexer(struct ds4 *m, int il, const model_batch *b)
+static int ds4_indexer(struct ds4 *m, int il, const model_batch *b)
 {
 	const struct ds4_hparams *hp = &m->hp;
 	const struct ds4_layer *L = &m->layers[il];
@@ -1354,8 +1527,16 @@ static void ds4_indexer(struct ds4 *m, int il, const model_batch *b)
 	const float wscale = 1.0f / sqrtf((float)(dI * HI));
 	for (int64_t i = 0; i < (int64_t)n * HI; i++)
 		s->iw[i] *= wscale;
+	if (m->remote) {
+		int rc = ds4_idx_remote(m, il, b);
+		if (rc)
+			return rc;
+	}
 	struct ds4_idx_job jb = {.m = m, .L = L, .b = b};
 	pool_run(p, ds4_indexer_run, &jb);
+	if (m->remote)
+		ds4_idx_release(m, il, b);
+	return 0;
 }
 
 /* -------------------------------------------------------------- attention */
@@ -1520,8 +1701,8 @@ static void ds4_attn_cache(struct ds4 *m, int il, const model_batch *b)
 }
 
 /* The query side of layer il's attention for the batch's tokens (whose cache
- * rows are stored): s->h (normed) -> s->out. */
-static void ds4_attention(struct ds4 *m, int il, const model_batch *b)
+ * rows are stored): s->h (normed) -> s->out.  0, or the error of a KV host. */
+static int ds4_attention(struct ds4 *m, int il, const model_batch *b)
 {
 	const struct ds4_hparams *hp = &m->hp;
 	const struct ds4_layer *L = &m->layers[il];
@@ -1537,8 +1718,9 @@ static void ds4_attention(struct ds4 *m, int il, const model_batch *b)
 	ops_matmul(p, L->q_b, s->qr, Q, n, s->q, H * d, s->mm);
 	ds4_for_rows(m, b, ds4_row_q, L);
 	/* the indexer's choice of compressed entries */
-	if (L->ratio == DS4_CSA)
-		ds4_indexer(m, il, b);
+	int rc = L->ratio == DS4_CSA ? ds4_indexer(m, il, b) : 0;
+	if (rc)
+		return rc;
 	/* o = attention over [window; compressed]: (n, H, d) */
 	ds4_gather_keys(m, L, b);
 	struct ds4_attn_job jb = {.m = m, .L = L, .n = n};
@@ -1553,6 +1735,7 @@ static void ds4_attention(struct ds4 *m, int il, const model_batch *b)
 			       s->o + g * gd, H * d, n, s->z + g * R, G * R, s->mm);
 	/* (n, G R) @ (G R, D) -> (n, D) */
 	ops_matmul(p, L->wo_b, s->z, G * R, n, s->out, D, s->mm);
+	return 0;
 }
 
 /* ------------------------------------------------------------------ MoE */
@@ -1770,7 +1953,8 @@ static int ds4_forward(void *state, const model_batch *b, float *logits)
 			if (n == 0)
 				return 0;
 		}
-		ds4_attention(m, il, b);
+		if ((rc = ds4_attention(m, il, b)))
+			return rc;
 		ds4_hc_post(m, b);
 		/* FFN block */
 		ds4_hc_pre(m, b, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, L->ffn_norm);
@@ -1795,4 +1979,5 @@ const struct arch_vtable arch_deepseek4 = {
     .destroy = ds4_destroy,
     .forward = ds4_forward,
     .reset_seq = ds4_reset_seq,
+    .kv_hosts = ds4_kv_hosts,
 };

@@ -1367,18 +1367,18 @@ int attn_host_forward(pool *p, const struct attn_host_job *job)
  * the hosts of their chains. */
 static int attn_remote_ship(const attn_cache *c, int layer, const model_batch *b)
 {
-	const int P = c->page, per = c->n_shard / c->n_hosts;
+	const int P = c->page;
 	for (int t = 0; t < b->n_tokens; t++) {
 		const int seq = b->seq[t];
 		int32_t *done = &c->shipped[(size_t)layer * (size_t)c->n_seq + (size_t)seq];
 		const int complete = (c->seq_last[seq] + 1) / P;
 		for (; *done < complete; (*done)++) {
 			const size_t e = attn_entry(c, layer, seq, *done * P);
-			const int rc =
-			    c->remote->ship(c->remote_self, *done % c->n_shard / per, layer, seq,
-					    *done, P, c->k_width, c->v == c->k ? 0 : c->v_width,
-					    c->k + e * (size_t)c->k_width,
-					    c->v == c->k ? NULL : c->v + e * (size_t)c->v_stride);
+			const int rc = c->remote->ship(
+			    c->remote_self, attn_page_host(*done, c->n_shard, c->n_hosts), layer,
+			    seq, *done, P, c->k_width, c->v == c->k ? 0 : c->v_width,
+			    c->k + e * (size_t)c->k_width,
+			    c->v == c->k ? NULL : c->v + e * (size_t)c->v_stride);
 			if (rc)
 				return rc;
 		}

@@ -172,7 +172,25 @@ struct attn_remote_ops {
 	int (*collect)(void *self, int layer, const float **parts);
 	/* bytes host h offers for pages (its page table included) */
 	uint64_t (*budget)(void *self, int host);
+	/* DeepSeek-V4's lightning indexer (indexer.h), the same way: idx_ship()
+	 * a complete page of n_ent indexer keys of dim F16 values; idx_submit()
+	 * a CSA layer's indexer queries q [n_tokens][n_head][dim] and head
+	 * weights w [n_tokens][n_head] to a host of chains [v0, v1) of pages of
+	 * `page` entries; then collect() gives each submitted host's scores, laid
+	 * out as indexer_host_score() computes them. */
+	int (*idx_ship)(void *self, int host, int layer, int seq, int page, int n_ent, int dim,
+			const uint16_t *k);
+	int (*idx_submit)(void *self, int host, int layer, int n_head, int dim, int page,
+			  int n_shard, int v0, int v1, const model_batch *b, const float *q,
+			  const float *w);
 };
+
+/* The host of page i: its chain i mod n_shard belongs to host chain / (n_shard
+ * / n_hosts). */
+static inline int attn_page_host(int page, int n_shard, int n_hosts)
+{
+	return page % n_shard / (n_shard / n_hosts);
+}
 
 /* From now on the chains of complete pages on layers without a window are
  * computed by n_hosts hosts (a power of two dividing the cache's V; 0: none,

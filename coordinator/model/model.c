@@ -176,6 +176,8 @@ void model_set_experts(model *m, expert_backend *b)
 
 int model_set_kv_hosts(model *m, const struct attn_remote_ops *ops, void *self, int n_hosts)
 {
+	if (m->arch->kv_hosts)
+		return m->arch->kv_hosts(m->state, ops, self, n_hosts);
 	attn_cache *c = m->arch->kv_cache ? m->arch->kv_cache(m->state) : NULL;
 	if (!c) {
 		log_warn("%s: %s keeps its KV on the coordinator: no KV hosts", gguf_path(m->g),

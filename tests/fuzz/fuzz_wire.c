@@ -6,8 +6,9 @@
  *      a worker or coordinator receives them: a Batch's activation frame must
  *      have wire_batch_frame_bytes() for an n_embd picked by the second byte
  *      and is then converted row by row to F32 like a worker does, a Result's
- *      frame is read as F32 outputs; the frames of KvPage, AttnBatch and
- *      AttnResult must have their wire_*_frame_bytes() and are read whole.
+ *      frame is read as F32 outputs; the frames of KvPage, AttnBatch,
+ *      AttnResult, IdxBatch and IdxResult must have their
+ *      wire_*_frame_bytes() and are read whole.
  * Every decoded message must encode again, and decode to the same message. */
 #include "fuzz.h"
 #include "../../common/log.h"
@@ -59,6 +60,20 @@ static void fuzz_same(const struct wire_msg *a, const struct wire_msg *b)
 	}
 	case WIRE_ATTN_RESULT:
 		if (memcmp(&a->u.attn_result, &b->u.attn_result, sizeof(a->u.attn_result)))
+			abort();
+		break;
+	case WIRE_IDX_BATCH: {
+		const struct wire_idx_batch *x = &a->u.idx_batch, *y = &b->u.idx_batch;
+		if (x->step != y->step || x->layer != y->layer || x->n_rows != y->n_rows ||
+		    x->n_head != y->n_head || x->dim != y->dim || x->page != y->page ||
+		    x->n_shard != y->n_shard || x->v0 != y->v0 || x->v1 != y->v1 ||
+		    memcmp(x->seq, y->seq, x->n_rows * sizeof(int32_t)) ||
+		    memcmp(x->pos, y->pos, x->n_rows * sizeof(int32_t)))
+			abort();
+		break;
+	}
+	case WIRE_IDX_RESULT:
+		if (memcmp(&a->u.idx_result, &b->u.idx_result, sizeof(a->u.idx_result)))
 			abort();
 		break;
 	case WIRE_HELLO:
@@ -125,7 +140,11 @@ static void fuzz_frame(const struct wire_msg *m, const uint8_t *frame, size_t n,
 		   (m->kind == WIRE_ATTN_BATCH &&
 		    n == wire_attn_batch_frame_bytes(&m->u.attn_batch)) ||
 		   (m->kind == WIRE_ATTN_RESULT &&
-		    n == wire_attn_result_frame_bytes(&m->u.attn_result))) {
+		    n == wire_attn_result_frame_bytes(&m->u.attn_result)) ||
+		   (m->kind == WIRE_IDX_BATCH &&
+		    n == wire_idx_batch_frame_bytes(&m->u.idx_batch)) ||
+		   (m->kind == WIRE_IDX_RESULT &&
+		    n == wire_idx_result_frame_bytes(&m->u.idx_result))) {
 		fuzz_read_floats(frame, n);
 	}
 }

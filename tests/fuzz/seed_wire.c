@@ -109,7 +109,7 @@ int main(int argc, char **argv)
 
 	memset(&m, 0, sizeof(m));
 	m.kind = WIRE_KV_PAGE;
-	m.u.kv_page = (struct wire_kv_page){1, 0, 2, 64, 2, 0};
+	m.u.kv_page = (struct wire_kv_page){1, 0, 2, 64, 2, 0, WIRE_KV_ATTN};
 	wire_encode(&m, &buf, &cap, &len);
 	put("kv_page", 0, buf, len, NULL, 0, 0);
 	put("kv_page", 2, buf, len, frame, wire_kv_page_frame_bytes(&m.u.kv_page), 0);
@@ -128,6 +128,27 @@ int main(int argc, char **argv)
 	wire_encode(&m, &buf, &cap, &len);
 	put("attn_result", 0, buf, len, NULL, 0, 0);
 	put("attn_result", 2, buf, len, frame, wire_attn_result_frame_bytes(&m.u.attn_result), 0);
+
+	memset(&m, 0, sizeof(m));
+	m.kind = WIRE_KV_PAGE;
+	m.u.kv_page = (struct wire_kv_page){1, 0, 2, 16, 2, 0, WIRE_KV_IDX};
+	wire_encode(&m, &buf, &cap, &len);
+	put("kv_page_idx", 0, buf, len, NULL, 0, 0);
+	put("kv_page_idx", 2, buf, len, frame, wire_kv_page_frame_bytes(&m.u.kv_page), 0);
+
+	memset(&m, 0, sizeof(m));
+	m.kind = WIRE_IDX_BATCH;
+	m.u.idx_batch = (struct wire_idx_batch){9, 1, 2, 2, 4, 16, 4, 0, 2, seq, at};
+	wire_encode(&m, &buf, &cap, &len);
+	put("idx_batch", 0, buf, len, NULL, 0, 0);
+	put("idx_batch", 2, buf, len, frame, wire_idx_batch_frame_bytes(&m.u.idx_batch), 0);
+
+	memset(&m, 0, sizeof(m));
+	m.kind = WIRE_IDX_RESULT;
+	m.u.idx_result = (struct wire_idx_result){9, 1, 2, 16, 0.001};
+	wire_encode(&m, &buf, &cap, &len);
+	put("idx_result", 0, buf, len, NULL, 0, 0);
+	put("idx_result", 2, buf, len, frame, wire_idx_result_frame_bytes(&m.u.idx_result), 0);
 
 	memset(&m, 0, sizeof(m));
 	m.kind = WIRE_HEARTBEAT;
