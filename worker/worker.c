@@ -70,7 +70,8 @@ struct worker {
 	float *items; /* packed results; an AttnResult's partials */
 	size_t out_cap, items_cap;
 	struct wire_stats stats;
-	kvstore *kv; /* the KV pages held; NULL: none offered */
+	kvstore *kv;		 /* the KV pages held; NULL: none offered */
+	attn_host_scratch *attn; /* attn_host_forward's buffers */
 };
 
 static double worker_now(void)
@@ -770,7 +771,8 @@ static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *
 					  .pages = pages,
 					  .n_pages = n_pages,
 					  .q = w->out,
-					  .part = w->items};
+					  .part = w->items,
+					  .scratch = &w->attn};
 	rc = attn_host_forward(w->pool, &job);
 	if (rc) {
 		snprintf(why, sizeof(why),
@@ -1126,6 +1128,7 @@ int worker_run(transport *t, const struct worker_config *cfg)
 out:
 	worker_clear(&w);
 	kvstore_destroy(&w.kv);
+	attn_host_scratch_destroy(&w.attn);
 	free(w.hdr);
 	free(w.out);
 	free(w.items);
