@@ -22,7 +22,9 @@
  *              it answered too late) or restarted; it may take it back as a
  *              new member
  * KvPage and AttnBatch need no Assign: a worker serves them in any state
- * after Hello (a KV host may hold no experts).
+ * after Hello (a KV host may hold no experts: with cfg->kv_only its Hello
+ * offers none, and streamed experts are refused).  Stats counts the Batches
+ * and AttnBatches answered and the KV pages held.
  *
  * Reconnecting (cfg->reconnect_ms > 0): while no coordinator has answered,
  * Hello is sent again after 0.25, 0.5, 1, 2, 4, 4, ... seconds (ZeroMQ queues

@@ -5,7 +5,10 @@
  * protocol version (and fails when one has a per-node shard file made from
  * another model), places the model's experts on them with placement_build()
  * (by memory and speed, cfg->replicas copies of each, preferring for each
- * expert a worker whose shard file holds it), sends each its Assign, streams
+ * expert a worker whose shard file holds it; a KV-only worker, whose Hello
+ * offers no memory for experts, gets none, and fewer than cfg->replicas
+ * workers with memory for experts is an ERR_CONFIG: the coordinator computes
+ * no routed experts itself), sends each its Assign, streams
  * the weights of every assigned expert a worker's file does not hold (all of
  * them to a worker without a file, or to all when cfg->stream is set), and
  * waits for every Ready, logging progress.  Later epochs stream by the same

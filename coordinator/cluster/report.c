@@ -159,6 +159,8 @@ static void cluster_print_calibration(const cluster *c)
 		fprintf(stderr, "@cores %ld\n", cores);
 	fprintf(stderr, "# name speed(rows/s) memory latency_us bandwidth_MB_s threads\n");
 	for (int i = 0; i < c->n; i++) {
+		if (!cluster_holds_experts(c, i))
+			continue; /* KV-only: computes no experts */
 		const struct cluster_worker_stats *s = &c->w[i].st;
 		const struct cluster_peer *w = &c->w[i];
 		double lat = 0, speed = s->speed > 0 ? s->speed : 1.0;
