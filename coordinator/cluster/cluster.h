@@ -152,10 +152,11 @@ void cluster_print_stats(cluster *c);
 int cluster_metrics_write(FILE *f, const cluster *c, int per_expert);
 /* The cluster's workers as KV hosts of the sharded attention over n_shard
  * chains (attn_cache_set_remote): the first live workers that offer KV memory
- * in their Hello, KV-only ones (Hello.memory_bytes 0) first, as many as the largest power of two
- * that divides n_shard and is at most `want` (<= 0: no limit).  *ops with self = c.  ERR_CONFIG
- * when no live worker offers KV memory.  Called again after a host was lost,
- * it gives the chains to the hosts left. */
+ * in their Hello, KV-only ones (Hello.memory_bytes 0) first, as many as the
+ * largest power of two that divides n_shard and is at most `want` (<= 0: no
+ * limit).  *ops with self = c.  ERR_CONFIG when no live worker offers KV
+ * memory.  Called again after a host was lost, it gives the chains to the
+ * hosts left. */
 int cluster_kv_hosts(cluster *c, int n_shard, int want, const struct attn_remote_ops **ops,
 		     int *n_hosts);
 /* 1 when a KV host was lost since the last cluster_kv_hosts(): its pages are

@@ -93,11 +93,13 @@ struct attn_cache {
 	const struct attn_remote_ops *remote; /* KV hosts, or NULL */
 	void *remote_self;
 	int n_hosts;
-	int32_t *shipped;	 /* [2][n_layer][n_seq]: pages shipped, then released */
-	int32_t *seq_tokens;	 /* [n_seq] scratch of attn_forward: tokens per sequence */
-	int32_t *seq_last;	 /* [n_seq] its scratch too: last position per sequence */
-	struct attn_kvf *kvf;	 /* [ATTN_KVF_SLOTS] per pool thread, or NULL */
-	struct attn_floats *own; /* with KV hosts: the own-page partials of attn_forward */
+	int32_t *shipped;     /* [2][n_layer][n_seq]: pages shipped, then released */
+	int32_t *seq_tokens;  /* [n_seq] scratch of attn_forward: tokens per sequence */
+	int32_t *seq_last;    /* [n_seq] its scratch too: last position per sequence */
+	struct attn_kvf *kvf; /* [ATTN_KVF_SLOTS] per pool thread, or NULL */
+
+	/* with KV hosts: attn_forward's own-page partials */
+	struct attn_floats *own;
 };
 
 /* A buffer of floats grown on demand. */
