@@ -355,6 +355,11 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		stats.bytes_out = m->u.stats.bytes_out;
 		stats.compute_seconds = m->u.stats.compute_seconds;
 		stats.idle_seconds = m->u.stats.idle_seconds;
+		stats.attn_batches = m->u.stats.attn_batches;
+		stats.attn_rows = m->u.stats.attn_rows;
+		stats.attn_seconds = m->u.stats.attn_seconds;
+		stats.kv_pages = m->u.stats.kv_pages;
+		stats.kv_bytes = m->u.stats.kv_bytes;
 		env.body_case = MOEFLEET__ENVELOPE__BODY_STATS;
 		env.stats = &stats;
 		break;
@@ -823,9 +828,17 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 	case MOEFLEET__ENVELOPE__BODY_STATS: {
 		const Moefleet__Stats *s = env->stats;
 		out->kind = WIRE_STATS;
-		out->u.stats =
-		    (struct wire_stats){s->rows,      s->items,		  s->bytes_in,
-					s->bytes_out, s->compute_seconds, s->idle_seconds};
+		out->u.stats = (struct wire_stats){.rows = s->rows,
+						   .items = s->items,
+						   .bytes_in = s->bytes_in,
+						   .bytes_out = s->bytes_out,
+						   .compute_seconds = s->compute_seconds,
+						   .idle_seconds = s->idle_seconds,
+						   .attn_batches = s->attn_batches,
+						   .attn_rows = s->attn_rows,
+						   .attn_seconds = s->attn_seconds,
+						   .kv_pages = s->kv_pages,
+						   .kv_bytes = s->kv_bytes};
 		break;
 	}
 	case MOEFLEET__ENVELOPE__BODY_SHUTDOWN:

@@ -214,7 +214,12 @@ struct wire_idx_result {
 
 struct wire_stats {
 	uint64_t rows, items, bytes_in, bytes_out;
-	double compute_seconds, idle_seconds;
+	double compute_seconds, idle_seconds; /* compute: of expert Batches */
+	/* as a KV host: AttnBatches answered, their rows and compute time; the
+	 * KV pages held and their bytes (page tables included) */
+	uint64_t attn_batches, attn_rows;
+	double attn_seconds;
+	uint64_t kv_pages, kv_bytes;
 };
 
 struct wire_msg {

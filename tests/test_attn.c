@@ -406,7 +406,8 @@ static void test_attn_shards_any_batch(void **state)
 }
 
 /* KV hosts in the process: pages copied when shipped, each host's chains
- * computed by attn_host_forward() over its copies; each offers
+ * computed by attn_host_forward() over its copies (host 0 with a scratch
+ * kept from call to call, the others with one per call); each offers
  * fake_budget_bytes. */
 static uint64_t fake_budget_bytes = UINT64_MAX;
 struct fake_hosts {
@@ -417,6 +418,7 @@ struct fake_hosts {
 	float *parts[8];
 	int asked[8];
 	int n_ship, n_submit;
+	attn_host_scratch *scratch;
 };
 
 static int fake_ship(void *self, int host, int layer, int seq, int page, int n_pos, int k_width,
@@ -466,7 +468,8 @@ static int fake_submit(void *self, int host, int layer, const struct attn_params
 				    .pages = rows,
 				    .n_pages = n_pages,
 				    .q = q,
-				    .part = f->parts[host]};
+				    .part = f->parts[host],
+				    .scratch = host == 0 ? &f->scratch : NULL};
 	f->asked[host] = 1;
 	f->n_submit++;
 	return attn_host_forward(f->p, &job);
@@ -596,6 +599,7 @@ static void test_attn_shards_hosts(void **state)
 			free(f.pages);
 			for (int h = 0; h < 8; h++)
 				free(f.parts[h]);
+			attn_host_scratch_destroy(&f.scratch);
 			pool_destroy(&p);
 			attn_cache_destroy(&c);
 		}

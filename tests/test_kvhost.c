@@ -15,13 +15,16 @@
  *   page beyond the KV budget, a page whose sizes differ from its layer's,
  *   frames of the wrong size for KvPage and AttnBatch, a batch whose result
  *   would exceed the frame cap; a batch of no rows (and no frame) gets an
- *   empty AttnResult; after Shutdown(rejoin) the worker says Hello again and
+ *   empty AttnResult; its Stats count the batches answered, their rows, and
+ *   the pages held; after Shutdown(rejoin) the worker says Hello again and
  *   holds no page;
  * - DeepSeek-V4's indexer: KvPages of indexer keys on a layer that also has
  *   attention pages, IdxBatches for chains [0, 2), [2, 4) and [0, 4): every
  *   IdxResult frame is the scores of indexer_score() run here (and close to
  *   the formula in double); a missing page, a layer without indexer pages, a
  *   frame of the wrong size and a result beyond the frame cap are refused;
+ * - a --kv-only worker (cfg.kv_only) offers 0 bytes for experts and serves
+ *   the same; worker_budgets() splits a node's memory without overlap;
  * - kvstore on its own: replacing a page keeps the bytes counted, missing
  *   pages have k == NULL, the budget is exact. */
 #define _GNU_SOURCE
@@ -155,7 +158,9 @@ static void expect_error(struct link *k, const char *what)
 	wire_msg_free(&m);
 }
 
-static void link_open(struct link *k, int64_t kv_memory)
+/* A worker offering kv_memory bytes for KV pages (< 0: none) and 1 GiB for
+ * experts, or none with kv_only. */
+static void link_open(struct link *k, int64_t kv_memory, int kv_only)
 {
 	memset(k, 0, sizeof(*k));
 	k->pid = fork(); /* before this process has a ZeroMQ context */
@@ -166,8 +171,9 @@ static void link_open(struct link *k, int64_t kv_memory)
 			_exit(3);
 		struct worker_config cfg = {.n_threads = 1,
 					    .name = "kvhost",
-					    .memory_bytes = 1ull << 30,
+					    .memory_bytes = kv_only ? 0 : 1ull << 30,
 					    .kv_memory_bytes = kv_memory,
+					    .kv_only = kv_only,
 					    .idle_timeout_ms = 60000};
 		int rc = worker_run(t, &cfg);
 		transport_destroy(&t);
@@ -178,7 +184,20 @@ static void link_open(struct link *k, int64_t kv_memory)
 	link_recv(k, &m, NULL, NULL);
 	assert_int_equal(m.kind, WIRE_HELLO);
 	assert_int_equal(m.u.hello.kv_bytes, kv_memory > 0 ? (uint64_t)kv_memory : 0);
+	assert_int_equal(m.u.hello.memory_bytes, kv_only ? 0 : 1ull << 30);
 	wire_msg_free(&m);
+}
+
+/* The worker's Stats. */
+static struct wire_stats link_stats(struct link *k)
+{
+	struct wire_msg m = {.kind = WIRE_STATS};
+	link_send(k, &m, NULL, 0);
+	link_recv(k, &m, NULL, NULL);
+	assert_int_equal(m.kind, WIRE_STATS);
+	const struct wire_stats st = m.u.stats;
+	wire_msg_free(&m);
+	return st;
 }
 
 /* Shutdown; the worker must exit 0. */
@@ -337,19 +356,32 @@ static void refused_batch(struct link *k, const struct wire_attn_batch *w, const
 	expect_error(k, what);
 }
 
+/* Sends the pages of chains [0, chains_sent) of both layers; returns how
+ * many and adds their bytes to *bytes. */
+static uint64_t send_pages(struct link *k, uint64_t *bytes)
+{
+	uint64_t n = 0;
+	for (int l = 0; l < 2; l++)
+		for (int s = 0; s < N_SEQ; s++)
+			for (int i = 0; i < seq_pages[s]; i++)
+				if (i % V < layers[l].chains_sent) {
+					send_page(k, l, s, i, 0);
+					n++;
+					*bytes += page_values(&layers[l]) * sizeof(uint16_t);
+				}
+	return n;
+}
+
 static void test_kvhost_serves(void **state)
 {
 	(void)state;
 	make_pages();
 	struct link k;
-	link_open(&k, BUDGET);
+	link_open(&k, BUDGET, 0);
 	pool *pl = NULL; /* after the fork: the worker has its own */
 	assert_int_equal(pool_new(2, &pl), 0);
-	for (int l = 0; l < 2; l++)
-		for (int s = 0; s < N_SEQ; s++)
-			for (int i = 0; i < seq_pages[s]; i++)
-				if (i % V < layers[l].chains_sent)
-					send_page(&k, l, s, i, 0);
+	uint64_t page_bytes = 0;
+	const uint64_t n_pages = send_pages(&k, &page_bytes);
 	/* a page sent again replaces the first (same bytes here) */
 	send_page(&k, 0, 1, 3, 0);
 	struct batch *b = malloc(sizeof(*b));
@@ -434,6 +466,16 @@ static void test_kvhost_serves(void **state)
 	/* still serving, with the same pages */
 	make_batch(b, 0, 2, 4);
 	check_batch(&k, pl, b);
+	/* 7 batches answered (6 of N_ROWS rows, 1 of none), the refused ones
+	 * not counted; the pages sent, the one sent twice and the refused ones
+	 * not counted again; their bytes and the page tables */
+	struct wire_stats st = link_stats(&k);
+	assert_int_equal(st.attn_batches, 7);
+	assert_int_equal(st.attn_rows, 6 * N_ROWS);
+	assert_true(st.attn_seconds >= 0);
+	assert_int_equal(st.kv_pages, n_pages);
+	assert_true(st.kv_bytes > page_bytes && st.kv_bytes < page_bytes + 4096);
+	assert_int_equal(st.rows, 0);
 	/* Shutdown(rejoin): the worker forgets its pages and says Hello again */
 	m = (struct wire_msg){.kind = WIRE_SHUTDOWN, .shutdown_rejoin = 1};
 	link_send(&k, &m, NULL, 0);
@@ -599,11 +641,70 @@ static void test_kvhost_none(void **state)
 	(void)state;
 	make_pages();
 	struct link k;
-	link_open(&k, -1);
+	link_open(&k, -1, 0);
 	send_page(&k, 0, 0, 0, 0);
 	expect_error(&k, "offers no memory for KV pages");
 	link_close(&k);
 	free_pages();
+}
+
+/* A --kv-only worker: no memory for experts in its Hello, and it serves
+ * attention batches like any KV host. */
+static void test_kvhost_kv_only(void **state)
+{
+	(void)state;
+	make_pages();
+	struct link k;
+	link_open(&k, BUDGET, 1);
+	pool *pl = NULL;
+	assert_int_equal(pool_new(2, &pl), 0);
+	uint64_t page_bytes = 0;
+	const uint64_t n_pages = send_pages(&k, &page_bytes);
+	struct batch *b = malloc(sizeof(*b));
+	assert_non_null(b);
+	make_batch(b, 1, 0, 2);
+	check_batch(&k, pl, b);
+	struct wire_stats st = link_stats(&k);
+	assert_int_equal(st.attn_batches, 1);
+	assert_int_equal(st.attn_rows, N_ROWS);
+	assert_int_equal(st.kv_pages, n_pages);
+	link_close(&k);
+	free(b);
+	free_pages();
+	pool_destroy(&pl);
+}
+
+/* worker_budgets: the expert and KV budgets never overlap. */
+static void test_worker_budgets(void **state)
+{
+	(void)state;
+	const uint64_t node = 64ull << 30, G = 1ull << 30;
+	struct {
+		uint64_t memory;
+		int64_t kv;
+		int kv_only;
+		uint64_t experts_want, kv_want;
+	} cases[] = {
+	    {0, 0, 0, 48 * G, 16 * G},		 /* neither: 3/4 and 1/4 */
+	    {40 * G, 0, 0, 40 * G, 24 * G},	 /* --memory: KV gets the rest */
+	    {80 * G, 0, 0, 80 * G, 0},		 /* ... none when nothing is left */
+	    {0, 10 * G, 0, 54 * G, 10 * G},	 /* --kv-memory: experts get the rest */
+	    {0, 70 * G, 0, 0, 70 * G},		 /* ... none: worker_run refuses it */
+	    {30 * G, 20 * G, 0, 30 * G, 20 * G}, /* both: as given */
+	    {0, -1, 0, 64 * G, 0},		 /* --kv-memory 0 */
+	    {30 * G, -1, 0, 30 * G, 0},
+	    {0, 0, 1, 0, 64 * G}, /* --kv-only */
+	    {0, 8 * G, 1, 0, 8 * G},
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct worker_config cfg = {.memory_bytes = cases[i].memory,
+					    .kv_memory_bytes = cases[i].kv,
+					    .kv_only = cases[i].kv_only};
+		uint64_t experts = 1, kv = 1;
+		worker_budgets(&cfg, node, &experts, &kv);
+		assert_int_equal(experts, cases[i].experts_want);
+		assert_int_equal(kv, cases[i].kv_want);
+	}
 }
 
 /* ------------------------------------------------------------ kvstore */
@@ -688,6 +789,8 @@ int main(void)
 	    cmocka_unit_test(test_kvhost_serves),
 	    cmocka_unit_test(test_kvhost_none),
 	    cmocka_unit_test(test_kvhost_indexer),
+	    cmocka_unit_test(test_kvhost_kv_only),
+	    cmocka_unit_test(test_worker_budgets),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -5,9 +5,12 @@
 # a prompt of 1,400 tokens plus 100 decode steps: `moefleet logits
 # --kv-shards 4 --kv-page 128` in-process, with 2 local workers over ZeroMQ
 # ipc:// (2 hosts), 3 workers limited to 1 host, the chains kept here
-# (--kv-hosts 0), and under mpirun (3 ranks); DeepSeek-V4's indexer pages
-# scored on the hosts give the logits of the plain in-process run (workers
-# over zmq and under mpirun).  Then a KV host killed in the
+# (--kv-hosts 0), under mpirun (3 ranks), and with 1 worker holding the
+# experts and 2 --kv-only workers as the hosts.  A cluster of --kv-only
+# workers alone is refused with an error (the coordinator computes no routed
+# experts itself).  DeepSeek-V4's indexer pages scored on the hosts give the
+# logits of the plain in-process run (workers over zmq and under mpirun).
+# Then a KV host killed in the
 # middle of a generation: the coordinator stops with an error naming the
 # lost host, never hangs; and the coordinator, its memory capped (cgroup v1)
 # below the KV of the context, generates the tokens of an uncapped run when
@@ -68,6 +71,28 @@ for m in qwen3moe-tiny-mxfp4 gptoss-tiny-mxfp4 ds2-tiny-q4_0; do
 	else
 		notok "$m: --kv-hosts 0 differs or failed: $(head -1 "$tmp/err")"
 	fi
+	# 1 expert worker + 2 --kv-only workers: the KV-only ones are the hosts
+	# and hold no experts
+	ep=ipc://$tmp/kvonly.sock
+	run --out "$tmp/ko.f32" --listen "$ep" --expect-workers 3 &
+	coord=$!
+	pids+=("$coord")
+	"$wbin" --connect "$ep" --threads 1 --name ex 2>/dev/null &
+	pids+=($!)
+	for i in 1 2; do
+		"$wbin" --connect "$ep" --threads 1 --name "kv$i" --kv-only 2>/dev/null &
+		pids+=($!)
+	done
+	wait "$coord"
+	rc=$?
+	if [ "$rc" -eq 0 ] && [ "$(grep -c 'KV host [01]: worker [0-9] (kv[12]), KV-only' "$tmp/err")" -eq 2 ] &&
+		[ "$(grep -c 'worker [0-9]: 0 experts' "$tmp/err")" -eq 2 ] &&
+		grep -q 'worker [0-9]: [1-9][0-9]* experts' "$tmp/err" &&
+		cmp -s "$tmp/inproc.f32" "$tmp/ko.f32"; then
+		ok "$m: 1 expert worker + 2 --kv-only hosts (no experts on them), bit-identical"
+	else
+		notok "$m: --kv-only hosts: exit $rc, $(grep -m1 -E 'error|KV host' "$tmp/err")"
+	fi
 	if [ $have_mpi -eq 1 ]; then
 		if ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" timeout 120 mpirun -np 3 \
 			"$bin" logits -m "$data/$m.gguf" --tokens @"$tmp/ids" --n-prompt 1400 --threads 1 \
@@ -119,6 +144,42 @@ else
 	else
 		ok "$m: mpirun # SKIP mpirun not installed"
 	fi
+fi
+
+# Only --kv-only workers: nobody holds the experts, and the coordinator
+# computes none itself: a clear error at start, no hang.
+ep=ipc://$tmp/kvonly2.sock
+timeout 60 "$bin" logits -m "$data/qwen3moe-tiny-mxfp4.gguf" --tokens 1,2,3 "${sh[@]}" \
+	--listen "$ep" --expect-workers 2 --out "$tmp/none.f32" 2>"$tmp/none.err" &
+coord=$!
+pids+=("$coord")
+kvo=()
+for i in 1 2; do
+	"$wbin" --connect "$ep" --threads 1 --kv-only 2>/dev/null &
+	kvo+=($!)
+done
+pids+=("${kvo[@]}")
+wait "$coord"
+rc=$?
+kill -9 "${kvo[@]}" 2>/dev/null
+wait "${kvo[@]}" 2>/dev/null
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] &&
+	grep -q '0 of the 2 workers offer memory for experts (2 are KV-only' "$tmp/none.err"; then
+	ok "only --kv-only workers: refused at start, naming them (exit $rc)"
+else
+	notok "only --kv-only workers: exit $rc, $(grep -m1 error "$tmp/none.err")"
+fi
+# --kv-only takes no -m or --memory, and no --kv-memory 0
+bad=0
+for a in "-m $data/qwen3moe-tiny-mxfp4.gguf" "--memory 1G" "--kv-memory 0"; do
+	# shellcheck disable=SC2086
+	timeout 10 "$wbin" --connect "ipc://$tmp/none.sock" --kv-only $a 2>"$tmp/bad.err"
+	[ $? -eq 2 ] && grep -q -- '--kv-only holds no experts' "$tmp/bad.err" || bad=1
+done
+if [ $bad -eq 0 ]; then
+	ok "moefleet-worker --kv-only with -m, --memory or --kv-memory 0: a usage error"
+else
+	notok "moefleet-worker --kv-only with an expert option was not refused"
 fi
 
 # A KV host killed during a generation: the chains go to the host left and

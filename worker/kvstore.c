@@ -20,6 +20,7 @@ struct kvstore_layer {
 
 struct kvstore {
 	uint64_t budget, bytes;
+	uint64_t n_pages; /* pages held */
 	struct kvstore_layer layers[2][MOE_MAX_LAYERS]; /* by enum wire_kv_kind, layer */
 };
 
@@ -135,6 +136,8 @@ int kvstore_put(kvstore *s, const struct wire_kv_page *h, const void *frame)
 	if (pg->k) {
 		free((void *)pg->k);
 		s->bytes -= bytes;
+	} else {
+		s->n_pages++;
 	}
 	pg->k = buf;
 	pg->v = h->v_width ? buf + (size_t)h->n_pos * h->k_width : buf;
@@ -176,6 +179,11 @@ void kvstore_pages(const kvstore *s, uint32_t kind, uint32_t layer, int32_t seq,
 uint64_t kvstore_bytes(const kvstore *s)
 {
 	return s->bytes;
+}
+
+uint64_t kvstore_n_pages(const kvstore *s)
+{
+	return s->n_pages;
 }
 
 uint64_t kvstore_budget(const kvstore *s)

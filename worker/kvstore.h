@@ -46,8 +46,9 @@ int kvstore_layer(const kvstore *s, uint32_t kind, uint32_t layer, uint32_t *n_p
 void kvstore_pages(const kvstore *s, uint32_t kind, uint32_t layer, int32_t seq,
 		   const struct attn_page **pages, int32_t *n_pages);
 
-/* Bytes held (pages and tables) and the budget. */
+/* Bytes held (pages and tables), pages held, and the budget. */
 uint64_t kvstore_bytes(const kvstore *s);
+uint64_t kvstore_n_pages(const kvstore *s);
 uint64_t kvstore_budget(const kvstore *s);
 
 #endif

@@ -14,7 +14,8 @@
 
 static const char *usage =
     "usage: moefleet-worker --connect ENDPOINT [-m MODEL.gguf] [--threads T]\n"
-    "                       [--memory BYTES] [--kv-memory BYTES] [--name NAME]\n"
+    "                       [--memory BYTES] [--kv-memory BYTES] [--kv-only]\n"
+    "                       [--name NAME]\n"
     "                       [--slowdown F]\n"
     "                       [--key FILE --server-key FILE | --insecure]\n"
     "                       [--handshake-timeout MS] [--reconnect SECONDS]\n"
@@ -23,11 +24,17 @@ static const char *usage =
     "  model; without, the coordinator streams their bytes.  The copy may be a\n"
     "  per-node shard file ('moefleet split-experts'): the worker then tells the\n"
     "  coordinator which experts it holds and receives only the others.\n"
-    "  --memory: bytes offered for experts (suffixes K, M, G, T: powers of 1024;\n"
-    "  default: the node's memory, or its cgroup's limit, less 512 MiB).\n"
+    "  --memory: bytes offered for experts (suffixes K, M, G, T: powers of 1024).\n"
     "  --kv-memory: bytes offered for the KV pages of sharded attention, when\n"
-    "  the coordinator uses this worker as a KV host (same syntax; default: the\n"
-    "  same as for experts; 0: none).\n"
+    "  the coordinator uses this worker as a KV host (same syntax; 0: none).\n"
+    "  The two budgets never overlap.  Of the node's memory N (or its cgroup's\n"
+    "  limit, less 512 MiB): with neither, experts get 3/4 of N and KV pages\n"
+    "  1/4; with one of them, the other gets the rest of N (KV pages: none if\n"
+    "  nothing is left; experts: the worker refuses to start); with both, each\n"
+    "  gets what it says.\n"
+    "  --kv-only: hold no experts, only KV pages (no -m needed): the whole of N,\n"
+    "  or --kv-memory.  The coordinator places no experts on such a worker and\n"
+    "  prefers it as a KV host.\n"
     "  --slowdown F makes every batch take F times as long (to test balancing on\n"
     "  uneven hardware).\n"
     "  tcp:// links are CURVE-authenticated and encrypted: --key is this worker's\n"
@@ -52,6 +59,10 @@ int main(int argc, char **argv)
 		}
 		if (!strcmp(a, "--insecure")) {
 			sec.insecure = 1;
+			continue;
+		}
+		if (!strcmp(a, "--kv-only")) {
+			cfg.kv_only = 1;
 			continue;
 		}
 		if (i + 1 >= argc) {
@@ -123,6 +134,11 @@ int main(int argc, char **argv)
 	}
 	if (!endpoint) {
 		fputs(usage, stderr);
+		return 2;
+	}
+	if (cfg.kv_only && (cfg.model_path || cfg.memory_bytes || cfg.kv_memory_bytes < 0)) {
+		fprintf(stderr, "moefleet-worker: --kv-only holds no experts: it takes no -m or "
+				"--memory, and needs --kv-memory above 0\n");
 		return 2;
 	}
 	transport *t = NULL;

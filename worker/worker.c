@@ -71,7 +71,8 @@ struct worker {
 	float *items; /* packed results; an AttnResult's partials */
 	size_t out_cap, items_cap;
 	struct wire_stats stats;
-	kvstore *kv; /* the KV pages held; NULL: none offered */
+	kvstore *kv;		 /* the KV pages held; NULL: none offered */
+	attn_host_scratch *attn; /* attn_host_forward's buffers */
 };
 
 static double worker_now(void)
@@ -508,7 +509,8 @@ static int worker_on_chunk(struct worker *w, const struct wire_weight_chunk *c, 
 		return 0;
 	}
 	if (!b->bytes) {
-		if (w->cfg->memory_bytes && w->held_bytes + want > w->cfg->memory_bytes) {
+		if ((w->cfg->memory_bytes || w->cfg->kv_only) &&
+		    w->held_bytes + want > w->cfg->memory_bytes) {
 			worker_error(w, "expert beyond this worker's memory budget");
 			return 0;
 		}
@@ -771,7 +773,8 @@ static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *
 					  .pages = pages,
 					  .n_pages = n_pages,
 					  .q = w->out,
-					  .part = w->items};
+					  .part = w->items,
+					  .scratch = &w->attn};
 	rc = attn_host_forward(w->pool, &job);
 	if (rc) {
 		snprintf(why, sizeof(why),
@@ -783,6 +786,9 @@ static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *
 		goto out;
 	}
 	r->compute_seconds = worker_compute_seconds(w, t0, c0);
+	w->stats.attn_batches++;
+	w->stats.attn_rows += b->n_rows;
+	w->stats.attn_seconds += r->compute_seconds;
 	rc = worker_send(w, &m, w->items, out_bytes);
 out:
 	free(pages);
@@ -1027,6 +1033,31 @@ static int worker_open_model(struct worker *w, struct wire_hello *h)
 	return 0;
 }
 
+void worker_budgets(const struct worker_config *cfg, uint64_t node, uint64_t *experts, uint64_t *kv)
+{
+	const uint64_t m = cfg->memory_bytes,
+		       k = cfg->kv_memory_bytes > 0 ? (uint64_t)cfg->kv_memory_bytes : 0;
+	if (cfg->kv_only) {
+		*experts = 0;
+		*kv = k ? k : node;
+	} else if (cfg->kv_memory_bytes < 0) {
+		*experts = m ? m : node;
+		*kv = 0;
+	} else if (m && k) {
+		*experts = m;
+		*kv = k;
+	} else if (m) {
+		*experts = m;
+		*kv = node > m ? node - m : 0;
+	} else if (k) {
+		*experts = node > k ? node - k : 0;
+		*kv = k;
+	} else {
+		*kv = node / 4;
+		*experts = node - *kv;
+	}
+}
+
 int worker_run(transport *t, const struct worker_config *cfg)
 {
 	struct worker w = {.t = t, .cfg = cfg};
@@ -1043,17 +1074,30 @@ int worker_run(transport *t, const struct worker_config *cfg)
 	long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGE_SIZE);
 	uint64_t phys = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0;
 	uint64_t cg = worker_cgroup_limit(), have = cg && (!phys || cg < phys) ? cg : phys;
-	/* what the node has, less room for this program, its buffers and the system */
-	hello.u.hello.memory_bytes = cfg->memory_bytes		 ? cfg->memory_bytes
-				     : have > 2 * WORKER_RESERVE ? have - WORKER_RESERVE
-								 : have / 2;
-	if (cfg->kv_memory_bytes >= 0) {
-		hello.u.hello.kv_bytes = cfg->kv_memory_bytes ? (uint64_t)cfg->kv_memory_bytes
-							      : hello.u.hello.memory_bytes;
+	/* what the node has, less room for this program, its buffers and the
+	 * system, split between experts and KV pages */
+	const uint64_t node = have > 2 * WORKER_RESERVE ? have - WORKER_RESERVE : have / 2;
+	worker_budgets(cfg, node, &hello.u.hello.memory_bytes, &hello.u.hello.kv_bytes);
+	if (hello.u.hello.memory_bytes + hello.u.hello.kv_bytes > node)
+		log_warn("worker: offers %.2f GiB for experts and %.2f GiB for KV pages, more "
+			 "than the %.2f GiB this node has",
+			 (double)hello.u.hello.memory_bytes / (1 << 30),
+			 (double)hello.u.hello.kv_bytes / (1 << 30), (double)node / (1 << 30));
+	if (!cfg->kv_only && !hello.u.hello.memory_bytes) {
+		log_error("worker: no memory left for experts (--kv-memory takes all of the "
+			  "node's %.2f GiB): give --memory, or run it --kv-only",
+			  (double)node / (1 << 30));
+		rc = ERR_CONFIG;
+		goto out;
+	}
+	if (hello.u.hello.kv_bytes) {
 		rc = kvstore_new(hello.u.hello.kv_bytes, &w.kv);
 		if (rc)
 			goto out;
 	}
+	log_info("worker: offers %.2f GiB for experts, %.2f GiB for KV pages",
+		 (double)hello.u.hello.memory_bytes / (1 << 30),
+		 (double)hello.u.hello.kv_bytes / (1 << 30));
 	hello.u.hello.expert_rows_per_sec = worker_calibrate(&w);
 	if (cfg->name)
 		snprintf(hello.u.hello.name, sizeof(hello.u.hello.name), "%s", cfg->name);
@@ -1162,6 +1206,8 @@ int worker_run(transport *t, const struct worker_config *cfg)
 		case WIRE_STATS: {
 			struct wire_msg s = {.kind = WIRE_STATS};
 			s.u.stats = w.stats;
+			s.u.stats.kv_pages = w.kv ? kvstore_n_pages(w.kv) : 0;
+			s.u.stats.kv_bytes = w.kv ? kvstore_bytes(w.kv) : 0;
 			rc = worker_send(&w, &s, NULL, 0);
 			break;
 		}
@@ -1207,6 +1253,7 @@ int worker_run(transport *t, const struct worker_config *cfg)
 out:
 	worker_clear(&w);
 	kvstore_destroy(&w.kv);
+	attn_host_scratch_destroy(&w.attn);
 	free(w.hdr);
 	free(w.out);
 	free(w.items);

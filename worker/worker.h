@@ -22,7 +22,9 @@
  *              it answered too late) or restarted; it may take it back as a
  *              new member
  * KvPage and AttnBatch need no Assign: a worker serves them in any state
- * after Hello (a KV host may hold no experts).
+ * after Hello (a KV host may hold no experts: with cfg->kv_only its Hello
+ * offers none, and streamed experts are refused).  Stats counts the Batches
+ * and AttnBatches answered and the KV pages held.
  *
  * Reconnecting (cfg->reconnect_ms > 0): while no coordinator has answered,
  * Hello is sent again after 0.25, 0.5, 1, 2, 4, 4, ... seconds (ZeroMQ queues
@@ -65,16 +67,28 @@ struct worker_config {
 	const char *model_path;	  /* NULL: weights must be streamed */
 	const struct gguf *model; /* an open model the caller owns (overrides model_path) */
 	int n_threads;		  /* <= 0: all cores */
-	uint64_t memory_bytes;	  /* offered for experts; 0: the node's memory (physical, or the
-				     cgroup limit if lower) less 512 MiB */
+	uint64_t memory_bytes;	  /* offered for experts; 0: the default (worker_budgets) of
+				     the node's memory (physical, or the cgroup limit if
+				     lower) less 512 MiB */
 	const char *name;
 	int idle_timeout_ms; /* <= 0: wait forever */
 	enum worker_fault fault;
 	double slowdown;  /* > 1: take this many times as long per batch (tests, benchmarks) */
 	int reconnect_ms; /* > 0: outlive the coordinator (see above); 0: exit at Shutdown */
-	int64_t kv_memory_bytes; /* offered for KV pages (Hello.kv_bytes); 0: the same as for
-				    experts (memory_bytes or its default); < 0: none */
+	int64_t kv_memory_bytes; /* offered for KV pages (Hello.kv_bytes); 0: the default
+				    (worker_budgets); < 0: none */
+	int kv_only;		 /* hold no experts (Hello.memory_bytes 0), only KV pages */
 };
+
+/* The bytes a worker offers for experts and for KV pages out of `node` (its
+ * memory or cgroup limit, less a reserve for the program), which never
+ * overlap: with neither given (cfg 0), 3/4 and 1/4 of node; with one given,
+ * the other gets the rest of node (0 when nothing is left); both given: as
+ * given; kv_only: no experts, and kv_memory_bytes or the whole of node.  A
+ * cfg->kv_memory_bytes < 0 offers no KV memory (experts: memory_bytes or
+ * node). */
+void worker_budgets(const struct worker_config *cfg, uint64_t node, uint64_t *experts,
+		    uint64_t *kv);
 
 int worker_run(transport *t, const struct worker_config *cfg);
 

@@ -156,9 +156,10 @@ static int cluster_join(cluster *c)
 		snprintf(w->st.name, sizeof(w->st.name), "%s", m.u.hello.name);
 		log_info("worker %d joined: %s, %u cores, %.1f GiB, %s", c->n, w->st.name,
 			 w->hello.cores, (double)w->hello.memory_bytes / (1 << 30),
-			 w->held	      ? "has a shard file"
-			 : w->hello.has_model ? "has the model"
-					      : "needs the weights streamed");
+			 !w->hello.memory_bytes ? "KV-only"
+			 : w->held		? "has a shard file"
+			 : w->hello.has_model	? "has the model"
+						: "needs the weights streamed");
 		if (w->held)
 			log_info("worker %d: its shard file holds %u experts", c->n,
 				 m.u.hello.n_held);
@@ -189,8 +190,25 @@ static int cluster_layer_types(cluster *c)
 	return 0;
 }
 
+int cluster_holds_experts(const cluster *c, int i)
+{
+	return c->w[i].hello.memory_bytes > 0;
+}
+
 static int cluster_place(cluster *c)
 {
+	int holders = 0;
+	for (int i = 0; i < c->n; i++)
+		holders += cluster_holds_experts(c, i);
+	if (holders < c->cfg.replicas) {
+		log_error("%d of the %d workers offer memory for experts (%d are KV-only: "
+			  "moefleet-worker --kv-only), too few for %d cop%s of each expert; this "
+			  "coordinator computes no routed experts itself: start workers without "
+			  "--kv-only",
+			  holders, c->n, c->n - holders, c->cfg.replicas,
+			  c->cfg.replicas > 1 ? "ies" : "y");
+		return ERR_CONFIG;
+	}
 	uint64_t *bytes = c->expert_bytes;
 	for (int l = 0; l < c->spec.n_layer; l++) {
 		if (!c->spec.layer_moe[l])
@@ -400,8 +418,10 @@ static int cluster_assign(cluster *c)
 		if (n_streamed[i])
 			log_info("worker %d: streamed %u experts, %.1f MiB of weights", i,
 				 n_streamed[i], (double)c->w[i].st.streamed_bytes / 1048576.0);
-		else
+		else if (cluster_holds_experts(c, i))
 			log_info("worker %d: streamed nothing (it has its experts in its file)", i);
+		else
+			log_info("worker %d: KV-only, holds no experts", i);
 	}
 out:
 	free(pl);

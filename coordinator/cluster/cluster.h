@@ -5,7 +5,10 @@
  * protocol version (and fails when one has a per-node shard file made from
  * another model), places the model's experts on them with placement_build()
  * (by memory and speed, cfg->replicas copies of each, preferring for each
- * expert a worker whose shard file holds it), sends each its Assign, streams
+ * expert a worker whose shard file holds it; a KV-only worker, whose Hello
+ * offers no memory for experts, gets none, and fewer than cfg->replicas
+ * workers with memory for experts is an ERR_CONFIG: the coordinator computes
+ * no routed experts itself), sends each its Assign, streams
  * the weights of every assigned expert a worker's file does not hold (all of
  * them to a worker without a file, or to all when cfg->stream is set), and
  * waits for every Ready, logging progress.  Later epochs stream by the same
@@ -86,7 +89,7 @@ struct cluster_worker_stats {
 	uint64_t rebalances; /* placements switched to (same for every worker) */
 	char name[256];
 	uint64_t batches, rows, items, bytes_sent, bytes_received;
-	double compute_seconds, wait_seconds;
+	double compute_seconds, wait_seconds; /* compute: of expert batches */
 	int lost;
 	double speed;	       /* expert rows/s used for planning (Hello calibration or measured) */
 	uint32_t held_experts; /* as last reported by the worker (Ready) */
@@ -95,6 +98,12 @@ struct cluster_worker_stats {
 	uint64_t kv_pages;	 /* KV pages shipped to it (a KV host) */
 	uint64_t kv_bytes;	 /* and their bytes */
 	uint64_t kv_batches;	 /* attention batches it answered or was sent */
+	uint64_t attn_rows;	 /* rows of the attention batches it answered */
+	double attn_seconds;	 /* and the compute time it reported for them */
+	/* as the worker last reported (its Stats, asked by cluster_print_stats):
+	 * the KV pages it holds and their bytes; kv_reported 0: never asked */
+	int kv_reported;
+	uint64_t kv_pages_held, kv_bytes_held;
 };
 
 /* One placement epoch that was in force: its forward steps and how evenly
@@ -125,7 +134,8 @@ void cluster_get_epoch(const cluster *c, int i, struct cluster_epoch_stats *out)
 void cluster_step_times(const cluster *c, double *median_ms, double *worst_moving_ms,
 			uint64_t *n_steps);
 /* Prints per-worker statistics to stderr (first waiting briefly for the
- * workers' answers to outstanding Releases; between jobs only): epochs, step
+ * workers' answers to outstanding Releases, and for the Stats of the KV
+ * hosts; between jobs only): epochs, step
  * times (per size; loading steps against the quiet steps of the same
  * placement), a calibrated cluster file for `placement simulate` (with
  * `@cores N` when the workers are local) and the metrics. */
@@ -142,10 +152,11 @@ void cluster_print_stats(cluster *c);
 int cluster_metrics_write(FILE *f, const cluster *c, int per_expert);
 /* The cluster's workers as KV hosts of the sharded attention over n_shard
  * chains (attn_cache_set_remote): the first live workers that offer KV memory
- * in their Hello, as many as the largest power of two that divides n_shard
- * and is at most `want` (<= 0: no limit).  *ops with self = c.  ERR_CONFIG
- * when no live worker offers KV memory.  Called again after a host was lost,
- * it gives the chains to the hosts left. */
+ * in their Hello, KV-only ones (Hello.memory_bytes 0) first, as many as the
+ * largest power of two that divides n_shard and is at most `want` (<= 0: no
+ * limit).  *ops with self = c.  ERR_CONFIG when no live worker offers KV
+ * memory.  Called again after a host was lost, it gives the chains to the
+ * hosts left. */
 int cluster_kv_hosts(cluster *c, int n_shard, int want, const struct attn_remote_ops **ops,
 		     int *n_hosts);
 /* 1 when a KV host was lost since the last cluster_kv_hosts(): its pages are

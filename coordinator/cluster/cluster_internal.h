@@ -50,6 +50,7 @@ struct cluster_peer {
 	/* compute seconds at the start of the epoch in force */
 	double epoch_compute0;
 	int releasing;			/* a Release is not answered yet */
+	int stats_asked;		/* a Stats is not answered yet */
 	uint64_t load_done, load_total; /* its last Progress at start-up */
 	/* each answered batch's wall time (sent to answered) minus the compute
 	 * time the worker reported, for the simulator's calibration (the first
@@ -162,6 +163,9 @@ struct cluster {
 
 /* cluster.c */
 double cluster_now(void);
+/* 1 when worker i offers memory for experts; 0 for a KV-only worker
+ * (moefleet-worker --kv-only), which holds none and gets no Batches. */
+int cluster_holds_experts(const cluster *c, int i);
 int cluster_send(cluster *c, int i, const struct wire_msg *m, const void *data, size_t n);
 int cluster_streams(const cluster *c, int i, int l, int e);
 void cluster_held_sets(cluster *c);

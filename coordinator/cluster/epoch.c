@@ -111,12 +111,16 @@ static void cluster_plan_next(cluster *c)
 	for (int i = 0; i < c->n; i++) {
 		if (c->w[i].lost)
 			return; /* re-planning needs every worker alive */
-		if (c->w[i].st.items < 256 || !(c->w[i].st.compute_seconds > 0))
+		if (cluster_holds_experts(c, i) &&
+		    (c->w[i].st.items < 256 || !(c->w[i].st.compute_seconds > 0)))
 			measured = 0;
 	}
 	/* speeds measured on this model replace the calibration of Hello, once
-	 * every worker has some (the two are in different units) */
+	 * every worker that holds experts has some (the two are in different
+	 * units; a KV-only worker keeps its calibration, and holds nothing) */
 	for (int i = 0; measured && i < c->n; i++) {
+		if (!cluster_holds_experts(c, i))
+			continue;
 		c->pw[i].speed = (double)c->w[i].st.items / c->w[i].st.compute_seconds;
 		c->speed[i] = c->pw[i].speed;
 		c->w[i].st.speed = c->pw[i].speed;
@@ -326,7 +330,7 @@ void cluster_epoch_now(const cluster *c, struct cluster_epoch_stats *out)
 	out->steps = c->fwd_step - c->epoch_step0;
 	int live = 0;
 	for (int i = 0; i < c->n; i++) {
-		if (c->w[i].lost)
+		if (c->w[i].lost || !cluster_holds_experts(c, i))
 			continue;
 		double t = c->w[i].st.compute_seconds - c->w[i].epoch_compute0;
 		out->compute_max = fmax(out->compute_max, t);

@@ -18,6 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* A host that has not answered its AttnBatch is probed this often (seconds). */
+#define KV_PROBE_S 0.1
+
 /* 0 while host h's worker lives, else a logged ERR_PEER. */
 static int kv_live(cluster *c, int h)
 {
@@ -219,7 +222,8 @@ static int kv_take(cluster *c, int who, const struct wire_msg *m, const uint8_t 
 		}
 		memcpy(c->kv_part[h], data, n);
 		c->kv_asked[h] = 0;
-		c->w[who].st.compute_seconds += idx ? ir->compute_seconds : r->compute_seconds;
+		c->w[who].st.attn_rows += idx ? ir->n_rows : r->n_rows;
+		c->w[who].st.attn_seconds += idx ? ir->compute_seconds : r->compute_seconds;
 		c->w[who].st.wait_seconds += cluster_now() - c->kv_sent[h];
 		return 1;
 	}
@@ -244,8 +248,9 @@ static int kv_collect(void *self, int layer, const float **parts)
 	}
 	int rc = 0;
 	while (waiting > 0 && !rc) {
-		/* probes and time-outs, as an expert step has them */
-		double now = cluster_now(), wake = now + 0.1;
+		/* probes (at most one per host every KV_PROBE_S: each answer
+		 * ends the wait below) and time-outs, as an expert step has them */
+		double now = cluster_now(), wake = now + KV_PROBE_S;
 		for (int h = 0; h < c->kv_hosts && !rc; h++) {
 			if (!c->kv_asked[h])
 				continue;
@@ -254,12 +259,17 @@ static int kv_collect(void *self, int layer, const float **parts)
 				rc = kv_live(c, h);
 				break;
 			}
-			struct wire_msg hb = {.kind = WIRE_HEARTBEAT};
-			hb.u.heartbeat_nonce = c->step;
-			if (cluster_send(c, c->kv_w[h], &hb, NULL, 0)) {
-				cluster_drop(c, c->kv_w[h], "connection lost");
-				rc = kv_live(c, h);
+			struct cluster_peer *w = &c->w[c->kv_w[h]];
+			if (now - w->last_probe >= KV_PROBE_S) {
+				struct wire_msg hb = {.kind = WIRE_HEARTBEAT};
+				hb.u.heartbeat_nonce = c->step;
+				w->last_probe = now;
+				if (cluster_send(c, c->kv_w[h], &hb, NULL, 0)) {
+					cluster_drop(c, c->kv_w[h], "connection lost");
+					rc = kv_live(c, h);
+				}
 			}
+			wake = fmin(wake, w->last_probe + KV_PROBE_S);
 		}
 		if (rc)
 			break;
@@ -307,9 +317,12 @@ int cluster_kv_hosts(cluster *c, int n_shard, int want, const struct attn_remote
 		     int *n_hosts)
 {
 	int live = 0, w[ATTN_MAX_HOSTS];
-	for (int i = 0; i < c->n && live < ATTN_MAX_HOSTS; i++)
-		if (!c->w[i].lost && c->w[i].hello.kv_bytes > 0)
-			w[live++] = i;
+	/* KV-only workers first: they have nothing else to do */
+	for (int pass = 0; pass < 2; pass++)
+		for (int i = 0; i < c->n && live < ATTN_MAX_HOSTS; i++)
+			if (!c->w[i].lost && c->w[i].hello.kv_bytes > 0 &&
+			    cluster_holds_experts(c, i) == pass)
+				w[live++] = i;
 	int r = 1;
 	while (2 * r <= live && 2 * r <= n_shard && (want <= 0 || 2 * r <= want))
 		r *= 2;
@@ -326,6 +339,9 @@ int cluster_kv_hosts(cluster *c, int n_shard, int want, const struct attn_remote
 	log_info("KV hosts: %d worker(s) from worker %d hold the pages of %d attention chain(s) "
 		 "each",
 		 r, w[0], n_shard / r);
+	for (int h = 0; h < r; h++)
+		log_info("KV host %d: worker %d (%s)%s", h, w[h], c->w[w[h]].st.name,
+			 cluster_holds_experts(c, w[h]) ? "" : ", KV-only");
 	return 0;
 }
 

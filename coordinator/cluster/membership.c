@@ -105,9 +105,9 @@ void cluster_plan_repair(cluster *c, int rebuild)
 {
 	const int L = c->spec.n_layer, X = c->spec.n_expert, R = c->plan.n_replica;
 	const double *load = balance_counts_load(c->counts);
-	int live = 0;
+	int live = 0; /* that can hold experts */
 	for (int i = 0; i < c->n; i++)
-		live += !c->w[i].lost;
+		live += !c->w[i].lost && cluster_holds_experts(c, i);
 	c->repair_due = 0;
 	c->rebuild_due = 0;
 	c->unheld = 0;
@@ -277,5 +277,7 @@ static void cluster_rejoin(cluster *c, int peer, const struct wire_hello *h)
 	c->repair_due = 1;
 	log_info("worker %d (%s) joined in place of a lost worker: %u cores, %.1f GiB, %s", i,
 		 w->st.name, h->cores, (double)h->memory_bytes / (1 << 30),
-		 h->has_model ? "has the model" : "needs the weights streamed");
+		 !h->memory_bytes ? "KV-only"
+		 : h->has_model	  ? "has the model"
+				  : "needs the weights streamed");
 }

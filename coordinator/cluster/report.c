@@ -159,6 +159,8 @@ static void cluster_print_calibration(const cluster *c)
 		fprintf(stderr, "@cores %ld\n", cores);
 	fprintf(stderr, "# name speed(rows/s) memory latency_us bandwidth_MB_s threads\n");
 	for (int i = 0; i < c->n; i++) {
+		if (!cluster_holds_experts(c, i))
+			continue; /* KV-only: computes no experts */
 		const struct cluster_worker_stats *s = &c->w[i].st;
 		const struct cluster_peer *w = &c->w[i];
 		double lat = 0, speed = s->speed > 0 ? s->speed : 1.0;
@@ -199,15 +201,22 @@ static int cluster_live_replicas(const cluster *c, const placement *want)
 	return n;
 }
 
-/* Waits (up to timeout_ms) for the answers to outstanding Releases, so the
- * memory each worker reports is current.  Between jobs only. */
+/* Asks the live workers that served as KV hosts for their Stats, then waits
+ * (up to timeout_ms) for those and the answers to outstanding Releases, so
+ * the memory each worker reports is current.  Between jobs only. */
 static void cluster_drain(cluster *c, int timeout_ms)
 {
 	double deadline = cluster_now() + timeout_ms / 1000.0;
+	for (int i = 0; i < c->n; i++) {
+		struct wire_msg ask = {.kind = WIRE_STATS};
+		c->w[i].stats_asked = !c->w[i].lost &&
+				      (c->w[i].st.kv_pages || c->w[i].st.kv_batches) &&
+				      cluster_send(c, i, &ask, NULL, 0) == 0;
+	}
 	for (;;) {
 		int waiting = 0;
 		for (int i = 0; i < c->n; i++)
-			waiting += !c->w[i].lost && c->w[i].releasing;
+			waiting += !c->w[i].lost && (c->w[i].releasing || c->w[i].stats_asked);
 		int left = (int)((deadline - cluster_now()) * 1000.0);
 		if (!waiting || left <= 0)
 			return;
@@ -224,7 +233,13 @@ static void cluster_drain(cluster *c, int timeout_ms)
 			cluster_on_stranger(c, peer, &m);
 		else if (m.kind == WIRE_READY)
 			cluster_on_ready(c, who, &m.u.ready);
-		else if (m.kind == WIRE_ERROR)
+		else if (m.kind == WIRE_STATS && c->w[who].stats_asked) {
+			struct cluster_worker_stats *s = &c->w[who].st;
+			c->w[who].stats_asked = 0;
+			s->kv_reported = 1;
+			s->kv_pages_held = m.u.stats.kv_pages;
+			s->kv_bytes_held = m.u.stats.kv_bytes;
+		} else if (m.kind == WIRE_ERROR)
 			cluster_drop(c, who, m.u.text);
 		wire_msg_free(&m);
 	}
@@ -375,6 +390,24 @@ void cluster_print_stats(cluster *c)
 		    s->compute_seconds, s->wait_seconds, s->speed, s->held_experts,
 		    (double)s->held_bytes / 1048576.0, s->lost ? " LOST" : "");
 	}
+	for (int i = 0; i < c->n; i++) {
+		const struct cluster_worker_stats *s = &c->w[i].st;
+		if (!s->kv_batches && !s->kv_pages)
+			continue;
+		fprintf(stderr,
+			"KV host: worker %d%s: %llu attention batches, %llu rows, %.3f s compute; "
+			"%llu pages (%.2f MiB) shipped",
+			i, cluster_holds_experts(c, i) ? "" : " (KV-only)",
+			(unsigned long long)s->kv_batches, (unsigned long long)s->attn_rows,
+			s->attn_seconds, (unsigned long long)s->kv_pages,
+			(double)s->kv_bytes / 1048576.0);
+		if (s->kv_reported)
+			fprintf(stderr, ", %llu pages (%.2f MiB) held\n",
+				(unsigned long long)s->kv_pages_held,
+				(double)s->kv_bytes_held / 1048576.0);
+		else
+			fprintf(stderr, ", pages held unknown (no Stats answer)\n");
+	}
 	uint64_t streamed = 0;
 	for (int i = 0; i < c->n; i++)
 		streamed += c->w[i].st.streamed_bytes;
@@ -433,7 +466,7 @@ int cluster_metrics_write(FILE *f, const cluster *c, int per_expert)
 	    {"moefleet_worker_rows_total", "counter", "Token rows sent to the worker."},
 	    {"moefleet_worker_items_total", "counter", "(row, expert) items the worker computed."},
 	    {"moefleet_worker_compute_seconds_total", "counter",
-	     "Compute time the worker reported."},
+	     "Compute time the worker reported for expert batches."},
 	    {"moefleet_worker_wait_seconds_total", "counter",
 	     "Time the coordinator waited for the worker."},
 	    {"moefleet_worker_sent_bytes_total", "counter", "Bytes sent to the worker."},
@@ -452,6 +485,10 @@ int cluster_metrics_write(FILE *f, const cluster *c, int per_expert)
 	    {"moefleet_worker_kv_bytes_total", "counter", "Bytes of those KV pages."},
 	    {"moefleet_worker_attn_batches_total", "counter",
 	     "Attention batches sent to the worker as a KV host."},
+	    {"moefleet_worker_attn_rows_total", "counter",
+	     "Token rows of the attention batches the worker answered."},
+	    {"moefleet_worker_attn_compute_seconds_total", "counter",
+	     "Compute time the worker reported for attention batches."},
 	};
 	const int n_wm = (int)(sizeof(wm) / sizeof(wm[0]));
 	const double *load = c->counts ? balance_counts_load(c->counts) : NULL;
@@ -485,7 +522,9 @@ int cluster_metrics_write(FILE *f, const cluster *c, int per_expert)
 				      s->lost ? 0.0 : 1.0,
 				      (double)s->kv_pages,
 				      (double)s->kv_bytes,
-				      (double)s->kv_batches};
+				      (double)s->kv_batches,
+				      (double)s->attn_rows,
+				      s->attn_seconds};
 			cluster_metric_worker(f, c, wm[m].name, i, v[m]);
 		}
 	}
@@ -493,7 +532,7 @@ int cluster_metrics_write(FILE *f, const cluster *c, int per_expert)
 	double max = 0, mean = 0;
 	int live = 0;
 	for (int i = 0; i < c->n; i++) {
-		if (c->w[i].lost || !(c->speed[i] > 0))
+		if (c->w[i].lost || !(c->speed[i] > 0) || !cluster_holds_experts(c, i))
 			continue;
 		double t = wl[i] / c->speed[i];
 		max = fmax(max, t);

@@ -97,6 +97,15 @@ struct attn_cache {
 	int32_t *seq_tokens;  /* [n_seq] scratch of attn_forward: tokens per sequence */
 	int32_t *seq_last;    /* [n_seq] its scratch too: last position per sequence */
 	struct attn_kvf *kvf; /* [ATTN_KVF_SLOTS] per pool thread, or NULL */
+
+	/* with KV hosts: attn_forward's own-page partials */
+	struct attn_floats *own;
+};
+
+/* A buffer of floats grown on demand. */
+struct attn_floats {
+	float *p;
+	size_t cap;
 };
 
 /* ------------------------------------------------------------ f16 helpers */
@@ -398,6 +407,9 @@ void attn_cache_destroy(attn_cache **c)
 			free((*c)->kvf[i].tile);
 		}
 	free((*c)->kvf);
+	if ((*c)->own)
+		free((*c)->own->p);
+	free((*c)->own);
 	free(*c);
 	*c = NULL;
 }
@@ -1185,6 +1197,11 @@ int attn_cache_set_remote(attn_cache *c, const struct attn_remote_ops *ops, void
 		if (!c->shipped)
 			return ERR_NOMEM;
 	}
+	if (!c->own) {
+		c->own = calloc(1, sizeof(*c->own));
+		if (!c->own)
+			return ERR_NOMEM;
+	}
 	/* the most a host holds for one sequence: the complete pages of its
 	 * chains, every full layer, each page with its entry in the host's page
 	 * table, and an entry per layer */
@@ -1266,12 +1283,66 @@ static void attn_run_store(const struct attn_run *r, int ng, int dv, float *part
 	}
 }
 
+/* One pool thread's scratch of attn_host_forward(). */
+struct attn_host_thread {
+	struct attn_kvf tile; /* its tile buffer (attn_kvf_tile) */
+	struct attn_kvf *pkv; /* [n_pkv] F32 copies of pages, by page number */
+	int n_pkv;
+};
+
+struct attn_host_scratch {
+	struct attn_host_thread *th; /* [n_th] */
+	int n_th;
+};
+
+void attn_host_scratch_destroy(attn_host_scratch **s)
+{
+	if (!s || !*s)
+		return;
+	for (int i = 0; i < (*s)->n_th; i++) {
+		struct attn_host_thread *t = &(*s)->th[i];
+		free(t->tile.tile);
+		for (int j = 0; j < t->n_pkv; j++) {
+			free(t->pkv[j].kt);
+			free(t->pkv[j].v);
+		}
+		free(t->pkv);
+	}
+	free((*s)->th);
+	free(*s);
+	*s = NULL;
+}
+
+/* Makes s hold n_th threads' scratch with n_pkv page slots each (when
+ * n_pkv > 0); the buffers grow when used.  0 or ERR_NOMEM (s still valid). */
+static int attn_host_scratch_grow(attn_host_scratch *s, int n_th, int n_pkv)
+{
+	if (n_th > s->n_th) {
+		struct attn_host_thread *p = realloc(s->th, (size_t)n_th * sizeof(*p));
+		if (!p)
+			return ERR_NOMEM;
+		memset(p + s->n_th, 0, (size_t)(n_th - s->n_th) * sizeof(*p));
+		s->th = p;
+		s->n_th = n_th;
+	}
+	for (int i = 0; i < n_th; i++) {
+		struct attn_host_thread *t = &s->th[i];
+		if (n_pkv <= t->n_pkv)
+			continue;
+		struct attn_kvf *p = realloc(t->pkv, (size_t)n_pkv * sizeof(*p));
+		if (!p)
+			return ERR_NOMEM;
+		memset(p + t->n_pkv, 0, (size_t)(n_pkv - t->n_pkv) * sizeof(*p));
+		t->pkv = p;
+		t->n_pkv = n_pkv;
+	}
+	return 0;
+}
+
 struct attn_host_ctx {
 	const struct attn_host_job *job;
-	float *tiles; /* per thread, attn_tile_floats() each, or NULL */
-	size_t tile_floats;
-	struct attn_kvf *pkv; /* per thread, F32 copies of max_pages pages, or NULL */
-	int max_pages;
+	attn_host_scratch *s; /* or NULL: the scalar loops, no copies */
+	int max_pages;	      /* page copies per thread (0: none) */
 };
 
 static void attn_host_worker(void *ctx, int ith, int nth)
@@ -1280,8 +1351,13 @@ static void attn_host_worker(void *ctx, int ith, int nth)
 	const struct attn_host_job *job = hc->job;
 	const struct attn_params *ap = job->ap;
 	const int dk = ap->head_dim_k, dv = ap->head_dim_v;
-	float *tile = hc->tiles ? hc->tiles + (size_t)ith * hc->tile_floats : NULL;
-	struct attn_kvf *pkv = hc->pkv ? hc->pkv + (size_t)ith * (size_t)hc->max_pages : NULL;
+	struct attn_host_thread *th = hc->s ? &hc->s->th[ith] : NULL;
+	float *tile = th ? attn_kvf_tile(&th->tile, dk, dv) : NULL;
+	struct attn_kvf *pkv = tile && hc->max_pages > 0 ? th->pkv : NULL;
+	for (int i = 0; pkv && i < hc->max_pages; i++) { /* other pages than last time */
+		pkv[i].kbase = NULL;
+		pkv[i].n = 0;
+	}
 	int64_t lo, hi;
 	pool_split(attn_units(ap, job->n_rows), ith, nth, 1, &lo, &hi);
 	for (int64_t u = lo; u < hi; u++) {
@@ -1343,23 +1419,18 @@ int attn_host_forward(pool *p, const struct attn_host_job *job)
 	}
 	pthread_once(&attn_f16_once, attn_f16_table_init);
 	struct attn_host_ctx hc = {.job = job};
-	if (attn_simd_ok() && ap->head_dim_k % 8 == 0 && ap->head_dim_v % 8 == 0) {
-		hc.tile_floats = attn_tile_floats(ap->head_dim_k, ap->head_dim_v);
-		hc.tiles = malloc((size_t)pool_size(p) * hc.tile_floats * sizeof(float));
-	}
 	/* prompt rows: each thread converts a page once for all its rows */
-	for (int r = 0; r < job->n_rows; r++)
+	for (int r = 0; r < job->n_rows && job->n_rows >= ATTN_TILE_Q; r++)
 		if (job->n_pages[r] > hc.max_pages)
 			hc.max_pages = job->n_pages[r];
-	if (hc.tiles && job->n_rows >= ATTN_TILE_Q && hc.max_pages > 0)
-		hc.pkv = calloc((size_t)pool_size(p) * (size_t)hc.max_pages, sizeof(*hc.pkv));
+	attn_host_scratch *tmp = NULL, **s = job->scratch ? job->scratch : &tmp;
+	if (!*s)
+		*s = calloc(1, sizeof(**s));
+	/* without memory for it, the scalar loops give the same bits */
+	if (*s && attn_host_scratch_grow(*s, pool_size(p), hc.max_pages) == 0)
+		hc.s = *s;
 	pool_run(p, attn_host_worker, &hc);
-	for (size_t i = 0; hc.pkv && i < (size_t)pool_size(p) * (size_t)hc.max_pages; i++) {
-		free(hc.pkv[i].kt);
-		free(hc.pkv[i].v);
-	}
-	free(hc.pkv);
-	free(hc.tiles);
+	attn_host_scratch_destroy(&tmp);
 	return 0;
 }
 
@@ -1496,19 +1567,22 @@ static int attn_forward_remote(pool *p, const struct attn_job *jb)
 						    c->n_shard, h * per, (h + 1) * per, b, jb->q)))
 			return rc;
 	}
-	const size_t need = (size_t)b->n_tokens * (size_t)ap->n_head *
-			    ATTN_PART_FLOATS(ap->head_dim_v) * sizeof(float);
-	float *own = malloc(need);
-	if (!own)
-		return ERR_NOMEM;
-	struct attn_remote_job rj = {.jb = jb, .own = own, .parts = parts};
+	const size_t need =
+	    (size_t)b->n_tokens * (size_t)ap->n_head * ATTN_PART_FLOATS(ap->head_dim_v);
+	if (need > c->own->cap) {
+		free(c->own->p);
+		c->own->p = malloc(need * sizeof(float));
+		c->own->cap = c->own->p ? need : 0;
+		if (!c->own->p)
+			return ERR_NOMEM;
+	}
+	struct attn_remote_job rj = {.jb = jb, .own = c->own->p, .parts = parts};
 	pool_run(p, attn_remote_own, &rj);
 	rc = c->remote->collect(c->remote_self, jb->layer, parts);
 	if (!rc) {
 		pool_run(p, attn_remote_merge, &rj);
 		attn_remote_release(c, jb->layer, b);
 	}
-	free(own);
 	return rc;
 }
 

@@ -137,6 +137,13 @@ struct attn_page {
 	const uint16_t *k, *v;
 };
 
+/* attn_host_forward()'s scratch kept from one call to the next: per pool
+ * thread a tile buffer and F32 copies of the pages of a prompt batch (one KV
+ * head's keys and values per page), grown on demand and held until
+ * attn_host_scratch_destroy(). */
+typedef struct attn_host_scratch attn_host_scratch;
+void attn_host_scratch_destroy(attn_host_scratch **s);
+
 /* A host's share of one layer's rows. */
 struct attn_host_job {
 	const struct attn_params *ap; /* heads, sizes, scale (window and sinks unused) */
@@ -149,6 +156,8 @@ struct attn_host_job {
 	const int32_t *n_pages;		      /* [n_rows]: entries of pages[r] */
 	const float *q;			      /* [n_rows][n_head][head_dim_k] */
 	float *part;			      /* [n_rows][n_head][ATTN_PART_FLOATS(dv)] */
+	attn_host_scratch **scratch;	      /* created (*scratch NULL) or grown, and kept; NULL:
+						 a scratch for this call only */
 };
 
 /* Computes job->part.  A row at position p uses the pages i < p / P whose chain
