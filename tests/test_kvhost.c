@@ -540,7 +540,7 @@ static void test_kvhost_indexer(void **state)
 	(void)state;
 	make_pages();
 	struct link k;
-	link_open(&k, BUDGET);
+	link_open(&k, BUDGET, 0);
 	for (int s = 0; s < N_SEQ; s++)
 		for (int i = 0; i < seq_pages[s]; i++) {
 			ipages[s][i] = malloc((size_t)IE * ID * sizeof(uint16_t));
