@@ -141,6 +141,7 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		hello.name = (char *)m->u.hello.name;
 		hello.shard_file = m->u.hello.shard_file != 0;
 		hello.kv_bytes = m->u.hello.kv_bytes;
+		hello.kv_shared = m->u.hello.kv_shared != 0;
 		if (m->u.hello.shard_file) {
 			size_t n_layers = 0;
 			n_group = MOE_MAX_LAYERS;
@@ -657,6 +658,7 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 		wire_copy_str(out->u.hello.name, sizeof(out->u.hello.name), h->name);
 		out->u.hello.shard_file = h->shard_file;
 		out->u.hello.kv_bytes = h->kv_bytes;
+		out->u.hello.kv_shared = h->kv_shared;
 		if (!h->shard_file && h->n_held) {
 			rc = wire_bad(peer, "hello lists held experts without a shard file");
 			goto out;

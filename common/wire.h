@@ -76,6 +76,7 @@ struct wire_hello {
 	uint32_t *held_layer;
 	uint32_t *held_expert;
 	uint64_t kv_bytes; /* memory offered for KV pages; 0: it holds none */
+	int kv_shared;	   /* kv_bytes is memory_bytes: pages take what experts leave */
 };
 
 struct wire_assign {

@@ -321,13 +321,15 @@ static void test_attn_wire_round_trip(void **state)
 	struct wire_msg m = {.kind = WIRE_HELLO}, d;
 	m.u.hello.kv_bytes = 3ull << 40;
 	m.u.hello.memory_bytes = 5;
+	m.u.hello.kv_shared = 1;
 	assert_int_equal(round_trip(&m, &d), 0);
 	assert_int_equal(d.u.hello.kv_bytes, 3ull << 40);
 	assert_int_equal(d.u.hello.memory_bytes, 5);
+	assert_int_equal(d.u.hello.kv_shared, 1);
 	wire_msg_free(&d);
 
-	m = (struct wire_msg){
-	    .kind = WIRE_KV_PAGE, .u.kv_page = {7, 3, 12, 128, 576, 0}, WIRE_KV_ATTN};
+	m = (struct wire_msg){.kind = WIRE_KV_PAGE,
+			      .u.kv_page = {7, 3, 12, 128, 576, 0, WIRE_KV_ATTN}};
 	round_trip_same(&m, sizeof(m.u.kv_page), &d);
 	assert_int_equal(wire_kv_page_frame_bytes(&d.u.kv_page), 128 * 576 * 2);
 	d.u.kv_page.v_width = 512;

@@ -685,7 +685,7 @@ static void test_worker_budgets(void **state)
 		int kv_only;
 		uint64_t experts_want, kv_want;
 	} cases[] = {
-	    {0, 0, 0, 48 * G, 16 * G},		 /* neither: 3/4 and 1/4 */
+	    {0, 0, 0, 64 * G, 64 * G},		 /* neither: shared */
 	    {40 * G, 0, 0, 40 * G, 24 * G},	 /* --memory: KV gets the rest */
 	    {80 * G, 0, 0, 80 * G, 0},		 /* ... none when nothing is left */
 	    {0, 10 * G, 0, 54 * G, 10 * G},	 /* --kv-memory: experts get the rest */
@@ -701,9 +701,11 @@ static void test_worker_budgets(void **state)
 					    .kv_memory_bytes = cases[i].kv,
 					    .kv_only = cases[i].kv_only};
 		uint64_t experts = 1, kv = 1;
-		worker_budgets(&cfg, node, &experts, &kv);
+		int shared = -1;
+		worker_budgets(&cfg, node, &experts, &kv, &shared);
 		assert_int_equal(experts, cases[i].experts_want);
 		assert_int_equal(kv, cases[i].kv_want);
+		assert_int_equal(shared, i == 0);
 	}
 }
 
@@ -785,12 +787,9 @@ int main(void)
 	signal(SIGPIPE, SIG_IGN);
 	kern_init();
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_kvstore),
-	    cmocka_unit_test(test_kvhost_serves),
-	    cmocka_unit_test(test_kvhost_none),
-	    cmocka_unit_test(test_kvhost_indexer),
-	    cmocka_unit_test(test_kvhost_kv_only),
-	    cmocka_unit_test(test_worker_budgets),
+	    cmocka_unit_test(test_kvstore),	   cmocka_unit_test(test_kvhost_serves),
+	    cmocka_unit_test(test_kvhost_none),	   cmocka_unit_test(test_kvhost_indexer),
+	    cmocka_unit_test(test_kvhost_kv_only), cmocka_unit_test(test_worker_budgets),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

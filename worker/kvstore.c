@@ -20,7 +20,7 @@ struct kvstore_layer {
 
 struct kvstore {
 	uint64_t budget, bytes;
-	uint64_t n_pages; /* pages held */
+	uint64_t n_pages;				/* pages held */
 	struct kvstore_layer layers[2][MOE_MAX_LAYERS]; /* by enum wire_kv_kind, layer */
 };
 
@@ -189,4 +189,9 @@ uint64_t kvstore_n_pages(const kvstore *s)
 uint64_t kvstore_budget(const kvstore *s)
 {
 	return s->budget;
+}
+
+void kvstore_set_budget(kvstore *s, uint64_t budget_bytes)
+{
+	s->budget = budget_bytes;
 }

@@ -50,5 +50,8 @@ void kvstore_pages(const kvstore *s, uint32_t kind, uint32_t layer, int32_t seq,
 uint64_t kvstore_bytes(const kvstore *s);
 uint64_t kvstore_n_pages(const kvstore *s);
 uint64_t kvstore_budget(const kvstore *s);
+/* A new budget (the memory the experts leave changes with them): pages held
+ * beyond it stay, later ones are refused until the bytes fall below it. */
+void kvstore_set_budget(kvstore *s, uint64_t budget_bytes);
 
 #endif

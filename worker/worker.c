@@ -72,6 +72,7 @@ struct worker {
 	size_t out_cap, items_cap;
 	struct wire_stats stats;
 	kvstore *kv;		 /* the KV pages held; NULL: none offered */
+	uint64_t kv_shared;	 /* > 0: experts and KV pages share these bytes */
 	attn_host_scratch *attn; /* attn_host_forward's buffers */
 };
 
@@ -240,6 +241,9 @@ static int worker_send_ready(struct worker *w, int released)
 	m.u.ready.n_experts = w->n_held;
 	m.u.ready.bytes = w->held_bytes;
 	m.u.ready.released = released;
+	if (w->kv && w->kv_shared) /* the pages take what the experts leave */
+		kvstore_set_budget(w->kv,
+				   w->kv_shared > w->held_bytes ? w->kv_shared - w->held_bytes : 0);
 	log_info("worker: epoch %llu: %u experts held (%.1f MiB)%s", (unsigned long long)w->epoch,
 		 w->n_held, (double)w->held_bytes / 1048576.0, released ? " after a release" : "");
 	return worker_send(w, &m, NULL, 0);
@@ -1033,8 +1037,10 @@ static int worker_open_model(struct worker *w, struct wire_hello *h)
 	return 0;
 }
 
-void worker_budgets(const struct worker_config *cfg, uint64_t node, uint64_t *experts, uint64_t *kv)
+void worker_budgets(const struct worker_config *cfg, uint64_t node, uint64_t *experts, uint64_t *kv,
+		    int *shared)
 {
+	*shared = 0;
 	const uint64_t m = cfg->memory_bytes,
 		       k = cfg->kv_memory_bytes > 0 ? (uint64_t)cfg->kv_memory_bytes : 0;
 	if (cfg->kv_only) {
@@ -1053,8 +1059,9 @@ void worker_budgets(const struct worker_config *cfg, uint64_t node, uint64_t *ex
 		*experts = node > k ? node - k : 0;
 		*kv = k;
 	} else {
-		*kv = node / 4;
-		*experts = node - *kv;
+		*experts = node;
+		*kv = node;
+		*shared = 1;
 	}
 }
 
@@ -1077,8 +1084,11 @@ int worker_run(transport *t, const struct worker_config *cfg)
 	/* what the node has, less room for this program, its buffers and the
 	 * system, split between experts and KV pages */
 	const uint64_t node = have > 2 * WORKER_RESERVE ? have - WORKER_RESERVE : have / 2;
-	worker_budgets(cfg, node, &hello.u.hello.memory_bytes, &hello.u.hello.kv_bytes);
-	if (hello.u.hello.memory_bytes + hello.u.hello.kv_bytes > node)
+	worker_budgets(cfg, node, &hello.u.hello.memory_bytes, &hello.u.hello.kv_bytes,
+		       &hello.u.hello.kv_shared);
+	if (hello.u.hello.kv_shared)
+		w.kv_shared = node;
+	else if (hello.u.hello.memory_bytes + hello.u.hello.kv_bytes > node)
 		log_warn("worker: offers %.2f GiB for experts and %.2f GiB for KV pages, more "
 			 "than the %.2f GiB this node has",
 			 (double)hello.u.hello.memory_bytes / (1 << 30),
@@ -1095,9 +1105,12 @@ int worker_run(transport *t, const struct worker_config *cfg)
 		if (rc)
 			goto out;
 	}
-	log_info("worker: offers %.2f GiB for experts, %.2f GiB for KV pages",
+	log_info("worker: offers %.2f GiB for experts, %.2f GiB for KV pages%s",
 		 (double)hello.u.hello.memory_bytes / (1 << 30),
-		 (double)hello.u.hello.kv_bytes / (1 << 30));
+		 (double)hello.u.hello.kv_bytes / (1 << 30),
+		 hello.u.hello.kv_shared
+		     ? " (the same memory: the pages take what the experts leave)"
+		     : "");
 	hello.u.hello.expert_rows_per_sec = worker_calibrate(&w);
 	if (cfg->name)
 		snprintf(hello.u.hello.name, sizeof(hello.u.hello.name), "%s", cfg->name);

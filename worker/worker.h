@@ -82,13 +82,15 @@ struct worker_config {
 
 /* The bytes a worker offers for experts and for KV pages out of `node` (its
  * memory or cgroup limit, less a reserve for the program), which never
- * overlap: with neither given (cfg 0), 3/4 and 1/4 of node; with one given,
- * the other gets the rest of node (0 when nothing is left); both given: as
- * given; kv_only: no experts, and kv_memory_bytes or the whole of node.  A
- * cfg->kv_memory_bytes < 0 offers no KV memory (experts: memory_bytes or
- * node). */
-void worker_budgets(const struct worker_config *cfg, uint64_t node, uint64_t *experts,
-		    uint64_t *kv);
+ * overlap: with neither given (cfg 0), all of node for both, *shared 1: the
+ * KV pages take what the experts placed on it leave (the worker lowers its
+ * KV budget as experts arrive, the coordinator counts the same); with one
+ * given, the other gets the rest of node (0 when nothing is left); both
+ * given: as given; kv_only: no experts, and kv_memory_bytes or the whole of
+ * node.  A cfg->kv_memory_bytes < 0 offers no KV memory (experts:
+ * memory_bytes or node). */
+void worker_budgets(const struct worker_config *cfg, uint64_t node, uint64_t *experts, uint64_t *kv,
+		    int *shared);
 
 int worker_run(transport *t, const struct worker_config *cfg);
 

@@ -303,11 +303,17 @@ static int kv_collect(void *self, int layer, const float **parts)
 	return rc;
 }
 
-/* What the worker offered in its Hello. */
+/* What the worker offered in its Hello; memory it shares with its experts
+ * less the expert bytes it reports holding. */
 static uint64_t kv_budget(void *self, int host)
 {
 	const cluster *c = self;
-	return c->w[c->kv_w[host]].hello.kv_bytes;
+	const struct cluster_peer *w = &c->w[c->kv_w[host]];
+	if (!w->hello.kv_shared)
+		return w->hello.kv_bytes;
+	const uint64_t left =
+	    w->hello.memory_bytes > w->st.held_bytes ? w->hello.memory_bytes - w->st.held_bytes : 0;
+	return left < w->hello.kv_bytes ? left : w->hello.kv_bytes;
 }
 
 static const struct attn_remote_ops kv_ops = {kv_ship,	 kv_submit,   kv_collect,
