@@ -4,7 +4,8 @@
 # link shaped with `tc qdisc ... tbf` at each RATE.  Per rate it decodes TG
 # tokens after an L-token prompt (`moefleet bench --depth L`) with the
 # experts on the workers and the attention chains on the coordinator
-# (--kv-hosts 0), and with the chains on the two workers as KV hosts, and
+# (--kv-hosts 0), and with the chains on the two workers as KV hosts (the
+# workers read the experts from MODEL, not over the shaped links), and
 # prints both speeds: the difference is what the hosts cost (their messages
 # and their share of the attention) on that link, with the hosts' per-layer
 # breakdown of the host run (--stats: coordinator ms on the own page, merge,
@@ -76,7 +77,7 @@ run() {
 		2>"$tmp/err" &
 	local cp=$!
 	for i in 1 2; do
-		ip netns exec "${tag}w$i" "$wbin" --connect "tcp://10.214.0.1:$port" --insecure \
+		ip netns exec "${tag}w$i" "$wbin" --connect "tcp://10.214.0.1:$port" --insecure -m "$model" \
 			--threads 1 2>/dev/null &
 	done
 	wait "$cp" || { echo "longctx_link: bench failed: $(grep -m1 error "$tmp/err")" >&2; exit 1; }
