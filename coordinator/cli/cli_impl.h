@@ -79,10 +79,10 @@ struct cli_opts {
 	long kv_page;		     /* --kv-page P (0: the default) */
 	long kv_hosts;		     /* --kv-hosts N */
 	int kv_hosts_given;
-	long batch;    /* logits: --batch N (0: the default) */
-	long depth;    /* bench: --depth D */
-	int roofline;  /* bench --roofline */
-	int random_kv; /* bench --random-kv: --depth as pseudo-random KV */
+	long batch;		     /* logits: --batch N (0: the default) */
+	long depth;		     /* bench: --depth D */
+	int roofline;		     /* bench --roofline */
+	int random_kv;		     /* bench --random-kv: --depth as pseudo-random KV */
 };
 
 #define CLI_CLUSTER_OPTS                                                                           \

@@ -537,8 +537,8 @@ int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_cluster *cc
 	if (o->kv_shards > 0 && !(o->kv_hosts_given && o->kv_hosts == 0)) {
 		const struct attn_remote_ops *ops = NULL;
 		int n_hosts = 0;
-		rc = cluster_kv_hosts(c, (int)o->kv_shards,
-				      o->kv_hosts_given ? (int)o->kv_hosts : -1, &ops, &n_hosts);
+		rc = cluster_kv_hosts(c, (int)o->kv_shards, o->kv_hosts_given ? (int)o->kv_hosts : -1,
+				      &ops, &n_hosts);
 		if (!rc)
 			rc = model_set_kv_hosts(m, ops, c, n_hosts);
 	}

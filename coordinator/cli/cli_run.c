@@ -179,7 +179,7 @@ static const char *cli_usage_bench =
     "              KV cache to that depth with deterministic pseudo-random keys and\n"
     "              values (with KV hosts, their pages are shipped to the hosts as the\n"
     "              prompt's would be): decoding then costs what it costs after a real\n"
-    "              prompt of that length, without the hours of prefill; the tokens\n"
+    "              prompt of that length, without running that prompt; the tokens\n"
     "              it produces mean nothing.\n"
     "  --roofline  also print the weight bytes one decoded token reads (attention\n"
     "              and dense, shared experts, the routed experts chosen, head), the\n"
@@ -326,8 +326,7 @@ out:
 
 static const char *cli_usage_generate =
     "usage: moefleet generate -m MODEL.gguf (--tokens IDS | -p TEXT) -n N [--temp T]\n"
-    "                         [--top-k K] [--top-p P] [--seed S] [--print-ids] [--ignore-eos] "
-    "[--threads T]\n"
+    "                         [--top-k K] [--top-p P] [--seed S] [--print-ids] [--ignore-eos] [--threads T]\n"
     "  Greedy at temperature 0 (the default).  Streams text as it is generated;\n"
     "  --print-ids also prints the generated ids as one comma-separated line;\n"
     "  --ignore-eos goes on past end-of-generation tokens until N tokens.\n";

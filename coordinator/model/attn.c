@@ -84,14 +84,13 @@ struct attn_cache {
 	int n_ctx;
 	int k_width;
 	int v_width;
-	int v_stride;	 /* uint16_t from one value to the next: v_width, or k_width */
-	int *cap;	 /* [n_layer] slots per sequence: n_ctx, or fewer for a ring */
-	uint8_t *slides; /* [n_layer] made as a ring (a sliding-window layer) */
-	size_t *off;	 /* [n_layer] first entry of each layer */
-	uint16_t *k;	 /* [n_layer][n_seq][cap[layer]][k_width] */
-	uint16_t *v;	 /* [n_layer][n_seq][cap[layer]][v_stride], or k (values in the keys) */
-	int n_shard;	 /* sharded numerics: V chains (0: off) */
-	int page;	 /* and P positions per page */
+	int v_stride; /* uint16_t from one value to the next: v_width, or k_width */
+	int *cap;     /* [n_layer] slots per sequence: n_ctx, or fewer for a ring */
+	size_t *off;  /* [n_layer] first entry of each layer */
+	uint16_t *k;  /* [n_layer][n_seq][cap[layer]][k_width] */
+	uint16_t *v;  /* [n_layer][n_seq][cap[layer]][v_stride], or k (values in the keys) */
+	int n_shard;  /* sharded numerics: V chains (0: off) */
+	int page;     /* and P positions per page */
 	const struct attn_remote_ops *remote; /* KV hosts, or NULL */
 	void *remote_self;
 	int n_hosts;
@@ -99,6 +98,7 @@ struct attn_cache {
 	int32_t *seq_tokens;  /* [n_seq] scratch of attn_forward: tokens per sequence */
 	int32_t *seq_last;    /* [n_seq] its scratch too: last position per sequence */
 	struct attn_kvf *kvf; /* [ATTN_KVF_SLOTS] per pool thread, or NULL */
+	uint8_t *slides;      /* [n_layer] made as a ring (a sliding-window layer) */
 };
 
 /* ------------------------------------------------------------ f16 helpers */

@@ -211,7 +211,8 @@ int model_fill_random(model *m, int seq, int n_pos, uint64_t seed)
 {
 	attn_cache *c = m->arch->kv_cache ? m->arch->kv_cache(m->state) : NULL;
 	if (!c) {
-		log_error("%s: %s keeps more than one KV cache: no pseudo-random fill",
+		log_error("%s: %s keeps per-position state besides one KV cache: no "
+			  "pseudo-random fill (bench --random-kv)",
 			  gguf_path(m->g), m->info.arch);
 		return ERR_CONFIG;
 	}
