@@ -10,8 +10,15 @@
 #   MOEFLEET  the moefleet binary (default: ./moefleet, else next to bench/)
 #   THREADS   threads (default 2)
 #   PP        0: skip the prompt runs (default 1)
-#   HOSTS     also decode with the chains on this many local workers as KV
-#             hosts (--workers HOSTS; they share this machine's cores)
+#   HOSTS     also decode with this many local workers (--workers HOSTS; they
+#             share this machine's cores) holding the experts, the chains here
+#             (--kv-hosts 0) and on the workers as KV hosts; with --stats, the
+#             hosts' per-layer breakdown (coordinator ms on the own page,
+#             merge, send, wait; per host compute ms, bytes, messages, per
+#             token) of each length's last run is printed after the table
+#   RANDOM_KV 1: the decode runs fill the context with pseudo-random keys and
+#             values (bench --random-kv, benchmark only) instead of running
+#             the L-token prompt: long contexts without hours of prefill
 set -euo pipefail
 model=${1:?usage: bench/longctx.sh MODEL.gguf [LENGTHS] [V] [P] [ROUNDS] [TG]}
 lengths=${2:-4096 8192}
@@ -49,16 +56,25 @@ median() {
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 
+rkv=()
+[ "${RANDOM_KV:-0}" != 0 ] && rkv=(--random-kv)
 echo "model: $model, threads $threads, --kv-shards $shards --kv-page $page, $rounds rounds," \
-	"$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
-printf '%8s %12s %12s %6s %12s %12s %6s %12s\n' length "tg default" "tg sharded" ratio \
-	"pp default" "pp sharded" ratio "tg hosts"
+	"${rkv[*]:-prompt}, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
+printf '%8s %12s %12s %6s %12s %12s %6s %12s %12s %6s\n' length "tg default" "tg sharded" ratio \
+	"pp default" "pp sharded" ratio "tg here" "tg hosts" ratio
 for L in $lengths; do
 	for ((r = 0; r < rounds; r++)); do
-		run "d$L" --pp 0 --tg "$tg" --depth "$L"
-		run "s$L" --pp 0 --tg "$tg" --depth "$L" --kv-shards "$shards" --kv-page "$page"
-		[ -n "${HOSTS:-}" ] && run "h$L" --pp 0 --tg "$tg" --depth "$L" --kv-shards "$shards" \
-			--kv-page "$page" --workers "$HOSTS"
+		run "d$L" --pp 0 --tg "$tg" --depth "$L" "${rkv[@]}"
+		run "s$L" --pp 0 --tg "$tg" --depth "$L" --kv-shards "$shards" --kv-page "$page" \
+			"${rkv[@]}"
+		if [ -n "${HOSTS:-}" ]; then
+			run "c$L" --pp 0 --tg "$tg" --depth "$L" --kv-shards "$shards" \
+				--kv-page "$page" --workers "$HOSTS" --kv-hosts 0 "${rkv[@]}"
+			run "h$L" --pp 0 --tg "$tg" --depth "$L" --kv-shards "$shards" \
+				--kv-page "$page" --workers "$HOSTS" --stats "${rkv[@]}"
+			sed -n '/^KV hosts, per layer/,/^placement:/p' "$tmp/err" | grep -v '^placement:' \
+				>"$tmp/kv$L"
+		fi
 		if [ "${PP:-1}" != 0 ]; then
 			run "d$L" --pp "$L" --tg 0
 			run "s$L" --pp "$L" --tg 0 --kv-shards "$shards" --kv-page "$page"
@@ -66,6 +82,15 @@ for L in $lengths; do
 	done
 	dt=$(median "$tmp/d$L.tg"); st=$(median "$tmp/s$L.tg")
 	dp=$(median "$tmp/d$L.pp"); sp=$(median "$tmp/s$L.pp")
-	printf '%8s %12s %12s %6s %12s %12s %6s %12s\n' "$L" "$dt" "$st" "$(ratio "$st" "$dt")" \
-		"$dp" "$sp" "$(ratio "$sp" "$dp")" "$(median "$tmp/h$L.tg")"
+	ct=$(median "$tmp/c$L.tg"); ht=$(median "$tmp/h$L.tg")
+	printf '%8s %12s %12s %6s %12s %12s %6s %12s %12s %6s\n' "$L" "$dt" "$st" \
+		"$(ratio "$st" "$dt")" "$dp" "$sp" "$(ratio "$sp" "$dp")" "$ct" "$ht" "$(ratio "$ht" "$ct")"
+	for f in d s c h; do
+		[ -s "$tmp/$f$L.tg" ] && echo "  tg runs $f$L: $(sort -g "$tmp/$f$L.tg" | tr '\n' ' ')"
+	done
+done
+for L in $lengths; do
+	[ -s "$tmp/kv$L" ] || continue
+	echo "length $L, KV hosts (last run):"
+	cat "$tmp/kv$L"
 done

@@ -4,11 +4,19 @@
 # link shaped with `tc qdisc ... tbf` at each RATE.  Per rate it decodes TG
 # tokens after an L-token prompt (`moefleet bench --depth L`) with the
 # experts on the workers and the attention chains on the coordinator
-# (--kv-hosts 0), and with the chains on the two workers as KV hosts, and
+# (--kv-hosts 0), and with the chains on the two workers as KV hosts (the
+# workers read the experts from MODEL, not over the shaped links), and
 # prints both speeds: the difference is what the hosts cost (their messages
-# and their share of the attention) on that link.  Needs root.
+# and their share of the attention) on that link, with the hosts' per-layer
+# breakdown of the host run (--stats: coordinator ms on the own page, merge,
+# send, wait; per host compute ms, bytes and messages per token, summed over
+# the layers).  Needs root.
 #   bench/longctx_link.sh MODEL.gguf [L] [V] [P] [TG] [RATES]
-# Defaults: L 8192, V 8, P 1024, TG 32, RATES "10gbit 1gbit".
+# Defaults: L 8192, V 8, P 1024, TG 32, RATES "10gbit 1gbit".  Environment:
+#   RANDOM_KV 1: fill the context with pseudo-random keys and values (bench
+#             --random-kv, benchmark only) instead of running the prompt
+#   ROUNDS    runs of each configuration per rate, alternating (default 1);
+#             every speed is printed
 set -u
 model=${1:?usage: bench/longctx_link.sh MODEL.gguf [L] [V] [P] [TG] [RATES]}
 L=${2:-8192}
@@ -58,26 +66,36 @@ shape() { # RATE on both ends of both links
 	done
 }
 port=$((20000 + $$ % 20000))
-# run HOSTS: the bench's tg speed with --kv-hosts HOSTS
+rkv=()
+[ "${RANDOM_KV:-0}" != 0 ] && rkv=(--random-kv)
+# run HOSTS: the bench's tg speed with --kv-hosts HOSTS (with --stats)
 run() {
 	port=$((port + 1))
 	ip netns exec "$c" "$bin" bench -m "$model" --pp 0 --tg "$tg" --depth "$L" --reps 1 \
-		--threads 2 --kv-shards "$V" --kv-page "$P" --kv-hosts "$1" \
+		--threads 2 --kv-shards "$V" --kv-page "$P" --kv-hosts "$1" "${rkv[@]}" --stats \
 		--listen "tcp://10.214.0.1:$port" --insecure --expect-workers 2 >"$tmp/out" \
 		2>"$tmp/err" &
 	local cp=$!
 	for i in 1 2; do
-		ip netns exec "${tag}w$i" "$wbin" --connect "tcp://10.214.0.1:$port" --insecure \
+		ip netns exec "${tag}w$i" "$wbin" --connect "tcp://10.214.0.1:$port" --insecure -m "$model" \
 			--threads 1 2>/dev/null &
 	done
 	wait "$cp" || { echo "longctx_link: bench failed: $(grep -m1 error "$tmp/err")" >&2; exit 1; }
 	wait
 	sed -n 's/^bench: .* tg[0-9]* \([0-9.]*\) tok\/s$/\1/p' "$tmp/out"
+	grep -m1 '^all ' "$tmp/err" >>"$tmp/all.$rate"
 }
-echo "model: $model, depth $L, --kv-shards $V --kv-page $P, tg$tg," \
+echo "model: $model, depth $L, --kv-shards $V --kv-page $P, tg$tg, ${rkv[*]:-prompt}," \
 	"$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
 printf '%8s %16s %16s\n' link "chains here" "2 KV hosts"
 for rate in $rates; do
 	shape
-	printf '%8s %16s %16s\n' "$rate" "$(run 0)" "$(run 2)"
+	for ((r = 0; r < ${ROUNDS:-1}; r++)); do
+		printf '%8s %16s %16s\n' "$rate" "$(run 0)" "$(run 2)"
+	done
+done
+for rate in $rates; do
+	echo "$rate, KV hosts per token over all layers (ms: own, merge, send, wait |" \
+		"per host: compute ms, bytes out, in, messages out/in):"
+	cat "$tmp/all.$rate"
 done

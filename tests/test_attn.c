@@ -501,8 +501,10 @@ static void test_attn_shards_hosts(void **state)
 {
 	(void)state;
 	enum { NT = 300, NS = 2, NH = 4, P = 64, V = 4 };
-	static const struct attn_remote_ops ops = {fake_ship,	fake_submit, fake_collect,
-						   fake_budget, NULL,	     NULL};
+	static const struct attn_remote_ops ops = {.ship = fake_ship,
+						   .submit = fake_submit,
+						   .collect = fake_collect,
+						   .budget = fake_budget};
 	for (int mla = 0; mla < 2; mla++) {
 		const int nkv = mla ? 1 : 2, dk = mla ? 40 : 24, dv = mla ? 32 : 24;
 		const int kw = nkv * dk, vw = nkv * dv;
@@ -604,6 +606,62 @@ static void test_attn_shards_hosts(void **state)
 			attn_cache_destroy(&c);
 		}
 	}
+}
+
+/* attn_cache_fill_random: a decode step after a pseudo-random context gives
+ * finite results, the same bits with the chains on 2 KV hosts as in the
+ * process (so the hosts got every page, with the same values: the cache
+ * filled the same from the same seed and released the shipped pages), and
+ * only the layer without a sliding window ships its pages.  Bad slots and
+ * depths are refused. */
+static void test_attn_fill_random(void **state)
+{
+	(void)state;
+	enum { NT = 300, D = 200, NH = 4, NKV = 2, DH = 32, P = 64, V = 4 };
+	static const struct attn_remote_ops ops = {.ship = fake_ship,
+						   .submit = fake_submit,
+						   .collect = fake_collect,
+						   .budget = fake_budget};
+	const int ring[2] = {0, 128};
+	struct attn_params ap = {
+	    .n_head = NH, .n_head_kv = NKV, .head_dim_k = DH, .head_dim_v = DH, .scale = 0.2f};
+	static float kv[NKV * DH], q[NH * DH], out[2][NH * DH];
+	for (int d = 0; d < NKV * DH; d++)
+		kv[d] = rng_normal();
+	for (int d = 0; d < NH * DH; d++)
+		q[d] = rng_normal();
+	fake_budget_bytes = UINT64_MAX;
+	for (int R = 0; R <= 2; R += 2) {
+		attn_cache *c = NULL;
+		pool *p = NULL;
+		assert_int_equal(attn_cache_new_ring(2, 1, NT, NKV * DH, NKV * DH, ring, &c), 0);
+		assert_int_equal(attn_cache_set_shards(c, V, P), 0);
+		assert_int_equal(pool_new(2, &p), 0);
+		struct fake_hosts f = {.p = p, .n_layer = 2, .n_seq = 1, .n_page = NT / P};
+		f.pages = calloc(2 * (size_t)f.n_page, sizeof(*f.pages));
+		if (R)
+			assert_int_equal(attn_cache_set_remote(c, &ops, &f, R), 0);
+		assert_int_equal(attn_cache_fill_random(c, 1, D, 7), ERR_RANGE);
+		assert_int_equal(attn_cache_fill_random(c, 0, NT + 1, 7), ERR_RANGE);
+		assert_int_equal(attn_cache_fill_random(c, 0, D, 7), 0);
+		assert_int_equal(f.n_ship, R ? D / P : 0); /* layer 0's complete pages */
+		int32_t pos = D, seq = 0, tok = 0;
+		attn_cache_store(c, 0, 0, D, kv, kv);
+		model_batch b = {.n_tokens = 1, .token = &tok, .pos = &pos, .seq = &seq};
+		assert_int_equal(attn_forward(p, c, 0, &ap, &b, q, out[R / 2]), 0);
+		if (R)
+			assert_true(f.n_submit > 0);
+		for (int d = 0; d < NH * DH; d++)
+			assert_true(isfinite(out[R / 2][d]));
+		for (int i = 0; i < 2 * f.n_page; i++)
+			free((void *)f.pages[i].k);
+		free(f.pages);
+		for (int h = 0; h < 8; h++)
+			free(f.parts[h]);
+		pool_destroy(&p);
+		attn_cache_destroy(&c);
+	}
+	assert_memory_equal(out[0], out[1], sizeof(out[0]));
 }
 
 /* Decode steps (one token per call) equal the same rows of a short batch:
@@ -1063,6 +1121,7 @@ int main(void)
 	    cmocka_unit_test(test_attn_shards),
 	    cmocka_unit_test(test_attn_shards_any_batch),
 	    cmocka_unit_test(test_attn_shards_hosts),
+	    cmocka_unit_test(test_attn_fill_random),
 	    cmocka_unit_test(test_attn_ring),
 	    cmocka_unit_test(test_attn_ring_params),
 	    cmocka_unit_test(test_attn_gather_simd_scalar),

@@ -300,5 +300,31 @@ else
 		notok "capped coordinator: alone exit $rc0, with hosts exit $rc, $(grep -m1 error "$tmp/cap.err")"
 	fi
 fi
+# bench --random-kv (benchmark only): the context filled without a prompt,
+# its complete pages shipped to the 2 hosts as a prompt's would be (10 pages
+# of 128 per layer for 1,400 positions), the decode steps' per-layer
+# statistics (one row each), a finite speed; refused without --depth.
+b=(bench -m "$data/qwen3moe-tiny-mxfp4.gguf" --pp 0 --tg 4 --reps 1 --threads 1 "${sh[@]}")
+timeout 60 "$bin" "${b[@]}" --depth 1400 --random-kv --workers 2 --stats >"$tmp/rkv.out" \
+	2>"$tmp/rkv.err"
+rc=$?
+layers=$(awk '/^KV hosts, per layer/ { on = 1; next } on && $1 ~ /^[0-9]+$/ && $2 == 4 { n++ }
+	on && $1 == "all" { on = 0 } END { print n + 0 }' "$tmp/rkv.err")
+pages=$(awk '/^KV host [01]: [0-9]+ pages shipped/ { n += $4 } END { print n + 0 }' "$tmp/rkv.err")
+tgs=$(sed -n 's/^bench: pp0 0.00 tok\/s, tg4 \([0-9.]*\) tok\/s$/\1/p' "$tmp/rkv.out")
+if [ "$rc" -eq 0 ] && [ "$layers" -gt 0 ] && [ "${pages:-0}" -eq $((10 * layers)) ] &&
+	awk -v t="$tgs" 'BEGIN { exit !(t + 0 > 0) }'; then
+	ok "bench --random-kv: $pages pages on the hosts ($layers layers), tg $tgs tok/s"
+else
+	notok "bench --random-kv: exit $rc, $layers layers, ${pages:-no} pages, tg '$tgs'"
+fi
+timeout 60 "$bin" "${b[@]}" --random-kv >/dev/null 2>"$tmp/rkv0.err"
+rc=$?
+if [ "$rc" -ne 0 ] && grep -q 'random-kv needs --depth' "$tmp/rkv0.err"; then
+	ok "bench --random-kv without --depth: refused (exit $rc)"
+else
+	notok "bench --random-kv without --depth: exit $rc"
+fi
+
 echo "1..$n"
 [ "$fail" -eq 0 ]

@@ -86,6 +86,7 @@ struct cli_opts {
 	long batch;		     /* logits: --batch N (0: the default) */
 	long depth;		     /* bench: --depth D */
 	int roofline;		     /* bench --roofline */
+	int random_kv;		     /* bench --random-kv: --depth as pseudo-random KV */
 };
 
 #define CLI_CLUSTER_OPTS                                                                           \

@@ -98,6 +98,10 @@ int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts *o)
 			o->roofline = 1;
 			continue;
 		}
+		if (!strcmp(a, "--random-kv")) {
+			o->random_kv = 1;
+			continue;
+		}
 		if (!strcmp(a, "--insecure")) {
 			o->insecure = 1;
 			continue;

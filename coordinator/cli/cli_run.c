@@ -170,11 +170,17 @@ out:
 
 static const char *cli_usage_bench =
     "usage: moefleet bench -m MODEL.gguf [--pp 512] [--tg 128] [--depth 0] [--reps 5]\n"
-    "                      [--threads T]\n"
+    "                      [--random-kv] [--threads T]\n"
     "  pp: one batch of N tokens into an empty context; tg: N single-token decodes,\n"
     "  each producing logits, after an untimed prompt of --depth tokens (in steps\n"
     "  of 512).  Prints medians; the last line is\n"
     "  'bench: ppN X tok/s, tgM Y tok/s'.\n"
+    "  --random-kv  benchmark only: instead of running the --depth prompt, fill the\n"
+    "              KV cache to that depth with deterministic pseudo-random keys and\n"
+    "              values (with KV hosts, their pages are shipped to the hosts as the\n"
+    "              prompt's would be): decoding then costs what it costs after a real\n"
+    "              prompt of that length, without running that prompt; the tokens\n"
+    "              it produces mean nothing.\n"
     "  --roofline  also print the weight bytes one decoded token reads (attention\n"
     "              and dense, shared experts, the routed experts chosen, head), the\n"
     "              measured read bandwidth of the threads, and the fraction of that\n"
@@ -195,10 +201,10 @@ static double cli_median(double *v, int n)
 int cli_bench(int argc, char **argv)
 {
 	struct cli_opts o = {.pp = 512, .tg = 128, .reps = 5};
-	if (cli_parse(
-		argc, argv,
-		"-m --model --pp --tg --depth --reps --threads -t --roofline" CLI_CLUSTER_OPTS,
-		&o) ||
+	if (cli_parse(argc, argv,
+		      "-m --model --pp --tg --depth --reps --threads -t --roofline "
+		      "--random-kv" CLI_CLUSTER_OPTS,
+		      &o) ||
 	    (!o.help && !o.model)) {
 		fputs(cli_usage_bench, stderr);
 		return CLI_USAGE;
@@ -207,6 +213,10 @@ int cli_bench(int argc, char **argv)
 		fputs(cli_usage_bench, stdout);
 		fputs(cli_model_usage(), stdout);
 		return CLI_OK;
+	}
+	if (o.random_kv && (o.depth <= 0 || o.tg <= 0)) {
+		fputs("moefleet: bench --random-kv needs --depth D > 0 and --tg N > 0\n", stderr);
+		return CLI_USAGE;
 	}
 	int rc = CLI_FAIL;
 	model *m = NULL;
@@ -266,7 +276,8 @@ int cli_bench(int argc, char **argv)
 		if (o.tg > 0) {
 			model_reset_seq(m, 0);
 			model_batch d = {(int)o.depth, ids, pos, seq, want};
-			if (o.depth > 0 && model_forward(m, &d, logits))
+			if (o.random_kv ? model_fill_random(m, 0, (int)o.depth, 12345)
+					: o.depth > 0 && model_forward(m, &d, logits))
 				goto out;
 			double t0 = cli_now();
 			for (int i = (int)o.depth; i < o.depth + o.tg; i++) {

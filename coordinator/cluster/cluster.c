@@ -575,6 +575,8 @@ void cluster_destroy(cluster **pc)
 	for (int h = 0; h < ATTN_MAX_HOSTS; h++)
 		free(c->kv_part[h]);
 	free(c->kv_buf);
+	free(c->kv_layer);
+	free(c->kv_link);
 	for (int b = 0; b < c->cap_batches; b++) {
 		free(c->batches[b].rows);
 		free(c->batches[b].ids);

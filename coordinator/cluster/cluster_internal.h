@@ -79,6 +79,22 @@ struct cluster_batch {
 	double sent;
 };
 
+/* The attention of one layer on KV hosts, summed over its steps: the
+ * coordinator's seconds on the rows' own pages, merging, sending the
+ * AttnBatches and waiting for the AttnResults. */
+struct cluster_kv_layer {
+	uint64_t steps, rows;
+	double own, merge, send, wait;
+};
+
+/* One layer's traffic with one KV host: AttnBatches and the messages and
+ * bytes both ways while its attention ran (probes and their answers
+ * included), the compute seconds the host reported, and the KvPages shipped. */
+struct cluster_kv_link {
+	uint64_t batches, msgs_out, msgs_in, bytes_out, bytes_in, pages, page_bytes;
+	double compute;
+};
+
 struct cluster {
 	transport *t;
 	struct cluster_config cfg;
@@ -157,6 +173,10 @@ struct cluster {
 	size_t kv_scores[ATTN_MAX_HOSTS]; /* then the scores each host owes */
 	uint8_t *kv_buf;		  /* a KvPage's or IdxBatch's frame */
 	size_t kv_buf_cap;
+	/* --stats of the KV hosts per layer (NULL until cluster_kv_hosts()):
+	 * kv_layer[l], and kv_link[l * ATTN_MAX_HOSTS + h] of host h */
+	struct cluster_kv_layer *kv_layer;
+	struct cluster_kv_link *kv_link;
 	char model_id[SHARDFILE_ID_LEN]; /* shardfile_model_id() of cfg->g */
 	uint8_t *held_none;		 /* [n_layer][n_expert] zeros */
 };

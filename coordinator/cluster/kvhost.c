@@ -43,6 +43,14 @@ static int kv_host_of(const cluster *c, int w)
 	return -1;
 }
 
+/* The statistics of (layer, host h), or NULL when none are kept. */
+static struct cluster_kv_link *kv_link(cluster *c, int layer, int h)
+{
+	if (!c->kv_link || layer < 0 || layer >= c->spec.n_layer || h < 0)
+		return NULL;
+	return &c->kv_link[(size_t)layer * ATTN_MAX_HOSTS + (size_t)h];
+}
+
 static int kv_send(cluster *c, int h, const struct wire_msg *m, const void *data, size_t n)
 {
 	int rc = kv_live(c, h);
@@ -83,9 +91,14 @@ static int kv_send_page(cluster *c, int host, const struct wire_kv_page *pg, con
 	struct wire_msg m = {.kind = WIRE_KV_PAGE};
 	m.u.kv_page = *pg;
 	int rc = kv_send(c, host, &m, c->kv_buf, bytes);
+	struct cluster_kv_link *s = kv_link(c, (int)pg->layer, host);
 	if (!rc) {
 		c->w[c->kv_w[host]].st.kv_pages++;
 		c->w[c->kv_w[host]].st.kv_bytes += bytes;
+	}
+	if (!rc && s) {
+		s->pages++;
+		s->page_bytes += bytes;
 	}
 	return rc;
 }
@@ -108,14 +121,25 @@ static int kv_idx_ship(void *self, int host, int layer, int seq, int page, int n
 	return kv_send_page(self, host, &pg, k, NULL);
 }
 
-/* A batch of n_rows rows (an IdxBatch when idx) went to host at step. */
-static void kv_asked(cluster *c, int host, uint64_t step, int n_rows, int idx)
+/* A batch of n_rows rows of layer (an IdxBatch when idx) went to host at
+ * step: its sending began at t0, with the host's bytes sent at `sent`. */
+static void kv_asked(cluster *c, int host, int layer, uint64_t step, int n_rows, int idx, double t0,
+		     uint64_t sent)
 {
+	struct cluster_peer *w = &c->w[c->kv_w[host]];
 	c->kv_asked[host] = step;
 	c->kv_rows = n_rows;
 	c->kv_idx = idx;
 	c->kv_sent[host] = cluster_now();
-	c->w[c->kv_w[host]].st.kv_batches++;
+	w->last_probe = c->kv_sent[host]; /* the batch was one */
+	w->st.kv_batches++;
+	struct cluster_kv_link *s = kv_link(c, layer, host);
+	if (s) {
+		s->batches++;
+		s->msgs_out++;
+		s->bytes_out += w->st.bytes_sent - sent;
+		c->kv_layer[layer].send += c->kv_sent[host] - t0;
+	}
 }
 
 static int kv_submit(void *self, int host, int layer, const struct attn_params *ap, int page,
@@ -140,10 +164,12 @@ static int kv_submit(void *self, int host, int layer, const struct attn_params *
 	    .pos = (int32_t *)b->pos,
 	};
 	const size_t bytes = wire_attn_batch_frame_bytes(&m.u.attn_batch);
+	const double t0 = cluster_now();
+	const uint64_t sent = c->w[c->kv_w[host]].st.bytes_sent;
 	int rc = kv_send(c, host, &m, q, bytes);
 	if (rc)
 		return rc;
-	kv_asked(c, host, m.u.attn_batch.step, b->n_tokens, 0);
+	kv_asked(c, host, layer, m.u.attn_batch.step, b->n_tokens, 0, t0, sent);
 	c->kv_heads = ap->n_head;
 	c->kv_dv = ap->head_dim_v;
 	return 0;
@@ -176,23 +202,29 @@ static int kv_idx_submit(void *self, int host, int layer, int n_head, int dim, i
 		return ERR_NOMEM;
 	memcpy(c->kv_buf, q, nq * sizeof(float));
 	memcpy(c->kv_buf + nq * sizeof(float), w, nw * sizeof(float));
+	const double t0 = cluster_now();
+	const uint64_t sent = c->w[c->kv_w[host]].st.bytes_sent;
 	int rc = kv_send(c, host, &m, c->kv_buf, bytes);
 	if (rc)
 		return rc;
 	size_t n_scores = 0;
 	for (int t = 0; t < b->n_tokens; t++)
 		n_scores += indexer_row_scores(b->pos[t], page, n_shard, v0, v1);
-	kv_asked(c, host, m.u.idx_batch.step, b->n_tokens, 1);
+	kv_asked(c, host, layer, m.u.idx_batch.step, b->n_tokens, 1, t0, sent);
 	c->kv_scores[host] = n_scores;
 	return 0;
 }
 
-/* A message from worker `who` received while waiting for AttnResults: 1 when
- * it was the answer of a host (copied into its buffer), 0 otherwise, or an
- * error. */
-static int kv_take(cluster *c, int who, const struct wire_msg *m, const uint8_t *data, size_t n)
+/* A message from worker `who` received while waiting for layer's
+ * AttnResults: 1 when it was the answer of a host (copied into its buffer), 0
+ * otherwise, or an error. */
+static int kv_take(cluster *c, int layer, int who, const struct wire_msg *m, const uint8_t *data,
+		   size_t n)
 {
 	const int h = kv_host_of(c, who);
+	struct cluster_kv_link *s = kv_link(c, layer, h);
+	if (s)
+		s->msgs_in++;
 	if (m->kind == WIRE_ATTN_RESULT || m->kind == WIRE_IDX_RESULT) {
 		const int idx = m->kind == WIRE_IDX_RESULT;
 		const struct wire_attn_result *r = &m->u.attn_result;
@@ -224,6 +256,8 @@ static int kv_take(cluster *c, int who, const struct wire_msg *m, const uint8_t 
 		c->kv_asked[h] = 0;
 		c->w[who].st.attn_rows += idx ? ir->n_rows : r->n_rows;
 		c->w[who].st.attn_seconds += idx ? ir->compute_seconds : r->compute_seconds;
+		if (s)
+			s->compute += idx ? ir->compute_seconds : r->compute_seconds;
 		c->w[who].st.wait_seconds += cluster_now() - c->kv_sent[h];
 		return 1;
 	}
@@ -240,11 +274,14 @@ static int kv_take(cluster *c, int who, const struct wire_msg *m, const uint8_t 
 static int kv_collect(void *self, int layer, const float **parts)
 {
 	cluster *c = self;
-	(void)layer;
 	int waiting = 0, asked[ATTN_MAX_HOSTS];
+	uint64_t got[ATTN_MAX_HOSTS], sent[ATTN_MAX_HOSTS];
+	const double t0 = cluster_now();
 	for (int h = 0; h < c->kv_hosts; h++) {
 		asked[h] = c->kv_asked[h] != 0;
 		waiting += asked[h];
+		got[h] = c->w[c->kv_w[h]].st.bytes_received;
+		sent[h] = c->w[c->kv_w[h]].st.bytes_sent;
 	}
 	int rc = 0;
 	while (waiting > 0 && !rc) {
@@ -267,6 +304,8 @@ static int kv_collect(void *self, int layer, const float **parts)
 				if (cluster_send(c, c->kv_w[h], &hb, NULL, 0)) {
 					cluster_drop(c, c->kv_w[h], "connection lost");
 					rc = kv_live(c, h);
+				} else if (kv_link(c, layer, h)) {
+					kv_link(c, layer, h)->msgs_out++;
 				}
 			}
 			wake = fmin(wake, w->last_probe + KV_PROBE_S);
@@ -288,7 +327,7 @@ static int kv_collect(void *self, int layer, const float **parts)
 		if (who < 0) {
 			cluster_on_stranger(c, peer, &m);
 		} else {
-			r = kv_take(c, who, &m, data, n);
+			r = kv_take(c, layer, who, &m, data, n);
 			if (r < 0)
 				rc = r;
 			else
@@ -299,8 +338,27 @@ static int kv_collect(void *self, int layer, const float **parts)
 	for (int h = 0; h < c->kv_hosts; h++) {
 		c->kv_asked[h] = 0;
 		parts[h] = asked[h] ? c->kv_part[h] : NULL; /* buffers move as they grow */
+		struct cluster_kv_link *s = kv_link(c, layer, h);
+		if (s) {
+			s->bytes_in += c->w[c->kv_w[h]].st.bytes_received - got[h];
+			s->bytes_out += c->w[c->kv_w[h]].st.bytes_sent - sent[h];
+		}
 	}
+	if (kv_link(c, layer, 0))
+		c->kv_layer[layer].wait += cluster_now() - t0;
 	return rc;
+}
+
+static void kv_account(void *self, int layer, int n_rows, double own_s, double merge_s)
+{
+	cluster *c = self;
+	if (!kv_link(c, layer, 0))
+		return;
+	struct cluster_kv_layer *s = &c->kv_layer[layer];
+	s->steps++;
+	s->rows += (uint64_t)n_rows;
+	s->own += own_s;
+	s->merge += merge_s;
 }
 
 /* What the worker offered in its Hello; memory it shares with its experts
@@ -316,8 +374,13 @@ static uint64_t kv_budget(void *self, int host)
 	return left < w->hello.kv_bytes ? left : w->hello.kv_bytes;
 }
 
-static const struct attn_remote_ops kv_ops = {kv_ship,	 kv_submit,   kv_collect,
-					      kv_budget, kv_idx_ship, kv_idx_submit};
+static const struct attn_remote_ops kv_ops = {.ship = kv_ship,
+					      .submit = kv_submit,
+					      .collect = kv_collect,
+					      .budget = kv_budget,
+					      .idx_ship = kv_idx_ship,
+					      .idx_submit = kv_idx_submit,
+					      .account = kv_account};
 
 int cluster_kv_hosts(cluster *c, int n_shard, int want, const struct attn_remote_ops **ops,
 		     int *n_hosts)
@@ -336,6 +399,17 @@ int cluster_kv_hosts(cluster *c, int n_shard, int want, const struct attn_remote
 		log_error(
 		    "no live worker offers memory for KV pages (moefleet-worker --kv-memory)");
 		return ERR_CONFIG;
+	}
+	if (!c->kv_layer && c->spec.n_layer > 0) { /* kept across changes of hosts */
+		c->kv_layer = calloc((size_t)c->spec.n_layer, sizeof(*c->kv_layer));
+		c->kv_link = calloc((size_t)c->spec.n_layer * ATTN_MAX_HOSTS, sizeof(*c->kv_link));
+		if (!c->kv_layer || !c->kv_link) {
+			free(c->kv_layer);
+			free(c->kv_link);
+			c->kv_layer = NULL;
+			c->kv_link = NULL;
+			return ERR_NOMEM;
+		}
 	}
 	memcpy(c->kv_w, w, (size_t)r * sizeof(int));
 	c->kv_hosts = r;

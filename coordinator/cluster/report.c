@@ -338,6 +338,78 @@ static void cluster_print_step_spread(const cluster *c)
 	free(ratio);
 }
 
+/* The KV hosts' attention per layer, per token (row): the coordinator's
+ * milliseconds on the own pages, merging, sending and waiting; per host its
+ * reported compute, bytes and messages each way; then the sums over the
+ * layers, and the KV pages shipped. */
+static void cluster_print_kv(const cluster *c)
+{
+	int n_host = 0;
+	uint64_t rows = 0;
+	for (int l = 0; c->kv_layer && l < c->spec.n_layer; l++) {
+		rows += c->kv_layer[l].rows;
+		for (int h = 0; h < ATTN_MAX_HOSTS; h++)
+			if (c->kv_link[(size_t)l * ATTN_MAX_HOSTS + (size_t)h].batches ||
+			    c->kv_link[(size_t)l * ATTN_MAX_HOSTS + (size_t)h].pages)
+				n_host = h + 1 > n_host ? h + 1 : n_host;
+	}
+	if (!rows)
+		return;
+	fprintf(stderr,
+		"KV hosts, per layer and token (row): coordinator ms on the own page, merge, "
+		"send, wait; per host: compute ms, bytes out/in, messages out/in\n");
+	fprintf(stderr, "%-5s %8s %8s %8s %8s %8s", "layer", "rows", "own", "merge", "send",
+		"wait");
+	for (int h = 0; h < n_host; h++)
+		fprintf(stderr, " | h%-2d %7s %8s %8s %5s", h, "compute", "out", "in", "msgs");
+	fputc('\n', stderr);
+	struct cluster_kv_layer sum = {0};
+	struct cluster_kv_link hsum[ATTN_MAX_HOSTS];
+	memset(hsum, 0, sizeof(hsum));
+	for (int l = 0; l <= c->spec.n_layer; l++) {
+		const int all = l == c->spec.n_layer;
+		const struct cluster_kv_layer *s = all ? &sum : &c->kv_layer[l];
+		if (!s->rows)
+			continue;
+		/* the sums: per token over all layers */
+		const double per = all ? (double)rows / c->spec.n_layer : (double)s->rows;
+		if (all)
+			fprintf(stderr, "%-5s %8s", "all", "");
+		else
+			fprintf(stderr, "%-5d %8llu", l, (unsigned long long)s->rows);
+		fprintf(stderr, " %8.3f %8.3f %8.3f %8.3f", s->own * 1e3 / per,
+			s->merge * 1e3 / per, s->send * 1e3 / per, s->wait * 1e3 / per);
+		for (int h = 0; h < n_host; h++) {
+			const struct cluster_kv_link *k =
+			    all ? &hsum[h] : &c->kv_link[(size_t)l * ATTN_MAX_HOSTS + (size_t)h];
+			fprintf(stderr, " | %11.3f %8.0f %8.0f %2.1f/%-2.1f",
+				k->compute * 1e3 / per, (double)k->bytes_out / per,
+				(double)k->bytes_in / per, (double)k->msgs_out / per,
+				(double)k->msgs_in / per);
+			if (!all) {
+				hsum[h].compute += k->compute;
+				hsum[h].bytes_out += k->bytes_out;
+				hsum[h].bytes_in += k->bytes_in;
+				hsum[h].msgs_out += k->msgs_out;
+				hsum[h].msgs_in += k->msgs_in;
+				hsum[h].pages += k->pages;
+				hsum[h].page_bytes += k->page_bytes;
+			}
+		}
+		fputc('\n', stderr);
+		if (!all) {
+			sum.rows += s->rows;
+			sum.own += s->own;
+			sum.merge += s->merge;
+			sum.send += s->send;
+			sum.wait += s->wait;
+		}
+	}
+	for (int h = 0; h < n_host; h++)
+		fprintf(stderr, "KV host %d: %llu pages shipped, %.1f MiB\n", h,
+			(unsigned long long)hsum[h].pages, (double)hsum[h].page_bytes / 1048576.0);
+}
+
 void cluster_print_stats(cluster *c)
 {
 	cluster_drain(c, 2000);
@@ -412,6 +484,7 @@ void cluster_print_stats(cluster *c)
 	for (int i = 0; i < c->n; i++)
 		streamed += c->w[i].st.streamed_bytes;
 	fprintf(stderr, "weights streamed: %llu bytes\n", (unsigned long long)streamed);
+	cluster_print_kv(c);
 	/* what each worker should hold: the placement in force plus the one
 	 * being loaded (released experts are gone) */
 	for (int i = 0; i < c->n; i++) {

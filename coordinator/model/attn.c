@@ -42,6 +42,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../../common/err.h"
@@ -97,6 +98,7 @@ struct attn_cache {
 	int32_t *seq_tokens;  /* [n_seq] scratch of attn_forward: tokens per sequence */
 	int32_t *seq_last;    /* [n_seq] its scratch too: last position per sequence */
 	struct attn_kvf *kvf; /* [ATTN_KVF_SLOTS] per pool thread, or NULL */
+	uint8_t *slides;      /* [n_layer] made as a ring (a sliding-window layer) */
 
 	/* with KV hosts: attn_forward's own-page partials */
 	struct attn_floats *own;
@@ -347,12 +349,14 @@ static int attn_cache_make(int n_layer, int n_seq, int n_ctx, int k_width, int v
 	c->v_stride = v_in_k ? k_width : v_width;
 	c->cap = calloc((size_t)n_layer, sizeof(*c->cap));
 	c->off = calloc((size_t)n_layer, sizeof(*c->off));
-	if (!c->cap || !c->off) {
+	c->slides = calloc((size_t)n_layer, 1);
+	if (!c->cap || !c->off || !c->slides) {
 		rc = ERR_NOMEM;
 		goto out;
 	}
 	for (int l = 0; l < n_layer; l++) {
 		c->cap[l] = attn_ring_cap(ring, l, n_ctx);
+		c->slides[l] = ring && ring[l] > 0;
 		c->off[l] = l ? c->off[l - 1] + (size_t)n_seq * (size_t)c->cap[l - 1] : 0;
 	}
 	/* calloc: positions never stored read as +0, never garbage */
@@ -400,6 +404,7 @@ void attn_cache_destroy(attn_cache **c)
 	free((*c)->shipped);
 	free((*c)->cap);
 	free((*c)->off);
+	free((*c)->slides);
 	if ((*c)->kvf)
 		for (int i = 0; i < ATTN_KVF_SLOTS; i++) {
 			free((*c)->kvf[i].kt);
@@ -1434,6 +1439,13 @@ int attn_host_forward(pool *p, const struct attn_host_job *job)
 	return 0;
 }
 
+static double attn_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 /* Ships the pages of the batch's sequences completed since the last call to
  * the hosts of their chains. */
 static int attn_remote_ship(const attn_cache *c, int layer, const model_batch *b)
@@ -1483,6 +1495,51 @@ static void attn_remote_release(const attn_cache *c, int layer, const model_batc
 				madvise((void *)a1, z1 - a1, MADV_DONTNEED);
 		}
 	}
+}
+
+/* n pseudo-random F16 values of magnitude in [2^-7, 2) into dst. */
+static void attn_fill_f16(uint16_t *dst, int n, uint64_t *state)
+{
+	uint64_t r = 0;
+	for (int i = 0; i < n; i++, r >>= 16) {
+		if (i % 4 == 0) { /* splitmix64 */
+			uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
+			z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+			z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+			r = z ^ (z >> 31);
+		}
+		dst[i] = (uint16_t)((r & 0x83ffu) | ((8u + ((r >> 10) & 7u)) << 10));
+	}
+}
+
+int attn_cache_fill_random(attn_cache *c, int seq, int n_pos, uint64_t seed)
+{
+	if (seq < 0 || seq >= c->n_seq || n_pos < 0 || n_pos > c->n_ctx) {
+		log_error(
+		    "attn: cannot fill %d positions of sequence %d (%d slots of %d positions)",
+		    n_pos, seq, c->n_seq, c->n_ctx);
+		return ERR_RANGE;
+	}
+	attn_cache_reset_seq(c, seq);
+	const int32_t last = n_pos - 1, sq = seq;
+	const model_batch b = {.n_tokens = 1, .pos = &last, .seq = &sq};
+	c->seq_last[seq] = last;
+	for (int l = 0; l < c->n_layer; l++) {
+		for (int p = n_pos > c->cap[l] ? n_pos - c->cap[l] : 0; p < n_pos; p++) {
+			const size_t e = attn_entry(c, l, seq, p);
+			attn_fill_f16(c->k + e * (size_t)c->k_width, c->k_width, &seed);
+			if (c->v != c->k)
+				attn_fill_f16(c->v + e * (size_t)c->v_stride, c->v_width, &seed);
+		}
+		/* layer by layer, so the pages shipped leave before the next is filled */
+		if (!c->remote || c->slides[l] || n_pos == 0)
+			continue;
+		const int rc = attn_remote_ship(c, l, &b);
+		if (rc)
+			return rc;
+		attn_remote_release(c, l, &b);
+	}
+	return 0;
 }
 
 struct attn_remote_job {
@@ -1557,6 +1614,7 @@ static int attn_forward_remote(pool *p, const struct attn_job *jb)
 	if (rc)
 		return rc;
 	const float *parts[ATTN_MAX_HOSTS];
+	int asked = 0;
 	for (int h = 0; h < R; h++) {
 		parts[h] = NULL;
 		/* a host is asked when some row sees one of its pages */
@@ -1566,6 +1624,7 @@ static int attn_forward_remote(pool *p, const struct attn_job *jb)
 		if (need && (rc = c->remote->submit(c->remote_self, h, jb->layer, ap, c->page,
 						    c->n_shard, h * per, (h + 1) * per, b, jb->q)))
 			return rc;
+		asked += need;
 	}
 	const size_t need =
 	    (size_t)b->n_tokens * (size_t)ap->n_head * ATTN_PART_FLOATS(ap->head_dim_v);
@@ -1577,10 +1636,16 @@ static int attn_forward_remote(pool *p, const struct attn_job *jb)
 			return ERR_NOMEM;
 	}
 	struct attn_remote_job rj = {.jb = jb, .own = c->own->p, .parts = parts};
+	const double t0 = attn_now();
 	pool_run(p, attn_remote_own, &rj);
+	const double t1 = attn_now();
 	rc = c->remote->collect(c->remote_self, jb->layer, parts);
 	if (!rc) {
+		const double t2 = attn_now();
 		pool_run(p, attn_remote_merge, &rj);
+		if (asked && c->remote->account)
+			c->remote->account(c->remote_self, jb->layer, b->n_tokens, t1 - t0,
+					   attn_now() - t2);
 		attn_remote_release(c, jb->layer, b);
 	}
 	return rc;

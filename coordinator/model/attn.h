@@ -70,6 +70,15 @@ void attn_cache_destroy(attn_cache **c);
 int attn_cache_set_shards(attn_cache *c, int n_shard, int page);
 /* Also forgets which of the slot's pages went to KV hosts. */
 void attn_cache_reset_seq(attn_cache *c, int seq);
+/* Benchmark only: sequence seq holds n_pos positions of deterministic
+ * pseudo-random keys and values (F16 of magnitude in [2^-7, 2), from seed) on
+ * every layer, as if a prompt of n_pos tokens had been run (the slot is reset
+ * first), and with KV hosts the complete pages of the layers without a
+ * sliding window have been shipped to their hosts and released here, as that
+ * prompt's steps would.  Attention costs the same whatever the values; the
+ * results mean nothing.  ERR_RANGE (logged) for a bad seq or n_pos; a
+ * ship() error as is. */
+int attn_cache_fill_random(attn_cache *c, int seq, int n_pos, uint64_t seed);
 /* k: k_width floats, v: v_width floats (rounded to F16). */
 void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k, const float *v);
 
@@ -192,6 +201,11 @@ struct attn_remote_ops {
 	int (*idx_submit)(void *self, int host, int layer, int n_head, int dim, int page,
 			  int n_shard, int v0, int v1, const model_batch *b, const float *q,
 			  const float *w);
+	/* optional (NULL: none), for statistics: after a collect() that waited
+	 * for some host, what the coordinator itself spent on the layer's n_rows
+	 * rows: seconds on their own pages (while the hosts computed) and on
+	 * merging */
+	void (*account)(void *self, int layer, int n_rows, double own_s, double merge_s);
 };
 
 /* The host of page i: its chain i mod n_shard belongs to host chain / (n_shard

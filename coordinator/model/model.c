@@ -218,6 +218,27 @@ void model_reset_seq(model *m, int seq)
 	m->arch->reset_seq(m->state, seq);
 }
 
+int model_fill_random(model *m, int seq, int n_pos, uint64_t seed)
+{
+	attn_cache *c = m->arch->kv_cache ? m->arch->kv_cache(m->state) : NULL;
+	if (!c) {
+		log_error("%s: %s keeps per-position state besides one KV cache: no "
+			  "pseudo-random fill (bench --random-kv)",
+			  gguf_path(m->g), m->info.arch);
+		return ERR_CONFIG;
+	}
+	if (seq < 0 || seq >= m->env.n_seq || n_pos < 0 || n_pos > m->env.n_ctx) {
+		log_error("cannot fill %d positions of sequence %d (%d slots of %d positions)",
+			  n_pos, seq, m->env.n_seq, m->env.n_ctx);
+		return ERR_RANGE;
+	}
+	model_reset_seq(m, seq);
+	int rc = attn_cache_fill_random(c, seq, n_pos, seed);
+	if (!rc)
+		m->seq_len[seq] = n_pos;
+	return rc;
+}
+
 static int model_check_batch(const model *m, const model_batch *b)
 {
 	if (b->n_tokens < 0)

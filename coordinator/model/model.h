@@ -86,5 +86,12 @@ int model_forward(model *m, const model_batch *b, float *logits);
 const struct route_counts *model_get_route_counts(const model *m);
 /* Forgets everything cached for a sequence slot. */
 void model_reset_seq(model *m, int seq);
+/* Benchmark only: sequence seq as after a prompt of n_pos tokens whose keys
+ * and values are pseudo-random (attn_cache_fill_random, from seed): the next
+ * forward continues at position n_pos, and attention costs what it would
+ * after a real prompt (the results mean nothing).  ERR_CONFIG (logged) for an
+ * architecture that keeps other per-position state (deepseek4); ERR_RANGE
+ * for a bad seq or n_pos. */
+int model_fill_random(model *m, int seq, int n_pos, uint64_t seed);
 
 #endif
