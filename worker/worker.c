@@ -720,6 +720,21 @@ static int worker_on_kv_page(struct worker *w, const struct wire_kv_page *h, con
 	return 0;
 }
 
+/* The pages of kind on layer that each of the n_rows rows' sequences has here
+ * (*pages[i], *n_pages[i]; free both): ERR_NOMEM, or 0. */
+static int worker_kv_pages(struct worker *w, enum wire_kv_kind kind, uint32_t layer,
+			   uint32_t n_rows, const int32_t *seq, const struct attn_page ***pages,
+			   int32_t **n_pages)
+{
+	*pages = malloc((n_rows ? n_rows : 1) * sizeof(**pages));
+	*n_pages = malloc((n_rows ? n_rows : 1) * sizeof(**n_pages));
+	if (!*pages || !*n_pages)
+		return ERR_NOMEM;
+	for (uint32_t i = 0; i < n_rows; i++)
+		kvstore_pages(w->kv, kind, layer, seq[i], &(*pages)[i], &(*n_pages)[i]);
+	return 0;
+}
+
 /* The chains [v0, v1) of every row over the pages held: one AttnResult. */
 static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *b,
 				const uint8_t *data, size_t n)
@@ -741,11 +756,12 @@ static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *
 	struct wire_attn_result *r = &m.u.attn_result;
 	*r = (struct wire_attn_result){b->step, b->layer, b->n_rows, b->n_head, b->head_dim_v, 0};
 	const size_t out_bytes = wire_attn_result_frame_bytes(r);
-	const struct attn_page **pages = malloc((b->n_rows ? b->n_rows : 1) * sizeof(*pages));
-	int32_t *n_pages = malloc((b->n_rows ? b->n_rows : 1) * sizeof(*n_pages));
+	const struct attn_page **pages = NULL;
+	int32_t *n_pages = NULL;
 	int rc = 0;
 	/* the sizes come from the coordinator: too much is its error, not ours */
-	if (out_bytes > TRANSPORT_FRAME_CAP_DEFAULT || !pages || !n_pages ||
+	if (out_bytes > TRANSPORT_FRAME_CAP_DEFAULT ||
+	    worker_kv_pages(w, WIRE_KV_ATTN, b->layer, b->n_rows, b->seq, &pages, &n_pages) ||
 	    worker_reserve(&w->out, &w->out_cap, n / sizeof(float)) ||
 	    worker_reserve(&w->items, &w->items_cap, out_bytes / sizeof(float))) {
 		snprintf(why, sizeof(why),
@@ -756,8 +772,6 @@ static int worker_on_attn_batch(struct worker *w, const struct wire_attn_batch *
 		goto out;
 	}
 	double t0 = worker_now(), c0 = worker_cpu_now();
-	for (uint32_t i = 0; i < b->n_rows; i++)
-		kvstore_pages(w->kv, WIRE_KV_ATTN, b->layer, b->seq[i], &pages[i], &n_pages[i]);
 	if (n)				 /* no frame: no rows */
 		memcpy(w->out, data, n); /* the frame may not be aligned for floats */
 	const struct attn_params ap = {.n_head = (int)b->n_head,
@@ -826,12 +840,13 @@ static int worker_on_idx_batch(struct worker *w, const struct wire_idx_batch *b,
 		n_scores += indexer_row_scores(b->pos[i], (int)page, (int)b->n_shard, (int)b->v0,
 					       (int)b->v1);
 	const size_t out_bytes = n_scores * sizeof(float);
-	const struct attn_page **pages = malloc((b->n_rows ? b->n_rows : 1) * sizeof(*pages));
-	int32_t *n_pages = malloc((b->n_rows ? b->n_rows : 1) * sizeof(*n_pages));
+	const struct attn_page **pages = NULL;
+	int32_t *n_pages = NULL;
 	int rc = 0;
 	/* the sizes come from the coordinator: too much is its error, not ours */
-	if (n_scores > UINT32_MAX || out_bytes > TRANSPORT_FRAME_CAP_DEFAULT || !pages ||
-	    !n_pages || worker_reserve(&w->out, &w->out_cap, n / sizeof(float)) ||
+	if (n_scores > UINT32_MAX || out_bytes > TRANSPORT_FRAME_CAP_DEFAULT ||
+	    worker_kv_pages(w, WIRE_KV_IDX, b->layer, b->n_rows, b->seq, &pages, &n_pages) ||
+	    worker_reserve(&w->out, &w->out_cap, n / sizeof(float)) ||
 	    worker_reserve(&w->items, &w->items_cap, n_scores)) {
 		snprintf(why, sizeof(why),
 			 "indexer batch on layer %u: a result of %zu bytes is beyond this "
@@ -842,8 +857,6 @@ static int worker_on_idx_batch(struct worker *w, const struct wire_idx_batch *b,
 	}
 	r->n_scores = (uint32_t)n_scores;
 	double t0 = worker_now(), c0 = worker_cpu_now();
-	for (uint32_t i = 0; i < b->n_rows; i++)
-		kvstore_pages(w->kv, WIRE_KV_IDX, b->layer, b->seq[i], &pages[i], &n_pages[i]);
 	if (n)				 /* no frame: no rows */
 		memcpy(w->out, data, n); /* the frame may not be aligned for floats */
 	const struct indexer_host_job job = {.n_head = (int)b->n_head,
@@ -869,6 +882,9 @@ static int worker_on_idx_batch(struct worker *w, const struct wire_idx_batch *b,
 		goto out;
 	}
 	r->compute_seconds = worker_compute_seconds(w, t0, c0);
+	w->stats.attn_batches++;
+	w->stats.attn_rows += b->n_rows;
+	w->stats.attn_seconds += r->compute_seconds;
 	rc = worker_send(w, &m, w->items, out_bytes);
 out:
 	free(pages);
