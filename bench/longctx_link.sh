@@ -33,29 +33,15 @@ model=$(cd "$(dirname "$model")" && pwd)/$(basename "$model")
 tag=mfl$$
 c=${tag}c
 tmp=$(mktemp -d)
+. "$here/../tests/netns_star.sh"
 cleanup() {
-	for ns in "$c" "${tag}w1" "${tag}w2"; do
-		ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null
-		ip netns del "$ns" 2>/dev/null
-	done
+	netns_star_down "$tag"
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
 [ "$(id -u)" -eq 0 ] || { echo "longctx_link: needs root (ip netns, tc)" >&2; exit 2; }
 ip netns add "$c" || exit 2
-ip -n "$c" link set lo up
-ip -n "$c" link add br0 type bridge
-ip -n "$c" addr add 10.214.0.1/24 dev br0
-ip -n "$c" link set br0 up
-for i in 1 2; do
-	w=${tag}w$i
-	ip netns add "$w"
-	ip link add "vc$i$tag" netns "$c" type veth peer name eth0 netns "$w"
-	ip -n "$c" link set "vc$i$tag" master br0 up
-	ip -n "$w" link set lo up
-	ip -n "$w" addr add "10.214.0.1$i/24" dev eth0
-	ip -n "$w" link set eth0 up
-done
+netns_star_up "$tag" 214 || exit 2
 shape() { # RATE on both ends of both links
 	for i in 1 2; do
 		for dev in "$c vc$i$tag" "${tag}w$i eth0"; do

@@ -17,11 +17,9 @@ tag=mf$$
 c=${tag}c
 tmp=$(mktemp -d)
 
+. "$top_srcdir/tests/netns_star.sh"
 cleanup() {
-	for ns in "$c" "${tag}w1" "${tag}w2"; do
-		ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null
-		ip netns del "$ns" 2>/dev/null
-	done
+	netns_star_down "$tag"
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -32,24 +30,13 @@ command -v ip >/dev/null 2>&1 || skip "ip (iproute2) not installed"
 command -v tc >/dev/null 2>&1 || skip "tc (iproute2) not installed"
 ip netns add "$c" 2>/dev/null || skip "ip netns not permitted here"
 
-set -e
-ip -n "$c" link set lo up
-ip -n "$c" link add br0 type bridge
-ip -n "$c" addr add 10.213.0.1/24 dev br0
-ip -n "$c" link set br0 up
+netns_star_up "$tag" 213 || exit 1
 for i in 1 2; do
-	w=${tag}w$i
-	ip netns add "$w"
-	ip link add "vc$i$tag" netns "$c" type veth peer name eth0 netns "$w"
-	ip -n "$c" link set "vc$i$tag" master br0 up
-	ip -n "$w" link set lo up
-	ip -n "$w" addr add "10.213.0.1$i/24" dev eth0
-	ip -n "$w" link set eth0 up
-	if ! ip netns exec "$w" tc qdisc add dev eth0 root netem delay 1ms rate 1gbit 2>/dev/null; then
+	if ! ip netns exec "${tag}w$i" tc qdisc add dev eth0 root netem delay 1ms rate 1gbit \
+		2>/dev/null; then
 		shaped=0
 	fi
 done
-set +e
 [ "${shaped:-1}" -eq 1 ] || echo "# tc netem is not available in this kernel: links are not shaped"
 
 m=qwen3moe-tiny-mxfp4
