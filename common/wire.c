@@ -462,6 +462,14 @@ static int wire_chains_ok(uint32_t n_shard, uint32_t v0, uint32_t v1)
 	       v0 < v1 && v1 <= n_shard;
 }
 
+/* proto3 writes no singular field equal to zero, so a -0.0 sent arrives as
+ * +0.0: decoding gives every such field +0.0 at once, so that what decodes
+ * encodes to the same message. */
+static double wire_plus_zero(double x)
+{
+	return x == 0 ? 0.0 : x;
+}
+
 static int wire_decode_kv_page(const Moefleet__KvPage *p, const char *peer,
 			       struct wire_kv_page *out)
 {
@@ -497,7 +505,7 @@ static int wire_decode_attn_batch(const Moefleet__AttnBatch *b, const char *peer
 				      b->n_head_kv,
 				      b->head_dim_k,
 				      b->head_dim_v,
-				      b->scale,
+				      (float)wire_plus_zero(b->scale),
 				      b->page,
 				      b->n_shard,
 				      b->v0,
@@ -514,8 +522,9 @@ static int wire_decode_attn_result(const Moefleet__AttnResult *r, const char *pe
 	    !wire_heads_ok(r->n_head, r->head_dim_v) || !isfinite(r->compute_seconds) ||
 	    r->compute_seconds < 0)
 		return wire_bad(peer, "attention result out of range");
-	*out = (struct wire_attn_result){r->step,   r->layer,	   r->n_rows,
-					 r->n_head, r->head_dim_v, r->compute_seconds};
+	*out =
+	    (struct wire_attn_result){r->step,	 r->layer,	r->n_rows,
+				      r->n_head, r->head_dim_v, wire_plus_zero(r->compute_seconds)};
 	return 0;
 }
 
@@ -550,8 +559,8 @@ static int wire_decode_idx_result(const Moefleet__IdxResult *r, const char *peer
 	if (r->layer >= MOE_MAX_LAYERS || r->n_rows > WIRE_MAX_ROWS ||
 	    !isfinite(r->compute_seconds) || r->compute_seconds < 0)
 		return wire_bad(peer, "indexer result out of range");
-	*out =
-	    (struct wire_idx_result){r->step, r->layer, r->n_rows, r->n_scores, r->compute_seconds};
+	*out = (struct wire_idx_result){r->step, r->layer, r->n_rows, r->n_scores,
+					wire_plus_zero(r->compute_seconds)};
 	return 0;
 }
 
@@ -578,7 +587,7 @@ static int wire_decode_spec(const Moefleet__ExpertSpec *s, const char *peer, str
 	out->n_expert = (int)s->n_expert;
 	out->n_expert_used = (int)s->n_expert_used;
 	out->act = (enum moe_act)s->act;
-	out->act_alpha = s->act_alpha;
+	out->act_alpha = (float)wire_plus_zero(s->act_alpha);
 	out->has_bias = s->has_bias != 0;
 	for (uint32_t l = 0; l < s->n_layer; l++) {
 		out->act_limit[l] = s->act_limit[l];
@@ -652,7 +661,7 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 		out->kind = WIRE_HELLO;
 		out->u.hello.cores = h->cores;
 		out->u.hello.memory_bytes = h->memory_bytes;
-		out->u.hello.expert_rows_per_sec = h->expert_rows_per_sec;
+		out->u.hello.expert_rows_per_sec = wire_plus_zero(h->expert_rows_per_sec);
 		out->u.hello.has_model = h->has_model;
 		wire_copy_str(out->u.hello.model_sha, sizeof(out->u.hello.model_sha), h->model_sha);
 		wire_copy_str(out->u.hello.name, sizeof(out->u.hello.name), h->name);
@@ -799,8 +808,8 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 			rc = wire_bad(peer, "result item count out of range");
 			goto out;
 		}
-		out->u.result =
-		    (struct wire_result){r->step, r->layer, r->n_items, r->compute_seconds};
+		out->u.result = (struct wire_result){r->step, r->layer, r->n_items,
+						     wire_plus_zero(r->compute_seconds)};
 		break;
 	}
 	case MOEFLEET__ENVELOPE__BODY_KV_PAGE:
@@ -830,17 +839,18 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 	case MOEFLEET__ENVELOPE__BODY_STATS: {
 		const Moefleet__Stats *s = env->stats;
 		out->kind = WIRE_STATS;
-		out->u.stats = (struct wire_stats){.rows = s->rows,
-						   .items = s->items,
-						   .bytes_in = s->bytes_in,
-						   .bytes_out = s->bytes_out,
-						   .compute_seconds = s->compute_seconds,
-						   .idle_seconds = s->idle_seconds,
-						   .attn_batches = s->attn_batches,
-						   .attn_rows = s->attn_rows,
-						   .attn_seconds = s->attn_seconds,
-						   .kv_pages = s->kv_pages,
-						   .kv_bytes = s->kv_bytes};
+		out->u.stats =
+		    (struct wire_stats){.rows = s->rows,
+					.items = s->items,
+					.bytes_in = s->bytes_in,
+					.bytes_out = s->bytes_out,
+					.compute_seconds = wire_plus_zero(s->compute_seconds),
+					.idle_seconds = wire_plus_zero(s->idle_seconds),
+					.attn_batches = s->attn_batches,
+					.attn_rows = s->attn_rows,
+					.attn_seconds = wire_plus_zero(s->attn_seconds),
+					.kv_pages = s->kv_pages,
+					.kv_bytes = s->kv_bytes};
 		break;
 	}
 	case MOEFLEET__ENVELOPE__BODY_SHUTDOWN:
