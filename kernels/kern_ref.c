@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "kernels/kern.h"
+#include "kernels/kern_expf.h"
 #include "kernels/kern_impl.h"
 
 const int8_t kern_mxfp4_values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
@@ -300,38 +301,12 @@ float kern_dot_ref(uint32_t weight_type, int64_t n, const void *w, const void *x
 
 /* ------------------------------------------------------------- swiglu */
 
-static float bits_f32(uint32_t u)
-{
-	float f;
-	memcpy(&f, &u, sizeof(f));
-	return f;
-}
-
-/* ggml_v_expf, AVX-512 form, for one lane: exp(x) within ~1.5 ulp. */
-static float vexpf16_ref(float x)
-{
-	const float r = 0x1.8p23f;
-	const float z = fmaf(x, 0x1.715476p+0f, r);
-	const float n = z - r;
-	const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
-	if (fabsf(n) > 192.0f)
-		return n <= 0.0f ? 0.0f : INFINITY;
-	const float u = b * b;
-	const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
-				  fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
-			     u, fmaf(0x1.ffffecp-1f, b, 1.0f));
-	/* _mm512_scalef_ps(j, n): exact, or rounded once when subnormal */
-	if (n >= -126.0f && n <= 127.0f)
-		return j * bits_f32((uint32_t)((int)n + 127) << 23);
-	return ldexpf(j, (int)n);
-}
-
 void kern_swiglu_ref(float *g, const float *u, int64_t j0, int64_t j1, int64_t n)
 {
 	const int64_t nv = n - n % 16;
 	for (int64_t j = j0; j < j1; j++) {
 		const float x = g[j];
-		g[j] = j < nv ? x / (1.0f + vexpf16_ref(0.0f - x)) * u[j]
+		g[j] = j < nv ? x / (1.0f + kern_expf_avx512_lane(0.0f - x)) * u[j]
 			      : x / (1.0f + expf(-x)) * u[j];
 	}
 }

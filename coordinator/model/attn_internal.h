@@ -22,6 +22,7 @@
 
 #include "attn.h"
 #include "../../kernels/kern.h"
+#include "../../kernels/kern_expf.h"
 
 /* The row kernels are built twice and chosen at load time by CPU: with FMA,
  * fmaf() is one instruction instead of a library call (same result: an FMA
@@ -101,25 +102,9 @@ static inline float attn_f16_round(float x)
 #endif
 
 #if ATTN_GGML_LANES == 16
-/* ggml_v_expf (ggml-cpu/vec.h, AVX-512 version) for one lane.  Inlined into
- * the (FMA-built) kernels, so fmaf() is an instruction there. */
 static inline __attribute__((always_inline)) float attn_vexpf(float x)
 {
-	const float r = 0x1.8p23f;
-	const float z = fmaf(x, 0x1.715476p+0f, r);
-	const float n = z - r;
-	const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
-	if (fabsf(n) > 192.0f)
-		return n <= 0.0f ? 0.0f : INFINITY;
-	const float u = b * b;
-	const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
-				  fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
-			     u, fmaf(0x1.ffffecp-1f, b, 1.0f));
-	/* _mm512_scalef_ps: exact, or rounded once if subnormal; a product by
-	 * a power of two (normal for n >= -126) rounds the same way */
-	if (n >= -126.0f && n <= 127.0f)
-		return j * attn_bits_f32((uint32_t)((int)n + 127) << 23);
-	return ldexpf(j, (int)n);
+	return kern_expf_avx512_lane(x);
 }
 
 /* _mm512_reduce_add_ps as GCC implements it: what both ggml_vec_soft_max_f32
@@ -139,28 +124,9 @@ static inline float attn_hsum_dot(const float *a)
 	return attn_hsum_softmax(a);
 }
 #else
-/* ggml_v_expf (ggml-cpu/vec.h, AVX2+FMA version) for one lane: exp(x) with at
- * most ~1.5 ulp error. */
 static inline __attribute__((always_inline)) float attn_vexpf(float x)
 {
-	const float r = 0x1.8p23f;
-	const float z = fmaf(x, 0x1.715476p+0f, r);
-	const float n = z - r;
-	const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
-	const uint32_t e = attn_f32_bits(z) << 23;
-	const float k = attn_bits_f32(e + attn_f32_bits(1.0f));
-	const float u = b * b;
-	const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
-				  fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
-			     u, 0x1.ffffecp-1f * b);
-	if (!(fabsf(n) > 126.0f))
-		return fmaf(j, k, k);
-	const uint32_t g = n <= 0.0f ? 0x82000000u : 0u;
-	const float s1 = attn_bits_f32(g + 0x7f000000u);
-	const float s2 = attn_bits_f32(e - g);
-	if (fabsf(n) > 192.0f)
-		return s1 * s1;
-	return fmaf(s2, j, s2) * s1;
+	return kern_expf_avx2_lane(x);
 }
 
 /* ggml_vec_soft_max_f32's AVX2 sum of 8 lanes (halves, movehl, movehdup). */
