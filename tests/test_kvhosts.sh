@@ -14,7 +14,9 @@
 # middle of a generation: the coordinator stops with an error naming the
 # lost host, never hangs; and the coordinator, its memory capped (cgroup v1)
 # below the KV of the context, generates the tokens of an uncapped run when
-# its pages live on KV hosts.  Prints TAP.
+# its pages live on KV hosts; a worker capped at 256 MiB with no budget
+# options shares its node between experts and pages, and the coordinator
+# counts for pages what the experts leave.  Prints TAP.
 set -u
 top_srcdir=${top_srcdir:-.}
 top_builddir=${top_builddir:-.}
@@ -24,10 +26,12 @@ data=$(cd "$top_srcdir/tests/data" && pwd)
 tmp=$(mktemp -d)
 pids=()
 cg=
+cgw=
 cleanup() {
 	for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
 	wait 2>/dev/null
 	[ -n "$cg" ] && rmdir "$cg" 2>/dev/null
+	[ -n "$cgw" ] && rmdir "$cgw" 2>/dev/null
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -298,6 +302,41 @@ else
 		ok "capped at 30 MiB: fails alone (exit $rc0), with 2 KV hosts the uncapped run's ids"
 	else
 		notok "capped coordinator: alone exit $rc0, with hosts exit $rc, $(grep -m1 error "$tmp/cap.err")"
+	fi
+fi
+# A worker with neither --memory nor --kv-memory shares its node between
+# experts and KV pages: capped at 256 MiB (cgroup v1), it offers half of
+# that, 134217728 bytes, to both; the coordinator counts for its pages the
+# offer less the expert bytes of its Ready, as the refusal of a context too
+# long for it shows (-n 2000000: a 1.5 GB sequence).
+if ldd "$wbin" 2>/dev/null | grep -q libasan; then
+	ok "shared expert and KV budget # SKIP sanitizer build (shadow memory)"
+elif [ "$(id -u)" -ne 0 ] || [ ! -w "$mem" ] || ! mkdir "$mem/moefleet-kvw-$$" 2>/dev/null; then
+	ok "shared expert and KV budget # SKIP no writable cgroup v1 memory controller"
+else
+	cgw=$mem/moefleet-kvw-$$
+	echo $((256 << 20)) >"$cgw/memory.limit_in_bytes"
+	ep=ipc://$tmp/shared.sock
+	timeout 60 "$bin" generate -m "$data/qwen3moe-tiny-mxfp4.gguf" --tokens 1,2,3 -n 2000000 \
+		"${sh[@]}" --listen "$ep" --expect-workers 1 >/dev/null 2>"$tmp/shared.err" &
+	coord=$!
+	pids+=("$coord")
+	timeout 60 sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$cgw" \
+		"$wbin" --connect "$ep" --threads 1 2>"$tmp/sharedw.err" &
+	pids+=($!)
+	wait "$coord"
+	rc=$?
+	offer=$(sed -n 's/.*KV host 0 would hold up to [0-9]* bytes .* but offers \([0-9]*\) .*/\1/p' \
+		"$tmp/shared.err")
+	held=$(sed -n 's/.*worker: epoch 1: [0-9]* experts held (\([0-9.]*\) MiB).*/\1/p' \
+		"$tmp/sharedw.err")
+	if [ "$rc" -ne 0 ] && [ -n "$offer" ] && [ -n "$held" ] &&
+		grep -q 'the same memory: the pages take what the experts leave' "$tmp/sharedw.err" &&
+		awk -v o="$offer" -v h="$held" 'BEGIN { d = (134217728 - o) / 1048576
+			exit !(h > 0 && d > h - 0.05 && d < h + 0.05) }'; then
+		ok "shared budget: the coordinator counts 134217728 less the $held MiB of experts ($offer)"
+	else
+		notok "shared budget: exit $rc, offer '${offer}', held '${held}', $(grep -m1 error "$tmp/shared.err")"
 	fi
 fi
 # bench --random-kv (benchmark only): the context filled without a prompt,
