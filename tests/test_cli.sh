@@ -143,6 +143,16 @@ plan_ok grep -q '^    coordinator: .*6.00 MiB of KV.*DOES NOT FIT$' "$tmp/plan2"
 "$bin" info -m "$model" --workers 2 --node-memory 524388K >"$tmp/plan3" 2>&1
 name="info: experts that do not fit 2 workers"
 plan_ok grep -q 'DO NOT FIT on 2 node(s); at least 7 are needed' "$tmp/plan3"
+# with its 15 complete pages of 384K on KV hosts, the coordinator of 8192
+# tokens fits 516M, and 2 worker nodes hold the pages (8 and 7) and experts
+"$bin" info -m "$model" --node-memory 516M --ctx-size 8192 --kv-shards 4 --kv-page 512 \
+	>"$tmp/plan4" 2>&1
+name="info: the pages on KV hosts"
+plan_ok test "$(grep -c '^    coordinator: .*DOES NOT FIT$' "$tmp/plan4")" -eq 1 -a \
+	"$(grep -c '^    coordinator: .*768.00 KiB of KV (the pages in progress).*: fits$' "$tmp/plan4")" -eq 1 -a \
+	"$(grep -c '^    worker [01]: .* of experts + \(3.00\|2.62\) MiB of KV pages .*: fits$' "$tmp/plan4")" -eq 2 -a \
+	"$(grep -c 'the model needs at least 2 worker node(s)' "$tmp/plan4")" -eq 1
+check "info: --kv-shards not a power of two" 2 -- "$bin" info -m "$model" --node-memory 1G --kv-shards 3
 # the valid run wrote 3 rows of 512 floats
 size=$(stat -c %s "$tmp/ok.f32" 2>/dev/null || echo 0)
 n=$((n + 1))

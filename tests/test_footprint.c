@@ -315,6 +315,73 @@ static void check_untouched(const char *name)
 	model_destroy(&m);
 }
 
+/* The KV-host plan: pages counted one by one here (page i on chain i mod V,
+ * chains split evenly over the hosts), against the function's arithmetic. */
+static void test_kv_hosts_plan(void **state)
+{
+	(void)state;
+	gguf *g = NULL;
+	assert_int_equal(gguf_open(data_path("qwen3moe-tiny-mxfp4.gguf"), &g), 0);
+	struct footprint f;
+	assert_int_equal(footprint_measure(g, &f), 0);
+	gguf_destroy(&g);
+	struct footprint_kv_hosts *k = malloc(sizeof(*k));
+	assert_non_null(k);
+	const int V = 4, P = 64, n_ctx = 1000;
+	struct footprint_plan plan = {.node_memory = 1ull << 40,
+				      .n_ctx = n_ctx,
+				      .n_batch = 100,
+				      .kv_shards = V,
+				      .kv_page = P};
+	/* 2 nodes: 2 hosts of 2 chains each */
+	assert_int_equal(footprint_plan_kv_hosts(&f, &plan, 2, k), 0);
+	const uint64_t pb = f.kv_bytes_per_1k * (uint64_t)P / 1024;
+	assert_int_equal(k->n_pages, (n_ctx - 1) / P);
+	assert_true(k->page_bytes == pb && pb > 0);
+	assert_int_equal(k->n_hosts, 2);
+	for (int h = 0; h < 2; h++) {
+		uint64_t pages = 0;
+		for (int i = 0; i < (n_ctx - 1) / P; i++)
+			pages += i % V / 2 == h;
+		assert_true(k->host_kv[h] == pages * pb);
+	}
+	assert_true(k->host_kv[0] == 8 * pb && k->host_kv[1] == 7 * pb);
+	assert_true(k->coord_kv == f.kv_bytes_per_1k * (uint64_t)(P + 100) / 1024);
+	assert_true(k->worker_bytes[0] + k->worker_bytes[1] == f.expert_bytes);
+
+	/* the fewest nodes: each holds a quarter of the experts (plus one expert)
+	 * and 4 pages; 3 nodes make 2 hosts of 8 and 7 pages, which do not fit */
+	const uint64_t one = f.layer_expert_bytes[1] / (uint64_t)f.n_expert;
+	const uint64_t per = f.expert_bytes / 4 + 4 * pb + one;
+	assert_true(8 * pb > per);
+	plan.node_memory = FOOTPRINT_ROOM + per;
+	assert_int_equal(footprint_plan_kv_hosts(&f, &plan, 0, k), 0);
+	assert_int_equal(k->n_worker, 4);
+	assert_int_equal(k->n_hosts, 4);
+	uint64_t placed = 0;
+	for (int w = 0; w < 4; w++) {
+		assert_true(k->host_kv[w] == (w < 3 ? 4 : 3) * pb);
+		assert_true(k->worker_bytes[w] + k->host_kv[w] <= per);
+		placed += k->worker_bytes[w];
+	}
+	assert_true(placed == f.expert_bytes);
+	assert_int_equal(footprint_plan_kv_hosts(&f, &plan, 3, k), ERR_RANGE);
+
+	/* a host's 4 pages in nodes of 2: no number of nodes helps */
+	plan.node_memory = FOOTPRINT_ROOM + 2 * pb;
+	assert_int_equal(footprint_plan_kv_hosts(&f, &plan, 0, k), ERR_RANGE);
+	/* deepseek4 keeps no attention pages on hosts; V must be a power of two */
+	plan.node_memory = 1ull << 40;
+	plan.kv_shards = 3;
+	assert_int_equal(footprint_plan_kv_hosts(&f, &plan, 0, k), ERR_CONFIG);
+	assert_int_equal(gguf_open(data_path("ds4-tiny-mxfp4.gguf"), &g), 0);
+	assert_int_equal(footprint_measure(g, &f), 0);
+	gguf_destroy(&g);
+	plan.kv_shards = 4;
+	assert_int_equal(footprint_plan_kv_hosts(&f, &plan, 0, k), ERR_CONFIG);
+	free(k);
+}
+
 static void test_coordinator_untouched(void **state)
 {
 	(void)state;
@@ -327,11 +394,9 @@ static void test_coordinator_untouched(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_measure),
-	    cmocka_unit_test(test_deepseek2_layouts),
-	    cmocka_unit_test(test_deepseek4_kv),
-	    cmocka_unit_test(test_gptoss_kv),
-	    cmocka_unit_test(test_coordinator_untouched),
+	    cmocka_unit_test(test_measure),	  cmocka_unit_test(test_deepseek2_layouts),
+	    cmocka_unit_test(test_deepseek4_kv),  cmocka_unit_test(test_gptoss_kv),
+	    cmocka_unit_test(test_kv_hosts_plan), cmocka_unit_test(test_coordinator_untouched),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -10,7 +10,7 @@
 
 static const char *cli_usage_info =
     "usage: moefleet info -m MODEL.gguf [--workers N | --worker-memory 64G,64G,...]\n"
-    "                     [--node-memory 32G [--ctx-size N]]\n"
+    "                     [--node-memory 32G [--ctx-size N] [--kv-shards V [--kv-page P]]]\n"
     "  Prints the architecture, hyper-parameters, every tensor's\n"
     "  type and size, and the bytes of routed experts versus the rest;\n"
     "  the tensor count and bytes per type, experts and the rest apart; the\n"
@@ -21,7 +21,10 @@ static const char *cli_usage_info =
     "  with that much memory each: per node what it holds (the coordinator:\n"
     "  weights and the KV of one sequence of --ctx-size tokens, default 4096;\n"
     "  each worker: its experts), whether it fits, and how many worker nodes\n"
-    "  the experts need.\n";
+    "  the experts need.  --kv-shards then also plans the context's complete KV\n"
+    "  pages on the workers as KV hosts (pages of --kv-page positions, default\n"
+    "  1024): the coordinator keeps the pages in progress, each host the pages\n"
+    "  of its chains beside its experts, and how many worker nodes that needs.\n";
 
 static void cli_print_kv(const gguf *g, uint64_t i)
 {
@@ -118,7 +121,9 @@ static void cli_print_shards(const gguf *g)
 int cli_info(int argc, char **argv)
 {
 	struct cli_opts o = {0};
-	if (cli_parse(argc, argv, "-m --model --workers --worker-memory --node-memory --ctx-size",
+	if (cli_parse(argc, argv,
+		      "-m --model --workers --worker-memory --node-memory --ctx-size --kv-shards "
+		      "--kv-page",
 		      &o) ||
 	    (!o.help && !o.model)) {
 		fputs(cli_usage_info, stderr);
@@ -126,7 +131,13 @@ int cli_info(int argc, char **argv)
 	}
 	uint64_t wmem[FOOTPRINT_MAX_WORKERS];
 	int n_wmem = 0;
-	struct footprint_plan plan = {.n_ctx = (int)o.ctx_size};
+	struct footprint_plan plan = {
+	    .n_ctx = (int)o.ctx_size, .kv_shards = (int)o.kv_shards, .kv_page = (int)o.kv_page};
+	if (o.kv_shards & (o.kv_shards - 1)) {
+		fprintf(stderr, "moefleet: --kv-shards: %ld is not a power of two\n", o.kv_shards);
+		fputs(cli_usage_info, stderr);
+		return CLI_USAGE;
+	}
 	int n_node = 0;
 	if ((o.worker_memory &&
 	     footprint_parse_memory(o.worker_memory, wmem, FOOTPRINT_MAX_WORKERS, &n_wmem)) ||

@@ -370,6 +370,126 @@ out:
 	return rc;
 }
 
+/* footprint_plan_kv_hosts(), printed. */
+static int footprint_report_kv_hosts(const struct footprint *f, int n_worker,
+				     const struct footprint_plan *plan)
+{
+	char h1[32], h2[32], h3[32], h4[32];
+	struct footprint_kv_hosts *k = malloc(sizeof(*k));
+	if (!k)
+		return ERR_NOMEM;
+	const uint64_t node = plan->node_memory;
+	int rc = footprint_plan_kv_hosts(f, plan, n_worker, k);
+	printf("  plan with the KV pages on hosts (--kv-shards %d):\n", plan->kv_shards);
+	if (rc == ERR_CONFIG) {
+		printf("    %s\n",
+		       !strcmp(f->arch, "deepseek4")
+			   ? "deepseek4 keeps its attention on the coordinator (KV hosts "
+			     "score only the indexer's keys)"
+			   : "no pages for KV hosts in this layout");
+		rc = 0;
+		goto out;
+	}
+	const uint64_t weights = f->coordinator_bytes + f->coordinator_built_bytes;
+	printf("    coordinator: %s of weights + %s of KV (the pages in progress) + room = %s of "
+	       "%s: %s\n",
+	       footprint_human(weights, h1, 32), footprint_human(k->coord_kv, h2, 32),
+	       footprint_human(weights + k->coord_kv + FOOTPRINT_ROOM, h3, 32),
+	       footprint_human(node, h4, 32), footprint_fits(weights + k->coord_kv, node));
+	printf("    %d complete page(s) of %s per sequence on %d host(s)\n", k->n_pages,
+	       footprint_human(k->page_bytes, h1, 32), k->n_hosts);
+	if (rc && k->host_kv[0] + FOOTPRINT_ROOM > node) {
+		printf(
+		    "    workers: a host's pages (%s) DO NOT FIT a node of this size: more chains "
+		    "(--kv-shards) or bigger nodes\n",
+		    footprint_human(k->host_kv[0], h1, 32));
+		rc = 0;
+		goto out;
+	}
+	if (rc) {
+		printf("    workers: the experts and the pages DO NOT FIT on %d node(s) of this "
+		       "size\n",
+		       k->n_worker);
+		rc = 0;
+		goto out;
+	}
+	for (int w = 0; w < k->n_worker; w++) {
+		const uint64_t kv = w < k->n_hosts ? k->host_kv[w] : 0;
+		printf("    worker %d: %s of experts + %s of KV pages + room = %s of %s: %s\n", w,
+		       footprint_human(k->worker_bytes[w], h1, 32), footprint_human(kv, h2, 32),
+		       footprint_human(k->worker_bytes[w] + kv + FOOTPRINT_ROOM, h3, 32),
+		       footprint_human(node, h4, 32),
+		       footprint_fits(k->worker_bytes[w] + kv, node));
+	}
+	if (n_worker <= 0)
+		printf("    with the pages on hosts, the model needs at least %d worker node(s) of "
+		       "this size\n",
+		       k->n_worker);
+out:
+	free(k);
+	return rc;
+}
+
+int footprint_plan_kv_hosts(const struct footprint *f, const struct footprint_plan *plan,
+			    int n_worker, struct footprint_kv_hosts *out)
+{
+	struct model_params mp;
+	model_params_default(&mp);
+	const int V = plan->kv_shards, P = plan->kv_page > 0 ? plan->kv_page : mp.kv_page;
+	const int n_ctx = plan->n_ctx > 0 ? plan->n_ctx : 4096;
+	const int n_batch = plan->n_batch > 0 ? plan->n_batch : mp.n_batch;
+	memset(out, 0, sizeof(*out));
+	if (!f->kv_known || !strcmp(f->arch, "deepseek4") || V < 1 || V > 64 || (V & (V - 1)) ||
+	    P < 1 || n_worker > FOOTPRINT_MAX_WORKERS)
+		return ERR_CONFIG;
+	out->n_pages = (n_ctx - 1) / P;
+	out->page_bytes = f->kv_bytes_per_1k * (uint64_t)P / 1024;
+	const uint64_t local = (uint64_t)(P + n_batch < n_ctx ? P + n_batch : n_ctx);
+	const uint64_t ring = f->kv_ring_window + (uint64_t)n_batch;
+	out->coord_kv =
+	    f->kv_bytes_per_1k * local / 1024 + f->kv_bytes_fixed +
+	    f->kv_ring_bytes_per_pos * (ring < (uint64_t)n_ctx ? ring : (uint64_t)n_ctx);
+	const uint64_t per =
+	    plan->node_memory > FOOTPRINT_ROOM ? plan->node_memory - FOOTPRINT_ROOM : 0;
+	const uint64_t all = f->expert_bytes + (uint64_t)out->n_pages * out->page_bytes;
+	if (per == 0)
+		return ERR_RANGE;
+	const uint64_t least = (all + per - 1) / per;
+	int n = n_worker > 0			? n_worker
+		: least > FOOTPRINT_MAX_WORKERS ? FOOTPRINT_MAX_WORKERS + 1
+						: (int)least;
+	for (n = n < 1 ? 1 : n; n <= FOOTPRINT_MAX_WORKERS; n++) {
+		int H = 1;
+		while (2 * H <= n && 2 * H <= V)
+			H *= 2;
+		uint64_t have = 0, budget[FOOTPRINT_MAX_WORKERS];
+		int room = 1;
+		for (int w = 0; w < n; w++) {
+			uint64_t kv = 0;
+			if (w < H) { /* pages i with i mod V in [w * c, (w + 1) * c) */
+				const int c = V / H, rem = out->n_pages % V - w * c;
+				const uint64_t pages = (uint64_t)(out->n_pages / V) * (uint64_t)c +
+						       (uint64_t)(rem < 0   ? 0
+								  : rem < c ? rem
+									    : c);
+				kv = pages * out->page_bytes;
+				out->host_kv[w] = kv;
+			}
+			room &= kv <= per;
+			budget[w] = kv <= per ? per - kv : 0;
+			have += budget[w];
+		}
+		out->n_worker = n;
+		out->n_hosts = H;
+		if (room && have >= f->expert_bytes &&
+		    (f->expert_bytes == 0 || footprint_place(f, budget, n, out->worker_bytes) == 0))
+			return 0;
+		if (n_worker > 0 || (H == V && !room))
+			break; /* the nodes given, or hosts that more nodes would not relieve */
+	}
+	return ERR_RANGE;
+}
+
 int footprint_report(const gguf *g, const uint64_t *mem, int n_worker,
 		     const struct footprint_plan *plan)
 {
@@ -416,8 +536,12 @@ int footprint_report(const gguf *g, const uint64_t *mem, int n_worker,
 					       h1, 32));
 	} else
 		printf("  KV cache: layout of architecture '%s' unknown\n", f.arch);
-	if (plan && plan->node_memory)
-		return footprint_report_nodes(&f, mem, n_worker, plan);
+	if (plan && plan->node_memory) {
+		rc = footprint_report_nodes(&f, mem, n_worker, plan);
+		if (!rc && plan->kv_shards > 0)
+			rc = footprint_report_kv_hosts(&f, n_worker, plan);
+		return rc;
+	}
 	if (n_worker <= 0)
 		return 0;
 	wb = calloc((size_t)n_worker, sizeof(*wb));

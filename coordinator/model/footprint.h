@@ -85,7 +85,34 @@ struct footprint_plan {
 	uint64_t node_memory;
 	int n_ctx;
 	int n_batch;
+	int kv_shards; /* > 0: also plan the attention's pages on KV hosts */
+	int kv_page;   /* positions per page (<= 0: model_params_default's) */
 };
+
+/* The plan of a sequence whose complete KV pages live on KV hosts
+ * (--kv-shards V --kv-page P), as the coordinator lays them out: per layer
+ * with a whole-context cache (not deepseek4's, nor a sliding-window ring)
+ * n_pages = (n_ctx - 1) / P complete pages, page i on chain i mod V, the
+ * chains split evenly over n_hosts hosts, the largest power of two not above
+ * min(workers, V) (cluster_kv_hosts).  The coordinator keeps each layer's
+ * page in progress and the positions of a batch not yet shipped (P + n_batch
+ * positions, at most the context), the rings and the fixed state.  Hosts
+ * offer for pages what their experts leave (moefleet-worker's default).
+ * n_worker: the worker nodes, each of node_memory - FOOTPRINT_ROOM (< 1: the
+ * fewest that hold the experts and the pages); worker_bytes[] then holds the
+ * experts each one gets.  ERR_CONFIG when the architecture keeps no pages on
+ * hosts (deepseek4, unknown layouts), ERR_RANGE when no number of nodes up to
+ * FOOTPRINT_MAX_WORKERS holds them. */
+struct footprint_kv_hosts {
+	int n_pages;	       /* complete pages per layer */
+	uint64_t page_bytes;   /* one page of every whole-context layer */
+	uint64_t coord_kv;     /* the coordinator's KV */
+	int n_worker, n_hosts; /* worker nodes; the first n_hosts are hosts */
+	uint64_t host_kv[64];  /* pages of host h, bytes (at most 64 chains) */
+	uint64_t worker_bytes[FOOTPRINT_MAX_WORKERS];
+};
+int footprint_plan_kv_hosts(const struct footprint *f, const struct footprint_plan *plan,
+			    int n_worker, struct footprint_kv_hosts *out);
 
 /* Prints the cluster summary of `moefleet info` to stdout: coordinator and
  * expert bytes, experts per layer, KV per 1K tokens (and for the plan's n_ctx,
@@ -94,7 +121,8 @@ struct footprint_plan {
  * (node_memory > 0), per node instead: the coordinator's weights + KV, each
  * worker's experts (placed on node_memory - FOOTPRINT_ROOM each, or less
  * where mem says so), whether each fits, and how many worker nodes of that
- * size the experts need at least. */
+ * size the experts need at least; with plan->kv_shards, then the plan of
+ * footprint_plan_kv_hosts(). */
 int footprint_report(const gguf *g, const uint64_t *mem, int n_worker,
 		     const struct footprint_plan *plan);
 
