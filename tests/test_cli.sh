@@ -153,6 +153,8 @@ plan_ok test "$(grep -c '^    coordinator: .*DOES NOT FIT$' "$tmp/plan4")" -eq 1
 	"$(grep -c '^    worker [01]: .* of experts + \(3.00\|2.62\) MiB of KV pages .*: fits$' "$tmp/plan4")" -eq 2 -a \
 	"$(grep -c 'the model needs at least 2 worker node(s)' "$tmp/plan4")" -eq 1
 check "info: --kv-shards not a power of two" 2 -- "$bin" info -m "$model" --node-memory 1G --kv-shards 3
+check "--kv-workers without --workers" 2 -- "$bin" logits -m "$model" --tokens 1 --kv-shards 4 --kv-workers 2 --out "$tmp/out.f32"
+check "--kv-workers without --kv-shards" 2 -- "$bin" logits -m "$model" --tokens 1 --workers 1 --kv-workers 2 --out "$tmp/out.f32"
 # the valid run wrote 3 rows of 512 floats
 size=$(stat -c %s "$tmp/ok.f32" 2>/dev/null || echo 0)
 n=$((n + 1))

@@ -6,7 +6,7 @@
 # --kv-shards 4 --kv-page 128` in-process, with 2 local workers over ZeroMQ
 # ipc:// (2 hosts), 3 workers limited to 1 host, the chains kept here
 # (--kv-hosts 0), under mpirun (3 ranks), and with 1 worker holding the
-# experts and 2 --kv-only workers as the hosts.  A cluster of --kv-only
+# experts and 2 --kv-only workers as the hosts (--kv-workers 2).  A cluster of --kv-only
 # workers alone is refused with an error (the coordinator computes no routed
 # experts itself).  DeepSeek-V4's indexer pages scored on the hosts give the
 # logits of the plain in-process run (workers over zmq and under mpirun).
@@ -75,25 +75,16 @@ for m in qwen3moe-tiny-mxfp4 gptoss-tiny-mxfp4 ds2-tiny-q4_0; do
 	else
 		notok "$m: --kv-hosts 0 differs or failed: $(head -1 "$tmp/err")"
 	fi
-	# 1 expert worker + 2 --kv-only workers: the KV-only ones are the hosts
-	# and hold no experts
-	ep=ipc://$tmp/kvonly.sock
-	run --out "$tmp/ko.f32" --listen "$ep" --expect-workers 3 &
-	coord=$!
-	pids+=("$coord")
-	"$wbin" --connect "$ep" --threads 1 --name ex 2>/dev/null &
-	pids+=($!)
-	for i in 1 2; do
-		"$wbin" --connect "$ep" --threads 1 --name "kv$i" --kv-only 2>/dev/null &
-		pids+=($!)
-	done
-	wait "$coord"
+	# 1 expert worker + 2 --kv-only workers (--kv-workers 2): the KV-only
+	# ones are the hosts and hold no experts
+	run --out "$tmp/ko.f32" --workers 1 --kv-workers 2
 	rc=$?
-	if [ "$rc" -eq 0 ] && [ "$(grep -c 'KV host [01]: worker [0-9] (kv[12]), KV-only' "$tmp/err")" -eq 2 ] &&
+	if [ "$rc" -eq 0 ] &&
+		[ "$(grep -c 'KV host [01]: worker [0-9] (local-kv-[01]), KV-only' "$tmp/err")" -eq 2 ] &&
 		[ "$(grep -c 'worker [0-9]: 0 experts' "$tmp/err")" -eq 2 ] &&
 		grep -q 'worker [0-9]: [1-9][0-9]* experts' "$tmp/err" &&
 		cmp -s "$tmp/inproc.f32" "$tmp/ko.f32"; then
-		ok "$m: 1 expert worker + 2 --kv-only hosts (no experts on them), bit-identical"
+		ok "$m: --workers 1 --kv-workers 2: the 2 --kv-only hosts hold no experts, bit-identical"
 	else
 		notok "$m: --kv-only hosts: exit $rc, $(grep -m1 -E 'error|KV host' "$tmp/err")"
 	fi

@@ -55,6 +55,7 @@ struct cli_opts {
 	int help;
 	/* cluster */
 	long workers;	     /* --workers N: spawn N local workers over ipc:// */
+	long kv_workers;     /* --kv-workers M: and M local --kv-only workers */
 	const char *listen;  /* --listen tcp://0.0.0.0:PORT */
 	long expect_workers; /* with --listen */
 	const char *transport_name;
@@ -83,14 +84,15 @@ struct cli_opts {
 	int kv_hosts_given;
 	int64_t kv_local; /* --kv-local-memory B, when kv_local_given */
 	int kv_local_given;
-	long batch;		     /* logits: --batch N (0: the default) */
-	long depth;		     /* bench: --depth D */
-	int roofline;		     /* bench --roofline */
-	int random_kv;		     /* bench --random-kv: --depth as pseudo-random KV */
+	long batch;    /* logits: --batch N (0: the default) */
+	long depth;    /* bench: --depth D */
+	int roofline;  /* bench --roofline */
+	int random_kv; /* bench --random-kv: --depth as pseudo-random KV */
 };
 
 #define CLI_CLUSTER_OPTS                                                                           \
-	" --workers --listen --expect-workers --transport --worker-timeout --replicas"             \
+	" --workers --kv-workers --listen --expect-workers --transport --worker-timeout "          \
+	"--replicas"                                                                               \
 	" --wire-dtype --stream-weights --stats --balance-window --trace-routing --rebalance"      \
 	" --rebalance-every --worker-slowdown --cluster-key --authorized-keys --insecure "         \
 	"--routing --router-bias --kv-type --kv-shards --kv-page --kv-hosts --kv-local-memory"

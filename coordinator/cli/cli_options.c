@@ -153,6 +153,9 @@ int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts *o)
 		} else if (!strcmp(a, "--workers")) {
 			if (cli_parse_long(a, v, 0, 64, &o->workers))
 				return -1;
+		} else if (!strcmp(a, "--kv-workers")) {
+			if (cli_parse_long(a, v, 0, 64, &o->kv_workers))
+				return -1;
 		} else if (!strcmp(a, "--balance-window")) {
 			if (cli_parse_long(a, v, 1, 1L << 30, &o->balance_window))
 				return -1;
@@ -260,6 +263,12 @@ int cli_parse(int argc, char **argv, const char *allowed, struct cli_opts *o)
 			fprintf(stderr, "moefleet: unknown argument '%s'\n", a);
 			return -1;
 		}
+	}
+	if (o->kv_workers > 0 && (o->workers < 1 || o->kv_shards < 1)) {
+		fprintf(stderr,
+			"moefleet: --kv-workers: KV-only workers beside --workers N (N > 0) "
+			"for the pages of --kv-shards V\n");
+		return -1;
 	}
 	return 0;
 }
@@ -370,6 +379,8 @@ double cli_now(void)
 static const char *cli_usage_cluster =
     "cluster options (any command that runs a model):\n"
     "  --workers N            spawn N local expert workers over ZeroMQ ipc://\n"
+    "  --kv-workers M         and M local KV-only workers (moefleet-worker --kv-only)\n"
+    "                         for the pages of --kv-shards\n"
     "  --listen ENDPOINT      wait for remote workers (moefleet-worker --connect ...)\n"
     "  --expect-workers N     how many workers --listen waits for (default 1)\n"
     "  --transport T          inproc (default), zmq, or mpi (under mpirun)\n"
@@ -428,13 +439,18 @@ static int cli_spawn_workers(const struct cli_opts *o, const char *endpoint, str
 		log_error("%s: cannot start workers: %s", self, strerror(errno));
 		return ERR_CONFIG;
 	}
-	cc->children = calloc((size_t)o->workers, sizeof(pid_t));
+	const int n_all = (int)(o->workers + o->kv_workers);
+	cc->children = calloc((size_t)n_all, sizeof(pid_t));
 	if (!cc->children)
 		return ERR_NOMEM;
 	pid_t parent = getpid();
-	for (int i = 0; i < o->workers; i++) {
+	for (int i = 0; i < n_all; i++) {
+		const int kv_only = i >= o->workers;
 		char name[32];
-		snprintf(name, sizeof(name), "local-%d", i);
+		if (kv_only)
+			snprintf(name, sizeof(name), "local-kv-%d", i - (int)o->workers);
+		else
+			snprintf(name, sizeof(name), "local-%d", i);
 		pid_t pid = fork();
 		if (pid < 0) {
 			log_error("cannot start worker %d: %s", i, strerror(errno));
@@ -455,7 +471,10 @@ static int cli_spawn_workers(const struct cli_opts *o, const char *endpoint, str
 				args[na++] = "--slowdown";
 				args[na++] = slow;
 			}
-			if (!o->stream_weights) { /* without a model copy weights are streamed */
+			if (kv_only)
+				args[na++] = "--kv-only";
+			else if (!o->stream_weights) { /* without a model copy weights are streamed
+							*/
 				args[na++] = "-m";
 				args[na++] = (char *)o->model;
 			}
@@ -500,7 +519,7 @@ int cli_cluster_setup(const struct cli_opts *o, model *m, struct cli_cluster *cc
 			transport_destroy(&t);
 			return rc;
 		}
-		n_workers = (int)o->workers;
+		n_workers = (int)(o->workers + o->kv_workers);
 	} else if (o->listen) {
 		struct transport_zmq_security sec = {.insecure = o->insecure,
 						     .key_file = o->cluster_key,
