@@ -68,7 +68,8 @@ void attn_cache_destroy(attn_cache **c);
  * not equal to them.  n_shard: 0 (off, the default) or a power of two up to
  * 64; page: a positive multiple of ATTN_TILE_KV.  ERR_CONFIG otherwise. */
 int attn_cache_set_shards(attn_cache *c, int n_shard, int page);
-/* Also forgets which of the slot's pages went to KV hosts. */
+/* Also forgets which of the slot's pages went to KV hosts; when some did,
+ * the hosts drop them all (attn_remote_ops' free_seq). */
 void attn_cache_reset_seq(attn_cache *c, int seq);
 /* Benchmark only: sequence seq holds n_pos positions of deterministic
  * pseudo-random keys and values (F16 of magnitude in [2^-7, 2), from seed) on
