@@ -11,11 +11,12 @@
 
 const char *wire_kind_name(enum wire_kind k)
 {
-	static const char *names[] = {
-	    "none",	"hello",     "assign",	   "weight_chunk", "ready",	"batch",
-	    "result",	"heartbeat", "stats",	   "shutdown",	   "error",	"release",
-	    "progress", "kv_page",   "attn_batch", "attn_result",  "idx_batch", "idx_result"};
-	return (unsigned)k <= WIRE_IDX_RESULT ? names[k] : "?";
+	static const char *names[] = {"none",	   "hello",	 "assign",     "weight_chunk",
+				      "ready",	   "batch",	 "result",     "heartbeat",
+				      "stats",	   "shutdown",	 "error",      "release",
+				      "progress",  "kv_page",	 "attn_batch", "attn_result",
+				      "idx_batch", "idx_result", "kv_free"};
+	return (unsigned)k <= WIRE_KV_FREE ? names[k] : "?";
 }
 
 static int wire_dtype_ok(uint32_t t)
@@ -123,6 +124,7 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 	Moefleet__Release release = MOEFLEET__RELEASE__INIT;
 	Moefleet__Progress progress = MOEFLEET__PROGRESS__INIT;
 	Moefleet__KvPage kv_page = MOEFLEET__KV_PAGE__INIT;
+	Moefleet__KvFree kv_free = MOEFLEET__KV_FREE__INIT;
 	Moefleet__AttnBatch attn_batch = MOEFLEET__ATTN_BATCH__INIT;
 	Moefleet__AttnResult attn_result = MOEFLEET__ATTN_RESULT__INIT;
 	Moefleet__IdxBatch idx_batch = MOEFLEET__IDX_BATCH__INIT;
@@ -278,6 +280,11 @@ int wire_encode(const struct wire_msg *m, uint8_t **buf, size_t *cap, size_t *le
 		env.kv_page = &kv_page;
 		break;
 	}
+	case WIRE_KV_FREE:
+		kv_free.seq = m->u.kv_free.seq;
+		env.body_case = MOEFLEET__ENVELOPE__BODY_KV_FREE;
+		env.kv_free = &kv_free;
+		break;
 	case WIRE_ATTN_BATCH: {
 		const struct wire_attn_batch *b = &m->u.attn_batch;
 		if (b->n_rows > WIRE_MAX_ROWS)
@@ -815,6 +822,14 @@ int wire_decode(const uint8_t *buf, size_t len, const char *peer, struct wire_ms
 	case MOEFLEET__ENVELOPE__BODY_KV_PAGE:
 		out->kind = WIRE_KV_PAGE;
 		rc = wire_decode_kv_page(env->kv_page, peer, &out->u.kv_page);
+		break;
+	case MOEFLEET__ENVELOPE__BODY_KV_FREE:
+		out->kind = WIRE_KV_FREE;
+		if (env->kv_free->seq > INT32_MAX) {
+			rc = wire_bad(peer, "kv free of a sequence out of range");
+			goto out;
+		}
+		out->u.kv_free.seq = env->kv_free->seq;
 		break;
 	case MOEFLEET__ENVELOPE__BODY_ATTN_BATCH:
 		out->kind = WIRE_ATTN_BATCH;

@@ -57,6 +57,7 @@ enum wire_kind {
 	WIRE_ATTN_RESULT,
 	WIRE_IDX_BATCH,
 	WIRE_IDX_RESULT,
+	WIRE_KV_FREE,
 };
 
 struct wire_hello {
@@ -156,6 +157,12 @@ struct wire_kv_page {
 	uint32_t kind; /* enum wire_kv_kind */
 };
 
+/* Coordinator -> KV host, no answer: drop every page of sequence seq (all
+ * layers, both kinds).  Decoded: seq <= INT32_MAX. */
+struct wire_kv_free {
+	uint32_t seq;
+};
+
 /* An indexer page holds the entries of a page of positions: a multiple of
  * WIRE_ATTN_PAGE_ALIGN / 4. */
 #define WIRE_IDX_PAGE_ALIGN (WIRE_ATTN_PAGE_ALIGN / 4)
@@ -237,6 +244,7 @@ struct wire_msg {
 		struct wire_stats stats;
 		struct wire_progress progress;
 		struct wire_kv_page kv_page;
+		struct wire_kv_free kv_free;
 		struct wire_attn_batch attn_batch;
 		struct wire_attn_result attn_result;
 		struct wire_idx_batch idx_batch;

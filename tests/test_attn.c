@@ -417,7 +417,7 @@ struct fake_hosts {
 	int k_width, v_stride;
 	float *parts[8];
 	int asked[8];
-	int n_ship, n_submit;
+	int n_ship, n_submit, n_free;
 	attn_host_scratch *scratch;
 };
 
@@ -473,6 +473,21 @@ static int fake_submit(void *self, int host, int layer, const struct attn_params
 	f->asked[host] = 1;
 	f->n_submit++;
 	return attn_host_forward(f->p, &job);
+}
+
+/* Every host drops the sequence's pages. */
+static int fake_free_seq(void *self, int seq)
+{
+	struct fake_hosts *f = self;
+	for (int l = 0; l < f->n_layer; l++)
+		for (int i = 0; i < f->n_page; i++) {
+			struct attn_page *pg =
+			    &f->pages[((size_t)l * f->n_seq + seq) * f->n_page + i];
+			free((void *)pg->k);
+			pg->k = pg->v = NULL;
+		}
+	f->n_free++;
+	return 0;
 }
 
 static uint64_t fake_budget(void *self, int host)
@@ -612,8 +627,10 @@ static void test_attn_shards_hosts(void **state)
  * finite results, the same bits with the chains on 2 KV hosts as in the
  * process (so the hosts got every page, with the same values: the cache
  * filled the same from the same seed and released the shipped pages), and
- * only the layer without a sliding window ships its pages.  Bad slots and
- * depths are refused. */
+ * only the layer without a sliding window ships its pages.  Filled twice, the
+ * slot's reset makes the hosts drop its pages once (free_seq) and the pages
+ * go again; a change of hosts drops them too.  Bad slots and depths are
+ * refused. */
 static void test_attn_fill_random(void **state)
 {
 	(void)state;
@@ -621,7 +638,8 @@ static void test_attn_fill_random(void **state)
 	static const struct attn_remote_ops ops = {.ship = fake_ship,
 						   .submit = fake_submit,
 						   .collect = fake_collect,
-						   .budget = fake_budget};
+						   .budget = fake_budget,
+						   .free_seq = fake_free_seq};
 	const int ring[2] = {0, 128};
 	struct attn_params ap = {
 	    .n_head = NH, .n_head_kv = NKV, .head_dim_k = DH, .head_dim_v = DH, .scale = 0.2f};
@@ -644,13 +662,22 @@ static void test_attn_fill_random(void **state)
 		assert_int_equal(attn_cache_fill_random(c, 1, D, 7), ERR_RANGE);
 		assert_int_equal(attn_cache_fill_random(c, 0, NT + 1, 7), ERR_RANGE);
 		assert_int_equal(attn_cache_fill_random(c, 0, D, 7), 0);
-		assert_int_equal(f.n_ship, R ? D / P : 0); /* layer 0's complete pages */
+		assert_int_equal(f.n_free, 0); /* nothing shipped before */
+		assert_int_equal(attn_cache_fill_random(c, 0, D, 7), 0);
+		assert_int_equal(f.n_free, R ? 1 : 0);
+		/* layer 0's complete pages, twice */
+		assert_int_equal(f.n_ship, R ? 2 * D / P : 0);
 		int32_t pos = D, seq = 0, tok = 0;
 		attn_cache_store(c, 0, 0, D, kv, kv);
 		model_batch b = {.n_tokens = 1, .token = &tok, .pos = &pos, .seq = &seq};
 		assert_int_equal(attn_forward(p, c, 0, &ap, &b, q, out[R / 2]), 0);
-		if (R)
+		if (R) {
 			assert_true(f.n_submit > 0);
+			assert_int_equal(attn_cache_set_remote(c, &ops, &f, R), 0);
+			assert_int_equal(f.n_free, 2);
+			attn_cache_reset_seq(c, 0); /* nothing shipped since */
+			assert_int_equal(f.n_free, 2);
+		}
 		for (int d = 0; d < NH * DH; d++)
 			assert_true(isfinite(out[R / 2][d]));
 		for (int i = 0; i < 2 * f.n_page; i++)

@@ -336,6 +336,16 @@ static void test_attn_wire_round_trip(void **state)
 	assert_int_equal(wire_kv_page_frame_bytes(&d.u.kv_page), 128 * (576 + 512) * 2);
 	wire_msg_free(&d);
 
+	/* KvFree: seq 0 (a field proto3 does not send) and the largest */
+	const uint32_t free_seqs[] = {0, 5, INT32_MAX};
+	for (size_t i = 0; i < sizeof(free_seqs) / sizeof(free_seqs[0]); i++) {
+		m = (struct wire_msg){.kind = WIRE_KV_FREE, .u.kv_free = {free_seqs[i]}};
+		round_trip_same(&m, sizeof(m.u.kv_free), &d);
+		assert_int_equal(d.u.kv_free.seq, free_seqs[i]);
+		wire_msg_free(&d);
+	}
+	assert_string_equal(wire_kind_name(WIRE_KV_FREE), "kv_free");
+
 	int32_t seq[3] = {0, 4, 4}, pos[3] = {0, 700, 1 << 30};
 	memset(&m, 0, sizeof(m));
 	m.kind = WIRE_ATTN_BATCH;
@@ -459,6 +469,8 @@ static void test_attn_wire_refused(void **state)
 		if (round_trip(&m, &d) != ERR_PROTO)
 			fail_msg("bad kv page %zu accepted", i);
 	}
+	m = (struct wire_msg){.kind = WIRE_KV_FREE, .u.kv_free = {(uint32_t)INT32_MAX + 1}};
+	assert_int_equal(round_trip(&m, &d), ERR_PROTO); /* seq */
 
 	int32_t seq[2] = {0, 1}, pos[2] = {64, 65};
 	const struct wire_attn_batch good = {.step = 1,

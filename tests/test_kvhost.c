@@ -23,10 +23,14 @@
  *   IdxResult frame is the scores of indexer_score() run here (and close to
  *   the formula in double); a missing page, a layer without indexer pages, a
  *   frame of the wrong size and a result beyond the frame cap are refused;
+ * - KvFree drops a sequence's pages of every layer and kind: Stats count
+ *   fewer pages and bytes, its rows are refused, the other sequence serves
+ *   the same, its pages sent again are kept;
  * - a --kv-only worker (cfg.kv_only) offers 0 bytes for experts and serves
  *   the same; worker_budgets() splits a node's memory without overlap;
  * - kvstore on its own: replacing a page keeps the bytes counted, missing
- *   pages have k == NULL, the budget is exact. */
+ *   pages have k == NULL, the budget is exact, dropping a sequence gives
+ *   every byte back. */
 #define _GNU_SOURCE
 #include <math.h>
 #include <setjmp.h>
@@ -372,16 +376,26 @@ static uint64_t send_pages(struct link *k, uint64_t *bytes)
 	return n;
 }
 
+/* The pages made, a worker (kv_only: without experts) offering BUDGET bytes
+ * for them, a pool here (after the fork: the worker has its own), and the
+ * pages of send_pages() sent: returns how many, their bytes into *bytes. */
+static uint64_t open_with_pages(struct link *k, int kv_only, pool **pl, uint64_t *bytes)
+{
+	make_pages();
+	link_open(k, BUDGET, kv_only);
+	*pl = NULL;
+	assert_int_equal(pool_new(2, pl), 0);
+	*bytes = 0;
+	return send_pages(k, bytes);
+}
+
 static void test_kvhost_serves(void **state)
 {
 	(void)state;
-	make_pages();
 	struct link k;
-	link_open(&k, BUDGET, 0);
-	pool *pl = NULL; /* after the fork: the worker has its own */
-	assert_int_equal(pool_new(2, &pl), 0);
-	uint64_t page_bytes = 0;
-	const uint64_t n_pages = send_pages(&k, &page_bytes);
+	pool *pl;
+	uint64_t page_bytes;
+	const uint64_t n_pages = open_with_pages(&k, 0, &pl, &page_bytes);
 	/* a page sent again replaces the first (same bytes here) */
 	send_page(&k, 0, 1, 3, 0);
 	struct batch *b = malloc(sizeof(*b));
@@ -635,6 +649,73 @@ static void test_kvhost_indexer(void **state)
 	free_pages();
 }
 
+/* KvFree of sequence seq. */
+static void send_free(struct link *k, uint32_t seq)
+{
+	struct wire_msg m = {.kind = WIRE_KV_FREE, .u.kv_free = {seq}};
+	link_send(k, &m, NULL, 0);
+}
+
+/* KvFree drops every page of a sequence (both layers, attention and indexer
+ * keys) and gives its bytes back: its rows are refused afterwards, the other
+ * sequence's pages are untouched, pages sent after it are kept, a sequence
+ * without pages is nothing to do (no Error). */
+static void test_kvhost_free(void **state)
+{
+	(void)state;
+	struct link k;
+	pool *pl;
+	uint64_t all_bytes;
+	const uint64_t n_pages = open_with_pages(&k, 0, &pl, &all_bytes);
+	/* an indexer page of sequence 0 beside its attention pages */
+	uint16_t *ik = calloc((size_t)IE * ID, sizeof(uint16_t));
+	assert_non_null(ik);
+	struct wire_msg m = {.kind = WIRE_KV_PAGE};
+	m.u.kv_page = (struct wire_kv_page){0, 0, 0, IE, ID, 0, WIRE_KV_IDX};
+	link_send(&k, &m, ik, (size_t)IE * ID * sizeof(uint16_t));
+	const struct wire_stats full = link_stats(&k);
+	assert_int_equal(full.kv_pages, n_pages + 1);
+	uint64_t pages0 = 1, bytes0 = (size_t)IE * ID * sizeof(uint16_t);
+	for (int l = 0; l < 2; l++)
+		for (int i = 0; i < seq_pages[0]; i++)
+			if (i % V < layers[l].chains_sent) {
+				pages0++;
+				bytes0 += page_values(&layers[l]) * sizeof(uint16_t);
+			}
+	send_free(&k, 0);
+	struct wire_stats st = link_stats(&k);
+	assert_int_equal(st.kv_pages, full.kv_pages - pages0);
+	/* the pages and their tables */
+	assert_true(st.kv_bytes < full.kv_bytes - bytes0 && st.kv_bytes > all_bytes - bytes0);
+	struct batch *b = malloc(sizeof(*b));
+	assert_non_null(b);
+	make_batch(b, 0, 0, 2);
+	refused_batch(&k, &b->w, b->q, wire_attn_batch_frame_bytes(&b->w),
+		      "needs a KV page this worker lacks");
+	/* a sequence without pages: nothing (the next answer is the Stats) */
+	send_free(&k, 9);
+	const struct wire_stats again = link_stats(&k);
+	assert_int_equal(again.kv_pages, st.kv_pages);
+	assert_int_equal(again.kv_bytes, st.kv_bytes);
+	/* sequence 0's pages sent again: every batch as before */
+	for (int l = 0; l < 2; l++)
+		for (int i = 0; i < seq_pages[0]; i++)
+			if (i % V < layers[l].chains_sent)
+				send_page(&k, l, 0, i, 0);
+	for (int l = 0; l < 2; l++) {
+		make_batch(b, l, 0, 2);
+		check_batch(&k, pl, b);
+	}
+	make_batch(b, 0, 2, 4);
+	check_batch(&k, pl, b);
+	assert_int_equal(link_stats(&k).kv_pages, n_pages);
+	link_close(&k);
+	free(b);
+	free(ik);
+	free_pages();
+	pool_destroy(&pl);
+}
+
 /* --kv-memory 0: Hello offers none and KvPages are refused. */
 static void test_kvhost_none(void **state)
 {
@@ -653,13 +734,10 @@ static void test_kvhost_none(void **state)
 static void test_kvhost_kv_only(void **state)
 {
 	(void)state;
-	make_pages();
 	struct link k;
-	link_open(&k, BUDGET, 1);
-	pool *pl = NULL;
-	assert_int_equal(pool_new(2, &pl), 0);
-	uint64_t page_bytes = 0;
-	const uint64_t n_pages = send_pages(&k, &page_bytes);
+	pool *pl;
+	uint64_t page_bytes;
+	const uint64_t n_pages = open_with_pages(&k, 1, &pl, &page_bytes);
 	struct batch *b = malloc(sizeof(*b));
 	assert_non_null(b);
 	make_batch(b, 1, 0, 2);
@@ -773,6 +851,22 @@ static void test_kvstore(void **state)
 	h2 = h;
 	h2.page = (uint32_t)((1u << 31) / P);
 	assert_int_equal(kvstore_put(s, &h2, a), ERR_RANGE);
+	/* dropping a sequence: another one's is nothing, its own gives every
+	 * byte back and makes room; the layer keeps its sizes */
+	kvstore_free_seq(s, 8);
+	assert_int_equal(kvstore_bytes(s), need + seq_entry);
+	kvstore_free_seq(s, 7);
+	assert_int_equal(kvstore_bytes(s), 0);
+	assert_int_equal(kvstore_n_pages(s), 0);
+	kvstore_pages(s, WIRE_KV_ATTN, 2, 7, &pg, &n);
+	assert_int_equal(n, 0);
+	assert_null(pg);
+	assert_int_equal(kvstore_layer(s, WIRE_KV_ATTN, 2, &np, &kw, &vw), 0);
+	h2 = h;
+	h2.page = 0;
+	assert_int_equal(kvstore_put(s, &h2, a), 0);
+	assert_int_equal(kvstore_bytes(s), bytes + sizeof(struct attn_page) + seq_entry);
+	assert_int_equal(kvstore_n_pages(s), 1);
 	kvstore_destroy(&s);
 	assert_null(s);
 	kvstore_destroy(&s);
@@ -790,6 +884,7 @@ int main(void)
 	    cmocka_unit_test(test_kvstore),	   cmocka_unit_test(test_kvhost_serves),
 	    cmocka_unit_test(test_kvhost_none),	   cmocka_unit_test(test_kvhost_indexer),
 	    cmocka_unit_test(test_kvhost_kv_only), cmocka_unit_test(test_worker_budgets),
+	    cmocka_unit_test(test_kvhost_free),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -2,7 +2,9 @@
  * admission order and the bounded queue, the token budget, whole prefill
  * chunks cut the same way whatever else runs, one decode per running request
  * per step, slot reuse and context refusal, stop strings, and admission by
- * the KV hosts' room (kvroom.c) through the pick hook. */
+ * the KV hosts' room (kvroom.c) through the pick hook: an ended request's
+ * pages give their room back, and only a request that would not fit with
+ * every slot empty is refused. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -265,7 +267,7 @@ static void test_kvroom(void **state)
 	assert_int_equal(kvroom_pick(k, busy0, 129), -1);
 	assert_int_equal(kvroom_pick(k, free2, 129), 0);
 	assert_true(kvroom_ever(k, 129));
-	/* one host left: it may hold every page slot 0 ever had (5), of 6 */
+	/* one host left: it may hold every page of slot 0's request (5), of 6 */
 	g = room(1, 600);
 	assert_int_equal(kvroom_rehost(k, &g), 0);
 	kvroom_pages(k, 0, &held, &total);
@@ -273,6 +275,31 @@ static void test_kvroom(void **state)
 	assert_int_equal(total, 6);
 	assert_true(kvroom_fits(k, 1, 65));
 	assert_false(kvroom_fits(k, 1, 129));
+	/* the request ends: its pages are freed, the host has room for 6 */
+	kvroom_release(k, 0);
+	kvroom_pages(k, 0, &held, &total);
+	assert_int_equal(held, 0);
+	assert_true(kvroom_fits(k, 1, 385));
+	/* two requests of 3 pages fill it; one of 6 waits for both to end, and
+	 * is not refused: it fits once the slots are empty */
+	kvroom_take(k, 0, 193);
+	kvroom_take(k, 1, 193);
+	kvroom_pages(k, 0, &held, &total);
+	assert_int_equal(held, 6);
+	assert_true(kvroom_ever(k, 385));
+	assert_false(kvroom_ever(k, 449)); /* 7 pages never fit */
+	assert_false(kvroom_fits(k, 0, 385));
+	kvroom_release(k, 0);
+	kvroom_pages(k, 0, &held, &total);
+	assert_int_equal(held, 3);
+	const uint8_t busy1[2] = {0, 1}; /* slot 1 runs */
+	assert_int_equal(kvroom_pick(k, busy1, 193), 0);
+	assert_int_equal(kvroom_pick(k, busy1, 385), -1);
+	kvroom_release(k, 1);
+	kvroom_pages(k, 0, &held, &total);
+	assert_int_equal(held, 0);
+	assert_true(kvroom_fits(k, 0, 385));
+	assert_int_equal(kvroom_pick(k, free2, 385), 0);
 	/* no hosts: everything fits */
 	g = room(0, 0);
 	assert_int_equal(kvroom_rehost(k, &g), 0);
@@ -321,8 +348,9 @@ static void test_pick_hook(void **state)
 	assert_int_equal(sched_get_slot(s, 1, &fed), 0);
 	assert_int_equal(fed, 1);
 	assert_int_equal(sched_get_slot(s, 2, &fed), -1);
-	/* 1 ends: 2 takes its slot (its pages), 3 waits for the other */
+	/* 1 ends (its pages freed): 2 takes a slot, 3 the other beside it */
 	assert_int_equal(sched_remove(s, 1), 0);
+	kvroom_release(k, 0);
 	sched_step(s, it, 64);
 	assert_int_equal(sched_get_state(s, 2), SCHED_DECODE);
 	assert_int_equal(sched_get_slot(s, 2, &fed), 0);
@@ -334,6 +362,7 @@ static void test_pick_hook(void **state)
 	sched_step(s, it, 64);
 	assert_int_equal(sched_get_state(s, 4), SCHED_QUEUED);
 	assert_int_equal(sched_remove(s, 3), 1);
+	kvroom_release(k, 1);
 	sched_step(s, it, 64);
 	assert_int_equal(refused, 4);
 	assert_int_equal(sched_get_state(s, 4), SCHED_NONE);

@@ -50,6 +50,12 @@ void kvstore_destroy(kvstore **s)
 	*s = NULL;
 }
 
+/* Bytes of one page of layer L (keys, then values when v_width > 0). */
+static uint64_t kvstore_page_bytes(const struct kvstore_layer *L)
+{
+	return (uint64_t)L->n_pos * ((uint64_t)L->k_width + L->v_width) * sizeof(uint16_t);
+}
+
 /* The index of seq in L->seqs, or where it would go (*found 0). */
 static size_t kvstore_find(const struct kvstore_layer *L, int32_t seq, int *found)
 {
@@ -146,6 +152,29 @@ int kvstore_put(kvstore *s, const struct wire_kv_page *h, const void *frame)
 	L->k_width = h->k_width;
 	L->v_width = h->v_width;
 	return 0;
+}
+
+void kvstore_free_seq(kvstore *s, int32_t seq)
+{
+	for (int l = 0; l < 2 * MOE_MAX_LAYERS; l++) {
+		struct kvstore_layer *L = &s->layers[l / MOE_MAX_LAYERS][l % MOE_MAX_LAYERS];
+		int found;
+		const size_t at = kvstore_find(L, seq, &found);
+		if (!found)
+			continue;
+		struct kvstore_seq *q = &L->seqs[at];
+		for (int32_t p = 0; p < q->n_pages; p++) {
+			if (!q->pages[p].k)
+				continue;
+			free((void *)q->pages[p].k);
+			s->n_pages--;
+			s->bytes -= kvstore_page_bytes(L);
+		}
+		free(q->pages);
+		s->bytes -= (uint64_t)q->n_pages * sizeof(struct attn_page) + sizeof(*q);
+		memmove(q, q + 1, (L->n_seqs - at - 1) * sizeof(*q));
+		L->n_seqs--;
+	}
 }
 
 int kvstore_layer(const kvstore *s, uint32_t kind, uint32_t layer, uint32_t *n_pos,

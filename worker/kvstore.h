@@ -12,10 +12,12 @@
  *
  * Memory: the bytes of the pages and of the per-sequence page tables count
  * against budget_bytes; a page that would go beyond it is refused with
- * ERR_NOMEM (the store is unchanged).  Nothing is ever dropped otherwise.
+ * ERR_NOMEM (the store is unchanged).  kvstore_free_seq() drops a sequence's
+ * pages (a finished request's: KvFree); nothing is dropped otherwise.
  *
  * kvstore_pages() gives a (kind, layer, sequence)'s pages indexed by page number,
- * k == NULL where a page is missing, valid until the next kvstore_put(). */
+ * k == NULL where a page is missing, valid until the next kvstore_put() or
+ * kvstore_free_seq(). */
 #ifndef MOEFLEET_KVSTORE_H
 #define MOEFLEET_KVSTORE_H
 
@@ -35,6 +37,11 @@ void kvstore_destroy(kvstore **s);
  * layer beyond MOE_MAX_LAYERS or whose pages have other sizes, a page whose
  * positions do not fit an int32; ERR_NOMEM beyond the budget. */
 int kvstore_put(kvstore *s, const struct wire_kv_page *h, const void *frame);
+
+/* Drops every page of seq (every layer, both kinds), its page tables and
+ * their bytes; a layer keeps its page sizes.  A sequence without pages here:
+ * nothing to do. */
+void kvstore_free_seq(kvstore *s, int32_t seq);
 
 /* The sizes of layer's pages of a kind (enum wire_kv_kind); ERR_RANGE when
  * the store has none of them. */

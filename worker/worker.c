@@ -1225,6 +1225,10 @@ int worker_run(transport *t, const struct worker_config *cfg)
 		case WIRE_KV_PAGE:
 			rc = worker_on_kv_page(&w, &m.u.kv_page, f.data, f.data_len);
 			break;
+		case WIRE_KV_FREE: /* a worker that holds no page has none to drop */
+			if (w.kv)
+				kvstore_free_seq(w.kv, (int32_t)m.u.kv_free.seq);
+			break;
 		case WIRE_ATTN_BATCH:
 			rc = worker_on_attn_batch(&w, &m.u.attn_batch, f.data, f.data_len);
 			break;

@@ -12,6 +12,7 @@
  *            Heartbeat -> Heartbeat (same nonce); Stats -> Stats
  *            KvPage -> keep the page (worker/kvstore.h; an Error beyond the
  *              KV budget, cfg->kv_memory_bytes)
+ *            KvFree -> drop every page of the sequence (no answer)
  *            AttnBatch -> attn_host_forward over the pages held ->
  *              AttnResult (+ raw frame of F32 partials); an Error when a row
  *              needs a page that is not here
@@ -21,7 +22,7 @@
  *              Hello again: the coordinator dropped this worker as lost (e.g.
  *              it answered too late) or restarted; it may take it back as a
  *              new member
- * KvPage and AttnBatch need no Assign: a worker serves them in any state
+ * KvPage, KvFree and AttnBatch need no Assign: a worker serves them in any state
  * after Hello (a KV host may hold no experts: with cfg->kv_only its Hello
  * offers none, and streamed experts are refused).  Stats counts the Batches
  * and AttnBatches answered and the KV pages held.

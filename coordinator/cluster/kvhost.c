@@ -4,7 +4,9 @@
  * to every host that holds a page some row sees as one AttnBatch (the queries
  * in F32), and the AttnResults come back in any order.  DeepSeek-V4's indexer
  * keys travel the same way (KvPage of kind WIRE_KV_IDX, IdxBatch with the
- * queries and head weights, IdxResult with the scores).  Only the coordinator
+ * queries and head weights, IdxResult with the scores).  A sequence that
+ * restarts (a finished request's slot) is one KvFree to every host, which
+ * drops its pages of every layer.  Only the coordinator
  * holds the tail of each sequence, so a lost host takes pages that exist
  * nowhere else: the step fails with an error naming the host, never waits
  * past the worker time-out; cluster_kv_hosts() again gives the chains to the
@@ -119,6 +121,21 @@ static int kv_idx_ship(void *self, int host, int layer, int seq, int page, int n
 					(uint32_t)n_ent, (uint32_t)dim, 0,
 					WIRE_KV_IDX};
 	return kv_send_page(self, host, &pg, k, NULL);
+}
+
+/* One KvFree to every host: each drops seq's pages.  On the channel of its
+ * pages, so it reaches a host after them and before any page shipped later. */
+static int kv_free_seq(void *self, int seq)
+{
+	cluster *c = self;
+	struct wire_msg m = {.kind = WIRE_KV_FREE};
+	m.u.kv_free.seq = (uint32_t)seq;
+	int rc = 0;
+	for (int h = 0; h < c->kv_hosts; h++) {
+		const int r = kv_send(c, h, &m, NULL, 0);
+		rc = rc ? rc : r;
+	}
+	return rc;
 }
 
 /* A batch of n_rows rows of layer (an IdxBatch when idx) went to host at
@@ -380,7 +397,8 @@ static const struct attn_remote_ops kv_ops = {.ship = kv_ship,
 					      .budget = kv_budget,
 					      .idx_ship = kv_idx_ship,
 					      .idx_submit = kv_idx_submit,
-					      .account = kv_account};
+					      .account = kv_account,
+					      .free_seq = kv_free_seq};
 
 int cluster_kv_hosts(cluster *c, int n_shard, int want, const struct attn_remote_ops **ops,
 		     int *n_hosts)

@@ -832,11 +832,8 @@ static void ds4_reset_seq(void *state, int seq)
 	 * row a query reads (window rows, entries j < (pos + 1) / ratio,
 	 * compressor rows of blocks >= 0) is written again before it is read. */
 	struct ds4 *m = state;
-	const size_t n_ls = (size_t)m->hp.n_layer * (size_t)m->env->n_seq;
-	for (int il = 0; m->idx_shipped && il < m->hp.n_layer; il++) {
-		const size_t ls = (size_t)il * (size_t)m->env->n_seq + (size_t)seq;
-		m->idx_shipped[ls] = m->idx_shipped[n_ls + ls] = 0;
-	}
+	attn_remote_forget(m->idx_shipped, m->hp.n_layer, m->env->n_seq, seq, m->remote,
+			   m->remote_self);
 }
 
 /* The indexer keys' pages go to n_hosts KV hosts (attn_remote_ops' idx_ship
@@ -891,9 +888,12 @@ static int ds4_kv_hosts(void *state, const struct attn_remote_ops *ops, void *se
 		}
 	}
 	const size_t n = 2 * (size_t)hp->n_layer * (size_t)S;
-	if (!m->idx_shipped && !(m->idx_shipped = malloc(n * sizeof(int32_t))))
+	if (!m->idx_shipped && !(m->idx_shipped = calloc(n, sizeof(int32_t))))
 		return ERR_NOMEM;
-	memset(m->idx_shipped, 0, n * sizeof(int32_t));
+	/* the hosts left drop what they still hold of the sequences, which are
+	 * computed again */
+	for (int s = 0; s < S; s++)
+		attn_remote_forget(m->idx_shipped, hp->n_layer, S, s, ops, self);
 	m->remote = ops;
 	m->remote_self = self;
 	m->n_hosts = n_hosts;

@@ -200,10 +200,7 @@ void attn_cache_reset_seq(attn_cache *c, int seq)
 	 * stored since the reset (positions restart at 0 and are consecutive;
 	 * a ring's slot j % cap holds position j once j is stored). */
 	assert(seq >= 0 && seq < c->n_seq);
-	for (int l = 0; c->shipped && l < c->n_layer; l++) {
-		c->shipped[(size_t)l * (size_t)c->n_seq + (size_t)seq] = 0;
-		c->shipped[((size_t)c->n_layer + (size_t)l) * (size_t)c->n_seq + (size_t)seq] = 0;
-	}
+	attn_remote_forget(c->shipped, c->n_layer, c->n_seq, seq, c->remote, c->remote_self);
 }
 
 void attn_cache_store(attn_cache *c, int layer, int seq, int pos, const float *k, const float *v)

@@ -68,7 +68,8 @@ void attn_cache_destroy(attn_cache **c);
  * not equal to them.  n_shard: 0 (off, the default) or a power of two up to
  * 64; page: a positive multiple of ATTN_TILE_KV.  ERR_CONFIG otherwise. */
 int attn_cache_set_shards(attn_cache *c, int n_shard, int page);
-/* Also forgets which of the slot's pages went to KV hosts. */
+/* Also forgets which of the slot's pages went to KV hosts; when some did,
+ * the hosts drop them all (attn_remote_ops' free_seq). */
 void attn_cache_reset_seq(attn_cache *c, int seq);
 /* Benchmark only: sequence seq holds n_pos positions of deterministic
  * pseudo-random keys and values (F16 of magnitude in [2^-7, 2), from seed) on
@@ -206,7 +207,18 @@ struct attn_remote_ops {
 	 * rows: seconds on their own pages (while the hosts computed) and on
 	 * merging */
 	void (*account)(void *self, int layer, int n_rows, double own_s, double merge_s);
+	/* optional (NULL: pages are kept): every host drops all pages of seq
+	 * (every layer, attention and indexer keys), as the sequence restarts;
+	 * pages shipped afterwards reach the hosts after it */
+	int (*free_seq)(void *self, int seq);
 };
+
+/* shipped [2][n_layer][n_seq] (NULL: none): pages of each (layer, sequence)
+ * shipped, then released locally.  Zeroes seq's counts; when a page of seq
+ * was shipped, every host of ops (NULL: none) drops the sequence's pages
+ * (free_seq).  A failed send is a lost host's, which the next step reports. */
+void attn_remote_forget(int32_t *shipped, int n_layer, int n_seq, int seq,
+			const struct attn_remote_ops *ops, void *self);
 
 /* The host of page i: its chain i mod n_shard belongs to host chain / (n_shard
  * / n_hosts). */
@@ -217,8 +229,9 @@ static inline int attn_page_host(int page, int n_shard, int n_hosts)
 
 /* From now on the chains of complete pages on layers without a window are
  * computed by n_hosts hosts (a power of two dividing the cache's V; 0: none,
- * back to local).  No page counts as shipped any more: after a change of
- * hosts every sequence is reset and computed again (the local copies of
+ * back to local).  No page counts as shipped any more, and the new hosts drop
+ * the pages of every sequence that had some shipped (free_seq): after a change
+ * of hosts every sequence is reset and computed again (the local copies of
  * shipped pages are gone).  Pages shipped to the hosts are released locally (their
  * memory goes back to the system); the cache keeps every sequence's page in
  * progress.  ERR_CONFIG without sharded numerics, with a bad n_hosts, or when

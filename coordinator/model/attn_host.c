@@ -247,7 +247,10 @@ int attn_cache_set_remote(attn_cache *c, const struct attn_remote_ops *ops, void
 			return ERR_CONFIG;
 		}
 	}
-	memset(c->shipped, 0, 2 * (size_t)c->n_layer * (size_t)c->n_seq * sizeof(int32_t));
+	/* the hosts left drop what they still hold of the sequences, which are
+	 * computed again */
+	for (int s = 0; s < c->n_seq; s++)
+		attn_remote_forget(c->shipped, c->n_layer, c->n_seq, s, ops, self);
 	c->remote = ops;
 	c->remote_self = self;
 	c->n_hosts = n_hosts;
@@ -271,6 +274,19 @@ void attn_cache_kv_room(const attn_cache *c, struct attn_kv_room *r)
 	r->local_bytes = (uint64_t)r->n_layer * (uint64_t)c->n_seq * (uint64_t)c->n_ctx *
 			 (uint64_t)(c->k_width + (c->v == c->k ? 0 : c->v_stride)) *
 			 sizeof(uint16_t);
+}
+
+void attn_remote_forget(int32_t *shipped, int n_layer, int n_seq, int seq,
+			const struct attn_remote_ops *ops, void *self)
+{
+	int held = 0;
+	for (int l = 0; shipped && l < n_layer; l++) {
+		const size_t ls = (size_t)l * (size_t)n_seq + (size_t)seq;
+		held |= shipped[ls] > 0;
+		shipped[ls] = shipped[(size_t)n_layer * (size_t)n_seq + ls] = 0;
+	}
+	if (held && ops && ops->free_seq)
+		(void)ops->free_seq(self, seq);
 }
 
 /* The log2 of a power of two. */

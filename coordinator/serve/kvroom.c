@@ -10,7 +10,7 @@ struct kvroom {
 	struct attn_kv_room g;
 	int n_slots;
 	int32_t *held; /* [n_hosts][n_slots][n_shard]: pages of a chain a host holds */
-	int32_t *top;  /* [n_slots]: the most complete pages a slot ever had */
+	int32_t *top;  /* [n_slots]: the complete pages of the slot's request */
 };
 
 static int32_t *kvroom_at(const kvroom *k, int h, int s)
@@ -77,21 +77,24 @@ int64_t kvroom_need(const kvroom *k, int n_pos)
 	return n_pos > 0 && k->g.page > 0 ? (int64_t)(n_pos - 1) / k->g.page : 0;
 }
 
-/* Bytes host h holds for slot s with the slot raised to np pages (0: as is). */
-static uint64_t kvroom_slot_bytes(const kvroom *k, int h, int s, int64_t np)
+/* Bytes host h holds for a slot holding held[] (NULL: nothing) of the chains
+ * and top complete pages, raised to np pages. */
+static uint64_t kvroom_slot_bytes(const kvroom *k, int h, const int32_t *held, int64_t top,
+				  int64_t np)
 {
 	const int per = k->g.n_shard / k->g.n_hosts;
-	const int32_t *held = kvroom_at(k, h, s);
 	uint64_t pages = 0;
 	for (int c = 0; c < k->g.n_shard; c++) {
-		int32_t n = held[c];
+		int32_t n = held ? held[c] : 0;
 		if (c / per == h && kvroom_chain_pages(k, np, c) > n)
 			n = kvroom_chain_pages(k, np, c);
 		pages += (uint64_t)n;
 	}
-	const uint64_t top = (uint64_t)(np > k->top[s] ? np : k->top[s]);
+	if (np > top)
+		top = np;
 	return (uint64_t)k->g.n_layer *
-	       (pages * k->g.page_bytes + top * k->g.entry_bytes + (top ? k->g.seq_bytes : 0));
+	       (pages * k->g.page_bytes + (uint64_t)top * k->g.entry_bytes +
+		(top ? k->g.seq_bytes : 0));
 }
 
 int kvroom_fits(const kvroom *k, int slot, int n_pos)
@@ -100,7 +103,8 @@ int kvroom_fits(const kvroom *k, int slot, int n_pos)
 	for (int h = 0; h < k->g.n_hosts; h++) {
 		uint64_t bytes = 0;
 		for (int s = 0; s < k->n_slots; s++)
-			bytes += kvroom_slot_bytes(k, h, s, s == slot ? np : 0);
+			bytes += kvroom_slot_bytes(k, h, kvroom_at(k, h, s), k->top[s],
+						   s == slot ? np : 0);
 		if (bytes > k->g.budget[h])
 			return 0;
 	}
@@ -109,19 +113,19 @@ int kvroom_fits(const kvroom *k, int slot, int n_pos)
 
 int kvroom_ever(const kvroom *k, int n_pos)
 {
-	for (int s = 0; s < k->n_slots; s++)
-		if (kvroom_fits(k, s, n_pos))
-			return 1;
-	return 0;
+	const int64_t np = kvroom_need(k, n_pos);
+	for (int h = 0; h < k->g.n_hosts; h++)
+		if (kvroom_slot_bytes(k, h, NULL, 0, np) > k->g.budget[h])
+			return 0;
+	return k->n_slots > 0;
 }
 
 int kvroom_pick(const kvroom *k, const uint8_t *busy, int n_pos)
 {
-	int best = -1;
 	for (int s = 0; s < k->n_slots; s++)
-		if (!busy[s] && (best < 0 || k->top[s] > k->top[best]) && kvroom_fits(k, s, n_pos))
-			best = s;
-	return best;
+		if (!busy[s] && kvroom_fits(k, s, n_pos))
+			return s;
+	return -1;
 }
 
 void kvroom_take(kvroom *k, int slot, int n_pos)
@@ -138,6 +142,15 @@ void kvroom_take(kvroom *k, int slot, int n_pos)
 	}
 	if (np > k->top[slot])
 		k->top[slot] = (int32_t)np;
+}
+
+void kvroom_release(kvroom *k, int slot)
+{
+	if (slot < 0 || slot >= k->n_slots)
+		return;
+	for (int h = 0; h < k->g.n_hosts; h++)
+		memset(kvroom_at(k, h, slot), 0, (size_t)k->g.n_shard * sizeof(int32_t));
+	k->top[slot] = 0;
 }
 
 int kvroom_rehost(kvroom *k, const struct attn_kv_room *g)

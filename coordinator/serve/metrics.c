@@ -209,7 +209,7 @@ int metrics_write_kv_hosts(FILE *f, int n, const int64_t *used, const int64_t *t
 	if (n <= 0)
 		return 0;
 	fputs("# HELP moefleet_kv_host_pages_used KV pages (of every layer) a KV host keeps for "
-	      "the server's slots.\n# TYPE moefleet_kv_host_pages_used gauge\n",
+	      "the server's running requests.\n# TYPE moefleet_kv_host_pages_used gauge\n",
 	      f);
 	for (int h = 0; h < n; h++)
 		fprintf(f, "moefleet_kv_host_pages_used{host=\"%d\"} %lld\n", h,

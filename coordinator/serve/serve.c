@@ -100,12 +100,18 @@ void serve_update_load(serve *s)
 			 sched_n_kv_used(s->sch), (int64_t)s->cfg.n_slots * s->cfg.n_ctx);
 }
 
-/* Forgets a request on the scheduler side; under s->mu. */
+/* Forgets a request on the scheduler side; its slot's sequence is reset,
+ * which frees its pages on the KV hosts, and gives their room back; under
+ * s->mu, on the scheduler thread (no step runs). */
 static void serve_drop(serve *s, struct serve_req *r)
 {
 	int slot = sched_remove(s->sch, r->id);
-	if (slot >= 0)
+	if (slot >= 0) {
+		pthread_mutex_lock(&s->fwd_mu);
 		model_reset_seq(s->m, slot);
+		pthread_mutex_unlock(&s->fwd_mu);
+		kvroom_release(s->room, slot);
+	}
 	for (int i = 0; i < s->n_reqs; i++)
 		if (s->reqs[i] == r)
 			s->reqs[i] = NULL;

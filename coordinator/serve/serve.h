@@ -21,8 +21,9 @@
  *
  * KV hosts (the model's sharded attention with its pages on workers):
  * admission is per request (kvroom.h): a request whose prompt + max_tokens
- * does not fit in the pages the hosts have room for waits in the queue for a
- * slot whose pages it can reuse, and is refused with 400 if it never could.
+ * does not fit beside the pages of the running requests waits in the queue
+ * until enough of them end (an ended request's pages are freed on the hosts),
+ * and is refused with 400 only if it would not fit with every slot empty.
  * When a step fails because a KV host was lost, kv_recover gives the chains
  * to the hosts left (or back here) and every running request's sequence is
  * computed again from its ids in the steps it had (prompt chunks, then one

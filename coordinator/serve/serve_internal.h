@@ -127,7 +127,7 @@ struct serve_req *serve_find(serve *s, uint64_t id);
 /* The queue, slot and KV gauges of the metrics; under s->mu. */
 void serve_update_load(serve *s);
 /* Ends r (finish reason, or an error status and message) and forgets it on
- * the scheduler side; under s->mu. */
+ * the scheduler side, its slot's KV pages freed; under s->mu, not s->fwd_mu. */
 void serve_finish(serve *s, struct serve_req *r, const char *finish, int err_status,
 		  const char *err_msg);
 

@@ -31,18 +31,17 @@ int serve_kv_refusal(serve *s, int n_prompt, int n_max, char *msg, size_t cap)
 	}
 	if (kvroom_n_hosts(s->room) == 0 || kvroom_ever(s->room, n_pos))
 		return 0;
-	int64_t held = 0, total = 0;
+	int64_t total = 0;
 	for (int h = 0; h < kvroom_n_hosts(s->room); h++) {
 		int64_t u, t;
 		kvroom_pages(s->room, h, &u, &t);
-		held += u;
 		total += t;
 	}
 	snprintf(msg, cap,
 		 "the prompt (%d tokens) plus max_tokens (%d) needs %lld KV pages of each layer; "
-		 "the KV hosts hold at most %lld in all, %lld of them kept by the server's "
-		 "slots: shorten the prompt or max_tokens",
-		 n_prompt, n_max, (long long)need, (long long)total, (long long)held);
+		 "the KV hosts hold at most %lld in all, even with no other request running: "
+		 "shorten the prompt or max_tokens",
+		 n_prompt, n_max, (long long)need, (long long)total);
 	return 400;
 }
 

@@ -46,6 +46,10 @@ static void fuzz_same(const struct wire_msg *a, const struct wire_msg *b)
 		if (memcmp(&a->u.kv_page, &b->u.kv_page, sizeof(a->u.kv_page)))
 			abort();
 		break;
+	case WIRE_KV_FREE:
+		if (a->u.kv_free.seq != b->u.kv_free.seq)
+			abort();
+		break;
 	case WIRE_ATTN_BATCH: {
 		const struct wire_attn_batch *x = &a->u.attn_batch, *y = &b->u.attn_batch;
 		if (x->step != y->step || x->layer != y->layer || x->n_rows != y->n_rows ||

@@ -114,6 +114,12 @@ int main(int argc, char **argv)
 	put("kv_page", 0, buf, len, NULL, 0, 0);
 	put("kv_page", 2, buf, len, frame, wire_kv_page_frame_bytes(&m.u.kv_page), 0);
 
+	memset(&m, 0, sizeof(m));
+	m.kind = WIRE_KV_FREE;
+	m.u.kv_free.seq = 3;
+	wire_encode(&m, &buf, &cap, &len);
+	put("kv_free", 0, buf, len, NULL, 0, 0);
+
 	int32_t seq[2] = {0, 1}, at[2] = {64, 200};
 	memset(&m, 0, sizeof(m));
 	m.kind = WIRE_ATTN_BATCH;
