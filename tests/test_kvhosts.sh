@@ -257,11 +257,19 @@ fi
 # The coordinator's memory capped below the KV of the context (cgroup v1):
 # the pages on 2 KV hosts, the generated ids of an uncapped run.
 mem=/sys/fs/cgroup/memory
-if ldd "$bin" 2>/dev/null | grep -q libasan; then
-	ok "memory-capped coordinator # SKIP sanitizer build (shadow memory)"
-elif [ "$(id -u)" -ne 0 ] || [ ! -w "$mem" ] || ! mkdir "$mem/moefleet-kv-$$" 2>/dev/null; then
-	ok "memory-capped coordinator # SKIP no writable cgroup v1 memory controller"
-else
+# memcg NAME WHAT: makes the cgroup $mem/NAME-$$, or counts WHAT as skipped
+# (1) where there is none to make, or the memory of a sanitizer build
+memcg() {
+	if ldd "$bin" 2>/dev/null | grep -q libasan; then
+		ok "$2 # SKIP sanitizer build (shadow memory)"
+	elif [ "$(id -u)" -ne 0 ] || [ ! -w "$mem" ] || ! mkdir "$mem/$1-$$" 2>/dev/null; then
+		ok "$2 # SKIP no writable cgroup v1 memory controller"
+	else
+		return 0
+	fi
+	return 1
+}
+if memcg moefleet-kv "memory-capped coordinator"; then
 	cg=$mem/moefleet-kv-$$
 	# demo-kjv: 2 MiB of KV per 1K tokens, 16 MiB for this prompt; the
 	# coordinator peaks near 53 MB with the KV, 31 MB without (measured)
@@ -300,11 +308,7 @@ fi
 # that, 134217728 bytes, to both; the coordinator counts for its pages the
 # offer less the expert bytes of its Ready, as the refusal of a context too
 # long for it shows (-n 2000000: a 1.5 GB sequence).
-if ldd "$wbin" 2>/dev/null | grep -q libasan; then
-	ok "shared expert and KV budget # SKIP sanitizer build (shadow memory)"
-elif [ "$(id -u)" -ne 0 ] || [ ! -w "$mem" ] || ! mkdir "$mem/moefleet-kvw-$$" 2>/dev/null; then
-	ok "shared expert and KV budget # SKIP no writable cgroup v1 memory controller"
-else
+if memcg moefleet-kvw "shared expert and KV budget"; then
 	cgw=$mem/moefleet-kvw-$$
 	echo $((256 << 20)) >"$cgw/memory.limit_in_bytes"
 	ep=ipc://$tmp/shared.sock
