@@ -88,7 +88,7 @@ for f in missing ratio noratio nlayer idx head hc tid; do
 	cmp -s "$ds4" "$tmp/ds4-$f.gguf" && echo "# warning: deepseek4 $f corruption did not apply"
 done
 
-echo "1..43"
+echo "1..47"
 check "valid run" 0 -- "$bin" logits -m "$model" --tokens 1,2,3 --out "$tmp/ok.f32"
 check "truncated gguf" 1 -- "$bin" logits -m "$tmp/truncated.gguf" --tokens 1,2 --out "$tmp/out.f32"
 check "10-byte gguf" 1 -- "$bin" logits -m "$tmp/tiny.gguf" --tokens 1,2 --out "$tmp/out.f32"
