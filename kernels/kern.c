@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "kernels/kern.h"
+#include "kernels/kern_bits.h"
 #include "kernels/kern_impl.h"
 
 /* ---------------------------------------------------------------- types */
@@ -133,20 +134,6 @@ enum kern_type kern_act_type(uint32_t weight_type)
 
 /* ---------------------------------------------------------- conversions */
 
-static inline uint32_t f32_bits(float f)
-{
-	uint32_t u;
-	memcpy(&u, &f, sizeof(u));
-	return u;
-}
-
-static inline float bits_f32(uint32_t u)
-{
-	float f;
-	memcpy(&f, &u, sizeof(f));
-	return f;
-}
-
 /* Matches F16C's VCVTPH2PS: subnormals exact, NaNs quieted, payload kept. */
 float kern_f16_to_f32(uint16_t h)
 {
@@ -155,24 +142,24 @@ float kern_f16_to_f32(uint16_t h)
 	uint32_t mant = h & 0x3ff;
 
 	if (exp == 0x1f)
-		return bits_f32(sign | 0x7f800000u | (mant << 13) | (mant ? 0x400000u : 0));
+		return kern_bits_f32(sign | 0x7f800000u | (mant << 13) | (mant ? 0x400000u : 0));
 	if (exp != 0)
-		return bits_f32(sign | ((exp + 112) << 23) | (mant << 13));
+		return kern_bits_f32(sign | ((exp + 112) << 23) | (mant << 13));
 	if (mant == 0)
-		return bits_f32(sign);
+		return kern_bits_f32(sign);
 	/* subnormal: mant * 2^-24, exact in f32 */
 	int e = 113;
 	while (!(mant & 0x400)) {
 		mant <<= 1;
 		e--;
 	}
-	return bits_f32(sign | ((uint32_t)e << 23) | ((mant & 0x3ff) << 13));
+	return kern_bits_f32(sign | ((uint32_t)e << 23) | ((mant & 0x3ff) << 13));
 }
 
 /* Matches F16C's VCVTPS2PH with round-to-nearest-even. */
 uint16_t kern_f32_to_f16(float f)
 {
-	uint32_t u = f32_bits(f);
+	uint32_t u = kern_f32_bits(f);
 	uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
 	uint32_t a = u & 0x7fffffffu;
 
@@ -200,13 +187,13 @@ uint16_t kern_f32_to_f16(float f)
 
 float kern_bf16_to_f32(uint16_t h)
 {
-	return bits_f32((uint32_t)h << 16);
+	return kern_bits_f32((uint32_t)h << 16);
 }
 
 /* ggml's rounding: nearest even, NaN forced quiet. */
 uint16_t kern_f32_to_bf16(float f)
 {
-	uint32_t u = f32_bits(f);
+	uint32_t u = kern_f32_bits(f);
 	if ((u & 0x7fffffffu) > 0x7f800000u)
 		return (uint16_t)((u >> 16) | 64);
 	return (uint16_t)((u + (0x7fffu + ((u >> 16) & 1))) >> 16);

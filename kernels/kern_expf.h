@@ -11,12 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline __attribute__((always_inline)) float kern_expf_bits_f32(uint32_t u)
-{
-	float f;
-	memcpy(&f, &u, sizeof(f));
-	return f;
-}
+#include "kern_bits.h"
 
 /* The AVX-512 form (16 lanes). */
 static inline __attribute__((always_inline)) float kern_expf_avx512_lane(float x)
@@ -34,7 +29,7 @@ static inline __attribute__((always_inline)) float kern_expf_avx512_lane(float x
 	/* _mm512_scalef_ps(j, n): exact, or rounded once if subnormal; a product
 	 * by a power of two (normal for n >= -126) rounds the same way */
 	if (n >= -126.0f && n <= 127.0f)
-		return j * kern_expf_bits_f32((uint32_t)((int)n + 127) << 23);
+		return j * kern_bits_f32((uint32_t)((int)n + 127) << 23);
 	return ldexpf(j, (int)n);
 }
 
@@ -45,10 +40,8 @@ static inline __attribute__((always_inline)) float kern_expf_avx2_lane(float x)
 	const float z = fmaf(x, 0x1.715476p+0f, r);
 	const float n = z - r;
 	const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
-	uint32_t zb;
-	memcpy(&zb, &z, sizeof(zb));
-	const uint32_t e = zb << 23;
-	const float k = kern_expf_bits_f32(e + 0x3f800000u); /* + the bits of 1.0f */
+	const uint32_t e = kern_f32_bits(z) << 23;
+	const float k = kern_bits_f32(e + 0x3f800000u); /* + the bits of 1.0f */
 	const float u = b * b;
 	const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
 				  fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
@@ -56,8 +49,8 @@ static inline __attribute__((always_inline)) float kern_expf_avx2_lane(float x)
 	if (!(fabsf(n) > 126.0f))
 		return fmaf(j, k, k);
 	const uint32_t g = n <= 0.0f ? 0x82000000u : 0u;
-	const float s1 = kern_expf_bits_f32(g + 0x7f000000u);
-	const float s2 = kern_expf_bits_f32(e - g);
+	const float s1 = kern_bits_f32(g + 0x7f000000u);
+	const float s2 = kern_bits_f32(e - g);
 	if (fabsf(n) > 192.0f)
 		return s1 * s1;
 	return fmaf(s2, j, s2) * s1;

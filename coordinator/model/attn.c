@@ -490,15 +490,7 @@ ATTN_HOT static void attn_row_split(const struct attn_job *jb, int t, int h)
 		attn_chunk_f16(jb, t, h, a, z > a ? z : a, &m_c, &s_c, part);
 		if (ap->sinks && ic == 0)
 			attn_add_sink(ap->sinks[h], &m_c, &s_c, part, dv);
-		if (s_c == 0.0f)
-			continue;
-		const float m_new = fmaxf(M, m_c);
-		const float scale_old = expf(M - m_new);
-		const float scale_new = expf(m_c - m_new);
-		for (int d = 0; d < dv; d++)
-			acc[d] = fmaf(acc[d], scale_old, part[d] * scale_new);
-		S = fmaf(S, scale_old, s_c * scale_new);
-		M = m_new;
+		attn_fold_chunk(m_c, s_c, part, &M, &S, acc, dv);
 	}
 	attn_normalize(S, acc, dv,
 		       jb->out + ((size_t)t * (size_t)ap->n_head + (size_t)h) * (size_t)dv);

@@ -114,15 +114,7 @@ ATTN_HOT static void attn_gather_split(const struct attn_keys *ks, int dim, cons
 		attn_gather_chunk(ks, a, z, dim, q, scale, &m_c, &s_c, part);
 		if (sink && ic == 0)
 			attn_add_sink(*sink, &m_c, &s_c, part, dim);
-		if (s_c == 0.0f)
-			continue;
-		const float m_new = fmaxf(M, m_c);
-		const float scale_old = expf(M - m_new);
-		const float scale_new = expf(m_c - m_new);
-		for (int d = 0; d < dim; d++)
-			acc[d] = fmaf(acc[d], scale_old, part[d] * scale_new);
-		S = fmaf(S, scale_old, s_c * scale_new);
-		M = m_new;
+		attn_fold_chunk(m_c, s_c, part, &M, &S, acc, dim);
 	}
 	attn_normalize(S, acc, dim, out);
 }

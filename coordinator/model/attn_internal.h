@@ -22,6 +22,7 @@
 
 #include "attn.h"
 #include "../../kernels/kern.h"
+#include "../../kernels/kern_bits.h"
 #include "../../kernels/kern_expf.h"
 
 /* The row kernels are built twice and chosen at load time by CPU: with FMA,
@@ -61,31 +62,17 @@ static inline float attn_f16_to_f32(uint16_t h)
 	return attn_f16_table[h];
 }
 
-static inline uint32_t attn_f32_bits(float f)
-{
-	uint32_t u;
-	memcpy(&u, &f, sizeof(u));
-	return u;
-}
-
-static inline float attn_bits_f32(uint32_t u)
-{
-	float f;
-	memcpy(&f, &u, sizeof(f));
-	return f;
-}
-
 /* x rounded to the nearest F16 value (ties to even), as a float: the value an
  * F16 store followed by a load gives (F16C's VCVTPS2PH with rounding mode 0). */
 static inline float attn_f16_round(float x)
 {
-	uint32_t u = attn_f32_bits(x);
+	uint32_t u = kern_f32_bits(x);
 	uint32_t a = u & 0x7fffffffu;
 	if (a >= 0x38800000u && a < 0x477ff000u) {
 		/* normal half: drop 13 mantissa bits, ties to even */
 		a += 0x0fffu + ((a >> 13) & 1u);
 		a &= ~0x1fffu;
-		return attn_bits_f32((u & 0x80000000u) | a);
+		return kern_bits_f32((u & 0x80000000u) | a);
 	}
 	/* subnormal, zero, overflow, inf, NaN: rare, exact slow path */
 	return kern_f16_to_f32(kern_f32_to_f16(x));
@@ -205,6 +192,23 @@ static inline void attn_add_sink(float t, float *M, float *S, float *acc, int dv
 		vs = expf(t - *M);
 	}
 	*S = fmaf(*S, ms, vs);
+}
+
+/* Folds a chunk's softmax state (m_c, s_c, part[dv]) into (M, S, acc[dv]),
+ * as ggml's split-KV reduction does; a chunk that saw no key (s_c 0) leaves
+ * them as they are. */
+static inline void attn_fold_chunk(float m_c, float s_c, const float *part, float *M, float *S,
+				   float *acc, int dv)
+{
+	if (s_c == 0.0f)
+		return;
+	const float m_new = fmaxf(*M, m_c);
+	const float scale_old = expf(*M - m_new);
+	const float scale_new = expf(m_c - m_new);
+	for (int d = 0; d < dv; d++)
+		acc[d] = fmaf(acc[d], scale_old, part[d] * scale_new);
+	*S = fmaf(*S, scale_old, s_c * scale_new);
+	*M = m_new;
 }
 
 /* out = acc * (1 / S) (zero when no key was visible). */
